@@ -1,0 +1,130 @@
+import torch
+
+from training.langevin import (
+    LangevinSettings,
+    ReplayBuffer,
+    chain_gaussian,
+    chain_uniform,
+    frozen_energy,
+    langevin_step,
+    sample_langevin,
+)
+from training.models import build_model
+
+
+def quadratic_energy(center: float = 0.0):
+    return lambda x: 0.5 * (x - center).pow(2).flatten(1).sum(1)
+
+
+def test_step_clamps_into_the_data_range() -> None:
+    x = torch.zeros(8, 3)
+    steep = lambda x: -1000.0 * x.sum(1)  # noqa: E731 - pushes every coordinate up hard
+    moved, _ = langevin_step(steep, x, torch.randn(8, 3), step_size=100.0, noise=1.0, grad_clip=10.0)
+    assert moved.min() >= -1 and moved.max() <= 1
+    assert torch.allclose(moved, torch.ones_like(moved))
+
+
+def test_gradient_is_clipped_elementwise() -> None:
+    x = torch.zeros(4, 5)
+    steep = lambda x: 1e6 * x.sum(1)  # noqa: E731 - gradient 1e6 everywhere
+    moved, _ = langevin_step(steep, x, torch.zeros(4, 5), step_size=1.0, noise=0.0, grad_clip=0.03)
+    assert torch.allclose(moved, torch.full_like(moved, -0.03))
+
+
+def test_step_descends_the_energy_and_reports_it() -> None:
+    x = torch.full((6, 2), 0.8)
+    moved, energy = langevin_step(quadratic_energy(), x, torch.zeros(6, 2), 0.1, 0.0, grad_clip=10.0)
+    assert torch.allclose(energy, torch.full((6,), 0.64))
+    assert torch.allclose(moved, torch.full((6, 2), 0.72))
+
+
+def test_per_chain_settings_share_one_batch() -> None:
+    x = torch.full((3, 2), 0.5)
+    step_size = torch.tensor([0.0, 0.1, 0.2])
+    noise = torch.tensor([0.0, 0.0, 0.0])
+    temperature = torch.tensor([1.0, 1.0, 2.0])
+    moved, _ = langevin_step(quadratic_energy(), x, torch.randn(3, 2), step_size, noise, 10.0, temperature)
+    assert torch.allclose(moved[0], x[0])  # step size 0: stays
+    assert torch.allclose(moved[1], torch.full((2,), 0.45))
+    assert torch.allclose(moved[2], torch.full((2,), 0.45))  # twice the step at twice the temperature
+
+
+def test_sampling_is_reproducible_with_a_seed_and_leaves_parameters_alone() -> None:
+    torch.manual_seed(0)
+    model = build_model({"name": "conv_energy", "kwargs": {"width": 8}})
+    settings = LangevinSettings(steps=5)
+    start = torch.rand(4, 1, 28, 28) * 2 - 1
+    runs = [sample_langevin(frozen_energy(model), start, settings, torch.Generator().manual_seed(7))
+            for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0], start)
+    assert all(parameter.grad is None for parameter in model.parameters())
+    assert model.training  # frozen_energy restores the mode it found
+
+
+def test_callback_sees_every_step() -> None:
+    seen = []
+    sample_langevin(quadratic_energy(), torch.zeros(2, 2), LangevinSettings(steps=4),
+                    callback=lambda step, x, energy: seen.append((step, energy.shape)))
+    assert seen == [(step, torch.Size([2])) for step in range(1, 5)]
+
+
+def test_chain_noise_depends_only_on_the_chains_own_seed_and_step() -> None:
+    seeds = torch.tensor([11, 22, 33])
+    steps = torch.tensor([4, 4, 9])
+    together = chain_gaussian(seeds, steps, (1, 8, 8))
+    alone = chain_gaussian(seeds[1:2], steps[1:2], (1, 8, 8))
+    assert torch.equal(together[1:2], alone)
+    assert not torch.equal(together[0], together[1])
+    assert not torch.equal(chain_gaussian(seeds, steps + 1, (1, 8, 8)), together)
+
+
+def test_chain_noise_is_standard_normal_and_starts_are_uniform() -> None:
+    noise = chain_gaussian(torch.arange(64), torch.zeros(64, dtype=torch.int64), (784,))
+    assert abs(noise.mean().item()) < 0.01 and abs(noise.std().item() - 1) < 0.01
+    starts = chain_uniform(torch.arange(64), (784,), -1.0, 1.0)
+    assert starts.min() >= -1 and starts.max() <= 1 and abs(starts.mean().item()) < 0.01
+
+
+def test_buffer_restarts_about_the_configured_fraction_from_noise() -> None:
+    buffer = ReplayBuffer((2,), capacity=10000, restart_prob=0.05)
+    buffer.write_back(torch.full((10000,), -1), torch.full((10000, 2), 0.5))
+    _, slots = buffer.draw(4000, torch.Generator().manual_seed(0))
+    fresh = (slots < 0).float().mean().item()
+    assert 0.04 < fresh < 0.06
+
+
+def test_buffer_never_hands_one_slot_to_two_chains() -> None:
+    buffer = ReplayBuffer((1,), capacity=20, restart_prob=0.0)
+    buffer.write_back(torch.full((20,), -1), torch.arange(20.0).unsqueeze(1) / 20)
+    _, first = buffer.draw(15)
+    _, second = buffer.draw(15)  # only 5 slots are free: the rest start from noise
+    taken = torch.cat([first, second])
+    taken = taken[taken >= 0]
+    assert len(taken) == 20 and len(set(taken.tolist())) == 20
+    buffer.release(first)
+    _, third = buffer.draw(15)
+    assert (third >= 0).all()
+
+
+def test_buffer_write_back_updates_drawn_slots_and_appends_fresh_chains() -> None:
+    buffer = ReplayBuffer((1,), capacity=4, restart_prob=0.0)
+    x, slots = buffer.draw(3)
+    assert (slots < 0).all()  # an empty buffer starts everything from noise
+    buffer.write_back(slots, torch.tensor([[0.1], [0.2], [0.3]]))
+    assert len(buffer) == 3
+    x, slots = buffer.draw(2)
+    assert (slots >= 0).all()
+    buffer.write_back(slots, x + 0.5)
+    assert torch.allclose(buffer.samples[slots], x + 0.5)
+    buffer.write_back(torch.full((3,), -1), torch.full((3, 1), -0.9))  # 1 appended, 2 replace the oldest
+    assert len(buffer) == 4
+    assert (buffer.samples[:4, 0] == -0.9).sum() == 3
+
+
+def test_buffer_state_round_trips() -> None:
+    buffer = ReplayBuffer((3,), capacity=8, restart_prob=0.2, data_range=(0.0, 1.0))
+    buffer.write_back(torch.full((5,), -1), torch.rand(5, 3))
+    restored = ReplayBuffer.from_state_dict(buffer.state_dict())
+    assert (restored.capacity, restored.restart_prob, restored.data_range, len(restored)) == (8, 0.2, (0.0, 1.0), 5)
+    assert torch.equal(restored.samples[:5], buffer.samples[:5])

@@ -1,0 +1,1 @@
+"""Training library: datasets, models, the Langevin sampler, checkpoints and evaluation."""

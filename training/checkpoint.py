@@ -1,0 +1,174 @@
+"""The one checkpoint format, for every model family.
+
+A checkpoint is a single `.safetensors` file. Tensor names are `<group>/<name>`: the group `weights`
+holds the model's state dict; other groups hold extras (`replay_buffer`, `ema`, `critic`, ...). The
+safetensors metadata key `config` holds JSON that says how to rebuild and sample the model. Loading
+never unpickles anything, and a file with an unknown schema version or a missing field is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+
+SCHEMA_VERSION = 1
+FAMILIES = ("ebm", "flow", "gan", "classifier")
+WEIGHTS_GROUP = "weights"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint could not be read or is not one this version understands."""
+
+
+@dataclass
+class ModelConfig:
+    """What a checkpoint says about itself; stored as JSON in the safetensors metadata."""
+
+    family: str  # ebm | flow | gan (| classifier, the evaluation network)
+    arch: dict[str, Any]  # {"name": ..., "kwargs": {...}}: rebuilds the nn.Module
+    data: dict[str, Any]  # {"shape": [1, 28, 28], "range": [-1, 1], "dataset": "mnist"}
+    sampler: dict[str, Any] = field(default_factory=dict)  # default steps, step size, noise, ...
+    training: dict[str, Any] = field(default_factory=dict)  # args, seed, wall time, device
+    metrics: dict[str, Any] = field(default_factory=dict)  # evaluate figures, final losses
+    ensemble: str | None = None  # EBMs that name one ensemble share one replay buffer when served
+    schema_version: int = SCHEMA_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "checkpoint") -> ModelConfig:
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise CheckpointError(f"{source}: config metadata is not valid JSON ({error})") from error
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{source}: config metadata must be a JSON object")
+        version = raw.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise CheckpointError(
+                f"{source}: schema_version {version!r} is not supported (this version reads {SCHEMA_VERSION})"
+            )
+        for required in ("family", "arch", "data", "sampler", "training", "metrics"):
+            if required not in raw:
+                raise CheckpointError(f"{source}: config lacks the required field {required!r}")
+        if raw["family"] not in FAMILIES:
+            raise CheckpointError(f"{source}: family {raw['family']!r} is not one of {', '.join(FAMILIES)}")
+        if not isinstance(raw["arch"], dict) or "name" not in raw["arch"]:
+            raise CheckpointError(f"{source}: arch must be an object with a 'name' and 'kwargs'")
+        if not isinstance(raw["data"], dict) or "shape" not in raw["data"]:
+            raise CheckpointError(f"{source}: data must be an object with a 'shape'")
+        known = {name for name in cls.__dataclass_fields__}
+        unknown = set(raw) - known
+        if unknown:
+            raise CheckpointError(f"{source}: config has unknown fields {sorted(unknown)}")
+        return cls(**raw)
+
+
+@dataclass
+class Checkpoint:
+    config: ModelConfig
+    weights: dict[str, torch.Tensor]
+    extras: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+
+def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> None:
+    """Write, fsync, rename: a crash at any moment leaves the old file or the new one, never a torn one."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        os.fchmod(descriptor, 0o644)  # mkstemp makes 0600; a checkpoint is meant to be shared
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    directory = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def encode_checkpoint(checkpoint: Checkpoint, dtype: torch.dtype | None = None) -> bytes:
+    """Serialize to safetensors bytes; `dtype` (e.g. float16) shrinks floating tensors for shipping."""
+    tensors: dict[str, torch.Tensor] = {}
+    groups = {WEIGHTS_GROUP: checkpoint.weights, **checkpoint.extras}
+    for group, named in groups.items():
+        if "/" in group:
+            raise CheckpointError(f"extra group name {group!r} must not contain '/'")
+        for name, tensor in named.items():
+            tensor = tensor.detach().to("cpu")
+            if dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+            tensors[f"{group}/{name}"] = tensor.contiguous()
+    return save_safetensors_bytes(tensors, metadata={"config": checkpoint.config.to_json()})
+
+
+def save_checkpoint(path: str | os.PathLike, checkpoint: Checkpoint, dtype: torch.dtype | None = None) -> None:
+    atomic_write_bytes(path, encode_checkpoint(checkpoint, dtype))
+
+
+def read_metadata(payload: bytes, source: str) -> dict[str, str]:
+    """The safetensors header's metadata, read without touching the tensors."""
+    if len(payload) < 8:
+        raise CheckpointError(f"{source}: file is too short to be safetensors")
+    header_size = int.from_bytes(payload[:8], "little")
+    if header_size > len(payload) - 8:
+        raise CheckpointError(f"{source}: safetensors header is truncated")
+    try:
+        header = json.loads(payload[8 : 8 + header_size])
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{source}: safetensors header is not JSON ({error})") from error
+    return header.get("__metadata__") or {}
+
+
+def decode_checkpoint(payload: bytes, source: str = "checkpoint") -> Checkpoint:
+    metadata = read_metadata(payload, source)
+    if "config" not in metadata:
+        raise CheckpointError(f"{source}: safetensors metadata has no 'config' key; not a checkpoint of this project")
+    config = ModelConfig.from_json(metadata["config"], source)
+    try:
+        tensors = load_safetensors_bytes(payload)
+    except (SafetensorError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"{source}: tensors could not be read ({error})") from error
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        group, _, name = key.partition("/")
+        groups.setdefault(group, {})[name] = tensor
+    weights = groups.pop(WEIGHTS_GROUP, None)
+    if not weights:
+        raise CheckpointError(f"{source}: no '{WEIGHTS_GROUP}/...' tensors found")
+    return Checkpoint(config=config, weights=weights, extras=groups)
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    path = Path(path)
+    try:
+        payload = path.read_bytes()
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot read checkpoint ({error.strerror})") from error
+    return decode_checkpoint(payload, str(path))
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 of a checkpoint file: keys state (like a served replay buffer) to these exact weights."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

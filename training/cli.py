@@ -1,0 +1,164 @@
+"""`python -m training <command>`: argparse -> config dataclasses -> train / sample / evaluate."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from training.checkpoint import CheckpointError
+from training.data import DatasetError
+
+
+def _add_dataclass_arguments(parser: argparse.ArgumentParser, config_type: type, skip: tuple[str, ...] = ()) -> None:
+    """One flag per config field, so the dataclass stays the single list of options and defaults."""
+    for item in dataclasses.fields(config_type):
+        if item.name in skip:
+            continue
+        flag = "--" + item.name.replace("_", "-")
+        default = item.default
+        kind = str(item.type)
+        if kind == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        elif "int" in kind and "float" not in kind:
+            parser.add_argument(flag, type=int, default=default)
+        elif "float" in kind:
+            parser.add_argument(flag, type=float, default=default)
+        else:
+            parser.add_argument(flag, type=str, default=default)
+
+
+def _config_from(args: argparse.Namespace, config_type: type):
+    names = {item.name for item in dataclasses.fields(config_type)}
+    return config_type(**{key: value for key, value in vars(args).items() if key in names})
+
+
+def _cmd_ebm(args: argparse.Namespace) -> None:
+    from training.train_ebm import EBMTrainConfig, train_ebm
+
+    train_ebm(_config_from(args, EBMTrainConfig))
+
+
+def _cmd_sample(args: argparse.Namespace) -> None:
+    from training.images import gif_bytes, grid, save_grid
+    from training.run import pick_device
+    from training.sampling import langevin_settings, load_model, sample_ebm
+
+    device = pick_device(args.device)
+    model = load_model(args.checkpoint, device)
+    if model.config.family != "ebm":
+        raise SystemExit(f"sample: {model.config.family} checkpoints are not supported by this command yet")
+    settings = langevin_settings(model.config, args.steps)
+    generator = torch.Generator().manual_seed(args.seed)
+    frames = []
+
+    def keep_frame(step: int, x: torch.Tensor, energy: torch.Tensor) -> None:
+        if args.trajectory and step % args.trajectory == 0:
+            frames.append(grid(x, model.data_range))
+
+    samples = sample_ebm(model, args.n, settings, args.init, generator, keep_frame if args.trajectory else None)
+    save_grid(samples, args.out, model.data_range)
+    print(f"wrote {args.out} ({args.n} samples, {settings.steps} steps from {args.init})")
+    if frames:
+        trajectory_path = Path(args.out).with_suffix(".gif")
+        trajectory_path.write_bytes(gif_bytes(frames))
+        print(f"wrote {trajectory_path} ({len(frames)} frames, every {args.trajectory} steps)")
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from dataclasses import asdict
+
+    from training.data import load_dataset
+    from training.evaluate import load_classifier, quality_figures, real_data_floor
+    from training.run import pick_device
+    from training.sampling import langevin_settings, load_model, sample_ebm
+
+    device = pick_device(args.device)
+    classifier = load_classifier(args.classifier, device)
+    test = load_dataset("mnist", args.data_dir, "test")
+    train = load_dataset("mnist", args.data_dir, "train")
+    generator = torch.Generator().manual_seed(args.seed)
+    model = load_model(args.checkpoint, device)
+    settings = langevin_settings(model.config, args.steps)
+    samples = torch.cat([
+        sample_ebm(model, min(args.batch, args.n - start), settings, args.init, generator).cpu()
+        for start in range(0, args.n, args.batch)
+    ])
+    report = {
+        "checkpoint": str(args.checkpoint),
+        "sampler": {"init": args.init, "steps": settings.steps, "n": args.n},
+        "model": asdict(quality_figures(classifier, test.images[: args.n], samples)),
+        "real_data_floor": real_data_floor(classifier, test.images, train.images, args.n, generator),
+    }
+    print(json.dumps(report, indent=2))
+
+
+def _cmd_classifier(args: argparse.Namespace) -> None:
+    from training.evaluate import train_classifier
+
+    print(json.dumps(train_classifier(args.data_dir, args.out, args.epochs, seed=args.seed, device_name=args.device,
+                                      max_batches=args.max_batches)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from training.evaluate import DEFAULT_CLASSIFIER
+    from training.train_ebm import EBMTrainConfig
+
+    parser = argparse.ArgumentParser(prog="python -m training",
+                                     description="Train, sample and evaluate generative models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    ebm = commands.add_parser("ebm", help="train an energy-based model (contrastive divergence + Langevin)",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_dataclass_arguments(ebm, EBMTrainConfig)
+    ebm.set_defaults(handler=_cmd_ebm)
+
+    sample = commands.add_parser("sample", help="draw samples from a checkpoint into a PNG grid",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sample.add_argument("checkpoint", type=Path)
+    sample.add_argument("--n", type=int, default=64)
+    sample.add_argument("--steps", type=int, default=None, help="Langevin steps (default: the checkpoint's)")
+    sample.add_argument("--init", choices=["noise", "buffer"], default="noise")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--trajectory", type=int, default=0, metavar="K",
+                        help="also write every K-th step as an animated GIF next to --out")
+    sample.add_argument("--out", default="samples.png")
+    sample.add_argument("--device", default="auto")
+    sample.set_defaults(handler=_cmd_sample)
+
+    evaluate = commands.add_parser("evaluate", help="print sample-quality figures as JSON",
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    evaluate.add_argument("checkpoint", type=Path)
+    evaluate.add_argument("--data-dir", default=None)
+    evaluate.add_argument("--n", type=int, default=2000, help="samples and reference images compared")
+    evaluate.add_argument("--steps", type=int, default=None)
+    evaluate.add_argument("--init", choices=["noise", "buffer"], default="noise")
+    evaluate.add_argument("--batch", type=int, default=500)
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--classifier", type=Path, default=DEFAULT_CLASSIFIER)
+    evaluate.add_argument("--device", default="auto")
+    evaluate.set_defaults(handler=_cmd_evaluate)
+
+    classifier = commands.add_parser("classifier", help="train the MNIST classifier used by evaluate",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    classifier.add_argument("--data-dir", default=None)
+    classifier.add_argument("--out", default=str(DEFAULT_CLASSIFIER))
+    classifier.add_argument("--epochs", type=int, default=3)
+    classifier.add_argument("--seed", type=int, default=0)
+    classifier.add_argument("--max-batches", type=int, default=None)
+    classifier.add_argument("--device", default="auto")
+    classifier.set_defaults(handler=_cmd_classifier)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.handler(args)
+    except (DatasetError, CheckpointError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from error

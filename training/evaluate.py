@@ -1,0 +1,145 @@
+"""Sample-quality figures in the feature space of the project's own MNIST classifier.
+
+No Inception network can be downloaded here, so the Frechet distance (Heusel et al. 2017) and
+precision/recall (Kynkaanniemi et al. 2019) use the 128-d penultimate layer of `DigitClassifier`,
+trained by `python -m training classifier` and shipped in `training/assets/`. Figures are therefore
+comparable within this project, not with published FIDs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from training.checkpoint import Checkpoint, ModelConfig, load_checkpoint, save_checkpoint
+from training.data import load_dataset
+from training.models import build_model
+from training.run import RunLog, Stopwatch, batches, pick_device, seed_everything
+
+DEFAULT_CLASSIFIER = Path(__file__).parent / "assets" / "mnist_classifier.safetensors"
+
+
+def load_classifier(path: str | Path = DEFAULT_CLASSIFIER, device: torch.device | str = "cpu") -> torch.nn.Module:
+    checkpoint = load_checkpoint(path)
+    if checkpoint.config.family != "classifier":
+        raise ValueError(f"{path} is a {checkpoint.config.family} checkpoint, not the evaluation classifier")
+    model = build_model(checkpoint.config.arch)
+    model.load_state_dict(checkpoint.weights)
+    return model.to(device).eval()
+
+
+@torch.no_grad()
+def features_and_labels(classifier: torch.nn.Module, images: torch.Tensor,
+                        batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """Penultimate features [N, 128] and predicted labels [N] of images in [-1, 1]."""
+    device = next(classifier.parameters()).device
+    features, labels = [], []
+    for chunk in torch.split(images, batch_size):
+        hidden = classifier.features(chunk.to(device))
+        features.append(hidden.cpu().double())
+        labels.append(classifier.logits(hidden).argmax(1).cpu())
+    return torch.cat(features), torch.cat(labels)
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^1/2) between Gaussians fitted to features [N, D]."""
+    a, b = a.double(), b.double()
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)  # [D, D]
+    # Tr((S_a S_b)^1/2) = Tr((S_a^1/2 S_b S_a^1/2)^1/2): a symmetric PSD form, so eigvalsh is exact.
+    values, vectors = torch.linalg.eigh(cov_a)
+    root_a = vectors @ torch.diag(values.clamp(min=0).sqrt()) @ vectors.T
+    trace_root = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp(min=0).sqrt().sum()
+    mean_term = (a.mean(0) - b.mean(0)).pow(2).sum()
+    return float(mean_term + cov_a.trace() + cov_b.trace() - 2 * trace_root)
+
+
+def class_coverage(labels: torch.Tensor, classes: int = 10) -> float:
+    """Entropy of the predicted-label histogram in bits (log2 10 = 3.32 means all digits equally)."""
+    counts = torch.bincount(labels, minlength=classes).double()
+    probs = counts / counts.sum()
+    nonzero = probs[probs > 0]
+    return float(-(nonzero * nonzero.log2()).sum())
+
+
+def _kth_neighbour_radius(points: torch.Tensor, k: int) -> torch.Tensor:
+    distances = torch.cdist(points, points)  # [N, N]
+    return distances.kthvalue(k + 1, dim=1).values  # k+1: the point itself is at distance 0
+
+
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019): k-NN balls as manifold estimates."""
+    real_radius, fake_radius = _kth_neighbour_radius(real, k), _kth_neighbour_radius(fake, k)
+    cross = torch.cdist(fake, real)  # [N_fake, N_real]
+    precision = (cross <= real_radius.unsqueeze(0)).any(dim=1).double().mean()
+    recall = (fake_radius.unsqueeze(0) >= cross.T).any(dim=1).double().mean()
+    return float(precision), float(recall)
+
+
+@dataclass
+class QualityFigures:
+    frechet_distance: float
+    coverage_bits: float
+    precision: float
+    recall: float
+    n: int
+
+
+def quality_figures(classifier: torch.nn.Module, reference: torch.Tensor, samples: torch.Tensor,
+                    k: int = 3) -> QualityFigures:
+    real_features, _ = features_and_labels(classifier, reference)
+    fake_features, fake_labels = features_and_labels(classifier, samples)
+    precision, recall = precision_recall(real_features.float(), fake_features.float(), k)
+    return QualityFigures(
+        frechet_distance=round(frechet_distance(real_features, fake_features), 3),
+        coverage_bits=round(class_coverage(fake_labels), 3),
+        precision=round(precision, 3),
+        recall=round(recall, 3),
+        n=len(samples),
+    )
+
+
+def real_data_floor(classifier: torch.nn.Module, test_images: torch.Tensor, train_images: torch.Tensor,
+                    n: int, generator: torch.Generator) -> dict:
+    """The same figures for real training images against the test set: what a perfect model would get."""
+    pick = torch.randperm(len(train_images), generator=generator)[:n]
+    return asdict(quality_figures(classifier, test_images[:n], train_images[pick]))
+
+
+def train_classifier(data_dir: str | None, out: str, epochs: int = 3, batch_size: int = 128, lr: float = 1e-3,
+                     seed: int = 0, device_name: str = "auto", max_batches: int | None = None) -> dict:
+    """Train the evaluation classifier; returns its test accuracy."""
+    device = pick_device(device_name)
+    seed_everything(seed)
+    train = load_dataset("mnist", data_dir, "train")
+    test = load_dataset("mnist", data_dir, "test")
+    arch = {"name": "digit_classifier", "kwargs": {}}
+    model = build_model(arch).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    log = RunLog(Path(out).with_suffix(".run"))
+    clock = Stopwatch()
+    total = len(train.images) // batch_size if max_batches is None else max_batches
+    for epoch in range(1, epochs + 1):
+        bar = log.progress(batches(len(train.images), batch_size, max_batches), total, f"classifier {epoch}/{epochs}")
+        for index in bar:
+            # Small random shifts make the features robust to the slight misalignment of samples.
+            images = torch.roll(train.images[index], shifts=tuple(torch.randint(-2, 3, (2,)).tolist()), dims=(2, 3))
+            loss = F.cross_entropy(model(images.to(device)), train.labels[index].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    with torch.no_grad():
+        predicted = torch.cat([model(chunk.to(device)).argmax(1).cpu() for chunk in torch.split(test.images, 1000)])
+    accuracy = round(float((predicted == test.labels).double().mean()), 4)
+    config = ModelConfig(family="classifier", arch=arch,
+                         data={"shape": list(train.shape), "range": [-1.0, 1.0], "dataset": "mnist"},
+                         training={"epochs": epochs, "seed": seed, "wall_seconds": clock.seconds(),
+                                   "device": str(device)},
+                         metrics={"test_accuracy": accuracy})
+    save_checkpoint(out, Checkpoint(config, model.state_dict()))
+    log.write({"test_accuracy": accuracy, "wall_seconds": clock.seconds()})
+    return {"test_accuracy": accuracy, "out": out}

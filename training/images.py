@@ -1,0 +1,69 @@
+"""Tensors -> pictures: the one place that knows how samples become PNG and GIF bytes."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import torch
+from PIL import Image
+
+
+def to_uint8(x: torch.Tensor, data_range: tuple[float, float] = (-1.0, 1.0)) -> torch.Tensor:
+    """[N, C, H, W] floats in data_range -> [N, H, W, C] uint8 on the CPU."""
+    low, high = data_range
+    scaled = ((x.detach().float().cpu() - low) / (high - low)).clamp(0, 1)
+    return (scaled * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def points_to_images(points: torch.Tensor, size: int = 128, extent: float = 1.5) -> torch.Tensor:
+    """2-D samples [N, 2] -> one density image [1, 1, size, size] in [-1, 1] (a 2-D histogram)."""
+    cells = ((points.detach().float().cpu() + extent) / (2 * extent) * size).long()
+    inside = ((cells >= 0) & (cells < size)).all(dim=1)
+    cells = cells[inside]
+    counts = torch.zeros(size, size)
+    counts.index_put_((size - 1 - cells[:, 1], cells[:, 0]), torch.ones(len(cells)), accumulate=True)
+    shade = (counts / counts.max().clamp(min=1)).sqrt()
+    return (shade * 2 - 1).reshape(1, 1, size, size)
+
+
+def grid(x: torch.Tensor, data_range: tuple[float, float] = (-1.0, 1.0), columns: int | None = None,
+         padding: int = 2) -> Image.Image:
+    """Images [N, C, H, W] -> one PIL image laid out in a near-square grid (one image if N == 1)."""
+    pixels = to_uint8(x, data_range)  # [N, H, W, C]
+    n, height, width, channels = pixels.shape
+    if n == 1:
+        return _to_pil(pixels[0])
+    columns = columns or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / columns)
+    canvas = torch.zeros(rows * (height + padding) + padding, columns * (width + padding) + padding, channels,
+                         dtype=torch.uint8)
+    for index in range(n):
+        top = padding + (index // columns) * (height + padding)
+        left = padding + (index % columns) * (width + padding)
+        canvas[top : top + height, left : left + width] = pixels[index]
+    return _to_pil(canvas)
+
+
+def _to_pil(pixels: torch.Tensor) -> Image.Image:  # [H, W, C] uint8
+    array = pixels.numpy()
+    return Image.fromarray(array[:, :, 0], mode="L") if array.shape[2] == 1 else Image.fromarray(array)
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def gif_bytes(frames: list[Image.Image], frame_ms: int = 80, final_hold_ms: int = 1200) -> bytes:
+    """An animated GIF that plays once per loop and holds on the last frame."""
+    buffer = io.BytesIO()
+    durations = [frame_ms] * (len(frames) - 1) + [final_hold_ms]
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0)
+    return buffer.getvalue()
+
+
+def save_grid(x: torch.Tensor, path: str, data_range: tuple[float, float] = (-1.0, 1.0)) -> None:
+    image = grid(points_to_images(x) if x.dim() == 2 else x, (-1.0, 1.0) if x.dim() == 2 else data_range)
+    image.save(path)

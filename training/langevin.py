@@ -1,0 +1,244 @@
+"""Langevin dynamics on an energy, the replay buffer, and per-chain noise.
+
+`langevin_step` is the only Langevin update in the project: training draws its negative samples
+with it and the server advances its batched chains with it. Every setting may be a per-chain tensor,
+so chains with different step sizes, noise levels and temperatures can share one batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+EnergyFn = Callable[[torch.Tensor], torch.Tensor]  # [B, *shape] -> [B]
+StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]  # (step, x, energy)
+
+_MASK32 = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class LangevinSettings:
+    """Defaults from the UvA deep-EBM tutorial on MNIST (itself after Du & Mordatch 2019)."""
+
+    steps: int = 60
+    step_size: float = 10.0
+    noise: float = 0.005
+    grad_clip: float = 0.03
+    temperature: float = 1.0
+    data_min: float = -1.0
+    data_max: float = 1.0
+
+
+def _per_chain(value: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor | float:
+    """Broadcast a scalar or a [B] tensor of settings against x [B, ...]."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=x.device, dtype=x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+    return value
+
+
+def langevin_step(
+    energy_fn: EnergyFn,
+    x: torch.Tensor,  # [B, *shape]
+    eps: torch.Tensor,  # [B, *shape] standard normal
+    step_size: float | torch.Tensor,  # scalar or [B]
+    noise: float | torch.Tensor,  # scalar or [B]
+    grad_clip: float | torch.Tensor = 0.03,
+    temperature: float | torch.Tensor = 1.0,
+    data_range: tuple[float, float] = (-1.0, 1.0),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of x <- clamp(x' - step * clip(grad E(x') / T)), x' = clamp(x + noise * eps).
+
+    The order (noise, gradient, clamp) follows Du & Mordatch 2019 and the UvA tutorial; the gradient is
+    taken with `torch.autograd.grad` w.r.t. the input only, so no parameter gradients are touched.
+    Returns the new state and the energy [B] at the noised state (the forward pass the step needed).
+    """
+    low, high = data_range
+    noised = (x + _per_chain(noise, x) * eps).clamp_(low, high).detach().requires_grad_(True)
+    with torch.enable_grad():
+        energy = energy_fn(noised)  # [B]
+        (grad,) = torch.autograd.grad(energy.sum(), noised)
+    grad = grad / _per_chain(temperature, x)
+    clip = _per_chain(grad_clip, x)
+    if isinstance(clip, torch.Tensor):
+        grad = torch.maximum(torch.minimum(grad, clip), -clip)
+    else:
+        grad = grad.clamp(-clip, clip)
+    moved = (noised.detach() - _per_chain(step_size, x) * grad).clamp_(low, high)
+    return moved, energy.detach()
+
+
+def sample_langevin(
+    energy_fn: EnergyFn,
+    x: torch.Tensor,
+    settings: LangevinSettings,
+    generator: torch.Generator | None = None,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """Run `settings.steps` Langevin steps from x; `callback(step, x, energy)` sees every step."""
+    x = x.detach()
+    for step in range(settings.steps):
+        source_device = generator.device if generator is not None else x.device
+        eps = torch.randn(x.shape, generator=generator, device=source_device, dtype=x.dtype).to(x.device)
+        x, energy = langevin_step(
+            energy_fn, x, eps, settings.step_size, settings.noise, settings.grad_clip,
+            settings.temperature, (settings.data_min, settings.data_max),
+        )
+        if callback is not None:
+            callback(step + 1, x, energy)
+    return x
+
+
+def frozen_energy(model: nn.Module) -> EnergyFn:
+    """The model as an energy in eval mode (spectral norm does no power iteration while sampling)."""
+
+    def energy(x: torch.Tensor) -> torch.Tensor:
+        was_training = model.training
+        model.eval()
+        try:
+            return model(x)
+        finally:
+            model.train(was_training)
+
+    return energy
+
+
+# --- Per-chain, counter-based noise -------------------------------------------------------------
+# A chain's noise is a pure function of (chain seed, step, element), so a seeded chain follows the same
+# path whatever other chains share its batch, on any batch size, without one generator per chain.
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xorshift-multiply rounds) on int64 tensors holding values < 2**32."""
+    x = ((x ^ (x >> 16)) * 0x7FEB352D) & _MASK32
+    x = ((x ^ (x >> 15)) * 0x2C1B3C6D) & _MASK32
+    x = ((x ^ (x >> 16)) * 0x297A2D39) & _MASK32
+    return x ^ (x >> 16)
+
+
+def _uniform_from_counter(seeds: torch.Tensor, steps: torch.Tensor, count: int) -> torch.Tensor:
+    """Uniform (0, 1) floats [B, count] from per-chain seeds [B] and step counters [B]."""
+    element = torch.arange(count, device=seeds.device, dtype=torch.int64)  # [count]
+    key = _mix32((seeds & _MASK32) ^ _mix32((steps & _MASK32) + 0x9E3779B9 & _MASK32))  # [B]
+    bits = _mix32(key.unsqueeze(1) ^ _mix32(element + 0x632BE5AB).unsqueeze(0))  # [B, count]
+    return (bits.to(torch.float64) + 0.5) / 4294967296.0
+
+
+def chain_gaussian(seeds: torch.Tensor, steps: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Standard normal noise [B, *shape] for chains with seeds [B] at step counters [B] (Box-Muller)."""
+    count = 1
+    for size in shape:
+        count *= size
+    uniform = _uniform_from_counter(seeds, steps * 2, 2 * count)  # [B, 2 * count]
+    radius = torch.sqrt(-2.0 * torch.log(uniform[:, :count]))
+    angle = (2.0 * torch.pi) * uniform[:, count:]
+    return (radius * torch.cos(angle)).to(torch.float32).reshape(-1, *shape)
+
+
+def chain_uniform(seeds: torch.Tensor, shape: tuple[int, ...], low: float, high: float) -> torch.Tensor:
+    """Uniform starting points [B, *shape] for seeded chains (a counter no Langevin step uses)."""
+    count = 1
+    for size in shape:
+        count *= size
+    uniform = _uniform_from_counter(seeds, torch.full_like(seeds, -1) & _MASK32, count)
+    return (low + (high - low) * uniform).to(torch.float32).reshape(-1, *shape)
+
+
+# --- Replay buffer --------------------------------------------------------------------------------
+
+
+class ReplayBuffer:
+    """Past negative samples that Langevin chains restart from (Du & Mordatch 2019, section 3.1).
+
+    `draw` hands out slots (a slot is never handed to two chains at once until it is written back or
+    released); a fraction `restart_prob` of the chains, and all while the buffer is empty, start from
+    uniform noise instead. Fresh chains are appended until the buffer is full, then replace the
+    oldest appended slot. The state is plain tensors, so it is saved inside a checkpoint.
+    """
+
+    def __init__(self, shape: tuple[int, ...], capacity: int = 8192, restart_prob: float = 0.05,
+                 data_range: tuple[float, float] = (-1.0, 1.0)) -> None:
+        if capacity < 1:
+            raise ValueError(f"replay buffer capacity must be positive, got {capacity}")
+        if not 0.0 <= restart_prob <= 1.0:
+            raise ValueError(f"restart_prob must lie in [0, 1], got {restart_prob}")
+        self.shape = tuple(shape)
+        self.capacity = capacity
+        self.restart_prob = restart_prob
+        self.data_range = data_range
+        self.samples = torch.empty(capacity, *self.shape)  # [capacity, *shape], rows < size are valid
+        self.size = 0
+        self.next_replace = 0  # oldest-appended slot to overwrite once full
+        self.in_use = torch.zeros(capacity, dtype=torch.bool)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def noise(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        low, high = self.data_range
+        return torch.rand(n, *self.shape, generator=generator) * (high - low) + low
+
+    def draw(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Starting points [n, *shape] and their slots [n] (-1 marks a chain started from noise)."""
+        free = (~self.in_use[: self.size]).nonzero().squeeze(1)  # [F]
+        restart = torch.rand(n, generator=generator) < self.restart_prob
+        from_buffer = int((~restart).sum().clamp(max=free.numel()))
+        order = torch.randperm(free.numel(), generator=generator)[:from_buffer]
+        slots = torch.full((n,), -1, dtype=torch.int64)
+        rows = (~restart).nonzero().squeeze(1)[:from_buffer]
+        slots[rows] = free[order]
+        x = self.noise(n, generator)
+        x[rows] = self.samples[slots[rows]]
+        self.in_use[slots[rows]] = True
+        return x, slots
+
+    def write_back(self, slots: torch.Tensor, x: torch.Tensor) -> None:
+        """Store finished chains: a drawn slot gets its chain back; a fresh chain takes a new slot."""
+        x = x.detach().to("cpu", torch.float32)
+        slots = slots.to("cpu")
+        drawn = slots >= 0
+        self.samples[slots[drawn]] = x[drawn]
+        self.in_use[slots[drawn]] = False
+        for row in (~drawn).nonzero().squeeze(1).tolist():
+            if self.size < self.capacity:
+                slot = self.size
+                self.size += 1
+            else:
+                slot = self._next_free_to_replace()
+                if slot is None:
+                    continue  # every slot is leased out: drop this chain rather than clobber one
+            self.samples[slot] = x[row]
+
+    def release(self, slots: torch.Tensor) -> None:
+        """Give slots back unchanged (a cancelled chain)."""
+        slots = slots.to("cpu")
+        self.in_use[slots[slots >= 0]] = False
+
+    def _next_free_to_replace(self) -> int | None:
+        for _ in range(self.capacity):
+            slot = self.next_replace
+            self.next_replace = (self.next_replace + 1) % self.capacity
+            if not self.in_use[slot]:
+                return slot
+        return None
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {
+            "samples": self.samples[: self.size].clone(),
+            "capacity": torch.tensor(self.capacity),
+            "restart_prob": torch.tensor(self.restart_prob, dtype=torch.float64),
+            "next_replace": torch.tensor(self.next_replace),
+            "data_range": torch.tensor(self.data_range, dtype=torch.float64),
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> ReplayBuffer:
+        samples = state["samples"].to(torch.float32)
+        low, high = state["data_range"].tolist()
+        buffer = cls(tuple(samples.shape[1:]), int(state["capacity"]), float(state["restart_prob"]), (low, high))
+        buffer.size = min(samples.shape[0], buffer.capacity)
+        buffer.samples[: buffer.size] = samples[: buffer.size]
+        buffer.next_replace = int(state["next_replace"]) % buffer.capacity
+        return buffer

@@ -1,0 +1,129 @@
+"""What every training run shares: device choice, seeding, progress, metrics log, grids, resume state."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from training.checkpoint import Checkpoint, ModelConfig, load_checkpoint, save_checkpoint
+from training.images import save_grid
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """'auto' is CUDA when present, else CPU; anything else is passed to torch as written."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA device is available")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+
+
+def batches(n: int, batch_size: int, limit: int | None = None) -> Iterator[torch.Tensor]:
+    """Shuffled index batches over n items (the global torch RNG decides, so --seed reproduces them)."""
+    order = torch.randperm(n)
+    count = n // batch_size
+    if limit is not None:
+        count = min(count, limit)
+    for start in range(0, count * batch_size, batch_size):
+        yield order[start : start + batch_size]
+
+
+class RunLog:
+    """Writes metrics as JSON lines and one sample grid per epoch into the run directory."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = run_dir / "metrics.jsonl"
+
+    def progress(self, iterable: Iterable, total: int, description: str) -> tqdm:
+        return tqdm(iterable, total=total, desc=description, dynamic_ncols=True, mininterval=1.0)
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.metrics_path.open("a") as handle:
+            handle.write(json.dumps(record, sort_keys=True) + "\n")
+
+    def grid(self, samples: torch.Tensor, epoch: int, data_range: tuple[float, float]) -> Path:
+        path = self.run_dir / f"samples_epoch{epoch:03d}.png"
+        save_grid(samples, str(path), data_range)
+        return path
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """An optimizer's state as flat tensors plus its JSON-able param groups (no pickling)."""
+    state = optimizer.state_dict()
+    tensors = {}
+    for index, per_param in state["state"].items():
+        for key, value in per_param.items():
+            tensors[f"{index}.{key}"] = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+    return tensors, state["param_groups"]
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                      param_groups: list[dict[str, Any]]) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        index, _, key = name.partition(".")
+        state.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+
+
+@dataclass
+class ResumeState:
+    """Everything needed to continue a run exactly: stored in the run directory in checkpoint format."""
+
+    epoch: int
+    checkpoint: Checkpoint
+
+    @staticmethod
+    def path(run_dir: Path) -> Path:
+        return run_dir / "resume.safetensors"
+
+
+def save_resume(run_dir: Path, epoch: int, config: ModelConfig, weights: dict[str, torch.Tensor],
+                optimizers: dict[str, torch.optim.Optimizer], extras: dict[str, dict[str, torch.Tensor]]) -> None:
+    groups = dict(extras)
+    param_groups = {}
+    for name, optimizer in optimizers.items():
+        groups[f"optimizer_{name}"], param_groups[name] = optimizer_tensors(optimizer)
+    groups["rng"] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        groups["rng"]["cuda"] = torch.cuda.get_rng_state()
+    resume_config = ModelConfig(**{**asdict(config), "training": {
+        **config.training, "resume_epoch": epoch, "optimizer_param_groups": param_groups}})
+    save_checkpoint(ResumeState.path(run_dir), Checkpoint(resume_config, weights, groups))
+
+
+def load_resume(run_dir: Path, optimizers: dict[str, torch.optim.Optimizer]) -> ResumeState:
+    path = ResumeState.path(run_dir)
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: no {path}; start the run once without --resume")
+    checkpoint = load_checkpoint(path)
+    for name, optimizer in optimizers.items():
+        restore_optimizer(optimizer, checkpoint.extras.pop(f"optimizer_{name}", {}),
+                          checkpoint.config.training["optimizer_param_groups"][name])
+    rng = checkpoint.extras.pop("rng")
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return ResumeState(epoch=int(checkpoint.config.training["resume_epoch"]), checkpoint=checkpoint)
+
+
+class Stopwatch:
+    def __init__(self, already: float = 0.0) -> None:
+        self.start = time.perf_counter() - already
+
+    def seconds(self) -> float:
+        return round(time.perf_counter() - self.start, 1)

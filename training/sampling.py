@@ -1,0 +1,78 @@
+"""Checkpoints -> ready modules, and drawing samples from them outside the server."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from training.checkpoint import Checkpoint, ModelConfig, load_checkpoint
+from training.langevin import EnergyFn, LangevinSettings, ReplayBuffer, StepCallback, frozen_energy, sample_langevin
+from training.models import build_model
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    config: ModelConfig
+    module: nn.Module
+    extras: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+    @property
+    def data_range(self) -> tuple[float, float]:
+        low, high = self.config.data.get("range", [-1.0, 1.0])
+        return float(low), float(high)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.config.data["shape"])
+
+
+def instantiate(checkpoint: Checkpoint, name: str, device: torch.device | str = "cpu") -> LoadedModel:
+    module = build_model(checkpoint.config.arch)
+    module.load_state_dict({key: value.float() for key, value in checkpoint.weights.items()})
+    module.to(device).eval()
+    for parameter in module.parameters():
+        parameter.requires_grad_(False)
+    return LoadedModel(name=name, config=checkpoint.config, module=module, extras=checkpoint.extras)
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
+    return instantiate(load_checkpoint(path), Path(path).stem, device)
+
+
+def ensemble_energy(modules: list[nn.Module], step: int) -> EnergyFn:
+    """IGEBM-style ensemble sampling: at step t the chains move under model t mod K, in turn."""
+    return frozen_energy(modules[step % len(modules)])
+
+
+def langevin_settings(config: ModelConfig, steps: int | None = None, **overrides: float) -> LangevinSettings:
+    sampler = config.sampler
+    low, high = config.data.get("range", [-1.0, 1.0])
+    return LangevinSettings(
+        steps=steps if steps is not None else int(sampler.get("steps", 60)),
+        step_size=float(overrides.get("step_size", sampler.get("step_size", 10.0))),
+        noise=float(overrides.get("noise", sampler.get("noise", 0.005))),
+        grad_clip=float(overrides.get("grad_clip", sampler.get("grad_clip", 0.03))),
+        temperature=float(overrides.get("temperature", sampler.get("temperature", 1.0))),
+        data_min=float(low), data_max=float(high),
+    )
+
+
+def sample_ebm(model: LoadedModel, n: int, settings: LangevinSettings, init: str = "noise",
+               generator: torch.Generator | None = None, callback: StepCallback | None = None) -> torch.Tensor:
+    """Run n chains for settings.steps from uniform noise or from the checkpoint's replay buffer."""
+    device = next(model.module.parameters()).device
+    if init == "buffer":
+        if "replay_buffer" not in model.extras:
+            raise ValueError(f"{model.name} has no saved replay buffer; use init='noise'")
+        buffer = ReplayBuffer.from_state_dict(model.extras["replay_buffer"])
+        start, _ = buffer.draw(n, generator)
+    elif init == "noise":
+        low, high = settings.data_min, settings.data_max
+        start = torch.rand(n, *model.shape, generator=generator) * (high - low) + low
+    else:
+        raise ValueError(f"init must be 'noise' or 'buffer', got {init!r}")
+    return sample_langevin(frozen_energy(model.module), start.to(device), settings, generator, callback)
