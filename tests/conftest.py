@@ -36,3 +36,36 @@ def idx_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         write_idx(directory / images_name, images)
         write_idx(directory / labels_name, labels)
     return directory
+
+
+def write_tiny_ebm(path: Path, seed: int = 0, ensemble: str | None = None, buffer_samples: int = 32,
+                   steps: int = 10) -> Path:
+    """A real (untrained) conv EBM checkpoint of width 4 with a small saved replay buffer."""
+    from training.checkpoint import Checkpoint, ModelConfig, save_checkpoint
+    from training.langevin import ReplayBuffer
+    from training.models import build_model
+
+    torch.manual_seed(seed)
+    arch = {"name": "conv_energy", "kwargs": {"width": 4}}
+    model = build_model(arch)
+    buffer = ReplayBuffer((1, 28, 28), capacity=64)
+    buffer.write_back(torch.full((buffer_samples,), -1), torch.rand(buffer_samples, 1, 28, 28) * 2 - 1)
+    config = ModelConfig(
+        family="ebm", arch=arch, data={"shape": [1, 28, 28], "range": [-1.0, 1.0], "dataset": "fake"},
+        sampler={"steps": steps, "train_steps": steps, "step_size": 10.0, "noise": 0.005, "grad_clip": 0.03,
+                 "temperature": 1.0, "init": "buffer", "restart_prob": 0.05},
+        training={"seed": seed}, metrics={"val_cd": -0.1}, ensemble=ensemble,
+    )
+    save_checkpoint(path, Checkpoint(config, model.state_dict(), {"replay_buffer": buffer.state_dict()}))
+    return path
+
+
+@pytest.fixture
+def models_dir(tmp_path: Path) -> Path:
+    """One lone EBM ('solo') and a two-member ensemble ('pair' of 'pair_a' and 'pair_b')."""
+    directory = tmp_path / "models"
+    directory.mkdir()
+    write_tiny_ebm(directory / "solo.safetensors", seed=0)
+    write_tiny_ebm(directory / "pair_a.safetensors", seed=1, ensemble="pair")
+    write_tiny_ebm(directory / "pair_b.safetensors", seed=2, ensemble="pair")
+    return directory

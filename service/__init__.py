@@ -1,0 +1,1 @@
+"""The sample server: checkpoints in a directory -> one device worker -> REST."""

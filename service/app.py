@@ -1,0 +1,274 @@
+"""create_app(settings): routes, lifespan (load models, start and stop the worker), limits and errors."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import secrets
+import time
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.buffer_store import BufferStore
+from service.metrics import Metrics
+from service.registry import Registry, ServedModel, load_registry
+from service.render import gif_body, json_body, png_body
+from service.schemas import LANGEVIN_FIELDS, ModelInfo, SampleRequest, SampleResponse
+from service.settings import Settings
+from service.worker import CancelledByClient, LangevinOrder, QueueFull, SampleResult, Worker, WorkerFailure
+from training.run import pick_device
+
+log = logging.getLogger("service")
+
+
+class BodySizeLimit:
+    """ASGI middleware: 413 for a body over the limit, by Content-Length or by counting a chunked body.
+
+    The body is read here (it is small by construction) and replayed to the app, so the limit holds
+    however the client sends it.
+    """
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers", [])).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            await self._reject(send)
+            return
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.limit:
+                await self._reject(send)
+                return
+        body_sent = False
+
+        async def replay() -> dict:
+            nonlocal body_sent
+            if not body_sent:
+                body_sent = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _reject(self, send: Any) -> None:
+        response = JSONResponse({"detail": f"request body is larger than {self.limit} bytes"}, status_code=413)
+        await response({"type": "http"}, None, send)
+
+
+def _check_applicable(body: SampleRequest, model: ServedModel, settings: Settings) -> None:
+    """422 for fields that do not apply to the model's family or exceed the server's limits."""
+    problems = []
+    if body.label is not None:
+        problems.append(f"'label' does not apply to {model.name}: it is an unconditional {model.family} model")
+    if model.family != "ebm":
+        problems += [f"'{name}' applies to EBMs only; {model.name} is a {model.family} model"
+                     for name in LANGEVIN_FIELDS if getattr(body, name) is not None]
+    if body.n > settings.max_n:
+        problems.append(f"'n' is {body.n}; this server allows at most {settings.max_n}")
+    steps = body.steps or int(model.config.sampler.get("steps", 60))
+    if steps > settings.max_steps:
+        problems.append(f"'steps' is {steps}; this server allows at most {settings.max_steps}")
+    if body.trajectory_every is not None:
+        frames = math.ceil(steps / body.trajectory_every) + 1
+        if frames > settings.max_frames:
+            problems.append(f"trajectory_every={body.trajectory_every} over {steps} steps gives {frames} frames; "
+                            f"at most {settings.max_frames} are allowed (raise trajectory_every)")
+    if problems:
+        raise HTTPException(422, detail="; ".join(problems))
+
+
+def _order(body: SampleRequest, model: ServedModel, settings: Settings) -> LangevinOrder:
+    sampler = model.config.sampler
+    steps = body.steps or int(sampler.get("steps", 60))
+    every = body.trajectory_every
+    if body.format == "gif" and every is None:
+        every = max(1, math.ceil(steps / (min(settings.max_frames, 33) - 1)))
+    return LangevinOrder(
+        model=model, n=body.n, steps=steps,
+        step_size=body.step_size if body.step_size is not None else float(sampler.get("step_size", 10.0)),
+        noise=body.noise if body.noise is not None else float(sampler.get("noise", 0.005)),
+        temperature=body.temperature if body.temperature is not None else float(sampler.get("temperature", 1.0)),
+        init=body.init or str(sampler.get("init", "noise")),
+        seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
+        trajectory_every=every,
+    )
+
+
+async def _wait_or_disconnect(future: asyncio.Future, request: Request, job: Any) -> SampleResult:
+    """The worker's result; if the client goes away first, its chains are cancelled at the next step."""
+    while True:
+        done, _ = await asyncio.wait({future}, timeout=0.1)
+        if done:
+            outcome = future.result()
+            if isinstance(outcome, BaseException):
+                raise outcome
+            return outcome
+        if await request.is_disconnected():
+            job.cancelled = True
+            raise CancelledByClient("client disconnected")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        device = pick_device(settings.device)
+        registry = await asyncio.to_thread(load_registry, settings.models_dir, device)
+        store = BufferStore(settings.state_dir)
+        worker = Worker(registry, store, device, metrics, settings.chain_budget, settings.max_queue,
+                        settings.buffer_save_interval_s)
+        worker.start()
+        app.state.registry, app.state.worker, app.state.store = registry, worker, store
+        log.info("serving %d models on %s: %s", len(registry.models), device, ", ".join(sorted(registry.models)))
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(worker.stop)
+
+    app = FastAPI(title="samplebay", version="0.1.0", lifespan=lifespan,
+                  description="Samples from energy-based models, flows and GANs.")
+    app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        """422 naming each bad field; the offending input is not echoed (NaN is not even valid JSON)."""
+        problems = [{"field": ".".join(str(part) for part in item["loc"] if part != "body") or "body",
+                     "message": item["msg"]} for item in error.errors()]
+        summary = "; ".join(f"{problem['field']}: {problem['message']}" for problem in problems)
+        return JSONResponse({"detail": summary, "errors": problems}, status_code=422)
+    app.state.settings = settings
+    app.state.metrics = metrics
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "alive"}
+
+    @app.get("/readyz")
+    async def readyz(request: Request) -> JSONResponse:
+        registry: Registry = request.app.state.registry
+        worker: Worker = request.app.state.worker
+        ready = worker.running and bool(registry.models)
+        body = {"ready": ready, "models": sorted(registry.models), "worker_running": worker.running,
+                "refused": registry.refused}
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/models", response_model=list[ModelInfo])
+    async def list_models(request: Request) -> list[ModelInfo]:
+        registry: Registry = request.app.state.registry
+        worker: Worker = request.app.state.worker
+        store: BufferStore = request.app.state.store
+        infos = []
+        for name, model in sorted(registry.models.items()):
+            config = model.config
+            pool = worker.pools.get(model.group) if model.group else None
+            infos.append(ModelInfo(
+                name=name, family=model.family, members=[member.name for member in model.members],
+                shape=list(config.data["shape"]), data_range=list(model.members[0].data_range),
+                dataset=config.data.get("dataset"), ensemble=config.ensemble, sampler=config.sampler,
+                limits={"max_n": settings.max_n, "max_steps": settings.max_steps, "max_frames": settings.max_frames},
+                metrics=config.metrics if len(model.members) == 1 else {},
+                buffer_size=len(pool.buffer) if pool else None,
+                buffer_capacity=pool.buffer.capacity if pool else None,
+                buffer_saved_at=store.saved_at.get(model.group) if model.group else None,
+            ))
+        return infos
+
+    @app.post("/sample", response_model=SampleResponse,
+              responses={200: {"content": {"image/png": {}, "image/gif": {}}},
+                         404: {"description": "unknown model"}, 413: {"description": "body too large"},
+                         422: {"description": "invalid or inapplicable field"},
+                         503: {"description": "queue full (Retry-After) or device failure"},
+                         504: {"description": "deadline passed"}})
+    async def sample(body: SampleRequest, request: Request) -> Response:
+        started = time.perf_counter()
+        registry: Registry = request.app.state.registry
+        model = registry.models.get(body.model)
+        label = body.model if model else "unknown"
+        status = 500
+        try:
+            _authorize(request, settings)
+            if model is None:
+                known = ", ".join(sorted(registry.models)) or "none"
+                raise HTTPException(404, detail=f"unknown model {body.model!r}; served models: {known}")
+            _check_applicable(body, model, settings)
+            response = await _sample(body, model, request)
+            status = response.status_code
+            return response
+        except HTTPException as error:
+            status = error.status_code
+            raise
+        except CancelledByClient:
+            status = 499
+            return Response(status_code=499)
+        finally:
+            metrics.requests.labels(label, str(status)).inc()
+            metrics.latency_seconds.labels(label).observe(time.perf_counter() - started)
+
+    async def _sample(body: SampleRequest, model: ServedModel, request: Request) -> Response:
+        started = time.perf_counter()
+        worker: Worker = request.app.state.worker
+        order = _order(body, model, settings)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
+
+        def deliver(outcome: SampleResult | BaseException) -> None:
+            loop.call_soon_threadsafe(lambda: future.done() or future.set_result(outcome))
+
+        try:
+            job = worker.submit(order, deliver, deadline=time.monotonic() + settings.request_timeout_s)
+        except QueueFull as error:
+            raise HTTPException(503, detail=f"server busy: {error}; retry shortly",
+                                headers={"Retry-After": str(settings.retry_after_s)}) from error
+        try:
+            result = await _wait_or_disconnect(future, request, job)
+        except TimeoutError as error:
+            raise HTTPException(504, detail=f"deadline of {settings.request_timeout_s:g} s passed "
+                                            "before the chains finished") from error
+        except WorkerFailure as error:
+            raise HTTPException(503, detail=str(error), headers={"Retry-After": str(settings.retry_after_s)}) from error
+        data_range = model.members[0].data_range
+        headers = {"X-Seed": str(order.seed), "X-Steps": str(order.steps)}
+        if body.format == "png":
+            return Response(await asyncio.to_thread(png_body, result, data_range), media_type="image/png",
+                            headers=headers)
+        if body.format == "gif":
+            return Response(await asyncio.to_thread(gif_body, result, data_range), media_type="image/gif",
+                            headers=headers)
+        payload = await asyncio.to_thread(json_body, result, data_range, model.name, order.seed, order.steps,
+                                          time.perf_counter() - started)
+        return JSONResponse(payload.model_dump(exclude_none=True), headers=headers)
+
+    return app
+
+
+def _authorize(request: Request, settings: Settings) -> None:
+    if settings.api_key is None:
+        return
+    supplied = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+    if not secrets.compare_digest(supplied, settings.api_key):
+        raise HTTPException(401, detail="missing or wrong API key: send 'Authorization: Bearer <key>'",
+                            headers={"WWW-Authenticate": "Bearer"})

@@ -1,0 +1,103 @@
+"""Checkpoints in the models directory -> served models, ensembles and the buffer groups they share."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from training.checkpoint import CheckpointError, file_digest, load_checkpoint
+from training.langevin import ReplayBuffer
+from training.sampling import LoadedModel, instantiate
+
+log = logging.getLogger(__name__)
+SERVED_FAMILIES = ("ebm",)  # flows and GANs join when their samplers land
+
+
+@dataclass
+class BufferGroup:
+    """EBMs that share one replay buffer: an ensemble, or a lone EBM by itself."""
+
+    name: str
+    members: list[LoadedModel]
+    digest: str  # changes whenever any member's checkpoint changes: a stale buffer is never reused
+
+    def initial_buffer(self) -> ReplayBuffer:
+        """The members' saved buffers pooled, or an empty buffer when none was saved."""
+        states = [member.extras["replay_buffer"] for member in self.members if "replay_buffer" in member.extras]
+        shape = self.members[0].shape
+        restart = float(self.members[0].config.sampler.get("restart_prob", 0.05))
+        low, high = self.members[0].data_range
+        if not states:
+            return ReplayBuffer(shape, restart_prob=restart, data_range=(low, high))
+        samples = torch.cat([state["samples"].float() for state in states])
+        capacity = max(max(int(state["capacity"]) for state in states), len(samples))
+        buffer = ReplayBuffer(shape, capacity=capacity, restart_prob=restart, data_range=(low, high))
+        buffer.samples[: len(samples)] = samples
+        buffer.size = len(samples)
+        return buffer
+
+
+@dataclass
+class ServedModel:
+    """A name clients can ask for: one checkpoint, or an ensemble sampled over its members in turn."""
+
+    name: str
+    family: str
+    members: list[LoadedModel]
+    group: str | None = None  # the BufferGroup (EBMs)
+
+    @property
+    def config(self):
+        return self.members[0].config
+
+
+@dataclass
+class Registry:
+    models: dict[str, ServedModel] = field(default_factory=dict)
+    groups: dict[str, BufferGroup] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)  # file -> why it is not served
+
+
+def load_registry(models_dir: Path, device: torch.device) -> Registry:
+    """Load every checkpoint in models_dir; a broken file is refused with a reason, not fatal."""
+    registry = Registry()
+    if not models_dir.is_dir():
+        raise FileNotFoundError(f"models directory {models_dir} does not exist")
+    ensembles: dict[str, list[tuple[LoadedModel, str]]] = {}
+    for path in sorted(models_dir.glob("*.safetensors")):
+        try:
+            checkpoint = load_checkpoint(path)
+        except CheckpointError as error:
+            registry.refused[path.name] = str(error)
+            log.warning("not serving %s: %s", path.name, error)
+            continue
+        family = checkpoint.config.family
+        if family not in SERVED_FAMILIES:
+            registry.refused[path.name] = f"family {family!r} is not served by this version"
+            continue
+        model = instantiate(checkpoint, path.stem, device)
+        digest = file_digest(path)
+        registry.models[model.name] = ServedModel(model.name, family, [model])
+        group_name = checkpoint.config.ensemble or model.name
+        ensembles.setdefault(group_name, []).append((model, digest))
+    for group_name, members in ensembles.items():
+        shapes = {tuple(member.shape) for member, _ in members}
+        if len(shapes) > 1:
+            for member, _ in members:
+                registry.models.pop(member.name, None)
+                registry.refused[member.name] = f"ensemble {group_name!r} mixes data shapes {sorted(shapes)}"
+            continue
+        combined = hashlib.sha256("".join(sorted(digest for _, digest in members)).encode()).hexdigest()
+        registry.groups[group_name] = BufferGroup(group_name, [member for member, _ in members], combined)
+        for member, _ in members:
+            registry.models[member.name].group = group_name
+        if group_name not in registry.models:
+            registry.models[group_name] = ServedModel(group_name, "ebm", [member for member, _ in members],
+                                                      group=group_name)
+        elif len(members) > 1 or registry.models[group_name].members[0].name != group_name:
+            registry.refused[group_name] = f"ensemble name {group_name!r} collides with a checkpoint's name"
+    return registry

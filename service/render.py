@@ -1,0 +1,43 @@
+"""Worker results -> response bodies (PNG, GIF, JSON with base64 PNGs); runs off the event loop."""
+
+from __future__ import annotations
+
+import base64
+
+import torch
+
+from service.schemas import SampleResponse, Timings
+from service.worker import SampleResult
+from training.images import gif_bytes, grid, png_bytes
+
+
+def _b64_png(x: torch.Tensor, data_range: tuple[float, float]) -> str:
+    return base64.b64encode(png_bytes(grid(x, data_range))).decode("ascii")
+
+
+def png_body(result: SampleResult, data_range: tuple[float, float]) -> bytes:
+    """One image for n = 1, a near-square grid for more."""
+    return png_bytes(grid(result.samples, data_range))
+
+
+def gif_body(result: SampleResult, data_range: tuple[float, float]) -> bytes:
+    frames = result.frames or [result.samples]
+    return gif_bytes([grid(frame, data_range) for frame in frames])
+
+
+def json_body(result: SampleResult, data_range: tuple[float, float], model: str, seed: int, steps: int,
+              total_seconds: float) -> SampleResponse:
+    trajectory = None
+    if result.frames:
+        trajectory = [[_b64_png(frame[i : i + 1], data_range) for i in range(len(frame))] for frame in result.frames]
+    return SampleResponse(
+        model=model,
+        seed=seed,
+        steps=steps,
+        images=[_b64_png(result.samples[i : i + 1], data_range) for i in range(len(result.samples))],
+        energy=[round(float(value), 6) for value in result.energy],
+        trajectory=trajectory,
+        trajectory_steps=result.frame_steps or None,
+        timings=Timings(queue_ms=round(result.queue_seconds * 1000, 2), run_ms=round(result.run_seconds * 1000, 2),
+                        total_ms=round(total_seconds * 1000, 2)),
+    )

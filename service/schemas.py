@@ -1,0 +1,61 @@
+"""Request and response bodies and their limits: what the API promises, checked before any work."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class SampleRequest(BaseModel):
+    """POST /sample. Fields left out take the checkpoint's defaults."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    model: str = Field(min_length=1, max_length=200)
+    n: int = Field(1, ge=1)
+    seed: int | None = Field(None, ge=0, lt=2**31)
+    format: Literal["png", "json", "gif"] = "png"
+    steps: int | None = Field(None, ge=1)
+    step_size: float | None = Field(None, gt=0)
+    noise: float | None = Field(None, ge=0)
+    init: Literal["buffer", "noise"] | None = None
+    temperature: float | None = Field(None, gt=0)
+    label: int | None = Field(None, ge=0)
+    trajectory_every: int | None = Field(None, ge=1)
+
+
+LANGEVIN_FIELDS = ("steps", "step_size", "noise", "init", "temperature")
+
+
+class Timings(BaseModel):
+    queue_ms: float
+    run_ms: float
+    total_ms: float
+
+
+class SampleResponse(BaseModel):
+    model: str
+    seed: int
+    images: list[str]  # base64 PNG, one per sample
+    energy: list[float] | None = None  # EBM: energy of each sample at its last step
+    steps: int | None = None
+    trajectory: list[list[str]] | None = None  # frames at steps 0, k, 2k, ... (and the last)
+    trajectory_steps: list[int] | None = None
+    timings: Timings
+
+
+class ModelInfo(BaseModel):
+    name: str
+    family: str
+    members: list[str]  # checkpoints behind this name (several for an ensemble)
+    shape: list[int]
+    data_range: list[float]
+    dataset: str | None
+    ensemble: str | None
+    sampler: dict
+    limits: dict
+    metrics: dict
+    buffer_size: int | None = None
+    buffer_capacity: int | None = None
+    buffer_saved_at: float | None = None  # unix time of the last save to the state directory

@@ -1,0 +1,303 @@
+"""The device worker: one thread owns the device and every model's weights and runs what schedulers decide.
+
+The HTTP side only calls `submit` (thread-safe) and sets `Job.cancelled`; results come back through a
+callback that the caller makes thread-safe (the app hands in `loop.call_soon_threadsafe`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from service.buffer_store import BufferStore
+from service.metrics import Metrics
+from service.registry import BufferGroup, Registry, ServedModel
+from service.scheduler import ChainScheduler, Job
+from training.langevin import ReplayBuffer, chain_gaussian, chain_uniform, langevin_step
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """The bounded queue is full: the caller should answer 503 with Retry-After."""
+
+
+class CancelledByClient(Exception):
+    """The client went away; nobody reads this result."""
+
+
+class WorkerFailure(Exception):
+    """A batch failed on the device (for example out of memory); only its requests see this."""
+
+
+@dataclass
+class LangevinOrder:
+    """What a client asked of an EBM, with defaults already filled in from the checkpoint."""
+
+    model: ServedModel
+    n: int
+    steps: int
+    step_size: float
+    noise: float
+    temperature: float
+    init: str  # "buffer" | "noise"
+    seed: int
+    trajectory_every: int | None = None
+
+
+@dataclass
+class SampleResult:
+    samples: torch.Tensor  # [n, *shape] on the CPU
+    energy: torch.Tensor  # [n] energy at each chain's last step
+    frames: list[torch.Tensor]  # trajectory states [n, *shape], at frame_steps
+    frame_steps: list[int]
+    queue_seconds: float
+    run_seconds: float
+
+
+Deliver = Callable[[SampleResult | BaseException], None]
+
+
+@dataclass(eq=False)
+class ChainState:
+    """A job's tensors while its chains run."""
+
+    order: LangevinOrder
+    deliver: Deliver
+    member_indices: list[int]  # which of the pool's modules this job's chains move under, in turn
+    x: torch.Tensor | None = None  # [n, *shape] on the device
+    seeds: torch.Tensor | None = None  # [n] int64 chain seeds
+    slots: torch.Tensor | None = None  # [n] replay-buffer slots (-1: not from the buffer)
+    energy: torch.Tensor | None = None  # [n]
+    frames: list[torch.Tensor] = field(default_factory=list)
+    frame_steps: list[int] = field(default_factory=list)
+
+
+def chain_seeds(seed: int, n: int) -> torch.Tensor:
+    """Distinct 32-bit seeds for a request's n chains, fixed by the request's seed alone."""
+    return (torch.arange(n, dtype=torch.int64) + seed * 1_000_003) & 0xFFFFFFFF
+
+
+class LangevinPool:
+    """The chains of one buffer group (an EBM or an ensemble), advanced together one step at a time."""
+
+    def __init__(self, group: BufferGroup, buffer: ReplayBuffer, chain_budget: int, device: torch.device,
+                 metrics: Metrics, clock: Callable[[], float]) -> None:
+        self.group = group
+        self.buffer = buffer
+        self.device = device
+        self.metrics = metrics
+        self.scheduler = ChainScheduler(chain_budget, clock)
+        self.clock = clock
+        self.modules = [member.module for member in group.members]
+        self.names = [member.name for member in group.members]
+        self.shape = group.members[0].shape
+        self.data_range = group.members[0].data_range
+        self.grad_clip = float(group.members[0].config.sampler.get("grad_clip", 0.03))
+        self.converged_steps = int(group.members[0].config.sampler.get("steps", 60))
+        self.buffer_dirty = False
+        self.stats = {"steps": 0, "chain_steps": 0, "max_jobs_in_step": 0, "max_chains_in_step": 0}
+
+    def make_job(self, order: LangevinOrder, deliver: Deliver, deadline: float, arrived: float) -> Job:
+        members = [self.names.index(member.name) for member in order.model.members]
+        return Job(n=order.n, steps=order.steps, deadline=deadline, arrived=arrived,
+                   state=ChainState(order, deliver, members))
+
+    def _start(self, job: Job) -> None:
+        state: ChainState = job.state
+        order = state.order
+        state.seeds = chain_seeds(order.seed, order.n)
+        if order.init == "buffer":
+            x, state.slots = self.buffer.draw(order.n, torch.Generator().manual_seed(order.seed))
+        else:
+            low, high = self.data_range
+            x, state.slots = chain_uniform(state.seeds, self.shape, low, high), torch.full((order.n,), -1)
+        state.x = x.to(self.device)
+        state.seeds = state.seeds.to(self.device)
+        if order.trajectory_every:
+            state.frames.append(x.cpu())
+            state.frame_steps.append(0)
+
+    def _release(self, job: Job) -> None:
+        state: ChainState = job.state
+        if state.slots is not None:
+            self.buffer.release(state.slots)
+
+    def step(self) -> None:
+        """Schedule, execute one Langevin step for every running chain, and hand out what finished."""
+        plan = self.scheduler.schedule()
+        for job, reason in plan.dropped:
+            self._release(job)
+            job.state.deliver(TimeoutError(reason) if reason == "deadline" else CancelledByClient(reason))
+        for job in plan.admitted:
+            self._start(job)
+            self.metrics.queue_seconds.labels(self.group.name).observe(job.admitted_at - job.arrived)
+        if not plan.running:
+            return
+        by_module: dict[int, list[Job]] = {}
+        for job in plan.running:
+            state: ChainState = job.state
+            module_index = state.member_indices[job.done_steps % len(state.member_indices)]
+            by_module.setdefault(module_index, []).append(job)
+        stepped: list[Job] = []
+        for module_index, jobs in by_module.items():
+            try:
+                self._execute(module_index, jobs)
+                stepped.extend(jobs)
+            except Exception as error:  # one failed batch must not take the worker down
+                log.exception("Langevin batch of %d requests failed on %s", len(jobs), self.group.name)
+                self.scheduler.finish(jobs)
+                for job in jobs:
+                    self._release(job)
+                    job.state.deliver(WorkerFailure(f"sampling failed on the device: {type(error).__name__}"))
+        chains = sum(job.n for job in stepped)
+        self.stats["steps"] += 1
+        self.stats["chain_steps"] += chains
+        self.stats["max_jobs_in_step"] = max(self.stats["max_jobs_in_step"], len(stepped))
+        self.stats["max_chains_in_step"] = max(self.stats["max_chains_in_step"], chains)
+        self.metrics.observe_step(self.group.name, chains)
+        for job in self.scheduler.update_from_output(stepped):
+            self._finish(job)
+
+    def _execute(self, module_index: int, jobs: list[Job]) -> None:
+        states: list[ChainState] = [job.state for job in jobs]
+        x = torch.cat([state.x for state in states])  # [B, *shape]
+        seeds = torch.cat([state.seeds for state in states])  # [B]
+        steps = torch.cat([torch.full((job.n,), job.done_steps, dtype=torch.int64) for job in jobs]).to(self.device)
+
+        def per_chain(value: Callable[[LangevinOrder], float]) -> torch.Tensor:
+            return torch.cat([torch.full((state.order.n,), value(state.order)) for state in states])
+
+        eps = chain_gaussian(seeds, steps, self.shape).to(self.device)
+        moved, energy = langevin_step(
+            self.modules[module_index], x, eps,
+            step_size=per_chain(lambda order: order.step_size), noise=per_chain(lambda order: order.noise),
+            grad_clip=self.grad_clip, temperature=per_chain(lambda order: order.temperature),
+            data_range=self.data_range,
+        )
+        for job, state, x_part, energy_part in zip(jobs, states, moved.split([j.n for j in jobs]),
+                                                   energy.split([j.n for j in jobs]), strict=True):
+            state.x, state.energy = x_part, energy_part
+            every = state.order.trajectory_every
+            step = job.done_steps + 1
+            if every and (step % every == 0 or step == job.steps):
+                state.frames.append(x_part.cpu())
+                state.frame_steps.append(step)
+
+    def _finish(self, job: Job) -> None:
+        state: ChainState = job.state
+        samples = state.x.detach().cpu()
+        converged = state.order.init == "buffer" or state.order.steps >= self.converged_steps
+        if converged:
+            self.buffer.write_back(state.slots, samples)
+            self.buffer_dirty = True
+        else:
+            self.buffer.release(state.slots)
+        now = self.clock()
+        state.deliver(SampleResult(
+            samples=samples, energy=state.energy.cpu(), frames=state.frames, frame_steps=state.frame_steps,
+            queue_seconds=job.admitted_at - job.arrived, run_seconds=now - job.admitted_at,
+        ))
+
+
+class Worker:
+    """Owns the device; loops over the pools, stepping each that has work, and saves buffers.
+
+    Submissions land in an inbox that the worker thread drains before each round, so the HTTP side
+    never waits for a Langevin step to finish.
+    """
+
+    def __init__(self, registry: Registry, store: BufferStore, device: torch.device, metrics: Metrics,
+                 chain_budget: int, max_queue: int, save_interval_s: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.registry = registry
+        self.store = store
+        self.device = device
+        self.metrics = metrics
+        self.max_queue = max_queue
+        self.save_interval_s = save_interval_s
+        self.clock = clock
+        self.pools: dict[str, LangevinPool] = {}
+        for name, group in registry.groups.items():
+            buffer = store.load(name, group.digest) or group.initial_buffer()
+            self.pools[name] = LangevinPool(group, buffer, chain_budget, device, metrics, clock)
+            metrics.buffer_size.labels(name).set(len(buffer))
+        self._inbox: list[tuple[LangevinPool, Job]] = []
+        self._inbox_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.last_save = clock()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def queue_depth(self) -> int:
+        return len(self._inbox) + sum(len(pool.scheduler.waiting) for pool in self.pools.values())
+
+    def submit(self, order: LangevinOrder, deliver: Deliver, deadline: float) -> Job:
+        """Queue an order (thread-safe, never waits for the device); QueueFull when the queue is full.
+
+        The caller may set `cancelled` on the returned job; its chains are dropped at the next step.
+        """
+        pool = self.pools[order.model.group]
+        job = pool.make_job(order, deliver, deadline, self.clock())
+        with self._inbox_lock:
+            if self.queue_depth() >= self.max_queue:
+                raise QueueFull(f"{self.max_queue} requests are already waiting")
+            self._inbox.append((pool, job))
+        self._wake.set()
+        return job
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="device-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self.save_buffers()
+
+    def _drain_inbox(self) -> None:
+        with self._inbox_lock:
+            arrivals, self._inbox = self._inbox, []
+        for pool, job in arrivals:
+            pool.scheduler.add(job)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._drain_inbox()
+            busy = False
+            for pool in self.pools.values():
+                if pool.scheduler.has_work():
+                    busy = True
+                    pool.step()
+                    self.metrics.running_chains.labels(pool.group.name).set(pool.scheduler.running_chains)
+            self.metrics.queue_depth.set(self.queue_depth())
+            if self.clock() - self.last_save >= self.save_interval_s:
+                self.save_buffers()
+            if not busy:
+                self._wake.wait(timeout=0.25)
+                self._wake.clear()
+
+    def save_buffers(self) -> None:
+        """Write every buffer that changed since its last save (atomically; see BufferStore)."""
+        self.last_save = self.clock()
+        for name, pool in self.pools.items():
+            if not pool.buffer_dirty:
+                continue
+            pool.buffer_dirty = False
+            try:
+                self.store.save(name, pool.group.digest, pool.buffer)
+            except OSError:
+                log.exception("saving the replay buffer of %s failed; will retry", name)
+                pool.buffer_dirty = True
+            self.metrics.buffer_size.labels(name).set(len(pool.buffer))
