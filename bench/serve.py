@@ -1,0 +1,152 @@
+"""Load generator: start the server, drive it at several concurrency levels, print a table.
+
+For each level it prints served throughput (images/s and Langevin chain-steps/s), p50/p99 latency,
+and, measured in the same run, the raw in-process sampler's chain-steps/s on the batch the server
+could form at that level (concurrency x n chains), so the served/raw ratio is read side by side. The
+speedup column compares each level with one request at a time (concurrency 1).
+
+    python bench/serve.py --models-dir checkpoints --model ebm_mnist_seed0 --steps 60 --n 4 --levels 1,4,16
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from training.langevin import chain_gaussian, chain_uniform, langevin_step  # noqa: E402
+from training.run import pick_device  # noqa: E402
+from training.sampling import load_model  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_server(models_dir: str, device: str, chain_budget: int) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    state_dir = tempfile.mkdtemp(prefix="bench-state-")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service", "--port", str(port), "--models-dir", models_dir, "--state-dir", state_dir,
+         "--device", device, "--chain-budget", str(chain_budget), "--max-queue", "4096", "--max-steps", "100000"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return process, base
+        except httpx.TransportError:
+            time.sleep(0.2)
+    process.kill()
+    raise RuntimeError("server did not become ready in 120 s")
+
+
+async def drive(base: str, body: dict, concurrency: int, total: int) -> tuple[float, list[float]]:
+    """Keep `concurrency` requests in flight until `total` are done; return wall seconds and latencies."""
+    latencies: list[float] = []
+    remaining = total
+
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency)) as client:
+
+        async def one_client() -> None:
+            nonlocal remaining
+            while remaining > 0:
+                remaining -= 1
+                started = time.perf_counter()
+                reply = await client.post(f"{base}/sample", json=body)
+                reply.raise_for_status()
+                latencies.append(time.perf_counter() - started)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one_client() for _ in range(concurrency)))
+        return time.perf_counter() - started, latencies
+
+
+def raw_chain_steps_per_second(checkpoint: Path, device: torch.device, chains: int, steps: int) -> float:
+    """The in-process sampler alone (same step function, same per-chain noise) on one batch of `chains`."""
+    model = load_model(checkpoint, device)
+    sampler = model.config.sampler
+    seeds = torch.arange(chains, dtype=torch.int64)
+    x = chain_uniform(seeds, model.shape, *model.data_range).to(device)
+    seeds = seeds.to(device)
+
+    def run(count: int) -> None:
+        nonlocal x
+        for step in range(count):
+            eps = chain_gaussian(seeds, torch.full_like(seeds, step), model.shape)
+            x, _ = langevin_step(model.module, x, eps, float(sampler["step_size"]), float(sampler["noise"]),
+                                 float(sampler["grad_clip"]), data_range=model.data_range)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    run(3)  # warm-up
+    started = time.perf_counter()
+    run(steps)
+    return chains * steps / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models-dir", default="checkpoints")
+    parser.add_argument("--model", default="ebm_mnist_seed0")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--n", type=int, default=4, help="samples per request")
+    parser.add_argument("--levels", default="1,4,16", help="comma-separated concurrency levels")
+    parser.add_argument("--requests", type=int, default=0, help="requests per level (default: 4 x level, min 8)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--chain-budget", type=int, default=1024)
+    args = parser.parse_args()
+
+    levels = [int(level) for level in args.levels.split(",")]
+    device = pick_device(args.device)
+    checkpoint = Path(args.models_dir) / f"{args.model}.safetensors"
+    body = {"model": args.model, "n": args.n, "steps": args.steps, "init": "noise", "format": "png"}
+    cpu = platform.processor() or platform.machine()
+    gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else "none"
+    print(f"# {args.model}, {args.steps} steps, n={args.n} per request, device {device} "
+          f"(GPU: {gpu}; {os.cpu_count()} CPU cores, {cpu}; torch {torch.__version__}, threads {torch.get_num_threads()})")
+
+    process, base = start_server(args.models_dir, str(device), args.chain_budget)
+    try:
+        asyncio.run(drive(base, body, 1, 2))  # warm-up
+        rows = []
+        for level in levels:
+            total = args.requests or max(8, 4 * level)
+            wall, latencies = asyncio.run(drive(base, body, level, total))
+            served = total * args.n * args.steps / wall
+            rows.append((level, total, total * args.n / wall, served, statistics.median(latencies),
+                         sorted(latencies)[max(0, int(0.99 * len(latencies)) - 1)]))
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+    baseline = rows[0][3]
+    print("| concurrency | requests | images/s | chain-steps/s served | raw chain-steps/s (batch) | served/raw "
+          "| speedup vs 1 | p50 latency s | p99 latency s |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for level, total, images, served, p50, p99 in rows:
+        raw = raw_chain_steps_per_second(checkpoint, device, level * args.n, args.steps)
+        print(f"| {level} | {total} | {images:.1f} | {served:.0f} | {raw:.0f} ({level * args.n}) | {served / raw:.2f} "
+              f"| {served / baseline:.2f}x | {p50:.3f} | {p99:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
