@@ -3,26 +3,34 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import logging
 import math
 import secrets
 import time
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
+import torch
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.buffer_store import BufferStore
 from service.metrics import Metrics
 from service.registry import Registry, ServedModel, load_registry
-from service.render import gif_body, json_body, png_body
+from service.render import frame_event, gif_body, grid_b64, json_body, png_body, sse
 from service.schemas import LANGEVIN_FIELDS, ModelInfo, SampleRequest, SampleResponse
 from service.settings import Settings
 from service.worker import CancelledByClient, LangevinOrder, QueueFull, SampleResult, Worker, WorkerFailure
+from training.images import decode_image
 from training.run import pick_device
+
+STATIC_DIR = Path(__file__).parent / "static"
 
 log = logging.getLogger("service")
 
@@ -81,6 +89,12 @@ def _check_applicable(body: SampleRequest, model: ServedModel, settings: Setting
     if model.family != "ebm":
         problems += [f"'{name}' applies to EBMs only; {model.name} is a {model.family} model"
                      for name in LANGEVIN_FIELDS if getattr(body, name) is not None]
+    if body.init == "image" and body.image is None:
+        problems.append("init 'image' needs 'image': a base64 PNG or JPEG")
+    if body.image is not None and body.init != "image":
+        problems.append("'image' is only read with init 'image'")
+    if body.mask is not None and body.image is None:
+        problems.append("'mask' needs an 'image' to complete")
     if body.n > settings.max_n:
         problems.append(f"'n' is {body.n}; this server allows at most {settings.max_n}")
     steps = body.steps or int(model.config.sampler.get("steps", 60))
@@ -95,12 +109,29 @@ def _check_applicable(body: SampleRequest, model: ServedModel, settings: Setting
         raise HTTPException(422, detail="; ".join(problems))
 
 
-def _order(body: SampleRequest, model: ServedModel, settings: Settings) -> LangevinOrder:
+def _decode_upload(field: str, text: str, model: ServedModel) -> torch.Tensor:
+    """A base64 image (or data: URL) -> [*shape] in the model's data range; 422 when unreadable."""
+    encoded = text.split(",", 1)[1] if text.startswith("data:") else text
+    try:
+        payload = base64.b64decode(encoded, validate=True)
+        return decode_image(payload, model.members[0].shape, model.members[0].data_range)
+    except (binascii.Error, ValueError) as error:
+        raise HTTPException(422, detail=f"'{field}' is not a base64 image: {error}") from error
+
+
+async def _order(body: SampleRequest, model: ServedModel, settings: Settings, streaming: bool) -> LangevinOrder:
     sampler = model.config.sampler
     steps = body.steps or int(sampler.get("steps", 60))
     every = body.trajectory_every
-    if body.format == "gif" and every is None:
-        every = max(1, math.ceil(steps / (min(settings.max_frames, 33) - 1)))
+    if every is None and (body.format == "gif" or streaming):
+        frames = settings.max_frames if streaming else min(settings.max_frames, 33)
+        every = max(1, math.ceil(steps / (frames - 1)))
+    start_image = free_mask = None
+    if body.image is not None:
+        start_image = await asyncio.to_thread(_decode_upload, "image", body.image, model)
+    if body.mask is not None:
+        low, high = model.members[0].data_range
+        free_mask = (await asyncio.to_thread(_decode_upload, "mask", body.mask, model)) > (low + high) / 2
     return LangevinOrder(
         model=model, n=body.n, steps=steps,
         step_size=body.step_size if body.step_size is not None else float(sampler.get("step_size", 10.0)),
@@ -108,7 +139,7 @@ def _order(body: SampleRequest, model: ServedModel, settings: Settings) -> Lange
         temperature=body.temperature if body.temperature is not None else float(sampler.get("temperature", 1.0)),
         init=body.init or str(sampler.get("init", "noise")),
         seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
-        trajectory_every=every,
+        trajectory_every=every, start_image=start_image, free_mask=free_mask,
     )
 
 
@@ -158,6 +189,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse({"detail": summary, "errors": problems}, status_code=422)
     app.state.settings = settings
     app.state.metrics = metrics
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def demo_page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html")
 
     @app.get("/healthz")
     async def healthz() -> dict:
@@ -228,28 +265,31 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             metrics.requests.labels(label, str(status)).inc()
             metrics.latency_seconds.labels(label).observe(time.perf_counter() - started)
 
+    def _submit(order: LangevinOrder, deliver, on_frame=None):
+        worker: Worker = app.state.worker
+        try:
+            return worker.submit(order, deliver, time.monotonic() + settings.request_timeout_s, on_frame)
+        except QueueFull as error:
+            raise HTTPException(503, detail=f"server busy: {error}; retry shortly",
+                                headers={"Retry-After": str(settings.retry_after_s)}) from error
+
     async def _sample(body: SampleRequest, model: ServedModel, request: Request) -> Response:
         started = time.perf_counter()
-        worker: Worker = request.app.state.worker
-        order = _order(body, model, settings)
+        streaming = body.stream or "text/event-stream" in request.headers.get("accept", "")
+        order = await _order(body, model, settings, streaming)
+        if streaming:
+            return _stream(order, model, started)
         loop = asyncio.get_running_loop()
         future: asyncio.Future = loop.create_future()
 
         def deliver(outcome: SampleResult | BaseException) -> None:
             loop.call_soon_threadsafe(lambda: future.done() or future.set_result(outcome))
 
-        try:
-            job = worker.submit(order, deliver, deadline=time.monotonic() + settings.request_timeout_s)
-        except QueueFull as error:
-            raise HTTPException(503, detail=f"server busy: {error}; retry shortly",
-                                headers={"Retry-After": str(settings.retry_after_s)}) from error
+        job = _submit(order, deliver)
         try:
             result = await _wait_or_disconnect(future, request, job)
-        except TimeoutError as error:
-            raise HTTPException(504, detail=f"deadline of {settings.request_timeout_s:g} s passed "
-                                            "before the chains finished") from error
-        except WorkerFailure as error:
-            raise HTTPException(503, detail=str(error), headers={"Retry-After": str(settings.retry_after_s)}) from error
+        except (TimeoutError, WorkerFailure) as error:
+            raise _worker_error(error) from error
         data_range = model.members[0].data_range
         headers = {"X-Seed": str(order.seed), "X-Steps": str(order.steps)}
         if body.format == "png":
@@ -262,7 +302,56 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                           time.perf_counter() - started)
         return JSONResponse(payload.model_dump(exclude_none=True), headers=headers)
 
+    def _stream(order: LangevinOrder, model: ServedModel, started: float) -> StreamingResponse:
+        """Server-Sent Events: 'frame' per kept step as the worker makes it, then 'done' (or 'error')."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        data_range = model.members[0].data_range
+
+        def on_frame(step: int, x: torch.Tensor, energy: torch.Tensor | None) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, ("frame", step, x, energy))
+
+        def deliver(outcome: SampleResult | BaseException) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, ("done", outcome))
+
+        job = _submit(order, deliver, on_frame)
+
+        async def event_source():
+            try:
+                while True:
+                    item = await events.get()
+                    if item[0] == "frame":
+                        _, step, x, energy = item
+                        payload = await asyncio.to_thread(frame_event, step, order.steps, x, energy, data_range)
+                        yield sse("frame", payload)
+                        continue
+                    outcome = item[1]
+                    if isinstance(outcome, BaseException):
+                        error = _worker_error(outcome)
+                        yield sse("error", {"status": error.status_code, "detail": error.detail})
+                    else:
+                        payload = await asyncio.to_thread(json_body, outcome, data_range, model.name, order.seed,
+                                                          order.steps, time.perf_counter() - started)
+                        done = payload.model_dump(exclude_none=True)
+                        done["grid"] = await asyncio.to_thread(grid_b64, outcome.samples, data_range)
+                        yield sse("done", done)
+                    return
+            finally:
+                job.cancelled = True  # a client that went away stops its chains; a finished job ignores it
+
+        return StreamingResponse(event_source(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Seed": str(order.seed),
+                                          "X-Accel-Buffering": "no"})
+
     return app
+
+
+def _worker_error(error: BaseException) -> HTTPException:
+    if isinstance(error, TimeoutError):
+        return HTTPException(504, detail="the request's deadline passed before its chains finished")
+    if isinstance(error, WorkerFailure):
+        return HTTPException(503, detail=str(error), headers={"Retry-After": "1"})
+    return HTTPException(500, detail=f"unexpected worker error: {type(error).__name__}")
 
 
 def _authorize(request: Request, settings: Settings) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 
 import torch
 
@@ -11,8 +12,23 @@ from service.worker import SampleResult
 from training.images import gif_bytes, grid, png_bytes
 
 
-def _b64_png(x: torch.Tensor, data_range: tuple[float, float]) -> str:
+def grid_b64(x: torch.Tensor, data_range: tuple[float, float]) -> str:
+    """Images [n, *shape] -> base64 PNG: one image for n = 1, a grid for more."""
     return base64.b64encode(png_bytes(grid(x, data_range))).decode("ascii")
+
+
+def frame_event(step: int, steps: int, x: torch.Tensor, energy: torch.Tensor | None,
+                data_range: tuple[float, float]) -> dict:
+    """One streamed trajectory frame: the grid at this step and each chain's energy (none at step 0)."""
+    energies = None if energy is None else [round(float(value), 6) for value in energy]
+    return {"step": step, "steps": steps, "energy": energies,
+            "mean_energy": None if energies is None else round(sum(energies) / len(energies), 6),
+            "grid": grid_b64(x, data_range)}
+
+
+def sse(event: str, data: dict) -> str:
+    """One Server-Sent Event."""
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
 def png_body(result: SampleResult, data_range: tuple[float, float]) -> bytes:
@@ -29,12 +45,12 @@ def json_body(result: SampleResult, data_range: tuple[float, float], model: str,
               total_seconds: float) -> SampleResponse:
     trajectory = None
     if result.frames:
-        trajectory = [[_b64_png(frame[i : i + 1], data_range) for i in range(len(frame))] for frame in result.frames]
+        trajectory = [[grid_b64(frame[i : i + 1], data_range) for i in range(len(frame))] for frame in result.frames]
     return SampleResponse(
         model=model,
         seed=seed,
         steps=steps,
-        images=[_b64_png(result.samples[i : i + 1], data_range) for i in range(len(result.samples))],
+        images=[grid_b64(result.samples[i : i + 1], data_range) for i in range(len(result.samples))],
         energy=[round(float(value), 6) for value in result.energy],
         trajectory=trajectory,
         trajectory_steps=result.frame_steps or None,

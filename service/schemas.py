@@ -19,13 +19,16 @@ class SampleRequest(BaseModel):
     steps: int | None = Field(None, ge=1)
     step_size: float | None = Field(None, gt=0)
     noise: float | None = Field(None, ge=0)
-    init: Literal["buffer", "noise"] | None = None
+    init: Literal["buffer", "noise", "image"] | None = None
+    image: str | None = Field(None, description="init 'image': base64 PNG/JPEG (a data: URL is fine)")
+    mask: str | None = Field(None, description="with image: white marks pixels to fill in, black pixels stay")
+    stream: bool = False  # Server-Sent Events: one event per trajectory frame, then the samples
     temperature: float | None = Field(None, gt=0)
     label: int | None = Field(None, ge=0)
     trajectory_every: int | None = Field(None, ge=1)
 
 
-LANGEVIN_FIELDS = ("steps", "step_size", "noise", "init", "temperature")
+LANGEVIN_FIELDS = ("steps", "step_size", "noise", "init", "temperature", "image", "mask")
 
 
 class Timings(BaseModel):

@@ -45,9 +45,11 @@ class LangevinOrder:
     step_size: float
     noise: float
     temperature: float
-    init: str  # "buffer" | "noise"
+    init: str  # "buffer" | "noise" | "image"
     seed: int
     trajectory_every: int | None = None
+    start_image: torch.Tensor | None = None  # [*shape] in the data range, for init "image"
+    free_mask: torch.Tensor | None = None  # [*shape] bool: True where chains may move (inpainting)
 
 
 @dataclass
@@ -61,6 +63,7 @@ class SampleResult:
 
 
 Deliver = Callable[[SampleResult | BaseException], None]
+FrameSink = Callable[[int, torch.Tensor, torch.Tensor | None], None]  # (step, x [n, *shape], energy [n])
 
 
 @dataclass(eq=False)
@@ -70,12 +73,23 @@ class ChainState:
     order: LangevinOrder
     deliver: Deliver
     member_indices: list[int]  # which of the pool's modules this job's chains move under, in turn
+    on_frame: FrameSink | None = None  # streaming: called from the worker thread at every kept frame
     x: torch.Tensor | None = None  # [n, *shape] on the device
     seeds: torch.Tensor | None = None  # [n] int64 chain seeds
     slots: torch.Tensor | None = None  # [n] replay-buffer slots (-1: not from the buffer)
     energy: torch.Tensor | None = None  # [n]
     frames: list[torch.Tensor] = field(default_factory=list)
     frame_steps: list[int] = field(default_factory=list)
+    known: torch.Tensor | None = None  # [1, *shape] pixels held fixed (inpainting)
+    free: torch.Tensor | None = None  # [1, *shape] bool, True where chains move
+
+    def keep_frame(self, step: int, x: torch.Tensor, energy: torch.Tensor | None) -> None:
+        x_cpu = x.detach().cpu()
+        if self.on_frame is not None:
+            self.on_frame(step, x_cpu, None if energy is None else energy.detach().cpu())
+        else:
+            self.frames.append(x_cpu)
+            self.frame_steps.append(step)
 
 
 def chain_seeds(seed: int, n: int) -> torch.Tensor:
@@ -103,25 +117,33 @@ class LangevinPool:
         self.buffer_dirty = False
         self.stats = {"steps": 0, "chain_steps": 0, "max_jobs_in_step": 0, "max_chains_in_step": 0}
 
-    def make_job(self, order: LangevinOrder, deliver: Deliver, deadline: float, arrived: float) -> Job:
+    def make_job(self, order: LangevinOrder, deliver: Deliver, deadline: float, arrived: float,
+                 on_frame: FrameSink | None = None) -> Job:
         members = [self.names.index(member.name) for member in order.model.members]
         return Job(n=order.n, steps=order.steps, deadline=deadline, arrived=arrived,
-                   state=ChainState(order, deliver, members))
+                   state=ChainState(order, deliver, members, on_frame))
 
     def _start(self, job: Job) -> None:
         state: ChainState = job.state
         order = state.order
         state.seeds = chain_seeds(order.seed, order.n)
+        low, high = self.data_range
         if order.init == "buffer":
             x, state.slots = self.buffer.draw(order.n, torch.Generator().manual_seed(order.seed))
         else:
-            low, high = self.data_range
             x, state.slots = chain_uniform(state.seeds, self.shape, low, high), torch.full((order.n,), -1)
+        if order.init == "image":
+            image = order.start_image.unsqueeze(0).expand(order.n, *self.shape)
+            if order.free_mask is not None:
+                state.free = order.free_mask.unsqueeze(0).to(self.device)
+                state.known = order.start_image.unsqueeze(0).to(self.device)
+                x = torch.where(order.free_mask.unsqueeze(0), x, image)  # masked part starts from noise
+            else:
+                x = image.clone()  # denoising: every chain starts from the image itself
         state.x = x.to(self.device)
         state.seeds = state.seeds.to(self.device)
         if order.trajectory_every:
-            state.frames.append(x.cpu())
-            state.frame_steps.append(0)
+            state.keep_frame(0, state.x, None)
 
     def _release(self, job: Job) -> None:
         state: ChainState = job.state
@@ -182,17 +204,20 @@ class LangevinPool:
         )
         for job, state, x_part, energy_part in zip(jobs, states, moved.split([j.n for j in jobs]),
                                                    energy.split([j.n for j in jobs]), strict=True):
+            if state.free is not None:
+                x_part = torch.where(state.free, x_part, state.known)  # inpainting: known pixels stay
             state.x, state.energy = x_part, energy_part
             every = state.order.trajectory_every
             step = job.done_steps + 1
             if every and (step % every == 0 or step == job.steps):
-                state.frames.append(x_part.cpu())
-                state.frame_steps.append(step)
+                state.keep_frame(step, x_part, energy_part)
 
     def _finish(self, job: Job) -> None:
         state: ChainState = job.state
         samples = state.x.detach().cpu()
-        converged = state.order.init == "buffer" or state.order.steps >= self.converged_steps
+        # Chains started from a client's image never enter the shared buffer: it is the client's data.
+        order = state.order
+        converged = order.init == "buffer" or (order.init == "noise" and order.steps >= self.converged_steps)
         if converged:
             self.buffer.write_back(state.slots, samples)
             self.buffer_dirty = True
@@ -241,13 +266,14 @@ class Worker:
     def queue_depth(self) -> int:
         return len(self._inbox) + sum(len(pool.scheduler.waiting) for pool in self.pools.values())
 
-    def submit(self, order: LangevinOrder, deliver: Deliver, deadline: float) -> Job:
+    def submit(self, order: LangevinOrder, deliver: Deliver, deadline: float,
+               on_frame: FrameSink | None = None) -> Job:
         """Queue an order (thread-safe, never waits for the device); QueueFull when the queue is full.
 
         The caller may set `cancelled` on the returned job; its chains are dropped at the next step.
         """
         pool = self.pools[order.model.group]
-        job = pool.make_job(order, deliver, deadline, self.clock())
+        job = pool.make_job(order, deliver, deadline, self.clock(), on_frame)
         with self._inbox_lock:
             if self.queue_depth() >= self.max_queue:
                 raise QueueFull(f"{self.max_queue} requests are already waiting")

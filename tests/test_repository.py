@@ -16,12 +16,13 @@ def test_quick_start_gives_exactly_two_commands_serve_and_test() -> None:
     commands = quick_start_commands()
     assert len(commands) == 2
     assert "python -m service" in commands[0]
-    assert "pytest" in commands[1]
+    assert "test" in commands[1]
 
 
 def test_ci_runs_exactly_the_readme_test_command() -> None:
     script = (ROOT / ".ci" / "run").read_text().strip().splitlines()
     assert script[-1].strip() == quick_start_commands()[1]
+    assert (ROOT / quick_start_commands()[1].split()[-1]).is_file()
 
 
 def test_torch_is_pinned_to_the_local_cpu_wheel_version() -> None:

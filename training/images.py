@@ -67,3 +67,26 @@ def gif_bytes(frames: list[Image.Image], frame_ms: int = 80, final_hold_ms: int 
 def save_grid(x: torch.Tensor, path: str, data_range: tuple[float, float] = (-1.0, 1.0)) -> None:
     image = grid(points_to_images(x) if x.dim() == 2 else x, (-1.0, 1.0) if x.dim() == 2 else data_range)
     image.save(path)
+
+
+class ImageDecodeError(ValueError):
+    """An uploaded image could not be read; the message says why."""
+
+
+def decode_image(payload: bytes, shape: tuple[int, ...], data_range: tuple[float, float] = (-1.0, 1.0),
+                 max_pixels: int = 4096 * 4096) -> torch.Tensor:
+    """PNG/JPEG/... bytes -> a tensor [*shape] in data_range (grey or RGB as the shape asks, resized to fit)."""
+    try:
+        with Image.open(io.BytesIO(payload)) as image:
+            if image.width * image.height > max_pixels:
+                raise ImageDecodeError(f"image is {image.width}x{image.height}; at most {max_pixels} pixels")
+            channels, height, width = shape
+            converted = image.convert("L" if channels == 1 else "RGB").resize((width, height), Image.LANCZOS)
+    except ImageDecodeError:
+        raise
+    except Exception as error:  # Pillow raises many types for broken input
+        raise ImageDecodeError(f"not a readable image ({type(error).__name__})") from error
+    pixels = torch.frombuffer(bytearray(converted.tobytes()), dtype=torch.uint8).float() / 255.0
+    pixels = pixels.reshape(height, width, channels).permute(2, 0, 1)  # [C, H, W] in [0, 1]
+    low, high = data_range
+    return pixels * (high - low) + low

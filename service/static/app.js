@@ -1,0 +1,283 @@
+// The demo page: plain JavaScript, no build step, nothing fetched from outside this server.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const state = { models: [], controller: null, energies: [], pngUrl: null };
+const MASKS = {  // [x, y, width, height] of the part to fill in, in units of the image side
+  top: [0, 0, 1, 0.5], bottom: [0, 0.5, 1, 0.5], left: [0, 0, 0.5, 1], right: [0.5, 0, 0.5, 1],
+};
+
+function showError(message) {
+  const box = $("error");
+  box.textContent = message;
+  box.hidden = !message;
+}
+
+async function errorMessage(response) {
+  try {
+    const body = await response.json();
+    return `${response.status}: ${typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail)}`;
+  } catch (_) {
+    return `${response.status} ${response.statusText}`;
+  }
+}
+
+function currentModel() {
+  return state.models.find((model) => model.name === $("model").value);
+}
+
+function fillDefaults() {
+  const model = currentModel();
+  if (!model) return;
+  const sampler = model.sampler || {};
+  for (const field of ["steps", "step_size", "noise", "temperature"]) {
+    $(field).value = sampler[field] ?? "";
+  }
+  $("n").max = model.limits.max_n;
+  $("steps").max = model.limits.max_steps;
+  const init = document.querySelector(`input[name=init][value=${sampler.init || "noise"}]`);
+  if (init) init.checked = true;
+  const figures = Object.entries(model.metrics || {}).map(([key, value]) => `${key} ${value}`).join(", ");
+  const members = model.members.length > 1 ? ` · ensemble of ${model.members.length}` : "";
+  const buffer = model.buffer_size != null ? ` · buffer ${model.buffer_size}/${model.buffer_capacity}` : "";
+  $("model-info").textContent = `${model.family}${members}${buffer}${figures ? " · " + figures : ""}`;
+  for (const element of document.querySelectorAll("[data-family]")) {
+    element.hidden = element.dataset.family !== model.family;
+  }
+  updateCurl();
+}
+
+async function loadModels() {
+  const response = await fetch("/models");
+  if (!response.ok) throw new Error(await errorMessage(response));
+  state.models = await response.json();
+  const select = $("model");
+  select.replaceChildren(...state.models.map((model) => {
+    const option = document.createElement("option");
+    option.value = model.name;
+    option.textContent = `${model.name} (${model.family}${model.members.length > 1 ? ", ensemble" : ""})`;
+    return option;
+  }));
+  if (!state.models.length) showError("This server has no models loaded.");
+  fillDefaults();
+}
+
+function maskDataUrl(side) {
+  const region = MASKS[$("mask").value];
+  if (!region) return null;
+  const canvas = document.createElement("canvas");
+  canvas.width = canvas.height = side;
+  const context = canvas.getContext("2d");
+  context.fillStyle = "#000";
+  context.fillRect(0, 0, side, side);
+  context.fillStyle = "#fff";
+  context.fillRect(region[0] * side, region[1] * side, region[2] * side, region[3] * side);
+  return canvas.toDataURL("image/png");
+}
+
+function requestBody(extra = {}) {
+  const body = { model: $("model").value, n: Number($("n").value) || 1 };
+  if ($("seed").value !== "") body.seed = Number($("seed").value);
+  const model = currentModel();
+  if (model && model.family === "ebm") {
+    const sampler = model.sampler || {};
+    for (const field of ["steps", "step_size", "noise", "temperature"]) {
+      const value = $(field).value;
+      if (value !== "" && Number(value) !== sampler[field]) body[field] = Number(value);
+    }
+    body.init = document.querySelector("input[name=init]:checked").value;
+    if (body.init === "image") {
+      body.image = $("pad").toDataURL("image/png");
+      const mask = maskDataUrl($("pad").width);
+      if (mask) body.mask = mask;
+    }
+  }
+  return Object.assign(body, extra);
+}
+
+function updateCurl() {
+  const body = requestBody({ format: "png" });
+  for (const field of ["image", "mask"]) if (body[field]) body[field] = "<base64 PNG>";
+  $("curl").textContent = `curl -o samples.png -X POST ${location.origin}/sample \\\n` +
+    `  -H 'content-type: application/json' \\\n  -d '${JSON.stringify(body)}'`;
+}
+
+function setBusy(busy) {
+  $("sample").disabled = busy;
+  $("watch").disabled = busy;
+  $("stop").disabled = !busy;
+}
+
+function showBlob(blob) {
+  if (state.pngUrl) URL.revokeObjectURL(state.pngUrl);
+  state.pngUrl = URL.createObjectURL(blob);
+  $("result").src = state.pngUrl;
+  $("download-png").href = state.pngUrl;
+  $("download-png").hidden = false;
+}
+
+async function post(body) {
+  state.controller = new AbortController();
+  const response = await fetch("/sample", {
+    method: "POST", headers: { "content-type": "application/json" },
+    body: JSON.stringify(body), signal: state.controller.signal,
+  });
+  if (!response.ok) throw new Error(await errorMessage(response));
+  return response;
+}
+
+async function run(action) {
+  showError("");
+  setBusy(true);
+  try {
+    await action();
+  } catch (error) {
+    if (error.name !== "AbortError") showError(error.message);
+  } finally {
+    setBusy(false);
+    state.controller = null;
+  }
+}
+
+async function sample() {
+  $("step").textContent = "sampling…";
+  const response = await post(requestBody({ format: "png" }));
+  showBlob(await response.blob());
+  $("step").textContent = `done: ${response.headers.get("x-steps") || ""} steps, seed ${response.headers.get("x-seed")}`;
+}
+
+function drawCurve() {
+  const canvas = $("curve");
+  const context = canvas.getContext("2d");
+  context.clearRect(0, 0, canvas.width, canvas.height);
+  const points = state.energies;
+  if (points.length < 2) return;
+  const values = points.map((point) => point[1]);
+  const low = Math.min(...values), high = Math.max(...values), span = high - low || 1;
+  const last = points[points.length - 1][0] || 1;
+  context.strokeStyle = "#2453d4";
+  context.lineWidth = 2;
+  context.beginPath();
+  points.forEach(([step, value], index) => {
+    const x = 8 + (canvas.width - 16) * (step / last);
+    const y = 8 + (canvas.height - 24) * (1 - (value - low) / span);
+    if (index === 0) context.moveTo(x, y); else context.lineTo(x, y);
+  });
+  context.stroke();
+  context.fillStyle = "#5b6470";
+  context.font = "11px system-ui";
+  context.fillText(`mean energy: ${high.toFixed(4)} → ${values[values.length - 1].toFixed(4)}`, 8, canvas.height - 4);
+}
+
+function handleEvent(name, data) {
+  if (name === "frame") {
+    $("result").src = `data:image/png;base64,${data.grid}`;
+    $("step").textContent = `step ${data.step} / ${data.steps}`;
+    if (data.mean_energy != null) {
+      state.energies.push([data.step, data.mean_energy]);
+      $("energy-now").textContent = `E = ${data.mean_energy.toFixed(4)}`;
+      drawCurve();
+    }
+  } else if (name === "done") {
+    $("result").src = `data:image/png;base64,${data.grid}`;
+    $("step").textContent = `done: ${data.steps} steps, seed ${data.seed}`;
+    fetch($("result").src).then((reply) => reply.blob()).then(showBlob);
+  } else if (name === "error") {
+    throw new Error(`${data.status}: ${data.detail}`);
+  }
+}
+
+async function watch() {
+  state.energies = [];
+  drawCurve();
+  $("step").textContent = "waiting for the worker…";
+  const response = await post(requestBody({ stream: true }));
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let pending = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    pending += value;
+    let boundary;
+    while ((boundary = pending.indexOf("\n\n")) >= 0) {
+      const block = pending.slice(0, boundary);
+      pending = pending.slice(boundary + 2);
+      const name = (block.match(/^event: (.*)$/m) || [])[1];
+      const data = (block.match(/^data: (.*)$/m) || [])[1];
+      if (name && data) handleEvent(name, JSON.parse(data));
+    }
+  }
+}
+
+async function downloadGif() {
+  const response = await post(requestBody({ format: "gif" }));
+  const url = URL.createObjectURL(await response.blob());
+  const link = document.createElement("a");
+  link.href = url;
+  link.download = "trajectory.gif";
+  link.click();
+  setTimeout(() => URL.revokeObjectURL(url), 10000);
+}
+
+function setUpPad() {
+  const pad = $("pad");
+  const context = pad.getContext("2d");
+  const clear = () => { context.fillStyle = "#000"; context.fillRect(0, 0, pad.width, pad.height); };
+  clear();
+  let drawing = false;
+  const point = (event) => {
+    const box = pad.getBoundingClientRect();
+    return [(event.clientX - box.left) * pad.width / box.width, (event.clientY - box.top) * pad.height / box.height];
+  };
+  pad.addEventListener("pointerdown", (event) => {
+    drawing = true;
+    pad.setPointerCapture(event.pointerId);
+    context.beginPath();
+    context.moveTo(...point(event));
+  });
+  pad.addEventListener("pointermove", (event) => {
+    if (!drawing) return;
+    context.strokeStyle = "#fff";
+    context.lineWidth = 16;
+    context.lineCap = context.lineJoin = "round";
+    context.lineTo(...point(event));
+    context.stroke();
+  });
+  const stop = () => {
+    if (!drawing) return;
+    drawing = false;
+    document.querySelector("input[name=init][value=image]").checked = true;
+    updateCurl();
+  };
+  pad.addEventListener("pointerup", stop);
+  pad.addEventListener("pointercancel", stop);
+  $("clear").addEventListener("click", () => { clear(); updateCurl(); });
+  $("upload").addEventListener("change", async () => {
+    const file = $("upload").files[0];
+    if (!file) return;
+    try {
+      const bitmap = await createImageBitmap(file);
+      clear();
+      context.drawImage(bitmap, 0, 0, pad.width, pad.height);
+      document.querySelector("input[name=init][value=image]").checked = true;
+      updateCurl();
+    } catch (_) {
+      showError(`${file.name} is not an image this browser can read`);
+    }
+  });
+}
+
+function setUp() {
+  setUpPad();
+  $("model").addEventListener("change", fillDefaults);
+  document.querySelector(".controls").addEventListener("input", updateCurl);
+  $("sample").addEventListener("click", () => run(sample));
+  $("watch").addEventListener("click", () => run(watch));
+  $("download-gif").addEventListener("click", () => run(downloadGif));
+  $("stop").addEventListener("click", () => state.controller && state.controller.abort());
+  $("copy").addEventListener("click", () => navigator.clipboard.writeText($("curl").textContent)
+    .catch(() => showError("the browser refused clipboard access; select the command instead")));
+  loadModels().catch((error) => showError(`could not load the model list: ${error.message}`));
+}
+
+setUp();

@@ -1,0 +1,144 @@
+"""The demo page in a real browser (Debian's Chromium driven by Playwright) against a running server."""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from server import running_server
+
+from service.settings import Settings
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ROOT = Path(__file__).resolve().parents[1]
+SCREENSHOTS = ROOT / "test-output"
+
+playwright = pytest.importorskip("playwright.sync_api")
+if not Path(CHROMIUM).exists():
+    if os.environ.get("CI"):
+        raise RuntimeError("CI needs Chromium for the browser tests: apt-get install chromium")
+    pytest.skip("Chromium is not installed (apt-get install chromium)", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with playwright.sync_playwright() as driver:
+        browser = driver.chromium.launch(
+            executable_path=CHROMIUM, headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--no-first-run"],
+        )
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, models_dir: Path, tmp_path: Path):
+    settings = Settings(models_dir=models_dir, state_dir=tmp_path / "state", device="cpu")
+    with running_server(settings) as (base, _):
+        context = browser.new_context(viewport={"width": 1100, "height": 900})
+        page = context.new_page()
+        problems: list[str] = []
+        page.on("console", lambda message: message.type == "error" and problems.append(message.text))
+        page.on("pageerror", lambda error: problems.append(str(error)))
+        page.goto(base)
+        page.wait_for_function("document.querySelectorAll('#model option').length > 0")
+        page.console_problems = problems  # a test that provokes an error takes its expected line out
+        yield page
+        context.close()
+        assert problems == [], f"console errors: {problems}"
+
+
+def image_is_not_blank(page) -> bool:
+    return page.evaluate("""() => new Promise((resolve) => {
+        const image = document.getElementById('result');
+        const check = () => {
+            const canvas = document.createElement('canvas');
+            canvas.width = image.naturalWidth; canvas.height = image.naturalHeight;
+            const context = canvas.getContext('2d');
+            context.drawImage(image, 0, 0);
+            const pixels = context.getImageData(0, 0, canvas.width, canvas.height).data;
+            let low = 255, high = 0;
+            for (let i = 0; i < pixels.length; i += 4) { low = Math.min(low, pixels[i]); high = Math.max(high, pixels[i]); }
+            resolve(canvas.width > 0 && high - low > 50);
+        };
+        image.complete && image.naturalWidth ? check() : image.addEventListener('load', check, { once: true });
+    })""")
+
+
+def test_model_list_and_sample_show_a_grid(page) -> None:
+    options = page.locator("#model option").all_inner_texts()
+    assert any(text.startswith("pair (ebm, ensemble)") for text in options) and len(options) == 4
+    page.select_option("#model", "solo")
+    assert page.input_value("#steps") == "10"
+    assert "val_cd -0.1" in page.inner_text("#model-info")
+    assert '"model":"solo"' in page.inner_text("#curl")
+    page.fill("#n", "9")
+    page.click("#sample")
+    page.wait_for_function("document.getElementById('step').textContent.startsWith('done')")
+    assert image_is_not_blank(page)
+    assert page.get_attribute("#download-png", "href").startswith("blob:")
+    SCREENSHOTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / "demo-page-sample.png"), full_page=True)
+
+
+def test_watch_plays_the_stream_with_a_step_counter_and_energy_curve(page) -> None:
+    page.select_option("#model", "pair")
+    page.fill("#steps", "400")
+    page.check("input[name=init][value=noise]")
+    page.evaluate("""() => {
+        window.seenSteps = []; window.seenFrames = new Set();
+        new MutationObserver(() => window.seenSteps.push(document.getElementById('step').textContent))
+            .observe(document.getElementById('step'), { childList: true, characterData: true, subtree: true });
+        new MutationObserver(() => window.seenFrames.add(document.getElementById('result').src))
+            .observe(document.getElementById('result'), { attributes: true, attributeFilter: ['src'] });
+    }""")
+    page.click("#watch")
+    page.wait_for_function("document.getElementById('step').textContent.startsWith('done')", timeout=60000)
+    steps = page.evaluate("window.seenSteps.filter((text) => text.startsWith('step '))")
+    assert len(set(steps)) >= 10 and steps[-1] == "step 400 / 400"
+    assert page.evaluate("window.seenFrames.size") >= 10
+    assert page.inner_text("#energy-now").startswith("E = ")
+    SCREENSHOTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / "demo-page-watch.png"), full_page=True)
+
+
+def test_drawing_a_digit_and_completing_it(page) -> None:
+    page.select_option("#model", "solo")
+    box = page.locator("#pad").bounding_box()
+    page.mouse.move(box["x"] + 98, box["y"] + 30)
+    page.mouse.down()
+    page.mouse.move(box["x"] + 98, box["y"] + 170, steps=10)
+    page.mouse.up()
+    assert page.is_checked("input[name=init][value=image]")
+    page.select_option("#mask", "bottom")
+    assert '"init":"image"' in page.inner_text("#curl") and '"mask":"<base64 PNG>"' in page.inner_text("#curl")
+    with page.expect_response("**/sample") as reply:
+        page.click("#sample")
+    assert reply.value.status == 200
+    sent = reply.value.request.post_data_json
+    assert sent["init"] == "image" and sent["image"].startswith("data:image/png;base64,") and "mask" in sent
+    page.wait_for_function("document.getElementById('step').textContent.startsWith('done')")
+    assert image_is_not_blank(page)
+
+
+def test_server_errors_are_shown_to_the_user(page) -> None:
+    page.fill("#n", "1000")
+    page.click("#sample")
+    page.wait_for_selector("#error:not([hidden])")
+    assert "422" in page.inner_text("#error") and "at most 64" in page.inner_text("#error")
+    expected = [line for line in page.console_problems if "status of 422" in line]
+    assert len(expected) == 1  # the browser's own log line for the failed fetch; nothing else
+    page.console_problems.remove(expected[0])
+
+
+def test_the_page_fits_a_phone(browser, models_dir: Path, tmp_path: Path) -> None:
+    settings = Settings(models_dir=models_dir, state_dir=tmp_path / "state", device="cpu")
+    with running_server(settings) as (base, _):
+        context = browser.new_context(viewport={"width": 380, "height": 800}, is_mobile=True, has_touch=True)
+        phone = context.new_page()
+        phone.goto(base)
+        phone.wait_for_function("document.querySelectorAll('#model option').length > 0")
+        assert phone.evaluate("document.documentElement.scrollWidth") <= 380
+        phone.screenshot(path=str(SCREENSHOTS / "demo-page-phone.png"), full_page=True)
+        context.close()
