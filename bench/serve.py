@@ -121,8 +121,8 @@ def main() -> None:
     body = {"model": args.model, "n": args.n, "steps": args.steps, "init": "noise", "format": "png"}
     cpu = platform.processor() or platform.machine()
     gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else "none"
-    print(f"# {args.model}, {args.steps} steps, n={args.n} per request, device {device} "
-          f"(GPU: {gpu}; {os.cpu_count()} CPU cores, {cpu}; torch {torch.__version__}, threads {torch.get_num_threads()})")
+    print(f"# {args.model}, {args.steps} steps, n={args.n} per request, device {device} (GPU: {gpu}; "
+          f"{os.cpu_count()} CPU cores, {cpu}; torch {torch.__version__}, threads {torch.get_num_threads()})")
 
     process, base = start_server(args.models_dir, str(device), args.chain_budget)
     try:

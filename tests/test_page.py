@@ -59,7 +59,9 @@ def image_is_not_blank(page) -> bool:
             context.drawImage(image, 0, 0);
             const pixels = context.getImageData(0, 0, canvas.width, canvas.height).data;
             let low = 255, high = 0;
-            for (let i = 0; i < pixels.length; i += 4) { low = Math.min(low, pixels[i]); high = Math.max(high, pixels[i]); }
+            for (let i = 0; i < pixels.length; i += 4) {
+                low = Math.min(low, pixels[i]); high = Math.max(high, pixels[i]);
+            }
             resolve(canvas.width > 0 && high - low > 50);
         };
         image.complete && image.naturalWidth ? check() : image.addEventListener('load', check, { once: true });
