@@ -35,6 +35,23 @@ STATIC_DIR = Path(__file__).parent / "static"
 log = logging.getLogger("service")
 
 
+KEEPALIVE_SECONDS = 5.0
+
+
+class CancellingStream(StreamingResponse):
+    """A stream whose job is cancelled however the response ends, even before its first byte."""
+
+    def __init__(self, job: Any, content: Any, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.job = job
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.job.cancelled = True  # harmless once the job finished: the scheduler no longer holds it
+
+
 class BodySizeLimit:
     """ASGI middleware: 413 for a body over the limit, by Content-Length or by counting a chunked body.
 
@@ -95,8 +112,9 @@ def _check_applicable(body: SampleRequest, model: ServedModel, settings: Setting
         problems.append("'image' is only read with init 'image'")
     if body.mask is not None and body.image is None:
         problems.append("'mask' needs an 'image' to complete")
-    if body.n > settings.max_n:
-        problems.append(f"'n' is {body.n}; this server allows at most {settings.max_n}")
+    largest = min(settings.max_n, settings.chain_budget)
+    if body.n > largest:
+        problems.append(f"'n' is {body.n}; this server allows at most {largest}")
     steps = body.steps or int(model.config.sampler.get("steps", 60))
     if steps > settings.max_steps:
         problems.append(f"'steps' is {steps}; this server allows at most {settings.max_steps}")
@@ -111,9 +129,9 @@ def _check_applicable(body: SampleRequest, model: ServedModel, settings: Setting
 
 def _decode_upload(field: str, text: str, model: ServedModel) -> torch.Tensor:
     """A base64 image (or data: URL) -> [*shape] in the model's data range; 422 when unreadable."""
-    encoded = text.split(",", 1)[1] if text.startswith("data:") else text
+    encoded = text.partition(",")[2] if text.startswith("data:") else text
     try:
-        payload = base64.b64decode(encoded, validate=True)
+        payload = base64.b64decode("".join(encoded.split()), validate=True)  # line-wrapped base64 is fine
         return decode_image(payload, model.members[0].shape, model.members[0].data_range)
     except (binascii.Error, ValueError) as error:
         raise HTTPException(422, detail=f"'{field}' is not a base64 image: {error}") from error
@@ -143,6 +161,9 @@ async def _order(body: SampleRequest, model: ServedModel, settings: Settings, st
     )
 
 
+GRACE_SECONDS = 10.0  # past a job's deadline, the HTTP side stops waiting even if the worker never answers
+
+
 async def _wait_or_disconnect(future: asyncio.Future, request: Request, job: Any) -> SampleResult:
     """The worker's result; if the client goes away first, its chains are cancelled at the next step."""
     while True:
@@ -155,6 +176,9 @@ async def _wait_or_disconnect(future: asyncio.Future, request: Request, job: Any
         if await request.is_disconnected():
             job.cancelled = True
             raise CancelledByClient("client disconnected")
+        if time.monotonic() > job.deadline + GRACE_SECONDS:
+            job.cancelled = True
+            raise TimeoutError("deadline")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -245,7 +269,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         registry: Registry = request.app.state.registry
         model = registry.models.get(body.model)
         label = body.model if model else "unknown"
-        status = 500
+        status: int | None = 500
         try:
             _authorize(request, settings)
             if model is None:
@@ -254,6 +278,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             _check_applicable(body, model, settings)
             response = await _sample(body, model, request)
             status = response.status_code
+            if isinstance(response, CancellingStream):
+                status = None  # the stream records its own outcome when it ends
             return response
         except HTTPException as error:
             status = error.status_code
@@ -262,8 +288,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             status = 499
             return Response(status_code=499)
         finally:
-            metrics.requests.labels(label, str(status)).inc()
-            metrics.latency_seconds.labels(label).observe(time.perf_counter() - started)
+            if status is not None:
+                metrics.requests.labels(label, str(status)).inc()
+                metrics.latency_seconds.labels(label).observe(time.perf_counter() - started)
 
     def _submit(order: LangevinOrder, deliver, on_frame=None):
         worker: Worker = app.state.worker
@@ -272,6 +299,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except QueueFull as error:
             raise HTTPException(503, detail=f"server busy: {error}; retry shortly",
                                 headers={"Retry-After": str(settings.retry_after_s)}) from error
+        except WorkerFailure as error:
+            raise _worker_error(error) from error
 
     async def _sample(body: SampleRequest, model: ServedModel, request: Request) -> Response:
         started = time.perf_counter()
@@ -317,9 +346,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         job = _submit(order, deliver, on_frame)
 
         async def event_source():
+            status = 200
             try:
                 while True:
-                    item = await events.get()
+                    try:
+                        item = await asyncio.wait_for(events.get(), timeout=KEEPALIVE_SECONDS)
+                    except TimeoutError:
+                        if time.monotonic() > job.deadline + GRACE_SECONDS:
+                            item = ("done", TimeoutError("deadline"))
+                        else:
+                            yield ": waiting for the worker\n\n"  # an SSE comment keeps proxies from timing out
+                            continue
                     if item[0] == "frame":
                         _, step, x, energy = item
                         payload = await asyncio.to_thread(frame_event, step, order.steps, x, energy, data_range)
@@ -328,6 +365,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     outcome = item[1]
                     if isinstance(outcome, BaseException):
                         error = _worker_error(outcome)
+                        status = error.status_code
                         yield sse("error", {"status": error.status_code, "detail": error.detail})
                     else:
                         payload = await asyncio.to_thread(json_body, outcome, data_range, model.name, order.seed,
@@ -336,12 +374,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                         done["grid"] = await asyncio.to_thread(grid_b64, outcome.samples, data_range)
                         yield sse("done", done)
                     return
+            except asyncio.CancelledError:
+                status = 499
+                raise
             finally:
-                job.cancelled = True  # a client that went away stops its chains; a finished job ignores it
+                metrics.requests.labels(model.name, str(status)).inc()
+                metrics.latency_seconds.labels(model.name).observe(time.perf_counter() - started)
 
-        return StreamingResponse(event_source(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Seed": str(order.seed),
-                                          "X-Accel-Buffering": "no"})
+        return CancellingStream(job, event_source(), media_type="text/event-stream",
+                                headers={"Cache-Control": "no-cache", "X-Seed": str(order.seed),
+                                         "X-Accel-Buffering": "no"})
 
     return app
 
@@ -358,6 +400,6 @@ def _authorize(request: Request, settings: Settings) -> None:
     if settings.api_key is None:
         return
     supplied = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-    if not secrets.compare_digest(supplied, settings.api_key):
+    if not secrets.compare_digest(supplied.encode(), settings.api_key.encode()):
         raise HTTPException(401, detail="missing or wrong API key: send 'Authorization: Bearer <key>'",
                             headers={"WWW-Authenticate": "Bearer"})

@@ -29,17 +29,21 @@ class BufferStore:
     def path(self, group: str, digest: str) -> Path:
         return self.state_dir / f"buffer-{group}-{digest[:16]}.safetensors"
 
-    def load(self, group: str, digest: str) -> ReplayBuffer | None:
+    def load(self, group: str, digest: str, shape: tuple[int, ...]) -> ReplayBuffer | None:
         """The saved buffer, or None; a file that cannot be read is moved aside with a warning."""
         path = self.path(group, digest)
         if not path.exists():
             return None
         try:
-            state = load_safetensors_bytes(path.read_bytes())
-            buffer = ReplayBuffer.from_state_dict(state)
+            buffer = ReplayBuffer.from_state_dict(load_safetensors_bytes(path.read_bytes()))
+            if buffer.shape != tuple(shape):
+                raise ValueError(f"samples of shape {buffer.shape}, the model needs {tuple(shape)}")
         except Exception as error:  # any unreadable file must not stop the server
             aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
-            path.rename(aside)
+            try:
+                path.rename(aside)
+            except OSError:
+                log.exception("could not move %s aside", path)
             log.warning("replay buffer %s is unreadable (%s); moved to %s, starting from the checkpoint's buffer",
                         path, error, aside.name)
             return None

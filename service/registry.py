@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from training.checkpoint import CheckpointError, file_digest, load_checkpoint
+from training.checkpoint import CheckpointError, decode_checkpoint
 from training.langevin import ReplayBuffer
 from training.sampling import LoadedModel, instantiate
 
@@ -63,41 +63,45 @@ class Registry:
 
 
 def load_registry(models_dir: Path, device: torch.device) -> Registry:
-    """Load every checkpoint in models_dir; a broken file is refused with a reason, not fatal."""
+    """Load every checkpoint in models_dir; a file that cannot be served is refused with a reason."""
     registry = Registry()
     if not models_dir.is_dir():
         raise FileNotFoundError(f"models directory {models_dir} does not exist")
-    ensembles: dict[str, list[tuple[LoadedModel, str]]] = {}
+    groups: dict[str, list[tuple[LoadedModel, str]]] = {}
     for path in sorted(models_dir.glob("*.safetensors")):
         try:
-            checkpoint = load_checkpoint(path)
-        except CheckpointError as error:
+            payload = path.read_bytes()
+            checkpoint = decode_checkpoint(payload, path.name)
+            family = checkpoint.config.family
+            if family not in SERVED_FAMILIES:
+                raise CheckpointError(f"family {family!r} is not served by this version")
+            if len(checkpoint.config.data["shape"]) != 3:
+                raise CheckpointError(f"data shape {checkpoint.config.data['shape']} is not an image [C, H, W]")
+            model = instantiate(checkpoint, path.stem, device)
+        except Exception as error:  # one bad file must not keep the others from being served
             registry.refused[path.name] = str(error)
             log.warning("not serving %s: %s", path.name, error)
             continue
-        family = checkpoint.config.family
-        if family not in SERVED_FAMILIES:
-            registry.refused[path.name] = f"family {family!r} is not served by this version"
-            continue
-        model = instantiate(checkpoint, path.stem, device)
-        digest = file_digest(path)
         registry.models[model.name] = ServedModel(model.name, family, [model])
         group_name = checkpoint.config.ensemble or model.name
-        ensembles.setdefault(group_name, []).append((model, digest))
-    for group_name, members in ensembles.items():
-        shapes = {tuple(member.shape) for member, _ in members}
-        if len(shapes) > 1:
-            for member, _ in members:
-                registry.models.pop(member.name, None)
-                registry.refused[member.name] = f"ensemble {group_name!r} mixes data shapes {sorted(shapes)}"
+        groups.setdefault(group_name, []).append((model, hashlib.sha256(payload).hexdigest()))
+    for group_name, members in groups.items():
+        names = [member.name for member, _ in members]
+        problem = None
+        if len({tuple(member.shape) for member, _ in members}) > 1:
+            problem = f"ensemble {group_name!r} mixes data shapes"
+        elif group_name in registry.models and names != [group_name]:
+            problem = f"ensemble name {group_name!r} is also a checkpoint's name; rename one"
+        if problem:
+            for name in names:
+                registry.models.pop(name, None)
+                registry.refused[f"{name}.safetensors"] = problem
             continue
         combined = hashlib.sha256("".join(sorted(digest for _, digest in members)).encode()).hexdigest()
         registry.groups[group_name] = BufferGroup(group_name, [member for member, _ in members], combined)
-        for member, _ in members:
-            registry.models[member.name].group = group_name
+        for name in names:
+            registry.models[name].group = group_name
         if group_name not in registry.models:
             registry.models[group_name] = ServedModel(group_name, "ebm", [member for member, _ in members],
                                                       group=group_name)
-        elif len(members) > 1 or registry.models[group_name].members[0].name != group_name:
-            registry.refused[group_name] = f"ensemble name {group_name!r} collides with a checkpoint's name"
     return registry

@@ -113,7 +113,10 @@ class LangevinPool:
         self.shape = group.members[0].shape
         self.data_range = group.members[0].data_range
         self.grad_clip = float(group.members[0].config.sampler.get("grad_clip", 0.03))
-        self.converged_steps = int(group.members[0].config.sampler.get("steps", 60))
+        sampler = group.members[0].config.sampler
+        self.converged_steps = int(sampler.get("steps", 60))
+        self.default_settings = (float(sampler.get("step_size", 10.0)), float(sampler.get("noise", 0.005)),
+                                 float(sampler.get("temperature", 1.0)))
         self.buffer_dirty = False
         self.stats = {"steps": 0, "chain_steps": 0, "max_jobs_in_step": 0, "max_chains_in_step": 0}
 
@@ -149,6 +152,15 @@ class LangevinPool:
         state: ChainState = job.state
         if state.slots is not None:
             self.buffer.release(state.slots)
+
+    def fail_all(self, reason: str) -> None:
+        """Hand every waiting and running job an error and give back its buffer slots."""
+        jobs = list(self.scheduler.waiting) + list(self.scheduler.running)
+        self.scheduler.waiting.clear()
+        self.scheduler.finish(jobs)
+        for job in jobs:
+            self._release(job)
+            job.state.deliver(WorkerFailure(reason))
 
     def step(self) -> None:
         """Schedule, execute one Langevin step for every running chain, and hand out what finished."""
@@ -212,13 +224,22 @@ class LangevinPool:
             if every and (step % every == 0 or step == job.steps):
                 state.keep_frame(step, x_part, energy_part)
 
+    def _worth_keeping(self, order: LangevinOrder) -> bool:
+        """Whether finished chains go back into the shared buffer.
+
+        Only chains run with the checkpoint's own sampler settings: a client's odd step size or
+        temperature must not poison the buffer every other client starts from. Chains started from a
+        client's image never enter it (it is the client's data); noise-started chains only once they
+        ran the checkpoint's default number of steps.
+        """
+        if (order.step_size, order.noise, order.temperature) != self.default_settings:
+            return False
+        return order.init == "buffer" or (order.init == "noise" and order.steps >= self.converged_steps)
+
     def _finish(self, job: Job) -> None:
         state: ChainState = job.state
         samples = state.x.detach().cpu()
-        # Chains started from a client's image never enter the shared buffer: it is the client's data.
-        order = state.order
-        converged = order.init == "buffer" or (order.init == "noise" and order.steps >= self.converged_steps)
-        if converged:
+        if self._worth_keeping(state.order):
             self.buffer.write_back(state.slots, samples)
             self.buffer_dirty = True
         else:
@@ -249,7 +270,7 @@ class Worker:
         self.clock = clock
         self.pools: dict[str, LangevinPool] = {}
         for name, group in registry.groups.items():
-            buffer = store.load(name, group.digest) or group.initial_buffer()
+            buffer = store.load(name, group.digest, group.members[0].shape) or group.initial_buffer()
             self.pools[name] = LangevinPool(group, buffer, chain_budget, device, metrics, clock)
             metrics.buffer_size.labels(name).set(len(buffer))
         self._inbox: list[tuple[LangevinPool, Job]] = []
@@ -272,6 +293,8 @@ class Worker:
 
         The caller may set `cancelled` on the returned job; its chains are dropped at the next step.
         """
+        if not self.running or self._stop.is_set():
+            raise WorkerFailure("the device worker is not running")
         pool = self.pools[order.model.group]
         job = pool.make_job(order, deliver, deadline, self.clock(), on_frame)
         with self._inbox_lock:
@@ -286,17 +309,22 @@ class Worker:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop after the current step; the worker thread answers what is queued and saves the buffers."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
-            self._thread.join(timeout=30)
-        self.save_buffers()
+            self._thread.join(timeout=60)
+        else:
+            self.save_buffers()
 
     def _drain_inbox(self) -> None:
         with self._inbox_lock:
             arrivals, self._inbox = self._inbox, []
         for pool, job in arrivals:
-            pool.scheduler.add(job)
+            try:
+                pool.scheduler.add(job)
+            except ValueError as error:  # the HTTP layer checks this first; never let it stop the worker
+                job.state.deliver(WorkerFailure(str(error)))
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -305,7 +333,11 @@ class Worker:
             for pool in self.pools.values():
                 if pool.scheduler.has_work():
                     busy = True
-                    pool.step()
+                    try:
+                        pool.step()
+                    except Exception as error:  # outside one batch (start, finish): fail this pool's jobs only
+                        log.exception("pool %s failed; failing its requests", pool.group.name)
+                        pool.fail_all(f"sampling failed on the device: {type(error).__name__}")
                     self.metrics.running_chains.labels(pool.group.name).set(pool.scheduler.running_chains)
             self.metrics.queue_depth.set(self.queue_depth())
             if self.clock() - self.last_save >= self.save_interval_s:
@@ -313,6 +345,12 @@ class Worker:
             if not busy:
                 self._wake.wait(timeout=0.25)
                 self._wake.clear()
+        # Shutting down: nobody will run what is queued; answer it, then save from this thread, which
+        # is the only one that ever touches the buffers.
+        self._drain_inbox()
+        for pool in self.pools.values():
+            pool.fail_all("the server is shutting down; retry on the next instance")
+        self.save_buffers()
 
     def save_buffers(self) -> None:
         """Write every buffer that changed since its last save (atomically; see BufferStore)."""

@@ -89,4 +89,15 @@ def test_a_crash_while_saving_leaves_the_previous_file_intact(tmp_path: Path, mo
         store.save("g", "abc", buffer)
     assert store.path("g", "abc").read_bytes() == original
     assert [path.name for path in tmp_path.iterdir()] == [store.path("g", "abc").name]
-    assert len(BufferStore(tmp_path).load("g", "abc")) == 3
+    assert len(BufferStore(tmp_path).load("g", "abc", (2,))) == 3
+
+
+def test_chains_run_with_non_default_settings_never_enter_the_shared_buffer(models_dir: Path, tmp_path: Path) -> None:
+    with running_server(settings_for(models_dir, tmp_path / "state")) as (base, app):
+        buffer = app.state.worker.pools["solo"].buffer
+        before = buffer.samples[: len(buffer)].clone()
+        for odd in ({"step_size": 1e6}, {"temperature": 1e-6}, {"noise": 0.5}):
+            reply = httpx.post(f"{base}/sample", json={"model": "solo", "n": 4, "init": "buffer", **odd})
+            assert reply.status_code == 200
+        assert len(buffer) == 32 and torch.equal(buffer.samples[:32], before)
+        assert not buffer.in_use.any()

@@ -153,3 +153,47 @@ def test_api_key_guards_sampling(models_dir: Path, tmp_path: Path) -> None:
         ok = httpx.post(f"{base}/sample", json={"model": "solo"}, headers={"Authorization": "Bearer s3cret"})
         assert ok.status_code == 200
         assert httpx.get(f"{base}/healthz").status_code == 200
+
+
+def test_odd_headers_and_data_urls_are_4xx_not_500(models_dir: Path, tmp_path: Path) -> None:
+    settings = Settings(models_dir=models_dir, state_dir=tmp_path / "state", device="cpu", api_key="k")
+    with running_server(settings) as (base, _):
+        latin = {"Authorization": "Bearer \xe9".encode("latin-1")}
+        odd = httpx.post(f"{base}/sample", json={"model": "solo"}, headers=latin)
+        assert odd.status_code == 401
+        no_comma = httpx.post(f"{base}/sample", json={"model": "solo", "init": "image", "image": "data:image/png"},
+                              headers={"Authorization": "Bearer k"})
+        assert no_comma.status_code == 422 and "not a base64 image" in no_comma.text
+
+
+def test_n_never_exceeds_the_chain_budget(models_dir: Path, tmp_path: Path) -> None:
+    settings = Settings(models_dir=models_dir, state_dir=tmp_path / "state", device="cpu", chain_budget=4)
+    with running_server(settings) as (base, app):
+        reply = httpx.post(f"{base}/sample", json={"model": "solo", "n": 5})
+        assert reply.status_code == 422 and "at most 4" in reply.text
+        assert app.state.worker.running
+        assert httpx.post(f"{base}/sample", json={"model": "solo", "n": 4, "steps": 2}).status_code == 200
+
+
+def test_unservable_checkpoints_are_refused_and_the_rest_served(models_dir: Path, tmp_path: Path) -> None:
+    from conftest import write_tiny_ebm
+
+    from training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+
+    (models_dir / "garbage.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00[1, 2, 3]       ")
+    broken = load_checkpoint(models_dir / "solo.safetensors")
+    broken.config.arch = {"name": "no_such_net", "kwargs": {}}
+    save_checkpoint(models_dir / "unknown_arch.safetensors", Checkpoint(broken.config, broken.weights))
+    toy = load_checkpoint(models_dir / "solo.safetensors")
+    toy.config.data = {"shape": [2], "range": [-1, 1], "dataset": "toy2d:moons"}
+    save_checkpoint(models_dir / "toy.safetensors", Checkpoint(toy.config, toy.weights))
+    write_tiny_ebm(models_dir / "clash_member.safetensors", ensemble="solo")  # ensemble named like a model
+    settings = Settings(models_dir=models_dir, state_dir=tmp_path / "state", device="cpu")
+    with running_server(settings) as (base, _):
+        refused = httpx.get(f"{base}/readyz").json()["refused"]
+        assert "not a JSON object" in refused["garbage.safetensors"]
+        assert "no_such_net" in refused["unknown_arch.safetensors"]
+        assert "not an image" in refused["toy.safetensors"]
+        assert "also a checkpoint's name" in refused["clash_member.safetensors"]
+        served = {model["name"] for model in httpx.get(f"{base}/models").json()}
+        assert served == {"pair", "pair_a", "pair_b"}  # 'solo' is refused with its clashing ensemble

@@ -8,7 +8,6 @@ never unpickles anything, and a file with an unknown schema version or a missing
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -134,7 +133,12 @@ def read_metadata(payload: bytes, source: str) -> dict[str, str]:
         header = json.loads(payload[8 : 8 + header_size])
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{source}: safetensors header is not JSON ({error})") from error
-    return header.get("__metadata__") or {}
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{source}: safetensors header is not a JSON object")
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict) or not all(isinstance(value, str) for value in metadata.values()):
+        raise CheckpointError(f"{source}: safetensors metadata must map names to strings")
+    return metadata
 
 
 def decode_checkpoint(payload: bytes, source: str = "checkpoint") -> Checkpoint:
@@ -163,12 +167,3 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     except OSError as error:
         raise CheckpointError(f"{path}: cannot read checkpoint ({error.strerror})") from error
     return decode_checkpoint(payload, str(path))
-
-
-def file_digest(path: str | os.PathLike) -> str:
-    """sha256 of a checkpoint file: keys state (like a served replay buffer) to these exact weights."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

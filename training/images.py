@@ -74,7 +74,7 @@ class ImageDecodeError(ValueError):
 
 
 def decode_image(payload: bytes, shape: tuple[int, ...], data_range: tuple[float, float] = (-1.0, 1.0),
-                 max_pixels: int = 4096 * 4096) -> torch.Tensor:
+                 max_pixels: int = 1024 * 1024) -> torch.Tensor:
     """PNG/JPEG/... bytes -> a tensor [*shape] in data_range (grey or RGB as the shape asks, resized to fit)."""
     try:
         with Image.open(io.BytesIO(payload)) as image:

@@ -109,6 +109,8 @@ def train_ebm(config: EBMTrainConfig) -> Path:
     first_epoch, already = 1, 0.0
     if config.resume:
         resumed = load_resume(run_dir, {"model": optimizer})
+        for group in optimizer.param_groups:  # the command line wins over the saved hyperparameters
+            group.update(lr=config.lr, betas=(config.beta1, 0.999))
         model.load_state_dict(resumed.checkpoint.weights)
         buffer = ReplayBuffer.from_state_dict(resumed.checkpoint.extras["replay_buffer"])
         first_epoch = resumed.epoch + 1
@@ -116,6 +118,8 @@ def train_ebm(config: EBMTrainConfig) -> Path:
     clock = Stopwatch(already)
     energy = frozen_energy(model)
     steps_per_epoch = len(train.images) // config.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train.images)} training examples cannot fill one batch of {config.batch_size}")
     if config.max_batches is not None:
         steps_per_epoch = min(steps_per_epoch, config.max_batches)
     out = Path(config.out)
@@ -141,16 +145,16 @@ def train_ebm(config: EBMTrainConfig) -> Path:
         record = {key: value / max(steps_per_epoch, 1) for key, value in totals.items()}
         record.update(validate(model, test, config.batch_size, config.validate_batches, device))
         record.update(epoch=epoch, wall_seconds=clock.seconds())
-        log.write(record)
-        grid_path = log.grid(fake[:64], epoch, (-1.0, 1.0))
+        grid_path = log.grid(buffer.samples[max(0, len(buffer) - 64) : len(buffer)], epoch, (-1.0, 1.0))
         metrics = {key: round(value, 5) for key, value in record.items() if key.startswith("val_")}
         model_config = _model_config(config, train, arch, device, clock.seconds(), epoch, metrics)
         weights = {name: tensor for name, tensor in model.state_dict().items()}
         shipped_state = buffer.state_dict()
-        shipped_state["samples"] = shipped_state["samples"][-config.keep_buffer :].half()
+        shipped_state["samples"] = shipped_state["samples"][len(buffer) - min(config.keep_buffer, len(buffer)) :].half()
         save_checkpoint(out, Checkpoint(model_config, weights, {"replay_buffer": shipped_state}))
         save_resume(run_dir, epoch, model_config, weights, {"model": optimizer},
                     {"replay_buffer": buffer.state_dict()})
+        log.write(record)  # after the resume state: a crash in between never logs an epoch twice
         print(f"epoch {epoch}: loss {record.get('loss', float('nan')):.4f} val_cd {record['val_cd']:.4f} "
               f"-> {out} (grid {grid_path})", flush=True)
     return out

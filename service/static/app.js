@@ -62,6 +62,20 @@ async function loadModels() {
   fillDefaults();
 }
 
+function modelSide() {
+  const model = currentModel();
+  return model ? model.shape[model.shape.length - 1] : 28;
+}
+
+function padDataUrl() {
+  // Send the drawing at the model's own size: small enough for any upload limit, nothing lost.
+  const side = modelSide();
+  const canvas = document.createElement("canvas");
+  canvas.width = canvas.height = side;
+  canvas.getContext("2d").drawImage($("pad"), 0, 0, side, side);
+  return canvas.toDataURL("image/png");
+}
+
 function maskDataUrl(side) {
   const region = MASKS[$("mask").value];
   if (!region) return null;
@@ -87,8 +101,8 @@ function requestBody(extra = {}) {
     }
     body.init = document.querySelector("input[name=init]:checked").value;
     if (body.init === "image") {
-      body.image = $("pad").toDataURL("image/png");
-      const mask = maskDataUrl($("pad").width);
+      body.image = padDataUrl();
+      const mask = maskDataUrl(modelSide());
       if (mask) body.mask = mask;
     }
   }
@@ -103,8 +117,7 @@ function updateCurl() {
 }
 
 function setBusy(busy) {
-  $("sample").disabled = busy;
-  $("watch").disabled = busy;
+  for (const id of ["sample", "watch", "download-gif"]) $(id).disabled = busy;
   $("stop").disabled = !busy;
 }
 
@@ -194,9 +207,13 @@ async function watch() {
   const response = await post(requestBody({ stream: true }));
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
   let pending = "";
+  let finished = false;
   for (;;) {
     const { value, done } = await reader.read();
-    if (done) break;
+    if (done) {
+      if (!finished) throw new Error("the stream ended before the samples arrived");
+      break;
+    }
     pending += value;
     let boundary;
     while ((boundary = pending.indexOf("\n\n")) >= 0) {
@@ -204,7 +221,10 @@ async function watch() {
       pending = pending.slice(boundary + 2);
       const name = (block.match(/^event: (.*)$/m) || [])[1];
       const data = (block.match(/^data: (.*)$/m) || [])[1];
-      if (name && data) handleEvent(name, JSON.parse(data));
+      if (name && data) {
+        handleEvent(name, JSON.parse(data));
+        finished = finished || name === "done";
+      }
     }
   }
 }
