@@ -43,16 +43,19 @@ def _cmd_ebm(args: argparse.Namespace) -> None:
     train_ebm(_config_from(args, EBMTrainConfig))
 
 
+def _cmd_gan(args: argparse.Namespace) -> None:
+    from training.train_gan import GANTrainConfig, train_gan
+
+    train_gan(_config_from(args, GANTrainConfig))
+
+
 def _cmd_sample(args: argparse.Namespace) -> None:
     from training.images import gif_bytes, grid, save_grid
     from training.run import pick_device
-    from training.sampling import langevin_settings, load_model, sample_ebm
+    from training.sampling import draw_samples, load_model
 
     device = pick_device(args.device)
     model = load_model(args.checkpoint, device)
-    if model.config.family != "ebm":
-        raise SystemExit(f"sample: {model.config.family} checkpoints are not supported by this command yet")
-    settings = langevin_settings(model.config, args.steps)
     generator = torch.Generator().manual_seed(args.seed)
     frames = []
 
@@ -60,9 +63,9 @@ def _cmd_sample(args: argparse.Namespace) -> None:
         if args.trajectory and step % args.trajectory == 0:
             frames.append(grid(x, model.data_range))
 
-    samples = sample_ebm(model, args.n, settings, args.init, generator, keep_frame if args.trajectory else None)
+    samples = draw_samples(model, args.n, args.steps, args.init, generator, keep_frame if args.trajectory else None)
     save_grid(samples, args.out, model.data_range)
-    print(f"wrote {args.out} ({args.n} samples, {settings.steps} steps from {args.init})")
+    print(f"wrote {args.out} ({args.n} {model.config.family} samples)")
     if frames:
         trajectory_path = Path(args.out).with_suffix(".gif")
         trajectory_path.write_bytes(gif_bytes(frames))
@@ -75,7 +78,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     from training.data import load_dataset
     from training.evaluate import load_classifier, quality_figures, real_data_floor
     from training.run import pick_device
-    from training.sampling import langevin_settings, load_model, sample_ebm
+    from training.sampling import draw_samples, load_model
 
     device = pick_device(args.device)
     classifier = load_classifier(args.classifier, device)
@@ -83,14 +86,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     train = load_dataset("mnist", args.data_dir, "train")
     generator = torch.Generator().manual_seed(args.seed)
     model = load_model(args.checkpoint, device)
-    settings = langevin_settings(model.config, args.steps)
     samples = torch.cat([
-        sample_ebm(model, min(args.batch, args.n - start), settings, args.init, generator).cpu()
+        draw_samples(model, min(args.batch, args.n - start), args.steps, args.init, generator).cpu()
         for start in range(0, args.n, args.batch)
     ])
+    steps = args.steps or model.config.sampler.get("steps")
     report = {
         "checkpoint": str(args.checkpoint),
-        "sampler": {"init": args.init, "steps": settings.steps, "n": args.n},
+        "family": model.config.family,
+        "sampler": {"init": args.init, "steps": steps, "n": args.n} if model.config.family == "ebm" else {"n": args.n},
         "model": asdict(quality_figures(classifier, test.images[: args.n], samples)),
         "real_data_floor": real_data_floor(classifier, test.images, train.images, args.n, generator),
     }
@@ -107,6 +111,7 @@ def _cmd_classifier(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from training.evaluate import DEFAULT_CLASSIFIER
     from training.train_ebm import EBMTrainConfig
+    from training.train_gan import GANTrainConfig
 
     parser = argparse.ArgumentParser(prog="python -m training",
                                      description="Train, sample and evaluate generative models.")
@@ -116,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_dataclass_arguments(ebm, EBMTrainConfig)
     ebm.set_defaults(handler=_cmd_ebm)
+
+    gan = commands.add_parser("gan", help="train a GAN: dcgan, wgan (weight clipping) or wgan-gp, with generator EMA",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_dataclass_arguments(gan, GANTrainConfig)
+    gan.set_defaults(handler=_cmd_gan)
 
     sample = commands.add_parser("sample", help="draw samples from a checkpoint into a PNG grid",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)

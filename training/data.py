@@ -23,7 +23,7 @@ IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-TOY2D_NAMES = ("8gaussians", "checkerboard", "moons", "spirals")
+TOY2D_NAMES = ("8gaussians", "checkerboard", "moons", "spirals", "gaussian")
 
 
 class DatasetError(ValueError):
@@ -110,6 +110,8 @@ def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
 def toy2d(name: str, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Sample `n` points [n, 2] of a classic 2-D density, scaled to roughly [-1, 1]."""
     g = generator
+    if name == "gaussian":  # one elongated, off-centre Gaussian: its moments are the whole story
+        return torch.randn(n, 2, generator=g) * torch.tensor([0.3, 0.1]) + torch.tensor([0.4, -0.3])
     if name == "8gaussians":
         angles = torch.randint(0, 8, (n,), generator=g).float() * (math.pi / 4)
         centers = torch.stack([angles.cos(), angles.sin()], dim=1) * 0.75

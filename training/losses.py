@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+import torch.nn.functional as F
 
 
 def contrastive_divergence(energy_real: torch.Tensor, energy_fake: torch.Tensor,
@@ -21,3 +24,44 @@ def contrastive_divergence(energy_real: torch.Tensor, energy_fake: torch.Tensor,
         "e_real": energy_real.mean().item(),
         "e_fake": energy_fake.mean().item(),
     }
+
+
+# --- GANs (Goodfellow et al. 2014; Arjovsky et al. 2017; Gulrajani et al. 2017) -------------------
+
+
+def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor,
+                       label_smoothing: float = 0.0) -> torch.Tensor:
+    """DCGAN discriminator: binary cross-entropy; one-sided label smoothing puts real targets at 1 - s."""
+    real_target = torch.full_like(real_logits, 1.0 - label_smoothing)
+    return (F.binary_cross_entropy_with_logits(real_logits, real_target)
+            + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits)))
+
+
+def non_saturating_generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    """-log D(G(z)) rather than log(1 - D(G(z))): strong gradients while D wins (Goodfellow et al. 2014)."""
+    return F.softplus(-fake_logits).mean()
+
+
+def wasserstein_critic_loss(real_scores: torch.Tensor, fake_scores: torch.Tensor) -> torch.Tensor:
+    """The critic maximizes E[f(real)] - E[f(fake)], an estimate of the Wasserstein-1 distance."""
+    return fake_scores.mean() - real_scores.mean()
+
+
+def wasserstein_generator_loss(fake_scores: torch.Tensor) -> torch.Tensor:
+    return -fake_scores.mean()
+
+
+def gradient_penalty(critic: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor, fake: torch.Tensor,
+                     weight: float = 10.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """weight * E[(||grad f(x_hat)||_2 - 1)^2] on random interpolates x_hat (Gulrajani et al. 2017)."""
+    shape = (real.shape[0],) + (1,) * (real.dim() - 1)
+    mix = torch.rand(shape, generator=generator, device=real.device if generator is None else generator.device)
+    mix = mix.to(real.device)
+    interpolates = (mix * real.detach() + (1 - mix) * fake.detach()).requires_grad_(True)
+    (grad,) = torch.autograd.grad(critic(interpolates).sum(), interpolates, create_graph=True)
+    return weight * (grad.flatten(1).norm(dim=1) - 1).pow(2).mean()
+
+
+def feature_matching_loss(real_features: torch.Tensor, fake_features: torch.Tensor) -> torch.Tensor:
+    """||E f(real) - E f(fake)||^2 on critic features (Salimans et al. 2016), added to the generator loss."""
+    return (real_features.detach().mean(0) - fake_features.mean(0)).pow(2).sum()

@@ -31,8 +31,12 @@ class LoadedModel:
 
 
 def instantiate(checkpoint: Checkpoint, name: str, device: torch.device | str = "cpu") -> LoadedModel:
+    """Rebuild the module in eval mode with frozen parameters (a GAN uses its EMA weights by default)."""
     module = build_model(checkpoint.config.arch)
-    module.load_state_dict({key: value.float() for key, value in checkpoint.weights.items()})
+    weights = checkpoint.weights
+    if checkpoint.config.family == "gan" and checkpoint.config.sampler.get("weights") == "ema":
+        weights = checkpoint.extras["ema"]
+    module.load_state_dict({key: value.float() for key, value in weights.items()})
     module.to(device).eval()
     for parameter in module.parameters():
         parameter.requires_grad_(False)
@@ -59,6 +63,26 @@ def langevin_settings(config: ModelConfig, steps: int | None = None, **overrides
         temperature=float(overrides.get("temperature", sampler.get("temperature", 1.0))),
         data_min=float(low), data_max=float(high),
     )
+
+
+def sample_generator(model: LoadedModel, n: int, temperature: float | None = None,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """GAN samples: G(z) with z ~ N(0, T^2 I); T defaults to the checkpoint's sampler temperature."""
+    device = next(model.module.parameters()).device
+    scale = temperature if temperature is not None else float(model.config.sampler.get("temperature", 1.0))
+    latents = torch.randn(n, int(model.config.sampler["latent_dim"]), generator=generator) * scale
+    with torch.no_grad():
+        return model.module(latents.to(device))
+
+
+def draw_samples(model: LoadedModel, n: int, steps: int | None = None, init: str = "noise",
+                 generator: torch.Generator | None = None, callback: StepCallback | None = None) -> torch.Tensor:
+    """One entry point for every family, used by the `sample` and `evaluate` commands."""
+    if model.config.family == "ebm":
+        return sample_ebm(model, n, langevin_settings(model.config, steps), init, generator, callback)
+    if model.config.family == "gan":
+        return sample_generator(model, n, generator=generator)
+    raise ValueError(f"sampling {model.config.family} checkpoints is not supported yet")
 
 
 def sample_ebm(model: LoadedModel, n: int, settings: LangevinSettings, init: str = "noise",

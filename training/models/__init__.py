@@ -8,11 +8,16 @@ from torch import nn
 
 from training.models.classifier import DigitClassifier
 from training.models.ebm import ConvEnergy, MLPEnergy
+from training.models.gan import ConvCritic, ConvGenerator, MLPCritic, MLPGenerator
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {
     "conv_energy": ConvEnergy,
     "mlp_energy": MLPEnergy,
     "digit_classifier": DigitClassifier,
+    "conv_generator": ConvGenerator,
+    "conv_critic": ConvCritic,
+    "mlp_generator": MLPGenerator,
+    "mlp_critic": MLPCritic,
 }
 
 

@@ -1,0 +1,107 @@
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from training.checkpoint import load_checkpoint
+from training.cli import main
+from training.data import toy2d
+from training.ema import ema_update
+from training.losses import gradient_penalty
+from training.models import build_model
+from training.sampling import load_model, sample_generator
+from training.train_gan import GANTrainConfig, train_gan
+
+
+def test_gradient_penalty_matches_its_analytic_value_for_a_linear_critic() -> None:
+    critic = nn.Linear(6, 1)
+    with torch.no_grad():
+        critic.weight.copy_(torch.tensor([[3.0, 0.0, 4.0, 0.0, 0.0, 0.0]]))  # |w| = 5 everywhere
+    real, fake = torch.randn(16, 6), torch.randn(16, 6)
+    penalty = gradient_penalty(lambda x: critic(x).squeeze(1), real, fake, weight=10.0)
+    assert penalty.item() == pytest.approx(10.0 * (5.0 - 1.0) ** 2)
+    penalty.backward()  # differentiable w.r.t. the critic (create_graph)
+    assert critic.weight.grad is not None and critic.weight.grad.abs().sum() > 0
+
+
+def test_ema_update_is_exact() -> None:
+    model, average = nn.Linear(3, 2), nn.Linear(3, 2)
+    before = [parameter.detach().clone() for parameter in average.parameters()]
+    ema_update(average, model, decay=0.9)
+    for old, new, current in zip(before, average.parameters(), model.parameters(), strict=True):
+        assert torch.allclose(new, 0.9 * old + 0.1 * current)
+
+
+def toy_config(tmp_path: Path, **overrides) -> GANTrainConfig:
+    fields = dict(dataset="toy2d:checkerboard", out=str(tmp_path / "toy.safetensors"), epochs=1, batch_size=128,
+                  latent_dim=8, max_batches=40, seed=0, device="cpu", ema_decay=0.9)
+    fields.update(overrides)
+    return GANTrainConfig(**fields)
+
+
+def moments(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return points.mean(0), torch.cov(points.T)
+
+
+def test_toy_gan_moves_its_samples_moments_towards_the_data(tmp_path: Path) -> None:
+    data_mean, data_cov = moments(toy2d("gaussian", 20000, torch.Generator().manual_seed(1)))
+    untrained = build_model({"name": "mlp_generator", "kwargs": {"latent_dim": 8}})
+    with torch.no_grad():
+        start_mean, start_cov = moments(untrained(torch.randn(5000, 8)))
+    path = train_gan(toy_config(tmp_path, dataset="toy2d:gaussian", loss="dcgan", batch_size=64, max_batches=600,
+                                ema_decay=0.99))
+    trained_mean, trained_cov = moments(sample_generator(load_model(path), 5000))
+    assert (trained_mean - data_mean).norm() < 0.3 * (start_mean - data_mean).norm()
+    assert (trained_cov - data_cov).norm() < 0.6 * (start_cov - data_cov).norm()
+
+
+def test_weight_clipping_holds_after_every_critic_step(tmp_path: Path, monkeypatch) -> None:
+    seen: list[float] = []
+    real_step = torch.optim.RMSprop.step
+
+    def step_then_look(self, *args, **kwargs):
+        result = real_step(self, *args, **kwargs)
+        seen.append(max(parameter.abs().max().item() for group in self.param_groups for parameter in group["params"]))
+        return result
+
+    monkeypatch.setattr(torch.optim.RMSprop, "step", step_then_look)
+    path = train_gan(toy_config(tmp_path, loss="wgan", lr=0.05, max_batches=10, critic_steps=5))
+    critic = load_checkpoint(path).extras["critic"]
+    assert all(tensor.abs().max() <= 0.01 + 1e-7 for tensor in critic.values())
+    assert max(seen) > 0.01  # without clipping the weights do leave the box
+
+
+def test_gan_checkpoint_round_trips_with_ema_and_critic(tmp_path: Path, idx_dir: Path) -> None:
+    out = tmp_path / "dcgan.safetensors"
+    main(["gan", "--loss", "dcgan", "--data-dir", str(idx_dir), "--epochs", "1", "--max-batches", "3",
+          "--width", "8", "--latent-dim", "16", "--out", str(out), "--device", "cpu", "--label-smoothing", "0.1",
+          "--instance-noise", "0.1", "--feature-matching", "1.0"])
+    checkpoint = load_checkpoint(out)
+    config = checkpoint.config
+    assert config.family == "gan" and config.sampler == {"latent_dim": 16, "temperature": 1.0, "weights": "ema"}
+    assert config.training["loss"] == "dcgan" and config.training["generator_updates"] == 3
+    critic = build_model(config.arch["critic"])
+    critic.load_state_dict(checkpoint.extras["critic"])
+    model = load_model(out)
+    ema = build_model(config.arch)
+    ema.load_state_dict(checkpoint.extras["ema"])
+    for name, tensor in ema.state_dict().items():
+        assert torch.equal(model.module.state_dict()[name], tensor)  # sampling uses the EMA weights
+    raw = copy.deepcopy(ema)
+    raw.load_state_dict(checkpoint.weights)
+    assert any(not torch.equal(a, b) for a, b in zip(raw.state_dict().values(), ema.state_dict().values()))
+    assert sample_generator(model, 5).shape == (5, 1, 28, 28)
+    main(["sample", str(out), "--n", "4", "--out", str(tmp_path / "g.png"), "--device", "cpu"])
+    assert (tmp_path / "g.png").is_file()
+
+
+def test_resume_continues_a_gan_run(tmp_path: Path) -> None:
+    straight = load_checkpoint(train_gan(toy_config(tmp_path / "a", loss="wgan-gp", epochs=2, max_batches=10)))
+    train_gan(toy_config(tmp_path / "b", loss="wgan-gp", epochs=1, max_batches=10))
+    resumed = load_checkpoint(train_gan(toy_config(tmp_path / "b", loss="wgan-gp", epochs=2, max_batches=10,
+                                                   resume=True)))
+    assert resumed.config.training["generator_updates"] == straight.config.training["generator_updates"] == 4
+    for name, tensor in straight.weights.items():
+        assert torch.allclose(tensor, resumed.weights[name], atol=1e-5), name

@@ -1,0 +1,76 @@
+"""Generators and critics for 28x28 images (DCGAN-style) and for 2-D toy densities."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ConvGenerator(nn.Module):
+    """Latent [B, latent_dim] -> image [B, C, 28, 28] in [-1, 1]: a linear map to 7x7, two upsampling convs."""
+
+    def __init__(self, latent_dim: int = 128, width: int = 64, channels: int = 1, image_size: int = 28) -> None:
+        super().__init__()
+        if image_size % 4:
+            raise ValueError(f"image_size must be a multiple of 4, got {image_size}")
+        self.latent_dim = latent_dim
+        self.base = image_size // 4
+        self.project = nn.Sequential(nn.Linear(latent_dim, 2 * width * self.base**2),
+                                     nn.BatchNorm1d(2 * width * self.base**2), nn.ReLU())
+        self.upsample = nn.Sequential(
+            nn.ConvTranspose2d(2 * width, width, 4, stride=2, padding=1), nn.BatchNorm2d(width), nn.ReLU(),  # 7->14
+            nn.ConvTranspose2d(width, channels, 4, stride=2, padding=1), nn.Tanh(),  # 14 -> 28
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:  # [B, latent] -> [B, C, H, W]
+        hidden = self.project(z)
+        return self.upsample(hidden.view(z.shape[0], -1, self.base, self.base))
+
+
+class ConvCritic(nn.Module):
+    """Image -> one score (a logit for DCGAN, a Wasserstein critic value for WGAN).
+
+    No batch norm by default: WGAN-GP's penalty is per sample, and batch norm couples the samples.
+    `features` exposes the penultimate layer for feature matching (Salimans et al. 2016).
+    """
+
+    def __init__(self, width: int = 64, channels: int = 1, image_size: int = 28, batch_norm: bool = False) -> None:
+        super().__init__()
+        norm = nn.BatchNorm2d(2 * width) if batch_norm else nn.Identity()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, width, 4, stride=2, padding=1), nn.LeakyReLU(0.2),  # 28 -> 14
+            nn.Conv2d(width, 2 * width, 4, stride=2, padding=1), norm, nn.LeakyReLU(0.2),  # 14 -> 7
+            nn.Flatten(),
+        )
+        self.head = nn.Linear(2 * width * (image_size // 4) ** 2, 1)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] -> [B, F]
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] -> [B]
+        return self.head(self.body(x)).squeeze(1)
+
+
+class MLPGenerator(nn.Module):
+    def __init__(self, latent_dim: int = 8, dim: int = 2, hidden: int = 128) -> None:
+        super().__init__()
+        self.latent_dim = latent_dim
+        self.net = nn.Sequential(nn.Linear(latent_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, dim))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+
+class MLPCritic(nn.Module):
+    def __init__(self, dim: int = 2, hidden: int = 128) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(dim, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, hidden),
+                                  nn.LeakyReLU(0.2))
+        self.head = nn.Linear(hidden, 1)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x)).squeeze(1)

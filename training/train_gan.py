@@ -1,0 +1,188 @@
+"""Train a GAN: DCGAN (non-saturating), WGAN with weight clipping, or WGAN-GP, with a generator EMA.
+
+Radford et al. 2016 (DCGAN), Arjovsky et al. 2017 (WGAN), Gulrajani et al. 2017 (WGAN-GP); the
+stabilizers (one-sided label smoothing, instance noise, feature matching) are options.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from training.checkpoint import Checkpoint, ModelConfig, save_checkpoint
+from training.data import ImageDataset, load_dataset
+from training.ema import ema_update
+from training.losses import (
+    discriminator_loss,
+    feature_matching_loss,
+    gradient_penalty,
+    non_saturating_generator_loss,
+    wasserstein_critic_loss,
+    wasserstein_generator_loss,
+)
+from training.models import build_model
+from training.run import RunLog, Stopwatch, batches, load_resume, pick_device, save_resume, seed_everything
+
+LOSSES = ("dcgan", "wgan", "wgan-gp")
+# Per-loss defaults from the papers: optimizer, learning rate, betas, critic steps per generator step.
+LOSS_DEFAULTS = {
+    "dcgan": {"optimizer": "adam", "lr": 2e-4, "betas": (0.5, 0.999), "critic_steps": 1},
+    "wgan": {"optimizer": "rmsprop", "lr": 5e-5, "betas": (0.0, 0.0), "critic_steps": 5},
+    "wgan-gp": {"optimizer": "adam", "lr": 1e-4, "betas": (0.5, 0.9), "critic_steps": 5},
+}
+
+
+@dataclass
+class GANTrainConfig:
+    loss: str = "dcgan"  # dcgan | wgan | wgan-gp
+    dataset: str = "mnist"
+    data_dir: str | None = None
+    out: str = "checkpoints/gan.safetensors"
+    run_dir: str | None = None
+    epochs: int = 10
+    batch_size: int = 64
+    latent_dim: int = 128
+    width: int = 64
+    lr: float | None = None  # default per loss (LOSS_DEFAULTS)
+    critic_steps: int | None = None  # critic updates per generator update; default per loss
+    clip: float = 0.01  # WGAN weight clipping range [-clip, clip]
+    gp_weight: float = 10.0  # WGAN-GP lambda
+    label_smoothing: float = 0.0  # DCGAN one-sided: real targets 1 - s
+    instance_noise: float = 0.0  # std of noise on real and fake critic inputs, annealed to 0 over training
+    feature_matching: float = 0.0  # weight of the feature-matching term in the generator loss
+    ema_decay: float = 0.999
+    seed: int = 0
+    device: str = "auto"
+    resume: bool = False
+    max_batches: int | None = None
+
+    def resolved_run_dir(self) -> Path:
+        return Path(self.run_dir) if self.run_dir else Path(self.out).with_suffix(".run")
+
+
+def _architectures(dataset: ImageDataset, config: GANTrainConfig) -> tuple[dict, dict]:
+    if len(dataset.shape) == 1:
+        return ({"name": "mlp_generator", "kwargs": {"latent_dim": config.latent_dim, "dim": dataset.shape[0]}},
+                {"name": "mlp_critic", "kwargs": {"dim": dataset.shape[0]}})
+    channels, size, _ = dataset.shape
+    generator = {"name": "conv_generator", "kwargs": {"latent_dim": config.latent_dim, "width": config.width,
+                                                      "channels": channels, "image_size": size}}
+    critic = {"name": "conv_critic", "kwargs": {"width": config.width, "channels": channels, "image_size": size,
+                                                "batch_norm": config.loss == "dcgan"}}
+    return generator, critic
+
+
+def _optimizer(parameters, config: GANTrainConfig) -> torch.optim.Optimizer:
+    defaults = LOSS_DEFAULTS[config.loss]
+    lr = config.lr if config.lr is not None else defaults["lr"]
+    if defaults["optimizer"] == "rmsprop":
+        return torch.optim.RMSprop(parameters, lr=lr)
+    return torch.optim.Adam(parameters, lr=lr, betas=defaults["betas"])
+
+
+def train_gan(config: GANTrainConfig) -> Path:
+    """Train, writing the checkpoint (EMA generator, raw generator, critic) after every epoch."""
+    if config.loss not in LOSSES:
+        raise ValueError(f"unknown GAN loss {config.loss!r}; expected one of {', '.join(LOSSES)}")
+    device = pick_device(config.device)
+    seed_everything(config.seed)
+    train = load_dataset(config.dataset, config.data_dir, "train", seed=config.seed)
+    generator_arch, critic_arch = _architectures(train, config)
+    generator = build_model(generator_arch).to(device)
+    critic = build_model(critic_arch).to(device)
+    average = copy.deepcopy(generator).eval()
+    generator_optimizer = _optimizer(generator.parameters(), config)
+    critic_optimizer = _optimizer(critic.parameters(), config)
+    critic_steps = config.critic_steps or LOSS_DEFAULTS[config.loss]["critic_steps"]
+    run_dir = config.resolved_run_dir()
+    log = RunLog(run_dir)
+    optimizers = {"generator": generator_optimizer, "critic": critic_optimizer}
+    first_epoch, already, generator_updates = 1, 0.0, 0
+    if config.resume:
+        resumed = load_resume(run_dir, optimizers)
+        generator.load_state_dict(resumed.checkpoint.weights)
+        critic.load_state_dict(resumed.checkpoint.extras["critic"])
+        average.load_state_dict(resumed.checkpoint.extras["ema"])
+        first_epoch = resumed.epoch + 1
+        already = float(resumed.checkpoint.config.training["wall_seconds"])
+        generator_updates = int(resumed.checkpoint.config.training["generator_updates"])
+    clock = Stopwatch(already)
+    fixed_latents = torch.randn(64, config.latent_dim, generator=torch.Generator().manual_seed(0)).to(device)
+    per_epoch = len(train.images) // config.batch_size
+    if config.max_batches is not None:
+        per_epoch = min(per_epoch, config.max_batches)
+    total_batches = per_epoch * config.epochs
+    out = Path(config.out)
+    for epoch in range(first_epoch, config.epochs + 1):
+        bar = log.progress(batches(len(train.images), config.batch_size, config.max_batches), per_epoch,
+                           f"{config.loss} epoch {epoch}/{config.epochs}")
+        totals = {"critic_loss": 0.0, "generator_loss": 0.0}
+        counts = {"critic_loss": 0, "generator_loss": 0}
+        for index, batch in enumerate(bar):
+            done = (epoch - 1) * per_epoch + index
+            noise_std = config.instance_noise * max(0.0, 1.0 - done / max(total_batches, 1))
+
+            def perturb(x: torch.Tensor, std: float = noise_std) -> torch.Tensor:
+                return x + std * torch.randn_like(x) if std > 0 else x
+
+            real = train.images[batch].to(device)
+            latents = torch.randn(len(real), config.latent_dim, device=device)
+            fake = generator(latents)
+            real_scores, fake_scores = critic(perturb(real)), critic(perturb(fake.detach()))
+            if config.loss == "dcgan":
+                critic_loss = discriminator_loss(real_scores, fake_scores, config.label_smoothing)
+            else:
+                critic_loss = wasserstein_critic_loss(real_scores, fake_scores)
+                if config.loss == "wgan-gp":
+                    critic_loss = critic_loss + gradient_penalty(critic, real, fake, config.gp_weight)
+            critic_optimizer.zero_grad(set_to_none=True)
+            critic_loss.backward()
+            critic_optimizer.step()
+            if config.loss == "wgan":
+                with torch.no_grad():
+                    for parameter in critic.parameters():
+                        parameter.clamp_(-config.clip, config.clip)
+            totals["critic_loss"] += critic_loss.item()
+            counts["critic_loss"] += 1
+            if (index + 1) % critic_steps:
+                continue
+            fake_scores = critic(perturb(fake))
+            if config.loss == "dcgan":
+                generator_loss = non_saturating_generator_loss(fake_scores)
+            else:
+                generator_loss = wasserstein_generator_loss(fake_scores)
+            if config.feature_matching:
+                generator_loss = generator_loss + config.feature_matching * feature_matching_loss(
+                    critic.features(perturb(real)), critic.features(perturb(fake)))
+            generator_optimizer.zero_grad(set_to_none=True)
+            generator_loss.backward()
+            generator_optimizer.step()
+            ema_update(average, generator, config.ema_decay)
+            generator_updates += 1
+            totals["generator_loss"] += generator_loss.item()
+            counts["generator_loss"] += 1
+            bar.set_postfix(critic=f"{critic_loss.item():.3f}", generator=f"{generator_loss.item():.3f}")
+        record = {key: totals[key] / max(counts[key], 1) for key in totals}
+        record.update(epoch=epoch, wall_seconds=clock.seconds(), generator_updates=generator_updates)
+        with torch.no_grad():
+            grid_path = log.grid(average(fixed_latents), epoch, (-1.0, 1.0))
+        model_config = ModelConfig(
+            family="gan",
+            arch={**generator_arch, "critic": critic_arch},
+            data={"shape": list(train.shape), "range": [-1.0, 1.0], "dataset": config.dataset},
+            sampler={"latent_dim": config.latent_dim, "temperature": 1.0, "weights": "ema"},
+            training={"args": asdict(config), "seed": config.seed, "wall_seconds": clock.seconds(),
+                      "device": str(device), "epochs_done": epoch, "generator_updates": generator_updates,
+                      "loss": config.loss},
+            metrics={key: round(value, 5) for key, value in record.items() if key.endswith("_loss")},
+        )
+        extras = {"ema": average.state_dict(), "critic": critic.state_dict()}
+        save_checkpoint(out, Checkpoint(model_config, generator.state_dict(), extras))
+        save_resume(run_dir, epoch, model_config, generator.state_dict(), optimizers, extras)
+        log.write(record)
+        print(f"epoch {epoch}: critic {record['critic_loss']:.4f} generator {record['generator_loss']:.4f} "
+              f"-> {out} (grid {grid_path})", flush=True)
+    return out
