@@ -91,7 +91,7 @@ def test_gan_checkpoint_round_trips_with_ema_and_critic(tmp_path: Path, idx_dir:
         assert torch.equal(model.module.state_dict()[name], tensor)  # sampling uses the EMA weights
     raw = copy.deepcopy(ema)
     raw.load_state_dict(checkpoint.weights)
-    assert any(not torch.equal(a, b) for a, b in zip(raw.state_dict().values(), ema.state_dict().values()))
+    assert any(not torch.equal(a, b) for a, b in zip(raw.state_dict().values(), ema.state_dict().values(), strict=True))
     assert sample_generator(model, 5).shape == (5, 1, 28, 28)
     main(["sample", str(out), "--n", "4", "--out", str(tmp_path / "g.png"), "--device", "cpu"])
     assert (tmp_path / "g.png").is_file()
