@@ -24,9 +24,9 @@ from service.buffer_store import BufferStore
 from service.metrics import Metrics
 from service.registry import Registry, ServedModel, load_registry
 from service.render import frame_event, gif_body, grid_b64, json_body, png_body, sse
-from service.schemas import LANGEVIN_FIELDS, ModelInfo, SampleRequest, SampleResponse
+from service.schemas import EBM_ONLY_FIELDS, ModelInfo, SampleRequest, SampleResponse
 from service.settings import Settings
-from service.worker import CancelledByClient, LangevinOrder, QueueFull, SampleResult, Worker, WorkerFailure
+from service.worker import CancelledByClient, QueueFull, SampleOrder, SampleResult, Worker, WorkerFailure
 from training.images import decode_image
 from training.run import pick_device
 
@@ -104,8 +104,8 @@ def _check_applicable(body: SampleRequest, model: ServedModel, settings: Setting
     if body.label is not None:
         problems.append(f"'label' does not apply to {model.name}: it is an unconditional {model.family} model")
     if model.family != "ebm":
-        problems += [f"'{name}' applies to EBMs only; {model.name} is a {model.family} model"
-                     for name in LANGEVIN_FIELDS if getattr(body, name) is not None]
+        problems += [f"'{name}' applies to EBMs only; {model.name} is a {model.family} model (one generator pass)"
+                     for name in EBM_ONLY_FIELDS if getattr(body, name) is not None]
     if body.init == "image" and body.image is None:
         problems.append("init 'image' needs 'image': a base64 PNG or JPEG")
     if body.image is not None and body.init != "image":
@@ -115,7 +115,7 @@ def _check_applicable(body: SampleRequest, model: ServedModel, settings: Setting
     largest = min(settings.max_n, settings.chain_budget)
     if body.n > largest:
         problems.append(f"'n' is {body.n}; this server allows at most {largest}")
-    steps = body.steps or int(model.config.sampler.get("steps", 60))
+    steps = _steps(body, model)
     if steps > settings.max_steps:
         problems.append(f"'steps' is {steps}; this server allows at most {settings.max_steps}")
     if body.trajectory_every is not None:
@@ -137,26 +137,34 @@ def _decode_upload(field: str, text: str, model: ServedModel) -> torch.Tensor:
         raise HTTPException(422, detail=f"'{field}' is not a base64 image: {error}") from error
 
 
-async def _order(body: SampleRequest, model: ServedModel, settings: Settings, streaming: bool) -> LangevinOrder:
+def _steps(body: SampleRequest, model: ServedModel) -> int:
+    if model.family != "ebm":
+        return 1  # one generator pass
+    return body.steps or int(model.config.sampler.get("steps", 60))
+
+
+async def _order(body: SampleRequest, model: ServedModel, settings: Settings, streaming: bool) -> SampleOrder:
     sampler = model.config.sampler
-    steps = body.steps or int(sampler.get("steps", 60))
+    steps = _steps(body, model)
+    temperature = body.temperature if body.temperature is not None else float(sampler.get("temperature", 1.0))
+    seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
     every = body.trajectory_every
     if every is None and (body.format == "gif" or streaming):
         frames = settings.max_frames if streaming else min(settings.max_frames, 33)
         every = max(1, math.ceil(steps / (frames - 1)))
+    if model.family != "ebm":
+        return SampleOrder(model=model, n=body.n, seed=seed, temperature=temperature, trajectory_every=every)
     start_image = free_mask = None
     if body.image is not None:
         start_image = await asyncio.to_thread(_decode_upload, "image", body.image, model)
     if body.mask is not None:
         low, high = model.members[0].data_range
         free_mask = (await asyncio.to_thread(_decode_upload, "mask", body.mask, model)) > (low + high) / 2
-    return LangevinOrder(
-        model=model, n=body.n, steps=steps,
+    return SampleOrder(
+        model=model, n=body.n, seed=seed, temperature=temperature, steps=steps,
         step_size=body.step_size if body.step_size is not None else float(sampler.get("step_size", 10.0)),
         noise=body.noise if body.noise is not None else float(sampler.get("noise", 0.005)),
-        temperature=body.temperature if body.temperature is not None else float(sampler.get("temperature", 1.0)),
         init=body.init or str(sampler.get("init", "noise")),
-        seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
         trajectory_every=every, start_image=start_image, free_mask=free_mask,
     )
 
@@ -191,7 +199,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         registry = await asyncio.to_thread(load_registry, settings.models_dir, device)
         store = BufferStore(settings.state_dir)
         worker = Worker(registry, store, device, metrics, settings.chain_budget, settings.max_queue,
-                        settings.buffer_save_interval_s)
+                        settings.buffer_save_interval_s, settings.batch_window_ms / 1000)
         worker.start()
         app.state.registry, app.state.worker, app.state.store = registry, worker, store
         log.info("serving %d models on %s: %s", len(registry.models), device, ", ".join(sorted(registry.models)))
@@ -245,7 +253,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         infos = []
         for name, model in sorted(registry.models.items()):
             config = model.config
-            pool = worker.pools.get(model.group) if model.group else None
+            pool = worker.pools.get(model.group) if model.group else None  # EBMs: the buffer group's pool
             infos.append(ModelInfo(
                 name=name, family=model.family, members=[member.name for member in model.members],
                 shape=list(config.data["shape"]), data_range=list(model.members[0].data_range),
@@ -292,7 +300,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 metrics.requests.labels(label, str(status)).inc()
                 metrics.latency_seconds.labels(label).observe(time.perf_counter() - started)
 
-    def _submit(order: LangevinOrder, deliver, on_frame=None):
+    def _submit(order: SampleOrder, deliver, on_frame=None):
         worker: Worker = app.state.worker
         try:
             return worker.submit(order, deliver, time.monotonic() + settings.request_timeout_s, on_frame)
@@ -331,7 +339,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                           time.perf_counter() - started)
         return JSONResponse(payload.model_dump(exclude_none=True), headers=headers)
 
-    def _stream(order: LangevinOrder, model: ServedModel, started: float) -> StreamingResponse:
+    def _stream(order: SampleOrder, model: ServedModel, started: float) -> StreamingResponse:
         """Server-Sent Events: 'frame' per kept step as the worker makes it, then 'done' (or 'error')."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()

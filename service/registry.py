@@ -14,7 +14,7 @@ from training.langevin import ReplayBuffer
 from training.sampling import LoadedModel, instantiate
 
 log = logging.getLogger(__name__)
-SERVED_FAMILIES = ("ebm",)  # flows and GANs join when their samplers land
+SERVED_FAMILIES = ("ebm", "gan")  # flows join when their sampler lands
 
 
 @dataclass
@@ -54,6 +54,11 @@ class ServedModel:
     def config(self):
         return self.members[0].config
 
+    @property
+    def pool(self) -> str:
+        """The worker pool that runs this model: its buffer group (EBMs) or its own name."""
+        return self.group or self.name
+
 
 @dataclass
 class Registry:
@@ -83,8 +88,9 @@ def load_registry(models_dir: Path, device: torch.device) -> Registry:
             log.warning("not serving %s: %s", path.name, error)
             continue
         registry.models[model.name] = ServedModel(model.name, family, [model])
-        group_name = checkpoint.config.ensemble or model.name
-        groups.setdefault(group_name, []).append((model, hashlib.sha256(payload).hexdigest()))
+        if family == "ebm":
+            group_name = checkpoint.config.ensemble or model.name
+            groups.setdefault(group_name, []).append((model, hashlib.sha256(payload).hexdigest()))
     for group_name, members in groups.items():
         names = [member.name for member, _ in members]
         problem = None

@@ -28,7 +28,8 @@ class SampleRequest(BaseModel):
     trajectory_every: int | None = Field(None, ge=1)
 
 
-LANGEVIN_FIELDS = ("steps", "step_size", "noise", "init", "temperature", "image", "mask")
+# Fields that only Langevin sampling reads; for a GAN, `temperature` scales the latent instead.
+EBM_ONLY_FIELDS = ("steps", "step_size", "noise", "init", "image", "mask", "trajectory_every")
 
 
 class Timings(BaseModel):

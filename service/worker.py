@@ -36,17 +36,21 @@ class WorkerFailure(Exception):
 
 
 @dataclass
-class LangevinOrder:
-    """What a client asked of an EBM, with defaults already filled in from the checkpoint."""
+class SampleOrder:
+    """What a client asked for, with defaults already filled in from the checkpoint.
+
+    Every family reads model, n, seed and temperature; the Langevin fields are read by EBM pools only
+    (a GAN's order has steps = 1: one pass of its generator).
+    """
 
     model: ServedModel
     n: int
-    steps: int
-    step_size: float
-    noise: float
-    temperature: float
-    init: str  # "buffer" | "noise" | "image"
     seed: int
+    temperature: float
+    steps: int = 1
+    step_size: float = 0.0
+    noise: float = 0.0
+    init: str = "noise"  # "buffer" | "noise" | "image"
     trajectory_every: int | None = None
     start_image: torch.Tensor | None = None  # [*shape] in the data range, for init "image"
     free_mask: torch.Tensor | None = None  # [*shape] bool: True where chains may move (inpainting)
@@ -55,7 +59,7 @@ class LangevinOrder:
 @dataclass
 class SampleResult:
     samples: torch.Tensor  # [n, *shape] on the CPU
-    energy: torch.Tensor  # [n] energy at each chain's last step
+    energy: torch.Tensor | None  # [n] energy at each chain's last step (EBMs)
     frames: list[torch.Tensor]  # trajectory states [n, *shape], at frame_steps
     frame_steps: list[int]
     queue_seconds: float
@@ -70,7 +74,7 @@ FrameSink = Callable[[int, torch.Tensor, torch.Tensor | None], None]  # (step, x
 class ChainState:
     """A job's tensors while its chains run."""
 
-    order: LangevinOrder
+    order: SampleOrder
     deliver: Deliver
     member_indices: list[int]  # which of the pool's modules this job's chains move under, in turn
     on_frame: FrameSink | None = None  # streaming: called from the worker thread at every kept frame
@@ -103,6 +107,7 @@ class LangevinPool:
     def __init__(self, group: BufferGroup, buffer: ReplayBuffer, chain_budget: int, device: torch.device,
                  metrics: Metrics, clock: Callable[[], float]) -> None:
         self.group = group
+        self.name = group.name
         self.buffer = buffer
         self.device = device
         self.metrics = metrics
@@ -120,7 +125,7 @@ class LangevinPool:
         self.buffer_dirty = False
         self.stats = {"steps": 0, "chain_steps": 0, "max_jobs_in_step": 0, "max_chains_in_step": 0}
 
-    def make_job(self, order: LangevinOrder, deliver: Deliver, deadline: float, arrived: float,
+    def make_job(self, order: SampleOrder, deliver: Deliver, deadline: float, arrived: float,
                  on_frame: FrameSink | None = None) -> Job:
         members = [self.names.index(member.name) for member in order.model.members]
         return Job(n=order.n, steps=order.steps, deadline=deadline, arrived=arrived,
@@ -152,6 +157,9 @@ class LangevinPool:
         state: ChainState = job.state
         if state.slots is not None:
             self.buffer.release(state.slots)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
 
     def fail_all(self, reason: str) -> None:
         """Hand every waiting and running job an error and give back its buffer slots."""
@@ -204,7 +212,7 @@ class LangevinPool:
         seeds = torch.cat([state.seeds for state in states])  # [B]
         steps = torch.cat([torch.full((job.n,), job.done_steps, dtype=torch.int64) for job in jobs]).to(self.device)
 
-        def per_chain(value: Callable[[LangevinOrder], float]) -> torch.Tensor:
+        def per_chain(value: Callable[[SampleOrder], float]) -> torch.Tensor:
             return torch.cat([torch.full((state.order.n,), value(state.order)) for state in states])
 
         eps = chain_gaussian(seeds, steps, self.shape).to(self.device)
@@ -224,7 +232,7 @@ class LangevinPool:
             if every and (step % every == 0 or step == job.steps):
                 state.keep_frame(step, x_part, energy_part)
 
-    def _worth_keeping(self, order: LangevinOrder) -> bool:
+    def _worth_keeping(self, order: SampleOrder) -> bool:
         """Whether finished chains go back into the shared buffer.
 
         Only chains run with the checkpoint's own sampler settings: a client's odd step size or
@@ -251,6 +259,82 @@ class LangevinPool:
         ))
 
 
+class GeneratorPool:
+    """One-shot samplers (GAN generators): requests for one model that arrive within a short window
+    run as one batch through the generator. Latents come from the same counter-based noise as Langevin
+    chains, so a seeded request gets the same images whatever shares its batch."""
+
+    def __init__(self, model: ServedModel, chain_budget: int, window_s: float, device: torch.device,
+                 metrics: Metrics, clock: Callable[[], float]) -> None:
+        self.name = model.name
+        self.model = model
+        self.module = model.members[0].module
+        self.latent_dim = int(model.config.sampler["latent_dim"])
+        self.window_s = window_s
+        self.device = device
+        self.metrics = metrics
+        self.clock = clock
+        self.scheduler = ChainScheduler(chain_budget, clock)
+        self.buffer = None
+        self.stats = {"steps": 0, "chain_steps": 0, "max_jobs_in_step": 0, "max_chains_in_step": 0}
+
+    def make_job(self, order: SampleOrder, deliver: Deliver, deadline: float, arrived: float,
+                 on_frame: FrameSink | None = None) -> Job:
+        return Job(n=order.n, steps=1, deadline=deadline, arrived=arrived,
+                   state=ChainState(order, deliver, [0], on_frame))
+
+    def has_work(self) -> bool:
+        """Work is due once the oldest request has waited the window, or the waiting ones fill the budget."""
+        waiting = self.scheduler.waiting
+        if not waiting:
+            return False
+        full = sum(job.n for job in waiting) >= self.scheduler.chain_budget
+        return full or self.clock() - waiting[0].arrived >= self.window_s
+
+    def fail_all(self, reason: str) -> None:
+        jobs = list(self.scheduler.waiting) + list(self.scheduler.running)
+        self.scheduler.waiting.clear()
+        self.scheduler.finish(jobs)
+        for job in jobs:
+            job.state.deliver(WorkerFailure(reason))
+
+    def step(self) -> None:
+        plan = self.scheduler.schedule()
+        for job, reason in plan.dropped:
+            job.state.deliver(TimeoutError(reason) if reason == "deadline" else CancelledByClient(reason))
+        if not plan.running:
+            return
+        for job in plan.admitted:
+            self.metrics.queue_seconds.labels(self.name).observe(job.admitted_at - job.arrived)
+        orders = [job.state.order for job in plan.running]
+        try:
+            seeds = torch.cat([chain_seeds(order.seed, order.n) for order in orders])
+            scale = torch.cat([torch.full((order.n, 1), order.temperature) for order in orders])
+            latents = chain_gaussian(seeds, torch.zeros_like(seeds), (self.latent_dim,)) * scale  # [B, latent]
+            with torch.no_grad():
+                images = self.module(latents.to(self.device)).cpu()  # [B, *shape]
+        except Exception as error:  # one failed batch must not take the worker down
+            log.exception("generator batch of %d requests failed on %s", len(plan.running), self.name)
+            self.scheduler.finish(plan.running)
+            for job in plan.running:
+                job.state.deliver(WorkerFailure(f"sampling failed on the device: {type(error).__name__}"))
+            return
+        chains = len(seeds)
+        self.stats["steps"] += 1
+        self.stats["chain_steps"] += chains
+        self.stats["max_jobs_in_step"] = max(self.stats["max_jobs_in_step"], len(plan.running))
+        self.stats["max_chains_in_step"] = max(self.stats["max_chains_in_step"], chains)
+        self.metrics.observe_step(self.name, chains)
+        now = self.clock()
+        for job, part in zip(plan.running, images.split([order.n for order in orders]), strict=True):
+            state: ChainState = job.state
+            if state.order.trajectory_every:
+                state.keep_frame(1, part, None)
+            state.deliver(SampleResult(samples=part, energy=None, frames=state.frames, frame_steps=state.frame_steps,
+                                       queue_seconds=job.admitted_at - job.arrived, run_seconds=now - job.admitted_at))
+        self.scheduler.update_from_output(plan.running)
+
+
 class Worker:
     """Owns the device; loops over the pools, stepping each that has work, and saves buffers.
 
@@ -259,7 +343,7 @@ class Worker:
     """
 
     def __init__(self, registry: Registry, store: BufferStore, device: torch.device, metrics: Metrics,
-                 chain_budget: int, max_queue: int, save_interval_s: float,
+                 chain_budget: int, max_queue: int, save_interval_s: float, batch_window_s: float = 0.005,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.registry = registry
         self.store = store
@@ -268,11 +352,14 @@ class Worker:
         self.max_queue = max_queue
         self.save_interval_s = save_interval_s
         self.clock = clock
-        self.pools: dict[str, LangevinPool] = {}
+        self.pools: dict[str, LangevinPool | GeneratorPool] = {}
         for name, group in registry.groups.items():
             buffer = store.load(name, group.digest, group.members[0].shape) or group.initial_buffer()
             self.pools[name] = LangevinPool(group, buffer, chain_budget, device, metrics, clock)
             metrics.buffer_size.labels(name).set(len(buffer))
+        for name, model in registry.models.items():
+            if model.family == "gan":
+                self.pools[name] = GeneratorPool(model, chain_budget, batch_window_s, device, metrics, clock)
         self._inbox: list[tuple[LangevinPool, Job]] = []
         self._inbox_lock = threading.Lock()
         self._wake = threading.Event()
@@ -287,7 +374,7 @@ class Worker:
     def queue_depth(self) -> int:
         return len(self._inbox) + sum(len(pool.scheduler.waiting) for pool in self.pools.values())
 
-    def submit(self, order: LangevinOrder, deliver: Deliver, deadline: float,
+    def submit(self, order: SampleOrder, deliver: Deliver, deadline: float,
                on_frame: FrameSink | None = None) -> Job:
         """Queue an order (thread-safe, never waits for the device); QueueFull when the queue is full.
 
@@ -295,7 +382,7 @@ class Worker:
         """
         if not self.running or self._stop.is_set():
             raise WorkerFailure("the device worker is not running")
-        pool = self.pools[order.model.group]
+        pool = self.pools[order.model.pool]
         job = pool.make_job(order, deliver, deadline, self.clock(), on_frame)
         with self._inbox_lock:
             if self.queue_depth() >= self.max_queue:
@@ -331,20 +418,22 @@ class Worker:
             self._drain_inbox()
             busy = False
             for pool in self.pools.values():
-                if pool.scheduler.has_work():
+                if pool.has_work():
                     busy = True
                     try:
                         pool.step()
                     except Exception as error:  # outside one batch (start, finish): fail this pool's jobs only
-                        log.exception("pool %s failed; failing its requests", pool.group.name)
+                        log.exception("pool %s failed; failing its requests", pool.name)
                         pool.fail_all(f"sampling failed on the device: {type(error).__name__}")
-                    self.metrics.running_chains.labels(pool.group.name).set(pool.scheduler.running_chains)
+                    self.metrics.running_chains.labels(pool.name).set(pool.scheduler.running_chains)
             self.metrics.queue_depth.set(self.queue_depth())
             if self.clock() - self.last_save >= self.save_interval_s:
                 self.save_buffers()
             if not busy:
-                self._wake.wait(timeout=0.25)
-                self._wake.clear()
+                pending = any(pool.scheduler.waiting for pool in self.pools.values())
+                self._wake.wait(timeout=0.001 if pending else 0.25)  # pending: a batching window is open
+                if not pending:
+                    self._wake.clear()
         # Shutting down: nobody will run what is queued; answer it, then save from this thread, which
         # is the only one that ever touches the buffers.
         self._drain_inbox()
@@ -356,7 +445,7 @@ class Worker:
         """Write every buffer that changed since its last save (atomically; see BufferStore)."""
         self.last_save = self.clock()
         for name, pool in self.pools.items():
-            if not pool.buffer_dirty:
+            if pool.buffer is None or not pool.buffer_dirty:
                 continue
             pool.buffer_dirty = False
             try:

@@ -69,3 +69,21 @@ def models_dir(tmp_path: Path) -> Path:
     write_tiny_ebm(directory / "pair_a.safetensors", seed=1, ensemble="pair")
     write_tiny_ebm(directory / "pair_b.safetensors", seed=2, ensemble="pair")
     return directory
+
+
+def write_tiny_gan(path: Path, seed: int = 0) -> Path:
+    """A real (untrained) DCGAN-style generator checkpoint with EMA weights and a critic."""
+    from training.checkpoint import Checkpoint, ModelConfig, save_checkpoint
+    from training.models import build_model
+
+    torch.manual_seed(seed)
+    generator_arch = {"name": "conv_generator", "kwargs": {"latent_dim": 16, "width": 8}}
+    critic_arch = {"name": "conv_critic", "kwargs": {"width": 8}}
+    generator, critic = build_model(generator_arch), build_model(critic_arch)
+    config = ModelConfig(family="gan", arch={**generator_arch, "critic": critic_arch},
+                         data={"shape": [1, 28, 28], "range": [-1.0, 1.0], "dataset": "fake"},
+                         sampler={"latent_dim": 16, "temperature": 1.0, "weights": "ema"},
+                         training={"seed": seed, "loss": "dcgan"}, metrics={"generator_loss": 1.0})
+    save_checkpoint(path, Checkpoint(config, generator.state_dict(),
+                                     {"ema": generator.state_dict(), "critic": critic.state_dict()}))
+    return path

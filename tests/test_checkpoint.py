@@ -97,3 +97,10 @@ def test_saving_leaves_no_temporary_files(tmp_path: Path) -> None:
     for _ in range(3):
         save_checkpoint(tmp_path / "m.safetensors", Checkpoint(ebm_config(), {"w": torch.randn(3)}))
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+
+
+def test_extras_may_share_memory_with_the_weights(tmp_path: Path) -> None:
+    weights = {"w": torch.randn(4, 4)}
+    save_checkpoint(tmp_path / "shared.safetensors", Checkpoint(ebm_config(), weights, {"ema": dict(weights)}))
+    loaded = load_checkpoint(tmp_path / "shared.safetensors")
+    assert torch.equal(loaded.extras["ema"]["w"], weights["w"])

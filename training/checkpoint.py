@@ -106,6 +106,7 @@ def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> None:
 def encode_checkpoint(checkpoint: Checkpoint, dtype: torch.dtype | None = None) -> bytes:
     """Serialize to safetensors bytes; `dtype` (e.g. float16) shrinks floating tensors for shipping."""
     tensors: dict[str, torch.Tensor] = {}
+    storages: set[int] = set()  # safetensors refuses tensors that share memory: copy a repeated one
     groups = {WEIGHTS_GROUP: checkpoint.weights, **checkpoint.extras}
     for group, named in groups.items():
         if "/" in group:
@@ -114,7 +115,11 @@ def encode_checkpoint(checkpoint: Checkpoint, dtype: torch.dtype | None = None) 
             tensor = tensor.detach().to("cpu")
             if dtype is not None and tensor.is_floating_point():
                 tensor = tensor.to(dtype)
-            tensors[f"{group}/{name}"] = tensor.contiguous()
+            tensor = tensor.contiguous()
+            if tensor.untyped_storage().data_ptr() in storages:
+                tensor = tensor.clone()
+            storages.add(tensor.untyped_storage().data_ptr())
+            tensors[f"{group}/{name}"] = tensor
     return save_safetensors_bytes(tensors, metadata={"config": checkpoint.config.to_json()})
 
 

@@ -1,0 +1,73 @@
+"""GANs through the server: window batching, seeded latents, family-specific validation."""
+
+import base64
+import concurrent.futures
+import io
+import json
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from conftest import write_tiny_gan
+from PIL import Image
+from server import running_server
+
+from service.settings import Settings
+
+
+@pytest.fixture
+def server(models_dir: Path, tmp_path: Path):
+    write_tiny_gan(models_dir / "gan.safetensors")
+    settings = Settings(models_dir=models_dir, state_dir=tmp_path / "state", device="cpu", batch_window_ms=50)
+    with running_server(settings) as (base, app):
+        yield base, app
+
+
+def test_gan_is_listed_and_samples_png_json_and_gif(server) -> None:
+    base, _ = server
+    gan = next(model for model in httpx.get(f"{base}/models").json() if model["name"] == "gan")
+    assert gan["family"] == "gan" and gan["buffer_size"] is None and gan["sampler"]["latent_dim"] == 16
+    png = httpx.post(f"{base}/sample", json={"model": "gan", "n": 4})
+    assert png.status_code == 200 and Image.open(io.BytesIO(png.content)).size == (62, 62)
+    body = httpx.post(f"{base}/sample", json={"model": "gan", "n": 3, "format": "json", "seed": 9}).json()
+    assert len(body["images"]) == 3 and "energy" not in body and body["seed"] == 9
+    gif = httpx.post(f"{base}/sample", json={"model": "gan", "n": 2, "format": "gif"})
+    assert gif.status_code == 200 and Image.open(io.BytesIO(gif.content)).n_frames == 1
+
+
+def test_requests_within_the_window_share_one_generator_pass(server) -> None:
+    base, app = server
+
+    def grid(seed: int) -> np.ndarray:
+        reply = httpx.post(f"{base}/sample", json={"model": "gan", "n": 2, "seed": seed, "format": "json"})
+        assert reply.status_code == 200
+        return np.stack([np.asarray(Image.open(io.BytesIO(base64.b64decode(image))))
+                         for image in reply.json()["images"]])
+
+    alone = grid(77)
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        together = list(pool.map(grid, [77, 1, 2, 3, 4, 5]))
+    assert app.state.worker.pools["gan"].stats["max_jobs_in_step"] >= 2
+    assert np.array_equal(alone, together[0])  # seeded latents do not depend on the batch
+    assert not np.array_equal(together[0], together[1])
+
+
+def test_langevin_fields_are_422_for_a_gan(server) -> None:
+    base, _ = server
+    for field, value in (("steps", 10), ("step_size", 1.0), ("init", "buffer"), ("trajectory_every", 1)):
+        reply = httpx.post(f"{base}/sample", json={"model": "gan", field: value})
+        assert reply.status_code == 422 and f"'{field}' applies to EBMs only" in reply.text
+    assert httpx.post(f"{base}/sample", json={"model": "gan", "temperature": 0.7}).status_code == 200
+
+
+def test_gan_stream_is_one_frame_then_the_samples(server) -> None:
+    base, _ = server
+    with httpx.stream("POST", f"{base}/sample", json={"model": "gan", "n": 2, "stream": True}) as response:
+        names = [line[7:] for line in response.iter_lines() if line.startswith("event: ")]
+    assert names == ["frame", "done"]
+
+
+def test_page_lists_the_gan_without_langevin_controls(server) -> None:
+    base, _ = server
+    assert json.dumps(httpx.get(f"{base}/models").json()).count('"family": "gan"') == 1
