@@ -101,18 +101,63 @@ def chain_seeds(seed: int, n: int) -> torch.Tensor:
     return (torch.arange(n, dtype=torch.int64) + seed * 1_000_003) & 0xFFFFFFFF
 
 
-class LangevinPool:
+class SamplerPool:
+    """What the worker needs of every family's pool: a scheduler, `has_work`, `step`, `fail_all`.
+
+    Subclasses say how a job starts, steps and finishes; this class keeps the shared bookkeeping.
+    """
+
+    buffer: ReplayBuffer | None = None
+    buffer_dirty = False
+
+    def __init__(self, name: str, chain_budget: int, device: torch.device, metrics: Metrics,
+                 clock: Callable[[], float]) -> None:
+        self.name = name
+        self.device = device
+        self.metrics = metrics
+        self.clock = clock
+        self.scheduler = ChainScheduler(chain_budget, clock)
+        self.stats = {"steps": 0, "chain_steps": 0, "max_jobs_in_step": 0, "max_chains_in_step": 0}
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> None:
+        raise NotImplementedError
+
+    def _release(self, job: Job) -> None:
+        """Give back what a job holds (buffer slots); nothing by default."""
+
+    def _drop(self, dropped: list[tuple[Job, str]]) -> None:
+        for job, reason in dropped:
+            self._release(job)
+            job.state.deliver(TimeoutError(reason) if reason == "deadline" else CancelledByClient(reason))
+
+    def fail_all(self, reason: str) -> None:
+        """Hand every waiting and running job an error and give back what it holds."""
+        jobs = list(self.scheduler.waiting) + list(self.scheduler.running)
+        self.scheduler.waiting.clear()
+        self.scheduler.finish(jobs)
+        for job in jobs:
+            self._release(job)
+            job.state.deliver(WorkerFailure(reason))
+
+    def _record_step(self, jobs: int, chains: int) -> None:
+        self.stats["steps"] += 1
+        self.stats["chain_steps"] += chains
+        self.stats["max_jobs_in_step"] = max(self.stats["max_jobs_in_step"], jobs)
+        self.stats["max_chains_in_step"] = max(self.stats["max_chains_in_step"], chains)
+        self.metrics.observe_step(self.name, chains)
+
+
+class LangevinPool(SamplerPool):
     """The chains of one buffer group (an EBM or an ensemble), advanced together one step at a time."""
 
     def __init__(self, group: BufferGroup, buffer: ReplayBuffer, chain_budget: int, device: torch.device,
                  metrics: Metrics, clock: Callable[[], float]) -> None:
+        super().__init__(group.name, chain_budget, device, metrics, clock)
         self.group = group
-        self.name = group.name
         self.buffer = buffer
-        self.device = device
-        self.metrics = metrics
-        self.scheduler = ChainScheduler(chain_budget, clock)
-        self.clock = clock
         self.modules = [member.module for member in group.members]
         self.names = [member.name for member in group.members]
         self.shape = group.members[0].shape
@@ -122,8 +167,6 @@ class LangevinPool:
         self.converged_steps = int(sampler.get("steps", 60))
         self.default_settings = (float(sampler.get("step_size", 10.0)), float(sampler.get("noise", 0.005)),
                                  float(sampler.get("temperature", 1.0)))
-        self.buffer_dirty = False
-        self.stats = {"steps": 0, "chain_steps": 0, "max_jobs_in_step": 0, "max_chains_in_step": 0}
 
     def make_job(self, order: SampleOrder, deliver: Deliver, deadline: float, arrived: float,
                  on_frame: FrameSink | None = None) -> Job:
@@ -158,27 +201,13 @@ class LangevinPool:
         if state.slots is not None:
             self.buffer.release(state.slots)
 
-    def has_work(self) -> bool:
-        return self.scheduler.has_work()
-
-    def fail_all(self, reason: str) -> None:
-        """Hand every waiting and running job an error and give back its buffer slots."""
-        jobs = list(self.scheduler.waiting) + list(self.scheduler.running)
-        self.scheduler.waiting.clear()
-        self.scheduler.finish(jobs)
-        for job in jobs:
-            self._release(job)
-            job.state.deliver(WorkerFailure(reason))
-
     def step(self) -> None:
         """Schedule, execute one Langevin step for every running chain, and hand out what finished."""
         plan = self.scheduler.schedule()
-        for job, reason in plan.dropped:
-            self._release(job)
-            job.state.deliver(TimeoutError(reason) if reason == "deadline" else CancelledByClient(reason))
+        self._drop(plan.dropped)
         for job in plan.admitted:
             self._start(job)
-            self.metrics.queue_seconds.labels(self.group.name).observe(job.admitted_at - job.arrived)
+            self.metrics.queue_seconds.labels(self.name).observe(job.admitted_at - job.arrived)
         if not plan.running:
             return
         by_module: dict[int, list[Job]] = {}
@@ -192,17 +221,12 @@ class LangevinPool:
                 self._execute(module_index, jobs)
                 stepped.extend(jobs)
             except Exception as error:  # one failed batch must not take the worker down
-                log.exception("Langevin batch of %d requests failed on %s", len(jobs), self.group.name)
+                log.exception("Langevin batch of %d requests failed on %s", len(jobs), self.name)
                 self.scheduler.finish(jobs)
                 for job in jobs:
                     self._release(job)
                     job.state.deliver(WorkerFailure(f"sampling failed on the device: {type(error).__name__}"))
-        chains = sum(job.n for job in stepped)
-        self.stats["steps"] += 1
-        self.stats["chain_steps"] += chains
-        self.stats["max_jobs_in_step"] = max(self.stats["max_jobs_in_step"], len(stepped))
-        self.stats["max_chains_in_step"] = max(self.stats["max_chains_in_step"], chains)
-        self.metrics.observe_step(self.group.name, chains)
+        self._record_step(len(stepped), sum(job.n for job in stepped))
         for job in self.scheduler.update_from_output(stepped):
             self._finish(job)
 
@@ -259,24 +283,17 @@ class LangevinPool:
         ))
 
 
-class GeneratorPool:
+class GeneratorPool(SamplerPool):
     """One-shot samplers (GAN generators): requests for one model that arrive within a short window
     run as one batch through the generator. Latents come from the same counter-based noise as Langevin
     chains, so a seeded request gets the same images whatever shares its batch."""
 
     def __init__(self, model: ServedModel, chain_budget: int, window_s: float, device: torch.device,
                  metrics: Metrics, clock: Callable[[], float]) -> None:
-        self.name = model.name
-        self.model = model
+        super().__init__(model.name, chain_budget, device, metrics, clock)
         self.module = model.members[0].module
         self.latent_dim = int(model.config.sampler["latent_dim"])
         self.window_s = window_s
-        self.device = device
-        self.metrics = metrics
-        self.clock = clock
-        self.scheduler = ChainScheduler(chain_budget, clock)
-        self.buffer = None
-        self.stats = {"steps": 0, "chain_steps": 0, "max_jobs_in_step": 0, "max_chains_in_step": 0}
 
     def make_job(self, order: SampleOrder, deliver: Deliver, deadline: float, arrived: float,
                  on_frame: FrameSink | None = None) -> Job:
@@ -291,17 +308,10 @@ class GeneratorPool:
         full = sum(job.n for job in waiting) >= self.scheduler.chain_budget
         return full or self.clock() - waiting[0].arrived >= self.window_s
 
-    def fail_all(self, reason: str) -> None:
-        jobs = list(self.scheduler.waiting) + list(self.scheduler.running)
-        self.scheduler.waiting.clear()
-        self.scheduler.finish(jobs)
-        for job in jobs:
-            job.state.deliver(WorkerFailure(reason))
-
     def step(self) -> None:
+        """Run every admitted request through the generator in one batch."""
         plan = self.scheduler.schedule()
-        for job, reason in plan.dropped:
-            job.state.deliver(TimeoutError(reason) if reason == "deadline" else CancelledByClient(reason))
+        self._drop(plan.dropped)
         if not plan.running:
             return
         for job in plan.admitted:
@@ -319,12 +329,7 @@ class GeneratorPool:
             for job in plan.running:
                 job.state.deliver(WorkerFailure(f"sampling failed on the device: {type(error).__name__}"))
             return
-        chains = len(seeds)
-        self.stats["steps"] += 1
-        self.stats["chain_steps"] += chains
-        self.stats["max_jobs_in_step"] = max(self.stats["max_jobs_in_step"], len(plan.running))
-        self.stats["max_chains_in_step"] = max(self.stats["max_chains_in_step"], chains)
-        self.metrics.observe_step(self.name, chains)
+        self._record_step(len(plan.running), len(seeds))
         now = self.clock()
         for job, part in zip(plan.running, images.split([order.n for order in orders]), strict=True):
             state: ChainState = job.state
@@ -352,7 +357,7 @@ class Worker:
         self.max_queue = max_queue
         self.save_interval_s = save_interval_s
         self.clock = clock
-        self.pools: dict[str, LangevinPool | GeneratorPool] = {}
+        self.pools: dict[str, SamplerPool] = {}
         for name, group in registry.groups.items():
             buffer = store.load(name, group.digest, group.members[0].shape) or group.initial_buffer()
             self.pools[name] = LangevinPool(group, buffer, chain_budget, device, metrics, clock)
