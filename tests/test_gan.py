@@ -105,3 +105,17 @@ def test_resume_continues_a_gan_run(tmp_path: Path) -> None:
     assert resumed.config.training["generator_updates"] == straight.config.training["generator_updates"] == 4
     for name, tensor in straight.weights.items():
         assert torch.allclose(tensor, resumed.weights[name], atol=1e-5), name
+
+
+def test_ema_warm_up_follows_the_model_early_and_the_decay_later() -> None:
+    from training.ema import warmed_up_decay
+
+    assert warmed_up_decay(0.999, 0) == pytest.approx(0.1)
+    assert warmed_up_decay(0.999, 100_000) == 0.999
+
+
+def test_batch_norm_statistics_are_averaged_like_the_weights() -> None:
+    model, average = nn.BatchNorm1d(3), nn.BatchNorm1d(3)
+    model.running_mean.fill_(1.0)
+    ema_update(average, model, decay=0.75)
+    assert torch.allclose(average.running_mean, torch.full((3,), 0.25))

@@ -14,7 +14,7 @@ import torch
 
 from training.checkpoint import Checkpoint, ModelConfig, save_checkpoint
 from training.data import ImageDataset, load_dataset
-from training.ema import ema_update
+from training.ema import ema_update, warmed_up_decay
 from training.losses import (
     discriminator_loss,
     feature_matching_loss,
@@ -100,7 +100,7 @@ def train_gan(config: GANTrainConfig) -> Path:
     run_dir = config.resolved_run_dir()
     log = RunLog(run_dir)
     optimizers = {"generator": generator_optimizer, "critic": critic_optimizer}
-    first_epoch, already, generator_updates = 1, 0.0, 0
+    first_epoch, already, generator_updates, critic_updates = 1, 0.0, 0, 0
     if config.resume:
         resumed = load_resume(run_dir, optimizers)
         generator.load_state_dict(resumed.checkpoint.weights)
@@ -109,21 +109,27 @@ def train_gan(config: GANTrainConfig) -> Path:
         first_epoch = resumed.epoch + 1
         already = float(resumed.checkpoint.config.training["wall_seconds"])
         generator_updates = int(resumed.checkpoint.config.training["generator_updates"])
+        critic_updates = int(resumed.checkpoint.config.training["critic_updates"])
     clock = Stopwatch(already)
     fixed_latents = torch.randn(64, config.latent_dim, generator=torch.Generator().manual_seed(0)).to(device)
     per_epoch = len(train.images) // config.batch_size
     if config.max_batches is not None:
         per_epoch = min(per_epoch, config.max_batches)
-    total_batches = per_epoch * config.epochs
+    if per_epoch * config.epochs < critic_steps:
+        raise ValueError(f"{per_epoch * config.epochs} batches in all cannot make one generator update "
+                         f"after {critic_steps} critic steps; train longer")
+    noise_batches = per_epoch * config.epochs
+    if config.resume:
+        noise_batches = int(resumed.checkpoint.config.training["noise_batches"])
     out = Path(config.out)
     for epoch in range(first_epoch, config.epochs + 1):
         bar = log.progress(batches(len(train.images), config.batch_size, config.max_batches), per_epoch,
                            f"{config.loss} epoch {epoch}/{config.epochs}")
         totals = {"critic_loss": 0.0, "generator_loss": 0.0}
         counts = {"critic_loss": 0, "generator_loss": 0}
-        for index, batch in enumerate(bar):
-            done = (epoch - 1) * per_epoch + index
-            noise_std = config.instance_noise * max(0.0, 1.0 - done / max(total_batches, 1))
+        for batch in bar:
+            # Instance noise anneals to 0 over `noise_batches` critic steps, fixed by the run's first start.
+            noise_std = config.instance_noise * max(0.0, 1.0 - critic_updates / noise_batches)
 
             def perturb(x: torch.Tensor, std: float = noise_std) -> torch.Tensor:
                 return x + std * torch.randn_like(x) if std > 0 else x
@@ -136,8 +142,9 @@ def train_gan(config: GANTrainConfig) -> Path:
                 critic_loss = discriminator_loss(real_scores, fake_scores, config.label_smoothing)
             else:
                 critic_loss = wasserstein_critic_loss(real_scores, fake_scores)
-                if config.loss == "wgan-gp":
-                    critic_loss = critic_loss + gradient_penalty(critic, real, fake, config.gp_weight)
+                if config.loss == "wgan-gp":  # on the same (noised) inputs the critic sees
+                    critic_loss = critic_loss + gradient_penalty(critic, perturb(real), perturb(fake.detach()),
+                                                                 config.gp_weight)
             critic_optimizer.zero_grad(set_to_none=True)
             critic_loss.backward()
             critic_optimizer.step()
@@ -147,7 +154,8 @@ def train_gan(config: GANTrainConfig) -> Path:
                         parameter.clamp_(-config.clip, config.clip)
             totals["critic_loss"] += critic_loss.item()
             counts["critic_loss"] += 1
-            if (index + 1) % critic_steps:
+            critic_updates += 1
+            if critic_updates % critic_steps:
                 continue
             fake_scores = critic(perturb(fake))
             if config.loss == "dcgan":
@@ -160,13 +168,14 @@ def train_gan(config: GANTrainConfig) -> Path:
             generator_optimizer.zero_grad(set_to_none=True)
             generator_loss.backward()
             generator_optimizer.step()
-            ema_update(average, generator, config.ema_decay)
+            ema_update(average, generator, warmed_up_decay(config.ema_decay, generator_updates))
             generator_updates += 1
             totals["generator_loss"] += generator_loss.item()
             counts["generator_loss"] += 1
             bar.set_postfix(critic=f"{critic_loss.item():.3f}", generator=f"{generator_loss.item():.3f}")
         record = {key: totals[key] / max(counts[key], 1) for key in totals}
-        record.update(epoch=epoch, wall_seconds=clock.seconds(), generator_updates=generator_updates)
+        record.update(epoch=epoch, wall_seconds=clock.seconds(), generator_updates=generator_updates,
+                      critic_updates=critic_updates)
         with torch.no_grad():
             grid_path = log.grid(average(fixed_latents), epoch, (-1.0, 1.0))
         model_config = ModelConfig(
@@ -176,7 +185,7 @@ def train_gan(config: GANTrainConfig) -> Path:
             sampler={"latent_dim": config.latent_dim, "temperature": 1.0, "weights": "ema"},
             training={"args": asdict(config), "seed": config.seed, "wall_seconds": clock.seconds(),
                       "device": str(device), "epochs_done": epoch, "generator_updates": generator_updates,
-                      "loss": config.loss},
+                      "critic_updates": critic_updates, "noise_batches": noise_batches, "loss": config.loss},
             metrics={key: round(value, 5) for key, value in record.items() if key.endswith("_loss")},
         )
         extras = {"ema": average.state_dict(), "critic": critic.state_dict()}
