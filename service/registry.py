@@ -67,6 +67,18 @@ class Registry:
     refused: dict[str, str] = field(default_factory=dict)  # file -> why it is not served
 
 
+def _check_generator(model: LoadedModel) -> None:
+    """A GAN is served only if one latent of its declared size makes one image of its declared shape."""
+    latent_dim = model.config.sampler.get("latent_dim")
+    if not isinstance(latent_dim, int) or latent_dim < 1:
+        raise CheckpointError("a GAN checkpoint needs sampler.latent_dim (a positive integer)")
+    device = next(model.module.parameters()).device
+    with torch.no_grad():
+        shape = tuple(model.module(torch.zeros(1, latent_dim, device=device)).shape[1:])
+    if shape != model.shape:
+        raise CheckpointError(f"the generator makes images of shape {list(shape)}, the config says {list(model.shape)}")
+
+
 def load_registry(models_dir: Path, device: torch.device) -> Registry:
     """Load every checkpoint in models_dir; a file that cannot be served is refused with a reason."""
     registry = Registry()
@@ -83,6 +95,8 @@ def load_registry(models_dir: Path, device: torch.device) -> Registry:
             if len(checkpoint.config.data["shape"]) != 3:
                 raise CheckpointError(f"data shape {checkpoint.config.data['shape']} is not an image [C, H, W]")
             model = instantiate(checkpoint, path.stem, device)
+            if family == "gan":
+                _check_generator(model)
         except Exception as error:  # one bad file must not keep the others from being served
             registry.refused[path.name] = str(error)
             log.warning("not serving %s: %s", path.name, error)

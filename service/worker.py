@@ -122,6 +122,10 @@ class SamplerPool:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
+    def seconds_until_due(self) -> float:
+        """How long the worker may sleep before this pool has work without a new submission."""
+        return 0.25
+
     def step(self) -> None:
         raise NotImplementedError
 
@@ -300,6 +304,12 @@ class GeneratorPool(SamplerPool):
         return Job(n=order.n, steps=1, deadline=deadline, arrived=arrived,
                    state=ChainState(order, deliver, [0], on_frame))
 
+    def seconds_until_due(self) -> float:
+        waiting = self.scheduler.waiting
+        if not waiting:
+            return 0.25
+        return max(0.0, self.window_s - (self.clock() - waiting[0].arrived))
+
     def has_work(self) -> bool:
         """Work is due once the oldest request has waited the window, or the waiting ones fill the budget."""
         waiting = self.scheduler.waiting
@@ -420,6 +430,7 @@ class Worker:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            self._wake.clear()  # before draining: a submit from now on wakes the next wait
             self._drain_inbox()
             busy = False
             for pool in self.pools.values():
@@ -435,10 +446,7 @@ class Worker:
             if self.clock() - self.last_save >= self.save_interval_s:
                 self.save_buffers()
             if not busy:
-                pending = any(pool.scheduler.waiting for pool in self.pools.values())
-                self._wake.wait(timeout=0.001 if pending else 0.25)  # pending: a batching window is open
-                if not pending:
-                    self._wake.clear()
+                self._wake.wait(timeout=min([0.25, *(pool.seconds_until_due() for pool in self.pools.values())]))
         # Shutting down: nobody will run what is queued; answer it, then save from this thread, which
         # is the only one that ever touches the buffers.
         self._drain_inbox()

@@ -71,3 +71,20 @@ def test_gan_stream_is_one_frame_then_the_samples(server) -> None:
 def test_page_lists_the_gan_without_langevin_controls(server) -> None:
     base, _ = server
     assert json.dumps(httpx.get(f"{base}/models").json()).count('"family": "gan"') == 1
+
+
+def test_a_gan_without_a_usable_latent_size_is_refused(models_dir: Path, tmp_path: Path) -> None:
+    from training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+
+    good = load_checkpoint(write_tiny_gan(models_dir / "gan.safetensors"))
+    good.config.sampler = {"temperature": 1.0, "weights": "ema"}
+    save_checkpoint(models_dir / "no_latent.safetensors", Checkpoint(good.config, good.weights, good.extras))
+    good.config.sampler = {"latent_dim": 16, "temperature": 1.0, "weights": "ema"}
+    good.config.data = {"shape": [1, 32, 32], "range": [-1, 1]}
+    save_checkpoint(models_dir / "wrong_shape.safetensors", Checkpoint(good.config, good.weights, good.extras))
+    settings = Settings(models_dir=models_dir, state_dir=tmp_path / "state", device="cpu")
+    with running_server(settings) as (base, _):
+        refused = httpx.get(f"{base}/readyz").json()["refused"]
+        assert "sampler.latent_dim" in refused["no_latent.safetensors"]
+        assert "[1, 28, 28]" in refused["wrong_shape.safetensors"]
+        assert httpx.post(f"{base}/sample", json={"model": "gan"}).status_code == 200

@@ -86,17 +86,23 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     train = load_dataset("mnist", args.data_dir, "train")
     generator = torch.Generator().manual_seed(args.seed)
     model = load_model(args.checkpoint, device)
+    if model.shape != (1, 28, 28):
+        raise SystemExit(f"evaluate: the classifier reads 1x28x28 images; {args.checkpoint} makes {list(model.shape)}")
     samples = torch.cat([
         draw_samples(model, min(args.batch, args.n - start), args.steps, args.init, generator).cpu()
         for start in range(0, args.n, args.batch)
     ])
     steps = args.steps or model.config.sampler.get("steps")
+    # A random test subset (the first MNIST test images are the easier half), the same for every model.
+    reference = test.images[torch.randperm(len(test.images), generator=torch.Generator().manual_seed(args.seed + 1))
+                            [: args.n]]
     report = {
         "checkpoint": str(args.checkpoint),
         "family": model.config.family,
         "sampler": {"init": args.init, "steps": steps, "n": args.n} if model.config.family == "ebm" else {"n": args.n},
-        "model": asdict(quality_figures(classifier, test.images[: args.n], samples)),
-        "real_data_floor": real_data_floor(classifier, test.images, train.images, args.n, generator),
+        "model": asdict(quality_figures(classifier, reference, samples)),
+        "real_data_floor": real_data_floor(classifier, reference, train.images, args.n,
+                                           torch.Generator().manual_seed(args.seed + 2)),
     }
     print(json.dumps(report, indent=2))
 

@@ -101,11 +101,11 @@ def quality_figures(classifier: torch.nn.Module, reference: torch.Tensor, sample
     )
 
 
-def real_data_floor(classifier: torch.nn.Module, test_images: torch.Tensor, train_images: torch.Tensor,
+def real_data_floor(classifier: torch.nn.Module, reference: torch.Tensor, train_images: torch.Tensor,
                     n: int, generator: torch.Generator) -> dict:
-    """The same figures for real training images against the test set: what a perfect model would get."""
+    """The same figures for n real training images against the reference: what a perfect model would get."""
     pick = torch.randperm(len(train_images), generator=generator)[:n]
-    return asdict(quality_figures(classifier, test_images[:n], train_images[pick]))
+    return asdict(quality_figures(classifier, reference, train_images[pick]))
 
 
 def train_classifier(data_dir: str | None, out: str, epochs: int = 3, batch_size: int = 128, lr: float = 1e-3,
