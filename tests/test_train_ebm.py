@@ -78,7 +78,9 @@ def test_cli_trains_samples_and_evaluates_on_idx_data(tmp_path: Path, idx_dir: P
     main(["classifier", "--data-dir", str(idx_dir), "--epochs", "1", "--out", str(classifier), "--device", "cpu"])
     capsys.readouterr()
     main(["evaluate", str(checkpoint), "--data-dir", str(idx_dir), "--n", "64", "--steps", "2",
-          "--classifier", str(classifier), "--device", "cpu"])
+          "--classifier", str(classifier), "--device", "cpu", "--record"])
     report = json.loads(capsys.readouterr().out)
+    recorded = load_checkpoint(checkpoint).config.metrics["evaluate_noise"]
+    assert recorded["frechet_distance"] == report["model"]["frechet_distance"] and recorded["steps"] == 2
     assert set(report["model"]) == {"frechet_distance", "coverage_bits", "precision", "recall", "n"}
     assert report["real_data_floor"]["frechet_distance"] < report["model"]["frechet_distance"]

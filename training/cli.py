@@ -105,6 +105,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
                                            torch.Generator().manual_seed(args.seed + 2)),
     }
     print(json.dumps(report, indent=2))
+    if args.record:
+        from training.checkpoint import load_checkpoint, save_checkpoint
+
+        checkpoint = load_checkpoint(args.checkpoint)
+        key = "evaluate" if model.config.family != "ebm" else f"evaluate_{args.init}"
+        checkpoint.config.metrics[key] = {**report["model"], **report["sampler"],
+                                          "floor_frechet_distance": report["real_data_floor"]["frechet_distance"]}
+        save_checkpoint(args.checkpoint, checkpoint)
+        print(f"recorded the figures in {args.checkpoint} (metrics.{key})", file=sys.stderr)
 
 
 def _cmd_classifier(args: argparse.Namespace) -> None:
@@ -157,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--classifier", type=Path, default=DEFAULT_CLASSIFIER)
     evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--record", action="store_true", help="also store the figures in the checkpoint's metrics")
     evaluate.set_defaults(handler=_cmd_evaluate)
 
     classifier = commands.add_parser("classifier", help="train the MNIST classifier used by evaluate",
