@@ -22,6 +22,16 @@ async function errorMessage(response) {
   }
 }
 
+function describeMetric(key, value) {
+  if (value && typeof value === "object") {  // evaluate figures: Frechet distance, precision, recall
+    const where = key.replace(/^evaluate_?/, "") || "samples";
+    const round = (number) => (typeof number === "number" ? Number(number.toPrecision(3)) : "?");
+    return `${where}: FD ${round(value.frechet_distance)} (real ${round(value.floor_frechet_distance)}), ` +
+      `precision ${round(value.precision)}, recall ${round(value.recall)}`;
+  }
+  return `${key} ${typeof value === "number" ? Number(value.toPrecision(4)) : value}`;
+}
+
 function currentModel() {
   return state.models.find((model) => model.name === $("model").value);
 }
@@ -37,7 +47,7 @@ function fillDefaults() {
   $("steps").max = model.limits.max_steps;
   const init = document.querySelector(`input[name=init][value=${sampler.init || "noise"}]`);
   if (init) init.checked = true;
-  const figures = Object.entries(model.metrics || {}).map(([key, value]) => `${key} ${value}`).join(", ");
+  const figures = Object.entries(model.metrics || {}).map(([key, value]) => describeMetric(key, value)).join(", ");
   const members = model.members.length > 1 ? ` · ensemble of ${model.members.length}` : "";
   const buffer = model.buffer_size != null ? ` · buffer ${model.buffer_size}/${model.buffer_capacity}` : "";
   $("model-info").textContent = `${model.family}${members}${buffer}${figures ? " · " + figures : ""}`;
