@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from training.checkpoint import Checkpoint, ModelConfig, load_checkpoint
-from training.langevin import EnergyFn, LangevinSettings, ReplayBuffer, StepCallback, frozen_energy, sample_langevin
+from training.langevin import LangevinSettings, ReplayBuffer, StepCallback, frozen_energy, sample_langevin
 from training.models import build_model
 
 
@@ -45,11 +45,6 @@ def instantiate(checkpoint: Checkpoint, name: str, device: torch.device | str = 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
     return instantiate(load_checkpoint(path), Path(path).stem, device)
-
-
-def ensemble_energy(modules: list[nn.Module], step: int) -> EnergyFn:
-    """IGEBM-style ensemble sampling: at step t the chains move under model t mod K, in turn."""
-    return frozen_energy(modules[step % len(modules)])
 
 
 def langevin_settings(config: ModelConfig, steps: int | None = None, **overrides: float) -> LangevinSettings:
