@@ -71,16 +71,17 @@ class ChainScheduler:
         """Drop what is cancelled or late, admit waiting jobs first come first served, run the rest."""
         now = self.clock()
         plan = StepPlan()
+        kept: list[list[Job]] = []
         for queue in (self.waiting, self.running):
-            keep = []
+            kept.append([])
             for job in queue:
                 reason = self._drop_reason(job, now)
                 if reason:
                     plan.dropped.append((job, reason))
                 else:
-                    keep.append(job)
-            queue.clear()
-            queue.extend(keep)
+                    kept[-1].append(job)
+        # Swapped in whole, so another thread reading len(waiting) never sees a half-filtered queue.
+        self.waiting, self.running = deque(kept[0]), kept[1]
         used = self.running_chains
         while self.waiting and used + self.waiting[0].n <= self.chain_budget:
             job = self.waiting.popleft()

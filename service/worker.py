@@ -420,13 +420,16 @@ class Worker:
             self.save_buffers()
 
     def _drain_inbox(self) -> None:
-        with self._inbox_lock:
+        with self._inbox_lock:  # moved under the lock, so queue_depth() never misses a job in transit
             arrivals, self._inbox = self._inbox, []
-        for pool, job in arrivals:
-            try:
-                pool.scheduler.add(job)
-            except ValueError as error:  # the HTTP layer checks this first; never let it stop the worker
-                job.state.deliver(WorkerFailure(str(error)))
+            refused = []
+            for pool, job in arrivals:
+                try:
+                    pool.scheduler.add(job)
+                except ValueError as error:  # the HTTP layer checks this first; never let it stop the worker
+                    refused.append((job, error))
+        for job, error in refused:
+            job.state.deliver(WorkerFailure(str(error)))
 
     def _loop(self) -> None:
         while not self._stop.is_set():
