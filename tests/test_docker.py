@@ -1,0 +1,61 @@
+"""The Dockerfile and compose files, checked statically (no Docker engine runs on these machines)."""
+
+import re
+from pathlib import Path
+
+import yaml
+
+from service.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class ComposeLoader(yaml.SafeLoader):
+    """YAML as Compose reads it: `!reset` (Compose 2.24+) clears a value inherited from the base file."""
+
+
+ComposeLoader.add_constructor("!reset", lambda loader, node: None)
+
+
+def compose(name: str) -> dict:
+    return yaml.load((ROOT / name).read_text(), Loader=ComposeLoader)
+
+
+def test_compose_reserves_a_gpu_and_keeps_buffers_on_a_named_volume() -> None:
+    service = compose("docker-compose.yml")["services"]["samplebay"]
+    devices = service["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    assert "8000:8000" in service["ports"]
+    assert "./checkpoints:/models:ro" in service["volumes"]
+    assert "replay-buffers:/state" in service["volumes"]
+    assert "replay-buffers" in compose("docker-compose.yml")["volumes"]
+    assert service["restart"] == "unless-stopped"
+    assert "/readyz" in " ".join(service["healthcheck"]["test"])
+    assert service["healthcheck"]["start_period"] == "60s"
+
+
+def test_compose_settings_are_real_settings() -> None:
+    environment = compose("docker-compose.yml")["services"]["samplebay"]["environment"]
+    fields = {name.upper() for name in Settings.model_fields}
+    for variable in environment:
+        assert variable.startswith("SAMPLEBAY_") and variable.removeprefix("SAMPLEBAY_") in fields, variable
+
+
+def test_cpu_override_drops_the_gpu_reservation() -> None:
+    override = compose("docker-compose.cpu.yml")["services"]["samplebay"]
+    assert override["deploy"] is None  # !reset
+    assert override["environment"]["SAMPLEBAY_DEVICE"] == "cpu"
+
+
+def test_dockerfile_pins_torch_runs_as_a_user_and_checks_readiness() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^FROM python:3\.11", dockerfile, re.M)
+    pinned = re.search(r'"torch==([\d.]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
+    assert f"pip install torch=={pinned}" in dockerfile  # the project layer then reuses it
+    assert dockerfile.index("pip install torch") < dockerfile.index("pip install .")
+    user = re.search(r"^USER (\S+)", dockerfile, re.M).group(1)
+    assert user not in ("root", "0")
+    assert re.search(r"^HEALTHCHECK .*\n.*/readyz", dockerfile, re.M)
+    assert 'CMD ["python", "-m", "service"]' in dockerfile
+    for variable in re.findall(r"(SAMPLEBAY_\w+)=", dockerfile):
+        assert variable.removeprefix("SAMPLEBAY_").lower() in Settings.model_fields, variable
