@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -28,3 +28,9 @@ class Settings(BaseSettings):
     batch_window_ms: float = Field(5.0, ge=0)  # one-shot samplers gather requests this long
     buffer_save_interval_s: float = Field(60.0, gt=0)
     retry_after_s: int = 1
+
+    @field_validator("api_key")
+    @classmethod
+    def empty_key_means_none(cls, value: str | None) -> str | None:
+        """SAMPLEBAY_API_KEY= (empty, as compose passes an unset variable) turns the key off."""
+        return value or None

@@ -59,3 +59,8 @@ def test_dockerfile_pins_torch_runs_as_a_user_and_checks_readiness() -> None:
     assert 'CMD ["python", "-m", "service"]' in dockerfile
     for variable in re.findall(r"(SAMPLEBAY_\w+)=", dockerfile):
         assert variable.removeprefix("SAMPLEBAY_").lower() in Settings.model_fields, variable
+
+
+def test_an_empty_api_key_from_compose_turns_the_key_off(monkeypatch) -> None:
+    monkeypatch.setenv("SAMPLEBAY_API_KEY", "")
+    assert Settings().api_key is None
