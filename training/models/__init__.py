@@ -8,6 +8,7 @@ from torch import nn
 
 from training.models.classifier import DigitClassifier
 from training.models.ebm import ConvEnergy, MLPEnergy
+from training.models.flows import NICE
 from training.models.gan import ConvCritic, ConvGenerator, MLPCritic, MLPGenerator
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {
@@ -18,6 +19,7 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
     "conv_critic": ConvCritic,
     "mlp_generator": MLPGenerator,
     "mlp_critic": MLPCritic,
+    "nice": NICE,
 }
 
 
