@@ -49,6 +49,12 @@ def _cmd_gan(args: argparse.Namespace) -> None:
     train_gan(_config_from(args, GANTrainConfig))
 
 
+def _cmd_flow(args: argparse.Namespace) -> None:
+    from training.train_flow import FlowTrainConfig, train_flow
+
+    train_flow(_config_from(args, FlowTrainConfig))
+
+
 def _cmd_sample(args: argparse.Namespace) -> None:
     from training.images import gif_bytes, grid, save_grid
     from training.run import pick_device
@@ -104,6 +110,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         "real_data_floor": real_data_floor(classifier, reference, train.images, args.n,
                                            torch.Generator().manual_seed(args.seed + 2)),
     }
+    if model.config.family == "flow":
+        from training.train_flow import dataset_bits_per_dim
+
+        bits = dataset_bits_per_dim(model.module, test, 500, device, seed=args.seed)
+        report["model"]["test_bits_per_dim"] = round(bits, 4)
     print(json.dumps(report, indent=2))
     if args.record:
         from training.checkpoint import load_checkpoint, save_checkpoint
@@ -126,6 +137,7 @@ def _cmd_classifier(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from training.evaluate import DEFAULT_CLASSIFIER
     from training.train_ebm import EBMTrainConfig
+    from training.train_flow import FlowTrainConfig
     from training.train_gan import GANTrainConfig
 
     parser = argparse.ArgumentParser(prog="python -m training",
@@ -141,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_dataclass_arguments(gan, GANTrainConfig)
     gan.set_defaults(handler=_cmd_gan)
+
+    flow = commands.add_parser("flow", help="train a normalizing flow by maximum likelihood (NICE)",
+                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_dataclass_arguments(flow, FlowTrainConfig)
+    flow.set_defaults(handler=_cmd_flow)
 
     sample = commands.add_parser("sample", help="draw samples from a checkpoint into a PNG grid",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -77,6 +77,9 @@ def draw_samples(model: LoadedModel, n: int, steps: int | None = None, init: str
         return sample_ebm(model, n, langevin_settings(model.config, steps), init, generator, callback)
     if model.config.family == "gan":
         return sample_generator(model, n, generator=generator)
+    if model.config.family == "flow":
+        temperature = float(model.config.sampler.get("temperature", 1.0))
+        return model.module.sample(n, temperature, generator).clamp(*model.data_range)
     raise ValueError(f"sampling {model.config.family} checkpoints is not supported yet")
 
 
