@@ -93,8 +93,11 @@ def _decode_upload(field: str, text: str, model: ServedModel) -> torch.Tensor:
 
 
 def _steps(body: SampleRequest, model: ServedModel) -> int:
-    if model.family != "ebm":
-        return 1  # one generator pass
+    """Langevin steps (EBM), layers of the inverse (flow: one frame each), or one generator pass (GAN)."""
+    if model.family == "flow":
+        return len(model.members[0].module.layers)
+    if model.family == "gan":
+        return 1
     return body.steps or int(model.config.sampler.get("steps", 60))
 
 
@@ -107,8 +110,9 @@ async def _order(body: SampleRequest, model: ServedModel, settings: Settings, st
     if every is None and (body.format == "gif" or streaming):
         frames = settings.max_frames if streaming else min(settings.max_frames, 33)
         every = max(1, math.ceil(steps / (frames - 1)))
-    if model.family != "ebm":
-        return SampleOrder(model=model, n=body.n, seed=seed, temperature=temperature, trajectory_every=every)
+    if model.family != "ebm":  # frames, when asked for, are every layer of a flow's inverse (a GAN has one)
+        return SampleOrder(model=model, n=body.n, seed=seed, temperature=temperature, steps=steps,
+                           trajectory_every=1 if every else None)
     start_image = free_mask = None
     if body.image is not None:
         start_image = await asyncio.to_thread(_decode_upload, "image", body.image, model)

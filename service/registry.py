@@ -14,7 +14,7 @@ from training.langevin import ReplayBuffer
 from training.sampling import LoadedModel, instantiate
 
 log = logging.getLogger(__name__)
-SERVED_FAMILIES = ("ebm", "gan")  # flows join when their sampler lands
+SERVED_FAMILIES = ("ebm", "gan", "flow")
 
 
 @dataclass

@@ -43,6 +43,7 @@ class SampleResponse(BaseModel):
     seed: int
     images: list[str]  # base64 PNG, one per sample
     energy: list[float] | None = None  # EBM: energy of each sample at its last step
+    bits_per_dim: list[float] | None = None  # flow: exact bits/dim of each sample (256 levels)
     steps: int | None = None
     trajectory: list[list[str]] | None = None  # frames at steps 0, k, 2k, ... (and the last)
     trajectory_steps: list[int] | None = None

@@ -7,6 +7,7 @@ callback that the caller makes thread-safe (the app hands in `loop.call_soon_thr
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from service.metrics import Metrics
 from service.registry import BufferGroup, Registry, ServedModel
 from service.scheduler import ChainScheduler, Job
 from training.langevin import ReplayBuffer, chain_gaussian, chain_uniform, langevin_step
+from training.losses import bits_per_dim
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,7 @@ class SampleResult:
     frame_steps: list[int]
     queue_seconds: float
     run_seconds: float
+    bits_per_dim: torch.Tensor | None = None  # [n] flows: -log2 p(sample) per dimension, 256 levels
 
 
 Deliver = Callable[[SampleResult | BaseException], None]
@@ -288,16 +291,40 @@ class LangevinPool(SamplerPool):
 
 
 class GeneratorPool(SamplerPool):
-    """One-shot samplers (GAN generators): requests for one model that arrive within a short window
-    run as one batch through the generator. Latents come from the same counter-based noise as Langevin
-    chains, so a seeded request gets the same images whatever shares its batch."""
+    """One-shot samplers, GAN generators and flow inverses: requests for one model that arrive within a
+    short window run as one batch. Latents come from the same counter-based noise as Langevin chains,
+    so a seeded request gets the same images whatever shares its batch."""
 
     def __init__(self, model: ServedModel, chain_budget: int, window_s: float, device: torch.device,
                  metrics: Metrics, clock: Callable[[], float]) -> None:
         super().__init__(model.name, chain_budget, device, metrics, clock)
+        self.family = model.family
         self.module = model.members[0].module
-        self.latent_dim = int(model.config.sampler["latent_dim"])
+        self.shape = model.members[0].shape
+        self.data_range = model.members[0].data_range
         self.window_s = window_s
+        if self.family == "gan":
+            self.latent_dim = int(model.config.sampler["latent_dim"])
+        else:
+            self.latent_dim = math.prod(self.shape)
+            self.logistic_base = model.config.sampler.get("base", "logistic") == "logistic"
+
+    def _latents(self, seeds: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Base samples [B, latent] scaled by each request's temperature [B, 1]."""
+        if self.family == "flow" and self.logistic_base:
+            uniform = chain_uniform(seeds, (self.latent_dim,), 0.0, 1.0).clamp(1e-6, 1 - 1e-6)
+            return (uniform.log() - (-uniform).log1p()) * scale
+        return chain_gaussian(seeds, torch.zeros_like(seeds), (self.latent_dim,)) * scale
+
+    def _decode(self, latents: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
+        """Images [B, *shape], the inverse's intermediate states (flows), and bits/dim (flows)."""
+        if self.family == "gan":
+            return self.module(latents), [], None
+        states = self.module.inverse_states(latents)
+        images = states[-1]
+        bits = bits_per_dim(self.module.log_prob(images), self.latent_dim)
+        low, high = self.data_range
+        return images.clamp(low, high), [state.clamp(low, high) for state in states], bits
 
     def make_job(self, order: SampleOrder, deliver: Deliver, deadline: float, arrived: float,
                  on_frame: FrameSink | None = None) -> Job:
@@ -330,9 +357,8 @@ class GeneratorPool(SamplerPool):
         try:
             seeds = torch.cat([chain_seeds(order.seed, order.n) for order in orders])
             scale = torch.cat([torch.full((order.n, 1), order.temperature) for order in orders])
-            latents = chain_gaussian(seeds, torch.zeros_like(seeds), (self.latent_dim,)) * scale  # [B, latent]
             with torch.no_grad():
-                images = self.module(latents.to(self.device)).cpu()  # [B, *shape]
+                images, states, bits = self._decode(self._latents(seeds, scale).to(self.device))
         except Exception as error:  # one failed batch must not take the worker down
             log.exception("generator batch of %d requests failed on %s", len(plan.running), self.name)
             self.scheduler.finish(plan.running)
@@ -341,12 +367,18 @@ class GeneratorPool(SamplerPool):
             return
         self._record_step(len(plan.running), len(seeds))
         now = self.clock()
-        for job, part in zip(plan.running, images.split([order.n for order in orders]), strict=True):
+        sizes = [order.n for order in orders]
+        bit_parts = bits.cpu().split(sizes) if bits is not None else [None] * len(sizes)
+        parts = zip(plan.running, images.cpu().split(sizes), bit_parts, strict=True)
+        offsets = torch.tensor([0, *sizes]).cumsum(0).tolist()
+        for index, (job, part, part_bits) in enumerate(parts):
             state: ChainState = job.state
             if state.order.trajectory_every:
-                state.keep_frame(1, part, None)
-            state.deliver(SampleResult(samples=part, energy=None, frames=state.frames, frame_steps=state.frame_steps,
-                                       queue_seconds=job.admitted_at - job.arrived, run_seconds=now - job.admitted_at))
+                for layer, states_of_all in enumerate(states or [images], start=1):
+                    state.keep_frame(layer, states_of_all[offsets[index] : offsets[index + 1]], None)
+            state.deliver(SampleResult(samples=part, energy=None, bits_per_dim=part_bits, frames=state.frames,
+                                       frame_steps=state.frame_steps, queue_seconds=job.admitted_at - job.arrived,
+                                       run_seconds=now - job.admitted_at))
         self.scheduler.update_from_output(plan.running)
 
 
@@ -373,7 +405,7 @@ class Worker:
             self.pools[name] = LangevinPool(group, buffer, chain_budget, device, metrics, clock)
             metrics.buffer_size.labels(name).set(len(buffer))
         for name, model in registry.models.items():
-            if model.family == "gan":
+            if model.family in ("gan", "flow"):
                 self.pools[name] = GeneratorPool(model, chain_budget, batch_window_s, device, metrics, clock)
         self._inbox: list[tuple[LangevinPool, Job]] = []
         self._inbox_lock = threading.Lock()

@@ -87,3 +87,21 @@ def write_tiny_gan(path: Path, seed: int = 0) -> Path:
     save_checkpoint(path, Checkpoint(config, generator.state_dict(),
                                      {"ema": generator.state_dict(), "critic": critic.state_dict()}))
     return path
+
+
+def write_tiny_flow(path: Path, seed: int = 0) -> Path:
+    """A real (untrained, perturbed) NICE checkpoint on 28x28 images."""
+    from training.checkpoint import Checkpoint, ModelConfig, save_checkpoint
+    from training.models import build_model
+
+    torch.manual_seed(seed)
+    arch = {"name": "nice", "kwargs": {"shape": [1, 28, 28], "couplings": 4, "hidden": 16, "depth": 2}}
+    flow = build_model(arch)
+    with torch.no_grad():
+        for parameter in flow.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    config = ModelConfig(family="flow", arch=arch, data={"shape": [1, 28, 28], "range": [-1.0, 1.0], "dataset": "fake"},
+                         sampler={"temperature": 0.8, "base": "logistic"}, training={"seed": seed},
+                         metrics={"test_bits_per_dim": 5.0})
+    save_checkpoint(path, Checkpoint(config, flow.state_dict()))
+    return path
