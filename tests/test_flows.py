@@ -75,3 +75,12 @@ def test_dequantized_uniform_density_is_8_bits_per_dim() -> None:
     assert ((noisy - pixels).abs() <= 4 / 256).all() and (noisy >= -1).all() and (noisy < 1).all()
     uniform_log_prob = torch.full((1000,), 10 * math.log(1 / 2))  # density 1/2 per dim on [-1, 1]
     assert bits_per_dim(uniform_log_prob, 10).mean().item() == pytest.approx(8.0)
+
+
+def test_data_dependent_start_scales_each_dimension_to_the_base() -> None:
+    flow = NICE((4,), couplings=2, hidden=8, depth=1, base="gaussian")
+    x = torch.randn(4000, 4) * torch.tensor([0.5, 1.0, 2.0, 0.001])
+    flow.initialize(x)
+    z, _ = flow(x)
+    assert torch.allclose(z.std(0)[:3], torch.ones(3), rtol=0.05)
+    assert z.std(0)[3] < 0.1  # a near-constant dimension is capped (min_std), not blown up

@@ -89,6 +89,10 @@ def train_flow(config: FlowTrainConfig) -> Path:
         flow.load_state_dict(resumed.checkpoint.weights)
         first_epoch = resumed.epoch + 1
         already = float(resumed.checkpoint.config.training["wall_seconds"])
+    else:
+        with torch.no_grad():
+            start = torch.randperm(len(train.images))[:1000]
+            flow.initialize(dequantize(train.images[start]).to(device))
     clock = Stopwatch(already)
     dim = math.prod(train.shape)
     per_epoch = len(train.images) // config.batch_size

@@ -78,6 +78,16 @@ class DiagonalScaling(FlowLayer):
     def inverse(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return y * (-self.log_scale).exp(), (-self.log_scale.sum()).expand(y.shape[0])
 
+    @torch.no_grad()
+    def initialize(self, x: torch.Tensor, target_std: float = 1.0, min_std: float = 0.05) -> None:
+        """Data-dependent start (as Glow's actnorm): scale each dimension of x [B, D] to target_std.
+
+        Background pixels of dequantized images vary over one 8-bit bin only; without this their scale
+        must climb at the optimizer's pace, which takes NICE thousands of steps. `min_std` keeps a pixel
+        that happened to be blank in the batch from getting a scale no digit stroke there could survive.
+        """
+        self.log_scale.copy_((target_std / x.std(0).clamp(min=min_std)).log())
+
 
 class StandardLogistic:
     """The logistic base distribution NICE uses: heavier tails than a Gaussian."""
@@ -162,6 +172,14 @@ class NICE(Flow):
 
     The paper's MNIST model: 4 couplings of 5 hidden layers x 1000 ReLU units, logistic prior.
     """
+
+    @torch.no_grad()
+    def initialize(self, x: torch.Tensor) -> None:
+        """Set the scaling from a batch of (dequantized) data, so training starts near the data's scale."""
+        z, _ = self(x)  # through the couplings (and the current scaling)
+        scaling: DiagonalScaling = self.layers[-1]
+        before = z * (-scaling.log_scale).exp()
+        scaling.initialize(before, target_std=math.pi / math.sqrt(3) if self.base_name == "logistic" else 1.0)
 
     def __init__(self, shape: tuple[int, ...] | list[int] = (1, 28, 28), couplings: int = 4, hidden: int = 1000,
                  depth: int = 5, base: str = "logistic") -> None:
