@@ -84,3 +84,18 @@ def test_data_dependent_start_scales_each_dimension_to_the_base() -> None:
     z, _ = flow(x)
     assert torch.allclose(z.std(0)[:3], torch.ones(3), rtol=0.05)
     assert z.std(0)[3] < 0.1  # a near-constant dimension is capped (min_std), not blown up
+
+
+def test_flow_training_writes_a_checkpoint_with_test_bits_per_dim_and_resumes(tmp_path, idx_dir) -> None:
+    from training.checkpoint import load_checkpoint
+    from training.sampling import draw_samples, load_model
+    from training.train_flow import FlowTrainConfig, train_flow
+
+    config = dict(data_dir=str(idx_dir), out=str(tmp_path / "nice.safetensors"), epochs=1, batch_size=64,
+                  hidden=16, depth=1, couplings=2, device="cpu")
+    first = load_checkpoint(train_flow(FlowTrainConfig(**config)))
+    assert first.config.family == "flow" and 0 < first.config.metrics["test_bits_per_dim"] < 12
+    resumed = load_checkpoint(train_flow(FlowTrainConfig(**config | {"epochs": 2, "resume": True})))
+    assert resumed.config.training["epochs_done"] == 2
+    samples = draw_samples(load_model(tmp_path / "nice.safetensors"), 4)
+    assert samples.shape == (4, 1, 28, 28) and samples.min() >= -1 and samples.max() <= 1

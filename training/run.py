@@ -13,7 +13,46 @@ import torch
 from tqdm import tqdm
 
 from training.checkpoint import Checkpoint, ModelConfig, load_checkpoint, save_checkpoint
+from training.data import ImageDataset, load_dataset
 from training.images import save_grid
+
+
+@dataclass
+class RunConfig:
+    """Options every training command shares; each family's config adds its own (and may change defaults)."""
+
+    dataset: str = "mnist"  # 'mnist' (IDX files in data_dir) or 'toy2d:<density>'
+    data_dir: str | None = None  # falls back to $SAMPLEBAY_DATA_DIR
+    out: str = "model.safetensors"
+    run_dir: str | None = None  # metrics.jsonl, grids, resume state; default: <out without suffix>.run
+    epochs: int = 10
+    batch_size: int = 128
+    seed: int = 0
+    device: str = "auto"
+    resume: bool = False
+    max_batches: int | None = None  # per epoch; for quick runs and tests
+
+    def resolved_run_dir(self) -> Path:
+        return Path(self.run_dir) if self.run_dir else Path(self.out).with_suffix(".run")
+
+
+@dataclass
+class RunStart:
+    device: torch.device
+    train: ImageDataset
+    test: ImageDataset | None
+    run_dir: Path
+    log: RunLog
+
+
+def start_run(config: RunConfig, with_test: bool = True) -> RunStart:
+    """Device, seed, datasets and run directory, in the same order for every family (so --seed reproduces)."""
+    device = pick_device(config.device)
+    seed_everything(config.seed)
+    train = load_dataset(config.dataset, config.data_dir, "train", seed=config.seed)
+    test = load_dataset(config.dataset, config.data_dir, "test", seed=config.seed) if with_test else None
+    run_dir = config.resolved_run_dir()
+    return RunStart(device, train, test, run_dir, RunLog(run_dir))
 
 
 def pick_device(name: str = "auto") -> torch.device:

@@ -12,21 +12,17 @@ from pathlib import Path
 import torch
 
 from training.checkpoint import Checkpoint, ModelConfig, save_checkpoint
-from training.data import ImageDataset, load_dataset
+from training.data import ImageDataset
 from training.langevin import LangevinSettings, ReplayBuffer, frozen_energy, sample_langevin
 from training.losses import contrastive_divergence
 from training.models import build_model
-from training.run import RunLog, Stopwatch, batches, load_resume, pick_device, save_resume, seed_everything
+from training.run import RunConfig, Stopwatch, batches, load_resume, save_resume, start_run
 
 
 @dataclass
-class EBMTrainConfig:
-    dataset: str = "mnist"  # 'mnist' (IDX files in data_dir) or 'toy2d:<density>'
-    data_dir: str | None = None  # falls back to $SAMPLEBAY_DATA_DIR
+class EBMTrainConfig(RunConfig):
     out: str = "checkpoints/ebm.safetensors"
-    run_dir: str | None = None  # metrics.jsonl, grids, resume state; default: <out without suffix>.run
     epochs: int = 20
-    batch_size: int = 128
     lr: float = 1e-4
     beta1: float = 0.0  # Adam beta1 = 0 as in the UvA tutorial: momentum fights the moving negatives
     alpha: float = 0.1  # weight of the squared-energy regularizer
@@ -42,14 +38,7 @@ class EBMTrainConfig:
     width: int = 32
     spectral: bool = False
     ensemble: str | None = None
-    seed: int = 0
-    device: str = "auto"
-    resume: bool = False
-    max_batches: int | None = None  # per epoch; for quick runs and tests
     validate_batches: int = 20
-
-    def resolved_run_dir(self) -> Path:
-        return Path(self.run_dir) if self.run_dir else Path(self.out).with_suffix(".run")
 
 
 def _arch_for(dataset: ImageDataset, config: EBMTrainConfig) -> dict:
@@ -94,18 +83,14 @@ def validate(model: torch.nn.Module, test: ImageDataset, batch_size: int, limit:
 
 def train_ebm(config: EBMTrainConfig) -> Path:
     """Train, writing the checkpoint after every epoch; returns its path."""
-    device = pick_device(config.device)
-    seed_everything(config.seed)
-    train = load_dataset(config.dataset, config.data_dir, "train", seed=config.seed)
-    test = load_dataset(config.dataset, config.data_dir, "test", seed=config.seed)
+    run = start_run(config)
+    device, train, test, run_dir, log = run.device, run.train, run.test, run.run_dir, run.log
     arch = _arch_for(train, config)
     model = build_model(arch).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(config.beta1, 0.999))
     buffer = ReplayBuffer(train.shape, config.buffer_capacity, config.restart_prob)
     langevin = LangevinSettings(steps=config.steps, step_size=config.step_size, noise=config.noise,
                                 grad_clip=config.grad_clip)
-    run_dir = config.resolved_run_dir()
-    log = RunLog(run_dir)
     first_epoch, already = 1, 0.0
     if config.resume:
         resumed = load_resume(run_dir, {"model": optimizer})

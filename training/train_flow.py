@@ -13,37 +13,26 @@ from pathlib import Path
 import torch
 
 from training.checkpoint import Checkpoint, ModelConfig, save_checkpoint
-from training.data import ImageDataset, load_dataset
+from training.data import ImageDataset
 from training.losses import bits_per_dim, dequantize
 from training.models import build_model
-from training.run import RunLog, Stopwatch, batches, load_resume, pick_device, save_resume, seed_everything
+from training.run import RunConfig, Stopwatch, batches, load_resume, save_resume, start_run
 
 ARCHITECTURES = ("nice",)
 
 
 @dataclass
-class FlowTrainConfig:
+class FlowTrainConfig(RunConfig):
     arch: str = "nice"
-    dataset: str = "mnist"
-    data_dir: str | None = None
     out: str = "checkpoints/flow.safetensors"
-    run_dir: str | None = None
     epochs: int = 20
-    batch_size: int = 128
     lr: float = 1e-3
     couplings: int = 4  # NICE: the paper's MNIST model has 4 couplings of 5 x 1000 ReLU units
     hidden: int = 1000
     depth: int = 5
     base: str = "logistic"
     temperature: float = 0.8  # default sampling temperature stored in the checkpoint
-    seed: int = 0
-    device: str = "auto"
-    resume: bool = False
-    max_batches: int | None = None
     test_batches: int | None = None  # limit the test bits/dim pass (quick runs)
-
-    def resolved_run_dir(self) -> Path:
-        return Path(self.run_dir) if self.run_dir else Path(self.out).with_suffix(".run")
 
 
 def _arch(dataset: ImageDataset, config: FlowTrainConfig) -> dict:
@@ -74,15 +63,11 @@ def dataset_bits_per_dim(flow: torch.nn.Module, test: ImageDataset, batch_size: 
 
 
 def train_flow(config: FlowTrainConfig) -> Path:
-    device = pick_device(config.device)
-    seed_everything(config.seed)
-    train = load_dataset(config.dataset, config.data_dir, "train", seed=config.seed)
-    test = load_dataset(config.dataset, config.data_dir, "test", seed=config.seed)
+    run = start_run(config)
+    device, train, test, run_dir, log = run.device, run.train, run.test, run.run_dir, run.log
     arch = _arch(train, config)
     flow = build_model(arch).to(device)
     optimizer = torch.optim.Adam(flow.parameters(), lr=config.lr)
-    run_dir = config.resolved_run_dir()
-    log = RunLog(run_dir)
     first_epoch, already = 1, 0.0
     if config.resume:
         resumed = load_resume(run_dir, {"flow": optimizer})

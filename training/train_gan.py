@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from training.checkpoint import Checkpoint, ModelConfig, save_checkpoint
-from training.data import ImageDataset, load_dataset
+from training.data import ImageDataset
 from training.ema import ema_update, warmed_up_decay
 from training.losses import (
     discriminator_loss,
@@ -24,7 +24,7 @@ from training.losses import (
     wasserstein_generator_loss,
 )
 from training.models import build_model
-from training.run import RunLog, Stopwatch, batches, load_resume, pick_device, save_resume, seed_everything
+from training.run import RunConfig, Stopwatch, batches, load_resume, save_resume, start_run
 
 LOSSES = ("dcgan", "wgan", "wgan-gp")
 # Per-loss defaults from the papers: optimizer, learning rate, betas, critic steps per generator step.
@@ -36,13 +36,9 @@ LOSS_DEFAULTS = {
 
 
 @dataclass
-class GANTrainConfig:
+class GANTrainConfig(RunConfig):
     loss: str = "dcgan"  # dcgan | wgan | wgan-gp
-    dataset: str = "mnist"
-    data_dir: str | None = None
     out: str = "checkpoints/gan.safetensors"
-    run_dir: str | None = None
-    epochs: int = 10
     batch_size: int = 64
     latent_dim: int = 128
     width: int = 64
@@ -54,13 +50,6 @@ class GANTrainConfig:
     instance_noise: float = 0.0  # std of noise on real and fake critic inputs, annealed to 0 over training
     feature_matching: float = 0.0  # weight of the feature-matching term in the generator loss
     ema_decay: float = 0.999
-    seed: int = 0
-    device: str = "auto"
-    resume: bool = False
-    max_batches: int | None = None
-
-    def resolved_run_dir(self) -> Path:
-        return Path(self.run_dir) if self.run_dir else Path(self.out).with_suffix(".run")
 
 
 def _architectures(dataset: ImageDataset, config: GANTrainConfig) -> tuple[dict, dict]:
@@ -87,9 +76,8 @@ def train_gan(config: GANTrainConfig) -> Path:
     """Train, writing the checkpoint (EMA generator, raw generator, critic) after every epoch."""
     if config.loss not in LOSSES:
         raise ValueError(f"unknown GAN loss {config.loss!r}; expected one of {', '.join(LOSSES)}")
-    device = pick_device(config.device)
-    seed_everything(config.seed)
-    train = load_dataset(config.dataset, config.data_dir, "train", seed=config.seed)
+    run = start_run(config, with_test=False)
+    device, train, run_dir, log = run.device, run.train, run.run_dir, run.log
     generator_arch, critic_arch = _architectures(train, config)
     generator = build_model(generator_arch).to(device)
     critic = build_model(critic_arch).to(device)
@@ -97,8 +85,6 @@ def train_gan(config: GANTrainConfig) -> Path:
     generator_optimizer = _optimizer(generator.parameters(), config)
     critic_optimizer = _optimizer(critic.parameters(), config)
     critic_steps = config.critic_steps or LOSS_DEFAULTS[config.loss]["critic_steps"]
-    run_dir = config.resolved_run_dir()
-    log = RunLog(run_dir)
     optimizers = {"generator": generator_optimizer, "critic": critic_optimizer}
     first_epoch, already, generator_updates, critic_updates = 1, 0.0, 0, 0
     if config.resume:
