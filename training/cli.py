@@ -144,20 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="Train, sample and evaluate generative models.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    ebm = commands.add_parser("ebm", help="train an energy-based model (contrastive divergence + Langevin)",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _add_dataclass_arguments(ebm, EBMTrainConfig)
-    ebm.set_defaults(handler=_cmd_ebm)
-
-    gan = commands.add_parser("gan", help="train a GAN: dcgan, wgan (weight clipping) or wgan-gp, with generator EMA",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _add_dataclass_arguments(gan, GANTrainConfig)
-    gan.set_defaults(handler=_cmd_gan)
-
-    flow = commands.add_parser("flow", help="train a normalizing flow by maximum likelihood (NICE)",
-                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _add_dataclass_arguments(flow, FlowTrainConfig)
-    flow.set_defaults(handler=_cmd_flow)
+    trainers = {
+        "ebm": ("train an energy-based model (contrastive divergence + Langevin)", EBMTrainConfig, _cmd_ebm),
+        "gan": ("train a GAN: dcgan, wgan (weight clipping) or wgan-gp, with generator EMA", GANTrainConfig, _cmd_gan),
+        "flow": ("train a normalizing flow by maximum likelihood (NICE)", FlowTrainConfig, _cmd_flow),
+    }
+    for name, (description, config_type, handler) in trainers.items():
+        trainer = commands.add_parser(name, help=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        _add_dataclass_arguments(trainer, config_type)
+        trainer.set_defaults(handler=handler)
 
     sample = commands.add_parser("sample", help="draw samples from a checkpoint into a PNG grid",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -43,6 +43,7 @@ class RunStart:
     test: ImageDataset | None
     run_dir: Path
     log: RunLog
+    batches_per_epoch: int  # full batches of the training set, capped by --max-batches
 
 
 def start_run(config: RunConfig, with_test: bool = True) -> RunStart:
@@ -52,7 +53,12 @@ def start_run(config: RunConfig, with_test: bool = True) -> RunStart:
     train = load_dataset(config.dataset, config.data_dir, "train", seed=config.seed)
     test = load_dataset(config.dataset, config.data_dir, "test", seed=config.seed) if with_test else None
     run_dir = config.resolved_run_dir()
-    return RunStart(device, train, test, run_dir, RunLog(run_dir))
+    per_epoch = len(train.images) // config.batch_size
+    if per_epoch == 0:
+        raise ValueError(f"{len(train.images)} training examples cannot fill one batch of {config.batch_size}")
+    if config.max_batches is not None:
+        per_epoch = min(per_epoch, config.max_batches)
+    return RunStart(device, train, test, run_dir, RunLog(run_dir), per_epoch)
 
 
 def pick_device(name: str = "auto") -> torch.device:

@@ -102,11 +102,7 @@ def train_ebm(config: EBMTrainConfig) -> Path:
         already = float(resumed.checkpoint.config.training["wall_seconds"])
     clock = Stopwatch(already)
     energy = frozen_energy(model)
-    steps_per_epoch = len(train.images) // config.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(train.images)} training examples cannot fill one batch of {config.batch_size}")
-    if config.max_batches is not None:
-        steps_per_epoch = min(steps_per_epoch, config.max_batches)
+    steps_per_epoch = run.batches_per_epoch
     out = Path(config.out)
     for epoch in range(first_epoch, config.epochs + 1):
         bar = log.progress(batches(len(train.images), config.batch_size, config.max_batches), steps_per_epoch,

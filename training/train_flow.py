@@ -80,9 +80,7 @@ def train_flow(config: FlowTrainConfig) -> Path:
             flow.initialize(dequantize(train.images[start]).to(device))
     clock = Stopwatch(already)
     dim = math.prod(train.shape)
-    per_epoch = len(train.images) // config.batch_size
-    if config.max_batches is not None:
-        per_epoch = min(per_epoch, config.max_batches)
+    per_epoch = run.batches_per_epoch
     out = Path(config.out)
     for epoch in range(first_epoch, config.epochs + 1):
         bar = log.progress(batches(len(train.images), config.batch_size, config.max_batches), per_epoch,

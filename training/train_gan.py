@@ -98,9 +98,7 @@ def train_gan(config: GANTrainConfig) -> Path:
         critic_updates = int(resumed.checkpoint.config.training["critic_updates"])
     clock = Stopwatch(already)
     fixed_latents = torch.randn(64, config.latent_dim, generator=torch.Generator().manual_seed(0)).to(device)
-    per_epoch = len(train.images) // config.batch_size
-    if config.max_batches is not None:
-        per_epoch = min(per_epoch, config.max_batches)
+    per_epoch = run.batches_per_epoch
     if per_epoch * config.epochs < critic_steps:
         raise ValueError(f"{per_epoch * config.epochs} batches in all cannot make one generator update "
                          f"after {critic_steps} critic steps; train longer")
