@@ -112,7 +112,8 @@ async def _order(body: SampleRequest, model: ServedModel, settings: Settings, st
         every = max(1, math.ceil(steps / (frames - 1)))
     if model.family != "ebm":  # frames, when asked for, are every layer of a flow's inverse (a GAN has one)
         return SampleOrder(model=model, n=body.n, seed=seed, temperature=temperature, steps=steps,
-                           trajectory_every=1 if every else None)
+                           trajectory_every=1 if every else None,
+                           max_frames=settings.max_frames if streaming else min(settings.max_frames, 33))
     start_image = free_mask = None
     if body.image is not None:
         start_image = await asyncio.to_thread(_decode_upload, "image", body.image, model)

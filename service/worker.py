@@ -54,6 +54,7 @@ class SampleOrder:
     noise: float = 0.0
     init: str = "noise"  # "buffer" | "noise" | "image"
     trajectory_every: int | None = None
+    max_frames: int | None = None  # flows: an iterative inverse (i-ResNet) is thinned to this many frames
     start_image: torch.Tensor | None = None  # [*shape] in the data range, for init "image"
     free_mask: torch.Tensor | None = None  # [*shape] bool: True where chains may move (inpainting)
 
@@ -97,6 +98,15 @@ class ChainState:
         else:
             self.frames.append(x_cpu)
             self.frame_steps.append(step)
+
+
+def evenly_spaced(frames: list[torch.Tensor], limit: int | None) -> list[tuple[int, torch.Tensor]]:
+    """(1-based index, frame) pairs, thinned evenly to at most `limit` and always keeping the last."""
+    count = len(frames)
+    if limit is None or count <= limit:
+        return list(enumerate(frames, start=1))
+    picks = sorted({round(position * (count - 1) / (limit - 1)) for position in range(limit)})
+    return [(pick + 1, frames[pick]) for pick in picks]
 
 
 def chain_seeds(seed: int, n: int) -> torch.Tensor:
@@ -374,8 +384,8 @@ class GeneratorPool(SamplerPool):
         for index, (job, part, part_bits) in enumerate(parts):
             state: ChainState = job.state
             if state.order.trajectory_every:
-                for layer, states_of_all in enumerate(states or [images], start=1):
-                    state.keep_frame(layer, states_of_all[offsets[index] : offsets[index + 1]], None)
+                for frame, states_of_all in evenly_spaced(states or [images], state.order.max_frames):
+                    state.keep_frame(frame, states_of_all[offsets[index] : offsets[index + 1]], None)
             state.deliver(SampleResult(samples=part, energy=None, bits_per_dim=part_bits, frames=state.frames,
                                        frame_steps=state.frame_steps, queue_seconds=job.admitted_at - job.arrived,
                                        run_seconds=now - job.admitted_at))

@@ -89,19 +89,28 @@ def write_tiny_gan(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def write_tiny_flow(path: Path, seed: int = 0) -> Path:
-    """A real (untrained, perturbed) NICE checkpoint on 28x28 images."""
+TINY_FLOWS = {  # arch name -> kwargs of a small model on 28x28 images, and its base distribution
+    "nice": ({"couplings": 4, "hidden": 16, "depth": 2}, "logistic"),
+    "glow": ({"levels": 2, "steps": 1, "hidden": 8}, "gaussian"),
+    "iresnet": ({"blocks": 2, "hidden": 8}, "gaussian"),
+}
+
+
+def write_tiny_flow(path: Path, seed: int = 0, arch_name: str = "nice") -> Path:
+    """A real (untrained, perturbed) flow checkpoint on 28x28 images."""
     from training.checkpoint import Checkpoint, ModelConfig, save_checkpoint
     from training.models import build_model
 
     torch.manual_seed(seed)
-    arch = {"name": "nice", "kwargs": {"shape": [1, 28, 28], "couplings": 4, "hidden": 16, "depth": 2}}
+    kwargs, base = TINY_FLOWS[arch_name]
+    arch = {"name": arch_name, "kwargs": {"shape": [1, 28, 28], "base": base, **kwargs}}
     flow = build_model(arch)
+    flow.initialize(torch.rand(64, 1, 28, 28) * 2 - 1)
     with torch.no_grad():
         for parameter in flow.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
     config = ModelConfig(family="flow", arch=arch, data={"shape": [1, 28, 28], "range": [-1.0, 1.0], "dataset": "fake"},
-                         sampler={"temperature": 0.8, "base": "logistic"}, training={"seed": seed},
+                         sampler={"temperature": 0.8, "base": base}, training={"seed": seed},
                          metrics={"test_bits_per_dim": 5.0})
     save_checkpoint(path, Checkpoint(config, flow.state_dict()))
     return path

@@ -1,12 +1,15 @@
 """One round-trip check reused for every flow layer and model, plus exactness of the log-determinant."""
 
 import math
+import shlex
 
 import pytest
 import torch
 
 from training.losses import bits_per_dim, dequantize
-from training.models.flows import NICE, AdditiveCoupling, DiagonalScaling, Flow
+from training.models.flows import NICE, ActNorm, AdditiveCoupling, DiagonalScaling, Squeeze
+from training.models.glow import AffineCoupling, Glow, InvertibleConv1x1, OnChannels
+from training.models.iresnet import IResNet, LipschitzConv, ResidualBlock
 
 
 def randomize(module: torch.nn.Module) -> torch.nn.Module:
@@ -14,51 +17,129 @@ def randomize(module: torch.nn.Module) -> torch.nn.Module:
     with torch.no_grad():
         for parameter in module.parameters():
             parameter.add_(0.3 * torch.randn_like(parameter))
+        for layer in module.modules():
+            if isinstance(layer, ActNorm):
+                layer.initialized.fill_(True)  # keep the perturbed values, not a data-dependent start
     return module
 
 
+def iresnet_block(shape: tuple[int, int, int], **options) -> ResidualBlock:
+    block = randomize(ResidualBlock(shape, hidden=8, tolerance=1e-12, max_iterations=500, **options))
+    for module in block.modules():
+        if isinstance(module, LipschitzConv):
+            module.refresh(200)  # the perturbed weights need their spectral norms re-estimated
+    return block
+
+
+def iresnet(shape: tuple[int, ...], **options) -> IResNet:
+    flow = randomize(IResNet(shape, blocks=2, hidden=8, tolerance=1e-12, max_iterations=500, **options))
+    flow.refresh_spectral_norms(200)
+    return flow
+
+
+# name -> (a fresh, perturbed layer or model; the shape of one input)
 CASES = {
-    "additive coupling (even)": lambda: randomize(AdditiveCoupling(6, hidden=16, depth=2, parity=0)),
-    "additive coupling (odd)": lambda: randomize(AdditiveCoupling(7, hidden=16, depth=2, parity=1)),
-    "diagonal scaling": lambda: randomize(DiagonalScaling(6)),
-    "NICE (logistic)": lambda: randomize(NICE((1, 2, 3), couplings=4, hidden=16, depth=2)),
-    "NICE (gaussian)": lambda: randomize(NICE((6,), couplings=3, hidden=16, depth=2, base="gaussian")),
+    "additive coupling (even)": (lambda: randomize(AdditiveCoupling(6, hidden=16, depth=2, parity=0)), (6,)),
+    "additive coupling (odd)": (lambda: randomize(AdditiveCoupling(7, hidden=16, depth=2, parity=1)), (7,)),
+    "diagonal scaling": (lambda: randomize(DiagonalScaling(6)), (6,)),
+    "squeeze": (Squeeze, (2, 4, 2)),
+    "actnorm": (lambda: randomize(ActNorm(3)), (3, 2, 2)),
+    "invertible 1x1 conv": (lambda: randomize(InvertibleConv1x1(3)), (3, 2, 2)),
+    "affine coupling": (lambda: randomize(AffineCoupling(3, hidden=8)), (3, 2, 2)),
+    "affine coupling on active channels": (lambda: OnChannels(randomize(AffineCoupling(2, hidden=8)), 2), (4, 2, 1)),
+    "i-resnet block (exact log-det)": (lambda: iresnet_block((2, 2, 2)), (2, 2, 2)),
+    "NICE (logistic)": (lambda: randomize(NICE((1, 2, 3), couplings=4, hidden=16, depth=2)), (1, 2, 3)),
+    "NICE (gaussian)": (lambda: randomize(NICE((6,), couplings=3, hidden=16, depth=2, base="gaussian")), (6,)),
+    "glow (2 levels)": (lambda: randomize(Glow((1, 4, 4), levels=2, steps=2, hidden=8)), (1, 4, 4)),
+    "glow on vectors": (lambda: randomize(Glow((3,), levels=1, steps=2, hidden=8)), (3,)),
+    "i-resnet": (lambda: iresnet((1, 2, 4)), (1, 2, 4)),
 }
 
 
 @pytest.mark.parametrize("name", CASES)
 def test_round_trip_keeps_shape_dtype_and_cancels_log_dets(name: str) -> None:
-    flow = CASES[name]()
-    dim = 7 if "odd" in name else 6
-    shape = flow.shape if isinstance(flow, Flow) else (dim,)
+    make, shape = CASES[name]
+    flow = make().double()
     x = torch.randn(5, *shape, dtype=torch.float64)
-    flow = flow.double()
     y, forward_log_det = flow(x)
     back, inverse_log_det = flow.inverse(y)
     assert back.shape == x.shape and back.dtype == x.dtype
     assert forward_log_det.shape == (5,) and forward_log_det.device == x.device
-    assert torch.allclose(back, x, atol=1e-10)
-    assert torch.allclose(forward_log_det + inverse_log_det, torch.zeros(5, dtype=torch.float64), atol=1e-10)
+    assert torch.allclose(back, x, atol=1e-9)
+    assert torch.allclose(forward_log_det + inverse_log_det, torch.zeros(5, dtype=torch.float64), atol=1e-9)
 
 
 @pytest.mark.parametrize("name", CASES)
 def test_log_det_equals_the_autograd_jacobian(name: str) -> None:
-    flow = CASES[name]().double()
-    dim = 7 if "odd" in name else 6
-    shape = flow.shape if isinstance(flow, Flow) else (dim,)
+    make, shape = CASES[name]
+    flow = make().double()
     for x in torch.randn(3, *shape, dtype=torch.float64):
         jacobian = torch.autograd.functional.jacobian(lambda point: flow(point.unsqueeze(0))[0].reshape(-1), x)
         expected = torch.linalg.slogdet(jacobian.reshape(jacobian.shape[0], -1))[1]
         assert flow(x.unsqueeze(0))[1].item() == pytest.approx(expected.item(), abs=1e-8)
 
 
-def test_a_2d_density_integrates_to_one() -> None:
-    flow = randomize(NICE((2,), couplings=4, hidden=16, depth=2, base="gaussian")).double()
-    side = torch.linspace(-12, 12, 801, dtype=torch.float64)
+TWO_D_MODELS = {
+    "NICE": lambda: randomize(NICE((2,), couplings=4, hidden=16, depth=2, base="gaussian")),
+    "glow": lambda: randomize(Glow((2,), levels=1, steps=3, hidden=16)),
+    "i-resnet": lambda: iresnet((2,)),
+}
+
+
+@pytest.mark.parametrize("name", TWO_D_MODELS)
+def test_a_2d_density_integrates_to_one(name: str) -> None:
+    flow = TWO_D_MODELS[name]().double()
+    side = torch.linspace(-12, 12, 401, dtype=torch.float64)
     grid = torch.cartesian_prod(side, side)
     with torch.no_grad():
         mass = flow.log_prob(grid).exp().sum() * (side[1] - side[0]) ** 2
     assert mass.item() == pytest.approx(1.0, abs=0.02)
+
+
+def test_iresnet_inverse_converges_within_its_cap_on_mnist_sized_images() -> None:
+    flow = IResNet((1, 28, 28), blocks=2, hidden=16, max_iterations=100, tolerance=1e-5).eval()
+    flow.initialize(torch.rand(64, 1, 28, 28) * 2 - 1)
+    x = torch.rand(8, 1, 28, 28) * 2 - 1
+    with torch.no_grad():
+        z, _ = flow(x)
+        back, _ = flow.inverse(z)
+    blocks = [layer for layer in flow.layers if isinstance(layer, ResidualBlock)]
+    assert all(0 < block.last_iterations.max() < 100 for block in blocks)
+    assert (back - x).abs().max() < 1e-3
+    frames = flow.inverse_states(z[:2])
+    assert len(frames) > len(flow.layers)  # every fixed-point iterate is a frame
+    assert all(frame.shape == (2, 1, 28, 28) for frame in frames)
+
+
+def test_power_series_with_hutchinson_estimates_the_exact_log_det() -> None:
+    torch.manual_seed(0)
+    exact = iresnet_block((2, 2, 2), log_det="exact").double()
+    series = iresnet_block((2, 2, 2), log_det="series", series_terms=30).double()
+    series.load_state_dict(exact.state_dict())
+    x = torch.randn(1, 2, 2, 2, dtype=torch.float64)
+    with torch.no_grad():
+        truth = exact(x)[1].item()
+        estimates = series(x.expand(4000, -1, -1, -1))[1]
+    assert estimates.mean().item() == pytest.approx(truth, abs=4 * estimates.std().item() / 4000**0.5 + 1e-6)
+    assert abs(truth) > 0.05  # the check is not trivially about zero
+
+
+def test_spectral_normalization_holds_the_residual_branch_under_its_coefficient() -> None:
+    block = iresnet_block((3, 6, 6), coefficient=0.7).double()
+    x, other = torch.randn(2, 64, 3, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        ratios = (block.residual(x) - block.residual(other)).flatten(1).norm(dim=1) / (x - other).flatten(1).norm(dim=1)
+    assert ratios.max().item() <= 0.7 + 1e-6
+
+
+def test_actnorm_starts_from_the_data() -> None:
+    layer = ActNorm(3)
+    x = torch.randn(256, 3, 5, 5) * torch.tensor([0.1, 1.0, 7.0]).view(1, 3, 1, 1) + 4
+    y, _ = layer(x)
+    assert torch.allclose(y.mean((0, 2, 3)), torch.zeros(3), atol=1e-4)
+    assert torch.allclose(y.std((0, 2, 3)), torch.ones(3), atol=1e-2)
+    again, _ = layer(x * 2)  # the start happens once
+    assert not torch.allclose(again.std((0, 2, 3)), torch.ones(3), atol=1e-1)
 
 
 def test_samples_follow_the_temperature_and_shape() -> None:
@@ -86,17 +167,22 @@ def test_data_dependent_start_scales_each_dimension_to_the_base() -> None:
     assert z.std(0)[3] < 0.1  # a near-constant dimension is capped (min_std), not blown up
 
 
-def test_flow_training_writes_a_checkpoint_with_test_bits_per_dim_and_resumes(tmp_path, idx_dir) -> None:
+@pytest.mark.parametrize("arch", ["nice", "glow", "iresnet"])
+def test_flow_training_writes_a_checkpoint_with_test_bits_per_dim_and_resumes(arch: str, tmp_path, idx_dir) -> None:
     from training.checkpoint import load_checkpoint
+    from training.cli import _config_from, build_parser
     from training.sampling import draw_samples, load_model
     from training.train_flow import FlowTrainConfig, train_flow
 
-    config = dict(data_dir=str(idx_dir), out=str(tmp_path / "nice.safetensors"), epochs=1, batch_size=64,
-                  hidden=16, depth=1, couplings=2, device="cpu")
+    config = dict(arch=arch, data_dir=str(idx_dir), out=str(tmp_path / "nice.safetensors"), epochs=1, batch_size=64,
+                  hidden=16, depth=1, couplings=2, steps=1, blocks=1, warmup_steps=3, max_grad_norm=10.0, device="cpu")
     first = load_checkpoint(train_flow(FlowTrainConfig(**config)))
     assert first.config.family == "flow" and math.isfinite(first.config.metrics["test_bits_per_dim"])
     assert first.config.metrics["test_bits_per_dim"] > 0
     resumed = load_checkpoint(train_flow(FlowTrainConfig(**config | {"epochs": 2, "resume": True})))
-    assert resumed.config.training["epochs_done"] == 2
+    assert resumed.config.training["epochs_done"] == 2 and resumed.config.arch["name"] == arch
+    command = shlex.split(resumed.config.training["command"])  # the recorded command rebuilds the same run
+    parsed = _config_from(build_parser().parse_args(command[3:]), FlowTrainConfig)
+    assert parsed == FlowTrainConfig(**config | {"epochs": 2})
     samples = draw_samples(load_model(tmp_path / "nice.safetensors"), 4)
     assert samples.shape == (4, 1, 28, 28) and samples.min() >= -1 and samples.max() <= 1

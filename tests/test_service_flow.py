@@ -53,3 +53,28 @@ def test_langevin_fields_are_422_for_a_flow(server) -> None:
     assert reply.status_code == 422 and "'steps' applies to EBMs only" in reply.text
     image = base64.b64encode(b"not used").decode()
     assert httpx.post(f"{base}/sample", json={"model": "nice", "init": "image", "image": image}).status_code == 422
+
+
+@pytest.fixture
+def zoo_server(models_dir: Path, tmp_path: Path):
+    for arch in ("glow", "iresnet"):
+        write_tiny_flow(models_dir / f"{arch}.safetensors", arch_name=arch)
+    settings = Settings(models_dir=models_dir, state_dir=tmp_path / "state", device="cpu")
+    with running_server(settings) as (base, app):
+        yield base, app
+
+
+def test_multiscale_flow_and_iresnet_are_served_with_trajectories(zoo_server) -> None:
+    base, _ = zoo_server
+    for name in ("glow", "iresnet"):
+        body = httpx.post(f"{base}/sample", json={"model": name, "n": 2, "format": "json", "seed": 1}).json()
+        assert len(body["images"]) == 2 and all(np.isfinite(body["bits_per_dim"]))
+        reply = httpx.post(f"{base}/sample", json={"model": name, "n": 1, "format": "gif"})
+        gif = Image.open(io.BytesIO(reply.content))
+        first = np.asarray(gif.convert("L"))
+        gif.seek(gif.n_frames - 1)
+        assert gif.n_frames > 3 and not np.array_equal(first, np.asarray(gif.convert("L")))
+    layers = 1 + 2 * 2  # squeeze, then actnorm + residual block twice
+    with httpx.stream("POST", f"{base}/sample", json={"model": "iresnet", "n": 1, "stream": True}) as response:
+        names = [line[7:] for line in response.iter_lines() if line.startswith("event: ")]
+    assert layers < names.count("frame") <= 65  # fixed-point iterations are frames, thinned to max_frames

@@ -8,6 +8,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from server import running_server
 
@@ -137,3 +138,12 @@ def test_a_failing_batch_fails_only_its_requests(models_dir: Path, tmp_path: Pat
         pool.modules[0] = healthy
         assert post(base, {"model": "solo", "steps": 5}).status_code == 200  # the worker kept serving
         assert calls["n"] == 1
+
+
+def test_long_flow_trajectories_are_thinned_evenly_keeping_the_last_frame() -> None:
+    from service.worker import evenly_spaced
+
+    frames = [torch.full((1,), float(index)) for index in range(200)]
+    kept = evenly_spaced(frames, 65)
+    assert len(kept) == 65 and kept[0][0] == 1 and kept[-1][0] == 200 and kept[-1][1].item() == 199
+    assert evenly_spaced(frames[:10], 65) == list(enumerate(frames[:10], start=1))

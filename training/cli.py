@@ -147,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     trainers = {
         "ebm": ("train an energy-based model (contrastive divergence + Langevin)", EBMTrainConfig, _cmd_ebm),
         "gan": ("train a GAN: dcgan, wgan (weight clipping) or wgan-gp, with generator EMA", GANTrainConfig, _cmd_gan),
-        "flow": ("train a normalizing flow by maximum likelihood (NICE)", FlowTrainConfig, _cmd_flow),
+        "flow": ("train a normalizing flow by maximum likelihood: nice, glow (multiscale) or iresnet",
+                 FlowTrainConfig, _cmd_flow),
     }
     for name, (description, config_type, handler) in trainers.items():
         trainer = commands.add_parser(name, help=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -197,6 +198,6 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.handler(args)
-    except (DatasetError, CheckpointError, FileNotFoundError) as error:
+    except (DatasetError, CheckpointError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from error

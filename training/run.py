@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import shlex
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,26 @@ class RunConfig:
 
     def resolved_run_dir(self) -> Path:
         return Path(self.run_dir) if self.run_dir else Path(self.out).with_suffix(".run")
+
+    def command_line(self, family: str) -> str:
+        """The `python -m training ...` command that reproduces this run (flags that differ from defaults)."""
+        words = ["python", "-m", "training", family]
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if value == item.default or item.name == "resume":
+                continue
+            flag = "--" + item.name.replace("_", "-")
+            if isinstance(value, bool):
+                words.append(flag if value else "--no-" + flag[2:])
+            else:
+                words += [flag, str(value)]
+        return shlex.join(words)
+
+    def training_record(self, family: str, device: torch.device, wall_seconds: float, epoch: int,
+                        **extra: Any) -> dict[str, Any]:
+        """What every checkpoint records about the run that made it."""
+        return {"command": self.command_line(family), "args": asdict(self), "seed": self.seed,
+                "wall_seconds": wall_seconds, "device": device_name(device), "epochs_done": epoch, **extra}
 
 
 @dataclass
@@ -69,6 +90,13 @@ def pick_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but no CUDA device is available")
     return device
+
+
+def device_name(device: torch.device) -> str:
+    """'cpu' or the GPU's marketing name, so a checkpoint says what it was trained on."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return device.type
 
 
 def seed_everything(seed: int) -> None:

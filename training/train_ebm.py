@@ -6,7 +6,7 @@ UvA deep-EBM tutorial on MNIST.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -58,8 +58,7 @@ def _model_config(config: EBMTrainConfig, dataset: ImageDataset, arch: dict, dev
         sampler={"steps": config.sample_steps, "train_steps": config.steps, "step_size": config.step_size,
                  "noise": config.noise, "grad_clip": config.grad_clip, "temperature": 1.0,
                  "init": "buffer", "restart_prob": config.restart_prob},
-        training={"args": asdict(config), "seed": config.seed, "wall_seconds": wall_seconds,
-                  "device": str(device), "epochs_done": epoch},
+        training=config.training_record("ebm", device, wall_seconds, epoch),
         metrics=metrics,
         ensemble=config.ensemble,
     )

@@ -7,7 +7,7 @@ stabilizers (one-sided label smoothing, instance noise, feature matching) are op
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -167,9 +167,9 @@ def train_gan(config: GANTrainConfig) -> Path:
             arch={**generator_arch, "critic": critic_arch},
             data={"shape": list(train.shape), "range": [-1.0, 1.0], "dataset": config.dataset},
             sampler={"latent_dim": config.latent_dim, "temperature": 1.0, "weights": "ema"},
-            training={"args": asdict(config), "seed": config.seed, "wall_seconds": clock.seconds(),
-                      "device": str(device), "epochs_done": epoch, "generator_updates": generator_updates,
-                      "critic_updates": critic_updates, "noise_batches": noise_batches, "loss": config.loss},
+            training=config.training_record("gan", device, clock.seconds(), epoch, generator_updates=generator_updates,
+                                            critic_updates=critic_updates, noise_batches=noise_batches,
+                                            loss=config.loss),
             metrics={key: round(value, 5) for key, value in record.items() if key.endswith("_loss")},
         )
         extras = {"ema": average.state_dict(), "critic": critic.state_dict()}

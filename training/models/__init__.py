@@ -10,6 +10,8 @@ from training.models.classifier import DigitClassifier
 from training.models.ebm import ConvEnergy, MLPEnergy
 from training.models.flows import NICE
 from training.models.gan import ConvCritic, ConvGenerator, MLPCritic, MLPGenerator
+from training.models.glow import Glow
+from training.models.iresnet import IResNet
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {
     "conv_energy": ConvEnergy,
@@ -20,6 +22,8 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
     "mlp_generator": MLPGenerator,
     "mlp_critic": MLPCritic,
     "nice": NICE,
+    "glow": Glow,
+    "iresnet": IResNet,
 }
 
 

@@ -19,6 +19,74 @@ class FlowLayer(nn.Module):
     def inverse(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def inverse_with_states(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """The inverse plus the states worth showing on the way (iterative inverses show each iterate)."""
+        x, log_det = self.inverse(y)
+        return x, log_det, [x]
+
+    def output_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Shape of one output for one input of `shape` (only reshaping layers change it)."""
+        return shape
+
+
+def squeeze2d(x: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] -> [B, 4C, H/2, W/2], channel-major: channels c < k land in the first 4k."""
+    b, c, h, w = x.shape
+    return x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(b, 4 * c, h // 2, w // 2)
+
+
+def unsqueeze2d(x: torch.Tensor) -> torch.Tensor:
+    b, c, h, w = x.shape
+    return x.reshape(b, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c // 4, 2 * h, 2 * w)
+
+
+class Squeeze(FlowLayer):
+    """Trade space for channels (RealNVP): each 2x2 patch becomes 4 channels; volume-preserving."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return squeeze2d(x), torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
+
+    def inverse(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return unsqueeze2d(y), torch.zeros(y.shape[0], device=y.device, dtype=y.dtype)
+
+    def output_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        c, h, w = shape
+        return (4 * c, h // 2, w // 2)
+
+
+class ActNorm(FlowLayer):
+    """Glow's per-channel affine y = (x + b) * exp(s), started from the first batch it sees so that
+    every channel has zero mean and unit variance there (data-dependent initialization)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.log_scale = nn.Parameter(torch.zeros(channels))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    def _view(self, tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return tensor.reshape(1, -1, *([1] * (like.dim() - 2)))
+
+    def _pixels(self, x: torch.Tensor) -> int:
+        return math.prod(x.shape[2:])
+
+    @torch.no_grad()
+    def initialize(self, x: torch.Tensor) -> None:
+        per_channel = x.transpose(0, 1).reshape(x.shape[1], -1)
+        self.bias.copy_(-per_channel.mean(1))
+        self.log_scale.copy_(-per_channel.std(1, correction=0).clamp(min=1e-3).log())
+        self.initialized.fill_(True)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.initialized:
+            self.initialize(x)
+        y = (x + self._view(self.bias, x)) * self._view(self.log_scale, x).exp()
+        return y, (self.log_scale.sum() * self._pixels(x)).expand(x.shape[0])
+
+    def inverse(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = y * self._view(-self.log_scale, y).exp() - self._view(self.bias, y)
+        return x, (-self.log_scale.sum() * self._pixels(y)).expand(y.shape[0])
+
 
 def _mlp(inputs: int, outputs: int, hidden: int, depth: int) -> nn.Sequential:
     layers: list[nn.Module] = []
@@ -116,49 +184,67 @@ BASES = {"logistic": StandardLogistic, "gaussian": StandardGaussian}
 
 
 class Flow(nn.Module):
-    """A stack of flow layers over flattened data of `shape`, with a base distribution.
+    """A stack of flow layers over data of `shape`, with a base distribution over the flattened output.
 
-    `log_prob(x)` is exact; `sample(n, temperature)` inverts base samples; `inverse_states(z)` returns
-    the state after each layer of the inverse pass (a trajectory from noise to data).
+    Layers see the data as `layer_shape` (flat for NICE, [C, H, W] for convolutional flows).
+    `log_prob(x)` is exact (or, for the i-ResNet, an unbiased estimate of a truncated series);
+    `sample(n, temperature)` inverts base samples; `inverse_states(z)` returns the states of the inverse
+    pass viewed in data space (a trajectory from noise to data).
     """
 
-    def __init__(self, layers: list[FlowLayer], shape: tuple[int, ...], base: str = "logistic") -> None:
+    def __init__(self, layers: list[FlowLayer], shape: tuple[int, ...], base: str = "logistic",
+                 layer_shape: tuple[int, ...] | None = None) -> None:
         super().__init__()
         if base not in BASES:
             raise ValueError(f"unknown base distribution {base!r}; expected one of {', '.join(BASES)}")
         self.layers = nn.ModuleList(layers)
         self.shape = tuple(shape)
+        self.layer_shape = tuple(layer_shape) if layer_shape else (math.prod(shape),)
+        self.latent_shape = self.layer_shape
+        for layer in layers:
+            self.latent_shape = layer.output_shape(self.latent_shape)
         self.base_name = base
         self.base = BASES[base]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # [B, *shape] -> [B, D], [B]
-        z = x.reshape(x.shape[0], -1)
+        z = x.reshape(x.shape[0], *self.layer_shape)
         log_det = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
         for layer in self.layers:
             z, step = layer(z)
             log_det = log_det + step
-        return z, log_det
+        return z.reshape(x.shape[0], -1), log_det
 
     def inverse(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # [B, D] -> [B, *shape], [B]
-        states, log_det = self._inverse(z)
-        return states[-1], log_det
-
-    def _inverse(self, z: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        state = z.reshape(z.shape[0], *self.latent_shape)
         log_det = torch.zeros(z.shape[0], device=z.device, dtype=z.dtype)
-        states = []
         for layer in reversed(self.layers):
-            z, step = layer.inverse(z)
+            state, step = layer.inverse(state)
             log_det = log_det + step
-            states.append(z.reshape(z.shape[0], *self.shape))
-        return states, log_det
+        return state.reshape(z.shape[0], *self.shape), log_det
 
     def inverse_states(self, z: torch.Tensor) -> list[torch.Tensor]:
-        """The data-space view after each inverse layer: the frames of a flow's trajectory."""
-        return self._inverse(z)[0]
+        """The data-space view after each inverse layer (and each fixed-point iterate): a flow's trajectory."""
+        state = z.reshape(z.shape[0], *self.latent_shape)
+        frames = []
+        for layer in reversed(self.layers):
+            state, _, states = layer.inverse_with_states(state)
+            frames += [self._data_view(each) for each in states]
+        return frames
+
+    def _data_view(self, state: torch.Tensor) -> torch.Tensor:
+        """Undo the squeezes (a pure rearrangement) so any intermediate state can be drawn as an image."""
+        while tuple(state.shape[1:]) != self.layer_shape:
+            state = unsqueeze2d(state)
+        return state.reshape(state.shape[0], *self.shape)
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:  # [B, *shape] -> [B]
         z, log_det = self(x)
         return self.base.log_prob(z) + log_det
+
+    @torch.no_grad()
+    def initialize(self, x: torch.Tensor) -> None:
+        """Data-dependent start: one pass over a batch lets every ActNorm set itself from what reaches it."""
+        self(x)
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -1,0 +1,184 @@
+"""Invertible residual networks (Behrmann et al. 2019): y = x + g(x) with Lip(g) < 1.
+
+The residual branch is spectrally normalized to a Lipschitz coefficient below 1 (power iteration on the
+convolution operator itself, not on its reshaped kernel), so the block is invertible by fixed-point
+iteration, and log|det(I + J_g)| = sum_k (-1)^(k+1) tr(J_g^k) / k is estimated with Hutchinson's trace
+estimator for training; small inputs take the exact determinant instead.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional
+
+from training.models.flows import ActNorm, Flow, FlowLayer, Squeeze
+from training.models.glow import as_image_shape
+
+EXACT_LOG_DET_MAX_DIM = 16  # "auto" computes the full Jacobian up to this many dimensions
+
+
+def _unit(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor / tensor.norm().clamp(min=1e-12)
+
+
+class LipschitzConv(nn.Module):
+    """A convolution rescaled so its operator norm on `spatial`-sized inputs is at most `coefficient`.
+
+    Power iteration runs on the operator (conv, then its adjoint conv_transpose) and advances one step per
+    training forward; the estimate is kept in the `sigma` buffer so evaluation and inverses use exactly
+    the map that was trained.
+    """
+
+    def __init__(self, inputs: int, outputs: int, kernel: int, spatial: tuple[int, int], coefficient: float,
+                 power_iterations: int = 1) -> None:
+        super().__init__()
+        self.padding = kernel // 2
+        self.coefficient = coefficient
+        self.power_iterations = power_iterations
+        conv = nn.Conv2d(inputs, outputs, kernel, padding=self.padding)
+        self.weight = nn.Parameter(conv.weight.detach())
+        self.bias = nn.Parameter(conv.bias.detach())
+        self.register_buffer("u", _unit(torch.randn(1, inputs, *spatial)))
+        self.register_buffer("sigma", torch.ones(()))
+        self.refresh(iterations=50)
+
+    @torch.no_grad()
+    def refresh(self, iterations: int) -> None:
+        """Run power iteration to convergence (after weights change outside training, e.g. in tests)."""
+        self._estimate(iterations)
+
+    def _estimate(self, iterations: int) -> torch.Tensor:
+        with torch.no_grad():
+            u = self.u
+            for _ in range(iterations):
+                v = _unit(functional.conv2d(u, self.weight, padding=self.padding))
+                u = _unit(functional.conv_transpose2d(v, self.weight, padding=self.padding))
+            self.u.copy_(u)
+        sigma = functional.conv2d(self.u, self.weight, padding=self.padding).norm()  # differentiable in weight
+        self.sigma.copy_(sigma.detach())
+        return sigma
+
+    def forward(self, x: torch.Tensor, update: bool = False) -> torch.Tensor:
+        sigma = self._estimate(self.power_iterations) if update else self.sigma
+        scale = torch.clamp(self.coefficient / sigma, max=1.0)
+        return functional.conv2d(x, self.weight * scale, self.bias, padding=self.padding)
+
+
+class ResidualBlock(FlowLayer):
+    """x -> x + g(x), g = conv -> ELU -> conv(1x1) -> ELU -> conv, each conv Lipschitz <= `coefficient`.
+
+    `log_det`: "exact" (full Jacobian, small dims), "series" (`series_terms` terms of the power series,
+    one Hutchinson probe) or "auto" (exact up to EXACT_LOG_DET_MAX_DIM dimensions).
+    """
+
+    def __init__(self, shape: tuple[int, int, int], hidden: int, coefficient: float = 0.9, series_terms: int = 5,
+                 log_det: str = "auto", tolerance: float = 1e-5, max_iterations: int = 100) -> None:
+        super().__init__()
+        if not 0 < coefficient < 1:
+            raise ValueError(f"the Lipschitz coefficient must lie in (0, 1) for invertibility, got {coefficient}")
+        if log_det not in ("auto", "exact", "series"):
+            raise ValueError(f"log_det must be 'auto', 'exact' or 'series', not {log_det!r}")
+        channels, height, width = shape
+        kernel = 3 if height > 1 else 1
+        spatial = (height, width)
+        self.convs = nn.ModuleList([
+            LipschitzConv(channels, hidden, kernel, spatial, coefficient),
+            LipschitzConv(hidden, hidden, 1, spatial, coefficient),
+            LipschitzConv(hidden, channels, kernel, spatial, coefficient),
+        ])
+        self.dim = math.prod(shape)
+        self.series_terms = series_terms
+        self.exact = log_det == "exact" or (log_det == "auto" and self.dim <= EXACT_LOG_DET_MAX_DIM)
+        self.tolerance = tolerance
+        self.max_iterations = max_iterations
+        self.last_iterations = torch.zeros(0, dtype=torch.long)  # per sample, from the latest inverse
+
+    def residual(self, x: torch.Tensor, update: bool = False) -> torch.Tensor:
+        first, middle, last = self.convs
+        return last(functional.elu(middle(functional.elu(first(x, update)), update)), update)
+
+    def _log_det(self, x: torch.Tensor, gx: torch.Tensor, keep_graph: bool) -> torch.Tensor:
+        """log|det(I + dg/dx)| per sample; x must require grad and gx = g(x) be built from it."""
+        batch = x.shape[0]
+        if self.exact:
+            rows = [torch.autograd.grad(gx.flatten(1)[:, index].sum(), x, retain_graph=True,
+                                        create_graph=keep_graph)[0].flatten(1) for index in range(self.dim)]
+            jacobian = torch.stack(rows, 1)  # [B, D, D]
+            eye = torch.eye(self.dim, device=x.device, dtype=x.dtype)
+            return torch.linalg.slogdet(eye + jacobian)[1]
+        probe = torch.randn_like(x)
+        power = probe
+        total = torch.zeros(batch, device=x.device, dtype=x.dtype)
+        for term in range(1, self.series_terms + 1):
+            power = torch.autograd.grad(gx, x, power, retain_graph=True, create_graph=keep_graph)[0]  # v^T J^k
+            total = total + (-1) ** (term + 1) / term * (power * probe).flatten(1).sum(1)
+        return total
+
+    def _forward_and_log_det(self, x: torch.Tensor, update: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        keep_graph = torch.is_grad_enabled()
+        with torch.enable_grad():
+            if not (keep_graph and x.requires_grad):
+                x = x.detach().requires_grad_(True)
+            gx = self.residual(x, update)
+            log_det = self._log_det(x, gx, keep_graph)
+            y = x + gx
+        if not keep_graph:
+            return y.detach(), log_det.detach()
+        return y, log_det
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._forward_and_log_det(x, update=self.training)
+
+    def inverse(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, log_det, _ = self.inverse_with_states(y)
+        return x, log_det
+
+    def inverse_with_states(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """Fixed point of x = y - g(x) (a contraction); each sample stops once its largest change is under
+        `tolerance`, all stop at `max_iterations`. Returns every iterate as a state."""
+        with torch.no_grad():
+            x = y.clone()
+            active = torch.ones(y.shape[0], dtype=torch.bool, device=y.device)
+            iterations = torch.zeros(y.shape[0], dtype=torch.long, device=y.device)
+            states = []
+            for _ in range(self.max_iterations):
+                index = active.nonzero().squeeze(1)
+                if len(index) == 0:
+                    break
+                updated = y[index] - self.residual(x[index])
+                change = (updated - x[index]).flatten(1).abs().amax(1)
+                x[index] = updated
+                iterations[index] += 1
+                active[index[change <= self.tolerance]] = False
+                states.append(x.clone())
+            self.last_iterations = iterations.cpu()
+        _, log_det = self._forward_and_log_det(x, update=False)
+        return x, -log_det, states or [x]
+
+
+class IResNet(Flow):
+    """Squeeze (for even-sized images), then `blocks` x [actnorm, invertible residual block]."""
+
+    def __init__(self, shape: tuple[int, ...] | list[int] = (1, 28, 28), blocks: int = 8, hidden: int = 64,
+                 coefficient: float = 0.9, series_terms: int = 5, log_det: str = "auto", tolerance: float = 1e-5,
+                 max_iterations: int = 100, base: str = "gaussian") -> None:
+        layer_shape = as_image_shape(tuple(shape))
+        layers: list[FlowLayer] = []
+        state_shape = layer_shape
+        _, height, width = layer_shape
+        if height > 1 and height % 2 == 0 and width % 2 == 0:
+            layers.append(Squeeze())
+            state_shape = layers[0].output_shape(layer_shape)
+        for _ in range(blocks):
+            layers.append(ActNorm(state_shape[0]))
+            layers.append(ResidualBlock(state_shape, hidden, coefficient, series_terms, log_det, tolerance,
+                                        max_iterations))
+        super().__init__(layers, tuple(shape), base, layer_shape)
+
+    def refresh_spectral_norms(self, iterations: int = 50) -> None:
+        for module in self.modules():
+            if isinstance(module, LipschitzConv):
+                module.refresh(iterations)
