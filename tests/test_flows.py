@@ -175,10 +175,12 @@ def test_flow_training_writes_a_checkpoint_with_test_bits_per_dim_and_resumes(ar
     from training.train_flow import FlowTrainConfig, train_flow
 
     config = dict(arch=arch, data_dir=str(idx_dir), out=str(tmp_path / "nice.safetensors"), epochs=1, batch_size=64,
-                  hidden=16, depth=1, couplings=2, steps=1, blocks=1, warmup_steps=3, max_grad_norm=10.0, device="cpu")
+                  hidden=16, depth=1, couplings=2, steps=1, blocks=1, warmup_steps=3, max_grad_norm=10.0, device="cpu",
+                  save_dtype="float16")
     first = load_checkpoint(train_flow(FlowTrainConfig(**config)))
     assert first.config.family == "flow" and math.isfinite(first.config.metrics["test_bits_per_dim"])
     assert first.config.metrics["test_bits_per_dim"] > 0
+    assert {tensor.dtype for tensor in first.weights.values() if tensor.is_floating_point()} == {torch.float16}
     resumed = load_checkpoint(train_flow(FlowTrainConfig(**config | {"epochs": 2, "resume": True})))
     assert resumed.config.training["epochs_done"] == 2 and resumed.config.arch["name"] == arch
     command = shlex.split(resumed.config.training["command"])  # the recorded command rebuilds the same run

@@ -32,9 +32,16 @@ class RunConfig:
     device: str = "auto"
     resume: bool = False
     max_batches: int | None = None  # per epoch; for quick runs and tests
+    save_dtype: str = "float32"  # floating tensors of the output checkpoint: float32 or float16 (half the file)
 
     def resolved_run_dir(self) -> Path:
         return Path(self.run_dir) if self.run_dir else Path(self.out).with_suffix(".run")
+
+    def output_dtype(self) -> torch.dtype:
+        """The dtype the output checkpoint is stored in (resume state always keeps full precision)."""
+        if self.save_dtype not in ("float32", "float16"):
+            raise ValueError(f"--save-dtype must be float32 or float16, not {self.save_dtype!r}")
+        return getattr(torch, self.save_dtype)
 
     def command_line(self, family: str) -> str:
         """The `python -m training ...` command that reproduces this run (flags that differ from defaults)."""
@@ -70,6 +77,7 @@ class RunStart:
 def start_run(config: RunConfig, with_test: bool = True) -> RunStart:
     """Device, seed, datasets and run directory, in the same order for every family (so --seed reproduces)."""
     device = pick_device(config.device)
+    config.output_dtype()  # a bad --save-dtype fails now, not after the first epoch
     seed_everything(config.seed)
     train = load_dataset(config.dataset, config.data_dir, "train", seed=config.seed)
     test = load_dataset(config.dataset, config.data_dir, "test", seed=config.seed) if with_test else None

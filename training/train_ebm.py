@@ -131,7 +131,7 @@ def train_ebm(config: EBMTrainConfig) -> Path:
         weights = {name: tensor for name, tensor in model.state_dict().items()}
         shipped_state = buffer.state_dict()
         shipped_state["samples"] = shipped_state["samples"][len(buffer) - min(config.keep_buffer, len(buffer)) :].half()
-        save_checkpoint(out, Checkpoint(model_config, weights, {"replay_buffer": shipped_state}))
+        save_checkpoint(out, Checkpoint(model_config, weights, {"replay_buffer": shipped_state}), config.output_dtype())
         save_resume(run_dir, epoch, model_config, weights, {"model": optimizer},
                     {"replay_buffer": buffer.state_dict()})
         log.write(record)  # after the resume state: a crash in between never logs an epoch twice

@@ -133,7 +133,7 @@ def train_flow(config: FlowTrainConfig) -> Path:
             training=config.training_record("flow", device, clock.seconds(), epoch),
             metrics={"test_bits_per_dim": round(record["test_bits_per_dim"], 4)},
         )
-        save_checkpoint(out, Checkpoint(model_config, flow.state_dict()))
+        save_checkpoint(out, Checkpoint(model_config, flow.state_dict()), config.output_dtype())
         save_resume(run_dir, epoch, model_config, flow.state_dict(), {"flow": optimizer}, {})
         log.write(record)
         print(f"epoch {epoch}: train {record['train_bits_per_dim']:.4f} test {record['test_bits_per_dim']:.4f} "

@@ -173,7 +173,7 @@ def train_gan(config: GANTrainConfig) -> Path:
             metrics={key: round(value, 5) for key, value in record.items() if key.endswith("_loss")},
         )
         extras = {"ema": average.state_dict(), "critic": critic.state_dict()}
-        save_checkpoint(out, Checkpoint(model_config, generator.state_dict(), extras))
+        save_checkpoint(out, Checkpoint(model_config, generator.state_dict(), extras), config.output_dtype())
         save_resume(run_dir, epoch, model_config, generator.state_dict(), optimizers, extras)
         log.write(record)
         print(f"epoch {epoch}: critic {record['critic_loss']:.4f} generator {record['generator_loss']:.4f} "
