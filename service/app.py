@@ -219,7 +219,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 shape=list(config.data["shape"]), data_range=list(model.members[0].data_range),
                 dataset=config.data.get("dataset"), ensemble=config.ensemble, sampler=config.sampler,
                 limits={"max_n": settings.max_n, "max_steps": settings.max_steps, "max_frames": settings.max_frames},
-                metrics=config.metrics if len(model.members) == 1 else {},
+                metrics=config.metrics if len(model.members) == 1 else
+                {key: value for key, value in config.metrics.items() if key.startswith("evaluate_ensemble")},
                 buffer_size=len(pool.buffer) if pool else None,
                 buffer_capacity=pool.buffer.capacity if pool else None,
                 buffer_saved_at=store.saved_at.get(model.group) if model.group else None,

@@ -28,17 +28,8 @@ class BufferGroup:
     def initial_buffer(self) -> ReplayBuffer:
         """The members' saved buffers pooled, or an empty buffer when none was saved."""
         states = [member.extras["replay_buffer"] for member in self.members if "replay_buffer" in member.extras]
-        shape = self.members[0].shape
         restart = float(self.members[0].config.sampler.get("restart_prob", 0.05))
-        low, high = self.members[0].data_range
-        if not states:
-            return ReplayBuffer(shape, restart_prob=restart, data_range=(low, high))
-        samples = torch.cat([state["samples"].float() for state in states])
-        capacity = max(max(int(state["capacity"]) for state in states), len(samples))
-        buffer = ReplayBuffer(shape, capacity=capacity, restart_prob=restart, data_range=(low, high))
-        buffer.samples[: len(samples)] = samples
-        buffer.size = len(samples)
-        return buffer
+        return ReplayBuffer.pooled(states, self.members[0].shape, restart, self.members[0].data_range)
 
 
 @dataclass

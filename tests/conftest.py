@@ -54,7 +54,8 @@ def write_tiny_ebm(path: Path, seed: int = 0, ensemble: str | None = None, buffe
         family="ebm", arch=arch, data={"shape": [1, 28, 28], "range": [-1.0, 1.0], "dataset": "fake"},
         sampler={"steps": steps, "train_steps": steps, "step_size": 10.0, "noise": 0.005, "grad_clip": 0.03,
                  "temperature": 1.0, "init": "buffer", "restart_prob": 0.05},
-        training={"seed": seed}, metrics={"val_cd": -0.1}, ensemble=ensemble,
+        training={"seed": seed}, ensemble=ensemble,
+        metrics={"val_cd": -0.1, **({"evaluate_ensemble_buffer": {"frechet_distance": 50.0}} if ensemble else {})},
     )
     save_checkpoint(path, Checkpoint(config, model.state_dict(), {"replay_buffer": buffer.state_dict()}))
     return path

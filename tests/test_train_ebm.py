@@ -1,7 +1,9 @@
 import json
 from pathlib import Path
 
+import pytest
 import torch
+from conftest import write_tiny_ebm
 
 from training.checkpoint import load_checkpoint
 from training.cli import main
@@ -84,3 +86,14 @@ def test_cli_trains_samples_and_evaluates_on_idx_data(tmp_path: Path, idx_dir: P
     assert recorded["frechet_distance"] == report["model"]["frechet_distance"] and recorded["steps"] == 2
     assert set(report["model"]) == {"frechet_distance", "coverage_bits", "precision", "recall", "n"}
     assert report["real_data_floor"]["frechet_distance"] < report["model"]["frechet_distance"]
+
+    members = [write_tiny_ebm(tmp_path / f"pair_{seed}.safetensors", seed=seed, ensemble="pair") for seed in (1, 2)]
+    main(["evaluate", *map(str, members), "--data-dir", str(idx_dir), "--n", "32", "--init", "buffer",
+          "--classifier", str(classifier), "--device", "cpu", "--record"])
+    report = json.loads(capsys.readouterr().out)
+    for member in members:  # an ensemble's figures are recorded in every member
+        assert load_checkpoint(member).config.metrics["evaluate_ensemble_buffer"]["frechet_distance"] == \
+            report["model"]["frechet_distance"]
+    with pytest.raises(SystemExit):  # a lone EBM and an ensemble member are not one ensemble
+        main(["evaluate", str(checkpoint), str(members[0]), "--data-dir", str(idx_dir), "--n", "8",
+              "--classifier", str(classifier), "--device", "cpu"])

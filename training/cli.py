@@ -61,7 +61,8 @@ def _cmd_sample(args: argparse.Namespace) -> None:
     from training.sampling import draw_samples, load_model
 
     device = pick_device(args.device)
-    model = load_model(args.checkpoint, device)
+    members = [load_model(path, device) for path in args.checkpoint]
+    model = members[0]
     generator = torch.Generator().manual_seed(args.seed)
     frames = []
 
@@ -69,7 +70,7 @@ def _cmd_sample(args: argparse.Namespace) -> None:
         if args.trajectory and step % args.trajectory == 0:
             frames.append(grid(x, model.data_range))
 
-    samples = draw_samples(model, args.n, args.steps, args.init, generator, keep_frame if args.trajectory else None)
+    samples = draw_samples(members, args.n, args.steps, args.init, generator, keep_frame if args.trajectory else None)
     save_grid(samples, args.out, model.data_range)
     print(f"wrote {args.out} ({args.n} {model.config.family} samples)")
     if frames:
@@ -91,11 +92,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     test = load_dataset("mnist", args.data_dir, "test")
     train = load_dataset("mnist", args.data_dir, "train")
     generator = torch.Generator().manual_seed(args.seed)
-    model = load_model(args.checkpoint, device)
+    members = [load_model(path, device) for path in args.checkpoint]
+    model = members[0]
     if model.shape != (1, 28, 28):
-        raise SystemExit(f"evaluate: the classifier reads 1x28x28 images; {args.checkpoint} makes {list(model.shape)}")
+        raise SystemExit(f"evaluate: the classifier reads 1x28x28 images; {model.name} makes {list(model.shape)}")
     samples = torch.cat([
-        draw_samples(model, min(args.batch, args.n - start), args.steps, args.init, generator).cpu()
+        draw_samples(members, min(args.batch, args.n - start), args.steps, args.init, generator).cpu()
         for start in range(0, args.n, args.batch)
     ])
     steps = args.steps or model.config.sampler.get("steps")
@@ -103,7 +105,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     reference = test.images[torch.randperm(len(test.images), generator=torch.Generator().manual_seed(args.seed + 1))
                             [: args.n]]
     report = {
-        "checkpoint": str(args.checkpoint),
+        "checkpoints": [str(path) for path in args.checkpoint],
         "family": model.config.family,
         "sampler": {"init": args.init, "steps": steps, "n": args.n} if model.config.family == "ebm" else {"n": args.n},
         "model": asdict(quality_figures(classifier, reference, samples)),
@@ -119,12 +121,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     if args.record:
         from training.checkpoint import load_checkpoint, save_checkpoint
 
-        checkpoint = load_checkpoint(args.checkpoint)
         key = "evaluate" if model.config.family != "ebm" else f"evaluate_{args.init}"
-        checkpoint.config.metrics[key] = {**report["model"], **report["sampler"],
-                                          "floor_frechet_distance": report["real_data_floor"]["frechet_distance"]}
-        save_checkpoint(args.checkpoint, checkpoint)
-        print(f"recorded the figures in {args.checkpoint} (metrics.{key})", file=sys.stderr)
+        if len(members) > 1:
+            key = f"evaluate_ensemble_{args.init}"  # the same figures go into every member
+        for path in args.checkpoint:
+            checkpoint = load_checkpoint(path)
+            checkpoint.config.metrics[key] = {**report["model"], **report["sampler"],
+                                              "floor_frechet_distance": report["real_data_floor"]["frechet_distance"]}
+            save_checkpoint(path, checkpoint)
+            print(f"recorded the figures in {path} (metrics.{key})", file=sys.stderr)
 
 
 def _cmd_classifier(args: argparse.Namespace) -> None:
@@ -157,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample = commands.add_parser("sample", help="draw samples from a checkpoint into a PNG grid",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    sample.add_argument("checkpoint", type=Path)
+    sample.add_argument("checkpoint", type=Path, nargs="+", help="one checkpoint, or the EBMs of one ensemble")
     sample.add_argument("--n", type=int, default=64)
     sample.add_argument("--steps", type=int, default=None, help="Langevin steps (default: the checkpoint's)")
     sample.add_argument("--init", choices=["noise", "buffer"], default="noise")
@@ -170,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("evaluate", help="print sample-quality figures as JSON",
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    evaluate.add_argument("checkpoint", type=Path)
+    evaluate.add_argument("checkpoint", type=Path, nargs="+", help="one checkpoint, or the EBMs of one ensemble")
     evaluate.add_argument("--data-dir", default=None)
     evaluate.add_argument("--n", type=int, default=2000, help="samples and reference images compared")
     evaluate.add_argument("--steps", type=int, default=None)

@@ -7,6 +7,7 @@ so chains with different step sizes, noise levels and temperatures can share one
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -101,6 +102,18 @@ def frozen_energy(model: nn.Module) -> EnergyFn:
             return model(x)
         finally:
             model.train(was_training)
+
+    return energy
+
+
+def ensemble_energy(models: list[nn.Module]) -> EnergyFn:
+    """IGEBM's ensemble sampling for chains that start together: step t moves under member t mod K.
+    (The server applies the same rule per chain, since its chains join a batch at different steps.)"""
+    energies = [frozen_energy(model) for model in models]
+    calls = itertools.count()
+
+    def energy(x: torch.Tensor) -> torch.Tensor:
+        return energies[next(calls) % len(energies)](x)
 
     return energy
 
@@ -241,4 +254,17 @@ class ReplayBuffer:
         buffer.size = min(samples.shape[0], buffer.capacity)
         buffer.samples[: buffer.size] = samples[: buffer.size]
         buffer.next_replace = int(state["next_replace"]) % buffer.capacity
+        return buffer
+
+    @classmethod
+    def pooled(cls, states: list[dict[str, torch.Tensor]], shape: tuple[int, ...], restart_prob: float,
+               data_range: tuple[float, float]) -> ReplayBuffer:
+        """One buffer holding every saved buffer of an ensemble's members (empty when none was saved)."""
+        if not states:
+            return cls(shape, restart_prob=restart_prob, data_range=data_range)
+        samples = torch.cat([state["samples"].float() for state in states])
+        capacity = max(max(int(state["capacity"]) for state in states), len(samples))
+        buffer = cls(shape, capacity=capacity, restart_prob=restart_prob, data_range=data_range)
+        buffer.samples[: len(samples)] = samples
+        buffer.size = len(samples)
         return buffer

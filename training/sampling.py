@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from training.checkpoint import Checkpoint, ModelConfig, load_checkpoint
-from training.langevin import LangevinSettings, ReplayBuffer, StepCallback, frozen_energy, sample_langevin
+from training.langevin import LangevinSettings, ReplayBuffer, StepCallback, ensemble_energy, sample_langevin
 from training.models import build_model
 
 
@@ -70,31 +70,46 @@ def sample_generator(model: LoadedModel, n: int, temperature: float | None = Non
         return model.module(latents.to(device))
 
 
-def draw_samples(model: LoadedModel, n: int, steps: int | None = None, init: str = "noise",
+def draw_samples(model: LoadedModel | list[LoadedModel], n: int, steps: int | None = None, init: str = "noise",
                  generator: torch.Generator | None = None, callback: StepCallback | None = None) -> torch.Tensor:
-    """One entry point for every family, used by the `sample` and `evaluate` commands."""
-    if model.config.family == "ebm":
-        return sample_ebm(model, n, langevin_settings(model.config, steps), init, generator, callback)
-    if model.config.family == "gan":
-        return sample_generator(model, n, generator=generator)
-    if model.config.family == "flow":
-        temperature = float(model.config.sampler.get("temperature", 1.0))
-        return model.module.sample(n, temperature, generator).clamp(*model.data_range)
-    raise ValueError(f"sampling {model.config.family} checkpoints is not supported yet")
+    """One entry point for every family, used by the `sample` and `evaluate` commands.
+
+    A list of EBM checkpoints of one ensemble samples as the server samples the ensemble: chains move
+    under the members in turn and start from their pooled buffers.
+    """
+    members = model if isinstance(model, list) else [model]
+    first = members[0]
+    if len(members) > 1:
+        ensembles = {member.config.ensemble for member in members}
+        if first.config.family != "ebm" or len(ensembles) != 1 or None in ensembles:
+            raise ValueError("several checkpoints are sampled together only as EBMs of one declared ensemble; "
+                             f"got {', '.join(f'{m.name} ({m.config.family}, {m.config.ensemble})' for m in members)}")
+    if first.config.family == "ebm":
+        return sample_ebm(members, n, langevin_settings(first.config, steps), init, generator, callback)
+    if first.config.family == "gan":
+        return sample_generator(first, n, generator=generator)
+    if first.config.family == "flow":
+        temperature = float(first.config.sampler.get("temperature", 1.0))
+        return first.module.sample(n, temperature, generator).clamp(*first.data_range)
+    raise ValueError(f"sampling {first.config.family} checkpoints is not supported yet")
 
 
-def sample_ebm(model: LoadedModel, n: int, settings: LangevinSettings, init: str = "noise",
+def sample_ebm(members: list[LoadedModel], n: int, settings: LangevinSettings, init: str = "noise",
                generator: torch.Generator | None = None, callback: StepCallback | None = None) -> torch.Tensor:
-    """Run n chains for settings.steps from uniform noise or from the checkpoint's replay buffer."""
-    device = next(model.module.parameters()).device
+    """Run n chains for settings.steps from uniform noise or from the checkpoints' replay buffers."""
+    first = members[0]
+    device = next(first.module.parameters()).device
     if init == "buffer":
-        if "replay_buffer" not in model.extras:
-            raise ValueError(f"{model.name} has no saved replay buffer; use init='noise'")
-        buffer = ReplayBuffer.from_state_dict(model.extras["replay_buffer"])
+        states = [member.extras["replay_buffer"] for member in members if "replay_buffer" in member.extras]
+        if not states:
+            raise ValueError(f"{first.name} has no saved replay buffer; use init='noise'")
+        buffer = ReplayBuffer.pooled(states, first.shape, float(first.config.sampler.get("restart_prob", 0.05)),
+                                     first.data_range)
         start, _ = buffer.draw(n, generator)
     elif init == "noise":
         low, high = settings.data_min, settings.data_max
-        start = torch.rand(n, *model.shape, generator=generator) * (high - low) + low
+        start = torch.rand(n, *first.shape, generator=generator) * (high - low) + low
     else:
         raise ValueError(f"init must be 'noise' or 'buffer', got {init!r}")
-    return sample_langevin(frozen_energy(model.module), start.to(device), settings, generator, callback)
+    energy = ensemble_energy([member.module for member in members])
+    return sample_langevin(energy, start.to(device), settings, generator, callback)
