@@ -93,12 +93,16 @@ def _decode_upload(field: str, text: str, model: ServedModel) -> torch.Tensor:
 
 
 def _steps(body: SampleRequest, model: ServedModel) -> int:
-    """Langevin steps (EBM), layers of the inverse (flow: one frame each), or one generator pass (GAN)."""
-    if model.family == "flow":
-        return len(model.members[0].module.layers)
-    if model.family == "gan":
+    """Langevin steps (EBM), or 1: one pass of a GAN's generator or a flow's inverse (whose trajectory,
+    when asked for, reports the number of states the inverse went through instead)."""
+    if model.family != "ebm":
         return 1
     return body.steps or int(model.config.sampler.get("steps", 60))
+
+
+def _frame_limit(settings: Settings, streaming: bool) -> int:
+    """Frames a trajectory may have: all allowed when streamed, a GIF or JSON body keeps it smaller."""
+    return settings.max_frames if streaming else min(settings.max_frames, 33)
 
 
 async def _order(body: SampleRequest, model: ServedModel, settings: Settings, streaming: bool) -> SampleOrder:
@@ -107,13 +111,13 @@ async def _order(body: SampleRequest, model: ServedModel, settings: Settings, st
     temperature = body.temperature if body.temperature is not None else float(sampler.get("temperature", 1.0))
     seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
     every = body.trajectory_every
-    if every is None and (body.format == "gif" or streaming):
-        frames = settings.max_frames if streaming else min(settings.max_frames, 33)
-        every = max(1, math.ceil(steps / (frames - 1)))
-    if model.family != "ebm":  # frames, when asked for, are every layer of a flow's inverse (a GAN has one)
+    wants_frames = body.format == "gif" or streaming
+    if model.family != "ebm":  # frames are the states of a flow's inverse, thinned evenly (a GAN has one)
         return SampleOrder(model=model, n=body.n, seed=seed, temperature=temperature, steps=steps,
-                           trajectory_every=1 if every else None,
-                           max_frames=settings.max_frames if streaming else min(settings.max_frames, 33))
+                           trajectory_every=1 if wants_frames else None,
+                           max_frames=_frame_limit(settings, streaming))
+    if every is None and wants_frames:
+        every = max(1, math.ceil(steps / (_frame_limit(settings, streaming) - 1)))
     start_image = free_mask = None
     if body.image is not None:
         start_image = await asyncio.to_thread(_decode_upload, "image", body.image, model)

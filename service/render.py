@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 
 import torch
 
@@ -17,12 +18,18 @@ def grid_b64(x: torch.Tensor, data_range: tuple[float, float]) -> str:
     return base64.b64encode(png_bytes(grid(x, data_range))).decode("ascii")
 
 
+def finite_values(values: torch.Tensor, digits: int) -> list[float | None]:
+    """Rounded floats for JSON, None where a value is not finite (JSON has no inf or NaN)."""
+    return [round(float(value), digits) if math.isfinite(value) else None for value in values.tolist()]
+
+
 def frame_event(step: int, steps: int, x: torch.Tensor, energy: torch.Tensor | None,
                 data_range: tuple[float, float]) -> dict:
     """One streamed trajectory frame: the grid at this step and each chain's energy (none at step 0)."""
-    energies = None if energy is None else [round(float(value), 6) for value in energy]
+    energies = None if energy is None else finite_values(energy, 6)
+    known = [value for value in energies or [] if value is not None]
     return {"step": step, "steps": steps, "energy": energies,
-            "mean_energy": None if energies is None else round(sum(energies) / len(energies), 6),
+            "mean_energy": round(sum(known) / len(known), 6) if known else None,
             "grid": grid_b64(x, data_range)}
 
 
@@ -51,8 +58,8 @@ def json_body(result: SampleResult, data_range: tuple[float, float], model: str,
         seed=seed,
         steps=steps,
         images=[grid_b64(result.samples[i : i + 1], data_range) for i in range(len(result.samples))],
-        energy=None if result.energy is None else [round(float(value), 6) for value in result.energy],
-        bits_per_dim=None if result.bits_per_dim is None else [round(float(v), 4) for v in result.bits_per_dim],
+        energy=None if result.energy is None else finite_values(result.energy, 6),
+        bits_per_dim=None if result.bits_per_dim is None else finite_values(result.bits_per_dim, 4),
         trajectory=trajectory,
         trajectory_steps=result.frame_steps or None,
         timings=Timings(queue_ms=round(result.queue_seconds * 1000, 2), run_ms=round(result.run_seconds * 1000, 2),

@@ -23,7 +23,7 @@ class SampleRequest(BaseModel):
     image: str | None = Field(None, description="init 'image': base64 PNG/JPEG (a data: URL is fine)")
     mask: str | None = Field(None, description="with image: white marks pixels to fill in, black pixels stay")
     stream: bool = False  # Server-Sent Events: one event per trajectory frame, then the samples
-    temperature: float | None = Field(None, gt=0)
+    temperature: float | None = Field(None, gt=0, le=100)
     label: int | None = Field(None, ge=0)
     trajectory_every: int | None = Field(None, ge=1)
 
@@ -42,8 +42,8 @@ class SampleResponse(BaseModel):
     model: str
     seed: int
     images: list[str]  # base64 PNG, one per sample
-    energy: list[float] | None = None  # EBM: energy of each sample at its last step
-    bits_per_dim: list[float] | None = None  # flow: exact bits/dim of each sample (256 levels)
+    energy: list[float | None] | None = None  # EBM: energy of each sample at its last step; null if not finite
+    bits_per_dim: list[float | None] | None = None  # flow: bits/dim of each sample (256 levels); null if not finite
     steps: int | None = None
     trajectory: list[list[str]] | None = None  # frames at steps 0, k, 2k, ... (and the last)
     trajectory_steps: list[int] | None = None

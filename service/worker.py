@@ -326,15 +326,14 @@ class GeneratorPool(SamplerPool):
             return (uniform.log() - (-uniform).log1p()) * scale
         return chain_gaussian(seeds, torch.zeros_like(seeds), (self.latent_dim,)) * scale
 
-    def _decode(self, latents: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
-        """Images [B, *shape], the inverse's intermediate states (flows), and bits/dim (flows)."""
+    def _decode(self, latents: torch.Tensor, keep_states: bool
+                ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
+        """Images [B, *shape] (unclamped), the inverse's intermediate states if asked for (flows), and
+        bits/dim (flows, from the same inverse pass)."""
         if self.family == "gan":
             return self.module(latents), [], None
-        states = self.module.inverse_states(latents)
-        images = states[-1]
-        bits = bits_per_dim(self.module.log_prob(images), self.latent_dim)
-        low, high = self.data_range
-        return images.clamp(low, high), [state.clamp(low, high) for state in states], bits
+        images, log_prob, states = self.module.decode(latents, keep_states)
+        return images, states, bits_per_dim(log_prob, self.latent_dim)
 
     def make_job(self, order: SampleOrder, deliver: Deliver, deadline: float, arrived: float,
                  on_frame: FrameSink | None = None) -> Job:
@@ -363,33 +362,49 @@ class GeneratorPool(SamplerPool):
             return
         for job in plan.admitted:
             self.metrics.queue_seconds.labels(self.name).observe(job.admitted_at - job.arrived)
-        orders = [job.state.order for job in plan.running]
+        # Requests that want a trajectory decode apart, so an iterative inverse (i-ResNet) keeps its
+        # iterates for those samples only.
+        groups = [[job for job in plan.running if bool(job.state.order.trajectory_every) == wants]
+                  for wants in (False, True)]
+        stepped = []
+        for jobs in groups:
+            if jobs and self._run_batch(jobs, keep_states=bool(jobs[0].state.order.trajectory_every)):
+                stepped += jobs
+        self.scheduler.update_from_output(stepped)
+
+    def _run_batch(self, jobs: list[Job], keep_states: bool) -> bool:
+        """Decode one batch and answer its requests; False when the device failed it (answered 503)."""
+        orders = [job.state.order for job in jobs]
         try:
             seeds = torch.cat([chain_seeds(order.seed, order.n) for order in orders])
             scale = torch.cat([torch.full((order.n, 1), order.temperature) for order in orders])
             with torch.no_grad():
-                images, states, bits = self._decode(self._latents(seeds, scale).to(self.device))
+                images, states, bits = self._decode(self._latents(seeds, scale).to(self.device), keep_states)
         except Exception as error:  # one failed batch must not take the worker down
-            log.exception("generator batch of %d requests failed on %s", len(plan.running), self.name)
-            self.scheduler.finish(plan.running)
-            for job in plan.running:
+            log.exception("generator batch of %d requests failed on %s", len(jobs), self.name)
+            self.scheduler.finish(jobs)
+            for job in jobs:
                 job.state.deliver(WorkerFailure(f"sampling failed on the device: {type(error).__name__}"))
-            return
-        self._record_step(len(plan.running), len(seeds))
+            return False
+        self._record_step(len(jobs), len(seeds))
         now = self.clock()
+        low, high = self.data_range
         sizes = [order.n for order in orders]
         bit_parts = bits.cpu().split(sizes) if bits is not None else [None] * len(sizes)
-        parts = zip(plan.running, images.cpu().split(sizes), bit_parts, strict=True)
+        parts = zip(jobs, images.clamp(low, high).cpu().split(sizes), bit_parts, strict=True)
         offsets = torch.tensor([0, *sizes]).cumsum(0).tolist()
         for index, (job, part, part_bits) in enumerate(parts):
             state: ChainState = job.state
-            if state.order.trajectory_every:
-                for frame, states_of_all in evenly_spaced(states or [images], state.order.max_frames):
-                    state.keep_frame(frame, states_of_all[offsets[index] : offsets[index + 1]], None)
+            if keep_states:
+                trajectory = states or [images]
+                state.order.steps = len(trajectory)  # a flow's "steps" are the states of its inverse
+                for frame, states_of_all in evenly_spaced(trajectory, state.order.max_frames):
+                    mine = states_of_all[offsets[index] : offsets[index + 1]].clamp(low, high)
+                    state.keep_frame(frame, mine, None)
             state.deliver(SampleResult(samples=part, energy=None, bits_per_dim=part_bits, frames=state.frames,
                                        frame_steps=state.frame_steps, queue_seconds=job.admitted_at - job.arrived,
                                        run_seconds=now - job.admitted_at))
-        self.scheduler.update_from_output(plan.running)
+        return True
 
 
 class Worker:

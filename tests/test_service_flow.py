@@ -53,6 +53,8 @@ def test_langevin_fields_are_422_for_a_flow(server) -> None:
     assert reply.status_code == 422 and "'steps' applies to EBMs only" in reply.text
     image = base64.b64encode(b"not used").decode()
     assert httpx.post(f"{base}/sample", json={"model": "nice", "init": "image", "image": image}).status_code == 422
+    hot = httpx.post(f"{base}/sample", json={"model": "nice", "temperature": 1e20})
+    assert hot.status_code == 422 and "temperature" in hot.text
 
 
 @pytest.fixture

@@ -43,6 +43,7 @@ class FlowTrainConfig(RunConfig):
     blocks: int = 8  # iresnet: residual blocks
     lipschitz: float = 0.9  # iresnet: Lipschitz coefficient of each residual branch (< 1)
     series_terms: int = 5  # iresnet: power-series terms of the log-determinant estimate
+    logit_alpha: float = 0.05  # iresnet: logit preprocessing layer (0 turns it off)
     base: str | None = None  # logistic | gaussian (see ARCH_DEFAULTS)
     temperature: float | None = None  # default sampling temperature stored in the checkpoint
     test_batches: int | None = None  # limit the test bits/dim pass (quick runs)
@@ -62,7 +63,8 @@ def _arch(dataset: ImageDataset, config: FlowTrainConfig) -> dict:
     elif config.arch == "glow":
         kwargs = {"levels": config.levels, "steps": config.steps}
     else:
-        kwargs = {"blocks": config.blocks, "coefficient": config.lipschitz, "series_terms": config.series_terms}
+        kwargs = {"blocks": config.blocks, "coefficient": config.lipschitz, "series_terms": config.series_terms,
+                  "logit_alpha": config.logit_alpha}
     return {"name": config.arch, "kwargs": common | kwargs}
 
 
@@ -99,9 +101,8 @@ def train_flow(config: FlowTrainConfig) -> Path:
         first_epoch = resumed.epoch + 1
         already = float(resumed.checkpoint.config.training["wall_seconds"])
     else:
-        with torch.no_grad():
-            start = torch.randperm(len(train.images))[:1000]
-            flow.initialize(dequantize(train.images[start]).to(device))
+        start = torch.randperm(len(train.images))[:1000]
+        flow.initialize(dequantize(train.images[start]).to(device))  # data-dependent start (ActNorm, NICE's scaling)
     clock = Stopwatch(already)
     dim = math.prod(train.shape)
     per_epoch = run.batches_per_epoch

@@ -54,6 +54,31 @@ class Squeeze(FlowLayer):
         return (4 * c, h // 2, w // 2)
 
 
+class LogitTransform(FlowLayer):
+    """RealNVP's preprocessing as a layer: x in [-1, 1] -> logit(alpha + (1 - 2 alpha) (x + 1) / 2).
+
+    Pixels at the ends of the range (most of an MNIST digit) are spread out instead of piled against a
+    wall, which a flow whose layers contract by a bounded factor (the i-ResNet) cannot otherwise fit.
+    """
+
+    def __init__(self, alpha: float = 0.05) -> None:
+        super().__init__()
+        self.alpha = alpha
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        squash = (1 - 2 * self.alpha) / 2
+        p = self.alpha + squash * (x + 1)
+        y = p.log() - (-p).log1p()
+        log_det = (math.log(squash) - p.log() - (-p).log1p()).flatten(1).sum(1)
+        return y, log_det
+
+    def inverse(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        squash = (1 - 2 * self.alpha) / 2
+        p = torch.sigmoid(y)
+        log_det = -(math.log(squash) - p.log() - (-p).log1p()).flatten(1).sum(1)
+        return (p - self.alpha) / squash - 1, log_det
+
+
 class ActNorm(FlowLayer):
     """Glow's per-channel affine y = (x + b) * exp(s), started from the first batch it sees so that
     every channel has zero mean and unit variance there (data-dependent initialization)."""
@@ -215,21 +240,32 @@ class Flow(nn.Module):
         return z.reshape(x.shape[0], -1), log_det
 
     def inverse(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # [B, D] -> [B, *shape], [B]
-        state = z.reshape(z.shape[0], *self.latent_shape)
-        log_det = torch.zeros(z.shape[0], device=z.device, dtype=z.dtype)
-        for layer in reversed(self.layers):
-            state, step = layer.inverse(state)
-            log_det = log_det + step
-        return state.reshape(z.shape[0], *self.shape), log_det
+        x, log_det, _ = self._inverse(z, keep_states=False)
+        return x, log_det
 
     def inverse_states(self, z: torch.Tensor) -> list[torch.Tensor]:
         """The data-space view after each inverse layer (and each fixed-point iterate): a flow's trajectory."""
+        return self._inverse(z, keep_states=True)[2]
+
+    def decode(self, z: torch.Tensor, keep_states: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """Samples from base points z [B, D], their log-density under the model (from the same inverse pass:
+        log p(x) = log p_base(z) - log|det dx/dz|), and the trajectory when asked for."""
+        x, log_det, states = self._inverse(z, keep_states)
+        return x, self.base.log_prob(z) - log_det, states
+
+    def _inverse(self, z: torch.Tensor, keep_states: bool) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         state = z.reshape(z.shape[0], *self.latent_shape)
-        frames = []
+        log_det = torch.zeros(z.shape[0], device=z.device, dtype=z.dtype)
+        frames: list[torch.Tensor] = []
         for layer in reversed(self.layers):
-            state, _, states = layer.inverse_with_states(state)
-            frames += [self._data_view(each) for each in states]
-        return frames
+            if keep_states:
+                state, step, states = layer.inverse_with_states(state)
+                frames += [self._data_view(each) for each in states]
+            else:
+                state, step = layer.inverse(state)
+            log_det = log_det + step
+        return state.reshape(z.shape[0], *self.shape), log_det, frames
 
     def _data_view(self, state: torch.Tensor) -> torch.Tensor:
         """Undo the squeezes (a pure rearrangement) so any intermediate state can be drawn as an image."""

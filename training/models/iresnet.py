@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from training.models.flows import ActNorm, Flow, FlowLayer, Squeeze
+from training.models.flows import ActNorm, Flow, FlowLayer, LogitTransform, Squeeze
 from training.models.glow import as_image_shape
 
 EXACT_LOG_DET_MAX_DIM = 16  # "auto" computes the full Jacobian up to this many dimensions
@@ -28,8 +28,8 @@ class LipschitzConv(nn.Module):
     """A convolution rescaled so its operator norm on `spatial`-sized inputs is at most `coefficient`.
 
     Power iteration runs on the operator (conv, then its adjoint conv_transpose) and advances one step per
-    training forward; the estimate is kept in the `sigma` buffer so evaluation and inverses use exactly
-    the map that was trained.
+    training forward only; the norm is always ||W u|| for the current weights, so an inverse, an
+    evaluation and a float16 checkpoint all use the same map for fixed `u`.
     """
 
     def __init__(self, inputs: int, outputs: int, kernel: int, spatial: tuple[int, int], coefficient: float,
@@ -42,28 +42,25 @@ class LipschitzConv(nn.Module):
         self.weight = nn.Parameter(conv.weight.detach())
         self.bias = nn.Parameter(conv.bias.detach())
         self.register_buffer("u", _unit(torch.randn(1, inputs, *spatial)))
-        self.register_buffer("sigma", torch.ones(()))
         self.refresh(iterations=50)
 
     @torch.no_grad()
     def refresh(self, iterations: int) -> None:
-        """Run power iteration to convergence (after weights change outside training, e.g. in tests)."""
-        self._estimate(iterations)
+        """Advance power iteration: `u` tends to the top right-singular vector of the operator."""
+        u = self.u
+        for _ in range(iterations):
+            v = _unit(functional.conv2d(u, self.weight, padding=self.padding))
+            u = _unit(functional.conv_transpose2d(v, self.weight, padding=self.padding))
+        self.u.copy_(u)
 
-    def _estimate(self, iterations: int) -> torch.Tensor:
-        with torch.no_grad():
-            u = self.u
-            for _ in range(iterations):
-                v = _unit(functional.conv2d(u, self.weight, padding=self.padding))
-                u = _unit(functional.conv_transpose2d(v, self.weight, padding=self.padding))
-            self.u.copy_(u)
-        sigma = functional.conv2d(self.u, self.weight, padding=self.padding).norm()  # differentiable in weight
-        self.sigma.copy_(sigma.detach())
-        return sigma
+    def sigma(self) -> torch.Tensor:
+        """||W u||: the operator norm estimated from the current weights (differentiable in them)."""
+        return functional.conv2d(self.u.clone(), self.weight, padding=self.padding).norm()
 
     def forward(self, x: torch.Tensor, update: bool = False) -> torch.Tensor:
-        sigma = self._estimate(self.power_iterations) if update else self.sigma
-        scale = torch.clamp(self.coefficient / sigma, max=1.0)
+        if update:
+            self.refresh(self.power_iterations)
+        scale = torch.clamp(self.coefficient / self.sigma(), max=1.0)
         return functional.conv2d(x, self.weight * scale, self.bias, padding=self.padding)
 
 
@@ -133,12 +130,15 @@ class ResidualBlock(FlowLayer):
         return self._forward_and_log_det(x, update=self.training)
 
     def inverse(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x, log_det, _ = self.inverse_with_states(y)
+        x, log_det, _ = self._fixed_point(y, keep_states=False)
         return x, log_det
 
     def inverse_with_states(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        """Fixed point of x = y - g(x) (a contraction); each sample stops once its largest change is under
-        `tolerance`, all stop at `max_iterations`. Returns every iterate as a state."""
+        return self._fixed_point(y, keep_states=True)
+
+    def _fixed_point(self, y: torch.Tensor, keep_states: bool) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """Fixed point of x = y - g(x) (a contraction). A sample stops once its largest change is under
+        `tolerance` relative to its scale; all stop at `max_iterations`. States: every iterate, if kept."""
         with torch.no_grad():
             x = y.clone()
             active = torch.ones(y.shape[0], dtype=torch.bool, device=y.device)
@@ -150,28 +150,31 @@ class ResidualBlock(FlowLayer):
                     break
                 updated = y[index] - self.residual(x[index])
                 change = (updated - x[index]).flatten(1).abs().amax(1)
+                scale = 1 + updated.flatten(1).abs().amax(1)
                 x[index] = updated
                 iterations[index] += 1
-                active[index[change <= self.tolerance]] = False
-                states.append(x.clone())
+                active[index[change <= self.tolerance * scale]] = False
+                if keep_states:
+                    states.append(x.clone())
             self.last_iterations = iterations.cpu()
         _, log_det = self._forward_and_log_det(x, update=False)
         return x, -log_det, states or [x]
 
 
 class IResNet(Flow):
-    """Squeeze (for even-sized images), then `blocks` x [actnorm, invertible residual block]."""
+    """Logit preprocessing (unless `logit_alpha` is 0), squeeze (even-sized images), then `blocks` x
+    [actnorm, invertible residual block]."""
 
     def __init__(self, shape: tuple[int, ...] | list[int] = (1, 28, 28), blocks: int = 8, hidden: int = 64,
                  coefficient: float = 0.9, series_terms: int = 5, log_det: str = "auto", tolerance: float = 1e-5,
-                 max_iterations: int = 100, base: str = "gaussian") -> None:
+                 max_iterations: int = 100, base: str = "gaussian", logit_alpha: float = 0.0) -> None:
         layer_shape = as_image_shape(tuple(shape))
-        layers: list[FlowLayer] = []
+        layers: list[FlowLayer] = [LogitTransform(logit_alpha)] if logit_alpha > 0 else []
         state_shape = layer_shape
         _, height, width = layer_shape
         if height > 1 and height % 2 == 0 and width % 2 == 0:
             layers.append(Squeeze())
-            state_shape = layers[0].output_shape(layer_shape)
+            state_shape = layers[-1].output_shape(layer_shape)
         for _ in range(blocks):
             layers.append(ActNorm(state_shape[0]))
             layers.append(ResidualBlock(state_shape, hidden, coefficient, series_terms, log_det, tolerance,
