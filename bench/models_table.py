@@ -1,0 +1,103 @@
+"""Print the README's models table from what the checkpoints themselves record.
+
+    python bench/models_table.py checkpoints
+
+Every figure comes from a checkpoint's metadata: its arch, the training record (epochs, wall time,
+device) and the `evaluate --record` figures. Nothing is re-measured here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from training.checkpoint import Checkpoint, load_checkpoint
+
+GAN_NAMES = {"dcgan": "DCGAN", "wgan": "WGAN (clipping)", "wgan-gp": "WGAN-GP"}
+
+
+def describe(checkpoint: Checkpoint) -> str:
+    config = checkpoint.config
+    kwargs = config.arch.get("kwargs", {})
+    name = config.arch["name"]
+    if config.family == "ebm":
+        return f"EBM, conv energy width {kwargs.get('width')}"
+    if config.family == "gan":
+        loss = GAN_NAMES.get(config.training.get("loss"), config.training.get("loss"))
+        return f"GAN, {loss} (EMA generator), width {kwargs.get('width')}"
+    if name == "nice":
+        return f"flow, NICE ({kwargs['couplings']} couplings of {kwargs['depth']} x {kwargs['hidden']} ReLU)"
+    if name == "glow":
+        return f"flow, multiscale ({kwargs['levels']} levels x {kwargs['steps']} steps, {kwargs['hidden']} channels)"
+    if name == "iresnet":
+        return (f"flow, i-ResNet ({kwargs['blocks']} blocks, {kwargs['hidden']} channels, "
+                f"Lip {kwargs.get('coefficient', 0.9)}, {kwargs.get('series_terms', 5)}-term series)")
+    return f"{config.family}, {name}"
+
+
+def parameters(checkpoint: Checkpoint) -> str:
+    count = sum(math.prod(tensor.shape) for name, tensor in checkpoint.weights.items()
+                if tensor.is_floating_point() and not name.endswith(("running_mean", "running_var", ".u")))
+    return f"{count / 1e6:.1f} M" if count >= 1e6 else f"{count / 1e3:.0f} k"
+
+
+def training(checkpoint: Checkpoint) -> str:
+    record = checkpoint.config.training
+    minutes = float(record.get("wall_seconds", 0)) / 60
+    return f"{record.get('epochs_done', '?')} epochs, {minutes:.0f} min, {record.get('device', '?')}"
+
+
+def sampler_text(checkpoint: Checkpoint, key: str, figures: dict) -> str:
+    config = checkpoint.config
+    if config.family == "ebm":
+        figures = figures or {"init": config.sampler.get("init"), "steps": config.sampler.get("steps")}
+        source = "its replay buffer" if figures.get("init") == "buffer" else "uniform noise"
+        who = "the ensemble's members in turn" if key.startswith("evaluate_ensemble") else "Langevin"
+        return f"{figures.get('steps')} steps ({who}) from {source}"
+    if config.family == "gan":
+        return "one generator pass"
+    return f"inverse at temperature {config.sampler.get('temperature')}"
+
+
+def rows(path: Path) -> list[str]:
+    checkpoint = load_checkpoint(path)
+    metrics = checkpoint.config.metrics
+    evaluations = [key for key in sorted(metrics) if key.startswith("evaluate")]
+    lines = []
+    for key in evaluations or [None]:
+        figures = metrics.get(key, {}) if key else {}
+        bits = figures.get("test_bits_per_dim", metrics.get("test_bits_per_dim"))
+        name = f"`{path.stem}`"
+        if key and key.startswith("evaluate_ensemble"):
+            name = f"ensemble `{checkpoint.config.ensemble}`"
+        cells = [name, describe(checkpoint), parameters(checkpoint), training(checkpoint),
+                 sampler_text(checkpoint, key or "", figures)]
+        cells += [f"{figures[field]:.3g}" if field in figures else "" for field in
+                  ("frechet_distance", "coverage_bits", "precision", "recall")]
+        cells.append(f"{bits:.2f}" if bits is not None else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models_dir", type=Path, nargs="?", default=Path("checkpoints"))
+    args = parser.parse_args()
+    print("| model | family, arch | params | training | sampler | FD | coverage | precision | recall | test bits/dim |")
+    print("|---|---|---:|---|---|---:|---:|---:|---:|---:|")
+    seen_ensembles = set()
+    for path in sorted(args.models_dir.glob("*.safetensors")):
+        for line in rows(path):
+            if line.startswith("| ensemble"):  # recorded in every member: print it once
+                if line in seen_ensembles:
+                    continue
+                seen_ensembles.add(line)
+            print(line)
+
+
+if __name__ == "__main__":
+    main()
