@@ -66,9 +66,10 @@ def sampler_text(checkpoint: Checkpoint, key: str, figures: dict) -> str:
 def rows(path: Path) -> list[str]:
     checkpoint = load_checkpoint(path)
     metrics = checkpoint.config.metrics
-    evaluations = [key for key in sorted(metrics) if key.startswith("evaluate")]
+    own = [key for key in sorted(metrics) if key.startswith("evaluate") and not key.startswith("evaluate_ensemble")]
+    shared = [key for key in sorted(metrics) if key.startswith("evaluate_ensemble")]
     lines = []
-    for key in evaluations or [None]:
+    for key in (own or [None]) + shared:
         figures = metrics.get(key, {}) if key else {}
         bits = figures.get("test_bits_per_dim", metrics.get("test_bits_per_dim"))
         name = f"`{path.stem}`"

@@ -38,6 +38,9 @@ def idx_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
+ENSEMBLE_FIGURES = {"frechet_distance": 50.0, "init": "buffer", "steps": 10}  # as `evaluate --record` stores them
+
+
 def write_tiny_ebm(path: Path, seed: int = 0, ensemble: str | None = None, buffer_samples: int = 32,
                    steps: int = 10) -> Path:
     """A real (untrained) conv EBM checkpoint of width 4 with a small saved replay buffer."""
@@ -55,7 +58,7 @@ def write_tiny_ebm(path: Path, seed: int = 0, ensemble: str | None = None, buffe
         sampler={"steps": steps, "train_steps": steps, "step_size": 10.0, "noise": 0.005, "grad_clip": 0.03,
                  "temperature": 1.0, "init": "buffer", "restart_prob": 0.05},
         training={"seed": seed}, ensemble=ensemble,
-        metrics={"val_cd": -0.1, **({"evaluate_ensemble_buffer": {"frechet_distance": 50.0}} if ensemble else {})},
+        metrics={"val_cd": -0.1, **({"evaluate_ensemble_buffer": ENSEMBLE_FIGURES} if ensemble else {})},
     )
     save_checkpoint(path, Checkpoint(config, model.state_dict(), {"replay_buffer": buffer.state_dict()}))
     return path

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import ENSEMBLE_FIGURES
 from PIL import Image
 from server import running_server
 
@@ -40,7 +41,7 @@ def test_health_readiness_and_model_list(server) -> None:
     assert solo["family"] == "ebm" and solo["shape"] == [1, 28, 28]
     assert solo["sampler"]["steps"] == 10 and solo["limits"]["max_n"] == 16
     assert solo["metrics"] == {"val_cd": -0.1}
-    assert models["pair"]["metrics"] == {"evaluate_ensemble_buffer": {"frechet_distance": 50.0}}  # the ensemble's own
+    assert models["pair"]["metrics"] == {"evaluate_ensemble_buffer": ENSEMBLE_FIGURES}  # the ensemble's own
     assert solo["buffer_size"] == 32 and models["pair"]["buffer_size"] == 64  # the members' buffers pooled
     assert httpx.get(f"{base}/openapi.json").json()["paths"]["/sample"]
 

@@ -1,0 +1,23 @@
+"""The bench scripts that produce README figures run on real (tiny) checkpoints."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import write_tiny_ebm, write_tiny_flow
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_models_table_prints_one_row_per_recorded_evaluation_and_each_ensemble_once(tmp_path: Path) -> None:
+    for seed in (1, 2):
+        write_tiny_ebm(tmp_path / f"pair_{seed}.safetensors", seed=seed, ensemble="pair")
+    write_tiny_flow(tmp_path / "glow.safetensors", arch_name="glow")
+    table = subprocess.run([sys.executable, str(ROOT / "bench" / "models_table.py"), str(tmp_path)],
+                           capture_output=True, text=True, check=True).stdout.splitlines()
+    assert table[0].startswith("| model |") and len(table) == 2 + 4  # header, rule, 2 members, ensemble, glow
+    ensemble = [line for line in table if line.startswith("| ensemble `pair`")]
+    assert len(ensemble) == 1
+    assert "| 10 steps (the ensemble's members in turn) from its replay buffer | 50 |" in ensemble[0]
+    glow = next(line for line in table if line.startswith("| `glow`"))
+    assert "multiscale (2 levels x 1 steps, 8 channels)" in glow and glow.endswith("| 5.00 |")
