@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# Install what the tests need and run them: the project (editable, with test extras) and, for the
-# browser tests, Debian's Chromium (Playwright drives it; its own browser download is not used).
+# Install what the tests need and run them: the project (editable, with test extras), Debian's
+# Chromium for the browser tests (Playwright drives it; its own browser download is not used) and
+# Debian's docker-compose, so the compose file is checked by Compose itself (no engine needed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q -e ".[test]"
-if ! command -v chromium >/dev/null 2>&1; then
+missing=()
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v docker-compose >/dev/null 2>&1 || docker compose version >/dev/null 2>&1 || missing+=(docker-compose)
+if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   else
-    echo "Chromium is not installed (apt-get install chromium): the browser tests will be skipped." >&2
+    echo "Not installed: ${missing[*]} (apt-get install ${missing[*]}): their tests will be skipped." >&2
   fi
 fi
 python -m pytest "$@"

@@ -1,8 +1,12 @@
 """The Dockerfile and compose files, checked statically (no Docker engine runs on these machines)."""
 
+import os
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 from service.settings import Settings
@@ -64,3 +68,28 @@ def test_dockerfile_pins_torch_runs_as_a_user_and_checks_readiness() -> None:
 def test_an_empty_api_key_from_compose_turns_the_key_off(monkeypatch) -> None:
     monkeypatch.setenv("SAMPLEBAY_API_KEY", "")
     assert Settings().api_key is None
+
+
+def compose_command() -> list[str] | None:
+    """`docker compose` (v2) when the plugin is there, else Debian's `docker-compose` (v1), else None."""
+    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+        return ["docker", "compose"]
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    return None
+
+
+@pytest.mark.skipif(compose_command() is None, reason="neither `docker compose` nor `docker-compose` is installed")
+def test_compose_config_accepts_the_files() -> None:
+    """Compose itself parses, validates and resolves the file (no engine needed for `config`)."""
+    command = compose_command()
+    resolved = subprocess.run([*command, "-f", "docker-compose.yml", "config"], cwd=ROOT, capture_output=True,
+                              text=True, env={**os.environ, "SAMPLEBAY_API_KEY": ""})
+    assert resolved.returncode == 0, resolved.stderr
+    service = yaml.safe_load(resolved.stdout)["services"]["samplebay"]
+    assert service["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    if command == ["docker", "compose"]:  # v1 predates `!reset`, which the CPU override needs
+        merged = subprocess.run([*command, "-f", "docker-compose.yml", "-f", "docker-compose.cpu.yml", "config"],
+                                cwd=ROOT, capture_output=True, text=True)
+        assert merged.returncode == 0, merged.stderr
+        assert "deploy" not in yaml.safe_load(merged.stdout)["services"]["samplebay"]
