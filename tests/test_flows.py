@@ -176,6 +176,19 @@ def test_data_dependent_start_scales_each_dimension_to_the_base() -> None:
 
 
 @pytest.mark.parametrize("arch", ["nice", "glow", "iresnet"])
+def test_every_flow_trains_on_toy_2d_data_with_default_settings(arch: str, tmp_path) -> None:
+    from training.cli import main
+
+    out = tmp_path / f"{arch}.safetensors"
+    main(["flow", "--arch", arch, "--dataset", "toy2d:moons", "--epochs", "1", "--max-batches", "3",
+          "--test-batches", "1", "--hidden", "16", "--out", str(out), "--device", "cpu"])
+    from training.sampling import load_model
+
+    model = load_model(out)
+    assert model.shape == (2,) and model.module.sample(5).shape == (5, 2)
+
+
+@pytest.mark.parametrize("arch", ["nice", "glow", "iresnet"])
 def test_flow_training_writes_a_checkpoint_with_test_bits_per_dim_and_resumes(arch: str, tmp_path, idx_dir) -> None:
     from training.checkpoint import load_checkpoint
     from training.cli import _config_from, build_parser

@@ -111,7 +111,8 @@ def as_image_shape(shape: tuple[int, ...]) -> tuple[int, int, int]:
 
 class Glow(Flow):
     """`levels` levels of (squeeze, `steps` x [actnorm, 1x1 conv, affine coupling]), splitting off half the
-    channels between levels. MNIST with 2 levels: 4x14x14 (all active), then 16x7x7 (8 active)."""
+    channels between levels. MNIST with 2 levels: 4x14x14 (all active), then 16x7x7 (8 active). Where no
+    further squeeze fits (vectors, odd sizes) a level adds steps without a split."""
 
     def __init__(self, shape: tuple[int, ...] | list[int] = (1, 28, 28), levels: int = 2, steps: int = 8,
                  hidden: int = 128, scale_bound: float = 2.0, base: str = "gaussian") -> None:
@@ -130,6 +131,6 @@ class Glow(Flow):
                 for layer in (ActNorm(active), InvertibleConv1x1(active),
                               AffineCoupling(active, hidden, kernel, scale_bound)):
                     layers.append(layer if active == channels else OnChannels(layer, active))
-            if level < levels - 1:
+            if level < levels - 1 and height > 1 and height % 2 == 0 and width % 2 == 0:
                 active //= 2  # the multiscale split: the other half goes straight to the base
         super().__init__(layers, tuple(shape), base, layer_shape)
