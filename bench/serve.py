@@ -1,17 +1,20 @@
 """Load generator: start the server, drive it at several concurrency levels, print a table.
 
-For each level it prints served throughput (images/s and Langevin chain-steps/s), p50/p99 latency,
-and, measured in the same run, the raw in-process sampler's chain-steps/s on the batch the server
-could form at that level (concurrency x n chains), so the served/raw ratio is read side by side. The
-speedup column compares each level with one request at a time (concurrency 1).
+For each level it prints served throughput (images/s, and for an EBM Langevin chain-steps/s), p50/p99
+latency, and, measured in the same run, the raw in-process sampler on the batch the server could form
+at that level (concurrency x n chains or samples), so the served/raw ratio is read side by side. The
+speedup column compares each level with one request at a time (concurrency 1). GANs and flows are one
+pass per request: their work unit is an image (a flow's inverse with its log-density, as served).
 
     python bench/serve.py --models-dir checkpoints --model ebm_mnist_seed0 --steps 60 --n 4 --levels 1,4,16
+    python bench/serve.py --models-dir checkpoints --model glow_mnist --n 16 --levels 1,4,16
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import platform
 import socket
@@ -30,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from training.langevin import chain_gaussian, chain_uniform, langevin_step  # noqa: E402
 from training.run import pick_device  # noqa: E402
-from training.sampling import load_model  # noqa: E402
+from training.sampling import LoadedModel, load_model, sample_generator  # noqa: E402
 
 
 def free_port() -> int:
@@ -103,6 +106,26 @@ def raw_chain_steps_per_second(checkpoint: Path, device: torch.device, chains: i
     return chains * steps / (time.perf_counter() - started)
 
 
+def raw_images_per_second(model: LoadedModel, device: torch.device, batch: int, repeats: int = 3) -> float:
+    """A GAN's generator or a flow's inverse with log-density, in process, on one batch of `batch`."""
+
+    def run() -> None:
+        with torch.no_grad():
+            if model.config.family == "gan":
+                sample_generator(model, batch)
+            else:
+                base = model.module.base.sample((batch, math.prod(model.shape)), 1.0).to(device)
+                model.module.decode(base)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    run()  # warm-up
+    started = time.perf_counter()
+    for _ in range(repeats):
+        run()
+    return batch * repeats / (time.perf_counter() - started)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models-dir", default="checkpoints")
@@ -118,10 +141,16 @@ def main() -> None:
     levels = [int(level) for level in args.levels.split(",")]
     device = pick_device(args.device)
     checkpoint = Path(args.models_dir) / f"{args.model}.safetensors"
-    body = {"model": args.model, "n": args.n, "steps": args.steps, "init": "noise", "format": "png"}
+    model = load_model(checkpoint, device)
+    one_pass = model.config.family != "ebm"
+    steps = 1 if one_pass else args.steps
+    body = {"model": args.model, "n": args.n, "format": "png"}
+    if not one_pass:
+        body |= {"steps": args.steps, "init": "noise"}
     cpu = platform.processor() or platform.machine()
     gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else "none"
-    print(f"# {args.model}, {args.steps} steps, n={args.n} per request, device {device} (GPU: {gpu}; "
+    what = "one pass" if one_pass else f"{args.steps} steps"
+    print(f"# {args.model} ({model.config.family}), {what}, n={args.n} per request, device {device} (GPU: {gpu}; "
           f"{os.cpu_count()} CPU cores, {cpu}; torch {torch.__version__}, threads {torch.get_num_threads()})")
 
     process, base = start_server(args.models_dir, str(device), args.chain_budget)
@@ -131,20 +160,25 @@ def main() -> None:
         for level in levels:
             total = args.requests or max(8, 4 * level)
             wall, latencies = asyncio.run(drive(base, body, level, total))
-            served = total * args.n * args.steps / wall
+            served = total * args.n * steps / wall
             rows.append((level, total, total * args.n / wall, served, statistics.median(latencies),
                          sorted(latencies)[max(0, int(0.99 * len(latencies)) - 1)]))
     finally:
         process.terminate()
         process.wait(timeout=60)
 
+    unit = "images/s" if one_pass else "chain-steps/s"
     baseline = rows[0][3]
-    print("| concurrency | requests | images/s | chain-steps/s served | raw chain-steps/s (batch) | served/raw "
+    print(f"| concurrency | requests | images/s | {unit} served | raw {unit} (batch) | served/raw "
           "| speedup vs 1 | p50 latency s | p99 latency s |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for level, total, images, served, p50, p99 in rows:
-        raw = raw_chain_steps_per_second(checkpoint, device, level * args.n, args.steps)
-        print(f"| {level} | {total} | {images:.1f} | {served:.0f} | {raw:.0f} ({level * args.n}) | {served / raw:.2f} "
+        batch = level * args.n
+        if one_pass:
+            raw = raw_images_per_second(model, device, batch)
+        else:
+            raw = raw_chain_steps_per_second(checkpoint, device, batch, args.steps)
+        print(f"| {level} | {total} | {images:.1f} | {served:.0f} | {raw:.0f} ({batch}) | {served / raw:.2f} "
               f"| {served / baseline:.2f}x | {p50:.3f} | {p99:.3f} |")
 
 

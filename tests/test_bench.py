@@ -21,3 +21,15 @@ def test_models_table_prints_one_row_per_recorded_evaluation_and_each_ensemble_o
     assert "| 10 steps (the ensemble's members in turn) from its replay buffer | 50 |" in ensemble[0]
     glow = next(line for line in table if line.startswith("| `glow`"))
     assert "multiscale (2 levels x 1 steps, 8 channels)" in glow and glow.endswith("| 5.00 |")
+
+
+def test_serving_bench_drives_a_flow_and_prints_its_table(tmp_path: Path) -> None:
+    write_tiny_flow(tmp_path / "nice.safetensors")
+    printed = subprocess.run([sys.executable, str(ROOT / "bench" / "serve.py"), "--models-dir", str(tmp_path),
+                              "--model", "nice", "--n", "2", "--levels", "1,2", "--requests", "2", "--device", "cpu"],
+                             capture_output=True, text=True, check=True, timeout=240).stdout.splitlines()
+    rows = [line for line in printed if line.startswith("| 1 |") or line.startswith("| 2 |")]
+    assert "images/s served" in printed[1] and len(rows) == 2
+    cells = [cell.strip() for cell in rows[1].split("|")]
+    served, raw = float(cells[4]), float(cells[5].split()[0])
+    assert served > 0 and raw > 0 and cells[5].endswith("(4)")  # the raw batch: 2 requests x 2 samples
