@@ -47,8 +47,12 @@ def parameters(checkpoint: Checkpoint) -> str:
 
 def training(checkpoint: Checkpoint) -> str:
     record = checkpoint.config.training
+    args = record.get("args", {})
     minutes = float(record.get("wall_seconds", 0)) / 60
-    return f"{record.get('epochs_done', '?')} epochs, {minutes:.0f} min, {record.get('device', '?')}"
+    epochs = f"{record.get('epochs_done', '?')} epochs"
+    if args.get("max_batches"):  # shortened epochs: say how much data they saw
+        epochs = f"{record.get('epochs_done', '?')} x {args['max_batches']} batches of {args.get('batch_size')}"
+    return f"{epochs}, {minutes:.0f} min, {record.get('device', '?')}"
 
 
 def sampler_text(checkpoint: Checkpoint, key: str, figures: dict) -> str:
