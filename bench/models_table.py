@@ -67,24 +67,36 @@ def sampler_text(checkpoint: Checkpoint, key: str, figures: dict) -> str:
     return f"inverse at temperature {config.sampler.get('temperature')}"
 
 
-def rows(path: Path) -> list[str]:
-    checkpoint = load_checkpoint(path)
+def row(name: str, checkpoint: Checkpoint, key: str | None, params: str, trained: str) -> str:
     metrics = checkpoint.config.metrics
-    own = [key for key in sorted(metrics) if key.startswith("evaluate") and not key.startswith("evaluate_ensemble")]
-    shared = [key for key in sorted(metrics) if key.startswith("evaluate_ensemble")]
+    figures = metrics.get(key, {}) if key else {}
+    bits = figures.get("test_bits_per_dim", metrics.get("test_bits_per_dim"))
+    cells = [name, describe(checkpoint), params, trained, sampler_text(checkpoint, key or "", figures)]
+    cells += [f"{figures[field]:.3g}" if field in figures else "" for field in
+              ("frechet_distance", "coverage_bits", "precision", "recall")]
+    cells.append(f"{bits:.2f}" if bits is not None else "")
+    return "| " + " | ".join(cells) + " |"
+
+
+def table(models_dir: Path) -> list[str]:
+    """A row per checkpoint and recorded evaluation, then a row per ensemble's own recorded figures."""
     lines = []
-    for key in (own or [None]) + shared:
-        figures = metrics.get(key, {}) if key else {}
-        bits = figures.get("test_bits_per_dim", metrics.get("test_bits_per_dim"))
-        name = f"`{path.stem}`"
-        if key and key.startswith("evaluate_ensemble"):
-            name = f"ensemble `{checkpoint.config.ensemble}`"
-        cells = [name, describe(checkpoint), parameters(checkpoint), training(checkpoint),
-                 sampler_text(checkpoint, key or "", figures)]
-        cells += [f"{figures[field]:.3g}" if field in figures else "" for field in
-                  ("frechet_distance", "coverage_bits", "precision", "recall")]
-        cells.append(f"{bits:.2f}" if bits is not None else "")
-        lines.append("| " + " | ".join(cells) + " |")
+    ensembles: dict[str, list[Checkpoint]] = {}
+    for path in sorted(models_dir.glob("*.safetensors")):
+        checkpoint = load_checkpoint(path)
+        metrics = checkpoint.config.metrics
+        own = [key for key in sorted(metrics) if key.startswith("evaluate") and not key.startswith("evaluate_ensemble")]
+        for key in own or [None]:
+            lines.append(row(f"`{path.stem}`", checkpoint, key, parameters(checkpoint), training(checkpoint)))
+        if checkpoint.config.ensemble:
+            ensembles.setdefault(checkpoint.config.ensemble, []).append(checkpoint)
+    for name, members in ensembles.items():
+        first = members[0]
+        minutes = sum(float(member.config.training.get("wall_seconds", 0)) for member in members) / 60
+        trained = f"{len(members)} seeds, {minutes:.0f} min in all, {first.config.training.get('device', '?')}"
+        params = f"{len(members)} x {parameters(first)}"
+        for key in sorted(key for key in first.config.metrics if key.startswith("evaluate_ensemble")):
+            lines.append(row(f"ensemble `{name}`", first, key, params, trained))
     return lines
 
 
@@ -94,15 +106,8 @@ def main() -> None:
     args = parser.parse_args()
     print("| model | family, arch | params | training | sampler | FD | coverage | precision | recall | test bits/dim |")
     print("|---|---|---:|---|---|---:|---:|---:|---:|---:|")
-    seen_ensembles = set()
-    for path in sorted(args.models_dir.glob("*.safetensors")):
-        for line in rows(path):
-            if line.startswith("| ensemble"):  # recorded in every member: print it once
-                if line in seen_ensembles:
-                    continue
-                seen_ensembles.add(line)
-            print(line)
-
+    for line in table(args.models_dir):
+        print(line)
 
 if __name__ == "__main__":
     main()
