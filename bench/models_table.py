@@ -72,8 +72,8 @@ def row(name: str, checkpoint: Checkpoint, key: str | None, params: str, trained
     figures = metrics.get(key, {}) if key else {}
     bits = figures.get("test_bits_per_dim", metrics.get("test_bits_per_dim"))
     cells = [name, describe(checkpoint), params, trained, sampler_text(checkpoint, key or "", figures)]
-    cells += [f"{figures[field]:.3g}" if field in figures else "" for field in
-              ("frechet_distance", "coverage_bits", "precision", "recall")]
+    formats = {"frechet_distance": ".1f", "coverage_bits": ".2f", "precision": ".3f", "recall": ".3f"}
+    cells += [format(figures[field], spec) if field in figures else "" for field, spec in formats.items()]
     cells.append(f"{bits:.2f}" if bits is not None else "")
     return "| " + " | ".join(cells) + " |"
 

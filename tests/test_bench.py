@@ -18,7 +18,7 @@ def test_models_table_prints_one_row_per_recorded_evaluation_and_each_ensemble_o
     assert table[0].startswith("| model |") and len(table) == 2 + 4  # header, rule, 2 members, ensemble, glow
     ensemble = [line for line in table if line.startswith("| ensemble `pair`")]
     assert len(ensemble) == 1
-    assert "| 10 steps (the ensemble's members in turn) from its replay buffer | 50 |" in ensemble[0]
+    assert "| 10 steps (the ensemble's members in turn) from its replay buffer | 50.0 |" in ensemble[0]
     glow = next(line for line in table if line.startswith("| `glow`"))
     assert "multiscale (2 levels x 1 steps, 8 channels)" in glow and glow.endswith("| 5.00 |")
 
