@@ -11,7 +11,7 @@ import torch
 
 from training.checkpoint import CheckpointError, decode_checkpoint
 from training.langevin import ReplayBuffer
-from training.sampling import LoadedModel, instantiate
+from training.sampling import LoadedModel, instantiate, pooled_buffer
 
 log = logging.getLogger(__name__)
 SERVED_FAMILIES = ("ebm", "gan", "flow")
@@ -27,9 +27,7 @@ class BufferGroup:
 
     def initial_buffer(self) -> ReplayBuffer:
         """The members' saved buffers pooled, or an empty buffer when none was saved."""
-        states = [member.extras["replay_buffer"] for member in self.members if "replay_buffer" in member.extras]
-        restart = float(self.members[0].config.sampler.get("restart_prob", 0.05))
-        return ReplayBuffer.pooled(states, self.members[0].shape, restart, self.members[0].data_range)
+        return pooled_buffer(self.members)
 
 
 @dataclass

@@ -94,17 +94,22 @@ def draw_samples(model: LoadedModel | list[LoadedModel], n: int, steps: int | No
     raise ValueError(f"sampling {first.config.family} checkpoints is not supported yet")
 
 
+def pooled_buffer(members: list[LoadedModel]) -> ReplayBuffer:
+    """The members' saved replay buffers as one (empty when none was saved): an ensemble's shared buffer."""
+    states = [member.extras["replay_buffer"] for member in members if "replay_buffer" in member.extras]
+    restart = float(members[0].config.sampler.get("restart_prob", 0.05))
+    return ReplayBuffer.pooled(states, members[0].shape, restart, members[0].data_range)
+
+
 def sample_ebm(members: list[LoadedModel], n: int, settings: LangevinSettings, init: str = "noise",
                generator: torch.Generator | None = None, callback: StepCallback | None = None) -> torch.Tensor:
     """Run n chains for settings.steps from uniform noise or from the checkpoints' replay buffers."""
     first = members[0]
     device = next(first.module.parameters()).device
     if init == "buffer":
-        states = [member.extras["replay_buffer"] for member in members if "replay_buffer" in member.extras]
-        if not states:
+        buffer = pooled_buffer(members)
+        if len(buffer) == 0:
             raise ValueError(f"{first.name} has no saved replay buffer; use init='noise'")
-        buffer = ReplayBuffer.pooled(states, first.shape, float(first.config.sampler.get("restart_prob", 0.05)),
-                                     first.data_range)
         start, _ = buffer.draw(n, generator)
     elif init == "noise":
         low, high = settings.data_min, settings.data_max

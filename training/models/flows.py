@@ -40,6 +40,12 @@ def unsqueeze2d(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(b, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c // 4, 2 * h, 2 * w)
 
 
+def can_squeeze(shape: tuple[int, ...]) -> bool:
+    """A [C, H, W] state with even, non-trivial sides (a vector seen as [D, 1, 1] is never squeezed)."""
+    _, height, width = shape
+    return height > 1 and height % 2 == 0 and width % 2 == 0
+
+
 class Squeeze(FlowLayer):
     """Trade space for channels (RealNVP): each 2x2 patch becomes 4 channels; volume-preserving."""
 
@@ -65,18 +71,20 @@ class LogitTransform(FlowLayer):
         super().__init__()
         self.alpha = alpha
 
+    def _squash(self) -> float:
+        return (1 - 2 * self.alpha) / 2
+
+    def _log_det(self, p: torch.Tensor) -> torch.Tensor:
+        """log |dy/dx| summed per sample, at p = alpha + squash * (x + 1)."""
+        return (math.log(self._squash()) - p.log() - (-p).log1p()).flatten(1).sum(1)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        squash = (1 - 2 * self.alpha) / 2
-        p = self.alpha + squash * (x + 1)
-        y = p.log() - (-p).log1p()
-        log_det = (math.log(squash) - p.log() - (-p).log1p()).flatten(1).sum(1)
-        return y, log_det
+        p = self.alpha + self._squash() * (x + 1)
+        return p.log() - (-p).log1p(), self._log_det(p)
 
     def inverse(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        squash = (1 - 2 * self.alpha) / 2
         p = torch.sigmoid(y)
-        log_det = -(math.log(squash) - p.log() - (-p).log1p()).flatten(1).sum(1)
-        return (p - self.alpha) / squash - 1, log_det
+        return (p - self.alpha) / self._squash() - 1, -self._log_det(p)
 
 
 class ActNorm(FlowLayer):

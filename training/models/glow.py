@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from training.models.flows import ActNorm, Flow, FlowLayer, Squeeze
+from training.models.flows import ActNorm, Flow, FlowLayer, Squeeze, can_squeeze
 
 
 class InvertibleConv1x1(FlowLayer):
@@ -121,7 +121,7 @@ class Glow(Flow):
         active = channels
         layers: list[FlowLayer] = []
         for level in range(levels):
-            if height > 1 and height % 2 == 0 and width % 2 == 0:
+            if can_squeeze((channels, height, width)):
                 layers.append(Squeeze())
                 channels, height, width, active = 4 * channels, height // 2, width // 2, 4 * active
             if active < 2:
@@ -131,6 +131,6 @@ class Glow(Flow):
                 for layer in (ActNorm(active), InvertibleConv1x1(active),
                               AffineCoupling(active, hidden, kernel, scale_bound)):
                     layers.append(layer if active == channels else OnChannels(layer, active))
-            if level < levels - 1 and height > 1 and height % 2 == 0 and width % 2 == 0:
+            if level < levels - 1 and can_squeeze((channels, height, width)):
                 active //= 2  # the multiscale split: the other half goes straight to the base
         super().__init__(layers, tuple(shape), base, layer_shape)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from training.models.flows import ActNorm, Flow, FlowLayer, LogitTransform, Squeeze
+from training.models.flows import ActNorm, Flow, FlowLayer, LogitTransform, Squeeze, can_squeeze
 from training.models.glow import as_image_shape
 
 EXACT_LOG_DET_MAX_DIM = 16  # "auto" computes the full Jacobian up to this many dimensions
@@ -171,8 +171,7 @@ class IResNet(Flow):
         layer_shape = as_image_shape(tuple(shape))
         layers: list[FlowLayer] = [LogitTransform(logit_alpha)] if logit_alpha > 0 else []
         state_shape = layer_shape
-        _, height, width = layer_shape
-        if height > 1 and height % 2 == 0 and width % 2 == 0:
+        if can_squeeze(layer_shape):
             layers.append(Squeeze())
             state_shape = layers[-1].output_shape(layer_shape)
         for _ in range(blocks):
