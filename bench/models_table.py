@@ -34,14 +34,19 @@ def describe(checkpoint: Checkpoint) -> str:
     if name == "glow":
         return f"flow, multiscale ({kwargs['levels']} levels x {kwargs['steps']} steps, {kwargs['hidden']} channels)"
     if name == "iresnet":
-        return (f"flow, i-ResNet ({kwargs['blocks']} blocks, {kwargs['hidden']} channels, "
-                f"Lip {kwargs.get('coefficient', 0.9)}, {kwargs.get('series_terms', 5)}-term series)")
+        return (
+            f"flow, i-ResNet ({kwargs['blocks']} blocks, {kwargs['hidden']} channels, "
+            f"Lip {kwargs.get('coefficient', 0.9)}, {kwargs.get('series_terms', 5)}-term series)"
+        )
     return f"{config.family}, {name}"
 
 
 def parameters(checkpoint: Checkpoint) -> str:
-    count = sum(math.prod(tensor.shape) for name, tensor in checkpoint.weights.items()
-                if tensor.is_floating_point() and not name.endswith(("running_mean", "running_var", ".u")))
+    count = sum(
+        math.prod(tensor.shape)
+        for name, tensor in checkpoint.weights.items()
+        if tensor.is_floating_point() and not name.endswith(("running_mean", "running_var", ".u"))
+    )
     return f"{count / 1e6:.1f} M" if count >= 1e6 else f"{count / 1e3:.0f} k"
 
 
@@ -108,6 +113,7 @@ def main() -> None:
     print("|---|---|---:|---|---|---:|---:|---:|---:|---:|")
     for line in table(args.models_dir):
         print(line)
+
 
 if __name__ == "__main__":
     main()

@@ -46,9 +46,28 @@ def start_server(models_dir: str, device: str, chain_budget: int) -> tuple[subpr
     port = free_port()
     state_dir = tempfile.mkdtemp(prefix="bench-state-")
     process = subprocess.Popen(
-        [sys.executable, "-m", "service", "--port", str(port), "--models-dir", models_dir, "--state-dir", state_dir,
-         "--device", device, "--chain-budget", str(chain_budget), "--max-queue", "4096", "--max-steps", "100000"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "service",
+            "--port",
+            str(port),
+            "--models-dir",
+            models_dir,
+            "--state-dir",
+            state_dir,
+            "--device",
+            device,
+            "--chain-budget",
+            str(chain_budget),
+            "--max-queue",
+            "4096",
+            "--max-steps",
+            "100000",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -95,8 +114,15 @@ def raw_chain_steps_per_second(checkpoint: Path, device: torch.device, chains: i
         nonlocal x
         for step in range(count):
             eps = chain_gaussian(seeds, torch.full_like(seeds, step), model.shape)
-            x, _ = langevin_step(model.module, x, eps, float(sampler["step_size"]), float(sampler["noise"]),
-                                 float(sampler["grad_clip"]), data_range=model.data_range)
+            x, _ = langevin_step(
+                model.module,
+                x,
+                eps,
+                float(sampler["step_size"]),
+                float(sampler["noise"]),
+                float(sampler["grad_clip"]),
+                data_range=model.data_range,
+            )
         if device.type == "cuda":
             torch.cuda.synchronize()
 
@@ -150,8 +176,10 @@ def main() -> None:
     cpu = platform.processor() or platform.machine()
     gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else "none"
     what = "one pass" if one_pass else f"{args.steps} steps"
-    print(f"# {args.model} ({model.config.family}), {what}, n={args.n} per request, device {device} (GPU: {gpu}; "
-          f"{os.cpu_count()} CPU cores, {cpu}; torch {torch.__version__}, threads {torch.get_num_threads()})")
+    print(
+        f"# {args.model} ({model.config.family}), {what}, n={args.n} per request, device {device} (GPU: {gpu}; "
+        f"{os.cpu_count()} CPU cores, {cpu}; torch {torch.__version__}, threads {torch.get_num_threads()})"
+    )
 
     process, base = start_server(args.models_dir, str(device), args.chain_budget)
     try:
@@ -161,16 +189,26 @@ def main() -> None:
             total = args.requests or max(8, 4 * level)
             wall, latencies = asyncio.run(drive(base, body, level, total))
             served = total * args.n * steps / wall
-            rows.append((level, total, total * args.n / wall, served, statistics.median(latencies),
-                         sorted(latencies)[max(0, int(0.99 * len(latencies)) - 1)]))
+            rows.append(
+                (
+                    level,
+                    total,
+                    total * args.n / wall,
+                    served,
+                    statistics.median(latencies),
+                    sorted(latencies)[max(0, int(0.99 * len(latencies)) - 1)],
+                )
+            )
     finally:
         process.terminate()
         process.wait(timeout=60)
 
     unit = "images/s" if one_pass else "chain-steps/s"
     baseline = rows[0][3]
-    print(f"| concurrency | requests | images/s | {unit} served | raw {unit} (batch) | served/raw "
-          "| speedup vs 1 | p50 latency s | p99 latency s |")
+    print(
+        f"| concurrency | requests | images/s | {unit} served | raw {unit} (batch) | served/raw "
+        "| speedup vs 1 | p50 latency s | p99 latency s |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for level, total, images, served, p50, p99 in rows:
         batch = level * args.n
@@ -178,8 +216,10 @@ def main() -> None:
             raw = raw_images_per_second(model, device, batch)
         else:
             raw = raw_chain_steps_per_second(checkpoint, device, batch, args.steps)
-        print(f"| {level} | {total} | {images:.1f} | {served:.0f} | {raw:.0f} ({batch}) | {served / raw:.2f} "
-              f"| {served / baseline:.2f}x | {p50:.3f} | {p99:.3f} |")
+        print(
+            f"| {level} | {total} | {images:.1f} | {served:.0f} | {raw:.0f} ({batch}) | {served / raw:.2f} "
+            f"| {served / baseline:.2f}x | {p50:.3f} | {p99:.3f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -59,8 +59,11 @@ def _check_applicable(body: SampleRequest, model: ServedModel, settings: Setting
     if body.label is not None:
         problems.append(f"'label' does not apply to {model.name}: it is an unconditional {model.family} model")
     if model.family != "ebm":
-        problems += [f"'{name}' applies to EBMs only; {model.name} is a {model.family} model (one generator pass)"
-                     for name in EBM_ONLY_FIELDS if getattr(body, name) is not None]
+        problems += [
+            f"'{name}' applies to EBMs only; {model.name} is a {model.family} model (one generator pass)"
+            for name in EBM_ONLY_FIELDS
+            if getattr(body, name) is not None
+        ]
     if body.init == "image" and body.image is None:
         problems.append("init 'image' needs 'image': a base64 PNG or JPEG")
     if body.image is not None and body.init != "image":
@@ -76,8 +79,10 @@ def _check_applicable(body: SampleRequest, model: ServedModel, settings: Setting
     if body.trajectory_every is not None:
         frames = math.ceil(steps / body.trajectory_every) + 1
         if frames > settings.max_frames:
-            problems.append(f"trajectory_every={body.trajectory_every} over {steps} steps gives {frames} frames; "
-                            f"at most {settings.max_frames} are allowed (raise trajectory_every)")
+            problems.append(
+                f"trajectory_every={body.trajectory_every} over {steps} steps gives {frames} frames; "
+                f"at most {settings.max_frames} are allowed (raise trajectory_every)"
+            )
     if problems:
         raise HTTPException(422, detail="; ".join(problems))
 
@@ -113,9 +118,15 @@ async def _order(body: SampleRequest, model: ServedModel, settings: Settings, st
     every = body.trajectory_every
     wants_frames = body.format == "gif" or streaming
     if model.family != "ebm":  # frames are the states of a flow's inverse, thinned evenly (a GAN has one)
-        return SampleOrder(model=model, n=body.n, seed=seed, temperature=temperature, steps=steps,
-                           trajectory_every=1 if wants_frames else None,
-                           max_frames=_frame_limit(settings, streaming))
+        return SampleOrder(
+            model=model,
+            n=body.n,
+            seed=seed,
+            temperature=temperature,
+            steps=steps,
+            trajectory_every=1 if wants_frames else None,
+            max_frames=_frame_limit(settings, streaming),
+        )
     if every is None and wants_frames:
         every = max(1, math.ceil(steps / (_frame_limit(settings, streaming) - 1)))
     start_image = free_mask = None
@@ -125,11 +136,17 @@ async def _order(body: SampleRequest, model: ServedModel, settings: Settings, st
         low, high = model.members[0].data_range
         free_mask = (await asyncio.to_thread(_decode_upload, "mask", body.mask, model)) > (low + high) / 2
     return SampleOrder(
-        model=model, n=body.n, seed=seed, temperature=temperature, steps=steps,
+        model=model,
+        n=body.n,
+        seed=seed,
+        temperature=temperature,
+        steps=steps,
         step_size=body.step_size if body.step_size is not None else float(sampler.get("step_size", 10.0)),
         noise=body.noise if body.noise is not None else float(sampler.get("noise", 0.005)),
         init=body.init or str(sampler.get("init", "noise")),
-        trajectory_every=every, start_image=start_image, free_mask=free_mask,
+        trajectory_every=every,
+        start_image=start_image,
+        free_mask=free_mask,
     )
 
 
@@ -162,8 +179,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         device = pick_device(settings.device)
         registry = await asyncio.to_thread(load_registry, settings.models_dir, device)
         store = BufferStore(settings.state_dir)
-        worker = Worker(registry, store, device, metrics, settings.chain_budget, settings.max_queue,
-                        settings.buffer_save_interval_s, settings.batch_window_ms / 1000)
+        worker = Worker(
+            registry,
+            store,
+            device,
+            metrics,
+            settings.chain_budget,
+            settings.max_queue,
+            settings.buffer_save_interval_s,
+            settings.batch_window_ms / 1000,
+        )
         worker.start()
         app.state.registry, app.state.worker, app.state.store = registry, worker, store
         log.info("serving %d models on %s: %s", len(registry.models), device, ", ".join(sorted(registry.models)))
@@ -172,17 +197,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await asyncio.to_thread(worker.stop)
 
-    app = FastAPI(title="samplebay", version="0.1.0", lifespan=lifespan,
-                  description="Samples from energy-based models, flows and GANs.")
+    app = FastAPI(
+        title="samplebay",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="Samples from energy-based models, flows and GANs.",
+    )
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
         """422 naming each bad field; the offending input is not echoed (NaN is not even valid JSON)."""
-        problems = [{"field": ".".join(str(part) for part in item["loc"] if part != "body") or "body",
-                     "message": item["msg"]} for item in error.errors()]
+        problems = [
+            {"field": ".".join(str(part) for part in item["loc"] if part != "body") or "body", "message": item["msg"]}
+            for item in error.errors()
+        ]
         summary = "; ".join(f"{problem['field']}: {problem['message']}" for problem in problems)
         return JSONResponse({"detail": summary, "errors": problems}, status_code=422)
+
     app.state.settings = settings
     app.state.metrics = metrics
 
@@ -201,8 +233,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         registry: Registry = request.app.state.registry
         worker: Worker = request.app.state.worker
         ready = worker.running and bool(registry.models)
-        body = {"ready": ready, "models": sorted(registry.models), "worker_running": worker.running,
-                "refused": registry.refused}
+        body = {
+            "ready": ready,
+            "models": sorted(registry.models),
+            "worker_running": worker.running,
+            "refused": registry.refused,
+        }
         return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/metrics")
@@ -218,25 +254,43 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         for name, model in sorted(registry.models.items()):
             config = model.config
             pool = worker.pools.get(model.group) if model.group else None  # EBMs: the buffer group's pool
-            infos.append(ModelInfo(
-                name=name, family=model.family, members=[member.name for member in model.members],
-                shape=list(config.data["shape"]), data_range=list(model.members[0].data_range),
-                dataset=config.data.get("dataset"), ensemble=config.ensemble, sampler=config.sampler,
-                limits={"max_n": settings.max_n, "max_steps": settings.max_steps, "max_frames": settings.max_frames},
-                metrics=config.metrics if len(model.members) == 1 else
-                {key: value for key, value in config.metrics.items() if key.startswith("evaluate_ensemble")},
-                buffer_size=len(pool.buffer) if pool else None,
-                buffer_capacity=pool.buffer.capacity if pool else None,
-                buffer_saved_at=store.saved_at.get(model.group) if model.group else None,
-            ))
+            infos.append(
+                ModelInfo(
+                    name=name,
+                    family=model.family,
+                    members=[member.name for member in model.members],
+                    shape=list(config.data["shape"]),
+                    data_range=list(model.members[0].data_range),
+                    dataset=config.data.get("dataset"),
+                    ensemble=config.ensemble,
+                    sampler=config.sampler,
+                    limits={
+                        "max_n": settings.max_n,
+                        "max_steps": settings.max_steps,
+                        "max_frames": settings.max_frames,
+                    },
+                    metrics=config.metrics
+                    if len(model.members) == 1
+                    else {key: value for key, value in config.metrics.items() if key.startswith("evaluate_ensemble")},
+                    buffer_size=len(pool.buffer) if pool else None,
+                    buffer_capacity=pool.buffer.capacity if pool else None,
+                    buffer_saved_at=store.saved_at.get(model.group) if model.group else None,
+                )
+            )
         return infos
 
-    @app.post("/sample", response_model=SampleResponse,
-              responses={200: {"content": {"image/png": {}, "image/gif": {}}},
-                         404: {"description": "unknown model"}, 413: {"description": "body too large"},
-                         422: {"description": "invalid or inapplicable field"},
-                         503: {"description": "queue full (Retry-After) or device failure"},
-                         504: {"description": "deadline passed"}})
+    @app.post(
+        "/sample",
+        response_model=SampleResponse,
+        responses={
+            200: {"content": {"image/png": {}, "image/gif": {}}},
+            404: {"description": "unknown model"},
+            413: {"description": "body too large"},
+            422: {"description": "invalid or inapplicable field"},
+            503: {"description": "queue full (Retry-After) or device failure"},
+            504: {"description": "deadline passed"},
+        },
+    )
     async def sample(body: SampleRequest, request: Request) -> Response:
         started = time.perf_counter()
         registry: Registry = request.app.state.registry
@@ -270,8 +324,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             return worker.submit(order, deliver, time.monotonic() + settings.request_timeout_s, on_frame)
         except QueueFull as error:
-            raise HTTPException(503, detail=f"server busy: {error}; retry shortly",
-                                headers={"Retry-After": str(settings.retry_after_s)}) from error
+            raise HTTPException(
+                503, detail=f"server busy: {error}; retry shortly", headers={"Retry-After": str(settings.retry_after_s)}
+            ) from error
         except WorkerFailure as error:
             raise _worker_error(error) from error
 
@@ -295,13 +350,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         data_range = model.members[0].data_range
         headers = {"X-Seed": str(order.seed), "X-Steps": str(order.steps)}
         if body.format == "png":
-            return Response(await asyncio.to_thread(png_body, result, data_range), media_type="image/png",
-                            headers=headers)
+            return Response(
+                await asyncio.to_thread(png_body, result, data_range), media_type="image/png", headers=headers
+            )
         if body.format == "gif":
-            return Response(await asyncio.to_thread(gif_body, result, data_range), media_type="image/gif",
-                            headers=headers)
-        payload = await asyncio.to_thread(json_body, result, data_range, model.name, order.seed, order.steps,
-                                          time.perf_counter() - started)
+            return Response(
+                await asyncio.to_thread(gif_body, result, data_range), media_type="image/gif", headers=headers
+            )
+        payload = await asyncio.to_thread(
+            json_body, result, data_range, model.name, order.seed, order.steps, time.perf_counter() - started
+        )
         return JSONResponse(payload.model_dump(exclude_none=True), headers=headers)
 
     def _stream(order: SampleOrder, model: ServedModel, started: float) -> StreamingResponse:
@@ -341,8 +399,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                         status = error.status_code
                         yield sse("error", {"status": error.status_code, "detail": error.detail})
                     else:
-                        payload = await asyncio.to_thread(json_body, outcome, data_range, model.name, order.seed,
-                                                          order.steps, time.perf_counter() - started)
+                        payload = await asyncio.to_thread(
+                            json_body,
+                            outcome,
+                            data_range,
+                            model.name,
+                            order.seed,
+                            order.steps,
+                            time.perf_counter() - started,
+                        )
                         done = payload.model_dump(exclude_none=True)
                         done["grid"] = await asyncio.to_thread(grid_b64, outcome.samples, data_range)
                         yield sse("done", done)
@@ -354,9 +419,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 metrics.requests.labels(model.name, str(status)).inc()
                 metrics.latency_seconds.labels(model.name).observe(time.perf_counter() - started)
 
-        return CancellingStream(job, event_source(), media_type="text/event-stream",
-                                headers={"Cache-Control": "no-cache", "X-Seed": str(order.seed),
-                                         "X-Accel-Buffering": "no"})
+        return CancellingStream(
+            job,
+            event_source(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Seed": str(order.seed), "X-Accel-Buffering": "no"},
+        )
 
     return app
 
@@ -374,5 +442,8 @@ def _authorize(request: Request, settings: Settings) -> None:
         return
     supplied = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
     if not secrets.compare_digest(supplied.encode(), settings.api_key.encode()):
-        raise HTTPException(401, detail="missing or wrong API key: send 'Authorization: Bearer <key>'",
-                            headers={"WWW-Authenticate": "Bearer"})
+        raise HTTPException(
+            401,
+            detail="missing or wrong API key: send 'Authorization: Bearer <key>'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )

@@ -44,8 +44,12 @@ class BufferStore:
                 path.rename(aside)
             except OSError:
                 log.exception("could not move %s aside", path)
-            log.warning("replay buffer %s is unreadable (%s); moved to %s, starting from the checkpoint's buffer",
-                        path, error, aside.name)
+            log.warning(
+                "replay buffer %s is unreadable (%s); moved to %s, starting from the checkpoint's buffer",
+                path,
+                error,
+                aside.name,
+            )
             return None
         self.saved_at[group] = path.stat().st_mtime
         return buffer

@@ -12,20 +12,38 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("samplebay_requests", "POST /sample requests by model and HTTP status",
-                                ["model", "status"], registry=r)
-        self.latency_seconds = Histogram("samplebay_request_latency_seconds", "Time from request to response",
-                                         ["model"], buckets=LATENCY_BUCKETS, registry=r)
-        self.queue_seconds = Histogram("samplebay_queue_seconds", "Time a request waited before its chains ran",
-                                       ["pool"], buckets=LATENCY_BUCKETS, registry=r)
+        self.requests = Counter(
+            "samplebay_requests", "POST /sample requests by model and HTTP status", ["model", "status"], registry=r
+        )
+        self.latency_seconds = Histogram(
+            "samplebay_request_latency_seconds",
+            "Time from request to response",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_seconds = Histogram(
+            "samplebay_queue_seconds",
+            "Time a request waited before its chains ran",
+            ["pool"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.queue_depth = Gauge("samplebay_queue_depth", "Requests waiting for the worker", registry=r)
         self.running_chains = Gauge("samplebay_running_chains", "Langevin chains running now", ["pool"], registry=r)
-        self.langevin_steps = Counter("samplebay_langevin_steps", "Batched Langevin steps executed", ["pool"],
-                                      registry=r)
-        self.chain_steps = Counter("samplebay_chain_steps", "Chain-steps executed (chains x steps)", ["pool"],
-                                   registry=r)
-        self.chains_per_step = Histogram("samplebay_chains_per_step", "Chains advanced together in one step",
-                                         ["pool"], buckets=CHAIN_BUCKETS, registry=r)
+        self.langevin_steps = Counter(
+            "samplebay_langevin_steps", "Batched Langevin steps executed", ["pool"], registry=r
+        )
+        self.chain_steps = Counter(
+            "samplebay_chain_steps", "Chain-steps executed (chains x steps)", ["pool"], registry=r
+        )
+        self.chains_per_step = Histogram(
+            "samplebay_chains_per_step",
+            "Chains advanced together in one step",
+            ["pool"],
+            buckets=CHAIN_BUCKETS,
+            registry=r,
+        )
         self.buffer_size = Gauge("samplebay_buffer_size", "Samples in each replay buffer", ["pool"], registry=r)
 
     def observe_step(self, pool: str, chains: int) -> None:

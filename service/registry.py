@@ -111,6 +111,7 @@ def load_registry(models_dir: Path, device: torch.device) -> Registry:
         for name in names:
             registry.models[name].group = group_name
         if group_name not in registry.models:
-            registry.models[group_name] = ServedModel(group_name, "ebm", [member for member, _ in members],
-                                                      group=group_name)
+            registry.models[group_name] = ServedModel(
+                group_name, "ebm", [member for member, _ in members], group=group_name
+            )
     return registry

@@ -23,14 +23,19 @@ def finite_values(values: torch.Tensor, digits: int) -> list[float | None]:
     return [round(float(value), digits) if math.isfinite(value) else None for value in values.tolist()]
 
 
-def frame_event(step: int, steps: int, x: torch.Tensor, energy: torch.Tensor | None,
-                data_range: tuple[float, float]) -> dict:
+def frame_event(
+    step: int, steps: int, x: torch.Tensor, energy: torch.Tensor | None, data_range: tuple[float, float]
+) -> dict:
     """One streamed trajectory frame: the grid at this step and each chain's energy (none at step 0)."""
     energies = None if energy is None else finite_values(energy, 6)
     known = [value for value in energies or [] if value is not None]
-    return {"step": step, "steps": steps, "energy": energies,
-            "mean_energy": round(sum(known) / len(known), 6) if known else None,
-            "grid": grid_b64(x, data_range)}
+    return {
+        "step": step,
+        "steps": steps,
+        "energy": energies,
+        "mean_energy": round(sum(known) / len(known), 6) if known else None,
+        "grid": grid_b64(x, data_range),
+    }
 
 
 def sse(event: str, data: dict) -> str:
@@ -48,8 +53,9 @@ def gif_body(result: SampleResult, data_range: tuple[float, float]) -> bytes:
     return gif_bytes([grid(frame, data_range) for frame in frames])
 
 
-def json_body(result: SampleResult, data_range: tuple[float, float], model: str, seed: int, steps: int,
-              total_seconds: float) -> SampleResponse:
+def json_body(
+    result: SampleResult, data_range: tuple[float, float], model: str, seed: int, steps: int, total_seconds: float
+) -> SampleResponse:
     trajectory = None
     if result.frames:
         trajectory = [[grid_b64(frame[i : i + 1], data_range) for i in range(len(frame))] for frame in result.frames]
@@ -62,6 +68,9 @@ def json_body(result: SampleResult, data_range: tuple[float, float], model: str,
         bits_per_dim=None if result.bits_per_dim is None else finite_values(result.bits_per_dim, 4),
         trajectory=trajectory,
         trajectory_steps=result.frame_steps or None,
-        timings=Timings(queue_ms=round(result.queue_seconds * 1000, 2), run_ms=round(result.run_seconds * 1000, 2),
-                        total_ms=round(total_seconds * 1000, 2)),
+        timings=Timings(
+            queue_ms=round(result.queue_seconds * 1000, 2),
+            run_ms=round(result.run_seconds * 1000, 2),
+            total_ms=round(total_seconds * 1000, 2),
+        ),
     )

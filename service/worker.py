@@ -123,8 +123,9 @@ class SamplerPool:
     buffer: ReplayBuffer | None = None
     buffer_dirty = False
 
-    def __init__(self, name: str, chain_budget: int, device: torch.device, metrics: Metrics,
-                 clock: Callable[[], float]) -> None:
+    def __init__(
+        self, name: str, chain_budget: int, device: torch.device, metrics: Metrics, clock: Callable[[], float]
+    ) -> None:
         self.name = name
         self.device = device
         self.metrics = metrics
@@ -170,8 +171,15 @@ class SamplerPool:
 class LangevinPool(SamplerPool):
     """The chains of one buffer group (an EBM or an ensemble), advanced together one step at a time."""
 
-    def __init__(self, group: BufferGroup, buffer: ReplayBuffer, chain_budget: int, device: torch.device,
-                 metrics: Metrics, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        group: BufferGroup,
+        buffer: ReplayBuffer,
+        chain_budget: int,
+        device: torch.device,
+        metrics: Metrics,
+        clock: Callable[[], float],
+    ) -> None:
         super().__init__(group.name, chain_budget, device, metrics, clock)
         self.group = group
         self.buffer = buffer
@@ -182,14 +190,23 @@ class LangevinPool(SamplerPool):
         self.grad_clip = float(group.members[0].config.sampler.get("grad_clip", 0.03))
         sampler = group.members[0].config.sampler
         self.converged_steps = int(sampler.get("steps", 60))
-        self.default_settings = (float(sampler.get("step_size", 10.0)), float(sampler.get("noise", 0.005)),
-                                 float(sampler.get("temperature", 1.0)))
+        self.default_settings = (
+            float(sampler.get("step_size", 10.0)),
+            float(sampler.get("noise", 0.005)),
+            float(sampler.get("temperature", 1.0)),
+        )
 
-    def make_job(self, order: SampleOrder, deliver: Deliver, deadline: float, arrived: float,
-                 on_frame: FrameSink | None = None) -> Job:
+    def make_job(
+        self, order: SampleOrder, deliver: Deliver, deadline: float, arrived: float, on_frame: FrameSink | None = None
+    ) -> Job:
         members = [self.names.index(member.name) for member in order.model.members]
-        return Job(n=order.n, steps=order.steps, deadline=deadline, arrived=arrived,
-                   state=ChainState(order, deliver, members, on_frame))
+        return Job(
+            n=order.n,
+            steps=order.steps,
+            deadline=deadline,
+            arrived=arrived,
+            state=ChainState(order, deliver, members, on_frame),
+        )
 
     def _start(self, job: Job) -> None:
         state: ChainState = job.state
@@ -258,13 +275,18 @@ class LangevinPool(SamplerPool):
 
         eps = chain_gaussian(seeds, steps, self.shape).to(self.device)
         moved, energy = langevin_step(
-            self.modules[module_index], x, eps,
-            step_size=per_chain(lambda order: order.step_size), noise=per_chain(lambda order: order.noise),
-            grad_clip=self.grad_clip, temperature=per_chain(lambda order: order.temperature),
+            self.modules[module_index],
+            x,
+            eps,
+            step_size=per_chain(lambda order: order.step_size),
+            noise=per_chain(lambda order: order.noise),
+            grad_clip=self.grad_clip,
+            temperature=per_chain(lambda order: order.temperature),
             data_range=self.data_range,
         )
-        for job, state, x_part, energy_part in zip(jobs, states, moved.split([j.n for j in jobs]),
-                                                   energy.split([j.n for j in jobs]), strict=True):
+        for job, state, x_part, energy_part in zip(
+            jobs, states, moved.split([j.n for j in jobs]), energy.split([j.n for j in jobs]), strict=True
+        ):
             if state.free is not None:
                 x_part = torch.where(state.free, x_part, state.known)  # inpainting: known pixels stay
             state.x, state.energy = x_part, energy_part
@@ -294,10 +316,16 @@ class LangevinPool(SamplerPool):
         else:
             self.buffer.release(state.slots)
         now = self.clock()
-        state.deliver(SampleResult(
-            samples=samples, energy=state.energy.cpu(), frames=state.frames, frame_steps=state.frame_steps,
-            queue_seconds=job.admitted_at - job.arrived, run_seconds=now - job.admitted_at,
-        ))
+        state.deliver(
+            SampleResult(
+                samples=samples,
+                energy=state.energy.cpu(),
+                frames=state.frames,
+                frame_steps=state.frame_steps,
+                queue_seconds=job.admitted_at - job.arrived,
+                run_seconds=now - job.admitted_at,
+            )
+        )
 
 
 class GeneratorPool(SamplerPool):
@@ -305,8 +333,15 @@ class GeneratorPool(SamplerPool):
     short window run as one batch. Latents come from the same counter-based noise as Langevin chains,
     so a seeded request gets the same images whatever shares its batch."""
 
-    def __init__(self, model: ServedModel, chain_budget: int, window_s: float, device: torch.device,
-                 metrics: Metrics, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        model: ServedModel,
+        chain_budget: int,
+        window_s: float,
+        device: torch.device,
+        metrics: Metrics,
+        clock: Callable[[], float],
+    ) -> None:
         super().__init__(model.name, chain_budget, device, metrics, clock)
         self.family = model.family
         self.module = model.members[0].module
@@ -326,8 +361,9 @@ class GeneratorPool(SamplerPool):
             return (uniform.log() - (-uniform).log1p()) * scale
         return chain_gaussian(seeds, torch.zeros_like(seeds), (self.latent_dim,)) * scale
 
-    def _decode(self, latents: torch.Tensor, keep_states: bool
-                ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
+    def _decode(
+        self, latents: torch.Tensor, keep_states: bool
+    ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
         """Images [B, *shape] (unclamped), the inverse's intermediate states if asked for (flows), and
         bits/dim (flows, from the same inverse pass)."""
         if self.family == "gan":
@@ -335,10 +371,12 @@ class GeneratorPool(SamplerPool):
         images, log_prob, states = self.module.decode(latents, keep_states)
         return images, states, bits_per_dim(log_prob, self.latent_dim)
 
-    def make_job(self, order: SampleOrder, deliver: Deliver, deadline: float, arrived: float,
-                 on_frame: FrameSink | None = None) -> Job:
-        return Job(n=order.n, steps=1, deadline=deadline, arrived=arrived,
-                   state=ChainState(order, deliver, [0], on_frame))
+    def make_job(
+        self, order: SampleOrder, deliver: Deliver, deadline: float, arrived: float, on_frame: FrameSink | None = None
+    ) -> Job:
+        return Job(
+            n=order.n, steps=1, deadline=deadline, arrived=arrived, state=ChainState(order, deliver, [0], on_frame)
+        )
 
     def seconds_until_due(self) -> float:
         waiting = self.scheduler.waiting
@@ -364,8 +402,9 @@ class GeneratorPool(SamplerPool):
             self.metrics.queue_seconds.labels(self.name).observe(job.admitted_at - job.arrived)
         # Requests that want a trajectory decode apart, so an iterative inverse (i-ResNet) keeps its
         # iterates for those samples only.
-        groups = [[job for job in plan.running if bool(job.state.order.trajectory_every) == wants]
-                  for wants in (False, True)]
+        groups = [
+            [job for job in plan.running if bool(job.state.order.trajectory_every) == wants] for wants in (False, True)
+        ]
         stepped = []
         for jobs in groups:
             if jobs and self._run_batch(jobs, keep_states=bool(jobs[0].state.order.trajectory_every)):
@@ -401,9 +440,17 @@ class GeneratorPool(SamplerPool):
                 for frame, states_of_all in evenly_spaced(trajectory, state.order.max_frames):
                     mine = states_of_all[offsets[index] : offsets[index + 1]].clamp(low, high)
                     state.keep_frame(frame, mine, None)
-            state.deliver(SampleResult(samples=part, energy=None, bits_per_dim=part_bits, frames=state.frames,
-                                       frame_steps=state.frame_steps, queue_seconds=job.admitted_at - job.arrived,
-                                       run_seconds=now - job.admitted_at))
+            state.deliver(
+                SampleResult(
+                    samples=part,
+                    energy=None,
+                    bits_per_dim=part_bits,
+                    frames=state.frames,
+                    frame_steps=state.frame_steps,
+                    queue_seconds=job.admitted_at - job.arrived,
+                    run_seconds=now - job.admitted_at,
+                )
+            )
         return True
 
 
@@ -414,9 +461,18 @@ class Worker:
     never waits for a Langevin step to finish.
     """
 
-    def __init__(self, registry: Registry, store: BufferStore, device: torch.device, metrics: Metrics,
-                 chain_budget: int, max_queue: int, save_interval_s: float, batch_window_s: float = 0.005,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        store: BufferStore,
+        device: torch.device,
+        metrics: Metrics,
+        chain_budget: int,
+        max_queue: int,
+        save_interval_s: float,
+        batch_window_s: float = 0.005,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.registry = registry
         self.store = store
         self.device = device
@@ -446,8 +502,7 @@ class Worker:
     def queue_depth(self) -> int:
         return len(self._inbox) + sum(len(pool.scheduler.waiting) for pool in self.pools.values())
 
-    def submit(self, order: SampleOrder, deliver: Deliver, deadline: float,
-               on_frame: FrameSink | None = None) -> Job:
+    def submit(self, order: SampleOrder, deliver: Deliver, deadline: float, on_frame: FrameSink | None = None) -> Job:
         """Queue an order (thread-safe, never waits for the device); QueueFull when the queue is full.
 
         The caller may set `cancelled` on the returned job; its chains are dropped at the next step.

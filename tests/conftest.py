@@ -41,8 +41,9 @@ def idx_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 ENSEMBLE_FIGURES = {"frechet_distance": 50.0, "init": "buffer", "steps": 10}  # as `evaluate --record` stores them
 
 
-def write_tiny_ebm(path: Path, seed: int = 0, ensemble: str | None = None, buffer_samples: int = 32,
-                   steps: int = 10) -> Path:
+def write_tiny_ebm(
+    path: Path, seed: int = 0, ensemble: str | None = None, buffer_samples: int = 32, steps: int = 10
+) -> Path:
     """A real (untrained) conv EBM checkpoint of width 4 with a small saved replay buffer."""
     from training.checkpoint import Checkpoint, ModelConfig, save_checkpoint
     from training.langevin import ReplayBuffer
@@ -54,10 +55,21 @@ def write_tiny_ebm(path: Path, seed: int = 0, ensemble: str | None = None, buffe
     buffer = ReplayBuffer((1, 28, 28), capacity=64)
     buffer.write_back(torch.full((buffer_samples,), -1), torch.rand(buffer_samples, 1, 28, 28) * 2 - 1)
     config = ModelConfig(
-        family="ebm", arch=arch, data={"shape": [1, 28, 28], "range": [-1.0, 1.0], "dataset": "fake"},
-        sampler={"steps": steps, "train_steps": steps, "step_size": 10.0, "noise": 0.005, "grad_clip": 0.03,
-                 "temperature": 1.0, "init": "buffer", "restart_prob": 0.05},
-        training={"seed": seed}, ensemble=ensemble,
+        family="ebm",
+        arch=arch,
+        data={"shape": [1, 28, 28], "range": [-1.0, 1.0], "dataset": "fake"},
+        sampler={
+            "steps": steps,
+            "train_steps": steps,
+            "step_size": 10.0,
+            "noise": 0.005,
+            "grad_clip": 0.03,
+            "temperature": 1.0,
+            "init": "buffer",
+            "restart_prob": 0.05,
+        },
+        training={"seed": seed},
+        ensemble=ensemble,
         metrics={"val_cd": -0.1, **({"evaluate_ensemble_buffer": ENSEMBLE_FIGURES} if ensemble else {})},
     )
     save_checkpoint(path, Checkpoint(config, model.state_dict(), {"replay_buffer": buffer.state_dict()}))
@@ -84,12 +96,17 @@ def write_tiny_gan(path: Path, seed: int = 0) -> Path:
     generator_arch = {"name": "conv_generator", "kwargs": {"latent_dim": 16, "width": 8}}
     critic_arch = {"name": "conv_critic", "kwargs": {"width": 8}}
     generator, critic = build_model(generator_arch), build_model(critic_arch)
-    config = ModelConfig(family="gan", arch={**generator_arch, "critic": critic_arch},
-                         data={"shape": [1, 28, 28], "range": [-1.0, 1.0], "dataset": "fake"},
-                         sampler={"latent_dim": 16, "temperature": 1.0, "weights": "ema"},
-                         training={"seed": seed, "loss": "dcgan"}, metrics={"generator_loss": 1.0})
-    save_checkpoint(path, Checkpoint(config, generator.state_dict(),
-                                     {"ema": generator.state_dict(), "critic": critic.state_dict()}))
+    config = ModelConfig(
+        family="gan",
+        arch={**generator_arch, "critic": critic_arch},
+        data={"shape": [1, 28, 28], "range": [-1.0, 1.0], "dataset": "fake"},
+        sampler={"latent_dim": 16, "temperature": 1.0, "weights": "ema"},
+        training={"seed": seed, "loss": "dcgan"},
+        metrics={"generator_loss": 1.0},
+    )
+    save_checkpoint(
+        path, Checkpoint(config, generator.state_dict(), {"ema": generator.state_dict(), "critic": critic.state_dict()})
+    )
     return path
 
 
@@ -113,8 +130,13 @@ def write_tiny_flow(path: Path, seed: int = 0, arch_name: str = "nice") -> Path:
     with torch.no_grad():
         for parameter in flow.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
-    config = ModelConfig(family="flow", arch=arch, data={"shape": [1, 28, 28], "range": [-1.0, 1.0], "dataset": "fake"},
-                         sampler={"temperature": 0.8, "base": base}, training={"seed": seed},
-                         metrics={"test_bits_per_dim": 5.0})
+    config = ModelConfig(
+        family="flow",
+        arch=arch,
+        data={"shape": [1, 28, 28], "range": [-1.0, 1.0], "dataset": "fake"},
+        sampler={"temperature": 0.8, "base": base},
+        training={"seed": seed},
+        metrics={"test_bits_per_dim": 5.0},
+    )
     save_checkpoint(path, Checkpoint(config, flow.state_dict()))
     return path

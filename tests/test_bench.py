@@ -13,8 +13,12 @@ def test_models_table_prints_one_row_per_recorded_evaluation_and_each_ensemble_o
     for seed in (1, 2):
         write_tiny_ebm(tmp_path / f"pair_{seed}.safetensors", seed=seed, ensemble="pair")
     write_tiny_flow(tmp_path / "glow.safetensors", arch_name="glow")
-    table = subprocess.run([sys.executable, str(ROOT / "bench" / "models_table.py"), str(tmp_path)],
-                           capture_output=True, text=True, check=True).stdout.splitlines()
+    table = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "models_table.py"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
     assert table[0].startswith("| model |") and len(table) == 2 + 4  # header, rule, 2 members, ensemble, glow
     ensemble = [line for line in table if line.startswith("| ensemble `pair`")]
     assert len(ensemble) == 1
@@ -25,9 +29,28 @@ def test_models_table_prints_one_row_per_recorded_evaluation_and_each_ensemble_o
 
 def test_serving_bench_drives_a_flow_and_prints_its_table(tmp_path: Path) -> None:
     write_tiny_flow(tmp_path / "nice.safetensors")
-    printed = subprocess.run([sys.executable, str(ROOT / "bench" / "serve.py"), "--models-dir", str(tmp_path),
-                              "--model", "nice", "--n", "2", "--levels", "1,2", "--requests", "2", "--device", "cpu"],
-                             capture_output=True, text=True, check=True, timeout=240).stdout.splitlines()
+    printed = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "serve.py"),
+            "--models-dir",
+            str(tmp_path),
+            "--model",
+            "nice",
+            "--n",
+            "2",
+            "--levels",
+            "1,2",
+            "--requests",
+            "2",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=240,
+    ).stdout.splitlines()
     rows = [line for line in printed if line.startswith("| 1 |") or line.startswith("| 2 |")]
     assert "images/s served" in printed[1] and len(rows) == 2
     cells = [cell.strip() for cell in rows[1].split("|")]

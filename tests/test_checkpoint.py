@@ -18,10 +18,15 @@ from training.models import build_model
 
 
 def ebm_config(**overrides) -> ModelConfig:
-    fields = dict(family="ebm", arch={"name": "conv_energy", "kwargs": {"width": 8}},
-                  data={"shape": [1, 28, 28], "range": [-1, 1], "dataset": "mnist"},
-                  sampler={"steps": 60, "step_size": 10.0}, training={"seed": 3}, metrics={"fd": 1.5},
-                  ensemble="group")
+    fields = dict(
+        family="ebm",
+        arch={"name": "conv_energy", "kwargs": {"width": 8}},
+        data={"shape": [1, 28, 28], "range": [-1, 1], "dataset": "mnist"},
+        sampler={"steps": 60, "step_size": 10.0},
+        training={"seed": 3},
+        metrics={"fd": 1.5},
+        ensemble="group",
+    )
     fields.update(overrides)
     return ModelConfig(**fields)
 

@@ -83,13 +83,22 @@ def compose_command() -> list[str] | None:
 def test_compose_config_accepts_the_files() -> None:
     """Compose itself parses, validates and resolves the file (no engine needed for `config`)."""
     command = compose_command()
-    resolved = subprocess.run([*command, "-f", "docker-compose.yml", "config"], cwd=ROOT, capture_output=True,
-                              text=True, env={**os.environ, "SAMPLEBAY_API_KEY": ""})
+    resolved = subprocess.run(
+        [*command, "-f", "docker-compose.yml", "config"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "SAMPLEBAY_API_KEY": ""},
+    )
     assert resolved.returncode == 0, resolved.stderr
     service = yaml.safe_load(resolved.stdout)["services"]["samplebay"]
     assert service["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
     if command == ["docker", "compose"]:  # v1 predates `!reset`, which the CPU override needs
-        merged = subprocess.run([*command, "-f", "docker-compose.yml", "-f", "docker-compose.cpu.yml", "config"],
-                                cwd=ROOT, capture_output=True, text=True)
+        merged = subprocess.run(
+            [*command, "-f", "docker-compose.yml", "-f", "docker-compose.cpu.yml", "config"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
         assert merged.returncode == 0, merged.stderr
         assert "deploy" not in yaml.safe_load(merged.stdout)["services"]["samplebay"]

@@ -180,8 +180,27 @@ def test_every_flow_trains_on_toy_2d_data_with_default_settings(arch: str, tmp_p
     from training.cli import main
 
     out = tmp_path / f"{arch}.safetensors"
-    main(["flow", "--arch", arch, "--dataset", "toy2d:moons", "--epochs", "1", "--max-batches", "3",
-          "--test-batches", "1", "--hidden", "16", "--out", str(out), "--device", "cpu"])
+    main(
+        [
+            "flow",
+            "--arch",
+            arch,
+            "--dataset",
+            "toy2d:moons",
+            "--epochs",
+            "1",
+            "--max-batches",
+            "3",
+            "--test-batches",
+            "1",
+            "--hidden",
+            "16",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+    )
     from training.sampling import load_model
 
     model = load_model(out)
@@ -195,9 +214,22 @@ def test_flow_training_writes_a_checkpoint_with_test_bits_per_dim_and_resumes(ar
     from training.sampling import draw_samples, load_model
     from training.train_flow import FlowTrainConfig, train_flow
 
-    config = dict(arch=arch, data_dir=str(idx_dir), out=str(tmp_path / "nice.safetensors"), epochs=1, batch_size=64,
-                  hidden=16, depth=1, couplings=2, steps=1, blocks=1, warmup_steps=3, max_grad_norm=10.0, device="cpu",
-                  save_dtype="float16")
+    config = dict(
+        arch=arch,
+        data_dir=str(idx_dir),
+        out=str(tmp_path / "nice.safetensors"),
+        epochs=1,
+        batch_size=64,
+        hidden=16,
+        depth=1,
+        couplings=2,
+        steps=1,
+        blocks=1,
+        warmup_steps=3,
+        max_grad_norm=10.0,
+        device="cpu",
+        save_dtype="float16",
+    )
     first = load_checkpoint(train_flow(FlowTrainConfig(**config)))
     assert first.config.family == "flow" and math.isfinite(first.config.metrics["test_bits_per_dim"])
     assert first.config.metrics["test_bits_per_dim"] > 0

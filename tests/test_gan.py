@@ -35,8 +35,17 @@ def test_ema_update_is_exact() -> None:
 
 
 def toy_config(tmp_path: Path, **overrides) -> GANTrainConfig:
-    fields = dict(dataset="toy2d:checkerboard", out=str(tmp_path / "toy.safetensors"), epochs=1, batch_size=128,
-                  latent_dim=8, max_batches=40, seed=0, device="cpu", ema_decay=0.9)
+    fields = dict(
+        dataset="toy2d:checkerboard",
+        out=str(tmp_path / "toy.safetensors"),
+        epochs=1,
+        batch_size=128,
+        latent_dim=8,
+        max_batches=40,
+        seed=0,
+        device="cpu",
+        ema_decay=0.9,
+    )
     fields.update(overrides)
     return GANTrainConfig(**fields)
 
@@ -50,8 +59,9 @@ def test_toy_gan_moves_its_samples_moments_towards_the_data(tmp_path: Path) -> N
     untrained = build_model({"name": "mlp_generator", "kwargs": {"latent_dim": 8}})
     with torch.no_grad():
         start_mean, start_cov = moments(untrained(torch.randn(5000, 8)))
-    path = train_gan(toy_config(tmp_path, dataset="toy2d:gaussian", loss="dcgan", batch_size=64, max_batches=600,
-                                ema_decay=0.99))
+    path = train_gan(
+        toy_config(tmp_path, dataset="toy2d:gaussian", loss="dcgan", batch_size=64, max_batches=600, ema_decay=0.99)
+    )
     trained_mean, trained_cov = moments(sample_generator(load_model(path), 5000))
     assert (trained_mean - data_mean).norm() < 0.3 * (start_mean - data_mean).norm()
     assert (trained_cov - data_cov).norm() < 0.6 * (start_cov - data_cov).norm()
@@ -75,9 +85,33 @@ def test_weight_clipping_holds_after_every_critic_step(tmp_path: Path, monkeypat
 
 def test_gan_checkpoint_round_trips_with_ema_and_critic(tmp_path: Path, idx_dir: Path) -> None:
     out = tmp_path / "dcgan.safetensors"
-    main(["gan", "--loss", "dcgan", "--data-dir", str(idx_dir), "--epochs", "1", "--max-batches", "3",
-          "--width", "8", "--latent-dim", "16", "--out", str(out), "--device", "cpu", "--label-smoothing", "0.1",
-          "--instance-noise", "0.1", "--feature-matching", "1.0"])
+    main(
+        [
+            "gan",
+            "--loss",
+            "dcgan",
+            "--data-dir",
+            str(idx_dir),
+            "--epochs",
+            "1",
+            "--max-batches",
+            "3",
+            "--width",
+            "8",
+            "--latent-dim",
+            "16",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--label-smoothing",
+            "0.1",
+            "--instance-noise",
+            "0.1",
+            "--feature-matching",
+            "1.0",
+        ]
+    )
     checkpoint = load_checkpoint(out)
     config = checkpoint.config
     assert config.family == "gan" and config.sampler == {"latent_dim": 16, "temperature": 1.0, "weights": "ema"}
@@ -100,8 +134,9 @@ def test_gan_checkpoint_round_trips_with_ema_and_critic(tmp_path: Path, idx_dir:
 def test_resume_continues_a_gan_run(tmp_path: Path) -> None:
     straight = load_checkpoint(train_gan(toy_config(tmp_path / "a", loss="wgan-gp", epochs=2, max_batches=10)))
     train_gan(toy_config(tmp_path / "b", loss="wgan-gp", epochs=1, max_batches=10))
-    resumed = load_checkpoint(train_gan(toy_config(tmp_path / "b", loss="wgan-gp", epochs=2, max_batches=10,
-                                                   resume=True)))
+    resumed = load_checkpoint(
+        train_gan(toy_config(tmp_path / "b", loss="wgan-gp", epochs=2, max_batches=10, resume=True))
+    )
     assert resumed.config.training["generator_updates"] == straight.config.training["generator_updates"] == 4
     for name, tensor in straight.weights.items():
         assert torch.allclose(tensor, resumed.weights[name], atol=1e-5), name

@@ -54,8 +54,7 @@ def test_sampling_is_reproducible_with_a_seed_and_leaves_parameters_alone() -> N
     model = build_model({"name": "conv_energy", "kwargs": {"width": 8}})
     settings = LangevinSettings(steps=5)
     start = torch.rand(4, 1, 28, 28) * 2 - 1
-    runs = [sample_langevin(frozen_energy(model), start, settings, torch.Generator().manual_seed(7))
-            for _ in range(2)]
+    runs = [sample_langevin(frozen_energy(model), start, settings, torch.Generator().manual_seed(7)) for _ in range(2)]
     assert torch.equal(runs[0], runs[1])
     assert not torch.equal(runs[0], start)
     assert all(parameter.grad is None for parameter in model.parameters())
@@ -64,8 +63,12 @@ def test_sampling_is_reproducible_with_a_seed_and_leaves_parameters_alone() -> N
 
 def test_callback_sees_every_step() -> None:
     seen = []
-    sample_langevin(quadratic_energy(), torch.zeros(2, 2), LangevinSettings(steps=4),
-                    callback=lambda step, x, energy: seen.append((step, energy.shape)))
+    sample_langevin(
+        quadratic_energy(),
+        torch.zeros(2, 2),
+        LangevinSettings(steps=4),
+        callback=lambda step, x, energy: seen.append((step, energy.shape)),
+    )
     assert seen == [(step, torch.Size([2])) for step in range(1, 5)]
 
 

@@ -15,8 +15,9 @@ from service.settings import Settings
 
 @pytest.fixture
 def server(models_dir: Path, tmp_path: Path):
-    settings = Settings(models_dir=models_dir, state_dir=tmp_path / "state", device="cpu", max_n=16,
-                        max_steps=500, max_body_bytes=4096)
+    settings = Settings(
+        models_dir=models_dir, state_dir=tmp_path / "state", device="cpu", max_n=16, max_steps=500, max_body_bytes=4096
+    )
     with running_server(settings) as (base, app):
         yield base, app
 
@@ -58,8 +59,18 @@ def test_png_is_one_image_for_one_sample_and_a_grid_for_more(server) -> None:
 
 def test_json_carries_images_energies_seed_and_trajectory(server) -> None:
     base, _ = server
-    reply = httpx.post(f"{base}/sample", json={"model": "pair", "n": 3, "steps": 7, "seed": 42, "format": "json",
-                                               "trajectory_every": 3, "init": "noise"})
+    reply = httpx.post(
+        f"{base}/sample",
+        json={
+            "model": "pair",
+            "n": 3,
+            "steps": 7,
+            "seed": 42,
+            "format": "json",
+            "trajectory_every": 3,
+            "init": "noise",
+        },
+    )
     assert reply.status_code == 200
     body = reply.json()
     assert body["seed"] == 42 and body["steps"] == 7
@@ -73,8 +84,9 @@ def test_json_carries_images_energies_seed_and_trajectory(server) -> None:
 
 def test_gif_animates_the_trajectory(server) -> None:
     base, _ = server
-    reply = httpx.post(f"{base}/sample", json={"model": "solo", "n": 4, "steps": 8, "format": "gif",
-                                               "trajectory_every": 2})
+    reply = httpx.post(
+        f"{base}/sample", json={"model": "solo", "n": 4, "steps": 8, "format": "gif", "trajectory_every": 2}
+    )
     assert reply.status_code == 200 and reply.headers["content-type"] == "image/gif"
     animation = Image.open(io.BytesIO(reply.content))
     assert animation.format == "GIF" and animation.n_frames == 5
@@ -112,8 +124,10 @@ def test_bad_input_is_a_4xx_that_says_what_is_wrong(server, body: dict, status: 
     assert message in reply.text
 
 
-@pytest.mark.parametrize("raw", ['{"model": "solo", "step_size": NaN}', '{"model": "solo", "noise": Infinity}',
-                                 '{"model": "solo", ', "[]", ""])
+@pytest.mark.parametrize(
+    "raw",
+    ['{"model": "solo", "step_size": NaN}', '{"model": "solo", "noise": Infinity}', '{"model": "solo", ', "[]", ""],
+)
 def test_non_finite_numbers_and_broken_json_are_422(server, raw: str) -> None:
     base, _ = server
     reply = httpx.post(f"{base}/sample", content=raw, headers={"content-type": "application/json"})
@@ -143,8 +157,13 @@ def test_metrics_count_requests_and_steps(server) -> None:
     assert 'samplebay_requests_total{model="solo",status="200"} 1.0' in text
     assert 'samplebay_requests_total{model="unknown",status="404"} 1.0' in text
     assert 'samplebay_langevin_steps_total{pool="solo"} 4.0' in text
-    for name in ("samplebay_request_latency_seconds_bucket", "samplebay_queue_seconds_bucket",
-                 "samplebay_queue_depth", "samplebay_chains_per_step_bucket", 'samplebay_buffer_size{pool="pair"}'):
+    for name in (
+        "samplebay_request_latency_seconds_bucket",
+        "samplebay_queue_seconds_bucket",
+        "samplebay_queue_depth",
+        "samplebay_chains_per_step_bucket",
+        'samplebay_buffer_size{pool="pair"}',
+    ):
         assert name in text
 
 
@@ -163,8 +182,11 @@ def test_odd_headers_and_data_urls_are_4xx_not_500(models_dir: Path, tmp_path: P
         latin = {"Authorization": "Bearer \xe9".encode("latin-1")}
         odd = httpx.post(f"{base}/sample", json={"model": "solo"}, headers=latin)
         assert odd.status_code == 401
-        no_comma = httpx.post(f"{base}/sample", json={"model": "solo", "init": "image", "image": "data:image/png"},
-                              headers={"Authorization": "Bearer k"})
+        no_comma = httpx.post(
+            f"{base}/sample",
+            json={"model": "solo", "init": "image", "image": "data:image/png"},
+            headers={"Authorization": "Bearer k"},
+        )
         assert no_comma.status_code == 422 and "not a base64 image" in no_comma.text
 
 

@@ -42,8 +42,9 @@ def test_requests_within_the_window_share_one_generator_pass(server) -> None:
     def grid(seed: int) -> np.ndarray:
         reply = httpx.post(f"{base}/sample", json={"model": "gan", "n": 2, "seed": seed, "format": "json"})
         assert reply.status_code == 200
-        return np.stack([np.asarray(Image.open(io.BytesIO(base64.b64decode(image))))
-                         for image in reply.json()["images"]])
+        return np.stack(
+            [np.asarray(Image.open(io.BytesIO(base64.b64decode(image)))) for image in reply.json()["images"]]
+        )
 
     alone = grid(77)
     with concurrent.futures.ThreadPoolExecutor(6) as pool:

@@ -40,8 +40,9 @@ def wait_until(condition, timeout: float = 10.0) -> None:
 def test_concurrent_requests_share_langevin_steps(models_dir: Path, tmp_path: Path) -> None:
     with running_server(settings_for(models_dir, tmp_path)) as (base, app):
         with concurrent.futures.ThreadPoolExecutor(6) as pool:
-            replies = list(pool.map(lambda seed: post(base, {"model": "solo", "n": 2, "steps": 300, "seed": seed}),
-                                    range(6)))
+            replies = list(
+                pool.map(lambda seed: post(base, {"model": "solo", "n": 2, "steps": 300, "seed": seed}), range(6))
+            )
         assert all(reply.status_code == 200 for reply in replies)
         stats = app.state.worker.pools["solo"].stats
         assert stats["max_jobs_in_step"] >= 2 and stats["max_chains_in_step"] >= 4
@@ -71,8 +72,10 @@ def test_seeded_noise_chains_do_not_depend_on_what_shares_the_batch(models_dir: 
     with running_server(settings_for(models_dir, tmp_path)) as (base, _):
         alone = pixels(post(base, request))
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            crowd = [pool.submit(post, base, {"model": "pair_a", "n": 5, "steps": 60, "seed": seed, "init": "noise"})
-                     for seed in range(3)]
+            crowd = [
+                pool.submit(post, base, {"model": "pair_a", "n": 5, "steps": 60, "seed": seed, "init": "noise"})
+                for seed in range(3)
+            ]
             time.sleep(0.05)
             together = pixels(post(base, request))
             assert all(future.result().status_code == 200 for future in crowd)

@@ -66,8 +66,13 @@ def test_stream_sends_each_frame_as_it_is_made_then_the_samples(server) -> None:
 
 def test_accept_header_asks_for_a_stream_too(server) -> None:
     base, _ = server
-    with httpx.stream("POST", f"{base}/sample", json={"model": "solo", "steps": 3},
-                      headers={"Accept": "text/event-stream"}, timeout=60) as response:
+    with httpx.stream(
+        "POST",
+        f"{base}/sample",
+        json={"model": "solo", "steps": 3},
+        headers={"Accept": "text/event-stream"},
+        timeout=60,
+    ) as response:
         events = read_events(response)
     assert [name for name, _ in events][-1] == "done"
     assert [data["step"] for name, data in events if name == "frame"] == [0, 1, 2, 3]
@@ -94,9 +99,20 @@ def test_inpainting_keeps_the_known_pixels_and_fills_the_masked_ones(server) -> 
     digit[4:24, 12:16] = 255  # a '1'
     mask = np.zeros((28, 28))
     mask[14:, :] = 255  # fill in the lower half
-    reply = httpx.post(f"{base}/sample", json={"model": "solo", "n": 2, "steps": 20, "init": "image",
-                                               "image": png_b64(digit), "mask": png_b64(mask),
-                                               "format": "json", "seed": 1}, timeout=60)
+    reply = httpx.post(
+        f"{base}/sample",
+        json={
+            "model": "solo",
+            "n": 2,
+            "steps": 20,
+            "init": "image",
+            "image": png_b64(digit),
+            "mask": png_b64(mask),
+            "format": "json",
+            "seed": 1,
+        },
+        timeout=60,
+    )
     assert reply.status_code == 200, reply.text
     for encoded in reply.json()["images"]:
         completed = png_array(encoded).astype(int)
@@ -111,9 +127,19 @@ def test_denoising_starts_every_chain_from_the_image_and_never_touches_the_buffe
     digit = np.zeros((28, 28))
     digit[6:22, 8:20] = 200
     data_url = "data:image/png;base64," + png_b64(digit)
-    reply = httpx.post(f"{base}/sample", json={"model": "solo", "n": 3, "steps": 2, "init": "image",
-                                               "image": data_url, "format": "json", "trajectory_every": 2},
-                       timeout=60)
+    reply = httpx.post(
+        f"{base}/sample",
+        json={
+            "model": "solo",
+            "n": 3,
+            "steps": 2,
+            "init": "image",
+            "image": data_url,
+            "format": "json",
+            "trajectory_every": 2,
+        },
+        timeout=60,
+    )
     assert reply.status_code == 200, reply.text
     start = [png_array(encoded) for encoded in reply.json()["trajectory"][0]]
     assert all(np.abs(frame.astype(int) - digit).max() <= 1 for frame in start)

@@ -13,9 +13,22 @@ from training.train_ebm import EBMTrainConfig, train_ebm
 
 
 def toy_config(tmp_path: Path, **overrides) -> EBMTrainConfig:
-    fields = dict(dataset="toy2d:8gaussians", out=str(tmp_path / "toy.safetensors"), epochs=2, batch_size=64,
-                  lr=1e-3, steps=10, step_size=0.01, noise=0.01, grad_clip=1.0, buffer_capacity=512,
-                  max_batches=25, validate_batches=4, seed=0, device="cpu")
+    fields = dict(
+        dataset="toy2d:8gaussians",
+        out=str(tmp_path / "toy.safetensors"),
+        epochs=2,
+        batch_size=64,
+        lr=1e-3,
+        steps=10,
+        step_size=0.01,
+        noise=0.01,
+        grad_clip=1.0,
+        buffer_capacity=512,
+        max_batches=25,
+        validate_batches=4,
+        seed=0,
+        device="cpu",
+    )
     fields.update(overrides)
     return EBMTrainConfig(**fields)
 
@@ -64,11 +77,46 @@ def test_resume_continues_where_the_run_stopped(tmp_path: Path) -> None:
 
 def test_cli_trains_samples_and_evaluates_on_idx_data(tmp_path: Path, idx_dir: Path, capsys) -> None:
     checkpoint = tmp_path / "digits.safetensors"
-    main(["ebm", "--data-dir", str(idx_dir), "--epochs", "1", "--max-batches", "2", "--batch-size", "16",
-          "--steps", "3", "--width", "8", "--out", str(checkpoint), "--device", "cpu"])
+    main(
+        [
+            "ebm",
+            "--data-dir",
+            str(idx_dir),
+            "--epochs",
+            "1",
+            "--max-batches",
+            "2",
+            "--batch-size",
+            "16",
+            "--steps",
+            "3",
+            "--width",
+            "8",
+            "--out",
+            str(checkpoint),
+            "--device",
+            "cpu",
+        ]
+    )
     grid = tmp_path / "grid.png"
-    main(["sample", str(checkpoint), "--n", "4", "--steps", "3", "--init", "buffer", "--trajectory", "1",
-          "--out", str(grid), "--device", "cpu"])
+    main(
+        [
+            "sample",
+            str(checkpoint),
+            "--n",
+            "4",
+            "--steps",
+            "3",
+            "--init",
+            "buffer",
+            "--trajectory",
+            "1",
+            "--out",
+            str(grid),
+            "--device",
+            "cpu",
+        ]
+    )
     from PIL import Image
 
     with Image.open(grid) as image:
@@ -79,8 +127,23 @@ def test_cli_trains_samples_and_evaluates_on_idx_data(tmp_path: Path, idx_dir: P
     classifier = tmp_path / "classifier.safetensors"
     main(["classifier", "--data-dir", str(idx_dir), "--epochs", "1", "--out", str(classifier), "--device", "cpu"])
     capsys.readouterr()
-    main(["evaluate", str(checkpoint), "--data-dir", str(idx_dir), "--n", "64", "--steps", "2",
-          "--classifier", str(classifier), "--device", "cpu", "--record"])
+    main(
+        [
+            "evaluate",
+            str(checkpoint),
+            "--data-dir",
+            str(idx_dir),
+            "--n",
+            "64",
+            "--steps",
+            "2",
+            "--classifier",
+            str(classifier),
+            "--device",
+            "cpu",
+            "--record",
+        ]
+    )
     report = json.loads(capsys.readouterr().out)
     recorded = load_checkpoint(checkpoint).config.metrics["evaluate_noise"]
     assert recorded["frechet_distance"] == report["model"]["frechet_distance"] and recorded["steps"] == 2
@@ -88,12 +151,42 @@ def test_cli_trains_samples_and_evaluates_on_idx_data(tmp_path: Path, idx_dir: P
     assert report["real_data_floor"]["frechet_distance"] < report["model"]["frechet_distance"]
 
     members = [write_tiny_ebm(tmp_path / f"pair_{seed}.safetensors", seed=seed, ensemble="pair") for seed in (1, 2)]
-    main(["evaluate", *map(str, members), "--data-dir", str(idx_dir), "--n", "32", "--init", "buffer",
-          "--classifier", str(classifier), "--device", "cpu", "--record"])
+    main(
+        [
+            "evaluate",
+            *map(str, members),
+            "--data-dir",
+            str(idx_dir),
+            "--n",
+            "32",
+            "--init",
+            "buffer",
+            "--classifier",
+            str(classifier),
+            "--device",
+            "cpu",
+            "--record",
+        ]
+    )
     report = json.loads(capsys.readouterr().out)
     for member in members:  # an ensemble's figures are recorded in every member
-        assert load_checkpoint(member).config.metrics["evaluate_ensemble_buffer"]["frechet_distance"] == \
-            report["model"]["frechet_distance"]
+        assert (
+            load_checkpoint(member).config.metrics["evaluate_ensemble_buffer"]["frechet_distance"]
+            == report["model"]["frechet_distance"]
+        )
     with pytest.raises(SystemExit):  # a lone EBM and an ensemble member are not one ensemble
-        main(["evaluate", str(checkpoint), str(members[0]), "--data-dir", str(idx_dir), "--n", "8",
-              "--classifier", str(classifier), "--device", "cpu"])
+        main(
+            [
+                "evaluate",
+                str(checkpoint),
+                str(members[0]),
+                "--data-dir",
+                str(idx_dir),
+                "--n",
+                "8",
+                "--classifier",
+                str(classifier),
+                "--device",
+                "cpu",
+            ]
+        )

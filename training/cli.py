@@ -96,21 +96,25 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     model = members[0]
     if model.shape != (1, 28, 28):
         raise SystemExit(f"evaluate: the classifier reads 1x28x28 images; {model.name} makes {list(model.shape)}")
-    samples = torch.cat([
-        draw_samples(members, min(args.batch, args.n - start), args.steps, args.init, generator).cpu()
-        for start in range(0, args.n, args.batch)
-    ])
+    samples = torch.cat(
+        [
+            draw_samples(members, min(args.batch, args.n - start), args.steps, args.init, generator).cpu()
+            for start in range(0, args.n, args.batch)
+        ]
+    )
     steps = args.steps or model.config.sampler.get("steps")
     # A random test subset (the first MNIST test images are the easier half), the same for every model.
-    reference = test.images[torch.randperm(len(test.images), generator=torch.Generator().manual_seed(args.seed + 1))
-                            [: args.n]]
+    reference = test.images[
+        torch.randperm(len(test.images), generator=torch.Generator().manual_seed(args.seed + 1))[: args.n]
+    ]
     report = {
         "checkpoints": [str(path) for path in args.checkpoint],
         "family": model.config.family,
         "sampler": {"init": args.init, "steps": steps, "n": args.n} if model.config.family == "ebm" else {"n": args.n},
         "model": asdict(quality_figures(classifier, reference, samples)),
-        "real_data_floor": real_data_floor(classifier, reference, train.images, args.n,
-                                           torch.Generator().manual_seed(args.seed + 2)),
+        "real_data_floor": real_data_floor(
+            classifier, reference, train.images, args.n, torch.Generator().manual_seed(args.seed + 2)
+        ),
     }
     if model.config.family == "flow":
         from training.train_flow import dataset_bits_per_dim
@@ -126,8 +130,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
             key = f"evaluate_ensemble_{args.init}"  # the same figures go into every member
         for path in args.checkpoint:
             checkpoint = load_checkpoint(path)
-            checkpoint.config.metrics[key] = {**report["model"], **report["sampler"],
-                                              "floor_frechet_distance": report["real_data_floor"]["frechet_distance"]}
+            checkpoint.config.metrics[key] = {
+                **report["model"],
+                **report["sampler"],
+                "floor_frechet_distance": report["real_data_floor"]["frechet_distance"],
+            }
             save_checkpoint(path, checkpoint)
             print(f"recorded the figures in {path} (metrics.{key})", file=sys.stderr)
 
@@ -135,8 +142,18 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 def _cmd_classifier(args: argparse.Namespace) -> None:
     from training.evaluate import train_classifier
 
-    print(json.dumps(train_classifier(args.data_dir, args.out, args.epochs, seed=args.seed, device_name=args.device,
-                                      max_batches=args.max_batches)))
+    print(
+        json.dumps(
+            train_classifier(
+                args.data_dir,
+                args.out,
+                args.epochs,
+                seed=args.seed,
+                device_name=args.device,
+                max_batches=args.max_batches,
+            )
+        )
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,36 +162,49 @@ def build_parser() -> argparse.ArgumentParser:
     from training.train_flow import FlowTrainConfig
     from training.train_gan import GANTrainConfig
 
-    parser = argparse.ArgumentParser(prog="python -m training",
-                                     description="Train, sample and evaluate generative models.")
+    parser = argparse.ArgumentParser(
+        prog="python -m training", description="Train, sample and evaluate generative models."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     trainers = {
         "ebm": ("train an energy-based model (contrastive divergence + Langevin)", EBMTrainConfig, _cmd_ebm),
         "gan": ("train a GAN: dcgan, wgan (weight clipping) or wgan-gp, with generator EMA", GANTrainConfig, _cmd_gan),
-        "flow": ("train a normalizing flow by maximum likelihood: nice, glow (multiscale) or iresnet",
-                 FlowTrainConfig, _cmd_flow),
+        "flow": (
+            "train a normalizing flow by maximum likelihood: nice, glow (multiscale) or iresnet",
+            FlowTrainConfig,
+            _cmd_flow,
+        ),
     }
     for name, (description, config_type, handler) in trainers.items():
         trainer = commands.add_parser(name, help=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         _add_dataclass_arguments(trainer, config_type)
         trainer.set_defaults(handler=handler)
 
-    sample = commands.add_parser("sample", help="draw samples from a checkpoint into a PNG grid",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sample = commands.add_parser(
+        "sample",
+        help="draw samples from a checkpoint into a PNG grid",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     sample.add_argument("checkpoint", type=Path, nargs="+", help="one checkpoint, or the EBMs of one ensemble")
     sample.add_argument("--n", type=int, default=64)
     sample.add_argument("--steps", type=int, default=None, help="Langevin steps (default: the checkpoint's)")
     sample.add_argument("--init", choices=["noise", "buffer"], default="noise")
     sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--trajectory", type=int, default=0, metavar="K",
-                        help="also write every K-th step as an animated GIF next to --out")
+    sample.add_argument(
+        "--trajectory",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also write every K-th step as an animated GIF next to --out",
+    )
     sample.add_argument("--out", default="samples.png")
     sample.add_argument("--device", default="auto")
     sample.set_defaults(handler=_cmd_sample)
 
-    evaluate = commands.add_parser("evaluate", help="print sample-quality figures as JSON",
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    evaluate = commands.add_parser(
+        "evaluate", help="print sample-quality figures as JSON", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     evaluate.add_argument("checkpoint", type=Path, nargs="+", help="one checkpoint, or the EBMs of one ensemble")
     evaluate.add_argument("--data-dir", default=None)
     evaluate.add_argument("--n", type=int, default=2000, help="samples and reference images compared")
@@ -187,8 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--record", action="store_true", help="also store the figures in the checkpoint's metrics")
     evaluate.set_defaults(handler=_cmd_evaluate)
 
-    classifier = commands.add_parser("classifier", help="train the MNIST classifier used by evaluate",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    classifier = commands.add_parser(
+        "classifier",
+        help="train the MNIST classifier used by evaluate",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     classifier.add_argument("--data-dir", default=None)
     classifier.add_argument("--out", default=str(DEFAULT_CLASSIFIER))
     classifier.add_argument("--epochs", type=int, default=3)

@@ -136,8 +136,9 @@ def toy2d(name: str, n: int, generator: torch.Generator | None = None) -> torch.
     raise DatasetError(f"unknown toy2d density {name!r}; expected one of {', '.join(TOY2D_NAMES)}")
 
 
-def load_dataset(name: str, data_dir: str | os.PathLike | None, split: str, toy_size: int = 20000,
-                 seed: int = 0) -> ImageDataset:
+def load_dataset(
+    name: str, data_dir: str | os.PathLike | None, split: str, toy_size: int = 20000, seed: int = 0
+) -> ImageDataset:
     """One entry point for the CLI: 'mnist' (or any MNIST-format IDX set) and 'toy2d:<density>'."""
     if name in ("mnist", "fashion-mnist", "idx"):
         dataset = load_idx_images(data_dir, split)

@@ -32,8 +32,9 @@ def load_classifier(path: str | Path = DEFAULT_CLASSIFIER, device: torch.device 
 
 
 @torch.no_grad()
-def features_and_labels(classifier: torch.nn.Module, images: torch.Tensor,
-                        batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+def features_and_labels(
+    classifier: torch.nn.Module, images: torch.Tensor, batch_size: int = 500
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Penultimate features [N, 128] and predicted labels [N] of images in [-1, 1]."""
     device = next(classifier.parameters()).device
     features, labels = [], []
@@ -87,8 +88,9 @@ class QualityFigures:
     n: int
 
 
-def quality_figures(classifier: torch.nn.Module, reference: torch.Tensor, samples: torch.Tensor,
-                    k: int = 3) -> QualityFigures:
+def quality_figures(
+    classifier: torch.nn.Module, reference: torch.Tensor, samples: torch.Tensor, k: int = 3
+) -> QualityFigures:
     real_features, _ = features_and_labels(classifier, reference)
     fake_features, fake_labels = features_and_labels(classifier, samples)
     precision, recall = precision_recall(real_features.float(), fake_features.float(), k)
@@ -101,15 +103,24 @@ def quality_figures(classifier: torch.nn.Module, reference: torch.Tensor, sample
     )
 
 
-def real_data_floor(classifier: torch.nn.Module, reference: torch.Tensor, train_images: torch.Tensor,
-                    n: int, generator: torch.Generator) -> dict:
+def real_data_floor(
+    classifier: torch.nn.Module, reference: torch.Tensor, train_images: torch.Tensor, n: int, generator: torch.Generator
+) -> dict:
     """The same figures for n real training images against the reference: what a perfect model would get."""
     pick = torch.randperm(len(train_images), generator=generator)[:n]
     return asdict(quality_figures(classifier, reference, train_images[pick]))
 
 
-def train_classifier(data_dir: str | None, out: str, epochs: int = 3, batch_size: int = 128, lr: float = 1e-3,
-                     seed: int = 0, device_name: str = "auto", max_batches: int | None = None) -> dict:
+def train_classifier(
+    data_dir: str | None,
+    out: str,
+    epochs: int = 3,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    seed: int = 0,
+    device_name: str = "auto",
+    max_batches: int | None = None,
+) -> dict:
     """Train the evaluation classifier; returns its test accuracy."""
     device = pick_device(device_name)
     seed_everything(seed)
@@ -135,11 +146,13 @@ def train_classifier(data_dir: str | None, out: str, epochs: int = 3, batch_size
     with torch.no_grad():
         predicted = torch.cat([model(chunk.to(device)).argmax(1).cpu() for chunk in torch.split(test.images, 1000)])
     accuracy = round(float((predicted == test.labels).double().mean()), 4)
-    config = ModelConfig(family="classifier", arch=arch,
-                         data={"shape": list(train.shape), "range": [-1.0, 1.0], "dataset": "mnist"},
-                         training={"epochs": epochs, "seed": seed, "wall_seconds": clock.seconds(),
-                                   "device": str(device)},
-                         metrics={"test_accuracy": accuracy})
+    config = ModelConfig(
+        family="classifier",
+        arch=arch,
+        data={"shape": list(train.shape), "range": [-1.0, 1.0], "dataset": "mnist"},
+        training={"epochs": epochs, "seed": seed, "wall_seconds": clock.seconds(), "device": str(device)},
+        metrics={"test_accuracy": accuracy},
+    )
     save_checkpoint(out, Checkpoint(config, model.state_dict()))
     log.write({"test_accuracy": accuracy, "wall_seconds": clock.seconds()})
     return {"test_accuracy": accuracy, "out": out}

@@ -27,8 +27,9 @@ def points_to_images(points: torch.Tensor, size: int = 128, extent: float = 1.5)
     return (shade * 2 - 1).reshape(1, 1, size, size)
 
 
-def grid(x: torch.Tensor, data_range: tuple[float, float] = (-1.0, 1.0), columns: int | None = None,
-         padding: int = 2) -> Image.Image:
+def grid(
+    x: torch.Tensor, data_range: tuple[float, float] = (-1.0, 1.0), columns: int | None = None, padding: int = 2
+) -> Image.Image:
     """Images [N, C, H, W] -> one PIL image laid out in a near-square grid (one image if N == 1)."""
     pixels = to_uint8(x, data_range)  # [N, H, W, C]
     n, height, width, channels = pixels.shape
@@ -36,8 +37,9 @@ def grid(x: torch.Tensor, data_range: tuple[float, float] = (-1.0, 1.0), columns
         return _to_pil(pixels[0])
     columns = columns or math.ceil(math.sqrt(n))
     rows = math.ceil(n / columns)
-    canvas = torch.zeros(rows * (height + padding) + padding, columns * (width + padding) + padding, channels,
-                         dtype=torch.uint8)
+    canvas = torch.zeros(
+        rows * (height + padding) + padding, columns * (width + padding) + padding, channels, dtype=torch.uint8
+    )
     for index in range(n):
         top = padding + (index // columns) * (height + padding)
         left = padding + (index % columns) * (width + padding)
@@ -73,8 +75,9 @@ class ImageDecodeError(ValueError):
     """An uploaded image could not be read; the message says why."""
 
 
-def decode_image(payload: bytes, shape: tuple[int, ...], data_range: tuple[float, float] = (-1.0, 1.0),
-                 max_pixels: int = 1024 * 1024) -> torch.Tensor:
+def decode_image(
+    payload: bytes, shape: tuple[int, ...], data_range: tuple[float, float] = (-1.0, 1.0), max_pixels: int = 1024 * 1024
+) -> torch.Tensor:
     """PNG/JPEG/... bytes -> a tensor [*shape] in data_range (grey or RGB as the shape asks, resized to fit)."""
     try:
         with Image.open(io.BytesIO(payload)) as image:

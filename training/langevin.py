@@ -84,8 +84,14 @@ def sample_langevin(
         source_device = generator.device if generator is not None else x.device
         eps = torch.randn(x.shape, generator=generator, device=source_device, dtype=x.dtype).to(x.device)
         x, energy = langevin_step(
-            energy_fn, x, eps, settings.step_size, settings.noise, settings.grad_clip,
-            settings.temperature, (settings.data_min, settings.data_max),
+            energy_fn,
+            x,
+            eps,
+            settings.step_size,
+            settings.noise,
+            settings.grad_clip,
+            settings.temperature,
+            (settings.data_min, settings.data_max),
         )
         if callback is not None:
             callback(step + 1, x, energy)
@@ -171,8 +177,13 @@ class ReplayBuffer:
     oldest appended slot. The state is plain tensors, so it is saved inside a checkpoint.
     """
 
-    def __init__(self, shape: tuple[int, ...], capacity: int = 8192, restart_prob: float = 0.05,
-                 data_range: tuple[float, float] = (-1.0, 1.0)) -> None:
+    def __init__(
+        self,
+        shape: tuple[int, ...],
+        capacity: int = 8192,
+        restart_prob: float = 0.05,
+        data_range: tuple[float, float] = (-1.0, 1.0),
+    ) -> None:
         if capacity < 1:
             raise ValueError(f"replay buffer capacity must be positive, got {capacity}")
         if not 0.0 <= restart_prob <= 1.0:
@@ -257,8 +268,13 @@ class ReplayBuffer:
         return buffer
 
     @classmethod
-    def pooled(cls, states: list[dict[str, torch.Tensor]], shape: tuple[int, ...], restart_prob: float,
-               data_range: tuple[float, float]) -> ReplayBuffer:
+    def pooled(
+        cls,
+        states: list[dict[str, torch.Tensor]],
+        shape: tuple[int, ...],
+        restart_prob: float,
+        data_range: tuple[float, float],
+    ) -> ReplayBuffer:
         """One buffer holding every saved buffer of an ensemble's members (empty when none was saved)."""
         if not states:
             return cls(shape, restart_prob=restart_prob, data_range=data_range)

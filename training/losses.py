@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 
-def contrastive_divergence(energy_real: torch.Tensor, energy_fake: torch.Tensor,
-                           alpha: float) -> tuple[torch.Tensor, dict[str, float]]:
+def contrastive_divergence(
+    energy_real: torch.Tensor, energy_fake: torch.Tensor, alpha: float
+) -> tuple[torch.Tensor, dict[str, float]]:
     """mean E(real) - mean E(fake) + alpha * mean(E(real)^2 + E(fake)^2) (Du & Mordatch 2019, eq. 4).
 
     The squared-energy term keeps energies near zero so the contrastive term cannot run away.
@@ -30,12 +31,14 @@ def contrastive_divergence(energy_real: torch.Tensor, energy_fake: torch.Tensor,
 # --- GANs (Goodfellow et al. 2014; Arjovsky et al. 2017; Gulrajani et al. 2017) -------------------
 
 
-def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor,
-                       label_smoothing: float = 0.0) -> torch.Tensor:
+def discriminator_loss(
+    real_logits: torch.Tensor, fake_logits: torch.Tensor, label_smoothing: float = 0.0
+) -> torch.Tensor:
     """DCGAN discriminator: binary cross-entropy; one-sided label smoothing puts real targets at 1 - s."""
     real_target = torch.full_like(real_logits, 1.0 - label_smoothing)
-    return (F.binary_cross_entropy_with_logits(real_logits, real_target)
-            + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits)))
+    return F.binary_cross_entropy_with_logits(real_logits, real_target) + F.binary_cross_entropy_with_logits(
+        fake_logits, torch.zeros_like(fake_logits)
+    )
 
 
 def non_saturating_generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
@@ -52,8 +55,13 @@ def wasserstein_generator_loss(fake_scores: torch.Tensor) -> torch.Tensor:
     return -fake_scores.mean()
 
 
-def gradient_penalty(critic: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor, fake: torch.Tensor,
-                     weight: float = 10.0, generator: torch.Generator | None = None) -> torch.Tensor:
+def gradient_penalty(
+    critic: Callable[[torch.Tensor], torch.Tensor],
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    weight: float = 10.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """weight * E[(||grad f(x_hat)||_2 - 1)^2] on random interpolates x_hat (Gulrajani et al. 2017)."""
     shape = (real.shape[0],) + (1,) * (real.dim() - 1)
     mix = torch.rand(shape, generator=generator, device=real.device if generator is None else generator.device)

@@ -57,11 +57,19 @@ class RunConfig:
                 words += [flag, str(value)]
         return shlex.join(words)
 
-    def training_record(self, family: str, device: torch.device, wall_seconds: float, epoch: int,
-                        **extra: Any) -> dict[str, Any]:
+    def training_record(
+        self, family: str, device: torch.device, wall_seconds: float, epoch: int, **extra: Any
+    ) -> dict[str, Any]:
         """What every checkpoint records about the run that made it."""
-        return {"command": self.command_line(family), "args": asdict(self), "seed": self.seed,
-                "wall_seconds": wall_seconds, "device": device_name(device), "epochs_done": epoch, **extra}
+        return {
+            "command": self.command_line(family),
+            "args": asdict(self),
+            "seed": self.seed,
+            "wall_seconds": wall_seconds,
+            "device": device_name(device),
+            "epochs_done": epoch,
+            **extra,
+        }
 
 
 @dataclass
@@ -152,8 +160,9 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
     return tensors, state["param_groups"]
 
 
-def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
-                      param_groups: list[dict[str, Any]]) -> None:
+def restore_optimizer(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], param_groups: list[dict[str, Any]]
+) -> None:
     state: dict[int, dict[str, torch.Tensor]] = {}
     for name, value in tensors.items():
         index, _, key = name.partition(".")
@@ -173,8 +182,14 @@ class ResumeState:
         return run_dir / "resume.safetensors"
 
 
-def save_resume(run_dir: Path, epoch: int, config: ModelConfig, weights: dict[str, torch.Tensor],
-                optimizers: dict[str, torch.optim.Optimizer], extras: dict[str, dict[str, torch.Tensor]]) -> None:
+def save_resume(
+    run_dir: Path,
+    epoch: int,
+    config: ModelConfig,
+    weights: dict[str, torch.Tensor],
+    optimizers: dict[str, torch.optim.Optimizer],
+    extras: dict[str, dict[str, torch.Tensor]],
+) -> None:
     groups = dict(extras)
     param_groups = {}
     for name, optimizer in optimizers.items():
@@ -182,8 +197,12 @@ def save_resume(run_dir: Path, epoch: int, config: ModelConfig, weights: dict[st
     groups["rng"] = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         groups["rng"]["cuda"] = torch.cuda.get_rng_state()
-    resume_config = ModelConfig(**{**asdict(config), "training": {
-        **config.training, "resume_epoch": epoch, "optimizer_param_groups": param_groups}})
+    resume_config = ModelConfig(
+        **{
+            **asdict(config),
+            "training": {**config.training, "resume_epoch": epoch, "optimizer_param_groups": param_groups},
+        }
+    )
     save_checkpoint(ResumeState.path(run_dir), Checkpoint(resume_config, weights, groups))
 
 
@@ -193,8 +212,11 @@ def load_resume(run_dir: Path, optimizers: dict[str, torch.optim.Optimizer]) -> 
         raise FileNotFoundError(f"--resume: no {path}; start the run once without --resume")
     checkpoint = load_checkpoint(path)
     for name, optimizer in optimizers.items():
-        restore_optimizer(optimizer, checkpoint.extras.pop(f"optimizer_{name}", {}),
-                          checkpoint.config.training["optimizer_param_groups"][name])
+        restore_optimizer(
+            optimizer,
+            checkpoint.extras.pop(f"optimizer_{name}", {}),
+            checkpoint.config.training["optimizer_param_groups"][name],
+        )
     rng = checkpoint.extras.pop("rng")
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():

@@ -56,12 +56,14 @@ def langevin_settings(config: ModelConfig, steps: int | None = None, **overrides
         noise=float(overrides.get("noise", sampler.get("noise", 0.005))),
         grad_clip=float(overrides.get("grad_clip", sampler.get("grad_clip", 0.03))),
         temperature=float(overrides.get("temperature", sampler.get("temperature", 1.0))),
-        data_min=float(low), data_max=float(high),
+        data_min=float(low),
+        data_max=float(high),
     )
 
 
-def sample_generator(model: LoadedModel, n: int, temperature: float | None = None,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_generator(
+    model: LoadedModel, n: int, temperature: float | None = None, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """GAN samples: G(z) with z ~ N(0, T^2 I); T defaults to the checkpoint's sampler temperature."""
     device = next(model.module.parameters()).device
     scale = temperature if temperature is not None else float(model.config.sampler.get("temperature", 1.0))
@@ -70,8 +72,14 @@ def sample_generator(model: LoadedModel, n: int, temperature: float | None = Non
         return model.module(latents.to(device))
 
 
-def draw_samples(model: LoadedModel | list[LoadedModel], n: int, steps: int | None = None, init: str = "noise",
-                 generator: torch.Generator | None = None, callback: StepCallback | None = None) -> torch.Tensor:
+def draw_samples(
+    model: LoadedModel | list[LoadedModel],
+    n: int,
+    steps: int | None = None,
+    init: str = "noise",
+    generator: torch.Generator | None = None,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
     """One entry point for every family, used by the `sample` and `evaluate` commands.
 
     A list of EBM checkpoints of one ensemble samples as the server samples the ensemble: chains move
@@ -82,8 +90,10 @@ def draw_samples(model: LoadedModel | list[LoadedModel], n: int, steps: int | No
     if len(members) > 1:
         ensembles = {member.config.ensemble for member in members}
         if first.config.family != "ebm" or len(ensembles) != 1 or None in ensembles:
-            raise ValueError("several checkpoints are sampled together only as EBMs of one declared ensemble; "
-                             f"got {', '.join(f'{m.name} ({m.config.family}, {m.config.ensemble})' for m in members)}")
+            raise ValueError(
+                "several checkpoints are sampled together only as EBMs of one declared ensemble; "
+                f"got {', '.join(f'{m.name} ({m.config.family}, {m.config.ensemble})' for m in members)}"
+            )
     if first.config.family == "ebm":
         return sample_ebm(members, n, langevin_settings(first.config, steps), init, generator, callback)
     if first.config.family == "gan":
@@ -101,8 +111,14 @@ def pooled_buffer(members: list[LoadedModel]) -> ReplayBuffer:
     return ReplayBuffer.pooled(states, members[0].shape, restart, members[0].data_range)
 
 
-def sample_ebm(members: list[LoadedModel], n: int, settings: LangevinSettings, init: str = "noise",
-               generator: torch.Generator | None = None, callback: StepCallback | None = None) -> torch.Tensor:
+def sample_ebm(
+    members: list[LoadedModel],
+    n: int,
+    settings: LangevinSettings,
+    init: str = "noise",
+    generator: torch.Generator | None = None,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
     """Run n chains for settings.steps from uniform noise or from the checkpoints' replay buffers."""
     first = members[0]
     device = next(first.module.parameters()).device

@@ -45,19 +45,35 @@ def _arch_for(dataset: ImageDataset, config: EBMTrainConfig) -> dict:
     if len(dataset.shape) == 1:
         return {"name": "mlp_energy", "kwargs": {"dim": dataset.shape[0], "spectral": config.spectral}}
     channels, size, _ = dataset.shape
-    return {"name": "conv_energy",
-            "kwargs": {"channels": channels, "image_size": size, "width": config.width, "spectral": config.spectral}}
+    return {
+        "name": "conv_energy",
+        "kwargs": {"channels": channels, "image_size": size, "width": config.width, "spectral": config.spectral},
+    }
 
 
-def _model_config(config: EBMTrainConfig, dataset: ImageDataset, arch: dict, device: torch.device,
-                  wall_seconds: float, epoch: int, metrics: dict) -> ModelConfig:
+def _model_config(
+    config: EBMTrainConfig,
+    dataset: ImageDataset,
+    arch: dict,
+    device: torch.device,
+    wall_seconds: float,
+    epoch: int,
+    metrics: dict,
+) -> ModelConfig:
     return ModelConfig(
         family="ebm",
         arch=arch,
         data={"shape": list(dataset.shape), "range": [-1.0, 1.0], "dataset": config.dataset},
-        sampler={"steps": config.sample_steps, "train_steps": config.steps, "step_size": config.step_size,
-                 "noise": config.noise, "grad_clip": config.grad_clip, "temperature": 1.0,
-                 "init": "buffer", "restart_prob": config.restart_prob},
+        sampler={
+            "steps": config.sample_steps,
+            "train_steps": config.steps,
+            "step_size": config.step_size,
+            "noise": config.noise,
+            "grad_clip": config.grad_clip,
+            "temperature": 1.0,
+            "init": "buffer",
+            "restart_prob": config.restart_prob,
+        },
         training=config.training_record("ebm", device, wall_seconds, epoch),
         metrics=metrics,
         ensemble=config.ensemble,
@@ -88,8 +104,9 @@ def train_ebm(config: EBMTrainConfig) -> Path:
     model = build_model(arch).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(config.beta1, 0.999))
     buffer = ReplayBuffer(train.shape, config.buffer_capacity, config.restart_prob)
-    langevin = LangevinSettings(steps=config.steps, step_size=config.step_size, noise=config.noise,
-                                grad_clip=config.grad_clip)
+    langevin = LangevinSettings(
+        steps=config.steps, step_size=config.step_size, noise=config.noise, grad_clip=config.grad_clip
+    )
     first_epoch, already = 1, 0.0
     if config.resume:
         resumed = load_resume(run_dir, {"model": optimizer})
@@ -104,8 +121,11 @@ def train_ebm(config: EBMTrainConfig) -> Path:
     steps_per_epoch = run.batches_per_epoch
     out = Path(config.out)
     for epoch in range(first_epoch, config.epochs + 1):
-        bar = log.progress(batches(len(train.images), config.batch_size, config.max_batches), steps_per_epoch,
-                           f"ebm epoch {epoch}/{config.epochs}")
+        bar = log.progress(
+            batches(len(train.images), config.batch_size, config.max_batches),
+            steps_per_epoch,
+            f"ebm epoch {epoch}/{config.epochs}",
+        )
         totals: dict[str, float] = {}
         for index in bar:
             real = train.images[index].to(device)
@@ -120,8 +140,9 @@ def train_ebm(config: EBMTrainConfig) -> Path:
             optimizer.step()
             for key, value in parts.items():
                 totals[key] = totals.get(key, 0.0) + value
-            bar.set_postfix(loss=f"{parts['loss']:.3f}", e_real=f"{parts['e_real']:.3f}",
-                            e_fake=f"{parts['e_fake']:.3f}")
+            bar.set_postfix(
+                loss=f"{parts['loss']:.3f}", e_real=f"{parts['e_real']:.3f}", e_fake=f"{parts['e_fake']:.3f}"
+            )
         record = {key: value / max(steps_per_epoch, 1) for key, value in totals.items()}
         record.update(validate(model, test, config.batch_size, config.validate_batches, device))
         record.update(epoch=epoch, wall_seconds=clock.seconds())
@@ -132,9 +153,11 @@ def train_ebm(config: EBMTrainConfig) -> Path:
         shipped_state = buffer.state_dict()
         shipped_state["samples"] = shipped_state["samples"][len(buffer) - min(config.keep_buffer, len(buffer)) :].half()
         save_checkpoint(out, Checkpoint(model_config, weights, {"replay_buffer": shipped_state}), config.output_dtype())
-        save_resume(run_dir, epoch, model_config, weights, {"model": optimizer},
-                    {"replay_buffer": buffer.state_dict()})
+        save_resume(run_dir, epoch, model_config, weights, {"model": optimizer}, {"replay_buffer": buffer.state_dict()})
         log.write(record)  # after the resume state: a crash in between never logs an epoch twice
-        print(f"epoch {epoch}: loss {record.get('loss', float('nan')):.4f} val_cd {record['val_cd']:.4f} "
-              f"-> {out} (grid {grid_path})", flush=True)
+        print(
+            f"epoch {epoch}: loss {record.get('loss', float('nan')):.4f} val_cd {record['val_cd']:.4f} "
+            f"-> {out} (grid {grid_path})",
+            flush=True,
+        )
     return out

@@ -63,14 +63,24 @@ def _arch(dataset: ImageDataset, config: FlowTrainConfig) -> dict:
     elif config.arch == "glow":
         kwargs = {"levels": config.levels, "steps": config.steps}
     else:
-        kwargs = {"blocks": config.blocks, "coefficient": config.lipschitz, "series_terms": config.series_terms,
-                  "logit_alpha": config.logit_alpha}
+        kwargs = {
+            "blocks": config.blocks,
+            "coefficient": config.lipschitz,
+            "series_terms": config.series_terms,
+            "logit_alpha": config.logit_alpha,
+        }
     return {"name": config.arch, "kwargs": common | kwargs}
 
 
 @torch.no_grad()
-def dataset_bits_per_dim(flow: torch.nn.Module, test: ImageDataset, batch_size: int, device: torch.device,
-                      limit: int | None = None, seed: int = 0) -> float:
+def dataset_bits_per_dim(
+    flow: torch.nn.Module,
+    test: ImageDataset,
+    batch_size: int,
+    device: torch.device,
+    limit: int | None = None,
+    seed: int = 0,
+) -> float:
     """Mean bits/dim of the test set under one fixed dequantization draw."""
     flow.eval()
     generator_state = torch.get_rng_state()
@@ -108,11 +118,15 @@ def train_flow(config: FlowTrainConfig) -> Path:
     per_epoch = run.batches_per_epoch
     done = (first_epoch - 1) * per_epoch  # optimizer steps before this (possibly resumed) run
     warmup = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (done + step + 1) / max(config.warmup_steps, 1)))
+        optimizer, lambda step: min(1.0, (done + step + 1) / max(config.warmup_steps, 1))
+    )
     out = Path(config.out)
     for epoch in range(first_epoch, config.epochs + 1):
-        bar = log.progress(batches(len(train.images), config.batch_size, config.max_batches), per_epoch,
-                           f"{config.arch} epoch {epoch}/{config.epochs}")
+        bar = log.progress(
+            batches(len(train.images), config.batch_size, config.max_batches),
+            per_epoch,
+            f"{config.arch} epoch {epoch}/{config.epochs}",
+        )
         total = 0.0
         for index in bar:
             loss = bits_per_dim(flow.log_prob(dequantize(train.images[index]).to(device)), dim).mean()
@@ -124,11 +138,16 @@ def train_flow(config: FlowTrainConfig) -> Path:
             warmup.step()
             total += loss.item()
             bar.set_postfix(bits_per_dim=f"{loss.item():.3f}")
-        record = {"train_bits_per_dim": total / max(per_epoch, 1), "epoch": epoch, "wall_seconds": clock.seconds(),
-                  "test_bits_per_dim": dataset_bits_per_dim(flow, test, 500, device, config.test_batches)}
+        record = {
+            "train_bits_per_dim": total / max(per_epoch, 1),
+            "epoch": epoch,
+            "wall_seconds": clock.seconds(),
+            "test_bits_per_dim": dataset_bits_per_dim(flow, test, 500, device, config.test_batches),
+        }
         grid_path = log.grid(flow.sample(64, config.setting("temperature")).clamp(-1, 1), epoch, (-1.0, 1.0))
         model_config = ModelConfig(
-            family="flow", arch=arch,
+            family="flow",
+            arch=arch,
             data={"shape": list(train.shape), "range": [-1.0, 1.0], "dataset": config.dataset},
             sampler={"temperature": config.setting("temperature"), "base": config.setting("base")},
             training=config.training_record("flow", device, clock.seconds(), epoch),
@@ -137,6 +156,9 @@ def train_flow(config: FlowTrainConfig) -> Path:
         save_checkpoint(out, Checkpoint(model_config, flow.state_dict()), config.output_dtype())
         save_resume(run_dir, epoch, model_config, flow.state_dict(), {"flow": optimizer}, {})
         log.write(record)
-        print(f"epoch {epoch}: train {record['train_bits_per_dim']:.4f} test {record['test_bits_per_dim']:.4f} "
-              f"bits/dim -> {out} (grid {grid_path})", flush=True)
+        print(
+            f"epoch {epoch}: train {record['train_bits_per_dim']:.4f} test {record['test_bits_per_dim']:.4f} "
+            f"bits/dim -> {out} (grid {grid_path})",
+            flush=True,
+        )
     return out

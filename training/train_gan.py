@@ -54,13 +54,24 @@ class GANTrainConfig(RunConfig):
 
 def _architectures(dataset: ImageDataset, config: GANTrainConfig) -> tuple[dict, dict]:
     if len(dataset.shape) == 1:
-        return ({"name": "mlp_generator", "kwargs": {"latent_dim": config.latent_dim, "dim": dataset.shape[0]}},
-                {"name": "mlp_critic", "kwargs": {"dim": dataset.shape[0]}})
+        return (
+            {"name": "mlp_generator", "kwargs": {"latent_dim": config.latent_dim, "dim": dataset.shape[0]}},
+            {"name": "mlp_critic", "kwargs": {"dim": dataset.shape[0]}},
+        )
     channels, size, _ = dataset.shape
-    generator = {"name": "conv_generator", "kwargs": {"latent_dim": config.latent_dim, "width": config.width,
-                                                      "channels": channels, "image_size": size}}
-    critic = {"name": "conv_critic", "kwargs": {"width": config.width, "channels": channels, "image_size": size,
-                                                "batch_norm": config.loss == "dcgan"}}
+    generator = {
+        "name": "conv_generator",
+        "kwargs": {"latent_dim": config.latent_dim, "width": config.width, "channels": channels, "image_size": size},
+    }
+    critic = {
+        "name": "conv_critic",
+        "kwargs": {
+            "width": config.width,
+            "channels": channels,
+            "image_size": size,
+            "batch_norm": config.loss == "dcgan",
+        },
+    }
     return generator, critic
 
 
@@ -100,15 +111,20 @@ def train_gan(config: GANTrainConfig) -> Path:
     fixed_latents = torch.randn(64, config.latent_dim, generator=torch.Generator().manual_seed(0)).to(device)
     per_epoch = run.batches_per_epoch
     if per_epoch * config.epochs < critic_steps:
-        raise ValueError(f"{per_epoch * config.epochs} batches in all cannot make one generator update "
-                         f"after {critic_steps} critic steps; train longer")
+        raise ValueError(
+            f"{per_epoch * config.epochs} batches in all cannot make one generator update "
+            f"after {critic_steps} critic steps; train longer"
+        )
     noise_batches = per_epoch * config.epochs
     if config.resume:
         noise_batches = int(resumed.checkpoint.config.training["noise_batches"])
     out = Path(config.out)
     for epoch in range(first_epoch, config.epochs + 1):
-        bar = log.progress(batches(len(train.images), config.batch_size, config.max_batches), per_epoch,
-                           f"{config.loss} epoch {epoch}/{config.epochs}")
+        bar = log.progress(
+            batches(len(train.images), config.batch_size, config.max_batches),
+            per_epoch,
+            f"{config.loss} epoch {epoch}/{config.epochs}",
+        )
         totals = {"critic_loss": 0.0, "generator_loss": 0.0}
         counts = {"critic_loss": 0, "generator_loss": 0}
         for batch in bar:
@@ -127,8 +143,9 @@ def train_gan(config: GANTrainConfig) -> Path:
             else:
                 critic_loss = wasserstein_critic_loss(real_scores, fake_scores)
                 if config.loss == "wgan-gp":  # on the same (noised) inputs the critic sees
-                    critic_loss = critic_loss + gradient_penalty(critic, perturb(real), perturb(fake.detach()),
-                                                                 config.gp_weight)
+                    critic_loss = critic_loss + gradient_penalty(
+                        critic, perturb(real), perturb(fake.detach()), config.gp_weight
+                    )
             critic_optimizer.zero_grad(set_to_none=True)
             critic_loss.backward()
             critic_optimizer.step()
@@ -148,7 +165,8 @@ def train_gan(config: GANTrainConfig) -> Path:
                 generator_loss = wasserstein_generator_loss(fake_scores)
             if config.feature_matching:
                 generator_loss = generator_loss + config.feature_matching * feature_matching_loss(
-                    critic.features(perturb(real)), critic.features(perturb(fake)))
+                    critic.features(perturb(real)), critic.features(perturb(fake))
+                )
             generator_optimizer.zero_grad(set_to_none=True)
             generator_loss.backward()
             generator_optimizer.step()
@@ -158,8 +176,12 @@ def train_gan(config: GANTrainConfig) -> Path:
             counts["generator_loss"] += 1
             bar.set_postfix(critic=f"{critic_loss.item():.3f}", generator=f"{generator_loss.item():.3f}")
         record = {key: totals[key] / max(counts[key], 1) for key in totals}
-        record.update(epoch=epoch, wall_seconds=clock.seconds(), generator_updates=generator_updates,
-                      critic_updates=critic_updates)
+        record.update(
+            epoch=epoch,
+            wall_seconds=clock.seconds(),
+            generator_updates=generator_updates,
+            critic_updates=critic_updates,
+        )
         with torch.no_grad():
             grid_path = log.grid(average(fixed_latents), epoch, (-1.0, 1.0))
         model_config = ModelConfig(
@@ -167,15 +189,25 @@ def train_gan(config: GANTrainConfig) -> Path:
             arch={**generator_arch, "critic": critic_arch},
             data={"shape": list(train.shape), "range": [-1.0, 1.0], "dataset": config.dataset},
             sampler={"latent_dim": config.latent_dim, "temperature": 1.0, "weights": "ema"},
-            training=config.training_record("gan", device, clock.seconds(), epoch, generator_updates=generator_updates,
-                                            critic_updates=critic_updates, noise_batches=noise_batches,
-                                            loss=config.loss),
+            training=config.training_record(
+                "gan",
+                device,
+                clock.seconds(),
+                epoch,
+                generator_updates=generator_updates,
+                critic_updates=critic_updates,
+                noise_batches=noise_batches,
+                loss=config.loss,
+            ),
             metrics={key: round(value, 5) for key, value in record.items() if key.endswith("_loss")},
         )
         extras = {"ema": average.state_dict(), "critic": critic.state_dict()}
         save_checkpoint(out, Checkpoint(model_config, generator.state_dict(), extras), config.output_dtype())
         save_resume(run_dir, epoch, model_config, generator.state_dict(), optimizers, extras)
         log.write(record)
-        print(f"epoch {epoch}: critic {record['critic_loss']:.4f} generator {record['generator_loss']:.4f} "
-              f"-> {out} (grid {grid_path})", flush=True)
+        print(
+            f"epoch {epoch}: critic {record['critic_loss']:.4f} generator {record['generator_loss']:.4f} "
+            f"-> {out} (grid {grid_path})",
+            flush=True,
+        )
     return out

@@ -12,10 +12,15 @@ class DigitClassifier(nn.Module):
     def __init__(self, channels: int = 1, classes: int = 10, feature_dim: int = 128) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(channels, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 28 -> 14
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 14 -> 7
+            nn.Conv2d(channels, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # 28 -> 14
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # 14 -> 7
             nn.Flatten(),
-            nn.Linear(64 * 7 * 7, feature_dim), nn.ReLU(),
+            nn.Linear(64 * 7 * 7, feature_dim),
+            nn.ReLU(),
         )
         self.logits = nn.Linear(feature_dim, classes)
 

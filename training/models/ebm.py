@@ -25,10 +25,14 @@ class ConvEnergy(nn.Module):
         c1, c2, c3 = width // 2, width, width * 2
         wrap = spectral_norm if spectral else (lambda layer: layer)
         self.features = nn.Sequential(
-            wrap(nn.Conv2d(channels, c1, 5, stride=2, padding=4)), Swish(),  # 28 -> 16
-            wrap(nn.Conv2d(c1, c2, 3, stride=2, padding=1)), Swish(),  # 16 -> 8
-            wrap(nn.Conv2d(c2, c3, 3, stride=2, padding=1)), Swish(),  # 8 -> 4
-            wrap(nn.Conv2d(c3, c3, 3, stride=2, padding=1)), Swish(),  # 4 -> 2
+            wrap(nn.Conv2d(channels, c1, 5, stride=2, padding=4)),
+            Swish(),  # 28 -> 16
+            wrap(nn.Conv2d(c1, c2, 3, stride=2, padding=1)),
+            Swish(),  # 16 -> 8
+            wrap(nn.Conv2d(c2, c3, 3, stride=2, padding=1)),
+            Swish(),  # 8 -> 4
+            wrap(nn.Conv2d(c3, c3, 3, stride=2, padding=1)),
+            Swish(),  # 4 -> 2
             nn.Flatten(),
         )
         with torch.no_grad():

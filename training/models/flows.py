@@ -225,8 +225,13 @@ class Flow(nn.Module):
     pass viewed in data space (a trajectory from noise to data).
     """
 
-    def __init__(self, layers: list[FlowLayer], shape: tuple[int, ...], base: str = "logistic",
-                 layer_shape: tuple[int, ...] | None = None) -> None:
+    def __init__(
+        self,
+        layers: list[FlowLayer],
+        shape: tuple[int, ...],
+        base: str = "logistic",
+        layer_shape: tuple[int, ...] | None = None,
+    ) -> None:
         super().__init__()
         if base not in BASES:
             raise ValueError(f"unknown base distribution {base!r}; expected one of {', '.join(BASES)}")
@@ -255,8 +260,9 @@ class Flow(nn.Module):
         """The data-space view after each inverse layer (and each fixed-point iterate): a flow's trajectory."""
         return self._inverse(z, keep_states=True)[2]
 
-    def decode(self, z: torch.Tensor, keep_states: bool = False
-               ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    def decode(
+        self, z: torch.Tensor, keep_states: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """Samples from base points z [B, D], their log-density under the model (from the same inverse pass:
         log p(x) = log p_base(z) - log|det dx/dz|), and the trajectory when asked for."""
         x, log_det, states = self._inverse(z, keep_states)
@@ -311,8 +317,14 @@ class NICE(Flow):
         before = z * (-scaling.log_scale).exp()
         scaling.initialize(before, target_std=math.pi / math.sqrt(3) if self.base_name == "logistic" else 1.0)
 
-    def __init__(self, shape: tuple[int, ...] | list[int] = (1, 28, 28), couplings: int = 4, hidden: int = 1000,
-                 depth: int = 5, base: str = "logistic") -> None:
+    def __init__(
+        self,
+        shape: tuple[int, ...] | list[int] = (1, 28, 28),
+        couplings: int = 4,
+        hidden: int = 1000,
+        depth: int = 5,
+        base: str = "logistic",
+    ) -> None:
         dim = math.prod(shape)
         layers: list[FlowLayer] = [AdditiveCoupling(dim, hidden, depth, parity=index % 2) for index in range(couplings)]
         layers.append(DiagonalScaling(dim))

@@ -15,11 +15,15 @@ class ConvGenerator(nn.Module):
             raise ValueError(f"image_size must be a multiple of 4, got {image_size}")
         self.latent_dim = latent_dim
         self.base = image_size // 4
-        self.project = nn.Sequential(nn.Linear(latent_dim, 2 * width * self.base**2),
-                                     nn.BatchNorm1d(2 * width * self.base**2), nn.ReLU())
+        self.project = nn.Sequential(
+            nn.Linear(latent_dim, 2 * width * self.base**2), nn.BatchNorm1d(2 * width * self.base**2), nn.ReLU()
+        )
         self.upsample = nn.Sequential(
-            nn.ConvTranspose2d(2 * width, width, 4, stride=2, padding=1), nn.BatchNorm2d(width), nn.ReLU(),  # 7->14
-            nn.ConvTranspose2d(width, channels, 4, stride=2, padding=1), nn.Tanh(),  # 14 -> 28
+            nn.ConvTranspose2d(2 * width, width, 4, stride=2, padding=1),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),  # 7->14
+            nn.ConvTranspose2d(width, channels, 4, stride=2, padding=1),
+            nn.Tanh(),  # 14 -> 28
         )
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:  # [B, latent] -> [B, C, H, W]
@@ -38,8 +42,11 @@ class ConvCritic(nn.Module):
         super().__init__()
         norm = nn.BatchNorm2d(2 * width) if batch_norm else nn.Identity()
         self.body = nn.Sequential(
-            nn.Conv2d(channels, width, 4, stride=2, padding=1), nn.LeakyReLU(0.2),  # 28 -> 14
-            nn.Conv2d(width, 2 * width, 4, stride=2, padding=1), norm, nn.LeakyReLU(0.2),  # 14 -> 7
+            nn.Conv2d(channels, width, 4, stride=2, padding=1),
+            nn.LeakyReLU(0.2),  # 28 -> 14
+            nn.Conv2d(width, 2 * width, 4, stride=2, padding=1),
+            norm,
+            nn.LeakyReLU(0.2),  # 14 -> 7
             nn.Flatten(),
         )
         self.head = nn.Linear(2 * width * (image_size // 4) ** 2, 1)
@@ -55,8 +62,9 @@ class MLPGenerator(nn.Module):
     def __init__(self, latent_dim: int = 8, dim: int = 2, hidden: int = 128) -> None:
         super().__init__()
         self.latent_dim = latent_dim
-        self.net = nn.Sequential(nn.Linear(latent_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                                 nn.Linear(hidden, dim))
+        self.net = nn.Sequential(
+            nn.Linear(latent_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, dim)
+        )
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(z)
@@ -65,8 +73,9 @@ class MLPGenerator(nn.Module):
 class MLPCritic(nn.Module):
     def __init__(self, dim: int = 2, hidden: int = 128) -> None:
         super().__init__()
-        self.body = nn.Sequential(nn.Linear(dim, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, hidden),
-                                  nn.LeakyReLU(0.2))
+        self.body = nn.Sequential(
+            nn.Linear(dim, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, hidden), nn.LeakyReLU(0.2)
+        )
         self.head = nn.Linear(hidden, 1)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:

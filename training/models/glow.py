@@ -56,8 +56,10 @@ class AffineCoupling(FlowLayer):
         moved = channels - self.kept
         padding = kernel // 2
         self.net = nn.Sequential(
-            nn.Conv2d(self.kept, hidden, kernel, padding=padding), nn.ReLU(),
-            nn.Conv2d(hidden, hidden, 1), nn.ReLU(),
+            nn.Conv2d(self.kept, hidden, kernel, padding=padding),
+            nn.ReLU(),
+            nn.Conv2d(hidden, hidden, 1),
+            nn.ReLU(),
             nn.Conv2d(hidden, 2 * moved, kernel, padding=padding),
         )
         nn.init.zeros_(self.net[-1].weight)  # starts as the identity
@@ -114,8 +116,15 @@ class Glow(Flow):
     channels between levels. MNIST with 2 levels: 4x14x14 (all active), then 16x7x7 (8 active). Where no
     further squeeze fits (vectors, odd sizes) a level adds steps without a split."""
 
-    def __init__(self, shape: tuple[int, ...] | list[int] = (1, 28, 28), levels: int = 2, steps: int = 8,
-                 hidden: int = 128, scale_bound: float = 2.0, base: str = "gaussian") -> None:
+    def __init__(
+        self,
+        shape: tuple[int, ...] | list[int] = (1, 28, 28),
+        levels: int = 2,
+        steps: int = 8,
+        hidden: int = 128,
+        scale_bound: float = 2.0,
+        base: str = "gaussian",
+    ) -> None:
         layer_shape = as_image_shape(tuple(shape))
         channels, height, width = layer_shape
         active = channels
@@ -128,8 +137,11 @@ class Glow(Flow):
                 raise ValueError(f"shape {list(shape)} has too few channels for {levels} levels")
             kernel = 3 if height > 1 else 1
             for _ in range(steps):
-                for layer in (ActNorm(active), InvertibleConv1x1(active),
-                              AffineCoupling(active, hidden, kernel, scale_bound)):
+                for layer in (
+                    ActNorm(active),
+                    InvertibleConv1x1(active),
+                    AffineCoupling(active, hidden, kernel, scale_bound),
+                ):
                     layers.append(layer if active == channels else OnChannels(layer, active))
             if level < levels - 1 and can_squeeze((channels, height, width)):
                 active //= 2  # the multiscale split: the other half goes straight to the base

@@ -32,8 +32,15 @@ class LipschitzConv(nn.Module):
     evaluation and a float16 checkpoint all use the same map for fixed `u`.
     """
 
-    def __init__(self, inputs: int, outputs: int, kernel: int, spatial: tuple[int, int], coefficient: float,
-                 power_iterations: int = 1) -> None:
+    def __init__(
+        self,
+        inputs: int,
+        outputs: int,
+        kernel: int,
+        spatial: tuple[int, int],
+        coefficient: float,
+        power_iterations: int = 1,
+    ) -> None:
         super().__init__()
         self.padding = kernel // 2
         self.coefficient = coefficient
@@ -71,8 +78,16 @@ class ResidualBlock(FlowLayer):
     one Hutchinson probe) or "auto" (exact up to EXACT_LOG_DET_MAX_DIM dimensions).
     """
 
-    def __init__(self, shape: tuple[int, int, int], hidden: int, coefficient: float = 0.9, series_terms: int = 5,
-                 log_det: str = "auto", tolerance: float = 1e-5, max_iterations: int = 100) -> None:
+    def __init__(
+        self,
+        shape: tuple[int, int, int],
+        hidden: int,
+        coefficient: float = 0.9,
+        series_terms: int = 5,
+        log_det: str = "auto",
+        tolerance: float = 1e-5,
+        max_iterations: int = 100,
+    ) -> None:
         super().__init__()
         if not 0 < coefficient < 1:
             raise ValueError(f"the Lipschitz coefficient must lie in (0, 1) for invertibility, got {coefficient}")
@@ -81,11 +96,13 @@ class ResidualBlock(FlowLayer):
         channels, height, width = shape
         kernel = 3 if height > 1 else 1
         spatial = (height, width)
-        self.convs = nn.ModuleList([
-            LipschitzConv(channels, hidden, kernel, spatial, coefficient),
-            LipschitzConv(hidden, hidden, 1, spatial, coefficient),
-            LipschitzConv(hidden, channels, kernel, spatial, coefficient),
-        ])
+        self.convs = nn.ModuleList(
+            [
+                LipschitzConv(channels, hidden, kernel, spatial, coefficient),
+                LipschitzConv(hidden, hidden, 1, spatial, coefficient),
+                LipschitzConv(hidden, channels, kernel, spatial, coefficient),
+            ]
+        )
         self.dim = math.prod(shape)
         self.series_terms = series_terms
         self.exact = log_det == "exact" or (log_det == "auto" and self.dim <= EXACT_LOG_DET_MAX_DIM)
@@ -101,8 +118,12 @@ class ResidualBlock(FlowLayer):
         """log|det(I + dg/dx)| per sample; x must require grad and gx = g(x) be built from it."""
         batch = x.shape[0]
         if self.exact:
-            rows = [torch.autograd.grad(gx.flatten(1)[:, index].sum(), x, retain_graph=True,
-                                        create_graph=keep_graph)[0].flatten(1) for index in range(self.dim)]
+            rows = [
+                torch.autograd.grad(gx.flatten(1)[:, index].sum(), x, retain_graph=True, create_graph=keep_graph)[
+                    0
+                ].flatten(1)
+                for index in range(self.dim)
+            ]
             jacobian = torch.stack(rows, 1)  # [B, D, D]
             eye = torch.eye(self.dim, device=x.device, dtype=x.dtype)
             return torch.linalg.slogdet(eye + jacobian)[1]
@@ -165,9 +186,19 @@ class IResNet(Flow):
     """Logit preprocessing (unless `logit_alpha` is 0), squeeze (even-sized images), then `blocks` x
     [actnorm, invertible residual block]."""
 
-    def __init__(self, shape: tuple[int, ...] | list[int] = (1, 28, 28), blocks: int = 8, hidden: int = 64,
-                 coefficient: float = 0.9, series_terms: int = 5, log_det: str = "auto", tolerance: float = 1e-5,
-                 max_iterations: int = 100, base: str = "gaussian", logit_alpha: float = 0.0) -> None:
+    def __init__(
+        self,
+        shape: tuple[int, ...] | list[int] = (1, 28, 28),
+        blocks: int = 8,
+        hidden: int = 64,
+        coefficient: float = 0.9,
+        series_terms: int = 5,
+        log_det: str = "auto",
+        tolerance: float = 1e-5,
+        max_iterations: int = 100,
+        base: str = "gaussian",
+        logit_alpha: float = 0.0,
+    ) -> None:
         layer_shape = as_image_shape(tuple(shape))
         layers: list[FlowLayer] = [LogitTransform(logit_alpha)] if logit_alpha > 0 else []
         state_shape = layer_shape
@@ -176,8 +207,9 @@ class IResNet(Flow):
             state_shape = layers[-1].output_shape(layer_shape)
         for _ in range(blocks):
             layers.append(ActNorm(state_shape[0]))
-            layers.append(ResidualBlock(state_shape, hidden, coefficient, series_terms, log_det, tolerance,
-                                        max_iterations))
+            layers.append(
+                ResidualBlock(state_shape, hidden, coefficient, series_terms, log_det, tolerance, max_iterations)
+            )
         super().__init__(layers, tuple(shape), base, layer_shape)
 
     def refresh_spectral_norms(self, iterations: int = 50) -> None:
