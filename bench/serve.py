@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import math
 import os
 import platform
 import socket
@@ -31,8 +30,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from training.langevin import chain_gaussian, chain_uniform, langevin_step  # noqa: E402
-from training.run import pick_device  # noqa: E402
+from training.device import pick_device  # noqa: E402
+from training.langevin import langevin_step  # noqa: E402
+from training.noise import chain_gaussian, chain_start  # noqa: E402
+from training.sampler_config import EBMSampler  # noqa: E402
 from training.sampling import LoadedModel, load_model, sample_generator  # noqa: E402
 
 
@@ -105,24 +106,26 @@ async def drive(base: str, body: dict, concurrency: int, total: int) -> tuple[fl
 def raw_chain_steps_per_second(checkpoint: Path, device: torch.device, chains: int, steps: int) -> float:
     """The in-process sampler alone (same step function, same per-chain noise) on one batch of `chains`."""
     model = load_model(checkpoint, device)
-    sampler = model.config.sampler
+    sampler = model.sampler_as(EBMSampler)
     seeds = torch.arange(chains, dtype=torch.int64)
-    x = chain_uniform(seeds, model.shape, *model.data_range).to(device)
+    x = chain_start(seeds, model.shape, sampler.prior, model.data_range).to(device)
     seeds = seeds.to(device)
 
     def run(count: int) -> None:
         nonlocal x
         for step in range(count):
             eps = chain_gaussian(seeds, torch.full_like(seeds, step), model.shape)
-            x, _ = langevin_step(
+            x = langevin_step(
                 model.module,
                 x,
                 eps,
-                float(sampler["step_size"]),
-                float(sampler["noise"]),
-                float(sampler["grad_clip"]),
-                data_range=model.data_range,
-            )
+                sampler.step_size,
+                sampler.noise,
+                sampler.grad_clip,
+                sampler.temperature,
+                model.data_range,
+                clamp=sampler.clamp,
+            ).x
         if device.type == "cuda":
             torch.cuda.synchronize()
 
@@ -134,14 +137,14 @@ def raw_chain_steps_per_second(checkpoint: Path, device: torch.device, chains: i
 
 def raw_images_per_second(model: LoadedModel, device: torch.device, batch: int, repeats: int = 3) -> float:
     """A GAN's generator or a flow's inverse with log-density, in process, on one batch of `batch`."""
+    seeds = torch.arange(batch, dtype=torch.int64)
 
     def run() -> None:
         with torch.no_grad():
             if model.config.family == "gan":
-                sample_generator(model, batch)
+                sample_generator(model, seeds)
             else:
-                base = model.module.base.sample((batch, math.prod(model.shape)), 1.0).to(device)
-                model.module.decode(base)
+                model.module.decode(model.module.base_sample(seeds, 1.0).to(device))
         if device.type == "cuda":
             torch.cuda.synchronize()
 

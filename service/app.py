@@ -28,8 +28,9 @@ from service.render import frame_event, gif_body, grid_b64, json_body, png_body,
 from service.schemas import EBM_ONLY_FIELDS, ModelInfo, SampleRequest, SampleResponse
 from service.settings import Settings
 from service.worker import CancelledByClient, QueueFull, SampleOrder, SampleResult, Worker, WorkerFailure
+from training.device import pick_device
 from training.images import decode_image
-from training.run import pick_device
+from training.sampler_config import EBMSampler
 
 STATIC_DIR = Path(__file__).parent / "static"
 
@@ -102,7 +103,7 @@ def _steps(body: SampleRequest, model: ServedModel) -> int:
     when asked for, reports the number of states the inverse went through instead)."""
     if model.family != "ebm":
         return 1
-    return body.steps or int(model.config.sampler.get("steps", 60))
+    return body.steps or model.members[0].sampler_as(EBMSampler).steps
 
 
 def _frame_limit(settings: Settings, streaming: bool) -> int:
@@ -111,9 +112,8 @@ def _frame_limit(settings: Settings, streaming: bool) -> int:
 
 
 async def _order(body: SampleRequest, model: ServedModel, settings: Settings, streaming: bool) -> SampleOrder:
-    sampler = model.config.sampler
     steps = _steps(body, model)
-    temperature = body.temperature if body.temperature is not None else float(sampler.get("temperature", 1.0))
+    temperature = body.temperature if body.temperature is not None else model.members[0].sampler.temperature
     seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
     every = body.trajectory_every
     wants_frames = body.format == "gif" or streaming
@@ -129,6 +129,7 @@ async def _order(body: SampleRequest, model: ServedModel, settings: Settings, st
         )
     if every is None and wants_frames:
         every = max(1, math.ceil(steps / (_frame_limit(settings, streaming) - 1)))
+    sampler = model.members[0].sampler_as(EBMSampler)
     start_image = free_mask = None
     if body.image is not None:
         start_image = await asyncio.to_thread(_decode_upload, "image", body.image, model)
@@ -141,9 +142,9 @@ async def _order(body: SampleRequest, model: ServedModel, settings: Settings, st
         seed=seed,
         temperature=temperature,
         steps=steps,
-        step_size=body.step_size if body.step_size is not None else float(sampler.get("step_size", 10.0)),
-        noise=body.noise if body.noise is not None else float(sampler.get("noise", 0.005)),
-        init=body.init or str(sampler.get("init", "noise")),
+        step_size=body.step_size if body.step_size is not None else sampler.step_size,
+        noise=body.noise if body.noise is not None else sampler.noise,
+        init=body.init or sampler.init,
         trajectory_every=every,
         start_image=start_image,
         free_mask=free_mask,

@@ -11,6 +11,7 @@ import torch
 
 from training.checkpoint import CheckpointError, decode_checkpoint
 from training.langevin import ReplayBuffer
+from training.sampler_config import GANSampler
 from training.sampling import LoadedModel, instantiate, pooled_buffer
 
 log = logging.getLogger(__name__)
@@ -58,12 +59,13 @@ class Registry:
 
 def _check_generator(model: LoadedModel) -> None:
     """A GAN is served only if one latent of its declared size makes one image of its declared shape."""
-    latent_dim = model.config.sampler.get("latent_dim")
-    if not isinstance(latent_dim, int) or latent_dim < 1:
-        raise CheckpointError("a GAN checkpoint needs sampler.latent_dim (a positive integer)")
+    latent_dim = model.sampler_as(GANSampler).latent_dim
     device = next(model.module.parameters()).device
-    with torch.no_grad():
-        shape = tuple(model.module(torch.zeros(1, latent_dim, device=device)).shape[1:])
+    try:
+        with torch.no_grad():
+            shape = tuple(model.module(torch.zeros(1, latent_dim, device=device)).shape[1:])
+    except RuntimeError as error:
+        raise CheckpointError(f"sampler.latent_dim {latent_dim} does not fit the generator ({error})") from error
     if shape != model.shape:
         raise CheckpointError(f"the generator makes images of shape {list(shape)}, the config says {list(model.shape)}")
 

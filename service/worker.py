@@ -19,8 +19,10 @@ from service.buffer_store import BufferStore
 from service.metrics import Metrics
 from service.registry import BufferGroup, Registry, ServedModel
 from service.scheduler import ChainScheduler, Job
-from training.langevin import ReplayBuffer, chain_gaussian, chain_uniform, langevin_step
+from training.langevin import ReplayBuffer, langevin_step
 from training.losses import bits_per_dim
+from training.noise import chain_gaussian, chain_seeds, chain_start, latent_gaussian
+from training.sampler_config import EBMSampler, GANSampler
 
 log = logging.getLogger(__name__)
 
@@ -109,11 +111,6 @@ def evenly_spaced(frames: list[torch.Tensor], limit: int | None) -> list[tuple[i
     return [(pick + 1, frames[pick]) for pick in picks]
 
 
-def chain_seeds(seed: int, n: int) -> torch.Tensor:
-    """Distinct 32-bit seeds for a request's n chains, fixed by the request's seed alone."""
-    return (torch.arange(n, dtype=torch.int64) + seed * 1_000_003) & 0xFFFFFFFF
-
-
 class SamplerPool:
     """What the worker needs of every family's pool: a scheduler, `has_work`, `step`, `fail_all`.
 
@@ -187,14 +184,7 @@ class LangevinPool(SamplerPool):
         self.names = [member.name for member in group.members]
         self.shape = group.members[0].shape
         self.data_range = group.members[0].data_range
-        self.grad_clip = float(group.members[0].config.sampler.get("grad_clip", 0.03))
-        sampler = group.members[0].config.sampler
-        self.converged_steps = int(sampler.get("steps", 60))
-        self.default_settings = (
-            float(sampler.get("step_size", 10.0)),
-            float(sampler.get("noise", 0.005)),
-            float(sampler.get("temperature", 1.0)),
-        )
+        self.sampler = group.members[0].sampler_as(EBMSampler)
 
     def make_job(
         self, order: SampleOrder, deliver: Deliver, deadline: float, arrived: float, on_frame: FrameSink | None = None
@@ -212,11 +202,11 @@ class LangevinPool(SamplerPool):
         state: ChainState = job.state
         order = state.order
         state.seeds = chain_seeds(order.seed, order.n)
-        low, high = self.data_range
         if order.init == "buffer":
             x, state.slots = self.buffer.draw(order.n, torch.Generator().manual_seed(order.seed))
         else:
-            x, state.slots = chain_uniform(state.seeds, self.shape, low, high), torch.full((order.n,), -1)
+            x = chain_start(state.seeds, self.shape, self.sampler.prior, self.data_range)
+            state.slots = torch.full((order.n,), -1)
         if order.init == "image":
             image = order.start_image.unsqueeze(0).expand(order.n, *self.shape)
             if order.free_mask is not None:
@@ -274,16 +264,18 @@ class LangevinPool(SamplerPool):
             return torch.cat([torch.full((state.order.n,), value(state.order)) for state in states])
 
         eps = chain_gaussian(seeds, steps, self.shape).to(self.device)
-        moved, energy = langevin_step(
+        step = langevin_step(
             self.modules[module_index],
             x,
             eps,
             step_size=per_chain(lambda order: order.step_size),
             noise=per_chain(lambda order: order.noise),
-            grad_clip=self.grad_clip,
+            grad_clip=self.sampler.grad_clip,
             temperature=per_chain(lambda order: order.temperature),
             data_range=self.data_range,
+            clamp=self.sampler.clamp,
         )
+        moved, energy = step.x, step.energy
         for job, state, x_part, energy_part in zip(
             jobs, states, moved.split([j.n for j in jobs]), energy.split([j.n for j in jobs]), strict=True
         ):
@@ -303,13 +295,14 @@ class LangevinPool(SamplerPool):
         client's image never enter it (it is the client's data); noise-started chains only once they
         ran the checkpoint's default number of steps.
         """
-        if (order.step_size, order.noise, order.temperature) != self.default_settings:
+        defaults = (self.sampler.step_size, self.sampler.noise, self.sampler.temperature)
+        if (order.step_size, order.noise, order.temperature) != defaults:
             return False
-        return order.init == "buffer" or (order.init == "noise" and order.steps >= self.converged_steps)
+        return order.init == "buffer" or (order.init == "noise" and order.steps >= self.sampler.steps)
 
     def _finish(self, job: Job) -> None:
         state: ChainState = job.state
-        samples = state.x.detach().cpu()
+        samples = state.x.detach().clamp(*self.data_range).cpu()
         if self._worth_keeping(state.order):
             self.buffer.write_back(state.slots, samples)
             self.buffer_dirty = True
@@ -348,18 +341,15 @@ class GeneratorPool(SamplerPool):
         self.shape = model.members[0].shape
         self.data_range = model.members[0].data_range
         self.window_s = window_s
-        if self.family == "gan":
-            self.latent_dim = int(model.config.sampler["latent_dim"])
-        else:
-            self.latent_dim = math.prod(self.shape)
-            self.logistic_base = model.config.sampler.get("base", "logistic") == "logistic"
+        self.latent_dim = (
+            model.members[0].sampler_as(GANSampler).latent_dim if self.family == "gan" else math.prod(self.shape)
+        )
 
     def _latents(self, seeds: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """Base samples [B, latent] scaled by each request's temperature [B, 1]."""
-        if self.family == "flow" and self.logistic_base:
-            uniform = chain_uniform(seeds, (self.latent_dim,), 0.0, 1.0).clamp(1e-6, 1 - 1e-6)
-            return (uniform.log() - (-uniform).log1p()) * scale
-        return chain_gaussian(seeds, torch.zeros_like(seeds), (self.latent_dim,)) * scale
+        if self.family == "flow":
+            return self.module.base_sample(seeds, scale)
+        return latent_gaussian(seeds, self.latent_dim) * scale
 
     def _decode(
         self, latents: torch.Tensor, keep_states: bool

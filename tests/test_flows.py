@@ -211,6 +211,7 @@ def test_every_flow_trains_on_toy_2d_data_with_default_settings(arch: str, tmp_p
 def test_flow_training_writes_a_checkpoint_with_test_bits_per_dim_and_resumes(arch: str, tmp_path, idx_dir) -> None:
     from training.checkpoint import load_checkpoint
     from training.cli import _config_from, build_parser
+    from training.noise import chain_seeds
     from training.sampling import draw_samples, load_model
     from training.train_flow import FlowTrainConfig, train_flow
 
@@ -239,7 +240,7 @@ def test_flow_training_writes_a_checkpoint_with_test_bits_per_dim_and_resumes(ar
     command = shlex.split(resumed.config.training["command"])  # the recorded command rebuilds the same run
     parsed = _config_from(build_parser().parse_args(command[3:]), FlowTrainConfig)
     assert parsed == FlowTrainConfig(**config | {"epochs": 2})
-    samples = draw_samples(load_model(tmp_path / "nice.safetensors"), 4)
+    samples = draw_samples(load_model(tmp_path / "nice.safetensors"), chain_seeds(0, 4))
     assert samples.shape == (4, 1, 28, 28) and samples.min() >= -1 and samples.max() <= 1
 
 

@@ -1,15 +1,10 @@
+import pytest
 import torch
 
-from training.langevin import (
-    LangevinSettings,
-    ReplayBuffer,
-    chain_gaussian,
-    chain_uniform,
-    frozen_energy,
-    langevin_step,
-    sample_langevin,
-)
+from training.langevin import ReplayBuffer, frozen_energy, langevin_step, sample_langevin
 from training.models import build_model
+from training.noise import chain_gaussian, chain_gaussian_start, chain_uniform
+from training.sampler_config import EBMSampler
 
 
 def quadratic_energy(center: float = 0.0):
@@ -19,7 +14,7 @@ def quadratic_energy(center: float = 0.0):
 def test_step_clamps_into_the_data_range() -> None:
     x = torch.zeros(8, 3)
     steep = lambda x: -1000.0 * x.sum(1)  # noqa: E731 - pushes every coordinate up hard
-    moved, _ = langevin_step(steep, x, torch.randn(8, 3), step_size=100.0, noise=1.0, grad_clip=10.0)
+    moved = langevin_step(steep, x, torch.randn(8, 3), step_size=100.0, noise=1.0, grad_clip=10.0).x
     assert moved.min() >= -1 and moved.max() <= 1
     assert torch.allclose(moved, torch.ones_like(moved))
 
@@ -27,13 +22,14 @@ def test_step_clamps_into_the_data_range() -> None:
 def test_gradient_is_clipped_elementwise() -> None:
     x = torch.zeros(4, 5)
     steep = lambda x: 1e6 * x.sum(1)  # noqa: E731 - gradient 1e6 everywhere
-    moved, _ = langevin_step(steep, x, torch.zeros(4, 5), step_size=1.0, noise=0.0, grad_clip=0.03)
+    moved = langevin_step(steep, x, torch.zeros(4, 5), step_size=1.0, noise=0.0, grad_clip=0.03).x
     assert torch.allclose(moved, torch.full_like(moved, -0.03))
 
 
 def test_step_descends_the_energy_and_reports_it() -> None:
     x = torch.full((6, 2), 0.8)
-    moved, energy = langevin_step(quadratic_energy(), x, torch.zeros(6, 2), 0.1, 0.0, grad_clip=10.0)
+    step = langevin_step(quadratic_energy(), x, torch.zeros(6, 2), 0.1, 0.0, grad_clip=10.0)
+    moved, energy = step.x, step.energy
     assert torch.allclose(energy, torch.full((6,), 0.64))
     assert torch.allclose(moved, torch.full((6, 2), 0.72))
 
@@ -43,7 +39,7 @@ def test_per_chain_settings_share_one_batch() -> None:
     step_size = torch.tensor([0.0, 0.1, 0.2])
     noise = torch.tensor([0.0, 0.0, 0.0])
     temperature = torch.tensor([1.0, 1.0, 2.0])
-    moved, _ = langevin_step(quadratic_energy(), x, torch.randn(3, 2), step_size, noise, 10.0, temperature)
+    moved = langevin_step(quadratic_energy(), x, torch.randn(3, 2), step_size, noise, 10.0, temperature).x
     assert torch.allclose(moved[0], x[0])  # step size 0: stays
     assert torch.allclose(moved[1], torch.full((2,), 0.45))
     assert torch.allclose(moved[2], torch.full((2,), 0.45))  # twice the step at twice the temperature
@@ -52,9 +48,12 @@ def test_per_chain_settings_share_one_batch() -> None:
 def test_sampling_is_reproducible_with_a_seed_and_leaves_parameters_alone() -> None:
     torch.manual_seed(0)
     model = build_model({"name": "conv_energy", "kwargs": {"width": 8}})
-    settings = LangevinSettings(steps=5)
+    settings = EBMSampler(steps=5)
     start = torch.rand(4, 1, 28, 28) * 2 - 1
-    runs = [sample_langevin(frozen_energy(model), start, settings, torch.Generator().manual_seed(7)) for _ in range(2)]
+    runs = [
+        sample_langevin(frozen_energy(model), start, settings, (-1.0, 1.0), torch.Generator().manual_seed(7))
+        for _ in range(2)
+    ]
     assert torch.equal(runs[0], runs[1])
     assert not torch.equal(runs[0], start)
     assert all(parameter.grad is None for parameter in model.parameters())
@@ -66,7 +65,8 @@ def test_callback_sees_every_step() -> None:
     sample_langevin(
         quadratic_energy(),
         torch.zeros(2, 2),
-        LangevinSettings(steps=4),
+        EBMSampler(steps=4),
+        (-1.0, 1.0),
         callback=lambda step, x, energy: seen.append((step, energy.shape)),
     )
     assert seen == [(step, torch.Size([2])) for step in range(1, 5)]
@@ -87,6 +87,81 @@ def test_chain_noise_is_standard_normal_and_starts_are_uniform() -> None:
     assert abs(noise.mean().item()) < 0.01 and abs(noise.std().item() - 1) < 0.01
     starts = chain_uniform(torch.arange(64), (784,), -1.0, 1.0)
     assert starts.min() >= -1 and starts.max() <= 1 and abs(starts.mean().item()) < 0.01
+    gaussian = chain_gaussian_start(torch.arange(64), (784,))
+    assert abs(gaussian.mean().item()) < 0.01 and abs(gaussian.std().item() - 1) < 0.01
+    steps_used = [chain_gaussian(torch.arange(64), torch.full((64,), step), (784,)) for step in range(3)]
+    assert not any(torch.equal(gaussian, noise) for noise in steps_used)  # a counter no step uses
+
+
+def test_no_noise_is_plain_gradient_descent() -> None:
+    x = torch.full((2, 3), 0.5)
+    moved = langevin_step(quadratic_energy(), x, torch.randn(2, 3), 0.1, 0.0, grad_clip=None).x
+    assert torch.equal(moved, x - 0.1 * x)
+
+
+def test_without_clipping_or_clamping_the_full_gradient_moves_chains_out_of_range() -> None:
+    x = torch.full((2, 2), 0.9)
+    steep = lambda x: -10.0 * x.sum(1)  # noqa: E731 - gradient -10 everywhere
+    free = langevin_step(steep, x, torch.zeros(2, 2), 0.1, 0.0, grad_clip=None, clamp=False).x
+    assert torch.allclose(free, torch.full((2, 2), 1.9))
+    clamped = langevin_step(steep, x, torch.zeros(2, 2), 0.1, 0.0, grad_clip=None).x
+    assert torch.equal(clamped, torch.ones(2, 2))
+    runs = sample_langevin(steep, x, EBMSampler(steps=3, noise=0.0, clamp=False), (-1.0, 1.0))
+    assert torch.equal(runs, torch.ones(2, 2))  # only what is returned is clamped
+
+
+def test_momentum_zero_reproduces_the_plain_step_and_momentum_carries_velocity() -> None:
+    torch.manual_seed(0)
+    model = build_model({"name": "conv_energy", "kwargs": {"width": 4}})
+    energy = frozen_energy(model)
+    x, eps = torch.rand(3, 1, 28, 28) * 2 - 1, torch.randn(3, 1, 28, 28)
+    plain = langevin_step(energy, x, eps, 10.0, 0.005)
+    # Today's update, written out: x' = clamp(x + noise * eps); x <- clamp(x' - step * clip(grad)).
+    noised = (x + 0.005 * eps).clamp(-1, 1).requires_grad_(True)
+    (grad,) = torch.autograd.grad(energy(noised).sum(), noised)
+    assert torch.equal(plain.x, (noised.detach() - 10.0 * grad.clamp(-0.03, 0.03)).clamp(-1, 1))
+    quad = quadratic_energy()
+    first = langevin_step(quad, torch.full((1, 2), 0.8), torch.zeros(1, 2), 0.1, 0.0, None, momentum=0.5)
+    second = langevin_step(quad, first.x, torch.zeros(1, 2), 0.1, 0.0, None, momentum=0.5, velocity=first.velocity)
+    # v1 = -0.08, x1 = 0.72; v2 = 0.5 * -0.08 - 0.1 * 0.72 = -0.112, x2 = 0.608
+    assert torch.allclose(second.x, torch.full((1, 2), 0.608)) and torch.allclose(
+        second.velocity, torch.full((1, 2), -0.112)
+    )
+
+
+@pytest.mark.parametrize("clamp", [True, False])
+@pytest.mark.parametrize("network", [False, True])
+def test_per_chain_momentum_and_step_size_give_each_chain_what_it_gets_alone(clamp: bool, network: bool) -> None:
+    """Exactly with an energy that treats samples apart; within float error through a conv net (whose
+    kernels may sum in another order at another batch size)."""
+    torch.manual_seed(1)
+    energy = (
+        frozen_energy(build_model({"name": "conv_energy", "kwargs": {"width": 4}})) if network else quadratic_energy()
+    )
+    seeds = torch.tensor([3, 4, 5])
+    x = chain_uniform(seeds, (1, 28, 28), -1.0, 1.0)
+    settings = [(10.0, 0.0), (5.0, 0.5), (2.0, 0.9)]  # (step size, momentum) of each chain
+    step_size = torch.tensor([size for size, _ in settings])
+    momentum = torch.tensor([m for _, m in settings])
+    together, velocity = x, None
+    alone = [(x[i : i + 1], None) for i in range(3)]
+    for step in range(4):
+        eps = chain_gaussian(seeds, torch.full((3,), step), (1, 28, 28))
+        moved = langevin_step(
+            energy, together, eps, step_size, 0.005, momentum=momentum, velocity=velocity, clamp=clamp
+        )
+        together, velocity = moved.x, moved.velocity
+        for i, (size, m) in enumerate(settings):
+            one = langevin_step(
+                energy, alone[i][0], eps[i : i + 1], size, 0.005, momentum=m, velocity=alone[i][1], clamp=clamp
+            )
+            alone[i] = (one.x, one.velocity)
+    for i in range(3):
+        if network:
+            assert torch.allclose(together[i : i + 1], alone[i][0], atol=1e-6, rtol=0)
+        else:
+            assert torch.equal(together[i : i + 1], alone[i][0])
+    assert not torch.allclose(together[0], together[2])
 
 
 def test_buffer_restarts_about_the_configured_fraction_from_noise() -> None:

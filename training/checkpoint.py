@@ -20,6 +20,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
+from training.sampler_config import SAMPLERS, sampler_for
+
 SCHEMA_VERSION = 1
 FAMILIES = ("ebm", "flow", "gan", "classifier")
 WEIGHTS_GROUP = "weights"
@@ -36,7 +38,7 @@ class ModelConfig:
     family: str  # ebm | flow | gan (| classifier, the evaluation network)
     arch: dict[str, Any]  # {"name": ..., "kwargs": {...}}: rebuilds the nn.Module
     data: dict[str, Any]  # {"shape": [1, 28, 28], "range": [-1, 1], "dataset": "mnist"}
-    sampler: dict[str, Any] = field(default_factory=dict)  # default steps, step size, noise, ...
+    sampler: dict[str, Any] = field(default_factory=dict)  # training.sampler_config's dict for the family
     training: dict[str, Any] = field(default_factory=dict)  # args, seed, wall time, device
     metrics: dict[str, Any] = field(default_factory=dict)  # evaluate figures, final losses
     ensemble: str | None = None  # EBMs that name one ensemble share one replay buffer when served
@@ -67,6 +69,11 @@ class ModelConfig:
             raise CheckpointError(f"{source}: arch must be an object with a 'name' and 'kwargs'")
         if not isinstance(raw["data"], dict) or "shape" not in raw["data"]:
             raise CheckpointError(f"{source}: data must be an object with a 'shape'")
+        if raw["family"] in SAMPLERS:
+            try:
+                sampler_for(raw["family"], raw["sampler"])
+            except ValueError as error:
+                raise CheckpointError(f"{source}: {error}") from error
         known = {name for name in cls.__dataclass_fields__}
         unknown = set(raw) - known
         if unknown:

@@ -56,21 +56,23 @@ def _cmd_flow(args: argparse.Namespace) -> None:
 
 
 def _cmd_sample(args: argparse.Namespace) -> None:
+    from training.device import pick_device
     from training.images import gif_bytes, grid, save_grid
-    from training.run import pick_device
+    from training.noise import chain_seeds
     from training.sampling import draw_samples, load_model
 
     device = pick_device(args.device)
     members = [load_model(path, device) for path in args.checkpoint]
     model = members[0]
-    generator = torch.Generator().manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)  # buffer slots, as the server draws them
     frames = []
 
     def keep_frame(step: int, x: torch.Tensor, energy: torch.Tensor) -> None:
         if args.trajectory and step % args.trajectory == 0:
             frames.append(grid(x, model.data_range))
 
-    samples = draw_samples(members, args.n, args.steps, args.init, generator, keep_frame if args.trajectory else None)
+    seeds = chain_seeds(args.seed, args.n)
+    samples = draw_samples(members, seeds, args.steps, args.init, generator, keep_frame if args.trajectory else None)
     save_grid(samples, args.out, model.data_range)
     print(f"wrote {args.out} ({args.n} {model.config.family} samples)")
     if frames:
@@ -83,8 +85,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     from dataclasses import asdict
 
     from training.data import load_dataset
+    from training.device import pick_device
     from training.evaluate import load_classifier, quality_figures, real_data_floor
-    from training.run import pick_device
+    from training.noise import chain_seeds
+    from training.sampler_config import EBMSampler
     from training.sampling import draw_samples, load_model
 
     device = pick_device(args.device)
@@ -98,11 +102,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         raise SystemExit(f"evaluate: the classifier reads 1x28x28 images; {model.name} makes {list(model.shape)}")
     samples = torch.cat(
         [
-            draw_samples(members, min(args.batch, args.n - start), args.steps, args.init, generator).cpu()
-            for start in range(0, args.n, args.batch)
+            draw_samples(members, seeds, args.steps, args.init, generator).cpu()
+            for seeds in chain_seeds(args.seed, args.n).split(args.batch)
         ]
     )
-    steps = args.steps or model.config.sampler.get("steps")
+    steps = args.steps or (model.sampler.steps if isinstance(model.sampler, EBMSampler) else None)
     # A random test subset (the first MNIST test images are the easier half), the same for every model.
     reference = test.images[
         torch.randperm(len(test.images), generator=torch.Generator().manual_seed(args.seed + 1))[: args.n]
@@ -189,8 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("checkpoint", type=Path, nargs="+", help="one checkpoint, or the EBMs of one ensemble")
     sample.add_argument("--n", type=int, default=64)
     sample.add_argument("--steps", type=int, default=None, help="Langevin steps (default: the checkpoint's)")
-    sample.add_argument("--init", choices=["noise", "buffer"], default="noise")
-    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--init", choices=["noise", "buffer"], default=None, help="EBMs (default: the checkpoint's)")
+    sample.add_argument("--seed", type=int, default=0, help="the same seed gives the same images as POST /sample")
     sample.add_argument(
         "--trajectory",
         type=int,

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 
 from training.checkpoint import Checkpoint, ModelConfig, load_checkpoint, save_checkpoint
 from training.data import load_dataset
+from training.device import pick_device
 from training.models import build_model
-from training.run import RunLog, Stopwatch, batches, pick_device, seed_everything
+from training.run import RunLog, Stopwatch, batches, seed_everything
 
 DEFAULT_CLASSIFIER = Path(__file__).parent / "assets" / "mnist_classifier.safetensors"
 

@@ -1,8 +1,9 @@
-"""Langevin dynamics on an energy, the replay buffer, and per-chain noise.
+"""Langevin dynamics on an energy, and the replay buffer chains restart from.
 
 `langevin_step` is the only Langevin update in the project: training draws its negative samples
-with it and the server advances its batched chains with it. Every setting may be a per-chain tensor,
-so chains with different step sizes, noise levels and temperatures can share one batch.
+with it and the server advances its batched chains with it. Step size, noise, temperature and momentum
+may be per-chain tensors, so chains with different settings share one batch and each moves exactly as
+it would alone.
 """
 
 from __future__ import annotations
@@ -14,26 +15,24 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from training.sampler_config import EBMSampler
+
 EnergyFn = Callable[[torch.Tensor], torch.Tensor]  # [B, *shape] -> [B]
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]  # (step, x, energy)
-
-_MASK32 = 0xFFFFFFFF
-
-
-@dataclass(frozen=True)
-class LangevinSettings:
-    """Defaults from the UvA deep-EBM tutorial on MNIST (itself after Du & Mordatch 2019)."""
-
-    steps: int = 60
-    step_size: float = 10.0
-    noise: float = 0.005
-    grad_clip: float = 0.03
-    temperature: float = 1.0
-    data_min: float = -1.0
-    data_max: float = 1.0
+NoiseFn = Callable[[int, torch.Tensor], torch.Tensor]  # (step, x [B, *shape]) -> standard normal [B, *shape]
+Setting = float | torch.Tensor  # a scalar for the whole batch, or one value per chain [B]
 
 
-def _per_chain(value: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor | float:
+@dataclass
+class LangevinStep:
+    """What one step returns: the new states, the energy the step evaluated, and the heavy-ball velocity."""
+
+    x: torch.Tensor  # [B, *shape]
+    energy: torch.Tensor  # [B] at the noised state
+    velocity: torch.Tensor  # [B, *shape]; feed it back as `velocity` for the chain's next step
+
+
+def _per_chain(value: Setting, x: torch.Tensor) -> Setting:
     """Broadcast a scalar or a [B] tensor of settings against x [B, ...]."""
     if isinstance(value, torch.Tensor):
         return value.to(device=x.device, dtype=x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
@@ -44,46 +43,64 @@ def langevin_step(
     energy_fn: EnergyFn,
     x: torch.Tensor,  # [B, *shape]
     eps: torch.Tensor,  # [B, *shape] standard normal
-    step_size: float | torch.Tensor,  # scalar or [B]
-    noise: float | torch.Tensor,  # scalar or [B]
-    grad_clip: float | torch.Tensor = 0.03,
-    temperature: float | torch.Tensor = 1.0,
+    step_size: Setting,
+    noise: Setting,
+    grad_clip: float | None = 0.03,
+    temperature: Setting = 1.0,
     data_range: tuple[float, float] = (-1.0, 1.0),
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One step of x <- clamp(x' - step * clip(grad E(x') / T)), x' = clamp(x + noise * eps).
+    momentum: Setting = 0.0,
+    velocity: torch.Tensor | None = None,  # [B, *shape] from the previous step; None: at rest
+    clamp: bool = True,
+) -> LangevinStep:
+    """x' = clamp(x + noise * eps); v <- momentum * v - step * clip(grad E(x') / T); x <- clamp(x' + v).
 
-    The order (noise, gradient, clamp) follows Du & Mordatch 2019 and the UvA tutorial; the gradient is
-    taken with `torch.autograd.grad` w.r.t. the input only, so no parameter gradients are touched.
-    Returns the new state and the energy [B] at the noised state (the forward pass the step needed).
+    The order (noise, gradient, clamp) follows Du & Mordatch 2019 and the UvA tutorial; momentum 0 is
+    their plain step, and noise 0 is plain gradient descent. The gradient is taken with
+    `torch.autograd.grad` w.r.t. the input only, so no parameter gradients are touched. With
+    `clamp=False` chains may leave the data range (the caller clamps what it returns).
     """
     low, high = data_range
-    noised = (x + _per_chain(noise, x) * eps).clamp_(low, high).detach().requires_grad_(True)
+    noised = x + _per_chain(noise, x) * eps
+    if clamp:
+        noised = noised.clamp_(low, high)
+    noised = noised.detach().requires_grad_(True)
     with torch.enable_grad():
         energy = energy_fn(noised)  # [B]
         (grad,) = torch.autograd.grad(energy.sum(), noised)
     grad = grad / _per_chain(temperature, x)
-    clip = _per_chain(grad_clip, x)
-    if isinstance(clip, torch.Tensor):
-        grad = torch.maximum(torch.minimum(grad, clip), -clip)
-    else:
-        grad = grad.clamp(-clip, clip)
-    moved = (noised.detach() - _per_chain(step_size, x) * grad).clamp_(low, high)
-    return moved, energy.detach()
+    if grad_clip is not None:
+        grad = grad.clamp(-grad_clip, grad_clip)
+    push = _per_chain(step_size, x) * grad
+    velocity = -push if velocity is None else _per_chain(momentum, x) * velocity - push
+    moved = noised.detach() + velocity
+    if clamp:
+        moved = moved.clamp_(low, high)
+    return LangevinStep(moved, energy.detach(), velocity)
 
 
 def sample_langevin(
     energy_fn: EnergyFn,
     x: torch.Tensor,
-    settings: LangevinSettings,
-    generator: torch.Generator | None = None,
+    settings: EBMSampler,
+    data_range: tuple[float, float],
+    noise: NoiseFn | torch.Generator | None = None,
     callback: StepCallback | None = None,
+    steps: int | None = None,
 ) -> torch.Tensor:
-    """Run `settings.steps` Langevin steps from x; `callback(step, x, energy)` sees every step."""
+    """Run `steps` (default `settings.steps`) Langevin steps from x; `callback(step, x, energy)` sees each.
+
+    `noise` is a generator for torch.randn (training) or a function of (step, x) (counter-based noise, so
+    seeded chains match the server's). Without clamping, the returned states are clamped to the data range.
+    """
     x = x.detach()
-    for step in range(settings.steps):
-        source_device = generator.device if generator is not None else x.device
-        eps = torch.randn(x.shape, generator=generator, device=source_device, dtype=x.dtype).to(x.device)
-        x, energy = langevin_step(
+    velocity = None
+    for step in range(settings.steps if steps is None else steps):
+        if callable(noise):
+            eps = noise(step, x)
+        else:
+            source_device = noise.device if noise is not None else x.device
+            eps = torch.randn(x.shape, generator=noise, device=source_device, dtype=x.dtype).to(x.device)
+        moved = langevin_step(
             energy_fn,
             x,
             eps,
@@ -91,11 +108,15 @@ def sample_langevin(
             settings.noise,
             settings.grad_clip,
             settings.temperature,
-            (settings.data_min, settings.data_max),
+            data_range,
+            settings.momentum,
+            velocity if settings.momentum else None,
+            settings.clamp,
         )
+        x, velocity = moved.x, moved.velocity
         if callback is not None:
-            callback(step + 1, x, energy)
-    return x
+            callback(step + 1, x, moved.energy)
+    return x if settings.clamp else x.clamp(*data_range)
 
 
 def frozen_energy(model: nn.Module) -> EnergyFn:
@@ -122,47 +143,6 @@ def ensemble_energy(models: list[nn.Module]) -> EnergyFn:
         return energies[next(calls) % len(energies)](x)
 
     return energy
-
-
-# --- Per-chain, counter-based noise -------------------------------------------------------------
-# A chain's noise is a pure function of (chain seed, step, element), so a seeded chain follows the same
-# path whatever other chains share its batch, on any batch size, without one generator per chain.
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash (xorshift-multiply rounds) on int64 tensors holding values < 2**32."""
-    x = ((x ^ (x >> 16)) * 0x7FEB352D) & _MASK32
-    x = ((x ^ (x >> 15)) * 0x2C1B3C6D) & _MASK32
-    x = ((x ^ (x >> 16)) * 0x297A2D39) & _MASK32
-    return x ^ (x >> 16)
-
-
-def _uniform_from_counter(seeds: torch.Tensor, steps: torch.Tensor, count: int) -> torch.Tensor:
-    """Uniform (0, 1) floats [B, count] from per-chain seeds [B] and step counters [B]."""
-    element = torch.arange(count, device=seeds.device, dtype=torch.int64)  # [count]
-    key = _mix32((seeds & _MASK32) ^ _mix32((steps & _MASK32) + 0x9E3779B9 & _MASK32))  # [B]
-    bits = _mix32(key.unsqueeze(1) ^ _mix32(element + 0x632BE5AB).unsqueeze(0))  # [B, count]
-    return (bits.to(torch.float64) + 0.5) / 4294967296.0
-
-
-def chain_gaussian(seeds: torch.Tensor, steps: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """Standard normal noise [B, *shape] for chains with seeds [B] at step counters [B] (Box-Muller)."""
-    count = 1
-    for size in shape:
-        count *= size
-    uniform = _uniform_from_counter(seeds, steps * 2, 2 * count)  # [B, 2 * count]
-    radius = torch.sqrt(-2.0 * torch.log(uniform[:, :count]))
-    angle = (2.0 * torch.pi) * uniform[:, count:]
-    return (radius * torch.cos(angle)).to(torch.float32).reshape(-1, *shape)
-
-
-def chain_uniform(seeds: torch.Tensor, shape: tuple[int, ...], low: float, high: float) -> torch.Tensor:
-    """Uniform starting points [B, *shape] for seeded chains (a counter no Langevin step uses)."""
-    count = 1
-    for size in shape:
-        count *= size
-    uniform = _uniform_from_counter(seeds, torch.full_like(seeds, -1) & _MASK32, count)
-    return (low + (high - low) * uniform).to(torch.float32).reshape(-1, *shape)
 
 
 # --- Replay buffer --------------------------------------------------------------------------------

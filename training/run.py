@@ -1,4 +1,4 @@
-"""What every training run shares: device choice, seeding, progress, metrics log, grids, resume state."""
+"""What every training run shares: seeding, progress, metrics log, grids, resume state."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from training.checkpoint import Checkpoint, ModelConfig, load_checkpoint, save_checkpoint
 from training.data import ImageDataset, load_dataset
+from training.device import device_name, pick_device
 from training.images import save_grid
 
 
@@ -30,6 +31,7 @@ class RunConfig:
     batch_size: int = 128
     seed: int = 0
     device: str = "auto"
+    threads: int | None = None  # torch CPU threads for this run (1: one run per core, side by side)
     resume: bool = False
     max_batches: int | None = None  # per epoch; for quick runs and tests
     save_dtype: str = "float32"  # floating tensors of the output checkpoint: float32 or float16 (half the file)
@@ -85,6 +87,8 @@ class RunStart:
 def start_run(config: RunConfig, with_test: bool = True) -> RunStart:
     """Device, seed, datasets and run directory, in the same order for every family (so --seed reproduces)."""
     device = pick_device(config.device)
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
     config.output_dtype()  # a bad --save-dtype fails now, not after the first epoch
     seed_everything(config.seed)
     train = load_dataset(config.dataset, config.data_dir, "train", seed=config.seed)
@@ -96,23 +100,6 @@ def start_run(config: RunConfig, with_test: bool = True) -> RunStart:
     if config.max_batches is not None:
         per_epoch = min(per_epoch, config.max_batches)
     return RunStart(device, train, test, run_dir, RunLog(run_dir), per_epoch)
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """'auto' is CUDA when present, else CPU; anything else is passed to torch as written."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but no CUDA device is available")
-    return device
-
-
-def device_name(device: torch.device) -> str:
-    """'cpu' or the GPU's marketing name, so a checkpoint says what it was trained on."""
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    return device.type
 
 
 def seed_everything(seed: int) -> None:

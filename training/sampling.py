@@ -9,8 +9,11 @@ import torch
 from torch import nn
 
 from training.checkpoint import Checkpoint, ModelConfig, load_checkpoint
-from training.langevin import LangevinSettings, ReplayBuffer, StepCallback, ensemble_energy, sample_langevin
+from training.langevin import ReplayBuffer, StepCallback, ensemble_energy, sample_langevin
 from training.models import build_model
+from training.models.flows import Flow
+from training.noise import chain_gaussian, chain_start, latent_gaussian
+from training.sampler_config import Config, EBMSampler, FlowSampler, GANSampler, SamplerConfig, sampler_for
 
 
 @dataclass
@@ -18,7 +21,14 @@ class LoadedModel:
     name: str
     config: ModelConfig
     module: nn.Module
+    sampler: SamplerConfig  # the checkpoint's typed sampling defaults
     extras: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+    def sampler_as(self, kind: type[Config]) -> Config:
+        """The sampler config, typed for the family the caller handles."""
+        if not isinstance(self.sampler, kind):
+            raise ValueError(f"{self.name} is a {self.config.family} model; it has no {kind.__name__}")
+        return self.sampler
 
     @property
     def data_range(self) -> tuple[float, float]:
@@ -32,58 +42,56 @@ class LoadedModel:
 
 def instantiate(checkpoint: Checkpoint, name: str, device: torch.device | str = "cpu") -> LoadedModel:
     """Rebuild the module in eval mode with frozen parameters (a GAN uses its EMA weights by default)."""
+    sampler = sampler_for(checkpoint.config.family, checkpoint.config.sampler)
     module = build_model(checkpoint.config.arch)
     weights = checkpoint.weights
-    if checkpoint.config.family == "gan" and checkpoint.config.sampler.get("weights") == "ema":
+    if isinstance(sampler, GANSampler) and sampler.weights == "ema":
         weights = checkpoint.extras["ema"]
     module.load_state_dict({key: value.float() for key, value in weights.items()})
     module.to(device).eval()
     for parameter in module.parameters():
         parameter.requires_grad_(False)
-    return LoadedModel(name=name, config=checkpoint.config, module=module, extras=checkpoint.extras)
+    return LoadedModel(name=name, config=checkpoint.config, module=module, sampler=sampler, extras=checkpoint.extras)
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
     return instantiate(load_checkpoint(path), Path(path).stem, device)
 
 
-def langevin_settings(config: ModelConfig, steps: int | None = None, **overrides: float) -> LangevinSettings:
-    sampler = config.sampler
-    low, high = config.data.get("range", [-1.0, 1.0])
-    return LangevinSettings(
-        steps=steps if steps is not None else int(sampler.get("steps", 60)),
-        step_size=float(overrides.get("step_size", sampler.get("step_size", 10.0))),
-        noise=float(overrides.get("noise", sampler.get("noise", 0.005))),
-        grad_clip=float(overrides.get("grad_clip", sampler.get("grad_clip", 0.03))),
-        temperature=float(overrides.get("temperature", sampler.get("temperature", 1.0))),
-        data_min=float(low),
-        data_max=float(high),
-    )
-
-
-def sample_generator(
-    model: LoadedModel, n: int, temperature: float | None = None, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """GAN samples: G(z) with z ~ N(0, T^2 I); T defaults to the checkpoint's sampler temperature."""
+def sample_generator(model: LoadedModel, seeds: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
+    """GAN samples [B, *shape]: G(z) with z ~ N(0, T^2 I) from counter-based noise (the server's latents);
+    T defaults to the checkpoint's sampler temperature."""
+    sampler = model.sampler_as(GANSampler)
     device = next(model.module.parameters()).device
-    scale = temperature if temperature is not None else float(model.config.sampler.get("temperature", 1.0))
-    latents = torch.randn(n, int(model.config.sampler["latent_dim"]), generator=generator) * scale
+    scale = sampler.temperature if temperature is None else temperature
     with torch.no_grad():
-        return model.module(latents.to(device))
+        return model.module((latent_gaussian(seeds, sampler.latent_dim) * scale).to(device))
+
+
+def sample_flow(model: LoadedModel, seeds: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
+    """Flow samples [B, *shape] in the data range: the inverse of the module's own base at temperature T."""
+    sampler = model.sampler_as(FlowSampler)
+    flow = model.module
+    assert isinstance(flow, Flow)
+    device = next(flow.parameters()).device
+    scale = sampler.temperature if temperature is None else temperature
+    with torch.no_grad():
+        return flow.inverse(flow.base_sample(seeds, scale).to(device))[0].clamp(*model.data_range)
 
 
 def draw_samples(
     model: LoadedModel | list[LoadedModel],
-    n: int,
+    seeds: torch.Tensor,
     steps: int | None = None,
-    init: str = "noise",
+    init: str | None = None,
     generator: torch.Generator | None = None,
     callback: StepCallback | None = None,
 ) -> torch.Tensor:
-    """One entry point for every family, used by the `sample` and `evaluate` commands.
+    """One entry point for every family, used by the `sample` and `evaluate` commands: one sample per
+    chain seed [B] (see `training.noise.chain_seeds`), drawn as the server draws it.
 
     A list of EBM checkpoints of one ensemble samples as the server samples the ensemble: chains move
-    under the members in turn and start from their pooled buffers.
+    under the members in turn and start from their pooled buffers. `generator` draws buffer slots only.
     """
     members = model if isinstance(model, list) else [model]
     first = members[0]
@@ -95,42 +103,48 @@ def draw_samples(
                 f"got {', '.join(f'{m.name} ({m.config.family}, {m.config.ensemble})' for m in members)}"
             )
     if first.config.family == "ebm":
-        return sample_ebm(members, n, langevin_settings(first.config, steps), init, generator, callback)
+        return sample_ebm(members, seeds, steps, init, generator, callback)
     if first.config.family == "gan":
-        return sample_generator(first, n, generator=generator)
+        return sample_generator(first, seeds).clamp(*first.data_range)
     if first.config.family == "flow":
-        temperature = float(first.config.sampler.get("temperature", 1.0))
-        return first.module.sample(n, temperature, generator).clamp(*first.data_range)
+        return sample_flow(first, seeds)
     raise ValueError(f"sampling {first.config.family} checkpoints is not supported yet")
 
 
 def pooled_buffer(members: list[LoadedModel]) -> ReplayBuffer:
     """The members' saved replay buffers as one (empty when none was saved): an ensemble's shared buffer."""
     states = [member.extras["replay_buffer"] for member in members if "replay_buffer" in member.extras]
-    restart = float(members[0].config.sampler.get("restart_prob", 0.05))
+    restart = members[0].sampler_as(EBMSampler).restart_prob
     return ReplayBuffer.pooled(states, members[0].shape, restart, members[0].data_range)
 
 
 def sample_ebm(
     members: list[LoadedModel],
-    n: int,
-    settings: LangevinSettings,
-    init: str = "noise",
+    seeds: torch.Tensor,
+    steps: int | None = None,
+    init: str | None = None,
     generator: torch.Generator | None = None,
     callback: StepCallback | None = None,
 ) -> torch.Tensor:
-    """Run n chains for settings.steps from uniform noise or from the checkpoints' replay buffers."""
+    """Run one chain per seed [B] for `steps` (default: the checkpoint's), from the checkpoint's prior
+    ('noise') or the pooled replay buffers ('buffer'), with counter-based noise: seeded chains follow
+    the path they follow in the server."""
     first = members[0]
+    sampler = first.sampler_as(EBMSampler)
     device = next(first.module.parameters()).device
+    init = init or sampler.init
     if init == "buffer":
         buffer = pooled_buffer(members)
         if len(buffer) == 0:
             raise ValueError(f"{first.name} has no saved replay buffer; use init='noise'")
-        start, _ = buffer.draw(n, generator)
+        start, _ = buffer.draw(len(seeds), generator)
     elif init == "noise":
-        low, high = settings.data_min, settings.data_max
-        start = torch.rand(n, *first.shape, generator=generator) * (high - low) + low
+        start = chain_start(seeds, first.shape, sampler.prior, first.data_range)
     else:
         raise ValueError(f"init must be 'noise' or 'buffer', got {init!r}")
+
+    def noise(step: int, x: torch.Tensor) -> torch.Tensor:
+        return chain_gaussian(seeds, torch.full_like(seeds, step), first.shape).to(x.device)
+
     energy = ensemble_energy([member.module for member in members])
-    return sample_langevin(energy, start.to(device), settings, generator, callback)
+    return sample_langevin(energy, start.to(device), sampler, first.data_range, noise, callback, steps)

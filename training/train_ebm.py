@@ -13,10 +13,11 @@ import torch
 
 from training.checkpoint import Checkpoint, ModelConfig, save_checkpoint
 from training.data import ImageDataset
-from training.langevin import LangevinSettings, ReplayBuffer, frozen_energy, sample_langevin
+from training.langevin import ReplayBuffer, frozen_energy, sample_langevin
 from training.losses import contrastive_divergence
 from training.models import build_model
 from training.run import RunConfig, Stopwatch, batches, load_resume, save_resume, start_run
+from training.sampler_config import EBMSampler, to_dict
 
 
 @dataclass
@@ -64,16 +65,17 @@ def _model_config(
         family="ebm",
         arch=arch,
         data={"shape": list(dataset.shape), "range": [-1.0, 1.0], "dataset": config.dataset},
-        sampler={
-            "steps": config.sample_steps,
-            "train_steps": config.steps,
-            "step_size": config.step_size,
-            "noise": config.noise,
-            "grad_clip": config.grad_clip,
-            "temperature": 1.0,
-            "init": "buffer",
-            "restart_prob": config.restart_prob,
-        },
+        sampler=to_dict(
+            EBMSampler(
+                steps=config.sample_steps,
+                train_steps=config.steps,
+                step_size=config.step_size,
+                noise=config.noise,
+                grad_clip=config.grad_clip,
+                init="buffer",
+                restart_prob=config.restart_prob,
+            )
+        ),
         training=config.training_record("ebm", device, wall_seconds, epoch),
         metrics=metrics,
         ensemble=config.ensemble,
@@ -104,7 +106,7 @@ def train_ebm(config: EBMTrainConfig) -> Path:
     model = build_model(arch).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(config.beta1, 0.999))
     buffer = ReplayBuffer(train.shape, config.buffer_capacity, config.restart_prob)
-    langevin = LangevinSettings(
+    langevin = EBMSampler(
         steps=config.steps, step_size=config.step_size, noise=config.noise, grad_clip=config.grad_clip
     )
     first_epoch, already = 1, 0.0
@@ -131,7 +133,7 @@ def train_ebm(config: EBMTrainConfig) -> Path:
             real = train.images[index].to(device)
             real = (real + config.real_noise * torch.randn_like(real)).clamp_(-1, 1)
             start, slots = buffer.draw(config.batch_size)
-            fake = sample_langevin(energy, start.to(device), langevin)
+            fake = sample_langevin(energy, start.to(device), langevin, (-1.0, 1.0))
             buffer.write_back(slots, fake)
             energies = model(torch.cat([real, fake]))  # [2B]
             loss, parts = contrastive_divergence(*energies.chunk(2), alpha=config.alpha)

@@ -17,6 +17,7 @@ from training.data import ImageDataset
 from training.losses import bits_per_dim, dequantize
 from training.models import build_model
 from training.run import RunConfig, Stopwatch, batches, load_resume, save_resume, start_run
+from training.sampler_config import FlowSampler, to_dict
 
 # What each architecture uses when a flag is left unset: hidden width, base distribution, and the
 # sampling temperature stored in the checkpoint (NICE's paper samples at 0.8, Glow's at 0.7).
@@ -149,7 +150,7 @@ def train_flow(config: FlowTrainConfig) -> Path:
             family="flow",
             arch=arch,
             data={"shape": list(train.shape), "range": [-1.0, 1.0], "dataset": config.dataset},
-            sampler={"temperature": config.setting("temperature"), "base": config.setting("base")},
+            sampler=to_dict(FlowSampler(temperature=config.setting("temperature"), base=config.setting("base"))),
             training=config.training_record("flow", device, clock.seconds(), epoch),
             metrics={"test_bits_per_dim": round(record["test_bits_per_dim"], 4)},
         )

@@ -25,6 +25,7 @@ from training.losses import (
 )
 from training.models import build_model
 from training.run import RunConfig, Stopwatch, batches, load_resume, save_resume, start_run
+from training.sampler_config import GANSampler, to_dict
 
 LOSSES = ("dcgan", "wgan", "wgan-gp")
 # Per-loss defaults from the papers: optimizer, learning rate, betas, critic steps per generator step.
@@ -188,7 +189,7 @@ def train_gan(config: GANTrainConfig) -> Path:
             family="gan",
             arch={**generator_arch, "critic": critic_arch},
             data={"shape": list(train.shape), "range": [-1.0, 1.0], "dataset": config.dataset},
-            sampler={"latent_dim": config.latent_dim, "temperature": 1.0, "weights": "ema"},
+            sampler=to_dict(GANSampler(latent_dim=config.latent_dim)),
             training=config.training_record(
                 "gan",
                 device,

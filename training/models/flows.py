@@ -11,6 +11,8 @@ import math
 import torch
 from torch import nn
 
+from training.noise import latent_gaussian, latent_logistic
+
 
 class FlowLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,6 +204,10 @@ class StandardLogistic:
         uniform = torch.rand(shape, generator=generator).clamp(1e-6, 1 - 1e-6)
         return temperature * (uniform.log() - (-uniform).log1p())
 
+    @staticmethod
+    def seeded(seeds: torch.Tensor, dim: int) -> torch.Tensor:  # [B] -> [B, dim], counter-based
+        return latent_logistic(seeds, dim)
+
 
 class StandardGaussian:
     @staticmethod
@@ -211,6 +217,10 @@ class StandardGaussian:
     @staticmethod
     def sample(shape: tuple[int, ...], temperature: float, generator: torch.Generator | None = None) -> torch.Tensor:
         return temperature * torch.randn(shape, generator=generator)
+
+    @staticmethod
+    def seeded(seeds: torch.Tensor, dim: int) -> torch.Tensor:  # [B] -> [B, dim], counter-based
+        return latent_gaussian(seeds, dim)
 
 
 BASES = {"logistic": StandardLogistic, "gaussian": StandardGaussian}
@@ -295,6 +305,11 @@ class Flow(nn.Module):
     def initialize(self, x: torch.Tensor) -> None:
         """Data-dependent start: one pass over a batch lets every ActNorm set itself from what reaches it."""
         self(x)
+
+    def base_sample(self, seeds: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
+        """Base points z [B, D] for seeded samples, scaled by the temperature (a scalar or [B, 1]): counter-based
+        noise, so a seed gives the same z in the CLI and in the server whatever else is in the batch."""
+        return self.base.seeded(seeds, math.prod(self.shape)) * temperature
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
