@@ -42,6 +42,11 @@ class ImageDataset:
     def shape(self) -> tuple[int, ...]:
         return tuple(self.images.shape[1:])
 
+    @property
+    def classes(self) -> list[str]:
+        """Class names, index = label (digits for MNIST-format data)."""
+        return [str(label) for label in range(int(self.labels.max()) + 1 if len(self.labels) else 0)]
+
 
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
     """The directory named on the command line, else $SAMPLEBAY_DATA_DIR."""
@@ -109,13 +114,23 @@ def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
 
 def toy2d(name: str, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Sample `n` points [n, 2] of a classic 2-D density, scaled to roughly [-1, 1]."""
+    return toy2d_labelled(name, n, generator)[0]
+
+
+def toy2d_labelled(name: str, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Points [n, 2] and labels [n]: the mode index for '8gaussians' (a class-conditional toy), else 0."""
     g = generator
+    if name == "8gaussians":
+        modes = torch.randint(0, 8, (n,), generator=g)
+        angles = modes.float() * (math.pi / 4)
+        centers = torch.stack([angles.cos(), angles.sin()], dim=1) * 0.75
+        return centers + 0.05 * torch.randn(n, 2, generator=g), modes
+    return _toy2d_points(name, n, g), torch.zeros(n, dtype=torch.int64)
+
+
+def _toy2d_points(name: str, n: int, g: torch.Generator | None) -> torch.Tensor:
     if name == "gaussian":  # one elongated, off-centre Gaussian: its moments are the whole story
         return torch.randn(n, 2, generator=g) * torch.tensor([0.3, 0.1]) + torch.tensor([0.4, -0.3])
-    if name == "8gaussians":
-        angles = torch.randint(0, 8, (n,), generator=g).float() * (math.pi / 4)
-        centers = torch.stack([angles.cos(), angles.sin()], dim=1) * 0.75
-        return centers + 0.05 * torch.randn(n, 2, generator=g)
     if name == "checkerboard":
         x1 = torch.rand(n, generator=g) * 4 - 2
         x2 = torch.rand(n, generator=g) - torch.randint(0, 2, (n,), generator=g).float() * 2
@@ -146,6 +161,6 @@ def load_dataset(
     if name.startswith("toy2d"):
         density = name.partition(":")[2] or "8gaussians"
         generator = torch.Generator().manual_seed(seed + (0 if split == "train" else 1))
-        points = toy2d(density, toy_size, generator)
-        return ImageDataset(points, torch.zeros(toy_size, dtype=torch.int64), name=f"toy2d:{density}")
+        points, labels = toy2d_labelled(density, toy_size, generator)
+        return ImageDataset(points, labels, name=f"toy2d:{density}")
     raise DatasetError(f"unknown dataset {name!r}; expected 'mnist' or 'toy2d:<{'|'.join(TOY2D_NAMES)}>'")

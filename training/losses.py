@@ -90,3 +90,29 @@ def dequantize(x: torch.Tensor) -> torch.Tensor:
 def bits_per_dim(log_prob: torch.Tensor, dim: int) -> torch.Tensor:
     """-log2 P(8-bit image) / D from the continuous density of its dequantized version (256 levels a pixel)."""
     return -(log_prob + dim * math.log(BIN_WIDTH)) / (dim * math.log(2))
+
+
+# --- Equilibrium Matching (Wang & Du 2025) ---------------------------------------------------------
+
+
+def equilibrium_matching(
+    energy_fn: Callable[[torch.Tensor], torch.Tensor],
+    data: torch.Tensor,  # [B, *shape] in the data range
+    noise: torch.Tensor,  # [B, *shape] standard normal
+    gamma: torch.Tensor,  # [B] in [0, 1]: 0 = pure noise, 1 = data
+    scale: float = 4.0,
+    cutoff: float = 0.2,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """mean (grad E(x_g) - (noise - data) c(g))^2 at x_g = g data + (1 - g) noise (EqM-E, explicit energy).
+
+    c(g) = scale * min(1, (1 - g) / cutoff): the target gradient points from data to noise with a size that
+    falls to zero on the data, so plain gradient descent on E carries noise to data and stops there. The
+    gradient w.r.t. the input is kept in the graph (a double backward), so no MCMC is needed in training.
+    """
+    g = gamma.reshape(-1, *([1] * (data.dim() - 1)))
+    mixed = (g * data + (1 - g) * noise).detach().requires_grad_(True)
+    energy = energy_fn(mixed)  # [B]
+    (grad,) = torch.autograd.grad(energy.sum(), mixed, create_graph=True)
+    target = (noise - data) * (scale * torch.clamp((1 - g) / cutoff, max=1.0))
+    loss = (grad.float() - target).pow(2).mean()  # per element, so clipping thresholds do not scale with size
+    return loss, {"loss": loss.item(), "energy": energy.mean().item()}

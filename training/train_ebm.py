@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -19,27 +20,58 @@ from training.models import build_model
 from training.run import RunConfig, Stopwatch, batches, load_resume, save_resume, start_run
 from training.sampler_config import EBMSampler, to_dict
 
+# What each objective uses when a flag is left unset (None). CD: the UvA deep-EBM tutorial on MNIST.
+# EqM: gradient descent from Gaussian noise; 40-60 steps of 0.01 suffice (../shared/notes, measured).
+OBJECTIVE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "cd": {"lr": 1e-4, "width": 32, "step_size": 10.0, "noise": 0.005, "grad_clip": 0.03, "sample_steps": 256},
+    "eqm": {"lr": 5e-4, "width": 16, "step_size": 0.01, "noise": 0.0, "grad_clip": None, "sample_steps": 60},
+}
+
 
 @dataclass
 class EBMTrainConfig(RunConfig):
+    objective: str = "cd"  # cd: contrastive divergence with Langevin negatives | eqm: Equilibrium Matching
     out: str = "checkpoints/ebm.safetensors"
     epochs: int = 20
-    lr: float = 1e-4
-    beta1: float = 0.0  # Adam beta1 = 0 as in the UvA tutorial: momentum fights the moving negatives
-    alpha: float = 0.1  # weight of the squared-energy regularizer
-    real_noise: float = 0.005  # std of Gaussian noise added to real images
-    steps: int = 60  # Langevin steps per training iteration
-    step_size: float = 10.0
-    noise: float = 0.005
-    grad_clip: float = 0.03
-    sample_steps: int = 256  # default chain length when sampling from noise after training
-    buffer_capacity: int = 8192
-    restart_prob: float = 0.05  # fraction of chains restarted from uniform noise
-    keep_buffer: int = 2048  # buffer samples stored in the shipped checkpoint (float16)
-    width: int = 32
-    spectral: bool = False
-    ensemble: str | None = None
-    validate_batches: int = 20
+    lr: float | None = None  # Adam learning rate (default: cd 1e-4, eqm 5e-4)
+    beta1: float = 0.0  # cd: Adam beta1 = 0 as in the UvA tutorial (momentum fights the moving negatives)
+    alpha: float = 0.1  # cd: weight of the squared-energy regularizer
+    real_noise: float = 0.005  # cd: std of Gaussian noise added to real images
+    steps: int = 60  # cd: Langevin steps per training iteration
+    step_size: float | None = None  # sampler step size (default: cd 10, eqm 0.01)
+    noise: float | None = None  # sampler noise std (default: cd 0.005, eqm 0 = gradient descent)
+    grad_clip: float | None = None  # sampler elementwise gradient clip, 0 = none (default: cd 0.03, eqm none)
+    sample_steps: int | None = None  # default chain length of the checkpoint's sampler (cd 256, eqm 60)
+    buffer_capacity: int = 8192  # cd: replay-buffer size
+    restart_prob: float = 0.05  # cd: fraction of chains restarted from uniform noise
+    keep_buffer: int = 2048  # cd: buffer samples stored in the shipped checkpoint (float16)
+    width: int | None = None  # channels of the first layer (default: cd conv net 32, eqm U-Net 16)
+    spectral: bool = False  # cd: spectral normalization on every layer (IGEBM)
+    ensemble: str | None = None  # EBMs naming one ensemble share one replay buffer when served
+    validate_batches: int = 20  # test batches in the per-epoch validation
+    energy_form: str = "dot"  # eqm: scalar energy from the U-Net field f: dot <x, f(x)> | l2 -||f(x)||^2/2
+    eqm_scale: float = 4.0  # eqm: c(gamma) = scale * min(1, (1 - gamma) / cutoff), the target's size
+    eqm_cutoff: float = 0.2  # eqm: see eqm_scale
+    conditional: bool = False  # eqm: class-conditional energy E(x, y) with a null label for unconditional use
+    label_dropout: float = 0.1  # eqm: share of training labels replaced by the null label
+    ema_decay: float = 0.999  # eqm: the checkpoint's weights are this exponential moving average
+    autocast: str = "bfloat16"  # eqm: bfloat16 autocast for the network (none: float32 throughout)
+    lr_schedule: str = "cosine"  # eqm: cosine (to min_lr_ratio by the last epoch) | constant, after warm-up
+    warmup_steps: int = 200  # eqm: linear learning-rate warm-up
+    min_lr_ratio: float = 0.1  # eqm: the cosine schedule's final learning rate / peak
+    max_grad_norm: float | None = 1.0  # eqm: clip the parameter-gradient norm (0 or none: no clipping)
+    init_from: str | None = None  # eqm: warm-start weights and EMA from a shipped checkpoint (no run dir needed)
+
+    def setting(self, name: str) -> Any:
+        """A flag's value, or the objective's default when it was left unset."""
+        if self.objective not in OBJECTIVE_DEFAULTS:
+            raise ValueError(f"--objective must be one of {', '.join(OBJECTIVE_DEFAULTS)}, not {self.objective!r}")
+        value = getattr(self, name)
+        if value is None:
+            return OBJECTIVE_DEFAULTS[self.objective][name]
+        if name == "grad_clip" and value <= 0:
+            return None
+        return value
 
 
 def _arch_for(dataset: ImageDataset, config: EBMTrainConfig) -> dict:
@@ -48,35 +80,49 @@ def _arch_for(dataset: ImageDataset, config: EBMTrainConfig) -> dict:
     channels, size, _ = dataset.shape
     return {
         "name": "conv_energy",
-        "kwargs": {"channels": channels, "image_size": size, "width": config.width, "spectral": config.spectral},
+        "kwargs": {
+            "channels": channels,
+            "image_size": size,
+            "width": config.setting("width"),
+            "spectral": config.spectral,
+        },
     }
 
 
-def _model_config(
+def cd_sampler(config: EBMTrainConfig) -> EBMSampler:
+    """Langevin from the replay buffer with the settings the model was trained with."""
+    return EBMSampler(
+        steps=config.setting("sample_steps"),
+        train_steps=config.steps,
+        step_size=config.setting("step_size"),
+        noise=config.setting("noise"),
+        grad_clip=config.setting("grad_clip"),
+        init="buffer",
+        restart_prob=config.restart_prob,
+    )
+
+
+def ebm_model_config(
     config: EBMTrainConfig,
     dataset: ImageDataset,
     arch: dict,
+    sampler: EBMSampler,
     device: torch.device,
     wall_seconds: float,
     epoch: int,
     metrics: dict,
+    **training_extra: Any,
 ) -> ModelConfig:
+    """What an EBM checkpoint says about itself, for either objective; a conditional one lists its classes."""
+    data: dict[str, Any] = {"shape": list(dataset.shape), "range": [-1.0, 1.0], "dataset": config.dataset}
+    if arch["kwargs"].get("num_classes"):
+        data["classes"] = dataset.classes
     return ModelConfig(
         family="ebm",
         arch=arch,
-        data={"shape": list(dataset.shape), "range": [-1.0, 1.0], "dataset": config.dataset},
-        sampler=to_dict(
-            EBMSampler(
-                steps=config.sample_steps,
-                train_steps=config.steps,
-                step_size=config.step_size,
-                noise=config.noise,
-                grad_clip=config.grad_clip,
-                init="buffer",
-                restart_prob=config.restart_prob,
-            )
-        ),
-        training=config.training_record("ebm", device, wall_seconds, epoch),
+        data=data,
+        sampler=to_dict(sampler),
+        training=config.training_record("ebm", device, wall_seconds, epoch, **training_extra),
         metrics=metrics,
         ensemble=config.ensemble,
     )
@@ -100,20 +146,28 @@ def validate(model: torch.nn.Module, test: ImageDataset, batch_size: int, limit:
 
 def train_ebm(config: EBMTrainConfig) -> Path:
     """Train, writing the checkpoint after every epoch; returns its path."""
+    config.setting("lr")  # an unknown --objective fails here, before any data is read
+    if config.objective == "eqm":
+        from training.train_eqm import train_eqm
+
+        return train_eqm(config)
     run = start_run(config)
     device, train, test, run_dir, log = run.device, run.train, run.test, run.run_dir, run.log
     arch = _arch_for(train, config)
     model = build_model(arch).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(config.beta1, 0.999))
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.setting("lr"), betas=(config.beta1, 0.999))
     buffer = ReplayBuffer(train.shape, config.buffer_capacity, config.restart_prob)
     langevin = EBMSampler(
-        steps=config.steps, step_size=config.step_size, noise=config.noise, grad_clip=config.grad_clip
+        steps=config.steps,
+        step_size=config.setting("step_size"),
+        noise=config.setting("noise"),
+        grad_clip=config.setting("grad_clip"),
     )
     first_epoch, already = 1, 0.0
     if config.resume:
         resumed = load_resume(run_dir, {"model": optimizer})
         for group in optimizer.param_groups:  # the command line wins over the saved hyperparameters
-            group.update(lr=config.lr, betas=(config.beta1, 0.999))
+            group.update(lr=config.setting("lr"), betas=(config.beta1, 0.999))
         model.load_state_dict(resumed.checkpoint.weights)
         buffer = ReplayBuffer.from_state_dict(resumed.checkpoint.extras["replay_buffer"])
         first_epoch = resumed.epoch + 1
@@ -150,7 +204,9 @@ def train_ebm(config: EBMTrainConfig) -> Path:
         record.update(epoch=epoch, wall_seconds=clock.seconds())
         grid_path = log.grid(buffer.samples[max(0, len(buffer) - 64) : len(buffer)], epoch, (-1.0, 1.0))
         metrics = {key: round(value, 5) for key, value in record.items() if key.startswith("val_")}
-        model_config = _model_config(config, train, arch, device, clock.seconds(), epoch, metrics)
+        model_config = ebm_model_config(
+            config, train, arch, cd_sampler(config), device, clock.seconds(), epoch, metrics
+        )
         weights = {name: tensor for name, tensor in model.state_dict().items()}
         shipped_state = buffer.state_dict()
         shipped_state["samples"] = shipped_state["samples"][len(buffer) - min(config.keep_buffer, len(buffer)) :].half()

@@ -8,6 +8,7 @@ from torch import nn
 
 from training.models.classifier import DigitClassifier
 from training.models.ebm import ConvEnergy, MLPEnergy
+from training.models.energy_unet import MLPFieldEnergy, UNetEnergy
 from training.models.flows import NICE
 from training.models.gan import ConvCritic, ConvGenerator, MLPCritic, MLPGenerator
 from training.models.glow import Glow
@@ -16,6 +17,8 @@ from training.models.iresnet import IResNet
 ARCHITECTURES: dict[str, type[nn.Module]] = {
     "conv_energy": ConvEnergy,
     "mlp_energy": MLPEnergy,
+    "unet_energy": UNetEnergy,
+    "mlp_field_energy": MLPFieldEnergy,
     "digit_classifier": DigitClassifier,
     "conv_generator": ConvGenerator,
     "conv_critic": ConvCritic,

@@ -1,0 +1,201 @@
+"""Train a time-invariant scalar energy E(x) (or E(x, y)) by Equilibrium Matching: no MCMC in training.
+
+Wang & Du 2025, "Equilibrium Matching" (explicit-energy EqM-E): the input gradient of E is regressed on
+(noise - data) c(gamma) at points between noise and data, so plain gradient descent on E from Gaussian
+noise draws samples. The served sampler is the project's one Langevin step with noise 0, no clipping and
+no clamping, from a Gaussian prior. Called by `python -m training ebm --objective eqm`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from training.data import ImageDataset
+from training.ema import ema_update, warmed_up_decay
+from training.langevin import sample_langevin
+from training.losses import equilibrium_matching
+from training.models import build_model
+from training.run import Stopwatch, batches, load_resume, save_resume, start_run
+from training.sampler_config import EBMSampler
+
+if TYPE_CHECKING:
+    from training.train_ebm import EBMTrainConfig
+
+
+def eqm_arch(dataset: ImageDataset, config: EBMTrainConfig) -> dict[str, Any]:
+    classes = len(dataset.classes) if config.conditional else 0
+    if len(dataset.shape) == 1:
+        return {
+            "name": "mlp_field_energy",
+            "kwargs": {"dim": dataset.shape[0], "energy_form": config.energy_form, "num_classes": classes},
+        }
+    return {
+        "name": "unet_energy",
+        "kwargs": {
+            "channels": dataset.shape[0],
+            "width": config.setting("width"),
+            "energy_form": config.energy_form,
+            "num_classes": classes,
+        },
+    }
+
+
+def eqm_sampler(config: EBMTrainConfig) -> EBMSampler:
+    """Gradient descent from N(0, I): what the checkpoint tells every client to run by default."""
+    return EBMSampler(
+        steps=config.setting("sample_steps"),
+        step_size=config.setting("step_size"),
+        noise=config.setting("noise"),
+        grad_clip=config.setting("grad_clip"),
+        temperature=1.0,
+        init="noise",
+        prior="gaussian",
+        momentum=0.0,
+        clamp=False,
+    )
+
+
+def learning_rate(config: EBMTrainConfig, update: int, total: int) -> float:
+    """Linear warm-up, then constant or a cosine decay to `min_lr_ratio` of the peak by the last update."""
+    peak = config.setting("lr")
+    warm = min(1.0, (update + 1) / max(config.warmup_steps, 1))
+    if config.lr_schedule == "constant" or total <= config.warmup_steps:
+        return peak * warm
+    progress = min(1.0, (update - config.warmup_steps) / max(total - config.warmup_steps, 1))
+    floor = config.min_lr_ratio
+    return peak * warm * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * max(progress, 0.0))))
+
+
+def autocast(config: EBMTrainConfig, device: torch.device) -> torch.autocast:
+    if config.autocast not in ("bfloat16", "none"):
+        raise ValueError(f"--autocast must be bfloat16 or none, not {config.autocast!r}")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.autocast == "bfloat16")
+
+
+def eqm_loss(
+    model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor | None, config: EBMTrainConfig
+) -> tuple[torch.Tensor, dict[str, float]]:
+    noise = torch.randn_like(x)
+    gamma = torch.rand(x.shape[0], device=x.device)
+    return equilibrium_matching(
+        lambda z: model(z, labels), x, noise, gamma, scale=config.eqm_scale, cutoff=config.eqm_cutoff
+    )
+
+
+def validate_eqm(
+    model: torch.nn.Module, test: ImageDataset, config: EBMTrainConfig, device: torch.device
+) -> dict[str, float]:
+    """The EqM loss of the averaged model on fixed test batches and fixed noise (comparable across epochs)."""
+    state = torch.get_rng_state()
+    torch.manual_seed(1234)
+    total, count = 0.0, 0
+    for index, chunk in enumerate(torch.split(torch.arange(len(test.images)), config.batch_size)):
+        if index >= config.validate_batches:
+            break
+        labels = test.labels[chunk].to(device) if config.conditional else None
+        loss, _ = eqm_loss(model, test.images[chunk].to(device), labels, config)
+        total += loss.item() * len(chunk)
+        count += len(chunk)
+    torch.set_rng_state(state)
+    return {"val_eqm": total / max(count, 1)}
+
+
+def preview(model: torch.nn.Module, config: EBMTrainConfig, shape: tuple[int, ...], classes: int) -> torch.Tensor:
+    """64 samples by the checkpoint's own sampler (a row per class for a conditional model) for the grid."""
+    generator = torch.Generator().manual_seed(0)
+    device = next(model.parameters()).device
+    start = torch.randn(64, *shape, generator=generator).to(device)
+    labels = (torch.arange(64, device=device) // 8) % classes if classes else None
+    return sample_langevin(lambda x: model(x, labels), start, eqm_sampler(config), (-1.0, 1.0), generator).cpu()
+
+
+def train_eqm(config: EBMTrainConfig) -> Path:
+    """Train, writing the checkpoint (averaged weights) and the resume state after every epoch."""
+    from training.train_ebm import ebm_model_config  # the one place an EBM checkpoint's config is assembled
+
+    run = start_run(config)
+    device, train, test, log = run.device, run.train, run.test, run.log
+    assert test is not None
+    arch = eqm_arch(train, config)
+    model = build_model(arch).to(device)
+    classes = int(arch["kwargs"]["num_classes"])
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.setting("lr"), betas=(0.9, 0.999))
+    first_epoch, already, updates = 1, 0.0, 0
+    if config.init_from and not config.resume:
+        start = load_checkpoint(config.init_from)
+        if start.config.arch != arch:
+            raise ValueError(f"--init-from {config.init_from}: its arch {start.config.arch} differs from {arch}")
+        model.load_state_dict(start.extras.get("online", start.weights))
+    average = copy.deepcopy(model).requires_grad_(False)
+    if config.init_from and not config.resume:
+        average.load_state_dict(start.weights)
+    if config.resume:
+        resumed = load_resume(run.run_dir, {"model": optimizer})
+        model.load_state_dict(resumed.checkpoint.weights)
+        average.load_state_dict(resumed.checkpoint.extras["ema"])
+        first_epoch = resumed.epoch + 1
+        already = float(resumed.checkpoint.config.training["wall_seconds"])
+        updates = int(resumed.checkpoint.config.training["updates"])
+    total_updates = config.epochs * run.batches_per_epoch
+    clock = Stopwatch(already)
+    out = Path(config.out)
+    for epoch in range(first_epoch, config.epochs + 1):
+        bar = log.progress(
+            batches(len(train.images), config.batch_size, config.max_batches),
+            run.batches_per_epoch,
+            f"ebm eqm epoch {epoch}/{config.epochs}",
+        )
+        totals: dict[str, float] = {}
+        for index in bar:
+            x = train.images[index].to(device)
+            labels = None
+            if classes:
+                labels = train.labels[index].to(device)
+                labels = torch.where(torch.rand(len(index), device=device) < config.label_dropout, -1, labels)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(config, updates, total_updates)
+            with autocast(config, device):
+                loss, parts = eqm_loss(model, x, labels, config)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.max_grad_norm:
+                parts["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm))
+            optimizer.step()
+            updates += 1
+            ema_update(average, model, warmed_up_decay(config.ema_decay, updates))
+            for key, value in parts.items():
+                totals[key] = totals.get(key, 0.0) + value
+            bar.set_postfix(loss=f"{parts['loss']:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        record = {key: value / max(run.batches_per_epoch, 1) for key, value in totals.items()}
+        record.update(validate_eqm(average, test, config, device))
+        record.update(epoch=epoch, updates=updates, wall_seconds=clock.seconds())
+        grid_path = log.grid(preview(average, config, train.shape, classes), epoch, (-1.0, 1.0))
+        metrics = {"val_eqm": round(record["val_eqm"], 6)}
+        model_config = ebm_model_config(
+            config, train, arch, eqm_sampler(config), device, clock.seconds(), epoch, metrics, updates=updates
+        )
+        save_checkpoint(
+            out,
+            Checkpoint(model_config, dict(average.state_dict()), {"online": dict(model.state_dict())}),
+            config.output_dtype(),
+        )
+        save_resume(
+            run.run_dir,
+            epoch,
+            model_config,
+            dict(model.state_dict()),
+            {"model": optimizer},
+            {"ema": dict(average.state_dict())},
+        )
+        log.write(record)  # after the resume state: a crash in between never logs an epoch twice
+        print(
+            f"epoch {epoch}: eqm loss {record['loss']:.5f} val {record['val_eqm']:.5f} -> {out} (grid {grid_path})",
+            flush=True,
+        )
+    return out
