@@ -4,28 +4,31 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 import uvicorn
 
 from service.app import create_app
 from service.settings import Settings
 
+FLAG_TYPES = {int: int, float: float, Path: str}  # anything else (str, str | None) is read as a string
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One flag per Settings field, so the settings class stays the single list of options."""
+    parser = argparse.ArgumentParser(prog="python -m service", description="Serve samples from checkpoints.")
+    for name, field in Settings.model_fields.items():
+        default = field.default if field.default is not None else "none"
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            type=FLAG_TYPES.get(field.annotation, str),  # type: ignore[arg-type]
+            help=f"{field.description} (default: {default}; env SAMPLEBAY_{name.upper()})",
+        )
+    return parser
+
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m service", description="Serve samples from checkpoints.")
-    parser.add_argument("--host")
-    parser.add_argument("--port", type=int)
-    parser.add_argument("--models-dir")
-    parser.add_argument("--state-dir")
-    parser.add_argument("--device", help="auto (cuda when available, else cpu), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--api-key")
-    parser.add_argument("--max-n", type=int)
-    parser.add_argument("--max-steps", type=int)
-    parser.add_argument("--chain-budget", type=int, help="most chains one model advances in one batched step")
-    parser.add_argument("--max-queue", type=int)
-    parser.add_argument("--request-timeout-s", type=float)
-    parser.add_argument("--buffer-save-interval-s", type=float)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     overrides = {key: value for key, value in vars(args).items() if value is not None}
     settings = Settings(**overrides)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

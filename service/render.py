@@ -8,8 +8,8 @@ import math
 
 import torch
 
+from service.messages import Frame, SampleResult
 from service.schemas import SampleResponse, Timings
-from service.worker import SampleResult
 from training.images import gif_bytes, grid, png_bytes
 
 
@@ -23,18 +23,16 @@ def finite_values(values: torch.Tensor, digits: int) -> list[float | None]:
     return [round(float(value), digits) if math.isfinite(value) else None for value in values.tolist()]
 
 
-def frame_event(
-    step: int, steps: int, x: torch.Tensor, energy: torch.Tensor | None, data_range: tuple[float, float]
-) -> dict:
+def frame_event(frame: Frame, data_range: tuple[float, float]) -> dict:
     """One streamed trajectory frame: the grid at this step and each chain's energy (none at step 0)."""
-    energies = None if energy is None else finite_values(energy, 6)
+    energies = None if frame.energy is None else finite_values(frame.energy, 6)
     known = [value for value in energies or [] if value is not None]
     return {
-        "step": step,
-        "steps": steps,
+        "step": frame.step,
+        "steps": frame.steps,
         "energy": energies,
         "mean_energy": round(sum(known) / len(known), 6) if known else None,
-        "grid": grid_b64(x, data_range),
+        "grid": grid_b64(frame.x, data_range),
     }
 
 
@@ -54,7 +52,7 @@ def gif_body(result: SampleResult, data_range: tuple[float, float]) -> bytes:
 
 
 def json_body(
-    result: SampleResult, data_range: tuple[float, float], model: str, seed: int, steps: int, total_seconds: float
+    result: SampleResult, data_range: tuple[float, float], model: str, seed: int, total_seconds: float
 ) -> SampleResponse:
     trajectory = None
     if result.frames:
@@ -62,7 +60,7 @@ def json_body(
     return SampleResponse(
         model=model,
         seed=seed,
-        steps=steps,
+        steps=result.steps,
         images=[grid_b64(result.samples[i : i + 1], data_range) for i in range(len(result.samples))],
         energy=None if result.energy is None else finite_values(result.energy, 6),
         bits_per_dim=None if result.bits_per_dim is None else finite_values(result.bits_per_dim, 4),

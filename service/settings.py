@@ -9,25 +9,27 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
+    """Every field is also a `python -m service` flag (service/__main__.py builds them from this class)."""
+
     model_config = SettingsConfigDict(env_prefix="SAMPLEBAY_", extra="ignore")
 
-    models_dir: Path = Path("checkpoints")  # every *.safetensors here is served
-    state_dir: Path = Path("state")  # persistent replay buffers live here
-    device: str = "auto"  # auto = cuda when available, else cpu
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_key: str | None = None  # when set, POST /sample needs 'Authorization: Bearer <key>'
+    models_dir: Path = Field(Path("checkpoints"), description="every *.safetensors here is served")
+    state_dir: Path = Field(Path("state"), description="persistent replay buffers live here")
+    device: str = Field("auto", description="auto (cuda when available, else cpu), cpu, cuda, cuda:1, ...")
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, description="port to listen on")
+    api_key: str | None = Field(None, description="when set, POST /sample needs 'Authorization: Bearer <key>'")
 
-    max_n: int = Field(64, ge=1)  # samples per request
-    max_steps: int = Field(2000, ge=1)  # Langevin steps per request
-    max_frames: int = Field(65, ge=2)  # trajectory frames per request
-    max_body_bytes: int = Field(64 * 1024, ge=1024)
-    chain_budget: int = Field(1024, ge=1)  # most chains one model's batch advances in one step
-    max_queue: int = Field(256, ge=1)  # waiting requests before 503
-    request_timeout_s: float = Field(120.0, gt=0)  # a request's deadline, queueing included
-    batch_window_ms: float = Field(5.0, ge=0)  # one-shot samplers gather requests this long
-    buffer_save_interval_s: float = Field(60.0, gt=0)
-    retry_after_s: int = 1
+    max_n: int = Field(64, ge=1, description="samples per request")
+    max_steps: int = Field(2000, ge=1, description="Langevin steps per request")
+    max_frames: int = Field(65, ge=2, description="trajectory frames per request")
+    max_body_bytes: int = Field(64 * 1024, ge=1024, description="largest request body")
+    chain_budget: int = Field(1024, ge=1, description="most chains one model's batch advances in one step")
+    max_queue: int = Field(256, ge=1, description="waiting requests before 503")
+    request_timeout_s: float = Field(120.0, gt=0, description="a request's deadline, queueing included")
+    batch_window_ms: float = Field(5.0, ge=0, description="one-shot samplers (GANs, flows) gather requests this long")
+    buffer_save_interval_s: float = Field(60.0, gt=0, description="how often changed replay buffers are saved")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After of a 503 (queue full, device failure)")
 
     @field_validator("api_key")
     @classmethod

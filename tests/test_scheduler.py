@@ -1,5 +1,6 @@
 """Continuous batching decisions, driven by a fake clock (no torch, no threads)."""
 
+from service.messages import Handle
 from service.scheduler import ChainScheduler, Job
 
 
@@ -12,7 +13,7 @@ class FakeClock:
 
 
 def job(n: int, steps: int, clock: FakeClock, timeout: float = 100.0) -> Job:
-    return Job(n=n, steps=steps, deadline=clock.now + timeout, arrived=clock.now)
+    return Job(n=n, steps=steps, handle=Handle(clock.now + timeout), arrived=clock.now)
 
 
 def run_step(scheduler: ChainScheduler) -> tuple[list[Job], list[Job]]:
@@ -61,7 +62,7 @@ def test_cancelled_and_late_jobs_are_dropped_at_the_next_step() -> None:
     for each in (cancelled, late, fine):
         scheduler.add(each)
     run_step(scheduler)
-    cancelled.cancelled = True
+    cancelled.handle.cancel()
     clock.now = 2.0
     plan = scheduler.schedule()
     assert [(dropped, reason) for dropped, reason in plan.dropped] == [(cancelled, "cancelled"), (late, "deadline")]
@@ -76,3 +77,27 @@ def test_a_job_that_can_never_fit_is_refused() -> None:
         assert "chain budget of 4" in str(error)
     else:
         raise AssertionError("a 5-chain job was accepted under a budget of 4")
+
+
+def test_a_windowed_scheduler_waits_for_the_window_then_runs_what_arrived_in_it() -> None:
+    clock = FakeClock()
+    scheduler = ChainScheduler(chain_budget=16, clock=clock, window_s=0.01)
+    first = job(2, 1, clock)
+    scheduler.add(first)
+    clock.now = 0.004
+    second = job(3, 1, clock)
+    scheduler.add(second)
+    assert not scheduler.has_work() and abs(scheduler.seconds_until_due() - 0.006) < 1e-9
+    clock.now = 0.01
+    assert scheduler.has_work() and scheduler.seconds_until_due() == 0.0
+    running, done = run_step(scheduler)
+    assert running == [first, second] and done == [first, second] and not scheduler.has_work()
+
+
+def test_a_windowed_scheduler_runs_at_once_when_the_budget_is_full() -> None:
+    clock = FakeClock()
+    scheduler = ChainScheduler(chain_budget=4, clock=clock, window_s=10.0)
+    scheduler.add(job(2, 1, clock))
+    assert not scheduler.has_work()
+    scheduler.add(job(2, 1, clock))
+    assert scheduler.has_work()

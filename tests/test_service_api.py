@@ -221,3 +221,15 @@ def test_unservable_checkpoints_are_refused_and_the_rest_served(models_dir: Path
         assert "also a checkpoint's name" in refused["clash_member.safetensors"]
         served = {model["name"] for model in httpx.get(f"{base}/models").json()}
         assert served == {"pair", "pair_a", "pair_b"}  # 'solo' is refused with its clashing ensemble
+
+
+def test_every_setting_is_a_command_line_flag_with_help() -> None:
+    from service.__main__ import build_parser
+
+    parser = build_parser()
+    flags = {action.dest: action for action in parser._actions if action.dest != "help"}
+    assert set(flags) == set(Settings.model_fields)
+    assert all(action.help and "default" in action.help for action in flags.values())
+    args = parser.parse_args(["--retry-after-s", "7", "--batch-window-ms", "2.5", "--models-dir", "elsewhere"])
+    settings = Settings(**{key: value for key, value in vars(args).items() if value is not None})
+    assert (settings.retry_after_s, settings.batch_window_ms, settings.models_dir) == (7, 2.5, Path("elsewhere"))

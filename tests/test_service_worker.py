@@ -67,23 +67,6 @@ def test_a_short_request_completes_while_long_ones_run(models_dir: Path, tmp_pat
         assert short.json()["timings"]["queue_ms"] < 1000 and short_seconds < 3
 
 
-def test_seeded_noise_chains_do_not_depend_on_what_shares_the_batch(models_dir: Path, tmp_path: Path) -> None:
-    request = {"model": "pair", "n": 3, "steps": 40, "seed": 1234, "init": "noise"}
-    with running_server(settings_for(models_dir, tmp_path)) as (base, _):
-        alone = pixels(post(base, request))
-        with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            crowd = [
-                pool.submit(post, base, {"model": "pair_a", "n": 5, "steps": 60, "seed": seed, "init": "noise"})
-                for seed in range(3)
-            ]
-            time.sleep(0.05)
-            together = pixels(post(base, request))
-            assert all(future.result().status_code == 200 for future in crowd)
-        again = pixels(post(base, {**request, "seed": 1235}))
-    assert np.array_equal(alone, together)
-    assert not np.array_equal(alone, again)
-
-
 def test_full_queue_answers_503_with_retry_after_at_once(models_dir: Path, tmp_path: Path) -> None:
     settings = settings_for(models_dir, tmp_path, chain_budget=2, max_queue=1, max_n=2)
     with running_server(settings) as (base, app):
@@ -144,7 +127,7 @@ def test_a_failing_batch_fails_only_its_requests(models_dir: Path, tmp_path: Pat
 
 
 def test_long_flow_trajectories_are_thinned_evenly_keeping_the_last_frame() -> None:
-    from service.worker import evenly_spaced
+    from service.pools import evenly_spaced
 
     frames = [torch.full((1,), float(index)) for index in range(200)]
     kept = evenly_spaced(frames, 65)

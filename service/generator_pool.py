@@ -1,0 +1,94 @@
+"""One-shot samplers, GAN generators and flow inverses: requests for one model that arrive within the
+scheduler's batching window run as one batch. Latents come from counter-based noise (training/noise.py),
+so a seeded request gets the same images whatever shares its batch, and the same as the CLI's."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+
+import torch
+
+from service.metrics import Metrics
+from service.pools import SamplerPool, evenly_spaced, state_of
+from service.registry import ServedModel
+from service.scheduler import Job
+from training.losses import bits_per_dim
+from training.models.flows import Flow
+from training.noise import chain_seeds, latent_gaussian
+from training.sampler_config import GANSampler
+
+log = logging.getLogger(__name__)
+
+
+class GeneratorPool(SamplerPool):
+    def __init__(
+        self,
+        model: ServedModel,
+        chain_budget: int,
+        window_s: float,
+        device: torch.device,
+        metrics: Metrics,
+        clock: Callable[[], float],
+    ) -> None:
+        super().__init__(model.name, chain_budget, device, metrics, clock, window_s)
+        self.module = model.members[0].module
+        self.shape = model.members[0].shape
+        self.data_range = model.members[0].data_range
+        self.gan = model.members[0].sampler_as(GANSampler) if model.family == "gan" else None
+
+    def _decode(
+        self, seeds: torch.Tensor, scale: torch.Tensor, keep_states: bool
+    ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
+        """Images [B, *shape] (unclamped) from seeds [B] at temperatures [B, 1], the inverse's intermediate
+        states if asked for (flows), and bits/dim (flows, from the same inverse pass)."""
+        if self.gan is not None:
+            return self.module(latent_gaussian(seeds, self.gan.latent_dim).mul(scale).to(self.device)), [], None
+        flow = self.module
+        assert isinstance(flow, Flow)
+        images, log_prob, states = flow.decode(flow.base_sample(seeds, scale).to(self.device), keep_states)
+        return images, states, bits_per_dim(log_prob, math.prod(self.shape))
+
+    def step(self) -> None:
+        """Run every admitted request through the generator in one batch.
+
+        Requests that want a trajectory decode apart, so an iterative inverse (i-ResNet) keeps its
+        iterates for those samples only.
+        """
+        plan = self.scheduler.schedule()
+        self._admit(plan.admitted, plan.dropped)
+        stepped = []
+        for wants_frames in (False, True):
+            jobs = [job for job in plan.running if bool(state_of(job).order.trajectory_every) == wants_frames]
+            if not jobs:
+                continue
+            try:
+                self._run_batch(jobs, wants_frames)
+                stepped += jobs
+            except Exception as error:  # one failed batch must not take the worker down
+                log.exception("generator batch of %d requests failed on %s", len(jobs), self.name)
+                self.fail(jobs, error)
+        self.scheduler.update_from_output(stepped)
+
+    def _run_batch(self, jobs: list[Job], keep_states: bool) -> None:
+        """Decode one batch and answer its requests."""
+        orders = [state_of(job).order for job in jobs]
+        seeds = torch.cat([chain_seeds(order.seed, order.n) for order in orders])
+        scale = torch.cat([torch.full((order.n, 1), order.temperature) for order in orders])
+        with torch.no_grad():
+            images, states, bits = self._decode(seeds, scale, keep_states)
+        self._record_step(len(jobs), len(seeds))
+        low, high = self.data_range
+        sizes = [order.n for order in orders]
+        bit_parts = bits.cpu().split(sizes) if bits is not None else [None] * len(sizes)
+        trajectory = (states or [images]) if keep_states else []
+        offsets = torch.tensor([0, *sizes]).cumsum(0).tolist()
+        parts = zip(jobs, images.clamp(low, high).cpu().split(sizes), bit_parts, strict=True)
+        for index, (job, samples, part_bits) in enumerate(parts):
+            state = state_of(job)
+            for frame, states_of_all in evenly_spaced(trajectory, state.order.max_frames):
+                mine = states_of_all[offsets[index] : offsets[index + 1]].clamp(low, high)
+                state.keep_frame(frame, len(trajectory), mine, None)
+            # A flow's trajectory "steps" are the states of its inverse; otherwise one pass.
+            self._deliver(job, samples, len(trajectory) or 1, bits_per_dim=part_bits)

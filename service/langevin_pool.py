@@ -1,0 +1,161 @@
+"""The chains of one buffer group (an EBM or an ensemble), advanced together one Langevin step at a time."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+
+from service.messages import SampleOrder
+from service.metrics import Metrics
+from service.pools import SamplerPool, state_of
+from service.registry import BufferGroup
+from service.scheduler import Job
+from training.langevin import ReplayBuffer, langevin_step
+from training.noise import chain_gaussian, chain_seeds, chain_start
+from training.sampler_config import EBMSampler
+
+log = logging.getLogger(__name__)
+
+
+class LangevinPool(SamplerPool):
+    """Continuous batching of Langevin chains; every chain keeps its own settings, seed and velocity."""
+
+    buffer_dirty = False  # written back since the last save
+
+    def __init__(
+        self,
+        group: BufferGroup,
+        buffer: ReplayBuffer,
+        chain_budget: int,
+        device: torch.device,
+        metrics: Metrics,
+        clock: Callable[[], float],
+    ) -> None:
+        super().__init__(group.name, chain_budget, device, metrics, clock)
+        self.group = group
+        self.buffer = buffer
+        self.modules = [member.module for member in group.members]
+        self.names = [member.name for member in group.members]
+        self.shape = group.members[0].shape
+        self.data_range = group.members[0].data_range
+        self.sampler = group.members[0].sampler_as(EBMSampler)
+
+    def member_indices(self, order: SampleOrder) -> list[int]:
+        return [self.names.index(member.name) for member in order.model.members]
+
+    def _start(self, job: Job) -> None:
+        state, order = state_of(job), state_of(job).order
+        state.seeds = chain_seeds(order.seed, order.n)
+        if order.init == "buffer":
+            x, state.slots = self.buffer.draw(order.n, torch.Generator().manual_seed(order.seed))
+        else:
+            x = chain_start(state.seeds, self.shape, self.sampler.prior, self.data_range)
+            state.slots = torch.full((order.n,), -1)
+        if order.start_image is not None:  # init "image"
+            image = order.start_image.unsqueeze(0).expand(order.n, *self.shape)
+            if order.free_mask is not None:
+                state.free = order.free_mask.unsqueeze(0).to(self.device)
+                state.known = order.start_image.unsqueeze(0).to(self.device)
+                x = torch.where(order.free_mask.unsqueeze(0), x, image)  # masked part starts from noise
+            else:
+                x = image.clone()  # denoising: every chain starts from the image itself
+        state.x = x.to(self.device)
+        state.seeds = state.seeds.to(self.device)
+        if order.trajectory_every:
+            state.keep_frame(0, job.steps, state.x, None)
+
+    def _release(self, job: Job) -> None:
+        slots = state_of(job).slots
+        if slots is not None:
+            self.buffer.release(slots)
+
+    def step(self) -> None:
+        """Schedule, execute one Langevin step for every running chain, and hand out what finished."""
+        plan = self.scheduler.schedule()
+        self._admit(plan.admitted, plan.dropped)
+        for job in plan.admitted:
+            self._start(job)
+        if not plan.running:
+            return
+        by_module: dict[int, list[Job]] = {}
+        for job in plan.running:
+            members = state_of(job).member_indices
+            by_module.setdefault(members[job.done_steps % len(members)], []).append(job)
+        stepped: list[Job] = []
+        for module_index, jobs in by_module.items():
+            try:
+                self._execute(module_index, jobs)
+                stepped.extend(jobs)
+            except Exception as error:  # one failed batch must not take the worker down
+                log.exception("Langevin batch of %d requests failed on %s", len(jobs), self.name)
+                self.fail(jobs, error)
+        self._record_step(len(stepped), sum(job.n for job in stepped))
+        for job in self.scheduler.update_from_output(stepped):
+            self._finish(job)
+
+    def _execute(self, module_index: int, jobs: list[Job]) -> None:
+        states = [state_of(job) for job in jobs]
+        x = torch.cat([state.x for state in states if state.x is not None])  # [B, *shape]
+        seeds = torch.cat([state.seeds for state in states if state.seeds is not None])  # [B]
+        steps = torch.cat([torch.full((job.n,), job.done_steps, dtype=torch.int64) for job in jobs]).to(self.device)
+
+        def per_chain(value: Callable[[SampleOrder], float]) -> torch.Tensor:
+            return torch.cat([torch.full((state.order.n,), value(state.order)) for state in states])
+
+        velocity = None
+        if any(state.order.momentum for state in states):
+            velocity = torch.cat([torch.zeros_like(s.x) if s.velocity is None else s.velocity for s in states])
+        moved = langevin_step(
+            self.modules[module_index],
+            x,
+            chain_gaussian(seeds, steps, self.shape).to(self.device),
+            step_size=per_chain(lambda order: order.step_size),
+            noise=per_chain(lambda order: order.noise),
+            grad_clip=self.sampler.grad_clip,
+            temperature=per_chain(lambda order: order.temperature),
+            data_range=self.data_range,
+            momentum=per_chain(lambda order: order.momentum),
+            velocity=velocity,
+            clamp=self.sampler.clamp,
+        )
+        sizes = [job.n for job in jobs]
+        parts = zip(
+            jobs, states, moved.x.split(sizes), moved.energy.split(sizes), moved.velocity.split(sizes), strict=True
+        )
+        for job, state, x_part, energy_part, velocity_part in parts:
+            if state.free is not None:
+                x_part = torch.where(state.free, x_part, state.known)  # inpainting: known pixels stay
+            state.x, state.energy = x_part, energy_part
+            state.velocity = velocity_part if state.order.momentum else None
+            every = state.order.trajectory_every
+            step = job.done_steps + 1
+            if every and (step % every == 0 or step == job.steps):
+                state.keep_frame(step, job.steps, x_part.clamp(*self.data_range), energy_part)
+
+    def _worth_keeping(self, order: SampleOrder) -> bool:
+        """Whether finished chains go back into the shared buffer.
+
+        Only chains run with the checkpoint's own sampler settings: a client's odd step size or
+        temperature must not poison the buffer every other client starts from. Chains started from a
+        client's image never enter it (it is the client's data); noise-started chains only once they
+        ran the checkpoint's default number of steps.
+        """
+        sampler = self.sampler
+        defaults = (sampler.step_size, sampler.noise, sampler.temperature, sampler.momentum)
+        if (order.step_size, order.noise, order.temperature, order.momentum) != defaults:
+            return False
+        return order.init == "buffer" or (order.init == "noise" and order.steps >= sampler.steps)
+
+    def _finish(self, job: Job) -> None:
+        state = state_of(job)
+        assert state.x is not None and state.slots is not None
+        samples = state.x.detach().clamp(*self.data_range).cpu()
+        if self._worth_keeping(state.order):
+            self.buffer.write_back(state.slots, samples)
+            self.buffer_dirty = True
+        else:
+            self.buffer.release(state.slots)
+        energy = None if state.energy is None else state.energy.cpu()
+        self._deliver(job, samples, job.done_steps, energy=energy)

@@ -1,0 +1,98 @@
+"""What travels between the HTTP side and the device worker: small typed classes, one direction each.
+
+HTTP -> worker: a `SampleOrder` (and the `Handle` it keeps, to cancel). Worker -> HTTP: `Frame`s while
+chains run, then one `SampleResult` or one of the errors below. No class here imports torch at run time,
+so the scheduler (which holds handles) stays torch-free.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from service.registry import ServedModel
+
+
+class QueueFull(Exception):
+    """The bounded queue is full: the caller should answer 503 with Retry-After."""
+
+
+class CancelledByClient(Exception):
+    """The client went away; nobody reads this result."""
+
+
+class WorkerFailure(Exception):
+    """A batch failed on the device (for example out of memory); only its requests see this."""
+
+
+class DeadlinePassed(TimeoutError):
+    """The request's deadline passed before its chains finished."""
+
+
+class Handle:
+    """What the HTTP side keeps of a submitted order: its deadline, and a way to cancel it from any thread."""
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline  # on the worker's clock
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        """Drop the order's chains at the worker's next step (harmless once it finished)."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+
+@dataclass
+class SampleOrder:
+    """What a client asked for, with every default already filled in from the checkpoint's sampler config.
+
+    Every family reads model, n, seed and temperature; the Langevin fields are read by EBM pools only.
+    """
+
+    model: ServedModel
+    n: int
+    seed: int
+    temperature: float
+    steps: int = 1  # Langevin steps; 1 for a one-shot sampler (a GAN's generator, a flow's inverse)
+    step_size: float = 0.0
+    noise: float = 0.0
+    momentum: float = 0.0
+    init: str = "noise"  # "buffer" | "noise" | "image"
+    trajectory_every: int | None = None
+    max_frames: int | None = None  # flows: an iterative inverse (i-ResNet) is thinned to this many frames
+    start_image: torch.Tensor | None = None  # [*shape] in the data range, for init "image"
+    free_mask: torch.Tensor | None = None  # [*shape] bool: True where chains may move (inpainting)
+
+
+@dataclass
+class Frame:
+    """One kept trajectory state, streamed as the worker makes it."""
+
+    step: int
+    steps: int  # the steps this request runs (a flow's: the states of its inverse)
+    x: torch.Tensor  # [n, *shape] on the CPU
+    energy: torch.Tensor | None  # [n] (EBMs past step 0)
+
+
+@dataclass
+class SampleResult:
+    samples: torch.Tensor  # [n, *shape] on the CPU, in the data range
+    steps: int  # steps actually run (a flow's trajectory: the states of its inverse)
+    queue_seconds: float
+    run_seconds: float
+    energy: torch.Tensor | None = None  # [n] energy at each chain's last step (EBMs)
+    bits_per_dim: torch.Tensor | None = None  # [n] flows: -log2 p(sample) per dimension, 256 levels
+    frames: list[torch.Tensor] = field(default_factory=list)  # trajectory states [n, *shape], at frame_steps
+    frame_steps: list[int] = field(default_factory=list)
+
+
+Deliver = Callable[["SampleResult | BaseException"], None]  # called once, from the worker thread
+FrameSink = Callable[[Frame], None]  # called from the worker thread at every kept frame (streaming)

@@ -1,0 +1,125 @@
+"""Request -> order: which fields apply to the model, the server's limits, defaults from the checkpoint's
+sampler config (training/sampler_config.py; no default is written here), and uploaded images."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import math
+import secrets
+
+import torch
+from fastapi import HTTPException
+
+from service.messages import SampleOrder
+from service.registry import ServedModel
+from service.schemas import EBM_ONLY_FIELDS, SampleRequest
+from service.settings import Settings
+from training.images import decode_image
+from training.sampler_config import EBMSampler
+
+UNSTREAMED_FRAMES = 33  # a GIF or JSON body keeps a trajectory to at most this many frames
+
+
+def check_applicable(body: SampleRequest, model: ServedModel, settings: Settings) -> None:
+    """422 for fields that do not apply to the model's family or exceed the server's limits."""
+    problems = []
+    if body.label is not None:
+        problems.append(f"'label' does not apply to {model.name}: it is an unconditional {model.family} model")
+    if model.family != "ebm":
+        problems += [
+            f"'{name}' applies to EBMs only; {model.name} is a {model.family} model (one generator pass)"
+            for name in EBM_ONLY_FIELDS
+            if getattr(body, name) is not None
+        ]
+    if body.init == "image" and body.image is None:
+        problems.append("init 'image' needs 'image': a base64 PNG or JPEG")
+    if body.image is not None and body.init != "image":
+        problems.append("'image' is only read with init 'image'")
+    if body.mask is not None and body.image is None:
+        problems.append("'mask' needs an 'image' to complete")
+    largest = min(settings.max_n, settings.chain_budget)
+    if body.n > largest:
+        problems.append(f"'n' is {body.n}; this server allows at most {largest}")
+    steps = requested_steps(body, model)
+    if steps > settings.max_steps:
+        problems.append(f"'steps' is {steps}; this server allows at most {settings.max_steps}")
+    if body.trajectory_every is not None:
+        frames = math.ceil(steps / body.trajectory_every) + 1
+        if frames > settings.max_frames:
+            problems.append(
+                f"trajectory_every={body.trajectory_every} over {steps} steps gives {frames} frames; "
+                f"at most {settings.max_frames} are allowed (raise trajectory_every)"
+            )
+    if problems:
+        raise HTTPException(422, detail="; ".join(problems))
+
+
+def requested_steps(body: SampleRequest, model: ServedModel) -> int:
+    """Langevin steps (EBM), or 1: one pass of a GAN's generator or a flow's inverse (whose trajectory,
+    when asked for, reports the number of states the inverse went through instead)."""
+    if model.family != "ebm":
+        return 1
+    return body.steps or model.members[0].sampler_as(EBMSampler).steps
+
+
+def frame_limit(settings: Settings, streaming: bool) -> int:
+    """Frames a trajectory may have: all allowed when streamed, a GIF or JSON body keeps it smaller."""
+    return settings.max_frames if streaming else min(settings.max_frames, UNSTREAMED_FRAMES)
+
+
+def _decode_upload(field: str, text: str, model: ServedModel) -> torch.Tensor:
+    """A base64 image (or data: URL) -> [*shape] in the model's data range; 422 when unreadable."""
+    encoded = text.partition(",")[2] if text.startswith("data:") else text
+    try:
+        payload = base64.b64decode("".join(encoded.split()), validate=True)  # line-wrapped base64 is fine
+        return decode_image(payload, model.members[0].shape, model.members[0].data_range)
+    except (binascii.Error, ValueError) as error:
+        raise HTTPException(422, detail=f"'{field}' is not a base64 image: {error}") from error
+
+
+def _given(value: float | None, default: float) -> float:
+    return default if value is None else value
+
+
+async def make_order(body: SampleRequest, model: ServedModel, settings: Settings, streaming: bool) -> SampleOrder:
+    """The order the worker runs: the request's fields, the checkpoint's defaults for the rest."""
+    steps = requested_steps(body, model)
+    temperature = _given(body.temperature, model.members[0].sampler.temperature)
+    seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
+    wants_frames = body.format == "gif" or streaming
+    if model.family != "ebm":  # frames are the states of a flow's inverse, thinned evenly (a GAN has one)
+        return SampleOrder(
+            model=model,
+            n=body.n,
+            seed=seed,
+            temperature=temperature,
+            steps=steps,
+            trajectory_every=1 if wants_frames else None,
+            max_frames=frame_limit(settings, streaming),
+        )
+    sampler = model.members[0].sampler_as(EBMSampler)
+    every = body.trajectory_every
+    if every is None and wants_frames:
+        every = max(1, math.ceil(steps / (frame_limit(settings, streaming) - 1)))
+    start_image = free_mask = None
+    if body.image is not None:
+        start_image = await asyncio.to_thread(_decode_upload, "image", body.image, model)
+    if body.mask is not None:
+        low, high = model.members[0].data_range
+        free_mask = (await asyncio.to_thread(_decode_upload, "mask", body.mask, model)) > (low + high) / 2
+    return SampleOrder(
+        model=model,
+        n=body.n,
+        seed=seed,
+        temperature=temperature,
+        steps=steps,
+        step_size=_given(body.step_size, sampler.step_size),
+        noise=_given(body.noise, sampler.noise),
+        momentum=_given(body.momentum, sampler.momentum),
+        init=body.init or sampler.init,
+        trajectory_every=every,
+        start_image=start_image,
+        free_mask=free_mask,
+    )

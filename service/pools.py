@@ -1,0 +1,162 @@
+"""What every pool shares: the per-job state, one failure path, one way to hand out a result.
+
+A pool owns the chains of one buffer group (Langevin, service/langevin_pool.py) or one one-shot sampler
+(service/generator_pool.py). The worker thread calls `has_work`, `step` and `fail_all`; the scheduler
+decides what each step runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from service.messages import (
+    CancelledByClient,
+    DeadlinePassed,
+    Deliver,
+    Frame,
+    FrameSink,
+    Handle,
+    SampleOrder,
+    SampleResult,
+    WorkerFailure,
+)
+from service.metrics import Metrics
+from service.scheduler import ChainScheduler, Job
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class ChainState:
+    """A job's order, where its answer goes, and its tensors while its chains run."""
+
+    order: SampleOrder
+    deliver: Deliver
+    on_frame: FrameSink | None = None  # streaming: called from the worker thread at every kept frame
+    member_indices: list[int] = field(default_factory=lambda: [0])  # modules the chains move under, in turn
+    x: torch.Tensor | None = None  # [n, *shape] on the device
+    velocity: torch.Tensor | None = None  # [n, *shape] heavy-ball velocity (momentum > 0)
+    seeds: torch.Tensor | None = None  # [n] int64 chain seeds
+    slots: torch.Tensor | None = None  # [n] replay-buffer slots (-1: not from the buffer)
+    energy: torch.Tensor | None = None  # [n]
+    frames: list[torch.Tensor] = field(default_factory=list)
+    frame_steps: list[int] = field(default_factory=list)
+    known: torch.Tensor | None = None  # [1, *shape] pixels held fixed (inpainting)
+    free: torch.Tensor | None = None  # [1, *shape] bool, True where chains move
+
+    def keep_frame(self, step: int, steps: int, x: torch.Tensor, energy: torch.Tensor | None) -> None:
+        x_cpu = x.detach().cpu()
+        if self.on_frame is not None:
+            self.on_frame(Frame(step, steps, x_cpu, None if energy is None else energy.detach().cpu()))
+        else:
+            self.frames.append(x_cpu)
+            self.frame_steps.append(step)
+
+
+def evenly_spaced(frames: list[torch.Tensor], limit: int | None) -> list[tuple[int, torch.Tensor]]:
+    """(1-based index, frame) pairs, thinned evenly to at most `limit` and always keeping the last."""
+    count = len(frames)
+    if limit is None or count <= limit:
+        return list(enumerate(frames, start=1))
+    picks = sorted({round(position * (count - 1) / (limit - 1)) for position in range(limit)})
+    return [(pick + 1, frames[pick]) for pick in picks]
+
+
+def state_of(job: Job) -> ChainState:
+    state: ChainState = job.state
+    return state
+
+
+class SamplerPool:
+    """The bookkeeping every family's pool shares; subclasses say how a job starts, steps and finishes."""
+
+    def __init__(
+        self,
+        name: str,
+        chain_budget: int,
+        device: torch.device,
+        metrics: Metrics,
+        clock: Callable[[], float],
+        window_s: float | None = None,
+    ) -> None:
+        self.name = name
+        self.device = device
+        self.metrics = metrics
+        self.clock = clock
+        self.scheduler = ChainScheduler(chain_budget, clock, window_s)
+        self.stats = {"steps": 0, "chain_steps": 0, "max_jobs_in_step": 0, "max_chains_in_step": 0}
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def seconds_until_due(self) -> float:
+        return self.scheduler.seconds_until_due()
+
+    def make_job(self, order: SampleOrder, deliver: Deliver, handle: Handle, on_frame: FrameSink | None) -> Job:
+        """The scheduler's view of an order; its tensors live in the job's ChainState."""
+        state = ChainState(order, deliver, on_frame, self.member_indices(order))
+        return Job(n=order.n, steps=order.steps, handle=handle, arrived=self.clock(), state=state)
+
+    def member_indices(self, order: SampleOrder) -> list[int]:
+        """Which of the pool's modules the order's chains move under, in turn (one, but for ensembles)."""
+        return [0]
+
+    def step(self) -> None:
+        """Schedule, execute, and hand out what finished."""
+        raise NotImplementedError
+
+    def _release(self, job: Job) -> None:
+        """Give back what a job holds (buffer slots); nothing by default."""
+
+    def _admit(self, admitted: list[Job], dropped: list[tuple[Job, str]]) -> None:
+        for job, reason in dropped:
+            self._release(job)
+            state_of(job).deliver(DeadlinePassed(reason) if reason == "deadline" else CancelledByClient(reason))
+        for job in admitted:
+            self.metrics.queue_seconds.labels(self.name).observe(job.admitted_at - job.arrived)
+
+    def fail(self, jobs: list[Job], error: BaseException | str) -> None:
+        """The one failure path: stop the jobs, give back what they hold, answer each with WorkerFailure."""
+        reason = error if isinstance(error, str) else f"sampling failed on the device: {type(error).__name__}"
+        self.scheduler.finish(jobs)
+        for job in jobs:
+            self._release(job)
+            state_of(job).deliver(WorkerFailure(reason))
+
+    def fail_all(self, error: BaseException | str) -> None:
+        """Answer every waiting and running job with an error (a failed pool, or shutting down)."""
+        self.fail(self.scheduler.take_all(), error)
+
+    def _deliver(
+        self,
+        job: Job,
+        samples: torch.Tensor,
+        steps: int,
+        energy: torch.Tensor | None = None,
+        bits_per_dim: torch.Tensor | None = None,
+    ) -> None:
+        """Answer a finished job: the one place a SampleResult is assembled."""
+        state = state_of(job)
+        state.deliver(
+            SampleResult(
+                samples=samples,
+                steps=steps,
+                queue_seconds=job.admitted_at - job.arrived,
+                run_seconds=self.clock() - job.admitted_at,
+                energy=energy,
+                bits_per_dim=bits_per_dim,
+                frames=state.frames,
+                frame_steps=state.frame_steps,
+            )
+        )
+
+    def _record_step(self, jobs: int, chains: int) -> None:
+        self.stats["steps"] += 1
+        self.stats["chain_steps"] += chains
+        self.stats["max_jobs_in_step"] = max(self.stats["max_jobs_in_step"], jobs)
+        self.stats["max_chains_in_step"] = max(self.stats["max_chains_in_step"], chains)
+        self.metrics.observe_step(self.name, chains)

@@ -1,0 +1,142 @@
+"""The device worker driven round by round with a fake clock: no threads, no sleeps."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import write_tiny_ebm, write_tiny_gan
+
+from service.buffer_store import BufferStore
+from service.messages import SampleResult
+from service.metrics import Metrics
+from service.orders import make_order
+from service.registry import Registry, load_registry
+from service.schemas import SampleRequest
+from service.settings import Settings
+from service.worker import Worker
+
+WINDOW_S = 0.5  # binary fractions, so the fake clock's sums are exact
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Bench:
+    worker: Worker
+    registry: Registry
+    clock: FakeClock
+
+    def submit(self, **fields) -> list[SampleResult | BaseException]:
+        """Submit a request as the app does (the same request -> order path); its answer lands in the list."""
+        body = SampleRequest(**fields)
+        order = asyncio.run(make_order(body, self.registry.models[body.model], Settings(), streaming=False))
+        answers: list[SampleResult | BaseException] = []
+        self.worker.submit(order, answers.append, self.clock.now + 60)
+        return answers
+
+    def result(self, answers: list[SampleResult | BaseException]) -> SampleResult:
+        assert len(answers) == 1 and isinstance(answers[0], SampleResult), answers
+        return answers[0]
+
+
+@pytest.fixture
+def bench(tmp_path: Path) -> Bench:
+    models = tmp_path / "models"
+    models.mkdir()
+    write_tiny_ebm(models / "solo.safetensors")
+    write_tiny_gan(models / "gan.safetensors")
+    clock = FakeClock()
+    registry = load_registry(models, torch.device("cpu"))
+    store = BufferStore(tmp_path / "state")
+    worker = Worker(registry, store, torch.device("cpu"), Metrics(), 64, 16, 1e9, WINDOW_S, clock=clock)
+    return Bench(worker, registry, clock)
+
+
+def test_generator_requests_within_the_window_share_one_batch(bench: Bench) -> None:
+    first = bench.submit(model="gan", n=2, seed=1)
+    bench.clock.now += 0.25
+    second = bench.submit(model="gan", n=3, seed=2)
+    assert not bench.worker.run_once() and not first  # the window is still open
+    assert bench.worker.seconds_until_due() == 0.25
+    bench.clock.now += 0.25
+    assert bench.worker.run_once()
+    assert bench.result(first).samples.shape == (2, 1, 28, 28) and bench.result(second).steps == 1
+    stats = bench.worker.pools["gan"].stats
+    assert stats == {"steps": 1, "chain_steps": 5, "max_jobs_in_step": 2, "max_chains_in_step": 5}
+    late = bench.submit(model="gan", seed=3)  # after the batch ran: waits for a window of its own
+    bench.clock.now += WINDOW_S
+    bench.worker.run_once()
+    assert bench.result(late).samples.shape == (1, 1, 28, 28) and stats["steps"] == 2
+
+
+def test_a_request_joins_running_chains_at_the_next_step(bench: Bench) -> None:
+    pool = bench.worker.pools["solo"]
+    long = bench.submit(model="solo", n=2, steps=6, seed=1, init="noise")
+    bench.worker.run_once()
+    bench.worker.run_once()
+    short = bench.submit(model="solo", n=3, steps=2, seed=2, init="noise")
+    bench.worker.run_once()  # the short request's first step is the long one's third
+    assert pool.stats["max_jobs_in_step"] == 2 and pool.stats["max_chains_in_step"] == 5
+    bench.worker.run_once()
+    assert bench.result(short).steps == 2 and not long
+    while not long:
+        bench.worker.run_once()
+    assert bench.result(long).steps == 6 and pool.stats["steps"] == 6
+    assert pool.stats["chain_steps"] == 2 * 6 + 3 * 2
+
+
+def test_a_seeded_request_gives_the_same_images_alone_and_in_a_shared_batch(bench: Bench) -> None:
+    pool = bench.worker.pools["solo"]
+    request = {"model": "solo", "n": 3, "steps": 5, "seed": 1234, "init": "noise", "momentum": 0.5}
+    alone = bench.submit(**request)
+    while not alone:
+        bench.worker.run_once()
+    assert pool.stats["max_jobs_in_step"] == 1
+    crowd = bench.submit(model="solo", n=4, steps=8, seed=7, init="noise", step_size=3.0)
+    bench.worker.run_once()
+    together = bench.submit(**request)
+    while not together:
+        bench.worker.run_once()
+    assert pool.stats["max_jobs_in_step"] == 2 and pool.stats["max_chains_in_step"] == 7  # it did share a step
+    assert torch.allclose(bench.result(alone).samples, bench.result(together).samples, atol=1e-5, rtol=0)
+    assert not crowd or bench.result(crowd).samples.shape == (4, 1, 28, 28)
+    other = bench.submit(**{**request, "seed": 1235})
+    while not other:
+        bench.worker.run_once()
+    assert not torch.allclose(bench.result(alone).samples, bench.result(other).samples)
+
+
+def test_buffer_figures_are_a_snapshot_published_by_the_worker(bench: Bench) -> None:
+    before = bench.worker.buffers["solo"]
+    assert (before.size, before.capacity) == (32, 64)
+    answers = bench.submit(model="solo", n=4, steps=10, seed=1, init="noise")  # the checkpoint's steps: kept
+    while not answers:
+        bench.worker.run_once()
+    assert before.size == 32 and bench.worker.buffers["solo"].size == 36
+
+
+def test_cancelled_and_late_requests_are_answered_and_give_back_their_slots(bench: Bench) -> None:
+    body = SampleRequest(model="solo", n=2, steps=50, seed=1, init="buffer")
+    order = asyncio.run(make_order(body, bench.registry.models["solo"], Settings(), streaming=False))
+    answers: list[SampleResult | BaseException] = []
+    handle = bench.worker.submit(order, answers.append, bench.clock.now + 60)
+    bench.worker.run_once()
+    handle.cancel()
+    bench.worker.run_once()
+    assert type(answers[0]).__name__ == "CancelledByClient"
+    late = bench.submit(model="solo", n=2, steps=50, seed=2, init="buffer")
+    bench.worker.run_once()
+    bench.clock.now += 61
+    bench.worker.run_once()
+    assert isinstance(late[0], TimeoutError)
+    assert not bench.worker.langevin_pools["solo"].buffer.in_use.any()
