@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Install what the tests need and run them: the project (editable, with test extras), Debian's
+# Install what the tests need and run them: the project (editable, with test and dev extras), Debian's
 # Chromium for the browser tests (Playwright drives it; its own browser download is not used) and
 # Debian's docker-compose, so the compose file is checked by Compose itself (no engine needed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m pip install -q -e ".[test]"
+python -m pip install -q -e ".[test,dev]"
 missing=()
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v docker-compose >/dev/null 2>&1 || docker compose version >/dev/null 2>&1 || missing+=(docker-compose)
@@ -15,4 +15,8 @@ if [ ${#missing[@]} -gt 0 ]; then
     echo "Not installed: ${missing[*]} (apt-get install ${missing[*]}): their tests will be skipped." >&2
   fi
 fi
+# Lint and format are checked before the tests (configured in pyproject.toml).
+python -m ruff check .
+python -m ruff format --check .
+python -m mypy service  # training/ still has known errors (pyproject's [tool.mypy] covers both once fixed)
 python -m pytest "$@"

@@ -62,8 +62,12 @@ async def sample_result(worker: Worker, order: SampleOrder, settings: Settings, 
     loop = asyncio.get_running_loop()
     future: asyncio.Future[SampleResult | BaseException] = loop.create_future()
 
+    def settle(outcome: SampleResult | BaseException) -> None:
+        if not future.done():
+            future.set_result(outcome)
+
     def deliver(outcome: SampleResult | BaseException) -> None:
-        loop.call_soon_threadsafe(lambda: future.done() or future.set_result(outcome))
+        loop.call_soon_threadsafe(settle, outcome)
 
     handle = _submit(worker, order, settings, deliver, None)
     while True:
@@ -119,13 +123,14 @@ def stream(
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[Frame | SampleResult | BaseException] = asyncio.Queue()
     data_range = order.model.members[0].data_range
-    handle = _submit(
-        worker,
-        order,
-        settings,
-        lambda outcome: loop.call_soon_threadsafe(events.put_nowait, outcome),
-        lambda frame: loop.call_soon_threadsafe(events.put_nowait, frame),
-    )
+
+    def deliver(outcome: SampleResult | BaseException) -> None:
+        loop.call_soon_threadsafe(events.put_nowait, outcome)
+
+    def on_frame(frame: Frame) -> None:
+        loop.call_soon_threadsafe(events.put_nowait, frame)
+
+    handle = _submit(worker, order, settings, deliver, on_frame)
 
     async def event_source() -> AsyncIterator[str]:
         status = 200

@@ -104,9 +104,13 @@ class LangevinPool(SamplerPool):
         def per_chain(value: Callable[[SampleOrder], float]) -> torch.Tensor:
             return torch.cat([torch.full((state.order.n,), value(state.order)) for state in states])
 
-        velocity = None
+        sizes = [job.n for job in jobs]
+        velocity = None  # [B, *shape] once any chain here uses momentum (zeros: a chain at rest)
         if any(state.order.momentum for state in states):
-            velocity = torch.cat([torch.zeros_like(s.x) if s.velocity is None else s.velocity for s in states])
+            parts_at_rest = zip(states, x.split(sizes), strict=True)
+            velocity = torch.cat(
+                [torch.zeros_like(part) if s.velocity is None else s.velocity for s, part in parts_at_rest]
+            )
         moved = langevin_step(
             self.modules[module_index],
             x,
@@ -120,12 +124,11 @@ class LangevinPool(SamplerPool):
             velocity=velocity,
             clamp=self.sampler.clamp,
         )
-        sizes = [job.n for job in jobs]
         parts = zip(
             jobs, states, moved.x.split(sizes), moved.energy.split(sizes), moved.velocity.split(sizes), strict=True
         )
         for job, state, x_part, energy_part, velocity_part in parts:
-            if state.free is not None:
+            if state.free is not None and state.known is not None:
                 x_part = torch.where(state.free, x_part, state.known)  # inpainting: known pixels stay
             state.x, state.energy = x_part, energy_part
             state.velocity = velocity_part if state.order.momentum else None

@@ -50,4 +50,9 @@ class BodySizeLimit:
 
     async def _reject(self, send: Any) -> None:
         response = JSONResponse({"detail": f"request body is larger than {self.limit} bytes"}, status_code=413)
-        await response({"type": "http"}, None, send)
+        await response({"type": "http"}, _no_body, send)
+
+
+async def _no_body() -> dict:
+    """The receive channel of a rejected request: its body is not read again."""
+    return {"type": "http.disconnect"}

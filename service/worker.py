@@ -123,9 +123,9 @@ class Worker:
                 try:
                     pool.scheduler.add(job)
                 except ValueError as error:  # the HTTP layer checks this first; never let it stop the worker
-                    refused.append((pool, job, error))
-        for pool, job, error in refused:
-            pool.fail([job], str(error))
+                    refused.append((pool, job, str(error)))
+        for pool, job, reason in refused:
+            pool.fail([job], reason)
 
     def run_once(self) -> bool:
         """One round: take in new orders, step every pool that has work, save buffers when due.
