@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,8 @@ import torch
 
 from training.data import write_idx
 
-torch.set_num_threads(2)
+# Two threads on CI's two cores; SAMPLEBAY_TEST_THREADS=1 when a training run holds one of them.
+torch.set_num_threads(int(os.environ.get("SAMPLEBAY_TEST_THREADS", "2")))
 
 
 def make_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -55,6 +55,30 @@ def _cmd_flow(args: argparse.Namespace) -> None:
     train_flow(_config_from(args, FlowTrainConfig))
 
 
+def _labels(spec: str | None, n: int, model) -> torch.Tensor | None:
+    """--label K: every sample of class K; --label all: sample i of class i mod (number of classes)."""
+    if spec is None:
+        return None
+    if spec == "all":
+        if model.classes is None:
+            raise ValueError(f"{model.name} is not class-conditional; it takes no label")
+        return torch.arange(n) % len(model.classes)
+    try:
+        return torch.full((n,), int(spec), dtype=torch.int64)
+    except ValueError as error:
+        raise ValueError(f"--label must be a class index or 'all', not {spec!r}") from error
+
+
+def _override_step_size(members: list, step_size: float | None) -> None:
+    """--step-size replaces the checkpoints' own for this command only."""
+    if step_size is None:
+        return
+    from training.sampler_config import EBMSampler
+
+    for member in members:
+        member.sampler = dataclasses.replace(member.sampler_as(EBMSampler), step_size=step_size)
+
+
 def _cmd_sample(args: argparse.Namespace) -> None:
     from training.device import pick_device
     from training.images import gif_bytes, grid, save_grid
@@ -72,7 +96,11 @@ def _cmd_sample(args: argparse.Namespace) -> None:
             frames.append(grid(x, model.data_range))
 
     seeds = chain_seeds(args.seed, args.n)
-    samples = draw_samples(members, seeds, args.steps, args.init, generator, keep_frame if args.trajectory else None)
+    _override_step_size(members, args.step_size)
+    labels = _labels(args.label, args.n, model)
+    samples = draw_samples(
+        members, seeds, args.steps, args.init, generator, keep_frame if args.trajectory else None, labels
+    )
     save_grid(samples, args.out, model.data_range)
     print(f"wrote {args.out} ({args.n} {model.config.family} samples)")
     if frames:
@@ -82,7 +110,6 @@ def _cmd_sample(args: argparse.Namespace) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
-    from dataclasses import asdict
 
     from training.data import load_dataset
     from training.device import pick_device
@@ -100,10 +127,20 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     model = members[0]
     if model.shape != (1, 28, 28):
         raise SystemExit(f"evaluate: the classifier reads 1x28x28 images; {model.name} makes {list(model.shape)}")
+    _override_step_size(members, args.step_size)
+    labels = _labels(args.label, args.n, model)
+    seeds = chain_seeds(args.seed, args.n)
     samples = torch.cat(
         [
-            draw_samples(members, seeds, args.steps, args.init, generator).cpu()
-            for seeds in chain_seeds(args.seed, args.n).split(args.batch)
+            draw_samples(
+                members,
+                seeds[start : start + args.batch],
+                args.steps,
+                args.init,
+                generator,
+                labels=None if labels is None else labels[start : start + args.batch],
+            ).cpu()
+            for start in range(0, args.n, args.batch)
         ]
     )
     steps = args.steps or (model.sampler.steps if isinstance(model.sampler, EBMSampler) else None)
@@ -115,7 +152,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         "checkpoints": [str(path) for path in args.checkpoint],
         "family": model.config.family,
         "sampler": {"init": args.init, "steps": steps, "n": args.n} if model.config.family == "ebm" else {"n": args.n},
-        "model": asdict(quality_figures(classifier, reference, samples)),
+        "model": quality_figures(classifier, reference, samples, labels).report(),
         "real_data_floor": real_data_floor(
             classifier, reference, train.images, args.n, torch.Generator().manual_seed(args.seed + 2)
         ),
@@ -130,6 +167,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         from training.checkpoint import load_checkpoint, save_checkpoint
 
         key = "evaluate" if model.config.family != "ebm" else f"evaluate_{args.init}"
+        if args.label is not None:
+            key += f"_label_{args.label}"
         if len(members) > 1:
             key = f"evaluate_ensemble_{args.init}"  # the same figures go into every member
         for path in args.checkpoint:
@@ -194,6 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--n", type=int, default=64)
     sample.add_argument("--steps", type=int, default=None, help="Langevin steps (default: the checkpoint's)")
     sample.add_argument("--init", choices=["noise", "buffer"], default=None, help="EBMs (default: the checkpoint's)")
+    sample.add_argument(
+        "--label",
+        default=None,
+        metavar="K|all",
+        help="class-conditional EBMs: draw class index K, or 'all' for sample i of class i mod classes",
+    )
+    sample.add_argument("--step-size", type=float, default=None, help="EBMs: step size (default: the checkpoint's)")
     sample.add_argument("--seed", type=int, default=0, help="the same seed gives the same images as POST /sample")
     sample.add_argument(
         "--trajectory",
@@ -214,6 +260,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--n", type=int, default=2000, help="samples and reference images compared")
     evaluate.add_argument("--steps", type=int, default=None)
     evaluate.add_argument("--init", choices=["noise", "buffer"], default="noise")
+    evaluate.add_argument(
+        "--label",
+        default=None,
+        metavar="K|all",
+        help="class-conditional EBMs: draw class K (or 'all': balanced classes) and report label_accuracy",
+    )
+    evaluate.add_argument("--step-size", type=float, default=None, help="EBMs: step size (default: the checkpoint's)")
     evaluate.add_argument("--batch", type=int, default=500)
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--classifier", type=Path, default=DEFAULT_CLASSIFIER)

@@ -87,20 +87,33 @@ class QualityFigures:
     precision: float
     recall: float
     n: int
+    label_accuracy: float | None = None  # share of samples the classifier reads as the label they were drawn for
+
+    def report(self) -> dict[str, float | int]:
+        """The figures as JSON-able values, leaving out what was not measured."""
+        return {key: value for key, value in asdict(self).items() if value is not None}
 
 
 def quality_figures(
-    classifier: torch.nn.Module, reference: torch.Tensor, samples: torch.Tensor, k: int = 3
+    classifier: torch.nn.Module,
+    reference: torch.Tensor,
+    samples: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    k: int = 3,
 ) -> QualityFigures:
+    """FD, class coverage, precision/recall of samples against reference images; with the labels [N] the
+    samples were asked for, also the share the classifier reads as their label."""
     real_features, _ = features_and_labels(classifier, reference)
     fake_features, fake_labels = features_and_labels(classifier, samples)
     precision, recall = precision_recall(real_features.float(), fake_features.float(), k)
+    accuracy = None if labels is None else round((fake_labels.cpu() == labels.cpu()).float().mean().item(), 4)
     return QualityFigures(
         frechet_distance=round(frechet_distance(real_features, fake_features), 3),
         coverage_bits=round(class_coverage(fake_labels), 3),
         precision=round(precision, 3),
         recall=round(recall, 3),
         n=len(samples),
+        label_accuracy=accuracy,
     )
 
 
@@ -109,7 +122,7 @@ def real_data_floor(
 ) -> dict:
     """The same figures for n real training images against the reference: what a perfect model would get."""
     pick = torch.randperm(len(train_images), generator=generator)[:n]
-    return asdict(quality_figures(classifier, reference, train_images[pick]))
+    return quality_figures(classifier, reference, train_images[pick]).report()
 
 
 def train_classifier(

@@ -119,24 +119,29 @@ def sample_langevin(
     return x if settings.clamp else x.clamp(*data_range)
 
 
-def frozen_energy(model: nn.Module) -> EnergyFn:
-    """The model as an energy in eval mode (spectral norm does no power iteration while sampling)."""
+def frozen_energy(model: nn.Module, labels: torch.Tensor | None = None) -> EnergyFn:
+    """The model as an energy in eval mode (spectral norm does no power iteration while sampling).
+
+    A class-conditional energy (a module with `num_classes` > 0) is evaluated at `labels` [B] (-1 or
+    None: its null label, the unconditional energy); labels are ignored by unconditional modules.
+    """
+    conditional = getattr(model, "num_classes", 0) > 0
 
     def energy(x: torch.Tensor) -> torch.Tensor:
         was_training = model.training
         model.eval()
         try:
-            return model(x)
+            return model(x, labels) if conditional else model(x)
         finally:
             model.train(was_training)
 
     return energy
 
 
-def ensemble_energy(models: list[nn.Module]) -> EnergyFn:
+def ensemble_energy(models: list[nn.Module], labels: torch.Tensor | None = None) -> EnergyFn:
     """IGEBM's ensemble sampling for chains that start together: step t moves under member t mod K.
     (The server applies the same rule per chain, since its chains join a batch at different steps.)"""
-    energies = [frozen_energy(model) for model in models]
+    energies = [frozen_energy(model, labels) for model in models]
     calls = itertools.count()
 
     def energy(x: torch.Tensor) -> torch.Tensor:

@@ -58,13 +58,13 @@ def chain_gaussian_start(seeds: torch.Tensor, shape: tuple[int, ...]) -> torch.T
 
 
 def chain_start(
-    seeds: torch.Tensor, shape: tuple[int, ...], prior: str, data_range: tuple[float, float]
+    seeds: torch.Tensor, shape: tuple[int, ...], prior: str, data_range: tuple[float, float], prior_std: float = 1.0
 ) -> torch.Tensor:
-    """Where noise-started chains begin: 'uniform' over the data range or 'gaussian' N(0, I)."""
+    """Where noise-started chains begin: 'uniform' over the data range or 'gaussian' N(0, prior_std^2 I)."""
     if prior == "uniform":
         return chain_uniform(seeds, shape, *data_range)
     if prior == "gaussian":
-        return chain_gaussian_start(seeds, shape)
+        return chain_gaussian_start(seeds, shape) * prior_std
     raise ValueError(f"unknown prior {prior!r}; expected 'uniform' or 'gaussian'")
 
 

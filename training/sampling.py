@@ -39,6 +39,25 @@ class LoadedModel:
     def shape(self) -> tuple[int, ...]:
         return tuple(self.config.data["shape"])
 
+    @property
+    def classes(self) -> list[str] | None:
+        """Class names a conditional model draws by index (`label`); None for an unconditional model."""
+        classes = self.config.data.get("classes")
+        return list(classes) if classes and getattr(self.module, "num_classes", 0) > 0 else None
+
+    def check_labels(self, labels: torch.Tensor | None) -> None:
+        """ValueError naming the valid range when labels [B] do not index this model's classes."""
+        if labels is None:
+            return
+        if self.classes is None:
+            raise ValueError(f"{self.name} is not class-conditional; it takes no label")
+        bad = labels[(labels < 0) | (labels >= len(self.classes))]
+        if len(bad):
+            raise ValueError(
+                f"label {int(bad[0])} is out of range for {self.name}: 0..{len(self.classes) - 1} "
+                f"({', '.join(self.classes)})"
+            )
+
 
 def instantiate(checkpoint: Checkpoint, name: str, device: torch.device | str = "cpu") -> LoadedModel:
     """Rebuild the module in eval mode with frozen parameters (a GAN uses its EMA weights by default)."""
@@ -86,9 +105,11 @@ def draw_samples(
     init: str | None = None,
     generator: torch.Generator | None = None,
     callback: StepCallback | None = None,
+    labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One entry point for every family, used by the `sample` and `evaluate` commands: one sample per
-    chain seed [B] (see `training.noise.chain_seeds`), drawn as the server draws it.
+    chain seed [B] (see `training.noise.chain_seeds`), drawn as the server draws it. `labels` [B] pick
+    the class of each chain of a class-conditional EBM.
 
     A list of EBM checkpoints of one ensemble samples as the server samples the ensemble: chains move
     under the members in turn and start from their pooled buffers. `generator` draws buffer slots only.
@@ -102,8 +123,10 @@ def draw_samples(
                 "several checkpoints are sampled together only as EBMs of one declared ensemble; "
                 f"got {', '.join(f'{m.name} ({m.config.family}, {m.config.ensemble})' for m in members)}"
             )
+    if labels is not None and first.config.family != "ebm":
+        raise ValueError(f"{first.name} is a {first.config.family} model; it takes no label")
     if first.config.family == "ebm":
-        return sample_ebm(members, seeds, steps, init, generator, callback)
+        return sample_ebm(members, seeds, steps, init, generator, callback, labels)
     if first.config.family == "gan":
         return sample_generator(first, seeds).clamp(*first.data_range)
     if first.config.family == "flow":
@@ -125,11 +148,13 @@ def sample_ebm(
     init: str | None = None,
     generator: torch.Generator | None = None,
     callback: StepCallback | None = None,
+    labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run one chain per seed [B] for `steps` (default: the checkpoint's), from the checkpoint's prior
     ('noise') or the pooled replay buffers ('buffer'), with counter-based noise: seeded chains follow
-    the path they follow in the server."""
+    the path they follow in the server. `labels` [B] condition a class-conditional energy."""
     first = members[0]
+    first.check_labels(labels)
     sampler = first.sampler_as(EBMSampler)
     device = next(first.module.parameters()).device
     init = init or sampler.init
@@ -139,12 +164,14 @@ def sample_ebm(
             raise ValueError(f"{first.name} has no saved replay buffer; use init='noise'")
         start, _ = buffer.draw(len(seeds), generator)
     elif init == "noise":
-        start = chain_start(seeds, first.shape, sampler.prior, first.data_range)
+        start = chain_start(seeds, first.shape, sampler.prior, first.data_range, sampler.prior_std)
     else:
         raise ValueError(f"init must be 'noise' or 'buffer', got {init!r}")
 
     def noise(step: int, x: torch.Tensor) -> torch.Tensor:
         return chain_gaussian(seeds, torch.full_like(seeds, step), first.shape).to(x.device)
 
-    energy = ensemble_energy([member.module for member in members])
+    if labels is not None:
+        labels = labels.to(device)
+    energy = ensemble_energy([member.module for member in members], labels)
     return sample_langevin(energy, start.to(device), sampler, first.data_range, noise, callback, steps)

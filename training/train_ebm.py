@@ -52,11 +52,12 @@ class EBMTrainConfig(RunConfig):
     energy_form: str = "dot"  # eqm: scalar energy from the U-Net field f: dot <x, f(x)> | l2 -||f(x)||^2/2
     eqm_scale: float = 4.0  # eqm: c(gamma) = scale * min(1, (1 - gamma) / cutoff), the target's size
     eqm_cutoff: float = 0.2  # eqm: see eqm_scale
+    prior_std: float = 1.0  # eqm: std of the Gaussian noise chains start from (and training mixes with)
     conditional: bool = False  # eqm: class-conditional energy E(x, y) with a null label for unconditional use
     label_dropout: float = 0.1  # eqm: share of training labels replaced by the null label
     ema_decay: float = 0.999  # eqm: the checkpoint's weights are this exponential moving average
     autocast: str = "bfloat16"  # eqm: bfloat16 autocast for the network (none: float32 throughout)
-    lr_schedule: str = "cosine"  # eqm: cosine (to min_lr_ratio by the last epoch) | constant, after warm-up
+    lr_schedule: str = "cosine"  # eqm: after warm-up, cosine to min_lr_ratio at --epochs (a resume may extend it) | constant
     warmup_steps: int = 200  # eqm: linear learning-rate warm-up
     min_lr_ratio: float = 0.1  # eqm: the cosine schedule's final learning rate / peak
     max_grad_norm: float | None = 1.0  # eqm: clip the parameter-gradient norm (0 or none: no clipping)

@@ -56,6 +56,7 @@ def eqm_sampler(config: EBMTrainConfig) -> EBMSampler:
         temperature=1.0,
         init="noise",
         prior="gaussian",
+        prior_std=config.prior_std,
         momentum=0.0,
         clamp=False,
     )
@@ -81,7 +82,7 @@ def autocast(config: EBMTrainConfig, device: torch.device) -> torch.autocast:
 def eqm_loss(
     model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor | None, config: EBMTrainConfig
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    noise = torch.randn_like(x)
+    noise = torch.randn_like(x) * config.prior_std
     gamma = torch.rand(x.shape[0], device=x.device)
     return equilibrium_matching(
         lambda z: model(z, labels), x, noise, gamma, scale=config.eqm_scale, cutoff=config.eqm_cutoff
@@ -110,7 +111,7 @@ def preview(model: torch.nn.Module, config: EBMTrainConfig, shape: tuple[int, ..
     """64 samples by the checkpoint's own sampler (a row per class for a conditional model) for the grid."""
     generator = torch.Generator().manual_seed(0)
     device = next(model.parameters()).device
-    start = torch.randn(64, *shape, generator=generator).to(device)
+    start = (torch.randn(64, *shape, generator=generator) * config.prior_std).to(device)
     labels = (torch.arange(64, device=device) // 8) % classes if classes else None
     return sample_langevin(lambda x: model(x, labels), start, eqm_sampler(config), (-1.0, 1.0), generator).cpu()
 
