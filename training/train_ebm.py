@@ -57,7 +57,7 @@ class EBMTrainConfig(RunConfig):
     label_dropout: float = 0.1  # eqm: share of training labels replaced by the null label
     ema_decay: float = 0.999  # eqm: the checkpoint's weights are this exponential moving average
     autocast: str = "bfloat16"  # eqm: bfloat16 autocast for the network (none: float32 throughout)
-    lr_schedule: str = "cosine"  # eqm: after warm-up, cosine to min_lr_ratio at --epochs (a resume may extend it) | constant
+    lr_schedule: str = "cosine"  # eqm: after warm-up, cosine to min_lr_ratio at --epochs (resume may extend) | constant
     warmup_steps: int = 200  # eqm: linear learning-rate warm-up
     min_lr_ratio: float = 0.1  # eqm: the cosine schedule's final learning rate / peak
     max_grad_norm: float | None = 1.0  # eqm: clip the parameter-gradient norm (0 or none: no clipping)
