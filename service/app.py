@@ -52,7 +52,7 @@ def _authorize(request: Request, settings: Settings) -> None:
 
 def _model_info(model: ServedModel, worker: Worker, store: BufferStore, settings: Settings) -> ModelInfo:
     config = model.config
-    buffer = worker.buffers.get(model.group) if model.group else None  # EBMs: the buffer group's snapshot
+    buffer = worker.buffers.get(model.group) if model.group and model.has_buffer else None  # the worker's snapshot
     ensemble_only = {key: value for key, value in config.metrics.items() if key.startswith("evaluate_ensemble")}
     return ModelInfo(
         name=model.name,
@@ -63,6 +63,7 @@ def _model_info(model: ServedModel, worker: Worker, store: BufferStore, settings
         dataset=config.data.get("dataset"),
         ensemble=config.ensemble,
         sampler=to_dict(model.members[0].sampler),
+        classes=model.classes,
         limits={"max_n": settings.max_n, "max_steps": settings.max_steps, "max_frames": settings.max_frames},
         metrics=config.metrics if len(model.members) == 1 else ensemble_only,
         buffer_size=buffer.size if buffer else None,

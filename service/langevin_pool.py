@@ -12,7 +12,7 @@ from service.metrics import Metrics
 from service.pools import SamplerPool, state_of
 from service.registry import BufferGroup
 from service.scheduler import Job
-from training.langevin import ReplayBuffer, langevin_step
+from training.langevin import ReplayBuffer, conditioned_energy, langevin_step
 from training.noise import chain_gaussian, chain_seeds, chain_start
 from training.sampler_config import EBMSampler
 
@@ -51,7 +51,7 @@ class LangevinPool(SamplerPool):
         if order.init == "buffer":
             x, state.slots = self.buffer.draw(order.n, torch.Generator().manual_seed(order.seed))
         else:
-            x = chain_start(state.seeds, self.shape, self.sampler.prior, self.data_range)
+            x = chain_start(state.seeds, self.shape, self.sampler.prior, self.data_range, self.sampler.prior_std)
             state.slots = torch.full((order.n,), -1)
         if order.start_image is not None:  # init "image"
             image = order.start_image.unsqueeze(0).expand(order.n, *self.shape)
@@ -111,8 +111,11 @@ class LangevinPool(SamplerPool):
             velocity = torch.cat(
                 [torch.zeros_like(part) if s.velocity is None else s.velocity for s, part in parts_at_rest]
             )
+        labels = torch.cat(
+            [torch.full((state.order.n,), -1 if state.order.label is None else state.order.label) for state in states]
+        ).to(self.device)  # [B]; -1: the null label
         moved = langevin_step(
-            self.modules[module_index],
+            conditioned_energy(self.modules[module_index], labels),  # served modules are frozen, in eval mode
             x,
             chain_gaussian(seeds, steps, self.shape).to(self.device),
             step_size=per_chain(lambda order: order.step_size),
@@ -146,6 +149,8 @@ class LangevinPool(SamplerPool):
         ran the checkpoint's default number of steps.
         """
         sampler = self.sampler
+        if not self.group.has_buffer:
+            return False
         defaults = (sampler.step_size, sampler.noise, sampler.temperature, sampler.momentum)
         if (order.step_size, order.noise, order.temperature, order.momentum) != defaults:
             return False

@@ -66,6 +66,7 @@ class SampleOrder:
     noise: float = 0.0
     momentum: float = 0.0
     init: str = "noise"  # "buffer" | "noise" | "image"
+    label: int | None = None  # class index for a class-conditional energy; None: its null (unconditional) label
     trajectory_every: int | None = None
     max_frames: int | None = None  # flows: an iterative inverse (i-ResNet) is thinned to this many frames
     start_image: torch.Tensor | None = None  # [*shape] in the data range, for init "image"

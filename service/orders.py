@@ -25,8 +25,15 @@ UNSTREAMED_FRAMES = 33  # a GIF or JSON body keeps a trajectory to at most this 
 def check_applicable(body: SampleRequest, model: ServedModel, settings: Settings) -> None:
     """422 for fields that do not apply to the model's family or exceed the server's limits."""
     problems = []
-    if body.label is not None:
+    classes = model.classes
+    if body.label is not None and classes is None:
         problems.append(f"'label' does not apply to {model.name}: it is an unconditional {model.family} model")
+    elif body.label is not None and classes is not None and body.label >= len(classes):
+        problems.append(
+            f"'label' {body.label} is out of range for {model.name}: 0..{len(classes) - 1} ({', '.join(classes)})"
+        )
+    if body.init == "buffer" and model.family == "ebm" and not model.has_buffer:
+        problems.append(f"init 'buffer' needs a replay buffer; {model.name} was trained without one (use 'noise')")
     if model.family != "ebm":
         problems += [
             f"'{name}' applies to EBMs only; {model.name} is a {model.family} model (one generator pass)"
@@ -118,6 +125,7 @@ async def make_order(body: SampleRequest, model: ServedModel, settings: Settings
         step_size=_given(body.step_size, sampler.step_size),
         noise=_given(body.noise, sampler.noise),
         momentum=_given(body.momentum, sampler.momentum),
+        label=body.label,
         init=body.init or sampler.init,
         trajectory_every=every,
         start_image=start_image,

@@ -26,6 +26,11 @@ class BufferGroup:
     members: list[LoadedModel]
     digest: str  # changes whenever any member's checkpoint changes: a stale buffer is never reused
 
+    @property
+    def has_buffer(self) -> bool:
+        """Chains write back into a shared buffer only for EBMs trained with one."""
+        return any("replay_buffer" in member.extras for member in self.members)
+
     def initial_buffer(self) -> ReplayBuffer:
         """The members' saved buffers pooled, or an empty buffer when none was saved."""
         return pooled_buffer(self.members)
@@ -43,6 +48,16 @@ class ServedModel:
     @property
     def config(self):
         return self.members[0].config
+
+    @property
+    def classes(self) -> list[str] | None:
+        """Class names a `label` indexes (class-conditional energies); None for an unconditional model."""
+        return self.members[0].classes
+
+    @property
+    def has_buffer(self) -> bool:
+        """Whether it was trained with a replay buffer (contrastive divergence); EqM energies are not."""
+        return any("replay_buffer" in member.extras for member in self.members)
 
     @property
     def pool(self) -> str:

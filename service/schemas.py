@@ -25,7 +25,7 @@ class SampleRequest(BaseModel):
     mask: str | None = Field(None, description="with image: white marks pixels to fill in, black pixels stay")
     stream: bool = False  # Server-Sent Events: one event per trajectory frame, then the samples
     temperature: float | None = Field(None, gt=0, le=100)
-    label: int | None = Field(None, ge=0)
+    label: int | None = Field(None, ge=0, description="class-conditional EBMs: an index into the model's classes")
     trajectory_every: int | None = Field(None, ge=1)
 
 
@@ -60,6 +60,7 @@ class ModelInfo(BaseModel):
     dataset: str | None
     ensemble: str | None
     sampler: dict
+    classes: list[str] | None = None  # what `label` indexes; null for an unconditional model
     limits: dict
     metrics: dict
     buffer_size: int | None = None

@@ -78,6 +78,27 @@ def write_tiny_ebm(
     return path
 
 
+def write_tiny_eqm(path: Path, seed: int = 0, conditional: bool = True) -> Path:
+    """A real (untrained) U-Net energy checkpoint of width 4 as `ebm --objective eqm` writes it: averaged
+    weights, gradient descent from a Gaussian prior, no replay buffer; 10 classes when conditional."""
+    from training.checkpoint import Checkpoint, ModelConfig, save_checkpoint
+    from training.models import build_model
+    from training.sampler_config import EBMSampler, to_dict
+
+    torch.manual_seed(seed)
+    arch = {"name": "unet_energy", "kwargs": {"width": 4, "num_classes": 10 if conditional else 0}}
+    model = build_model(arch)
+    data = {"shape": [1, 28, 28], "range": [-1.0, 1.0], "dataset": "fake"}
+    if conditional:
+        data["classes"] = [str(digit) for digit in range(10)]
+    sampler = EBMSampler(steps=8, step_size=0.01, noise=0.0, grad_clip=None, prior="gaussian", clamp=False)
+    config = ModelConfig(
+        family="ebm", arch=arch, data=data, sampler=to_dict(sampler), training={"seed": seed}, metrics={}
+    )
+    save_checkpoint(path, Checkpoint(config, model.state_dict(), {"online": model.state_dict()}))
+    return path
+
+
 @pytest.fixture
 def models_dir(tmp_path: Path) -> Path:
     """One lone EBM ('solo') and a two-member ensemble ('pair' of 'pair_a' and 'pair_b')."""

@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import write_tiny_ebm, write_tiny_flow, write_tiny_gan
+from conftest import write_tiny_ebm, write_tiny_eqm, write_tiny_flow, write_tiny_gan
 from PIL import Image
 from server import running_server
 
@@ -21,6 +21,7 @@ def served(tmp_path_factory: pytest.TempPathFactory):
     models = tmp_path_factory.mktemp("models")
     write_tiny_ebm(models / "ebm.safetensors")
     write_tiny_gan(models / "gan.safetensors")
+    write_tiny_eqm(models / "eqm.safetensors")
     write_tiny_flow(models / "nice.safetensors", arch_name="nice")
     write_tiny_flow(models / "glow.safetensors", arch_name="glow")
     state = tmp_path_factory.mktemp("state")
@@ -32,6 +33,7 @@ def served(tmp_path_factory: pytest.TempPathFactory):
     ("model", "cli_flags", "request_fields"),
     [
         ("ebm", ["--steps", "6", "--init", "noise"], {"steps": 6, "init": "noise"}),
+        ("eqm", ["--label", "3"], {"label": 3}),
         ("gan", [], {}),
         ("nice", [], {}),
         ("glow", [], {}),

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_tiny_ebm, write_tiny_gan
+from conftest import write_tiny_ebm, write_tiny_eqm, write_tiny_gan
 
 from service.buffer_store import BufferStore
 from service.messages import SampleResult
@@ -55,6 +55,7 @@ def bench(tmp_path: Path) -> Bench:
     models.mkdir()
     write_tiny_ebm(models / "solo.safetensors")
     write_tiny_gan(models / "gan.safetensors")
+    write_tiny_eqm(models / "digits.safetensors")
     clock = FakeClock()
     registry = load_registry(models, torch.device("cpu"))
     store = BufferStore(tmp_path / "state")
@@ -114,6 +115,28 @@ def test_a_seeded_request_gives_the_same_images_alone_and_in_a_shared_batch(benc
     while not other:
         bench.worker.run_once()
     assert not torch.allclose(bench.result(alone).samples, bench.result(other).samples)
+
+
+def test_a_labelled_chain_is_the_same_alone_and_beside_other_labels_and_settings(bench: Bench) -> None:
+    pool = bench.worker.pools["digits"]
+    request = {"model": "digits", "n": 2, "steps": 5, "seed": 99, "label": 3}
+    alone = bench.submit(**request)
+    while not alone:
+        bench.worker.run_once()
+    crowd = bench.submit(model="digits", n=3, steps=9, seed=1, label=8, step_size=0.02, momentum=0.3)
+    unlabelled = bench.submit(model="digits", n=1, steps=9, seed=2)
+    bench.worker.run_once()
+    together = bench.submit(**request)
+    while not together:
+        bench.worker.run_once()
+    assert pool.stats["max_jobs_in_step"] == 3 and pool.stats["max_chains_in_step"] == 6  # one shared step
+    assert torch.allclose(bench.result(alone).samples, bench.result(together).samples, atol=1e-5, rtol=0)
+    other_label = bench.submit(**{**request, "label": 4})
+    while not other_label:
+        bench.worker.run_once()
+    assert not torch.allclose(bench.result(alone).samples, bench.result(other_label).samples)
+    assert not crowd or bench.result(crowd).samples.shape == (3, 1, 28, 28)
+    assert not unlabelled or bench.result(unlabelled).steps == 9
 
 
 def test_buffer_figures_are_a_snapshot_published_by_the_worker(bench: Bench) -> None:

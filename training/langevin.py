@@ -119,19 +119,23 @@ def sample_langevin(
     return x if settings.clamp else x.clamp(*data_range)
 
 
-def frozen_energy(model: nn.Module, labels: torch.Tensor | None = None) -> EnergyFn:
-    """The model as an energy in eval mode (spectral norm does no power iteration while sampling).
+def conditioned_energy(model: Callable[..., torch.Tensor], labels: torch.Tensor | None) -> EnergyFn:
+    """A class-conditional energy (a module with `num_classes` > 0) at `labels` [B] (-1 or None: its null
+    label, the unconditional energy); any other energy as it is, labels ignored."""
+    if getattr(model, "num_classes", 0) > 0:
+        return lambda x: model(x, labels)
+    return model
 
-    A class-conditional energy (a module with `num_classes` > 0) is evaluated at `labels` [B] (-1 or
-    None: its null label, the unconditional energy); labels are ignored by unconditional modules.
-    """
-    conditional = getattr(model, "num_classes", 0) > 0
+
+def frozen_energy(model: nn.Module, labels: torch.Tensor | None = None) -> EnergyFn:
+    """The model as an energy in eval mode (spectral norm does no power iteration while sampling)."""
+    conditioned = conditioned_energy(model, labels)
 
     def energy(x: torch.Tensor) -> torch.Tensor:
         was_training = model.training
         model.eval()
         try:
-            return model(x, labels) if conditional else model(x)
+            return conditioned(x)
         finally:
             model.train(was_training)
 
