@@ -1,10 +1,15 @@
 """The demo page in a real browser (Debian's Chromium driven by Playwright) against a running server."""
 
+import json
 import os
+import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from conftest import write_tiny_ebm, write_tiny_eqm, write_tiny_gan
 from server import running_server
 
 from service.settings import Settings
@@ -14,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOTS = ROOT / "test-output"
 
 playwright = pytest.importorskip("playwright.sync_api")
+expect = playwright.expect
 if not Path(CHROMIUM).exists():
     if os.environ.get("CI"):
         raise RuntimeError("CI needs Chromium for the browser tests: apt-get install chromium")
@@ -39,9 +45,10 @@ def browser():
         browser.close()
 
 
-@pytest.fixture
-def page(browser, models_dir: Path, tmp_path: Path):
-    settings = Settings(models_dir=models_dir, state_dir=tmp_path / "state", device="cpu")
+@contextmanager
+def open_page(browser, models_dir: Path, state_dir: Path) -> Iterator:
+    """The page loaded from a real server on `models_dir`; fails on any console error not taken out."""
+    settings = Settings(models_dir=models_dir, state_dir=state_dir, device="cpu")
     with running_server(settings) as (base, _):
         context = browser.new_context(viewport={"width": 1100, "height": 900})
         page = context.new_page()
@@ -54,6 +61,45 @@ def page(browser, models_dir: Path, tmp_path: Path):
         yield page
         context.close()
         assert problems == [], f"console errors: {problems}"
+
+
+@pytest.fixture
+def page(browser, models_dir: Path, tmp_path: Path):
+    with open_page(browser, models_dir, tmp_path / "state") as page:
+        yield page
+
+
+def record_noise_frechet_distance(path: Path, distance: float) -> Path:
+    """Store an `evaluate` figure for chains started from noise, as `evaluate --record` would."""
+    from training.checkpoint import load_checkpoint, save_checkpoint
+
+    checkpoint = load_checkpoint(path)
+    checkpoint.config.metrics["evaluate_noise"] = {"frechet_distance": distance, "init": "noise"}
+    save_checkpoint(path, checkpoint)
+    return path
+
+
+@pytest.fixture
+def ranked_page(browser, tmp_path: Path):
+    """Models with and without a noise FD: 'digits' (conditional, buffer-less, Gaussian prior) scores best
+    among the EBMs; the GAN scores better still but is no energy; 'solo' has no figure at all."""
+    directory = tmp_path / "models"
+    directory.mkdir()
+    write_tiny_ebm(directory / "solo.safetensors", seed=0)
+    record_noise_frechet_distance(write_tiny_ebm(directory / "buffered.safetensors", seed=1), 42.0)
+    record_noise_frechet_distance(write_tiny_eqm(directory / "digits.safetensors", seed=2), 12.0)
+    record_noise_frechet_distance(write_tiny_gan(directory / "agan.safetensors", seed=3), 1.0)
+    with open_page(browser, directory, tmp_path / "state") as page:
+        yield page
+
+
+def curl_body(page) -> dict:
+    """The JSON body of the curl preview, parsed back."""
+    return json.loads(re.search(r"-d '(.*)'", page.inner_text("#curl")).group(1))
+
+
+def wait_until_done(page, timeout: float = 60000) -> None:
+    expect(page.locator("#step")).to_have_text(re.compile(r"^done"), timeout=timeout)
 
 
 def image_is_not_blank(page) -> bool:
@@ -97,7 +143,9 @@ def test_watch_plays_the_stream_with_a_step_counter_and_energy_curve(page) -> No
     page.check("input[name=init][value=noise]")
     page.evaluate("""() => {
         window.seenSteps = []; window.seenFrames = new Set();
-        new MutationObserver(() => window.seenSteps.push(document.getElementById('step').textContent))
+        // each change's own text: a frame and 'done' arriving in one chunk change #step in one task
+        new MutationObserver((changes) => changes.forEach((change) =>
+            change.addedNodes.forEach((node) => window.seenSteps.push(node.textContent))))
             .observe(document.getElementById('step'), { childList: true, characterData: true, subtree: true });
         new MutationObserver(() => window.seenFrames.add(document.getElementById('result').src))
             .observe(document.getElementById('result'), { attributes: true, attributeFilter: ['src'] });
@@ -151,3 +199,90 @@ def test_the_page_fits_a_phone(browser, models_dir: Path, tmp_path: Path) -> Non
         assert phone.evaluate("document.documentElement.scrollWidth") <= 380
         phone.screenshot(path=str(SCREENSHOTS / "demo-page-phone.png"), full_page=True)
         context.close()
+
+
+def test_the_page_opens_on_the_energy_with_the_best_noise_frechet_distance(ranked_page) -> None:
+    page = ranked_page
+    assert (
+        page.input_value("#model") == "digits"
+    )  # FD 12 beats 'buffered' (42), the first EBM; the GAN's 1.0 is no EBM's
+    assert page.is_checked("input[name=init][value=noise]")  # its sampler starts from noise
+    assert page.inner_text("#noise-name") == "Gaussian noise"
+    assert "noise: FD 12" in page.inner_text("#model-info") and "?" not in page.inner_text("#model-info")
+    page.select_option("#model", "buffered")  # a CD model whose checkpoint starts chains from its buffer
+    assert page.is_checked("input[name=init][value=buffer]") and page.is_enabled("input[name=init][value=buffer]")
+    assert page.inner_text("#noise-name") == "uniform noise"
+    page.select_option("#model", "digits")  # changing back re-applies that model's defaults
+    assert page.is_checked("input[name=init][value=noise]")
+
+
+def test_the_replay_buffer_cannot_be_chosen_for_a_model_trained_without_one(ranked_page) -> None:
+    page = ranked_page
+    page.select_option("#model", "digits")
+    assert page.is_disabled("input[name=init][value=buffer]")
+    assert '"init":"noise"' in page.inner_text("#curl")
+    page.select_option("#model", "solo")
+    assert page.is_enabled("input[name=init][value=buffer]")
+
+
+def test_a_class_picker_for_a_conditional_energy_only(ranked_page) -> None:
+    page = ranked_page
+    page.select_option("#model", "digits")
+    expect(page.locator("#class-picker")).to_be_visible()
+    assert page.locator("#label option").all_inner_texts() == ["any", *[str(digit) for digit in range(10)]]
+    assert "label" not in curl_body(page)  # "any" sends no label
+    page.select_option("#label", label="3")
+    assert curl_body(page)["label"] == 3
+
+    with page.expect_response("**/sample") as reply:
+        page.click("#watch")
+    assert reply.value.status == 200 and reply.value.request.post_data_json["label"] == 3
+    wait_until_done(page)
+    assert image_is_not_blank(page)
+    SCREENSHOTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / "demo-page-watch-class.png"), full_page=True)
+
+    with page.expect_response("**/sample") as reply:
+        page.click("#sample")
+    assert reply.value.status == 200 and reply.value.request.post_data_json["label"] == 3
+    wait_until_done(page)
+    assert image_is_not_blank(page)
+
+    page.select_option("#model", "solo")
+    expect(page.locator("#class-picker")).to_be_hidden()
+    assert "label" not in curl_body(page)
+    with page.expect_response("**/sample") as reply:
+        page.click("#sample")
+    assert reply.value.status == 200 and "label" not in reply.value.request.post_data_json
+
+
+def test_sample_after_watch_does_not_show_the_watchs_energy(page) -> None:
+    page.select_option("#model", "solo")
+    page.check("input[name=init][value=noise]")
+    page.click("#watch")
+    wait_until_done(page)
+    watched = page.inner_text("#energy-now")
+    assert watched.startswith("E = ")
+    with page.expect_response("**/sample"):
+        page.click("#sample")
+    wait_until_done(page)
+    assert page.inner_text("#energy-now") != watched
+    curve_is_blank = page.evaluate("""() => {
+        const canvas = document.getElementById('curve');
+        const pixels = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
+        return pixels.every((value) => value === 0);
+    }""")
+    assert curve_is_blank
+
+
+def test_a_label_the_model_refuses_is_shown_to_the_user(ranked_page) -> None:
+    page = ranked_page
+    page.select_option("#model", "digits")
+    page.evaluate("() => { document.querySelector('#label').add(new Option('ten', '10')); }")
+    page.select_option("#label", "10")  # as if the page held a stale class list
+    page.click("#sample")
+    expect(page.locator("#error")).to_contain_text("out of range")
+    assert "0..9" in page.inner_text("#error")
+    expected = [line for line in page.console_problems if "status of 422" in line]
+    assert len(expected) == 1
+    page.console_problems.remove(expected[0])

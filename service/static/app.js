@@ -25,9 +25,16 @@ async function errorMessage(response) {
 function describeMetric(key, value) {
   if (value && typeof value === "object") {  // evaluate figures: Frechet distance, precision, recall
     const where = key.replace(/^evaluate_?/, "") || "samples";
-    const round = (number) => (typeof number === "number" ? Number(number.toPrecision(3)) : "?");
-    return `${where}: FD ${round(value.frechet_distance)} (real ${round(value.floor_frechet_distance)}), ` +
-      `precision ${round(value.precision)}, recall ${round(value.recall)}`;
+    const round = (number) => Number(number.toPrecision(3));
+    const recorded = (name) => typeof value[name] === "number";
+    const parts = [];
+    if (recorded("frechet_distance")) {
+      const floor = recorded("floor_frechet_distance") ? ` (real ${round(value.floor_frechet_distance)})` : "";
+      parts.push(`FD ${round(value.frechet_distance)}${floor}`);
+    }
+    if (recorded("precision")) parts.push(`precision ${round(value.precision)}`);
+    if (recorded("recall")) parts.push(`recall ${round(value.recall)}`);
+    return `${where}: ${parts.join(", ") || "no figures"}`;
   }
   return `${key} ${typeof value === "number" ? Number(value.toPrecision(4)) : value}`;
 }
@@ -36,24 +43,79 @@ function currentModel() {
   return state.models.find((model) => model.name === $("model").value);
 }
 
-function fillDefaults() {
-  const model = currentModel();
-  if (!model) return;
+function noiseFrechetDistance(model) {
+  const distance = model.metrics?.evaluate_noise?.frechet_distance;
+  return typeof distance === "number" && Number.isFinite(distance) ? distance : null;
+}
+
+function bestModel(models) {
+  // Open on the EBM whose chains from noise scored best (lowest Frechet distance), so that the first
+  // Watch shows noise turning into digits; without that figure, the first EBM, then the first model.
+  const energies = models.filter((model) => model.family === "ebm");
+  const scored = energies.filter((model) => noiseFrechetDistance(model) !== null);
+  scored.sort((a, b) => noiseFrechetDistance(a) - noiseFrechetDistance(b));
+  return scored[0] || energies[0] || models[0];
+}
+
+function initChoice(value) {
+  return document.querySelector(`input[name=init][value=${value}]`);
+}
+
+function applySamplerDefaults(model) {
   const sampler = model.sampler || {};
   for (const field of ["steps", "step_size", "noise", "temperature"]) {
     $(field).value = sampler[field] ?? "";
   }
   $("n").max = model.limits.max_n;
   $("steps").max = model.limits.max_steps;
-  const init = document.querySelector(`input[name=init][value=${sampler.init || "noise"}]`);
-  if (init) init.checked = true;
+}
+
+function applyInitChoices(model) {
+  // A model trained without a replay buffer answers init "buffer" with a 422: offer noise instead.
+  const sampler = model.sampler || {};
+  const hasBuffer = model.buffer_size != null;
+  initChoice("buffer").disabled = !hasBuffer;
+  $("buffer-choice").title = hasBuffer ? "" : `${model.name} was trained without a replay buffer`;
+  $("noise-name").textContent = sampler.prior === "gaussian" ? "Gaussian noise" : "uniform noise";
+  const wanted = sampler.init === "buffer" && hasBuffer ? "buffer" : "noise";
+  initChoice(wanted).checked = true;
+}
+
+function fillClassPicker(model) {
+  const classes = model.classes || [];
+  const any = new Option("any", "");
+  $("label").replaceChildren(any, ...classes.map((name, index) => new Option(name, String(index))));
+  $("class-picker").hidden = !model.classes;
+}
+
+function selectedLabel() {
+  const model = currentModel();
+  const value = $("label").value;
+  return model && model.classes && value !== "" ? Number(value) : null;
+}
+
+function describeModel(model) {
   const figures = Object.entries(model.metrics || {}).map(([key, value]) => describeMetric(key, value)).join(", ");
   const members = model.members.length > 1 ? ` · ensemble of ${model.members.length}` : "";
   const buffer = model.buffer_size != null ? ` · buffer ${model.buffer_size}/${model.buffer_capacity}` : "";
-  $("model-info").textContent = `${model.family}${members}${buffer}${figures ? " · " + figures : ""}`;
+  const classes = model.classes ? ` · ${model.classes.length} classes` : "";
+  return `${model.family}${members}${buffer}${classes}${figures ? " · " + figures : ""}`;
+}
+
+function showFamilyControls(model) {
   for (const element of document.querySelectorAll("[data-family]")) {
     element.hidden = element.dataset.family !== model.family;
   }
+}
+
+function fillDefaults() {
+  const model = currentModel();
+  if (!model) return;
+  applySamplerDefaults(model);
+  applyInitChoices(model);
+  fillClassPicker(model);
+  $("model-info").textContent = describeModel(model);
+  showFamilyControls(model);
   updateCurl();
 }
 
@@ -69,6 +131,7 @@ async function loadModels() {
     return option;
   }));
   if (!state.models.length) showError("This server has no models loaded.");
+  else select.value = bestModel(state.models).name;
   fillDefaults();
 }
 
@@ -102,6 +165,8 @@ function maskDataUrl(side) {
 function requestBody(extra = {}) {
   const body = { model: $("model").value, n: Number($("n").value) || 1 };
   if ($("seed").value !== "") body.seed = Number($("seed").value);
+  const label = selectedLabel();
+  if (label !== null) body.label = label;
   const model = currentModel();
   if (model && model.family === "ebm") {
     const sampler = model.sampler || {};
@@ -162,7 +227,15 @@ async function run(action) {
   }
 }
 
+function clearEnergyReadout() {
+  // The readout and curve belong to the chains on screen: a new request must not show the last one's.
+  state.energies = [];
+  $("energy-now").textContent = "";
+  drawCurve();
+}
+
 async function sample() {
+  clearEnergyReadout();
   $("step").textContent = "sampling…";
   const response = await post(requestBody({ format: "png" }));
   showBlob(await response.blob());
@@ -211,8 +284,7 @@ function handleEvent(name, data) {
 }
 
 async function watch() {
-  state.energies = [];
-  drawCurve();
+  clearEnergyReadout();
   $("step").textContent = "waiting for the worker…";
   const response = await post(requestBody({ stream: true }));
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
