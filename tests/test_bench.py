@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import write_tiny_ebm, write_tiny_flow
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,3 +57,16 @@ def test_serving_bench_drives_a_flow_and_prints_its_table(tmp_path: Path) -> Non
     cells = [cell.strip() for cell in rows[1].split("|")]
     served, raw = float(cells[4]), float(cells[5].split()[0])
     assert served > 0 and raw > 0 and cells[5].endswith("(4)")  # the raw batch: 2 requests x 2 samples
+
+
+def test_training_speed_bench_times_an_eqm_update_in_a_fresh_process() -> None:
+    printed = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "train_speed.py"), "--rows", "eqm-bf16-t1-batch64", "--updates", "1"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=240,
+    ).stdout.splitlines()
+    row = next(line for line in printed if line.startswith("| eqm-bf16-t1-batch64 |"))
+    updates_per_s, images_per_s = (float(cell) for cell in row.split("|")[2:4])
+    assert updates_per_s > 0 and images_per_s == pytest.approx(64 * updates_per_s, rel=0.01)

@@ -14,7 +14,7 @@ import torch
 
 from training.checkpoint import Checkpoint, ModelConfig, save_checkpoint
 from training.data import ImageDataset
-from training.langevin import ReplayBuffer, frozen_energy, sample_langevin
+from training.langevin import EnergyFn, ReplayBuffer, frozen_energy, sample_langevin
 from training.losses import contrastive_divergence
 from training.models import build_model
 from training.run import RunConfig, Stopwatch, batches, load_resume, save_resume, start_run
@@ -145,6 +145,28 @@ def validate(model: torch.nn.Module, test: ImageDataset, batch_size: int, limit:
     return {"val_e_test": e_real, "val_e_noise": e_noise, "val_cd": e_real - e_noise}
 
 
+def cd_update(
+    model: torch.nn.Module,
+    energy: EnergyFn,
+    optimizer: torch.optim.Optimizer,
+    buffer: ReplayBuffer,
+    real: torch.Tensor,  # [B, *shape] training images
+    langevin: EBMSampler,
+    config: EBMTrainConfig,
+) -> dict[str, float]:
+    """One contrastive-divergence update: Langevin negatives from the replay buffer, then one Adam step."""
+    real = (real + config.real_noise * torch.randn_like(real)).clamp_(-1, 1)
+    start, slots = buffer.draw(len(real))
+    fake = sample_langevin(energy, start.to(real.device), langevin, (-1.0, 1.0))
+    buffer.write_back(slots, fake)
+    energies = model(torch.cat([real, fake]))  # [2B]
+    loss, parts = contrastive_divergence(*energies.chunk(2), alpha=config.alpha)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return parts
+
+
 def train_ebm(config: EBMTrainConfig) -> Path:
     """Train, writing the checkpoint after every epoch; returns its path."""
     config.setting("lr")  # an unknown --objective fails here, before any data is read
@@ -185,16 +207,7 @@ def train_ebm(config: EBMTrainConfig) -> Path:
         )
         totals: dict[str, float] = {}
         for index in bar:
-            real = train.images[index].to(device)
-            real = (real + config.real_noise * torch.randn_like(real)).clamp_(-1, 1)
-            start, slots = buffer.draw(config.batch_size)
-            fake = sample_langevin(energy, start.to(device), langevin, (-1.0, 1.0))
-            buffer.write_back(slots, fake)
-            energies = model(torch.cat([real, fake]))  # [2B]
-            loss, parts = contrastive_divergence(*energies.chunk(2), alpha=config.alpha)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            parts = cd_update(model, energy, optimizer, buffer, train.images[index].to(device), langevin, config)
             for key, value in parts.items():
                 totals[key] = totals.get(key, 0.0) + value
             bar.set_postfix(

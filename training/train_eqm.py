@@ -89,6 +89,27 @@ def eqm_loss(
     )
 
 
+def eqm_update(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,  # [B, *shape] training images
+    labels: torch.Tensor | None,  # [B], -1 = null label
+    config: EBMTrainConfig,
+    lr: float,
+) -> dict[str, float]:
+    """One Equilibrium Matching update: the loss under autocast, gradient-norm clipping, one Adam step."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with autocast(config, x.device):
+        loss, parts = eqm_loss(model, x, labels, config)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if config.max_grad_norm:
+        parts["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm))
+    optimizer.step()
+    return parts
+
+
 def validate_eqm(
     model: torch.nn.Module, test: ImageDataset, config: EBMTrainConfig, device: torch.device
 ) -> dict[str, float]:
@@ -159,15 +180,7 @@ def train_eqm(config: EBMTrainConfig) -> Path:
             if classes:
                 labels = train.labels[index].to(device)
                 labels = torch.where(torch.rand(len(index), device=device) < config.label_dropout, -1, labels)
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(config, updates, total_updates)
-            with autocast(config, device):
-                loss, parts = eqm_loss(model, x, labels, config)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.max_grad_norm:
-                parts["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm))
-            optimizer.step()
+            parts = eqm_update(model, optimizer, x, labels, config, learning_rate(config, updates, total_updates))
             updates += 1
             ema_update(average, model, warmed_up_decay(config.ema_decay, updates))
             for key, value in parts.items():
