@@ -24,6 +24,11 @@ def describe(checkpoint: Checkpoint) -> str:
     config = checkpoint.config
     kwargs = config.arch.get("kwargs", {})
     name = config.arch["name"]
+    if name == "unet_energy":
+        classes = kwargs.get("num_classes", 0)
+        conditional = f", class-conditional ({classes} classes)" if classes else ""
+        form = kwargs.get("energy_form", "dot")
+        return f"EBM, U-Net energy ({form} form, EqM), width {kwargs.get('width')}{conditional}"
     if config.family == "ebm":
         return f"EBM, conv energy width {kwargs.get('width')}"
     if config.family == "gan":
@@ -64,9 +69,20 @@ def sampler_text(checkpoint: Checkpoint, key: str, figures: dict) -> str:
     config = checkpoint.config
     if config.family == "ebm":
         figures = figures or {"init": config.sampler.get("init"), "steps": config.sampler.get("steps")}
-        source = "its replay buffer" if figures.get("init") == "buffer" else "uniform noise"
-        who = "the ensemble's members in turn" if key.startswith("evaluate_ensemble") else "Langevin"
-        return f"{figures.get('steps')} steps ({who}) from {source}"
+        source = (
+            "its replay buffer"
+            if figures.get("init") == "buffer"
+            else f"{config.sampler.get('prior', 'uniform')} noise"
+        )
+        if figures.get("noise", config.sampler.get("noise")) == 0:  # an EqM energy: plain gradient descent
+            text = f"{figures.get('steps')} gradient steps of {figures.get('step_size')} from {source}"
+        else:
+            who = "the ensemble's members in turn" if key.startswith("evaluate_ensemble") else "Langevin"
+            text = f"{figures.get('steps')} steps ({who}) from {source}"
+        if "label" in figures:
+            which = "each class in turn" if figures["label"] == "all" else f"class {figures['label']}"
+            text += f", {which} (classifier agrees: {100 * figures.get('label_accuracy', 0):.1f} %)"
+        return text
     if config.family == "gan":
         return "one generator pass"
     return f"inverse at temperature {config.sampler.get('temperature')}"

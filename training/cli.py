@@ -144,6 +144,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         ]
     )
     steps = args.steps or (model.sampler.steps if isinstance(model.sampler, EBMSampler) else None)
+    ebm_sampler_report: dict = {"init": args.init, "steps": steps, "n": args.n}
+    if isinstance(model.sampler, EBMSampler):
+        ebm_sampler_report.update(step_size=model.sampler.step_size, noise=model.sampler.noise)
+    if args.label is not None:
+        ebm_sampler_report["label"] = args.label
     # A random test subset (the first MNIST test images are the easier half), the same for every model.
     reference = test.images[
         torch.randperm(len(test.images), generator=torch.Generator().manual_seed(args.seed + 1))[: args.n]
@@ -151,7 +156,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     report = {
         "checkpoints": [str(path) for path in args.checkpoint],
         "family": model.config.family,
-        "sampler": {"init": args.init, "steps": steps, "n": args.n} if model.config.family == "ebm" else {"n": args.n},
+        "sampler": ebm_sampler_report if model.config.family == "ebm" else {"n": args.n},
         "model": quality_figures(classifier, reference, samples, labels).report(),
         "real_data_floor": real_data_floor(
             classifier, reference, train.images, args.n, torch.Generator().manual_seed(args.seed + 2)
