@@ -18,8 +18,8 @@ def ema_update(average: nn.Module, model: nn.Module, decay: float) -> None:
     so the averaged weights run with statistics averaged the same way); integer buffers are copied."""
     for averaged, current in zip(average.parameters(), model.parameters(), strict=True):
         averaged.lerp_(current, 1.0 - decay)
-    for averaged, current in zip(average.buffers(), model.buffers(), strict=True):
-        if averaged.is_floating_point():
-            averaged.lerp_(current, 1.0 - decay)
+    for averaged_buffer, current_buffer in zip(average.buffers(), model.buffers(), strict=True):
+        if averaged_buffer.is_floating_point():
+            averaged_buffer.lerp_(current_buffer, 1.0 - decay)
         else:
-            averaged.copy_(current)
+            averaged_buffer.copy_(current_buffer)

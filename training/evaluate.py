@@ -18,23 +18,26 @@ from training.checkpoint import Checkpoint, ModelConfig, load_checkpoint, save_c
 from training.data import load_dataset
 from training.device import pick_device
 from training.models import build_model
+from training.models.classifier import DigitClassifier
 from training.run import RunLog, Stopwatch, batches, seed_everything
 
 DEFAULT_CLASSIFIER = Path(__file__).parent / "assets" / "mnist_classifier.safetensors"
 
 
-def load_classifier(path: str | Path = DEFAULT_CLASSIFIER, device: torch.device | str = "cpu") -> torch.nn.Module:
+def load_classifier(path: str | Path = DEFAULT_CLASSIFIER, device: torch.device | str = "cpu") -> DigitClassifier:
     checkpoint = load_checkpoint(path)
     if checkpoint.config.family != "classifier":
         raise ValueError(f"{path} is a {checkpoint.config.family} checkpoint, not the evaluation classifier")
     model = build_model(checkpoint.config.arch)
+    if not isinstance(model, DigitClassifier):
+        raise ValueError(f"{path} holds a {type(model).__name__}; the evaluation classifier is a DigitClassifier")
     model.load_state_dict(checkpoint.weights)
     return model.to(device).eval()
 
 
 @torch.no_grad()
 def features_and_labels(
-    classifier: torch.nn.Module, images: torch.Tensor, batch_size: int = 500
+    classifier: DigitClassifier, images: torch.Tensor, batch_size: int = 500
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Penultimate features [N, 128] and predicted labels [N] of images in [-1, 1]."""
     device = next(classifier.parameters()).device
@@ -95,7 +98,7 @@ class QualityFigures:
 
 
 def quality_figures(
-    classifier: torch.nn.Module,
+    classifier: DigitClassifier,
     reference: torch.Tensor,
     samples: torch.Tensor,
     labels: torch.Tensor | None = None,
@@ -118,7 +121,7 @@ def quality_figures(
 
 
 def real_data_floor(
-    classifier: torch.nn.Module, reference: torch.Tensor, train_images: torch.Tensor, n: int, generator: torch.Generator
+    classifier: DigitClassifier, reference: torch.Tensor, train_images: torch.Tensor, n: int, generator: torch.Generator
 ) -> dict:
     """The same figures for n real training images against the reference: what a perfect model would get."""
     pick = torch.randperm(len(train_images), generator=generator)[:n]

@@ -84,7 +84,7 @@ def decode_image(
             if image.width * image.height > max_pixels:
                 raise ImageDecodeError(f"image is {image.width}x{image.height}; at most {max_pixels} pixels")
             channels, height, width = shape
-            converted = image.convert("L" if channels == 1 else "RGB").resize((width, height), Image.LANCZOS)
+            converted = image.convert("L" if channels == 1 else "RGB").resize((width, height), Image.Resampling.LANCZOS)
     except ImageDecodeError:
         raise
     except Exception as error:  # Pillow raises many types for broken input

@@ -216,7 +216,7 @@ class ReplayBuffer:
         self.in_use[slots[drawn]] = False
         for row in (~drawn).nonzero().squeeze(1).tolist():
             if self.size < self.capacity:
-                slot = self.size
+                slot: int | None = self.size
                 self.size += 1
             else:
                 slot = self._next_free_to_replace()

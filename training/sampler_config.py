@@ -76,7 +76,7 @@ SAMPLERS: dict[str, type[EBMSampler] | type[GANSampler] | type[FlowSampler]] = {
     "gan": GANSampler,
     "flow": FlowSampler,
 }
-Config = TypeVar("Config", EBMSampler, GANSampler, FlowSampler)
+Config = TypeVar("Config", bound=SamplerConfig)
 
 
 def from_dict(kind: type[Config], raw: dict[str, Any]) -> Config:

@@ -7,6 +7,8 @@ with `log_det` of shape [batch] on the input's device; the two log-dets of a rou
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -57,7 +59,7 @@ class Squeeze(FlowLayer):
     def inverse(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return unsqueeze2d(y), torch.zeros(y.shape[0], device=y.device, dtype=y.dtype)
 
-    def output_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+    def output_shape(self, shape: tuple[int, ...]) -> tuple[int, int, int]:
         c, h, w = shape
         return (4 * c, h // 2, w // 2)
 
@@ -92,6 +94,8 @@ class LogitTransform(FlowLayer):
 class ActNorm(FlowLayer):
     """Glow's per-channel affine y = (x + b) * exp(s), started from the first batch it sees so that
     every channel has zero mean and unit variance there (data-dependent initialization)."""
+
+    initialized: torch.Tensor  # bool scalar buffer: set once the first batch has been seen
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -145,8 +149,9 @@ class AdditiveCoupling(FlowLayer):
         self.parity = parity
         kept = (dim + 1 - parity) // 2  # size of the conditioning half
         self.coupling = _mlp(kept, dim - kept, hidden, depth)
-        nn.init.zeros_(self.coupling[-1].weight)  # starts as the identity
-        nn.init.zeros_(self.coupling[-1].bias)
+        output = cast(nn.Linear, self.coupling[-1])  # _mlp always ends in a Linear
+        nn.init.zeros_(output.weight)  # starts as the identity
+        nn.init.zeros_(output.bias)
 
     def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return x[:, self.parity :: 2], x[:, 1 - self.parity :: 2]  # conditioning half, transformed half
@@ -223,7 +228,10 @@ class StandardGaussian:
         return latent_gaussian(seeds, dim)
 
 
-BASES = {"logistic": StandardLogistic, "gaussian": StandardGaussian}
+BASES: dict[str, type[StandardLogistic] | type[StandardGaussian]] = {
+    "logistic": StandardLogistic,
+    "gaussian": StandardGaussian,
+}
 
 
 class Flow(nn.Module):
@@ -282,7 +290,8 @@ class Flow(nn.Module):
         state = z.reshape(z.shape[0], *self.latent_shape)
         log_det = torch.zeros(z.shape[0], device=z.device, dtype=z.dtype)
         frames: list[torch.Tensor] = []
-        for layer in reversed(self.layers):
+        layers = cast(Sequence[FlowLayer], self.layers)  # __init__ fills the ModuleList with FlowLayers only
+        for layer in reversed(layers):
             if keep_states:
                 state, step, states = layer.inverse_with_states(state)
                 frames += [self._data_view(each) for each in states]
@@ -328,7 +337,7 @@ class NICE(Flow):
     def initialize(self, x: torch.Tensor) -> None:
         """Set the scaling from a batch of (dequantized) data, so training starts near the data's scale."""
         z, _ = self(x)  # through the couplings (and the current scaling)
-        scaling: DiagonalScaling = self.layers[-1]
+        scaling = cast(DiagonalScaling, self.layers[-1])  # __init__ appends it after the couplings
         before = z * (-scaling.log_scale).exp()
         scaling.initialize(before, target_std=math.pi / math.sqrt(3) if self.base_name == "logistic" else 1.0)
 

@@ -18,6 +18,10 @@ from training.models.flows import ActNorm, Flow, FlowLayer, Squeeze, can_squeeze
 class InvertibleConv1x1(FlowLayer):
     """Glow's learned channel permutation, LU-parametrized so log|det W| = sum(log|s|) costs nothing."""
 
+    permutation: torch.Tensor  # [C, C] buffer: the fixed P of W = P L U
+    sign: torch.Tensor  # [C] buffer: signs of U's diagonal
+    lower_mask: torch.Tensor  # [C, C] buffer: strictly lower triangle
+
     def __init__(self, channels: int) -> None:
         super().__init__()
         rotation = torch.linalg.qr(torch.randn(channels, channels))[0]
@@ -55,15 +59,13 @@ class AffineCoupling(FlowLayer):
         self.kept = channels // 2
         moved = channels - self.kept
         padding = kernel // 2
-        self.net = nn.Sequential(
-            nn.Conv2d(self.kept, hidden, kernel, padding=padding),
-            nn.ReLU(),
-            nn.Conv2d(hidden, hidden, 1),
-            nn.ReLU(),
-            nn.Conv2d(hidden, 2 * moved, kernel, padding=padding),
-        )
-        nn.init.zeros_(self.net[-1].weight)  # starts as the identity
-        nn.init.zeros_(self.net[-1].bias)
+        first = nn.Conv2d(self.kept, hidden, kernel, padding=padding)
+        middle = nn.Conv2d(hidden, hidden, 1)
+        last = nn.Conv2d(hidden, 2 * moved, kernel, padding=padding)
+        assert last.bias is not None  # built with bias=True (the default)
+        nn.init.zeros_(last.weight)  # starts as the identity
+        nn.init.zeros_(last.bias)
+        self.net = nn.Sequential(first, nn.ReLU(), middle, nn.ReLU(), last)
         self.scale_bound = scale_bound
 
     def _shift_and_log_scale(self, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -32,6 +32,8 @@ class LipschitzConv(nn.Module):
     evaluation and a float16 checkpoint all use the same map for fixed `u`.
     """
 
+    u: torch.Tensor  # [1, inputs, *spatial] buffer: the power iteration's current right-singular vector
+
     def __init__(
         self,
         inputs: int,
@@ -46,6 +48,7 @@ class LipschitzConv(nn.Module):
         self.coefficient = coefficient
         self.power_iterations = power_iterations
         conv = nn.Conv2d(inputs, outputs, kernel, padding=self.padding)
+        assert conv.bias is not None  # built with bias=True (the default)
         self.weight = nn.Parameter(conv.weight.detach())
         self.bias = nn.Parameter(conv.bias.detach())
         self.register_buffer("u", _unit(torch.randn(1, inputs, *spatial)))
@@ -203,8 +206,9 @@ class IResNet(Flow):
         layers: list[FlowLayer] = [LogitTransform(logit_alpha)] if logit_alpha > 0 else []
         state_shape = layer_shape
         if can_squeeze(layer_shape):
-            layers.append(Squeeze())
-            state_shape = layers[-1].output_shape(layer_shape)
+            squeeze = Squeeze()
+            layers.append(squeeze)
+            state_shape = squeeze.output_shape(layer_shape)
         for _ in range(blocks):
             layers.append(ActNorm(state_shape[0]))
             layers.append(
