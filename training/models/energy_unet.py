@@ -17,6 +17,22 @@ from torch import nn
 ENERGY_FORMS = ("dot", "l2")
 
 
+def with_null_label(labels: torch.Tensor | None, batch: int, num_classes: int, device: torch.device) -> torch.Tensor:
+    """Labels [B] with None (all) or -1 entries replaced by the null label `num_classes`."""
+    if labels is None:
+        return torch.full((batch,), num_classes, dtype=torch.long, device=device)
+    labels = labels.to(device=device, dtype=torch.long)
+    return torch.where(labels < 0, torch.full_like(labels, num_classes), labels)
+
+
+def scalar_energy(x: torch.Tensor, field: torch.Tensor, form: str) -> torch.Tensor:
+    """E [B] from the field f [B, *shape]: <x, f(x)> ("dot") or -||f(x)||^2 / 2 ("l2"), in float32."""
+    x, field = x.float().flatten(1), field.float().flatten(1)
+    if form == "dot":
+        return (x * field).sum(1)
+    return -0.5 * field.pow(2).sum(1)
+
+
 def _groups(channels: int) -> int:
     """GroupNorm groups: 8 where the channels allow it, fewer for tiny test widths."""
     for groups in (8, 4, 2):
@@ -83,10 +99,7 @@ class UNetEnergy(nn.Module):
         """Label embeddings [B, D]; None labels (or -1 entries) take the null label."""
         if self.label_embedding is None:
             return None
-        if labels is None:
-            labels = torch.full((batch,), self.num_classes, dtype=torch.long, device=device)
-        labels = torch.where(labels < 0, torch.full_like(labels, self.num_classes), labels)
-        return self.label_embedding(labels.to(device=device, dtype=torch.long))
+        return self.label_embedding(with_null_label(labels, batch, self.num_classes, device))
 
     def field(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:  # [B, C, H, W]
         embedding = self.embed(labels, x.shape[0], x.device)
@@ -100,10 +113,7 @@ class UNetEnergy(nn.Module):
         return self.head(F.silu(self.head_norm(u1)))
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:  # -> [B]
-        f = self.field(x, labels).float()
-        if self.energy_form == "dot":
-            return (x.float() * f).flatten(1).sum(1)
-        return -0.5 * f.pow(2).flatten(1).sum(1)
+        return scalar_energy(x, self.field(x, labels), self.energy_form)
 
 
 class MLPFieldEnergy(nn.Module):
@@ -125,16 +135,10 @@ class MLPFieldEnergy(nn.Module):
     def field(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:  # [B, D]
         h = self.inp(x)
         if self.label_embedding is not None:
-            if labels is None:
-                labels = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
-            labels = torch.where(labels < 0, torch.full_like(labels, self.num_classes), labels)
-            h = h + self.label_embedding(labels.long())
+            h = h + self.label_embedding(with_null_label(labels, x.shape[0], self.num_classes, x.device))
         for layer in self.layers:
             h = layer(F.silu(h))
         return self.out(F.silu(h))
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:  # -> [B]
-        f = self.field(x, labels).float()
-        if self.energy_form == "dot":
-            return (x.float() * f).sum(1)
-        return -0.5 * f.pow(2).sum(1)
+        return scalar_energy(x, self.field(x, labels), self.energy_form)
