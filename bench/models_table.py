@@ -81,6 +81,8 @@ def sampler_text(checkpoint: Checkpoint, key: str, figures: dict) -> str:
             text = f"{figures.get('steps')} steps ({who}) from {source}"
         if "label" in figures:
             which = "each class in turn" if figures["label"] == "all" else f"class {figures['label']}"
+            if figures.get("guidance", 1.0) != 1.0:
+                which += f", guidance {figures['guidance']}"
             text += f", {which} (classifier agrees: {100 * figures.get('label_accuracy', 0):.1f} %)"
         return text
     if config.family == "gan":

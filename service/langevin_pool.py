@@ -115,7 +115,9 @@ class LangevinPool(SamplerPool):
             [torch.full((state.order.n,), -1 if state.order.label is None else state.order.label) for state in states]
         ).to(self.device)  # [B]; -1: the null label
         moved = langevin_step(
-            conditioned_energy(self.modules[module_index], labels),  # served modules are frozen, in eval mode
+            conditioned_energy(
+                self.modules[module_index], labels, per_chain(lambda order: order.guidance)
+            ),  # served modules are frozen, in eval mode
             x,
             chain_gaussian(seeds, steps, self.shape).to(self.device),
             step_size=per_chain(lambda order: order.step_size),
@@ -151,8 +153,8 @@ class LangevinPool(SamplerPool):
         sampler = self.sampler
         if not self.group.has_buffer:
             return False
-        defaults = (sampler.step_size, sampler.noise, sampler.temperature, sampler.momentum)
-        if (order.step_size, order.noise, order.temperature, order.momentum) != defaults:
+        defaults = (sampler.step_size, sampler.noise, sampler.temperature, sampler.momentum, sampler.guidance)
+        if (order.step_size, order.noise, order.temperature, order.momentum, order.guidance) != defaults:
             return False
         return order.init == "buffer" or (order.init == "noise" and order.steps >= sampler.steps)
 

@@ -67,6 +67,7 @@ class SampleOrder:
     momentum: float = 0.0
     init: str = "noise"  # "buffer" | "noise" | "image"
     label: int | None = None  # class index for a class-conditional energy; None: its null (unconditional) label
+    guidance: float = 1.0  # labelled chains: E(x) + guidance (E(x, y) - E(x))
     trajectory_every: int | None = None
     max_frames: int | None = None  # flows: an iterative inverse (i-ResNet) is thinned to this many frames
     start_image: torch.Tensor | None = None  # [*shape] in the data range, for init "image"

@@ -32,6 +32,8 @@ def check_applicable(body: SampleRequest, model: ServedModel, settings: Settings
         problems.append(
             f"'label' {body.label} is out of range for {model.name}: 0..{len(classes) - 1} ({', '.join(classes)})"
         )
+    if body.guidance is not None and model.family == "ebm" and classes is None:
+        problems.append(f"'guidance' applies to class-conditional energies; {model.name} is unconditional")
     if body.init == "buffer" and model.family == "ebm" and not model.has_buffer:
         problems.append(f"init 'buffer' needs a replay buffer; {model.name} was trained without one (use 'noise')")
     if model.family != "ebm":
@@ -126,6 +128,7 @@ async def make_order(body: SampleRequest, model: ServedModel, settings: Settings
         noise=_given(body.noise, sampler.noise),
         momentum=_given(body.momentum, sampler.momentum),
         label=body.label,
+        guidance=_given(body.guidance, sampler.guidance),
         init=body.init or sampler.init,
         trajectory_every=every,
         start_image=start_image,

@@ -20,6 +20,7 @@ class SampleRequest(BaseModel):
     step_size: float | None = Field(None, gt=0)
     noise: float | None = Field(None, ge=0)
     momentum: float | None = Field(None, ge=0, lt=1)  # heavy-ball Langevin; 0 = plain steps
+    guidance: float | None = Field(None, ge=0, le=20, description="with a label: E(x) + w (E(x, y) - E(x))")
     init: Literal["buffer", "noise", "image"] | None = None
     image: str | None = Field(None, description="init 'image': base64 PNG/JPEG (a data: URL is fine)")
     mask: str | None = Field(None, description="with image: white marks pixels to fill in, black pixels stay")
@@ -30,7 +31,17 @@ class SampleRequest(BaseModel):
 
 
 # Fields that only Langevin sampling reads; for a GAN, `temperature` scales the latent instead.
-EBM_ONLY_FIELDS = ("steps", "step_size", "noise", "momentum", "init", "image", "mask", "trajectory_every")
+EBM_ONLY_FIELDS = (
+    "steps",
+    "step_size",
+    "noise",
+    "momentum",
+    "guidance",
+    "init",
+    "image",
+    "mask",
+    "trajectory_every",
+)
 
 
 class Timings(BaseModel):

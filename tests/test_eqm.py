@@ -97,3 +97,20 @@ def test_bfloat16_energy_gradient_stays_close_to_float32() -> None:
     cosine = torch.nn.functional.cosine_similarity(exact.flatten(), fast.float().flatten(), dim=0).item()
     relative = ((fast.float() - exact).norm() / exact.norm()).item()
     assert cosine > 0.99 and relative < 0.1, (cosine, relative)
+
+
+def test_guidance_composes_the_conditional_and_unconditional_energies_per_chain() -> None:
+    from training.langevin import conditioned_energy
+
+    torch.manual_seed(0)
+    model = UNetEnergy(width=4, num_classes=10).eval()
+    x = torch.randn(3, 1, 28, 28)
+    labels = torch.tensor([1, 5, -1])
+    with torch.no_grad():
+        labelled, unconditional = model(x, labels), model(x)
+        torch.testing.assert_close(conditioned_energy(model, labels, 1.0)(x), labelled)
+        torch.testing.assert_close(conditioned_energy(model, labels, 0.0)(x), unconditional)
+        weights = torch.tensor([3.0, 1.0, 3.0])  # per chain, in one batch
+        expected = unconditional + weights * (labelled - unconditional)
+        torch.testing.assert_close(conditioned_energy(model, labels, weights)(x), expected)
+        torch.testing.assert_close(expected[2], unconditional[2])  # an unlabelled chain ignores its weight

@@ -60,6 +60,7 @@ def test_a_label_draws_real_pngs_that_depend_on_the_label(server) -> None:
         ({"model": "plain", "label": 1}, "unconditional"),
         ({"model": "cd", "label": 1}, "unconditional"),
         ({"model": "digits", "init": "buffer"}, "trained without one"),
+        ({"model": "plain", "guidance": 2.0}, "class-conditional"),
     ],
 )
 def test_labels_and_buffer_options_that_do_not_apply_are_422(server, body: dict, message: str) -> None:

@@ -123,7 +123,7 @@ def test_a_labelled_chain_is_the_same_alone_and_beside_other_labels_and_settings
     alone = bench.submit(**request)
     while not alone:
         bench.worker.run_once()
-    crowd = bench.submit(model="digits", n=3, steps=9, seed=1, label=8, step_size=0.02, momentum=0.3)
+    crowd = bench.submit(model="digits", n=3, steps=9, seed=1, label=8, step_size=0.02, momentum=0.3, guidance=3.0)
     unlabelled = bench.submit(model="digits", n=1, steps=9, seed=2)
     bench.worker.run_once()
     together = bench.submit(**request)

@@ -119,17 +119,34 @@ def sample_langevin(
     return x if settings.clamp else x.clamp(*data_range)
 
 
-def conditioned_energy(model: Callable[..., torch.Tensor], labels: torch.Tensor | None) -> EnergyFn:
+def conditioned_energy(
+    model: Callable[..., torch.Tensor], labels: torch.Tensor | None, guidance: Setting = 1.0
+) -> EnergyFn:
     """A class-conditional energy (a module with `num_classes` > 0) at `labels` [B] (-1 or None: its null
-    label, the unconditional energy); any other energy as it is, labels ignored."""
-    if getattr(model, "num_classes", 0) > 0:
+    label, the unconditional energy); any other energy as it is, labels ignored.
+
+    With `guidance` w != 1 (a scalar or per chain [B]) labelled chains move on the composed energy
+    E(x) + w (E(x, y) - E(x)): classifier-free guidance (Ho & Salimans 2022) written as a sum of
+    energies, as IGEBM composes them; w > 1 sharpens the class, at one extra forward pass per step.
+    """
+    if getattr(model, "num_classes", 0) == 0:
+        return model
+    plain = bool((guidance == 1.0).all()) if isinstance(guidance, torch.Tensor) else guidance == 1.0
+    if labels is None or plain:
         return lambda x: model(x, labels)
-    return model
+    weight = guidance.to(labels.device) if isinstance(guidance, torch.Tensor) else torch.full(labels.shape, guidance)
+
+    def guided(x: torch.Tensor) -> torch.Tensor:
+        both = model(torch.cat([x, x]), torch.cat([labels, torch.full_like(labels, -1)]))  # [2B]
+        labelled, unconditional = both.chunk(2)
+        return unconditional + weight.to(x.device, both.dtype) * (labelled - unconditional)
+
+    return guided
 
 
-def frozen_energy(model: nn.Module, labels: torch.Tensor | None = None) -> EnergyFn:
+def frozen_energy(model: nn.Module, labels: torch.Tensor | None = None, guidance: Setting = 1.0) -> EnergyFn:
     """The model as an energy in eval mode (spectral norm does no power iteration while sampling)."""
-    conditioned = conditioned_energy(model, labels)
+    conditioned = conditioned_energy(model, labels, guidance)
 
     def energy(x: torch.Tensor) -> torch.Tensor:
         was_training = model.training
@@ -142,10 +159,10 @@ def frozen_energy(model: nn.Module, labels: torch.Tensor | None = None) -> Energ
     return energy
 
 
-def ensemble_energy(models: list[nn.Module], labels: torch.Tensor | None = None) -> EnergyFn:
+def ensemble_energy(models: list[nn.Module], labels: torch.Tensor | None = None, guidance: Setting = 1.0) -> EnergyFn:
     """IGEBM's ensemble sampling for chains that start together: step t moves under member t mod K.
     (The server applies the same rule per chain, since its chains join a batch at different steps.)"""
-    energies = [frozen_energy(model, labels) for model in models]
+    energies = [frozen_energy(model, labels, guidance) for model in models]
     calls = itertools.count()
 
     def energy(x: torch.Tensor) -> torch.Tensor:

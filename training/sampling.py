@@ -173,5 +173,5 @@ def sample_ebm(
 
     if labels is not None:
         labels = labels.to(device)
-    energy = ensemble_energy([member.module for member in members], labels)
+    energy = ensemble_energy([member.module for member in members], labels, sampler.guidance)
     return sample_langevin(energy, start.to(device), sampler, first.data_range, noise, callback, steps)
