@@ -204,6 +204,26 @@ def _cmd_classifier(args: argparse.Namespace) -> None:
     )
 
 
+def _cmd_zoo(args: argparse.Namespace) -> None:
+    from training.zoo import main as zoo_main
+
+    failures = zoo_main(args)
+    if failures:
+        raise SystemExit(f"zoo: {failures} step(s) failed; see the logs in {args.runs_dir}")
+
+
+class _ExampleHelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults after each flag, and an epilog printed as written."""
+
+
+ZOO_EPILOG = """examples:
+  python -m training zoo --dry-run                                   # what each model's next chunk runs
+  python -m training zoo --jobs 2 --data-dir ../shared/data/mnist    # a chunk of every model, two at a time
+  python -m training zoo --preset cuda --only dcgan_mnist --ship     # a lent GPU: one model per command
+  bash scripts/train_zoo.sh --only glow_mnist,nice_mnist             # the same as python -m training zoo
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     from training.evaluate import DEFAULT_CLASSIFIER
     from training.train_ebm import EBMTrainConfig
@@ -291,6 +311,21 @@ def build_parser() -> argparse.ArgumentParser:
     classifier.add_argument("--max-batches", type=int, default=None)
     classifier.add_argument("--device", default="auto")
     classifier.set_defaults(handler=_cmd_classifier)
+
+    from training.zoo import add_arguments as add_zoo_arguments
+
+    zoo = commands.add_parser(
+        "zoo",
+        help="train or continue every shipped model in resumable chunks (--resume, else --init-from), then --ship",
+        description="Rebuild each shipped checkpoint's training command with its output under --runs-dir;\n"
+        "continue its run there (--resume) or warm-start from the shipped file (--init-from: weights,\n"
+        "EMA, critic, replay buffer); each run stops at an epoch end within --stop-after-minutes.\n"
+        "--ship brings finished runs back as float16, records evaluate figures, prints the models table.",
+        epilog=ZOO_EPILOG,
+        formatter_class=_ExampleHelpFormatter,
+    )
+    add_zoo_arguments(zoo)
+    zoo.set_defaults(handler=_cmd_zoo)
     return parser
 
 

@@ -35,6 +35,8 @@ class RunConfig:
     resume: bool = False
     max_batches: int | None = None  # per epoch; for quick runs and tests
     save_dtype: str = "float32"  # floating tensors of the output checkpoint: float32 or float16 (half the file)
+    stop_after_minutes: float | None = None  # end at the first epoch end where one more epoch would pass M minutes
+    init_from: str | None = None  # warm start (no run dir to resume): weights and extras of a checkpoint, same arch
 
     def resolved_run_dir(self) -> Path:
         return Path(self.run_dir) if self.run_dir else Path(self.out).with_suffix(".run")
@@ -50,8 +52,8 @@ class RunConfig:
         words = ["python", "-m", "training", family]
         for item in fields(self):
             value = getattr(self, item.name)
-            if value == item.default or item.name == "resume":
-                continue
+            if value == item.default or item.name in ("resume", "stop_after_minutes"):
+                continue  # how a run was scheduled, not what it computes
             flag = "--" + item.name.replace("_", "-")
             if isinstance(value, bool):
                 words.append(flag if value else "--no-" + flag[2:])
@@ -82,10 +84,50 @@ class RunStart:
     run_dir: Path
     log: RunLog
     batches_per_epoch: int  # full batches of the training set, capped by --max-batches
+    deadline: EpochDeadline  # --stop-after-minutes
+
+    def out_of_time(self, epoch: int, last_epoch: int) -> bool:
+        """Called after each epoch's checkpoint and resume state are written: True ends the run here."""
+        return self.deadline.stop_after(epoch, last_epoch)
+
+
+class EpochDeadline:
+    """--stop-after-minutes M: a run ends at an epoch end, never inside an epoch, so that the checkpoint and the
+    resume state are those of a finished epoch and `--resume` continues exactly as an uninterrupted run would.
+
+    It stops at the first epoch end from which one more epoch (as long as the longest so far) would pass M
+    minutes since the run started; so a run stays within M minutes when an epoch fits in M (a lent GPU's
+    command limit), and always trains at least one epoch (M = 0: exactly one).
+    """
+
+    def __init__(self, minutes: float | None) -> None:
+        if minutes is not None and minutes < 0:
+            raise ValueError(f"--stop-after-minutes must be 0 or more, not {minutes}")
+        self.minutes = minutes
+        self.start = time.monotonic()
+        self.epoch_start = self.start
+        self.longest_epoch = 0.0
+
+    def stop_after(self, epoch: int, last_epoch: int) -> bool:
+        now = time.monotonic()
+        self.longest_epoch = max(self.longest_epoch, now - self.epoch_start)
+        self.epoch_start = now
+        if self.minutes is None or epoch >= last_epoch:
+            return False
+        if now - self.start + self.longest_epoch <= self.minutes * 60:
+            return False
+        print(
+            f"--stop-after-minutes {self.minutes:g}: stopped after epoch {epoch} of {last_epoch} "
+            f"({(now - self.start) / 60:.1f} min; an epoch takes up to {self.longest_epoch / 60:.1f}); "
+            "continue with --resume",
+            flush=True,
+        )
+        return True
 
 
 def start_run(config: RunConfig, with_test: bool = True) -> RunStart:
     """Device, seed, datasets and run directory, in the same order for every family (so --seed reproduces)."""
+    deadline = EpochDeadline(config.stop_after_minutes)  # the clock counts data loading too
     device = pick_device(config.device)
     if config.threads is not None:
         torch.set_num_threads(config.threads)
@@ -99,7 +141,21 @@ def start_run(config: RunConfig, with_test: bool = True) -> RunStart:
         raise ValueError(f"{len(train.images)} training examples cannot fill one batch of {config.batch_size}")
     if config.max_batches is not None:
         per_epoch = min(per_epoch, config.max_batches)
-    return RunStart(device, train, test, run_dir, RunLog(run_dir), per_epoch)
+    return RunStart(device, train, test, run_dir, RunLog(run_dir), per_epoch, deadline)
+
+
+def warm_start(path: str, family: str, arch: dict[str, Any]) -> Checkpoint:
+    """--init-from: a checkpoint whose weights (and extras) this run starts from; refused unless it is the same
+    family and architecture as the run the flags describe."""
+    start = load_checkpoint(path)
+    if start.config.family != family:
+        raise ValueError(f"--init-from {path}: it is a {start.config.family} checkpoint, not a {family}")
+    if start.config.arch != arch:
+        raise ValueError(
+            f"--init-from {path}: its arch {start.config.arch} differs from this run's {arch}; "
+            f"pass the flags it was trained with ({start.config.training.get('command', 'not recorded')})"
+        )
+    return start
 
 
 def seed_everything(seed: int) -> None:

@@ -17,7 +17,7 @@ from training.data import ImageDataset
 from training.langevin import EnergyFn, ReplayBuffer, frozen_energy, sample_langevin
 from training.losses import contrastive_divergence
 from training.models import build_model
-from training.run import RunConfig, Stopwatch, batches, load_resume, save_resume, start_run
+from training.run import RunConfig, Stopwatch, batches, load_resume, save_resume, start_run, warm_start
 from training.sampler_config import EBMSampler, to_dict
 
 # What each objective uses when a flag is left unset (None). CD: the UvA deep-EBM tutorial on MNIST.
@@ -61,7 +61,6 @@ class EBMTrainConfig(RunConfig):
     warmup_steps: int = 200  # eqm: linear learning-rate warm-up
     min_lr_ratio: float = 0.1  # eqm: the cosine schedule's final learning rate / peak
     max_grad_norm: float | None = 1.0  # eqm: clip the parameter-gradient norm (0 or none: no clipping)
-    init_from: str | None = None  # eqm: warm-start weights and EMA from a shipped checkpoint (no run dir needed)
 
     def setting(self, name: str) -> Any:
         """A flag's value, or the objective's default when it was left unset."""
@@ -195,6 +194,15 @@ def train_ebm(config: EBMTrainConfig) -> Path:
         buffer = ReplayBuffer.from_state_dict(resumed.checkpoint.extras["replay_buffer"])
         first_epoch = resumed.epoch + 1
         already = float(resumed.checkpoint.config.training["wall_seconds"])
+    elif config.init_from:  # weights and replay buffer of a shipped checkpoint; its epochs and time count on
+        start = warm_start(config.init_from, "ebm", arch)
+        model.load_state_dict(start.weights)
+        buffer = ReplayBuffer.from_state_dict(
+            start.extras["replay_buffer"]
+            | {"capacity": torch.tensor(config.buffer_capacity), "restart_prob": torch.tensor(config.restart_prob)}
+        )
+        first_epoch = int(start.config.training.get("epochs_done", 0)) + 1
+        already = float(start.config.training.get("wall_seconds", 0.0))
     clock = Stopwatch(already)
     energy = frozen_energy(model)
     steps_per_epoch = run.batches_per_epoch
@@ -232,4 +240,6 @@ def train_ebm(config: EBMTrainConfig) -> Path:
             f"-> {out} (grid {grid_path})",
             flush=True,
         )
+        if run.out_of_time(epoch, config.epochs):
+            break
     return out

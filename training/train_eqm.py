@@ -212,4 +212,6 @@ def train_eqm(config: EBMTrainConfig) -> Path:
             f"epoch {epoch}: eqm loss {record['loss']:.5f} val {record['val_eqm']:.5f} -> {out} (grid {grid_path})",
             flush=True,
         )
+        if run.out_of_time(epoch, config.epochs):
+            break
     return out

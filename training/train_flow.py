@@ -16,7 +16,7 @@ from training.checkpoint import Checkpoint, ModelConfig, save_checkpoint
 from training.data import ImageDataset
 from training.losses import bits_per_dim, dequantize
 from training.models import build_model
-from training.run import RunConfig, Stopwatch, batches, load_resume, save_resume, start_run
+from training.run import RunConfig, Stopwatch, batches, load_resume, save_resume, start_run, warm_start
 from training.sampler_config import FlowSampler, to_dict
 
 # What each architecture uses when a flag is left unset: hidden width, base distribution, and the
@@ -106,18 +106,26 @@ def train_flow(config: FlowTrainConfig) -> Path:
     flow = build_model(arch).to(device)
     optimizer = torch.optim.Adam(flow.parameters(), lr=config.lr)
     first_epoch, already = 1, 0.0
+    warm_epoch = 0  # epochs of the --init-from checkpoint: the fresh optimizer's warm-up counts from there
     if config.resume:
         resumed = load_resume(run_dir, {"flow": optimizer})
         flow.load_state_dict(resumed.checkpoint.weights)
         first_epoch = resumed.epoch + 1
         already = float(resumed.checkpoint.config.training["wall_seconds"])
+        warm_epoch = int(resumed.checkpoint.config.training.get("warm_start_epoch", 0))
+    elif config.init_from:  # a shipped checkpoint's weights; its epochs and time count on
+        start = warm_start(config.init_from, "flow", arch)
+        flow.load_state_dict(start.weights)
+        warm_epoch = int(start.config.training.get("epochs_done", 0))
+        first_epoch = warm_epoch + 1
+        already = float(start.config.training.get("wall_seconds", 0.0))
     else:
         start = torch.randperm(len(train.images))[:1000]
         flow.initialize(dequantize(train.images[start]).to(device))  # data-dependent start (ActNorm, NICE's scaling)
     clock = Stopwatch(already)
     dim = math.prod(train.shape)
     per_epoch = run.batches_per_epoch
-    done = (first_epoch - 1) * per_epoch  # optimizer steps before this (possibly resumed) run
+    done = (first_epoch - 1 - warm_epoch) * per_epoch  # optimizer steps since the run (or its warm start) began
     warmup = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (done + step + 1) / max(config.warmup_steps, 1))
     )
@@ -151,7 +159,9 @@ def train_flow(config: FlowTrainConfig) -> Path:
             arch=arch,
             data={"shape": list(train.shape), "range": [-1.0, 1.0], "dataset": config.dataset},
             sampler=to_dict(FlowSampler(temperature=config.setting("temperature"), base=config.setting("base"))),
-            training=config.training_record("flow", device, clock.seconds(), epoch),
+            training=config.training_record(
+                "flow", device, clock.seconds(), epoch, **({"warm_start_epoch": warm_epoch} if warm_epoch else {})
+            ),
             metrics={"test_bits_per_dim": round(record["test_bits_per_dim"], 4)},
         )
         save_checkpoint(out, Checkpoint(model_config, flow.state_dict()), config.output_dtype())
@@ -162,4 +172,6 @@ def train_flow(config: FlowTrainConfig) -> Path:
             f"bits/dim -> {out} (grid {grid_path})",
             flush=True,
         )
+        if run.out_of_time(epoch, config.epochs):
+            break
     return out

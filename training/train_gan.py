@@ -24,7 +24,7 @@ from training.losses import (
     wasserstein_generator_loss,
 )
 from training.models import build_model
-from training.run import RunConfig, Stopwatch, batches, load_resume, save_resume, start_run
+from training.run import RunConfig, Stopwatch, batches, load_resume, save_resume, start_run, warm_start
 from training.sampler_config import GANSampler, to_dict
 
 LOSSES = ("dcgan", "wgan", "wgan-gp")
@@ -108,6 +108,15 @@ def train_gan(config: GANTrainConfig) -> Path:
         already = float(resumed.checkpoint.config.training["wall_seconds"])
         generator_updates = int(resumed.checkpoint.config.training["generator_updates"])
         critic_updates = int(resumed.checkpoint.config.training["critic_updates"])
+    elif config.init_from:  # a shipped checkpoint's generator, EMA and critic; its epochs, updates and time count on
+        start = warm_start(config.init_from, "gan", {**generator_arch, "critic": critic_arch})
+        generator.load_state_dict(start.weights)
+        average.load_state_dict(start.extras["ema"])
+        critic.load_state_dict(start.extras["critic"])
+        first_epoch = int(start.config.training.get("epochs_done", 0)) + 1
+        already = float(start.config.training.get("wall_seconds", 0.0))
+        generator_updates = int(start.config.training.get("generator_updates", 0))
+        critic_updates = int(start.config.training.get("critic_updates", 0))
     clock = Stopwatch(already)
     fixed_latents = torch.randn(64, config.latent_dim, generator=torch.Generator().manual_seed(0)).to(device)
     per_epoch = run.batches_per_epoch
@@ -211,4 +220,6 @@ def train_gan(config: GANTrainConfig) -> Path:
             f"-> {out} (grid {grid_path})",
             flush=True,
         )
+        if run.out_of_time(epoch, config.epochs):
+            break
     return out
