@@ -69,14 +69,13 @@ def _labels(spec: str | None, n: int, model) -> torch.Tensor | None:
         raise ValueError(f"--label must be a class index or 'all', not {spec!r}") from error
 
 
-def _override_step_size(members: list, step_size: float | None) -> None:
-    """--step-size replaces the checkpoints' own for this command only."""
-    if step_size is None:
-        return
+def _override_sampler(members: list, step_size: float | None, guidance: float | None) -> None:
+    """--step-size and --guidance replace the checkpoints' own for this command only."""
     from training.sampler_config import EBMSampler
 
-    for member in members:
-        member.sampler = dataclasses.replace(member.sampler_as(EBMSampler), step_size=step_size)
+    changes = {key: value for key, value in (("step_size", step_size), ("guidance", guidance)) if value is not None}
+    for member in members if changes else []:
+        member.sampler = dataclasses.replace(member.sampler_as(EBMSampler), **changes)
 
 
 def _cmd_sample(args: argparse.Namespace) -> None:
@@ -96,7 +95,7 @@ def _cmd_sample(args: argparse.Namespace) -> None:
             frames.append(grid(x, model.data_range))
 
     seeds = chain_seeds(args.seed, args.n)
-    _override_step_size(members, args.step_size)
+    _override_sampler(members, args.step_size, args.guidance)
     labels = _labels(args.label, args.n, model)
     samples = draw_samples(
         members, seeds, args.steps, args.init, generator, keep_frame if args.trajectory else None, labels
@@ -127,7 +126,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     model = members[0]
     if model.shape != (1, 28, 28):
         raise SystemExit(f"evaluate: the classifier reads 1x28x28 images; {model.name} makes {list(model.shape)}")
-    _override_step_size(members, args.step_size)
+    _override_sampler(members, args.step_size, args.guidance)
     labels = _labels(args.label, args.n, model)
     seeds = chain_seeds(args.seed, args.n)
     samples = torch.cat(
@@ -147,6 +146,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     ebm_sampler_report: dict = {"init": args.init, "steps": steps, "n": args.n}
     if isinstance(model.sampler, EBMSampler):
         ebm_sampler_report.update(step_size=model.sampler.step_size, noise=model.sampler.noise)
+        if args.label is not None:
+            ebm_sampler_report["guidance"] = model.sampler.guidance
     if args.label is not None:
         ebm_sampler_report["label"] = args.label
     # A random test subset (the first MNIST test images are the easier half), the same for every model.
@@ -265,6 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="class-conditional EBMs: draw class index K, or 'all' for sample i of class i mod classes",
     )
     sample.add_argument("--step-size", type=float, default=None, help="EBMs: step size (default: the checkpoint's)")
+    sample.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="labelled chains: E(x) + w (E(x, y) - E(x)) (default: the checkpoint's)",
+    )
     sample.add_argument("--seed", type=int, default=0, help="the same seed gives the same images as POST /sample")
     sample.add_argument(
         "--trajectory",
@@ -292,6 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="class-conditional EBMs: draw class K (or 'all': balanced classes) and report label_accuracy",
     )
     evaluate.add_argument("--step-size", type=float, default=None, help="EBMs: step size (default: the checkpoint's)")
+    evaluate.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="labelled chains: E(x) + w (E(x, y) - E(x)) (default: the checkpoint's)",
+    )
     evaluate.add_argument("--batch", type=int, default=500)
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--classifier", type=Path, default=DEFAULT_CLASSIFIER)
