@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from training.checkpoint import Checkpoint, save_checkpoint
 from training.data import ImageDataset
 from training.ema import ema_update, warmed_up_decay
 from training.langevin import sample_langevin
 from training.losses import equilibrium_matching
 from training.models import build_model
-from training.run import Stopwatch, batches, load_resume, save_resume, start_run
+from training.run import Stopwatch, batches, load_resume, save_resume, start_run, warm_start
 from training.sampler_config import EBMSampler
 
 if TYPE_CHECKING:
@@ -149,14 +149,14 @@ def train_eqm(config: EBMTrainConfig) -> Path:
     classes = int(arch["kwargs"]["num_classes"])
     optimizer = torch.optim.Adam(model.parameters(), lr=config.setting("lr"), betas=(0.9, 0.999))
     first_epoch, already, updates = 1, 0.0, 0
-    if config.init_from and not config.resume:
-        start = load_checkpoint(config.init_from)
-        if start.config.arch != arch:
-            raise ValueError(f"--init-from {config.init_from}: its arch {start.config.arch} differs from {arch}")
-        model.load_state_dict(start.extras.get("online", start.weights))
     average = copy.deepcopy(model).requires_grad_(False)
-    if config.init_from and not config.resume:
+    if config.init_from and not config.resume:  # the shipped average and online weights; epochs, updates count on
+        start = warm_start(config.init_from, "ebm", arch)
+        model.load_state_dict(start.extras.get("online", start.weights))
         average.load_state_dict(start.weights)
+        first_epoch = int(start.config.training.get("epochs_done", 0)) + 1
+        already = float(start.config.training.get("wall_seconds", 0.0))
+        updates = int(start.config.training.get("updates", 0))
     if config.resume:
         resumed = load_resume(run.run_dir, {"model": optimizer})
         model.load_state_dict(resumed.checkpoint.weights)

@@ -172,9 +172,7 @@ def plan(
             key = trainer_key(config.family, values)
             values["batch_size"] = max(int(values.get("batch_size") or 0), PRESETS[preset]["batch_size"].get(key, 0))
             values["resume"], values["init_from"] = False, str(shipped.resolve())
-            # An EqM warm start numbers its epochs from 1 (a fresh schedule); the other trainers count on.
-            done = 0 if key == "eqm" else shipped_done
-            target = done + epochs_more
+            target = shipped_done + epochs_more  # a warm start counts its epochs on from the shipped ones
             action, note = "init-from", f"warm start from epoch {shipped_done}, to {target}"
             seconds = float(config.training.get("wall_seconds", 0.0))
             if shipped_done and seconds / shipped_done > stop_after_minutes * 60:
