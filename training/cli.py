@@ -7,6 +7,7 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 
@@ -143,7 +144,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         ]
     )
     steps = args.steps or (model.sampler.steps if isinstance(model.sampler, EBMSampler) else None)
-    ebm_sampler_report: dict = {"init": args.init, "steps": steps, "n": args.n}
+    ebm_sampler_report: dict[str, Any] = {"init": args.init, "steps": steps, "n": args.n}
     if isinstance(model.sampler, EBMSampler):
         ebm_sampler_report.update(step_size=model.sampler.step_size, noise=model.sampler.noise)
         if args.label is not None:
@@ -154,20 +155,22 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     reference = test.images[
         torch.randperm(len(test.images), generator=torch.Generator().manual_seed(args.seed + 1))[: args.n]
     ]
+    sampler_report = ebm_sampler_report if model.config.family == "ebm" else {"n": args.n}
+    model_figures = quality_figures(classifier, reference, samples, labels).report()
+    floor = real_data_floor(classifier, reference, train.images, args.n, torch.Generator().manual_seed(args.seed + 2))
     report = {
         "checkpoints": [str(path) for path in args.checkpoint],
         "family": model.config.family,
-        "sampler": ebm_sampler_report if model.config.family == "ebm" else {"n": args.n},
-        "model": quality_figures(classifier, reference, samples, labels).report(),
-        "real_data_floor": real_data_floor(
-            classifier, reference, train.images, args.n, torch.Generator().manual_seed(args.seed + 2)
-        ),
+        "sampler": sampler_report,
+        "model": model_figures,
+        "real_data_floor": floor,
     }
     if model.config.family == "flow":
+        from training.models.flows import Flow
         from training.train_flow import dataset_bits_per_dim
 
-        bits = dataset_bits_per_dim(model.module, test, 500, device, seed=args.seed)
-        report["model"]["test_bits_per_dim"] = round(bits, 4)
+        flow = cast(Flow, model.module)  # a flow checkpoint's arch is nice, glow or iresnet: all Flows
+        model_figures["test_bits_per_dim"] = round(dataset_bits_per_dim(flow, test, 500, device, seed=args.seed), 4)
     print(json.dumps(report, indent=2))
     if args.record:
         from training.checkpoint import load_checkpoint, save_checkpoint
@@ -180,9 +183,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         for path in args.checkpoint:
             checkpoint = load_checkpoint(path)
             checkpoint.config.metrics[key] = {
-                **report["model"],
-                **report["sampler"],
-                "floor_frechet_distance": report["real_data_floor"]["frechet_distance"],
+                **model_figures,
+                **sampler_report,
+                "floor_frechet_distance": floor["frechet_distance"],
             }
             save_checkpoint(path, checkpoint)
             print(f"recorded the figures in {path} (metrics.{key})", file=sys.stderr)

@@ -159,7 +159,8 @@ def cd_update(
     fake = sample_langevin(energy, start.to(real.device), langevin, (-1.0, 1.0))
     buffer.write_back(slots, fake)
     energies = model(torch.cat([real, fake]))  # [2B]
-    loss, parts = contrastive_divergence(*energies.chunk(2), alpha=config.alpha)
+    energy_real, energy_fake = energies.chunk(2)  # [B], [B]
+    loss, parts = contrastive_divergence(energy_real, energy_fake, alpha=config.alpha)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -175,6 +176,7 @@ def train_ebm(config: EBMTrainConfig) -> Path:
         return train_eqm(config)
     run = start_run(config)
     device, train, test, run_dir, log = run.device, run.train, run.test, run.run_dir, run.log
+    assert test is not None  # start_run loads the test split unless asked not to
     arch = _arch_for(train, config)
     model = build_model(arch).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.setting("lr"), betas=(config.beta1, 0.999))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -16,6 +17,7 @@ from training.checkpoint import Checkpoint, ModelConfig, save_checkpoint
 from training.data import ImageDataset
 from training.losses import bits_per_dim, dequantize
 from training.models import build_model
+from training.models.flows import Flow
 from training.run import RunConfig, Stopwatch, batches, load_resume, save_resume, start_run, warm_start
 from training.sampler_config import FlowSampler, to_dict
 
@@ -59,6 +61,7 @@ def _arch(dataset: ImageDataset, config: FlowTrainConfig) -> dict:
     if config.arch not in ARCH_DEFAULTS:
         raise ValueError(f"unknown flow architecture {config.arch!r}; expected one of {', '.join(ARCH_DEFAULTS)}")
     common = {"shape": list(dataset.shape), "hidden": config.setting("hidden"), "base": config.setting("base")}
+    kwargs: dict[str, int | float]
     if config.arch == "nice":
         kwargs = {"couplings": config.couplings, "depth": config.depth}
     elif config.arch == "glow":
@@ -75,7 +78,7 @@ def _arch(dataset: ImageDataset, config: FlowTrainConfig) -> dict:
 
 @torch.no_grad()
 def dataset_bits_per_dim(
-    flow: torch.nn.Module,
+    flow: Flow,
     test: ImageDataset,
     batch_size: int,
     device: torch.device,
@@ -102,8 +105,9 @@ def dataset_bits_per_dim(
 def train_flow(config: FlowTrainConfig) -> Path:
     run = start_run(config)
     device, train, test, run_dir, log = run.device, run.train, run.test, run.run_dir, run.log
+    assert test is not None  # start_run loads the test split unless asked not to
     arch = _arch(train, config)
-    flow = build_model(arch).to(device)
+    flow = cast(Flow, build_model(arch)).to(device)  # nice, glow and iresnet (ARCH_DEFAULTS) are all Flows
     optimizer = torch.optim.Adam(flow.parameters(), lr=config.lr)
     first_epoch, already = 1, 0.0
     warm_epoch = 0  # epochs of the --init-from checkpoint: the fresh optimizer's warm-up counts from there
@@ -120,8 +124,8 @@ def train_flow(config: FlowTrainConfig) -> Path:
         first_epoch = warm_epoch + 1
         already = float(start.config.training.get("wall_seconds", 0.0))
     else:
-        start = torch.randperm(len(train.images))[:1000]
-        flow.initialize(dequantize(train.images[start]).to(device))  # data-dependent start (ActNorm, NICE's scaling)
+        subset = torch.randperm(len(train.images))[:1000]
+        flow.initialize(dequantize(train.images[subset]).to(device))  # data-dependent start (ActNorm, NICE's scaling)
     clock = Stopwatch(already)
     dim = math.prod(train.shape)
     per_epoch = run.batches_per_epoch

@@ -7,8 +7,10 @@ stabilizers (one-sided label smoothing, instance noise, feature matching) are op
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict, cast
 
 import torch
 
@@ -24,12 +26,22 @@ from training.losses import (
     wasserstein_generator_loss,
 )
 from training.models import build_model
+from training.models.gan import ConvCritic, MLPCritic
 from training.run import RunConfig, Stopwatch, batches, load_resume, save_resume, start_run, warm_start
 from training.sampler_config import GANSampler, to_dict
 
 LOSSES = ("dcgan", "wgan", "wgan-gp")
+
+
+class LossDefaults(TypedDict):
+    optimizer: str  # adam | rmsprop
+    lr: float
+    betas: tuple[float, float]  # Adam's; unused by RMSprop
+    critic_steps: int  # critic updates per generator update
+
+
 # Per-loss defaults from the papers: optimizer, learning rate, betas, critic steps per generator step.
-LOSS_DEFAULTS = {
+LOSS_DEFAULTS: dict[str, LossDefaults] = {
     "dcgan": {"optimizer": "adam", "lr": 2e-4, "betas": (0.5, 0.999), "critic_steps": 1},
     "wgan": {"optimizer": "rmsprop", "lr": 5e-5, "betas": (0.0, 0.0), "critic_steps": 5},
     "wgan-gp": {"optimizer": "adam", "lr": 1e-4, "betas": (0.5, 0.9), "critic_steps": 5},
@@ -76,7 +88,7 @@ def _architectures(dataset: ImageDataset, config: GANTrainConfig) -> tuple[dict,
     return generator, critic
 
 
-def _optimizer(parameters, config: GANTrainConfig) -> torch.optim.Optimizer:
+def _optimizer(parameters: Iterable[torch.nn.Parameter], config: GANTrainConfig) -> torch.optim.Optimizer:
     defaults = LOSS_DEFAULTS[config.loss]
     lr = config.lr if config.lr is not None else defaults["lr"]
     if defaults["optimizer"] == "rmsprop":
@@ -92,7 +104,8 @@ def train_gan(config: GANTrainConfig) -> Path:
     device, train, run_dir, log = run.device, run.train, run.run_dir, run.log
     generator_arch, critic_arch = _architectures(train, config)
     generator = build_model(generator_arch).to(device)
-    critic = build_model(critic_arch).to(device)
+    # _architectures names a conv_critic or an mlp_critic, so the module has `features` (feature matching).
+    critic = cast(ConvCritic | MLPCritic, build_model(critic_arch)).to(device)
     average = copy.deepcopy(generator).eval()
     generator_optimizer = _optimizer(generator.parameters(), config)
     critic_optimizer = _optimizer(critic.parameters(), config)
