@@ -15,6 +15,7 @@ from service.scheduler import Job
 from training.langevin import ReplayBuffer, conditioned_energy, langevin_step
 from training.noise import chain_gaussian, chain_seeds, chain_start
 from training.sampler_config import EBMSampler
+from training.sampling import chain_labels
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,9 @@ class LangevinPool(SamplerPool):
     def _start(self, job: Job) -> None:
         state, order = state_of(job), state_of(job).order
         state.seeds = chain_seeds(order.seed, order.n)
+        asked = None if order.label is None else torch.full((order.n,), order.label)
+        labels = chain_labels(self.group.members[0], state.seeds, asked)
+        state.labels = (torch.full((order.n,), -1) if labels is None else labels).to(self.device)
         if order.init == "buffer":
             x, state.slots = self.buffer.draw(order.n, torch.Generator().manual_seed(order.seed))
         else:
@@ -111,9 +115,7 @@ class LangevinPool(SamplerPool):
             velocity = torch.cat(
                 [torch.zeros_like(part) if s.velocity is None else s.velocity for s, part in parts_at_rest]
             )
-        labels = torch.cat(
-            [torch.full((state.order.n,), -1 if state.order.label is None else state.order.label) for state in states]
-        ).to(self.device)  # [B]; -1: the null label
+        labels = torch.cat([state.labels for state in states if state.labels is not None])  # [B]; -1: null label
         moved = langevin_step(
             conditioned_energy(
                 self.modules[module_index], labels, per_chain(lambda order: order.guidance)

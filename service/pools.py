@@ -41,6 +41,7 @@ class ChainState:
     x: torch.Tensor | None = None  # [n, *shape] on the device
     velocity: torch.Tensor | None = None  # [n, *shape] heavy-ball velocity (momentum > 0)
     seeds: torch.Tensor | None = None  # [n] int64 chain seeds
+    labels: torch.Tensor | None = None  # [n] class per chain of a conditional energy (-1: its null label)
     slots: torch.Tensor | None = None  # [n] replay-buffer slots (-1: not from the buffer)
     energy: torch.Tensor | None = None  # [n]
     frames: list[torch.Tensor] = field(default_factory=list)

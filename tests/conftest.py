@@ -91,7 +91,10 @@ def write_tiny_eqm(path: Path, seed: int = 0, conditional: bool = True) -> Path:
     data = {"shape": [1, 28, 28], "range": [-1.0, 1.0], "dataset": "fake"}
     if conditional:
         data["classes"] = [str(digit) for digit in range(10)]
-    sampler = EBMSampler(steps=8, step_size=0.01, noise=0.0, grad_clip=None, prior="gaussian", clamp=False)
+    sampler = EBMSampler(
+        steps=8, step_size=0.01, noise=0.0, grad_clip=None, prior="gaussian", clamp=False,
+        unlabelled="random" if conditional else "null",
+    )  # fmt: skip
     config = ModelConfig(
         family="ebm", arch=arch, data=data, sampler=to_dict(sampler), training={"seed": seed}, metrics={}
     )

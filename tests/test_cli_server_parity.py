@@ -34,6 +34,7 @@ def served(tmp_path_factory: pytest.TempPathFactory):
     [
         ("ebm", ["--steps", "6", "--init", "noise"], {"steps": 6, "init": "noise"}),
         ("eqm", ["--label", "3"], {"label": 3}),
+        ("eqm", [], {}),  # no label: a class drawn from each chain's seed
         ("gan", [], {}),
         ("nice", [], {}),
         ("glow", [], {}),

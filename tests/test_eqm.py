@@ -114,3 +114,17 @@ def test_guidance_composes_the_conditional_and_unconditional_energies_per_chain(
         expected = unconditional + weights * (labelled - unconditional)
         torch.testing.assert_close(conditioned_energy(model, labels, weights)(x), expected)
         torch.testing.assert_close(expected[2], unconditional[2])  # an unlabelled chain ignores its weight
+
+
+def test_a_conditional_energy_asked_for_no_label_draws_a_seeded_class_per_chain(tmp_path: Path) -> None:
+    """`unlabelled: random` samples p(x) as the mixture of its classes: each chain's class comes from its seed."""
+    from training.noise import chain_classes
+
+    classes = chain_classes(chain_seeds(0, 5000), 10)
+    assert torch.equal(classes, chain_classes(chain_seeds(0, 5000), 10))
+    counts = torch.bincount(classes, minlength=10)
+    assert counts.min() > 400 and counts.max() < 600  # about 500 each
+    model = load_model(train_toy(tmp_path, "--conditional", epochs=1))
+    assert model.sampler.unlabelled == "random"
+    seeds = chain_seeds(3, 8)
+    torch.testing.assert_close(draw_samples(model, seeds), draw_samples(model, seeds, labels=chain_classes(seeds, 8)))

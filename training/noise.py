@@ -14,6 +14,7 @@ import torch
 
 _MASK32 = 0xFFFFFFFF
 START = -1  # the step counter of a chain's starting point: no Langevin step uses it
+CLASS = -3  # the counter of a chain's randomly drawn class (odd: no Gaussian counter, not START)
 
 
 def chain_seeds(seed: int, n: int) -> torch.Tensor:
@@ -50,6 +51,12 @@ def chain_uniform(seeds: torch.Tensor, shape: tuple[int, ...], low: float, high:
     """Uniform starting points [B, *shape] in [low, high] for seeded chains (the odd counter 2**32 - 1)."""
     uniform = _uniform_from_counter(seeds, torch.full_like(seeds, START), math.prod(shape))
     return (low + (high - low) * uniform).to(torch.float32).reshape(-1, *shape)
+
+
+def chain_classes(seeds: torch.Tensor, count: int) -> torch.Tensor:
+    """A class index [B] in 0..count-1 per seeded chain, uniform, for conditional energies asked for no label."""
+    uniform = _uniform_from_counter(seeds, torch.full_like(seeds, CLASS), 1)[:, 0]  # [B]
+    return (uniform * count).long().clamp_(max=count - 1)
 
 
 def chain_gaussian_start(seeds: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

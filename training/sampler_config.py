@@ -31,6 +31,7 @@ class EBMSampler:
     init: str = "noise"  # where a request starts by default: "noise" | "buffer" (the replay buffer)
     prior: str = "uniform"  # what "noise" draws from: "uniform" over the data range | "gaussian" N(0, prior_std^2 I)
     prior_std: float = 1.0  # standard deviation of the "gaussian" prior (an EqM energy is trained against it)
+    unlabelled: str = "null"  # a conditional energy asked for no label: "null" label (E(x)) | "random" class per chain
     guidance: float = 1.0  # labelled chains of a conditional energy: E(x) + w (E(x, y) - E(x)); 1: plain E(x, y)
     momentum: float = 0.0  # heavy ball: v <- momentum * v - step_size * grad; x <- x + v (0: plain steps)
     clamp: bool = True  # clamp chains into the data range at every step (False: only the returned images)
@@ -42,6 +43,8 @@ class EBMSampler:
             raise ValueError(f"sampler init must be one of {', '.join(INITS)}, not {self.init!r}")
         if self.prior not in PRIORS:
             raise ValueError(f"sampler prior must be one of {', '.join(PRIORS)}, not {self.prior!r}")
+        if self.unlabelled not in ("null", "random"):
+            raise ValueError(f"sampler unlabelled must be 'null' or 'random', not {self.unlabelled!r}")
         if not self.guidance >= 0.0:
             raise ValueError(f"sampler guidance must be 0 or more, not {self.guidance}")
         if not self.prior_std > 0.0:

@@ -12,7 +12,7 @@ from training.checkpoint import Checkpoint, ModelConfig, load_checkpoint
 from training.langevin import ReplayBuffer, StepCallback, ensemble_energy, sample_langevin
 from training.models import build_model
 from training.models.flows import Flow
-from training.noise import chain_gaussian, chain_start, latent_gaussian
+from training.noise import chain_classes, chain_gaussian, chain_start, latent_gaussian
 from training.sampler_config import Config, EBMSampler, FlowSampler, GANSampler, SamplerConfig, sampler_for
 
 
@@ -141,6 +141,14 @@ def pooled_buffer(members: list[LoadedModel]) -> ReplayBuffer:
     return ReplayBuffer.pooled(states, members[0].shape, restart, members[0].data_range)
 
 
+def chain_labels(model: LoadedModel, seeds: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor | None:
+    """The class each chain samples [B]: the asked-for labels, or for a conditional energy asked for none
+    a class drawn from each chain's seed when its sampler says `unlabelled: random` (else the null label)."""
+    if labels is not None or model.classes is None or model.sampler_as(EBMSampler).unlabelled != "random":
+        return labels
+    return chain_classes(seeds, len(model.classes))
+
+
 def sample_ebm(
     members: list[LoadedModel],
     seeds: torch.Tensor,
@@ -155,6 +163,7 @@ def sample_ebm(
     the path they follow in the server. `labels` [B] condition a class-conditional energy."""
     first = members[0]
     first.check_labels(labels)
+    labels = chain_labels(first, seeds, labels)
     sampler = first.sampler_as(EBMSampler)
     device = next(first.module.parameters()).device
     init = init or sampler.init

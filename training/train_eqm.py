@@ -57,6 +57,7 @@ def eqm_sampler(config: EBMTrainConfig) -> EBMSampler:
         init="noise",
         prior="gaussian",
         prior_std=config.prior_std,
+        unlabelled="random" if config.conditional else "null",  # a label-less request: a random class per chain
         momentum=0.0,
         clamp=False,
     )
