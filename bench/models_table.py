@@ -79,11 +79,12 @@ def sampler_text(checkpoint: Checkpoint, key: str, figures: dict) -> str:
         else:
             who = "the ensemble's members in turn" if key.startswith("evaluate_ensemble") else "Langevin"
             text = f"{figures.get('steps')} steps ({who}) from {source}"
-        if "label" in figures:
-            which = "each class in turn" if figures["label"] == "all" else f"class {figures['label']}"
+        if "label_accuracy" in figures:
+            label = figures.get("label")
+            which = {None: "a random class per chain", "all": "each class in turn"}.get(label, f"class {label}")
             if figures.get("guidance", 1.0) != 1.0:
                 which += f", guidance {figures['guidance']}"
-            text += f", {which} (classifier agrees: {100 * figures.get('label_accuracy', 0):.1f} %)"
+            text += f", {which} (classifier agrees: {100 * figures['label_accuracy']:.1f} %)"
         return text
     if config.family == "gan":
         return "one generator pass"

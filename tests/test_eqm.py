@@ -128,3 +128,26 @@ def test_a_conditional_energy_asked_for_no_label_draws_a_seeded_class_per_chain(
     assert model.sampler.unlabelled == "random"
     seeds = chain_seeds(3, 8)
     torch.testing.assert_close(draw_samples(model, seeds), draw_samples(model, seeds, labels=chain_classes(seeds, 8)))
+
+
+def test_evaluate_reports_how_often_the_classifier_reads_the_drawn_class(tmp_path: Path, idx_dir: Path, capsys) -> None:
+    import json
+
+    checkpoint = tmp_path / "digits.safetensors"
+    main([
+        "ebm", "--objective", "eqm", "--conditional", "--data-dir", str(idx_dir), "--epochs", "1",
+        "--max-batches", "2", "--batch-size", "16", "--width", "4", "--out", str(checkpoint), "--device", "cpu",
+    ])  # fmt: skip
+    classifier = tmp_path / "classifier.safetensors"
+    main(["classifier", "--data-dir", str(idx_dir), "--epochs", "1", "--out", str(classifier), "--device", "cpu"])
+    for flags, key in (([], "evaluate_noise"), (["--label", "all", "--guidance", "1.5"], "evaluate_noise_label_all")):
+        capsys.readouterr()
+        main([
+            "evaluate", str(checkpoint), "--data-dir", str(idx_dir), "--n", "40", "--steps", "2",
+            "--classifier", str(classifier), "--device", "cpu", "--record", *flags,
+        ])  # fmt: skip
+        report = json.loads(capsys.readouterr().out)
+        assert 0.0 <= report["model"]["label_accuracy"] <= 1.0
+        recorded = load_checkpoint(checkpoint).config.metrics[key]
+        assert recorded["label_accuracy"] == report["model"]["label_accuracy"] and recorded["steps"] == 2
+    assert recorded["guidance"] == 1.5 and recorded["label"] == "all"

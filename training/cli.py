@@ -116,7 +116,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     from training.evaluate import load_classifier, quality_figures, real_data_floor
     from training.noise import chain_seeds
     from training.sampler_config import EBMSampler
-    from training.sampling import draw_samples, load_model
+    from training.sampling import chain_labels, draw_samples, load_model
 
     device = pick_device(args.device)
     classifier = load_classifier(args.classifier, device)
@@ -128,8 +128,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     if model.shape != (1, 28, 28):
         raise SystemExit(f"evaluate: the classifier reads 1x28x28 images; {model.name} makes {list(model.shape)}")
     _override_sampler(members, args.step_size, args.guidance)
-    labels = _labels(args.label, args.n, model)
     seeds = chain_seeds(args.seed, args.n)
+    # The labels chains are drawn with (asked for, or each chain's seeded class): label accuracy is reported.
+    labels = chain_labels(model, seeds, _labels(args.label, args.n, model)) if model.config.family == "ebm" else None
     samples = torch.cat(
         [
             draw_samples(
@@ -147,7 +148,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     ebm_sampler_report: dict[str, Any] = {"init": args.init, "steps": steps, "n": args.n}
     if isinstance(model.sampler, EBMSampler):
         ebm_sampler_report.update(step_size=model.sampler.step_size, noise=model.sampler.noise)
-        if args.label is not None:
+        if model.classes is not None:
             ebm_sampler_report["guidance"] = model.sampler.guidance
     if args.label is not None:
         ebm_sampler_report["label"] = args.label
