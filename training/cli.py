@@ -70,6 +70,24 @@ def _labels(spec: str | None, n: int, model) -> torch.Tensor | None:
         raise ValueError(f"--label must be a class index or 'all', not {spec!r}") from error
 
 
+def _add_ebm_sampler_flags(parser: argparse.ArgumentParser) -> None:
+    """The EBM sampler settings `sample` and `evaluate` may override for one command."""
+    parser.add_argument(
+        "--label",
+        default=None,
+        metavar="K|all",
+        help="class-conditional EBMs: draw class index K, or 'all' for sample i of class i mod classes "
+        "(evaluate then reports label_accuracy)",
+    )
+    parser.add_argument("--step-size", type=float, default=None, help="EBMs: step size (default: the checkpoint's)")
+    parser.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="labelled chains: E(x) + w (E(x, y) - E(x)) (default: the checkpoint's)",
+    )
+
+
 def _override_sampler(members: list, step_size: float | None, guidance: float | None) -> None:
     """--step-size and --guidance replace the checkpoints' own for this command only."""
     from training.sampler_config import EBMSampler
@@ -263,19 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--n", type=int, default=64)
     sample.add_argument("--steps", type=int, default=None, help="Langevin steps (default: the checkpoint's)")
     sample.add_argument("--init", choices=["noise", "buffer"], default=None, help="EBMs (default: the checkpoint's)")
-    sample.add_argument(
-        "--label",
-        default=None,
-        metavar="K|all",
-        help="class-conditional EBMs: draw class index K, or 'all' for sample i of class i mod classes",
-    )
-    sample.add_argument("--step-size", type=float, default=None, help="EBMs: step size (default: the checkpoint's)")
-    sample.add_argument(
-        "--guidance",
-        type=float,
-        default=None,
-        help="labelled chains: E(x) + w (E(x, y) - E(x)) (default: the checkpoint's)",
-    )
+    _add_ebm_sampler_flags(sample)
     sample.add_argument("--seed", type=int, default=0, help="the same seed gives the same images as POST /sample")
     sample.add_argument(
         "--trajectory",
@@ -296,19 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--n", type=int, default=2000, help="samples and reference images compared")
     evaluate.add_argument("--steps", type=int, default=None)
     evaluate.add_argument("--init", choices=["noise", "buffer"], default="noise")
-    evaluate.add_argument(
-        "--label",
-        default=None,
-        metavar="K|all",
-        help="class-conditional EBMs: draw class K (or 'all': balanced classes) and report label_accuracy",
-    )
-    evaluate.add_argument("--step-size", type=float, default=None, help="EBMs: step size (default: the checkpoint's)")
-    evaluate.add_argument(
-        "--guidance",
-        type=float,
-        default=None,
-        help="labelled chains: E(x) + w (E(x, y) - E(x)) (default: the checkpoint's)",
-    )
+    _add_ebm_sampler_flags(evaluate)
     evaluate.add_argument("--batch", type=int, default=500)
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--classifier", type=Path, default=DEFAULT_CLASSIFIER)

@@ -25,6 +25,12 @@ def with_null_label(labels: torch.Tensor | None, batch: int, num_classes: int, d
     return torch.where(labels < 0, torch.full_like(labels, num_classes), labels)
 
 
+def checked_energy_form(form: str) -> str:
+    if form not in ENERGY_FORMS:
+        raise ValueError(f"energy_form must be one of {', '.join(ENERGY_FORMS)}, got {form!r}")
+    return form
+
+
 def scalar_energy(x: torch.Tensor, field: torch.Tensor, form: str) -> torch.Tensor:
     """E [B] from the field f [B, *shape]: <x, f(x)> ("dot") or -||f(x)||^2 / 2 ("l2"), in float32."""
     x, field = x.float().flatten(1), field.float().flatten(1)
@@ -77,9 +83,7 @@ class UNetEnergy(nn.Module):
         embedding_dim: int = 64,
     ) -> None:
         super().__init__()
-        if energy_form not in ENERGY_FORMS:
-            raise ValueError(f"energy_form must be one of {', '.join(ENERGY_FORMS)}, got {energy_form!r}")
-        self.energy_form = energy_form
+        self.energy_form = checked_energy_form(energy_form)
         self.num_classes = num_classes
         embed = embedding_dim if num_classes > 0 else 0
         self.label_embedding = nn.Embedding(num_classes + 1, embed) if num_classes > 0 else None
@@ -123,9 +127,7 @@ class MLPFieldEnergy(nn.Module):
         self, dim: int = 2, hidden: int = 128, depth: int = 3, energy_form: str = "dot", num_classes: int = 0
     ) -> None:
         super().__init__()
-        if energy_form not in ENERGY_FORMS:
-            raise ValueError(f"energy_form must be one of {', '.join(ENERGY_FORMS)}, got {energy_form!r}")
-        self.energy_form = energy_form
+        self.energy_form = checked_energy_form(energy_form)
         self.num_classes = num_classes
         self.label_embedding = nn.Embedding(num_classes + 1, hidden) if num_classes > 0 else None
         self.inp = nn.Linear(dim, hidden)
