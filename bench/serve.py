@@ -108,7 +108,7 @@ def raw_chain_steps_per_second(checkpoint: Path, device: torch.device, chains: i
     model = load_model(checkpoint, device)
     sampler = model.sampler_as(EBMSampler)
     seeds = torch.arange(chains, dtype=torch.int64)
-    x = chain_start(seeds, model.shape, sampler.prior, model.data_range).to(device)
+    x = chain_start(seeds, model.shape, sampler, model.data_range).to(device)
     seeds = seeds.to(device)
 
     def run(count: int) -> None:

@@ -55,7 +55,7 @@ class LangevinPool(SamplerPool):
         if order.init == "buffer":
             x, state.slots = self.buffer.draw(order.n, torch.Generator().manual_seed(order.seed))
         else:
-            x = chain_start(state.seeds, self.shape, self.sampler.prior, self.data_range, self.sampler.prior_std)
+            x = chain_start(state.seeds, self.shape, self.sampler, self.data_range)
             state.slots = torch.full((order.n,), -1)
         if order.start_image is not None:  # init "image"
             image = order.start_image.unsqueeze(0).expand(order.n, *self.shape)

@@ -29,7 +29,7 @@ class BufferGroup:
     @property
     def has_buffer(self) -> bool:
         """Chains write back into a shared buffer only for EBMs trained with one."""
-        return any("replay_buffer" in member.extras for member in self.members)
+        return any(member.has_replay_buffer for member in self.members)
 
     def initial_buffer(self) -> ReplayBuffer:
         """The members' saved buffers pooled, or an empty buffer when none was saved."""
@@ -57,7 +57,7 @@ class ServedModel:
     @property
     def has_buffer(self) -> bool:
         """Whether it was trained with a replay buffer (contrastive divergence); EqM energies are not."""
-        return any("replay_buffer" in member.extras for member in self.members)
+        return any(member.has_replay_buffer for member in self.members)
 
     @property
     def pool(self) -> str:

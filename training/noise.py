@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from training.sampler_config import EBMSampler
+
 _MASK32 = 0xFFFFFFFF
 START = -1  # the step counter of a chain's starting point: no Langevin step uses it
 CLASS = -3  # the counter of a chain's randomly drawn class (odd: no Gaussian counter, not START)
@@ -65,14 +67,13 @@ def chain_gaussian_start(seeds: torch.Tensor, shape: tuple[int, ...]) -> torch.T
 
 
 def chain_start(
-    seeds: torch.Tensor, shape: tuple[int, ...], prior: str, data_range: tuple[float, float], prior_std: float = 1.0
+    seeds: torch.Tensor, shape: tuple[int, ...], sampler: EBMSampler, data_range: tuple[float, float]
 ) -> torch.Tensor:
-    """Where noise-started chains begin: 'uniform' over the data range or 'gaussian' N(0, prior_std^2 I)."""
-    if prior == "uniform":
+    """Where noise-started chains begin, by the sampler's prior: 'uniform' over the data range or
+    'gaussian' N(0, prior_std^2 I)."""
+    if sampler.prior == "uniform":
         return chain_uniform(seeds, shape, *data_range)
-    if prior == "gaussian":
-        return chain_gaussian_start(seeds, shape) * prior_std
-    raise ValueError(f"unknown prior {prior!r}; expected 'uniform' or 'gaussian'")
+    return chain_gaussian_start(seeds, shape) * sampler.prior_std  # EBMSampler admits no other prior
 
 
 def latent_gaussian(seeds: torch.Tensor, dim: int) -> torch.Tensor:

@@ -40,6 +40,11 @@ class LoadedModel:
         return tuple(self.config.data["shape"])
 
     @property
+    def has_replay_buffer(self) -> bool:
+        """Whether it was trained with a replay buffer (contrastive divergence; EqM energies are not)."""
+        return "replay_buffer" in self.extras
+
+    @property
     def classes(self) -> list[str] | None:
         """Class names a conditional model draws by index (`label`); None for an unconditional model."""
         classes = self.config.data.get("classes")
@@ -136,7 +141,7 @@ def draw_samples(
 
 def pooled_buffer(members: list[LoadedModel]) -> ReplayBuffer:
     """The members' saved replay buffers as one (empty when none was saved): an ensemble's shared buffer."""
-    states = [member.extras["replay_buffer"] for member in members if "replay_buffer" in member.extras]
+    states = [member.extras["replay_buffer"] for member in members if member.has_replay_buffer]
     restart = members[0].sampler_as(EBMSampler).restart_prob
     return ReplayBuffer.pooled(states, members[0].shape, restart, members[0].data_range)
 
@@ -173,7 +178,7 @@ def sample_ebm(
             raise ValueError(f"{first.name} has no saved replay buffer; use init='noise'")
         start, _ = buffer.draw(len(seeds), generator)
     elif init == "noise":
-        start = chain_start(seeds, first.shape, sampler.prior, first.data_range, sampler.prior_std)
+        start = chain_start(seeds, first.shape, sampler, first.data_range)
     else:
         raise ValueError(f"init must be 'noise' or 'buffer', got {init!r}")
 
