@@ -53,3 +53,39 @@ def test_the_cli_and_the_server_draw_the_same_images_for_a_seed(
     from_server = np.asarray(Image.open(io.BytesIO(reply.content)))
     assert from_cli.shape == from_server.shape and from_cli.std() > 0
     assert np.array_equal(from_cli, from_server)
+
+
+@pytest.mark.parametrize("model", ["solo", "pair_a"])  # a lone EBM, and one member of the ensemble 'pair'
+def test_sample_state_dir_starts_from_the_buffer_the_server_saved(
+    models_dir: Path, tmp_path: Path, model: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = tmp_path / "state"
+    settings = Settings(models_dir=models_dir, state_dir=state, device="cpu", buffer_save_interval_s=3600)
+    with running_server(settings) as (base, _):  # chains that finish go into the buffer, saved at shutdown
+        reply = httpx.post(f"{base}/sample", json={"model": model, "n": 8, "steps": 10, "init": "noise"}, timeout=60)
+        assert reply.status_code == 200, reply.text
+    checkpoint = str(models_dir / f"{model}.safetensors")
+    flags = ["--n", "4", "--seed", "5", "--steps", "3", "--device", "cpu"]
+    training_main(["sample", checkpoint, *flags, "--state-dir", str(state), "--out", str(tmp_path / "cli.png")])
+    assert f"start: the server's replay buffer {state}/buffer-" in capsys.readouterr().out
+    training_main(["sample", checkpoint, *flags, "--init", "buffer", "--out", str(tmp_path / "checkpoint.png")])
+    assert "start: the replay buffer saved in the checkpoint" in capsys.readouterr().out
+    with running_server(settings) as (base, _):  # restarted: it starts from the buffer it saved
+        request = {"model": model, "n": 4, "seed": 5, "steps": 3, "init": "buffer"}
+        reply = httpx.post(f"{base}/sample", json=request, timeout=60)
+        assert reply.status_code == 200, reply.text
+    from_server = np.asarray(Image.open(io.BytesIO(reply.content)))
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "cli.png")), from_server)
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "checkpoint.png")), from_server)
+
+
+def test_sample_state_dir_without_a_saved_buffer_says_what_the_server_does(
+    models_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "buffer-solo-0123456789abcdef.safetensors").write_bytes(b"an older checkpoint's buffer")
+    with pytest.raises(SystemExit):
+        training_main(["sample", str(models_dir / "solo.safetensors"), "--state-dir", str(state), "--device", "cpu"])
+    error = capsys.readouterr().err
+    assert "has no replay buffer buffer-solo-" in error and "buffer-solo-0123456789abcdef" in error

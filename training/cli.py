@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import inspect
+import io
 import json
 import sys
+import textwrap
+import tokenize
 from pathlib import Path
 from typing import Any, cast
 
@@ -15,22 +20,47 @@ from training.checkpoint import CheckpointError
 from training.data import DatasetError
 
 
+@functools.cache
+def field_comments(config_type: type) -> dict[str, str]:
+    """Each field's end-of-line comment in the source of its config dataclass (a subclass's own comment over
+    its base's): the comments that document the defaults are also the flags' help."""
+    comments: dict[str, str] = {}
+    for klass in reversed(config_type.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        source = textwrap.dedent(inspect.getsource(klass))
+        field_on_line: dict[int, str] = {}
+        previous = None
+        for token in tokenize.generate_tokens(io.StringIO(source).readline):
+            if token.type == tokenize.OP and token.string == ":" and previous is not None:
+                if previous.type == tokenize.NAME and previous.start[1] == 4:  # `name:` in the class body
+                    field_on_line[previous.start[0]] = previous.string
+            elif token.type == tokenize.COMMENT and token.start[0] in field_on_line:
+                comments[field_on_line[token.start[0]]] = token.string.lstrip("#").strip()
+            if token.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT):
+                previous = token
+    return comments
+
+
 def _add_dataclass_arguments(parser: argparse.ArgumentParser, config_type: type, skip: tuple[str, ...] = ()) -> None:
-    """One flag per config field, so the dataclass stays the single list of options and defaults."""
+    """One flag per config field, so the dataclass stays the single list of options, defaults and their help
+    (each field's comment)."""
+    comments = field_comments(config_type)
     for item in dataclasses.fields(config_type):
         if item.name in skip:
             continue
         flag = "--" + item.name.replace("_", "-")
         default = item.default
         kind = str(item.type)
+        text = comments.get(item.name, "").replace("%", "%%")
         if kind == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
         elif "int" in kind and "float" not in kind:
-            parser.add_argument(flag, type=int, default=default)
+            parser.add_argument(flag, type=int, default=default, help=text)
         elif "float" in kind:
-            parser.add_argument(flag, type=float, default=default)
+            parser.add_argument(flag, type=float, default=default, help=text)
         else:
-            parser.add_argument(flag, type=str, default=default)
+            parser.add_argument(flag, type=str, default=default, help=text)
 
 
 def _config_from(args: argparse.Namespace, config_type: type):
@@ -97,15 +127,93 @@ def _override_sampler(members: list, step_size: float | None, guidance: float | 
         member.sampler = dataclasses.replace(member.sampler_as(EBMSampler), **changes)
 
 
+def _draw_with_progress(
+    members: list,
+    seeds: torch.Tensor,
+    args: argparse.Namespace,
+    generator: torch.Generator,
+    labels: torch.Tensor | None,
+    batch: int,
+    description: str,
+    init: str | None = None,
+    buffer=None,
+    on_step=None,
+) -> torch.Tensor:
+    """Samples [N, *shape] drawn `batch` chains at a time (on the CPU), with progress on stderr: a bar on a
+    terminal, plain lines when piped. EBMs count Langevin steps, GANs and flows batches."""
+    from training.run import progress
+    from training.sampler_config import EBMSampler
+    from training.sampling import draw_samples
+
+    model = members[0]
+    starts = range(0, len(seeds), batch)
+    sampler = model.sampler
+    steps_per_chain = (args.steps or sampler.steps) if isinstance(sampler, EBMSampler) else 0
+    bar = progress(None, len(starts) * max(steps_per_chain, 1), description, unit="step" if steps_per_chain else "it")
+
+    def step_done(step: int, x: torch.Tensor, energy: torch.Tensor) -> None:
+        bar.update(1)
+        if on_step is not None:
+            on_step(step, x, energy)
+
+    parts = []
+    with bar:
+        for start in starts:
+            chunk = slice(start, start + batch)
+            parts.append(
+                draw_samples(
+                    members,
+                    seeds[chunk],
+                    args.steps,
+                    init,
+                    generator,
+                    step_done if steps_per_chain else None,
+                    None if labels is None else labels[chunk],
+                    buffer,
+                ).cpu()
+            )
+            if not steps_per_chain:
+                bar.update(1)
+    return torch.cat(parts)
+
+
+def _start_description(members: list, init: str | None, buffer, buffer_path: Path | None) -> str:
+    """Where the chains (or latents) started, said on every `sample`: the CLI and a running server start from
+    the same prior, but a server's replay buffer has moved on from the one saved in the checkpoint."""
+    from training.sampler_config import EBMSampler
+    from training.sampling import pooled_buffer
+
+    model = members[0]
+    sampler = model.sampler
+    if not isinstance(sampler, EBMSampler):
+        source = "Gaussian latents" if model.config.family == "gan" else "the flow's base distribution"
+        return f"{source} at temperature {sampler.temperature:g}"
+    if (init or sampler.init) == "noise":
+        prior = "uniform noise" if sampler.prior == "uniform" else f"Gaussian noise (std {sampler.prior_std:g})"
+        return f"{prior}, the checkpoint's prior (--init noise)"
+    if buffer_path is not None:
+        return f"the server's replay buffer {buffer_path} ({len(buffer)} samples)"
+    return (
+        f"the replay buffer saved in the checkpoint ({len(pooled_buffer(members))} samples); a server that has "
+        "been sampling starts from its own, newer one: --state-dir DIR uses what it saved"
+    )
+
+
 def _cmd_sample(args: argparse.Namespace) -> None:
     from training.device import pick_device
     from training.images import gif_bytes, grid, save_grid
     from training.noise import chain_seeds
-    from training.sampling import draw_samples, load_model
+    from training.sampling import load_model, load_server_buffer
 
     device = pick_device(args.device)
     members = [load_model(path, device) for path in args.checkpoint]
     model = members[0]
+    init, buffer, buffer_path = args.init, None, None
+    if args.state_dir is not None:
+        if args.init == "noise":
+            raise ValueError("--state-dir starts chains from the server's replay buffer; leave out --init noise")
+        buffer, buffer_path = load_server_buffer(args.state_dir, args.checkpoint, members)
+        init = "buffer"
     generator = torch.Generator().manual_seed(args.seed)  # buffer slots, as the server draws them
     frames = []
 
@@ -116,8 +224,18 @@ def _cmd_sample(args: argparse.Namespace) -> None:
     seeds = chain_seeds(args.seed, args.n)
     _override_sampler(members, args.step_size, args.guidance)
     labels = _labels(args.label, args.n, model)
-    samples = draw_samples(
-        members, seeds, args.steps, args.init, generator, keep_frame if args.trajectory else None, labels
+    print(f"start: {_start_description(members, init, buffer, buffer_path)}", flush=True)
+    samples = _draw_with_progress(
+        members,
+        seeds,
+        args,
+        generator,
+        labels,
+        args.n,
+        f"sample {model.name}",
+        init,
+        buffer,
+        keep_frame if args.trajectory else None,
     )
     save_grid(samples, args.out, model.data_range)
     print(f"wrote {args.out} ({args.n} {model.config.family} samples)")
@@ -128,13 +246,12 @@ def _cmd_sample(args: argparse.Namespace) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
-
     from training.data import load_dataset
     from training.device import pick_device
     from training.evaluate import load_classifier, quality_figures, real_data_floor
     from training.noise import chain_seeds
     from training.sampler_config import EBMSampler
-    from training.sampling import chain_labels, draw_samples, load_model
+    from training.sampling import chain_labels, load_model
 
     device = pick_device(args.device)
     classifier = load_classifier(args.classifier, device)
@@ -149,19 +266,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     seeds = chain_seeds(args.seed, args.n)
     # The labels chains are drawn with (asked for, or each chain's seeded class): label accuracy is reported.
     labels = chain_labels(model, seeds, _labels(args.label, args.n, model)) if model.config.family == "ebm" else None
-    samples = torch.cat(
-        [
-            draw_samples(
-                members,
-                seeds[start : start + args.batch],
-                args.steps,
-                args.init,
-                generator,
-                labels=None if labels is None else labels[start : start + args.batch],
-            ).cpu()
-            for start in range(0, args.n, args.batch)
-        ]
-    )
+    description = f"evaluate {model.name}: {args.n} samples"
+    samples = _draw_with_progress(members, seeds, args, generator, labels, args.batch, description, args.init)
+    print(f"evaluate {model.name}: classifier features, Frechet distance, precision/recall", file=sys.stderr)
     steps = args.steps or (model.sampler.steps if isinstance(model.sampler, EBMSampler) else None)
     ebm_sampler_report: dict[str, Any] = {"init": args.init, "steps": steps, "n": args.n}
     if isinstance(model.sampler, EBMSampler):
@@ -188,6 +295,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         from training.models.flows import Flow
         from training.train_flow import dataset_bits_per_dim
 
+        print(f"evaluate {model.name}: test bits/dim of 500 images", file=sys.stderr)
         flow = cast(Flow, model.module)  # a flow checkpoint's arch is nice, glow or iresnet: all Flows
         model_figures["test_bits_per_dim"] = round(dataset_bits_per_dim(flow, test, 500, device, seed=args.seed), 4)
     print(json.dumps(report, indent=2))
@@ -235,31 +343,96 @@ def _cmd_zoo(args: argparse.Namespace) -> None:
         raise SystemExit(f"zoo: {failures} step(s) failed; see the logs in {args.runs_dir}")
 
 
-class _ExampleHelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults after each flag, and an epilog printed as written."""
+def _cmd_fetch_data(args: argparse.Namespace) -> None:
+    from training.fetch_data import fetch
+
+    directory = fetch(args.dataset, args.dir or f"data/{args.dataset}", args.mirror)
+    print(f"{args.dataset} is in {directory}: train with --data-dir {directory} (or export SAMPLEBAY_DATA_DIR)")
 
 
-ZOO_EPILOG = """examples:
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every flag's help ends with its default (unless the help already names it); descriptions and epilogs
+    print as written, so the examples keep their lines."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or action.default is argparse.SUPPRESS or "default" in text:
+            return text
+        default = "none" if action.default is None else str(action.default).replace("%", "%%")
+        return f"{text} (default: {default})"
+
+
+D = "data/mnist"
+EPILOGS = {
+    "ebm": f"""examples:
+  python -m training ebm --objective eqm --conditional --data-dir {D} --out checkpoints/my_eqm.safetensors
+  python -m training ebm --data-dir {D} --epochs 3 --out checkpoints/my_ebm.safetensors   # contrastive divergence
+  python -m training ebm --dataset toy2d:moons --epochs 2 --out /tmp/moons.safetensors     # 2-D toy data, no files
+""",
+    "gan": f"""examples:
+  python -m training gan --loss wgan-gp --width 32 --data-dir {D} --epochs 10 --out checkpoints/my_wgan.safetensors
+  python -m training gan --loss dcgan --data-dir {D} --epochs 1 --max-batches 50 --out /tmp/quick.safetensors
+""",
+    "flow": f"""examples:
+  python -m training flow --arch nice --hidden 300 --depth 4 --data-dir {D} --out checkpoints/my_nice.safetensors
+  python -m training flow --arch glow --levels 2 --steps 6 --hidden 64 --data-dir {D} --resume   # continue a run
+""",
+    "sample": """examples:
+  python -m training sample checkpoints/eqm_mnist.safetensors --n 64 --trajectory 4 --out digits.png
+  python -m training sample checkpoints/eqm_mnist.safetensors --label all --n 100 --out classes.png
+  python -m training sample checkpoints/ebm_mnist_seed0.safetensors --state-dir state --out from_server.png
+  python -m training sample checkpoints/ebm_mnist_seed{0,1,2}.safetensors --init buffer --out ensemble.png
+""",
+    "evaluate": f"""examples:
+  python -m training evaluate checkpoints/eqm_mnist.safetensors --data-dir {D}
+  python -m training evaluate checkpoints/glow_mnist.safetensors --data-dir {D} --n 500 --record
+  python -m training evaluate checkpoints/eqm_mnist.safetensors --data-dir {D} --label all --guidance 1.5
+""",
+    "classifier": f"""example:
+  python -m training classifier --data-dir {D} --epochs 2   # rewrites training/assets/mnist_classifier.safetensors
+""",
+    "zoo": """examples:
   python -m training zoo --dry-run                                   # what each model's next chunk runs
-  python -m training zoo --jobs 2 --data-dir ../shared/data/mnist    # a chunk of every model, two at a time
+  python -m training zoo --jobs 2 --data-dir data/mnist              # a chunk of every model, two at a time
   python -m training zoo --preset cuda --only dcgan_mnist --ship     # a lent GPU: one model per command
   bash scripts/train_zoo.sh --only glow_mnist,nice_mnist             # the same as python -m training zoo
-"""
+""",
+    "fetch-data": """examples:
+  python -m training fetch-data mnist                                  # into data/mnist
+  python -m training fetch-data fashion-mnist --dir ~/data/fashion
+  python -m training fetch-data mnist --mirror http://mirror.internal/mnist/    # behind a firewall
+  python -m training fetch-data mnist --mirror file:///media/usb/mnist/        # files carried in by hand
+""",
+}
+
+
+def _add_command(commands, name: str, help_text: str, description: str | None = None) -> argparse.ArgumentParser:
+    return commands.add_parser(
+        name, help=help_text, description=description or help_text, epilog=EPILOGS[name], formatter_class=HelpFormatter
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     from training.evaluate import DEFAULT_CLASSIFIER
+    from training.fetch_data import SHA256
     from training.train_ebm import EBMTrainConfig
     from training.train_flow import FlowTrainConfig
     from training.train_gan import GANTrainConfig
 
     parser = argparse.ArgumentParser(
-        prog="python -m training", description="Train, sample and evaluate generative models."
+        prog="python -m training",
+        description="Fetch data; train, sample and evaluate generative models.",
+        epilog="python -m training COMMAND --help: the command's flags, defaults and examples",
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
     trainers = {
-        "ebm": ("train an energy-based model (contrastive divergence + Langevin)", EBMTrainConfig, _cmd_ebm),
+        "ebm": (
+            "train an energy-based model: contrastive divergence with Langevin negatives, or Equilibrium "
+            "Matching (--objective eqm)",
+            EBMTrainConfig,
+            _cmd_ebm,
+        ),
         "gan": ("train a GAN: dcgan, wgan (weight clipping) or wgan-gp, with generator EMA", GANTrainConfig, _cmd_gan),
         "flow": (
             "train a normalizing flow by maximum likelihood: nice, glow (multiscale) or iresnet",
@@ -268,19 +441,35 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     }
     for name, (description, config_type, handler) in trainers.items():
-        trainer = commands.add_parser(name, help=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        trainer = _add_command(commands, name, description)
         _add_dataclass_arguments(trainer, config_type)
         trainer.set_defaults(handler=handler)
 
-    sample = commands.add_parser(
+    sample = _add_command(
+        commands,
         "sample",
-        help="draw samples from a checkpoint into a PNG grid",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "draw samples from a checkpoint into a PNG grid",
+        "Draw samples from a checkpoint into a PNG grid; a seed gives the images POST /sample gives for it.\n"
+        "It says where the chains started: the checkpoint's prior, the replay buffer saved in the checkpoint,\n"
+        "or (--state-dir) the newer buffer a server saved.",
     )
     sample.add_argument("checkpoint", type=Path, nargs="+", help="one checkpoint, or the EBMs of one ensemble")
-    sample.add_argument("--n", type=int, default=64)
-    sample.add_argument("--steps", type=int, default=None, help="Langevin steps (default: the checkpoint's)")
-    sample.add_argument("--init", choices=["noise", "buffer"], default=None, help="EBMs (default: the checkpoint's)")
+    sample.add_argument("--n", type=int, default=64, help="samples drawn (the grid's cells)")
+    sample.add_argument("--steps", type=int, default=None, help="EBMs: Langevin steps (default: the checkpoint's)")
+    sample.add_argument(
+        "--init",
+        choices=["noise", "buffer"],
+        default=None,
+        help="EBMs: start from the prior (noise) or the replay buffer (default: the checkpoint's)",
+    )
+    sample.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="EBMs: start from the replay buffer a server saved in its --state-dir DIR (implies --init buffer; "
+        "default: the buffer saved in the checkpoint)",
+    )
     _add_ebm_sampler_flags(sample)
     sample.add_argument("--seed", type=int, default=0, help="the same seed gives the same images as POST /sample")
     sample.add_argument(
@@ -288,62 +477,90 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         metavar="K",
-        help="also write every K-th step as an animated GIF next to --out",
+        help="also write every K-th step as an animated GIF next to --out (0: none)",
     )
-    sample.add_argument("--out", default="samples.png")
-    sample.add_argument("--device", default="auto")
+    sample.add_argument("--out", default="samples.png", help="the PNG grid written")
+    sample.add_argument("--device", default="auto", help="auto (cuda when available, else cpu) | cpu | cuda")
     sample.set_defaults(handler=_cmd_sample)
 
-    evaluate = commands.add_parser(
-        "evaluate", help="print sample-quality figures as JSON", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    evaluate = _add_command(
+        commands,
+        "evaluate",
+        "print sample-quality figures as JSON",
+        "Print sample-quality figures as JSON: Frechet distance, class coverage, precision/recall in the\n"
+        "feature space of the project's MNIST classifier, beside the same figures for real training images.",
     )
     evaluate.add_argument("checkpoint", type=Path, nargs="+", help="one checkpoint, or the EBMs of one ensemble")
-    evaluate.add_argument("--data-dir", default=None)
+    evaluate.add_argument("--data-dir", default=None, help="MNIST IDX files (fetch-data; default: $SAMPLEBAY_DATA_DIR)")
     evaluate.add_argument("--n", type=int, default=2000, help="samples and reference images compared")
-    evaluate.add_argument("--steps", type=int, default=None)
-    evaluate.add_argument("--init", choices=["noise", "buffer"], default="noise")
+    evaluate.add_argument("--steps", type=int, default=None, help="EBMs: Langevin steps (default: the checkpoint's)")
+    evaluate.add_argument(
+        "--init", choices=["noise", "buffer"], default="noise", help="EBMs: start from the prior or the replay buffer"
+    )
     _add_ebm_sampler_flags(evaluate)
-    evaluate.add_argument("--batch", type=int, default=500)
-    evaluate.add_argument("--seed", type=int, default=0)
-    evaluate.add_argument("--classifier", type=Path, default=DEFAULT_CLASSIFIER)
-    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--batch", type=int, default=500, help="chains sampled at a time")
+    evaluate.add_argument("--seed", type=int, default=0, help="seeds the chains and the reference subsets")
+    evaluate.add_argument(
+        "--classifier", type=Path, default=DEFAULT_CLASSIFIER, help="the feature network (see: classifier)"
+    )
+    evaluate.add_argument("--device", default="auto", help="auto (cuda when available, else cpu) | cpu | cuda")
     evaluate.add_argument("--record", action="store_true", help="also store the figures in the checkpoint's metrics")
     evaluate.set_defaults(handler=_cmd_evaluate)
 
-    classifier = commands.add_parser(
-        "classifier",
-        help="train the MNIST classifier used by evaluate",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    classifier = _add_command(commands, "classifier", "train the MNIST classifier used by evaluate")
+    classifier.add_argument(
+        "--data-dir", default=None, help="MNIST IDX files (fetch-data; default: $SAMPLEBAY_DATA_DIR)"
     )
-    classifier.add_argument("--data-dir", default=None)
-    classifier.add_argument("--out", default=str(DEFAULT_CLASSIFIER))
-    classifier.add_argument("--epochs", type=int, default=3)
-    classifier.add_argument("--seed", type=int, default=0)
-    classifier.add_argument("--max-batches", type=int, default=None)
-    classifier.add_argument("--device", default="auto")
+    classifier.add_argument("--out", default=str(DEFAULT_CLASSIFIER), help="the classifier checkpoint written")
+    classifier.add_argument("--epochs", type=int, default=3, help="passes over the training set")
+    classifier.add_argument("--seed", type=int, default=0, help="seeds initialization and batch order")
+    classifier.add_argument("--max-batches", type=int, default=None, help="at most this many batches per epoch")
+    classifier.add_argument("--device", default="auto", help="auto (cuda when available, else cpu) | cpu | cuda")
     classifier.set_defaults(handler=_cmd_classifier)
 
     from training.zoo import add_arguments as add_zoo_arguments
 
-    zoo = commands.add_parser(
+    zoo = _add_command(
+        commands,
         "zoo",
-        help="train or continue every shipped model in resumable chunks (--resume, else --init-from), then --ship",
-        description="Rebuild each shipped checkpoint's training command with its output under --runs-dir;\n"
+        "train or continue every shipped model in resumable chunks (--resume, else --init-from), then --ship",
+        "Rebuild each shipped checkpoint's training command with its output under --runs-dir;\n"
         "continue its run there (--resume) or warm-start from the shipped file (--init-from: weights,\n"
         "EMA, critic, replay buffer); each run stops at an epoch end within --stop-after-minutes.\n"
         "--ship brings finished runs back as float16, records evaluate figures, prints the models table.",
-        epilog=ZOO_EPILOG,
-        formatter_class=_ExampleHelpFormatter,
     )
     add_zoo_arguments(zoo)
     zoo.set_defaults(handler=_cmd_zoo)
+
+    fetch_data = _add_command(
+        commands,
+        "fetch-data",
+        "download MNIST or Fashion-MNIST (the four IDX .gz files) and verify their SHA-256",
+        "Download the four official IDX .gz files of MNIST or Fashion-MNIST from the dataset's usual mirrors\n"
+        "(or --mirror) and check each against the SHA-256 written in training/fetch_data.py. A file that fails\n"
+        "is deleted and the command exits non-zero; files already there and verified are skipped. Standard\n"
+        "library only: urllib honours http_proxy and https_proxy.",
+    )
+    fetch_data.add_argument("dataset", choices=sorted(SHA256), help="the dataset to download")
+    fetch_data.add_argument(
+        "--dir", default=None, metavar="D", help="where the files go (default: data/DATASET; train with --data-dir D)"
+    )
+    fetch_data.add_argument(
+        "--mirror",
+        default=None,
+        metavar="URL",
+        help="a directory URL holding the four .gz files, tried instead of the usual mirrors (http, https, file)",
+    )
+    fetch_data.set_defaults(handler=_cmd_fetch_data)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
+    from training.fetch_data import FetchError
+
     args = build_parser().parse_args(argv)
     try:
         args.handler(args)
-    except (DatasetError, CheckpointError, FileNotFoundError, ValueError) as error:
+    except (DatasetError, CheckpointError, FetchError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from error

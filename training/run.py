@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, fields
@@ -23,17 +24,17 @@ from training.images import save_grid
 class RunConfig:
     """Options every training command shares; each family's config adds its own (and may change defaults)."""
 
-    dataset: str = "mnist"  # 'mnist' (IDX files in data_dir) or 'toy2d:<density>'
-    data_dir: str | None = None  # falls back to $SAMPLEBAY_DATA_DIR
-    out: str = "model.safetensors"
+    dataset: str = "mnist"  # mnist or fashion-mnist (IDX files in data_dir: fetch-data), or toy2d:<density>
+    data_dir: str | None = None  # the dataset's IDX files; falls back to $SAMPLEBAY_DATA_DIR
+    out: str = "model.safetensors"  # the checkpoint written after every epoch
     run_dir: str | None = None  # metrics.jsonl, grids, resume state; default: <out without suffix>.run
-    epochs: int = 10
-    batch_size: int = 128
-    seed: int = 0
-    device: str = "auto"
+    epochs: int = 10  # passes over the training set (with --resume: the total to reach)
+    batch_size: int = 128  # training examples per update
+    seed: int = 0  # seeds initialization, batch order and sampling: the same seed repeats a run
+    device: str = "auto"  # auto (cuda when available, else cpu) | cpu | cuda | cuda:N
     threads: int | None = None  # torch CPU threads for this run (1: one run per core, side by side)
-    resume: bool = False
-    max_batches: int | None = None  # per epoch; for quick runs and tests
+    resume: bool = False  # continue exactly from the run directory's resume state
+    max_batches: int | None = None  # at most this many batches per epoch (quick runs and tests; none: all)
     save_dtype: str = "float32"  # floating tensors of the output checkpoint: float32 or float16 (half the file)
     stop_after_minutes: float | None = None  # end at the first epoch end where one more epoch would pass M minutes
     init_from: str | None = None  # warm start (no run dir to resume): weights and extras of a checkpoint, same arch
@@ -180,8 +181,8 @@ class RunLog:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = run_dir / "metrics.jsonl"
 
-    def progress(self, iterable: Iterable, total: int, description: str) -> tqdm:
-        return tqdm(iterable, total=total, desc=description, dynamic_ncols=True, mininterval=1.0)
+    def progress(self, iterable: Iterable, total: int, description: str) -> tqdm | PlainProgress:
+        return progress(iterable, total, description)
 
     def write(self, record: dict[str, Any]) -> None:
         with self.metrics_path.open("a") as handle:
@@ -191,6 +192,83 @@ class RunLog:
         path = self.run_dir / f"samples_epoch{epoch:03d}.png"
         save_grid(samples, str(path), data_range)
         return path
+
+
+class PlainProgress:
+    """Progress as whole lines on stderr for a log file or a pipe, where a bar's carriage returns pile up:
+    a line every `interval` seconds and one at the end (none for work shorter than the interval).
+    The part of tqdm's interface the commands use: iterate, `update`, `set_postfix`, `close`."""
+
+    interval = 10.0  # seconds between lines
+
+    def __init__(
+        self, iterable: Iterable | None, total: int | None, description: str, unit: str = "it", unit_scale: bool = False
+    ) -> None:
+        self.iterable, self.total, self.description = iterable, total, description
+        self.unit, self.unit_scale = unit, unit_scale
+        self.n: float = 0
+        self.postfix = ""
+        self.start = self.last_line = time.monotonic()
+        self.printed_at: float | None = None  # n at the last line printed
+
+    def __iter__(self) -> Iterator[Any]:
+        assert self.iterable is not None, "PlainProgress made without an iterable: call update instead"
+        for item in self.iterable:
+            yield item
+            self.update(1)
+        self.close()
+
+    def __enter__(self) -> PlainProgress:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def _amount(self, value: float) -> str:
+        return f"{value / 1e6:.1f} M{self.unit}" if self.unit_scale else f"{value:g}"
+
+    def _line(self) -> None:
+        done = self._amount(self.n)
+        if self.total:
+            done = f"{done}/{self._amount(self.total)} ({100 * self.n / self.total:.0f}%)"
+        postfix = f", {self.postfix}" if self.postfix else ""
+        elapsed = time.monotonic() - self.start
+        print(f"{self.description}: {done}, {elapsed:.0f} s{postfix}", file=sys.stderr, flush=True)
+        self.printed_at = self.n
+        self.last_line = time.monotonic()
+
+    def update(self, n: float = 1) -> None:
+        self.n += n
+        if time.monotonic() - self.last_line >= self.interval:
+            self._line()
+
+    def set_postfix(self, **values: Any) -> None:
+        self.postfix = ", ".join(f"{key}={value}" for key, value in values.items())
+
+    def close(self) -> None:
+        long_work = self.printed_at is not None or time.monotonic() - self.start >= self.interval
+        if long_work and self.printed_at != self.n:
+            self._line()
+        self.printed_at = self.n
+        self.start = self.last_line = float("inf")  # closed: no more lines
+
+
+def progress(
+    iterable: Iterable | None, total: int | None, description: str, unit: str = "it", unit_scale: bool = False
+) -> tqdm | PlainProgress:
+    """Progress of long work on stderr, for training, sampling, evaluation and downloads alike: a tqdm bar
+    on a terminal, plain lines (`PlainProgress`) when stderr is a file or a pipe."""
+    if sys.stderr.isatty():
+        return tqdm(
+            iterable,
+            total=total,
+            desc=description,
+            unit=unit,
+            unit_scale=unit_scale,
+            dynamic_ncols=True,
+            mininterval=1.0,
+        )
+    return PlainProgress(iterable, total, description, unit, unit_scale)
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:

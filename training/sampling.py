@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 
-from training.checkpoint import Checkpoint, ModelConfig, load_checkpoint
+from training.checkpoint import Checkpoint, CheckpointError, ModelConfig, load_checkpoint, read_metadata
 from training.langevin import ReplayBuffer, StepCallback, ensemble_energy, sample_langevin
 from training.models import build_model
 from training.models.flows import Flow
@@ -111,13 +116,15 @@ def draw_samples(
     generator: torch.Generator | None = None,
     callback: StepCallback | None = None,
     labels: torch.Tensor | None = None,
+    buffer: ReplayBuffer | None = None,
 ) -> torch.Tensor:
     """One entry point for every family, used by the `sample` and `evaluate` commands: one sample per
     chain seed [B] (see `training.noise.chain_seeds`), drawn as the server draws it. `labels` [B] pick
     the class of each chain of a class-conditional EBM.
 
     A list of EBM checkpoints of one ensemble samples as the server samples the ensemble: chains move
-    under the members in turn and start from their pooled buffers. `generator` draws buffer slots only.
+    under the members in turn and start from their pooled buffers, or from `buffer` when given (the one
+    a server saved: `load_server_buffer`). `generator` draws buffer slots only.
     """
     members = model if isinstance(model, list) else [model]
     first = members[0]
@@ -131,7 +138,7 @@ def draw_samples(
     if labels is not None and first.config.family != "ebm":
         raise ValueError(f"{first.name} is a {first.config.family} model; it takes no label")
     if first.config.family == "ebm":
-        return sample_ebm(members, seeds, steps, init, generator, callback, labels)
+        return sample_ebm(members, seeds, steps, init, generator, callback, labels, buffer)
     if first.config.family == "gan":
         return sample_generator(first, seeds).clamp(*first.data_range)
     if first.config.family == "flow":
@@ -144,6 +151,70 @@ def pooled_buffer(members: list[LoadedModel]) -> ReplayBuffer:
     states = [member.extras["replay_buffer"] for member in members if member.has_replay_buffer]
     restart = members[0].sampler_as(EBMSampler).restart_prob
     return ReplayBuffer.pooled(states, members[0].shape, restart, members[0].data_range)
+
+
+def buffer_group_digest(checkpoint_sha256s: Iterable[str]) -> str:
+    """The server's key for the buffer a group of EBMs shares: SHA-256 over its members' checkpoint-file
+    SHA-256s in sorted order, so retraining any member retires the saved buffer."""
+    return hashlib.sha256("".join(sorted(checkpoint_sha256s)).encode()).hexdigest()
+
+
+def buffer_file_name(group: str, digest: str) -> str:
+    """The file a server keeps a buffer group's replay buffer in, inside its --state-dir."""
+    return f"buffer-{group}-{digest[:16]}.safetensors"
+
+
+def buffer_group_files(checkpoints: list[Path], ensemble: str | None) -> list[Path]:
+    """The checkpoint files whose EBMs a server, serving the first one's directory, samples over one replay
+    buffer: the checkpoints given and, for an ensemble, every EBM beside them that names the same ensemble."""
+    files = {Path(path).resolve() for path in checkpoints}
+    if ensemble:
+        for sibling in Path(checkpoints[0]).parent.glob("*.safetensors"):
+            try:
+                config = json.loads(read_metadata(sibling.read_bytes(), str(sibling)).get("config", "{}"))
+            except (CheckpointError, json.JSONDecodeError, OSError):
+                continue  # the server refuses such a file too
+            if config.get("family") == "ebm" and config.get("ensemble") == ensemble:
+                files.add(sibling.resolve())
+    return sorted(files)
+
+
+def load_server_buffer(
+    state_dir: str | Path, checkpoints: list[Path], members: list[LoadedModel]
+) -> tuple[ReplayBuffer, Path]:
+    """The replay buffer a server saved in its --state-dir for these EBM checkpoints (one, or members of an
+    ensemble), read without changing anything there; and its path.
+
+    The group and file name follow `service/registry.py` and `service/buffer_store.py`: the ensemble's name
+    (else the checkpoint's) and `buffer_group_digest` of the group's files as they are now."""
+    state_dir = Path(state_dir)
+    first = members[0]
+    if first.config.family != "ebm":
+        raise ValueError(f"--state-dir: {first.name} is a {first.config.family} model; only EBMs have replay buffers")
+    if not any(member.has_replay_buffer for member in members):
+        raise ValueError(f"--state-dir: {first.name} was trained without a replay buffer; a server keeps none for it")
+    if not state_dir.is_dir():
+        raise FileNotFoundError(f"--state-dir {state_dir} is not a directory; pass the server's --state-dir")
+    group = first.config.ensemble or first.name
+    files = buffer_group_files(checkpoints, first.config.ensemble)
+    digest = buffer_group_digest(hashlib.sha256(path.read_bytes()).hexdigest() for path in files)
+    path = state_dir / buffer_file_name(group, digest)
+    if not path.is_file():
+        others = sorted(other.name for other in state_dir.glob(f"buffer-{group}-*.safetensors"))
+        hint = (
+            f"it holds {', '.join(others)}, saved while {group} had other checkpoint files than "
+            f"{', '.join(file.name for file in files)}"
+            if others
+            else "a server saves it once chains have run (every --buffer-save-interval-s, and at shutdown)"
+        )
+        raise FileNotFoundError(f"{state_dir} has no replay buffer {path.name} for {group}: {hint}")
+    try:
+        buffer = ReplayBuffer.from_state_dict(load_file(path))
+    except (SafetensorError, KeyError, ValueError, RuntimeError) as error:
+        raise ValueError(f"replay buffer {path} is unreadable ({error}); a server moves it aside on start") from error
+    if buffer.shape != first.shape:
+        raise ValueError(f"replay buffer {path} holds samples of shape {buffer.shape}; {group} needs {first.shape}")
+    return buffer, path
 
 
 def chain_labels(model: LoadedModel, seeds: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor | None:
@@ -162,10 +233,12 @@ def sample_ebm(
     generator: torch.Generator | None = None,
     callback: StepCallback | None = None,
     labels: torch.Tensor | None = None,
+    buffer: ReplayBuffer | None = None,
 ) -> torch.Tensor:
     """Run one chain per seed [B] for `steps` (default: the checkpoint's), from the checkpoint's prior
-    ('noise') or the pooled replay buffers ('buffer'), with counter-based noise: seeded chains follow
-    the path they follow in the server. `labels` [B] condition a class-conditional energy."""
+    ('noise') or a replay buffer ('buffer': `buffer`, else the members' pooled ones), with counter-based
+    noise: seeded chains follow the path they follow in the server. `labels` [B] condition a
+    class-conditional energy."""
     first = members[0]
     first.check_labels(labels)
     labels = chain_labels(first, seeds, labels)
@@ -173,7 +246,7 @@ def sample_ebm(
     device = next(first.module.parameters()).device
     init = init or sampler.init
     if init == "buffer":
-        buffer = pooled_buffer(members)
+        buffer = pooled_buffer(members) if buffer is None else buffer
         if len(buffer) == 0:
             raise ValueError(f"{first.name} has no saved replay buffer; use init='noise'")
         start, _ = buffer.draw(len(seeds), generator)

@@ -35,7 +35,7 @@ class FlowTrainConfig(RunConfig):
     arch: str = "nice"  # nice | glow (multiscale affine-coupling flow) | iresnet
     out: str = "checkpoints/flow.safetensors"
     epochs: int = 20
-    lr: float = 1e-3
+    lr: float = 1e-3  # Adam learning rate
     warmup_steps: int = 0  # linear learning-rate warm-up over this many steps
     max_grad_norm: float | None = None  # clip the gradient norm (i-ResNet training likes 1-10)
     hidden: int | None = None  # NICE: units per hidden layer; glow/iresnet: channels (see ARCH_DEFAULTS)

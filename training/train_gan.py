@@ -53,16 +53,16 @@ class GANTrainConfig(RunConfig):
     loss: str = "dcgan"  # dcgan | wgan | wgan-gp
     out: str = "checkpoints/gan.safetensors"
     batch_size: int = 64
-    latent_dim: int = 128
-    width: int = 64
-    lr: float | None = None  # default per loss (LOSS_DEFAULTS)
+    latent_dim: int = 128  # size of the Gaussian latent the generator maps to an image
+    width: int = 64  # channels of the generator's last and the critic's first convolution (doubled in between)
+    lr: float | None = None  # learning rate (default: per loss, LOSS_DEFAULTS)
     critic_steps: int | None = None  # critic updates per generator update; default per loss
     clip: float = 0.01  # WGAN weight clipping range [-clip, clip]
     gp_weight: float = 10.0  # WGAN-GP lambda
     label_smoothing: float = 0.0  # DCGAN one-sided: real targets 1 - s
     instance_noise: float = 0.0  # std of noise on real and fake critic inputs, annealed to 0 over training
     feature_matching: float = 0.0  # weight of the feature-matching term in the generator loss
-    ema_decay: float = 0.999
+    ema_decay: float = 0.999  # the shipped generator is this exponential moving average
 
 
 def _architectures(dataset: ImageDataset, config: GANTrainConfig) -> tuple[dict, dict]:

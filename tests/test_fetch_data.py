@@ -1,0 +1,117 @@
+"""`python -m training fetch-data` against a local HTTP mirror, as a user behind a proxy would point it at one:
+verified files land and load, a second run downloads nothing, a corrupted file is deleted with a checksum error."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import shutil
+import threading
+from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+
+from training import fetch_data
+from training.cli import main
+from training.data import load_dataset
+
+FILES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
+
+
+class CountingHandler(SimpleHTTPRequestHandler):
+    requests: ClassVar[list[str]] = []  # paths asked for, across the server's threads
+
+    def do_GET(self) -> None:
+        CountingHandler.requests.append(self.path)
+        super().do_GET()
+
+    def log_message(self, *args: object) -> None:  # keep the test output quiet
+        pass
+
+
+@pytest.fixture
+def mirror(idx_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Path]]:
+    """A threaded HTTP server over a copy of the tiny IDX files, whose SHA-256s stand in for the published ones."""
+    served = tmp_path / "mirror"
+    shutil.copytree(idx_dir, served)
+    table = {name: hashlib.sha256((served / name).read_bytes()).hexdigest() for name in FILES}
+    monkeypatch.setitem(fetch_data.SHA256, "mnist", table)
+    CountingHandler.requests = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(CountingHandler, directory=str(served)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/", served
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_fetch_data_downloads_verified_files_that_train_and_skips_them_the_second_time(
+    mirror: tuple[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url, _ = mirror
+    data = tmp_path / "data"
+    main(["fetch-data", "mnist", "--dir", str(data), "--mirror", url])
+    assert sorted(path.name for path in data.iterdir()) == sorted(FILES)  # no .part left behind
+    assert len(load_dataset("mnist", str(data), "train").images) == 512
+    assert len(CountingHandler.requests) == 4
+    assert "checksum verified" in capsys.readouterr().err
+
+    main(["fetch-data", "mnist", "--dir", str(data), "--mirror", url])
+    assert len(CountingHandler.requests) == 4  # nothing downloaded again
+    assert capsys.readouterr().err.count("already there, checksum verified") == 4
+
+
+def test_a_corrupted_file_is_deleted_and_the_command_fails_naming_it(
+    mirror: tuple[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url, served = mirror
+    labels = served / "t10k-labels-idx1-ubyte.gz"
+    damaged = bytearray(labels.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    labels.write_bytes(bytes(damaged))
+    data = tmp_path / "data"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fetch-data", "mnist", "--dir", str(data), "--mirror", url])
+    assert exit_info.value.code != 0
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert "t10k-labels-idx1-ubyte.gz" in error and "checksum" in error
+    assert sorted(path.name for path in data.iterdir()) == sorted(FILES[:3])  # the bad one (and its .part) is gone
+
+
+def test_a_copy_already_on_disk_that_does_not_match_is_downloaded_again(
+    mirror: tuple[str, Path], tmp_path: Path
+) -> None:
+    url, served = mirror
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / FILES[0]).write_bytes(b"an interrupted download from somewhere else")
+    main(["fetch-data", "mnist", "--dir", str(data), "--mirror", url])
+    assert (data / FILES[0]).read_bytes() == (served / FILES[0]).read_bytes()
+
+
+def test_a_mirror_without_the_files_fails_with_the_url_and_what_to_do(
+    mirror: tuple[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url, _ = mirror
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fetch-data", "mnist", "--dir", str(tmp_path / "data"), "--mirror", url + "elsewhere/"])
+    assert exit_info.value.code != 0
+    error = capsys.readouterr().err
+    assert f"{url}elsewhere/train-images-idx3-ubyte.gz" in error and "--mirror" in error
+
+
+def test_every_dataset_lists_a_sha256_for_each_of_its_four_files() -> None:
+    for dataset, table in fetch_data.SHA256.items():
+        assert sorted(table) == sorted(FILES), dataset
+        assert all(len(digest) == 64 and int(digest, 16) >= 0 for digest in table.values()), dataset
+        assert fetch_data.MIRRORS[dataset], dataset
