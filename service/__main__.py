@@ -1,38 +1,162 @@
-"""`python -m service`: flags override SAMPLEBAY_* environment variables, which override defaults."""
+"""`python -m service` or `samplebay-serve`: flags override SAMPLEBAY_* environment variables, which override
+defaults.
+
+Everything a user can get wrong before the server runs (a bad setting, a missing or empty models
+directory, a state directory that cannot be made, a port in use) is checked first, before torch is
+imported, and reported as one line that names the problem and its fix, with exit status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import socket
+import sys
 from pathlib import Path
+from typing import NoReturn
 
-import uvicorn
+from pydantic import ValidationError
 
-from service.app import create_app
 from service.settings import Settings
 
-FLAG_TYPES = {int: int, float: float, Path: str}  # anything else (str, str | None) is read as a string
+PROG = "python -m service" if Path(sys.argv[0]).name == "__main__.py" else Path(sys.argv[0]).name
+EPILOG = """examples:
+  python -m service                              serve checkpoints/ on http://127.0.0.1:8000
+  samplebay-serve --models-dir runs --port 8080  the same with its console script, other folder and port
+  SAMPLEBAY_API_KEY=secret python -m service --host 0.0.0.0 --state-dir /var/lib/samplebay
+"""
+
+
+class StartupError(Exception):
+    """A problem the user can fix before the server starts; the message is the whole report."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """argparse prints its whole usage before the error; one line says what is wrong instead."""
+        raise StartupError(f"{message} (see {PROG} --help)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """One flag per Settings field, so the settings class stays the single list of options."""
-    parser = argparse.ArgumentParser(prog="python -m service", description="Serve samples from checkpoints.")
+    """One flag per Settings field, so the settings class stays the single list of options.
+
+    Flags are read as strings and converted by Settings, so a bad value gets the same message from a
+    flag as from its environment variable.
+    """
+    parser = OneLineParser(
+        prog=PROG,
+        description="Serve samples from the checkpoints in a folder over HTTP.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     for name, field in Settings.model_fields.items():
         default = field.default if field.default is not None else "none"
         parser.add_argument(
-            "--" + name.replace("_", "-"),
-            type=FLAG_TYPES.get(field.annotation, str),  # type: ignore[arg-type]
+            _flag(name),
+            metavar=name.upper(),
             help=f"{field.description} (default: {default}; env SAMPLEBAY_{name.upper()})",
         )
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def load_settings(argv: list[str] | None) -> Settings:
     args = build_parser().parse_args(argv)
     overrides = {key: value for key, value in vars(args).items() if value is not None}
-    settings = Settings(**overrides)
+    try:
+        return Settings(**overrides)
+    except ValidationError as error:
+        problems = []
+        for item in error.errors():
+            name = str(item["loc"][0]) if item["loc"] else "?"
+            where = f"{_flag(name)} (or SAMPLEBAY_{name.upper()})"
+            problems.append(f"{where} {item.get('input')!r}: {item['msg'].lower()}")
+        raise StartupError("bad setting " + "; ".join(problems)) from None
+
+
+def check_models_dir(path: Path) -> None:
+    where = "point --models-dir (or SAMPLEBAY_MODELS_DIR) at a folder of *.safetensors checkpoints"
+    if not path.exists():
+        raise StartupError(f"models directory {path} does not exist: {where}")
+    if not path.is_dir():
+        raise StartupError(f"models directory {path} is not a directory: {where}")
+    try:
+        found = any(path.glob("*.safetensors"))
+    except OSError as error:
+        raise StartupError(f"cannot read models directory {path} ({error.strerror}): {where}") from None
+    if not found:
+        raise StartupError(
+            f"models directory {path} holds no *.safetensors checkpoint: {where}, "
+            f"or train one into it (python -m training ebm --out {path}/ebm.safetensors ...)"
+        )
+
+
+def check_state_dir(path: Path) -> None:
+    """A state directory that cannot exist is an error; one that is only read-only is a warning at start
+    (BufferStore): the server then samples with buffers that do not persist."""
+    where = "point --state-dir (or SAMPLEBAY_STATE_DIR) at a directory this user may create or write"
+    if path.exists() and not path.is_dir():
+        raise StartupError(f"state directory {path} is a file, not a directory: {where}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise StartupError(f"cannot make state directory {path} ({error.strerror}): {where}") from None
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound here so a taken port is reported before the models load."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as error:
+        problem = f"cannot resolve --host {host!r} ({error.strerror}): use an address such as 127.0.0.1"
+        raise StartupError(problem) from None
+    listener = socket.socket(family, kind, proto)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: restart beside TIME_WAIT
+    try:
+        listener.bind(address)
+    except OSError as error:
+        listener.close()
+        if error.errno == errno.EADDRINUSE:
+            raise StartupError(
+                f"port {port} on {host} is already in use (another server?): stop it or choose another --port"
+            ) from None
+        problem = f"cannot listen on {host}:{port} ({error.strerror}): choose another --host or --port"
+        raise StartupError(problem) from None
+    return listener
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        settings = load_settings(argv)
+        check_models_dir(settings.models_dir)
+        check_state_dir(settings.state_dir)
+        listener = bind(settings.host, settings.port)
+    except StartupError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+
+    import uvicorn  # the server and torch (through the app) load only once the checks have passed
+
+    from service.app import create_app
+    from service.buffer_store import remove_stale_temp_files
+    from service.middleware import IdleTimeoutH11Protocol
+
+    remove_stale_temp_files([settings.models_dir, settings.state_dir])
+    config = uvicorn.Config(
+        create_app(settings),
+        http=IdleTimeoutH11Protocol,
+        timeout_keep_alive=settings.idle_timeout_s,
+        timeout_graceful_shutdown=settings.graceful_shutdown_s,
+        log_level="info",
+    )
+    host, port = listener.getsockname()[:2]
+    logging.getLogger("service").info("listening on http://%s:%d (Ctrl+C to stop)", host, port)
+    uvicorn.Server(config).run(sockets=[listener])
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from service.bridge import record, response_for, sample_result, stream
 from service.buffer_store import BufferStore
 from service.messages import CancelledByClient
 from service.metrics import Metrics
-from service.middleware import BodySizeLimit
+from service.middleware import BodyLimits
 from service.orders import check_applicable, make_order
 from service.registry import Registry, ServedModel, load_registry
 from service.schemas import ModelInfo, SampleRequest, SampleResponse
@@ -105,7 +105,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         description="Samples from energy-based models, flows and GANs.",
     )
-    app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
+    app.add_middleware(BodyLimits, limit=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
     app.state.settings = settings
     app.state.metrics = metrics
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

@@ -2,13 +2,20 @@
 
 Each buffer group's file is keyed by the hash of its checkpoints, so a retrained model never inherits
 an old buffer. Saves go through `atomic_write_bytes` (write, fsync, rename): a crash at any moment
-leaves the old file or the new one.
+leaves the old file or the new one, and at worst a temporary file that `remove_stale_temp_files`
+clears at the next start.
+
+Persisting is a convenience, not a condition for serving: a state directory that is read-only or
+vanishes is reported once (at start, or at the first failed save) and the server goes on sampling.
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
+from collections.abc import Iterable
+from datetime import UTC, datetime
 from pathlib import Path
 
 from safetensors.torch import load as load_safetensors_bytes
@@ -19,42 +26,120 @@ from training.langevin import ReplayBuffer
 
 log = logging.getLogger(__name__)
 
+STALE_TEMP_AGE_S = 3600.0  # younger temporary files may be another replica's save in progress
+
 
 class BufferStore:
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
-        state_dir.mkdir(parents=True, exist_ok=True)
-        self.saved_at: dict[str, float] = {}
+        self.saved_at: dict[str, datetime] = {}  # group -> last save (or the saved file's time), UTC
+        self.persisting = self._probe()
+
+    def _probe(self) -> bool:
+        """Whether a file can be written in the state directory; one warning if not."""
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.state_dir):
+                pass
+        except OSError as error:
+            log.warning(
+                "state directory %s is not writable (%s): replay buffers will be read from it but not saved, "
+                "so they will not persist across restarts; make it writable or choose another --state-dir",
+                self.state_dir,
+                error.strerror or error,
+            )
+            return False
+        return True
 
     def path(self, group: str, digest: str) -> Path:
         return self.state_dir / f"buffer-{group}-{digest[:16]}.safetensors"
 
     def load(self, group: str, digest: str, shape: tuple[int, ...]) -> ReplayBuffer | None:
-        """The saved buffer, or None; a file that cannot be read is moved aside with a warning."""
+        """The saved buffer, or None; a file that cannot be read is moved aside (if it can be) with a warning."""
         path = self.path(group, digest)
-        if not path.exists():
-            return None
         try:
+            if not path.exists():
+                return None
             buffer = ReplayBuffer.from_state_dict(load_safetensors_bytes(path.read_bytes()))
             if buffer.shape != tuple(shape):
                 raise ValueError(f"samples of shape {buffer.shape}, the model needs {tuple(shape)}")
+            saved = datetime.fromtimestamp(path.stat().st_mtime, UTC)
         except Exception as error:  # any unreadable file must not stop the server
             aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
             try:
                 path.rename(aside)
-            except OSError:
-                log.exception("could not move %s aside", path)
+                where = f"moved to {aside.name}"
+            except OSError as move_error:
+                where = f"left in place: could not move it aside ({move_error.strerror or move_error})"
             log.warning(
-                "replay buffer %s is unreadable (%s); moved to %s, starting from the checkpoint's buffer",
-                path,
-                error,
-                aside.name,
+                "replay buffer %s is unreadable (%s); %s; starting from the checkpoint's buffer", path, error, where
             )
             return None
-        self.saved_at[group] = path.stat().st_mtime
+        self.saved_at[group] = saved
         return buffer
 
-    def save(self, group: str, digest: str, buffer: ReplayBuffer) -> None:
+    def save(self, group: str, digest: str, buffer: ReplayBuffer) -> bool:
+        """Write the buffer atomically; False (and one warning while failures last) if it could not be."""
+        path = self.path(group, digest)
+        started = time.perf_counter()
         state = {key: value.contiguous() for key, value in buffer.state_dict().items()}
-        atomic_write_bytes(self.path(group, digest), save_safetensors_bytes(state, metadata={"group": group}))
-        self.saved_at[group] = time.time()
+        try:
+            atomic_write_bytes(path, save_safetensors_bytes(state, metadata={"group": group}))
+        except OSError as error:
+            if self.persisting:
+                log.warning(
+                    "could not save replay buffer %s (%s): buffers will not persist until %s is writable again; "
+                    "the server keeps sampling and retries at each save",
+                    path,
+                    error.strerror or error,
+                    self.state_dir,
+                )
+            else:
+                log.debug("replay buffer %s still not saved (%s)", path, error)
+            self.persisting = False
+            return False
+        if not self.persisting:
+            log.warning("state directory %s is writable again: replay buffers persist from now on", self.state_dir)
+            self.persisting = True
+        self.saved_at[group] = datetime.now(UTC)
+        milliseconds = 1000 * (time.perf_counter() - started)
+        log.info("saved replay buffer %s: %d chains in %.0f ms", path, len(buffer), milliseconds)
+        return True
+
+
+def remove_stale_temp_files(directories: Iterable[Path], older_than_s: float = STALE_TEMP_AGE_S) -> list[Path]:
+    """Delete the temporary files of interrupted atomic saves (`.NAME.XXXXXXXX.tmp`, as `atomic_write_bytes`
+    names them) older than `older_than_s`, logging each; younger ones are kept and counted."""
+    removed: list[Path] = []
+    now = time.time()
+    for directory in directories:
+        if not directory.is_dir():
+            continue
+        young = 0
+        for path in sorted(directory.glob(".*.tmp")):
+            try:
+                if not path.is_file() or path.is_symlink():
+                    continue
+                status = path.stat()
+                if now - status.st_mtime < older_than_s:
+                    young += 1
+                    continue
+                path.unlink()
+            except OSError as error:
+                log.warning("could not remove the interrupted save %s (%s)", path, error.strerror or error)
+                continue
+            removed.append(path)
+            log.info(
+                "removed %s, left by an interrupted save %.1f h ago (%.1f MB)",
+                path,
+                (now - status.st_mtime) / 3600,
+                status.st_size / 1e6,
+            )
+        if young:
+            log.info(
+                "kept %d temporary file(s) in %s younger than %.0f s: saves may be under way",
+                young,
+                directory,
+                older_than_s,
+            )
+    return removed

@@ -1,22 +1,33 @@
-"""ASGI middleware that must see a request before FastAPI parses it."""
+"""Guards that act before FastAPI parses a request: on the connection (idle clients) and on the body.
+
+A client can hold a server without sending anything it could reject: by opening a connection and never
+sending a request, or by sending a request head and then only part of its body. Each guard bounds one
+of these by time, so that neither sockets nor a graceful shutdown wait on a client forever.
+"""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
+import h11
 from fastapi.responses import JSONResponse
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 
-class BodySizeLimit:
-    """ASGI middleware: 413 for a body over the limit, by Content-Length or by counting a chunked body.
+class BodyLimits:
+    """ASGI middleware: 413 for a body over `limit` bytes, 408 for one not received within `timeout_s`.
 
-    The body is read here (it is small by construction) and replayed to the app, so the limit holds
-    however the client sends it.
+    The size is checked by Content-Length and by counting a chunked body. The timeout runs from the
+    first read of the body to its last byte, so a client that trickles a byte now and then is cut off
+    as surely as one that stops. The body is read here (it is small by construction) and replayed to
+    the app, so both limits hold however the client sends it.
     """
 
-    def __init__(self, app: Any, limit: int) -> None:
+    def __init__(self, app: Any, limit: int, timeout_s: float) -> None:
         self.app = app
         self.limit = limit
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):
@@ -24,19 +35,29 @@ class BodySizeLimit:
             return
         declared = dict(scope.get("headers", [])).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.limit:
-            await self._reject(send)
+            await _reject(send, 413, f"request body is larger than {self.limit} bytes")
             return
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                break
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            more = message.get("more_body", False)
-            if size > self.limit:
-                await self._reject(send)
-                return
+        chunks: list[bytes] = []
+        size, more = 0, True
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                while more:
+                    message = await receive()
+                    if message["type"] != "http.request":
+                        break
+                    chunks.append(message.get("body", b""))
+                    size += len(chunks[-1])
+                    more = message.get("more_body", False)
+                    if size > self.limit:
+                        await _reject(send, 413, f"request body is larger than {self.limit} bytes")
+                        return
+        except TimeoutError:
+            detail = f"request body not received within {self.timeout_s:g} s ({size} bytes arrived); send it whole"
+            await _reject(send, 408, detail)
+            return
+        except asyncio.CancelledError:  # the graceful shutdown ran out while the body was still coming
+            await _reject(send, 503, "the server is shutting down; retry on the next instance")
+            return  # this task ends here: the cancellation has done its work
         body_sent = False
 
         async def replay() -> dict:
@@ -48,11 +69,34 @@ class BodySizeLimit:
 
         await self.app(scope, replay, send)
 
-    async def _reject(self, send: Any) -> None:
-        response = JSONResponse({"detail": f"request body is larger than {self.limit} bytes"}, status_code=413)
-        await response({"type": "http"}, _no_body, send)
+
+async def _reject(send: Any, status: int, detail: str) -> None:
+    """Answer before the body is read whole; `Connection: close`, since its rest may still be coming."""
+    response = JSONResponse({"detail": detail}, status_code=status, headers={"connection": "close"})
+    await response({"type": "http"}, _no_body, send)
 
 
 async def _no_body() -> dict:
     """The receive channel of a rejected request: its body is not read again."""
     return {"type": "http.disconnect"}
+
+
+class IdleTimeoutH11Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with its keep-alive timeout applied to every wait for a request head.
+
+    uvicorn closes a connection that sends nothing for `timeout_keep_alive` seconds after a response, but
+    not one that never sends a request, nor one that sends part of a request head and stops (each byte
+    stops the clock). Here the clock also runs from the moment a connection is made, and keeps running
+    until a whole request head has arrived.
+    """
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
+
+    def data_received(self, data: bytes) -> None:
+        waiting = self.timeout_keep_alive_task
+        super().data_received(data)  # cancels the timer on any byte
+        head_incomplete = self.conn.their_state is h11.IDLE and not self.transport.is_closing()
+        if waiting is not None and self.timeout_keep_alive_task is None and head_incomplete:
+            self.timeout_keep_alive_task = self.loop.call_at(waiting.when(), self.timeout_keep_alive_handler)

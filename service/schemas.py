@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -76,4 +77,4 @@ class ModelInfo(BaseModel):
     metrics: dict
     buffer_size: int | None = None
     buffer_capacity: int | None = None
-    buffer_saved_at: float | None = None  # unix time of the last save to the state directory
+    buffer_saved_at: datetime | None = None  # last save to the state directory, ISO 8601 UTC

@@ -17,19 +17,31 @@ class Settings(BaseSettings):
     state_dir: Path = Field(Path("state"), description="persistent replay buffers live here")
     device: str = Field("auto", description="auto (cuda when available, else cpu), cpu, cuda, cuda:1, ...")
     host: str = Field("127.0.0.1", description="address to listen on")
-    port: int = Field(8000, description="port to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on (0: any free port)")
     api_key: str | None = Field(None, description="when set, POST /sample needs 'Authorization: Bearer <key>'")
 
     max_n: int = Field(64, ge=1, description="samples per request")
     max_steps: int = Field(2000, ge=1, description="Langevin steps per request")
     max_frames: int = Field(65, ge=2, description="trajectory frames per request")
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="largest request body")
-    chain_budget: int = Field(1024, ge=1, description="most chains one model's batch advances in one step")
+    chain_budget: int = Field(1024, ge=1, description="most chains one model runs at once (admitted, on the device)")
+    step_budget: int | None = Field(
+        None, ge=1, description="most chains one model's Langevin step advances (none: the device's, from a sweep)"
+    )
     max_queue: int = Field(256, ge=1, description="waiting requests before 503")
     request_timeout_s: float = Field(120.0, gt=0, description="a request's deadline, queueing included")
     batch_window_ms: float = Field(5.0, ge=0, description="one-shot samplers (GANs, flows) gather requests this long")
     buffer_save_interval_s: float = Field(60.0, gt=0, description="how often changed replay buffers are saved")
     retry_after_s: int = Field(1, ge=0, description="Retry-After of a 503 (queue full, device failure)")
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="a request body must arrive whole within this many seconds of its head, else 408"
+    )
+    idle_timeout_s: int = Field(
+        5, ge=1, description="a connection is closed after this long without a whole request head (new or kept alive)"
+    )
+    graceful_shutdown_s: int = Field(
+        20, ge=0, description="on SIGTERM, requests in flight get this long; then they are cancelled, buffers saved"
+    )
 
     @field_validator("api_key")
     @classmethod

@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import httpx
-import pytest
 import torch
 from conftest import write_tiny_ebm
 from server import running_server
@@ -85,8 +84,7 @@ def test_a_crash_while_saving_leaves_the_previous_file_intact(tmp_path: Path, mo
 
     monkeypatch.setattr("os.replace", crash)
     buffer.write_back(torch.full((3,), -1), torch.zeros(3, 2))
-    with pytest.raises(OSError):
-        store.save("g", "abc", buffer)
+    assert store.save("g", "abc", buffer) is False  # reported, not raised: the server goes on sampling
     assert store.path("g", "abc").read_bytes() == original
     assert [path.name for path in tmp_path.iterdir()] == [store.path("g", "abc").name]
     assert len(BufferStore(tmp_path).load("g", "abc", (2,))) == 3
