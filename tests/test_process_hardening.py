@@ -191,8 +191,10 @@ def read_only_dir(tmp_path: Path) -> Iterator[Path]:
     directory.mkdir()
     if os.geteuid() != 0:
         directory.chmod(0o555)
-        yield directory
-        directory.chmod(0o755)
+        try:
+            yield directory
+        finally:
+            directory.chmod(0o755)  # so pytest can clean it up
         return
     mount = ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(directory)]
     mounted = subprocess.run(mount, capture_output=True)
