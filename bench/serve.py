@@ -6,7 +6,14 @@ at that level (concurrency x n chains or samples), so the served/raw ratio is re
 speedup column compares each level with one request at a time (concurrency 1). GANs and flows are one
 pass per request: their work unit is an image (a flow's inverse with its log-density, as served).
 
+For an EBM it then prints the "short beside long" row: the latency of a short request (--steps, --n) alone,
+and again while --beside-long requests of --long-steps each are running, with their ratio (what fair
+scheduling keeps small), the long requests' slowest and fastest latency (none starved) and the chain-steps/s
+of the mix. --sweep runs the highest level and that row once per per-step chain budget (--step-budget),
+one server each: the budget's default on a device is where the saturated throughput stops rising.
+
     python bench/serve.py --models-dir checkpoints --model ebm_mnist_seed0 --steps 60 --n 4 --levels 1,4,16
+    python bench/serve.py --model ebm_mnist_seed0 --threads 1 --levels 16 --sweep 8,16,32,64,128
     python bench/serve.py --models-dir checkpoints --model glow_mnist --n 16 --levels 1,4,16
 """
 
@@ -22,6 +29,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -43,9 +52,15 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(models_dir: str, device: str, chain_budget: int) -> tuple[subprocess.Popen, str]:
+def start_server(
+    checkpoint: Path, device: str, chain_budget: int, step_budget: int = 0, threads: int = 0
+) -> tuple[subprocess.Popen, str]:
+    """A server for this one checkpoint (a directory of its own: the others would only slow its start)."""
     port = free_port()
     state_dir = tempfile.mkdtemp(prefix="bench-state-")
+    models_dir = tempfile.mkdtemp(prefix="bench-models-")
+    os.symlink(checkpoint.resolve(), Path(models_dir) / checkpoint.name)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
     process = subprocess.Popen(
         [
             sys.executable,
@@ -65,8 +80,10 @@ def start_server(models_dir: str, device: str, chain_budget: int) -> tuple[subpr
             "4096",
             "--max-steps",
             "100000",
+            *(["--step-budget", str(step_budget)] if step_budget else []),
         ],
         cwd=ROOT,
+        env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -80,6 +97,16 @@ def start_server(models_dir: str, device: str, chain_budget: int) -> tuple[subpr
             time.sleep(0.2)
     process.kill()
     raise RuntimeError("server did not become ready in 120 s")
+
+
+def cpu_seconds(process: subprocess.Popen) -> float:
+    """CPU time the server has used (Linux /proc; NaN elsewhere): work per CPU-second is what a shared
+    machine's other load does not change, where work per wall second is."""
+    try:
+        fields = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 async def drive(base: str, body: dict, concurrency: int, total: int) -> tuple[float, list[float]]:
@@ -101,6 +128,48 @@ async def drive(base: str, body: dict, concurrency: int, total: int) -> tuple[fl
         started = time.perf_counter()
         await asyncio.gather(*(one_client() for _ in range(concurrency)))
         return time.perf_counter() - started, latencies
+
+
+async def timed_post(client: httpx.AsyncClient, url: str, body: dict) -> float:
+    started = time.perf_counter()
+    reply = await client.post(url, json=body)
+    reply.raise_for_status()
+    return time.perf_counter() - started
+
+
+@dataclass
+class BesideLong:
+    solo: float  # median latency of the short request alone (before and after), s
+    beside: float  # median latency of the short request while the long ones run, s
+    long_slowest: float  # s
+    long_fastest: float  # s
+    chain_steps_per_s: float  # of the whole mix, long and short
+    per_cpu_second: float  # the mix's chain-steps per CPU-second of the server
+
+
+async def short_beside_long(
+    base: str, short: dict, long: dict, longs: int, cpu: Callable[[], float], shorts: int = 3
+) -> BesideLong:
+    """Time `shorts` short requests one after another while `longs` long requests run, and alone before and after."""
+    url = f"{base}/sample"
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=longs + 1)) as client:
+        solo = [await timed_post(client, url, short) for _ in range(shorts)]
+        started, cpu_started = time.perf_counter(), cpu()
+        running = [asyncio.create_task(timed_post(client, url, long)) for _ in range(longs)]
+        await asyncio.sleep(0.5)  # every long request admitted and stepping
+        beside = [await timed_post(client, url, short) for _ in range(shorts)]
+        long_latencies = await asyncio.gather(*running)
+        wall, cpu_used = time.perf_counter() - started, cpu() - cpu_started
+        solo += [await timed_post(client, url, short) for _ in range(shorts)]  # a shared machine drifts
+    work = longs * long["n"] * long["steps"] + shorts * short["n"] * short["steps"]
+    return BesideLong(
+        statistics.median(solo),
+        statistics.median(beside),
+        max(long_latencies),
+        min(long_latencies),
+        work / wall,
+        work / cpu_used,
+    )
 
 
 def raw_chain_steps_per_second(checkpoint: Path, device: torch.device, chains: int, steps: int) -> float:
@@ -155,6 +224,43 @@ def raw_images_per_second(model: LoadedModel, device: torch.device, batch: int, 
     return batch * repeats / (time.perf_counter() - started)
 
 
+Row = tuple[int, int, float, float, float, float, float]  # level, requests, images/s, served, per CPU-s, p50, p99
+
+
+def measure(
+    args: argparse.Namespace, checkpoint: Path, body: dict, levels: list[int], step_budget: int
+) -> tuple[list[Row], BesideLong | None]:
+    """One server: every concurrency level, then (for an EBM) the short-beside-long row."""
+    process, base = start_server(checkpoint, args.device, args.chain_budget, step_budget, args.threads)
+    steps = body.get("steps", 1)
+    try:
+        asyncio.run(drive(base, body, 1, 2))  # warm-up
+        rows = []
+        for level in levels:
+            total = args.requests or max(8, 4 * level)
+            cpu_started = cpu_seconds(process)
+            wall, latencies = asyncio.run(drive(base, body, level, total))
+            work = total * args.n * steps
+            per_cpu = work / (cpu_seconds(process) - cpu_started)
+            p99 = sorted(latencies)[max(0, int(0.99 * len(latencies)) - 1)]
+            rows.append((level, total, total * args.n / wall, work / wall, per_cpu, statistics.median(latencies), p99))
+        beside = None
+        if "steps" in body and args.beside_long:
+            long = body | {"steps": args.long_steps}
+            beside = asyncio.run(short_beside_long(base, body, long, args.beside_long, lambda: cpu_seconds(process)))
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+    return rows, beside
+
+
+def beside_cells(beside: BesideLong) -> str:
+    return (
+        f"{beside.solo:.3f} | {beside.beside:.3f} | {beside.beside / beside.solo:.2f}x | {beside.long_slowest:.1f} "
+        f"| {beside.long_fastest:.1f} | {beside.chain_steps_per_s:.0f} | {beside.per_cpu_second:.0f}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models-dir", default="checkpoints")
@@ -165,14 +271,21 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=0, help="requests per level (default: 4 x level, min 8)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--chain-budget", type=int, default=1024)
+    parser.add_argument("--step-budget", type=int, default=0, help="chains per step (default: the server's)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads, here and in the server (default: all)")
+    parser.add_argument("--beside-long", type=int, default=16, help="long requests beside the short one (0: no row)")
+    parser.add_argument("--long-steps", type=int, default=1000, help="steps of each long request")
+    parser.add_argument("--sweep", default="", help="comma-separated step budgets: one server and row each")
     args = parser.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     levels = [int(level) for level in args.levels.split(",")]
     device = pick_device(args.device)
+    args.device = str(device)
     checkpoint = Path(args.models_dir) / f"{args.model}.safetensors"
     model = load_model(checkpoint, device)
     one_pass = model.config.family != "ebm"
-    steps = 1 if one_pass else args.steps
     body = {"model": args.model, "n": args.n, "format": "png"}
     if not one_pass:
         body |= {"steps": args.steps, "init": "noise"}
@@ -183,46 +296,45 @@ def main() -> None:
         f"# {args.model} ({model.config.family}), {what}, n={args.n} per request, device {device} (GPU: {gpu}; "
         f"{os.cpu_count()} CPU cores, {cpu}; torch {torch.__version__}, threads {torch.get_num_threads()})"
     )
-
-    process, base = start_server(args.models_dir, str(device), args.chain_budget)
-    try:
-        asyncio.run(drive(base, body, 1, 2))  # warm-up
-        rows = []
-        for level in levels:
-            total = args.requests or max(8, 4 * level)
-            wall, latencies = asyncio.run(drive(base, body, level, total))
-            served = total * args.n * steps / wall
-            rows.append(
-                (
-                    level,
-                    total,
-                    total * args.n / wall,
-                    served,
-                    statistics.median(latencies),
-                    sorted(latencies)[max(0, int(0.99 * len(latencies)) - 1)],
-                )
-            )
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
-
     unit = "images/s" if one_pass else "chain-steps/s"
+    beside_head = (
+        f"short alone s | short beside long s | beside/alone | long slowest s | long fastest s | mix {unit} "
+        "| mix per server CPU-s"
+    )
+    beside_what = f"{args.steps} steps, n {args.n}, beside {args.beside_long} x {args.long_steps} steps"
+
+    if args.sweep:
+        level = max(levels)
+        print(f"| step budget | {unit} at concurrency {level} | per server CPU-s | p50 latency s | {beside_head} |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for budget in (int(each) for each in args.sweep.split(",")):
+            rows, beside = measure(args, checkpoint, body, [level], budget)
+            cells = beside_cells(beside) if beside else "- | - | - | - | - | - | -"
+            _, _, _, served, per_cpu, p50, _ = rows[0]
+            print(f"| {budget} | {served:.0f} | {per_cpu:.0f} | {p50:.3f} | {cells} |", flush=True)
+        return
+
+    rows, beside = measure(args, checkpoint, body, levels, args.step_budget)
     baseline = rows[0][3]
     print(
-        f"| concurrency | requests | images/s | {unit} served | raw {unit} (batch) | served/raw "
+        f"| concurrency | requests | images/s | {unit} served | per server CPU-s | raw {unit} (batch) | served/raw "
         "| speedup vs 1 | p50 latency s | p99 latency s |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for level, total, images, served, p50, p99 in rows:
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for level, total, images, served, per_cpu, p50, p99 in rows:
         batch = level * args.n
         if one_pass:
             raw = raw_images_per_second(model, device, batch)
         else:
             raw = raw_chain_steps_per_second(checkpoint, device, batch, args.steps)
         print(
-            f"| {level} | {total} | {images:.1f} | {served:.0f} | {raw:.0f} ({batch}) | {served / raw:.2f} "
-            f"| {served / baseline:.2f}x | {p50:.3f} | {p99:.3f} |"
+            f"| {level} | {total} | {images:.1f} | {served:.0f} | {per_cpu:.0f} | {raw:.0f} ({batch}) "
+            f"| {served / raw:.2f} | {served / baseline:.2f}x | {p50:.3f} | {p99:.3f} |"
         )
+    if beside:
+        print(f"\n| short beside long | {beside_head} |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        print(f"| {beside_what} | {beside_cells(beside)} |")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,17 @@
 """Which chains advance next: iteration-level (continuous) batching of Langevin chains, and the batching
 window of one-shot samplers.
 
-As vLLM schedules tokens, this schedules Langevin steps: every step, all running chains of one pool
-advance together; waiting requests join at the next step while the pool's chain budget allows; a
-request leaves as soon as its own step count is done. A one-shot sampler (GAN generator, flow inverse)
+As vLLM schedules tokens, this schedules Langevin steps: waiting requests join the running ones at the
+next step while the pool's chain budget (the chains it holds) allows, first come first served; a request
+leaves as soon as its own step count is done. Which running requests advance in a step is a separate
+choice, under the step budget (the most chains one step advances: the step's cost), in priority order:
+fewest steps left first, each step a request sits out counting as `aging` steps fewer (so none starves).
+On a device whose step cost grows with its chains (a CPU), a short request stepped beside long ones pays
+for all their chains every step; so a request is *urgent* when its steps left are within `urgent_ratio`
+of the most urgent request's length, and a step carries at most as many chains of requests that are not
+urgent as of urgent ones: a short request runs nearly at its solo speed while the long ones take turns
+beside it, and when every request is urgent (all of similar length) every one that fits the budget
+advances together, as in plain continuous batching. A one-shot sampler (GAN generator, flow inverse)
 takes one step per request; its scheduler has a window: waiting requests run together once the oldest
 has waited that long or they fill the budget. Cancelled and expired requests are dropped at the next
 step. No torch here: the pools (service/pools.py) run what this decides, and tests drive it with a
@@ -31,28 +39,52 @@ class Job:
     arrived: float
     done_steps: int = 0
     admitted_at: float = 0.0  # set when the job starts running
+    sat_out: int = 0  # steps this running job has sat out since it last advanced
     state: Any = None
 
     @property
     def finished(self) -> bool:
         return self.done_steps >= self.steps
 
+    def priority(self, aging: float) -> float:
+        """Lower runs first: steps left, less `aging` for every step sat out."""
+        return self.steps - self.done_steps - aging * self.sat_out
+
 
 @dataclass
 class StepPlan:
     admitted: list[Job] = field(default_factory=list)  # start these chains before stepping
-    running: list[Job] = field(default_factory=list)  # advance these by one step (admitted included)
+    running: list[Job] = field(default_factory=list)  # advance these by one step (may leave some running out)
     dropped: list[tuple[Job, str]] = field(default_factory=list)  # cancelled or past their deadline
 
 
 IDLE_SECONDS = 0.25  # how long a pool with nothing to do lets the worker sleep
+URGENT_RATIO = 4.0  # urgent: steps left within this many times the most urgent request's steps
+AGING = 16.0  # steps left a running request is credited with for each step it sits out
+
+# Chains per step where a device's served throughput stops rising (bench/serve.py --sweep; README).
+STEP_BUDGETS = {"cpu": 64}
+
+
+def default_step_budget(device_type: str, chain_budget: int) -> int:
+    """The swept budget of this kind of device; unswept ones (GPUs) advance every running chain."""
+    return min(STEP_BUDGETS.get(device_type, chain_budget), chain_budget)
 
 
 class ChainScheduler:
     def __init__(
-        self, chain_budget: int, clock: Callable[[], float] = time.monotonic, window_s: float | None = None
+        self,
+        chain_budget: int,
+        clock: Callable[[], float] = time.monotonic,
+        window_s: float | None = None,
+        step_budget: int | None = None,
+        urgent_ratio: float = URGENT_RATIO,
+        aging: float = AGING,
     ) -> None:
-        self.chain_budget = chain_budget
+        self.chain_budget = chain_budget  # chains running at once (their state held on the device)
+        self.step_budget = step_budget or chain_budget  # chains advanced in one step
+        self.urgent_ratio = urgent_ratio
+        self.aging = aging
         self.clock = clock
         self.window_s = window_s  # None: continuous batching; seconds: a one-shot sampler's batching window
         self.waiting: deque[Job] = deque()
@@ -96,7 +128,7 @@ class ChainScheduler:
         return None
 
     def schedule(self) -> StepPlan:
-        """Drop what is cancelled or late, admit waiting jobs first come first served, run the rest."""
+        """Drop what is cancelled or late, admit waiting jobs first come first served, choose who steps."""
         now = self.clock()
         plan = StepPlan()
         kept: list[list[Job]] = []
@@ -117,8 +149,35 @@ class ChainScheduler:
             used += job.n
             self.running.append(job)
             plan.admitted.append(job)
-        plan.running = list(self.running)
+        plan.running = self._choose()
         return plan
+
+    def _choose(self) -> list[Job]:
+        """The running jobs that advance this step, in running order (see the module docstring)."""
+        if not self.running:
+            return []
+        ranked = sorted(self.running, key=lambda job: job.priority(self.aging))  # stable: ties by admission
+        horizon = self.urgent_ratio * ranked[0].steps
+        chosen: set[int] = set()
+        urgent_chains = other_chains = 0
+        for job in ranked:
+            if chosen and urgent_chains + other_chains + job.n > self.step_budget:
+                continue  # a smaller job further down may still fit
+            if job.priority(self.aging) <= horizon:
+                urgent_chains += job.n
+            elif other_chains + job.n <= urgent_chains:
+                other_chains += job.n
+            else:
+                continue
+            chosen.add(id(job))
+        stepping = []
+        for job in self.running:
+            if id(job) in chosen:
+                job.sat_out = 0
+                stepping.append(job)
+            else:
+                job.sat_out += 1
+        return stepping
 
     def update_from_output(self, stepped: list[Job]) -> list[Job]:
         """Count the step each job took; return (and stop running) the jobs that are now done."""

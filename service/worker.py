@@ -24,7 +24,7 @@ from service.messages import Deliver, FrameSink, Handle, QueueFull, SampleOrder,
 from service.metrics import Metrics
 from service.pools import SamplerPool
 from service.registry import Registry
-from service.scheduler import IDLE_SECONDS, Job
+from service.scheduler import IDLE_SECONDS, Job, default_step_budget
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ class Worker:
         save_interval_s: float,
         batch_window_s: float,
         clock: Callable[[], float] = time.monotonic,
+        step_budget: int | None = None,  # chains per Langevin step; None: the device's default
     ) -> None:
         self.store = store
         self.metrics = metrics
@@ -63,6 +64,9 @@ class Worker:
             buffer = store.load(name, group.digest, group.members[0].shape) or group.initial_buffer()
             self.pools[name] = self.langevin_pools[name] = LangevinPool(
                 group, buffer, chain_budget, device, metrics, clock
+            )
+            self.langevin_pools[name].scheduler.step_budget = step_budget or default_step_budget(
+                device.type, chain_budget
             )
         for name, model in registry.models.items():
             if model.family in ("gan", "flow"):

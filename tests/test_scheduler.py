@@ -1,7 +1,7 @@
 """Continuous batching decisions, driven by a fake clock (no torch, no threads)."""
 
 from service.messages import Handle
-from service.scheduler import ChainScheduler, Job
+from service.scheduler import AGING, ChainScheduler, Job, default_step_budget
 
 
 class FakeClock:
@@ -24,14 +24,14 @@ def run_step(scheduler: ChainScheduler) -> tuple[list[Job], list[Job]]:
 def test_waiting_jobs_join_running_ones_at_the_next_step() -> None:
     clock = FakeClock()
     scheduler = ChainScheduler(chain_budget=100, clock=clock)
-    long = job(10, 1000, clock)
+    long = job(10, 12, clock)
     scheduler.add(long)
     for _ in range(5):
         run_step(scheduler)
     short = job(4, 3, clock)
     scheduler.add(short)
     running, _ = run_step(scheduler)
-    assert running == [long, short]  # one batch: both advance together
+    assert running == [long, short]  # one batch: requests of similar length advance together
     finished_at = None
     for step in range(1, 10):
         _, done = run_step(scheduler)
@@ -40,6 +40,89 @@ def test_waiting_jobs_join_running_ones_at_the_next_step() -> None:
             break
     assert finished_at == 2  # the short job leaves after its own 3 steps, the long one keeps going
     assert scheduler.running == [long] and long.done_steps == 8
+
+
+def test_a_short_request_beside_long_ones_steps_every_step_while_they_take_turns_beside_it() -> None:
+    clock = FakeClock()
+    scheduler = ChainScheduler(chain_budget=1024, clock=clock, step_budget=64)
+    longs = [job(4, 1000, clock) for _ in range(16)]
+    for each in longs:
+        scheduler.add(each)
+    for _ in range(5):
+        running, _ = run_step(scheduler)
+        assert running == longs  # 64 chains: all of them fit the step budget
+    short = job(4, 60, clock)
+    scheduler.add(short)
+    before = [each.done_steps for each in longs]
+    steps = 0
+    while short in scheduler.running or short in scheduler.waiting:
+        running, _ = run_step(scheduler)
+        steps += 1
+        assert short in running and sum(each.n for each in running) == 8  # the short one, and one long one
+    assert steps == 60  # stepped every step: it finished as fast as alone
+    turns = [each.done_steps - old for each, old in zip(longs, before, strict=True)]
+    assert sorted(set(turns)) == [3, 4] and sum(turns) == 60  # the long ones took turns, evenly
+    running, _ = run_step(scheduler)
+    assert running == longs  # the short one gone: every long one advances again
+
+
+def test_requests_of_similar_length_all_advance_together_when_the_budget_covers_them() -> None:
+    clock = FakeClock()
+    scheduler = ChainScheduler(chain_budget=1024, clock=clock, step_budget=64)
+    jobs = []
+    for _ in range(16):  # a saturated server: requests of 60 steps arriving one step apart
+        jobs.append(job(4, 60, clock))
+        scheduler.add(jobs[-1])
+        running, _ = run_step(scheduler)
+        assert running == scheduler.running + [done for done in running if done.finished]
+        assert len(running) == len(jobs)  # the newest (most steps left) advances beside the oldest
+    assert [each.done_steps for each in jobs] == list(range(16, 0, -1))
+
+
+def test_the_step_budget_caps_a_step_and_those_who_sat_out_go_next() -> None:
+    clock = FakeClock()
+    scheduler = ChainScheduler(chain_budget=1024, clock=clock, step_budget=8)
+    jobs = [job(4, 100, clock) for _ in range(5)]
+    for each in jobs:
+        scheduler.add(each)
+    for _ in range(10):
+        running, _ = run_step(scheduler)
+        assert sum(each.n for each in running) == 8
+        assert max(each.sat_out for each in jobs) <= 2
+    turns = [each.done_steps for each in jobs]
+    assert sum(turns) == 20 and min(turns) >= 3  # shared out: fewest steps left first, but nobody left behind
+
+
+def test_a_long_request_is_not_starved_by_a_stream_of_short_ones() -> None:
+    clock = FakeClock()
+    scheduler = ChainScheduler(chain_budget=1024, clock=clock, step_budget=8)
+    long = job(4, 100, clock)
+    scheduler.add(long)
+    short = job(8, 30, clock)  # fills the step budget on its own: no room for the long one beside it
+    scheduler.add(short)
+    steps = 0
+    while not long.finished:
+        if short.finished:
+            short = job(8, 30, clock)
+            scheduler.add(short)
+        run_step(scheduler)
+        steps += 1
+        assert long.sat_out <= long.steps / AGING + 1  # each step sat out brings its turn nearer
+    assert steps < 10 * long.steps
+
+
+def test_the_most_urgent_job_steps_even_when_it_alone_exceeds_the_step_budget() -> None:
+    clock = FakeClock()
+    scheduler = ChainScheduler(chain_budget=64, clock=clock, step_budget=8)
+    wide = job(32, 2, clock)
+    scheduler.add(wide)
+    running, _ = run_step(scheduler)
+    assert running == [wide]
+
+
+def test_a_device_without_a_swept_step_budget_advances_every_running_chain() -> None:
+    assert default_step_budget("cpu", 1024) == 64 and default_step_budget("cpu", 16) == 16
+    assert default_step_budget("cuda", 1024) == 1024
 
 
 def test_budget_admits_first_come_first_served() -> None:
