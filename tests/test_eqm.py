@@ -151,3 +151,34 @@ def test_evaluate_reports_how_often_the_classifier_reads_the_drawn_class(tmp_pat
         recorded = load_checkpoint(checkpoint).config.metrics[key]
         assert recorded["label_accuracy"] == report["model"]["label_accuracy"] and recorded["steps"] == 2
     assert recorded["guidance"] == 1.5 and recorded["label"] == "all"
+
+
+def test_the_bridge_fine_tunes_by_contrastive_divergence_and_ships_its_replay_buffer(
+    toy_energy: Path, tmp_path: Path
+) -> None:
+    """Energy Matching's phase 2 from a warm start: the persistent chains stay on the modes, the fine-tuned
+    energy still carries noise there, and the whole buffer ships so the server can start from it."""
+    bridged = train_toy(tmp_path, "--init-from", str(toy_energy), "--cd-weight", "0.05", "--buffer-capacity", "200",
+                        "--cd-chains", "32", epochs=17)  # fmt: skip
+    checkpoint = load_checkpoint(bridged)
+    buffer = checkpoint.extras["replay_buffer"]
+    assert buffer["samples"].shape == (200, 2) and int(buffer["capacity"]) == 200
+    distance, _ = nearest_mode(buffer["samples"].float())
+    assert distance.median() < 0.15
+    training = checkpoint.config.training
+    assert training["updates"] == 17 * 78 and "--cd-weight 0.05" in training["command"]
+    model = load_model(bridged)
+    samples = draw_samples(model, chain_seeds(0, 500))
+    distance, modes = nearest_mode(samples)
+    assert (distance < 0.15).float().mean() > 0.4 and len(modes.unique()) == 8  # as the plain energy's test asks
+
+
+def test_the_bridge_resumes_exactly_with_its_buffer(toy_energy: Path, tmp_path: Path) -> None:
+    flags = ("--init-from", str(toy_energy), "--cd-weight", "0.05", "--buffer-capacity", "64", "--cd-chains", "16",
+             "--lr-schedule", "constant")  # fmt: skip
+    whole = load_checkpoint(train_toy(tmp_path / "whole", *flags, epochs=17))
+    train_toy(tmp_path / "parts", *flags, epochs=16)
+    parts = load_checkpoint(train_toy(tmp_path / "parts", *flags, "--resume", epochs=17))
+    for name, tensor in whole.weights.items():
+        torch.testing.assert_close(parts.weights[name], tensor)
+    torch.testing.assert_close(parts.extras["replay_buffer"]["samples"], whole.extras["replay_buffer"]["samples"])

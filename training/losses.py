@@ -9,6 +9,11 @@ import torch
 import torch.nn.functional as F
 
 
+def energy_gap(energy_real: torch.Tensor, energy_fake: torch.Tensor) -> torch.Tensor:
+    """mean E(real) - mean E(fake): the contrastive-divergence estimate of the log-likelihood gradient's loss."""
+    return energy_real.mean() - energy_fake.mean()
+
+
 def contrastive_divergence(
     energy_real: torch.Tensor, energy_fake: torch.Tensor, alpha: float
 ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -16,7 +21,7 @@ def contrastive_divergence(
 
     The squared-energy term keeps energies near zero so the contrastive term cannot run away.
     """
-    divergence = energy_real.mean() - energy_fake.mean()
+    divergence = energy_gap(energy_real, energy_fake)
     regularizer = alpha * (energy_real.pow(2).mean() + energy_fake.pow(2).mean())
     loss = divergence + regularizer
     return loss, {

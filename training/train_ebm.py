@@ -22,9 +22,14 @@ from training.sampler_config import EBMSampler, to_dict
 
 # What each objective uses when a flag is left unset (None). CD: the UvA deep-EBM tutorial on MNIST.
 # EqM: gradient descent from Gaussian noise; 40-60 steps of 0.01 suffice (../shared/notes, measured).
+# The EqM bridge (--cd-weight > 0) runs short persistent chains (10 steps a visit) in a small buffer.
 OBJECTIVE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "cd": {"lr": 1e-4, "width": 32, "step_size": 10.0, "noise": 0.005, "grad_clip": 0.03, "sample_steps": 256},
-    "eqm": {"lr": 5e-4, "width": 16, "step_size": 0.01, "noise": 0.0, "grad_clip": None, "sample_steps": 60},
+    "cd": dict(
+        lr=1e-4, width=32, step_size=10.0, noise=0.005, grad_clip=0.03, sample_steps=256, steps=60, buffer_capacity=8192
+    ),
+    "eqm": dict(
+        lr=5e-4, width=16, step_size=0.01, noise=0.0, grad_clip=None, sample_steps=60, steps=10, buffer_capacity=1000
+    ),
 }
 
 
@@ -37,12 +42,12 @@ class EBMTrainConfig(RunConfig):
     beta1: float = 0.0  # cd: Adam beta1 = 0 as in the UvA tutorial (momentum fights the moving negatives)
     alpha: float = 0.1  # cd: weight of the squared-energy regularizer
     real_noise: float = 0.005  # cd: std of Gaussian noise added to real images
-    steps: int = 60  # cd: Langevin steps per training iteration
+    steps: int | None = None  # Langevin steps of the negatives per training iteration (default: cd 60, eqm bridge 10)
     step_size: float | None = None  # sampler step size (default: cd 10, eqm 0.01)
     noise: float | None = None  # sampler noise std (default: cd 0.005, eqm 0 = gradient descent)
     grad_clip: float | None = None  # sampler elementwise gradient clip, 0 = none (default: cd 0.03, eqm none)
     sample_steps: int | None = None  # default chain length of the checkpoint's sampler (cd 256, eqm 60)
-    buffer_capacity: int = 8192  # cd: replay-buffer size
+    buffer_capacity: int | None = None  # replay-buffer size (default: cd 8192, eqm bridge 1000)
     restart_prob: float = 0.05  # cd: fraction of chains restarted from uniform noise
     keep_buffer: int = 2048  # cd: buffer samples stored in the shipped checkpoint (float16)
     width: int | None = None  # channels of the first layer (default: cd conv net 32, eqm U-Net 16)
@@ -61,6 +66,9 @@ class EBMTrainConfig(RunConfig):
     warmup_steps: int = 200  # eqm: linear learning-rate warm-up
     min_lr_ratio: float = 0.1  # eqm: the cosine schedule's final learning rate / peak
     max_grad_norm: float | None = 1.0  # eqm: clip the parameter-gradient norm (0 or none: no clipping)
+    cd_weight: float = 0.0  # eqm: weight of a contrastive-divergence term on replay-buffer negatives (0: plain EqM)
+    cd_noise: float = 0.01  # eqm bridge: noise std of the negatives' Langevin steps (step size: --step-size)
+    cd_chains: int = 64  # eqm bridge: negatives drawn from the replay buffer per update
 
     def setting(self, name: str) -> Any:
         """A flag's value, or the objective's default when it was left unset."""
@@ -93,7 +101,7 @@ def cd_sampler(config: EBMTrainConfig) -> EBMSampler:
     """Langevin from the replay buffer with the settings the model was trained with."""
     return EBMSampler(
         steps=config.setting("sample_steps"),
-        train_steps=config.steps,
+        train_steps=config.setting("steps"),
         step_size=config.setting("step_size"),
         noise=config.setting("noise"),
         grad_clip=config.setting("grad_clip"),
@@ -180,9 +188,9 @@ def train_ebm(config: EBMTrainConfig) -> Path:
     arch = _arch_for(train, config)
     model = build_model(arch).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.setting("lr"), betas=(config.beta1, 0.999))
-    buffer = ReplayBuffer(train.shape, config.buffer_capacity, config.restart_prob)
+    buffer = ReplayBuffer(train.shape, config.setting("buffer_capacity"), config.restart_prob)
     langevin = EBMSampler(
-        steps=config.steps,
+        steps=config.setting("steps"),
         step_size=config.setting("step_size"),
         noise=config.setting("noise"),
         grad_clip=config.setting("grad_clip"),
@@ -201,7 +209,10 @@ def train_ebm(config: EBMTrainConfig) -> Path:
         model.load_state_dict(start.weights)
         buffer = ReplayBuffer.from_state_dict(
             start.extras["replay_buffer"]
-            | {"capacity": torch.tensor(config.buffer_capacity), "restart_prob": torch.tensor(config.restart_prob)}
+            | {
+                "capacity": torch.tensor(config.setting("buffer_capacity")),
+                "restart_prob": torch.tensor(config.restart_prob),
+            }
         )
         first_epoch = int(start.config.training.get("epochs_done", 0)) + 1
         already = float(start.config.training.get("wall_seconds", 0.0))

@@ -18,8 +18,8 @@ import torch
 from training.checkpoint import Checkpoint, save_checkpoint
 from training.data import ImageDataset
 from training.ema import ema_update, warmed_up_decay
-from training.langevin import sample_langevin
-from training.losses import equilibrium_matching
+from training.langevin import ReplayBuffer, frozen_energy, sample_langevin
+from training.losses import energy_gap, equilibrium_matching
 from training.models import build_model
 from training.run import Stopwatch, batches, load_resume, save_resume, start_run, warm_start
 from training.sampler_config import EBMSampler
@@ -90,6 +90,77 @@ def eqm_loss(
     )
 
 
+# --- The bridge to contrastive divergence (Energy Matching's second phase) ------------------------
+
+
+def slot_labels(slots: torch.Tensor, classes: int, device: torch.device) -> torch.Tensor | None:
+    """The class a replay-buffer slot's chain samples: slot mod classes (so no labels need storing)."""
+    return (slots % classes).to(device) if classes else None
+
+
+def negative_sampler(config: EBMTrainConfig) -> EBMSampler:
+    """Short noisy Langevin visits of the persistent chains: the served step size, plus `cd_noise`."""
+    return EBMSampler(
+        steps=config.setting("steps"),
+        step_size=config.setting("step_size"),
+        noise=config.cd_noise,
+        grad_clip=None,
+        clamp=False,
+    )
+
+
+def fill_buffer(
+    model: torch.nn.Module, config: EBMTrainConfig, shape: tuple[int, ...], classes: int, device: torch.device
+) -> ReplayBuffer:
+    """The bridge's persistent chains start as the served sampler's own samples (one class per slot)."""
+    capacity = config.setting("buffer_capacity")
+    buffer = ReplayBuffer(shape, capacity, restart_prob=0.0)
+    generator = torch.Generator().manual_seed(config.seed + 1)
+    for first in range(0, capacity, config.batch_size):
+        slots = torch.arange(first, min(first + config.batch_size, capacity))
+        start = (torch.randn(len(slots), *shape, generator=generator) * config.prior_std).to(device)
+        energy = frozen_energy(model, slot_labels(slots, classes, device))
+        with autocast(config, device):
+            x = sample_langevin(energy, start, eqm_sampler(config), (-1.0, 1.0), generator)
+        buffer.write_back(torch.full_like(slots, -1), x)  # appended in order: slot = first + row
+    return buffer
+
+
+def draw_negatives(
+    model: torch.nn.Module, buffer: ReplayBuffer, config: EBMTrainConfig, classes: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Advance `cd_chains` persistent chains by one short visit under the current weights, and store them back."""
+    start, slots = buffer.draw(config.cd_chains)
+    labels = slot_labels(slots, classes, device)
+    with autocast(config, device):
+        fake = sample_langevin(frozen_energy(model, labels), start.to(device), negative_sampler(config), (-1.0, 1.0))
+    buffer.write_back(slots, fake)
+    return fake, labels
+
+
+def bridge_term(
+    model: torch.nn.Module,
+    real: torch.Tensor,  # [B, *shape]
+    real_labels: torch.Tensor | None,  # [B]
+    negatives: tuple[torch.Tensor, torch.Tensor | None],  # [N, *shape], [N]
+    eqm: torch.Tensor,  # the EqM loss of this update (its size caps the term's)
+    config: EBMTrainConfig,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """cd_weight * max(0, mean E(real) - mean E(negatives)), scaled down to at most the EqM loss's size.
+
+    As Energy Matching's phase 2 does: the term only acts where the chains found energy lower than the
+    data's (the long-run minima that are not digits), and it never outweighs the matching objective.
+    """
+    fake, fake_labels = negatives
+    labels = None if real_labels is None or fake_labels is None else torch.cat([real_labels, fake_labels])
+    energies = model(torch.cat([real, fake]), labels).float()  # [B + N]
+    gap = energy_gap(energies[: len(real)], energies[len(real) :])
+    term = config.cd_weight * gap.clamp(min=0.0)
+    if term.item() > eqm.item() > 0:
+        term = term * (eqm.detach() / term.detach())
+    return term, {"cd": gap.item(), "cd_term": term.item(), "e_real": energies[: len(real)].mean().item()}
+
+
 def eqm_update(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -97,12 +168,18 @@ def eqm_update(
     labels: torch.Tensor | None,  # [B], -1 = null label
     config: EBMTrainConfig,
     lr: float,
+    negatives: tuple[torch.Tensor, torch.Tensor | None] | None = None,  # the bridge's [N, *shape], labels [N]
 ) -> dict[str, float]:
-    """One Equilibrium Matching update: the loss under autocast, gradient-norm clipping, one Adam step."""
+    """One Equilibrium Matching update (plus the bridge's CD term when given negatives): the loss under
+    autocast, gradient-norm clipping, one Adam step."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     with autocast(config, x.device):
         loss, parts = eqm_loss(model, x, labels, config)
+        if negatives is not None:
+            term, bridge_parts = bridge_term(model, x, labels, negatives, loss, config)
+            loss = loss + term
+            parts |= bridge_parts
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if config.max_grad_norm:
@@ -151,6 +228,7 @@ def train_eqm(config: EBMTrainConfig) -> Path:
     optimizer = torch.optim.Adam(model.parameters(), lr=config.setting("lr"), betas=(0.9, 0.999))
     first_epoch, already, updates = 1, 0.0, 0
     average = copy.deepcopy(model).requires_grad_(False)
+    extras: dict[str, dict[str, torch.Tensor]] = {}  # what the run starts from: a warm start's or the resume state's
     if config.init_from and not config.resume:  # the shipped average and online weights; epochs, updates count on
         start = warm_start(config.init_from, "ebm", arch)
         model.load_state_dict(start.extras.get("online", start.weights))
@@ -158,6 +236,7 @@ def train_eqm(config: EBMTrainConfig) -> Path:
         first_epoch = int(start.config.training.get("epochs_done", 0)) + 1
         already = float(start.config.training.get("wall_seconds", 0.0))
         updates = int(start.config.training.get("updates", 0))
+        extras = start.extras
     if config.resume:
         resumed = load_resume(run.run_dir, {"model": optimizer})
         model.load_state_dict(resumed.checkpoint.weights)
@@ -165,6 +244,13 @@ def train_eqm(config: EBMTrainConfig) -> Path:
         first_epoch = resumed.epoch + 1
         already = float(resumed.checkpoint.config.training["wall_seconds"])
         updates = int(resumed.checkpoint.config.training["updates"])
+        extras = resumed.checkpoint.extras
+    buffer = None  # the bridge's persistent negatives: saved with the run or its warm start, else filled afresh
+    if config.cd_weight > 0:
+        if "replay_buffer" in extras:
+            buffer = ReplayBuffer.from_state_dict(extras["replay_buffer"])
+        else:
+            buffer = fill_buffer(average, config, train.shape, classes, device)
     total_updates = config.epochs * run.batches_per_epoch
     clock = Stopwatch(already)
     out = Path(config.out)
@@ -181,12 +267,16 @@ def train_eqm(config: EBMTrainConfig) -> Path:
             if classes:
                 labels = train.labels[index].to(device)
                 labels = torch.where(torch.rand(len(index), device=device) < config.label_dropout, -1, labels)
-            parts = eqm_update(model, optimizer, x, labels, config, learning_rate(config, updates, total_updates))
+            negatives = draw_negatives(model, buffer, config, classes, device) if buffer is not None else None
+            lr = learning_rate(config, updates, total_updates)
+            parts = eqm_update(model, optimizer, x, labels, config, lr, negatives)
             updates += 1
             ema_update(average, model, warmed_up_decay(config.ema_decay, updates))
             for key, value in parts.items():
                 totals[key] = totals.get(key, 0.0) + value
-            bar.set_postfix(loss=f"{parts['loss']:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+            bar.set_postfix(
+                loss=f"{parts['loss']:.4f}", lr=f"{lr:.2e}", **({"cd": f"{parts['cd']:.1f}"} if buffer else {})
+            )
         record = {key: value / max(run.batches_per_epoch, 1) for key, value in totals.items()}
         record.update(validate_eqm(average, test, config, device))
         record.update(epoch=epoch, updates=updates, wall_seconds=clock.seconds())
@@ -195,19 +285,18 @@ def train_eqm(config: EBMTrainConfig) -> Path:
         model_config = ebm_model_config(
             config, train, arch, eqm_sampler(config), device, clock.seconds(), epoch, metrics, updates=updates
         )
+        kept: dict[str, dict[str, torch.Tensor]] = {}
+        if buffer is not None:  # whole (slot order is each chain's class), so the server can start from it
+            kept["replay_buffer"] = buffer.state_dict() | {"samples": buffer.state_dict()["samples"].half()}
         save_checkpoint(
             out,
-            Checkpoint(model_config, dict(average.state_dict()), {"online": dict(model.state_dict())}),
+            Checkpoint(model_config, dict(average.state_dict()), {"online": dict(model.state_dict())} | kept),
             config.output_dtype(),
         )
-        save_resume(
-            run.run_dir,
-            epoch,
-            model_config,
-            dict(model.state_dict()),
-            {"model": optimizer},
-            {"ema": dict(average.state_dict())},
-        )
+        resume_extras = {"ema": dict(average.state_dict())}
+        if buffer is not None:
+            resume_extras["replay_buffer"] = buffer.state_dict()
+        save_resume(run.run_dir, epoch, model_config, dict(model.state_dict()), {"model": optimizer}, resume_extras)
         log.write(record)  # after the resume state: a crash in between never logs an epoch twice
         print(
             f"epoch {epoch}: eqm loss {record['loss']:.5f} val {record['val_eqm']:.5f} -> {out} (grid {grid_path})",
