@@ -16,7 +16,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -27,7 +27,7 @@ from service.metrics import Metrics
 from service.middleware import BodyLimits
 from service.orders import check_applicable, make_order
 from service.registry import Registry, ServedModel, load_registry
-from service.schemas import ModelInfo, SampleRequest, SampleResponse
+from service.schemas import ErrorBody, ModelInfo, Readiness, SampleRequest, SampleResponse, field_limits
 from service.settings import Settings
 from service.worker import Worker
 from training.device import pick_device
@@ -36,6 +36,62 @@ from training.sampler_config import to_dict
 STATIC_DIR = Path(__file__).parent / "static"
 
 log = logging.getLogger("service")
+
+# What POST /sample really answers, status by status, for the OpenAPI schema (tests/test_openapi_fuzz.py
+# checks every answer against it). Every error body is ErrorBody: {"detail": ..., "errors": [...] on a 422}.
+BINARY = {"schema": {"type": "string", "format": "binary"}}
+
+
+def _sse_event(name: str, fields: list[str]) -> dict:
+    """One Server-Sent Event as OpenAPI 3.1 describes an event stream's items: its JSON `data` names `fields`."""
+    data = {"type": "object", "required": fields}
+    return {
+        "type": "object",
+        "required": ["event", "data"],
+        "properties": {
+            "event": {"const": name},
+            "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": data},
+        },
+    }
+
+
+SSE_EVENTS = {
+    "schema": {
+        "oneOf": [
+            _sse_event("frame", ["step", "steps", "energy", "mean_energy", "grid"]),
+            _sse_event("done", ["model", "seed", "images", "grid", "timings"]),  # SampleResponse and the grid
+            _sse_event("error", ["status", "detail"]),
+        ]
+    }
+}
+SAMPLE_RESPONSES: dict[int | str, dict] = {
+    200: {
+        "description": "format png or gif: the image; json: SampleResponse; stream (or Accept: text/event-stream):"
+        " Server-Sent Events, 'frame' per kept step, then 'done' (the JSON body plus 'grid') or 'error'",
+        "content": {"image/png": BINARY, "image/gif": BINARY, "text/event-stream": SSE_EVENTS},
+        "headers": {
+            "X-Seed": {"description": "the seed the chains used", "schema": {"type": "integer"}},
+            "X-Steps": {"description": "steps run (not on a stream)", "schema": {"type": "integer"}},
+        },
+    },
+    400: {"model": ErrorBody, "description": "the body could not be read as text (not UTF-8)"},
+    401: {"model": ErrorBody, "description": "missing or wrong API key (only when the server has one)"},
+    404: {"model": ErrorBody, "description": "unknown model; the message lists the served ones"},
+    408: {"model": ErrorBody, "description": "the body did not arrive in time"},
+    413: {"model": ErrorBody, "description": "body too large"},
+    422: {
+        "model": ErrorBody,
+        "description": "invalid, out-of-range or inapplicable field, over a server limit, an unreadable upload,"
+        " a mask of another size than its image, or chains that diverged (non-finite) under the request's settings",
+    },
+    499: {"description": "the client went away before the answer (nobody reads it)"},
+    503: {
+        "model": ErrorBody,
+        "description": "queue full (Retry-After), the device failed the batch, or shutting down",
+        "headers": {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}},
+    },
+    504: {"model": ErrorBody, "description": "the request's deadline passed"},
+}
 
 
 def _authorize(request: Request, settings: Settings) -> None:
@@ -64,12 +120,25 @@ def _model_info(model: ServedModel, worker: Worker, store: BufferStore, settings
         ensemble=config.ensemble,
         sampler=to_dict(model.members[0].sampler),
         classes=model.classes,
-        limits={"max_n": settings.max_n, "max_steps": settings.max_steps, "max_frames": settings.max_frames},
+        limits={
+            "max_n": settings.max_n,
+            "max_steps": settings.max_steps,
+            "max_frames": settings.max_frames,
+            "fields": _request_limits(settings),
+        },
         metrics=config.metrics if len(model.members) == 1 else ensemble_only,
         buffer_size=buffer.size if buffer else None,
         buffer_capacity=buffer.capacity if buffer else None,
         buffer_saved_at=store.saved_at.get(model.group) if model.group else None,
     )
+
+
+def _request_limits(settings: Settings) -> dict[str, dict[str, float]]:
+    """Each numeric request field's bounds, as the schema states them, with this server's caps on n and steps."""
+    limits = field_limits()
+    limits["n"] = {**limits["n"], "le": min(settings.max_n, settings.chain_budget)}
+    limits["steps"] = {**limits["steps"], "le": settings.max_steps}
+    return limits
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -90,6 +159,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.max_queue,
             settings.buffer_save_interval_s,
             settings.batch_window_ms / 1000,
+            step_budget=settings.step_budget,
         )
         worker.start()
         app.state.registry, app.state.worker, app.state.store = registry, worker, store
@@ -128,7 +198,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def healthz() -> dict:
         return {"status": "alive"}
 
-    @app.get("/readyz")
+    @app.get(
+        "/readyz",
+        response_model=Readiness,
+        responses={503: {"model": Readiness, "description": "not ready: no model loaded, or the worker stopped"}},
+    )
     async def readyz(request: Request) -> JSONResponse:
         registry: Registry = request.app.state.registry
         worker: Worker = request.app.state.worker
@@ -141,7 +215,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         }
         return JSONResponse(body, status_code=200 if ready else 503)
 
-    @app.get("/metrics")
+    @app.get(
+        "/metrics",
+        response_class=PlainTextResponse,
+        responses={200: {"description": "Prometheus text exposition format"}},
+    )
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -154,14 +232,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.post(
         "/sample",
         response_model=SampleResponse,
-        responses={
-            200: {"content": {"image/png": {}, "image/gif": {}}},
-            404: {"description": "unknown model"},
-            413: {"description": "body too large"},
-            422: {"description": "invalid or inapplicable field"},
-            503: {"description": "queue full (Retry-After) or device failure"},
-            504: {"description": "deadline passed"},
-        },
+        responses=SAMPLE_RESPONSES,
     )
     async def sample(body: SampleRequest, request: Request) -> Response:
         started = time.perf_counter()

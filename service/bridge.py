@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from service.messages import (
     CancelledByClient,
+    ChainDiverged,
     DeadlinePassed,
     Frame,
     FrameSink,
@@ -39,6 +40,8 @@ def worker_error(error: BaseException, settings: Settings) -> HTTPException:
         return HTTPException(503, detail=f"server busy: {error}; retry shortly", headers=retry)
     if isinstance(error, TimeoutError):
         return HTTPException(504, detail="the request's deadline passed before its chains finished")
+    if isinstance(error, ChainDiverged):
+        return HTTPException(422, detail=str(error))
     if isinstance(error, WorkerFailure):
         return HTTPException(503, detail=str(error), headers=retry)
     return HTTPException(500, detail=f"unexpected worker error: {type(error).__name__}")

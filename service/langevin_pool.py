@@ -7,12 +7,12 @@ from collections.abc import Callable
 
 import torch
 
-from service.messages import SampleOrder
+from service.messages import ChainDiverged, SampleOrder
 from service.metrics import Metrics
 from service.pools import SamplerPool, state_of
 from service.registry import BufferGroup
 from service.scheduler import Job
-from training.langevin import ReplayBuffer, conditioned_energy, langevin_step
+from training.langevin import LangevinStep, ReplayBuffer, conditioned_energy, langevin_step
 from training.noise import chain_gaussian, chain_seeds, chain_start
 from training.sampler_config import EBMSampler
 from training.sampling import chain_labels
@@ -89,17 +89,31 @@ class LangevinPool(SamplerPool):
             by_module.setdefault(members[job.done_steps % len(members)], []).append(job)
         stepped: list[Job] = []
         for module_index, jobs in by_module.items():
-            try:
-                self._execute(module_index, jobs)
-                stepped.extend(jobs)
-            except Exception as error:  # one failed batch must not take the worker down
-                log.exception("Langevin batch of %d requests failed on %s", len(jobs), self.name)
-                self.fail(jobs, error)
+            stepped.extend(self._execute(module_index, jobs))
         self._record_step(len(stepped), sum(job.n for job in stepped))
         for job in self.scheduler.update_from_output(stepped):
             self._finish(job)
 
-    def _execute(self, module_index: int, jobs: list[Job]) -> None:
+    def _execute(self, module_index: int, jobs: list[Job]) -> list[Job]:
+        """One Langevin step for these jobs' chains in one batch; returns the jobs that stepped.
+
+        Requests are isolated from their neighbours in the batch: when the batch raises, each job is
+        stepped alone, so only a request that fails by itself is answered with the failure; a job whose
+        chains left the finite numbers ends alone with ChainDiverged (a 422).
+        """
+        try:
+            moved = self._advance(module_index, jobs)
+        except Exception as error:  # one failed batch must not take the worker down
+            if len(jobs) > 1:
+                log.warning("Langevin batch of %d requests failed on %s; stepping each alone", len(jobs), self.name)
+                return [job for one in jobs for job in self._execute(module_index, [one])]
+            log.exception("Langevin batch of 1 request failed on %s", self.name)
+            self.fail(jobs, error)
+            return []
+        return self._commit(jobs, moved)
+
+    def _advance(self, module_index: int, jobs: list[Job]) -> LangevinStep:
+        """The batched step itself; changes no job's state, so a failed batch can be retried job by job."""
         states = [state_of(job) for job in jobs]
         x = torch.cat([state.x for state in states if state.x is not None])  # [B, *shape]
         seeds = torch.cat([state.seeds for state in states if state.seeds is not None])  # [B]
@@ -131,10 +145,21 @@ class LangevinPool(SamplerPool):
             velocity=velocity,
             clamp=self.sampler.clamp,
         )
-        parts = zip(
-            jobs, states, moved.x.split(sizes), moved.energy.split(sizes), moved.velocity.split(sizes), strict=True
-        )
-        for job, state, x_part, energy_part, velocity_part in parts:
+        return moved
+
+    def _commit(self, jobs: list[Job], moved: LangevinStep) -> list[Job]:
+        """Hand each job its part of the batched step; end the jobs whose chains went non-finite."""
+        sizes = [job.n for job in jobs]
+        finite = torch.isfinite(moved.x.flatten(1)).all(1) & torch.isfinite(moved.velocity.flatten(1)).all(1)  # [B]
+        job_finite = [bool(part.all()) for part in finite.cpu().split(sizes)]  # one device sync per batch
+        parts = zip(jobs, moved.x.split(sizes), moved.energy.split(sizes), moved.velocity.split(sizes), strict=True)
+        stepped, diverged = [], []
+        for (job, x_part, energy_part, velocity_part), ok in zip(parts, job_finite, strict=True):
+            state = state_of(job)
+            if not ok:
+                diverged.append(job)
+                continue
+            stepped.append(job)
             if state.free is not None and state.known is not None:
                 x_part = torch.where(state.free, x_part, state.known)  # inpainting: known pixels stay
             state.x, state.energy = x_part, energy_part
@@ -143,6 +168,18 @@ class LangevinPool(SamplerPool):
             step = job.done_steps + 1
             if every and (step % every == 0 or step == job.steps):
                 state.keep_frame(step, job.steps, x_part.clamp(*self.data_range), energy_part)
+        for job in diverged:
+            self.end([job], self._diverged(job))
+        return stepped
+
+    def _diverged(self, job: Job) -> ChainDiverged:
+        order, sampler = state_of(job).order, self.sampler
+        return ChainDiverged(
+            f"the chains diverged at step {job.done_steps + 1} of {job.steps}: their states are no longer finite "
+            f"under step_size {order.step_size:g}, noise {order.noise:g}, temperature {order.temperature:g}, "
+            f"momentum {order.momentum:g}; try values nearer {self.name}'s defaults (step_size "
+            f"{sampler.step_size:g}, noise {sampler.noise:g}, temperature {sampler.temperature:g})"
+        )
 
     def _worth_keeping(self, order: SampleOrder) -> bool:
         """Whether finished chains go back into the shared buffer.

@@ -30,6 +30,10 @@ class WorkerFailure(Exception):
     """A batch failed on the device (for example out of memory); only its requests see this."""
 
 
+class ChainDiverged(Exception):
+    """A request's own chains went non-finite (its settings were too wild for the model); it alone ends."""
+
+
 class DeadlinePassed(TimeoutError):
     """The request's deadline passed before its chains finished."""
 

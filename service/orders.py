@@ -16,7 +16,7 @@ from service.messages import SampleOrder
 from service.registry import ServedModel
 from service.schemas import EBM_ONLY_FIELDS, SampleRequest
 from service.settings import Settings
-from training.images import decode_image
+from training.images import decode_image, image_size
 from training.sampler_config import EBMSampler
 
 UNSTREAMED_FRAMES = 33  # a GIF or JSON body keeps a trajectory to at most this many frames
@@ -78,12 +78,13 @@ def frame_limit(settings: Settings, streaming: bool) -> int:
     return settings.max_frames if streaming else min(settings.max_frames, UNSTREAMED_FRAMES)
 
 
-def _decode_upload(field: str, text: str, model: ServedModel) -> torch.Tensor:
-    """A base64 image (or data: URL) -> [*shape] in the model's data range; 422 when unreadable."""
+def _decode_upload(field: str, text: str, model: ServedModel) -> tuple[torch.Tensor, tuple[int, int]]:
+    """A base64 image (or data: URL) -> ([*shape] in the model's data range, its size as sent (width,
+    height)); 422 when unreadable."""
     encoded = text.partition(",")[2] if text.startswith("data:") else text
     try:
         payload = base64.b64decode("".join(encoded.split()), validate=True)  # line-wrapped base64 is fine
-        return decode_image(payload, model.members[0].shape, model.members[0].data_range)
+        return decode_image(payload, model.members[0].shape, model.members[0].data_range), image_size(payload)
     except (binascii.Error, ValueError) as error:
         raise HTTPException(422, detail=f"'{field}' is not a base64 image: {error}") from error
 
@@ -114,10 +115,17 @@ async def make_order(body: SampleRequest, model: ServedModel, settings: Settings
         every = max(1, math.ceil(steps / (frame_limit(settings, streaming) - 1)))
     start_image = free_mask = None
     if body.image is not None:
-        start_image = await asyncio.to_thread(_decode_upload, "image", body.image, model)
-    if body.mask is not None:
-        low, high = model.members[0].data_range
-        free_mask = (await asyncio.to_thread(_decode_upload, "mask", body.mask, model)) > (low + high) / 2
+        start_image, image_wh = await asyncio.to_thread(_decode_upload, "image", body.image, model)
+        if body.mask is not None:
+            mask, mask_wh = await asyncio.to_thread(_decode_upload, "mask", body.mask, model)
+            if mask_wh != image_wh:  # resizing one to the other would move the boundary it marks
+                raise HTTPException(
+                    422,
+                    detail=f"'mask' is {mask_wh[0]}x{mask_wh[1]} pixels and 'image' is "
+                    f"{image_wh[0]}x{image_wh[1]}; a mask must be the size of its image",
+                )
+            low, high = model.members[0].data_range
+            free_mask = mask > (low + high) / 2
     return SampleOrder(
         model=model,
         n=body.n,

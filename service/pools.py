@@ -123,10 +123,14 @@ class SamplerPool:
     def fail(self, jobs: list[Job], error: BaseException | str) -> None:
         """The one failure path: stop the jobs, give back what they hold, answer each with WorkerFailure."""
         reason = error if isinstance(error, str) else f"sampling failed on the device: {type(error).__name__}"
+        self.end(jobs, WorkerFailure(reason))
+
+    def end(self, jobs: list[Job], outcome: BaseException) -> None:
+        """Stop jobs before their last step, give back what they hold, and answer each with `outcome`."""
         self.scheduler.finish(jobs)
         for job in jobs:
             self._release(job)
-            state_of(job).deliver(WorkerFailure(reason))
+            state_of(job).deliver(outcome)
 
     def fail_all(self, error: BaseException | str) -> None:
         """Answer every waiting and running job with an error (a failed pool, or shutting down)."""

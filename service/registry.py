@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from training.checkpoint import CheckpointError, decode_checkpoint
+from training.checkpoint import Checkpoint, CheckpointError, decode_checkpoint
 from training.langevin import ReplayBuffer
+from training.models import build_model
 from training.sampler_config import GANSampler
 from training.sampling import LoadedModel, instantiate, pooled_buffer
 
 log = logging.getLogger(__name__)
 SERVED_FAMILIES = ("ebm", "gan", "flow")
+MAX_BUFFER_VALUES = 2**28  # replay-buffer capacity x values per sample: 1 GiB of float32 (MNIST's 8192: 6.4 M)
 
 
 @dataclass
@@ -85,6 +88,44 @@ def _check_generator(model: LoadedModel) -> None:
         raise CheckpointError(f"the generator makes images of shape {list(shape)}, the config says {list(model.shape)}")
 
 
+def _check_shapes(checkpoint: Checkpoint) -> None:
+    """Refuse a checkpoint whose config would build other tensors than the file holds, before allocating any.
+
+    The architecture is built on the meta device (shapes without memory) and its state dict compared
+    with the tensors read from the file, whose size the file itself bounds; so a config claiming a
+    width of 200,000 beside width-32 weights is refused without asking for its terabytes.
+    """
+    with torch.device("meta"):
+        skeleton = build_model(checkpoint.config.arch)
+    expected = {name: list(tensor.shape) for name, tensor in skeleton.state_dict().items()}
+    groups = {"weights": checkpoint.weights}
+    if checkpoint.config.family == "gan" and "ema" in checkpoint.extras:
+        groups["ema"] = checkpoint.extras["ema"]  # what a GAN serves by default
+    for group, tensors in groups.items():
+        missing = sorted(set(expected) - set(tensors))
+        unexpected = sorted(set(tensors) - set(expected))
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{group} do not fit arch {checkpoint.config.arch['name']!r}: missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]}"
+            )
+        for name, shape in expected.items():
+            if list(tensors[name].shape) != shape:
+                raise CheckpointError(
+                    f"{group}/{name} is {list(tensors[name].shape)} in the file, but the config's arch "
+                    f"{checkpoint.config.arch.get('kwargs', {})} makes it {shape}"
+                )
+    state = checkpoint.extras.get("replay_buffer")
+    if state is not None and "capacity" in state:
+        capacity = int(state["capacity"].reshape(-1)[0]) if state["capacity"].numel() else 0
+        values = capacity * math.prod(checkpoint.config.data["shape"])
+        if capacity < 1 or values > MAX_BUFFER_VALUES:
+            raise CheckpointError(
+                f"replay_buffer/capacity {capacity:,} is not a buffer this server allocates "
+                f"(1 to {MAX_BUFFER_VALUES // math.prod(checkpoint.config.data['shape']):,} samples of this shape)"
+            )
+
+
 def load_registry(models_dir: Path, device: torch.device) -> Registry:
     """Load every checkpoint in models_dir; a file that cannot be served is refused with a reason."""
     registry = Registry()
@@ -100,6 +141,7 @@ def load_registry(models_dir: Path, device: torch.device) -> Registry:
                 raise CheckpointError(f"family {family!r} is not served by this version")
             if len(checkpoint.config.data["shape"]) != 3:
                 raise CheckpointError(f"data shape {checkpoint.config.data['shape']} is not an image [C, H, W]")
+            _check_shapes(checkpoint)
             model = instantiate(checkpoint, path.stem, device)
             if family == "gan":
                 _check_generator(model)

@@ -7,28 +7,54 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+INT32_MAX = 2**31 - 1  # every integer field fits int32; the server's tighter caps are in /models `limits`
+
 
 class SampleRequest(BaseModel):
-    """POST /sample. Fields left out take the checkpoint's defaults."""
+    """POST /sample. Fields left out take the checkpoint's defaults.
+
+    Every number is bounded here, where float32 holds it and the sampler still makes sense, so no value
+    a client may send overflows on the device (step_size 1e39 would fail the whole shared batch).
+    """
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: str = Field(min_length=1, max_length=200)
-    n: int = Field(1, ge=1)
-    seed: int | None = Field(None, ge=0, lt=2**31)
+    n: int = Field(1, ge=1, le=INT32_MAX, description="at most the server's max_n (see /models limits)")
+    seed: int | None = Field(None, ge=0, le=INT32_MAX)
     format: Literal["png", "json", "gif"] = "png"
-    steps: int | None = Field(None, ge=1)
-    step_size: float | None = Field(None, gt=0)
-    noise: float | None = Field(None, ge=0)
-    momentum: float | None = Field(None, ge=0, lt=1)  # heavy-ball Langevin; 0 = plain steps
+    steps: int | None = Field(None, ge=1, le=INT32_MAX, description="at most the server's max_steps")
+    step_size: float | None = Field(None, gt=0, le=1000)
+    noise: float | None = Field(None, ge=0, le=10)  # std of the noise per step; the data range is about [-1, 1]
+    momentum: float | None = Field(None, ge=0, le=0.999)  # heavy-ball Langevin; 0 = plain steps; float32 < 1
     guidance: float | None = Field(None, ge=0, le=20, description="with a label: E(x) + w (E(x, y) - E(x))")
     init: Literal["buffer", "noise", "image"] | None = None
     image: str | None = Field(None, description="init 'image': base64 PNG/JPEG (a data: URL is fine)")
-    mask: str | None = Field(None, description="with image: white marks pixels to fill in, black pixels stay")
+    mask: str | None = Field(
+        None, description="with image, of the same size: white marks pixels to fill in, black pixels stay"
+    )
     stream: bool = False  # Server-Sent Events: one event per trajectory frame, then the samples
-    temperature: float | None = Field(None, gt=0, le=100)
-    label: int | None = Field(None, ge=0, description="class-conditional EBMs: an index into the model's classes")
-    trajectory_every: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.001, le=100)  # the gradient is divided by it
+    label: int | None = Field(
+        None, ge=0, le=INT32_MAX, description="class-conditional EBMs: an index into the model's classes"
+    )
+    trajectory_every: int | None = Field(None, ge=1, le=INT32_MAX)
+
+
+def field_limits() -> dict[str, dict[str, float]]:
+    """The bounds of SampleRequest's numeric fields, {"step_size": {"gt": 0, "le": 1000}, ...}, for /models:
+    read from the fields themselves, so the schema and /models state the same limits."""
+    limits: dict[str, dict[str, float]] = {}
+    for name, info in SampleRequest.model_fields.items():
+        bounds = {
+            kind: getattr(rule, kind)
+            for rule in info.metadata
+            for kind in ("gt", "ge", "lt", "le")
+            if getattr(rule, kind, None) is not None
+        }
+        if bounds:
+            limits[name] = bounds
+    return limits
 
 
 # Fields that only Langevin sampling reads; for a GAN, `temperature` scales the latent instead.
@@ -78,3 +104,24 @@ class ModelInfo(BaseModel):
     buffer_size: int | None = None
     buffer_capacity: int | None = None
     buffer_saved_at: datetime | None = None  # last save to the state directory, ISO 8601 UTC
+
+
+class FieldProblem(BaseModel):
+    field: str  # dotted path of the bad field ("step_size"), or "body"
+    message: str
+
+
+class ErrorBody(BaseModel):
+    """Every error answer: what is wrong and what would be right; a 422 from validation lists each field."""
+
+    detail: str
+    errors: list[FieldProblem] | None = None
+
+
+class Readiness(BaseModel):
+    """GET /readyz: 200 when models are loaded and the worker runs, else 503 with the same body."""
+
+    ready: bool
+    models: list[str]
+    worker_running: bool
+    refused: dict[str, str]  # checkpoint file -> why it is not served

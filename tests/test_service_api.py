@@ -101,7 +101,7 @@ BAD_REQUESTS = [
     ({"model": "solo", "steps": 501}, 422, "at most 500"),
     ({"model": "solo", "step_size": -1}, 422, "greater than 0"),
     ({"model": "solo", "noise": -0.1}, 422, "greater than or equal to 0"),
-    ({"model": "solo", "temperature": 0}, 422, "greater than 0"),
+    ({"model": "solo", "temperature": 0}, 422, "greater than or equal to 0.001"),
     ({"model": "solo", "format": "bmp"}, 422, "'png', 'json' or 'gif'"),
     ({"model": "solo", "init": "zeros"}, 422, "'buffer', 'noise' or 'image'"),
     ({"model": "solo", "init": "image"}, 422, "needs 'image'"),

@@ -9,6 +9,7 @@ never unpickles anything, and a file with an unknown schema version or a missing
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -25,6 +26,10 @@ from training.sampler_config import SAMPLERS, sampler_for
 SCHEMA_VERSION = 1
 FAMILIES = ("ebm", "flow", "gan", "classifier")
 WEIGHTS_GROUP = "weights"
+# Sizes no model of this project comes near: a config past them is corrupt or hostile, and is refused
+# before anything is built from it (a width of 200,000 would ask for terabytes).
+MAX_ARCH_NUMBER = 65_536  # any integer of an architecture (width, hidden units, layers, latent size)
+MAX_SAMPLE_VALUES = 3 * 1024 * 1024  # values in one sample (data.shape); MNIST has 784
 
 
 class CheckpointError(ValueError):
@@ -78,7 +83,40 @@ class ModelConfig:
         unknown = set(raw) - known
         if unknown:
             raise CheckpointError(f"{source}: config has unknown fields {sorted(unknown)}")
+        check_sizes(raw, source)
         return cls(**raw)
+
+
+def _integers(value: Any, path: str) -> list[tuple[str, int]]:
+    """(dotted path, integer) for every integer inside nested dicts and lists."""
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, int):
+        return [(path, value)]
+    if isinstance(value, dict):
+        return [found for key, item in value.items() for found in _integers(item, f"{path}.{key}")]
+    if isinstance(value, list):
+        return [found for index, item in enumerate(value) for found in _integers(item, f"{path}[{index}]")]
+    return []
+
+
+def check_sizes(raw: dict[str, Any], source: str) -> None:
+    """Refuse sizes no model of this project has, from the config alone: nothing has been allocated yet."""
+    shape = raw["data"]["shape"]
+    if not (isinstance(shape, list) and shape and all(type(size) is int and size >= 1 for size in shape)):
+        raise CheckpointError(f"{source}: data.shape must be a list of positive integers, not {shape!r}")
+    if math.prod(shape) > MAX_SAMPLE_VALUES:
+        raise CheckpointError(
+            f"{source}: data.shape {shape} has {math.prod(shape):,} values per sample; at most {MAX_SAMPLE_VALUES:,}"
+        )
+    latent = raw["sampler"].get("latent_dim") if isinstance(raw["sampler"], dict) else None
+    sizes = _integers(raw["arch"], "arch") + ([("sampler.latent_dim", latent)] if isinstance(latent, int) else [])
+    for path, number in sizes:
+        if number > MAX_ARCH_NUMBER:
+            raise CheckpointError(
+                f"{source}: {path} is {number:,}; no architecture size may exceed {MAX_ARCH_NUMBER:,} "
+                "(the config is corrupt, or not one this project wrote)"
+            )
 
 
 @dataclass

@@ -75,6 +75,15 @@ class ImageDecodeError(ValueError):
     """An uploaded image could not be read; the message says why."""
 
 
+def image_size(payload: bytes) -> tuple[int, int]:
+    """(width, height) of PNG/JPEG/... bytes, from the header alone."""
+    try:
+        with Image.open(io.BytesIO(payload)) as image:
+            return image.size
+    except Exception as error:  # Pillow raises many types for broken input
+        raise ImageDecodeError(f"not a readable image ({type(error).__name__})") from error
+
+
 def decode_image(
     payload: bytes, shape: tuple[int, ...], data_range: tuple[float, float] = (-1.0, 1.0), max_pixels: int = 1024 * 1024
 ) -> torch.Tensor:
