@@ -94,7 +94,7 @@ def test_chains_run_with_non_default_settings_never_enter_the_shared_buffer(mode
     with running_server(settings_for(models_dir, tmp_path / "state")) as (base, app):
         buffer = app.state.worker.pools["solo"].buffer
         before = buffer.samples[: len(buffer)].clone()
-        for odd in ({"step_size": 1e6}, {"temperature": 1e-6}, {"noise": 0.5}):
+        for odd in ({"step_size": 1000.0}, {"temperature": 0.001}, {"noise": 0.5}):
             reply = httpx.post(f"{base}/sample", json={"model": "solo", "n": 4, "init": "buffer", **odd})
             assert reply.status_code == 200
         assert len(buffer) == 32 and torch.equal(buffer.samples[:32], before)

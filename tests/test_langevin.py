@@ -206,3 +206,21 @@ def test_buffer_state_round_trips() -> None:
     restored = ReplayBuffer.from_state_dict(buffer.state_dict())
     assert (restored.capacity, restored.restart_prob, restored.data_range, len(restored)) == (8, 0.2, (0.0, 1.0), 5)
     assert torch.equal(restored.samples[:5], buffer.samples[:5])
+
+
+def test_buffer_slots_keep_the_class_of_their_chain_and_draw_by_class() -> None:
+    buffer = ReplayBuffer((1,), capacity=6, restart_prob=0.0)
+    buffer.write_back(torch.full((6,), -1), torch.arange(6.0).unsqueeze(1), torch.tensor([0, 1, 2, 0, 1, 2]))
+    x, slots = buffer.draw(3, torch.Generator().manual_seed(0), label=1)
+    assert sorted(slots[slots >= 0].tolist()) == [1, 4] and slots.tolist().count(-1) == 1
+    drawn = slots >= 0
+    buffer.write_back(slots[drawn], x[drawn])  # no labels given: the drawn slots keep theirs
+    restored = ReplayBuffer.from_state_dict(buffer.state_dict())
+    assert restored.labels.tolist() == [0, 1, 2, 0, 1, 2]
+    buffer.write_back(torch.full((1,), -1), torch.zeros(1, 1), torch.tensor([2]))  # a fresh chain replaces slot 0
+    assert buffer.labels.tolist() == [2, 1, 2, 0, 1, 2]
+    older = ReplayBuffer((1,), capacity=2)
+    older.write_back(torch.full((2,), -1), torch.zeros(2, 1))
+    saved_before_classes = {key: value for key, value in older.state_dict().items() if key != "labels"}
+    pooled = ReplayBuffer.pooled([buffer.state_dict(), saved_before_classes], (1,), 0.0, (-1.0, 1.0))
+    assert pooled.labels.tolist() == [2, 1, 2, 0, 1, 2, -1, -1]

@@ -180,7 +180,9 @@ class ReplayBuffer:
     `draw` hands out slots (a slot is never handed to two chains at once until it is written back or
     released); a fraction `restart_prob` of the chains, and all while the buffer is empty, start from
     uniform noise instead. Fresh chains are appended until the buffer is full, then replace the
-    oldest appended slot. The state is plain tensors, so it is saved inside a checkpoint.
+    oldest appended slot. Each slot may carry the class its chain samples (a class-conditional energy's
+    chains; -1: none), so a chain drawn again moves under the same class. The state is plain tensors, so
+    it is saved inside a checkpoint.
     """
 
     def __init__(
@@ -202,6 +204,7 @@ class ReplayBuffer:
         self.size = 0
         self.next_replace = 0  # oldest-appended slot to overwrite once full
         self.in_use = torch.zeros(capacity, dtype=torch.bool)
+        self.labels = torch.full((capacity,), -1, dtype=torch.int64)  # [capacity] class of each slot's chain
 
     def __len__(self) -> int:
         return self.size
@@ -210,9 +213,15 @@ class ReplayBuffer:
         low, high = self.data_range
         return torch.rand(n, *self.shape, generator=generator) * (high - low) + low
 
-    def draw(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Starting points [n, *shape] and their slots [n] (-1 marks a chain started from noise)."""
-        free = (~self.in_use[: self.size]).nonzero().squeeze(1)  # [F]
+    def draw(
+        self, n: int, generator: torch.Generator | None = None, label: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Starting points [n, *shape] and their slots [n] (-1 marks a chain started from noise); with
+        `label`, only slots whose chains sample that class (the rest of the n start from noise)."""
+        available = ~self.in_use[: self.size]
+        if label is not None:
+            available &= self.labels[: self.size] == label
+        free = available.nonzero().squeeze(1)  # [F]
         restart = torch.rand(n, generator=generator) < self.restart_prob
         from_buffer = int((~restart).sum().clamp(max=free.numel()))
         order = torch.randperm(free.numel(), generator=generator)[:from_buffer]
@@ -224,13 +233,19 @@ class ReplayBuffer:
         self.in_use[slots[rows]] = True
         return x, slots
 
-    def write_back(self, slots: torch.Tensor, x: torch.Tensor) -> None:
-        """Store finished chains: a drawn slot gets its chain back; a fresh chain takes a new slot."""
+    def write_back(self, slots: torch.Tensor, x: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        """Store finished chains: a drawn slot gets its chain back; a fresh chain takes a new slot. `labels`
+        [n] (-1: none) is each chain's class; without it, drawn slots keep theirs and fresh ones get none."""
         x = x.detach().to("cpu", torch.float32)
         slots = slots.to("cpu")
         drawn = slots >= 0
         self.samples[slots[drawn]] = x[drawn]
         self.in_use[slots[drawn]] = False
+        if labels is not None:
+            labels = labels.to("cpu", torch.int64)
+            self.labels[slots[drawn]] = labels[drawn]
+        else:
+            labels = torch.full(slots.shape, -1)
         for row in (~drawn).nonzero().squeeze(1).tolist():
             if self.size < self.capacity:
                 slot: int | None = self.size
@@ -240,6 +255,7 @@ class ReplayBuffer:
                 if slot is None:
                     continue  # every slot is leased out: drop this chain rather than clobber one
             self.samples[slot] = x[row]
+            self.labels[slot] = labels[row]
 
     def release(self, slots: torch.Tensor) -> None:
         """Give slots back unchanged (a cancelled chain)."""
@@ -257,6 +273,7 @@ class ReplayBuffer:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {
             "samples": self.samples[: self.size].clone(),
+            "labels": self.labels[: self.size].clone(),
             "capacity": torch.tensor(self.capacity),
             "restart_prob": torch.tensor(self.restart_prob, dtype=torch.float64),
             "next_replace": torch.tensor(self.next_replace),
@@ -270,6 +287,8 @@ class ReplayBuffer:
         buffer = cls(tuple(samples.shape[1:]), int(state["capacity"]), float(state["restart_prob"]), (low, high))
         buffer.size = min(samples.shape[0], buffer.capacity)
         buffer.samples[: buffer.size] = samples[: buffer.size]
+        if "labels" in state:  # buffers saved before slots had classes have none
+            buffer.labels[: buffer.size] = state["labels"][: buffer.size]
         buffer.next_replace = int(state["next_replace"]) % buffer.capacity
         return buffer
 
@@ -288,5 +307,8 @@ class ReplayBuffer:
         capacity = max(max(int(state["capacity"]) for state in states), len(samples))
         buffer = cls(shape, capacity=capacity, restart_prob=restart_prob, data_range=data_range)
         buffer.samples[: len(samples)] = samples
+        buffer.labels[: len(samples)] = torch.cat(
+            [state.get("labels", torch.full((len(state["samples"]),), -1)) for state in states]
+        )
         buffer.size = len(samples)
         return buffer

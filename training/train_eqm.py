@@ -21,7 +21,7 @@ from training.ema import ema_update, warmed_up_decay
 from training.langevin import ReplayBuffer, frozen_energy, sample_langevin
 from training.losses import energy_gap, equilibrium_matching
 from training.models import build_model
-from training.run import Stopwatch, batches, load_resume, save_resume, start_run, warm_start
+from training.run import Stopwatch, batches, load_resume, progress, save_resume, start_run, warm_start
 from training.sampler_config import EBMSampler
 
 if TYPE_CHECKING:
@@ -93,11 +93,6 @@ def eqm_loss(
 # --- The bridge to contrastive divergence (Energy Matching's second phase) ------------------------
 
 
-def slot_labels(slots: torch.Tensor, classes: int, device: torch.device) -> torch.Tensor | None:
-    """The class a replay-buffer slot's chain samples: slot mod classes (so no labels need storing)."""
-    return (slots % classes).to(device) if classes else None
-
-
 def negative_sampler(config: EBMTrainConfig) -> EBMSampler:
     """Short noisy Langevin visits of the persistent chains: the served step size, plus `cd_noise`."""
     return EBMSampler(
@@ -112,17 +107,18 @@ def negative_sampler(config: EBMTrainConfig) -> EBMSampler:
 def fill_buffer(
     model: torch.nn.Module, config: EBMTrainConfig, shape: tuple[int, ...], classes: int, device: torch.device
 ) -> ReplayBuffer:
-    """The bridge's persistent chains start as the served sampler's own samples (one class per slot)."""
+    """The bridge's persistent chains start as the served sampler's own samples (classes in turn)."""
     capacity = config.setting("buffer_capacity")
     buffer = ReplayBuffer(shape, capacity, restart_prob=0.0)
     generator = torch.Generator().manual_seed(config.seed + 1)
-    for first in range(0, capacity, config.batch_size):
-        slots = torch.arange(first, min(first + config.batch_size, capacity))
-        start = (torch.randn(len(slots), *shape, generator=generator) * config.prior_std).to(device)
-        energy = frozen_energy(model, slot_labels(slots, classes, device))
+    firsts = range(0, capacity, config.batch_size)
+    for first in progress(firsts, len(firsts), f"filling the replay buffer ({capacity} chains)"):
+        count = min(config.batch_size, capacity - first)
+        labels = (torch.arange(first, first + count) % classes).to(device) if classes else None
+        start = (torch.randn(count, *shape, generator=generator) * config.prior_std).to(device)
         with autocast(config, device):
-            x = sample_langevin(energy, start, eqm_sampler(config), (-1.0, 1.0), generator)
-        buffer.write_back(torch.full_like(slots, -1), x)  # appended in order: slot = first + row
+            x = sample_langevin(frozen_energy(model, labels), start, eqm_sampler(config), (-1.0, 1.0), generator)
+        buffer.write_back(torch.full((count,), -1), x, labels)
     return buffer
 
 
@@ -131,7 +127,7 @@ def draw_negatives(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Advance `cd_chains` persistent chains by one short visit under the current weights, and store them back."""
     start, slots = buffer.draw(config.cd_chains)
-    labels = slot_labels(slots, classes, device)
+    labels = buffer.labels[slots.clamp(min=0)].to(device) if classes else None
     with autocast(config, device):
         fake = sample_langevin(frozen_energy(model, labels), start.to(device), negative_sampler(config), (-1.0, 1.0))
     buffer.write_back(slots, fake)
@@ -286,7 +282,7 @@ def train_eqm(config: EBMTrainConfig) -> Path:
             config, train, arch, eqm_sampler(config), device, clock.seconds(), epoch, metrics, updates=updates
         )
         kept: dict[str, dict[str, torch.Tensor]] = {}
-        if buffer is not None:  # whole (slot order is each chain's class), so the server can start from it
+        if buffer is not None:  # whole, with each chain's class, so the server can start from it
             kept["replay_buffer"] = buffer.state_dict() | {"samples": buffer.state_dict()["samples"].half()}
         save_checkpoint(
             out,
