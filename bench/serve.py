@@ -148,7 +148,7 @@ class BesideLong:
 
 
 async def short_beside_long(
-    base: str, short: dict, long: dict, longs: int, cpu: Callable[[], float], shorts: int = 3
+    base: str, short: dict, long: dict, longs: int, cpu: Callable[[], float], shorts: int = 5
 ) -> BesideLong:
     """Time `shorts` short requests one after another while `longs` long requests run, and alone before and after."""
     url = f"{base}/sample"

@@ -55,8 +55,33 @@ def test_serving_bench_drives_a_flow_and_prints_its_table(tmp_path: Path) -> Non
     rows = [line for line in printed if line.startswith("| 1 |") or line.startswith("| 2 |")]
     assert "images/s served" in printed[1] and len(rows) == 2
     cells = [cell.strip() for cell in rows[1].split("|")]
-    served, raw = float(cells[4]), float(cells[5].split()[0])
-    assert served > 0 and raw > 0 and cells[5].endswith("(4)")  # the raw batch: 2 requests x 2 samples
+    served, per_cpu_second, raw = float(cells[4]), float(cells[5]), float(cells[6].split()[0])
+    assert served > 0 and per_cpu_second > 0 and raw > 0
+    assert cells[6].endswith("(4)")  # the raw batch: 2 requests x 2 samples
+
+
+def test_serving_bench_times_a_short_request_alone_and_beside_long_ones(tmp_path: Path) -> None:
+    write_tiny_ebm(tmp_path / "tiny.safetensors")
+    printed = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "serve.py"),
+            *("--models-dir", str(tmp_path), "--model", "tiny", "--device", "cpu", "--threads", "1"),
+            *("--steps", "3", "--n", "1", "--levels", "2", "--requests", "2"),
+            *("--beside-long", "2", "--long-steps", "40", "--sweep", "2,8"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=240,
+    ).stdout.splitlines()
+    assert "| step budget |" in printed[1] and "beside/alone" in printed[1]
+    rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]] for line in printed[3:]}
+    assert sorted(rows) == ["2", "8"]
+    for cells in rows.values():
+        served, per_cpu, _, alone, beside, ratio, slowest, fastest = (float(cell.rstrip("x")) for cell in cells[:8])
+        assert served > 0 and per_cpu > 0 and alone > 0 and beside > 0 and ratio > 0
+        assert slowest >= fastest >= 0  # seconds, one decimal
 
 
 def test_training_speed_bench_times_an_eqm_update_in_a_fresh_process() -> None:
