@@ -187,10 +187,6 @@ class Worker:
         for name, pool in self.langevin_pools.items():
             if not pool.buffer_dirty:
                 continue
-            pool.buffer_dirty = False
-            try:
-                self.store.save(name, pool.group.digest, pool.buffer)
-            except OSError:
-                log.exception("saving the replay buffer of %s failed; will retry", name)
-                pool.buffer_dirty = True
+            # A failed save (the store logs why) stays dirty, so it is retried once the directory is writable.
+            pool.buffer_dirty = not self.store.save(name, pool.group.digest, pool.buffer)
         self._publish_buffers()
