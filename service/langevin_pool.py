@@ -50,13 +50,15 @@ class LangevinPool(SamplerPool):
         state, order = state_of(job), state_of(job).order
         state.seeds = chain_seeds(order.seed, order.n)
         asked = None if order.label is None else torch.full((order.n,), order.label)
-        labels = chain_labels(self.group.members[0], state.seeds, asked)
-        state.labels = (torch.full((order.n,), -1) if labels is None else labels).to(self.device)
         if order.init == "buffer":
-            x, state.slots = self.buffer.draw(order.n, torch.Generator().manual_seed(order.seed))
+            generator = torch.Generator().manual_seed(order.seed)
+            fallback = chain_labels(self.group.members[0], state.seeds, None)
+            x, state.slots, labels = self.buffer.start_chains(order.n, generator, asked, fallback)
         else:
+            labels = chain_labels(self.group.members[0], state.seeds, asked)
             x = chain_start(state.seeds, self.shape, self.sampler, self.data_range)
             state.slots = torch.full((order.n,), -1)
+        state.labels = (torch.full((order.n,), -1) if labels is None else labels).to(self.device)
         if order.start_image is not None:  # init "image"
             image = order.start_image.unsqueeze(0).expand(order.n, *self.shape)
             if order.free_mask is not None:
@@ -202,7 +204,8 @@ class LangevinPool(SamplerPool):
         assert state.x is not None and state.slots is not None
         samples = state.x.detach().clamp(*self.data_range).cpu()
         if self._worth_keeping(state.order):
-            self.buffer.write_back(state.slots, samples)
+            classes = None if state.labels is None else state.labels.cpu()
+            self.buffer.write_back(state.slots, samples, classes)
             self.buffer_dirty = True
         else:
             self.buffer.release(state.slots)

@@ -224,3 +224,13 @@ def test_buffer_slots_keep_the_class_of_their_chain_and_draw_by_class() -> None:
     saved_before_classes = {key: value for key, value in older.state_dict().items() if key != "labels"}
     pooled = ReplayBuffer.pooled([buffer.state_dict(), saved_before_classes], (1,), 0.0, (-1.0, 1.0))
     assert pooled.labels.tolist() == [2, 1, 2, 0, 1, 2, -1, -1]
+
+
+def test_buffer_chains_of_a_request_keep_the_class_of_their_slots_or_the_one_asked_for() -> None:
+    buffer = ReplayBuffer((1,), capacity=4, restart_prob=0.0)
+    buffer.write_back(torch.full((4,), -1), torch.zeros(4, 1), torch.tensor([3, 5, 3, 5]))
+    _, slots, classes = buffer.start_chains(2, torch.Generator().manual_seed(0), torch.tensor([5, 5]), None)
+    assert sorted(slots.tolist()) == [1, 3] and classes is not None and classes.tolist() == [5, 5]
+    buffer.release(slots)
+    _, slots, classes = buffer.start_chains(4, torch.Generator().manual_seed(0), None, torch.tensor([0, 0, 0, 0]))
+    assert classes is not None and classes.tolist() == [3 if slot % 2 == 0 else 5 for slot in slots.tolist()]

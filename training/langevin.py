@@ -233,6 +233,29 @@ class ReplayBuffer:
         self.in_use[slots[rows]] = True
         return x, slots
 
+    def start_chains(
+        self,
+        n: int,
+        generator: torch.Generator | None,
+        asked: torch.Tensor | None,  # [n] classes a request asked for, or None
+        fallback: torch.Tensor | None,  # [n] classes for chains that continue no classed slot (None: null label)
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Buffer starts for one request's chains: states [n, *shape], slots [n] and each chain's class [n].
+
+        Asked for one class, the chains continue only that class's slots; asked for none, each chain keeps
+        the class of the slot it continues, so a conditional energy's buffer chains never switch classes.
+        """
+        single = asked is not None and len(asked) > 0 and bool((asked == asked[0]).all())
+        x, slots = self.draw(n, generator, int(asked[0]) if single and asked is not None else None)
+        if asked is not None:
+            return x, slots, asked
+        slot_classes = self.labels[slots.clamp(min=0)]
+        classed = (slots >= 0) & (slot_classes >= 0)
+        if not classed.any():
+            return x, slots, fallback
+        base = torch.full((n,), -1) if fallback is None else fallback.to("cpu")
+        return x, slots, torch.where(classed, slot_classes, base)
+
     def write_back(self, slots: torch.Tensor, x: torch.Tensor, labels: torch.Tensor | None = None) -> None:
         """Store finished chains: a drawn slot gets its chain back; a fresh chain takes a new slot. `labels`
         [n] (-1: none) is each chain's class; without it, drawn slots keep theirs and fresh ones get none."""

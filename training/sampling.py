@@ -241,7 +241,6 @@ def sample_ebm(
     class-conditional energy."""
     first = members[0]
     first.check_labels(labels)
-    labels = chain_labels(first, seeds, labels)
     sampler = first.sampler_as(EBMSampler)
     device = next(first.module.parameters()).device
     init = init or sampler.init
@@ -249,8 +248,9 @@ def sample_ebm(
         buffer = pooled_buffer(members) if buffer is None else buffer
         if len(buffer) == 0:
             raise ValueError(f"{first.name} has no saved replay buffer; use init='noise'")
-        start, _ = buffer.draw(len(seeds), generator)
+        start, _, labels = buffer.start_chains(len(seeds), generator, labels, chain_labels(first, seeds, None))
     elif init == "noise":
+        labels = chain_labels(first, seeds, labels)
         start = chain_start(seeds, first.shape, sampler, first.data_range)
     else:
         raise ValueError(f"init must be 'noise' or 'buffer', got {init!r}")
