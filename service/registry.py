@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from training.checkpoint import Checkpoint, CheckpointError, decode_checkpoint
+from training.exported import PROGRAM_SUFFIX, SIDECAR_SUFFIX, load_exported
 from training.langevin import ReplayBuffer
 from training.models import build_model
 from training.sampler_config import GANSampler
@@ -126,32 +127,56 @@ def _check_shapes(checkpoint: Checkpoint) -> None:
             )
 
 
+def _load_checkpoint(path: Path, payload: bytes, device: torch.device) -> LoadedModel:
+    checkpoint = decode_checkpoint(payload, path.name)
+    family = checkpoint.config.family
+    if family not in SERVED_FAMILIES:
+        raise CheckpointError(f"family {family!r} is not served by this version")
+    if len(checkpoint.config.data["shape"]) != 3:
+        raise CheckpointError(f"data shape {checkpoint.config.data['shape']} is not an image [C, H, W]")
+    _check_shapes(checkpoint)
+    model = instantiate(checkpoint, path.stem, device)
+    if family == "gan":
+        _check_generator(model)
+    return model
+
+
+def _load_program(path: Path, payload: bytes, device: torch.device) -> LoadedModel:
+    """A torch.export program and its sidecar (training/exported.py checks the archive and probes it)."""
+    if path.with_suffix(".safetensors").exists():
+        raise CheckpointError(f"{path.stem}.safetensors is served under the same name; rename one of the two")
+    model = load_exported(path, device, payload)
+    if len(model.shape) != 3:
+        raise CheckpointError(f"data shape {list(model.shape)} is not an image [C, H, W]")
+    return model
+
+
 def load_registry(models_dir: Path, device: torch.device) -> Registry:
-    """Load every checkpoint in models_dir; a file that cannot be served is refused with a reason."""
+    """Load every checkpoint in models_dir, and every torch.export program `NAME.pt2` with its sidecar
+    `NAME.json`; a file that cannot be served is refused with a reason."""
     registry = Registry()
     if not models_dir.is_dir():
         raise FileNotFoundError(f"models directory {models_dir} does not exist")
     groups: dict[str, list[tuple[LoadedModel, str]]] = {}
-    for path in sorted(models_dir.glob("*.safetensors")):
+    files: dict[str, str] = {}  # served name -> its file
+    programs = sorted(models_dir.glob(f"*{PROGRAM_SUFFIX}"))  # torch.export programs beside JSON sidecars
+    for path in [*sorted(models_dir.glob("*.safetensors")), *programs]:
         try:
             payload = path.read_bytes()
-            checkpoint = decode_checkpoint(payload, path.name)
-            family = checkpoint.config.family
-            if family not in SERVED_FAMILIES:
-                raise CheckpointError(f"family {family!r} is not served by this version")
-            if len(checkpoint.config.data["shape"]) != 3:
-                raise CheckpointError(f"data shape {checkpoint.config.data['shape']} is not an image [C, H, W]")
-            _check_shapes(checkpoint)
-            model = instantiate(checkpoint, path.stem, device)
-            if family == "gan":
-                _check_generator(model)
+            if path.suffix == PROGRAM_SUFFIX:
+                model = _load_program(path, payload, device)
+                payload += path.with_suffix(SIDECAR_SUFFIX).read_bytes()  # a buffer's digest covers both
+            else:
+                model = _load_checkpoint(path, payload, device)
         except Exception as error:  # one bad file must not keep the others from being served
             registry.refused[path.name] = str(error)
             log.warning("not serving %s: %s", path.name, error)
             continue
+        family = model.config.family
         registry.models[model.name] = ServedModel(model.name, family, [model])
+        files[model.name] = path.name
         if family == "ebm":
-            group_name = checkpoint.config.ensemble or model.name
+            group_name = model.config.ensemble or model.name
             groups.setdefault(group_name, []).append((model, hashlib.sha256(payload).hexdigest()))
     for group_name, members in groups.items():
         names = [member.name for member, _ in members]
@@ -163,7 +188,7 @@ def load_registry(models_dir: Path, device: torch.device) -> Registry:
         if problem:
             for name in names:
                 registry.models.pop(name, None)
-                registry.refused[f"{name}.safetensors"] = problem
+                registry.refused[files[name]] = problem
             continue
         combined = hashlib.sha256("".join(sorted(digest for _, digest in members)).encode()).hexdigest()
         registry.groups[group_name] = BufferGroup(group_name, [member for member, _ in members], combined)

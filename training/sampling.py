@@ -84,6 +84,11 @@ def instantiate(checkpoint: Checkpoint, name: str, device: torch.device | str = 
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
+    """A checkpoint, or a torch.export program `NAME.pt2` with its sidecar (training/exported.py)."""
+    if Path(path).suffix == ".pt2":
+        from training.exported import load_exported
+
+        return load_exported(path, device)
     return instantiate(load_checkpoint(path), Path(path).stem, device)
 
 

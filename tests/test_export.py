@@ -1,0 +1,270 @@
+"""Models trained elsewhere, served from torch.export programs (NAME.pt2 beside NAME.json): a user's own
+energy, generator and flow served over real HTTP; every refusal named in /readyz; archives that would run
+code when unpickled or evaluated refused without running it; `python -m training export` gives the same
+seeded samples as the checkpoint it came from."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import pickle
+import zipfile
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from conftest import write_tiny_ebm, write_tiny_eqm, write_tiny_flow, write_tiny_gan
+from server import running_server
+from torch import nn
+
+from service.settings import Settings
+from training.checkpoint import CheckpointError
+from training.cli import main
+from training.exported import load_exported, read_program
+from training.noise import chain_seeds
+from training.sampling import draw_samples, load_model
+
+SHAPE = (1, 8, 8)
+DATA = {"shape": list(SHAPE), "range": [-1.0, 1.0]}
+
+
+class WellEnergy(nn.Module):
+    """A user's own energy, known to no module of this project: a small MLP over a quadratic well."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.SiLU(), nn.Linear(16, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, 1, 8, 8] -> [B]
+        return self.net(x).squeeze(1) + 0.5 * x.flatten(1).pow(2).sum(1)
+
+
+class ColumnEnergy(WellEnergy):
+    """The energy as [B, 1]: the wrong shape."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x).unsqueeze(1)
+
+
+class DetachedEnergy(WellEnergy):
+    """An energy that cuts the gradient: Langevin cannot move on it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.detach())
+
+
+class TinyGenerator(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 64), nn.Tanh(), nn.Unflatten(1, SHAPE))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:  # [B, 4] -> [B, 1, 8, 8]
+        return self.net(z)
+
+
+class AffineFlow(nn.Module):
+    """x = mu + exp(s) z with z ~ N(0, I): its exact log p(x) from the same pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mu = nn.Parameter(0.1 * torch.randn(SHAPE))
+        self.log_scale = nn.Parameter(torch.full(SHAPE, -1.0))
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.mu + self.log_scale.exp() * z
+        base = -0.5 * (z.pow(2) + torch.log(torch.tensor(2 * torch.pi))).flatten(1).sum(1)
+        return x, base - self.log_scale.sum()
+
+
+def save_program(module: nn.Module, example: tuple, path: Path, sidecar: dict | str | None, dynamic=True) -> Path:
+    """What a user does: torch.export with a dynamic batch dimension, torch.export.save, a JSON sidecar."""
+    torch.manual_seed(0)
+    batch = torch.export.Dim("batch")
+    shapes = {"x" if isinstance(module, WellEnergy) else "z": {0: batch}} if dynamic else None
+    torch.export.save(torch.export.export(module.eval(), example, dynamic_shapes=shapes), path)
+    if sidecar is not None:
+        path.with_suffix(".json").write_text(sidecar if isinstance(sidecar, str) else json.dumps(sidecar))
+    return path
+
+
+def well_sidecar(**sampler) -> dict:
+    return {"family": "ebm", "data": DATA, "sampler": {"steps": 6, "step_size": 0.05, "noise": 0.01, **sampler}}
+
+
+class Marker:
+    """Unpickling this creates a file: proof that code ran."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+def rewrite(source: Path, target: Path, replace: dict[str, bytes]) -> Path:
+    """A copy of the archive with some records (named without the archive's root folder) replaced or added."""
+    with zipfile.ZipFile(source) as archive:
+        root = archive.namelist()[0].split("/")[0]
+        records = {name.split("/", 1)[1]: archive.read(name) for name in archive.namelist()}
+    records.update(replace)
+    with zipfile.ZipFile(target, "w", zipfile.ZIP_STORED) as archive:
+        for name, data in records.items():
+            archive.writestr(f"{root}/{name}", data)
+    return target
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory):
+    """A models directory of exported programs, good and bad, behind a running server."""
+    directory = tmp_path_factory.mktemp("exported")
+    x, z = torch.zeros(2, *SHAPE), torch.zeros(2, 4)
+    save_program(WellEnergy(), (x,), directory / "well.pt2", well_sidecar(init="buffer"))
+    save_program(
+        TinyGenerator(), (z,), directory / "gen.pt2", {"family": "gan", "data": DATA, "sampler": {"latent_dim": 4}}
+    )
+    flow = {"family": "flow", "data": DATA, "sampler": {"temperature": 0.9}, "metrics": {"test_bits_per_dim": 3.0}}
+    save_program(AffineFlow(), (torch.zeros(2, *SHAPE),), directory / "affine.pt2", flow)
+    save_program(WellEnergy(), (x,), directory / "lonely.pt2", None)
+    save_program(WellEnergy(), (x,), directory / "garbled.pt2", '{"family": "ebm", ')
+    save_program(WellEnergy(), (x,), directory / "typo.pt2", well_sidecar(step_sise=0.1))
+    save_program(ColumnEnergy(), (x,), directory / "column.pt2", well_sidecar())
+    save_program(DetachedEnergy(), (x,), directory / "detached.pt2", well_sidecar())
+    save_program(WellEnergy(), (x,), directory / "fixed.pt2", well_sidecar(), dynamic=False)
+    save_program(TinyGenerator(), (z,), directory / "gen.critic.pt2", None)
+    (directory / "broken.pt2").write_bytes(b"PK not really an archive")
+    (directory / "broken.json").write_text(json.dumps(well_sidecar()))
+    settings = Settings(models_dir=directory, state_dir=directory / "state", device="cpu")
+    with running_server(settings) as (base, _):
+        yield base, directory
+
+
+def test_a_users_own_energy_is_served_with_seeded_samples_and_energies(served) -> None:
+    base, _ = served
+    models = {model["name"]: model for model in httpx.get(f"{base}/models").json()}
+    assert models["well"]["family"] == "ebm" and models["well"]["shape"] == list(SHAPE)
+    assert models["well"]["sampler"]["steps"] == 6  # the sidecar's, over the sampler's defaults
+    request = {"model": "well", "n": 3, "seed": 11, "format": "json", "init": "noise"}
+    first = httpx.post(f"{base}/sample", json=request).json()
+    again = httpx.post(f"{base}/sample", json=request).json()
+    assert first["images"] == again["images"] and len(first["energy"]) == 3
+    assert all(isinstance(energy, float) for energy in first["energy"])
+    buffered = httpx.post(f"{base}/sample", json={"model": "well", "n": 2, "init": "buffer", "format": "json"})
+    assert buffered.status_code == 200  # init: buffer in its sidecar: the server keeps a replay buffer for it
+    gif = httpx.post(f"{base}/sample", json={"model": "well", "n": 2, "format": "gif", "trajectory_every": 2})
+    assert gif.status_code == 200 and gif.headers["content-type"] == "image/gif"
+
+
+def test_a_users_generator_and_flow_are_served(served) -> None:
+    base, _ = served
+    gan = httpx.post(f"{base}/sample", json={"model": "gen", "n": 2, "seed": 3, "format": "json"}).json()
+    assert (
+        len(gan["images"]) == 2
+        and gan["images"]
+        == httpx.post(f"{base}/sample", json={"model": "gen", "n": 2, "seed": 3, "format": "json"}).json()["images"]
+    )
+    flow = httpx.post(f"{base}/sample", json={"model": "affine", "n": 2, "seed": 3, "format": "json"}).json()
+    assert len(flow["images"]) == 2 and len(flow["bits_per_dim"]) == 2
+    assert all(isinstance(bits, float) and bits == bits for bits in flow["bits_per_dim"])
+
+
+def test_every_program_the_server_cannot_use_is_refused_with_its_reason_in_readyz(served) -> None:
+    base, _ = served
+    ready = httpx.get(f"{base}/readyz")
+    assert ready.status_code == 200  # the good ones load; the bad ones are listed
+    refused = ready.json()["refused"]
+    assert "lonely.json is missing" in refused["lonely.pt2"]
+    assert "garbled.json is not valid JSON" in refused["garbled.pt2"]
+    assert "['step_sise'] are not known to EBMSampler" in refused["typo.pt2"]
+    assert "the energy has shape [2, 1], expected [2]" in refused["column.pt2"]
+    assert "no gradient with respect to x" in refused["detached.pt2"]
+    assert "batch dimension of input x is fixed at 2" in refused["fixed.pt2"]
+    assert "critic programs (DDLS" in refused["gen.critic.pt2"]
+    assert "not a torch.export archive" in refused["broken.pt2"]
+    served_names = {model["name"] for model in httpx.get(f"{base}/models").json()}
+    assert served_names == {"well", "gen", "affine"}
+
+
+@pytest.fixture(scope="module")
+def plain_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("crafted")
+    return save_program(WellEnergy(), (torch.zeros(2, *SHAPE),), directory / "plain.pt2", well_sidecar())
+
+
+def test_pickled_sample_inputs_are_refused_without_running_them(plain_archive: Path, tmp_path: Path) -> None:
+    """torch.export.load reads data/sample_inputs with weights_only=True and, when that fails, unpickles it
+    with weights_only=False: the crafted archive runs code under torch.export.load alone."""
+    marker = tmp_path / "ran"
+    payload = io.BytesIO()
+    torch.save((Marker(marker),), payload)
+    crafted = rewrite(plain_archive, tmp_path / "crafted.pt2", {"data/sample_inputs/model.pt": payload.getvalue()})
+    with pytest.raises(CheckpointError, match=r"sample_inputs/model\.pt is not plain tensors"):
+        read_program(crafted.read_bytes(), crafted.name)
+    assert not marker.exists()
+    with contextlib.suppress(Exception):
+        torch.export.load(crafted)  # what the check stands in front of
+    assert marker.exists()
+
+
+def test_pickled_constants_and_code_in_the_graph_are_refused_without_running(
+    plain_archive: Path, tmp_path: Path
+) -> None:
+    marker = tmp_path / "ran"
+    opaque = {
+        "config": {"evil": {"path_name": "opaque_obj_0", "is_param": False, "use_pickle": True, "tensor_meta": None}}
+    }
+    with zipfile.ZipFile(plain_archive) as archive:
+        root = archive.namelist()[0].split("/")[0]
+        graph = json.loads(archive.read(f"{root}/models/model.json"))
+    crafted = {
+        "opaque": {
+            "data/constants/model_constants_config.json": json.dumps(opaque).encode(),
+            "data/constants/opaque_obj_0": pickle.dumps(Marker(marker)),
+        },
+        "pickled weight": {
+            "data/weights/model_weights_config.json": json.dumps(
+                {"config": {"net.1.weight": {"path_name": "weight_0", "is_param": True, "use_pickle": True}}}
+            ).encode()
+        },
+        "guards": {"models/model.json": json.dumps({**graph, "guards_code": [f"open({str(marker)!r}, 'w')"]}).encode()},
+        "compiled": {"data/aotinductor/model/model.so": b"\x7fELF"},
+    }
+    reasons = {
+        "opaque": "opaque_obj_0: not part of a plain torch.export program",
+        "pickled weight": "is a pickled object, not raw tensor bytes",
+        "guards": "guards_code.*is not shape arithmetic",
+        "compiled": "data/aotinductor/model/model.so: not part of a plain torch.export program",
+    }
+    for name, records in crafted.items():
+        path = rewrite(plain_archive, tmp_path / f"{name.replace(' ', '_')}.pt2", records)
+        with pytest.raises(CheckpointError, match=reasons[name]):
+            read_program(path.read_bytes(), path.name)
+        assert not marker.exists(), name
+
+
+@pytest.mark.parametrize(
+    "family", ["ebm", "eqm", "gan", "flow"]
+)  # contrastive-divergence and conditional EqM energies, a DCGAN, NICE
+def test_an_exported_checkpoint_gives_the_native_seeded_samples(family: str, tmp_path: Path) -> None:
+    writers = {"ebm": write_tiny_ebm, "eqm": write_tiny_eqm, "gan": write_tiny_gan, "flow": write_tiny_flow}
+    checkpoint = writers[family](tmp_path / f"{family}.safetensors")
+    main(["export", str(checkpoint), "--out", str(tmp_path / "out" / f"{family}_copy.pt2")])
+    native, exported = load_model(checkpoint), load_model(tmp_path / "out" / f"{family}_copy.pt2")
+    assert exported.sampler == native.sampler and exported.config.metrics == native.config.metrics
+    assert exported.classes == native.classes
+    seeds = chain_seeds(5, 4)
+    init = "noise" if family in ("ebm", "eqm") else None
+    expected = draw_samples(native, seeds, steps=4, init=init)
+    actual = draw_samples(exported, seeds, steps=4, init=init)
+    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_program_beside_a_checkpoint_of_the_same_name_is_refused(tmp_path: Path) -> None:
+    write_tiny_gan(tmp_path / "twin.safetensors")
+    main(["export", str(tmp_path / "twin.safetensors"), "--out", str(tmp_path / "twin.pt2")])
+    from service.registry import load_registry
+
+    registry = load_registry(tmp_path, torch.device("cpu"))
+    assert "twin" in registry.models and "same name" in registry.refused["twin.pt2"]
+    assert load_exported(tmp_path / "twin.pt2").config.family == "gan"

@@ -1,0 +1,634 @@
+"""Models trained elsewhere, served from `torch.export` programs: `NAME.pt2` beside a `NAME.json` sidecar.
+
+The program is the network only; the sidecar says what it is (family, data shape and range, the
+family's sampler configuration from `training/sampler_config.py`). Each family's program has one
+signature, and an adapter turns it into the module every sampler of this project already calls:
+
+    ebm   x [B, *shape] -> energy [B]        (x, y [B] -> energy [B] when data.classes is given; y = -1: none)
+    gan   z [B, latent_dim] -> x [B, *shape]
+    flow  z [B, *shape] -> (x [B, *shape], log p(x) [B])   samples and bits/dim from one pass
+
+What `torch.export.load` (torch 2.13) reads from a `.pt2` zip archive, and what runs code there:
+
+- `models/model.json`: the graph as JSON. Deserializing it hands every symbolic-shape string
+  (`expr_str`, range-constraint names) to `sympy.sympify`, which is `eval`; `ExportedProgram.module()`
+  later `exec`s the strings in `guards_code`, and torch.fx turns node, input and weight names into Python
+  source that it `exec`s.
+- `data/weights/*`, `data/constants/*`: tensors as raw bytes (safe), except payloads marked `use_pickle`
+  (`torch.load(weights_only=False)`), `custom_obj_*` (TorchScript's unpickler) and `opaque_obj_*`
+  (`pickle.loads`); the legacy `data/weights/model.pt` and `data/constants/model.pt` go through
+  `torch.load`, first weights-only and, if that fails, with `weights_only=False`.
+- `data/sample_inputs/model.pt`: `torch.save`d example inputs, read with the same weights-only-then-anything
+  fallback: an archive whose sample inputs hold a pickled object runs it.
+- `data/aotinductor/*`: compiled shared libraries, loaded and run.
+- An archive `load_pt2` rejects is retried as the pre-2.8 format, whose `serialized_*.pt` take the same
+  fallback.
+
+So `read_program` checks the archive before torch sees it, reading its records with torch's own reader:
+only the entries a CPU `torch.export.save` writes; every tensor payload raw bytes of a bounded size (no
+pickle, no custom or opaque objects); the sample inputs readable weights-only (else refused: torch would
+fall back to unpickling); every string of the graph JSON that reaches `eval`, `exec` or generated code
+made only of names, numbers and operators (no quotes beyond quoted identifiers, no attribute access, no
+control characters). After loading, every operator must be an ATen or prims operator, a symbolic-shape
+operator or a control-flow higher-order operator, and the inputs plain positional tensors.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import operator
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+
+from training.checkpoint import CheckpointError, ModelConfig, check_sizes
+from training.langevin import ReplayBuffer
+from training.models.flows import BASES, Flow
+from training.sampler_config import EBMSampler, FlowSampler, GANSampler, sampler_for, to_dict
+from training.sampling import LoadedModel
+
+PROGRAM_SUFFIX = ".pt2"
+SIDECAR_SUFFIX = ".json"
+CRITIC_SUFFIX = ".critic.pt2"  # a GAN critic program (DDLS): not served by this version
+FAMILIES = ("ebm", "gan", "flow")
+SIDECAR_KEYS = ("family", "data", "sampler", "ensemble", "metrics")
+DATA_KEYS = ("shape", "range", "classes", "dataset")
+EXPORTED_ARCH = {"name": "torch.export", "kwargs": {}}
+MIN_BATCH = 4096  # a program must take batches at least this large (a server steps up to its chain budget at once)
+MAX_TENSOR_VALUES = 2**28  # one weight or constant: 1 GiB of float32
+MAX_BUFFER_VALUES = 2**28  # an exported energy's replay buffer, as service/registry.py bounds a checkpoint's
+REPLAY_CAPACITY = 8192  # slots of the replay buffer an exported energy that samples from one starts with
+
+# --- what the archive may hold -----------------------------------------------------------------------
+
+_ENTRY = re.compile(
+    r"archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id|models/model\.json"
+    r"|data/sample_inputs/model\.pt|data/weights/model_weights_config\.json|data/weights/weight_\d+"
+    r"|data/constants/model_constants_config\.json|data/constants/tensor_\d+|extra/[A-Za-z0-9_.-]+"
+)
+_PAYLOAD = {"data/weights/": re.compile(r"weight_\d+"), "data/constants/": re.compile(r"tensor_\d+")}
+_NAME = re.compile(r"[A-Za-z0-9_.]*")  # node, input, weight and module names: dotted identifiers (or digits)
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")  # everything but \t and \n
+_FREE_TEXT = {  # strings torch keeps as data (metadata, JSON tree specs, string arguments), never as code
+    "stack_trace", "nn_module_stack", "source_fn_stack", "torch_fn", "custom", "from_node",
+    "in_spec", "out_spec", "torch_version", "as_string", "as_strings", "target",
+}  # fmt: skip
+_SYMPY_NAMES = {  # what a symbolic size may call: sympy's and torch.utils._sympy.functions' shape arithmetic
+    "Symbol", "Integer", "Rational", "Float", "Max", "Min", "Mod", "Abs", "floor", "ceiling", "oo", "int_oo",
+    "Eq", "Ne", "Lt", "Le", "Gt", "Ge", "And", "Or", "Not", "True", "False", "positive", "negative",
+    "nonnegative", "integer", "real", "finite", "nonzero", "FloorDiv", "ModularIndexing", "Where", "PythonMod",
+    "CleanDiv", "CeilToInt", "FloorToInt", "CeilDiv", "TruncToInt", "IntTrueDiv", "Identity", "ToFloat",
+    "and", "or", "not", "Add", "Mul", "Pow", "Equality", "Unequality", "StrictGreaterThan", "StrictLessThan",
+    "GreaterThan", "LessThan", "BooleanTrue", "BooleanFalse", "Zero", "One", "NegativeOne", "Half", "Infinity",
+    "NegativeInfinity", "IntInfinity", "NegativeIntInfinity",
+}  # fmt: skip
+_SYMBOL = re.compile(r"[a-z]{1,4}\d+")  # s0, u3, zuf0: the shape environment's symbols
+_EXPR_TOKEN = re.compile(
+    r"\s*(?:L\[(?:'[A-Za-z_]\w*'|\d+)\]|\.size\(\)|\.stride\(\)|\.storage_offset\(\)|\[\d+\]"
+    r"|'[A-Za-z_]\w*'|[A-Za-z_]\w*|\d+(?:\.\d+)?(?:e[+-]?\d+)?|==|!=|<=|>=|//|[-+*/%(),<>=])"
+)
+
+
+def _check_expression(text: str, where: str, guard: bool) -> None:
+    """A symbolic size or guard holds only names of shape arithmetic, symbols, numbers and operators, so
+    `sympify` and the guard function's `exec` can only do shape arithmetic with it. `L[...]`, `.size()`
+    and `[i]` are a guard's input sizes (`L['x'].size()[0]`)."""
+    position = 0
+    while position < len(text.rstrip()):
+        token = _EXPR_TOKEN.match(text, position)
+        if token is None or token.end() == position:
+            raise CheckpointError(f"{where}: {text[:80]!r} is not a shape expression this server evaluates")
+        word = token.group().strip()
+        is_input = word.startswith(("L[", ".", "["))
+        if is_input and not guard:
+            raise CheckpointError(f"{where}: {text[:80]!r} is not a shape expression this server evaluates")
+        if re.fullmatch(r"[A-Za-z_]\w*", word) and word not in _SYMPY_NAMES and not _SYMBOL.fullmatch(word):
+            raise CheckpointError(f"{where}: {word!r} in {text[:80]!r} is not shape arithmetic")
+        position = token.end()
+    if "**" in text:
+        raise CheckpointError(f"{where}: powers (**) in {text[:80]!r} are not evaluated")
+
+
+def _check_graph_json(value: Any, key: str, where: str) -> None:
+    """Every string of models/model.json: free text only where torch keeps it as data; shape expressions
+    and guards only shape arithmetic; every other string (names that become Python identifiers or
+    attribute paths in generated code) a dotted name."""
+    if isinstance(value, dict):
+        for child_key, child in value.items():
+            if not _NAME.fullmatch(child_key):
+                raise CheckpointError(f"{where}: key {child_key[:80]!r} is not a plain name")
+            _check_graph_json(child, child_key, f"{where}.{child_key}")
+    elif isinstance(value, list):
+        for index, child in enumerate(value):
+            _check_graph_json(child, key, f"{where}[{index}]")
+    elif isinstance(value, str):
+        if _CONTROL.search(value) or ("\n" in value and key != "stack_trace"):
+            raise CheckpointError(f"{where}: a control character in {value[:80]!r}")
+        if key == "expr_str":
+            _check_expression(value, where, guard=False)
+        elif key == "guards_code":
+            _check_expression(value, where, guard=True)
+        elif key not in _FREE_TEXT and not _NAME.fullmatch(value):
+            raise CheckpointError(f"{where}: {value[:80]!r} is not a plain name")
+
+
+def _check_payloads(config_text: str, directory: str, records: set[str], source: str) -> None:
+    """A weights or constants config: every payload raw tensor bytes in an allowed record, of bounded size."""
+    try:
+        config = json.loads(config_text)["config"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{source}: {directory} config is not readable ({error})") from error
+    for fqn, meta in config.items():
+        where = f"{source}: {directory}{meta.get('path_name', '?')} ({fqn})"
+        if not _NAME.fullmatch(fqn):
+            raise CheckpointError(f"{source}: {directory} names a tensor {fqn[:80]!r}; expected a dotted name")
+        if meta.get("use_pickle") is not False or not _PAYLOAD[directory].fullmatch(str(meta.get("path_name"))):
+            raise CheckpointError(
+                f"{where} is a pickled object, not raw tensor bytes; this server unpickles nothing "
+                "(export plain tensors: no tensor subclasses, custom classes or opaque objects)"
+            )
+        if directory + meta["path_name"] not in records:
+            raise CheckpointError(f"{where} is missing from the archive")
+        sizes = (meta.get("tensor_meta") or {}).get("sizes")
+        if not isinstance(sizes, list) or not all(isinstance(size, dict) and "as_int" in size for size in sizes):
+            raise CheckpointError(f"{where} has no fixed shape")
+        numel = math.prod(int(size["as_int"]) for size in sizes)
+        if numel > MAX_TENSOR_VALUES or any(int(size["as_int"]) < 0 for size in sizes):
+            raise CheckpointError(f"{where} claims {numel:,} values; at most {MAX_TENSOR_VALUES:,}")
+
+
+def check_archive(payload: bytes, source: str) -> None:
+    """Refuse an archive that `torch.export.load` would unpickle, `eval` or `exec` anything from (see the
+    module docstring), before torch reads it. Raises CheckpointError naming what was found."""
+    from torch.export.pt2_archive._package import PT2ArchiveReader
+
+    try:
+        names = zipfile.ZipFile(io.BytesIO(payload)).namelist()
+    except zipfile.BadZipFile as error:
+        raise CheckpointError(f"{source}: not a torch.export archive ({error})") from error
+    if len(names) != len(set(names)):
+        raise CheckpointError(f"{source}: the archive names one entry twice")
+    try:
+        with PT2ArchiveReader(io.BytesIO(payload)) as archive:
+            records = set(archive.get_file_names())
+            strange = sorted(name for name in records if not _ENTRY.fullmatch(name))
+            if strange:
+                raise CheckpointError(
+                    f"{source}: the archive holds {', '.join(strange[:3])}: not part of a plain torch.export "
+                    "program (compiled AOTInductor code, pickled state or a second program are not loaded)"
+                )
+            for needed in ("archive_format", "archive_version", "models/model.json", "data/sample_inputs/model.pt"):
+                if needed not in records:
+                    raise CheckpointError(f"{source}: the archive lacks {needed}; write it with torch.export.save")
+            if archive.read_string("archive_format") != "pt2":
+                raise CheckpointError(f"{source}: archive_format is not 'pt2'")
+            for directory in _PAYLOAD:
+                config_name = f"{directory}model_{directory.split('/')[1]}_config.json"
+                if config_name not in records:
+                    raise CheckpointError(f"{source}: the archive lacks {config_name}")
+                _check_payloads(archive.read_string(config_name), directory, records, source)
+            try:
+                torch.load(io.BytesIO(archive.read_bytes("data/sample_inputs/model.pt")), weights_only=True)
+            except Exception as error:
+                raise CheckpointError(
+                    f"{source}: data/sample_inputs/model.pt is not plain tensors ({str(error).splitlines()[0]}); "
+                    "torch.export.load would unpickle it, so it is refused"
+                ) from error
+            graph = json.loads(archive.read_string("models/model.json"))
+    except CheckpointError:
+        raise
+    except Exception as error:  # a damaged archive: torch's reader raises RuntimeError, JSON ValueError
+        raise CheckpointError(f"{source}: not a readable torch.export archive ({error})") from error
+    if not isinstance(graph, dict):
+        raise CheckpointError(f"{source}: models/model.json is not an object")
+    for symbol, bound in (graph.get("range_constraints") or {}).items():
+        _check_expression(symbol, f"{source}: models/model.json range_constraints", guard=False)
+        if not all(isinstance(bound.get(end), int | None) for end in ("min_val", "max_val")):
+            raise CheckpointError(f"{source}: a range constraint is not a pair of integers")
+    _check_graph_json(graph, "", f"{source}: models/model.json")
+
+
+_SAFE_NAMESPACES = ("aten", "prims")
+_CONTROL_FLOW = {"cond", "while_loop", "map_impl", "scan", "wrap_with_set_grad_enabled", "wrap_with_autocast"}
+
+
+def _check_operators(program: torch.export.ExportedProgram, source: str) -> None:
+    """Every call in the graph (and its control-flow subgraphs) is an ATen or prims operator, shape
+    arithmetic, or control flow: no custom operator a library registered in this process."""
+    from torch._export.serde.serialize import _SYM_OPS
+
+    for module in program.graph_module.modules():
+        if not isinstance(module, torch.fx.GraphModule):
+            continue
+        for node in module.graph.nodes:
+            if not node.name.isidentifier():
+                raise CheckpointError(f"{source}: graph node {node.name[:80]!r} is not an identifier")
+            if node.op != "call_function":
+                continue
+            target = node.target
+            if isinstance(target, torch._ops.OpOverload) and target.namespace in _SAFE_NAMESPACES:
+                continue
+            if isinstance(target, torch._ops.HigherOrderOperator) and target.name() in _CONTROL_FLOW:
+                continue
+            if target in _SYM_OPS or target is operator.getitem:  # getitem: one output of a multi-output op
+                continue
+            raise CheckpointError(
+                f"{source}: the program calls {target}, which is not an ATen operator; export with plain "
+                "PyTorch operations"
+            )
+
+
+def read_program(payload: bytes, source: str) -> torch.export.ExportedProgram:
+    """The ExportedProgram in a `.pt2` archive's bytes, after `check_archive`; nothing but plain tensors is
+    unpickled, and no string of the file is evaluated as anything but shape arithmetic."""
+    check_archive(payload, source)
+    try:
+        program = torch.export.load(io.BytesIO(payload))
+    except Exception as error:
+        raise CheckpointError(f"{source}: torch.export.load failed ({str(error).splitlines()[0]})") from error
+    _check_operators(program, source)
+    return program
+
+
+# --- the sidecar ---------------------------------------------------------------------------------------
+
+
+def read_sidecar(path: Path) -> ModelConfig:
+    """The ModelConfig an exported program is served with, from NAME.json: family, data, sampler (the
+    family's typed sampler configuration; unknown keys refused), and optionally ensemble and metrics."""
+    source = path.name
+    if not path.is_file():
+        raise CheckpointError(
+            f"{source} is missing: an exported program is served with a JSON sidecar such as "
+            '{"family": "ebm", "data": {"shape": [1, 28, 28], "range": [-1.0, 1.0]}, "sampler": {}}'
+        )
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{source} is not valid JSON ({error})") from error
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{source} must hold a JSON object with {', '.join(SIDECAR_KEYS[:3])}")
+    unknown = sorted(set(raw) - set(SIDECAR_KEYS))
+    if unknown:
+        raise CheckpointError(f"{source}: unknown keys {unknown}; known: {', '.join(SIDECAR_KEYS)}")
+    family = raw.get("family")
+    if family not in FAMILIES:
+        raise CheckpointError(f"{source}: family must be one of {', '.join(FAMILIES)}, not {family!r}")
+    data, sampler = raw.get("data"), raw.get("sampler", {})
+    if not isinstance(data, dict) or "shape" not in data:
+        raise CheckpointError(f'{source}: data must be an object with a "shape", e.g. {{"shape": [1, 28, 28]}}')
+    unknown = sorted(set(data) - set(DATA_KEYS))
+    if unknown:
+        raise CheckpointError(f"{source}: unknown data keys {unknown}; known: {', '.join(DATA_KEYS)}")
+    if not isinstance(sampler, dict):
+        raise CheckpointError(f"{source}: sampler must be an object")
+    data_range = data.get("range", [-1.0, 1.0])
+    if not (
+        isinstance(data_range, list)
+        and len(data_range) == 2
+        and all(isinstance(end, int | float) and math.isfinite(end) for end in data_range)
+        and data_range[0] < data_range[1]
+    ):
+        raise CheckpointError(f"{source}: data.range must be [low, high] with low < high, not {data_range!r}")
+    classes = data.get("classes")
+    if classes is not None and not (
+        isinstance(classes, list) and classes and all(isinstance(name, str) for name in classes)
+    ):
+        raise CheckpointError(f"{source}: data.classes must be a non-empty list of class names")
+    if classes is not None and family != "ebm":
+        raise CheckpointError(f"{source}: data.classes: only energies (family ebm) are class-conditional")
+    if family == "gan" and "latent_dim" not in sampler:
+        raise CheckpointError(f"{source}: a generator's sampler must give latent_dim (the size of z)")
+    ensemble = raw.get("ensemble")
+    if ensemble is not None and (family != "ebm" or not isinstance(ensemble, str) or not ensemble):
+        raise CheckpointError(f"{source}: ensemble must be a name, and only energies form ensembles")
+    metrics = raw.get("metrics", {})
+    if not isinstance(metrics, dict):
+        raise CheckpointError(f"{source}: metrics must be an object")
+    config = {"family": family, "arch": EXPORTED_ARCH, "data": data, "sampler": sampler, "metrics": metrics}
+    check_sizes(config, source)
+    try:
+        typed = sampler_for(family, sampler)
+    except ValueError as error:
+        raise CheckpointError(f"{source}: {error}") from error
+    if isinstance(typed, FlowSampler) and typed.base not in (None, *BASES):
+        raise CheckpointError(f"{source}: sampler.base must be one of {', '.join(BASES)}, not {typed.base!r}")
+    return ModelConfig(
+        family=family,
+        arch=dict(EXPORTED_ARCH),
+        data=data,
+        sampler=sampler,
+        training={"exported": path.with_suffix(PROGRAM_SUFFIX).name},
+        metrics=metrics,
+        ensemble=ensemble,
+    )
+
+
+# --- adapters: a program as the module each family's sampler calls ----------------------------------------
+
+
+class _Program(nn.Module):
+    """A program's module, frozen. `anchor` is its first parameter: samplers find the device with
+    next(module.parameters()) even when the program has none. train()/eval() do not reach the program
+    (torch refuses them on exported modules; it runs as it was exported)."""
+
+    def __init__(self, program: nn.Module) -> None:
+        super().__init__()
+        self.anchor = nn.Parameter(torch.empty(0, device=_device_of(program)), requires_grad=False)
+        self.program = program
+        for parameter in program.parameters():
+            parameter.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> _Program:
+        self.training = mode
+        return self
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    tensor = next(iter([*module.parameters(), *module.buffers()]), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+class ExportedEnergy(_Program):
+    """E(x) [B] (or E(x, y) with y [B], -1 the null label) from a program; differentiable in x."""
+
+    def __init__(self, program: nn.Module, num_classes: int = 0) -> None:
+        super().__init__(program)
+        self.num_classes = num_classes
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.num_classes:
+            return self.program(x)
+        if labels is None:
+            labels = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
+        return self.program(x, labels)
+
+
+class ExportedGenerator(_Program):
+    """G(z): x [B, *shape] from z [B, latent_dim]."""
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.program(z)
+
+
+class ExportedFlow(Flow):
+    """A flow program z [B, *shape] -> (x, log p(x)) behind the Flow API the pools and the CLI call: the
+    base distribution (the sidecar's sampler.base, Gaussian by default) draws z; the program is the whole
+    inverse pass, so a trajectory is its one final state. The data-to-noise direction (log p of given
+    images) is not part of the program."""
+
+    def __init__(self, program: nn.Module, shape: tuple[int, ...], base: str) -> None:
+        super().__init__([], shape, base)
+        self.anchor = nn.Parameter(torch.empty(0, device=_device_of(program)), requires_grad=False)
+        self.program = program
+        for parameter in program.parameters():
+            parameter.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> ExportedFlow:
+        self.training = mode
+        return self
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError(
+            "an exported flow maps noise to data only; the log-density of given images needs the "
+            "data-to-noise pass, which its program does not hold"
+        )
+
+    def decode(
+        self, z: torch.Tensor, keep_states: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        x, log_prob = self.program(z.reshape(z.shape[0], *self.shape))  # [B, *shape], [B]
+        return x, log_prob, [x] if keep_states else []
+
+    def _inverse(self, z: torch.Tensor, keep_states: bool) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        x, log_prob, states = self.decode(z, keep_states)
+        return x, self.base.log_prob(z) - log_prob, states  # log|det dx/dz| = log p_base(z) - log p(x)
+
+
+# --- loading ---------------------------------------------------------------------------------------------
+
+
+def _user_inputs(program: torch.export.ExportedProgram) -> list[torch.Tensor]:
+    inputs = set(program.graph_signature.user_inputs)
+    return [node.meta["val"] for node in program.graph.nodes if node.op == "placeholder" and node.name in inputs]
+
+
+def _check_signature(program: torch.export.ExportedProgram, config: ModelConfig, source: str) -> None:
+    """The program takes the family's positional tensors, of the sidecar's shapes after a dynamic batch
+    dimension that admits at least MIN_BATCH."""
+    family, shape = config.family, list(config.data["shape"])
+    classes = config.data.get("classes")
+    expected: list[tuple[str, list[int]]] = {
+        "ebm": [("x", shape), *([("y", [])] if classes else [])],
+        "gan": [("z", [config.sampler.get("latent_dim", 0)])],
+        "flow": [("z", shape)],
+    }[family]
+    inputs = _user_inputs(program)
+    plain = pytree.tree_structure((tuple(torch.zeros(0) for _ in expected), {}))
+    if program.call_spec.in_spec != plain or len(inputs) != len(expected):
+        wanted = ", ".join(f"{name} {[None, *size]}" for name, size in expected)
+        raise CheckpointError(
+            f"{source}: a {family} program takes {wanted} as positional tensors"
+            f"{' (data.classes makes the energy conditional)' if classes else ''}; this one takes "
+            f"{len(inputs)} inputs in the structure {program.call_spec.in_spec}"
+        )
+    for (name, size), value in zip(expected, inputs, strict=True):
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{source}: input {name} is not a tensor")
+        if [int(dim) for dim in value.shape[1:]] != size:
+            raise CheckpointError(
+                f"{source}: input {name} is [B, {', '.join(map(str, value.shape[1:]))}]; the sidecar makes it "
+                f"[B, {', '.join(map(str, size))}]"
+            )
+        batch = value.shape[0] if value.dim() else None
+        if not isinstance(batch, torch.SymInt):
+            raise CheckpointError(
+                f"{source}: the batch dimension of input {name} is fixed at {batch}; export with "
+                'dynamic_shapes={"' + name + '": {0: torch.export.Dim("batch")}} so any number of chains fits'
+            )
+        bounds = program.range_constraints.get(batch.node.expr)
+        if bounds is not None and bounds.upper < MIN_BATCH:
+            raise CheckpointError(
+                f"{source}: the batch dimension of input {name} stops at {bounds.upper}; the server batches up "
+                f"to {MIN_BATCH} (export with Dim('batch') and no max, or max >= {MIN_BATCH})"
+            )
+
+
+def probe(model: LoadedModel, batches: tuple[int, ...] = (2, 1, 3)) -> None:
+    """Run the module as the samplers will, on small batches: output shapes and finite values, and for
+    an energy a gradient in x; then the other batch sizes (the batch dimension really is dynamic)."""
+    module, shape, source = model.module, model.shape, model.name
+    device = next(module.parameters()).device
+    low, high = model.data_range
+    for batch in batches:
+        try:
+            if isinstance(module, ExportedEnergy):
+                x = (torch.rand(batch, *shape, device=device) * (high - low) + low).requires_grad_(True)
+                labels = torch.arange(batch, device=device) % (module.num_classes + 1) - 1
+                energy = module(x, labels if module.num_classes else None)
+                _expect(energy, [batch], "energy", source)
+                if batch == batches[0]:
+                    try:
+                        (gradient,) = torch.autograd.grad(energy.sum(), x)
+                    except RuntimeError as error:
+                        raise CheckpointError(
+                            f"{source}: the energy has no gradient with respect to x ({error}); Langevin "
+                            "sampling needs one (export without torch.no_grad or detach)"
+                        ) from error
+                    _expect(gradient, [batch, *shape], "gradient of the energy", source)
+            elif isinstance(module, ExportedFlow):
+                with torch.no_grad():
+                    x, log_prob = module.program(torch.randn(batch, *shape, device=device))
+                _expect(x, [batch, *shape], "sample", source)
+                _expect(log_prob, [batch], "log p(x)", source)
+            else:
+                latent_dim = model.sampler_as(GANSampler).latent_dim
+                with torch.no_grad():
+                    _expect(module(torch.randn(batch, latent_dim, device=device)), [batch, *shape], "image", source)
+        except CheckpointError:
+            raise
+        except Exception as error:
+            what = "the probe batch" if batch == batches[0] else f"a batch of {batch} (is the batch dimension dynamic?)"
+            raise CheckpointError(f"{source}: the program fails on {what}: {str(error).splitlines()[0]}") from error
+
+
+def _expect(value: Any, shape: list[int], what: str, source: str) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise CheckpointError(f"{source}: the program returns {type(value).__name__} where the {what} belongs")
+    if list(value.shape) != shape:
+        raise CheckpointError(f"{source}: the {what} has shape {list(value.shape)}, expected {shape}")
+    if not value.dtype.is_floating_point or not bool(torch.isfinite(value).all()):
+        raise CheckpointError(f"{source}: the {what} is not finite floating point ({value.dtype})")
+
+
+def load_exported(path: str | Path, device: torch.device | str = "cpu", payload: bytes | None = None) -> LoadedModel:
+    """A `NAME.pt2` program and its `NAME.json` sidecar as a LoadedModel every sampler, pool and command
+    takes; CheckpointError with the reason when either cannot be served."""
+    path = Path(path)
+    if path.name.endswith(CRITIC_SUFFIX):
+        raise CheckpointError(
+            f"{path.name}: critic programs (DDLS for exported GANs) are not served by this version; "
+            f"{path.name.removesuffix(CRITIC_SUFFIX)}{PROGRAM_SUFFIX} is served without it"
+        )
+    config = read_sidecar(path.with_suffix(SIDECAR_SUFFIX))
+    program = read_program(path.read_bytes() if payload is None else payload, path.name)
+    _check_signature(program, config, path.name)
+    device = torch.device(device)
+    if device.type != "cpu":
+        from torch.export.passes import move_to_device_pass
+
+        program = move_to_device_pass(program, device)
+    try:
+        unlifted = program.module()
+    except Exception as error:
+        raise CheckpointError(f"{path.name}: the program cannot be run ({str(error).splitlines()[0]})") from error
+    sampler = sampler_for(config.family, config.sampler)
+    extras: dict[str, dict[str, torch.Tensor]] = {}
+    module: nn.Module
+    if isinstance(sampler, EBMSampler):
+        module = ExportedEnergy(unlifted, len(config.data.get("classes") or []))
+        if sampler.init == "buffer":  # it samples from a replay buffer: one the server fills, empty at first
+            shape = tuple(config.data["shape"])
+            capacity = min(REPLAY_CAPACITY, MAX_BUFFER_VALUES // math.prod(shape))
+            low, high = config.data.get("range", [-1.0, 1.0])
+            extras["replay_buffer"] = ReplayBuffer(shape, capacity, sampler.restart_prob, (low, high)).state_dict()
+    elif isinstance(sampler, FlowSampler):
+        module = ExportedFlow(unlifted, tuple(config.data["shape"]), sampler.base or "gaussian")
+    else:
+        module = ExportedGenerator(unlifted)
+    model = LoadedModel(name=path.stem, config=config, module=module.eval(), sampler=sampler, extras=extras)
+    probe(model)
+    return model
+
+
+# --- writing: a native checkpoint as a program and its sidecar ----------------------------------------------
+
+
+class _NativeEnergy(nn.Module):
+    def __init__(self, energy: nn.Module) -> None:
+        super().__init__()
+        self.energy = energy
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.energy(x)
+
+
+class _NativeConditionalEnergy(_NativeEnergy):
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return self.energy(x, y)
+
+
+class _NativeGenerator(nn.Module):
+    def __init__(self, generator: nn.Module) -> None:
+        super().__init__()
+        self.generator = generator
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.generator(z)
+
+
+class _NativeFlow(nn.Module):
+    def __init__(self, flow: Flow) -> None:
+        super().__init__()
+        self.flow = flow
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # [B, *shape] -> [B, *shape], [B]
+        x, log_prob, _ = self.flow.decode(z.flatten(1))
+        return x, log_prob
+
+
+def export_model(model: LoadedModel, out: str | Path) -> tuple[Path, Path]:
+    """Write a native model as OUT (.pt2, from torch.export with a dynamic batch dimension) and its sidecar
+    beside it; the two are served like the checkpoint, and give the same seeded samples."""
+    out = Path(out)
+    if out.suffix != PROGRAM_SUFFIX:
+        raise ValueError(f"--out must end in {PROGRAM_SUFFIX} (the sidecar goes beside it), not {out.name!r}")
+    family, shape = model.config.family, model.shape
+    module = model.module.cpu().eval()
+    batch = torch.export.Dim("batch", min=1)
+    sampler = dict(to_dict(model.sampler))
+    data = {key: value for key, value in model.config.data.items() if key in DATA_KEYS}
+    if family == "ebm":
+        conditional = model.classes is not None
+        wrapper: nn.Module = _NativeConditionalEnergy(module) if conditional else _NativeEnergy(module)
+        example: tuple[torch.Tensor, ...] = (torch.zeros(2, *shape),)
+        dynamic: dict[str, Any] = {"x": {0: batch}}
+        if conditional:
+            example += (torch.tensor([0, -1]),)
+            dynamic["y"] = {0: batch}
+        else:
+            data.pop("classes", None)  # an unconditional energy samples no classes
+    elif family == "gan":
+        wrapper = _NativeGenerator(module)  # holds the weights the checkpoint samples with (EMA by default)
+        example = (torch.zeros(2, model.sampler_as(GANSampler).latent_dim),)
+        dynamic = {"z": {0: batch}}
+    elif family == "flow":
+        assert isinstance(module, Flow)
+        wrapper = _NativeFlow(module)
+        example = (torch.zeros(2, *shape),)
+        dynamic = {"z": {0: batch}}
+        sampler["base"] = module.base_name  # the distribution the server draws z from
+    else:
+        raise ValueError(f"{model.name} is a {family} model; only ebm, gan and flow models are exported")
+    try:
+        program = torch.export.export(wrapper, example, dynamic_shapes=dynamic)
+    except Exception as error:
+        arch = model.config.arch.get("name")
+        raise ValueError(f"torch.export cannot trace {model.name} ({arch}): {str(error).splitlines()[0]}") from error
+    sidecar: dict[str, Any] = {"family": family, "data": data, "sampler": sampler}
+    if model.config.ensemble:
+        sidecar["ensemble"] = model.config.ensemble
+    if model.config.metrics:
+        sidecar["metrics"] = model.config.metrics
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.export.save(program, out)
+    sidecar_path = out.with_suffix(SIDECAR_SUFFIX)
+    sidecar_path.write_text(json.dumps(sidecar, indent=2) + "\n")
+    return out, sidecar_path
