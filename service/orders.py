@@ -125,7 +125,8 @@ async def make_order(body: SampleRequest, model: ServedModel, settings: Settings
                     f"{image_wh[0]}x{image_wh[1]}; a mask must be the size of its image",
                 )
             low, high = model.members[0].data_range
-            free_mask = mask > (low + high) / 2
+            # A pixel is free in every channel or none: a colour model's mask is read by its mean brightness.
+            free_mask = (mask.mean(0, keepdim=True) > (low + high) / 2).expand_as(mask)
     return SampleOrder(
         model=model,
         n=body.n,

@@ -254,14 +254,19 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     from training.sampling import chain_labels, load_model
 
     device = pick_device(args.device)
+    members = [load_model(path, device) for path in args.checkpoint]
+    model = members[0]
+    if model.shape != (1, 28, 28):  # before any MNIST is read: the refusal is the answer
+        made = "x".join(str(side) for side in model.shape)
+        raise SystemExit(
+            f"evaluate: its figures are features of the project's MNIST classifier, which reads 1x28x28 images; "
+            f"{model.name} makes {made} images (dataset {model.config.data.get('dataset', 'unknown')}), so "
+            "evaluate has no figures for it"
+        )
     classifier = load_classifier(args.classifier, device)
     test = load_dataset("mnist", args.data_dir, "test")
     train = load_dataset("mnist", args.data_dir, "train")
     generator = torch.Generator().manual_seed(args.seed)
-    members = [load_model(path, device) for path in args.checkpoint]
-    model = members[0]
-    if model.shape != (1, 28, 28):
-        raise SystemExit(f"evaluate: the classifier reads 1x28x28 images; {model.name} makes {list(model.shape)}")
     _override_sampler(members, args.step_size, args.guidance)
     seeds = chain_seeds(args.seed, args.n)
     # The labels chains are drawn with (asked for, or each chain's seeded class): label accuracy is reported.
@@ -378,14 +383,17 @@ EPILOGS = {
   python -m training ebm --objective eqm --conditional --data-dir {D} --out checkpoints/my_eqm.safetensors
   python -m training ebm --data-dir {D} --epochs 3 --out checkpoints/my_ebm.safetensors   # contrastive divergence
   python -m training ebm --dataset toy2d:moons --epochs 2 --out /tmp/moons.safetensors     # 2-D toy data, no files
+  python -m training ebm --objective eqm --conditional --dataset folder --data-dir pets   # pets/train/<class>/*.png
 """,
     "gan": f"""examples:
   python -m training gan --loss wgan-gp --width 32 --data-dir {D} --epochs 10 --out checkpoints/my_wgan.safetensors
   python -m training gan --loss dcgan --data-dir {D} --epochs 1 --max-batches 50 --out /tmp/quick.safetensors
+  python -m training gan --dataset folder --data-dir pets --image-size 64 --out checkpoints/pets_gan.safetensors
 """,
     "flow": f"""examples:
   python -m training flow --arch nice --hidden 300 --depth 4 --data-dir {D} --out checkpoints/my_nice.safetensors
   python -m training flow --arch glow --levels 2 --steps 6 --hidden 64 --data-dir {D} --resume   # continue a run
+  python -m training flow --arch glow --dataset folder --data-dir pets --out checkpoints/pets_glow.safetensors
 """,
     "sample": """examples:
   python -m training sample checkpoints/eqm_mnist.safetensors --n 64 --trajectory 4 --out digits.png

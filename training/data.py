@@ -1,7 +1,8 @@
-"""Datasets: official IDX files read from a directory the user names, and 2-D toy densities.
+"""Datasets: official IDX files read from a directory the user names, image folders in the torchvision
+ImageFolder layout, and 2-D toy densities.
 
 Nothing is ever downloaded: the IDX loader reads `.gz` or uncompressed files that are already on disk
-and fails with a message that names the files it expected.
+and fails with a message that names the files it expected (`fetch-data` downloads them).
 """
 
 from __future__ import annotations
@@ -10,11 +11,14 @@ import gzip
 import math
 import os
 import struct
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, ImageOps
 
 DATA_DIR_ENV = "SAMPLEBAY_DATA_DIR"
 IDX_IMAGES_MAGIC = 2051
@@ -24,6 +28,10 @@ IDX_FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 TOY2D_NAMES = ("8gaussians", "checkerboard", "moons", "spirals", "gaussian")
+# What torchvision's ImageFolder reads, less the rare formats; other files in a class folder are skipped.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+COLOUR_IMAGE_SIZE = 32  # --image-size when not given (a folder of 28x28 grey images keeps 28, like MNIST)
+IMAGE_SIZE_RANGE = (4, 1024)  # sides --image-size accepts (the server refuses samples over 3 x 1024 x 1024)
 
 
 class DatasetError(ValueError):
@@ -32,11 +40,12 @@ class DatasetError(ValueError):
 
 @dataclass(frozen=True)
 class ImageDataset:
-    """Images scaled to [-1, 1] with shape [N, 1, H, W], and integer labels [N]."""
+    """Images scaled to [-1, 1] with shape [N, C, H, W] (or 2-D points [N, 2]), and integer labels [N]."""
 
-    images: torch.Tensor  # [N, 1, 28, 28] float32 in [-1, 1]
+    images: torch.Tensor  # [N, C, H, W] float32 in [-1, 1]: [N, 1, 28, 28] for MNIST
     labels: torch.Tensor  # [N] int64
     name: str
+    class_names: tuple[str, ...] | None = None  # an image folder's class subfolders, index = label
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -44,7 +53,9 @@ class ImageDataset:
 
     @property
     def classes(self) -> list[str]:
-        """Class names, index = label (digits for MNIST-format data)."""
+        """Class names, index = label: an image folder's subfolders, digits for MNIST-format data."""
+        if self.class_names is not None:
+            return list(self.class_names)
         return [str(label) for label in range(int(self.labels.max()) + 1 if len(self.labels) else 0)]
 
 
@@ -112,6 +123,203 @@ def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
         handle.write(payload)
 
 
+# --- Image folders: torchvision's ImageFolder layout, D/train/<class>/*.png and D/test/<class>/* ---------------
+
+
+class FileNotes:
+    """One warning line on stderr per skipped or converted file, at most `limit` of each kind; `close` sums up
+    the rest in a line per kind, so that a folder of 50,000 palette PNGs does not bury the training log."""
+
+    def __init__(self, limit: int = 10, emit: Callable[[str], None] | None = None) -> None:
+        self.limit = limit
+        self.emit = emit or _write_warning
+        self.counts: dict[str, int] = {}
+
+    def __call__(self, path: Path, kind: str, detail: str = "") -> None:
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        if self.counts[kind] <= self.limit:
+            self.emit(f"warning: {path}: {kind}{detail}")
+
+    def close(self) -> None:
+        for kind, count in self.counts.items():
+            if count > self.limit:
+                self.emit(f"warning: {count - self.limit} more files: {kind} (the first {self.limit} are named above)")
+        self.counts = {}
+
+
+def _write_warning(line: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(line, file=sys.stderr)  # above a progress bar on a terminal, a plain line elsewhere
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def _scan_split(split_dir: Path) -> tuple[list[str], list[tuple[Path, str]], list[tuple[Path, str]]]:
+    """Class subfolder names (sorted), (image file, class name) pairs in a fixed order, and (skipped file, why).
+    Class folders may nest subfolders (as ImageFolder allows); hidden files and folders are ignored."""
+    classes = sorted(entry.name for entry in split_dir.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+    files: list[tuple[Path, str]] = []
+    skipped = [
+        (entry, "skipped, not inside a class folder")
+        for entry in sorted(split_dir.iterdir())
+        if entry.is_file() and not entry.name.startswith(".")
+    ]
+    for name in classes:
+        for path in sorted((split_dir / name).rglob("*")):
+            if not path.is_file() or _hidden(path, split_dir):
+                continue
+            if path.suffix.lower() in IMAGE_EXTENSIONS:
+                files.append((path, name))
+            else:
+                skipped.append((path, f"skipped, not an image file (reads {' '.join(IMAGE_EXTENSIONS)})"))
+    return classes, files, skipped
+
+
+def _in_colour(image: Image.Image) -> bool:
+    """Whether an opened image is stored in colour: RGB-like modes, or a palette with a colour entry. Grey,
+    bilevel, 16-bit and 32-bit images and grey palettes are not."""
+    if image.mode in ("P", "PA"):
+        palette = np.array(image.getpalette() or [0, 0, 0]).reshape(-1, 3)  # [entries, 3] RGB
+        return bool((palette != palette[:, :1]).any())
+    return not (image.mode in ("1", "L", "LA", "La", "I", "F") or image.mode.startswith("I;16"))
+
+
+def folder_shape(files: list[tuple[Path, str]], image_size: int | None) -> tuple[int, int]:
+    """(channels, side) of an image folder's samples, from its training images' headers: 3 channels when any
+    image is stored in colour, else 1; the side is `image_size`, else 28 when every image is a grey 28x28 one
+    (MNIST exported to PNGs trains like MNIST), else 32. Unreadable files are left to the decoding pass."""
+    all_28 = True
+    for path, _ in files:
+        try:
+            with Image.open(path) as image:
+                if _in_colour(image):
+                    return 3, image_size or COLOUR_IMAGE_SIZE
+                all_28 = all_28 and image.size == (28, 28)
+        except Exception:  # Pillow raises many types for broken files; decoding names them
+            continue
+    return 1, image_size or (28 if all_28 else COLOUR_IMAGE_SIZE)
+
+
+def _eight_bit(image: Image.Image, path: Path, notes: FileNotes) -> Image.Image:
+    """Any image Pillow reads -> L or RGB with 8 bits a channel, transparency flattened onto black; each
+    conversion that changes what the file holds is noted."""
+    mode = image.mode
+    if mode == "CMYK":
+        notes(path, "CMYK converted to RGB (no colour profile applied)")
+        image = image.convert("RGB")
+    elif mode in ("P", "PA"):
+        notes(path, f"palette image converted to {'RGB' if _in_colour(image) else 'grey'}")
+        image = image.convert("RGBA")
+    elif mode.startswith("I") or mode == "F":
+        values = np.asarray(image, dtype=np.float64)  # [H, W]
+        sixteen_bit = mode.startswith("I;16") or (mode == "I" and values.size > 0 and values.max() > 255)
+        notes(path, "16-bit image scaled to 8 bits" if sixteen_bit else f"{mode}-mode image clipped to 8 bits")
+        image = Image.fromarray(np.clip(values / (257.0 if sixteen_bit else 1.0), 0, 255).round().astype(np.uint8))
+    elif mode == "1":
+        image = image.convert("L")
+    elif mode not in ("L", "LA", "RGB", "RGBA"):
+        notes(path, f"{mode} converted to RGB")
+        image = image.convert("RGBA" if "A" in mode else "RGB")
+    if image.mode in ("LA", "RGBA"):
+        alpha = image.getchannel("A")
+        opaque = image.convert(image.mode[:-1])
+        if np.asarray(alpha).min() < 255:
+            notes(path, "transparency flattened onto black")
+            opaque = Image.composite(opaque, Image.new(opaque.mode, opaque.size, 0), alpha)
+        image = opaque
+    return image
+
+
+def _decode_file(path: Path, channels: int, side: int, notes: FileNotes) -> np.ndarray | None:
+    """One image file -> [side, side, channels] uint8 (the centre square, resized), or None when unreadable."""
+    try:
+        with Image.open(path) as image:
+            image.draft(None, (side, side))  # JPEG: decode at a reduced scale that still covers the side
+            image.load()
+            pixels = ImageOps.fit(_eight_bit(image, path, notes), (side, side), Image.Resampling.LANCZOS)
+    except Exception as error:  # Pillow raises many types for broken files
+        reason = str(error).replace(f" '{path}'", "")  # Pillow's messages may repeat the path
+        notes(path, "skipped, not a readable image", f" ({type(error).__name__}: {reason})")
+        return None
+    if channels == 3:
+        pixels = pixels.convert("RGB")
+    elif pixels.mode == "RGB":
+        rgb = np.asarray(pixels)
+        if (rgb != rgb[:, :, :1]).any():
+            notes(path, "colour image made grey (this folder's training images are all grey)")
+        pixels = pixels.convert("L")
+    return np.asarray(pixels).reshape(side, side, channels)
+
+
+def load_image_folder(
+    data_dir: str | os.PathLike | None, split: str = "train", image_size: int | None = None
+) -> ImageDataset:
+    """Images of D/<split>/<class>/* (the torchvision ImageFolder layout), class names from D/train's subfolders
+    in sorted order. Colour or grey: 3 channels when any training image is in colour, else 1 (folder_shape);
+    each image's centre square is resized to the side. Files that cannot be read are skipped and converted
+    ones (CMYK, palette, 16-bit, transparent) converted, each with a warning line, never an exception."""
+    if split not in ("train", "test"):
+        raise DatasetError(f"unknown split {split!r}; expected train or test")
+    low, high = IMAGE_SIZE_RANGE
+    if image_size is not None and not low <= image_size <= high:
+        raise DatasetError(f"--image-size must be between {low} and {high}, not {image_size}")
+    root = resolve_data_dir(data_dir)
+    layout = f"an image folder holds {root}/train/<class>/*.png (or .jpg) and {root}/test/<class>/*"
+    train_dir = root / "train"
+    if not train_dir.is_dir():
+        raise DatasetError(f"{root} has no train/ folder; {layout}")
+    classes, files, skipped = _scan_split(train_dir)
+    if not classes:
+        raise DatasetError(f"{train_dir} has no class subfolders; {layout}")
+    channels, side = folder_shape(files, image_size)
+    split_dir = root / split
+    if split == "test":
+        if not split_dir.is_dir():
+            raise DatasetError(f"{root} has no test/ folder; {layout}")
+        test_classes, files, skipped = _scan_split(split_dir)
+        unknown = [name for name in test_classes if name not in classes]
+        if unknown:
+            raise DatasetError(
+                f"{split_dir / unknown[0]} is not a class of {train_dir} (its classes: {', '.join(classes)})"
+            )
+    from training.run import progress  # training.run imports this module
+
+    notes = FileNotes()
+    for path, why in skipped:
+        notes(path, why)
+    index = {name: label for label, name in enumerate(classes)}
+    pixels, labels = [], []
+    for path, name in progress(files, len(files), f"reading {split_dir}"):
+        decoded = _decode_file(path, channels, side, notes)
+        if decoded is not None:
+            pixels.append(decoded)
+            labels.append(index[name])
+    skipped_count = sum(count for kind, count in notes.counts.items() if kind.startswith("skipped"))
+    notes.close()
+    if not pixels:
+        raise DatasetError(f"{split_dir} holds no readable images; {layout}")
+    found = np.bincount(np.array(labels), minlength=len(classes))
+    for name, count in zip(classes, found, strict=True):
+        if count == 0:
+            _write_warning(f"warning: {split_dir / name}: no readable images; class {name!r} has no {split} examples")
+    print(
+        f"image folder {split_dir}: {len(pixels)} images of {channels}x{side}x{side} in {len(classes)} classes "
+        f"({', '.join(classes)}){f'; files skipped: {skipped_count}' if skipped_count else ''}",
+        file=sys.stderr,
+        flush=True,
+    )
+    images = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)  # [N, C, H, W]
+    return ImageDataset(
+        images=images.contiguous(),
+        labels=torch.tensor(labels, dtype=torch.int64),
+        name="folder",
+        class_names=tuple(classes),
+    )
+
+
 def toy2d(name: str, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Sample `n` points [n, 2] of a classic 2-D density, scaled to roughly [-1, 1]."""
     return toy2d_labelled(name, n, generator)[0]
@@ -152,9 +360,19 @@ def _toy2d_points(name: str, n: int, g: torch.Generator | None) -> torch.Tensor:
 
 
 def load_dataset(
-    name: str, data_dir: str | os.PathLike | None, split: str, toy_size: int = 20000, seed: int = 0
+    name: str,
+    data_dir: str | os.PathLike | None,
+    split: str,
+    toy_size: int = 20000,
+    seed: int = 0,
+    image_size: int | None = None,
 ) -> ImageDataset:
-    """One entry point for the CLI: 'mnist' (or any MNIST-format IDX set) and 'toy2d:<density>'."""
+    """One entry point for the CLI: 'mnist' (or any MNIST-format IDX set), 'folder' (an ImageFolder tree, resized
+    to `image_size`) and 'toy2d:<density>'."""
+    if name == "folder":
+        return load_image_folder(data_dir, split, image_size)
+    if image_size is not None:
+        raise DatasetError(f"--image-size resizes image folders (--dataset folder); {name} has a fixed size")
     if name in ("mnist", "fashion-mnist", "idx"):
         dataset = load_idx_images(data_dir, split)
         return ImageDataset(dataset.images, dataset.labels, name=name)
@@ -163,4 +381,6 @@ def load_dataset(
         generator = torch.Generator().manual_seed(seed + (0 if split == "train" else 1))
         points, labels = toy2d_labelled(density, toy_size, generator)
         return ImageDataset(points, labels, name=f"toy2d:{density}")
-    raise DatasetError(f"unknown dataset {name!r}; expected 'mnist' or 'toy2d:<{'|'.join(TOY2D_NAMES)}>'")
+    raise DatasetError(
+        f"unknown dataset {name!r}; expected 'mnist', 'fashion-mnist', 'folder' or 'toy2d:<{'|'.join(TOY2D_NAMES)}>'"
+    )

@@ -24,8 +24,9 @@ from training.images import save_grid
 class RunConfig:
     """Options every training command shares; each family's config adds its own (and may change defaults)."""
 
-    dataset: str = "mnist"  # mnist or fashion-mnist (IDX files in data_dir: fetch-data), or toy2d:<density>
-    data_dir: str | None = None  # the dataset's IDX files; falls back to $SAMPLEBAY_DATA_DIR
+    dataset: str = "mnist"  # mnist, fashion-mnist (IDX files: fetch-data), folder (D/train/<class>/*), toy2d:<name>
+    data_dir: str | None = None  # the dataset's IDX files or image folder D; falls back to $SAMPLEBAY_DATA_DIR
+    image_size: int | None = None  # folder: side images are resized to (default: 32; 28 for grey 28x28 images)
     out: str = "model.safetensors"  # the checkpoint written after every epoch
     run_dir: str | None = None  # metrics.jsonl, grids, resume state; default: <out without suffix>.run
     epochs: int = 10  # passes over the training set (with --resume: the total to reach)
@@ -134,8 +135,10 @@ def start_run(config: RunConfig, with_test: bool = True) -> RunStart:
         torch.set_num_threads(config.threads)
     config.output_dtype()  # a bad --save-dtype fails now, not after the first epoch
     seed_everything(config.seed)
-    train = load_dataset(config.dataset, config.data_dir, "train", seed=config.seed)
-    test = load_dataset(config.dataset, config.data_dir, "test", seed=config.seed) if with_test else None
+    train = load_dataset(config.dataset, config.data_dir, "train", seed=config.seed, image_size=config.image_size)
+    test = None
+    if with_test:
+        test = load_dataset(config.dataset, config.data_dir, "test", seed=config.seed, image_size=config.image_size)
     run_dir = config.resolved_run_dir()
     per_epoch = len(train.images) // config.batch_size
     if per_epoch == 0:

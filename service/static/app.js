@@ -106,6 +106,8 @@ function showFamilyControls(model) {
   for (const element of document.querySelectorAll("[data-family]")) {
     element.hidden = element.dataset.family !== model.family;
   }
+  // Colour models (shape [3, H, W]) take a coloured drawing; grey ones read any drawing as grey.
+  $("pen-picker").hidden = model.shape.length !== 3 || model.shape[0] !== 3;
 }
 
 function fillDefaults() {
@@ -339,7 +341,7 @@ function setUpPad() {
   });
   pad.addEventListener("pointermove", (event) => {
     if (!drawing) return;
-    context.strokeStyle = "#fff";
+    context.strokeStyle = $("pen-picker").hidden ? "#fff" : $("pen").value;
     context.lineWidth = 16;
     context.lineCap = context.lineJoin = "round";
     context.lineTo(...point(event));

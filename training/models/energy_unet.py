@@ -68,7 +68,8 @@ class ResidualBlock(nn.Module):
 
 
 class UNetEnergy(nn.Module):
-    """Scalar energy from a two-level U-Net (28 -> 14 -> 7 on MNIST), channels width x (1, 2, 4).
+    """Scalar energy from a two-level U-Net (28 -> 14 -> 7 on MNIST, 32 -> 16 -> 8 on 32x32 colour images; any
+    side works: upsampling returns to each skip's own size), channels width x (1, 2, 4).
 
     `num_classes` > 0 makes a class-conditional energy E(x, y) with a learned embedding per class and one
     extra "null" label (index `num_classes`), used when no label is given (classifier-free training).

@@ -1,4 +1,4 @@
-"""Generators and critics for 28x28 images (DCGAN-style) and for 2-D toy densities."""
+"""Generators and critics for images (DCGAN-style; sides that are multiples of 4) and for 2-D toy densities."""
 
 from __future__ import annotations
 
@@ -7,12 +7,16 @@ from torch import nn
 
 
 class ConvGenerator(nn.Module):
-    """Latent [B, latent_dim] -> image [B, C, 28, 28] in [-1, 1]: a linear map to 7x7, two upsampling convs."""
+    """Latent [B, latent_dim] -> image [B, C, S, S] in [-1, 1]: a linear map to S/4 x S/4 (7x7 for MNIST), then
+    two upsampling convs that double the side each; so S must be a multiple of 4."""
 
     def __init__(self, latent_dim: int = 128, width: int = 64, channels: int = 1, image_size: int = 28) -> None:
         super().__init__()
-        if image_size % 4:
-            raise ValueError(f"image_size must be a multiple of 4, got {image_size}")
+        if image_size % 4 or image_size < 4:
+            raise ValueError(
+                f"the DCGAN generator makes images whose side is a multiple of 4 (28, 32, 64, ...), not {image_size}: "
+                f"train on such a size (--image-size {max(4, round(image_size / 4) * 4)})"
+            )
         self.latent_dim = latent_dim
         self.base = image_size // 4
         self.project = nn.Sequential(
@@ -21,9 +25,9 @@ class ConvGenerator(nn.Module):
         self.upsample = nn.Sequential(
             nn.ConvTranspose2d(2 * width, width, 4, stride=2, padding=1),
             nn.BatchNorm2d(width),
-            nn.ReLU(),  # 7->14
+            nn.ReLU(),  # S/4 -> S/2 (7 -> 14 on MNIST)
             nn.ConvTranspose2d(width, channels, 4, stride=2, padding=1),
-            nn.Tanh(),  # 14 -> 28
+            nn.Tanh(),  # S/2 -> S
         )
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:  # [B, latent] -> [B, C, H, W]
@@ -43,10 +47,10 @@ class ConvCritic(nn.Module):
         norm = nn.BatchNorm2d(2 * width) if batch_norm else nn.Identity()
         self.body = nn.Sequential(
             nn.Conv2d(channels, width, 4, stride=2, padding=1),
-            nn.LeakyReLU(0.2),  # 28 -> 14
+            nn.LeakyReLU(0.2),  # S -> S/2 (28 -> 14 on MNIST)
             nn.Conv2d(width, 2 * width, 4, stride=2, padding=1),
             norm,
-            nn.LeakyReLU(0.2),  # 14 -> 7
+            nn.LeakyReLU(0.2),  # S/2 -> S/4
             nn.Flatten(),
         )
         self.head = nn.Linear(2 * width * (image_size // 4) ** 2, 1)

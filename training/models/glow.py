@@ -136,7 +136,10 @@ class Glow(Flow):
                 layers.append(Squeeze())
                 channels, height, width, active = 4 * channels, height // 2, width // 2, 4 * active
             if active < 2:
-                raise ValueError(f"shape {list(shape)} has too few channels for {levels} levels")
+                raise ValueError(
+                    f"glow: shape {list(shape)} has too few channels for {levels} levels (a coupling needs 2 or "
+                    "more, and only even sides squeeze into more): train on an even side (--image-size) or colour"
+                )
             kernel = 3 if height > 1 else 1
             for _ in range(steps):
                 for layer in (
