@@ -396,7 +396,7 @@ class ExportedFlow(Flow):
         return self
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError(
+        raise ValueError(
             "an exported flow maps noise to data only; the log-density of given images needs the "
             "data-to-noise pass, which its program does not hold"
         )
