@@ -25,6 +25,7 @@ EPILOG = """examples:
   python -m service                              serve checkpoints/ on http://127.0.0.1:8000
   samplebay-serve --models-dir runs --port 8080  the same with its console script, other folder and port
   SAMPLEBAY_API_KEY=secret python -m service --host 0.0.0.0 --state-dir /var/lib/samplebay
+  python -m service --engine ray --replicas 2    two replicas on a local Ray cluster (RAY_ADDRESS: join one)
 """
 
 
@@ -129,16 +130,31 @@ def bind(host: str, port: int) -> socket.socket:
     return listener
 
 
+def check_ray_installed() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.serve") is None:
+        raise StartupError("--engine ray needs Ray Serve: pip install -e '.[ray]' (or pip install 'ray[serve]')")
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         settings = load_settings(argv)
         check_models_dir(settings.models_dir)
         check_state_dir(settings.state_dir)
         listener = bind(settings.host, settings.port)
+        if settings.engine == "ray":
+            listener.close()  # Ray Serve's proxy listens; the port was only checked
+            check_ray_installed()
     except StartupError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.engine == "ray":
+        from service.ray_engine import serve_forever
+
+        serve_forever(settings)
+        return
 
     import uvicorn  # the server and torch (through the app) load only once the checks have passed
 

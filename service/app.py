@@ -149,7 +149,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         device = pick_device(settings.device)
         registry = await asyncio.to_thread(load_registry, settings.models_dir, device)
-        store = BufferStore(settings.state_dir)
+        store = BufferStore(settings.state_dir, settings.buffer_shard)
         worker = Worker(
             registry,
             store,

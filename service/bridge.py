@@ -74,7 +74,11 @@ async def sample_result(worker: Worker, order: SampleOrder, settings: Settings, 
 
     handle = _submit(worker, order, settings, deliver, None)
     while True:
-        done, _ = await asyncio.wait({future}, timeout=POLL_SECONDS)
+        try:
+            done, _ = await asyncio.wait({future}, timeout=POLL_SECONDS)
+        except asyncio.CancelledError:  # the request's task was cancelled (Ray Serve on a disconnect, shutdown)
+            handle.cancel()
+            raise
         if done:
             outcome = future.result()
             break

@@ -5,12 +5,19 @@ an old buffer. Saves go through `atomic_write_bytes` (write, fsync, rename): a c
 leaves the old file or the new one, and at worst a temporary file that `remove_stale_temp_files`
 clears at the next start.
 
+Several servers (the replicas of `--engine ray`) can share one state directory: each saves its own
+shard, `buffer-GROUP-DIGEST-SHARD.safetensors`, and each pools at start every file of its group and
+digest (the unsharded one and every shard), thinned evenly to the largest capacity among them, so what
+one replica's chains learned reaches the others after a restart, and every replica starts from the
+same buffer.
+
 Persisting is a convenience, not a condition for serving: a state directory that is read-only or
 vanishes is reported once (at start, or at the first failed save) and the server goes on sampling.
 """
 
 from __future__ import annotations
 
+import glob
 import logging
 import tempfile
 import time
@@ -18,6 +25,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 
+import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
@@ -30,8 +38,9 @@ STALE_TEMP_AGE_S = 3600.0  # younger temporary files may be another replica's sa
 
 
 class BufferStore:
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, shard: str | None = None) -> None:
         self.state_dir = state_dir
+        self.shard = shard  # this server's shard name; None: the one unsharded file
         self.saved_at: dict[str, datetime] = {}  # group -> last save (or the saved file's time), UTC
         self.persisting = self._probe()
 
@@ -52,18 +61,40 @@ class BufferStore:
         return True
 
     def path(self, group: str, digest: str) -> Path:
-        return self.state_dir / f"buffer-{group}-{digest[:16]}.safetensors"
+        """The file this server saves the group's buffer to (its shard's, when it has one)."""
+        shard = f"-{self.shard}" if self.shard else ""
+        return self.state_dir / f"buffer-{group}-{digest[:16]}{shard}.safetensors"
+
+    def saved_paths(self, group: str, digest: str) -> list[Path]:
+        """Every saved file of the group and digest: the unsharded one and each shard, in name order."""
+        stem = f"buffer-{group}-{digest[:16]}"
+        found = [self.state_dir / f"{stem}.safetensors", *self.state_dir.glob(f"{glob.escape(stem)}-*.safetensors")]
+        shards = [path for path in found if path.name == f"{stem}.safetensors" or _is_shard(path.name, stem)]
+        return sorted(path for path in shards if path.is_file())
 
     def load(self, group: str, digest: str, shape: tuple[int, ...]) -> ReplayBuffer | None:
-        """The saved buffer, or None; a file that cannot be read is moved aside (if it can be) with a warning."""
-        path = self.path(group, digest)
+        """The saved buffers of the group pooled (see the module docstring), or None when none is saved."""
+        states: list[dict[str, torch.Tensor]] = []
+        for path in self.saved_paths(group, digest):
+            state = self._read(path, group, shape)
+            if state is not None:
+                states.append(state)
+        if not states:
+            return None
+        if len(states) == 1:
+            return ReplayBuffer.from_state_dict(states[0])
+        return ReplayBuffer.from_state_dict(pooled_state(states))
+
+    def _read(self, path: Path, group: str, shape: tuple[int, ...]) -> dict[str, torch.Tensor] | None:
+        """One saved buffer's state, or None; a file that cannot be read is moved aside (if it can be)."""
         try:
-            if not path.exists():
-                return None
-            buffer = ReplayBuffer.from_state_dict(load_safetensors_bytes(path.read_bytes()))
+            state = load_safetensors_bytes(path.read_bytes())
+            buffer = ReplayBuffer.from_state_dict(state)
             if buffer.shape != tuple(shape):
                 raise ValueError(f"samples of shape {buffer.shape}, the model needs {tuple(shape)}")
             saved = datetime.fromtimestamp(path.stat().st_mtime, UTC)
+        except FileNotFoundError:  # another replica's shard went away between listing and reading
+            return None
         except Exception as error:  # any unreadable file must not stop the server
             aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
             try:
@@ -75,8 +106,8 @@ class BufferStore:
                 "replay buffer %s is unreadable (%s); %s; starting from the checkpoint's buffer", path, error, where
             )
             return None
-        self.saved_at[group] = saved
-        return buffer
+        self.saved_at[group] = max(saved, self.saved_at.get(group, saved))
+        return state
 
     def save(self, group: str, digest: str, buffer: ReplayBuffer) -> bool:
         """Write the buffer atomically; False (and one warning while failures last) if it could not be."""
@@ -105,6 +136,30 @@ class BufferStore:
         milliseconds = 1000 * (time.perf_counter() - started)
         log.info("saved replay buffer %s: %d chains in %.0f ms", path, len(buffer), milliseconds)
         return True
+
+
+def _is_shard(name: str, stem: str) -> bool:
+    """Whether `name` is `STEM-SHARD.safetensors` with a shard name as Settings allows one."""
+    shard = name.removeprefix(f"{stem}-").removesuffix(".safetensors")
+    return name.startswith(f"{stem}-") and bool(shard) and all(char.isalnum() or char == "_" for char in shard)
+
+
+def pooled_state(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Several saved buffers of one group as one state: their slots in order, thinned evenly to the largest
+    capacity among them (so pooling at every restart never grows the buffer), classes kept with their slots."""
+    samples = torch.cat([state["samples"].float() for state in states])  # [total, *shape]
+    labels = torch.cat([state.get("labels", torch.full((len(state["samples"]),), -1)) for state in states])
+    capacity = max(int(state["capacity"]) for state in states)
+    if len(samples) > capacity:
+        keep = torch.linspace(0, len(samples) - 1, capacity).round().long()  # [capacity]
+        samples, labels = samples[keep], labels[keep]
+    return {
+        **states[0],
+        "samples": samples,
+        "labels": labels,
+        "capacity": torch.tensor(capacity),
+        "next_replace": torch.tensor(len(samples) % capacity),
+    }
 
 
 def remove_stale_temp_files(directories: Iterable[Path], older_than_s: float = STALE_TEMP_AGE_S) -> list[Path]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -41,6 +42,20 @@ class Settings(BaseSettings):
     )
     graceful_shutdown_s: int = Field(
         20, ge=0, description="on SIGTERM, requests in flight get this long; then they are cancelled, buffers saved"
+    )
+
+    engine: Literal["local", "ray"] = Field(
+        "local", description="local: this process serves; ray: replicas on a Ray cluster behind Ray Serve's proxy"
+    )
+    replicas: int = Field(1, ge=1, le=1024, description="replicas (full device workers) of --engine ray")
+    replica_cpus: float = Field(
+        1.0, gt=0, description="CPUs Ray reserves for each replica of --engine ray (a GPU replica asks for one GPU)"
+    )
+    buffer_shard: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_]{1,64}$",
+        description="save replay buffers as this server's shard (buffer-GROUP-DIGEST-SHARD) and pool every"
+        " shard of the state dir at start (--engine ray names each replica's: replica0, replica1, ...)",
     )
 
     @field_validator("api_key")
