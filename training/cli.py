@@ -111,6 +111,12 @@ def _add_ebm_sampler_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--step-size", type=float, default=None, help="EBMs: step size (default: the checkpoint's)")
     parser.add_argument(
+        "--noise",
+        type=float,
+        default=None,
+        help="EBMs: Langevin noise std, 0 = gradient descent (default: the checkpoint's)",
+    )
+    parser.add_argument(
         "--guidance",
         type=float,
         default=None,
@@ -118,11 +124,11 @@ def _add_ebm_sampler_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _override_sampler(members: list, step_size: float | None, guidance: float | None) -> None:
-    """--step-size and --guidance replace the checkpoints' own for this command only."""
+def _override_sampler(members: list, args: argparse.Namespace) -> None:
+    """--step-size, --noise and --guidance replace the checkpoints' own for this command only."""
     from training.sampler_config import EBMSampler
 
-    changes = {key: value for key, value in (("step_size", step_size), ("guidance", guidance)) if value is not None}
+    changes = {key: getattr(args, key) for key in ("step_size", "noise", "guidance") if getattr(args, key) is not None}
     for member in members if changes else []:
         member.sampler = dataclasses.replace(member.sampler_as(EBMSampler), **changes)
 
@@ -222,7 +228,7 @@ def _cmd_sample(args: argparse.Namespace) -> None:
             frames.append(grid(x, model.data_range))
 
     seeds = chain_seeds(args.seed, args.n)
-    _override_sampler(members, args.step_size, args.guidance)
+    _override_sampler(members, args)
     labels = _labels(args.label, args.n, model)
     print(f"start: {_start_description(members, init, buffer, buffer_path)}", flush=True)
     samples = _draw_with_progress(
@@ -267,10 +273,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     test = load_dataset("mnist", args.data_dir, "test")
     train = load_dataset("mnist", args.data_dir, "train")
     generator = torch.Generator().manual_seed(args.seed)
-    _override_sampler(members, args.step_size, args.guidance)
+    _override_sampler(members, args)
     seeds = chain_seeds(args.seed, args.n)
     # The labels chains are drawn with (asked for, or each chain's seeded class): label accuracy is reported.
-    labels = chain_labels(model, seeds, _labels(args.label, args.n, model)) if model.config.family == "ebm" else None
+    # Chains from a replay buffer keep their slot's class unless one is asked for.
+    labels = _labels(args.label, args.n, model) if model.config.family == "ebm" else None
+    if model.config.family == "ebm" and args.init != "buffer":
+        labels = chain_labels(model, seeds, labels)
     description = f"evaluate {model.name}: {args.n} samples"
     samples = _draw_with_progress(members, seeds, args, generator, labels, args.batch, description, args.init)
     print(f"evaluate {model.name}: classifier features, Frechet distance, precision/recall", file=sys.stderr)
@@ -310,6 +319,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         key = "evaluate" if model.config.family != "ebm" else f"evaluate_{args.init}"
         if args.label is not None:
             key += f"_label_{args.label}"
+        if args.noise is not None:  # a noisier (long-run) check never overwrites the default figures
+            key += f"_noise_{args.noise}"
         if len(members) > 1:
             key = f"evaluate_ensemble_{args.init}"  # the same figures go into every member
         for path in args.checkpoint:
