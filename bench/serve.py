@@ -15,6 +15,12 @@ one server each: the budget's default on a device is where the saturated through
     python bench/serve.py --models-dir checkpoints --model ebm_mnist_seed0 --steps 60 --n 4 --levels 1,4,16
     python bench/serve.py --model ebm_mnist_seed0 --threads 1 --levels 16 --sweep 8,16,32,64,128
     python bench/serve.py --models-dir checkpoints --model glow_mnist --n 16 --levels 1,4,16
+    python bench/serve.py --model ebm_mnist_seed0 --engine ray --replicas 2 --replica-cpus 1 --levels 1,4,16
+
+With --engine ray the server is `python -m service --engine ray` on a local Ray cluster, requests name their
+model in the `serve_multiplexed_model_id` header (the routing hint, see service/ray_engine.py), the server's
+CPU-seconds are those of the whole process tree (Ray's own processes and every replica), and a line counts the
+answers of each replica (X-Replica).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,8 +59,17 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+HEADERS: dict[str, str] = {}  # sent with every POST /sample (the Ray routing hint)
+ANSWERED_BY: Counter[str] = Counter()  # X-Replica of every answer
+
+
 def start_server(
-    checkpoint: Path, device: str, chain_budget: int, step_budget: int = 0, threads: int = 0
+    checkpoint: Path,
+    device: str,
+    chain_budget: int,
+    step_budget: int = 0,
+    threads: int = 0,
+    engine: tuple[str, ...] = (),
 ) -> tuple[subprocess.Popen, str]:
     """A server for this one checkpoint (a directory of its own: the others would only slow its start)."""
     port = free_port()
@@ -81,6 +97,7 @@ def start_server(
             "--max-steps",
             "100000",
             *(["--step-budget", str(step_budget)] if step_budget else []),
+            *engine,
         ],
         cwd=ROOT,
         env=env,
@@ -88,25 +105,43 @@ def start_server(
         stderr=subprocess.DEVNULL,
     )
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+    replicas = int(engine[engine.index("--replicas") + 1]) if "--replicas" in engine else 1
+    seen: set[str] = set()
+    deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                return process, base
+            reply = httpx.get(f"{base}/readyz", timeout=2)
+            if reply.status_code == 200:
+                seen.add(reply.headers.get("x-replica", ""))
+                if len(seen) >= replicas:  # every replica serving (a local server has one)
+                    return process, base
         except httpx.TransportError:
-            time.sleep(0.2)
+            pass
+        time.sleep(0.2)
     process.kill()
-    raise RuntimeError("server did not become ready in 120 s")
+    raise RuntimeError("server did not become ready in 240 s")
 
 
 def cpu_seconds(process: subprocess.Popen) -> float:
-    """CPU time the server has used (Linux /proc; NaN elsewhere): work per CPU-second is what a shared
-    machine's other load does not change, where work per wall second is."""
-    try:
-        fields = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
+    """CPU time the server and the processes it started (a Ray cluster's) have used (Linux /proc; NaN elsewhere):
+    work per CPU-second is what a shared machine's other load does not change, where work per wall second is."""
+    parents: dict[int, int] = {}
+    used: dict[int, float] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid = int(stat.parent.name)
+        parents[pid] = int(fields[1])
+        used[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    if process.pid not in used:
         return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    tree, grew = {process.pid}, True
+    while grew:
+        children = {pid for pid, parent in parents.items() if parent in tree} - tree
+        tree, grew = tree | children, bool(children)
+    return sum(used[pid] for pid in tree)
 
 
 async def drive(base: str, body: dict, concurrency: int, total: int) -> tuple[float, list[float]]:
@@ -121,8 +156,9 @@ async def drive(base: str, body: dict, concurrency: int, total: int) -> tuple[fl
             while remaining > 0:
                 remaining -= 1
                 started = time.perf_counter()
-                reply = await client.post(f"{base}/sample", json=body)
+                reply = await client.post(f"{base}/sample", json=body, headers=HEADERS)
                 reply.raise_for_status()
+                ANSWERED_BY[reply.headers.get("x-replica", "local")] += 1
                 latencies.append(time.perf_counter() - started)
 
         started = time.perf_counter()
@@ -132,7 +168,7 @@ async def drive(base: str, body: dict, concurrency: int, total: int) -> tuple[fl
 
 async def timed_post(client: httpx.AsyncClient, url: str, body: dict) -> float:
     started = time.perf_counter()
-    reply = await client.post(url, json=body)
+    reply = await client.post(url, json=body, headers=HEADERS)
     reply.raise_for_status()
     return time.perf_counter() - started
 
@@ -231,7 +267,8 @@ def measure(
     args: argparse.Namespace, checkpoint: Path, body: dict, levels: list[int], step_budget: int
 ) -> tuple[list[Row], BesideLong | None]:
     """One server: every concurrency level, then (for an EBM) the short-beside-long row."""
-    process, base = start_server(checkpoint, args.device, args.chain_budget, step_budget, args.threads)
+    engine = ("--engine", args.engine, "--replicas", str(args.replicas), "--replica-cpus", str(args.replica_cpus))
+    process, base = start_server(checkpoint, args.device, args.chain_budget, step_budget, args.threads, engine)
     steps = body.get("steps", 1)
     try:
         asyncio.run(drive(base, body, 1, 2))  # warm-up
@@ -276,7 +313,13 @@ def main() -> None:
     parser.add_argument("--beside-long", type=int, default=16, help="long requests beside the short one (0: no row)")
     parser.add_argument("--long-steps", type=int, default=1000, help="steps of each long request")
     parser.add_argument("--sweep", default="", help="comma-separated step budgets: one server and row each")
+    parser.add_argument("--engine", default="local", choices=["local", "ray"], help="python -m service --engine")
+    parser.add_argument("--replicas", type=int, default=1, help="replicas of --engine ray")
+    parser.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves per replica")
+    parser.add_argument("--no-model-header", action="store_true", help="ray: no routing hint (routed by load)")
     args = parser.parse_args()
+    if args.engine == "ray" and not args.no_model_header:
+        HEADERS["serve_multiplexed_model_id"] = args.model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -294,7 +337,13 @@ def main() -> None:
     what = "one pass" if one_pass else f"{args.steps} steps"
     print(
         f"# {args.model} ({model.config.family}), {what}, n={args.n} per request, device {device} (GPU: {gpu}; "
-        f"{os.cpu_count()} CPU cores, {cpu}; torch {torch.__version__}, threads {torch.get_num_threads()})"
+        f"{os.cpu_count()} CPU cores, {cpu}; torch {torch.__version__}, threads {torch.get_num_threads()}; "
+        f"engine {args.engine}"
+        + (
+            f", {args.replicas} replicas, model header {'no' if args.no_model_header else 'yes'})"
+            if args.engine == "ray"
+            else ")"
+        )
     )
     unit = "images/s" if one_pass else "chain-steps/s"
     beside_head = (
@@ -335,6 +384,10 @@ def main() -> None:
         print(f"\n| short beside long | {beside_head} |")
         print("|---|---:|---:|---:|---:|---:|---:|---:|")
         print(f"| {beside_what} | {beside_cells(beside)} |")
+    if args.engine == "ray":
+        print(
+            "\nanswers per replica (X-Replica): " + ", ".join(f"{name} {count}" for name, count in ANSWERED_BY.items())
+        )
 
 
 if __name__ == "__main__":
