@@ -99,3 +99,32 @@ def test_chains_run_with_non_default_settings_never_enter_the_shared_buffer(mode
             assert reply.status_code == 200
         assert len(buffer) == 32 and torch.equal(buffer.samples[:32], before)
         assert not buffer.in_use.any()
+
+
+def filled_buffer(value: float, size: int, capacity: int, label: int) -> ReplayBuffer:
+    buffer = ReplayBuffer((1, 2, 2), capacity=capacity)
+    buffer.write_back(torch.full((size,), -1), torch.full((size, 1, 2, 2), value), torch.full((size,), label))
+    return buffer
+
+
+def test_shards_of_one_group_are_pooled_at_start_thinned_to_the_capacity(tmp_path: Path) -> None:
+    """Each replica saves its own shard; any server of the group starts from all of them, never larger."""
+    digest = "ab" * 32
+    BufferStore(tmp_path, shard="replica0").save("pair", digest, filled_buffer(0.5, 40, 64, label=1))
+    BufferStore(tmp_path, shard="replica1").save("pair", digest, filled_buffer(-0.5, 40, 64, label=2))
+    BufferStore(tmp_path).save("pair", digest, filled_buffer(0.0, 8, 32, label=3))  # a single server's file
+    BufferStore(tmp_path, shard="replica0").save("pair", "cd" * 32, filled_buffer(0.9, 8, 64, label=4))  # other digest
+    names = [path.name for path in buffer_files(tmp_path, "pair")]
+    assert f"buffer-pair-{digest[:16]}-replica0.safetensors" in names
+    assert f"buffer-pair-{digest[:16]}.safetensors" in names
+
+    pooled = BufferStore(tmp_path, shard="replica1").load("pair", digest, (1, 2, 2))
+    assert pooled is not None
+    assert (pooled.capacity, len(pooled)) == (64, 64)  # 88 saved slots thinned evenly to the largest capacity
+    values = pooled.samples[: len(pooled), 0, 0, 0]
+    assert set(values.tolist()) == {0.5, -0.5, 0.0}  # every file of this digest contributes, the other none
+    assert torch.equal(
+        pooled.labels[: len(pooled)][values == 0.5], torch.ones(int((values == 0.5).sum()), dtype=torch.int64)
+    )
+    again = BufferStore(tmp_path, shard="replica0").load("pair", digest, (1, 2, 2))
+    assert again is not None and torch.equal(again.samples[:64], pooled.samples[:64])  # every replica starts alike
