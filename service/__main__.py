@@ -80,18 +80,18 @@ def load_settings(argv: list[str] | None) -> Settings:
 
 
 def check_models_dir(path: Path) -> None:
-    where = "point --models-dir (or SAMPLEBAY_MODELS_DIR) at a folder of *.safetensors checkpoints"
+    where = "point --models-dir (or SAMPLEBAY_MODELS_DIR) at a folder of *.safetensors checkpoints or *.pt2 programs"
     if not path.exists():
         raise StartupError(f"models directory {path} does not exist: {where}")
     if not path.is_dir():
         raise StartupError(f"models directory {path} is not a directory: {where}")
     try:
-        found = any(path.glob("*.safetensors"))
+        found = any(path.glob("*.safetensors")) or any(path.glob("*.pt2"))
     except OSError as error:
         raise StartupError(f"cannot read models directory {path} ({error.strerror}): {where}") from None
     if not found:
         raise StartupError(
-            f"models directory {path} holds no *.safetensors checkpoint: {where}, "
+            f"models directory {path} holds no *.safetensors checkpoint or *.pt2 program: {where}, "
             f"or train one into it (python -m training ebm --out {path}/ebm.safetensors ...)"
         )
 

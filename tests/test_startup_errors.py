@@ -49,7 +49,7 @@ def test_a_missing_or_empty_models_dir_is_one_line(tmp_path: Path) -> None:
     assert_one_line_error(missing, f"models directory {tmp_path / 'nope'} does not exist", "point --models-dir")
     (tmp_path / "empty").mkdir()
     empty = run_service("--models-dir", str(tmp_path / "empty"))
-    assert_one_line_error(empty, "holds no *.safetensors checkpoint", "python -m training")
+    assert_one_line_error(empty, "holds no *.safetensors checkpoint or *.pt2 program", "python -m training")
     (tmp_path / "a-file").write_text("")
     not_a_folder = run_service("--models-dir", str(tmp_path / "a-file"))
     assert_one_line_error(not_a_folder, "is not a directory", "point --models-dir")
