@@ -60,7 +60,7 @@ def test_noise_descends_to_the_modes_under_the_checkpoints_sampler(toy_energy: P
 
 def test_a_conditional_energy_draws_the_class_it_is_asked_for(tmp_path: Path) -> None:
     model = load_model(train_toy(tmp_path, "--conditional", epochs=6))
-    assert model.classes == [str(k) for k in range(8)]
+    assert model.classes == [str(k) for k in range(8)] and model.sampler.guidance == 1.25  # --sample-guidance
     labels = torch.arange(400) % 8
     samples = draw_samples(model, chain_seeds(1, 400), labels=labels)
     hits = (nearest_mode(samples)[1] == labels).float().mean().item()

@@ -60,6 +60,7 @@ class EBMTrainConfig(RunConfig):
     prior_std: float = 1.0  # eqm: std of the Gaussian noise chains start from (and training mixes with)
     conditional: bool = False  # eqm: class-conditional energy E(x, y) with a null label for unconditional use
     label_dropout: float = 0.1  # eqm: share of training labels replaced by the null label
+    sample_guidance: float = 1.25  # eqm --conditional: guidance w the checkpoint's sampler declares (1: plain E(x, y))
     ema_decay: float = 0.999  # eqm: the checkpoint's weights are this exponential moving average
     autocast: str = "bfloat16"  # eqm: bfloat16 autocast for the network (none: float32 throughout)
     lr_schedule: str = "cosine"  # eqm: after warm-up, cosine to min_lr_ratio at --epochs (resume may extend) | constant

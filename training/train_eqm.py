@@ -58,6 +58,7 @@ def eqm_sampler(config: EBMTrainConfig) -> EBMSampler:
         prior="gaussian",
         prior_std=config.prior_std,
         unlabelled="random" if config.conditional else "null",  # a label-less request: a random class per chain
+        guidance=config.sample_guidance if config.conditional else 1.0,
         momentum=0.0,
         clamp=False,
     )
