@@ -63,13 +63,22 @@ class GeneratorPool(SamplerPool):
             jobs = [job for job in plan.running if bool(state_of(job).order.trajectory_every) == wants_frames]
             if not jobs:
                 continue
-            try:
-                self._run_batch(jobs, wants_frames)
-                stepped += jobs
-            except Exception as error:  # one failed batch must not take the worker down
-                log.exception("generator batch of %d requests failed on %s", len(jobs), self.name)
-                self.fail(jobs, error)
+            stepped += self._run_isolated(jobs, wants_frames)
         self.scheduler.update_from_output(stepped)
+
+    def _run_isolated(self, jobs: list[Job], keep_states: bool) -> list[Job]:
+        """Run one batch; when it raises, run each request alone, so only one that fails by itself is
+        answered with the failure (as the Langevin pool isolates its chains). Returns the jobs that ran."""
+        try:
+            self._run_batch(jobs, keep_states)
+            return jobs
+        except Exception as error:  # one failed batch must not take the worker down
+            if len(jobs) > 1:
+                log.warning("generator batch of %d requests failed on %s; running each alone", len(jobs), self.name)
+                return [job for one in jobs for job in self._run_isolated([one], keep_states)]
+            log.exception("generator batch of 1 request failed on %s", self.name)
+            self.fail(jobs, error)
+            return []
 
     def _run_batch(self, jobs: list[Job], keep_states: bool) -> None:
         """Decode one batch and answer its requests."""

@@ -13,7 +13,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import write_tiny_ebm, write_tiny_eqm
+from conftest import write_tiny_ebm, write_tiny_eqm, write_tiny_gan
 from PIL import Image
 from server import running_server
 
@@ -173,3 +173,29 @@ def test_absurd_checkpoints_are_refused_with_the_reason_in_readyz(models: Path, 
     assert "weights/" in refused["wider.safetensors"] and "60000" in refused["wider.safetensors"]
     assert "data.shape" in refused["huge.safetensors"]
     assert "replay_buffer/capacity 1,000,000,000,000" in refused["bottomless.safetensors"]
+
+
+def test_a_generator_batch_that_raises_is_retried_request_by_request(tmp_path: Path) -> None:
+    """GANs and flows batch whole requests: one whose latents make the generator raise fails alone."""
+    models = tmp_path / "models"
+    models.mkdir()
+    write_tiny_gan(models / "gan.safetensors")
+    settings = Settings(models_dir=models, state_dir=tmp_path / "state", device="cpu", batch_window_ms=300)
+    with running_server(settings) as (base, app):
+        pool = app.state.worker.pools["gan"]
+        healthy, batches = pool.module, []
+
+        def fragile(z: torch.Tensor) -> torch.Tensor:
+            batches.append(len(z))
+            if (z.abs().amax(1) > 8).any():  # only a request at temperature 5 draws latents this far out
+                raise RuntimeError("simulated kernel failure")
+            return healthy(z)
+
+        pool.module = fragile
+        normal = {"model": "gan", "n": 2, "format": "json"}
+        try:
+            replies = post_together(base, [normal, {**normal, "seed": 9}, {**normal, "temperature": 5.0}])
+        finally:
+            pool.module = healthy
+    assert [reply.status_code for reply in replies] == [200, 200, 503]
+    assert batches == [6, 2, 2, 2]  # the three shared a batch that failed, then ran one by one
