@@ -28,7 +28,9 @@ def describe(checkpoint: Checkpoint) -> str:
         classes = kwargs.get("num_classes", 0)
         conditional = f", class-conditional ({classes} classes)" if classes else ""
         form = kwargs.get("energy_form", "dot")
-        return f"EBM, U-Net energy ({form} form, EqM), width {kwargs.get('width')}{conditional}"
+        args = config.training.get("args", {})
+        bridge = f" + CD fine-tune (weight {args['cd_weight']})" if args.get("cd_weight") else ""
+        return f"EBM, U-Net energy ({form} form, EqM{bridge}), width {kwargs.get('width')}{conditional}"
     if config.family == "ebm":
         return f"EBM, conv energy width {kwargs.get('width')}"
     if config.family == "gan":
@@ -74,8 +76,12 @@ def sampler_text(checkpoint: Checkpoint, key: str, figures: dict) -> str:
             if figures.get("init") == "buffer"
             else f"{config.sampler.get('prior', 'uniform')} noise"
         )
-        if figures.get("noise", config.sampler.get("noise")) == 0:  # an EqM energy: plain gradient descent
-            text = f"{figures.get('steps')} gradient steps of {figures.get('step_size')} from {source}"
+        noise = figures.get("noise", config.sampler.get("noise"))
+        step_size = figures.get("step_size", config.sampler.get("step_size"))
+        if noise == 0:  # an EqM energy: plain gradient descent
+            text = f"{figures.get('steps')} gradient steps of {step_size} from {source}"
+        elif config.sampler.get("noise") == 0:  # an EqM energy run as a noisy, long chain
+            text = f"{figures.get('steps')} Langevin steps of {step_size}, noise {noise}, from {source}"
         else:
             who = "the ensemble's members in turn" if key.startswith("evaluate_ensemble") else "Langevin"
             text = f"{figures.get('steps')} steps ({who}) from {source}"
