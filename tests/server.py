@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import httpx
@@ -14,6 +14,15 @@ from fastapi import FastAPI
 
 from service.app import create_app
 from service.settings import Settings
+
+
+def wait_for(condition: Callable[[], object], seconds: float, what: str) -> None:
+    """Poll `condition` until it holds; fail naming `what` after `seconds` (for real processes, no fake clock)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {seconds} s")
+        time.sleep(0.05)
 
 
 def free_port() -> int:

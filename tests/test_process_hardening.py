@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import write_tiny_ebm
-from server import free_port
+from server import free_port, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 TWO_HOURS_AGO = time.time() - 7200
@@ -40,14 +40,6 @@ class ServerProcess:
         connection = socket.create_connection(("127.0.0.1", self.port))
         connection.settimeout(10)
         return connection
-
-
-def wait_for(condition: Callable[[], object], seconds: float = 30, what: str = "condition") -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not happen within {seconds} s")
-        time.sleep(0.05)
 
 
 @contextmanager

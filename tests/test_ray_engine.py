@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,7 +23,7 @@ import httpx
 import pytest
 from conftest import write_tiny_ebm, write_tiny_eqm, write_tiny_flow, write_tiny_gan
 from PIL import Image
-from server import free_port
+from server import free_port, wait_for
 
 pytest.importorskip("ray.serve", reason="ray[serve] is not installed (pip install -e '.[ray]')")
 
@@ -43,14 +43,6 @@ class RayServer:
 
     def post(self, body: dict, **kwargs: object) -> httpx.Response:
         return httpx.post(f"{self.base}/sample", json=body, timeout=60, **kwargs)  # type: ignore[arg-type]
-
-
-def wait_for(condition: Callable[[], object], seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not happen within {seconds} s")
-        time.sleep(0.2)
 
 
 @contextmanager

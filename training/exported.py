@@ -339,16 +339,24 @@ class _Program(nn.Module):
     next(module.parameters()) even when the program has none. train()/eval() do not reach the program
     (torch refuses them on exported modules; it runs as it was exported)."""
 
+    program: nn.Module
+    anchor: nn.Parameter
+
     def __init__(self, program: nn.Module) -> None:
         super().__init__()
-        self.anchor = nn.Parameter(torch.empty(0, device=_device_of(program)), requires_grad=False)
-        self.program = program
-        for parameter in program.parameters():
-            parameter.requires_grad_(False)
+        _hold(self, program)
 
     def train(self, mode: bool = True) -> _Program:
         self.training = mode
         return self
+
+
+def _hold(owner: nn.Module, program: nn.Module) -> None:
+    """Attach a frozen program to the module that adapts it, with the empty `anchor` parameter."""
+    owner.anchor = nn.Parameter(torch.empty(0, device=_device_of(program)), requires_grad=False)
+    owner.program = program
+    for parameter in program.parameters():
+        parameter.requires_grad_(False)
 
 
 def _device_of(module: nn.Module) -> torch.device:
@@ -384,12 +392,12 @@ class ExportedFlow(Flow):
     inverse pass, so a trajectory is its one final state. The data-to-noise direction (log p of given
     images) is not part of the program."""
 
+    program: nn.Module
+    anchor: nn.Parameter
+
     def __init__(self, program: nn.Module, shape: tuple[int, ...], base: str) -> None:
         super().__init__([], shape, base)
-        self.anchor = nn.Parameter(torch.empty(0, device=_device_of(program)), requires_grad=False)
-        self.program = program
-        for parameter in program.parameters():
-            parameter.requires_grad_(False)
+        _hold(self, program)
 
     def train(self, mode: bool = True) -> ExportedFlow:
         self.training = mode

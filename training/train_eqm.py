@@ -283,16 +283,17 @@ def train_eqm(config: EBMTrainConfig) -> Path:
             config, train, arch, eqm_sampler(config), device, clock.seconds(), epoch, metrics, updates=updates
         )
         kept: dict[str, dict[str, torch.Tensor]] = {}
-        if buffer is not None:  # whole, with each chain's class, so the server can start from it
-            kept["replay_buffer"] = buffer.state_dict() | {"samples": buffer.state_dict()["samples"].half()}
+        buffer_state = buffer.state_dict() if buffer is not None else None
+        if buffer_state is not None:  # whole, with each chain's class, so the server can start from it
+            kept["replay_buffer"] = buffer_state | {"samples": buffer_state["samples"].half()}
         save_checkpoint(
             out,
             Checkpoint(model_config, dict(average.state_dict()), {"online": dict(model.state_dict())} | kept),
             config.output_dtype(),
         )
         resume_extras = {"ema": dict(average.state_dict())}
-        if buffer is not None:
-            resume_extras["replay_buffer"] = buffer.state_dict()
+        if buffer_state is not None:
+            resume_extras["replay_buffer"] = buffer_state
         save_resume(run.run_dir, epoch, model_config, dict(model.state_dict()), {"model": optimizer}, resume_extras)
         log.write(record)  # after the resume state: a crash in between never logs an epoch twice
         print(
