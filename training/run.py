@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shlex
 import sys
 import time
@@ -346,6 +347,25 @@ def load_resume(run_dir: Path, optimizers: dict[str, torch.optim.Optimizer]) -> 
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
     return ResumeState(epoch=int(checkpoint.config.training["resume_epoch"]), checkpoint=checkpoint)
+
+
+def scheduled_learning_rate(
+    peak: float, update: int, total: int, warmup_steps: int, schedule: str, min_ratio: float
+) -> float:
+    """The learning rate at optimizer step `update` of `total`: linear warm-up over `warmup_steps`, then constant
+    or a cosine decay to `min_ratio` of the peak by the last step (what EqM energies and flows train with)."""
+    if schedule not in ("cosine", "constant"):
+        raise ValueError(f"--lr-schedule must be cosine or constant, not {schedule!r}")
+    warm = min(1.0, (update + 1) / max(warmup_steps, 1))
+    if schedule == "constant" or total <= warmup_steps:
+        return peak * warm
+    progress = min(1.0, max(update - warmup_steps, 0) / max(total - warmup_steps, 1))
+    return peak * warm * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 class Stopwatch:

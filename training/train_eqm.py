@@ -9,7 +9,6 @@ no clamping, from a Gaussian prior. Called by `python -m training ebm --objectiv
 from __future__ import annotations
 
 import copy
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +20,17 @@ from training.ema import ema_update, warmed_up_decay
 from training.langevin import ReplayBuffer, frozen_energy, sample_langevin
 from training.losses import energy_gap, equilibrium_matching
 from training.models import build_model
-from training.run import Stopwatch, batches, load_resume, progress, save_resume, start_run, warm_start
+from training.run import (
+    Stopwatch,
+    batches,
+    load_resume,
+    progress,
+    save_resume,
+    scheduled_learning_rate,
+    set_learning_rate,
+    start_run,
+    warm_start,
+)
 from training.sampler_config import EBMSampler
 
 if TYPE_CHECKING:
@@ -65,14 +74,9 @@ def eqm_sampler(config: EBMTrainConfig) -> EBMSampler:
 
 
 def learning_rate(config: EBMTrainConfig, update: int, total: int) -> float:
-    """Linear warm-up, then constant or a cosine decay to `min_lr_ratio` of the peak by the last update."""
-    peak = config.setting("lr")
-    warm = min(1.0, (update + 1) / max(config.warmup_steps, 1))
-    if config.lr_schedule == "constant" or total <= config.warmup_steps:
-        return peak * warm
-    progress = min(1.0, (update - config.warmup_steps) / max(total - config.warmup_steps, 1))
-    floor = config.min_lr_ratio
-    return peak * warm * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * max(progress, 0.0))))
+    return scheduled_learning_rate(
+        config.setting("lr"), update, total, config.warmup_steps, config.lr_schedule, config.min_lr_ratio
+    )
 
 
 def autocast(config: EBMTrainConfig, device: torch.device) -> torch.autocast:
@@ -169,8 +173,7 @@ def eqm_update(
 ) -> dict[str, float]:
     """One Equilibrium Matching update (plus the bridge's CD term when given negatives): the loss under
     autocast, gradient-norm clipping, one Adam step."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    set_learning_rate(optimizer, lr)
     with autocast(config, x.device):
         loss, parts = eqm_loss(model, x, labels, config)
         if negatives is not None:
