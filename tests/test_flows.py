@@ -1,18 +1,35 @@
 """One round-trip check reused for every flow layer and model, plus exactness of the log-determinant."""
 
+import itertools
 import math
 import shlex
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 import torch
 
 from training.losses import bits_per_dim, dequantize
-from training.models.flows import NICE, ActNorm, AdditiveCoupling, DiagonalScaling, LogitTransform, Squeeze
+from training.models.flows import (
+    NICE,
+    ActNorm,
+    AdditiveCoupling,
+    DiagonalScaling,
+    Flow,
+    FlowLayer,
+    LogitTransform,
+    Squeeze,
+)
 from training.models.glow import AffineCoupling, Glow, InvertibleConv1x1, OnChannels
 from training.models.iresnet import IResNet, LipschitzConv, ResidualBlock
+from training.train_flow import FlowTrainConfig
+
+Module = TypeVar("Module", bound=torch.nn.Module)
 
 
-def randomize(module: torch.nn.Module, scale: float = 0.3) -> torch.nn.Module:
+def randomize(module: Module, scale: float = 0.3) -> Module:
     """Flows start as the identity; perturb every parameter so the checks see a real transform."""
     with torch.no_grad():
         for parameter in module.parameters():
@@ -38,7 +55,7 @@ def iresnet(shape: tuple[int, ...], **options) -> IResNet:
 
 
 # name -> (a fresh, perturbed layer or model; the shape of one input)
-CASES = {
+CASES: dict[str, tuple[Callable[[], FlowLayer | Flow], tuple[int, ...]]] = {
     "additive coupling (even)": (lambda: randomize(AdditiveCoupling(6, hidden=16, depth=2, parity=0)), (6,)),
     "additive coupling (odd)": (lambda: randomize(AdditiveCoupling(7, hidden=16, depth=2, parity=1)), (7,)),
     "diagonal scaling": (lambda: randomize(DiagonalScaling(6)), (6,)),
@@ -86,7 +103,7 @@ def test_log_det_equals_the_autograd_jacobian(name: str) -> None:
         assert flow(x.unsqueeze(0))[1].item() == pytest.approx(expected.item(), abs=1e-8)
 
 
-TWO_D_MODELS = {
+TWO_D_MODELS: dict[str, Callable[[], Flow]] = {
     "NICE": lambda: randomize(NICE((2,), couplings=4, hidden=16, depth=2, base="gaussian")),
     "glow": lambda: randomize(Glow((2,), levels=1, steps=3, hidden=16), scale=0.1),  # keeps its mass on the grid
     "i-resnet": lambda: iresnet((2,)),
@@ -204,6 +221,7 @@ def test_every_flow_trains_on_toy_2d_data_with_default_settings(arch: str, tmp_p
     from training.sampling import load_model
 
     model = load_model(out)
+    assert isinstance(model.module, Flow)
     assert model.shape == (2,) and model.module.sample(5).shape == (5, 2)
 
 
@@ -213,9 +231,9 @@ def test_flow_training_writes_a_checkpoint_with_test_bits_per_dim_and_resumes(ar
     from training.cli import _config_from, build_parser
     from training.noise import chain_seeds
     from training.sampling import draw_samples, load_model
-    from training.train_flow import FlowTrainConfig, train_flow
+    from training.train_flow import train_flow
 
-    config = dict(
+    config: dict[str, Any] = dict(
         arch=arch,
         data_dir=str(idx_dir),
         out=str(tmp_path / "nice.safetensors"),
@@ -252,3 +270,115 @@ def test_decode_gives_the_density_of_what_it_samples(name: str) -> None:
     with torch.no_grad():
         x, log_prob, states = flow.decode(z)
         assert states == [] and torch.allclose(log_prob, flow.log_prob(x), atol=1e-8)
+
+
+def tiny_run(arch: str, data_dir: Path, out: Path, **changes: Any) -> FlowTrainConfig:
+    """The smallest real flow run on the fixture digits: 3 updates an epoch, one test batch, float32 saves."""
+    options: dict[str, Any] = dict(
+        arch=arch,
+        data_dir=str(data_dir),
+        out=str(out),
+        epochs=1,
+        batch_size=64,
+        max_batches=3,
+        test_batches=1,
+        hidden=16,
+        depth=1,
+        couplings=2,
+        steps=1,
+        blocks=1,
+        warmup_steps=2,
+        device="cpu",
+    )
+    return FlowTrainConfig(**options | changes)
+
+
+def assert_same_tensors(left: dict[str, torch.Tensor], right: dict[str, torch.Tensor]) -> None:
+    assert left.keys() == right.keys()
+    different = [name for name in left if not torch.equal(left[name], right[name])]
+    assert different == [], f"tensors differ: {different}"
+
+
+@pytest.mark.parametrize("arch", ["nice", "glow", "iresnet"])
+def test_the_checkpoint_ships_and_serves_the_weight_average_not_the_online_weights(
+    arch: str, tmp_path, idx_dir
+) -> None:
+    """The average is what the checkpoint holds, what `load_model` (and so the server) runs and what the
+    recorded test bits/dim measure; the online weights live only in the resume state."""
+    from training.checkpoint import load_checkpoint
+    from training.data import load_dataset
+    from training.run import ResumeState
+    from training.sampling import load_model
+    from training.train_flow import dataset_bits_per_dim, train_flow
+
+    config = tiny_run(arch, idx_dir, tmp_path / "flow.safetensors", ema_decay=0.9)
+    shipped = load_checkpoint(train_flow(config))
+    resume = load_checkpoint(ResumeState.path(config.resolved_run_dir()))
+    assert_same_tensors(shipped.weights, resume.extras["ema"])
+    served = load_model(config.out).module
+    assert isinstance(served, Flow)
+    assert_same_tensors(served.state_dict(), shipped.weights)
+    parameters = [name for name, _ in served.named_parameters()]
+    moved = [name for name in parameters if not torch.equal(shipped.weights[name], resume.weights[name])]
+    assert len(moved) > len(parameters) // 2  # the average lags the online weights after 3 updates
+
+    test = load_dataset("mnist", idx_dir, "test")
+    recorded = shipped.config.metrics["test_bits_per_dim"]
+    assert dataset_bits_per_dim(served, test, 500, torch.device("cpu"), 1) == pytest.approx(recorded, abs=1e-4)
+    served.load_state_dict(resume.weights)
+    assert dataset_bits_per_dim(served, test, 500, torch.device("cpu"), 1) != pytest.approx(recorded, abs=1e-3)
+
+
+@pytest.mark.parametrize("arch", ["nice", "glow", "iresnet"])
+def test_without_averaging_the_checkpoint_ships_the_online_weights(arch: str, tmp_path, idx_dir) -> None:
+    from training.checkpoint import load_checkpoint
+    from training.run import ResumeState
+    from training.train_flow import train_flow
+
+    config = tiny_run(arch, idx_dir, tmp_path / "flow.safetensors", ema_decay=0.0)
+    shipped = load_checkpoint(train_flow(config)).weights
+    online = load_checkpoint(ResumeState.path(config.resolved_run_dir())).weights
+    assert shipped.keys() == online.keys()
+    # i-ResNet: the shipped copy's power-iteration vectors `u` are refreshed at each epoch end; all else is equal
+    same = [name for name in online if not (arch == "iresnet" and name.endswith(".u"))]
+    assert_same_tensors({name: shipped[name] for name in same}, {name: online[name] for name in same})
+
+
+@pytest.mark.parametrize("arch", ["nice", "glow", "iresnet"])
+def test_a_run_stopped_after_one_epoch_and_resumed_equals_the_uninterrupted_run(arch: str, tmp_path, idx_dir) -> None:
+    """The cosine schedule spans --epochs even when --stop-after-minutes ends the first part early, and the
+    resume state carries the online weights, their average, Adam's moments and the RNG on from there."""
+    from training.checkpoint import load_checkpoint
+    from training.run import ResumeState
+    from training.train_flow import train_flow
+
+    whole = tiny_run(arch, idx_dir, tmp_path / "whole" / "flow.safetensors", epochs=2, ema_decay=0.9)
+    uninterrupted = load_checkpoint(train_flow(whole))
+    parts = tiny_run(arch, idx_dir, tmp_path / "parts" / "flow.safetensors", epochs=2, ema_decay=0.9)
+    first = load_checkpoint(train_flow(replace(parts, stop_after_minutes=0)))
+    assert first.config.training["epochs_done"] == 1
+    resumed = load_checkpoint(train_flow(replace(parts, resume=True)))
+    assert resumed.config.training["epochs_done"] == 2 and resumed.config.training["updates"] == 6
+    assert_same_tensors(resumed.weights, uninterrupted.weights)
+    online = [load_checkpoint(ResumeState.path(config.resolved_run_dir())).weights for config in (whole, parts)]
+    assert_same_tensors(*online)
+
+
+def test_the_learning_rate_warms_up_linearly_then_decays_by_cosine_to_its_floor() -> None:
+    from training.run import scheduled_learning_rate
+
+    def lr(update: int, schedule: str = "cosine", total: int = 110) -> float:
+        return scheduled_learning_rate(1e-3, update, total, 10, schedule, 0.05)
+
+    assert [lr(update) for update in range(10)] == pytest.approx([1e-4 * (step + 1) for step in range(10)])
+    assert lr(10) == pytest.approx(1e-3)  # the peak right after warm-up
+    assert lr(60) == pytest.approx(1e-3 * (0.05 + 0.95 * 0.5))  # halfway down the cosine
+    assert lr(109) == pytest.approx(0.05 * 1e-3, abs=1e-6)  # the last of 110 updates is at the floor (to 0.1%)
+    assert lr(110) == pytest.approx(0.05 * 1e-3) and lr(500) == pytest.approx(0.05 * 1e-3)  # and stays there
+    decaying = [lr(update) for update in range(10, 111)]
+    assert all(later <= earlier for earlier, later in itertools.pairwise(decaying))
+    assert [lr(update, "constant") for update in (0, 9, 10, 109, 500)] == pytest.approx([1e-4, 1e-3, 1e-3, 1e-3, 1e-3])
+    assert lr(5, total=8) == pytest.approx(6e-4) and lr(20, total=8) == pytest.approx(1e-3)  # all warm-up: no decay
+    assert scheduled_learning_rate(1e-3, 0, 100, 0, "cosine", 0.05) == pytest.approx(1e-3)  # no warm-up
+    with pytest.raises(ValueError, match="cosine or constant"):
+        scheduled_learning_rate(1e-3, 0, 100, 10, "linear", 0.05)
