@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import torch
 
+from service.messages import SampleOrder
 from service.metrics import Metrics
 from service.pools import SamplerPool, evenly_spaced, state_of
 from service.registry import ServedModel
@@ -37,6 +38,9 @@ class GeneratorPool(SamplerPool):
         self.shape = model.members[0].shape
         self.data_range = model.members[0].data_range
         self.gan = model.members[0].sampler_as(GANSampler) if model.family == "gan" else None
+
+    def job_steps(self, order: SampleOrder) -> int:
+        return 1  # one pass of the generator or the flow's inverse
 
     def _decode(
         self, seeds: torch.Tensor, scale: torch.Tensor, keep_states: bool

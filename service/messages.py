@@ -58,14 +58,15 @@ class Handle:
 class SampleOrder:
     """What a client asked for, with every default already filled in from the checkpoint's sampler config.
 
-    Every family reads model, n, seed and temperature; the Langevin fields are read by EBM pools only.
+    Every family reads model, n, seed and temperature; the Langevin fields are read by the pools of chains
+    (an EBM's images, a GAN's latents under DDLS).
     """
 
     model: ServedModel
     n: int
     seed: int
     temperature: float
-    steps: int = 1  # Langevin steps; 1 for a one-shot sampler (a GAN's generator, a flow's inverse)
+    steps: int = 1  # Langevin steps (a GAN's DDLS steps: 0 for its plain pass); 1 for a flow's inverse
     step_size: float = 0.0
     noise: float = 0.0
     momentum: float = 0.0

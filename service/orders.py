@@ -14,10 +14,10 @@ from fastapi import HTTPException
 
 from service.messages import SampleOrder
 from service.registry import ServedModel
-from service.schemas import EBM_ONLY_FIELDS, SampleRequest
+from service.schemas import DDLS_FIELDS, EBM_ONLY_FIELDS, SampleRequest
 from service.settings import Settings
 from training.images import decode_image, image_size
-from training.sampler_config import EBMSampler
+from training.sampler_config import EBMSampler, GANSampler
 
 UNSTREAMED_FRAMES = 33  # a GIF or JSON body keeps a trajectory to at most this many frames
 
@@ -36,12 +36,23 @@ def check_applicable(body: SampleRequest, model: ServedModel, settings: Settings
         problems.append(f"'guidance' applies to class-conditional energies; {model.name} is unconditional")
     if body.init == "buffer" and model.family == "ebm" and not model.has_buffer:
         problems.append(f"init 'buffer' needs a replay buffer; {model.name} was trained without one (use 'noise')")
+    if model.family == "ebm" and body.steps == 0:
+        problems.append(f"'steps' is 0; {model.name} is an EBM, whose chains take at least 1 Langevin step")
     if model.family != "ebm":
+        latent = DDLS_FIELDS if model.family == "gan" else ()
         problems += [
-            f"'{name}' applies to EBMs only; {model.name} is a {model.family} model (one generator pass)"
+            f"'{name}' applies to EBMs (and to GANs with a critic); {model.name} is a {model.family} model (one pass)"
             for name in EBM_ONLY_FIELDS
-            if getattr(body, name) is not None
+            if name not in latent and getattr(body, name) is not None
         ]
+    if model.family == "gan" and model.members[0].critic is None:
+        asked = [name for name in DDLS_FIELDS if getattr(body, name) is not None and (name != "steps" or body.steps)]
+        if asked or requested_steps(body, model):
+            problems.append(
+                f"{', '.join(repr(name) for name in asked) or 'steps'}: {model.name} was saved without its critic, "
+                "so its latents cannot be refined (DDLS runs Langevin steps on ||z||^2/2 - d(G(z)), d the critic); "
+                "leave these out or ask for steps 0"
+            )
     if body.init == "image" and body.image is None:
         problems.append("init 'image' needs 'image': a base64 PNG or JPEG")
     if body.image is not None and body.init != "image":
@@ -66,8 +77,10 @@ def check_applicable(body: SampleRequest, model: ServedModel, settings: Settings
 
 
 def requested_steps(body: SampleRequest, model: ServedModel) -> int:
-    """Langevin steps (EBM), or 1: one pass of a GAN's generator or a flow's inverse (whose trajectory,
-    when asked for, reports the number of states the inverse went through instead)."""
+    """Langevin steps: an EBM's, or a GAN's DDLS steps (0: one plain pass); 1 for a flow: one pass of its
+    inverse (whose trajectory, when asked for, reports the number of states the inverse went through)."""
+    if model.family == "gan":
+        return model.members[0].sampler_as(GANSampler).steps if body.steps is None else body.steps
     if model.family != "ebm":
         return 1
     return body.steps or model.members[0].sampler_as(EBMSampler).steps
@@ -99,6 +112,21 @@ async def make_order(body: SampleRequest, model: ServedModel, settings: Settings
     temperature = _given(body.temperature, model.members[0].sampler.temperature)
     seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
     wants_frames = body.format == "gif" or streaming
+    every = body.trajectory_every
+    if every is None and wants_frames:
+        every = max(1, math.ceil(steps / (frame_limit(settings, streaming) - 1)))
+    if model.family == "gan" and steps > 0:  # DDLS: Langevin steps on the latent, frames decoded
+        ddls = model.members[0].sampler_as(GANSampler)
+        return SampleOrder(
+            model=model,
+            n=body.n,
+            seed=seed,
+            temperature=temperature,
+            steps=steps,
+            step_size=_given(body.step_size, ddls.step_size),
+            noise=_given(body.noise, ddls.noise),
+            trajectory_every=every,
+        )
     if model.family != "ebm":  # frames are the states of a flow's inverse, thinned evenly (a GAN has one)
         return SampleOrder(
             model=model,
@@ -110,9 +138,6 @@ async def make_order(body: SampleRequest, model: ServedModel, settings: Settings
             max_frames=frame_limit(settings, streaming),
         )
     sampler = model.members[0].sampler_as(EBMSampler)
-    every = body.trajectory_every
-    if every is None and wants_frames:
-        every = max(1, math.ceil(steps / (frame_limit(settings, streaming) - 1)))
     start_image = free_mask = None
     if body.image is not None:
         start_image, image_wh = await asyncio.to_thread(_decode_upload, "image", body.image, model)

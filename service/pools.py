@@ -100,7 +100,11 @@ class SamplerPool:
     def make_job(self, order: SampleOrder, deliver: Deliver, handle: Handle, on_frame: FrameSink | None) -> Job:
         """The scheduler's view of an order; its tensors live in the job's ChainState."""
         state = ChainState(order, deliver, on_frame, self.member_indices(order))
-        return Job(n=order.n, steps=order.steps, handle=handle, arrived=self.clock(), state=state)
+        return Job(n=order.n, steps=self.job_steps(order), handle=handle, arrived=self.clock(), state=state)
+
+    def job_steps(self, order: SampleOrder) -> int:
+        """Steps the scheduler runs the order for: its Langevin steps by default."""
+        return order.steps
 
     def member_indices(self, order: SampleOrder) -> list[int]:
         """Which of the pool's modules the order's chains move under, in turn (one, but for ensembles)."""

@@ -96,25 +96,27 @@ def _check_shapes(checkpoint: Checkpoint) -> None:
     with the tensors read from the file, whose size the file itself bounds; so a config claiming a
     width of 200,000 beside width-32 weights is refused without asking for its terabytes.
     """
-    with torch.device("meta"):
-        skeleton = build_model(checkpoint.config.arch)
-    expected = {name: list(tensor.shape) for name, tensor in skeleton.state_dict().items()}
-    groups = {"weights": checkpoint.weights}
+    arch = checkpoint.config.arch
+    groups = [("weights", arch, checkpoint.weights)]
     if checkpoint.config.family == "gan" and "ema" in checkpoint.extras:
-        groups["ema"] = checkpoint.extras["ema"]  # what a GAN serves by default
-    for group, tensors in groups.items():
+        groups.append(("ema", arch, checkpoint.extras["ema"]))  # what a GAN serves by default
+    if checkpoint.config.family == "gan" and "critic" in checkpoint.extras and "critic" in arch:
+        groups.append(("critic", arch["critic"], checkpoint.extras["critic"]))  # DDLS's energy
+    for group, group_arch, tensors in groups:
+        with torch.device("meta"):
+            skeleton = build_model(group_arch)
+        expected = {name: list(tensor.shape) for name, tensor in skeleton.state_dict().items()}
         missing = sorted(set(expected) - set(tensors))
         unexpected = sorted(set(tensors) - set(expected))
         if missing or unexpected:
             raise CheckpointError(
-                f"{group} do not fit arch {checkpoint.config.arch['name']!r}: missing {missing[:3]}, "
-                f"unexpected {unexpected[:3]}"
+                f"{group} do not fit arch {group_arch['name']!r}: missing {missing[:3]}, unexpected {unexpected[:3]}"
             )
         for name, shape in expected.items():
             if list(tensors[name].shape) != shape:
                 raise CheckpointError(
                     f"{group}/{name} is {list(tensors[name].shape)} in the file, but the config's arch "
-                    f"{checkpoint.config.arch.get('kwargs', {})} makes it {shape}"
+                    f"{group_arch.get('kwargs', {})} makes it {shape}"
                 )
     state = checkpoint.extras.get("replay_buffer")
     if state is not None and "capacity" in state:

@@ -23,7 +23,13 @@ class SampleRequest(BaseModel):
     n: int = Field(1, ge=1, le=INT32_MAX, description="at most the server's max_n (see /models limits)")
     seed: int | None = Field(None, ge=0, le=INT32_MAX)
     format: Literal["png", "json", "gif"] = "png"
-    steps: int | None = Field(None, ge=1, le=INT32_MAX, description="at most the server's max_steps")
+    steps: int | None = Field(
+        None,
+        ge=0,
+        le=INT32_MAX,
+        description="Langevin steps, at most the server's max_steps: an EBM's (1 or more), or a GAN's DDLS steps "
+        "on its latent (0: one plain generator pass)",
+    )
     step_size: float | None = Field(None, gt=0, le=1000)
     noise: float | None = Field(None, ge=0, le=10)  # std of the noise per step; the data range is about [-1, 1]
     momentum: float | None = Field(None, ge=0, le=0.999)  # heavy-ball Langevin; 0 = plain steps; float32 < 1
@@ -57,7 +63,9 @@ def field_limits() -> dict[str, dict[str, float]]:
     return limits
 
 
-# Fields that only Langevin sampling reads; for a GAN, `temperature` scales the latent instead.
+# Fields that only Langevin sampling reads; for a GAN, `temperature` scales the latent instead, and those of
+# DDLS_FIELDS drive Langevin steps on its latent when its checkpoint saved the critic.
+DDLS_FIELDS = ("steps", "step_size", "noise", "trajectory_every")
 EBM_ONLY_FIELDS = (
     "steps",
     "step_size",

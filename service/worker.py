@@ -20,6 +20,7 @@ import torch
 from service.buffer_store import BufferStore
 from service.generator_pool import GeneratorPool
 from service.langevin_pool import LangevinPool
+from service.latent_pool import LatentPool, latent_pool_name, runs_in_latent_pool
 from service.messages import Deliver, FrameSink, Handle, QueueFull, SampleOrder, WorkerFailure
 from service.metrics import Metrics
 from service.pools import SamplerPool
@@ -71,6 +72,10 @@ class Worker:
         for name, model in registry.models.items():
             if model.family in ("gan", "flow"):
                 self.pools[name] = GeneratorPool(model, chain_budget, batch_window_s, device, metrics, clock)
+            if model.family == "gan" and model.members[0].critic is not None:  # DDLS chains
+                latent = LatentPool(model, chain_budget, device, metrics, clock)
+                latent.scheduler.step_budget = step_budget or default_step_budget(device.type, chain_budget)
+                self.pools[latent.name] = latent
         self.buffers: Mapping[str, BufferFigures] = MappingProxyType({})
         self._publish_buffers()
         self._inbox: list[tuple[SamplerPool, Job]] = []
@@ -96,7 +101,7 @@ class Worker:
         """
         if self._stop.is_set() or (self._thread is not None and not self._thread.is_alive()):
             raise WorkerFailure("the device worker is not running")
-        pool = self.pools[order.model.pool]
+        pool = self.pools[latent_pool_name(order.model) if runs_in_latent_pool(order) else order.model.pool]
         handle = Handle(deadline)
         job = pool.make_job(order, deliver, handle, on_frame)
         with self._inbox_lock:

@@ -255,8 +255,9 @@ def test_an_exported_checkpoint_gives_the_native_seeded_samples(family: str, tmp
     assert exported.classes == native.classes
     seeds = chain_seeds(5, 4)
     init = "noise" if family in ("ebm", "eqm") else None
-    expected = draw_samples(native, seeds, steps=4, init=init)
-    actual = draw_samples(exported, seeds, steps=4, init=init)
+    steps = 4 if family in ("ebm", "eqm") else None  # an exported GAN has no critic: its plain pass
+    expected = draw_samples(native, seeds, steps=steps, init=init)
+    actual = draw_samples(exported, seeds, steps=steps, init=init)
     torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
 
 

@@ -115,7 +115,15 @@ def test_gan_checkpoint_round_trips_with_ema_and_critic(tmp_path: Path, idx_dir:
     checkpoint = load_checkpoint(out)
     config = checkpoint.config
     assert config.family == "gan"
-    assert config.sampler == {"latent_dim": 16, "temperature": 1.0, "weights": "ema", "schema_version": 1}
+    assert config.sampler == {
+        "latent_dim": 16,
+        "temperature": 1.0,
+        "weights": "ema",
+        "steps": 0,  # DDLS off until a sweep chooses its steps for a trained GAN
+        "step_size": 0.01,
+        "noise": 0.1,
+        "schema_version": 1,
+    }
     assert config.training["loss"] == "dcgan" and config.training["generator_updates"] == 3
     critic = build_model(config.arch["critic"])
     critic.load_state_dict(checkpoint.extras["critic"])

@@ -50,7 +50,7 @@ def test_flow_trajectory_is_every_layer_of_the_inverse(server) -> None:
 def test_langevin_fields_are_422_for_a_flow(server) -> None:
     base, _ = server
     reply = httpx.post(f"{base}/sample", json={"model": "nice", "steps": 10})
-    assert reply.status_code == 422 and "'steps' applies to EBMs only" in reply.text
+    assert reply.status_code == 422 and "'steps' applies to EBMs (and to GANs with a critic)" in reply.text
     image = base64.b64encode(b"not used").decode()
     assert httpx.post(f"{base}/sample", json={"model": "nice", "init": "image", "image": image}).status_code == 422
     hot = httpx.post(f"{base}/sample", json={"model": "nice", "temperature": 1e20})

@@ -54,12 +54,59 @@ def test_requests_within_the_window_share_one_generator_pass(server) -> None:
     assert not np.array_equal(together[0], together[1])
 
 
-def test_langevin_fields_are_422_for_a_gan(server) -> None:
+def test_image_langevin_fields_are_422_for_a_gan(server) -> None:
     base, _ = server
-    for field, value in (("steps", 10), ("step_size", 1.0), ("init", "buffer"), ("trajectory_every", 1)):
+    for field, value in (("init", "buffer"), ("momentum", 0.5), ("guidance", 2.0)):
         reply = httpx.post(f"{base}/sample", json={"model": "gan", field: value})
-        assert reply.status_code == 422 and f"'{field}' applies to EBMs only" in reply.text
+        assert reply.status_code == 422 and f"'{field}' applies to EBMs (and to GANs with a critic)" in reply.text
     assert httpx.post(f"{base}/sample", json={"model": "gan", "temperature": 0.7}).status_code == 200
+
+
+def decoded(images: list[str]) -> np.ndarray:
+    return np.stack([np.asarray(Image.open(io.BytesIO(base64.b64decode(image)))) for image in images])
+
+
+def test_ddls_refines_latents_under_the_critic_with_frames_energy_and_zero_steps_as_the_plain_pass(
+    models_dir: Path, tmp_path: Path
+) -> None:
+    from test_ddls import write_gan_whose_critic_likes_bright_images
+
+    write_gan_whose_critic_likes_bright_images(models_dir / "gan.safetensors")
+    settings = Settings(models_dir=models_dir, state_dir=tmp_path / "state", device="cpu", batch_window_ms=5)
+    with running_server(settings) as (base, _):
+
+        def sample(**fields) -> dict:
+            reply = httpx.post(f"{base}/sample", json={"model": "gan", "n": 8, "seed": 3, "format": "json", **fields})
+            assert reply.status_code == 200, reply.text
+            return reply.json()
+
+        plain, zero = sample(), sample(steps=0)
+        assert np.array_equal(decoded(plain["images"]), decoded(zero["images"]))  # bit for bit
+        short, refined = sample(steps=1, step_size=0.05, noise=0.02), sample(steps=40, step_size=0.05, noise=0.02)
+        assert refined["steps"] == 40 and len(refined["energy"]) == 8
+        assert np.mean(refined["energy"]) < np.mean(short["energy"]) - 10  # E(z) falls along the chains
+        brighter = decoded(refined["images"]).astype(float).mean((1, 2)) > decoded(plain["images"]).mean((1, 2))
+        assert brighter.mean() > 0.75  # toward the images this critic prefers
+        gif = httpx.post(f"{base}/sample", json={"model": "gan", "steps": 12, "trajectory_every": 4, "format": "gif"})
+        assert gif.status_code == 200 and Image.open(io.BytesIO(gif.content)).n_frames == 4  # steps 0, 4, 8, 12
+        with httpx.stream("POST", f"{base}/sample", json={"model": "gan", "steps": 6, "stream": True}) as response:
+            names = [line[7:] for line in response.iter_lines() if line.startswith("event: ")]
+        assert names.count("frame") >= 2 and names[-1] == "done"
+
+
+def test_a_gan_saved_without_its_critic_answers_ddls_with_a_422_that_says_why(models_dir: Path, tmp_path: Path) -> None:
+    from training.checkpoint import load_checkpoint, save_checkpoint
+
+    path = write_tiny_gan(models_dir / "gan.safetensors")
+    checkpoint = load_checkpoint(path)
+    del checkpoint.extras["critic"]
+    save_checkpoint(path, checkpoint)
+    settings = Settings(models_dir=models_dir, state_dir=tmp_path / "state", device="cpu", batch_window_ms=5)
+    with running_server(settings) as (base, _):
+        for fields in ({"steps": 5}, {"step_size": 0.1}, {"trajectory_every": 2}):
+            reply = httpx.post(f"{base}/sample", json={"model": "gan", **fields})
+            assert reply.status_code == 422 and "saved without its critic" in reply.json()["detail"]
+        assert httpx.post(f"{base}/sample", json={"model": "gan", "steps": 0}).status_code == 200
 
 
 def test_gan_stream_is_one_frame_then_the_samples(server) -> None:

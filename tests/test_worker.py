@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,6 +116,39 @@ def test_a_seeded_request_gives_the_same_images_alone_and_in_a_shared_batch(benc
     while not other:
         bench.worker.run_once()
     assert not torch.allclose(bench.result(alone).samples, bench.result(other).samples)
+
+
+def test_seeded_ddls_chains_are_the_same_alone_and_in_a_shared_batch_and_as_the_cli_draws_them(
+    bench: Bench,
+) -> None:
+    from training.noise import chain_seeds
+    from training.sampling import sample_generator
+
+    pool = bench.worker.pools["gan:ddls"]
+    request = {"model": "gan", "n": 3, "steps": 6, "seed": 4321, "step_size": 0.05, "noise": 0.2}
+    alone = bench.submit(**request)
+    while not alone:
+        bench.worker.run_once()
+    assert pool.stats["max_jobs_in_step"] == 1
+    bench.submit(model="gan", n=4, steps=9, seed=8, step_size=0.01, temperature=0.7)
+    bench.worker.run_once()
+    together = bench.submit(**request)
+    while not together:
+        bench.worker.run_once()
+    assert pool.stats["max_jobs_in_step"] == 2 and pool.stats["max_chains_in_step"] == 7  # it did share a step
+    samples = bench.result(alone).samples
+    assert torch.allclose(samples, bench.result(together).samples, atol=1e-5, rtol=0)
+    assert bench.result(alone).steps == 6 and bench.result(alone).energy is not None
+    model = bench.registry.models["gan"].members[0]
+    model.sampler = dataclasses.replace(model.sampler, step_size=0.05, noise=0.2)
+    cli = sample_generator(model, chain_seeds(4321, 3), steps=6).clamp(-1, 1)
+    assert torch.allclose(samples, cli, atol=1e-5, rtol=0)
+    plain = bench.submit(model="gan", n=3, seed=4321)  # 0 steps: the one-pass pool, not the chains
+    bench.clock.now += WINDOW_S  # its batching window closes
+    while not plain:
+        bench.worker.run_once()
+    assert not torch.allclose(samples, bench.result(plain).samples)
+    assert bench.worker.pools["gan"].stats["steps"] == 1
 
 
 def test_a_labelled_chain_is_the_same_alone_and_beside_other_labels_and_settings(bench: Bench) -> None:

@@ -100,6 +100,11 @@ def _labels(spec: str | None, n: int, model) -> torch.Tensor | None:
         raise ValueError(f"--label must be a class index or 'all', not {spec!r}") from error
 
 
+STEPS_HELP = (
+    "EBMs: Langevin steps; GANs with a critic: DDLS steps on the latent, 0 = one plain pass (default: the checkpoint's)"
+)
+
+
 def _add_ebm_sampler_flags(parser: argparse.ArgumentParser) -> None:
     """The EBM sampler settings `sample` and `evaluate` may override for one command."""
     parser.add_argument(
@@ -109,12 +114,14 @@ def _add_ebm_sampler_flags(parser: argparse.ArgumentParser) -> None:
         help="class-conditional EBMs: draw class index K, or 'all' for sample i of class i mod classes "
         "(evaluate then reports label_accuracy)",
     )
-    parser.add_argument("--step-size", type=float, default=None, help="EBMs: step size (default: the checkpoint's)")
+    parser.add_argument(
+        "--step-size", type=float, default=None, help="EBMs and GAN DDLS: step size (default: the checkpoint's)"
+    )
     parser.add_argument(
         "--noise",
         type=float,
         default=None,
-        help="EBMs: Langevin noise std, 0 = gradient descent (default: the checkpoint's)",
+        help="EBMs and GAN DDLS: Langevin noise std, 0 = gradient descent (default: the checkpoint's)",
     )
     parser.add_argument(
         "--guidance",
@@ -125,12 +132,16 @@ def _add_ebm_sampler_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _override_sampler(members: list, args: argparse.Namespace) -> None:
-    """--step-size, --noise and --guidance replace the checkpoints' own for this command only."""
-    from training.sampler_config import EBMSampler
+    """--step-size, --noise and --guidance (EBMs) replace the checkpoints' own for this command only."""
+    from training.sampler_config import EBMSampler, GANSampler
 
-    changes = {key: getattr(args, key) for key in ("step_size", "noise", "guidance") if getattr(args, key) is not None}
+    keys = ("step_size", "noise", "guidance") if members[0].config.family != "gan" else ("step_size", "noise")
+    changes = {key: getattr(args, key) for key in keys if getattr(args, key) is not None}
+    if args.guidance is not None and members[0].config.family == "gan":
+        raise ValueError("--guidance applies to class-conditional EBMs; a GAN takes --steps, --step-size, --noise")
     for member in members if changes else []:
-        member.sampler = dataclasses.replace(member.sampler_as(EBMSampler), **changes)
+        kind = GANSampler if member.config.family == "gan" else EBMSampler
+        member.sampler = dataclasses.replace(member.sampler_as(kind), **changes)
 
 
 def _draw_with_progress(
@@ -148,13 +159,15 @@ def _draw_with_progress(
     """Samples [N, *shape] drawn `batch` chains at a time (on the CPU), with progress on stderr: a bar on a
     terminal, plain lines when piped. EBMs count Langevin steps, GANs and flows batches."""
     from training.run import progress
-    from training.sampler_config import EBMSampler
+    from training.sampler_config import EBMSampler, GANSampler
     from training.sampling import draw_samples
 
     model = members[0]
     starts = range(0, len(seeds), batch)
     sampler = model.sampler
-    steps_per_chain = (args.steps or sampler.steps) if isinstance(sampler, EBMSampler) else 0
+    steps_per_chain = 0
+    if isinstance(sampler, EBMSampler | GANSampler):  # Langevin steps (GAN: DDLS, 0 by default)
+        steps_per_chain = sampler.steps if args.steps is None else args.steps
     bar = progress(None, len(starts) * max(steps_per_chain, 1), description, unit="step" if steps_per_chain else "it")
 
     def step_done(step: int, x: torch.Tensor, energy: torch.Tensor) -> None:
@@ -256,7 +269,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     from training.device import pick_device
     from training.evaluate import load_classifier, quality_figures, real_data_floor
     from training.noise import chain_seeds
-    from training.sampler_config import EBMSampler
+    from training.sampler_config import EBMSampler, GANSampler
     from training.sampling import chain_labels, load_model
 
     device = pick_device(args.device)
@@ -296,6 +309,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         torch.randperm(len(test.images), generator=torch.Generator().manual_seed(args.seed + 1))[: args.n]
     ]
     sampler_report = ebm_sampler_report if model.config.family == "ebm" else {"n": args.n}
+    if isinstance(model.sampler, GANSampler):
+        ddls_steps = model.sampler.steps if args.steps is None else args.steps
+        sampler_report.update(steps=ddls_steps)
+        if ddls_steps:
+            sampler_report.update(step_size=model.sampler.step_size, noise=model.sampler.noise)
     model_figures = quality_figures(classifier, reference, samples, labels).report()
     floor = real_data_floor(classifier, reference, train.images, args.n, torch.Generator().manual_seed(args.seed + 2))
     report = {
@@ -317,6 +335,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         from training.checkpoint import load_checkpoint, save_checkpoint
 
         key = "evaluate" if model.config.family != "ebm" else f"evaluate_{args.init}"
+        if isinstance(model.sampler, GANSampler) and sampler_report["steps"] != model.sampler.steps:
+            key += f"_steps_{sampler_report['steps']}"  # DDLS steps other than the checkpoint's own
         if args.label is not None:
             key += f"_label_{args.label}"
         if args.noise is not None:  # a noisier (long-run) check never overwrites the default figures
@@ -488,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sample.add_argument("checkpoint", type=Path, nargs="+", help="one checkpoint, or the EBMs of one ensemble")
     sample.add_argument("--n", type=int, default=64, help="samples drawn (the grid's cells)")
-    sample.add_argument("--steps", type=int, default=None, help="EBMs: Langevin steps (default: the checkpoint's)")
+    sample.add_argument("--steps", type=int, default=None, help=STEPS_HELP)
     sample.add_argument(
         "--init",
         choices=["noise", "buffer"],
@@ -526,7 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("checkpoint", type=Path, nargs="+", help="one checkpoint, or the EBMs of one ensemble")
     evaluate.add_argument("--data-dir", default=None, help="MNIST IDX files (fetch-data; default: $SAMPLEBAY_DATA_DIR)")
     evaluate.add_argument("--n", type=int, default=2000, help="samples and reference images compared")
-    evaluate.add_argument("--steps", type=int, default=None, help="EBMs: Langevin steps (default: the checkpoint's)")
+    evaluate.add_argument("--steps", type=int, default=None, help=STEPS_HELP)
     evaluate.add_argument(
         "--init", choices=["noise", "buffer"], default="noise", help="EBMs: start from the prior or the replay buffer"
     )

@@ -55,15 +55,24 @@ class EBMSampler:
 
 @dataclass(frozen=True)
 class GANSampler:
-    """One generator pass G(z), z ~ N(0, temperature^2 I)."""
+    """One generator pass G(z), z ~ N(0, temperature^2 I); with `steps` > 0 and a saved critic, z is first
+    refined by Langevin dynamics on E(z) = ||z||^2 / 2 - d(G(z)) (DDLS, Che et al. 2020; training/ddls.py)."""
 
     latent_dim: int = 128  # size of z
     temperature: float = 1.0  # scales z (the truncation-like trick of Brock et al. 2019, without truncation)
     weights: str = "ema"  # "ema": the generator's exponential moving average (Karras et al. 2018) | "raw"
+    steps: int = 0  # DDLS: Langevin steps on the latent (0: one plain generator pass)
+    step_size: float = 0.01  # DDLS: z <- z - step_size * grad E(z) / temperature
+    noise: float = 0.1  # DDLS: std of the Gaussian noise added to z before each gradient step
 
     def __post_init__(self) -> None:
         if self.latent_dim < 1:
             raise ValueError(f"sampler latent_dim must be a positive integer, not {self.latent_dim}")
+        if self.steps < 0 or not self.step_size > 0 or not self.noise >= 0:
+            raise ValueError(
+                f"sampler DDLS settings need steps >= 0, step_size > 0, noise >= 0; got steps {self.steps}, "
+                f"step_size {self.step_size}, noise {self.noise}"
+            )
         if self.weights not in ("ema", "raw"):
             raise ValueError(f"sampler weights must be 'ema' or 'raw', not {self.weights!r}")
 

@@ -14,10 +14,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 from training.checkpoint import Checkpoint, CheckpointError, ModelConfig, load_checkpoint, read_metadata
+from training.ddls import LatentCallback, LatentEnergy, refine_latents, start_latents
 from training.langevin import ReplayBuffer, StepCallback, ensemble_energy, sample_langevin
 from training.models import build_model
 from training.models.flows import Flow
-from training.noise import chain_classes, chain_gaussian, chain_start, latent_gaussian
+from training.noise import chain_classes, chain_gaussian, chain_start
 from training.sampler_config import Config, EBMSampler, FlowSampler, GANSampler, SamplerConfig, sampler_for
 
 
@@ -28,6 +29,7 @@ class LoadedModel:
     module: nn.Module
     sampler: SamplerConfig  # the checkpoint's typed sampling defaults
     extras: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    critic: nn.Module | None = None  # a GAN's saved critic (for DDLS), frozen, in eval mode; None: none saved
 
     def sampler_as(self, kind: type[Config]) -> Config:
         """The sampler config, typed for the family the caller handles."""
@@ -69,18 +71,27 @@ class LoadedModel:
             )
 
 
-def instantiate(checkpoint: Checkpoint, name: str, device: torch.device | str = "cpu") -> LoadedModel:
-    """Rebuild the module in eval mode with frozen parameters (a GAN uses its EMA weights by default)."""
-    sampler = sampler_for(checkpoint.config.family, checkpoint.config.sampler)
-    module = build_model(checkpoint.config.arch)
-    weights = checkpoint.weights
-    if isinstance(sampler, GANSampler) and sampler.weights == "ema":
-        weights = checkpoint.extras["ema"]
+def _frozen(arch: dict, weights: dict[str, torch.Tensor], device: torch.device | str) -> nn.Module:
+    module = build_model(arch)
     module.load_state_dict({key: value.float() for key, value in weights.items()})
     module.to(device).eval()
     for parameter in module.parameters():
         parameter.requires_grad_(False)
-    return LoadedModel(name=name, config=checkpoint.config, module=module, sampler=sampler, extras=checkpoint.extras)
+    return module
+
+
+def instantiate(checkpoint: Checkpoint, name: str, device: torch.device | str = "cpu") -> LoadedModel:
+    """Rebuild the module in eval mode with frozen parameters (a GAN uses its EMA weights by default, and
+    brings its critic when the checkpoint holds one)."""
+    sampler = sampler_for(checkpoint.config.family, checkpoint.config.sampler)
+    weights = checkpoint.weights
+    if isinstance(sampler, GANSampler) and sampler.weights == "ema":
+        weights = checkpoint.extras["ema"]
+    module = _frozen(checkpoint.config.arch, weights, device)
+    critic = None
+    if checkpoint.config.family == "gan" and "critic" in checkpoint.extras and "critic" in checkpoint.config.arch:
+        critic = _frozen(checkpoint.config.arch["critic"], checkpoint.extras["critic"], device)
+    return LoadedModel(name, checkpoint.config, module, sampler, checkpoint.extras, critic)
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
@@ -92,14 +103,38 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedMo
     return instantiate(load_checkpoint(path), Path(path).stem, device)
 
 
-def sample_generator(model: LoadedModel, seeds: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
-    """GAN samples [B, *shape]: G(z) with z ~ N(0, T^2 I) from counter-based noise (the server's latents);
-    T defaults to the checkpoint's sampler temperature."""
+def latent_energy(model: LoadedModel) -> LatentEnergy:
+    """The DDLS energy of a GAN's latent; ValueError saying why when its checkpoint saved no critic."""
+    if model.critic is None:
+        raise ValueError(
+            f"{model.name} has no critic saved with it, so its latents cannot be refined by DDLS "
+            "(Langevin steps on ||z||^2/2 - d(G(z))); ask for steps 0, or serve a checkpoint `python -m "
+            "training gan` wrote (it keeps the critic)"
+        )
+    return LatentEnergy(model.module, model.critic)
+
+
+def sample_generator(
+    model: LoadedModel,
+    seeds: torch.Tensor,
+    temperature: float | None = None,
+    steps: int | None = None,
+    callback: LatentCallback | None = None,
+) -> torch.Tensor:
+    """GAN samples [B, *shape]: G(z) with z ~ N(0, T^2 I) from counter-based noise (the server's latents),
+    after `steps` DDLS steps on z (default: the checkpoint's; 0 is the plain pass). T and the DDLS step size
+    and noise default to the checkpoint's sampler."""
     sampler = model.sampler_as(GANSampler)
     device = next(model.module.parameters()).device
     scale = sampler.temperature if temperature is None else temperature
+    steps = sampler.steps if steps is None else steps
+    z = start_latents(seeds, sampler.latent_dim, scale).to(device)
+    if steps > 0:
+        z = refine_latents(
+            latent_energy(model), z, seeds.to(device), steps, sampler.step_size, sampler.noise, scale, callback
+        )
     with torch.no_grad():
-        return model.module((latent_gaussian(seeds, sampler.latent_dim) * scale).to(device))
+        return model.module(z)
 
 
 def sample_flow(model: LoadedModel, seeds: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
@@ -145,7 +180,14 @@ def draw_samples(
     if first.config.family == "ebm":
         return sample_ebm(members, seeds, steps, init, generator, callback, labels, buffer)
     if first.config.family == "gan":
-        return sample_generator(first, seeds).clamp(*first.data_range)
+        decoded = None
+        if callback is not None:  # DDLS steps report the images their latents decode to
+
+            def decoded(step: int, z: torch.Tensor, energy: torch.Tensor) -> None:
+                with torch.no_grad():
+                    callback(step, first.module(z).clamp(*first.data_range), energy)
+
+        return sample_generator(first, seeds, steps=steps, callback=decoded).clamp(*first.data_range)
     if first.config.family == "flow":
         return sample_flow(first, seeds)
     raise ValueError(f"sampling {first.config.family} checkpoints is not supported yet")

@@ -1,0 +1,114 @@
+"""What every pool of Langevin chains shares: one batched step for every running chain, requests joining
+and leaving at step boundaries, each request isolated from its neighbours in the batch.
+
+Two kinds of chains move this way: images under an energy (service/langevin_pool.py) and a GAN's latents
+under the energy its critic defines (DDLS, service/latent_pool.py). A subclass says how a job's chains
+start, what one batched step computes, what image a state shows, and how a finished job is answered.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from service.messages import ChainDiverged
+from service.pools import SamplerPool, state_of
+from service.scheduler import Job
+from training.langevin import LangevinStep
+from training.sampler_config import EBMSampler, GANSampler
+
+log = logging.getLogger(__name__)
+
+
+class ChainPool(SamplerPool):
+    """Continuous batching of Langevin chains; every chain keeps its own settings, seed and velocity."""
+
+    sampler: EBMSampler | GANSampler  # the checkpoint's defaults (named when chains diverge)
+
+    def _start(self, job: Job) -> None:
+        """Give an admitted job's chains their starting states (and keep frame 0 when asked)."""
+        raise NotImplementedError
+
+    def _advance(self, module_index: int, jobs: list[Job]) -> LangevinStep:
+        """The batched step itself; changes no job's state, so a failed batch can be retried job by job."""
+        raise NotImplementedError
+
+    def _image(self, x: torch.Tensor) -> torch.Tensor:
+        """The images [B, *image] that states x show, in the data range (trajectory frames)."""
+        raise NotImplementedError
+
+    def _finish(self, job: Job) -> None:
+        """Answer a job whose chains took all their steps."""
+        raise NotImplementedError
+
+    def step(self) -> None:
+        """Schedule, execute one Langevin step for every running chain, and hand out what finished."""
+        plan = self.scheduler.schedule()
+        self._admit(plan.admitted, plan.dropped)
+        for job in plan.admitted:
+            self._start(job)
+        if not plan.running:
+            return
+        by_module: dict[int, list[Job]] = {}
+        for job in plan.running:
+            members = state_of(job).member_indices
+            by_module.setdefault(members[job.done_steps % len(members)], []).append(job)
+        stepped: list[Job] = []
+        for module_index, jobs in by_module.items():
+            stepped.extend(self._execute(module_index, jobs))
+        self._record_step(len(stepped), sum(job.n for job in stepped))
+        for job in self.scheduler.update_from_output(stepped):
+            self._finish(job)
+
+    def _execute(self, module_index: int, jobs: list[Job]) -> list[Job]:
+        """One Langevin step for these jobs' chains in one batch; returns the jobs that stepped.
+
+        Requests are isolated from their neighbours in the batch: when the batch raises, each job is
+        stepped alone, so only a request that fails by itself is answered with the failure; a job whose
+        chains left the finite numbers ends alone with ChainDiverged (a 422).
+        """
+        try:
+            moved = self._advance(module_index, jobs)
+        except Exception as error:  # one failed batch must not take the worker down
+            if len(jobs) > 1:
+                log.warning("Langevin batch of %d requests failed on %s; stepping each alone", len(jobs), self.name)
+                return [job for one in jobs for job in self._execute(module_index, [one])]
+            log.exception("Langevin batch of 1 request failed on %s", self.name)
+            self.fail(jobs, error)
+            return []
+        return self._commit(jobs, moved)
+
+    def _commit(self, jobs: list[Job], moved: LangevinStep) -> list[Job]:
+        """Hand each job its part of the batched step; end the jobs whose chains went non-finite."""
+        sizes = [job.n for job in jobs]
+        finite = torch.isfinite(moved.x.flatten(1)).all(1) & torch.isfinite(moved.velocity.flatten(1)).all(1)  # [B]
+        job_finite = [bool(part.all()) for part in finite.cpu().split(sizes)]  # one device sync per batch
+        parts = zip(jobs, moved.x.split(sizes), moved.energy.split(sizes), moved.velocity.split(sizes), strict=True)
+        stepped, diverged = [], []
+        for (job, x_part, energy_part, velocity_part), ok in zip(parts, job_finite, strict=True):
+            state = state_of(job)
+            if not ok:
+                diverged.append(job)
+                continue
+            stepped.append(job)
+            if state.free is not None and state.known is not None:
+                x_part = torch.where(state.free, x_part, state.known)  # inpainting: known pixels stay
+            state.x, state.energy = x_part, energy_part
+            state.velocity = velocity_part if state.order.momentum else None
+            every = state.order.trajectory_every
+            step = job.done_steps + 1
+            if every and (step % every == 0 or step == job.steps):
+                state.keep_frame(step, job.steps, self._image(x_part), energy_part)
+        for job in diverged:
+            self.end([job], self._diverged(job))
+        return stepped
+
+    def _diverged(self, job: Job) -> ChainDiverged:
+        order, sampler = state_of(job).order, self.sampler
+        return ChainDiverged(
+            f"the chains diverged at step {job.done_steps + 1} of {job.steps}: their states are no longer finite "
+            f"under step_size {order.step_size:g}, noise {order.noise:g}, temperature {order.temperature:g}, "
+            f"momentum {order.momentum:g}; try values nearer {self.name}'s defaults (step_size "
+            f"{sampler.step_size:g}, noise {sampler.noise:g}, temperature {sampler.temperature:g})"
+        )

@@ -1,0 +1,92 @@
+"""A GAN's latent chains (DDLS): Langevin steps on E(z) = ||z||^2 / 2 - d(G(z)), batched like image chains.
+
+Every running chain of the GAN takes one step per round, requests join and leave at step boundaries, and a
+seeded chain's noise is counter-based, so its path is the one it takes alone and in `python -m training
+sample`. Frames and samples are the images G(z); `energy` is E(z). Requests for 0 steps never come here:
+the GAN's one-pass pool (service/generator_pool.py) answers those.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from service.chain_pool import ChainPool
+from service.messages import SampleOrder
+from service.metrics import Metrics
+from service.pools import state_of
+from service.registry import ServedModel
+from service.scheduler import Job
+from training.ddls import latent_step, start_latents
+from training.langevin import LangevinStep
+from training.noise import chain_seeds
+from training.sampler_config import GANSampler
+from training.sampling import latent_energy
+
+LATENT_POOL_SUFFIX = ":ddls"  # a GAN's latent chains run in the pool named after it with this suffix
+
+
+def latent_pool_name(model: ServedModel) -> str:
+    return model.pool + LATENT_POOL_SUFFIX
+
+
+def runs_in_latent_pool(order: SampleOrder) -> bool:
+    """Whether an order refines a GAN's latents (steps > 0) rather than asking for one plain pass."""
+    return order.model.family == "gan" and order.steps > 0
+
+
+class LatentPool(ChainPool):
+    sampler: GANSampler
+
+    def __init__(
+        self,
+        model: ServedModel,
+        chain_budget: int,
+        device: torch.device,
+        metrics: Metrics,
+        clock: Callable[[], float],
+    ) -> None:
+        super().__init__(latent_pool_name(model), chain_budget, device, metrics, clock)
+        member = model.members[0]
+        self.energy = latent_energy(member)
+        self.sampler = member.sampler_as(GANSampler)
+        self.data_range = member.data_range
+
+    def _start(self, job: Job) -> None:
+        state, order = state_of(job), state_of(job).order
+        seeds = chain_seeds(order.seed, order.n)
+        state.x = start_latents(seeds, self.sampler.latent_dim, order.temperature).to(self.device)
+        state.seeds = seeds.to(self.device)
+        if order.trajectory_every:
+            state.keep_frame(0, job.steps, self._image(state.x), None)
+
+    def _advance(self, module_index: int, jobs: list[Job]) -> LangevinStep:
+        states = [state_of(job) for job in jobs]
+        z = torch.cat([state.x for state in states if state.x is not None])  # [B, latent]
+        seeds = torch.cat([state.seeds for state in states if state.seeds is not None])  # [B]
+        done = torch.cat([torch.full((job.n,), job.done_steps, dtype=torch.int64) for job in jobs]).to(self.device)
+
+        def per_chain(value: Callable[[SampleOrder], float]) -> torch.Tensor:
+            return torch.cat([torch.full((state.order.n,), value(state.order)) for state in states])
+
+        return latent_step(
+            self.energy,
+            z,
+            seeds,
+            done,
+            step_size=per_chain(lambda order: order.step_size),
+            noise=per_chain(lambda order: order.noise),
+            temperature=per_chain(lambda order: order.temperature),
+        )
+
+    @torch.no_grad()
+    def _image(self, x: torch.Tensor) -> torch.Tensor:
+        return self.energy.generator(x).clamp(*self.data_range)
+
+    def _finish(self, job: Job) -> None:
+        state = state_of(job)
+        assert state.x is not None
+        samples = self._image(state.x).cpu()
+        energy = None if state.energy is None else state.energy.cpu()
+        self._deliver(job, samples, job.done_steps, energy=energy)
