@@ -120,6 +120,7 @@ def _model_info(model: ServedModel, worker: Worker, store: BufferStore, settings
         ensemble=config.ensemble,
         sampler=to_dict(model.members[0].sampler),
         classes=model.classes,
+        latent_langevin=model.family == "gan" and model.members[0].critic is not None,
         limits={
             "max_n": settings.max_n,
             "max_steps": settings.max_steps,

@@ -107,6 +107,7 @@ class ModelInfo(BaseModel):
     ensemble: str | None
     sampler: dict
     classes: list[str] | None = None  # what `label` indexes; null for an unconditional model
+    latent_langevin: bool = False  # a GAN whose critic was saved: `steps` > 0 refines its latents (DDLS)
     limits: dict
     metrics: dict
     buffer_size: int | None = None

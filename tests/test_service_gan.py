@@ -28,6 +28,7 @@ def test_gan_is_listed_and_samples_png_json_and_gif(server) -> None:
     base, _ = server
     gan = next(model for model in httpx.get(f"{base}/models").json() if model["name"] == "gan")
     assert gan["family"] == "gan" and gan["buffer_size"] is None and gan["sampler"]["latent_dim"] == 16
+    assert gan["latent_langevin"] and gan["sampler"]["steps"] == 0  # DDLS on request; a plain pass by default
     png = httpx.post(f"{base}/sample", json={"model": "gan", "n": 4})
     assert png.status_code == 200 and Image.open(io.BytesIO(png.content)).size == (62, 62)
     body = httpx.post(f"{base}/sample", json={"model": "gan", "n": 3, "format": "json", "seed": 9}).json()
@@ -103,6 +104,7 @@ def test_a_gan_saved_without_its_critic_answers_ddls_with_a_422_that_says_why(mo
     save_checkpoint(path, checkpoint)
     settings = Settings(models_dir=models_dir, state_dir=tmp_path / "state", device="cpu", batch_window_ms=5)
     with running_server(settings) as (base, _):
+        assert not httpx.get(f"{base}/models").json()[0]["latent_langevin"]
         for fields in ({"steps": 5}, {"step_size": 0.1}, {"trajectory_every": 2}):
             reply = httpx.post(f"{base}/sample", json={"model": "gan", **fields})
             assert reply.status_code == 422 and "saved without its critic" in reply.json()["detail"]

@@ -164,3 +164,19 @@ def test_zoo_refuses_chunks_longer_than_a_lent_gpus_command_limit(tmp_path: Path
     with pytest.raises(SystemExit) as stopped:
         main(["zoo", "--checkpoints", str(tmp_path), "--runs-dir", str(tmp_path), "--stop-after-minutes", "10"])
     assert stopped.value.code == 2
+
+
+def test_a_gans_ddls_figures_are_renewed_at_the_steps_they_were_measured_with(tmp_path: Path) -> None:
+    from conftest import write_tiny_gan
+
+    from training.checkpoint import save_checkpoint
+    from training.zoo import evaluations
+
+    path = write_tiny_gan(tmp_path / "gan.safetensors")
+    checkpoint = load_checkpoint(path)
+    checkpoint.config.metrics.update(evaluate={"n": 2000, "steps": 0}, evaluate_steps_100={"n": 2000, "steps": 100})
+    save_checkpoint(path, checkpoint)
+    assert evaluations(tmp_path, [path], {path: checkpoint.config.metrics}) == [
+        [str(path), "--record"],
+        [str(path), "--record", "--steps", "100"],
+    ]

@@ -275,6 +275,8 @@ def evaluations(checkpoints: Path, shipped: list[Path], old_metrics: dict[Path, 
                     words += ["--steps", str(figures["steps"])]
             if "_label_" in key:
                 words += ["--label", key.partition("_label_")[2]]
+            if config.family == "gan" and "_steps_" in key:  # DDLS figures at other than the default steps
+                words += ["--steps", key.partition("_steps_")[2]]
             if figures.get("n") and figures["n"] != 2000:
                 words += ["--n", str(figures["n"])]
             commands.append(words)
