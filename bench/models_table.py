@@ -93,8 +93,14 @@ def sampler_text(checkpoint: Checkpoint, key: str, figures: dict) -> str:
             text += f", {which} (classifier agrees: {100 * figures['label_accuracy']:.1f} %)"
         return text
     if config.family == "gan":
-        return "one generator pass"
-    return f"inverse at temperature {config.sampler.get('temperature')}"
+        steps = figures.get("steps", config.sampler.get("steps", 0))
+        if not steps:
+            return "one generator pass"
+        step_size = figures.get("step_size", config.sampler.get("step_size"))
+        noise = figures.get("noise", config.sampler.get("noise"))
+        return f"DDLS: {steps} latent Langevin steps of {step_size}, noise {noise}, under the critic"
+    temperature = figures.get("temperature", config.sampler.get("temperature"))
+    return f"inverse at temperature {temperature}"
 
 
 def row(name: str, checkpoint: Checkpoint, key: str | None, params: str, trained: str) -> str:
