@@ -53,7 +53,12 @@ def open_page(browser, models_dir: Path, state_dir: Path) -> Iterator:
         context = browser.new_context(viewport={"width": 1100, "height": 900})
         page = context.new_page()
         problems: list[str] = []
-        page.on("console", lambda message: message.type == "error" and problems.append(message.text))
+
+        def on_console(message) -> None:
+            if message.type == "error":
+                problems.append(message.text)
+
+        page.on("console", on_console)
         page.on("pageerror", lambda error: problems.append(str(error)))
         page.goto(base)
         page.wait_for_function("document.querySelectorAll('#model option').length > 0")
@@ -93,9 +98,50 @@ def ranked_page(browser, tmp_path: Path):
         yield page
 
 
+def write_gan_without_its_critic(path: Path) -> Path:
+    """A GAN checkpoint as saved before critics were kept: one plain generator pass, no DDLS."""
+    from training.checkpoint import load_checkpoint, save_checkpoint
+
+    checkpoint = load_checkpoint(write_tiny_gan(path))
+    del checkpoint.extras["critic"]
+    save_checkpoint(path, checkpoint)
+    return path
+
+
+@pytest.fixture
+def gan_page(browser, tmp_path: Path):
+    """A GAN that saved its critic ('refined': /models says latent_langevin), one that did not ('plain'), and
+    an EBM ('solo'), on which the page opens."""
+    directory = tmp_path / "models"
+    directory.mkdir()
+    write_tiny_ebm(directory / "solo.safetensors", seed=0)
+    write_tiny_gan(directory / "refined.safetensors", seed=1)
+    write_gan_without_its_critic(directory / "plain.safetensors")
+    with open_page(browser, directory, tmp_path / "state") as page:
+        yield page
+
+
+def watch_the_result(page) -> None:
+    """Record each text #step shows and each distinct image #result shows from now on, in window.seenSteps and
+    window.seenFrames (called again, it starts both afresh)."""
+    page.evaluate("""() => {
+        const watching = window.seenSteps !== undefined;
+        window.seenSteps = []; window.seenFrames = new Set();
+        if (watching) return;
+        // each change's own text: a frame and 'done' arriving in one chunk change #step in one task
+        new MutationObserver((changes) => changes.forEach((change) =>
+            change.addedNodes.forEach((node) => window.seenSteps.push(node.textContent))))
+            .observe(document.getElementById('step'), { childList: true, characterData: true, subtree: true });
+        new MutationObserver(() => window.seenFrames.add(document.getElementById('result').src))
+            .observe(document.getElementById('result'), { attributes: true, attributeFilter: ['src'] });
+    }""")
+
+
 def curl_body(page) -> dict:
     """The JSON body of the curl preview, parsed back."""
-    return json.loads(re.search(r"-d '(.*)'", page.inner_text("#curl")).group(1))
+    preview = re.search(r"-d '(.*)'", page.inner_text("#curl"))
+    assert preview, "the curl preview has no -d '<json>' body"
+    return json.loads(preview.group(1))
 
 
 def wait_until_done(page, timeout: float = 60000) -> None:
@@ -141,15 +187,7 @@ def test_watch_plays_the_stream_with_a_step_counter_and_energy_curve(page) -> No
     page.select_option("#model", "pair")
     page.fill("#steps", "400")
     page.check("input[name=init][value=noise]")
-    page.evaluate("""() => {
-        window.seenSteps = []; window.seenFrames = new Set();
-        // each change's own text: a frame and 'done' arriving in one chunk change #step in one task
-        new MutationObserver((changes) => changes.forEach((change) =>
-            change.addedNodes.forEach((node) => window.seenSteps.push(node.textContent))))
-            .observe(document.getElementById('step'), { childList: true, characterData: true, subtree: true });
-        new MutationObserver(() => window.seenFrames.add(document.getElementById('result').src))
-            .observe(document.getElementById('result'), { attributes: true, attributeFilter: ['src'] });
-    }""")
+    watch_the_result(page)
     page.click("#watch")
     page.wait_for_function("document.getElementById('step').textContent.startsWith('done')", timeout=60000)
     steps = page.evaluate("window.seenSteps.filter((text) => text.startsWith('step '))")
@@ -286,3 +324,59 @@ def test_a_label_the_model_refuses_is_shown_to_the_user(ranked_page) -> None:
     expected = [line for line in page.console_problems if "status of 422" in line]
     assert len(expected) == 1
     page.console_problems.remove(expected[0])
+
+
+def test_a_gan_with_its_critic_takes_ddls_steps_and_watch_streams_the_refinement(gan_page) -> None:
+    page = gan_page
+    page.select_option("#model", "refined")
+    for control in ("#steps", "#step_size", "#noise", "#temperature"):
+        expect(page.locator(control)).to_be_visible()
+    assert page.input_value("#steps") == "0"  # the checkpoint's sampler.steps: a plain pass unless asked
+    expect(page.locator("#steps-hint")).to_contain_text("0: one plain generator pass")
+    assert (page.input_value("#step_size"), page.input_value("#noise")) == ("0.01", "0.1")  # its sampler's
+    expect(page.locator("input[name=init][value=noise]")).to_be_hidden()  # no images to start from
+    expect(page.locator("#pad")).to_be_hidden()
+    assert "DDLS" in page.inner_text("#model-info")
+    assert "steps" not in curl_body(page) and "init" not in curl_body(page)
+
+    page.fill("#steps", "12")
+    assert curl_body(page)["steps"] == 12
+    watch_the_result(page)
+    with page.expect_response("**/sample") as reply:
+        page.click("#watch")
+    sent = reply.value.request.post_data_json
+    assert reply.value.status == 200 and sent["steps"] == 12 and sent["stream"] is True and "init" not in sent
+    wait_until_done(page)
+    steps = page.evaluate("window.seenSteps.filter((text) => text.startsWith('step '))")
+    assert steps[0] == "step 0 / 12" and steps[-1] == "step 12 / 12"
+    assert page.evaluate("window.seenFrames.size") > 1  # G(z) along the chain, then the samples
+    assert re.fullmatch(r"E\(z\) = -?\d+\.\d{4}", page.inner_text("#energy-now"))
+    SCREENSHOTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / "demo-page-watch-ddls.png"), full_page=True)
+
+    page.fill("#steps", "0")  # the plain pass: its one frame, and no energy to show
+    assert curl_body(page).get("steps") is None  # 0 is this checkpoint's default: nothing to send
+    watch_the_result(page)
+    page.click("#watch")
+    wait_until_done(page)
+    assert page.inner_text("#energy-now") == ""
+    assert page.evaluate("window.seenSteps.filter((text) => text.startsWith('step '))") == ["step 1 / 1"]
+
+
+def test_a_gan_without_its_critic_and_an_ebm_keep_their_own_controls(gan_page) -> None:
+    page = gan_page
+    page.select_option("#model", "plain")
+    for control in ("#steps", "#step_size", "#noise", "#temperature", "#pad"):
+        expect(page.locator(control)).to_be_hidden()
+    assert "DDLS" not in page.inner_text("#model-info")
+    assert set(curl_body(page)) == {"model", "n", "format"}
+    with page.expect_response("**/sample") as reply:
+        page.click("#sample")
+    assert reply.value.status == 200 and set(reply.value.request.post_data_json) == {"model", "n", "format"}
+    wait_until_done(page)
+
+    page.select_option("#model", "solo")  # back on an EBM: its Langevin controls, its lower bound on steps
+    expect(page.locator("#steps")).to_be_visible()
+    expect(page.locator("#steps-hint")).to_be_hidden()
+    expect(page.locator("input[name=init][value=noise]")).to_be_visible()
+    assert page.get_attribute("#steps", "min") == "1" and page.input_value("#steps") == "10"

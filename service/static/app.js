@@ -2,7 +2,8 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { models: [], controller: null, energies: [], pngUrl: null };
+const state = { models: [], controller: null, energies: [], energyName: "E", pngUrl: null };
+const LANGEVIN_FIELDS = ["steps", "step_size", "noise", "temperature"];
 const MASKS = {  // [x, y, width, height] of the part to fill in, in units of the image side
   top: [0, 0, 1, 0.5], bottom: [0, 0.5, 1, 0.5], left: [0, 0, 0.5, 1], right: [0.5, 0, 0.5, 1],
 };
@@ -57,17 +58,29 @@ function bestModel(models) {
   return scored[0] || energies[0] || models[0];
 }
 
+function controlKind(model) {
+  // Which controls apply: an EBM's Langevin chains ("ebm"); a GAN whose checkpoint saved its critic refines
+  // its latent z by Langevin steps on E(z) = ||z||^2/2 - d(G(z)) ("ddls", Che et al. 2020); otherwise the
+  // family, whose one pass takes none of them.
+  return model.family === "gan" && model.latent_langevin ? "ddls" : model.family;
+}
+
+function takesLangevinControls(model) {
+  return ["ebm", "ddls"].includes(controlKind(model));
+}
+
 function initChoice(value) {
   return document.querySelector(`input[name=init][value=${value}]`);
 }
 
 function applySamplerDefaults(model) {
   const sampler = model.sampler || {};
-  for (const field of ["steps", "step_size", "noise", "temperature"]) {
+  for (const field of LANGEVIN_FIELDS) {
     $(field).value = sampler[field] ?? "";
   }
   $("n").max = model.limits.max_n;
   $("steps").max = model.limits.max_steps;
+  $("steps").min = controlKind(model) === "ddls" ? 0 : 1;  // a GAN's 0 steps: the plain generator pass
 }
 
 function applyInitChoices(model) {
@@ -99,12 +112,14 @@ function describeModel(model) {
   const members = model.members.length > 1 ? ` · ensemble of ${model.members.length}` : "";
   const buffer = model.buffer_size != null ? ` · buffer ${model.buffer_size}/${model.buffer_capacity}` : "";
   const classes = model.classes ? ` · ${model.classes.length} classes` : "";
-  return `${model.family}${members}${buffer}${classes}${figures ? " · " + figures : ""}`;
+  const ddls = controlKind(model) === "ddls" ? " · latents refined by its critic (DDLS)" : "";
+  return `${model.family}${members}${buffer}${classes}${ddls}${figures ? " · " + figures : ""}`;
 }
 
 function showFamilyControls(model) {
+  const kind = controlKind(model);
   for (const element of document.querySelectorAll("[data-family]")) {
-    element.hidden = element.dataset.family !== model.family;
+    element.hidden = !element.dataset.family.split(" ").includes(kind);
   }
   // Colour models (shape [3, H, W]) take a coloured drawing; grey ones read any drawing as grey.
   $("pen-picker").hidden = model.shape.length !== 3 || model.shape[0] !== 3;
@@ -170,12 +185,14 @@ function requestBody(extra = {}) {
   const label = selectedLabel();
   if (label !== null) body.label = label;
   const model = currentModel();
-  if (model && model.family === "ebm") {
+  if (model && takesLangevinControls(model)) {
     const sampler = model.sampler || {};
-    for (const field of ["steps", "step_size", "noise", "temperature"]) {
+    for (const field of LANGEVIN_FIELDS) {
       const value = $(field).value;
       if (value !== "" && Number(value) !== sampler[field]) body[field] = Number(value);
     }
+  }
+  if (model && model.family === "ebm") {
     body.init = document.querySelector("input[name=init]:checked").value;
     if (body.init === "image") {
       body.image = padDataUrl();
@@ -231,6 +248,9 @@ async function run(action) {
 
 function clearEnergyReadout() {
   // The readout and curve belong to the chains on screen: a new request must not show the last one's.
+  // A GAN's DDLS chains move z, so their energy is E(z), not an image's E(x).
+  const model = currentModel();
+  state.energyName = model && controlKind(model) === "ddls" ? "E(z)" : "E";
   state.energies = [];
   $("energy-now").textContent = "";
   drawCurve();
@@ -264,7 +284,8 @@ function drawCurve() {
   context.stroke();
   context.fillStyle = "#5b6470";
   context.font = "11px system-ui";
-  context.fillText(`mean energy: ${high.toFixed(4)} → ${values[values.length - 1].toFixed(4)}`, 8, canvas.height - 4);
+  const name = state.energyName === "E" ? "energy" : state.energyName;
+  context.fillText(`mean ${name}: ${high.toFixed(4)} → ${values[values.length - 1].toFixed(4)}`, 8, canvas.height - 4);
 }
 
 function handleEvent(name, data) {
@@ -273,7 +294,7 @@ function handleEvent(name, data) {
     $("step").textContent = `step ${data.step} / ${data.steps}`;
     if (data.mean_energy != null) {
       state.energies.push([data.step, data.mean_energy]);
-      $("energy-now").textContent = `E = ${data.mean_energy.toFixed(4)}`;
+      $("energy-now").textContent = `${state.energyName} = ${data.mean_energy.toFixed(4)}`;
       drawCurve();
     }
   } else if (name === "done") {
