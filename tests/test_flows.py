@@ -382,3 +382,160 @@ def test_the_learning_rate_warms_up_linearly_then_decays_by_cosine_to_its_floor(
     assert scheduled_learning_rate(1e-3, 0, 100, 0, "cosine", 0.05) == pytest.approx(1e-3)  # no warm-up
     with pytest.raises(ValueError, match="cosine or constant"):
         scheduled_learning_rate(1e-3, 0, 100, 10, "linear", 0.05)
+
+
+def test_more_power_series_terms_bring_the_log_det_estimate_to_the_exact_value_within_the_tail_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Behrmann et al. 2019: K terms of sum (-1)^(k+1) tr(J^k) / k miss log det(I + J) by at most
+    sum_{k>K} D Lip^k / k. With the D scaled basis vectors as Hutchinson probes (one per copy of the input) the
+    mean estimate is the truncated series itself, free of probe noise: its error must shrink with K."""
+    torch.manual_seed(0)
+    exact = iresnet_block((2, 2, 2), log_det="exact", coefficient=0.97).double()
+    series = iresnet_block((2, 2, 2), log_det="series", coefficient=0.97).double()
+    series.load_state_dict(exact.state_dict())
+    x = torch.randn(1, 2, 2, 2, dtype=torch.float64)
+    basis = (8**0.5 * torch.eye(8, dtype=torch.float64)).reshape(8, 2, 2, 2)  # mean of v^T A v over them: tr(A)
+    lipschitz = 0.97**3  # three convolutions, each at most 0.97, and 1-Lipschitz ELUs between them
+    with torch.no_grad():
+        truth = exact(x)[1].item()
+        monkeypatch.setattr(torch, "randn_like", lambda like: basis)
+        errors = {}
+        for terms in (1, 2, 4, 8, 16):
+            series.series_terms = terms
+            errors[terms] = abs(series(x.expand(8, -1, -1, -1))[1].mean().item() - truth)
+            tail = sum(8 * lipschitz**k / k for k in range(terms + 1, 2000))
+            assert errors[terms] <= tail, f"{terms} terms: error {errors[terms]:.3g} over the bound {tail:.3g}"
+    assert errors[1] > errors[2] > errors[4] > errors[8] > errors[16]
+    assert errors[16] < 1e-6 * abs(truth)
+
+
+def test_the_flow_series_terms_reach_every_block_and_reject_zero() -> None:
+    flow = IResNet((1, 4, 4), blocks=3, hidden=4, series_terms=4)
+    assert flow.series_terms == 4
+    flow.series_terms = 12
+    assert [layer.series_terms for layer in flow.layers if isinstance(layer, ResidualBlock)] == [12, 12, 12]
+    with pytest.raises(ValueError, match="at least 1 term"):
+        flow.series_terms = 0
+
+
+def test_the_inverse_convergence_report_flags_samples_that_hit_the_cap_and_passes_the_rest() -> None:
+    from training.models.iresnet import InverseConvergence
+
+    torch.manual_seed(0)
+    flow = iresnet((1, 4, 4)).double()  # tolerance 1e-12, cap 500
+    z = torch.randn(6, 16, dtype=torch.float64) * torch.tensor([0.01, 0.1, 1, 3, 10, 30], dtype=torch.float64)[:, None]
+    x, convergence = flow.invert(z)
+    assert torch.equal(x, flow.inverse(z)[0])  # the same iterates as the inverse that samples
+    assert convergence.converged.all() and (convergence.residual <= 1e-12).all()
+    report = convergence.report()
+    assert report["not_converged"] == 0 and report["not_converged_samples"] == [] and report["max_residual"] <= 1e-12
+    needed = convergence.iterations
+    assert needed.min() < needed.max()  # the inputs' scales make some samples need more iterations than others
+
+    cap = int(needed.min())  # the fastest sample still converges; the slower ones run out of iterations
+    for block in flow.layers:
+        if isinstance(block, ResidualBlock):
+            block.max_iterations = cap
+    _, capped = flow.invert(z)
+    assert capped.converged.tolist() == (needed <= cap).tolist()
+    assert (capped.residual[~capped.converged] > 1e-12).all()
+    report = capped.report()
+    assert report["not_converged"] == int((needed > cap).sum()) > 0 and report["max_iterations"] == cap
+    assert report["not_converged_samples"] == (needed > cap).nonzero().squeeze(1).tolist()
+    assert report["max_residual"] == pytest.approx(capped.residual.max().item()) and report["max_residual"] > 1e-12
+
+    both = InverseConvergence.concatenate([convergence, convergence])  # batches in sample order
+    assert len(both) == 12 and both.report()["not_converged"] == 0
+    with pytest.raises(ValueError, match="cannot be merged"):
+        InverseConvergence.concatenate([convergence, capped])
+
+
+def test_a_single_iteration_cap_leaves_every_sample_of_a_real_block_unconverged() -> None:
+    torch.manual_seed(0)
+    block = iresnet_block((2, 2, 2))
+    block.max_iterations = 1
+    y = torch.randn(5, 2, 2, 2)
+    _, convergence = block.solve(y)
+    assert not convergence.converged.any() and convergence.iterations.tolist() == [1] * 5
+    assert block.last_convergence is convergence and convergence.report()["not_converged_samples"] == [0, 1, 2, 3, 4]
+
+
+def write_tiny_flow(path: Path, arch_name: str) -> Path:
+    """An untrained, perturbed flow checkpoint on 28x28 images (the i-ResNet with the default 5 series terms)."""
+    from training.checkpoint import Checkpoint, ModelConfig, save_checkpoint
+    from training.models import build_model
+
+    torch.manual_seed(0)
+    kwargs = {"iresnet": {"blocks": 2, "hidden": 8}, "nice": {"couplings": 2, "hidden": 8, "depth": 1}}[arch_name]
+    arch = {"name": arch_name, "kwargs": {"shape": [1, 28, 28], "base": "gaussian", **kwargs}}
+    flow = build_model(arch)
+    assert isinstance(flow, Flow)
+    flow.initialize(torch.rand(64, 1, 28, 28) * 2 - 1)
+    with torch.no_grad():
+        for parameter in flow.parameters():
+            parameter.add_(0.3 * torch.randn_like(parameter))
+    if isinstance(flow, IResNet):
+        flow.refresh_spectral_norms(200)  # the perturbed convolutions rescaled to Lipschitz 0.9 again
+    config = ModelConfig(
+        family="flow",
+        arch=arch,
+        data={"shape": [1, 28, 28], "range": [-1.0, 1.0], "dataset": "fake"},
+        sampler={"temperature": 0.8, "base": "gaussian"},
+    )
+    save_checkpoint(path, Checkpoint(config, flow.state_dict()))
+    return path
+
+
+def test_evaluate_reports_the_series_terms_and_every_sample_whose_inverse_did_not_converge(
+    tmp_path: Path, idx_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from training.checkpoint import load_checkpoint, save_checkpoint
+    from training.cli import main
+    from training.data import load_dataset
+    from training.models.iresnet import EVALUATION_SERIES_TERMS
+    from training.sampling import load_model
+    from training.train_flow import dataset_bits_per_dim
+
+    converging = write_tiny_flow(tmp_path / "iresnet.safetensors", arch_name="iresnet")
+    words = ["--data-dir", str(idx_dir), "--n", "24", "--batch", "10", "--device", "cpu"]
+    main(["evaluate", str(converging), *words])
+    report = json.loads(capsys.readouterr().out)
+    assert report["model"]["series_terms"] == EVALUATION_SERIES_TERMS and report["model"]["series_terms_trained"] == 5
+    assert report["sampler"]["temperature"] == 0.8
+    inverse = report["inverse"]
+    assert inverse["n"] == 24 and inverse["not_converged"] == 0 and report["model"]["inverse_not_converged"] == 0
+    assert 0 <= inverse["max_residual"] <= inverse["tolerance"] and inverse["most_iterations"] < 100
+
+    main(["evaluate", str(converging), *words, "--series-terms", "1"])
+    fewer = json.loads(capsys.readouterr().out)["model"]
+    flow = load_model(converging).module
+    assert isinstance(flow, IResNet)
+    flow.series_terms = 1
+    one_term = dataset_bits_per_dim(flow, load_dataset("mnist", idx_dir, "test"), 500, torch.device("cpu"))
+    assert fewer["series_terms"] == 1 and fewer["test_bits_per_dim"] == pytest.approx(one_term, abs=1e-4)
+    assert fewer["test_bits_per_dim"] < report["model"]["test_bits_per_dim"] - 5e-4  # the trace alone: too few bits
+
+    checkpoint = load_checkpoint(converging)
+    checkpoint.config.arch["kwargs"]["max_iterations"] = 1  # one fixed-point step cannot reach 1e-5
+    capped = tmp_path / "capped.safetensors"
+    save_checkpoint(capped, checkpoint)
+    main(["evaluate", str(capped), *words])
+    captured = capsys.readouterr()
+    inverse = json.loads(captured.out)["inverse"]
+    assert inverse["not_converged"] == 24 and inverse["not_converged_samples"] == list(range(20))
+    assert inverse["max_residual"] > inverse["tolerance"] and inverse["max_iterations"] == 1
+    assert "WARNING: the fixed-point inverse of 24 of 24 samples did not reach tolerance" in captured.err
+
+
+def test_evaluate_refuses_series_terms_for_a_flow_with_an_exact_log_det(
+    tmp_path: Path, idx_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from training.cli import main
+
+    nice = write_tiny_flow(tmp_path / "nice.safetensors", arch_name="nice")
+    with pytest.raises(SystemExit):
+        main(["evaluate", str(nice), "--data-dir", str(idx_dir), "--n", "8", "--device", "cpu", "--series-terms", "8"])
+    assert "--series-terms sets the i-ResNet's log-det power series; nice is a nice flow" in capsys.readouterr().err

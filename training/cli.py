@@ -325,10 +325,41 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     }
     if model.config.family == "flow":
         from training.models.flows import Flow
+        from training.models.iresnet import EVALUATION_SERIES_TERMS, InverseConvergence, IResNet
+        from training.sampler_config import FlowSampler
         from training.train_flow import dataset_bits_per_dim
 
-        print(f"evaluate {model.name}: test bits/dim of 500 images", file=sys.stderr)
         flow = cast(Flow, model.module)  # a flow checkpoint's arch is nice, glow or iresnet: all Flows
+        if isinstance(flow, IResNet):
+            # The fixed-point inverse of every sample drawn above, rerun on the same base points and batches (the
+            # same computation, without the log-det) to see which samples met the tolerance within the cap.
+            print(f"evaluate {model.name}: inverse convergence of the {args.n} samples", file=sys.stderr)
+            temperature = model.sampler_as(FlowSampler).temperature
+            sampler_report["temperature"] = temperature
+            inverses = [
+                flow.invert(flow.base_sample(chunk, temperature).to(device))[1]
+                for chunk in torch.split(seeds, args.batch)
+            ]
+            inverse_report = InverseConvergence.concatenate(inverses).report()
+            report["inverse"] = inverse_report
+            model_figures["inverse_not_converged"] = inverse_report["not_converged"]
+            if inverse_report["not_converged"]:
+                print(
+                    f"evaluate {model.name}: WARNING: the fixed-point inverse of {inverse_report['not_converged']} of "
+                    f"{args.n} samples did not reach tolerance {inverse_report['tolerance']} within "
+                    f"{inverse_report['max_iterations']} iterations (largest final residual "
+                    f"{inverse_report['max_residual']}); their indices start {inverse_report['not_converged_samples']}",
+                    file=sys.stderr,
+                )
+            model_figures["series_terms_trained"] = flow.series_terms
+            flow.series_terms = EVALUATION_SERIES_TERMS if args.series_terms is None else args.series_terms
+            model_figures["series_terms"] = flow.series_terms
+        elif args.series_terms is not None:
+            raise ValueError(
+                f"--series-terms sets the i-ResNet's log-det power series; {model.name} is a "
+                f"{model.config.arch['name']} flow, whose log-det is exact"
+            )
+        print(f"evaluate {model.name}: test bits/dim of all {len(test.images)} test images", file=sys.stderr)
         model_figures["test_bits_per_dim"] = round(dataset_bits_per_dim(flow, test, 500, device, seed=args.seed), 4)
     print(json.dumps(report, indent=2))
     if args.record:
@@ -552,6 +583,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_ebm_sampler_flags(evaluate)
     evaluate.add_argument("--batch", type=int, default=500, help="chains sampled at a time")
+    from training.models.iresnet import EVALUATION_SERIES_TERMS
+
+    evaluate.add_argument(
+        "--series-terms",
+        type=int,
+        default=None,
+        metavar="K",
+        help="i-ResNet flows: terms of the log-det power series behind test bits/dim (default "
+        f"{EVALUATION_SERIES_TERMS}, where the truncation bias is small; the checkpoint's own count is what "
+        "training used)",
+    )
     evaluate.add_argument("--seed", type=int, default=0, help="seeds the chains and the reference subsets")
     evaluate.add_argument(
         "--classifier", type=Path, default=DEFAULT_CLASSIFIER, help="the feature network (see: classifier)"
