@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import write_tiny_ebm, write_tiny_flow
+from conftest import write_tiny_ebm, write_tiny_flow, write_tiny_gan
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,6 +26,31 @@ def test_models_table_prints_one_row_per_recorded_evaluation_and_each_ensemble_o
     assert "| 10 steps (the ensemble's members in turn) from its replay buffer | 50.0 |" in ensemble[0]
     glow = next(line for line in table if line.startswith("| `glow`"))
     assert "multiscale (2 levels x 1 steps, 8 channels)" in glow and glow.endswith("| 5.00 |")
+
+
+def test_ddls_sweep_prints_a_row_per_setting_and_its_zero_step_row_matches_evaluate(
+    tmp_path: Path, idx_dir: Path
+) -> None:
+    import json
+
+    gan = write_tiny_gan(tmp_path / "gan.safetensors")
+    common = ["--data-dir", str(idx_dir), "--n", "64"]
+    sweep = [sys.executable, str(ROOT / "bench" / "ddls_sweep.py"), str(gan), *common]
+    printed = subprocess.run(
+        [*sweep, "--steps", "0,3", "--step-sizes", "0.01,0.1", "--threads", "1"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    rows = [line for line in printed if line.startswith("| ") and not line.startswith("| steps")]
+    assert [row.split(" | ")[:3] for row in rows] == [
+        ["| 0", "", ""],
+        ["| 3", "0.01", "0.1414"],
+        ["| 3", "0.1", "0.4472"],
+    ]
+    evaluate = [sys.executable, "-m", "training", "evaluate", str(gan), *common, "--device", "cpu"]
+    figures = json.loads(subprocess.run(evaluate, capture_output=True, text=True, check=True, cwd=ROOT).stdout)
+    assert rows[0].split(" | ")[3] == str(figures["model"]["frechet_distance"])
 
 
 def test_serving_bench_drives_a_flow_and_prints_its_table(tmp_path: Path) -> None:
