@@ -194,7 +194,7 @@ BAD_INPUT = [
     ({"model": "nope"}, None),
     ({"model": "solo", "n": 0}, None),
     ({"model": "solo", "steps": 10**9}, None),
-    ({"model": "gan", "steps": 10}, None),
+    ({"model": "gan", "init": "buffer"}, None),
     ({"model": "solo", "label": 3}, None),
     ({"model": "solo", "surprise": 1}, None),
     (None, b'{"model": "solo", "n": '),
