@@ -163,3 +163,20 @@ def test_batch_norm_statistics_are_averaged_like_the_weights() -> None:
     model.running_mean.fill_(1.0)
     ema_update(average, model, decay=0.75)
     assert torch.allclose(average.running_mean, torch.full((3,), 0.25))
+
+
+def test_a_continued_run_keeps_the_ddls_settings_its_checkpoint_chose(tmp_path: Path) -> None:
+    from training.checkpoint import save_checkpoint
+
+    shipped = train_gan(toy_config(tmp_path / "a", loss="wgan-gp", epochs=1, max_batches=10))
+    checkpoint = load_checkpoint(shipped)
+    checkpoint.config.sampler.update(steps=50, step_size=0.03, noise=0.25)  # what a sweep chose
+    save_checkpoint(shipped, checkpoint)
+    warm = load_checkpoint(
+        train_gan(toy_config(tmp_path / "b", loss="wgan-gp", epochs=2, max_batches=10, init_from=str(shipped)))
+    )
+    assert {key: warm.config.sampler[key] for key in ("steps", "step_size", "noise")} == {
+        "steps": 50,
+        "step_size": 0.03,
+        "noise": 0.25,
+    }

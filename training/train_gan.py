@@ -28,7 +28,7 @@ from training.losses import (
 from training.models import build_model
 from training.models.gan import ConvCritic, MLPCritic
 from training.run import RunConfig, Stopwatch, batches, load_resume, save_resume, start_run, warm_start
-from training.sampler_config import GANSampler, to_dict
+from training.sampler_config import GANSampler, from_dict, to_dict
 
 LOSSES = ("dcgan", "wgan", "wgan-gp")
 
@@ -112,6 +112,7 @@ def train_gan(config: GANTrainConfig) -> Path:
     critic_steps = config.critic_steps or LOSS_DEFAULTS[config.loss]["critic_steps"]
     optimizers = {"generator": generator_optimizer, "critic": critic_optimizer}
     first_epoch, already, generator_updates, critic_updates = 1, 0.0, 0, 0
+    sampler = GANSampler(latent_dim=config.latent_dim)  # a continued run keeps the DDLS settings it had
     if config.resume:
         resumed = load_resume(run_dir, optimizers)
         generator.load_state_dict(resumed.checkpoint.weights)
@@ -121,6 +122,7 @@ def train_gan(config: GANTrainConfig) -> Path:
         already = float(resumed.checkpoint.config.training["wall_seconds"])
         generator_updates = int(resumed.checkpoint.config.training["generator_updates"])
         critic_updates = int(resumed.checkpoint.config.training["critic_updates"])
+        sampler = from_dict(GANSampler, resumed.checkpoint.config.sampler)
     elif config.init_from:  # a shipped checkpoint's generator, EMA and critic; its epochs, updates and time count on
         start = warm_start(config.init_from, "gan", {**generator_arch, "critic": critic_arch})
         generator.load_state_dict(start.weights)
@@ -130,6 +132,7 @@ def train_gan(config: GANTrainConfig) -> Path:
         already = float(start.config.training.get("wall_seconds", 0.0))
         generator_updates = int(start.config.training.get("generator_updates", 0))
         critic_updates = int(start.config.training.get("critic_updates", 0))
+        sampler = from_dict(GANSampler, start.config.sampler)
     clock = Stopwatch(already)
     fixed_latents = torch.randn(64, config.latent_dim, generator=torch.Generator().manual_seed(0)).to(device)
     per_epoch = run.batches_per_epoch
@@ -211,7 +214,7 @@ def train_gan(config: GANTrainConfig) -> Path:
             family="gan",
             arch={**generator_arch, "critic": critic_arch},
             data={"shape": list(train.shape), "range": [-1.0, 1.0], "dataset": config.dataset},
-            sampler=to_dict(GANSampler(latent_dim=config.latent_dim)),
+            sampler=to_dict(sampler),
             training=config.training_record(
                 "gan",
                 device,
