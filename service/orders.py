@@ -18,6 +18,7 @@ from service.schemas import DDLS_FIELDS, EBM_ONLY_FIELDS, SampleRequest
 from service.settings import Settings
 from training.images import decode_image, image_size
 from training.sampler_config import EBMSampler, GANSampler
+from training.sampling import default_latent_steps
 
 UNSTREAMED_FRAMES = 33  # a GIF or JSON body keeps a trajectory to at most this many frames
 
@@ -80,7 +81,7 @@ def requested_steps(body: SampleRequest, model: ServedModel) -> int:
     """Langevin steps: an EBM's, or a GAN's DDLS steps (0: one plain pass); 1 for a flow: one pass of its
     inverse (whose trajectory, when asked for, reports the number of states the inverse went through)."""
     if model.family == "gan":
-        return model.members[0].sampler_as(GANSampler).steps if body.steps is None else body.steps
+        return default_latent_steps(model.members[0]) if body.steps is None else body.steps
     if model.family != "ebm":
         return 1
     return body.steps or model.members[0].sampler_as(EBMSampler).steps

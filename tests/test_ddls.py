@@ -73,6 +73,8 @@ def test_a_gan_saved_without_its_critic_says_why_it_cannot_refine(tmp_path: Path
     with pytest.raises(ValueError, match="no critic"):
         sample_generator(model, chain_seeds(0, 2), steps=3)
     assert sample_generator(model, chain_seeds(0, 2), steps=0).shape == (2, 1, 28, 28)
+    model.sampler = dataclasses.replace(model.sampler, steps=50)  # a DDLS default it cannot run
+    assert torch.equal(sample_generator(model, chain_seeds(0, 2)), sample_generator(model, chain_seeds(0, 2), steps=0))
 
 
 def test_the_energy_is_the_prior_minus_the_critic_of_the_image() -> None:

@@ -101,6 +101,7 @@ def test_a_gan_saved_without_its_critic_answers_ddls_with_a_422_that_says_why(mo
     path = write_tiny_gan(models_dir / "gan.safetensors")
     checkpoint = load_checkpoint(path)
     del checkpoint.extras["critic"]
+    checkpoint.config.sampler["steps"] = 50  # as an exported program keeps a DDLS default it cannot run
     save_checkpoint(path, checkpoint)
     settings = Settings(models_dir=models_dir, state_dir=tmp_path / "state", device="cpu", batch_window_ms=5)
     with running_server(settings) as (base, _):
@@ -109,6 +110,8 @@ def test_a_gan_saved_without_its_critic_answers_ddls_with_a_422_that_says_why(mo
             reply = httpx.post(f"{base}/sample", json={"model": "gan", **fields})
             assert reply.status_code == 422 and "saved without its critic" in reply.json()["detail"]
         assert httpx.post(f"{base}/sample", json={"model": "gan", "steps": 0}).status_code == 200
+        plain = httpx.post(f"{base}/sample", json={"model": "gan", "format": "json"})  # the plain pass by default
+        assert plain.status_code == 200 and plain.json()["steps"] == 1
 
 
 def test_gan_stream_is_one_frame_then_the_samples(server) -> None:

@@ -160,14 +160,16 @@ def _draw_with_progress(
     terminal, plain lines when piped. EBMs count Langevin steps, GANs and flows batches."""
     from training.run import progress
     from training.sampler_config import EBMSampler, GANSampler
-    from training.sampling import draw_samples
+    from training.sampling import default_latent_steps, draw_samples
 
     model = members[0]
     starts = range(0, len(seeds), batch)
     sampler = model.sampler
     steps_per_chain = 0
-    if isinstance(sampler, EBMSampler | GANSampler):  # Langevin steps (GAN: DDLS, 0 by default)
+    if isinstance(sampler, EBMSampler):
         steps_per_chain = sampler.steps if args.steps is None else args.steps
+    elif isinstance(sampler, GANSampler):  # DDLS steps (0 without a critic)
+        steps_per_chain = default_latent_steps(model) if args.steps is None else args.steps
     bar = progress(None, len(starts) * max(steps_per_chain, 1), description, unit="step" if steps_per_chain else "it")
 
     def step_done(step: int, x: torch.Tensor, energy: torch.Tensor) -> None:
@@ -270,7 +272,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     from training.evaluate import load_classifier, quality_figures, real_data_floor
     from training.noise import chain_seeds
     from training.sampler_config import EBMSampler, GANSampler
-    from training.sampling import chain_labels, load_model
+    from training.sampling import chain_labels, default_latent_steps, load_model
 
     device = pick_device(args.device)
     members = [load_model(path, device) for path in args.checkpoint]
@@ -310,7 +312,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     ]
     sampler_report = ebm_sampler_report if model.config.family == "ebm" else {"n": args.n}
     if isinstance(model.sampler, GANSampler):
-        ddls_steps = model.sampler.steps if args.steps is None else args.steps
+        ddls_steps = default_latent_steps(model) if args.steps is None else args.steps
         sampler_report.update(steps=ddls_steps)
         if ddls_steps:
             sampler_report.update(step_size=model.sampler.step_size, noise=model.sampler.noise)
@@ -366,7 +368,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         from training.checkpoint import load_checkpoint, save_checkpoint
 
         key = "evaluate" if model.config.family != "ebm" else f"evaluate_{args.init}"
-        if isinstance(model.sampler, GANSampler) and sampler_report["steps"] != model.sampler.steps:
+        if isinstance(model.sampler, GANSampler) and sampler_report["steps"] != default_latent_steps(model):
             key += f"_steps_{sampler_report['steps']}"  # DDLS steps other than the checkpoint's own
         if args.label is not None:
             key += f"_label_{args.label}"

@@ -114,6 +114,12 @@ def latent_energy(model: LoadedModel) -> LatentEnergy:
     return LatentEnergy(model.module, model.critic)
 
 
+def default_latent_steps(model: LoadedModel) -> int:
+    """The DDLS steps a GAN takes when none are asked for: its sampler's, or 0 (the plain pass) when no critic
+    came with it (an exported program keeps the sampler of a checkpoint that had one)."""
+    return model.sampler_as(GANSampler).steps if model.critic is not None else 0
+
+
 def sample_generator(
     model: LoadedModel,
     seeds: torch.Tensor,
@@ -127,7 +133,7 @@ def sample_generator(
     sampler = model.sampler_as(GANSampler)
     device = next(model.module.parameters()).device
     scale = sampler.temperature if temperature is None else temperature
-    steps = sampler.steps if steps is None else steps
+    steps = default_latent_steps(model) if steps is None else steps
     z = start_latents(seeds, sampler.latent_dim, scale).to(device)
     if steps > 0:
         z = refine_latents(
