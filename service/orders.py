@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import math
 import secrets
 
@@ -116,25 +117,16 @@ async def make_order(body: SampleRequest, model: ServedModel, settings: Settings
     every = body.trajectory_every
     if every is None and wants_frames:
         every = max(1, math.ceil(steps / (frame_limit(settings, streaming) - 1)))
+    order = functools.partial(SampleOrder, model=model, n=body.n, seed=seed, temperature=temperature, steps=steps)
     if model.family == "gan" and steps > 0:  # DDLS: Langevin steps on the latent, frames decoded
         ddls = model.members[0].sampler_as(GANSampler)
-        return SampleOrder(
-            model=model,
-            n=body.n,
-            seed=seed,
-            temperature=temperature,
-            steps=steps,
+        return order(
             step_size=_given(body.step_size, ddls.step_size),
             noise=_given(body.noise, ddls.noise),
             trajectory_every=every,
         )
     if model.family != "ebm":  # frames are the states of a flow's inverse, thinned evenly (a GAN has one)
-        return SampleOrder(
-            model=model,
-            n=body.n,
-            seed=seed,
-            temperature=temperature,
-            steps=steps,
+        return order(
             trajectory_every=1 if wants_frames else None,
             max_frames=frame_limit(settings, streaming),
         )
@@ -153,12 +145,7 @@ async def make_order(body: SampleRequest, model: ServedModel, settings: Settings
             low, high = model.members[0].data_range
             # A pixel is free in every channel or none: a colour model's mask is read by its mean brightness.
             free_mask = (mask.mean(0, keepdim=True) > (low + high) / 2).expand_as(mask)
-    return SampleOrder(
-        model=model,
-        n=body.n,
-        seed=seed,
-        temperature=temperature,
-        steps=steps,
+    return order(
         step_size=_given(body.step_size, sampler.step_size),
         noise=_given(body.noise, sampler.noise),
         momentum=_given(body.momentum, sampler.momentum),

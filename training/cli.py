@@ -135,13 +135,12 @@ def _override_sampler(members: list, args: argparse.Namespace) -> None:
     """--step-size, --noise and --guidance (EBMs) replace the checkpoints' own for this command only."""
     from training.sampler_config import EBMSampler, GANSampler
 
-    keys = ("step_size", "noise", "guidance") if members[0].config.family != "gan" else ("step_size", "noise")
-    changes = {key: getattr(args, key) for key in keys if getattr(args, key) is not None}
-    if args.guidance is not None and members[0].config.family == "gan":
+    gan = members[0].config.family == "gan"
+    if gan and args.guidance is not None:
         raise ValueError("--guidance applies to class-conditional EBMs; a GAN takes --steps, --step-size, --noise")
+    changes = {key: getattr(args, key) for key in ("step_size", "noise", "guidance") if getattr(args, key) is not None}
     for member in members if changes else []:
-        kind = GANSampler if member.config.family == "gan" else EBMSampler
-        member.sampler = dataclasses.replace(member.sampler_as(kind), **changes)
+        member.sampler = dataclasses.replace(member.sampler_as(GANSampler if gan else EBMSampler), **changes)
 
 
 def _draw_with_progress(

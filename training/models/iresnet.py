@@ -195,8 +195,14 @@ class ResidualBlock(FlowLayer):
         self.exact = log_det == "exact" or (log_det == "auto" and self.dim <= EXACT_LOG_DET_MAX_DIM)
         self.tolerance = tolerance
         self.max_iterations = max_iterations
-        self.last_iterations = torch.zeros(0, dtype=torch.long)  # per sample, from the latest inverse
         self.last_convergence: InverseConvergence | None = None  # the latest inverse's, per sample
+
+    @property
+    def last_iterations(self) -> torch.Tensor:
+        """Iterations per sample of the latest inverse (none before the first)."""
+        if self.last_convergence is None:
+            return torch.zeros(0, dtype=torch.long)
+        return self.last_convergence.iterations
 
     def residual(self, x: torch.Tensor, update: bool = False) -> torch.Tensor:
         first, middle, last = self.convs
@@ -282,7 +288,6 @@ class ResidualBlock(FlowLayer):
             convergence = InverseConvergence(
                 iterations.cpu(), residual.double().cpu(), (~active).cpu(), self.tolerance, self.max_iterations
             )
-        self.last_iterations = convergence.iterations
         self.last_convergence = convergence
         return x, convergence, states
 
