@@ -122,6 +122,11 @@ def start_server(
     raise RuntimeError("server did not become ready in 240 s")
 
 
+def per_cpu_second(work: float, cpu_used: float) -> float:
+    """Work per CPU-second; NaN when the interval is under one clock tick (a tiny run), where a ratio means nothing."""
+    return work / cpu_used if cpu_used > 0 else float("nan")
+
+
 def cpu_seconds(process: subprocess.Popen) -> float:
     """CPU time the server and the processes it started (a Ray cluster's) have used (Linux /proc; NaN elsewhere):
     work per CPU-second is what a shared machine's other load does not change, where work per wall second is."""
@@ -204,7 +209,7 @@ async def short_beside_long(
         max(long_latencies),
         min(long_latencies),
         work / wall,
-        work / cpu_used,
+        per_cpu_second(work, cpu_used),
     )
 
 
@@ -278,7 +283,7 @@ def measure(
             cpu_started = cpu_seconds(process)
             wall, latencies = asyncio.run(drive(base, body, level, total))
             work = total * args.n * steps
-            per_cpu = work / (cpu_seconds(process) - cpu_started)
+            per_cpu = per_cpu_second(work, cpu_seconds(process) - cpu_started)
             p99 = sorted(latencies)[max(0, int(0.99 * len(latencies)) - 1)]
             rows.append((level, total, total * args.n / wall, work / wall, per_cpu, statistics.median(latencies), p99))
         beside = None

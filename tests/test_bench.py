@@ -1,5 +1,6 @@
 """The bench scripts that produce README figures run on real (tiny) checkpoints."""
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -81,7 +82,8 @@ def test_serving_bench_drives_a_flow_and_prints_its_table(tmp_path: Path) -> Non
     assert "images/s served" in printed[1] and len(rows) == 2
     cells = [cell.strip() for cell in rows[1].split("|")]
     served, per_cpu_second, raw = float(cells[4]), float(cells[5]), float(cells[6].split()[0])
-    assert served > 0 and per_cpu_second > 0 and raw > 0
+    assert served > 0 and raw > 0
+    assert per_cpu_second > 0 or math.isnan(per_cpu_second)  # nan: under one clock tick of server CPU
     assert cells[6].endswith("(4)")  # the raw batch: 2 requests x 2 samples
 
 
@@ -105,7 +107,8 @@ def test_serving_bench_times_a_short_request_alone_and_beside_long_ones(tmp_path
     assert sorted(rows) == ["2", "8"]
     for cells in rows.values():
         served, per_cpu, _, alone, beside, ratio, slowest, fastest = (float(cell.rstrip("x")) for cell in cells[:8])
-        assert served > 0 and per_cpu > 0 and alone > 0 and beside > 0 and ratio > 0
+        assert served > 0 and alone > 0 and beside > 0 and ratio > 0
+        assert per_cpu > 0 or math.isnan(per_cpu)  # nan: the server used under one clock tick of CPU (tiny run)
         assert slowest >= fastest >= 0  # seconds, one decimal
 
 
