@@ -136,7 +136,11 @@ def test_seeded_noise_requests_give_the_same_images_on_every_replica(server: Ray
 
 
 def test_requests_naming_their_model_join_the_replica_running_it(server: RayServer) -> None:
-    """With the `serve_multiplexed_model_id` header, requests go where the model's chains already run."""
+    """With the `serve_multiplexed_model_id` header, requests go where the model's chains already run.
+
+    Load alone (power of two choices) would send most of them to the idle replica. On a saturated machine Ray's
+    queue-length probe of the busy replica can time out, and the router then rightly falls back to the other:
+    at most two of eight may do so."""
     hint = {"serve_multiplexed_model_id": "solo"}
     long = {"model": "solo", "n": 8, "steps": 2000, "init": "noise", "stream": True, "trajectory_every": 100}
     with httpx.stream("POST", f"{server.base}/sample", json=long, headers=hint, timeout=60) as stream:
@@ -146,7 +150,8 @@ def test_requests_naming_their_model_join_the_replica_running_it(server: RayServ
         with ThreadPoolExecutor(8) as pool:
             responses = list(pool.map(lambda _: server.post(short, headers=hint), range(8)))
     assert [response.status_code for response in responses] == [200] * 8
-    assert replicas_seen(responses) == {running_on}
+    landed = [response.headers["x-replica"] for response in responses]
+    assert landed.count(running_on) >= 6, landed
 
 
 def test_a_stream_delivers_frames_as_the_replica_makes_them(server: RayServer) -> None:
