@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 import pytest
 import torch
+from conftest import write_tiny_gan
 
 from training.losses import bits_per_dim, dequantize
 from training.models.flows import (
@@ -530,7 +531,7 @@ def test_evaluate_reports_the_series_terms_and_every_sample_whose_inverse_did_no
     assert "WARNING: the fixed-point inverse of 24 of 24 samples did not reach tolerance" in captured.err
 
 
-def test_evaluate_refuses_series_terms_for_a_flow_with_an_exact_log_det(
+def test_evaluate_refuses_series_terms_before_sampling_a_model_without_a_power_series(
     tmp_path: Path, idx_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from training.cli import main
@@ -538,4 +539,10 @@ def test_evaluate_refuses_series_terms_for_a_flow_with_an_exact_log_det(
     nice = write_tiny_flow(tmp_path / "nice.safetensors", arch_name="nice")
     with pytest.raises(SystemExit):
         main(["evaluate", str(nice), "--data-dir", str(idx_dir), "--n", "8", "--device", "cpu", "--series-terms", "8"])
-    assert "--series-terms sets the i-ResNet's log-det power series; nice is a nice flow" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--series-terms sets the i-ResNet's log-det power series; nice is a nice flow" in err
+    assert "samples" not in err  # refused before any was drawn
+    gan = write_tiny_gan(tmp_path / "gan.safetensors")
+    with pytest.raises(SystemExit):
+        main(["evaluate", str(gan), "--data-dir", str(idx_dir), "--n", "8", "--device", "cpu", "--series-terms", "8"])
+    assert "gan is a gan, which has no log-det" in capsys.readouterr().err

@@ -283,6 +283,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
             f"{model.name} makes {made} images (dataset {model.config.data.get('dataset', 'unknown')}), so "
             "evaluate has no figures for it"
         )
+    if args.series_terms is not None and model.config.arch.get("name") != "iresnet":  # before any sampling
+        family = model.config.family
+        kind = f"{model.config.arch.get('name')} flow, whose log-det is exact" if family == "flow" else family
+        raise ValueError(
+            f"--series-terms sets the i-ResNet's log-det power series; {model.name} is a {kind}"
+            + ("" if family == "flow" else ", which has no log-det")
+        )
     classifier = load_classifier(args.classifier, device)
     test = load_dataset("mnist", args.data_dir, "test")
     train = load_dataset("mnist", args.data_dir, "train")
@@ -355,11 +362,6 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
             model_figures["series_terms_trained"] = flow.series_terms
             flow.series_terms = EVALUATION_SERIES_TERMS if args.series_terms is None else args.series_terms
             model_figures["series_terms"] = flow.series_terms
-        elif args.series_terms is not None:
-            raise ValueError(
-                f"--series-terms sets the i-ResNet's log-det power series; {model.name} is a "
-                f"{model.config.arch['name']} flow, whose log-det is exact"
-            )
         print(f"evaluate {model.name}: test bits/dim of all {len(test.images)} test images", file=sys.stderr)
         model_figures["test_bits_per_dim"] = round(dataset_bits_per_dim(flow, test, 500, device, seed=args.seed), 4)
     print(json.dumps(report, indent=2))
