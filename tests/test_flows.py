@@ -73,7 +73,17 @@ CASES: dict[str, tuple[Callable[[], FlowLayer | Flow], tuple[int, ...]]] = {
     "glow on vectors": (lambda: randomize(Glow((3,), levels=1, steps=2, hidden=8)), (3,)),
     "i-resnet": (lambda: iresnet((1, 2, 4)), (1, 2, 4)),
     "i-resnet with logit preprocessing": (lambda: iresnet((1, 2, 2), logit_alpha=0.05), (1, 2, 2)),
+    "i-resnet (2 scales)": (lambda: iresnet((1, 4, 4), scales=2), (1, 4, 4)),
 }
+
+
+def test_a_multiscale_iresnet_shares_its_blocks_among_the_squeezed_resolutions() -> None:
+    flow = IResNet((1, 28, 28), blocks=5, hidden=4, scales=2)
+    resolutions = [tuple(layer.convs[0].u.shape[2:]) for layer in flow.layers if isinstance(layer, ResidualBlock)]
+    assert resolutions == [(14, 14)] * 2 + [(7, 7)] * 3
+    assert flow.latent_shape == (16, 7, 7)
+    with pytest.raises(ValueError, match="1 <= scales <= blocks"):
+        IResNet((1, 28, 28), blocks=2, scales=3)
 
 
 def inputs(n: int, shape: tuple[int, ...]) -> torch.Tensor:

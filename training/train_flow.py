@@ -62,6 +62,7 @@ class FlowTrainConfig(RunConfig):
     levels: int = 2  # glow: squeeze levels (28 -> 14 -> 7 on MNIST), half the channels split off between
     steps: int = 8  # glow: actnorm + 1x1 conv + affine coupling steps per level
     blocks: int = 8  # iresnet: residual blocks
+    scales: int = 1  # iresnet: squeezes (28 -> 14 -> 7 on MNIST), the blocks shared evenly among them
     lipschitz: float = 0.9  # iresnet: Lipschitz coefficient of each residual branch (< 1)
     series_terms: int = 5  # iresnet: power-series terms of the log-determinant estimate
     logit_alpha: float = 0.05  # iresnet: logit preprocessing layer (0 turns it off)
@@ -87,6 +88,7 @@ def _arch(dataset: ImageDataset, config: FlowTrainConfig) -> dict:
     else:
         kwargs = {
             "blocks": config.blocks,
+            "scales": config.scales,
             "coefficient": config.lipschitz,
             "series_terms": config.series_terms,
             "logit_alpha": config.logit_alpha,

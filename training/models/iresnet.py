@@ -293,8 +293,13 @@ class ResidualBlock(FlowLayer):
 
 
 class IResNet(Flow):
-    """Logit preprocessing (unless `logit_alpha` is 0), squeeze (even-sized images), then `blocks` x
-    [actnorm, invertible residual block]."""
+    """Logit preprocessing (unless `logit_alpha` is 0), then `scales` times: squeeze (while the sides are even)
+    and an equal share of `blocks` x [actnorm, invertible residual block].
+
+    More scales reach across the image sooner: a block's 3x3 convolutions at 7x7 (MNIST's second scale) see a
+    quarter of the digit, where at 14x14 twelve blocks still see patches; that is what turns local blobs into
+    strokes. A block on 16 x 7 x 7 costs about what one on 4 x 14 x 14 does.
+    """
 
     def __init__(
         self,
@@ -308,19 +313,23 @@ class IResNet(Flow):
         max_iterations: int = 100,
         base: str = "gaussian",
         logit_alpha: float = 0.0,
+        scales: int = 1,
     ) -> None:
+        if not 1 <= scales <= blocks:
+            raise ValueError(f"an i-ResNet needs 1 <= scales <= blocks, got {scales} scales of {blocks} blocks")
         layer_shape = as_image_shape(tuple(shape))
         layers: list[FlowLayer] = [LogitTransform(logit_alpha)] if logit_alpha > 0 else []
         state_shape = layer_shape
-        if can_squeeze(layer_shape):
-            squeeze = Squeeze()
-            layers.append(squeeze)
-            state_shape = squeeze.output_shape(layer_shape)
-        for _ in range(blocks):
-            layers.append(ActNorm(state_shape[0]))
-            layers.append(
-                ResidualBlock(state_shape, hidden, coefficient, series_terms, log_det, tolerance, max_iterations)
-            )
+        for scale in range(scales):
+            if can_squeeze(state_shape):
+                squeeze = Squeeze()
+                layers.append(squeeze)
+                state_shape = squeeze.output_shape(state_shape)
+            for _ in range(blocks * (scale + 1) // scales - blocks * scale // scales):
+                layers.append(ActNorm(state_shape[0]))
+                layers.append(
+                    ResidualBlock(state_shape, hidden, coefficient, series_terms, log_det, tolerance, max_iterations)
+                )
         super().__init__(layers, tuple(shape), base, layer_shape)
         self._series_terms = series_terms
 
