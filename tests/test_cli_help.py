@@ -13,7 +13,7 @@ from conftest import write_tiny_ebm, write_tiny_gan
 from training.cli import HelpFormatter, build_parser, main
 from training.run import PlainProgress
 
-COMMANDS = ("ebm", "gan", "flow", "sample", "evaluate", "export", "classifier", "zoo", "fetch-data")
+COMMANDS = ("ebm", "gan", "flow", "sample", "evaluate", "export", "classifier", "zoo", "set-sampler", "fetch-data")
 
 
 def command_parsers() -> dict[str, argparse.ArgumentParser]:

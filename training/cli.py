@@ -388,6 +388,22 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
             print(f"recorded the figures in {path} (metrics.{key})", file=sys.stderr)
 
 
+def _cmd_set_sampler(args: argparse.Namespace) -> None:
+    from training.set_sampler import set_sampler
+
+    changes, dropped = set_sampler(args.checkpoint, args.settings)
+    for name, (old, new) in changes.items():
+        print(f"{args.checkpoint}: {name} {old!r} -> {new!r}")
+    if not changes:
+        print(f"{args.checkpoint}: already declares these settings; unchanged")
+    if dropped:
+        print(
+            f"dropped the recorded figures {', '.join(dropped)} (measured under the old defaults); measure them "
+            f"again with: python -m training evaluate {args.checkpoint} --data-dir D --record",
+            file=sys.stderr,
+        )
+
+
 def _cmd_classifier(args: argparse.Namespace) -> None:
     from training.evaluate import train_classifier
 
@@ -483,6 +499,11 @@ EPILOGS = {
   python -m training zoo --jobs 2 --data-dir data/mnist              # a chunk of every model, two at a time
   python -m training zoo --preset cuda --only dcgan_mnist --ship     # a lent GPU: one model per command
   bash scripts/train_zoo.sh --only glow_mnist,nice_mnist             # the same as python -m training zoo
+""",
+    "set-sampler": """examples:
+  python -m training set-sampler checkpoints/dcgan_mnist.safetensors steps=50 step_size=0.01 noise=0.1414
+  python -m training set-sampler checkpoints/glow_mnist.safetensors temperature=0.6
+  python -m training set-sampler checkpoints/ebm_mnist_seed0.safetensors steps=100 init=buffer
 """,
     "fetch-data": """examples:
   python -m training fetch-data mnist                                  # into data/mnist
@@ -644,6 +665,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_zoo_arguments(zoo)
     zoo.set_defaults(handler=_cmd_zoo)
+
+    set_sampler = _add_command(
+        commands,
+        "set-sampler",
+        "change the sampler defaults a checkpoint declares (after a sweep), without retraining",
+        "Write new defaults into the checkpoint's sampler settings: what POST /sample, sample and evaluate use for\n"
+        "a field they leave out (a GAN's DDLS steps, step_size, noise; any family's temperature; an EBM's\n"
+        "Langevin settings). The values are checked as training's are; settings fixed by training (latent_dim,\n"
+        "prior, ...) are refused. Figures evaluate --record stored under the old defaults are kept only where\n"
+        "they still describe the same sampling (a GAN's are re-keyed by their steps); the rest are dropped and\n"
+        "named, to be measured again. A running server picks the change up on its next start; the file is a new\n"
+        "checkpoint to it, so an EBM's replay buffer it saved starts afresh.",
+    )
+    set_sampler.add_argument("checkpoint", type=Path, help="the .safetensors checkpoint changed in place")
+    set_sampler.add_argument(
+        "settings", nargs="+", metavar="FIELD=VALUE", help="the new defaults (none for None, true/false for flags)"
+    )
+    set_sampler.set_defaults(handler=_cmd_set_sampler)
 
     fetch_data = _add_command(
         commands,

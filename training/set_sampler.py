@@ -1,0 +1,132 @@
+"""Change the sampler defaults a checkpoint declares without retraining: what a request, `sample` or `evaluate`
+gets for a field it leaves out. After a DDLS sweep a GAN's `steps`, `step_size` and `noise`; a flow's
+`temperature`; an EBM's Langevin settings.
+
+The figures `evaluate --record` stored under the old defaults would describe other sampling once the defaults
+change. A record keeps the settings it pins (its key names the EBM's init, explicit noise, a GAN's non-default
+steps; a GAN record always says its steps), so it stays when every changed field is pinned and is re-keyed
+when a GAN's default steps move; any other is dropped and named, to be measured again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any
+
+from training.checkpoint import load_checkpoint, save_checkpoint
+from training.sampler_config import SAMPLERS, VERSION_KEY, GANSampler, sampler_for, to_dict
+
+# Fields a checkpoint's training fixed: the generator's latent size, what the run recorded, the prior an EqM
+# energy was trained against.
+FIXED_BY_TRAINING = {"latent_dim", "train_steps", "base", "prior", "prior_std"}
+STEPS_SUFFIX = re.compile(r"_steps_(\d+)")
+
+
+def settable_fields(family: str) -> list[str]:
+    return [item.name for item in dataclasses.fields(SAMPLERS[family]) if item.name not in FIXED_BY_TRAINING]
+
+
+def parse_value(text: str, annotation: str) -> Any:
+    """`text` as the field's type, read from its annotation ("int", "float | None", "bool", "str")."""
+    kinds = {kind.strip() for kind in annotation.split("|")}
+    if "None" in kinds and text.lower() in ("none", "null"):
+        return None
+    try:
+        if "bool" in kinds:
+            if text.lower() not in ("true", "false"):
+                raise ValueError
+            return text.lower() == "true"
+        if "int" in kinds:
+            return int(text)
+        if "float" in kinds:
+            return float(text)
+    except ValueError as error:
+        raise ValueError(f"{text!r} is not a value of type {annotation}") from error
+    return text
+
+
+def parse_assignments(family: str, words: list[str]) -> dict[str, Any]:
+    """FIELD=VALUE words as typed values; ValueError naming an unknown or fixed field or a bad value."""
+    annotations = {item.name: str(item.type) for item in dataclasses.fields(SAMPLERS[family])}
+    settable = settable_fields(family)
+    values: dict[str, Any] = {}
+    for word in words:
+        name, equals, text = word.partition("=")
+        if not equals:
+            raise ValueError(f"expected FIELD=VALUE, got {word!r}; a {family}'s fields: {', '.join(settable)}")
+        if name not in settable:
+            why = "fixed by its training" if name in annotations else "not a field of its sampler"
+            raise ValueError(f"{name!r} is {why}; a {family}'s settable fields: {', '.join(settable)}")
+        try:
+            values[name] = parse_value(text, annotations[name])
+        except ValueError as error:
+            raise ValueError(f"{name}: {error}") from error
+    return values
+
+
+def _pinned(key: str, family: str, record: dict[str, Any]) -> set[str]:
+    """The sampler fields a record does not depend on the defaults for, whatever they say."""
+    pinned = {"init"} if family == "ebm" else set()  # evaluate_noise, evaluate_buffer
+    if "_noise_" in key:
+        pinned.add("noise")
+    if family == "gan":
+        pinned.add("steps")  # its figures say the steps; the key follows the defaults (re-keyed below)
+        if record.get("steps") == 0:
+            pinned |= {"step_size", "noise"}  # a plain generator pass uses neither
+    return pinned
+
+
+def _gan_key(key: str, steps: int, default_steps: int) -> str:
+    """Evaluate's key for a GAN record drawn with `steps` when the checkpoint's default is `default_steps`."""
+    base = STEPS_SUFFIX.sub("", key)
+    if steps == default_steps:
+        return base
+    head, _, tail = base.partition("_label_")
+    return f"{head}_steps_{steps}" + (f"_label_{tail}" if tail else "")
+
+
+def carry_records(
+    metrics: dict[str, Any], family: str, changed: set[str], new_steps: int | None
+) -> tuple[dict[str, Any], list[str]]:
+    """The metrics with evaluate's records kept, re-keyed or dropped for the changed defaults; the dropped keys."""
+    kept: dict[str, Any] = {}
+    dropped = []
+    for key, value in metrics.items():
+        if not key.startswith("evaluate") or not isinstance(value, dict):
+            kept[key] = value
+            continue
+        if changed - _pinned(key, family, value):
+            dropped.append(key)
+            continue
+        if family == "gan" and new_steps is not None and "steps" in value:
+            key = _gan_key(key, int(value["steps"]), new_steps)
+        kept[key] = value
+    return kept, dropped
+
+
+def set_sampler(path: Path, words: list[str]) -> tuple[dict[str, tuple[Any, Any]], list[str]]:
+    """Write the new defaults into the checkpoint at `path` (atomically, its tensors untouched).
+    Returns {field: (old, new)} for the fields that changed and the evaluate records dropped."""
+    checkpoint = load_checkpoint(path)
+    family = checkpoint.config.family
+    if family not in SAMPLERS:
+        raise ValueError(f"{path} is a {family} checkpoint, which has no sampler")
+    old = sampler_for(family, checkpoint.config.sampler)
+    new = dataclasses.replace(old, **parse_assignments(family, words))
+    old_values, new_values = to_dict(old), to_dict(new)
+    changes = {
+        name: (old_values[name], new_values[name])
+        for name in new_values
+        if name != VERSION_KEY and new_values[name] != old_values[name]
+    }
+    if isinstance(new, GANSampler) and new.steps and "critic" not in checkpoint.extras:
+        raise ValueError(
+            f"{path} was saved without its critic, so it cannot refine latents by DDLS: its default steps stay 0"
+        )
+    new_steps = new.steps if isinstance(new, GANSampler) and "steps" in changes else None
+    checkpoint.config.metrics, dropped = carry_records(checkpoint.config.metrics, family, set(changes), new_steps)
+    checkpoint.config.sampler = new_values
+    save_checkpoint(path, checkpoint)
+    return changes, dropped
