@@ -42,7 +42,9 @@ def describe(checkpoint: Checkpoint) -> str:
         return f"flow, multiscale ({kwargs['levels']} levels x {kwargs['steps']} steps, {kwargs['hidden']} channels)"
     if name == "iresnet":
         return (
-            f"flow, i-ResNet ({kwargs['blocks']} blocks, {kwargs['hidden']} channels, "
+            f"flow, i-ResNet ({kwargs['blocks']} blocks"
+            + (f" over {kwargs['scales']} scales" if kwargs.get("scales", 1) > 1 else "")
+            + f", {kwargs['hidden']} channels, "
             f"Lip {kwargs.get('coefficient', 0.9)}, {kwargs.get('series_terms', 5)}-term series)"
         )
     return f"{config.family}, {name}"
