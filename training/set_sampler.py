@@ -55,10 +55,10 @@ def parse_assignments(family: str, words: list[str]) -> dict[str, Any]:
     for word in words:
         name, equals, text = word.partition("=")
         if not equals:
-            raise ValueError(f"expected FIELD=VALUE, got {word!r}; a {family}'s fields: {', '.join(settable)}")
+            raise ValueError(f"expected FIELD=VALUE, got {word!r}; the {family} sampler's fields: {', '.join(settable)}")
         if name not in settable:
             why = "fixed by its training" if name in annotations else "not a field of its sampler"
-            raise ValueError(f"{name!r} is {why}; a {family}'s settable fields: {', '.join(settable)}")
+            raise ValueError(f"{name!r} is {why}; the {family} sampler's settable fields: {', '.join(settable)}")
         try:
             values[name] = parse_value(text, annotations[name])
         except ValueError as error:
