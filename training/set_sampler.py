@@ -50,15 +50,16 @@ def parse_value(text: str, annotation: str) -> Any:
 def parse_assignments(family: str, words: list[str]) -> dict[str, Any]:
     """FIELD=VALUE words as typed values; ValueError naming an unknown or fixed field or a bad value."""
     annotations = {item.name: str(item.type) for item in dataclasses.fields(SAMPLERS[family])}
-    settable = ", ".join(settable_fields(family))
+    settable = settable_fields(family)
+    listed = ", ".join(settable)
     values: dict[str, Any] = {}
     for word in words:
         name, equals, text = word.partition("=")
         if not equals:
-            raise ValueError(f"expected FIELD=VALUE, got {word!r}; the {family} sampler's fields: {settable}")
-        if name not in settable_fields(family):
+            raise ValueError(f"expected FIELD=VALUE, got {word!r}; the {family} sampler's fields: {listed}")
+        if name not in settable:
             why = "fixed by its training" if name in annotations else "not a field of its sampler"
-            raise ValueError(f"{name!r} is {why}; the {family} sampler's settable fields: {settable}")
+            raise ValueError(f"{name!r} is {why}; the {family} sampler's settable fields: {listed}")
         try:
             values[name] = parse_value(text, annotations[name])
         except ValueError as error:
