@@ -268,7 +268,7 @@ def _cmd_sample(args: argparse.Namespace) -> None:
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     from training.data import load_dataset
     from training.device import pick_device
-    from training.evaluate import load_classifier, quality_figures, real_data_floor
+    from training.evaluate import gan_record_key, load_classifier, quality_figures, real_data_floor
     from training.noise import chain_seeds
     from training.sampler_config import EBMSampler, GANSampler
     from training.sampling import chain_labels, default_latent_steps, load_model
@@ -285,11 +285,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         )
     if args.series_terms is not None and model.config.arch.get("name") != "iresnet":  # before any sampling
         family = model.config.family
-        kind = f"{model.config.arch.get('name')} flow, whose log-det is exact" if family == "flow" else family
-        raise ValueError(
-            f"--series-terms sets the i-ResNet's log-det power series; {model.name} is a {kind}"
-            + ("" if family == "flow" else ", which has no log-det")
-        )
+        why = f"{model.config.arch.get('name')} flow, whose log-det is exact" if family == "flow" else family
+        why += "" if family == "flow" else ", which has no log-det"
+        raise ValueError(f"--series-terms sets the i-ResNet's log-det power series; {model.name} is a {why}")
     classifier = load_classifier(args.classifier, device)
     test = load_dataset("mnist", args.data_dir, "test")
     train = load_dataset("mnist", args.data_dir, "train")
@@ -369,14 +367,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         from training.checkpoint import load_checkpoint, save_checkpoint
 
         key = "evaluate" if model.config.family != "ebm" else f"evaluate_{args.init}"
-        if isinstance(model.sampler, GANSampler) and sampler_report["steps"] != default_latent_steps(model):
-            key += f"_steps_{sampler_report['steps']}"  # DDLS steps other than the checkpoint's own
         if args.label is not None:
             key += f"_label_{args.label}"
         if args.noise is not None:  # a noisier (long-run) check never overwrites the default figures
             key += f"_noise_{args.noise}"
         if len(members) > 1:
             key = f"evaluate_ensemble_{args.init}"  # the same figures go into every member
+        if isinstance(model.sampler, GANSampler):  # DDLS steps other than the checkpoint's own are named
+            key = gan_record_key(key, sampler_report["steps"], default_latent_steps(model))
         for path in args.checkpoint:
             checkpoint = load_checkpoint(path)
             checkpoint.config.metrics[key] = {

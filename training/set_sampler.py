@@ -11,17 +11,16 @@ when a GAN's default steps move; any other is dropped and named, to be measured 
 from __future__ import annotations
 
 import dataclasses
-import re
 from pathlib import Path
 from typing import Any
 
 from training.checkpoint import load_checkpoint, save_checkpoint
+from training.evaluate import gan_record_key
 from training.sampler_config import SAMPLERS, VERSION_KEY, GANSampler, sampler_for, to_dict
 
 # Fields a checkpoint's training fixed: the generator's latent size, what the run recorded, the prior an EqM
 # energy was trained against.
 FIXED_BY_TRAINING = {"latent_dim", "train_steps", "base", "prior", "prior_std"}
-STEPS_SUFFIX = re.compile(r"_steps_(\d+)")
 
 
 def settable_fields(family: str) -> list[str]:
@@ -79,15 +78,6 @@ def _pinned(key: str, family: str, record: dict[str, Any]) -> set[str]:
     return pinned
 
 
-def _gan_key(key: str, steps: int, default_steps: int) -> str:
-    """Evaluate's key for a GAN record drawn with `steps` when the checkpoint's default is `default_steps`."""
-    base = STEPS_SUFFIX.sub("", key)
-    if steps == default_steps:
-        return base
-    head, _, tail = base.partition("_label_")
-    return f"{head}_steps_{steps}" + (f"_label_{tail}" if tail else "")
-
-
 def carry_records(
     metrics: dict[str, Any], family: str, changed: set[str], new_steps: int | None
 ) -> tuple[dict[str, Any], list[str]]:
@@ -102,7 +92,7 @@ def carry_records(
             dropped.append(key)
             continue
         if family == "gan" and new_steps is not None and "steps" in value:
-            key = _gan_key(key, int(value["steps"]), new_steps)
+            key = gan_record_key(key, int(value["steps"]), new_steps)
         kept[key] = value
     return kept, dropped
 
