@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,10 +31,31 @@ WEIGHTS_GROUP = "weights"
 # before anything is built from it (a width of 200,000 would ask for terabytes).
 MAX_ARCH_NUMBER = 65_536  # any integer of an architecture (width, hidden units, layers, latent size)
 MAX_SAMPLE_VALUES = 3 * 1024 * 1024  # values in one sample (data.shape); MNIST has 784
+MAX_BUFFER_VALUES = 2**28  # replay-buffer capacity x values per sample: 1 GiB of float32 (MNIST's 8192: 6.4 M)
+# A name read from a file that becomes part of a file name (an ensemble, a model's stem, a buffer group).
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+NAME_RULE = "1 to 64 of [A-Za-z0-9_.-], not '.' or '..'"
 
 
 class CheckpointError(ValueError):
     """A checkpoint could not be read or is not one this version understands."""
+
+
+def check_name(name: object, what: str, source: str) -> str:
+    """`name` if it may become part of a file name; else CheckpointError naming `what` and the rule.
+
+    Names from files (an ensemble, a model's file stem) end up in the state directory's file names: a
+    separator or '..' would write outside it, a null byte makes every path operation raise.
+    """
+    if isinstance(name, str) and NAME_PATTERN.fullmatch(name) and name not in (".", ".."):
+        return name
+    shown = repr(name) if len(repr(name)) <= 80 else f"{repr(name)[:77]}..."
+    raise CheckpointError(f"{source}: {what} {shown} is not a name this server puts in file names: {NAME_RULE}")
+
+
+def max_buffer_capacity(shape: list[int] | tuple[int, ...]) -> int:
+    """The most samples of `shape` a replay buffer read from a file may hold (MAX_BUFFER_VALUES in all)."""
+    return MAX_BUFFER_VALUES // math.prod(shape)
 
 
 @dataclass
@@ -83,6 +105,8 @@ class ModelConfig:
         unknown = set(raw) - known
         if unknown:
             raise CheckpointError(f"{source}: config has unknown fields {sorted(unknown)}")
+        if raw.get("ensemble") is not None:
+            check_name(raw["ensemble"], "ensemble", source)
         check_sizes(raw, source)
         return cls(**raw)
 

@@ -48,7 +48,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from training.checkpoint import CheckpointError, ModelConfig, check_sizes
+from training.checkpoint import CheckpointError, ModelConfig, check_name, check_sizes
 from training.langevin import ReplayBuffer
 from training.models.flows import BASES, Flow
 from training.sampler_config import EBMSampler, FlowSampler, GANSampler, sampler_for, to_dict
@@ -309,6 +309,8 @@ def read_sidecar(path: Path) -> ModelConfig:
     ensemble = raw.get("ensemble")
     if ensemble is not None and (family != "ebm" or not isinstance(ensemble, str) or not ensemble):
         raise CheckpointError(f"{source}: ensemble must be a name, and only energies form ensembles")
+    if ensemble is not None:
+        check_name(ensemble, "ensemble", source)  # it names the buffer's file in the state directory
     metrics = raw.get("metrics", {})
     if not isinstance(metrics, dict):
         raise CheckpointError(f"{source}: metrics must be an object")
