@@ -16,6 +16,7 @@ SAMPLER_SCHEMA = 1
 VERSION_KEY = "schema_version"
 INITS = ("noise", "buffer")
 PRIORS = ("uniform", "gaussian")
+ODE_SOLVERS = ("euler", "midpoint", "heun")  # training/ode.py steps by each
 
 
 @dataclass(frozen=True)
@@ -81,8 +82,29 @@ class GANSampler:
 class FlowSampler:
     """One inverse pass of a normalizing flow from z ~ base scaled by the temperature (Kingma & Dhariwal 2018)."""
 
-    temperature: float = 1.0  # scales the base sample (Glow samples at 0.7, NICE at 0.8)
+    temperature: float = 1.0  # scales the base sample (Glow samples at 0.7, NICE at 0.8); a CNF: the prior's std
     base: str | None = None  # recorded only: the module's own base distribution (its arch) is what samples
+    # A continuous normalizing flow (arch cnf) integrates its ODE instead; exact-inverse flows leave these unset.
+    steps: int | None = None  # CNF: ODE solver steps from the prior (t = 0) to the data (t = 1)
+    solver: str | None = None  # CNF: euler | midpoint | heun (training/ode.py)
+    guidance: float = 1.0  # conditional CNF, labelled chains: v(x, t) + w (v(x, t, y) - v(x, t)); 1: plain v(x, t, y)
+    unlabelled: str = "null"  # conditional CNF asked for no label: "null" label (v(x, t)) | "random" class per chain
+
+    def __post_init__(self) -> None:
+        self._check_ode_settings()
+
+    def _check_ode_settings(self) -> None:
+        """The CNF fields (kept apart so that checks of the other fields can sit beside them in __post_init__)."""
+        if (self.steps is None) != (self.solver is None):
+            raise ValueError(f"sampler steps and solver are set together (a CNF) or not at all; got {self}")
+        if self.steps is not None and (type(self.steps) is not int or self.steps < 1):
+            raise ValueError(f"sampler steps must be a positive integer, not {self.steps!r}")
+        if self.solver is not None and self.solver not in ODE_SOLVERS:
+            raise ValueError(f"sampler solver must be one of {', '.join(ODE_SOLVERS)}, not {self.solver!r}")
+        if not self.guidance >= 0.0:
+            raise ValueError(f"sampler guidance must be 0 or more, not {self.guidance}")
+        if self.unlabelled not in ("null", "random"):
+            raise ValueError(f"sampler unlabelled must be 'null' or 'random', not {self.unlabelled!r}")
 
 
 SamplerConfig = EBMSampler | GANSampler | FlowSampler

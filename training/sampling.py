@@ -17,8 +17,10 @@ from training.checkpoint import Checkpoint, CheckpointError, ModelConfig, load_c
 from training.ddls import LatentCallback, LatentEnergy, refine_latents, start_latents
 from training.langevin import ReplayBuffer, StepCallback, ensemble_energy, sample_langevin
 from training.models import build_model
+from training.models.cnf import guided_velocity, is_velocity_field
 from training.models.flows import Flow
-from training.noise import chain_classes, chain_gaussian, chain_start
+from training.noise import chain_classes, chain_gaussian, chain_gaussian_start, chain_start
+from training.ode import OdeCallback, integrate
 from training.sampler_config import Config, EBMSampler, FlowSampler, GANSampler, SamplerConfig, sampler_for
 
 
@@ -143,9 +145,46 @@ def sample_generator(
         return model.module(z)
 
 
-def sample_flow(model: LoadedModel, seeds: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
-    """Flow samples [B, *shape] in the data range: the inverse of the module's own base at temperature T."""
+@torch.no_grad()
+def integrate_cnf(
+    field: nn.Module,
+    seeds: torch.Tensor,  # [B] chain seeds
+    shape: tuple[int, ...],
+    sampler: FlowSampler,
+    labels: torch.Tensor | None = None,  # [B], -1 = the null label
+    temperature: float | None = None,
+    steps: int | None = None,
+    callback: OdeCallback | None = None,
+) -> torch.Tensor:
+    """A CNF's samples [B, *shape] (unclamped): x(0) ~ N(0, T^2 I) from counter-based noise of each seed, then
+    the sampler's fixed-step ODE solver (training/ode.py) on the (guided) field to t = 1."""
+    if sampler.solver is None or sampler.steps is None:
+        raise ValueError("this flow's sampler declares no ODE solver and steps; it is not a CNF")
+    device = next(field.parameters()).device
+    scale = sampler.temperature if temperature is None else temperature
+    start = (chain_gaussian_start(seeds, shape) * scale).to(device)
+    velocity = guided_velocity(field, None if labels is None else labels.to(device), sampler.guidance)
+    return integrate(velocity, start, sampler.steps if steps is None else steps, sampler.solver, callback)
+
+
+def sample_flow(
+    model: LoadedModel,
+    seeds: torch.Tensor,
+    temperature: float | None = None,
+    steps: int | None = None,
+    labels: torch.Tensor | None = None,
+    callback: OdeCallback | None = None,
+) -> torch.Tensor:
+    """Flow samples [B, *shape] in the data range: the inverse of the module's own base at temperature T, or
+    for a CNF the ODE from its Gaussian prior (`steps`, `labels` and `callback` apply to a CNF only)."""
     sampler = model.sampler_as(FlowSampler)
+    if is_velocity_field(model.module):
+        model.check_labels(labels)
+        labels = chain_labels(model, seeds, labels)
+        x = integrate_cnf(model.module, seeds, model.shape, sampler, labels, temperature, steps, callback)
+        return x.clamp(*model.data_range)
+    if labels is not None:
+        raise ValueError(f"{model.name} is not class-conditional; it takes no label")
     flow = model.module
     assert isinstance(flow, Flow)
     device = next(flow.parameters()).device
@@ -181,7 +220,7 @@ def draw_samples(
                 "several checkpoints are sampled together only as EBMs of one declared ensemble; "
                 f"got {', '.join(f'{m.name} ({m.config.family}, {m.config.ensemble})' for m in members)}"
             )
-    if labels is not None and first.config.family != "ebm":
+    if labels is not None and first.config.family == "gan":
         raise ValueError(f"{first.name} is a {first.config.family} model; it takes no label")
     if first.config.family == "ebm":
         return sample_ebm(members, seeds, steps, init, generator, callback, labels, buffer)
@@ -195,7 +234,7 @@ def draw_samples(
 
         return sample_generator(first, seeds, steps=steps, callback=decoded).clamp(*first.data_range)
     if first.config.family == "flow":
-        return sample_flow(first, seeds)
+        return sample_flow(first, seeds, steps=steps, labels=labels, callback=callback)
     raise ValueError(f"sampling {first.config.family} checkpoints is not supported yet")
 
 
@@ -272,8 +311,11 @@ def load_server_buffer(
 
 def chain_labels(model: LoadedModel, seeds: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor | None:
     """The class each chain samples [B]: the asked-for labels, or for a conditional energy asked for none
-    a class drawn from each chain's seed when its sampler says `unlabelled: random` (else the null label)."""
-    if labels is not None or model.classes is None or model.sampler_as(EBMSampler).unlabelled != "random":
+    a class drawn from each chain's seed when its sampler says `unlabelled: random` (else the null label).
+    The same for a conditional energy and a conditional CNF."""
+    sampler = model.sampler
+    unlabelled = sampler.unlabelled if isinstance(sampler, (EBMSampler, FlowSampler)) else "null"
+    if labels is not None or model.classes is None or unlabelled != "random":
         return labels
     return chain_classes(seeds, len(model.classes))
 

@@ -1,7 +1,8 @@
 """Train a normalizing flow by exact maximum likelihood on dequantized data; report test bits/dim.
 
 Architectures: NICE (Dinh et al. 2014), a RealNVP/Glow-style multiscale flow, and the invertible ResNet
-(Behrmann et al. 2019). One loop serves all three.
+(Behrmann et al. 2019), trained by maximum likelihood; and a continuous normalizing flow (Chen et al. 2018)
+whose vector field is trained by flow matching (Lipman et al. 2023) instead (--arch cnf). One loop serves all.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ import torch
 from training.checkpoint import Checkpoint, ModelConfig, save_checkpoint
 from training.data import ImageDataset
 from training.ema import ema_update, warmed_up_decay
-from training.losses import bits_per_dim, dequantize
+from training.losses import bits_per_dim, dequantize, flow_matching, optimal_transport_pairing
 from training.models import build_model
 from training.models.flows import Flow
 from training.models.iresnet import IResNet
+from training.noise import chain_seeds
+from training.ode import checked_solver
 from training.run import (
     RunConfig,
     Stopwatch,
@@ -42,12 +45,14 @@ ARCH_DEFAULTS: dict[str, dict] = {
     "nice": {"hidden": 1000, "base": "logistic", "temperature": 0.8, "max_grad_norm": 50.0},
     "glow": {"hidden": 128, "base": "gaussian", "temperature": 0.7, "max_grad_norm": 50.0},
     "iresnet": {"hidden": 64, "base": "gaussian", "temperature": 0.8, "max_grad_norm": 10.0},
+    "cnf": {"hidden": 32, "base": "gaussian", "temperature": 1.0, "max_grad_norm": 1.0},
 }
+LIKELIHOOD_ARCHS = ("nice", "glow", "iresnet")  # trained on their exact log-likelihood; cnf by flow matching
 
 
 @dataclass
 class FlowTrainConfig(RunConfig):
-    arch: str = "nice"  # nice | glow (multiscale affine-coupling flow) | iresnet
+    arch: str = "nice"  # nice | glow (multiscale affine-coupling flow) | iresnet | cnf (flow matching, ODE sampler)
     out: str = "checkpoints/flow.safetensors"
     epochs: int = 20
     lr: float = 1e-3  # Adam's peak learning rate
@@ -56,7 +61,7 @@ class FlowTrainConfig(RunConfig):
     min_lr_ratio: float = 0.05  # the cosine schedule's final learning rate / peak
     max_grad_norm: float | None = None  # clip the gradient norm (default per arch, ARCH_DEFAULTS; 0: no clipping)
     ema_decay: float = 0.999  # evaluation, grids and the checkpoint's weights use this moving average (0: none)
-    hidden: int | None = None  # NICE: units per hidden layer; glow/iresnet: channels (see ARCH_DEFAULTS)
+    hidden: int | None = None  # NICE: units per hidden layer; glow/iresnet/cnf: channels (see ARCH_DEFAULTS)
     couplings: int = 4  # NICE: the paper's MNIST model has 4 couplings of 5 x 1000 ReLU units
     depth: int = 5  # NICE: hidden layers per coupling
     levels: int = 2  # glow: squeeze levels (28 -> 14 -> 7 on MNIST), half the channels split off between
@@ -69,6 +74,14 @@ class FlowTrainConfig(RunConfig):
     base: str | None = None  # logistic | gaussian (see ARCH_DEFAULTS)
     temperature: float | None = None  # default sampling temperature stored in the checkpoint
     test_batches: int | None = None  # limit the test bits/dim pass (quick runs)
+    conditional: bool = False  # cnf: class-conditional field v(x, t, y) with a null label (classifier-free guidance)
+    label_dropout: float = 0.1  # cnf --conditional: share of training labels replaced by the null label
+    ot_pairing: bool = False  # cnf: pair each batch's prior draws with its data by exact OT (Tong et al. 2023)
+    autocast: str = "bfloat16"  # cnf: bfloat16 autocast for the field's network (none: float32); other flows: float32
+    sample_steps: int = 20  # cnf: ODE solver steps the checkpoint's sampler declares (and the grids use)
+    solver: str = "midpoint"  # cnf: euler | midpoint | heun, the checkpoint's ODE solver
+    sample_guidance: float = 1.0  # cnf --conditional: guidance w the checkpoint's sampler declares (1: plain v(x,t,y))
+    validate_batches: int = 8  # cnf: test batches of the epoch's validation flow-matching loss
 
     def setting(self, name: str):
         """A flag's value, or the architecture's default when it was left unset."""
@@ -79,6 +92,17 @@ class FlowTrainConfig(RunConfig):
 def _arch(dataset: ImageDataset, config: FlowTrainConfig) -> dict:
     if config.arch not in ARCH_DEFAULTS:
         raise ValueError(f"unknown flow architecture {config.arch!r}; expected one of {', '.join(ARCH_DEFAULTS)}")
+    if config.arch == "cnf":
+        classes = len(dataset.classes) if config.conditional else 0
+        if len(dataset.shape) == 1:
+            return {
+                "name": "mlp_velocity",
+                "kwargs": {"dim": dataset.shape[0], "hidden": config.setting("hidden"), "num_classes": classes},
+            }
+        return {
+            "name": "unet_velocity",
+            "kwargs": {"channels": dataset.shape[0], "width": config.setting("hidden"), "num_classes": classes},
+        }
     common = {"shape": list(dataset.shape), "hidden": config.setting("hidden"), "base": config.setting("base")}
     kwargs: dict[str, int | float]
     if config.arch == "nice":
@@ -123,33 +147,106 @@ def dataset_bits_per_dim(
     return total / count
 
 
+# --- The continuous normalizing flow's pieces (--arch cnf) ----------------------------------------
+
+
+def cnf_autocast(config: FlowTrainConfig, device: torch.device) -> torch.autocast:
+    """bfloat16 autocast of the field's network, as the EqM energies train (training/train_eqm.py)."""
+    if config.autocast not in ("bfloat16", "none"):
+        raise ValueError(f"--autocast must be bfloat16 or none, not {config.autocast!r}")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.autocast == "bfloat16")
+
+
+def flow_sampler(config: FlowTrainConfig) -> FlowSampler:
+    """What the checkpoint tells every client to run by default: the inverse pass, or for a CNF the ODE from
+    the Gaussian prior at std `temperature` with the run's solver, steps and guidance."""
+    if config.arch != "cnf":
+        return FlowSampler(temperature=config.setting("temperature"), base=config.setting("base"))
+    return FlowSampler(
+        temperature=config.setting("temperature"),
+        base="gaussian",
+        steps=config.sample_steps,
+        solver=checked_solver(config.solver),
+        guidance=config.sample_guidance if config.conditional else 1.0,
+        unlabelled="random" if config.conditional else "null",  # a label-less request: a random class per chain
+    )
+
+
+def training_points(images: torch.Tensor) -> torch.Tensor:
+    """What a flow is fitted to: 8-bit images uniformly dequantized; continuous 2-D toy points as they are."""
+    return images if images.dim() == 2 else dequantize(images)
+
+
+def cnf_loss(
+    model: torch.nn.Module, data: torch.Tensor, labels: torch.Tensor | None, ot_pairing: bool
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Flow matching on straight paths from N(0, I) to the batch (x0 reordered by minibatch OT if asked)."""
+    noise = torch.randn_like(data)
+    if ot_pairing:
+        noise = optimal_transport_pairing(noise, data)
+    t = torch.rand(len(data), device=data.device)
+    return flow_matching(lambda x, s: model(x, s, labels), data, noise, t)
+
+
+@torch.no_grad()
+def validate_cnf(
+    model: torch.nn.Module, test: ImageDataset, config: FlowTrainConfig, device: torch.device
+) -> dict[str, float]:
+    """The flow-matching loss of the averaged field on fixed test batches, prior draws and times (comparable
+    across epochs; the global RNG is left as it was, so --resume stays exact)."""
+    state = torch.get_rng_state()
+    torch.manual_seed(1234)
+    total, count = 0.0, 0
+    for index, chunk in enumerate(torch.split(torch.arange(len(test.images)), config.batch_size)):
+        if index >= config.validate_batches:
+            break
+        labels = test.labels[chunk].to(device) if config.conditional else None
+        with cnf_autocast(config, device):
+            loss, _ = cnf_loss(model, training_points(test.images[chunk]).to(device), labels, False)
+        total += loss.item() * len(chunk)
+        count += len(chunk)
+    torch.set_rng_state(state)
+    return {"val_flow_matching": total / max(count, 1)}
+
+
+def cnf_preview(model: torch.nn.Module, config: FlowTrainConfig, shape: tuple[int, ...], classes: int) -> torch.Tensor:
+    """64 samples by the checkpoint's own sampler from seeds 0..63 (a row per class when conditional)."""
+    from training.sampling import integrate_cnf
+
+    seeds = chain_seeds(0, 64)
+    labels = (torch.arange(64) // 8) % classes if classes else None
+    return integrate_cnf(model, seeds, shape, flow_sampler(config), labels).cpu()
+
+
 def train_flow(config: FlowTrainConfig) -> Path:
     run = start_run(config)
     device, train, test, run_dir, log = run.device, run.train, run.test, run.run_dir, run.log
     assert test is not None  # start_run loads the test split unless asked not to
     arch = _arch(train, config)
-    flow = cast(Flow, build_model(arch)).to(device)  # nice, glow and iresnet (ARCH_DEFAULTS) are all Flows
-    optimizer = torch.optim.Adam(flow.parameters(), lr=config.lr)
+    cnf = config.arch == "cnf"
+    model = build_model(arch).to(device)
+    classes = int(arch["kwargs"].get("num_classes", 0))
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     first_epoch, already = 1, 0.0
     warm_epoch = 0  # epochs of the --init-from checkpoint: the fresh optimizer's schedule counts from there
     average_weights = None
     if config.resume:
         resumed = load_resume(run_dir, {"flow": optimizer})
-        flow.load_state_dict(resumed.checkpoint.weights)
+        model.load_state_dict(resumed.checkpoint.weights)
         average_weights = resumed.checkpoint.extras.get("ema")  # runs from before the EMA resume without one
         first_epoch = resumed.epoch + 1
         already = float(resumed.checkpoint.config.training["wall_seconds"])
         warm_epoch = int(resumed.checkpoint.config.training.get("warm_start_epoch", 0))
     elif config.init_from:  # a shipped checkpoint's (averaged) weights; its epochs and time count on
         start = warm_start(config.init_from, "flow", arch)
-        flow.load_state_dict(start.weights)
+        model.load_state_dict(start.weights)
         warm_epoch = int(start.config.training.get("epochs_done", 0))
         first_epoch = warm_epoch + 1
         already = float(start.config.training.get("wall_seconds", 0.0))
-    else:
+    elif not cnf:
         subset = torch.randperm(len(train.images))[:1000]
-        flow.initialize(dequantize(train.images[subset]).to(device))  # data-dependent start (ActNorm, NICE's scaling)
-    average = copy.deepcopy(flow).eval()
+        cast(Flow, model).initialize(dequantize(train.images[subset]).to(device))  # ActNorm, NICE's scaling
+    average = copy.deepcopy(model).eval()
     if average_weights is not None:
         average.load_state_dict(average_weights)
     clock = Stopwatch(already)
@@ -159,6 +256,7 @@ def train_flow(config: FlowTrainConfig) -> Path:
     total_updates = (config.epochs - warm_epoch) * per_epoch
     max_grad_norm = config.setting("max_grad_norm")
     out = Path(config.out)
+    loss_name = "flow_matching" if cnf else "bits_per_dim"
     for epoch in range(first_epoch, config.epochs + 1):
         bar = log.progress(
             batches(len(train.images), config.batch_size, config.max_batches),
@@ -171,31 +269,51 @@ def train_flow(config: FlowTrainConfig) -> Path:
                 config.lr, updates, total_updates, config.warmup_steps, config.lr_schedule, config.min_lr_ratio
             )
             set_learning_rate(optimizer, lr)
-            loss = bits_per_dim(flow.log_prob(dequantize(train.images[index]).to(device)), dim).mean()
+            data = training_points(train.images[index]).to(device)
+            if cnf:
+                labels = None
+                if classes:  # classifier-free training: a share of the labels is the null label
+                    labels = train.labels[index].to(device)
+                    labels = torch.where(torch.rand(len(index), device=device) < config.label_dropout, -1, labels)
+                with cnf_autocast(config, device):
+                    loss, _ = cnf_loss(model, data, labels, config.ot_pairing)
+            else:
+                loss = bits_per_dim(cast(Flow, model).log_prob(data), dim).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(flow.parameters(), max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
             optimizer.step()
             updates += 1
-            ema_update(average, flow, warmed_up_decay(config.ema_decay, updates))
+            ema_update(average, model, warmed_up_decay(config.ema_decay, updates))
             total += loss.item()
-            bar.set_postfix(bits_per_dim=f"{loss.item():.3f}", lr=f"{lr:.1e}")
+            bar.set_postfix(**{loss_name: f"{loss.item():.4f}"}, lr=f"{lr:.1e}")
         if isinstance(average, IResNet):  # averaged weights: the power iteration catches up with them
             average.refresh_spectral_norms()
-        record = {
-            "train_bits_per_dim": total / max(per_epoch, 1),
+        record: dict[str, float | int] = {
+            f"train_{loss_name}": total / max(per_epoch, 1),
             "epoch": epoch,
             "updates": updates,
             "wall_seconds": clock.seconds(),
-            "test_bits_per_dim": dataset_bits_per_dim(average, test, 500, device, config.test_batches),
         }
-        grid_path = log.grid(average.sample(64, config.setting("temperature")).clamp(-1, 1), epoch, (-1.0, 1.0))
+        if cnf:
+            record.update(validate_cnf(average, test, config, device))
+            metrics = {"val_flow_matching": round(record["val_flow_matching"], 6)}
+            samples = cnf_preview(average, config, train.shape, classes)
+        else:
+            flow = cast(Flow, average)
+            record["test_bits_per_dim"] = dataset_bits_per_dim(flow, test, 500, device, config.test_batches)
+            metrics = {"test_bits_per_dim": round(record["test_bits_per_dim"], 4)}
+            samples = flow.sample(64, config.setting("temperature"))
+        grid_path = log.grid(samples.clamp(-1, 1), epoch, (-1.0, 1.0))
+        data_config: dict = {"shape": list(train.shape), "range": [-1.0, 1.0], "dataset": config.dataset}
+        if classes:
+            data_config["classes"] = train.classes
         model_config = ModelConfig(
             family="flow",
             arch=arch,
-            data={"shape": list(train.shape), "range": [-1.0, 1.0], "dataset": config.dataset},
-            sampler=to_dict(FlowSampler(temperature=config.setting("temperature"), base=config.setting("base"))),
+            data=data_config,
+            sampler=to_dict(flow_sampler(config)),
             training=config.training_record(
                 "flow",
                 device,
@@ -204,14 +322,19 @@ def train_flow(config: FlowTrainConfig) -> Path:
                 updates=updates,
                 **({"warm_start_epoch": warm_epoch} if warm_epoch else {}),
             ),
-            metrics={"test_bits_per_dim": round(record["test_bits_per_dim"], 4)},
+            metrics=metrics,
         )
         save_checkpoint(out, Checkpoint(model_config, average.state_dict()), config.output_dtype())
-        save_resume(run_dir, epoch, model_config, flow.state_dict(), {"flow": optimizer}, {"ema": average.state_dict()})
+        resume_extras = {"ema": average.state_dict()}
+        save_resume(run_dir, epoch, model_config, model.state_dict(), {"flow": optimizer}, resume_extras)
         log.write(record)
+        figure = (
+            f"val {record['val_flow_matching']:.4f} flow matching"
+            if cnf
+            else f"test {record['test_bits_per_dim']:.4f} bits/dim"
+        )
         print(
-            f"epoch {epoch}: train {record['train_bits_per_dim']:.4f} test {record['test_bits_per_dim']:.4f} "
-            f"bits/dim -> {out} (grid {grid_path})",
+            f"epoch {epoch}: train {record[f'train_{loss_name}']:.4f} {figure} -> {out} (grid {grid_path})",
             flush=True,
         )
         if run.out_of_time(epoch, config.epochs):

@@ -7,6 +7,7 @@ from typing import Any
 from torch import nn
 
 from training.models.classifier import DigitClassifier
+from training.models.cnf import MLPVelocity, UNetVelocity
 from training.models.ebm import ConvEnergy, MLPEnergy
 from training.models.energy_unet import MLPFieldEnergy, UNetEnergy
 from training.models.flows import NICE
@@ -27,6 +28,8 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
     "nice": NICE,
     "glow": Glow,
     "iresnet": IResNet,
+    "unet_velocity": UNetVelocity,
+    "mlp_velocity": MLPVelocity,
 }
 
 

@@ -82,11 +82,12 @@ class UNetEnergy(nn.Module):
         energy_form: str = "dot",
         num_classes: int = 0,
         embedding_dim: int = 64,
+        embed_without_classes: bool = False,  # blocks take an embedding even when unconditional (a CNF's time)
     ) -> None:
         super().__init__()
         self.energy_form = checked_energy_form(energy_form)
         self.num_classes = num_classes
-        embed = embedding_dim if num_classes > 0 else 0
+        embed = embedding_dim if num_classes > 0 or embed_without_classes else 0
         self.label_embedding = nn.Embedding(num_classes + 1, embed) if num_classes > 0 else None
         c1, c2, c3 = width, 2 * width, 4 * width
         self.stem = nn.Conv2d(channels, c1, 3, padding=1)
@@ -107,7 +108,10 @@ class UNetEnergy(nn.Module):
         return self.label_embedding(with_null_label(labels, batch, self.num_classes, device))
 
     def field(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:  # [B, C, H, W]
-        embedding = self.embed(labels, x.shape[0], x.device)
+        return self.trunk(x, self.embed(labels, x.shape[0], x.device))
+
+    def trunk(self, x: torch.Tensor, embedding: torch.Tensor | None) -> torch.Tensor:  # [B, C, H, W]
+        """The U-Net itself, with the per-block embedding [B, D] (or None) its blocks add as a shift."""
         h1 = self.down1(self.stem(x), embedding)  # [B, c1, 28, 28]
         h2 = self.down2(self.pool1(h1), embedding)  # [B, c2, 14, 14]
         h3 = self.middle(self.pool2(h2), embedding)  # [B, c3, 7, 7]

@@ -1,0 +1,175 @@
+"""A continuous normalizing flow trained by flow matching: it learns a 2-D mixture, resumes exactly, samples
+reproducibly by seed, and the CLI samples and evaluates it."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.checkpoint import load_checkpoint
+from training.cli import build_parser, main
+from training.models.cnf import MLPVelocity, UNetVelocity, guided_velocity
+from training.models.energy_unet import UNetEnergy
+from training.noise import chain_seeds
+from training.ode import FIELD_EVALUATIONS, integrate, ode_step
+from training.sampler_config import FlowSampler
+from training.sampling import draw_samples, load_model
+from training.train_flow import FlowTrainConfig, train_flow
+
+
+def tiny_image_run(idx_dir: Path, out: Path, **changes) -> FlowTrainConfig:
+    options = dict(
+        arch="cnf",
+        data_dir=str(idx_dir),
+        out=str(out),
+        hidden=4,
+        epochs=2,
+        batch_size=32,
+        max_batches=3,
+        sample_steps=3,
+        validate_batches=1,
+        conditional=True,
+        threads=1,
+    )
+    return FlowTrainConfig(**(options | changes))
+
+
+def test_a_cnf_trained_on_a_2d_mixture_carries_prior_samples_to_the_requested_modes(tmp_path) -> None:
+    out = tmp_path / "mixture.safetensors"
+    train_flow(
+        FlowTrainConfig(
+            arch="cnf",
+            dataset="toy2d:8gaussians",
+            conditional=True,
+            label_dropout=0.0,
+            hidden=64,
+            epochs=4,
+            batch_size=256,
+            max_batches=75,
+            lr=3e-3,
+            warmup_steps=20,
+            out=str(out),
+            autocast="none",
+            threads=1,
+        )
+    )
+    model = load_model(out)
+    labels = torch.arange(400) % 8
+    points = draw_samples(model, chain_seeds(0, 400), labels=labels)  # [400, 2], the checkpoint's 20 midpoint steps
+    angles = labels.float() * (math.pi / 4)
+    modes = torch.stack([angles.cos(), angles.sin()], dim=1) * 0.75  # the mixture's centres (std 0.05)
+    near = (points - modes).norm(dim=1) < 0.2
+    assert near.float().mean() > 0.9, f"only {near.float().mean():.2f} of the samples reached their class's mode"
+
+
+def test_ode_solvers_integrate_a_linear_field_to_their_orders() -> None:
+    """dx/dt = -x from x(0) = 1: x(1) = e^-1; Euler's error falls as 1/steps, the RK2 solvers' as 1/steps^2."""
+    errors = {}
+    for solver in FIELD_EVALUATIONS:
+        for steps in (10, 20):
+            x = integrate(lambda x, t: -x, torch.ones(1, 1), steps, solver)
+            errors[solver, steps] = abs(x.item() - math.exp(-1))
+    assert 1.8 < errors["euler", 10] / errors["euler", 20] < 2.2
+    for solver in ("midpoint", "heun"):
+        assert 3.6 < errors[solver, 10] / errors[solver, 20] < 4.4
+    # chains at different times and steps in one batch move as they would alone
+    x = torch.tensor([[1.0], [2.0]])
+    t, dt = torch.tensor([0.0, 0.5]), torch.tensor([0.1, 0.25])
+    together = ode_step(lambda x, t: x * t[:, None], x, t, dt, "heun")
+    alone = [ode_step(lambda x, t: x * t[:, None], x[i : i + 1], t[i : i + 1], dt[i : i + 1], "heun") for i in (0, 1)]
+    assert torch.equal(together, torch.cat(alone))
+    with pytest.raises(ValueError, match="euler, midpoint, heun"):
+        ode_step(lambda x, t: x, x, t, dt, "rk45")
+
+
+def test_guidance_one_is_the_conditional_field_and_null_labelled_chains_are_unguided() -> None:
+    torch.manual_seed(0)
+    field = MLPVelocity(2, 16, 2, num_classes=3).eval()
+    x, t, labels = torch.randn(4, 2), torch.rand(4), torch.tensor([0, 1, -1, 2])
+    with torch.no_grad():
+        plain = field(x, t, labels)
+        guided = guided_velocity(field, labels, 2.0)(x, t)
+        null = field(x, t, None)
+    assert torch.equal(guided_velocity(field, labels, 1.0)(x, t), plain)
+    assert torch.allclose(guided[2], plain[2])
+    assert torch.allclose(guided[0], null[0] + 2.0 * (plain[0] - null[0]), atol=1e-6)
+
+
+def test_the_energy_unet_is_unchanged_by_the_velocity_field_built_on_it() -> None:
+    """UNetEnergy's state dict and outputs are those of before the CNF reused it (the shipped eqm checkpoints)."""
+    torch.manual_seed(0)
+    energy = UNetEnergy(1, 4, "dot", num_classes=0)
+    assert not any("shift" in name for name in energy.state_dict())  # an unconditional energy has no shifts
+    x = torch.randn(2, 1, 28, 28)
+    assert torch.equal(energy.field(x), energy.trunk(x, None))
+    velocity = UNetVelocity(1, 4, num_classes=0)
+    assert velocity(x, torch.rand(2)).shape == x.shape
+
+
+def test_a_tiny_image_cnf_resumes_exactly_and_samples_reproducibly_by_seed(tmp_path, idx_dir) -> None:
+    straight = tmp_path / "straight" / "cnf.safetensors"
+    train_flow(tiny_image_run(idx_dir, straight))
+    resumed = tmp_path / "resumed" / "cnf.safetensors"
+    train_flow(tiny_image_run(idx_dir, resumed, epochs=1))
+    train_flow(tiny_image_run(idx_dir, resumed, epochs=2, resume=True))
+    one, two = load_checkpoint(straight), load_checkpoint(resumed)
+    assert one.weights.keys() == two.weights.keys()
+    for name in one.weights:
+        assert torch.equal(one.weights[name], two.weights[name]), name
+    assert (straight.parent / "cnf.run" / "samples_epoch002.png").is_file()
+    metrics = [json.loads(line) for line in (straight.parent / "cnf.run" / "metrics.jsonl").read_text().splitlines()]
+    assert [record["epoch"] for record in metrics] == [1, 2]
+    assert all(math.isfinite(record["val_flow_matching"]) for record in metrics)
+
+    model = load_model(straight)
+    sampler = model.sampler_as(FlowSampler)
+    assert (sampler.steps, sampler.solver, sampler.unlabelled) == (3, "midpoint", "random")
+    assert model.classes == [str(k) for k in range(10)]
+    seeds = chain_seeds(7, 6)
+    first = draw_samples(model, seeds)
+    assert first.shape == (6, 1, 28, 28) and first.min() >= -1 and first.max() <= 1
+    assert torch.equal(first, draw_samples(model, seeds))
+    # a chain starts from the same point in any batch; its path differs by float rounding of batched convolutions
+    assert torch.allclose(first[2:4], draw_samples(model, seeds[2:4]), atol=1e-4)
+    assert not torch.equal(first, draw_samples(model, chain_seeds(8, 6)))
+    with pytest.raises(ValueError, match="out of range"):
+        draw_samples(model, seeds, labels=torch.full((6,), 10))
+
+
+def test_sample_and_evaluate_work_on_a_cnf_checkpoint_and_say_bits_per_dim_is_not_yet_measured(
+    tmp_path, idx_dir, capsys
+) -> None:
+    out = tmp_path / "cnf.safetensors"
+    train_flow(tiny_image_run(idx_dir, out, epochs=1))
+    grid = tmp_path / "grid.png"
+    command = ("sample", out, "--n", 4, "--label", "3", "--steps", 2, "--trajectory", 1, "--out", grid)
+    main([str(part) for part in command])
+    assert grid.is_file() and grid.with_suffix(".gif").is_file()
+    assert "midpoint ODE steps" in capsys.readouterr().out
+    main(
+        [str(part) for part in ("evaluate", out, "--data-dir", idx_dir, "--n", 16, "--batch", 8, "--label", "all")]
+        + ["--guidance", "1.5", "--record"]
+    )
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert report["sampler"]["solver"] == "midpoint" and report["sampler"]["guidance"] == 1.5
+    assert "label_accuracy" in report["model"] and "test_bits_per_dim" not in report["model"]
+    assert "no test bits/dim yet" in captured.err
+    assert "evaluate_label_all_guidance_1.5" in load_checkpoint(out).config.metrics
+    with pytest.raises(SystemExit):
+        main(["sample", str(out), "--noise", "0.1", "--out", str(grid)])
+
+
+def test_every_cnf_flag_has_help() -> None:
+    parser = build_parser()
+    flow = parser._subparsers._group_actions[0].choices["flow"]  # type: ignore[union-attr]
+    text = flow.format_help()
+    for flag in ("--conditional", "--label-dropout", "--ot-pairing", "--autocast", "--sample-steps", "--solver"):
+        assert flag in text
+    for action in flow._actions:
+        assert action.help, f"{action.option_strings} has no help"
+    assert "cnf" in text
