@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from training.checkpoint import Checkpoint, CheckpointError, decode_checkpoint
+from training.checkpoint import Checkpoint, CheckpointError, check_name, decode_checkpoint
 from training.exported import PROGRAM_SUFFIX, SIDECAR_SUFFIX, load_exported
 from training.langevin import ReplayBuffer
 from training.models import build_model
@@ -164,6 +164,7 @@ def load_registry(models_dir: Path, device: torch.device) -> Registry:
     programs = sorted(models_dir.glob(f"*{PROGRAM_SUFFIX}"))  # torch.export programs beside JSON sidecars
     for path in [*sorted(models_dir.glob("*.safetensors")), *programs]:
         try:
+            check_name(path.stem, "model name (the file's stem)", path.name)  # it names buffer files
             payload = path.read_bytes()
             if path.suffix == PROGRAM_SUFFIX:
                 model = _load_program(path, payload, device)
