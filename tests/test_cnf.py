@@ -173,3 +173,20 @@ def test_every_cnf_flag_has_help() -> None:
     for action in flow._actions:
         assert action.help, f"{action.option_strings} has no help"
     assert "cnf" in text
+
+
+def test_minibatch_ot_pairing_is_a_permutation_of_the_noise_that_shortens_the_paths(tmp_path) -> None:
+    from training.losses import optimal_transport_pairing
+
+    generator = torch.Generator().manual_seed(0)
+    noise, data = torch.randn(64, 2, generator=generator), torch.randn(64, 2, generator=generator) + 3
+    paired = optimal_transport_pairing(noise, data)
+    assert torch.equal(paired[paired[:, 0].argsort()], noise[noise[:, 0].argsort()])  # the same rows, reordered
+    assert (paired - data).pow(2).sum() < (noise - data).pow(2).sum()
+    out = tmp_path / "ot.safetensors"
+    train_flow(
+        FlowTrainConfig(
+            arch="cnf", dataset="toy2d:moons", ot_pairing=True, hidden=16, epochs=1, max_batches=3, out=str(out)
+        )
+    )
+    assert load_model(out).sampler_as(FlowSampler).solver == "midpoint"
