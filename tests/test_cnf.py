@@ -162,6 +162,9 @@ def test_sample_and_evaluate_work_on_a_cnf_checkpoint_and_say_bits_per_dim_is_no
     assert "evaluate_label_all_guidance_1.5" in load_checkpoint(out).config.metrics
     with pytest.raises(SystemExit):
         main(["sample", str(out), "--noise", "0.1", "--out", str(grid)])
+    with pytest.raises(SystemExit):
+        main(["export", str(out), "--out", str(tmp_path / "cnf.pt2")])
+    assert "not supported yet" in capsys.readouterr().err
 
 
 def test_every_cnf_flag_has_help() -> None:

@@ -476,9 +476,15 @@ def _cmd_fetch_data(args: argparse.Namespace) -> None:
 
 def _cmd_export(args: argparse.Namespace) -> None:
     from training.exported import export_model, load_exported
+    from training.models.cnf import is_velocity_field
     from training.sampling import load_model
 
     model = load_model(args.checkpoint)
+    if is_velocity_field(model.module):
+        raise ValueError(
+            f"export: {model.name} is a continuous normalizing flow, sampled by integrating its ODE; exporting "
+            "its velocity field is not supported yet (serve or sample the .safetensors checkpoint itself)"
+        )
     program, sidecar = export_model(model, args.out)
     load_exported(program)  # read back as the server reads it: the archive checks and the probe batch
     print(f"wrote {program} and {sidecar}: put both in the models directory to serve {program.stem}")
