@@ -4,6 +4,9 @@ defaults.
 Everything a user can get wrong before the server runs (a bad setting, a missing or empty models
 directory, a state directory that cannot be made, a port in use) is checked first, before torch is
 imported, and reported as one line that names the problem and its fix, with exit status 2.
+
+Once serving, a device worker that stops past its guards (service/worker.py) stops the server too, with
+exit status 1, so that a supervisor (compose's restart policy) starts a fresh one.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pydantic import ValidationError
 from service.settings import Settings
 
 PROG = "python -m service" if Path(sys.argv[0]).name == "__main__.py" else Path(sys.argv[0]).name
+WORKER_STOPPED = 1  # the exit status of a server whose device worker stopped past its guards
 EPILOG = """examples:
   python -m service                              serve checkpoints/ on http://127.0.0.1:8000
   samplebay-serve --models-dir runs --port 8080  the same with its console script, other folder and port
@@ -156,6 +160,19 @@ def main(argv: list[str] | None = None) -> None:
         serve_forever(settings)
         return
 
+    stopped_by = serve_locally(settings, listener)
+    if stopped_by is not None:
+        what = f"{type(stopped_by).__name__}: {stopped_by}"
+        print(
+            f"{PROG}: error: the device worker stopped ({what}); exiting with status {WORKER_STOPPED} "
+            "so that a supervisor starts a fresh server",
+            file=sys.stderr,
+        )
+        raise SystemExit(WORKER_STOPPED)
+
+
+def serve_locally(settings: Settings, listener: socket.socket) -> BaseException | None:
+    """Serve until a signal, or until the device worker stops; then what stopped it (None after a signal)."""
     import uvicorn  # the server and torch (through the app) load only once the checks have passed
 
     from service.app import create_app
@@ -163,8 +180,16 @@ def main(argv: list[str] | None = None) -> None:
     from service.middleware import IdleTimeoutH11Protocol
 
     remove_stale_temp_files([settings.models_dir, settings.state_dir])
+    app = create_app(settings)
+
+    class SupervisedServer(uvicorn.Server):
+        async def on_tick(self, counter: int) -> bool:
+            """uvicorn asks every 0.1 s whether to exit: also once the worker has stopped serving anyone."""
+            worker = getattr(app.state, "worker", None)
+            return await super().on_tick(counter) or (worker is not None and worker.stopped_by is not None)
+
     config = uvicorn.Config(
-        create_app(settings),
+        app,
         http=IdleTimeoutH11Protocol,
         timeout_keep_alive=settings.idle_timeout_s,
         timeout_graceful_shutdown=settings.graceful_shutdown_s,
@@ -172,7 +197,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     host, port = listener.getsockname()[:2]
     logging.getLogger("service").info("listening on http://%s:%d (Ctrl+C to stop)", host, port)
-    uvicorn.Server(config).run(sockets=[listener])
+    SupervisedServer(config).run(sockets=[listener])
+    worker = getattr(app.state, "worker", None)
+    return None if worker is None else worker.stopped_by
 
 
 if __name__ == "__main__":

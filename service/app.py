@@ -195,9 +195,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def demo_page() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html")
 
-    @app.get("/healthz")
-    async def healthz() -> dict:
-        return {"status": "alive"}
+    @app.get(
+        "/healthz",
+        responses={
+            200: {"description": '{"status": "alive"} while the device worker runs'},
+            503: {"description": '{"status": "worker stopped", "detail": why}: the process exits for its supervisor'},
+        },
+    )
+    async def healthz(request: Request) -> JSONResponse:
+        """Liveness: a server whose device worker stopped can only answer 503, so it says it wants a restart."""
+        worker: Worker | None = getattr(request.app.state, "worker", None)
+        if worker is not None and not worker.running:
+            return JSONResponse({"status": "worker stopped", "detail": worker.stop_reason}, status_code=503)
+        return JSONResponse({"status": "alive"})
 
     @app.get(
         "/readyz",

@@ -4,6 +4,12 @@ The HTTP side calls `submit` (thread-safe, never waits for the device) and keeps
 back; answers come back through the order's callbacks, which the caller makes thread-safe (the app hands
 in `loop.call_soon_threadsafe`). What the HTTP side may read of the worker's state (`buffers`) is a
 snapshot the worker thread publishes.
+
+The worker never stops for one request or one file: a pool step, a buffer save, a publish, taking in
+requests and shutting down each fail only what they concern, and each kind of failure is logged once
+while it lasts. Whatever gets past those guards ends the thread; `stopped_by` then says why, every
+waiting request is answered, and the server process exits non-zero (service/__main__.py) so that its
+supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Any
 
 import torch
 
@@ -24,8 +31,9 @@ from service.latent_pool import LatentPool, latent_pool_name, runs_in_latent_poo
 from service.messages import Deliver, FrameSink, Handle, QueueFull, SampleOrder, WorkerFailure
 from service.metrics import Metrics
 from service.pools import SamplerPool
-from service.registry import Registry
+from service.registry import BufferGroup, Registry
 from service.scheduler import IDLE_SECONDS, Job, default_step_budget
+from training.langevin import ReplayBuffer
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +44,26 @@ class BufferFigures:
 
     size: int
     capacity: int
+
+
+class FailureLog:
+    """Each kind of failure logged once while it lasts (with its traceback) and once when it is over, so a
+    failure that repeats at every step or save does not flood the log."""
+
+    def __init__(self) -> None:
+        self.failing: set[str] = set()
+
+    def failed(self, what: str, error: BaseException) -> None:
+        if what in self.failing:
+            log.debug("%s failed again (%s: %s)", what, type(error).__name__, error)
+            return
+        self.failing.add(what)
+        log.error("%s failed (%s: %s); logged once while it lasts", what, type(error).__name__, error, exc_info=error)
+
+    def recovered(self, what: str) -> None:
+        if what in self.failing:
+            self.failing.discard(what)
+            log.info("%s works again", what)
 
 
 class Worker:
@@ -59,10 +87,12 @@ class Worker:
         self.max_queue = max_queue
         self.save_interval_s = save_interval_s
         self.clock = clock
+        self.failures = FailureLog()
+        self.stopped_by: BaseException | None = None  # what ended the worker thread past every guard
         self.pools: dict[str, SamplerPool] = {}
         self.langevin_pools: dict[str, LangevinPool] = {}
         for name, group in registry.groups.items():
-            buffer = store.load(name, group.digest, group.members[0].shape) or group.initial_buffer()
+            buffer = self._saved_buffer(name, group) or group.initial_buffer()
             self.pools[name] = self.langevin_pools[name] = LangevinPool(
                 group, buffer, chain_budget, device, metrics, clock
             )
@@ -85,9 +115,27 @@ class Worker:
         self._thread: threading.Thread | None = None
         self.last_save = clock()
 
+    def _saved_buffer(self, name: str, group: BufferGroup) -> ReplayBuffer | None:
+        """The group's buffer from the state directory, or None; a store that raises costs only that buffer."""
+        try:
+            return self.store.load(name, group.digest, group.members[0].shape)
+        except Exception as error:
+            log.warning(
+                "could not read the saved replay buffer of %s (%s); starting from the checkpoint's", name, error
+            )
+            return None
+
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._thread is not None and self._thread.is_alive() and self.stopped_by is None
+
+    @property
+    def stop_reason(self) -> str:
+        """Why the worker does not run, as a client or /healthz is told."""
+        if self.stopped_by is not None:
+            error = self.stopped_by
+            return f"the device worker stopped ({type(error).__name__}: {error}); the server restarts, retry shortly"
+        return "the device worker is not running"
 
     def queue_depth(self) -> int:
         return len(self._inbox) + sum(len(pool.scheduler.waiting) for pool in self.pools.values())
@@ -99,12 +147,12 @@ class Worker:
 
         Orders submitted before `start` wait in the inbox (tests drive the loop with `run_once`).
         """
-        if self._stop.is_set() or (self._thread is not None and not self._thread.is_alive()):
-            raise WorkerFailure("the device worker is not running")
         pool = self.pools[latent_pool_name(order.model) if runs_in_latent_pool(order) else order.model.pool]
         handle = Handle(deadline)
         job = pool.make_job(order, deliver, handle, on_frame)
-        with self._inbox_lock:
+        with self._inbox_lock:  # checked under the lock the last drain takes: no job is left unanswered
+            if self._stop.is_set() or self.stopped_by is not None or (self._thread and not self._thread.is_alive()):
+                raise WorkerFailure(self.stop_reason)
             if self.queue_depth() >= self.max_queue:
                 raise QueueFull(f"{self.max_queue} requests are already waiting")
             self._inbox.append((pool, job))
@@ -133,8 +181,35 @@ class Worker:
                     pool.scheduler.add(job)
                 except ValueError as error:  # the HTTP layer checks this first; never let it stop the worker
                     refused.append((pool, job, str(error)))
+                except Exception as error:
+                    self.failures.failed(f"queueing requests for {pool.name}", error)
+                    refused.append((pool, job, f"the request could not be queued: {type(error).__name__}"))
         for pool, job, reason in refused:
-            pool.fail([job], reason)
+            self._attempt(f"answering refused requests of {pool.name}", pool.fail, [job], reason)
+
+    def _attempt(self, what: str, action: Callable[..., object], *args: Any) -> bool:
+        """Run one guarded part of the worker's work: False (logged once while it lasts) when it raised."""
+        try:
+            action(*args)
+        except Exception as error:
+            self.failures.failed(what, error)
+            return False
+        self.failures.recovered(what)
+        return True
+
+    def _step(self, pool: SamplerPool) -> bool:
+        """Step the pool if it has work (whether it had); a pool that raises fails its own requests only."""
+        try:
+            if not pool.has_work():
+                return False
+            pool.step()
+            self.metrics.running_chains.labels(pool.name).set(pool.scheduler.running_chains)
+        except Exception as error:  # outside one batch (start, finish): fail this pool's jobs only
+            self.failures.failed(f"stepping {pool.name} (its requests fail)", error)
+            self._attempt(f"failing the requests of {pool.name}", pool.fail_all, error)
+            return True
+        self.failures.recovered(f"stepping {pool.name} (its requests fail)")
+        return True
 
     def run_once(self) -> bool:
         """One round: take in new orders, step every pool that has work, save buffers when due.
@@ -144,18 +219,10 @@ class Worker:
         self._drain_inbox()
         busy = False
         for pool in self.pools.values():
-            if not pool.has_work():
-                continue
-            busy = True
-            try:
-                pool.step()
-            except Exception as error:  # outside one batch (start, finish): fail this pool's jobs only
-                log.exception("pool %s failed; failing its requests", pool.name)
-                pool.fail_all(error)
-            self.metrics.running_chains.labels(pool.name).set(pool.scheduler.running_chains)
+            busy = self._step(pool) or busy
         self.metrics.queue_depth.set(self.queue_depth())
         if busy:
-            self._publish_buffers()
+            self._attempt("publishing the buffer figures", self._publish_buffers)
         if self.clock() - self.last_save >= self.save_interval_s:
             self.save_buffers()
         return busy
@@ -164,17 +231,30 @@ class Worker:
         return min([IDLE_SECONDS, *(pool.seconds_until_due() for pool in self.pools.values())])
 
     def _loop(self) -> None:
-        while not self._stop.is_set():
-            self._wake.clear()  # before draining: a submit from now on wakes the next wait
-            if not self.run_once():
-                self._wake.wait(timeout=self.seconds_until_due())
+        try:
+            while not self._stop.is_set():
+                self._wake.clear()  # before draining: a submit from now on wakes the next wait
+                if not self.run_once():
+                    self._wake.wait(timeout=self.seconds_until_due())
+        except BaseException as error:  # past every guard: say so, answer what waits, let the process end
+            with self._inbox_lock:
+                self.stopped_by = error
+            log.critical(
+                "the device worker stopped (%s: %s): every request now fails with 503, and the server exits "
+                "so that its supervisor restarts it",
+                type(error).__name__,
+                error,
+                exc_info=error,
+            )
+            self._shut_down(self.stop_reason)
+            return
         self._shut_down()
 
-    def _shut_down(self) -> None:
+    def _shut_down(self, reason: str = "the server is shutting down; retry on the next instance") -> None:
         """Nobody will run what is queued: answer it, then save from this thread (the buffers' only user)."""
-        self._drain_inbox()
+        self._attempt("taking in the last requests", self._drain_inbox)
         for pool in self.pools.values():
-            pool.fail_all("the server is shutting down; retry on the next instance")
+            self._attempt(f"answering the requests of {pool.name}", pool.fail_all, reason)
         self.save_buffers()
 
     def _publish_buffers(self) -> None:
@@ -190,8 +270,10 @@ class Worker:
         """Write every buffer that changed since its last save (atomically; see BufferStore)."""
         self.last_save = self.clock()
         for name, pool in self.langevin_pools.items():
-            if not pool.buffer_dirty:
-                continue
-            # A failed save (the store logs why) stays dirty, so it is retried once the directory is writable.
-            pool.buffer_dirty = not self.store.save(name, pool.group.digest, pool.buffer)
-        self._publish_buffers()
+            if pool.buffer_dirty:  # a failed save stays dirty, so it is retried at the next interval
+                self._attempt(f"saving the replay buffer of {name}", self._save_buffer, name, pool)
+        self._attempt("publishing the buffer figures", self._publish_buffers)
+
+    def _save_buffer(self, name: str, pool: LangevinPool) -> None:
+        # The store reports an unwritable directory itself (once) and returns False.
+        pool.buffer_dirty = not self.store.save(name, pool.group.digest, pool.buffer)
