@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-INT32_MAX = 2**31 - 1  # every integer field fits int32; the server's tighter caps are in /models `limits`
+from training.sampler_config import GUIDANCE, INT32_MAX, MOMENTUM, NOISE, STEP_SIZE, STEPS, TEMPERATURE, Bounds
+
+
+def _override(bounds: Bounds, description: str | None = None) -> Any:
+    """A field that overrides a checkpoint's sampler default, bounded as that default is at load."""
+    return Field(None, ge=bounds.ge, gt=bounds.gt, le=bounds.le, description=description)
 
 
 class SampleRequest(BaseModel):
     """POST /sample. Fields left out take the checkpoint's defaults.
 
     Every number is bounded here, where float32 holds it and the sampler still makes sense, so no value
-    a client may send overflows on the device (step_size 1e39 would fail the whole shared batch).
+    a client may send overflows on the device (step_size 1e39 would fail the whole shared batch); a sampler
+    setting by the bounds its checkpoint's default was checked against (training/sampler_config.py); every
+    integer fits int32, and the server's tighter caps are in /models `limits`.
     """
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -23,24 +30,22 @@ class SampleRequest(BaseModel):
     n: int = Field(1, ge=1, le=INT32_MAX, description="at most the server's max_n (see /models limits)")
     seed: int | None = Field(None, ge=0, le=INT32_MAX)
     format: Literal["png", "json", "gif"] = "png"
-    steps: int | None = Field(
-        None,
-        ge=0,
-        le=INT32_MAX,
-        description="Langevin steps, at most the server's max_steps: an EBM's (1 or more), or a GAN's DDLS steps "
+    steps: int | None = _override(
+        STEPS,
+        "Langevin steps, at most the server's max_steps: an EBM's (1 or more), or a GAN's DDLS steps "
         "on its latent (0: one plain generator pass)",
     )
-    step_size: float | None = Field(None, gt=0, le=1000)
-    noise: float | None = Field(None, ge=0, le=10)  # std of the noise per step; the data range is about [-1, 1]
-    momentum: float | None = Field(None, ge=0, le=0.999)  # heavy-ball Langevin; 0 = plain steps; float32 < 1
-    guidance: float | None = Field(None, ge=0, le=20, description="with a label: E(x) + w (E(x, y) - E(x))")
+    step_size: float | None = _override(STEP_SIZE)
+    noise: float | None = _override(NOISE)  # std of the noise per step; the data range is about [-1, 1]
+    momentum: float | None = _override(MOMENTUM)  # heavy-ball Langevin; 0 = plain steps
+    guidance: float | None = _override(GUIDANCE, "with a label: E(x) + w (E(x, y) - E(x))")
     init: Literal["buffer", "noise", "image"] | None = None
     image: str | None = Field(None, description="init 'image': base64 PNG/JPEG (a data: URL is fine)")
     mask: str | None = Field(
         None, description="with image, of the same size: white marks pixels to fill in, black pixels stay"
     )
     stream: bool = False  # Server-Sent Events: one event per trajectory frame, then the samples
-    temperature: float | None = Field(None, ge=0.001, le=100)  # the gradient is divided by it
+    temperature: float | None = _override(TEMPERATURE)  # the gradient is divided by it
     label: int | None = Field(
         None, ge=0, le=INT32_MAX, description="class-conditional EBMs: an index into the model's classes"
     )

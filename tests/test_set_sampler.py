@@ -71,7 +71,7 @@ def test_a_changed_default_a_record_depends_on_drops_it_and_names_it(
         ("colour=red", "'colour' is not a field of its sampler"),
         ("latent_dim=64", "'latent_dim' is fixed by its training"),
         ("steps=many", "steps: 'many' is not a value of type int"),
-        ("steps=-1", "sampler DDLS settings need steps >= 0"),
+        ("steps=-1", "sampler steps must be an integer in [0, 2147483647], not -1"),
         ("weights=best", "sampler weights must be 'ema' or 'raw'"),
     ],
 )

@@ -3,12 +3,18 @@
 Training writes these into `ModelConfig.sampler`; `python -m training sample/evaluate`, the server's
 request handling and its worker read them back here and nowhere else. `to_dict` stamps a schema
 version; `from_dict` reads every checkpoint written so far (those have no version: version 1), takes the
-dataclass default for a missing key and refuses a key it does not know.
+dataclass default for a missing key and refuses a key it does not know. A config is data from a file, so
+every value is checked at construction: its type, and for a setting a request may override, the same
+bounds the request schema applies (service/schemas.py reads them from here).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import types
+import typing
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -17,6 +23,82 @@ VERSION_KEY = "schema_version"
 INITS = ("noise", "buffer")
 PRIORS = ("uniform", "gaussian")
 ODE_SOLVERS = ("euler", "midpoint", "heun")  # training/ode.py steps by each
+INT32_MAX = 2**31 - 1  # every integer setting (and request field) fits int32
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """Where a numeric setting must lie: finite, and within the bounds given (None: no bound on that side)."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+
+    def admits(self, value: float) -> bool:
+        return (
+            math.isfinite(value)
+            and (self.ge is None or value >= self.ge)
+            and (self.gt is None or value > self.gt)
+            and (self.le is None or value <= self.le)
+        )
+
+    def __str__(self) -> str:
+        low = f"[{self.ge}" if self.ge is not None else f"({self.gt}" if self.gt is not None else "(-inf"
+        return f"{low}, {self.le}]" if self.le is not None else f"{low}, inf)"
+
+
+# The settings a request may also send: where float32 holds them and the sampler still makes sense, so no
+# default, like no request, overflows on the device (step_size 1e39 would fail a whole shared batch).
+STEPS = Bounds(ge=0, le=INT32_MAX)  # a request's; 0 is a GAN's plain pass, an EBM takes at least one
+STEP_SIZE = Bounds(gt=0, le=1000)
+NOISE = Bounds(ge=0, le=10)  # std of the noise per step; the data range is about [-1, 1]
+MOMENTUM = Bounds(ge=0, le=0.999)  # heavy-ball Langevin; float32 < 1
+GUIDANCE = Bounds(ge=0, le=20)
+TEMPERATURE = Bounds(ge=0.001, le=100)
+# Settings only a file gives.
+CHAIN_STEPS = Bounds(ge=1, le=INT32_MAX)  # an EBM's or a CNF's default steps
+POSITIVE = Bounds(gt=0)
+PROBABILITY = Bounds(ge=0, le=1)
+SIZE = Bounds(ge=1, le=INT32_MAX)
+
+
+@functools.cache
+def _field_types(kind: type) -> dict[str, tuple[tuple[type, ...], bool]]:
+    """Each field's allowed types and whether None is allowed, from its annotation ("float | None", ...)."""
+    found = {}
+    for name, hint in typing.get_type_hints(kind).items():
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        kinds = typing.get_args(hint) if union else (hint,)
+        found[name] = (tuple(item for item in kinds if item is not type(None)), type(None) in kinds)
+    return found
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."
+
+
+def check_values(config: object, bounds: dict[str, Bounds]) -> None:
+    """ValueError naming the first field of a sampler config whose value is not of its annotated type
+    (an integer is no bool, a number no string) or lies outside its bounds."""
+    kind: type = type(config)
+    for name, (kinds, optional) in _field_types(kind).items():
+        value = getattr(config, name)
+        if value is None and optional:
+            continue
+        if bool in kinds:
+            fits, what = isinstance(value, bool), "true or false"
+        elif int in kinds:
+            fits, what = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        elif float in kinds:
+            fits, what = isinstance(value, int | float) and not isinstance(value, bool), "a number"
+        else:
+            fits, what = isinstance(value, str), "a string"
+        if name in bounds:
+            what = f"{what} in {bounds[name]}"
+            fits = fits and bounds[name].admits(value)
+        if not fits:
+            raise ValueError(f"sampler {name} must be {what}{' or null' if optional else ''}, not {_shown(value)}")
 
 
 @dataclass(frozen=True)
@@ -40,18 +122,27 @@ class EBMSampler:
     train_steps: int | None = None  # steps per training iteration (recorded only)
 
     def __post_init__(self) -> None:
+        check_values(
+            self,
+            {
+                "steps": CHAIN_STEPS,
+                "step_size": STEP_SIZE,
+                "noise": NOISE,
+                "grad_clip": POSITIVE,
+                "temperature": TEMPERATURE,
+                "prior_std": POSITIVE,
+                "guidance": GUIDANCE,
+                "momentum": MOMENTUM,
+                "restart_prob": PROBABILITY,
+                "train_steps": STEPS,
+            },
+        )
         if self.init not in INITS:
             raise ValueError(f"sampler init must be one of {', '.join(INITS)}, not {self.init!r}")
         if self.prior not in PRIORS:
             raise ValueError(f"sampler prior must be one of {', '.join(PRIORS)}, not {self.prior!r}")
         if self.unlabelled not in ("null", "random"):
             raise ValueError(f"sampler unlabelled must be 'null' or 'random', not {self.unlabelled!r}")
-        if not self.guidance >= 0.0:
-            raise ValueError(f"sampler guidance must be 0 or more, not {self.guidance}")
-        if not self.prior_std > 0.0:
-            raise ValueError(f"sampler prior_std must be positive, not {self.prior_std}")
-        if not 0.0 <= self.momentum < 1.0:
-            raise ValueError(f"sampler momentum must lie in [0, 1), not {self.momentum}")
 
 
 @dataclass(frozen=True)
@@ -67,13 +158,8 @@ class GANSampler:
     noise: float = 0.1  # DDLS: std of the Gaussian noise added to z before each gradient step
 
     def __post_init__(self) -> None:
-        if self.latent_dim < 1:
-            raise ValueError(f"sampler latent_dim must be a positive integer, not {self.latent_dim}")
-        if self.steps < 0 or not self.step_size > 0 or not self.noise >= 0:
-            raise ValueError(
-                f"sampler DDLS settings need steps >= 0, step_size > 0, noise >= 0; got steps {self.steps}, "
-                f"step_size {self.step_size}, noise {self.noise}"
-            )
+        ddls = {"steps": STEPS, "step_size": STEP_SIZE, "noise": NOISE}
+        check_values(self, {"latent_dim": SIZE, "temperature": TEMPERATURE, **ddls})
         if self.weights not in ("ema", "raw"):
             raise ValueError(f"sampler weights must be 'ema' or 'raw', not {self.weights!r}")
 
@@ -91,18 +177,15 @@ class FlowSampler:
     unlabelled: str = "null"  # conditional CNF asked for no label: "null" label (v(x, t)) | "random" class per chain
 
     def __post_init__(self) -> None:
+        check_values(self, {"temperature": TEMPERATURE, "steps": CHAIN_STEPS, "guidance": GUIDANCE})
         self._check_ode_settings()
 
     def _check_ode_settings(self) -> None:
         """The CNF fields (kept apart so that checks of the other fields can sit beside them in __post_init__)."""
         if (self.steps is None) != (self.solver is None):
             raise ValueError(f"sampler steps and solver are set together (a CNF) or not at all; got {self}")
-        if self.steps is not None and (type(self.steps) is not int or self.steps < 1):
-            raise ValueError(f"sampler steps must be a positive integer, not {self.steps!r}")
         if self.solver is not None and self.solver not in ODE_SOLVERS:
             raise ValueError(f"sampler solver must be one of {', '.join(ODE_SOLVERS)}, not {self.solver!r}")
-        if not self.guidance >= 0.0:
-            raise ValueError(f"sampler guidance must be 0 or more, not {self.guidance}")
         if self.unlabelled not in ("null", "random"):
             raise ValueError(f"sampler unlabelled must be 'null' or 'random', not {self.unlabelled!r}")
 
@@ -117,7 +200,10 @@ Config = TypeVar("Config", bound=SamplerConfig)
 
 
 def from_dict(kind: type[Config], raw: dict[str, Any]) -> Config:
-    """A sampler config from a checkpoint's `sampler` dict; ValueError naming unknown keys or a bad version."""
+    """A sampler config from a checkpoint's `sampler` dict; ValueError naming unknown keys, a bad version or
+    a bad value."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"sampler settings must be an object of names and values, not a {type(raw).__name__}")
     values = dict(raw)
     version = values.pop(VERSION_KEY, SAMPLER_SCHEMA)
     if version != SAMPLER_SCHEMA:
@@ -125,8 +211,9 @@ def from_dict(kind: type[Config], raw: dict[str, Any]) -> Config:
     known = {item.name for item in dataclasses.fields(kind)}
     unknown = sorted(set(values) - known)
     if unknown:
+        shown = unknown[:5] + (["..."] if len(unknown) > 5 else [])
         raise ValueError(
-            f"sampler settings {unknown} are not known to {kind.__name__}; known: {', '.join(sorted(known))}"
+            f"sampler settings {shown} are not known to {kind.__name__}; known: {', '.join(sorted(known))}"
         )
     try:
         return kind(**values)
