@@ -26,7 +26,7 @@ from service.messages import CancelledByClient
 from service.metrics import Metrics
 from service.middleware import BodyLimits
 from service.orders import check_applicable, make_order
-from service.registry import Registry, ServedModel, load_registry
+from service.registry import Registry, ServedModel, load_registry, signals_end_loading
 from service.schemas import ErrorBody, ModelInfo, Readiness, SampleRequest, SampleResponse, field_limits
 from service.settings import Settings
 from service.worker import Worker
@@ -149,7 +149,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         device = pick_device(settings.device)
-        registry = await asyncio.to_thread(load_registry, settings.models_dir, device)
+        with signals_end_loading():  # nothing is served or changed yet: SIGTERM need not wait for a slow file
+            registry = await asyncio.to_thread(
+                load_registry, settings.models_dir, device, settings.max_model_bytes, settings.model_load_timeout_s
+            )
         store = BufferStore(settings.state_dir, settings.buffer_shard)
         worker = Worker(
             registry,

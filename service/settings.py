@@ -25,6 +25,12 @@ class Settings(BaseSettings):
     max_steps: int = Field(2000, ge=1, description="Langevin steps per request")
     max_frames: int = Field(65, ge=2, description="trajectory frames per request")
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="largest request body")
+    max_model_bytes: int = Field(
+        512 * 1024 * 1024, ge=1, description="largest file read from the models dir (its size checked before reading)"
+    )
+    model_load_timeout_s: float = Field(
+        60.0, gt=0, description="a model file still loading after this long is refused, and start-up goes on without it"
+    )
     chain_budget: int = Field(1024, ge=1, description="most chains one model runs at once (admitted, on the device)")
     step_budget: int | None = Field(
         None, ge=1, description="most chains one model's Langevin step advances (none: the device's, from a sweep)"

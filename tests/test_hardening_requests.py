@@ -151,7 +151,7 @@ def test_absurd_checkpoints_are_refused_with_the_reason_in_readyz(models: Path, 
         raw["arch"]["kwargs"]["width"] = 200_000
 
     def claim_width_near_the_cap(raw: dict) -> None:
-        raw["arch"]["kwargs"]["width"] = 60_000  # a plausible number, but not these tensors: 4 GB of weights
+        raw["arch"]["kwargs"]["width"] = 1_000  # within the build limits, but not these tensors: 300 MB of weights
 
     def claim_image(raw: dict) -> None:
         raw["data"]["shape"] = [3, 100_000, 100_000]
@@ -170,7 +170,7 @@ def test_absurd_checkpoints_are_refused_with_the_reason_in_readyz(models: Path, 
     assert ready.status_code == 200 and served == {"solo", "eqm"}
     refused = ready.json()["refused"]
     assert "arch.kwargs.width is 200,000" in refused["wide.safetensors"]
-    assert "weights/" in refused["wider.safetensors"] and "60000" in refused["wider.safetensors"]
+    assert "weights/" in refused["wider.safetensors"] and "1000" in refused["wider.safetensors"]
     assert "data.shape" in refused["huge.safetensors"]
     assert "replay_buffer/capacity 1,000,000,000,000" in refused["bottomless.safetensors"]
 
