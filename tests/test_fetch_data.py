@@ -1,8 +1,10 @@
 """`python -m training fetch-data` against a local HTTP mirror, as a user behind a proxy would point it at one:
-verified files land and load, a second run downloads nothing, a corrupted file is deleted with a checksum error."""
+verified files land and load, a second run downloads nothing, a corrupted file is deleted with a checksum error;
+MNIST is checked by SHA-256, Fashion-MNIST by the MD5s Zalando publishes."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import shutil
@@ -37,22 +39,31 @@ class CountingHandler(SimpleHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def mirror(idx_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Path]]:
-    """A threaded HTTP server over a copy of the tiny IDX files, whose SHA-256s stand in for the published ones."""
-    served = tmp_path / "mirror"
+@contextlib.contextmanager
+def serve_mirror(
+    idx_dir: Path, served: Path, monkeypatch: pytest.MonkeyPatch, dataset: str, algorithm: str
+) -> Iterator[str]:
+    """A threaded HTTP server over a copy of the tiny IDX files, whose digests (by the dataset's publisher's
+    algorithm) stand in for the published ones."""
     shutil.copytree(idx_dir, served)
-    table = {name: hashlib.sha256((served / name).read_bytes()).hexdigest() for name in FILES}
-    monkeypatch.setitem(fetch_data.SHA256, "mnist", table)
+    table = {name: (algorithm, hashlib.new(algorithm, (served / name).read_bytes()).hexdigest()) for name in FILES}
+    monkeypatch.setitem(fetch_data.CHECKSUMS, dataset, table)
     CountingHandler.requests = []
     server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(CountingHandler, directory=str(served)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/", served
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture
+def mirror(idx_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Path]]:
+    served = tmp_path / "mirror"
+    with serve_mirror(idx_dir, served, monkeypatch, "mnist", "sha256") as url:
+        yield url, served
 
 
 def test_fetch_data_downloads_verified_files_that_train_and_skips_them_the_second_time(
@@ -110,8 +121,30 @@ def test_a_mirror_without_the_files_fails_with_the_url_and_what_to_do(
     assert f"{url}elsewhere/train-images-idx3-ubyte.gz" in error and "--mirror" in error
 
 
-def test_every_dataset_lists_a_sha256_for_each_of_its_four_files() -> None:
-    for dataset, table in fetch_data.SHA256.items():
+def test_fashion_mnist_is_checked_by_md5_and_a_corrupted_copy_is_still_refused(
+    idx_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Zalando publishes MD5s, so the files whose MD5 matches are accepted (the SHA-256 table this replaced
+    refused the real ones), and a damaged one is still deleted."""
+    assert {algorithm for algorithm, _ in fetch_data.CHECKSUMS["fashion-mnist"].values()} == {"md5"}
+    served = tmp_path / "mirror"
+    with serve_mirror(idx_dir, served, monkeypatch, "fashion-mnist", "md5") as url:
+        main(["fetch-data", "fashion-mnist", "--dir", str(tmp_path / "good"), "--mirror", url])
+        assert sorted(path.name for path in (tmp_path / "good").iterdir()) == sorted(FILES)
+        images = served / FILES[0]
+        images.write_bytes(images.read_bytes() + b"\0")
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fetch-data", "fashion-mnist", "--dir", str(tmp_path / "bad"), "--mirror", url])
+    assert exit_info.value.code != 0
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert FILES[0] in error and "failed its checksum: MD5" in error
+    assert not (tmp_path / "bad" / FILES[0]).exists() and not (tmp_path / "bad" / f"{FILES[0]}.part").exists()
+
+
+def test_every_dataset_lists_a_checksum_for_each_of_its_four_files() -> None:
+    lengths = {"sha256": 64, "md5": 32}
+    for dataset, table in fetch_data.CHECKSUMS.items():
         assert sorted(table) == sorted(FILES), dataset
-        assert all(len(digest) == 64 and int(digest, 16) >= 0 for digest in table.values()), dataset
+        for algorithm, digest in table.values():
+            assert len(digest) == lengths[algorithm] and int(digest, 16) >= 0, (dataset, digest)
         assert fetch_data.MIRRORS[dataset], dataset

@@ -567,7 +567,7 @@ def _add_command(commands, name: str, help_text: str, description: str | None = 
 
 def build_parser() -> argparse.ArgumentParser:
     from training.evaluate import DEFAULT_CLASSIFIER
-    from training.fetch_data import SHA256
+    from training.fetch_data import CHECKSUMS
     from training.train_ebm import EBMTrainConfig
     from training.train_flow import FlowTrainConfig
     from training.train_gan import GANTrainConfig
@@ -733,13 +733,13 @@ def build_parser() -> argparse.ArgumentParser:
     fetch_data = _add_command(
         commands,
         "fetch-data",
-        "download MNIST or Fashion-MNIST (the four IDX .gz files) and verify their SHA-256",
+        "download MNIST or Fashion-MNIST (the four IDX .gz files) and verify their checksums",
         "Download the four official IDX .gz files of MNIST or Fashion-MNIST from the dataset's usual mirrors\n"
-        "(or --mirror) and check each against the SHA-256 written in training/fetch_data.py. A file that fails\n"
+        "(or --mirror) and check each against the checksum written in training/fetch_data.py. A file that fails\n"
         "is deleted and the command exits non-zero; files already there and verified are skipped. Standard\n"
         "library only: urllib honours http_proxy and https_proxy.",
     )
-    fetch_data.add_argument("dataset", choices=sorted(SHA256), help="the dataset to download")
+    fetch_data.add_argument("dataset", choices=sorted(CHECKSUMS), help="the dataset to download")
     fetch_data.add_argument(
         "--dir", default=None, metavar="D", help="where the files go (default: data/DATASET; train with --data-dir D)"
     )

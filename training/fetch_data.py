@@ -1,8 +1,9 @@
-"""`python -m training fetch-data`: the four official IDX files of MNIST or Fashion-MNIST, checked by SHA-256.
+"""`python -m training fetch-data`: the four official IDX files of MNIST or Fashion-MNIST, each checked
+against the checksum its publisher states.
 
 Standard library only: urllib honours the usual `http_proxy`/`https_proxy` variables, and `--mirror` points
 at any other copy (an internal HTTP server, or `file:///path/` for files carried in by hand). Every file is
-written under a `.part` name and renamed only once its SHA-256 matches the one below, so a file with the
+written under a `.part` name and renamed only once its checksum matches the one below, so a file with the
 final name is always a verified one and a second run skips it.
 """
 
@@ -28,22 +29,29 @@ MIRRORS: dict[str, tuple[str, ...]] = {
     ),
 }
 
-# SHA-256 of each file as published. MNIST: computed from the files this project trains on. Fashion-MNIST:
-# as two independent public download scripts list them (not checked against a download here).
-SHA256: dict[str, dict[str, str]] = {
+# (algorithm, digest) of each file, as its publisher states it, or measured where none is stated.
+CHECKSUMS: dict[str, dict[str, tuple[str, str]]] = {
+    # LeCun's MNIST page states no checksum. SHA-256 measured from the official files in ../shared/data/mnist
+    # (sha256sum, again for issue 25), whose MD5s are the ones torchvision's MNIST class lists
+    # (f68b3c2dcbeaaa9fbdd348bbdeb94873, d53e105ee54ea40749a09fcbcd1e9432, 9fb629c4189551a2d022fa330f9573f3,
+    # ec29112dd5afa0611ce80d1b7f02629c, in this order).
     "mnist": {
-        "train-images-idx3-ubyte.gz": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
-        "train-labels-idx1-ubyte.gz": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
-        "t10k-images-idx3-ubyte.gz": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
-        "t10k-labels-idx1-ubyte.gz": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+        "train-images-idx3-ubyte.gz": ("sha256", "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609"),
+        "train-labels-idx1-ubyte.gz": ("sha256", "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c"),
+        "t10k-images-idx3-ubyte.gz": ("sha256", "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6"),
+        "t10k-labels-idx1-ubyte.gz": ("sha256", "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6"),
     },
+    # Zalando publishes MD5s: the README of github.com/zalandoresearch/fashion-mnist ("Get the Data"). The
+    # label files matching them hash to SHA-256 a04f1713...90845 (train) and 67da17c7...f8dd5 (t10k), as
+    # measured for issue 25; the SHA-256 table this replaced was copied from download scripts, and wrong.
     "fashion-mnist": {
-        "train-images-idx3-ubyte.gz": "08dc20ab1689590a0bcd66e874647b6ee8464e2d501b5a3f1f78831db19a3fdc",
-        "train-labels-idx1-ubyte.gz": "b0197879cbda89f3dc7b894f9fd52b858e68ea4182b6947c9d8c2b67e5f18dcc",
-        "t10k-images-idx3-ubyte.gz": "78dcbbfb5a27efaf1b6c1d616caca68560be8766c5bffcb2791df9273a534229",
-        "t10k-labels-idx1-ubyte.gz": "42bd18137a62d5998cdeae52bf3a0676ac6b706f5cf8439b47bb5b151ae3dccf",
+        "train-images-idx3-ubyte.gz": ("md5", "8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
+        "train-labels-idx1-ubyte.gz": ("md5", "25c81989df183df01b3e8a0aad5dffbe"),
+        "t10k-images-idx3-ubyte.gz": ("md5", "bef4ecab320f06d8554ea6380940ec79"),
+        "t10k-labels-idx1-ubyte.gz": ("md5", "bb300cfdad3c16e7a12a480ee83cd310"),
     },
 }
+SHOWN = {"sha256": "SHA-256", "md5": "MD5"}
 
 CHUNK = 1 << 16  # bytes read from the network at a time
 
@@ -52,17 +60,17 @@ class FetchError(Exception):
     """A file could not be fetched, or what arrived is not the published file."""
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+def file_digest(path: Path, algorithm: str) -> str:
+    digest = hashlib.new(algorithm)
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(CHUNK), b""):
             digest.update(block)
     return digest.hexdigest()
 
 
-def _download(url: str, part: Path, name: str) -> str:
-    """Stream url into part with a progress display; the SHA-256 of what arrived."""
-    digest = hashlib.sha256()
+def _download(url: str, part: Path, name: str, algorithm: str) -> str:
+    """Stream url into part with a progress display; the digest of what arrived."""
+    digest = hashlib.new(algorithm)
     with urllib.request.urlopen(url, timeout=60) as response, part.open("wb") as handle:
         length = response.headers.get("Content-Length")
         with progress(None, int(length) if length else None, name, unit="B", unit_scale=True) as bar:
@@ -76,15 +84,15 @@ def _download(url: str, part: Path, name: str) -> str:
 def fetch(dataset: str, directory: str | Path, mirror: str | None = None) -> Path:
     """Download the dataset's four IDX files into directory (from `mirror`, else its usual mirrors in turn)
     and verify each; files already there and verified are kept. Returns the directory."""
-    if dataset not in SHA256:
-        raise ValueError(f"unknown dataset {dataset!r}; fetch-data knows {', '.join(SHA256)}")
+    if dataset not in CHECKSUMS:
+        raise ValueError(f"unknown dataset {dataset!r}; fetch-data knows {', '.join(CHECKSUMS)}")
     directory = Path(directory).expanduser()
     directory.mkdir(parents=True, exist_ok=True)
     bases = (mirror,) if mirror else MIRRORS[dataset]
-    for name, expected in SHA256[dataset].items():
+    for name, (algorithm, expected) in CHECKSUMS[dataset].items():
         path = directory / name
         if path.is_file():
-            if file_sha256(path) == expected:
+            if file_digest(path, algorithm) == expected:
                 print(f"{path}: already there, checksum verified", file=sys.stderr)
                 continue
             print(f"{path}: checksum differs from the published file's; downloading it again", file=sys.stderr)
@@ -93,7 +101,7 @@ def fetch(dataset: str, directory: str | Path, mirror: str | None = None) -> Pat
         for base in bases:
             url = base.rstrip("/") + "/" + name
             try:
-                got = _download(url, part, name)
+                got = _download(url, part, name, algorithm)
             except (urllib.error.URLError, OSError) as error:  # HTTPError is a URLError
                 part.unlink(missing_ok=True)
                 failures.append(f"{url}: {getattr(error, 'reason', error)}")
@@ -102,8 +110,9 @@ def fetch(dataset: str, directory: str | Path, mirror: str | None = None) -> Pat
             if got != expected:
                 part.unlink()
                 raise FetchError(
-                    f"{name} from {url} failed its checksum: SHA-256 {got}, the published file's is {expected}; "
-                    f"deleted it. The mirror serves a different or damaged file: try again, or another --mirror"
+                    f"{name} from {url} failed its checksum: {SHOWN[algorithm]} {got}, the published file's is "
+                    f"{expected}; deleted it. The mirror serves a different or damaged file: try again, or another "
+                    "--mirror"
                 )
             part.replace(path)
             print(f"{path}: downloaded from {url}, checksum verified", file=sys.stderr)
