@@ -8,39 +8,23 @@ signature, and an adapter turns it into the module every sampler of this project
     gan   z [B, latent_dim] -> x [B, *shape]
     flow  z [B, *shape] -> (x [B, *shape], log p(x) [B])   samples and bits/dim from one pass
 
-What `torch.export.load` (torch 2.13) reads from a `.pt2` zip archive, and what runs code there:
-
-- `models/model.json`: the graph as JSON. Deserializing it hands every symbolic-shape string
-  (`expr_str`, range-constraint names) to `sympy.sympify`, which is `eval`; `ExportedProgram.module()`
-  later `exec`s the strings in `guards_code`, and torch.fx turns node, input and weight names into Python
-  source that it `exec`s.
-- `data/weights/*`, `data/constants/*`: tensors as raw bytes (safe), except payloads marked `use_pickle`
-  (`torch.load(weights_only=False)`), `custom_obj_*` (TorchScript's unpickler) and `opaque_obj_*`
-  (`pickle.loads`); the legacy `data/weights/model.pt` and `data/constants/model.pt` go through
-  `torch.load`, first weights-only and, if that fails, with `weights_only=False`.
-- `data/sample_inputs/model.pt`: `torch.save`d example inputs, read with the same weights-only-then-anything
-  fallback: an archive whose sample inputs hold a pickled object runs it.
-- `data/aotinductor/*`: compiled shared libraries, loaded and run.
-- An archive `load_pt2` rejects is retried as the pre-2.8 format, whose `serialized_*.pt` take the same
-  fallback.
-
-So `read_program` checks the archive before torch sees it, reading its records with torch's own reader:
-only the entries a CPU `torch.export.save` writes; every tensor payload raw bytes of a bounded size (no
-pickle, no custom or opaque objects); the sample inputs readable weights-only (else refused: torch would
-fall back to unpickling); every string of the graph JSON that reaches `eval`, `exec` or generated code
-made only of names, numbers and operators (no quotes beyond quoted identifiers, no attribute access, no
-control characters). After loading, every operator must be an ATen or prims operator, a symbolic-shape
-operator or a control-flow higher-order operator, and the inputs plain positional tensors.
+Loading runs no code from the file, whatever its bytes. `torch.export.load` is never called: it unpickles
+payloads marked `use_pickle`, custom and opaque objects, legacy `model.pt` records and, when weights-only
+loading fails, the sample inputs; and an archive its reader refuses is read again, through Python's
+zipfile, as the pre-2.8 format, whose `serialized_*.pt` it unpickles with `weights_only=False`. Instead
+`read_program` hands the bytes to `training/pt2_archive.py` (the one reader of the file: a strict zip
+parse, bounded sizes, only raw tensor records, inert shape expressions; its docstring lists exactly what
+is refused), builds each tensor from its vetted raw bytes, and passes the graph JSON and those tensors to
+torch's current-format deserializer (no sample inputs: they are never loaded). After that every
+operator must be an ATen or prims operator, a symbolic-shape operator or a control-flow higher-order
+operator, and the inputs plain positional tensors. Running the program (the probe below, then sampling)
+does what its graph says: its ATen operators may allocate what their arguments ask.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import math
-import operator
-import re
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +35,7 @@ from torch import nn
 from training.checkpoint import CheckpointError, ModelConfig, check_name, check_sizes
 from training.langevin import ReplayBuffer
 from training.models.flows import BASES, Flow
+from training.pt2_archive import MAX_ARCHIVE_BYTES, TensorRecord, VettedArchive, check_archive, check_operators
 from training.sampler_config import EBMSampler, FlowSampler, GANSampler, sampler_for, to_dict
 from training.sampling import LoadedModel
 
@@ -62,198 +47,55 @@ SIDECAR_KEYS = ("family", "data", "sampler", "ensemble", "metrics")
 DATA_KEYS = ("shape", "range", "classes", "dataset")
 EXPORTED_ARCH = {"name": "torch.export", "kwargs": {}}
 MIN_BATCH = 4096  # a program must take batches at least this large (a server steps up to its chain budget at once)
-MAX_TENSOR_VALUES = 2**28  # one weight or constant: 1 GiB of float32
 MAX_BUFFER_VALUES = 2**28  # an exported energy's replay buffer, as service/registry.py bounds a checkpoint's
 REPLAY_CAPACITY = 8192  # slots of the replay buffer an exported energy that samples from one starts with
 
-# --- what the archive may hold -----------------------------------------------------------------------
-
-_ENTRY = re.compile(
-    r"archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id|models/model\.json"
-    r"|data/sample_inputs/model\.pt|data/weights/model_weights_config\.json|data/weights/weight_\d+"
-    r"|data/constants/model_constants_config\.json|data/constants/tensor_\d+|extra/[A-Za-z0-9_.-]+"
-)
-_PAYLOAD = {"data/weights/": re.compile(r"weight_\d+"), "data/constants/": re.compile(r"tensor_\d+")}
-_NAME = re.compile(r"[A-Za-z0-9_.]*")  # node, input, weight and module names: dotted identifiers (or digits)
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")  # everything but \t and \n
-_FREE_TEXT = {  # strings torch keeps as data (metadata, JSON tree specs, string arguments), never as code
-    "stack_trace", "nn_module_stack", "source_fn_stack", "torch_fn", "custom", "from_node",
-    "in_spec", "out_spec", "torch_version", "as_string", "as_strings", "target",
-}  # fmt: skip
-_SYMPY_NAMES = {  # what a symbolic size may call: sympy's and torch.utils._sympy.functions' shape arithmetic
-    "Symbol", "Integer", "Rational", "Float", "Max", "Min", "Mod", "Abs", "floor", "ceiling", "oo", "int_oo",
-    "Eq", "Ne", "Lt", "Le", "Gt", "Ge", "And", "Or", "Not", "True", "False", "positive", "negative",
-    "nonnegative", "integer", "real", "finite", "nonzero", "FloorDiv", "ModularIndexing", "Where", "PythonMod",
-    "CleanDiv", "CeilToInt", "FloorToInt", "CeilDiv", "TruncToInt", "IntTrueDiv", "Identity", "ToFloat",
-    "and", "or", "not", "Add", "Mul", "Pow", "Equality", "Unequality", "StrictGreaterThan", "StrictLessThan",
-    "GreaterThan", "LessThan", "BooleanTrue", "BooleanFalse", "Zero", "One", "NegativeOne", "Half", "Infinity",
-    "NegativeInfinity", "IntInfinity", "NegativeIntInfinity",
-}  # fmt: skip
-_SYMBOL = re.compile(r"[a-z]{1,4}\d+")  # s0, u3, zuf0: the shape environment's symbols
-_EXPR_TOKEN = re.compile(
-    r"\s*(?:L\[(?:'[A-Za-z_]\w*'|\d+)\]|\.size\(\)|\.stride\(\)|\.storage_offset\(\)|\[\d+\]"
-    r"|'[A-Za-z_]\w*'|[A-Za-z_]\w*|\d+(?:\.\d+)?(?:e[+-]?\d+)?|==|!=|<=|>=|//|[-+*/%(),<>=])"
-)
+# --- reading: vetted records -> an ExportedProgram -----------------------------------------------------------
 
 
-def _check_expression(text: str, where: str, guard: bool) -> None:
-    """A symbolic size or guard holds only names of shape arithmetic, symbols, numbers and operators, so
-    `sympify` and the guard function's `exec` can only do shape arithmetic with it. `L[...]`, `.size()`
-    and `[i]` are a guard's input sizes (`L['x'].size()[0]`)."""
-    position = 0
-    while position < len(text.rstrip()):
-        token = _EXPR_TOKEN.match(text, position)
-        if token is None or token.end() == position:
-            raise CheckpointError(f"{where}: {text[:80]!r} is not a shape expression this server evaluates")
-        word = token.group().strip()
-        is_input = word.startswith(("L[", ".", "["))
-        if is_input and not guard:
-            raise CheckpointError(f"{where}: {text[:80]!r} is not a shape expression this server evaluates")
-        if re.fullmatch(r"[A-Za-z_]\w*", word) and word not in _SYMPY_NAMES and not _SYMBOL.fullmatch(word):
-            raise CheckpointError(f"{where}: {word!r} in {text[:80]!r} is not shape arithmetic")
-        position = token.end()
-    if "**" in text:
-        raise CheckpointError(f"{where}: powers (**) in {text[:80]!r} are not evaluated")
-
-
-def _check_graph_json(value: Any, key: str, where: str) -> None:
-    """Every string of models/model.json: free text only where torch keeps it as data; shape expressions
-    and guards only shape arithmetic; every other string (names that become Python identifiers or
-    attribute paths in generated code) a dotted name."""
-    if isinstance(value, dict):
-        for child_key, child in value.items():
-            if not _NAME.fullmatch(child_key):
-                raise CheckpointError(f"{where}: key {child_key[:80]!r} is not a plain name")
-            _check_graph_json(child, child_key, f"{where}.{child_key}")
-    elif isinstance(value, list):
-        for index, child in enumerate(value):
-            _check_graph_json(child, key, f"{where}[{index}]")
-    elif isinstance(value, str):
-        if _CONTROL.search(value) or ("\n" in value and key != "stack_trace"):
-            raise CheckpointError(f"{where}: a control character in {value[:80]!r}")
-        if key == "expr_str":
-            _check_expression(value, where, guard=False)
-        elif key == "guards_code":
-            _check_expression(value, where, guard=True)
-        elif key not in _FREE_TEXT and not _NAME.fullmatch(value):
-            raise CheckpointError(f"{where}: {value[:80]!r} is not a plain name")
-
-
-def _check_payloads(config_text: str, directory: str, records: set[str], source: str) -> None:
-    """A weights or constants config: every payload raw tensor bytes in an allowed record, of bounded size."""
-    try:
-        config = json.loads(config_text)["config"]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise CheckpointError(f"{source}: {directory} config is not readable ({error})") from error
-    for fqn, meta in config.items():
-        where = f"{source}: {directory}{meta.get('path_name', '?')} ({fqn})"
-        if not _NAME.fullmatch(fqn):
-            raise CheckpointError(f"{source}: {directory} names a tensor {fqn[:80]!r}; expected a dotted name")
-        if meta.get("use_pickle") is not False or not _PAYLOAD[directory].fullmatch(str(meta.get("path_name"))):
-            raise CheckpointError(
-                f"{where} is a pickled object, not raw tensor bytes; this server unpickles nothing "
-                "(export plain tensors: no tensor subclasses, custom classes or opaque objects)"
+def _tensors(archive: VettedArchive, declared: list[TensorRecord]) -> dict[str, torch.Tensor]:
+    """Each declared weight or constant as a view of a copy of its record's raw bytes (views that share a
+    record share one storage, as torch.export.save found them); parameters as nn.Parameter."""
+    storages: dict[str, torch.Tensor] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for tensor in declared:
+        storage = storages.get(tensor.record)
+        if storage is None:
+            data = archive.records[tensor.record]
+            storage = (
+                torch.frombuffer(bytearray(data), dtype=tensor.dtype)
+                if len(data)
+                else torch.empty(0, dtype=tensor.dtype)
             )
-        if directory + meta["path_name"] not in records:
-            raise CheckpointError(f"{where} is missing from the archive")
-        sizes = (meta.get("tensor_meta") or {}).get("sizes")
-        if not isinstance(sizes, list) or not all(isinstance(size, dict) and "as_int" in size for size in sizes):
-            raise CheckpointError(f"{where} has no fixed shape")
-        numel = math.prod(int(size["as_int"]) for size in sizes)
-        if numel > MAX_TENSOR_VALUES or any(int(size["as_int"]) < 0 for size in sizes):
-            raise CheckpointError(f"{where} claims {numel:,} values; at most {MAX_TENSOR_VALUES:,}")
+            storages[tensor.record] = storage
+        view = torch.as_strided(storage, tensor.sizes, tensor.strides, tensor.storage_offset)
+        if tensor.is_param:
+            tensors[tensor.fqn] = nn.Parameter(view, requires_grad=tensor.requires_grad)
+        else:
+            tensors[tensor.fqn] = view.requires_grad_(tensor.requires_grad) if tensor.requires_grad else view
+    return tensors
 
 
-def check_archive(payload: bytes, source: str) -> None:
-    """Refuse an archive that `torch.export.load` would unpickle, `eval` or `exec` anything from (see the
-    module docstring), before torch reads it. Raises CheckpointError naming what was found."""
-    from torch.export.pt2_archive._package import PT2ArchiveReader
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
 
+
+def read_program(payload: bytes | bytearray | memoryview, source: str) -> torch.export.ExportedProgram:
+    """The ExportedProgram in a `.pt2` archive's bytes: vetted by `check_archive`, then deserialized from
+    the vetted JSON and raw tensor bytes by torch's current-format deserializer; no legacy fallback and no
+    unpickling on any path."""
+    from torch._export.serde import schema
+    from torch._export.serde.serialize import ExportedProgramDeserializer, _dict_to_dataclass
+
+    archive = check_archive(payload, source)
     try:
-        names = zipfile.ZipFile(io.BytesIO(payload)).namelist()
-    except zipfile.BadZipFile as error:
-        raise CheckpointError(f"{source}: not a torch.export archive ({error})") from error
-    if len(names) != len(set(names)):
-        raise CheckpointError(f"{source}: the archive names one entry twice")
-    try:
-        with PT2ArchiveReader(io.BytesIO(payload)) as archive:
-            records = set(archive.get_file_names())
-            strange = sorted(name for name in records if not _ENTRY.fullmatch(name))
-            if strange:
-                raise CheckpointError(
-                    f"{source}: the archive holds {', '.join(strange[:3])}: not part of a plain torch.export "
-                    "program (compiled AOTInductor code, pickled state or a second program are not loaded)"
-                )
-            for needed in ("archive_format", "archive_version", "models/model.json", "data/sample_inputs/model.pt"):
-                if needed not in records:
-                    raise CheckpointError(f"{source}: the archive lacks {needed}; write it with torch.export.save")
-            if archive.read_string("archive_format") != "pt2":
-                raise CheckpointError(f"{source}: archive_format is not 'pt2'")
-            for directory in _PAYLOAD:
-                config_name = f"{directory}model_{directory.split('/')[1]}_config.json"
-                if config_name not in records:
-                    raise CheckpointError(f"{source}: the archive lacks {config_name}")
-                _check_payloads(archive.read_string(config_name), directory, records, source)
-            try:
-                torch.load(io.BytesIO(archive.read_bytes("data/sample_inputs/model.pt")), weights_only=True)
-            except Exception as error:
-                raise CheckpointError(
-                    f"{source}: data/sample_inputs/model.pt is not plain tensors ({str(error).splitlines()[0]}); "
-                    "torch.export.load would unpickle it, so it is refused"
-                ) from error
-            graph = json.loads(archive.read_string("models/model.json"))
-    except CheckpointError:
-        raise
-    except Exception as error:  # a damaged archive: torch's reader raises RuntimeError, JSON ValueError
-        raise CheckpointError(f"{source}: not a readable torch.export archive ({error})") from error
-    if not isinstance(graph, dict):
-        raise CheckpointError(f"{source}: models/model.json is not an object")
-    for symbol, bound in (graph.get("range_constraints") or {}).items():
-        _check_expression(symbol, f"{source}: models/model.json range_constraints", guard=False)
-        if not all(isinstance(bound.get(end), int | None) for end in ("min_val", "max_val")):
-            raise CheckpointError(f"{source}: a range constraint is not a pair of integers")
-    _check_graph_json(graph, "", f"{source}: models/model.json")
-
-
-_SAFE_NAMESPACES = ("aten", "prims")
-_CONTROL_FLOW = {"cond", "while_loop", "map_impl", "scan", "wrap_with_set_grad_enabled", "wrap_with_autocast"}
-
-
-def _check_operators(program: torch.export.ExportedProgram, source: str) -> None:
-    """Every call in the graph (and its control-flow subgraphs) is an ATen or prims operator, shape
-    arithmetic, or control flow: no custom operator a library registered in this process."""
-    from torch._export.serde.serialize import _SYM_OPS
-
-    for module in program.graph_module.modules():
-        if not isinstance(module, torch.fx.GraphModule):
-            continue
-        for node in module.graph.nodes:
-            if not node.name.isidentifier():
-                raise CheckpointError(f"{source}: graph node {node.name[:80]!r} is not an identifier")
-            if node.op != "call_function":
-                continue
-            target = node.target
-            if isinstance(target, torch._ops.OpOverload) and target.namespace in _SAFE_NAMESPACES:
-                continue
-            if isinstance(target, torch._ops.HigherOrderOperator) and target.name() in _CONTROL_FLOW:
-                continue
-            if target in _SYM_OPS or target is operator.getitem:  # getitem: one output of a multi-output op
-                continue
-            raise CheckpointError(
-                f"{source}: the program calls {target}, which is not an ATen operator; export with plain "
-                "PyTorch operations"
-            )
-
-
-def read_program(payload: bytes, source: str) -> torch.export.ExportedProgram:
-    """The ExportedProgram in a `.pt2` archive's bytes, after `check_archive`; nothing but plain tensors is
-    unpickled, and no string of the file is evaluated as anything but shape arithmetic."""
-    check_archive(payload, source)
-    try:
-        program = torch.export.load(io.BytesIO(payload))
-    except Exception as error:
-        raise CheckpointError(f"{source}: torch.export.load failed ({str(error).splitlines()[0]})") from error
-    _check_operators(program, source)
+        serialized = _dict_to_dataclass(schema.ExportedProgram, archive.graph)
+        program = ExportedProgramDeserializer().deserialize(
+            serialized, _tensors(archive, archive.weights), _tensors(archive, archive.constants), None
+        )
+    except Exception as error:  # a graph of the right strings but the wrong structure, or tensors it does not take
+        raise CheckpointError(f"{source}: the program cannot be deserialized ({_first_line(error)})") from error
+    check_operators(program, source)
     return program
 
 
@@ -506,7 +348,7 @@ def probe(model: LoadedModel, batches: tuple[int, ...] = (2, 1, 3)) -> None:
             raise
         except Exception as error:
             what = "the probe batch" if batch == batches[0] else f"a batch of {batch} (is the batch dimension dynamic?)"
-            raise CheckpointError(f"{source}: the program fails on {what}: {str(error).splitlines()[0]}") from error
+            raise CheckpointError(f"{source}: the program fails on {what}: {_first_line(error)}") from error
 
 
 def _expect(value: Any, shape: list[int], what: str, source: str) -> None:
@@ -528,8 +370,19 @@ def load_exported(path: str | Path, device: torch.device | str = "cpu", payload:
             f"{path.name.removesuffix(CRITIC_SUFFIX)}{PROGRAM_SUFFIX} is served without it"
         )
     config = read_sidecar(path.with_suffix(SIDECAR_SUFFIX))
-    program = read_program(path.read_bytes() if payload is None else payload, path.name)
-    _check_signature(program, config, path.name)
+    if payload is None:
+        if path.stat().st_size > MAX_ARCHIVE_BYTES:
+            raise CheckpointError(
+                f"{path.name}: {path.stat().st_size:,} bytes; an archive may hold at most {MAX_ARCHIVE_BYTES:,}"
+            )
+        payload = path.read_bytes()
+    program = read_program(payload, path.name)
+    try:
+        _check_signature(program, config, path.name)
+    except CheckpointError:
+        raise
+    except Exception as error:  # a deserialized graph whose signature or call graph torch cannot read back
+        raise CheckpointError(f"{path.name}: the program's inputs cannot be read ({_first_line(error)})") from error
     device = torch.device(device)
     if device.type != "cpu":
         from torch.export.passes import move_to_device_pass
@@ -538,7 +391,7 @@ def load_exported(path: str | Path, device: torch.device | str = "cpu", payload:
     try:
         unlifted = program.module()
     except Exception as error:
-        raise CheckpointError(f"{path.name}: the program cannot be run ({str(error).splitlines()[0]})") from error
+        raise CheckpointError(f"{path.name}: the program cannot be run ({_first_line(error)})") from error
     sampler = sampler_for(config.family, config.sampler)
     extras: dict[str, dict[str, torch.Tensor]] = {}
     module: nn.Module
@@ -631,7 +484,7 @@ def export_model(model: LoadedModel, out: str | Path) -> tuple[Path, Path]:
         program = torch.export.export(wrapper, example, dynamic_shapes=dynamic)
     except Exception as error:
         arch = model.config.arch.get("name")
-        raise ValueError(f"torch.export cannot trace {model.name} ({arch}): {str(error).splitlines()[0]}") from error
+        raise ValueError(f"torch.export cannot trace {model.name} ({arch}): {_first_line(error)}") from error
     sidecar: dict[str, Any] = {"family": family, "data": data, "sampler": sampler}
     if model.config.ensemble:
         sidecar["ensemble"] = model.config.ensemble

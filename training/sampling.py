@@ -73,9 +73,22 @@ class LoadedModel:
             )
 
 
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+
+
 def _frozen(arch: dict, weights: dict[str, torch.Tensor], device: torch.device | str) -> nn.Module:
-    module = build_model(arch)
-    module.load_state_dict({key: value.float() for key, value in weights.items()})
+    """The architecture built and loaded with the weights; CheckpointError saying why when a config or tensors
+    read from a file do not make one (unknown kwargs, sizes past the build limits, names or shapes that do not fit)."""
+    name = str(arch.get("name") if isinstance(arch, dict) else arch)[:40]
+    try:
+        module = build_model(arch)
+    except Exception as error:
+        raise CheckpointError(f"arch {name!r} cannot be built: {_first_line(error)}") from error
+    try:
+        module.load_state_dict({key: value.float() for key, value in weights.items()})
+    except Exception as error:
+        raise CheckpointError(f"the weights do not fit arch {name!r}: {_first_line(error)}") from error
     module.to(device).eval()
     for parameter in module.parameters():
         parameter.requires_grad_(False)
