@@ -21,7 +21,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY training ./training
 COPY service ./service
-RUN pip install . && python -c "import service.app, training.checkpoint"
+RUN pip install . && python -c "import service.app, training.runtime.checkpoint"
 
 COPY checkpoints /models
 RUN useradd --create-home --uid 1000 samplebay \

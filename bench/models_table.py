@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.checkpoint import Checkpoint, load_checkpoint
+from training.runtime.checkpoint import Checkpoint, load_checkpoint
 
 GAN_NAMES = {"dcgan": "DCGAN", "wgan": "WGAN (clipping)", "wgan-gp": "WGAN-GP"}
 

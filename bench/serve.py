@@ -46,11 +46,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from training.device import pick_device  # noqa: E402
-from training.langevin import langevin_step  # noqa: E402
-from training.noise import chain_gaussian, chain_start  # noqa: E402
-from training.sampler_config import EBMSampler  # noqa: E402
-from training.sampling import LoadedModel, load_model, sample_generator  # noqa: E402
+from training.runtime.device import pick_device  # noqa: E402
+from training.runtime.draw import LoadedModel, load_model, sample_generator  # noqa: E402
+from training.sampling.langevin import langevin_step  # noqa: E402
+from training.sampling.noise import chain_gaussian, chain_start  # noqa: E402
+from training.sampling.sampler_config import EBMSampler  # noqa: E402
 
 
 def free_port() -> int:

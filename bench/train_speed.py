@@ -57,10 +57,10 @@ def measure(row: Row, updates: int, warmup: int) -> dict[str, float]:
     """Run `updates` timed updates (after `warmup`) of one configuration in this process."""
     import torch
 
-    from training.langevin import ReplayBuffer, frozen_energy
     from training.models import build_model
-    from training.train_ebm import EBMTrainConfig, cd_sampler, cd_update
-    from training.train_eqm import eqm_update
+    from training.sampling.langevin import ReplayBuffer, frozen_energy
+    from training.train.ebm_cd import EBMTrainConfig, cd_sampler, cd_update
+    from training.train.ebm_eqm import eqm_update
 
     torch.set_num_threads(row.threads)
     torch.manual_seed(0)

@@ -1,6 +1,6 @@
 """Print the layout's figures: files, import cycles, function-level imports, largest modules.
 
-    python scripts/layout_figures.py
+python scripts/layout_figures.py
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from import_graph import read_graph  # noqa: E402
+from import_graph import read_graph
 
 
 def main() -> None:

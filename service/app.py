@@ -30,8 +30,8 @@ from service.registry import Registry, ServedModel, load_registry, signals_end_l
 from service.schemas import ErrorBody, ModelInfo, Readiness, SampleRequest, SampleResponse, field_limits
 from service.settings import Settings
 from service.worker import Worker
-from training.device import pick_device
-from training.sampler_config import to_dict
+from training.runtime.device import pick_device
+from training.sampling.sampler_config import to_dict
 
 STATIC_DIR = Path(__file__).parent / "static"
 

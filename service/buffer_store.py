@@ -36,8 +36,8 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from training.checkpoint import atomic_write_bytes, check_name, max_buffer_capacity
-from training.langevin import ReplayBuffer
+from training.runtime.checkpoint import atomic_write_bytes, check_name, max_buffer_capacity
+from training.sampling.langevin import ReplayBuffer
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ import torch
 from service.messages import ChainDiverged
 from service.pools import SamplerPool, state_of
 from service.scheduler import Job
-from training.langevin import LangevinStep
-from training.sampler_config import EBMSampler, GANSampler
+from training.sampling.langevin import LangevinStep
+from training.sampling.sampler_config import EBMSampler, GANSampler
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,10 @@ from service.metrics import Metrics
 from service.pools import SamplerPool, evenly_spaced, state_of
 from service.registry import ServedModel
 from service.scheduler import Job
-from training.losses import bits_per_dim
 from training.models.flows import Flow
-from training.noise import chain_seeds, latent_gaussian
-from training.sampler_config import GANSampler
+from training.sampling.noise import chain_seeds, latent_gaussian
+from training.sampling.sampler_config import GANSampler
+from training.train.losses import bits_per_dim
 
 log = logging.getLogger(__name__)
 

@@ -13,10 +13,10 @@ from service.metrics import Metrics
 from service.pools import state_of
 from service.registry import BufferGroup
 from service.scheduler import Job
-from training.langevin import LangevinStep, ReplayBuffer, conditioned_energy, langevin_step
-from training.noise import chain_gaussian, chain_seeds, chain_start
-from training.sampler_config import EBMSampler
-from training.sampling import chain_labels
+from training.runtime.draw import chain_labels
+from training.sampling.langevin import LangevinStep, ReplayBuffer, conditioned_energy, langevin_step
+from training.sampling.noise import chain_gaussian, chain_seeds, chain_start
+from training.sampling.sampler_config import EBMSampler
 
 log = logging.getLogger(__name__)
 

@@ -18,11 +18,11 @@ from service.metrics import Metrics
 from service.pools import state_of
 from service.registry import ServedModel
 from service.scheduler import Job
-from training.ddls import latent_step, start_latents
-from training.langevin import LangevinStep
-from training.noise import chain_seeds
-from training.sampler_config import GANSampler
-from training.sampling import latent_energy
+from training.runtime.draw import latent_energy
+from training.sampling.ddls import latent_step, start_latents
+from training.sampling.langevin import LangevinStep
+from training.sampling.noise import chain_seeds
+from training.sampling.sampler_config import GANSampler
 
 LATENT_POOL_SUFFIX = ":ddls"  # a GAN's latent chains run in the pool named after it with this suffix
 

@@ -1,5 +1,5 @@
 """Request -> order: which fields apply to the model, the server's limits, defaults from the checkpoint's
-sampler config (training/sampler_config.py; no default is written here), and uploaded images."""
+sampler config (training/sampling/sampler_config.py; no default is written here), and uploaded images."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from service.messages import SampleOrder
 from service.registry import ServedModel
 from service.schemas import DDLS_FIELDS, EBM_ONLY_FIELDS, SampleRequest
 from service.settings import Settings
-from training.images import decode_image, image_size
-from training.sampler_config import EBMSampler, GANSampler
-from training.sampling import default_latent_steps
+from training.runtime.draw import default_latent_steps
+from training.runtime.images import decode_image, image_size
+from training.sampling.sampler_config import EBMSampler, GANSampler
 
 UNSTREAMED_FRAMES = 33  # a GIF or JSON body keeps a trajectory to at most this many frames
 

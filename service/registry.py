@@ -25,12 +25,12 @@ from typing import TypeVar
 import torch
 
 from service.settings import Settings
-from training.checkpoint import Checkpoint, CheckpointError, check_name, decode_checkpoint
-from training.exported import PROGRAM_SUFFIX, SIDECAR_SUFFIX, load_exported
-from training.langevin import ReplayBuffer
 from training.models import skeleton
-from training.sampler_config import GANSampler
-from training.sampling import LoadedModel, instantiate, pooled_buffer
+from training.runtime.checkpoint import Checkpoint, CheckpointError, check_name, decode_checkpoint
+from training.runtime.draw import LoadedModel, instantiate, pooled_buffer
+from training.runtime.exported import PROGRAM_SUFFIX, SIDECAR_SUFFIX, load_exported
+from training.sampling.langevin import ReplayBuffer
+from training.sampling.sampler_config import GANSampler
 
 log = logging.getLogger(__name__)
 SERVED_FAMILIES = ("ebm", "gan", "flow")
@@ -159,7 +159,7 @@ def _load_checkpoint(path: Path, payload: bytes, device: torch.device) -> Loaded
 
 
 def _load_program(path: Path, payload: bytes, device: torch.device) -> LoadedModel:
-    """A torch.export program and its sidecar (training/exported.py checks the archive and probes it)."""
+    """A torch.export program and its sidecar (training/runtime/exported.py checks the archive and probes it)."""
     if path.with_suffix(".safetensors").exists():
         raise CheckpointError(f"{path.stem}.safetensors is served under the same name; rename one of the two")
     model = load_exported(path, device, payload)

@@ -10,7 +10,7 @@ import torch
 
 from service.messages import Frame, SampleResult
 from service.schemas import SampleResponse, Timings
-from training.images import gif_bytes, grid, png_bytes
+from training.runtime.images import gif_bytes, grid, png_bytes
 
 
 def grid_b64(x: torch.Tensor, data_range: tuple[float, float]) -> str:

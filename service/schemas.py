@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from training.sampler_config import GUIDANCE, INT32_MAX, MOMENTUM, NOISE, STEP_SIZE, STEPS, TEMPERATURE, Bounds
+from training.sampling.sampler_config import GUIDANCE, INT32_MAX, MOMENTUM, NOISE, STEP_SIZE, STEPS, TEMPERATURE, Bounds
 
 
 def _override(bounds: Bounds, description: str | None = None) -> Any:
@@ -20,7 +20,7 @@ class SampleRequest(BaseModel):
 
     Every number is bounded here, where float32 holds it and the sampler still makes sense, so no value
     a client may send overflows on the device (step_size 1e39 would fail the whole shared batch); a sampler
-    setting by the bounds its checkpoint's default was checked against (training/sampler_config.py); every
+    setting by the bounds its checkpoint's default was checked against (training/sampling/sampler_config.py); every
     integer fits int32, and the server's tighter caps are in /models `limits`.
     """
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.data import write_idx
+from training.train.data import write_idx
 
 # Two threads on CI's two cores; SAMPLEBAY_TEST_THREADS=1 when a training run holds one of them.
 torch.set_num_threads(int(os.environ.get("SAMPLEBAY_TEST_THREADS", "2")))
@@ -47,9 +47,9 @@ def write_tiny_ebm(
     path: Path, seed: int = 0, ensemble: str | None = None, buffer_samples: int = 32, steps: int = 10
 ) -> Path:
     """A real (untrained) conv EBM checkpoint of width 4 with a small saved replay buffer."""
-    from training.checkpoint import Checkpoint, ModelConfig, save_checkpoint
-    from training.langevin import ReplayBuffer
     from training.models import build_model
+    from training.runtime.checkpoint import Checkpoint, ModelConfig, save_checkpoint
+    from training.sampling.langevin import ReplayBuffer
 
     torch.manual_seed(seed)
     arch = {"name": "conv_energy", "kwargs": {"width": 4}}
@@ -81,9 +81,9 @@ def write_tiny_ebm(
 def write_tiny_eqm(path: Path, seed: int = 0, conditional: bool = True) -> Path:
     """A real (untrained) U-Net energy checkpoint of width 4 as `ebm --objective eqm` writes it: averaged
     weights, gradient descent from a Gaussian prior, no replay buffer; 10 classes when conditional."""
-    from training.checkpoint import Checkpoint, ModelConfig, save_checkpoint
     from training.models import build_model
-    from training.sampler_config import EBMSampler, to_dict
+    from training.runtime.checkpoint import Checkpoint, ModelConfig, save_checkpoint
+    from training.sampling.sampler_config import EBMSampler, to_dict
 
     torch.manual_seed(seed)
     arch = {"name": "unet_energy", "kwargs": {"width": 4, "num_classes": 10 if conditional else 0}}
@@ -115,8 +115,8 @@ def models_dir(tmp_path: Path) -> Path:
 
 def write_tiny_gan(path: Path, seed: int = 0) -> Path:
     """A real (untrained) DCGAN-style generator checkpoint with EMA weights and a critic."""
-    from training.checkpoint import Checkpoint, ModelConfig, save_checkpoint
     from training.models import build_model
+    from training.runtime.checkpoint import Checkpoint, ModelConfig, save_checkpoint
 
     torch.manual_seed(seed)
     generator_arch = {"name": "conv_generator", "kwargs": {"latent_dim": 16, "width": 8}}
@@ -145,8 +145,8 @@ TINY_FLOWS = {  # arch name -> kwargs of a small model on 28x28 images, and its 
 
 def write_tiny_flow(path: Path, seed: int = 0, arch_name: str = "nice") -> Path:
     """A real (untrained, perturbed) flow checkpoint on 28x28 images."""
-    from training.checkpoint import Checkpoint, ModelConfig, save_checkpoint
     from training.models import build_model
+    from training.runtime.checkpoint import Checkpoint, ModelConfig, save_checkpoint
 
     torch.manual_seed(seed)
     kwargs, base = TINY_FLOWS[arch_name]

@@ -9,7 +9,7 @@ from server import running_server
 
 from service.buffer_store import BufferStore
 from service.settings import Settings
-from training.langevin import ReplayBuffer
+from training.sampling.langevin import ReplayBuffer
 
 
 def settings_for(models_dir: Path, state_dir: Path) -> Settings:

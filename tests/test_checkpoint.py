@@ -5,7 +5,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from training.checkpoint import (
+from training.models import build_model
+from training.runtime.checkpoint import (
     SCHEMA_VERSION,
     Checkpoint,
     CheckpointError,
@@ -13,8 +14,7 @@ from training.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from training.langevin import ReplayBuffer
-from training.models import build_model
+from training.sampling.langevin import ReplayBuffer
 
 
 def ebm_config(**overrides) -> ModelConfig:

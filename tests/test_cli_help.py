@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import write_tiny_ebm, write_tiny_gan
 
-from training.cli import HelpFormatter, build_parser, main
-from training.run import PlainProgress
+from training.commands.cli import HelpFormatter, build_parser, main
+from training.train.run import PlainProgress
 
 COMMANDS = ("ebm", "gan", "flow", "sample", "evaluate", "export", "classifier", "zoo", "set-sampler", "fetch-data")
 

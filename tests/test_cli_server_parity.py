@@ -13,7 +13,7 @@ from PIL import Image
 from server import running_server
 
 from service.settings import Settings
-from training.cli import main as training_main
+from training.commands.cli import main as training_main
 
 
 @pytest.fixture(scope="module")

@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.checkpoint import load_checkpoint
-from training.cli import build_parser, main
+from training.commands.cli import build_parser, main
 from training.models.cnf import MLPVelocity, UNetVelocity, guided_velocity
 from training.models.energy_unet import UNetEnergy
-from training.noise import chain_seeds
-from training.ode import FIELD_EVALUATIONS, integrate, ode_step
-from training.sampler_config import FlowSampler
-from training.sampling import draw_samples, load_model
-from training.train_flow import FlowTrainConfig, train_flow
+from training.runtime.checkpoint import load_checkpoint
+from training.runtime.draw import draw_samples, load_model
+from training.sampling.noise import chain_seeds
+from training.sampling.ode import FIELD_EVALUATIONS, integrate, ode_step
+from training.sampling.sampler_config import FlowSampler
+from training.train.flow import FlowTrainConfig, train_flow
 
 
 def tiny_image_run(idx_dir: Path, out: Path, **changes) -> FlowTrainConfig:
@@ -179,7 +179,7 @@ def test_every_cnf_flag_has_help() -> None:
 
 
 def test_minibatch_ot_pairing_is_a_permutation_of_the_noise_that_shortens_the_paths(tmp_path) -> None:
-    from training.losses import optimal_transport_pairing
+    from training.train.losses import optimal_transport_pairing
 
     generator = torch.Generator().manual_seed(0)
     noise, data = torch.randn(64, 2, generator=generator), torch.randn(64, 2, generator=generator) + 3

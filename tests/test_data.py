@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.data import DATA_DIR_ENV, DatasetError, load_dataset, load_idx_images, toy2d, write_idx
+from training.train.data import DATA_DIR_ENV, DatasetError, load_dataset, load_idx_images, toy2d, write_idx
 
 
 def test_idx_images_load_scaled_to_minus_one_one(idx_dir: Path) -> None:

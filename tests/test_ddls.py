@@ -1,4 +1,4 @@
-"""DDLS: Langevin steps on a GAN's latent under E(z) = ||z||^2 / 2 - d(G(z)) (training/ddls.py)."""
+"""DDLS: Langevin steps on a GAN's latent under E(z) = ||z||^2 / 2 - d(G(z)) (training/sampling/ddls.py)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import pytest
 import torch
 from conftest import write_tiny_gan
 
-from training.checkpoint import load_checkpoint, save_checkpoint
-from training.ddls import LatentEnergy, refine_latents, start_latents
-from training.noise import chain_seeds
-from training.sampling import draw_samples, latent_energy, load_model, sample_generator
+from training.runtime.checkpoint import load_checkpoint, save_checkpoint
+from training.runtime.draw import draw_samples, latent_energy, load_model, sample_generator
+from training.sampling.ddls import LatentEnergy, refine_latents, start_latents
+from training.sampling.noise import chain_seeds
 
 
 def write_gan_whose_critic_likes_bright_images(path: Path) -> Path:

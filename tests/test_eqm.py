@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.checkpoint import load_checkpoint
-from training.cli import main
+from training.commands.cli import main
 from training.models.energy_unet import UNetEnergy
-from training.noise import chain_seeds
-from training.sampling import draw_samples, load_model
+from training.runtime.checkpoint import load_checkpoint
+from training.runtime.draw import draw_samples, load_model
+from training.sampling.noise import chain_seeds
 
 CENTERS = torch.stack([torch.cos(torch.arange(8) * math.pi / 4), torch.sin(torch.arange(8) * math.pi / 4)], 1) * 0.75
 
@@ -100,7 +100,7 @@ def test_bfloat16_energy_gradient_stays_close_to_float32() -> None:
 
 
 def test_guidance_composes_the_conditional_and_unconditional_energies_per_chain() -> None:
-    from training.langevin import conditioned_energy
+    from training.sampling.langevin import conditioned_energy
 
     torch.manual_seed(0)
     model = UNetEnergy(width=4, num_classes=10).eval()
@@ -118,7 +118,7 @@ def test_guidance_composes_the_conditional_and_unconditional_energies_per_chain(
 
 def test_a_conditional_energy_asked_for_no_label_draws_a_seeded_class_per_chain(tmp_path: Path) -> None:
     """`unlabelled: random` samples p(x) as the mixture of its classes: each chain's class comes from its seed."""
-    from training.noise import chain_classes
+    from training.sampling.noise import chain_classes
 
     classes = chain_classes(chain_seeds(0, 5000), 10)
     assert torch.equal(classes, chain_classes(chain_seeds(0, 5000), 10))

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from training.evaluate import class_coverage, frechet_distance, precision_recall
+from training.commands.quality import class_coverage, frechet_distance, precision_recall
 
 
 def test_frechet_distance_of_a_set_with_itself_is_zero() -> None:

@@ -20,11 +20,11 @@ from server import running_server
 from torch import nn
 
 from service.settings import Settings
-from training.checkpoint import CheckpointError
-from training.cli import main
-from training.exported import load_exported, read_program
-from training.noise import chain_seeds
-from training.sampling import draw_samples, load_model
+from training.commands.cli import main
+from training.runtime.checkpoint import CheckpointError
+from training.runtime.draw import draw_samples, load_model
+from training.runtime.exported import load_exported, read_program
+from training.sampling.noise import chain_seeds
 
 SHAPE = (1, 8, 8)
 DATA = {"shape": list(SHAPE), "range": [-1.0, 1.0]}

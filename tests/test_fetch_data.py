@@ -17,8 +17,8 @@ from typing import ClassVar
 import pytest
 
 from training import fetch_data
-from training.cli import main
-from training.data import load_dataset
+from training.commands.cli import main
+from training.train.data import load_dataset
 
 FILES = (
     "train-images-idx3-ubyte.gz",

@@ -12,7 +12,6 @@ import pytest
 import torch
 from conftest import write_tiny_gan
 
-from training.losses import bits_per_dim, dequantize
 from training.models.flows import (
     NICE,
     ActNorm,
@@ -25,7 +24,8 @@ from training.models.flows import (
 )
 from training.models.glow import AffineCoupling, Glow, InvertibleConv1x1, OnChannels
 from training.models.iresnet import IResNet, LipschitzConv, ResidualBlock
-from training.train_flow import FlowTrainConfig
+from training.train.flow import FlowTrainConfig
+from training.train.losses import bits_per_dim, dequantize
 
 Module = TypeVar("Module", bound=torch.nn.Module)
 
@@ -205,7 +205,7 @@ def test_data_dependent_start_scales_each_dimension_to_the_base() -> None:
 
 @pytest.mark.parametrize("arch", ["nice", "glow", "iresnet"])
 def test_every_flow_trains_on_toy_2d_data_with_default_settings(arch: str, tmp_path) -> None:
-    from training.cli import main
+    from training.commands.cli import main
 
     out = tmp_path / f"{arch}.safetensors"
     main(
@@ -229,7 +229,7 @@ def test_every_flow_trains_on_toy_2d_data_with_default_settings(arch: str, tmp_p
             "cpu",
         ]
     )
-    from training.sampling import load_model
+    from training.runtime.draw import load_model
 
     model = load_model(out)
     assert isinstance(model.module, Flow)
@@ -238,11 +238,11 @@ def test_every_flow_trains_on_toy_2d_data_with_default_settings(arch: str, tmp_p
 
 @pytest.mark.parametrize("arch", ["nice", "glow", "iresnet"])
 def test_flow_training_writes_a_checkpoint_with_test_bits_per_dim_and_resumes(arch: str, tmp_path, idx_dir) -> None:
-    from training.checkpoint import load_checkpoint
-    from training.cli import _config_from, build_parser
-    from training.noise import chain_seeds
-    from training.sampling import draw_samples, load_model
-    from training.train_flow import train_flow
+    from training.commands.cli import _config_from, build_parser
+    from training.runtime.checkpoint import load_checkpoint
+    from training.runtime.draw import draw_samples, load_model
+    from training.sampling.noise import chain_seeds
+    from training.train.flow import train_flow
 
     config: dict[str, Any] = dict(
         arch=arch,
@@ -316,11 +316,11 @@ def test_the_checkpoint_ships_and_serves_the_weight_average_not_the_online_weigh
 ) -> None:
     """The average is what the checkpoint holds, what `load_model` (and so the server) runs and what the
     recorded test bits/dim measure; the online weights live only in the resume state."""
-    from training.checkpoint import load_checkpoint
-    from training.data import load_dataset
-    from training.run import ResumeState
-    from training.sampling import load_model
-    from training.train_flow import dataset_bits_per_dim, train_flow
+    from training.runtime.checkpoint import load_checkpoint
+    from training.runtime.draw import load_model
+    from training.train.data import load_dataset
+    from training.train.flow import dataset_bits_per_dim, train_flow
+    from training.train.run import ResumeState
 
     config = tiny_run(arch, idx_dir, tmp_path / "flow.safetensors", ema_decay=0.9)
     shipped = load_checkpoint(train_flow(config))
@@ -342,9 +342,9 @@ def test_the_checkpoint_ships_and_serves_the_weight_average_not_the_online_weigh
 
 @pytest.mark.parametrize("arch", ["nice", "glow", "iresnet"])
 def test_without_averaging_the_checkpoint_ships_the_online_weights(arch: str, tmp_path, idx_dir) -> None:
-    from training.checkpoint import load_checkpoint
-    from training.run import ResumeState
-    from training.train_flow import train_flow
+    from training.runtime.checkpoint import load_checkpoint
+    from training.train.flow import train_flow
+    from training.train.run import ResumeState
 
     config = tiny_run(arch, idx_dir, tmp_path / "flow.safetensors", ema_decay=0.0)
     shipped = load_checkpoint(train_flow(config)).weights
@@ -359,9 +359,9 @@ def test_without_averaging_the_checkpoint_ships_the_online_weights(arch: str, tm
 def test_a_run_stopped_after_one_epoch_and_resumed_equals_the_uninterrupted_run(arch: str, tmp_path, idx_dir) -> None:
     """The cosine schedule spans --epochs even when --stop-after-minutes ends the first part early, and the
     resume state carries the online weights, their average, Adam's moments and the RNG on from there."""
-    from training.checkpoint import load_checkpoint
-    from training.run import ResumeState
-    from training.train_flow import train_flow
+    from training.runtime.checkpoint import load_checkpoint
+    from training.train.flow import train_flow
+    from training.train.run import ResumeState
 
     whole = tiny_run(arch, idx_dir, tmp_path / "whole" / "flow.safetensors", epochs=2, ema_decay=0.9)
     uninterrupted = load_checkpoint(train_flow(whole))
@@ -376,7 +376,7 @@ def test_a_run_stopped_after_one_epoch_and_resumed_equals_the_uninterrupted_run(
 
 
 def test_the_learning_rate_warms_up_linearly_then_decays_by_cosine_to_its_floor() -> None:
-    from training.run import scheduled_learning_rate
+    from training.train.run import scheduled_learning_rate
 
     def lr(update: int, schedule: str = "cosine", total: int = 110) -> float:
         return scheduled_learning_rate(1e-3, update, total, 10, schedule, 0.05)
@@ -474,8 +474,8 @@ def test_a_single_iteration_cap_leaves_every_sample_of_a_real_block_unconverged(
 
 def write_tiny_flow(path: Path, arch_name: str) -> Path:
     """An untrained, perturbed flow checkpoint on 28x28 images (the i-ResNet with the default 5 series terms)."""
-    from training.checkpoint import Checkpoint, ModelConfig, save_checkpoint
     from training.models import build_model
+    from training.runtime.checkpoint import Checkpoint, ModelConfig, save_checkpoint
 
     torch.manual_seed(0)
     kwargs = {"iresnet": {"blocks": 2, "hidden": 8}, "nice": {"couplings": 2, "hidden": 8, "depth": 1}}[arch_name]
@@ -503,12 +503,12 @@ def test_evaluate_reports_the_series_terms_and_every_sample_whose_inverse_did_no
 ) -> None:
     import json
 
-    from training.checkpoint import load_checkpoint, save_checkpoint
-    from training.cli import main
-    from training.data import load_dataset
+    from training.commands.cli import main
     from training.models.iresnet import EVALUATION_SERIES_TERMS
-    from training.sampling import load_model
-    from training.train_flow import dataset_bits_per_dim
+    from training.runtime.checkpoint import load_checkpoint, save_checkpoint
+    from training.runtime.draw import load_model
+    from training.train.data import load_dataset
+    from training.train.flow import dataset_bits_per_dim
 
     converging = write_tiny_flow(tmp_path / "iresnet.safetensors", arch_name="iresnet")
     words = ["--data-dir", str(idx_dir), "--n", "24", "--batch", "10", "--device", "cpu"]
@@ -544,7 +544,7 @@ def test_evaluate_reports_the_series_terms_and_every_sample_whose_inverse_did_no
 def test_evaluate_refuses_series_terms_before_sampling_a_model_without_a_power_series(
     tmp_path: Path, idx_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from training.cli import main
+    from training.commands.cli import main
 
     nice = write_tiny_flow(tmp_path / "nice.safetensors", arch_name="nice")
     with pytest.raises(SystemExit):

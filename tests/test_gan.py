@@ -5,14 +5,14 @@ import pytest
 import torch
 from torch import nn
 
-from training.checkpoint import load_checkpoint
-from training.cli import main
-from training.data import toy2d
-from training.ema import ema_update
-from training.losses import gradient_penalty
+from training.commands.cli import main
 from training.models import build_model
-from training.sampling import load_model, sample_generator
-from training.train_gan import GANTrainConfig, train_gan
+from training.runtime.checkpoint import load_checkpoint
+from training.runtime.draw import load_model, sample_generator
+from training.train.data import toy2d
+from training.train.ema import ema_update
+from training.train.gan import GANTrainConfig, train_gan
+from training.train.losses import gradient_penalty
 
 
 def test_gradient_penalty_matches_its_analytic_value_for_a_linear_critic() -> None:
@@ -152,7 +152,7 @@ def test_resume_continues_a_gan_run(tmp_path: Path) -> None:
 
 
 def test_ema_warm_up_follows_the_model_early_and_the_decay_later() -> None:
-    from training.ema import warmed_up_decay
+    from training.train.ema import warmed_up_decay
 
     assert warmed_up_decay(0.999, 0) == pytest.approx(0.1)
     assert warmed_up_decay(0.999, 100_000) == 0.999
@@ -166,7 +166,7 @@ def test_batch_norm_statistics_are_averaged_like_the_weights() -> None:
 
 
 def test_a_continued_run_keeps_the_ddls_settings_its_checkpoint_chose(tmp_path: Path) -> None:
-    from training.checkpoint import save_checkpoint
+    from training.runtime.checkpoint import save_checkpoint
 
     shipped = train_gan(toy_config(tmp_path / "a", loss="wgan-gp", epochs=1, max_batches=10))
     checkpoint = load_checkpoint(shipped)

@@ -18,7 +18,7 @@ from PIL import Image
 from server import running_server
 
 from service.settings import Settings
-from training.checkpoint import load_checkpoint, read_metadata, save_checkpoint
+from training.runtime.checkpoint import load_checkpoint, read_metadata, save_checkpoint
 
 NORMAL = {"model": "solo", "n": 2, "steps": 40, "format": "json", "init": "noise"}
 

@@ -28,9 +28,9 @@ from torch.nn.modules.module import register_module_module_registration_hook
 from service.registry import load_registry
 from service.schemas import SampleRequest
 from service.settings import Settings
-from training.checkpoint import Checkpoint, ModelConfig, read_metadata, save_checkpoint
 from training.models import MAX_MODULES, ArchitectureTooLarge, build_model
-from training.sampler_config import EBMSampler, FlowSampler, GANSampler
+from training.runtime.checkpoint import Checkpoint, ModelConfig, read_metadata, save_checkpoint
+from training.sampling.sampler_config import EBMSampler, FlowSampler, GANSampler
 
 REPO = Path(__file__).resolve().parent.parent
 SIZE_CAP = 1 << 20  # the test server's max_model_bytes; a tiny EBM is about 0.2 MB

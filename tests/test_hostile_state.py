@@ -22,9 +22,9 @@ from server import free_port, running_server, wait_for
 
 from service.buffer_store import BufferStore
 from service.settings import Settings
-from training.checkpoint import CheckpointError, max_buffer_capacity
-from training.exported import read_sidecar
-from training.langevin import ReplayBuffer
+from training.runtime.checkpoint import CheckpointError, max_buffer_capacity
+from training.runtime.exported import read_sidecar
+from training.sampling.langevin import ReplayBuffer
 
 REPO = Path(__file__).resolve().parent.parent
 SHAPE = (1, 28, 28)

@@ -15,8 +15,8 @@ from PIL import Image
 from server import running_server
 
 from service.settings import Settings
-from training.cli import main
-from training.data import DatasetError, load_dataset
+from training.commands.cli import main
+from training.train.data import DatasetError, load_dataset
 
 COLOURS = {"cats": (220, 60, 30), "dogs": (30, 90, 220)}  # two classes, each one hue with some texture
 ODD_FILES = ("cmyk.jpg", "palette.png", "deep.png", "broken.png")
@@ -116,7 +116,7 @@ def trained(colour_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 
 def test_every_family_trains_on_the_folder_as_3x32x32(trained: Path) -> None:
-    from training.checkpoint import load_checkpoint
+    from training.runtime.checkpoint import load_checkpoint
 
     for name in FAMILIES:
         checkpoint = load_checkpoint(trained / f"{name}.safetensors")

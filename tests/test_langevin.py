@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from training.langevin import ReplayBuffer, frozen_energy, langevin_step, sample_langevin
 from training.models import build_model
-from training.noise import chain_gaussian, chain_gaussian_start, chain_uniform
-from training.sampler_config import EBMSampler
+from training.sampling.langevin import ReplayBuffer, frozen_energy, langevin_step, sample_langevin
+from training.sampling.noise import chain_gaussian, chain_gaussian_start, chain_uniform
+from training.sampling.sampler_config import EBMSampler
 
 
 def quadratic_energy(center: float = 0.0):

@@ -1,4 +1,4 @@
-"""Mutated model files: whatever the bytes, the CLI's loader (training.sampling.load_model) loads the file or
+"""Mutated model files: whatever the bytes, the CLI's loader (training.runtime.draw.load_model) loads the file or
 refuses it with a CheckpointError that says why, never another exception; the server's registry serves it
 or lists it as refused with a reason; and no code of the file ever runs (the hostile archives among the
 starting points would create a marker file if anything unpickled them)."""
@@ -27,9 +27,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from service.registry import load_registry
-from training.checkpoint import Checkpoint, CheckpointError, ModelConfig, encode_checkpoint
 from training.models import build_model
-from training.sampling import load_model
+from training.runtime.checkpoint import Checkpoint, CheckpointError, ModelConfig, encode_checkpoint
+from training.runtime.draw import load_model
 
 RUN = settings(
     deadline=None,

@@ -76,7 +76,7 @@ def page(browser, models_dir: Path, tmp_path: Path):
 
 def record_noise_frechet_distance(path: Path, distance: float) -> Path:
     """Store an `evaluate` figure for chains started from noise, as `evaluate --record` would."""
-    from training.checkpoint import load_checkpoint, save_checkpoint
+    from training.runtime.checkpoint import load_checkpoint, save_checkpoint
 
     checkpoint = load_checkpoint(path)
     checkpoint.config.metrics["evaluate_noise"] = {"frechet_distance": distance, "init": "noise"}
@@ -100,7 +100,7 @@ def ranked_page(browser, tmp_path: Path):
 
 def write_gan_without_its_critic(path: Path) -> Path:
     """A GAN checkpoint as saved before critics were kept: one plain generator pass, no DDLS."""
-    from training.checkpoint import load_checkpoint, save_checkpoint
+    from training.runtime.checkpoint import load_checkpoint, save_checkpoint
 
     checkpoint = load_checkpoint(write_tiny_gan(path))
     del checkpoint.extras["critic"]

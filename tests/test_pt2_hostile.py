@@ -32,10 +32,10 @@ from server import running_server
 from service.registry import load_registry
 from service.settings import Settings
 from training import pt2_archive
-from training.checkpoint import CheckpointError
-from training.cli import main
-from training.exported import read_program
-from training.sampling import load_model
+from training.commands.cli import main
+from training.runtime.checkpoint import CheckpointError
+from training.runtime.draw import load_model
+from training.runtime.exported import read_program
 
 
 @pytest.fixture(scope="module")
@@ -175,8 +175,8 @@ def test_the_shape_arithmetic_an_export_writes_still_loads(plain: Path) -> None:
 MEMORY_PROBE = textwrap.dedent(
     """
     import json, resource, sys
-    from training.checkpoint import CheckpointError
-    from training.exported import read_program
+    from training.runtime.checkpoint import CheckpointError
+    from training.runtime.exported import read_program
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     reasons = {}
     for path in sys.argv[1:]:

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from training.checkpoint import CheckpointError, load_checkpoint
-from training.sampler_config import EBMSampler, FlowSampler, GANSampler, from_dict, sampler_for, to_dict
-from training.sampling import load_model
+from training.runtime.checkpoint import CheckpointError, load_checkpoint
+from training.runtime.draw import load_model
+from training.sampling.sampler_config import EBMSampler, FlowSampler, GANSampler, from_dict, sampler_for, to_dict
 
 CHECKPOINTS = Path(__file__).parent.parent / "checkpoints"
 
@@ -48,7 +48,7 @@ def test_unknown_keys_are_refused_by_name() -> None:
 
 
 def test_a_checkpoint_with_a_bad_sampler_is_refused_at_load(tmp_path: Path) -> None:
-    from training.checkpoint import save_checkpoint
+    from training.runtime.checkpoint import save_checkpoint
 
     checkpoint = load_checkpoint(CHECKPOINTS / "nice_mnist.safetensors")
     checkpoint.config.sampler = {"temperature": 0.8, "tempreature": 0.9}

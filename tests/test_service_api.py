@@ -203,7 +203,7 @@ def test_n_never_exceeds_the_chain_budget(models_dir: Path, tmp_path: Path) -> N
 def test_unservable_checkpoints_are_refused_and_the_rest_served(models_dir: Path, tmp_path: Path) -> None:
     from conftest import write_tiny_ebm
 
-    from training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+    from training.runtime.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 
     (models_dir / "garbage.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00[1, 2, 3]       ")
     broken = load_checkpoint(models_dir / "solo.safetensors")

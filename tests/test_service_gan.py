@@ -96,7 +96,7 @@ def test_ddls_refines_latents_under_the_critic_with_frames_energy_and_zero_steps
 
 
 def test_a_gan_saved_without_its_critic_answers_ddls_with_a_422_that_says_why(models_dir: Path, tmp_path: Path) -> None:
-    from training.checkpoint import load_checkpoint, save_checkpoint
+    from training.runtime.checkpoint import load_checkpoint, save_checkpoint
 
     path = write_tiny_gan(models_dir / "gan.safetensors")
     checkpoint = load_checkpoint(path)
@@ -127,7 +127,7 @@ def test_page_lists_the_gan_without_langevin_controls(server) -> None:
 
 
 def test_a_gan_without_a_usable_latent_size_is_refused(models_dir: Path, tmp_path: Path) -> None:
-    from training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+    from training.runtime.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 
     good = load_checkpoint(write_tiny_gan(models_dir / "gan.safetensors"))
     good.config.sampler = {"temperature": 1.0, "weights": "ema"}

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from conftest import write_tiny_ebm, write_tiny_flow, write_tiny_gan
 
-from training.checkpoint import load_checkpoint, save_checkpoint
-from training.cli import main
+from training.commands.cli import main
+from training.runtime.checkpoint import load_checkpoint, save_checkpoint
 
 PLAIN = {"frechet_distance": 60.0, "n": 8, "steps": 0}
 REFINED = {"frechet_distance": 50.0, "n": 8, "steps": 3, "step_size": 0.01, "noise": 0.1}

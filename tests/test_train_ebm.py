@@ -5,11 +5,11 @@ import pytest
 import torch
 from conftest import write_tiny_ebm
 
-from training.checkpoint import load_checkpoint
-from training.cli import main
-from training.data import toy2d
-from training.sampling import load_model
-from training.train_ebm import EBMTrainConfig, train_ebm
+from training.commands.cli import main
+from training.runtime.checkpoint import load_checkpoint
+from training.runtime.draw import load_model
+from training.train.data import toy2d
+from training.train.ebm_cd import EBMTrainConfig, train_ebm
 
 
 def toy_config(tmp_path: Path, **overrides) -> EBMTrainConfig:

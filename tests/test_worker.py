@@ -121,8 +121,8 @@ def test_a_seeded_request_gives_the_same_images_alone_and_in_a_shared_batch(benc
 def test_seeded_ddls_chains_are_the_same_alone_and_in_a_shared_batch_and_as_the_cli_draws_them(
     bench: Bench,
 ) -> None:
-    from training.noise import chain_seeds
-    from training.sampling import sample_generator
+    from training.runtime.draw import sample_generator
+    from training.sampling.noise import chain_seeds
 
     pool = bench.worker.pools["gan:ddls"]
     request = {"model": "gan", "n": 3, "steps": 6, "seed": 4321, "step_size": 0.05, "noise": 0.2}

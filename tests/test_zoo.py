@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.checkpoint import load_checkpoint
-from training.cli import main
-from training.zoo import FILE_LIMIT, ShipRefused, check_sizes
+from training.commands.cli import main
+from training.commands.zoo import FILE_LIMIT, ShipRefused, check_sizes
+from training.runtime.checkpoint import load_checkpoint
 
 # family -> flags of a tiny toy-2D run (a few batches an epoch)
 TOY_RUNS = {
@@ -141,7 +141,7 @@ def test_ship_copies_a_finished_run_as_float16_then_records_figures_and_prints_t
 
 
 def test_an_ensemble_is_evaluated_with_all_its_members_once(models_dir: Path) -> None:
-    from training.zoo import evaluations
+    from training.commands.zoo import evaluations
 
     members = [models_dir / "pair_a.safetensors", models_dir / "pair_b.safetensors"]
     metrics = {path: load_checkpoint(path).config.metrics for path in members}
@@ -169,8 +169,8 @@ def test_zoo_refuses_chunks_longer_than_a_lent_gpus_command_limit(tmp_path: Path
 def test_a_gans_ddls_figures_are_renewed_at_the_steps_they_were_measured_with(tmp_path: Path) -> None:
     from conftest import write_tiny_gan
 
-    from training.checkpoint import save_checkpoint
-    from training.zoo import evaluations
+    from training.commands.zoo import evaluations
+    from training.runtime.checkpoint import save_checkpoint
 
     path = write_tiny_gan(tmp_path / "gan.safetensors")
     checkpoint = load_checkpoint(path)

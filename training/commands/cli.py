@@ -16,8 +16,8 @@ from typing import Any, cast
 
 import torch
 
-from training.checkpoint import CheckpointError
-from training.data import DatasetError
+from training.runtime.checkpoint import CheckpointError
+from training.train.data import DatasetError
 
 
 @functools.cache
@@ -69,19 +69,19 @@ def _config_from(args: argparse.Namespace, config_type: type):
 
 
 def _cmd_ebm(args: argparse.Namespace) -> None:
-    from training.train_ebm import EBMTrainConfig, train_ebm
+    from training.train.ebm_cd import EBMTrainConfig, train_ebm
 
     train_ebm(_config_from(args, EBMTrainConfig))
 
 
 def _cmd_gan(args: argparse.Namespace) -> None:
-    from training.train_gan import GANTrainConfig, train_gan
+    from training.train.gan import GANTrainConfig, train_gan
 
     train_gan(_config_from(args, GANTrainConfig))
 
 
 def _cmd_flow(args: argparse.Namespace) -> None:
-    from training.train_flow import FlowTrainConfig, train_flow
+    from training.train.flow import FlowTrainConfig, train_flow
 
     train_flow(_config_from(args, FlowTrainConfig))
 
@@ -136,7 +136,7 @@ def _add_ebm_sampler_flags(parser: argparse.ArgumentParser) -> None:
 def _override_sampler(members: list, args: argparse.Namespace) -> None:
     """--step-size, --noise and --guidance (EBMs; a CNF takes --guidance) replace the checkpoints' own for this
     command only."""
-    from training.sampler_config import EBMSampler, FlowSampler, GANSampler
+    from training.sampling.sampler_config import EBMSampler, FlowSampler, GANSampler
 
     if members[0].config.family == "flow":
         if args.step_size is not None or args.noise is not None:
@@ -169,9 +169,9 @@ def _draw_with_progress(
 ) -> torch.Tensor:
     """Samples [N, *shape] drawn `batch` chains at a time (on the CPU), with progress on stderr: a bar on a
     terminal, plain lines when piped. EBMs count Langevin steps, GANs and flows batches."""
-    from training.run import progress
-    from training.sampler_config import EBMSampler, FlowSampler, GANSampler
-    from training.sampling import default_latent_steps, draw_samples
+    from training.runtime.draw import default_latent_steps, draw_samples
+    from training.sampling.sampler_config import EBMSampler, FlowSampler, GANSampler
+    from training.train.run import progress
 
     model = members[0]
     starts = range(0, len(seeds), batch)
@@ -214,8 +214,8 @@ def _draw_with_progress(
 def _start_description(members: list, init: str | None, buffer, buffer_path: Path | None) -> str:
     """Where the chains (or latents) started, said on every `sample`: the CLI and a running server start from
     the same prior, but a server's replay buffer has moved on from the one saved in the checkpoint."""
-    from training.sampler_config import EBMSampler, FlowSampler
-    from training.sampling import pooled_buffer
+    from training.runtime.draw import pooled_buffer
+    from training.sampling.sampler_config import EBMSampler, FlowSampler
 
     model = members[0]
     sampler = model.sampler
@@ -239,10 +239,10 @@ def _start_description(members: list, init: str | None, buffer, buffer_path: Pat
 
 
 def _cmd_sample(args: argparse.Namespace) -> None:
-    from training.device import pick_device
-    from training.images import gif_bytes, grid, save_grid
-    from training.noise import chain_seeds
-    from training.sampling import load_model, load_server_buffer
+    from training.runtime.device import pick_device
+    from training.runtime.draw import load_model, load_server_buffer
+    from training.runtime.images import gif_bytes, grid, save_grid
+    from training.sampling.noise import chain_seeds
 
     device = pick_device(args.device)
     members = [load_model(path, device) for path in args.checkpoint]
@@ -285,12 +285,12 @@ def _cmd_sample(args: argparse.Namespace) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
-    from training.data import load_dataset
-    from training.device import pick_device
-    from training.evaluate import gan_record_key, load_classifier, quality_figures, real_data_floor
-    from training.noise import chain_seeds
-    from training.sampler_config import EBMSampler, FlowSampler, GANSampler
-    from training.sampling import chain_labels, default_latent_steps, load_model
+    from training.commands.quality import gan_record_key, load_classifier, quality_figures, real_data_floor
+    from training.runtime.device import pick_device
+    from training.runtime.draw import chain_labels, default_latent_steps, load_model
+    from training.sampling.noise import chain_seeds
+    from training.sampling.sampler_config import EBMSampler, FlowSampler, GANSampler
+    from training.train.data import load_dataset
 
     device = pick_device(args.device)
     members = [load_model(path, device) for path in args.checkpoint]
@@ -360,8 +360,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     if model.config.family == "flow":
         from training.models.flows import Flow
         from training.models.iresnet import EVALUATION_SERIES_TERMS, InverseConvergence, IResNet
-        from training.sampler_config import FlowSampler
-        from training.train_flow import dataset_bits_per_dim
+        from training.sampling.sampler_config import FlowSampler
+        from training.train.flow import dataset_bits_per_dim
 
         flow = cast(Flow, model.module)  # nice, glow or iresnet: Flows; a CNF's field is not one
         if ode:
@@ -400,7 +400,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
             model_figures["test_bits_per_dim"] = round(dataset_bits_per_dim(flow, test, 500, device, seed=args.seed), 4)
     print(json.dumps(report, indent=2))
     if args.record:
-        from training.checkpoint import load_checkpoint, save_checkpoint
+        from training.runtime.checkpoint import load_checkpoint, save_checkpoint
 
         key = "evaluate" if model.config.family != "ebm" else f"evaluate_{args.init}"
         if args.label is not None:
@@ -427,7 +427,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def _cmd_set_sampler(args: argparse.Namespace) -> None:
-    from training.set_sampler import set_sampler
+    from training.commands.set_sampler import set_sampler
 
     changes, dropped = set_sampler(args.checkpoint, args.settings)
     for name, (old, new) in changes.items():
@@ -443,7 +443,7 @@ def _cmd_set_sampler(args: argparse.Namespace) -> None:
 
 
 def _cmd_classifier(args: argparse.Namespace) -> None:
-    from training.evaluate import train_classifier
+    from training.commands.quality import train_classifier
 
     print(
         json.dumps(
@@ -460,7 +460,7 @@ def _cmd_classifier(args: argparse.Namespace) -> None:
 
 
 def _cmd_zoo(args: argparse.Namespace) -> None:
-    from training.zoo import main as zoo_main
+    from training.commands.zoo import main as zoo_main
 
     failures = zoo_main(args)
     if failures:
@@ -468,16 +468,16 @@ def _cmd_zoo(args: argparse.Namespace) -> None:
 
 
 def _cmd_fetch_data(args: argparse.Namespace) -> None:
-    from training.fetch_data import fetch
+    from training.commands.fetch_data import fetch
 
     directory = fetch(args.dataset, args.dir or f"data/{args.dataset}", args.mirror)
     print(f"{args.dataset} is in {directory}: train with --data-dir {directory} (or export SAMPLEBAY_DATA_DIR)")
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
-    from training.exported import export_model, load_exported
     from training.models.cnf import is_velocity_field
-    from training.sampling import load_model
+    from training.runtime.draw import load_model
+    from training.runtime.exported import export_model, load_exported
 
     model = load_model(args.checkpoint)
     if is_velocity_field(model.module):
@@ -566,11 +566,11 @@ def _add_command(commands, name: str, help_text: str, description: str | None = 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from training.evaluate import DEFAULT_CLASSIFIER
-    from training.fetch_data import CHECKSUMS
-    from training.train_ebm import EBMTrainConfig
-    from training.train_flow import FlowTrainConfig
-    from training.train_gan import GANTrainConfig
+    from training.commands.fetch_data import CHECKSUMS
+    from training.commands.quality import DEFAULT_CLASSIFIER
+    from training.train.ebm_cd import EBMTrainConfig
+    from training.train.flow import FlowTrainConfig
+    from training.train.gan import GANTrainConfig
 
     parser = argparse.ArgumentParser(
         prog="python -m training",
@@ -698,7 +698,7 @@ def build_parser() -> argparse.ArgumentParser:
     classifier.add_argument("--device", default="auto", help="auto (cuda when available, else cpu) | cpu | cuda")
     classifier.set_defaults(handler=_cmd_classifier)
 
-    from training.zoo import add_arguments as add_zoo_arguments
+    from training.commands.zoo import add_arguments as add_zoo_arguments
 
     zoo = _add_command(
         commands,
@@ -735,9 +735,9 @@ def build_parser() -> argparse.ArgumentParser:
         "fetch-data",
         "download MNIST or Fashion-MNIST (the four IDX .gz files) and verify their checksums",
         "Download the four official IDX .gz files of MNIST or Fashion-MNIST from the dataset's usual mirrors\n"
-        "(or --mirror) and check each against the checksum written in training/fetch_data.py. A file that fails\n"
-        "is deleted and the command exits non-zero; files already there and verified are skipped. Standard\n"
-        "library only: urllib honours http_proxy and https_proxy.",
+        "(or --mirror) and check each against the checksum written in training/commands/fetch_data.py.\n"
+        "A file that fails is deleted and the command exits non-zero; files already there and verified are skipped.\n"
+        "Standard library only: urllib honours http_proxy and https_proxy.",
     )
     fetch_data.add_argument("dataset", choices=sorted(CHECKSUMS), help="the dataset to download")
     fetch_data.add_argument(
@@ -754,7 +754,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from training.fetch_data import FetchError
+    from training.commands.fetch_data import FetchError
 
     args = build_parser().parse_args(argv)
     try:

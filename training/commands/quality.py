@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from training.checkpoint import Checkpoint, ModelConfig, load_checkpoint, save_checkpoint
-from training.data import load_dataset
-from training.device import pick_device
 from training.models import build_model
 from training.models.classifier import DigitClassifier
-from training.run import RunLog, Stopwatch, batches, seed_everything
+from training.runtime.checkpoint import Checkpoint, ModelConfig, load_checkpoint, save_checkpoint
+from training.runtime.device import pick_device
+from training.train.data import load_dataset
+from training.train.run import RunLog, Stopwatch, batches, seed_everything
 
 DEFAULT_CLASSIFIER = Path(__file__).parent / "assets" / "mnist_classifier.safetensors"
 STEPS_SUFFIX = re.compile(r"_steps_\d+")

@@ -14,9 +14,9 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from training.checkpoint import load_checkpoint, save_checkpoint
-from training.evaluate import gan_record_key
-from training.sampler_config import SAMPLERS, VERSION_KEY, GANSampler, sampler_for, to_dict
+from training.commands.quality import gan_record_key
+from training.runtime.checkpoint import load_checkpoint, save_checkpoint
+from training.sampling.sampler_config import SAMPLERS, VERSION_KEY, GANSampler, sampler_for, to_dict
 
 # Fields a checkpoint's training fixed: the generator's latent size, what the run recorded, the prior an EqM
 # energy was trained against.

@@ -30,8 +30,14 @@ from typing import Any
 
 import torch
 
-from training.checkpoint import ModelConfig, atomic_write_bytes, encode_checkpoint, load_checkpoint, read_metadata
-from training.run import ResumeState
+from training.runtime.checkpoint import (
+    ModelConfig,
+    atomic_write_bytes,
+    encode_checkpoint,
+    load_checkpoint,
+    read_metadata,
+)
+from training.train.run import ResumeState
 
 FILE_LIMIT = 5 * 1024 * 1024  # bytes: every shipped checkpoint stays under 5 MiB
 DIRECTORY_LIMIT = 30 * 1000 * 1000  # bytes: checkpoints/ stays under 30 MB
@@ -87,15 +93,15 @@ def trainer_key(family: str, args: dict[str, Any]) -> str:
 
 def config_type(family: str) -> type:
     if family == "ebm":
-        from training.train_ebm import EBMTrainConfig
+        from training.train.ebm_cd import EBMTrainConfig
 
         return EBMTrainConfig
     if family == "gan":
-        from training.train_gan import GANTrainConfig
+        from training.train.gan import GANTrainConfig
 
         return GANTrainConfig
     if family == "flow":
-        from training.train_flow import FlowTrainConfig
+        from training.train.flow import FlowTrainConfig
 
         return FlowTrainConfig
     raise ValueError(f"the zoo trains ebm, gan and flow checkpoints, not {family!r}")
@@ -133,7 +139,7 @@ def plan(
     only: list[str] | None = None,
 ) -> list[ZooRun]:
     """Decide each shipped model's chunk: resume its run, warm-start one, or leave a finished run for --ship."""
-    from training.cli import build_parser
+    from training.commands.cli import build_parser
 
     paths = sorted(checkpoints.glob("*.safetensors"))
     if only:

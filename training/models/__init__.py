@@ -3,7 +3,7 @@
 A config is data from a file, so every build is first rehearsed on the meta device (shapes, no memory)
 while global registration hooks count the modules, parameter and buffer values it registers and a torch
 function mode counts the torch calls it makes; past a limit the rehearsal stops and the architecture is
-refused. Each number of a config is capped on its own (training/checkpoint.py); their product is bounded
+refused. Each number of a config is capped on its own (training/runtime/checkpoint.py); their product is bounded
 here, for every architecture, before anything is allocated.
 """
 

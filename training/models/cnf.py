@@ -1,7 +1,7 @@
 """Time-conditioned vector fields v(x, t) (or v(x, t, y)) for continuous normalizing flows.
 
 A CNF moves prior samples x(0) ~ N(0, T^2 I) to data x(1) along dx/dt = v(x, t) (Chen et al. 2018);
-trained by flow matching (Lipman et al. 2023) it is a regression, not a simulation (training/losses.py).
+trained by flow matching (Lipman et al. 2023) it is a regression, not a simulation (training/train/losses.py).
 The image field is the EqM energies' U-Net (training/models/energy_unet.py) read as a field, its blocks
 shifted by a time embedding plus the label embedding; a small MLP field serves 2-D toy data.
 """

@@ -13,7 +13,7 @@ from typing import cast
 import torch
 from torch import nn
 
-from training.noise import latent_gaussian, latent_logistic
+from training.sampling.noise import latent_gaussian, latent_logistic
 
 
 class FlowLayer(nn.Module):

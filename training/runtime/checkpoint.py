@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from training.sampler_config import SAMPLERS, sampler_for
+from training.sampling.sampler_config import SAMPLERS, sampler_for
 
 SCHEMA_VERSION = 1
 FAMILIES = ("ebm", "flow", "gan", "classifier")
@@ -65,7 +65,7 @@ class ModelConfig:
     family: str  # ebm | flow | gan (| classifier, the evaluation network)
     arch: dict[str, Any]  # {"name": ..., "kwargs": {...}}: rebuilds the nn.Module
     data: dict[str, Any]  # {"shape": [1, 28, 28], "range": [-1, 1], "dataset": "mnist"}
-    sampler: dict[str, Any] = field(default_factory=dict)  # training.sampler_config's dict for the family
+    sampler: dict[str, Any] = field(default_factory=dict)  # training.sampling.sampler_config's dict for the family
     training: dict[str, Any] = field(default_factory=dict)  # args, seed, wall time, device
     metrics: dict[str, Any] = field(default_factory=dict)  # evaluate figures, final losses
     ensemble: str | None = None  # EBMs that name one ensemble share one replay buffer when served

@@ -13,15 +13,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from training.checkpoint import Checkpoint, CheckpointError, ModelConfig, load_checkpoint, read_metadata
-from training.ddls import LatentCallback, LatentEnergy, refine_latents, start_latents
-from training.langevin import ReplayBuffer, StepCallback, ensemble_energy, sample_langevin
 from training.models import build_model
 from training.models.cnf import guided_velocity, is_velocity_field
 from training.models.flows import Flow
-from training.noise import chain_classes, chain_gaussian, chain_gaussian_start, chain_start
-from training.ode import OdeCallback, integrate
-from training.sampler_config import Config, EBMSampler, FlowSampler, GANSampler, SamplerConfig, sampler_for
+from training.runtime.checkpoint import Checkpoint, CheckpointError, ModelConfig, load_checkpoint, read_metadata
+from training.sampling.ddls import LatentCallback, LatentEnergy, refine_latents, start_latents
+from training.sampling.langevin import ReplayBuffer, StepCallback, ensemble_energy, sample_langevin
+from training.sampling.noise import chain_classes, chain_gaussian, chain_gaussian_start, chain_start
+from training.sampling.ode import OdeCallback, integrate
+from training.sampling.sampler_config import Config, EBMSampler, FlowSampler, GANSampler, SamplerConfig, sampler_for
 
 
 @dataclass
@@ -110,9 +110,9 @@ def instantiate(checkpoint: Checkpoint, name: str, device: torch.device | str = 
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
-    """A checkpoint, or a torch.export program `NAME.pt2` with its sidecar (training/exported.py)."""
+    """A checkpoint, or a torch.export program `NAME.pt2` with its sidecar (training/runtime/exported.py)."""
     if Path(path).suffix == ".pt2":
-        from training.exported import load_exported
+        from training.runtime.exported import load_exported
 
         return load_exported(path, device)
     return instantiate(load_checkpoint(path), Path(path).stem, device)
@@ -170,7 +170,7 @@ def integrate_cnf(
     callback: OdeCallback | None = None,
 ) -> torch.Tensor:
     """A CNF's samples [B, *shape] (unclamped): x(0) ~ N(0, T^2 I) from counter-based noise of each seed, then
-    the sampler's fixed-step ODE solver (training/ode.py) on the (guided) field to t = 1."""
+    the sampler's fixed-step ODE solver (training/sampling/ode.py) on the (guided) field to t = 1."""
     if sampler.solver is None or sampler.steps is None:
         raise ValueError("this flow's sampler declares no ODE solver and steps; it is not a CNF")
     device = next(field.parameters()).device
@@ -217,7 +217,7 @@ def draw_samples(
     buffer: ReplayBuffer | None = None,
 ) -> torch.Tensor:
     """One entry point for every family, used by the `sample` and `evaluate` commands: one sample per
-    chain seed [B] (see `training.noise.chain_seeds`), drawn as the server draws it. `labels` [B] pick
+    chain seed [B] (see `training.sampling.noise.chain_seeds`), drawn as the server draws it. `labels` [B] pick
     the class of each chain of a class-conditional EBM.
 
     A list of EBM checkpoints of one ensemble samples as the server samples the ensemble: chains move

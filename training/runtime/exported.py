@@ -1,7 +1,7 @@
 """Models trained elsewhere, served from `torch.export` programs: `NAME.pt2` beside a `NAME.json` sidecar.
 
 The program is the network only; the sidecar says what it is (family, data shape and range, the
-family's sampler configuration from `training/sampler_config.py`). Each family's program has one
+family's sampler configuration from `training/sampling/sampler_config.py`). Each family's program has one
 signature, and an adapter turns it into the module every sampler of this project already calls:
 
     ebm   x [B, *shape] -> energy [B]        (x, y [B] -> energy [B] when data.classes is given; y = -1: none)
@@ -12,7 +12,7 @@ Loading runs no code from the file, whatever its bytes. `torch.export.load` is n
 payloads marked `use_pickle`, custom and opaque objects, legacy `model.pt` records and, when weights-only
 loading fails, the sample inputs; and an archive its reader refuses is read again, through Python's
 zipfile, as the pre-2.8 format, whose `serialized_*.pt` it unpickles with `weights_only=False`. Instead
-`read_program` hands the bytes to `training/pt2_archive.py` (the one reader of the file: a strict zip
+`read_program` hands the bytes to `training/runtime/pt2_archive.py` (the one reader of the file: a strict zip
 parse, bounded sizes, only raw tensor records, inert shape expressions; its docstring lists exactly what
 is refused), builds each tensor from its vetted raw bytes, and passes the graph JSON and those tensors to
 torch's current-format deserializer (no sample inputs: they are never loaded). After that every
@@ -32,12 +32,12 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from training.checkpoint import CheckpointError, ModelConfig, check_name, check_sizes
-from training.langevin import ReplayBuffer
 from training.models.flows import BASES, Flow
-from training.pt2_archive import MAX_ARCHIVE_BYTES, TensorRecord, VettedArchive, check_archive, check_operators
-from training.sampler_config import EBMSampler, FlowSampler, GANSampler, sampler_for, to_dict
-from training.sampling import LoadedModel
+from training.runtime.checkpoint import CheckpointError, ModelConfig, check_name, check_sizes
+from training.runtime.draw import LoadedModel
+from training.runtime.pt2_archive import MAX_ARCHIVE_BYTES, TensorRecord, VettedArchive, check_archive, check_operators
+from training.sampling.langevin import ReplayBuffer
+from training.sampling.sampler_config import EBMSampler, FlowSampler, GANSampler, sampler_for, to_dict
 
 PROGRAM_SUFFIX = ".pt2"
 SIDECAR_SUFFIX = ".json"

@@ -29,7 +29,7 @@ naming what is wrong; nothing is unpickled, evaluated or decompressed on the way
   writes into generated source are dotted names; operator targets name ATen, prims, control flow or shape
   arithmetic only, and `check_operators` checks the deserialized graph again.
 
-`training/exported.py` deserializes the vetted records with torch's current-format deserializer directly
+`training/runtime/exported.py` deserializes the vetted records with torch's current-format deserializer directly
 (never `torch.export.load`, whose legacy fallback reads the file again through zipfile and unpickles).
 """
 
@@ -48,7 +48,7 @@ from typing import Any
 
 import torch
 
-from training.checkpoint import CheckpointError
+from training.runtime.checkpoint import CheckpointError
 
 MAX_TENSOR_BYTES = 2**30  # all tensor records of one archive together: 1 GiB (MNIST models here: < 5 MB)
 MAX_RECORD_BYTES = 2**29  # one weight or constant: 512 MiB

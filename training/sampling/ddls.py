@@ -14,8 +14,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from training.langevin import LangevinStep, Setting, langevin_step
-from training.noise import chain_gaussian, latent_gaussian
+from training.sampling.langevin import LangevinStep, Setting, langevin_step
+from training.sampling.noise import chain_gaussian, latent_gaussian
 
 LatentCallback = Callable[[int, torch.Tensor, torch.Tensor], None]  # (step, z [B, latent], energy [B])
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from training.sampler_config import EBMSampler
+from training.sampling.sampler_config import EBMSampler
 
 EnergyFn = Callable[[torch.Tensor], torch.Tensor]  # [B, *shape] -> [B]
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]  # (step, x, energy)

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from training.sampler_config import EBMSampler
+from training.sampling.sampler_config import EBMSampler
 
 _MASK32 = 0xFFFFFFFF
 START = -1  # the step counter of a chain's starting point: no Langevin step uses it

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 
 from training.models.cnf import VelocityField
-from training.sampler_config import ODE_SOLVERS as SOLVERS
+from training.sampling.sampler_config import ODE_SOLVERS as SOLVERS
 
 FIELD_EVALUATIONS = {"euler": 1, "midpoint": 2, "heun": 2}  # evaluations of v per step
 OdeCallback = Callable[[int, torch.Tensor, torch.Tensor], None]  # (step, x [B, *shape], t [B] after the step)

@@ -22,7 +22,7 @@ SAMPLER_SCHEMA = 1
 VERSION_KEY = "schema_version"
 INITS = ("noise", "buffer")
 PRIORS = ("uniform", "gaussian")
-ODE_SOLVERS = ("euler", "midpoint", "heun")  # training/ode.py steps by each
+ODE_SOLVERS = ("euler", "midpoint", "heun")  # training/sampling/ode.py steps by each
 INT32_MAX = 2**31 - 1  # every integer setting (and request field) fits int32
 
 
@@ -148,7 +148,7 @@ class EBMSampler:
 @dataclass(frozen=True)
 class GANSampler:
     """One generator pass G(z), z ~ N(0, temperature^2 I); with `steps` > 0 and a saved critic, z is first
-    refined by Langevin dynamics on E(z) = ||z||^2 / 2 - d(G(z)) (DDLS, Che et al. 2020; training/ddls.py)."""
+    refined by Langevin dynamics on E(z) = ||z||^2 / 2 - d(G(z)) (DDLS, Che et al. 2020; training/sampling/ddls.py)."""
 
     latent_dim: int = 128  # size of z
     temperature: float = 1.0  # scales z (the truncation-like trick of Brock et al. 2019, without truncation)
@@ -172,7 +172,7 @@ class FlowSampler:
     base: str | None = None  # recorded only: the module's own base distribution (its arch) is what samples
     # A continuous normalizing flow (arch cnf) integrates its ODE instead; exact-inverse flows leave these unset.
     steps: int | None = None  # CNF: ODE solver steps from the prior (t = 0) to the data (t = 1)
-    solver: str | None = None  # CNF: euler | midpoint | heun (training/ode.py)
+    solver: str | None = None  # CNF: euler | midpoint | heun (training/sampling/ode.py)
     guidance: float = 1.0  # conditional CNF, labelled chains: v(x, t) + w (v(x, t, y) - v(x, t)); 1: plain v(x, t, y)
     unlabelled: str = "null"  # conditional CNF asked for no label: "null" label (v(x, t)) | "random" class per chain
 

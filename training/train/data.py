@@ -285,7 +285,7 @@ def load_image_folder(
             raise DatasetError(
                 f"{split_dir / unknown[0]} is not a class of {train_dir} (its classes: {', '.join(classes)})"
             )
-    from training.run import progress  # training.run imports this module
+    from training.train.run import progress  # training.train.run imports this module
 
     notes = FileNotes()
     for path, why in skipped:

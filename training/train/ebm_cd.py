@@ -12,13 +12,13 @@ from typing import Any
 
 import torch
 
-from training.checkpoint import Checkpoint, ModelConfig, save_checkpoint
-from training.data import ImageDataset
-from training.langevin import EnergyFn, ReplayBuffer, frozen_energy, sample_langevin
-from training.losses import contrastive_divergence
 from training.models import build_model
-from training.run import RunConfig, Stopwatch, batches, load_resume, save_resume, start_run, warm_start
-from training.sampler_config import EBMSampler, to_dict
+from training.runtime.checkpoint import Checkpoint, ModelConfig, save_checkpoint
+from training.sampling.langevin import EnergyFn, ReplayBuffer, frozen_energy, sample_langevin
+from training.sampling.sampler_config import EBMSampler, to_dict
+from training.train.data import ImageDataset
+from training.train.losses import contrastive_divergence
+from training.train.run import RunConfig, Stopwatch, batches, load_resume, save_resume, start_run, warm_start
 
 # What each objective uses when a flag is left unset (None). CD: the UvA deep-EBM tutorial on MNIST.
 # EqM: gradient descent from Gaussian noise; 40-60 steps of 0.01 suffice (../shared/notes, measured).
@@ -180,7 +180,7 @@ def train_ebm(config: EBMTrainConfig) -> Path:
     """Train, writing the checkpoint after every epoch; returns its path."""
     config.setting("lr")  # an unknown --objective fails here, before any data is read
     if config.objective == "eqm":
-        from training.train_eqm import train_eqm
+        from training.train.ebm_eqm import train_eqm
 
         return train_eqm(config)
     run = start_run(config)

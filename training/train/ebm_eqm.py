@@ -14,13 +14,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from training.checkpoint import Checkpoint, save_checkpoint
-from training.data import ImageDataset
-from training.ema import ema_update, warmed_up_decay
-from training.langevin import ReplayBuffer, frozen_energy, sample_langevin
-from training.losses import energy_gap, equilibrium_matching
 from training.models import build_model
-from training.run import (
+from training.runtime.checkpoint import Checkpoint, save_checkpoint
+from training.sampling.langevin import ReplayBuffer, frozen_energy, sample_langevin
+from training.sampling.sampler_config import EBMSampler
+from training.train.data import ImageDataset
+from training.train.ema import ema_update, warmed_up_decay
+from training.train.losses import energy_gap, equilibrium_matching
+from training.train.run import (
     Stopwatch,
     batches,
     load_resume,
@@ -31,10 +32,9 @@ from training.run import (
     start_run,
     warm_start,
 )
-from training.sampler_config import EBMSampler
 
 if TYPE_CHECKING:
-    from training.train_ebm import EBMTrainConfig
+    from training.train.ebm_cd import EBMTrainConfig
 
 
 def eqm_arch(dataset: ImageDataset, config: EBMTrainConfig) -> dict[str, Any]:
@@ -217,7 +217,7 @@ def preview(model: torch.nn.Module, config: EBMTrainConfig, shape: tuple[int, ..
 
 def train_eqm(config: EBMTrainConfig) -> Path:
     """Train, writing the checkpoint (averaged weights) and the resume state after every epoch."""
-    from training.train_ebm import ebm_model_config  # the one place an EBM checkpoint's config is assembled
+    from training.train.ebm_cd import ebm_model_config  # the one place an EBM checkpoint's config is assembled
 
     run = start_run(config)
     device, train, test, log = run.device, run.train, run.test, run.log

@@ -15,16 +15,17 @@ from typing import cast
 
 import torch
 
-from training.checkpoint import Checkpoint, ModelConfig, save_checkpoint
-from training.data import ImageDataset
-from training.ema import ema_update, warmed_up_decay
-from training.losses import bits_per_dim, dequantize, flow_matching, optimal_transport_pairing
 from training.models import build_model
 from training.models.flows import Flow
 from training.models.iresnet import IResNet
-from training.noise import chain_seeds
-from training.ode import checked_solver
-from training.run import (
+from training.runtime.checkpoint import Checkpoint, ModelConfig, save_checkpoint
+from training.sampling.noise import chain_seeds
+from training.sampling.ode import checked_solver
+from training.sampling.sampler_config import FlowSampler, to_dict
+from training.train.data import ImageDataset
+from training.train.ema import ema_update, warmed_up_decay
+from training.train.losses import bits_per_dim, dequantize, flow_matching, optimal_transport_pairing
+from training.train.run import (
     RunConfig,
     Stopwatch,
     batches,
@@ -35,7 +36,6 @@ from training.run import (
     start_run,
     warm_start,
 )
-from training.sampler_config import FlowSampler, to_dict
 
 # What each architecture uses when a flag is left unset: hidden width, base distribution, and the
 # sampling temperature stored in the checkpoint (NICE's paper samples at 0.8, Glow's at 0.7).
@@ -151,7 +151,7 @@ def dataset_bits_per_dim(
 
 
 def cnf_autocast(config: FlowTrainConfig, device: torch.device) -> torch.autocast:
-    """bfloat16 autocast of the field's network, as the EqM energies train (training/train_eqm.py)."""
+    """bfloat16 autocast of the field's network, as the EqM energies train (training/train/ebm_eqm.py)."""
     if config.autocast not in ("bfloat16", "none"):
         raise ValueError(f"--autocast must be bfloat16 or none, not {config.autocast!r}")
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.autocast == "bfloat16")
@@ -211,7 +211,7 @@ def validate_cnf(
 
 def cnf_preview(model: torch.nn.Module, config: FlowTrainConfig, shape: tuple[int, ...], classes: int) -> torch.Tensor:
     """64 samples by the checkpoint's own sampler from seeds 0..63 (a row per class when conditional)."""
-    from training.sampling import integrate_cnf
+    from training.runtime.draw import integrate_cnf
 
     seeds = chain_seeds(0, 64)
     labels = (torch.arange(64) // 8) % classes if classes else None

@@ -14,10 +14,13 @@ from typing import TypedDict, cast
 
 import torch
 
-from training.checkpoint import Checkpoint, ModelConfig, save_checkpoint
-from training.data import ImageDataset
-from training.ema import ema_update, warmed_up_decay
-from training.losses import (
+from training.models import build_model
+from training.models.gan import ConvCritic, MLPCritic
+from training.runtime.checkpoint import Checkpoint, ModelConfig, save_checkpoint
+from training.sampling.sampler_config import GANSampler, from_dict, to_dict
+from training.train.data import ImageDataset
+from training.train.ema import ema_update, warmed_up_decay
+from training.train.losses import (
     discriminator_loss,
     feature_matching_loss,
     gradient_penalty,
@@ -25,10 +28,7 @@ from training.losses import (
     wasserstein_critic_loss,
     wasserstein_generator_loss,
 )
-from training.models import build_model
-from training.models.gan import ConvCritic, MLPCritic
-from training.run import RunConfig, Stopwatch, batches, load_resume, save_resume, start_run, warm_start
-from training.sampler_config import GANSampler, from_dict, to_dict
+from training.train.run import RunConfig, Stopwatch, batches, load_resume, save_resume, start_run, warm_start
 
 LOSSES = ("dcgan", "wgan", "wgan-gp")
 

@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from training.checkpoint import Checkpoint, ModelConfig, load_checkpoint, save_checkpoint
-from training.data import ImageDataset, load_dataset
-from training.device import device_name, pick_device
-from training.images import save_grid
+from training.runtime.checkpoint import Checkpoint, ModelConfig, load_checkpoint, save_checkpoint
+from training.runtime.device import device_name, pick_device
+from training.runtime.images import save_grid
+from training.train.data import ImageDataset, load_dataset
 
 
 @dataclass
