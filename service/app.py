@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,7 +23,7 @@ from service.bridge import record, response_for, sample_result, stream
 from service.buffer_store import BufferStore
 from service.messages import CancelledByClient
 from service.metrics import Metrics
-from service.middleware import BodyLimits
+from service.middleware import BearerKey, BodyLimits
 from service.orders import check_applicable, make_order
 from service.registry import Registry, ServedModel, load_registry, signals_end_loading
 from service.schemas import ErrorBody, ModelInfo, Readiness, SampleRequest, SampleResponse, field_limits
@@ -34,6 +33,7 @@ from training.runtime.device import pick_device
 from training.sampling.sampler_config import to_dict
 
 STATIC_DIR = Path(__file__).parent / "static"
+KEY_PROTECTED_PATHS = ("/sample",)  # with an API key set; health, readiness, metrics, models and the page stay open
 
 log = logging.getLogger("service")
 
@@ -82,7 +82,8 @@ SAMPLE_RESPONSES: dict[int | str, dict] = {
     422: {
         "model": ErrorBody,
         "description": "invalid, out-of-range or inapplicable field, over a server limit, an unreadable upload,"
-        " a mask of another size than its image, or chains that diverged (non-finite) under the request's settings",
+        " a mask of another size than its image, chains that diverged (non-finite) under the request's settings,"
+        " or a generator or flow whose images for the request were not finite",
     },
     499: {"description": "the client went away before the answer (nobody reads it)"},
     503: {
@@ -92,18 +93,6 @@ SAMPLE_RESPONSES: dict[int | str, dict] = {
     },
     504: {"model": ErrorBody, "description": "the request's deadline passed"},
 }
-
-
-def _authorize(request: Request, settings: Settings) -> None:
-    if settings.api_key is None:
-        return
-    supplied = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-    if not secrets.compare_digest(supplied.encode(), settings.api_key.encode()):
-        raise HTTPException(
-            401,
-            detail="missing or wrong API key: send 'Authorization: Bearer <key>'",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
 
 
 def _model_info(model: ServedModel, worker: Worker, store: BufferStore, settings: Settings) -> ModelInfo:
@@ -180,6 +169,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Samples from energy-based models, flows and GANs.",
     )
     app.add_middleware(BodyLimits, limit=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
+    if settings.api_key is not None:  # added last, so outermost: a request without the key is not even read
+        app.add_middleware(BearerKey, key=settings.api_key, protected_paths=KEY_PROTECTED_PATHS)
     app.state.settings = settings
     app.state.metrics = metrics
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
@@ -256,7 +247,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         label = body.model if model else "unknown"
         status: int | None = 500
         try:
-            _authorize(request, settings)
             if model is None:
                 known = ", ".join(sorted(registry.models)) or "none"
                 raise HTTPException(404, detail=f"unknown model {body.model!r}; served models: {known}")

@@ -4,13 +4,16 @@ answer into a response. Answers cross from the worker thread through `loop.call_
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import AsyncGenerator, MutableMapping
 from typing import Any
 
 from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from service.memory import return_freed_memory
 from service.messages import (
     CancelledByClient,
     ChainDiverged,
@@ -31,6 +34,8 @@ from service.worker import Worker
 GRACE_SECONDS = 10.0  # past a job's deadline, the HTTP side stops waiting even if the worker never answers
 KEEPALIVE_SECONDS = 5.0
 POLL_SECONDS = 0.1  # how often a waiting request checks whether its client is still there
+
+log = logging.getLogger(__name__)
 
 
 def worker_error(error: BaseException, settings: Settings) -> HTTPException:
@@ -109,49 +114,144 @@ async def response_for(result: SampleResult, order: SampleOrder, image_format: s
     return JSONResponse(payload.model_dump(exclude_none=True), headers=headers)
 
 
-class CancellingStream(StreamingResponse):
-    """A stream whose order is cancelled however the response ends, even before its first byte."""
+class FrameBacklog:
+    """A stream's frames that its client has not taken yet, at most `limit_bytes` of them (the newest; always
+    at least one), then its outcome.
 
-    def __init__(self, handle: Handle, content: AsyncIterator[str], **kwargs: Any) -> None:
+    The worker makes frames at its own pace, whatever the client reads; a client that reads slower (or
+    not at all) must not make the server keep every frame of its chains. So the oldest waiting frames
+    are dropped when a new one would pass the limit, and their count goes out with the next event the
+    client gets. Bursts a client reads at once fit (a flow makes all its frames in one pass). Frames
+    wait as tensors and are encoded only when sent: a dropped frame costs no encoding, and at most one
+    encoding per stream is in flight. Lives on the event loop (the worker thread reaches it through
+    `loop.call_soon_threadsafe` only).
+    """
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit_bytes = limit_bytes
+        self.frames: deque[Frame] = deque()
+        self.held_bytes = 0
+        self.outcome: SampleResult | BaseException | None = None
+        self.dropped = 0  # frames dropped since the client last took an event
+        self.closed = False
+        self.changed = asyncio.Event()
+
+    def add_frame(self, frame: Frame) -> None:
+        if self.closed:
+            return
+        self.frames.append(frame)
+        self.held_bytes += frame.nbytes
+        if self.held_bytes > self.limit_bytes and len(self.frames) > 1:
+            while self.held_bytes > self.limit_bytes and len(self.frames) > 1:
+                self.held_bytes -= self.frames.popleft().nbytes
+                self.dropped += 1
+            return_freed_memory()  # frames dropped among the worker's blocks leave holes malloc keeps
+        self.changed.set()
+
+    def close(self) -> None:
+        """The stream ended: its waiting frames go, and any the worker still makes are not kept."""
+        self.closed = True
+        self.frames.clear()
+        self.held_bytes = 0
+        self.outcome = None
+        return_freed_memory()
+
+    def finish(self, outcome: SampleResult | BaseException) -> None:
+        if self.outcome is None and not self.closed:
+            self.outcome = outcome
+        self.changed.set()
+
+    async def take(self, timeout_s: float) -> tuple[Frame | SampleResult | BaseException, int]:
+        """The oldest waiting frame (the outcome once no frame waits) and how many were dropped before it;
+        TimeoutError when nothing came within `timeout_s`."""
+        if not self.frames and self.outcome is None:
+            self.changed.clear()
+            await asyncio.wait_for(self.changed.wait(), timeout_s)
+        dropped, self.dropped = self.dropped, 0
+        if not self.frames:
+            assert self.outcome is not None
+            return self.outcome, dropped
+        frame = self.frames.popleft()
+        self.held_bytes -= frame.nbytes
+        return frame, dropped
+
+
+class ClientStalled(Exception):
+    """A stream's client took none of its bytes for the send timeout."""
+
+
+class CancellingStream(StreamingResponse):
+    """A stream whose order is cancelled however the response ends, even before its first byte.
+
+    Each send must be taken up within `send_timeout_s`: a client that stops reading would otherwise keep
+    its chains running and its frames waiting for as long as it keeps the connection open.
+    """
+
+    def __init__(
+        self,
+        handle: Handle,
+        backlog: FrameBacklog,
+        content: AsyncGenerator[str, None],
+        send_timeout_s: float,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(content, **kwargs)
         self.handle = handle
+        self.backlog = backlog
+        self.events = content
+        self.send_timeout_s = send_timeout_s
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        async def send_in_time(message: MutableMapping[str, Any]) -> None:
+            try:
+                async with asyncio.timeout(self.send_timeout_s):
+                    await send(message)
+            except TimeoutError as error:
+                raise ClientStalled(f"the client took nothing for {self.send_timeout_s:g} s") from error
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, send_in_time)
+        except ClientStalled as stalled:
+            log.warning("stream to %s cancelled: %s (stream_send_timeout_s)", scope.get("client"), stalled)
         finally:
             self.handle.cancel()  # harmless once the order finished: the scheduler no longer holds it
+            await self.events.aclose()  # records the outcome now, not when the generator is collected
+            self.backlog.close()
 
 
 def stream(
     worker: Worker, order: SampleOrder, settings: Settings, metrics: Metrics, started: float
 ) -> CancellingStream:
-    """Server-Sent Events: 'frame' per kept step as the worker makes it, then 'done' (or 'error')."""
+    """Server-Sent Events: 'frame' per kept step as the worker makes it, then 'done' (or 'error').
+
+    A client that reads slower than the chains make frames gets the newest `stream_pending_bytes` of
+    them, each event saying in `dropped` how many it lost just before it.
+    """
     loop = asyncio.get_running_loop()
-    events: asyncio.Queue[Frame | SampleResult | BaseException] = asyncio.Queue()
+    backlog = FrameBacklog(settings.stream_pending_bytes)
     data_range = order.model.members[0].data_range
 
     def deliver(outcome: SampleResult | BaseException) -> None:
-        loop.call_soon_threadsafe(events.put_nowait, outcome)
+        loop.call_soon_threadsafe(backlog.finish, outcome)
 
     def on_frame(frame: Frame) -> None:
-        loop.call_soon_threadsafe(events.put_nowait, frame)
+        loop.call_soon_threadsafe(backlog.add_frame, frame)
 
     handle = _submit(worker, order, settings, deliver, on_frame)
 
-    async def event_source() -> AsyncIterator[str]:
+    async def event_source() -> AsyncGenerator[str, None]:
         status = 200
         try:
             while True:
                 try:
-                    item = await asyncio.wait_for(events.get(), timeout=KEEPALIVE_SECONDS)
+                    item, dropped = await backlog.take(KEEPALIVE_SECONDS)
                 except TimeoutError:
                     if time.monotonic() <= handle.deadline + GRACE_SECONDS:
                         yield ": waiting for the worker\n\n"  # an SSE comment keeps proxies from timing out
                         continue
-                    item = DeadlinePassed("deadline")
+                    item, dropped = DeadlinePassed("deadline"), 0
                 if isinstance(item, Frame):
-                    payload = await asyncio.to_thread(frame_event, item, data_range)
+                    payload = await asyncio.to_thread(frame_event, item, data_range, dropped)
                     yield sse("frame", payload)
                     continue
                 if isinstance(item, BaseException):
@@ -163,9 +263,10 @@ def stream(
                     body = await asyncio.to_thread(json_body, item, data_range, order.model.name, order.seed, elapsed)
                     done = body.model_dump(exclude_none=True)
                     done["grid"] = await asyncio.to_thread(grid_b64, item.samples, data_range)
+                    done["dropped"] = dropped
                     yield sse("done", done)
                 return
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):  # the client left, or stopped reading
             status = 499
             raise
         finally:
@@ -173,7 +274,9 @@ def stream(
 
     return CancellingStream(
         handle,
+        backlog,
         event_source(),
+        settings.stream_send_timeout_s,
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Seed": str(order.seed), "X-Accel-Buffering": "no"},
     )

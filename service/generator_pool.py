@@ -10,15 +10,14 @@ from collections.abc import Callable
 
 import torch
 
-from service.messages import SampleOrder
+from service.messages import ChainDiverged, SampleOrder
 from service.metrics import Metrics
 from service.pools import SamplerPool, evenly_spaced, state_of
 from service.registry import ServedModel
 from service.scheduler import Job
-from training.models.flows import Flow
+from training.models.flows import Flow, bits_per_dim
 from training.sampling.noise import chain_seeds, latent_gaussian
 from training.sampling.sampler_config import GANSampler
-from training.train.losses import bits_per_dim
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +71,10 @@ class GeneratorPool(SamplerPool):
 
     def _run_isolated(self, jobs: list[Job], keep_states: bool) -> list[Job]:
         """Run one batch; when it raises, run each request alone, so only one that fails by itself is
-        answered with the failure (as the Langevin pool isolates its chains). Returns the jobs that ran."""
+        answered with the failure (as the Langevin pool isolates its chains). Returns the jobs answered
+        with their samples."""
         try:
-            self._run_batch(jobs, keep_states)
-            return jobs
+            return self._run_batch(jobs, keep_states)
         except Exception as error:  # one failed batch must not take the worker down
             if len(jobs) > 1:
                 log.warning("generator batch of %d requests failed on %s; running each alone", len(jobs), self.name)
@@ -84,8 +83,13 @@ class GeneratorPool(SamplerPool):
             self.fail(jobs, error)
             return []
 
-    def _run_batch(self, jobs: list[Job], keep_states: bool) -> None:
-        """Decode one batch and answer its requests."""
+    def _run_batch(self, jobs: list[Job], keep_states: bool) -> list[Job]:
+        """Decode one batch and answer its requests; returns those answered with their samples.
+
+        A request whose images (or, streamed, any state of its inverse) are not all finite ends alone with
+        ChainDiverged, a 422, as diverged Langevin chains do: clamped, NaN would be sent as black pixels
+        and inf as white ones, an image of nothing.
+        """
         orders = [state_of(job).order for job in jobs]
         seeds = torch.cat([chain_seeds(order.seed, order.n) for order in orders])
         scale = torch.cat([torch.full((order.n, 1), order.temperature) for order in orders])
@@ -96,12 +100,29 @@ class GeneratorPool(SamplerPool):
         sizes = [order.n for order in orders]
         bit_parts = bits.cpu().split(sizes) if bits is not None else [None] * len(sizes)
         trajectory = (states or [images]) if keep_states else []
+        finite = torch.stack([torch.isfinite(x.flatten(1)).all(1) for x in [images, *trajectory]]).all(0)  # [B]
+        job_finite = [bool(part.all()) for part in finite.cpu().split(sizes)]  # one device sync per batch
         offsets = torch.tensor([0, *sizes]).cumsum(0).tolist()
-        parts = zip(jobs, images.clamp(low, high).cpu().split(sizes), bit_parts, strict=True)
-        for index, (job, samples, part_bits) in enumerate(parts):
+        parts = zip(jobs, images.clamp(low, high).cpu().split(sizes), bit_parts, job_finite, strict=True)
+        answered = []
+        for index, (job, samples, part_bits, ok) in enumerate(parts):
             state = state_of(job)
+            if not ok:
+                self.end([job], self._not_finite(state.order))
+                continue
             for frame, states_of_all in evenly_spaced(trajectory, state.order.max_frames):
                 mine = states_of_all[offsets[index] : offsets[index + 1]].clamp(low, high)
                 state.keep_frame(frame, len(trajectory), mine, None)
             # A flow's trajectory "steps" are the states of its inverse; otherwise one pass.
             self._deliver(job, samples, len(trajectory) or 1, bits_per_dim=part_bits)
+            answered.append(job)
+        return answered
+
+    def _not_finite(self, order: SampleOrder) -> ChainDiverged:
+        kind = "generator" if self.gan is not None else "flow's inverse"
+        log.warning("%s made non-finite images at temperature %g; answered 422", self.name, order.temperature)
+        return ChainDiverged(
+            f"{self.name}'s {kind} made images that are not finite (NaN or inf) at temperature "
+            f"{order.temperature:g}: there is no image to send; a lower temperature may help, and if every "
+            f"temperature fails the checkpoint's weights are broken"
+        )

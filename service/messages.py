@@ -31,7 +31,8 @@ class WorkerFailure(Exception):
 
 
 class ChainDiverged(Exception):
-    """A request's own chains went non-finite (its settings were too wild for the model); it alone ends."""
+    """A request's own samples went non-finite: its chains (its settings were too wild for the model), or a
+    generator's or flow's output for it; it alone ends, with a 422."""
 
 
 class DeadlinePassed(TimeoutError):
@@ -87,6 +88,11 @@ class Frame:
     steps: int  # the steps this request runs (a flow's: the states of its inverse)
     x: torch.Tensor  # [n, *shape] on the CPU
     energy: torch.Tensor | None  # [n] (EBMs past step 0)
+
+    @property
+    def nbytes(self) -> int:
+        """The memory holding this frame takes."""
+        return self.x.nbytes + (0 if self.energy is None else self.energy.nbytes)
 
 
 @dataclass

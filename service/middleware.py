@@ -1,13 +1,17 @@
-"""Guards that act before FastAPI parses a request: on the connection (idle clients) and on the body.
+"""Guards that act before FastAPI parses a request: on the connection (idle clients), on the request head
+(the API key) and on the body.
 
 A client can hold a server without sending anything it could reject: by opening a connection and never
 sending a request, or by sending a request head and then only part of its body. Each guard bounds one
-of these by time, so that neither sockets nor a graceful shutdown wait on a client forever.
+of these by time, so that neither sockets nor a graceful shutdown wait on a client forever. A client
+without the API key is turned away on its head alone, before any of this.
 """
 
 from __future__ import annotations
 
 import asyncio
+import secrets
+from collections.abc import Collection
 from typing import Any
 
 import h11
@@ -70,9 +74,44 @@ class BodyLimits:
         await self.app(scope, replay, send)
 
 
-async def _reject(send: Any, status: int, detail: str) -> None:
+class BearerKey:
+    """ASGI middleware: 401 for a request to a protected path without `Authorization: Bearer <key>`.
+
+    Outermost, so it answers on the request head alone: an unauthenticated client's body is never read,
+    never waited for and never validated (it learns nothing of the fields from a 422). The scheme must be
+    `Bearer` (any case, RFC 7235); the key is compared in constant time.
+    """
+
+    def __init__(self, app: Any, key: str, protected_paths: Collection[str]) -> None:
+        self.app = app
+        self.key = key.encode()
+        self.protected_paths = frozenset(protected_paths)
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and _route_path(scope) in self.protected_paths and not self._authorized(scope):
+            detail = "missing or wrong API key: send 'Authorization: Bearer <key>'"
+            await _reject(send, 401, detail, {"www-authenticate": "Bearer"})
+            return
+        await self.app(scope, receive, send)
+
+    def _authorized(self, scope: dict) -> bool:
+        supplied = [value for name, value in scope.get("headers", []) if name == b"authorization"]
+        if len(supplied) != 1:
+            return False
+        scheme, _, token = supplied[0].partition(b" ")
+        return scheme.lower() == b"bearer" and secrets.compare_digest(token, self.key)
+
+
+def _route_path(scope: dict) -> str:
+    """The path the app routes on: without the prefix a proxy mounts it under (`root_path`)."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return (path[len(root) :] or "/") if root and path.startswith(root) else path
+
+
+async def _reject(send: Any, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
     """Answer before the body is read whole; `Connection: close`, since its rest may still be coming."""
-    response = JSONResponse({"detail": detail}, status_code=status, headers={"connection": "close"})
+    headers = {"connection": "close", **(headers or {})}
+    response = JSONResponse({"detail": detail}, status_code=status, headers=headers)
     await response({"type": "http"}, _no_body, send)
 
 

@@ -23,8 +23,9 @@ def finite_values(values: torch.Tensor, digits: int) -> list[float | None]:
     return [round(float(value), digits) if math.isfinite(value) else None for value in values.tolist()]
 
 
-def frame_event(frame: Frame, data_range: tuple[float, float]) -> dict:
-    """One streamed trajectory frame: the grid at this step and each chain's energy (none at step 0)."""
+def frame_event(frame: Frame, data_range: tuple[float, float], dropped: int = 0) -> dict:
+    """One streamed trajectory frame: the grid at this step, each chain's energy (none at step 0), and how
+    many frames before it were dropped because the client read slower than they were made."""
     energies = None if frame.energy is None else finite_values(frame.energy, 6)
     known = [value for value in energies or [] if value is not None]
     return {
@@ -33,6 +34,7 @@ def frame_event(frame: Frame, data_range: tuple[float, float]) -> dict:
         "energy": energies,
         "mean_energy": round(sum(known) / len(known), 6) if known else None,
         "grid": grid_b64(frame.x, data_range),
+        "dropped": dropped,
     }
 
 

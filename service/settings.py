@@ -49,6 +49,15 @@ class Settings(BaseSettings):
     graceful_shutdown_s: int = Field(
         20, ge=0, description="on SIGTERM, requests in flight get this long; then they are cancelled, buffers saved"
     )
+    stream_pending_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=0,
+        description="frames a stream holds for a client reading slower than its chains make them; past this the"
+        " oldest are dropped and counted in the next event (the newest is always kept)",
+    )
+    stream_send_timeout_s: float = Field(
+        30.0, gt=0, description="a stream whose client takes nothing this long is cancelled (its chains too) and closed"
+    )
 
     engine: Literal["local", "ray"] = Field(
         "local", description="local: this process serves; ray: replicas on a Ray cluster behind Ray Serve's proxy"
