@@ -47,7 +47,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from training.runtime.device import pick_device  # noqa: E402
-from training.runtime.draw import LoadedModel, load_model, sample_generator  # noqa: E402
+from training.runtime.draw import sample_generator  # noqa: E402
+from training.runtime.load import load_model  # noqa: E402
+from training.runtime.loaded import LoadedModel  # noqa: E402
 from training.sampling.langevin import langevin_step  # noqa: E402
 from training.sampling.noise import chain_gaussian, chain_start  # noqa: E402
 from training.sampling.sampler_config import EBMSampler  # noqa: E402

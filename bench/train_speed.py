@@ -58,8 +58,10 @@ def measure(row: Row, updates: int, warmup: int) -> dict[str, float]:
     import torch
 
     from training.models import build_model
-    from training.sampling.langevin import ReplayBuffer, frozen_energy
-    from training.train.ebm_cd import EBMTrainConfig, cd_sampler, cd_update
+    from training.sampling.langevin import frozen_energy
+    from training.sampling.replay_buffer import ReplayBuffer
+    from training.train.ebm_cd import cd_sampler, cd_update
+    from training.train.ebm_config import EBMTrainConfig
     from training.train.ebm_eqm import eqm_update
 
     torch.set_num_threads(row.threads)

@@ -14,7 +14,8 @@ from service.pools import state_of
 from service.registry import BufferGroup
 from service.scheduler import Job
 from training.runtime.draw import chain_labels
-from training.sampling.langevin import LangevinStep, ReplayBuffer, conditioned_energy, langevin_step
+from training.sampling.langevin import LangevinStep, conditioned_energy, langevin_step
+from training.sampling.replay_buffer import ReplayBuffer
 from training.sampling.noise import chain_gaussian, chain_seeds, chain_start
 from training.sampling.sampler_config import EBMSampler
 

@@ -33,7 +33,7 @@ from service.metrics import Metrics
 from service.pools import SamplerPool
 from service.registry import BufferGroup, Registry
 from service.scheduler import IDLE_SECONDS, Job, default_step_budget
-from training.sampling.langevin import ReplayBuffer
+from training.sampling.replay_buffer import ReplayBuffer
 
 log = logging.getLogger(__name__)
 

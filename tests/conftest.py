@@ -49,7 +49,7 @@ def write_tiny_ebm(
     """A real (untrained) conv EBM checkpoint of width 4 with a small saved replay buffer."""
     from training.models import build_model
     from training.runtime.checkpoint import Checkpoint, ModelConfig, save_checkpoint
-    from training.sampling.langevin import ReplayBuffer
+    from training.sampling.replay_buffer import ReplayBuffer
 
     torch.manual_seed(seed)
     arch = {"name": "conv_energy", "kwargs": {"width": 4}}

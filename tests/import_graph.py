@@ -75,8 +75,8 @@ class ImportGraph:
         return groups
 
 
-def module_name(path: Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+def module_name(path: Path, root: Path = ROOT) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
@@ -100,7 +100,7 @@ def read_graph(root: Path = ROOT) -> ImportGraph:
     graph = ImportGraph()
     for package in PACKAGES:
         for path in sorted((root / package).rglob("*.py")):
-            graph.modules[module_name(path)] = path
+            graph.modules[module_name(path, root)] = path
     for name, path in graph.modules.items():
         tree = ast.parse(path.read_text(), filename=str(path))
         is_package = path.name == "__init__.py"

@@ -9,7 +9,7 @@ from server import running_server
 
 from service.buffer_store import BufferStore
 from service.settings import Settings
-from training.sampling.langevin import ReplayBuffer
+from training.sampling.replay_buffer import ReplayBuffer
 
 
 def settings_for(models_dir: Path, state_dir: Path) -> Settings:

@@ -14,7 +14,7 @@ from training.runtime.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from training.sampling.langevin import ReplayBuffer
+from training.sampling.replay_buffer import ReplayBuffer
 
 
 def ebm_config(**overrides) -> ModelConfig:

@@ -11,7 +11,7 @@ import pytest
 from conftest import write_tiny_ebm, write_tiny_gan
 
 from training.commands.cli import HelpFormatter, build_parser, main
-from training.train.run import PlainProgress
+from training.train.progress import PlainProgress
 
 COMMANDS = ("ebm", "gan", "flow", "sample", "evaluate", "export", "classifier", "zoo", "set-sampler", "fetch-data")
 

@@ -14,7 +14,8 @@ from training.commands.cli import build_parser, main
 from training.models.cnf import MLPVelocity, UNetVelocity, guided_velocity
 from training.models.energy_unet import UNetEnergy
 from training.runtime.checkpoint import load_checkpoint
-from training.runtime.draw import draw_samples, load_model
+from training.runtime.draw import draw_samples
+from training.runtime.load import load_model
 from training.sampling.noise import chain_seeds
 from training.sampling.ode import FIELD_EVALUATIONS, integrate, ode_step
 from training.sampling.sampler_config import FlowSampler

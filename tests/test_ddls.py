@@ -10,7 +10,8 @@ import torch
 from conftest import write_tiny_gan
 
 from training.runtime.checkpoint import load_checkpoint, save_checkpoint
-from training.runtime.draw import draw_samples, latent_energy, load_model, sample_generator
+from training.runtime.draw import draw_samples, latent_energy, sample_generator
+from training.runtime.load import load_model
 from training.sampling.ddls import LatentEnergy, refine_latents, start_latents
 from training.sampling.noise import chain_seeds
 

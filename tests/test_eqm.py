@@ -10,7 +10,8 @@ import torch
 from training.commands.cli import main
 from training.models.energy_unet import UNetEnergy
 from training.runtime.checkpoint import load_checkpoint
-from training.runtime.draw import draw_samples, load_model
+from training.runtime.draw import draw_samples
+from training.runtime.load import load_model
 from training.sampling.noise import chain_seeds
 
 CENTERS = torch.stack([torch.cos(torch.arange(8) * math.pi / 4), torch.sin(torch.arange(8) * math.pi / 4)], 1) * 0.75

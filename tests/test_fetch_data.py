@@ -16,7 +16,7 @@ from typing import ClassVar
 
 import pytest
 
-from training import fetch_data
+from training.commands import fetch_data
 from training.commands.cli import main
 from training.train.data import load_dataset
 

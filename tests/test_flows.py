@@ -21,11 +21,12 @@ from training.models.flows import (
     FlowLayer,
     LogitTransform,
     Squeeze,
+    bits_per_dim,
+    dequantize,
 )
 from training.models.glow import AffineCoupling, Glow, InvertibleConv1x1, OnChannels
 from training.models.iresnet import IResNet, LipschitzConv, ResidualBlock
 from training.train.flow import FlowTrainConfig
-from training.train.losses import bits_per_dim, dequantize
 
 Module = TypeVar("Module", bound=torch.nn.Module)
 
@@ -229,7 +230,7 @@ def test_every_flow_trains_on_toy_2d_data_with_default_settings(arch: str, tmp_p
             "cpu",
         ]
     )
-    from training.runtime.draw import load_model
+    from training.runtime.load import load_model
 
     model = load_model(out)
     assert isinstance(model.module, Flow)
@@ -240,7 +241,8 @@ def test_every_flow_trains_on_toy_2d_data_with_default_settings(arch: str, tmp_p
 def test_flow_training_writes_a_checkpoint_with_test_bits_per_dim_and_resumes(arch: str, tmp_path, idx_dir) -> None:
     from training.commands.cli import _config_from, build_parser
     from training.runtime.checkpoint import load_checkpoint
-    from training.runtime.draw import draw_samples, load_model
+    from training.runtime.draw import draw_samples
+    from training.runtime.load import load_model
     from training.sampling.noise import chain_seeds
     from training.train.flow import train_flow
 
@@ -317,7 +319,7 @@ def test_the_checkpoint_ships_and_serves_the_weight_average_not_the_online_weigh
     """The average is what the checkpoint holds, what `load_model` (and so the server) runs and what the
     recorded test bits/dim measure; the online weights live only in the resume state."""
     from training.runtime.checkpoint import load_checkpoint
-    from training.runtime.draw import load_model
+    from training.runtime.load import load_model
     from training.train.data import load_dataset
     from training.train.flow import dataset_bits_per_dim, train_flow
     from training.train.run import ResumeState
@@ -506,7 +508,7 @@ def test_evaluate_reports_the_series_terms_and_every_sample_whose_inverse_did_no
     from training.commands.cli import main
     from training.models.iresnet import EVALUATION_SERIES_TERMS
     from training.runtime.checkpoint import load_checkpoint, save_checkpoint
-    from training.runtime.draw import load_model
+    from training.runtime.load import load_model
     from training.train.data import load_dataset
     from training.train.flow import dataset_bits_per_dim
 

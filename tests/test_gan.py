@@ -8,7 +8,8 @@ from torch import nn
 from training.commands.cli import main
 from training.models import build_model
 from training.runtime.checkpoint import load_checkpoint
-from training.runtime.draw import load_model, sample_generator
+from training.runtime.draw import sample_generator
+from training.runtime.load import load_model
 from training.train.data import toy2d
 from training.train.ema import ema_update
 from training.train.gan import GANTrainConfig, train_gan

@@ -159,11 +159,11 @@ def test_a_file_slower_than_the_time_limit_is_given_up(tmp_path: Path) -> None:
 NEVER_FINISHES = """
 import sys, threading
 from pathlib import Path
-import service.registry
+import training.runtime.load
 def stuck(*args):
     Path(sys.argv[1]).touch()  # start-up has reached this file
     threading.Event().wait()
-service.registry._load_checkpoint = stuck
+training.runtime.load._load_checkpoint = stuck
 from service.__main__ import main
 main(sys.argv[2:])
 """

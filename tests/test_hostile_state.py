@@ -24,7 +24,7 @@ from service.buffer_store import BufferStore
 from service.settings import Settings
 from training.runtime.checkpoint import CheckpointError, max_buffer_capacity
 from training.runtime.exported import read_sidecar
-from training.sampling.langevin import ReplayBuffer
+from training.sampling.replay_buffer import ReplayBuffer
 
 REPO = Path(__file__).resolve().parent.parent
 SHAPE = (1, 28, 28)

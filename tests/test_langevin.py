@@ -2,8 +2,9 @@ import pytest
 import torch
 
 from training.models import build_model
-from training.sampling.langevin import ReplayBuffer, frozen_energy, langevin_step, sample_langevin
+from training.sampling.langevin import frozen_energy, langevin_step, sample_langevin
 from training.sampling.noise import chain_gaussian, chain_gaussian_start, chain_uniform
+from training.sampling.replay_buffer import ReplayBuffer
 from training.sampling.sampler_config import EBMSampler
 
 

@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from service.registry import load_registry
 from training.models import build_model
 from training.runtime.checkpoint import Checkpoint, CheckpointError, ModelConfig, encode_checkpoint
-from training.runtime.draw import load_model
+from training.runtime.load import load_model
 
 RUN = settings(
     deadline=None,

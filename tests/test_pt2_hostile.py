@@ -31,11 +31,11 @@ from server import running_server
 
 from service.registry import load_registry
 from service.settings import Settings
-from training import pt2_archive
 from training.commands.cli import main
+from training.runtime import pt2_archive, pt2_graph, pt2_zip
 from training.runtime.checkpoint import CheckpointError
-from training.runtime.draw import load_model
 from training.runtime.exported import read_program
+from training.runtime.load import load_model
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +169,7 @@ def test_the_shape_arithmetic_an_export_writes_still_loads(plain: Path) -> None:
     for expression in (f"Mul(Integer(196), {symbol})", f"Max(Integer(1), FloorDiv(Add({symbol}, Integer(-1)), 1))"):
         graph = graph_of(plain)
         graph["graph_module"]["graph"]["sym_int_values"] = {"extra": {"as_expr": {"expr_str": expression}}}
-        pt2_archive.check_graph_json(graph, "", "expression.pt2")
+        pt2_graph.check_graph_json(graph, "", "expression.pt2")
 
 
 MEMORY_PROBE = textwrap.dedent(
@@ -249,8 +249,8 @@ def test_declared_bytes_past_the_archive_cap_are_refused(plain: Path, monkeypatc
 def test_an_archive_of_too_many_entries_is_refused_before_it_is_read(plain: Path) -> None:
     entries = records(plain)
     root = entries[0].name.split("/")[0]
-    padding = [Entry(f"{root}/extra/pad{index}", b"") for index in range(pt2_archive.MAX_ENTRIES)]
-    with pytest.raises(CheckpointError, match=f"entries; at most {pt2_archive.MAX_ENTRIES:,}"):
+    padding = [Entry(f"{root}/extra/pad{index}", b"") for index in range(pt2_zip.MAX_ENTRIES)]
+    with pytest.raises(CheckpointError, match=f"entries; at most {pt2_zip.MAX_ENTRIES:,}"):
         read_program(zip_archive([*entries, *padding]), "many.pt2")
 
 

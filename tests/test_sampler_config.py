@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from training.runtime.checkpoint import CheckpointError, load_checkpoint
-from training.runtime.draw import load_model
+from training.runtime.load import load_model
 from training.sampling.sampler_config import EBMSampler, FlowSampler, GANSampler, from_dict, sampler_for, to_dict
 
 CHECKPOINTS = Path(__file__).parent.parent / "checkpoints"

@@ -7,9 +7,10 @@ from conftest import write_tiny_ebm
 
 from training.commands.cli import main
 from training.runtime.checkpoint import load_checkpoint
-from training.runtime.draw import load_model
+from training.runtime.load import load_model
 from training.train.data import toy2d
-from training.train.ebm_cd import EBMTrainConfig, train_ebm
+from training.train.ebm_cd import train_ebm
+from training.train.ebm_config import EBMTrainConfig
 
 
 def toy_config(tmp_path: Path, **overrides) -> EBMTrainConfig:

@@ -117,7 +117,7 @@ def test_zoo_dry_run_warm_starts_without_a_run_dir_and_resumes_with_one(
 def test_ship_copies_a_finished_run_as_float16_then_records_figures_and_prints_the_table(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    from training import zoo
+    from training.commands import zoo
 
     checkpoints, runs = tmp_path / "checkpoints", tmp_path / "runs"
     toy_run("flow", checkpoints, epochs=1)

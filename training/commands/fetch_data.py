@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from training.train.run import progress
+from training.train.progress import progress
 
 # Where each dataset's files are usually published, tried in order.
 MIRRORS: dict[str, tuple[str, ...]] = {

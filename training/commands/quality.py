@@ -22,7 +22,7 @@ from training.runtime.device import pick_device
 from training.train.data import load_dataset
 from training.train.run import RunLog, Stopwatch, batches, seed_everything
 
-DEFAULT_CLASSIFIER = Path(__file__).parent / "assets" / "mnist_classifier.safetensors"
+DEFAULT_CLASSIFIER = Path(__file__).parents[1] / "assets" / "mnist_classifier.safetensors"
 STEPS_SUFFIX = re.compile(r"_steps_\d+")
 
 

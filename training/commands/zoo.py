@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from training.commands.flags import TRAINER_CONFIGS, trainer_parser
 from training.runtime.checkpoint import (
     ModelConfig,
     atomic_write_bytes,
@@ -37,7 +38,7 @@ from training.runtime.checkpoint import (
     load_checkpoint,
     read_metadata,
 )
-from training.train.run import ResumeState
+from training.train.run import ResumeState, option_words
 
 FILE_LIMIT = 5 * 1024 * 1024  # bytes: every shipped checkpoint stays under 5 MiB
 DIRECTORY_LIMIT = 30 * 1000 * 1000  # bytes: checkpoints/ stays under 30 MB
@@ -91,40 +92,12 @@ def trainer_key(family: str, args: dict[str, Any]) -> str:
     return "eqm" if family == "ebm" and args.get("objective") == "eqm" else family
 
 
-def config_type(family: str) -> type:
-    if family == "ebm":
-        from training.train.ebm_cd import EBMTrainConfig
-
-        return EBMTrainConfig
-    if family == "gan":
-        from training.train.gan import GANTrainConfig
-
-        return GANTrainConfig
-    if family == "flow":
-        from training.train.flow import FlowTrainConfig
-
-        return FlowTrainConfig
-    raise ValueError(f"the zoo trains ebm, gan and flow checkpoints, not {family!r}")
-
-
 def trainer_argv(family: str, values: dict[str, Any]) -> tuple[list[str], list[str]]:
     """`<family> --flag value ...` for every option whose value differs from today's default, and the recorded
     options this version no longer has (dropped)."""
-    known = {item.name: item for item in dataclasses.fields(config_type(family))}
-    words = [family]
-    for name, item in known.items():
-        if name not in values or item.default is dataclasses.MISSING or values[name] == item.default:
-            continue
-        value, flag = values[name], "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            words.append(flag if value else "--no-" + flag[2:])
-        elif value is None:
-            raise ValueError(
-                f"{flag}: the recorded value None cannot be passed on a command line (default {item.default})"
-            )
-        else:
-            words += [flag, str(value)]
-    return words, sorted(set(values) - set(known))
+    config_type = TRAINER_CONFIGS[family]
+    known = {item.name for item in dataclasses.fields(config_type)}
+    return [family, *option_words(config_type, values)], sorted(set(values) - known)
 
 
 def plan(
@@ -139,8 +112,6 @@ def plan(
     only: list[str] | None = None,
 ) -> list[ZooRun]:
     """Decide each shipped model's chunk: resume its run, warm-start one, or leave a finished run for --ship."""
-    from training.commands.cli import build_parser
-
     paths = sorted(checkpoints.glob("*.safetensors"))
     if only:
         unknown = sorted(set(only) - {path.stem for path in paths})
@@ -149,13 +120,12 @@ def plan(
                 f"--only: no {', '.join(unknown)} in {checkpoints} (it has {', '.join(p.stem for p in paths)})"
             )
         paths = [path for path in paths if path.stem in only]
-    parser = build_parser()
     runs = []
     for shipped in paths:
         name = shipped.stem
         config = read_config(shipped)
         recorded = config.training.get("args")
-        if config.family not in ("ebm", "gan", "flow") or not isinstance(recorded, dict):
+        if config.family not in TRAINER_CONFIGS or not isinstance(recorded, dict):
             runs.append(ZooRun(name, shipped, "skip", [], note="records no training.args to rebuild its run from"))
             continue
         out, run_dir = runs_dir / f"{name}.safetensors", runs_dir / f"{name}.run"
@@ -197,7 +167,7 @@ def plan(
         argv, dropped = trainer_argv(config.family, values)
         if dropped:
             note += f"; options this version lacks, dropped: {', '.join(dropped)}"
-        parser.parse_args(argv)  # a command the CLI would refuse fails here, before anything runs
+        trainer_parser(config.family).parse_args(argv[1:])  # a command the CLI would refuse fails here, first
         runs.append(ZooRun(name, shipped, action, argv, out, note))
     return runs
 
@@ -328,7 +298,7 @@ def ship(
         print("$ " + shlex.join(["python", "-m", "training", "evaluate", *words]), flush=True)
         if not dry_run:
             failures += subprocess.call([sys.executable, "-m", "training", "evaluate", *words]) != 0
-    table = Path(__file__).resolve().parents[1] / "bench" / "models_table.py"
+    table = Path(__file__).resolve().parents[2] / "bench" / "models_table.py"
     print(f"$ python {table.relative_to(table.parents[1])} {checkpoints}", flush=True)
     if not dry_run:
         failures += subprocess.call([sys.executable, str(table), str(checkpoints)]) != 0

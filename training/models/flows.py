@@ -15,6 +15,21 @@ from torch import nn
 
 from training.sampling.noise import latent_gaussian, latent_logistic
 
+# --- Flows: exact likelihood on dequantized 8-bit data ------------------------------------------------
+
+BIN_WIDTH = 2.0 / 256  # one 8-bit level in the [-1, 1] data space
+
+
+def dequantize(x: torch.Tensor) -> torch.Tensor:
+    """Uniform dequantization: pixels p / 127.5 - 1 (how datasets load) -> (p + u) / 128 - 1, u ~ U[0, 1)."""
+    levels = ((x + 1) * 127.5).round().clamp(0, 255)
+    return (levels + torch.rand_like(levels)) * BIN_WIDTH - 1
+
+
+def bits_per_dim(log_prob: torch.Tensor, dim: int) -> torch.Tensor:
+    """-log2 P(8-bit image) / D from the continuous density of its dequantized version (256 levels a pixel)."""
+    return -(log_prob + dim * math.log(BIN_WIDTH)) / (dim * math.log(2))
+
 
 class FlowLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

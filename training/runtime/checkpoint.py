@@ -25,7 +25,8 @@ from safetensors.torch import save as save_safetensors_bytes
 from training.sampling.sampler_config import SAMPLERS, sampler_for
 
 SCHEMA_VERSION = 1
-FAMILIES = ("ebm", "flow", "gan", "classifier")
+SAMPLED_FAMILIES = ("ebm", "gan", "flow")  # what sample, evaluate, export, the zoo and the server draw from
+FAMILIES = (*SAMPLED_FAMILIES, "classifier")
 WEIGHTS_GROUP = "weights"
 # Sizes no model of this project comes near: a config past them is corrupt or hostile, and is refused
 # before anything is built from it (a width of 200,000 would ask for terabytes).
@@ -39,6 +40,11 @@ NAME_RULE = "1 to 64 of [A-Za-z0-9_.-], not '.' or '..'"
 
 class CheckpointError(ValueError):
     """A checkpoint could not be read or is not one this version understands."""
+
+
+def first_line(error: Exception) -> str:
+    """An error's first line, at most 300 characters: what a refusal quotes of an exception from torch."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
 
 
 def check_name(name: object, what: str, source: str) -> str:

@@ -1,121 +1,20 @@
-"""Checkpoints -> ready modules, and drawing samples from them outside the server."""
+"""Drawing samples from a loaded model, one entry per family; the CLI's `sample` and `evaluate` and the
+server's pools draw through these (the server steps the same Langevin, DDLS and ODE updates in batches)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-from collections.abc import Iterable
-from dataclasses import dataclass, field
-from pathlib import Path
-
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
-from training.models import build_model
 from training.models.cnf import guided_velocity, is_velocity_field
 from training.models.flows import Flow
-from training.runtime.checkpoint import Checkpoint, CheckpointError, ModelConfig, load_checkpoint, read_metadata
+from training.runtime.loaded import LoadedModel
 from training.sampling.ddls import LatentCallback, LatentEnergy, refine_latents, start_latents
-from training.sampling.langevin import ReplayBuffer, StepCallback, ensemble_energy, sample_langevin
+from training.sampling.langevin import StepCallback, ensemble_energy, sample_langevin
 from training.sampling.noise import chain_classes, chain_gaussian, chain_gaussian_start, chain_start
 from training.sampling.ode import OdeCallback, integrate
-from training.sampling.sampler_config import Config, EBMSampler, FlowSampler, GANSampler, SamplerConfig, sampler_for
-
-
-@dataclass
-class LoadedModel:
-    name: str
-    config: ModelConfig
-    module: nn.Module
-    sampler: SamplerConfig  # the checkpoint's typed sampling defaults
-    extras: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
-    critic: nn.Module | None = None  # a GAN's saved critic (for DDLS), frozen, in eval mode; None: none saved
-
-    def sampler_as(self, kind: type[Config]) -> Config:
-        """The sampler config, typed for the family the caller handles."""
-        if not isinstance(self.sampler, kind):
-            raise ValueError(f"{self.name} is a {self.config.family} model; it has no {kind.__name__}")
-        return self.sampler
-
-    @property
-    def data_range(self) -> tuple[float, float]:
-        low, high = self.config.data.get("range", [-1.0, 1.0])
-        return float(low), float(high)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.config.data["shape"])
-
-    @property
-    def has_replay_buffer(self) -> bool:
-        """Whether it was trained with a replay buffer (contrastive divergence; EqM energies are not)."""
-        return "replay_buffer" in self.extras
-
-    @property
-    def classes(self) -> list[str] | None:
-        """Class names a conditional model draws by index (`label`); None for an unconditional model."""
-        classes = self.config.data.get("classes")
-        return list(classes) if classes and getattr(self.module, "num_classes", 0) > 0 else None
-
-    def check_labels(self, labels: torch.Tensor | None) -> None:
-        """ValueError naming the valid range when labels [B] do not index this model's classes."""
-        if labels is None:
-            return
-        if self.classes is None:
-            raise ValueError(f"{self.name} is not class-conditional; it takes no label")
-        bad = labels[(labels < 0) | (labels >= len(self.classes))]
-        if len(bad):
-            raise ValueError(
-                f"label {int(bad[0])} is out of range for {self.name}: 0..{len(self.classes) - 1} "
-                f"({', '.join(self.classes)})"
-            )
-
-
-def _first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
-
-
-def _frozen(arch: dict, weights: dict[str, torch.Tensor], device: torch.device | str) -> nn.Module:
-    """The architecture built and loaded with the weights; CheckpointError saying why when a config or tensors
-    read from a file do not make one (unknown kwargs, sizes past the build limits, names or shapes that do not fit)."""
-    name = str(arch.get("name") if isinstance(arch, dict) else arch)[:40]
-    try:
-        module = build_model(arch)
-    except Exception as error:
-        raise CheckpointError(f"arch {name!r} cannot be built: {_first_line(error)}") from error
-    try:
-        module.load_state_dict({key: value.float() for key, value in weights.items()})
-    except Exception as error:
-        raise CheckpointError(f"the weights do not fit arch {name!r}: {_first_line(error)}") from error
-    module.to(device).eval()
-    for parameter in module.parameters():
-        parameter.requires_grad_(False)
-    return module
-
-
-def instantiate(checkpoint: Checkpoint, name: str, device: torch.device | str = "cpu") -> LoadedModel:
-    """Rebuild the module in eval mode with frozen parameters (a GAN uses its EMA weights by default, and
-    brings its critic when the checkpoint holds one)."""
-    sampler = sampler_for(checkpoint.config.family, checkpoint.config.sampler)
-    weights = checkpoint.weights
-    if isinstance(sampler, GANSampler) and sampler.weights == "ema":
-        weights = checkpoint.extras["ema"]
-    module = _frozen(checkpoint.config.arch, weights, device)
-    critic = None
-    if checkpoint.config.family == "gan" and "critic" in checkpoint.extras and "critic" in checkpoint.config.arch:
-        critic = _frozen(checkpoint.config.arch["critic"], checkpoint.extras["critic"], device)
-    return LoadedModel(name, checkpoint.config, module, sampler, checkpoint.extras, critic)
-
-
-def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
-    """A checkpoint, or a torch.export program `NAME.pt2` with its sidecar (training/runtime/exported.py)."""
-    if Path(path).suffix == ".pt2":
-        from training.runtime.exported import load_exported
-
-        return load_exported(path, device)
-    return instantiate(load_checkpoint(path), Path(path).stem, device)
+from training.sampling.replay_buffer import ReplayBuffer
+from training.sampling.sampler_config import EBMSampler, FlowSampler, GANSampler
 
 
 def latent_energy(model: LoadedModel) -> LatentEnergy:
@@ -256,70 +155,6 @@ def pooled_buffer(members: list[LoadedModel]) -> ReplayBuffer:
     states = [member.extras["replay_buffer"] for member in members if member.has_replay_buffer]
     restart = members[0].sampler_as(EBMSampler).restart_prob
     return ReplayBuffer.pooled(states, members[0].shape, restart, members[0].data_range)
-
-
-def buffer_group_digest(checkpoint_sha256s: Iterable[str]) -> str:
-    """The server's key for the buffer a group of EBMs shares: SHA-256 over its members' checkpoint-file
-    SHA-256s in sorted order, so retraining any member retires the saved buffer."""
-    return hashlib.sha256("".join(sorted(checkpoint_sha256s)).encode()).hexdigest()
-
-
-def buffer_file_name(group: str, digest: str) -> str:
-    """The file a server keeps a buffer group's replay buffer in, inside its --state-dir."""
-    return f"buffer-{group}-{digest[:16]}.safetensors"
-
-
-def buffer_group_files(checkpoints: list[Path], ensemble: str | None) -> list[Path]:
-    """The checkpoint files whose EBMs a server, serving the first one's directory, samples over one replay
-    buffer: the checkpoints given and, for an ensemble, every EBM beside them that names the same ensemble."""
-    files = {Path(path).resolve() for path in checkpoints}
-    if ensemble:
-        for sibling in Path(checkpoints[0]).parent.glob("*.safetensors"):
-            try:
-                config = json.loads(read_metadata(sibling.read_bytes(), str(sibling)).get("config", "{}"))
-            except (CheckpointError, json.JSONDecodeError, OSError):
-                continue  # the server refuses such a file too
-            if config.get("family") == "ebm" and config.get("ensemble") == ensemble:
-                files.add(sibling.resolve())
-    return sorted(files)
-
-
-def load_server_buffer(
-    state_dir: str | Path, checkpoints: list[Path], members: list[LoadedModel]
-) -> tuple[ReplayBuffer, Path]:
-    """The replay buffer a server saved in its --state-dir for these EBM checkpoints (one, or members of an
-    ensemble), read without changing anything there; and its path.
-
-    The group and file name follow `service/registry.py` and `service/buffer_store.py`: the ensemble's name
-    (else the checkpoint's) and `buffer_group_digest` of the group's files as they are now."""
-    state_dir = Path(state_dir)
-    first = members[0]
-    if first.config.family != "ebm":
-        raise ValueError(f"--state-dir: {first.name} is a {first.config.family} model; only EBMs have replay buffers")
-    if not any(member.has_replay_buffer for member in members):
-        raise ValueError(f"--state-dir: {first.name} was trained without a replay buffer; a server keeps none for it")
-    if not state_dir.is_dir():
-        raise FileNotFoundError(f"--state-dir {state_dir} is not a directory; pass the server's --state-dir")
-    group = first.config.ensemble or first.name
-    files = buffer_group_files(checkpoints, first.config.ensemble)
-    digest = buffer_group_digest(hashlib.sha256(path.read_bytes()).hexdigest() for path in files)
-    path = state_dir / buffer_file_name(group, digest)
-    if not path.is_file():
-        others = sorted(other.name for other in state_dir.glob(f"buffer-{group}-*.safetensors"))
-        hint = (
-            f"it holds {', '.join(others)}, saved while {group} had other checkpoint files than "
-            f"{', '.join(file.name for file in files)}"
-            if others
-            else "a server saves it once chains have run (every --buffer-save-interval-s, and at shutdown)"
-        )
-        raise FileNotFoundError(f"{state_dir} has no replay buffer {path.name} for {group}: {hint}")
-    try:
-        buffer = ReplayBuffer.from_state_dict(load_file(path))
-    except (SafetensorError, KeyError, ValueError, RuntimeError) as error:
-        raise ValueError(f"replay buffer {path} is unreadable ({error}); a server moves it aside on start") from error
-    if buffer.shape != first.shape:
-        raise ValueError(f"replay buffer {path} holds samples of shape {buffer.shape}; {group} needs {first.shape}")
-    return buffer, path
 
 
 def chain_labels(model: LoadedModel, seeds: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor | None:

@@ -31,13 +31,18 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 from torch import nn
+from torch._export.serde import schema
+from torch._export.serde.serialize import ExportedProgramDeserializer, _dict_to_dataclass
+from torch.export.passes import move_to_device_pass
 
 from training.models.flows import BASES, Flow
-from training.runtime.checkpoint import CheckpointError, ModelConfig, check_name, check_sizes
-from training.runtime.draw import LoadedModel
-from training.runtime.pt2_archive import MAX_ARCHIVE_BYTES, TensorRecord, VettedArchive, check_archive, check_operators
-from training.sampling.langevin import ReplayBuffer
-from training.sampling.sampler_config import EBMSampler, FlowSampler, GANSampler, sampler_for, to_dict
+from training.runtime.checkpoint import CheckpointError, ModelConfig, check_name, check_sizes, first_line
+from training.runtime.loaded import LoadedModel
+from training.runtime.pt2_archive import TensorRecord, VettedArchive, check_archive
+from training.runtime.pt2_graph import check_operators
+from training.runtime.pt2_zip import MAX_ARCHIVE_BYTES
+from training.sampling.replay_buffer import ReplayBuffer
+from training.sampling.sampler_config import EBMSampler, FlowSampler, GANSampler, sampler_for
 
 PROGRAM_SUFFIX = ".pt2"
 SIDECAR_SUFFIX = ".json"
@@ -76,17 +81,10 @@ def _tensors(archive: VettedArchive, declared: list[TensorRecord]) -> dict[str, 
     return tensors
 
 
-def _first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-
-
 def read_program(payload: bytes | bytearray | memoryview, source: str) -> torch.export.ExportedProgram:
     """The ExportedProgram in a `.pt2` archive's bytes: vetted by `check_archive`, then deserialized from
     the vetted JSON and raw tensor bytes by torch's current-format deserializer; no legacy fallback and no
     unpickling on any path."""
-    from torch._export.serde import schema
-    from torch._export.serde.serialize import ExportedProgramDeserializer, _dict_to_dataclass
-
     archive = check_archive(payload, source)
     try:
         serialized = _dict_to_dataclass(schema.ExportedProgram, archive.graph)
@@ -94,7 +92,7 @@ def read_program(payload: bytes | bytearray | memoryview, source: str) -> torch.
             serialized, _tensors(archive, archive.weights), _tensors(archive, archive.constants), None
         )
     except Exception as error:  # a graph of the right strings but the wrong structure, or tensors it does not take
-        raise CheckpointError(f"{source}: the program cannot be deserialized ({_first_line(error)})") from error
+        raise CheckpointError(f"{source}: the program cannot be deserialized ({first_line(error)})") from error
     check_operators(program, source)
     return program
 
@@ -348,7 +346,7 @@ def probe(model: LoadedModel, batches: tuple[int, ...] = (2, 1, 3)) -> None:
             raise
         except Exception as error:
             what = "the probe batch" if batch == batches[0] else f"a batch of {batch} (is the batch dimension dynamic?)"
-            raise CheckpointError(f"{source}: the program fails on {what}: {_first_line(error)}") from error
+            raise CheckpointError(f"{source}: the program fails on {what}: {first_line(error)}") from error
 
 
 def _expect(value: Any, shape: list[int], what: str, source: str) -> None:
@@ -382,16 +380,14 @@ def load_exported(path: str | Path, device: torch.device | str = "cpu", payload:
     except CheckpointError:
         raise
     except Exception as error:  # a deserialized graph whose signature or call graph torch cannot read back
-        raise CheckpointError(f"{path.name}: the program's inputs cannot be read ({_first_line(error)})") from error
+        raise CheckpointError(f"{path.name}: the program's inputs cannot be read ({first_line(error)})") from error
     device = torch.device(device)
     if device.type != "cpu":
-        from torch.export.passes import move_to_device_pass
-
         program = move_to_device_pass(program, device)
     try:
         unlifted = program.module()
     except Exception as error:
-        raise CheckpointError(f"{path.name}: the program cannot be run ({_first_line(error)})") from error
+        raise CheckpointError(f"{path.name}: the program cannot be run ({first_line(error)})") from error
     sampler = sampler_for(config.family, config.sampler)
     extras: dict[str, dict[str, torch.Tensor]] = {}
     module: nn.Module
@@ -409,89 +405,3 @@ def load_exported(path: str | Path, device: torch.device | str = "cpu", payload:
     model = LoadedModel(name=path.stem, config=config, module=module.eval(), sampler=sampler, extras=extras)
     probe(model)
     return model
-
-
-# --- writing: a native checkpoint as a program and its sidecar ----------------------------------------------
-
-
-class _NativeEnergy(nn.Module):
-    def __init__(self, energy: nn.Module) -> None:
-        super().__init__()
-        self.energy = energy
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.energy(x)
-
-
-class _NativeConditionalEnergy(_NativeEnergy):
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return self.energy(x, y)
-
-
-class _NativeGenerator(nn.Module):
-    def __init__(self, generator: nn.Module) -> None:
-        super().__init__()
-        self.generator = generator
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.generator(z)
-
-
-class _NativeFlow(nn.Module):
-    def __init__(self, flow: Flow) -> None:
-        super().__init__()
-        self.flow = flow
-
-    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # [B, *shape] -> [B, *shape], [B]
-        x, log_prob, _ = self.flow.decode(z.flatten(1))
-        return x, log_prob
-
-
-def export_model(model: LoadedModel, out: str | Path) -> tuple[Path, Path]:
-    """Write a native model as OUT (.pt2, from torch.export with a dynamic batch dimension) and its sidecar
-    beside it; the two are served like the checkpoint, and give the same seeded samples."""
-    out = Path(out)
-    if out.suffix != PROGRAM_SUFFIX:
-        raise ValueError(f"--out must end in {PROGRAM_SUFFIX} (the sidecar goes beside it), not {out.name!r}")
-    family, shape = model.config.family, model.shape
-    module = model.module.cpu().eval()
-    batch = torch.export.Dim("batch", min=1)
-    sampler = dict(to_dict(model.sampler))
-    data = {key: value for key, value in model.config.data.items() if key in DATA_KEYS}
-    if family == "ebm":
-        conditional = model.classes is not None
-        wrapper: nn.Module = _NativeConditionalEnergy(module) if conditional else _NativeEnergy(module)
-        example: tuple[torch.Tensor, ...] = (torch.zeros(2, *shape),)
-        dynamic: dict[str, Any] = {"x": {0: batch}}
-        if conditional:
-            example += (torch.tensor([0, -1]),)
-            dynamic["y"] = {0: batch}
-        else:
-            data.pop("classes", None)  # an unconditional energy samples no classes
-    elif family == "gan":
-        wrapper = _NativeGenerator(module)  # holds the weights the checkpoint samples with (EMA by default)
-        example = (torch.zeros(2, model.sampler_as(GANSampler).latent_dim),)
-        dynamic = {"z": {0: batch}}
-    elif family == "flow":
-        assert isinstance(module, Flow)
-        wrapper = _NativeFlow(module)
-        example = (torch.zeros(2, *shape),)
-        dynamic = {"z": {0: batch}}
-        sampler["base"] = module.base_name  # the distribution the server draws z from
-    else:
-        raise ValueError(f"{model.name} is a {family} model; only ebm, gan and flow models are exported")
-    try:
-        program = torch.export.export(wrapper, example, dynamic_shapes=dynamic)
-    except Exception as error:
-        arch = model.config.arch.get("name")
-        raise ValueError(f"torch.export cannot trace {model.name} ({arch}): {_first_line(error)}") from error
-    sidecar: dict[str, Any] = {"family": family, "data": data, "sampler": sampler}
-    if model.config.ensemble:
-        sidecar["ensemble"] = model.config.ensemble
-    if model.config.metrics:
-        sidecar["metrics"] = model.config.metrics
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.export.save(program, out)
-    sidecar_path = out.with_suffix(SIDECAR_SUFFIX)
-    sidecar_path.write_text(json.dumps(sidecar, indent=2) + "\n")
-    return out, sidecar_path

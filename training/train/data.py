@@ -19,6 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from tqdm import tqdm
+
+from training.train.progress import progress
 
 DATA_DIR_ENV = "SAMPLEBAY_DATA_DIR"
 IDX_IMAGES_MAGIC = 2051
@@ -148,8 +151,6 @@ class FileNotes:
 
 
 def _write_warning(line: str) -> None:
-    from tqdm import tqdm
-
     tqdm.write(line, file=sys.stderr)  # above a progress bar on a terminal, a plain line elsewhere
 
 
@@ -285,7 +286,6 @@ def load_image_folder(
             raise DatasetError(
                 f"{split_dir / unknown[0]} is not a class of {train_dir} (its classes: {', '.join(classes)})"
             )
-    from training.train.run import progress  # training.train.run imports this module
 
     notes = FileNotes()
     for path, why in skipped:

@@ -10,31 +10,30 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from training.models import build_model
 from training.runtime.checkpoint import Checkpoint, save_checkpoint
-from training.sampling.langevin import ReplayBuffer, frozen_energy, sample_langevin
+from training.sampling.langevin import frozen_energy, sample_langevin
+from training.sampling.replay_buffer import ReplayBuffer
 from training.sampling.sampler_config import EBMSampler
 from training.train.data import ImageDataset
+from training.train.ebm_config import EBMTrainConfig, ebm_model_config
 from training.train.ema import ema_update, warmed_up_decay
 from training.train.losses import energy_gap, equilibrium_matching
+from training.train.progress import progress
 from training.train.run import (
     Stopwatch,
     batches,
     load_resume,
-    progress,
     save_resume,
     scheduled_learning_rate,
     set_learning_rate,
     start_run,
     warm_start,
 )
-
-if TYPE_CHECKING:
-    from training.train.ebm_cd import EBMTrainConfig
 
 
 def eqm_arch(dataset: ImageDataset, config: EBMTrainConfig) -> dict[str, Any]:
@@ -217,8 +216,6 @@ def preview(model: torch.nn.Module, config: EBMTrainConfig, shape: tuple[int, ..
 
 def train_eqm(config: EBMTrainConfig) -> Path:
     """Train, writing the checkpoint (averaged weights) and the resume state after every epoch."""
-    from training.train.ebm_cd import ebm_model_config  # the one place an EBM checkpoint's config is assembled
-
     run = start_run(config)
     device, train, test, log = run.device, run.train, run.test, run.log
     assert test is not None

@@ -16,15 +16,16 @@ from typing import cast
 import torch
 
 from training.models import build_model
-from training.models.flows import Flow
+from training.models.flows import Flow, bits_per_dim, dequantize
 from training.models.iresnet import IResNet
 from training.runtime.checkpoint import Checkpoint, ModelConfig, save_checkpoint
+from training.runtime.draw import integrate_cnf
 from training.sampling.noise import chain_seeds
 from training.sampling.ode import checked_solver
 from training.sampling.sampler_config import FlowSampler, to_dict
 from training.train.data import ImageDataset
 from training.train.ema import ema_update, warmed_up_decay
-from training.train.losses import bits_per_dim, dequantize, flow_matching, optimal_transport_pairing
+from training.train.losses import flow_matching, optimal_transport_pairing
 from training.train.run import (
     RunConfig,
     Stopwatch,
@@ -211,8 +212,6 @@ def validate_cnf(
 
 def cnf_preview(model: torch.nn.Module, config: FlowTrainConfig, shape: tuple[int, ...], classes: int) -> torch.Tensor:
     """64 samples by the checkpoint's own sampler from seeds 0..63 (a row per class when conditional)."""
-    from training.runtime.draw import integrate_cnf
-
     seeds = chain_seeds(0, 64)
     labels = (torch.arange(64) // 8) % classes if classes else None
     return integrate_cnf(model, seeds, shape, flow_sampler(config), labels).cpu()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -79,22 +78,6 @@ def gradient_penalty(
 def feature_matching_loss(real_features: torch.Tensor, fake_features: torch.Tensor) -> torch.Tensor:
     """||E f(real) - E f(fake)||^2 on critic features (Salimans et al. 2016), added to the generator loss."""
     return (real_features.detach().mean(0) - fake_features.mean(0)).pow(2).sum()
-
-
-# --- Flows: exact likelihood on dequantized 8-bit data ------------------------------------------------
-
-BIN_WIDTH = 2.0 / 256  # one 8-bit level in the [-1, 1] data space
-
-
-def dequantize(x: torch.Tensor) -> torch.Tensor:
-    """Uniform dequantization: pixels p / 127.5 - 1 (how datasets load) -> (p + u) / 128 - 1, u ~ U[0, 1)."""
-    levels = ((x + 1) * 127.5).round().clamp(0, 255)
-    return (levels + torch.rand_like(levels)) * BIN_WIDTH - 1
-
-
-def bits_per_dim(log_prob: torch.Tensor, dim: int) -> torch.Tensor:
-    """-log2 P(8-bit image) / D from the continuous density of its dequantized version (256 levels a pixel)."""
-    return -(log_prob + dim * math.log(BIN_WIDTH)) / (dim * math.log(2))
 
 
 # --- Equilibrium Matching (Wang & Du 2025) ---------------------------------------------------------

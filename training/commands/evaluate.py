@@ -1,0 +1,152 @@
+"""`python -m training evaluate`: sample-quality figures as JSON (training/commands/quality.py computes them),
+and with --record the figures stored in the checkpoints' metrics."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, cast
+
+import torch
+
+from training.commands.quality import gan_record_key, load_classifier, quality_figures, real_data_floor
+from training.commands.sample import draw_with_progress, labels_for, override_sampler
+from training.models.flows import Flow
+from training.models.iresnet import EVALUATION_SERIES_TERMS, InverseConvergence, IResNet
+from training.runtime.checkpoint import load_checkpoint, save_checkpoint
+from training.runtime.device import pick_device
+from training.runtime.draw import chain_labels, default_latent_steps
+from training.runtime.load import load_model
+from training.sampling.noise import chain_seeds
+from training.sampling.sampler_config import EBMSampler, FlowSampler, GANSampler
+from training.train.data import load_dataset
+from training.train.flow import dataset_bits_per_dim
+
+
+def run_evaluate(args: argparse.Namespace) -> None:
+    device = pick_device(args.device)
+    members = [load_model(path, device) for path in args.checkpoint]
+    model = members[0]
+    if model.shape != (1, 28, 28):  # before any MNIST is read: the refusal is the answer
+        made = "x".join(str(side) for side in model.shape)
+        raise SystemExit(
+            f"evaluate: its figures are features of the project's MNIST classifier, which reads 1x28x28 images; "
+            f"{model.name} makes {made} images (dataset {model.config.data.get('dataset', 'unknown')}), so "
+            "evaluate has no figures for it"
+        )
+    if args.series_terms is not None and model.config.arch.get("name") != "iresnet":  # before any sampling
+        family = model.config.family
+        why = f"{model.config.arch.get('name')} flow, whose log-det is exact" if family == "flow" else family
+        why += "" if family == "flow" else ", which has no log-det"
+        raise ValueError(f"--series-terms sets the i-ResNet's log-det power series; {model.name} is a {why}")
+    classifier = load_classifier(args.classifier, device)
+    test = load_dataset("mnist", args.data_dir, "test")
+    train = load_dataset("mnist", args.data_dir, "train")
+    generator = torch.Generator().manual_seed(args.seed)
+    override_sampler(members, args)
+    seeds = chain_seeds(args.seed, args.n)
+    # The labels chains are drawn with (asked for, or each chain's seeded class): label accuracy is reported.
+    # Chains from a replay buffer keep their slot's class unless one is asked for.
+    ode = isinstance(model.sampler, FlowSampler) and model.sampler.solver is not None  # a CNF
+    labels = labels_for(args.label, args.n, model) if model.config.family == "ebm" or ode else None
+    if (model.config.family == "ebm" and args.init != "buffer") or ode:
+        labels = chain_labels(model, seeds, labels)
+    description = f"evaluate {model.name}: {args.n} samples"
+    samples = draw_with_progress(members, seeds, args, generator, labels, args.batch, description, args.init)
+    print(f"evaluate {model.name}: classifier features, Frechet distance, precision/recall", file=sys.stderr)
+    steps = args.steps or (model.sampler.steps if isinstance(model.sampler, EBMSampler) else None)
+    ebm_sampler_report: dict[str, Any] = {"init": args.init, "steps": steps, "n": args.n}
+    if isinstance(model.sampler, EBMSampler):
+        ebm_sampler_report.update(step_size=model.sampler.step_size, noise=model.sampler.noise)
+        if model.classes is not None:
+            ebm_sampler_report["guidance"] = model.sampler.guidance
+    if args.label is not None:
+        ebm_sampler_report["label"] = args.label
+    # A random test subset (the first MNIST test images are the easier half), the same for every model.
+    reference = test.images[
+        torch.randperm(len(test.images), generator=torch.Generator().manual_seed(args.seed + 1))[: args.n]
+    ]
+    sampler_report = ebm_sampler_report if model.config.family == "ebm" else {"n": args.n}
+    if isinstance(model.sampler, FlowSampler) and model.sampler.steps is not None:  # a CNF: its ODE solver
+        sampler_report.update(
+            steps=model.sampler.steps if args.steps is None else args.steps,
+            solver=model.sampler.solver,
+            temperature=model.sampler.temperature,
+            **({"guidance": model.sampler.guidance} if model.classes is not None else {}),
+            **({"label": args.label} if args.label is not None else {}),
+        )
+    if isinstance(model.sampler, GANSampler):
+        ddls_steps = default_latent_steps(model) if args.steps is None else args.steps
+        sampler_report.update(steps=ddls_steps)
+        if ddls_steps:
+            sampler_report.update(step_size=model.sampler.step_size, noise=model.sampler.noise)
+    model_figures = quality_figures(classifier, reference, samples, labels).report()
+    floor = real_data_floor(classifier, reference, train.images, args.n, torch.Generator().manual_seed(args.seed + 2))
+    report = {
+        "checkpoints": [str(path) for path in args.checkpoint],
+        "family": model.config.family,
+        "sampler": sampler_report,
+        "model": model_figures,
+        "real_data_floor": floor,
+    }
+    if model.config.family == "flow":
+        flow = cast(Flow, model.module)  # nice, glow or iresnet: Flows; a CNF's field is not one
+        if ode:
+            print(
+                f"evaluate {model.name}: no test bits/dim yet: a CNF's likelihood needs the divergence integrated "
+                "by an adaptive solver at a stated tolerance, which evaluate does not do yet (a fixed-step "
+                "integral gives figures that are not the model's likelihood)",
+                file=sys.stderr,
+            )
+        elif isinstance(flow, IResNet):
+            # The fixed-point inverse of every sample drawn above, rerun on the same base points and batches (the
+            # same computation, without the log-det) to see which samples met the tolerance within the cap.
+            print(f"evaluate {model.name}: inverse convergence of the {args.n} samples", file=sys.stderr)
+            temperature = model.sampler_as(FlowSampler).temperature
+            sampler_report["temperature"] = temperature
+            inverses = [
+                flow.invert(flow.base_sample(chunk, temperature).to(device))[1]
+                for chunk in torch.split(seeds, args.batch)
+            ]
+            inverse_report = InverseConvergence.concatenate(inverses).report()
+            report["inverse"] = inverse_report
+            model_figures["inverse_not_converged"] = inverse_report["not_converged"]
+            if inverse_report["not_converged"]:
+                print(
+                    f"evaluate {model.name}: WARNING: the fixed-point inverse of {inverse_report['not_converged']} of "
+                    f"{args.n} samples did not reach tolerance {inverse_report['tolerance']} within "
+                    f"{inverse_report['max_iterations']} iterations (largest final residual "
+                    f"{inverse_report['max_residual']}); their indices start {inverse_report['not_converged_samples']}",
+                    file=sys.stderr,
+                )
+            model_figures["series_terms_trained"] = flow.series_terms
+            flow.series_terms = EVALUATION_SERIES_TERMS if args.series_terms is None else args.series_terms
+            model_figures["series_terms"] = flow.series_terms
+        if not ode:
+            print(f"evaluate {model.name}: test bits/dim of all {len(test.images)} test images", file=sys.stderr)
+            model_figures["test_bits_per_dim"] = round(dataset_bits_per_dim(flow, test, 500, device, seed=args.seed), 4)
+    print(json.dumps(report, indent=2))
+    if args.record:
+        key = "evaluate" if model.config.family != "ebm" else f"evaluate_{args.init}"
+        if args.label is not None:
+            key += f"_label_{args.label}"
+        if args.noise is not None:  # a noisier (long-run) check never overwrites the default figures
+            key += f"_noise_{args.noise}"
+        if len(members) > 1:
+            key = f"evaluate_ensemble_{args.init}"  # the same figures go into every member
+        if isinstance(model.sampler, GANSampler):  # DDLS steps other than the checkpoint's own are named
+            key = gan_record_key(key, sampler_report["steps"], default_latent_steps(model))
+        if ode and args.steps is not None and args.steps != model.sampler.steps:  # a CNF at other ODE steps
+            key += f"_steps_{args.steps}"
+        if ode and args.guidance is not None:
+            key += f"_guidance_{args.guidance}"
+        for path in args.checkpoint:
+            checkpoint = load_checkpoint(path)
+            checkpoint.config.metrics[key] = {
+                **model_figures,
+                **sampler_report,
+                "floor_frechet_distance": floor["frechet_distance"],
+            }
+            save_checkpoint(path, checkpoint)
+            print(f"recorded the figures in {path} (metrics.{key})", file=sys.stderr)

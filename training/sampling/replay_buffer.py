@@ -1,0 +1,168 @@
+"""The replay buffer Langevin chains restart from (Du & Mordatch 2019): slots, restarts, and its saved state."""
+
+from __future__ import annotations
+
+import torch
+
+
+class ReplayBuffer:
+    """Past negative samples that Langevin chains restart from (Du & Mordatch 2019, section 3.1).
+
+    `draw` hands out slots (a slot is never handed to two chains at once until it is written back or
+    released); a fraction `restart_prob` of the chains, and all while the buffer is empty, start from
+    uniform noise instead. Fresh chains are appended until the buffer is full, then replace the
+    oldest appended slot. Each slot may carry the class its chain samples (a class-conditional energy's
+    chains; -1: none), so a chain drawn again moves under the same class. The state is plain tensors, so
+    it is saved inside a checkpoint.
+    """
+
+    def __init__(
+        self,
+        shape: tuple[int, ...],
+        capacity: int = 8192,
+        restart_prob: float = 0.05,
+        data_range: tuple[float, float] = (-1.0, 1.0),
+    ) -> None:
+        if capacity < 1:
+            raise ValueError(f"replay buffer capacity must be positive, got {capacity}")
+        if not 0.0 <= restart_prob <= 1.0:
+            raise ValueError(f"restart_prob must lie in [0, 1], got {restart_prob}")
+        self.shape = tuple(shape)
+        self.capacity = capacity
+        self.restart_prob = restart_prob
+        self.data_range = data_range
+        self.samples = torch.empty(capacity, *self.shape)  # [capacity, *shape], rows < size are valid
+        self.size = 0
+        self.next_replace = 0  # oldest-appended slot to overwrite once full
+        self.in_use = torch.zeros(capacity, dtype=torch.bool)
+        self.labels = torch.full((capacity,), -1, dtype=torch.int64)  # [capacity] class of each slot's chain
+
+    def __len__(self) -> int:
+        return self.size
+
+    def noise(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        low, high = self.data_range
+        return torch.rand(n, *self.shape, generator=generator) * (high - low) + low
+
+    def draw(
+        self, n: int, generator: torch.Generator | None = None, label: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Starting points [n, *shape] and their slots [n] (-1 marks a chain started from noise); with
+        `label`, only slots whose chains sample that class (the rest of the n start from noise)."""
+        available = ~self.in_use[: self.size]
+        if label is not None:
+            available &= self.labels[: self.size] == label
+        free = available.nonzero().squeeze(1)  # [F]
+        restart = torch.rand(n, generator=generator) < self.restart_prob
+        from_buffer = int((~restart).sum().clamp(max=free.numel()))
+        order = torch.randperm(free.numel(), generator=generator)[:from_buffer]
+        slots = torch.full((n,), -1, dtype=torch.int64)
+        rows = (~restart).nonzero().squeeze(1)[:from_buffer]
+        slots[rows] = free[order]
+        x = self.noise(n, generator)
+        x[rows] = self.samples[slots[rows]]
+        self.in_use[slots[rows]] = True
+        return x, slots
+
+    def start_chains(
+        self,
+        n: int,
+        generator: torch.Generator | None,
+        asked: torch.Tensor | None,  # [n] classes a request asked for, or None
+        fallback: torch.Tensor | None,  # [n] classes for chains that continue no classed slot (None: null label)
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Buffer starts for one request's chains: states [n, *shape], slots [n] and each chain's class [n].
+
+        Asked for one class, the chains continue only that class's slots; asked for none, each chain keeps
+        the class of the slot it continues, so a conditional energy's buffer chains never switch classes.
+        """
+        single = asked is not None and len(asked) > 0 and bool((asked == asked[0]).all())
+        x, slots = self.draw(n, generator, int(asked[0]) if single and asked is not None else None)
+        if asked is not None:
+            return x, slots, asked
+        slot_classes = self.labels[slots.clamp(min=0)]
+        classed = (slots >= 0) & (slot_classes >= 0)
+        if not classed.any():
+            return x, slots, fallback
+        base = torch.full((n,), -1) if fallback is None else fallback.to("cpu")
+        return x, slots, torch.where(classed, slot_classes, base)
+
+    def write_back(self, slots: torch.Tensor, x: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        """Store finished chains: a drawn slot gets its chain back; a fresh chain takes a new slot. `labels`
+        [n] (-1: none) is each chain's class; without it, drawn slots keep theirs and fresh ones get none."""
+        x = x.detach().to("cpu", torch.float32)
+        slots = slots.to("cpu")
+        drawn = slots >= 0
+        self.samples[slots[drawn]] = x[drawn]
+        self.in_use[slots[drawn]] = False
+        if labels is not None:
+            labels = labels.to("cpu", torch.int64)
+            self.labels[slots[drawn]] = labels[drawn]
+        else:
+            labels = torch.full(slots.shape, -1)
+        for row in (~drawn).nonzero().squeeze(1).tolist():
+            if self.size < self.capacity:
+                slot: int | None = self.size
+                self.size += 1
+            else:
+                slot = self._next_free_to_replace()
+                if slot is None:
+                    continue  # every slot is leased out: drop this chain rather than clobber one
+            self.samples[slot] = x[row]
+            self.labels[slot] = labels[row]
+
+    def release(self, slots: torch.Tensor) -> None:
+        """Give slots back unchanged (a cancelled chain)."""
+        slots = slots.to("cpu")
+        self.in_use[slots[slots >= 0]] = False
+
+    def _next_free_to_replace(self) -> int | None:
+        for _ in range(self.capacity):
+            slot = self.next_replace
+            self.next_replace = (self.next_replace + 1) % self.capacity
+            if not self.in_use[slot]:
+                return slot
+        return None
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {
+            "samples": self.samples[: self.size].clone(),
+            "labels": self.labels[: self.size].clone(),
+            "capacity": torch.tensor(self.capacity),
+            "restart_prob": torch.tensor(self.restart_prob, dtype=torch.float64),
+            "next_replace": torch.tensor(self.next_replace),
+            "data_range": torch.tensor(self.data_range, dtype=torch.float64),
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> ReplayBuffer:
+        samples = state["samples"].to(torch.float32)
+        low, high = state["data_range"].tolist()
+        buffer = cls(tuple(samples.shape[1:]), int(state["capacity"]), float(state["restart_prob"]), (low, high))
+        buffer.size = min(samples.shape[0], buffer.capacity)
+        buffer.samples[: buffer.size] = samples[: buffer.size]
+        if "labels" in state:  # buffers saved before slots had classes have none
+            buffer.labels[: buffer.size] = state["labels"][: buffer.size]
+        buffer.next_replace = int(state["next_replace"]) % buffer.capacity
+        return buffer
+
+    @classmethod
+    def pooled(
+        cls,
+        states: list[dict[str, torch.Tensor]],
+        shape: tuple[int, ...],
+        restart_prob: float,
+        data_range: tuple[float, float],
+    ) -> ReplayBuffer:
+        """One buffer holding every saved buffer of an ensemble's members (empty when none was saved)."""
+        if not states:
+            return cls(shape, restart_prob=restart_prob, data_range=data_range)
+        samples = torch.cat([state["samples"].float() for state in states])
+        capacity = max(max(int(state["capacity"]) for state in states), len(samples))
+        buffer = cls(shape, capacity=capacity, restart_prob=restart_prob, data_range=data_range)
+        buffer.samples[: len(samples)] = samples
+        buffer.labels[: len(samples)] = torch.cat(
+            [state.get("labels", torch.full((len(state["samples"]),), -1)) for state in states]
+        )
+        buffer.size = len(samples)
+        return buffer
