@@ -8,10 +8,13 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 from conftest import write_tiny_ebm, write_tiny_eqm, write_tiny_flow, write_tiny_gan
 from PIL import Image
 from server import running_server
 
+from service.buffer_store import BufferStore
+from service.registry import load_registry
 from service.settings import Settings
 from training.commands.cli import main as training_main
 
@@ -89,3 +92,30 @@ def test_sample_state_dir_without_a_saved_buffer_says_what_the_server_does(
         training_main(["sample", str(models_dir / "solo.safetensors"), "--state-dir", str(state), "--device", "cpu"])
     error = capsys.readouterr().err
     assert "has no replay buffer buffer-solo-" in error and "buffer-solo-0123456789abcdef" in error
+
+
+def test_sample_state_dir_finds_the_files_the_server_pools_for_every_model(
+    models_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A lone EBM, an ensemble member, an exported energy (its digest covers the program and its sidecar), and
+    a state dir holding an unsharded file and a Ray replica's shard: the CLI reads exactly the server's files."""
+    training_main(["export", str(models_dir / "solo.safetensors"), "--out", str(models_dir / "exported.pt2")])
+    state = tmp_path / "state"
+    plain = Settings(models_dir=models_dir, state_dir=state, device="cpu", buffer_save_interval_s=3600)
+    names = ("solo", "pair_a", "exported")
+    for settings in (plain, plain.model_copy(update={"buffer_shard": "replica1"})):
+        with running_server(settings) as (base, _):  # buffers are saved at shutdown: unsharded, then the shard
+            for name in names:
+                request = {"model": name, "n": 8, "steps": 10, "init": "noise"}
+                assert httpx.post(f"{base}/sample", json=request, timeout=60).status_code == 200
+    registry = load_registry(models_dir, torch.device("cpu"))
+    for name in names:
+        group = registry.models[name].pool
+        served_files = BufferStore(state).saved_paths(group, registry.groups[group].digest)
+        stem = f"buffer-{group}-{registry.groups[group].digest[:16]}"
+        assert [path.name for path in served_files] == [f"{stem}-replica1.safetensors", f"{stem}.safetensors"]
+        suffix = ".pt2" if name == "exported" else ".safetensors"
+        flags = ["--n", "2", "--steps", "1", "--device", "cpu", "--out", str(tmp_path / f"{name}.png")]
+        training_main(["sample", str(models_dir / f"{name}{suffix}"), *flags, "--state-dir", str(state)])
+        files = ", ".join(str(path) for path in served_files)
+        assert f"start: the server's replay buffer {files} (" in capsys.readouterr().out
