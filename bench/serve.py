@@ -326,7 +326,9 @@ def main() -> None:
     parser.add_argument("--no-model-header", action="store_true", help="ray: no routing hint (routed by load)")
     args = parser.parse_args()
     if args.engine == "ray" and not args.no_model_header:
-        HEADERS["serve_multiplexed_model_id"] = args.model
+        from service.ray_engine import MODEL_HEADER  # needs the ray extra, as --engine ray does
+
+        HEADERS[MODEL_HEADER] = args.model
 
     if args.threads:
         torch.set_num_threads(args.threads)

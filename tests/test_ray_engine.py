@@ -27,6 +27,8 @@ from server import free_port, wait_for
 
 pytest.importorskip("ray.serve", reason="ray[serve] is not installed (pip install -e '.[ray]')")
 
+from service.ray_engine import MODEL_HEADER
+
 REPO = Path(__file__).resolve().parent.parent
 START_S = 150  # a Ray cluster and two replicas loading torch start in about 20-40 s on two busy cores
 
@@ -141,7 +143,7 @@ def test_requests_naming_their_model_join_the_replica_running_it(server: RayServ
     Load alone (power of two choices) would send most of them to the idle replica. On a saturated machine Ray's
     queue-length probe of the busy replica can time out, and the router then rightly falls back to the other:
     at most two of eight may do so."""
-    hint = {"serve_multiplexed_model_id": "solo"}
+    hint = {MODEL_HEADER: "solo"}
     long = {"model": "solo", "n": 8, "steps": 2000, "init": "noise", "stream": True, "trajectory_every": 100}
     with httpx.stream("POST", f"{server.base}/sample", json=long, headers=hint, timeout=60) as stream:
         running_on = stream.headers["x-replica"]
