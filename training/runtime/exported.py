@@ -35,8 +35,9 @@ from torch._export.serde import schema
 from torch._export.serde.serialize import ExportedProgramDeserializer, _dict_to_dataclass
 from torch.export.passes import move_to_device_pass
 
-from training.models.flows import BASES, Flow
+from training.models.flows import BASES
 from training.runtime.checkpoint import CheckpointError, ModelConfig, check_name, check_sizes, first_line
+from training.runtime.exported_modules import ExportedEnergy, ExportedFlow, ExportedGenerator
 from training.runtime.loaded import LoadedModel
 from training.runtime.pt2_archive import TensorRecord, VettedArchive, check_archive
 from training.runtime.pt2_graph import check_operators
@@ -171,95 +172,6 @@ def read_sidecar(path: Path) -> ModelConfig:
         metrics=metrics,
         ensemble=ensemble,
     )
-
-
-# --- adapters: a program as the module each family's sampler calls ----------------------------------------
-
-
-class _Program(nn.Module):
-    """A program's module, frozen. `anchor` is its first parameter: samplers find the device with
-    next(module.parameters()) even when the program has none. train()/eval() do not reach the program
-    (torch refuses them on exported modules; it runs as it was exported)."""
-
-    program: nn.Module
-    anchor: nn.Parameter
-
-    def __init__(self, program: nn.Module) -> None:
-        super().__init__()
-        _hold(self, program)
-
-    def train(self, mode: bool = True) -> _Program:
-        self.training = mode
-        return self
-
-
-def _hold(owner: nn.Module, program: nn.Module) -> None:
-    """Attach a frozen program to the module that adapts it, with the empty `anchor` parameter."""
-    owner.anchor = nn.Parameter(torch.empty(0, device=_device_of(program)), requires_grad=False)
-    owner.program = program
-    for parameter in program.parameters():
-        parameter.requires_grad_(False)
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    tensor = next(iter([*module.parameters(), *module.buffers()]), None)
-    return tensor.device if tensor is not None else torch.device("cpu")
-
-
-class ExportedEnergy(_Program):
-    """E(x) [B] (or E(x, y) with y [B], -1 the null label) from a program; differentiable in x."""
-
-    def __init__(self, program: nn.Module, num_classes: int = 0) -> None:
-        super().__init__(program)
-        self.num_classes = num_classes
-
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        if not self.num_classes:
-            return self.program(x)
-        if labels is None:
-            labels = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
-        return self.program(x, labels)
-
-
-class ExportedGenerator(_Program):
-    """G(z): x [B, *shape] from z [B, latent_dim]."""
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.program(z)
-
-
-class ExportedFlow(Flow):
-    """A flow program z [B, *shape] -> (x, log p(x)) behind the Flow API the pools and the CLI call: the
-    base distribution (the sidecar's sampler.base, Gaussian by default) draws z; the program is the whole
-    inverse pass, so a trajectory is its one final state. The data-to-noise direction (log p of given
-    images) is not part of the program."""
-
-    program: nn.Module
-    anchor: nn.Parameter
-
-    def __init__(self, program: nn.Module, shape: tuple[int, ...], base: str) -> None:
-        super().__init__([], shape, base)
-        _hold(self, program)
-
-    def train(self, mode: bool = True) -> ExportedFlow:
-        self.training = mode
-        return self
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raise ValueError(
-            "an exported flow maps noise to data only; the log-density of given images needs the "
-            "data-to-noise pass, which its program does not hold"
-        )
-
-    def decode(
-        self, z: torch.Tensor, keep_states: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        x, log_prob = self.program(z.reshape(z.shape[0], *self.shape))  # [B, *shape], [B]
-        return x, log_prob, [x] if keep_states else []
-
-    def _inverse(self, z: torch.Tensor, keep_states: bool) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        x, log_prob, states = self.decode(z, keep_states)
-        return x, self.base.log_prob(z) - log_prob, states  # log|det dx/dz| = log p_base(z) - log p(x)
 
 
 # --- loading ---------------------------------------------------------------------------------------------
