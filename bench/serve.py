@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import os
 import platform
+import shutil
 import socket
 import statistics
 import subprocess
@@ -77,7 +78,7 @@ def start_server(
     port = free_port()
     state_dir = tempfile.mkdtemp(prefix="bench-state-")
     models_dir = tempfile.mkdtemp(prefix="bench-models-")
-    os.symlink(checkpoint.resolve(), Path(models_dir) / checkpoint.name)
+    shutil.copy2(checkpoint, Path(models_dir) / checkpoint.name)  # a link out of the models dir is not served
     env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
     process = subprocess.Popen(
         [
