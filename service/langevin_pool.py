@@ -15,8 +15,8 @@ from service.registry import BufferGroup
 from service.scheduler import Job
 from training.runtime.draw import chain_labels
 from training.sampling.langevin import LangevinStep, conditioned_energy, langevin_step
-from training.sampling.replay_buffer import ReplayBuffer
 from training.sampling.noise import chain_gaussian, chain_seeds, chain_start
+from training.sampling.replay_buffer import ReplayBuffer
 from training.sampling.sampler_config import EBMSampler
 
 log = logging.getLogger(__name__)
