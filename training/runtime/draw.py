@@ -64,7 +64,7 @@ def integrate_cnf(
     shape: tuple[int, ...],
     sampler: FlowSampler,
     labels: torch.Tensor | None = None,  # [B], -1 = the null label
-    temperature: float | None = None,
+    temperature: float | torch.Tensor | None = None,  # one for all, or [B] per chain (the server's batches)
     steps: int | None = None,
     callback: OdeCallback | None = None,
 ) -> torch.Tensor:
@@ -73,8 +73,9 @@ def integrate_cnf(
     if sampler.solver is None or sampler.steps is None:
         raise ValueError("this flow's sampler declares no ODE solver and steps; it is not a CNF")
     device = next(field.parameters()).device
-    scale = sampler.temperature if temperature is None else temperature
-    start = (chain_gaussian_start(seeds, shape) * scale).to(device)
+    scale = torch.as_tensor(sampler.temperature if temperature is None else temperature, dtype=torch.float32)
+    start = chain_gaussian_start(seeds, shape) * scale.reshape(-1, *([1] * len(shape)))  # [B, *shape]
+    start = start.to(device)
     velocity = guided_velocity(field, None if labels is None else labels.to(device), sampler.guidance)
     return integrate(velocity, start, sampler.steps if steps is None else steps, sampler.solver, callback)
 
