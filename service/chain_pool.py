@@ -15,7 +15,7 @@ import torch
 from service.messages import ChainDiverged
 from service.pools import SamplerPool, state_of
 from service.scheduler import Job
-from training.sampling.langevin import LangevinStep
+from training.sampling.langevin import LangevinStep, arrived
 from training.sampling.sampler_config import EBMSampler, GANSampler
 
 log = logging.getLogger(__name__)
@@ -54,10 +54,11 @@ class ChainPool(SamplerPool):
         for job in plan.running:
             members = state_of(job).member_indices
             by_module.setdefault(members[job.done_steps % len(members)], []).append(job)
+        chains = {id(job): job.running_chains for job in plan.running}  # before any of them stops
         stepped: list[Job] = []
         for module_index, jobs in by_module.items():
             stepped.extend(self._execute(module_index, jobs))
-        self._record_step(len(stepped), sum(job.n for job in stepped))
+        self._record_step(len(stepped), sum(chains[id(job)] for job in stepped))
         for job in self.scheduler.update_from_output(stepped):
             self._finish(job)
 
@@ -80,29 +81,64 @@ class ChainPool(SamplerPool):
         return self._commit(jobs, moved)
 
     def _commit(self, jobs: list[Job], moved: LangevinStep) -> list[Job]:
-        """Hand each job its part of the batched step; end the jobs whose chains went non-finite."""
-        sizes = [job.n for job in jobs]
+        """Hand each job its part of the batched step (the rows of its running chains); stop the chains that
+        arrived (`arrived`, at the order's tolerance); end the jobs whose chains went non-finite."""
+        sizes = [job.running_chains for job in jobs]
         finite = torch.isfinite(moved.x.flatten(1)).all(1) & torch.isfinite(moved.velocity.flatten(1)).all(1)  # [B]
-        job_finite = [bool(part.all()) for part in finite.cpu().split(sizes)]  # one device sync per batch
         parts = zip(jobs, moved.x.split(sizes), moved.energy.split(sizes), moved.velocity.split(sizes), strict=True)
-        stepped, diverged = [], []
-        for (job, x_part, energy_part, velocity_part), ok in zip(parts, job_finite, strict=True):
+        placed, stops = [], []
+        for job, x_part, energy_part, velocity_part in parts:
             state = state_of(job)
-            if not ok:
+            if state.free is not None and state.known is not None:
+                x_part = torch.where(state.free, x_part, state.known)  # inpainting: known pixels stay
+            assert state.x is not None
+            stops.append(arrived(state.running(state.x), x_part, state.order.tolerance, state.free))
+            placed.append((x_part, energy_part, velocity_part))
+        flags = torch.stack([finite, torch.cat(stops)]).cpu()  # one device sync per batch
+        stepped, diverged = [], []
+        for job, (x_part, energy_part, velocity_part), ok, stop in zip(
+            jobs, placed, flags[0].split(sizes), flags[1].split(sizes), strict=True
+        ):
+            if not bool(ok.all()):
                 diverged.append(job)
                 continue
             stepped.append(job)
-            if state.free is not None and state.known is not None:
-                x_part = torch.where(state.free, x_part, state.known)  # inpainting: known pixels stay
-            state.x, state.energy = x_part, energy_part
-            state.velocity = velocity_part if state.order.momentum else None
+            self._place(job, x_part, energy_part, velocity_part, stop)
+            state, step = state_of(job), job.done_steps + 1
             every = state.order.trajectory_every
-            step = job.done_steps + 1
-            if every and (step % every == 0 or step == job.steps):
-                state.keep_frame(step, job.steps, self._image(x_part), energy_part)
+            if every and state.x is not None and (step % every == 0 or step == job.steps or job.stopped == job.n):
+                state.keep_frame(step, job.steps, self._image(state.x), state.energy)
         for job in diverged:
             self.end([job], self._diverged(job))
         return stepped
+
+    def _place(
+        self, job: Job, x: torch.Tensor, energy: torch.Tensor, velocity: torch.Tensor, stop: torch.Tensor
+    ) -> None:
+        """Write a job's running chains' new states [R, ...] into its chains [n, ...]; stop those that arrived
+        ([R] bool), so they leave the batch at the next step. With every chain running, the step's tensors are
+        kept as they are (no copy: a fixed-step request computes what it always did)."""
+        state = state_of(job)
+        assert state.x is not None
+        if state.chain_steps is None:
+            state.chain_steps = torch.zeros(job.n, dtype=torch.int64)
+        if state.moving is None:
+            state.x, state.energy = x, energy
+            state.velocity = velocity if state.order.momentum else None
+            state.chain_steps += 1
+        else:
+            assert state.energy is not None  # a chain stops after its first step at the earliest
+            state.x, state.energy = (
+                state.x.index_copy(0, state.moving, x),
+                state.energy.index_copy(0, state.moving, energy),
+            )
+            if state.order.momentum and state.velocity is not None:
+                state.velocity = state.velocity.index_copy(0, state.moving, velocity)
+            state.chain_steps[state.moving.cpu()] += 1
+        if bool(stop.any()):
+            moving = torch.arange(job.n, device=x.device) if state.moving is None else state.moving
+            state.moving = moving[~stop.to(moving.device)]
+            job.stopped = job.n - len(state.moving)
 
     def _diverged(self, job: Job) -> ChainDiverged:
         order, sampler = state_of(job).order, self.sampler

@@ -82,22 +82,28 @@ class LangevinPool(ChainPool):
             self.buffer.release(slots)
 
     def _advance(self, module_index: int, jobs: list[Job]) -> LangevinStep:
-        states = [state_of(job) for job in jobs]
-        x = torch.cat([state.x for state in states if state.x is not None])  # [B, *shape]
-        seeds = torch.cat([state.seeds for state in states if state.seeds is not None])  # [B]
-        steps = torch.cat([torch.full((job.n,), job.done_steps, dtype=torch.int64) for job in jobs]).to(self.device)
+        states = [state_of(job) for job in jobs]  # only their running chains step (stopped ones left the batch)
+        x = torch.cat([state.running(state.x) for state in states if state.x is not None])  # [B, *shape]
+        seeds = torch.cat([state.running(state.seeds) for state in states if state.seeds is not None])  # [B]
+        sizes = [job.running_chains for job in jobs]
+        # A running chain has taken exactly its job's done steps, so its noise counter is its own.
+        steps = torch.cat(
+            [torch.full((size,), job.done_steps, dtype=torch.int64) for job, size in zip(jobs, sizes, strict=True)]
+        )
+        steps = steps.to(self.device)
 
         def per_chain(value: Callable[[SampleOrder], float]) -> torch.Tensor:
-            return torch.cat([torch.full((state.order.n,), value(state.order)) for state in states])
+            return torch.cat(
+                [torch.full((size,), value(state.order)) for state, size in zip(states, sizes, strict=True)]
+            )
 
-        sizes = [job.n for job in jobs]
         velocity = None  # [B, *shape] once any chain here uses momentum (zeros: a chain at rest)
         if any(state.order.momentum for state in states):
             parts_at_rest = zip(states, x.split(sizes), strict=True)
             velocity = torch.cat(
-                [torch.zeros_like(part) if s.velocity is None else s.velocity for s, part in parts_at_rest]
+                [torch.zeros_like(part) if s.velocity is None else s.running(s.velocity) for s, part in parts_at_rest]
             )
-        labels = torch.cat([state.labels for state in states if state.labels is not None])  # [B]; -1: null label
+        labels = torch.cat([state.running(state.labels) for state in states if state.labels is not None])  # [B]
         moved = langevin_step(
             conditioned_energy(
                 self.modules[module_index], labels, per_chain(lambda order: order.guidance)
@@ -132,6 +138,8 @@ class LangevinPool(ChainPool):
         defaults = (sampler.step_size, sampler.noise, sampler.temperature, sampler.momentum, sampler.guidance)
         if (order.step_size, order.noise, order.temperature, order.momentum, order.guidance) != defaults:
             return False
+        if order.tolerance > sampler.tolerance:  # a looser stop than the checkpoint's leaves chains short of it
+            return False
         return order.init == "buffer" or (order.init == "noise" and order.steps >= sampler.steps)
 
     def _finish(self, job: Job) -> None:
@@ -145,4 +153,4 @@ class LangevinPool(ChainPool):
         else:
             self.buffer.release(state.slots)
         energy = None if state.energy is None else state.energy.cpu()
-        self._deliver(job, samples, job.done_steps, energy=energy)
+        self._deliver(job, samples, job.done_steps, energy=energy, chain_steps=state.chain_steps)

@@ -74,6 +74,7 @@ class SampleOrder:
     init: str = "noise"  # "buffer" | "noise" | "image"
     label: int | None = None  # class index for a class-conditional energy; None: its null (unconditional) label
     guidance: float = 1.0  # labelled chains: E(x) + guidance (E(x, y) - E(x))
+    tolerance: float = 0.0  # a chain stops once its RMS move in a step is below this; 0: every chain runs `steps`
     trajectory_every: int | None = None
     max_frames: int | None = None  # flows: an iterative inverse (i-ResNet) is thinned to this many frames
     start_image: torch.Tensor | None = None  # [*shape] in the data range, for init "image"
@@ -88,6 +89,7 @@ class Frame:
     steps: int  # the steps this request runs (a flow's: the states of its inverse)
     x: torch.Tensor  # [n, *shape] on the CPU
     energy: torch.Tensor | None  # [n] (EBMs past step 0)
+    stopped: list[int] = field(default_factory=list)  # chains (indices) that arrived before this step and stopped
 
     @property
     def nbytes(self) -> int:
@@ -105,6 +107,7 @@ class SampleResult:
     bits_per_dim: torch.Tensor | None = None  # [n] flows: -log2 p(sample) per dimension, 256 levels
     frames: list[torch.Tensor] = field(default_factory=list)  # trajectory states [n, *shape], at frame_steps
     frame_steps: list[int] = field(default_factory=list)
+    chain_steps: list[int] | None = None  # steps each chain ran (EBMs; fewer than `steps` where a chain stopped)
 
 
 Deliver = Callable[["SampleResult | BaseException"], None]  # called once, from the worker thread

@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+STEP_BUCKETS = (1, 5, 10, 20, 30, 35, 40, 45, 50, 60, 80, 100, 200, 500, 1000)
 CHAIN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
@@ -42,6 +43,13 @@ class Metrics:
             "Chains advanced together in one step",
             ["pool"],
             buckets=CHAIN_BUCKETS,
+            registry=r,
+        )
+        self.steps_per_chain = Histogram(
+            "samplebay_steps_per_chain",
+            "Langevin steps each answered EBM chain ran (fewer than asked where it stopped at its tolerance)",
+            ["pool"],
+            buckets=STEP_BUCKETS,
             registry=r,
         )
         self.buffer_size = Gauge("samplebay_buffer_size", "Samples in each replay buffer", ["pool"], registry=r)

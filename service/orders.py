@@ -151,6 +151,7 @@ async def make_order(body: SampleRequest, model: ServedModel, settings: Settings
         momentum=_given(body.momentum, sampler.momentum),
         label=body.label,
         guidance=_given(body.guidance, sampler.guidance),
+        tolerance=_given(body.tolerance, sampler.tolerance),
         init=body.init or sampler.init,
         trajectory_every=every,
         start_image=start_image,

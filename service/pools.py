@@ -48,11 +48,25 @@ class ChainState:
     frame_steps: list[int] = field(default_factory=list)
     known: torch.Tensor | None = None  # [1, *shape] pixels held fixed (inpainting)
     free: torch.Tensor | None = None  # [1, *shape] bool, True where chains move
+    moving: torch.Tensor | None = None  # [R] indices of the chains still stepping, on the device; None: all n
+    chain_steps: torch.Tensor | None = None  # [n] int64 on the CPU: steps each chain ran
+
+    def running(self, values: torch.Tensor) -> torch.Tensor:
+        """The rows [R, ...] of per-chain values [n, ...] that belong to the chains still stepping."""
+        return values if self.moving is None else values[self.moving]
+
+    def stopped_chains(self) -> list[int]:
+        """Indices of the chains that arrived before their last step, in order."""
+        if self.moving is None or self.chain_steps is None:
+            return []
+        still = set(self.moving.cpu().tolist())
+        return [index for index in range(len(self.chain_steps)) if index not in still]
 
     def keep_frame(self, step: int, steps: int, x: torch.Tensor, energy: torch.Tensor | None) -> None:
         x_cpu = x.detach().cpu()
         if self.on_frame is not None:
-            self.on_frame(Frame(step, steps, x_cpu, None if energy is None else energy.detach().cpu()))
+            energy_cpu = None if energy is None else energy.detach().cpu()
+            self.on_frame(Frame(step, steps, x_cpu, energy_cpu, self.stopped_chains()))
         else:
             self.frames.append(x_cpu)
             self.frame_steps.append(step)
@@ -147,9 +161,13 @@ class SamplerPool:
         steps: int,
         energy: torch.Tensor | None = None,
         bits_per_dim: torch.Tensor | None = None,
+        chain_steps: torch.Tensor | None = None,
     ) -> None:
-        """Answer a finished job: the one place a SampleResult is assembled."""
+        """Answer a finished job: the one place a SampleResult is assembled (and each chain's steps counted)."""
         state = state_of(job)
+        if chain_steps is not None:
+            for taken in chain_steps.tolist():
+                self.metrics.steps_per_chain.labels(self.name).observe(taken)
         state.deliver(
             SampleResult(
                 samples=samples,
@@ -160,6 +178,7 @@ class SamplerPool:
                 bits_per_dim=bits_per_dim,
                 frames=state.frames,
                 frame_steps=state.frame_steps,
+                chain_steps=None if chain_steps is None else chain_steps.tolist(),
             )
         )
 

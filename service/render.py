@@ -24,8 +24,9 @@ def finite_values(values: torch.Tensor, digits: int) -> list[float | None]:
 
 
 def frame_event(frame: Frame, data_range: tuple[float, float], dropped: int = 0) -> dict:
-    """One streamed trajectory frame: the grid at this step, each chain's energy (none at step 0), and how
-    many frames before it were dropped because the client read slower than they were made."""
+    """One streamed trajectory frame: the grid at this step, each chain's energy (none at step 0), the chains
+    that have stopped (arrived at their tolerance; frozen since), and how many frames before it were dropped
+    because the client read slower than they were made."""
     energies = None if frame.energy is None else finite_values(frame.energy, 6)
     known = [value for value in energies or [] if value is not None]
     return {
@@ -34,6 +35,7 @@ def frame_event(frame: Frame, data_range: tuple[float, float], dropped: int = 0)
         "energy": energies,
         "mean_energy": round(sum(known) / len(known), 6) if known else None,
         "grid": grid_b64(frame.x, data_range),
+        "stopped": frame.stopped,
         "dropped": dropped,
     }
 
@@ -63,6 +65,7 @@ def json_body(
         model=model,
         seed=seed,
         steps=result.steps,
+        chain_steps=result.chain_steps,
         images=[grid_b64(result.samples[i : i + 1], data_range) for i in range(len(result.samples))],
         energy=None if result.energy is None else finite_values(result.energy, 6),
         bits_per_dim=None if result.bits_per_dim is None else finite_values(result.bits_per_dim, 4),

@@ -3,7 +3,8 @@ window of one-shot samplers.
 
 As vLLM schedules tokens, this schedules Langevin steps: waiting requests join the running ones at the
 next step while the pool's chain budget (the chains it holds) allows, first come first served; a request
-leaves as soon as its own step count is done. Which running requests advance in a step is a separate
+leaves as soon as its own step count is done, or all its chains stopped (a stopped chain's place goes to
+waiting work at once). Which running requests advance in a step is a separate
 choice, under the step budget (the most chains one step advances: the step's cost), in priority order:
 fewest steps left first, each step a request sits out counting as `aging` steps fewer (so none starves).
 On a device whose step cost grows with its chains (a CPU), a short request stepped beside long ones pays
@@ -34,17 +35,23 @@ class Job:
     """One request's chains, as the scheduler sees them; `state` belongs to the executor."""
 
     n: int  # chains
-    steps: int  # Langevin steps each chain must take
+    steps: int  # Langevin steps each chain must take (with a tolerance: the most it may take)
     handle: Handle  # the deadline, and the cancel flag the HTTP side sets from its thread
     arrived: float
     done_steps: int = 0
     admitted_at: float = 0.0  # set when the job starts running
     sat_out: int = 0  # steps this running job has sat out since it last advanced
+    stopped: int = 0  # chains that arrived before their last step (the pool says which); they step no more
     state: Any = None
 
     @property
+    def running_chains(self) -> int:
+        """Chains this job still steps: what it costs a step and holds of the chain budget."""
+        return self.n - self.stopped
+
+    @property
     def finished(self) -> bool:
-        return self.done_steps >= self.steps
+        return self.done_steps >= self.steps or self.stopped >= self.n
 
     def priority(self, aging: float) -> float:
         """Lower runs first: steps left, less `aging` for every step sat out."""
@@ -92,7 +99,8 @@ class ChainScheduler:
 
     @property
     def running_chains(self) -> int:
-        return sum(job.n for job in self.running)
+        """Chains still moving: a job's stopped chains give their place to waiting work."""
+        return sum(job.running_chains for job in self.running)
 
     def has_work(self) -> bool:
         """Chains to step; for a windowed scheduler, a batch that is due (window over, or budget full)."""
@@ -161,12 +169,13 @@ class ChainScheduler:
         chosen: set[int] = set()
         urgent_chains = other_chains = 0
         for job in ranked:
-            if chosen and urgent_chains + other_chains + job.n > self.step_budget:
+            chains = job.running_chains
+            if chosen and urgent_chains + other_chains + chains > self.step_budget:
                 continue  # a smaller job further down may still fit
             if job.priority(self.aging) <= horizon:
-                urgent_chains += job.n
-            elif other_chains + job.n <= urgent_chains:
-                other_chains += job.n
+                urgent_chains += chains
+            elif other_chains + chains <= urgent_chains:
+                other_chains += chains
             else:
                 continue
             chosen.add(id(job))
@@ -180,7 +189,8 @@ class ChainScheduler:
         return stepping
 
     def update_from_output(self, stepped: list[Job]) -> list[Job]:
-        """Count the step each job took; return (and stop running) the jobs that are now done."""
+        """Count the step each job took; return (and stop running) the jobs that are now done: every chain took
+        its steps or stopped (the pool counts a job's `stopped` chains before this)."""
         done = []
         for job in stepped:
             job.done_steps += 1

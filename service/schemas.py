@@ -7,7 +7,17 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from training.sampling.sampler_config import GUIDANCE, INT32_MAX, MOMENTUM, NOISE, STEP_SIZE, STEPS, TEMPERATURE, Bounds
+from training.sampling.sampler_config import (
+    GUIDANCE,
+    INT32_MAX,
+    MOMENTUM,
+    NOISE,
+    STEP_SIZE,
+    STEPS,
+    TEMPERATURE,
+    TOLERANCE,
+    Bounds,
+)
 
 
 def _override(bounds: Bounds, description: str | None = None) -> Any:
@@ -39,6 +49,11 @@ class SampleRequest(BaseModel):
     noise: float | None = _override(NOISE)  # std of the noise per step; the data range is about [-1, 1]
     momentum: float | None = _override(MOMENTUM)  # heavy-ball Langevin; 0 = plain steps
     guidance: float | None = _override(GUIDANCE, "with a label: E(x) + w (E(x, y) - E(x))")
+    tolerance: float | None = _override(
+        TOLERANCE,
+        "EBMs: a chain stops once its RMS move in one step (over the pixels it may change) falls below this; "
+        "`steps` is then the most it runs (0: every chain runs `steps`)",
+    )
     init: Literal["buffer", "noise", "image"] | None = None
     image: str | None = Field(None, description="init 'image': base64 PNG/JPEG (a data: URL is fine)")
     mask: str | None = Field(
@@ -77,6 +92,7 @@ EBM_ONLY_FIELDS = (
     "noise",
     "momentum",
     "guidance",
+    "tolerance",
     "init",
     "image",
     "mask",
@@ -96,7 +112,8 @@ class SampleResponse(BaseModel):
     images: list[str]  # base64 PNG, one per sample
     energy: list[float | None] | None = None  # EBM: energy of each sample at its last step; null if not finite
     bits_per_dim: list[float | None] | None = None  # flow: bits/dim of each sample (256 levels); null if not finite
-    steps: int | None = None
+    steps: int | None = None  # the most steps any chain ran
+    chain_steps: list[int] | None = None  # EBM: steps each image's chain ran (fewer than `steps` where it stopped)
     trajectory: list[list[str]] | None = None  # frames at steps 0, k, 2k, ... (and the last)
     trajectory_steps: list[int] | None = None
     timings: Timings

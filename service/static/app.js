@@ -291,7 +291,9 @@ function drawCurve() {
 function handleEvent(name, data) {
   if (name === "frame") {
     $("result").src = `data:image/png;base64,${data.grid}`;
-    $("step").textContent = `step ${data.step} / ${data.steps}`;
+    // Chains that arrived at their tolerance stop and freeze; say how many, beside the step.
+    const stopped = data.stopped && data.stopped.length ? ` · ${data.stopped.length} chains stopped` : "";
+    $("step").textContent = `step ${data.step} / ${data.steps}${stopped}`;
     if (data.mean_energy != null) {
       state.energies.push([data.step, data.mean_energy]);
       $("energy-now").textContent = `${state.energyName} = ${data.mean_energy.toFixed(4)}`;
@@ -299,7 +301,10 @@ function handleEvent(name, data) {
     }
   } else if (name === "done") {
     $("result").src = `data:image/png;base64,${data.grid}`;
-    $("step").textContent = `done: ${data.steps} steps, seed ${data.seed}`;
+    const perChain = data.chain_steps || [];
+    const mean = perChain.length ? perChain.reduce((sum, steps) => sum + steps, 0) / perChain.length : data.steps;
+    const ran = mean < data.steps ? `at most ${data.steps} steps (mean ${mean.toFixed(1)})` : `${data.steps} steps`;
+    $("step").textContent = `done: ${ran}, seed ${data.seed}`;
     fetch($("result").src).then((reply) => reply.blob()).then(showBlob);
   } else if (name === "error") {
     throw new Error(`${data.status}: ${data.detail}`);

@@ -65,6 +65,13 @@ def _add_ebm_sampler_flags(parser: argparse.ArgumentParser) -> None:
         help="labelled chains: E(x) + w (E(x, y) - E(x)); a CNF's v(x, t) + w (v(x, t, y) - v(x, t)) "
         "(default: the checkpoint's)",
     )
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        help="EBMs: a chain stops once its RMS move in a step is below this; --steps is then the most it runs "
+        "(0: fixed steps; default: the checkpoint's)",
+    )
 
 
 def _cmd_set_sampler(args: argparse.Namespace) -> None:

@@ -59,6 +59,8 @@ def run_evaluate(args: argparse.Namespace) -> None:
     ebm_sampler_report: dict[str, Any] = {"init": args.init, "steps": steps, "n": args.n}
     if isinstance(model.sampler, EBMSampler):
         ebm_sampler_report.update(step_size=model.sampler.step_size, noise=model.sampler.noise)
+        if model.sampler.tolerance:  # steps is then the most a chain ran
+            ebm_sampler_report["tolerance"] = model.sampler.tolerance
         if model.classes is not None:
             ebm_sampler_report["guidance"] = model.sampler.guidance
     if args.label is not None:

@@ -34,11 +34,14 @@ def labels_for(spec: str | None, n: int, model) -> torch.Tensor | None:
 
 
 def override_sampler(members: list, args: argparse.Namespace) -> None:
-    """--step-size, --noise and --guidance (EBMs; a CNF takes --guidance) replace the checkpoints' own for this
-    command only."""
+    """--step-size, --noise, --guidance and --tolerance (EBMs; a CNF takes --guidance) replace the checkpoints'
+    own for this command only."""
     if members[0].config.family == "flow":
-        if args.step_size is not None or args.noise is not None:
-            raise ValueError("--step-size and --noise apply to EBMs and GAN DDLS; a flow takes --steps (a CNF's ODE)")
+        if args.step_size is not None or args.noise is not None or args.tolerance is not None:
+            raise ValueError(
+                "--step-size, --noise and --tolerance apply to EBMs (the first two to GAN DDLS too); a flow takes "
+                "--steps (a CNF's ODE)"
+            )
         sampler = members[0].sampler_as(FlowSampler)
         if args.guidance is not None:
             if sampler.solver is None:
@@ -48,7 +51,10 @@ def override_sampler(members: list, args: argparse.Namespace) -> None:
     gan = members[0].config.family == "gan"
     if gan and args.guidance is not None:
         raise ValueError("--guidance applies to class-conditional EBMs; a GAN takes --steps, --step-size, --noise")
-    changes = {key: getattr(args, key) for key in ("step_size", "noise", "guidance") if getattr(args, key) is not None}
+    if gan and args.tolerance is not None:
+        raise ValueError("--tolerance applies to EBMs; a GAN takes --steps, --step-size, --noise")
+    asked = ("step_size", "noise", "guidance", "tolerance")
+    changes = {key: getattr(args, key) for key in asked if getattr(args, key) is not None}
     for member in members if changes else []:
         member.sampler = dataclasses.replace(member.sampler_as(GANSampler if gan else EBMSampler), **changes)
 

@@ -178,8 +178,10 @@ def sample_ebm(
     callback: StepCallback | None = None,
     labels: torch.Tensor | None = None,
     buffer: ReplayBuffer | None = None,
+    chain_steps: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Run one chain per seed [B] for `steps` (default: the checkpoint's), from the checkpoint's prior
+    """Run one chain per seed [B] for `steps` (default: the checkpoint's; with its tolerance, the most each
+    chain runs, `chain_steps` [B] filled with what each ran), from the checkpoint's prior
     ('noise') or a replay buffer ('buffer': `buffer`, else the members' pooled ones), with counter-based
     noise: seeded chains follow the path they follow in the server. `labels` [B] condition a
     class-conditional energy."""
@@ -205,4 +207,4 @@ def sample_ebm(
     if labels is not None:
         labels = labels.to(device)
     energy = ensemble_energy([member.module for member in members], labels, sampler.guidance)
-    return sample_langevin(energy, start.to(device), sampler, first.data_range, noise, callback, steps)
+    return sample_langevin(energy, start.to(device), sampler, first.data_range, noise, callback, steps, chain_steps)

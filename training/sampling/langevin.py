@@ -8,7 +8,6 @@ it would alone.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -78,44 +77,109 @@ def langevin_step(
     return LangevinStep(moved, energy.detach(), velocity)
 
 
+def chain_moves(before: torch.Tensor, after: torch.Tensor, free: torch.Tensor | None = None) -> torch.Tensor:
+    """Each chain's RMS move in one step [B], sqrt(mean((x_{t+1} - x_t)^2)), between the states the chain holds
+    (after clamping); with `free` [1 or B, *shape] (inpainting) the mean is over the free pixels only."""
+    squared = (after - before).square()
+    if free is None:
+        return squared.flatten(1).mean(1).sqrt()
+    weight = free.to(squared.dtype).expand_as(squared).flatten(1)
+    return ((squared.flatten(1) * weight).sum(1) / weight.sum(1).clamp(min=1)).sqrt()
+
+
+def arrived(
+    before: torch.Tensor, after: torch.Tensor, tolerance: float, free: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Which chains [B] bool have arrived: their RMS move in this step fell below `tolerance` (0: none ever
+    does, so chains run their fixed steps). The one rule for the CLI's loop and the server's pools."""
+    if tolerance <= 0:
+        return torch.zeros(before.shape[0], dtype=torch.bool, device=before.device)
+    return chain_moves(before, after, free) < tolerance
+
+
+class EnsembleEnergy:
+    """The energy of chains that may leave the batch: step t moves under member t mod K (IGEBM's ensemble
+    sampling, the server's rule per chain), at the labels of the chains still running."""
+
+    def __init__(self, models: list[nn.Module], labels: torch.Tensor | None = None, guidance: Setting = 1.0) -> None:
+        self.models, self.labels, self.guidance = models, labels, guidance
+
+    def at(self, step: int, chains: torch.Tensor | None = None) -> EnergyFn:
+        """The energy of the chains at indices `chains` [R] (None: all) for step `step` (0-based)."""
+        labels = self.labels if chains is None or self.labels is None else self.labels[chains]
+        guidance = self.guidance
+        if chains is not None and isinstance(guidance, torch.Tensor):
+            guidance = guidance[chains]
+        return frozen_energy(self.models[step % len(self.models)], labels, guidance)
+
+
 def sample_langevin(
-    energy_fn: EnergyFn,
+    energy_fn: EnergyFn | EnsembleEnergy,
     x: torch.Tensor,
     settings: EBMSampler,
     data_range: tuple[float, float],
     noise: NoiseFn | torch.Generator | None = None,
     callback: StepCallback | None = None,
     steps: int | None = None,
+    chain_steps: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run `steps` (default `settings.steps`) Langevin steps from x; `callback(step, x, energy)` sees each.
 
     `noise` is a generator for torch.randn (training) or a function of (step, x) (counter-based noise, so
     seeded chains match the server's). Without clamping, the returned states are clamped to the data range.
+    With `settings.tolerance` > 0 a chain stops once it has `arrived` and `steps` is the most it runs: an
+    `EnsembleEnergy` then steps only the running chains (a plain energy is evaluated on all, stopped ones
+    kept). `chain_steps` [B] int64, when given, is filled with the steps each chain ran.
     """
     x = x.detach()
     velocity = None
+    running: torch.Tensor | None = None  # [R] indices of the chains still moving; None: all of them
+    taken = torch.zeros(x.shape[0], dtype=torch.int64)
+    energy = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
     for step in range(settings.steps if steps is None else steps):
         if callable(noise):
             eps = noise(step, x)
         else:
             source_device = noise.device if noise is not None else x.device
             eps = torch.randn(x.shape, generator=noise, device=source_device, dtype=x.dtype).to(x.device)
+        subset = running is not None and isinstance(energy_fn, EnsembleEnergy)
+        chosen = running if subset else None
+        step_energy = energy_fn.at(step, chosen) if isinstance(energy_fn, EnsembleEnergy) else energy_fn
+        before = x if chosen is None else x[chosen]
         moved = langevin_step(
-            energy_fn,
-            x,
-            eps,
+            step_energy,
+            before,
+            eps if chosen is None else eps[chosen],
             settings.step_size,
             settings.noise,
             settings.grad_clip,
             settings.temperature,
             data_range,
             settings.momentum,
-            velocity if settings.momentum else None,
+            (velocity if chosen is None else velocity[chosen]) if settings.momentum and velocity is not None else None,
             settings.clamp,
         )
-        x, velocity = moved.x, moved.velocity
+        if running is None:
+            previous, x, velocity, energy = x, moved.x, moved.velocity, moved.energy
+            taken += 1
+        else:
+            part = slice(None) if chosen is not None else running  # the running chains' rows of `moved`
+            previous = before[part]
+            x, energy = x.clone(), energy.clone()
+            x[running], energy[running] = moved.x[part], moved.energy[part]
+            if settings.momentum and velocity is not None:
+                velocity = velocity.clone()
+                velocity[running] = moved.velocity[part]
+            taken[running.cpu()] += 1
+        if settings.tolerance > 0:
+            moving = torch.arange(x.shape[0], device=x.device) if running is None else running
+            running = moving[~arrived(previous, x[moving], settings.tolerance)]
         if callback is not None:
-            callback(step + 1, x, moved.energy)
+            callback(step + 1, x, energy)
+        if running is not None and len(running) == 0:
+            break
+    if chain_steps is not None:
+        chain_steps.copy_(taken)
     return x if settings.clamp else x.clamp(*data_range)
 
 
@@ -159,13 +223,9 @@ def frozen_energy(model: nn.Module, labels: torch.Tensor | None = None, guidance
     return energy
 
 
-def ensemble_energy(models: list[nn.Module], labels: torch.Tensor | None = None, guidance: Setting = 1.0) -> EnergyFn:
+def ensemble_energy(
+    models: list[nn.Module], labels: torch.Tensor | None = None, guidance: Setting = 1.0
+) -> EnsembleEnergy:
     """IGEBM's ensemble sampling for chains that start together: step t moves under member t mod K.
     (The server applies the same rule per chain, since its chains join a batch at different steps.)"""
-    energies = [frozen_energy(model, labels, guidance) for model in models]
-    calls = itertools.count()
-
-    def energy(x: torch.Tensor) -> torch.Tensor:
-        return energies[next(calls) % len(energies)](x)
-
-    return energy
+    return EnsembleEnergy(models, labels, guidance)

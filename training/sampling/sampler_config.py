@@ -55,6 +55,7 @@ NOISE = Bounds(ge=0, le=10)  # std of the noise per step; the data range is abou
 MOMENTUM = Bounds(ge=0, le=0.999)  # heavy-ball Langevin; float32 < 1
 GUIDANCE = Bounds(ge=0, le=20)
 TEMPERATURE = Bounds(ge=0.001, le=100)
+TOLERANCE = Bounds(ge=0, le=10)  # RMS move per step in the data range's units; 0: no stop, every chain runs `steps`
 # Settings only a file gives.
 CHAIN_STEPS = Bounds(ge=1, le=INT32_MAX)  # an EBM's or a CNF's default steps
 POSITIVE = Bounds(gt=0)
@@ -106,7 +107,7 @@ class EBMSampler:
     """Langevin sampling of an energy-based model. Defaults from the UvA deep-EBM tutorial on MNIST (itself
     after Du & Mordatch 2019)."""
 
-    steps: int = 60  # Langevin steps of a request that does not say
+    steps: int = 60  # Langevin steps of a request that does not say (with a tolerance: the most a chain runs)
     step_size: float = 10.0  # x <- x - step_size * clip(grad E / T)
     noise: float = 0.005  # std of the Gaussian noise added before each gradient step (0: gradient descent)
     grad_clip: float | None = 0.03  # elementwise clip of the gradient; None: no clipping
@@ -119,6 +120,7 @@ class EBMSampler:
     momentum: float = 0.0  # heavy ball: v <- momentum * v - step_size * grad; x <- x + v (0: plain steps)
     clamp: bool = True  # clamp chains into the data range at every step (False: only the returned images)
     restart_prob: float = 0.05  # fraction of buffer-started chains restarted from noise
+    tolerance: float = 0.0  # a chain stops once its RMS move in a step is below this (training/sampling/langevin.py)
     train_steps: int | None = None  # steps per training iteration (recorded only)
 
     def __post_init__(self) -> None:
@@ -134,6 +136,7 @@ class EBMSampler:
                 "guidance": GUIDANCE,
                 "momentum": MOMENTUM,
                 "restart_prob": PROBABILITY,
+                "tolerance": TOLERANCE,
                 "train_steps": STEPS,
             },
         )

@@ -1,0 +1,198 @@
+"""The per-chain stop (`tolerance`): a chain stops once its RMS move in a step falls below it, leaves the batch,
+and its place goes to waiting work; seeded chains stop where their fixed-step path says, alone, batched and
+in the CLI; tolerance 0 is the fixed-step sampler, bit for bit."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from conftest import write_tiny_ebm, write_tiny_gan
+from server import running_server
+from test_hostile_clients import metric
+from test_worker import Bench, FakeClock
+
+from service.buffer_store import BufferStore
+from service.messages import Handle
+from service.metrics import Metrics
+from service.registry import load_registry
+from service.scheduler import ChainScheduler, Job
+from service.settings import Settings
+from service.worker import Worker
+from training.commands.set_sampler import set_sampler
+from training.runtime.checkpoint import load_checkpoint
+from training.runtime.draw import sample_ebm
+from training.sampling.langevin import chain_moves, langevin_step
+from training.sampling.noise import chain_gaussian, chain_seeds, chain_start
+from training.sampling.sampler_config import EBMSampler
+
+STEPS = 12
+REQUEST = {"model": "solo", "n": 4, "steps": STEPS, "seed": 5, "init": "noise"}
+
+
+def make_bench(tmp_path: Path, chain_budget: int = 64) -> Bench:
+    models = tmp_path / "models"
+    models.mkdir()
+    write_tiny_ebm(models / "solo.safetensors")
+    clock = FakeClock()
+    registry = load_registry(models, torch.device("cpu"))
+    worker = Worker(
+        registry, BufferStore(tmp_path / "state"), torch.device("cpu"), Metrics(), chain_budget, 16, 1e9, 0.5, clock
+    )
+    return Bench(worker, registry, clock)
+
+
+@pytest.fixture
+def bench(tmp_path: Path) -> Bench:
+    return make_bench(tmp_path)
+
+
+def run_until_answered(bench: Bench, answers: list) -> None:
+    for _ in range(10 * STEPS):
+        if answers:
+            return
+        bench.worker.run_once()
+    raise AssertionError("no answer")
+
+
+def tolerance_that_spreads(frames: list[torch.Tensor]) -> tuple[float, list[int]]:
+    """A tolerance between two measured moves (far from any) at which the chains stop at different steps, and
+    the step each chain stops at: the first whose move is below it (else the last)."""
+    moves = torch.stack([chain_moves(before, after) for before, after in itertools.pairwise(frames)])
+    values = sorted(set(moves.flatten().tolist()))
+    best: tuple[int, float, list[int]] = (0, 0.0, [])
+    for low, high in itertools.pairwise(values):
+        if high - low < 1e-3 * high:
+            continue  # too near a measured move: float noise of another batch could decide it
+        tolerance = (low + high) / 2
+        below = moves < tolerance  # [steps, n]
+        stops = [int(below[:, c].nonzero()[0]) + 1 if below[:, c].any() else len(moves) for c in range(moves.shape[1])]
+        spread = len(set(stops)) - (max(stops) == len(moves))
+        if spread > best[0]:
+            best = (spread, tolerance, stops)
+    assert best[0] >= 2, f"the tiny EBM's chains do not spread out: {moves}"
+    return best[1], best[2]
+
+
+def test_a_seeded_chain_stops_where_its_fixed_path_arrives_alone_batched_and_in_the_cli(bench: Bench) -> None:
+    fixed = bench.submit(**REQUEST, format="json", trajectory_every=1)
+    run_until_answered(bench, fixed)
+    frames = bench.result(fixed).frames  # [STEPS + 1] states [n, 1, 28, 28]
+    tolerance, stops = tolerance_that_spreads(frames)
+    expected = torch.stack([frames[stop][chain] for chain, stop in enumerate(stops)])
+
+    alone = bench.submit(**REQUEST, tolerance=tolerance)
+    run_until_answered(bench, alone)
+    assert bench.result(alone).chain_steps == stops and bench.result(alone).steps == max(stops)
+    torch.testing.assert_close(bench.result(alone).samples, expected, atol=1e-5, rtol=0)
+
+    pool = bench.worker.pools["solo"]
+    crowd = bench.submit(model="solo", n=3, steps=3 * STEPS, seed=9, init="noise", momentum=0.5)
+    bench.worker.run_once()
+    together = bench.submit(**REQUEST, tolerance=tolerance)
+    run_until_answered(bench, together)
+    assert pool.stats["max_jobs_in_step"] == 2 and not crowd  # it shared steps with chains that run on
+    assert bench.result(together).chain_steps == stops
+    torch.testing.assert_close(bench.result(together).samples, bench.result(alone).samples, atol=1e-5, rtol=0)
+
+    member = copy.copy(bench.registry.models["solo"].members[0])
+    member.sampler = dataclasses.replace(member.sampler_as(EBMSampler), tolerance=tolerance)
+    seeds = chain_seeds(REQUEST["seed"], REQUEST["n"])
+    taken = torch.zeros(len(seeds), dtype=torch.int64)
+    drawn = sample_ebm([member], seeds, STEPS, "noise", chain_steps=taken)
+    assert taken.tolist() == stops
+    torch.testing.assert_close(drawn, expected, atol=1e-5, rtol=0)
+
+
+def test_tolerance_zero_is_the_fixed_step_sampler_bit_for_bit(bench: Bench) -> None:
+    member = bench.registry.models["solo"].members[0]
+    sampler = member.sampler_as(EBMSampler)
+    seeds = chain_seeds(3, 5)
+    x = chain_start(seeds, member.shape, sampler, member.data_range)
+    with torch.no_grad():
+        for step in range(STEPS):  # the fixed-step loop as it was before the stop existed
+            eps = chain_gaussian(seeds, torch.full_like(seeds, step), member.shape)
+            x = langevin_step(member.module, x, eps, sampler.step_size, sampler.noise, sampler.grad_clip).x
+    taken = torch.zeros(5, dtype=torch.int64)
+    assert torch.equal(sample_ebm([member], seeds, STEPS, "noise", chain_steps=taken), x)
+    assert taken.tolist() == [STEPS] * 5
+
+    answers = [bench.submit(**REQUEST, **extra) for extra in ({}, {"tolerance": 0.0})]
+    for each in answers:
+        run_until_answered(bench, each)
+    default, zero = (bench.result(each) for each in answers)
+    assert torch.equal(default.samples, zero.samples) and zero.chain_steps == [STEPS] * 4
+
+
+def test_a_stopped_chain_gives_its_place_to_a_waiting_request_at_the_next_step() -> None:
+    clock = FakeClock()
+    scheduler = ChainScheduler(chain_budget=4, clock=clock)
+    first = Job(n=4, steps=STEPS, handle=Handle(100.0), arrived=0.0)
+    waiting = Job(n=1, steps=STEPS, handle=Handle(100.0), arrived=0.0)
+    scheduler.add(first)
+    scheduler.add(waiting)
+    plan = scheduler.schedule()
+    assert plan.running == [first] and list(scheduler.waiting) == [waiting]
+    first.stopped = 1  # the pool saw one chain arrive in this step
+    assert scheduler.update_from_output(plan.running) == []
+    plan = scheduler.schedule()
+    assert plan.admitted == [waiting] and plan.running == [first, waiting]  # the freed chain's place, at once
+    assert scheduler.running_chains == 4
+    first.stopped = 4
+    assert scheduler.update_from_output(plan.running) == [first]  # all its chains stopped: answered early
+
+
+def test_a_request_whose_chains_all_stop_frees_its_slots_for_the_next_step(tmp_path: Path) -> None:
+    bench = make_bench(tmp_path, chain_budget=4)
+    pool = bench.worker.pools["solo"]
+    early = bench.submit(**REQUEST, tolerance=10.0)  # every move is below 10: each chain stops after one step
+    later = bench.submit(**{**REQUEST, "seed": 6})
+    bench.worker.run_once()
+    assert bench.result(early).chain_steps == [1] * 4 and bench.result(early).steps == 1 and not later
+    bench.worker.run_once()  # the waiting request's chains run in the very next step
+    assert pool.scheduler.running[0].done_steps == 1 and pool.stats["chain_steps"] == 8
+
+
+def test_chain_steps_stopped_frames_and_the_histogram_through_http(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    write_tiny_ebm(models / "solo.safetensors")
+    write_tiny_gan(models / "gan.safetensors")
+    settings = Settings(models_dir=models, state_dir=tmp_path / "state", device="cpu")
+    with running_server(settings) as (base, _):
+        body = {"model": "solo", "n": 3, "steps": 6, "seed": 1, "init": "noise", "format": "json"}
+        fixed = httpx.post(f"{base}/sample", json=body, timeout=60).json()
+        assert fixed["chain_steps"] == [6, 6, 6] and fixed["steps"] == 6
+        early = httpx.post(f"{base}/sample", json={**body, "tolerance": 10.0}, timeout=60).json()
+        assert early["chain_steps"] == [1, 1, 1] and early["steps"] == 1
+        assert metric(base, 'samplebay_steps_per_chain_count{pool="solo"}') == 6
+        assert metric(base, 'samplebay_steps_per_chain_bucket{le="1.0",pool="solo"}') == 3
+        assert metric(base, 'samplebay_steps_per_chain_sum{pool="solo"}') == 3 * 6 + 3 * 1
+
+        stream = {**body, "stream": True, "trajectory_every": 1, "tolerance": 10.0}
+        with httpx.stream("POST", f"{base}/sample", json=stream, timeout=60) as reply:
+            events = [json.loads(line[5:]) for line in reply.iter_lines() if line.startswith("data:")]
+        frames = [event for event in events if "grid" in event and "images" not in event]
+        assert [frame["stopped"] for frame in frames] == [[], [0, 1, 2]]
+        assert events[-1]["chain_steps"] == [1, 1, 1]
+
+        for wrong, why in (({"tolerance": -1}, "tolerance"), ({"model": "gan", "tolerance": 0.1}, "'tolerance'")):
+            reply = httpx.post(f"{base}/sample", json={**body, **wrong}, timeout=60)
+            assert reply.status_code == 422 and why in reply.text
+
+
+def test_set_sampler_ships_a_tolerance_and_old_checkpoints_read_as_fixed_steps(tmp_path: Path) -> None:
+    path = write_tiny_ebm(tmp_path / "solo.safetensors")
+    assert load_checkpoint(path).config.sampler.get("tolerance") is None  # written before the stop existed
+    assert EBMSampler().tolerance == 0.0
+    changes, _ = set_sampler(path, ["tolerance=0.003"])
+    assert changes == {"tolerance": (0.0, 0.003)}
+    assert load_checkpoint(path).config.sampler["tolerance"] == 0.003
+    with pytest.raises(ValueError, match="tolerance"):
+        set_sampler(path, ["tolerance=-1"])
