@@ -9,6 +9,7 @@ evaluate and the trainer's grids alike.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -64,3 +65,123 @@ def integrate(
         if callback is not None:
             callback(step, x, t + dt)
     return x
+
+
+# --- An adaptive solver for what needs a tolerance, not a step count (the CNF likelihood) ---------------
+
+# Dormand & Prince (1980) 5(4): the nodes, the stage matrix, the 5th-order weights (also the 7th stage, so the
+# last evaluation of a step is the first of the next: "first same as last") and the 5th - 4th order weights.
+_DOPRI_NODES = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
+_DOPRI_STAGES = (
+    (),
+    (1 / 5,),
+    (3 / 40, 9 / 40),
+    (44 / 45, -56 / 15, 32 / 9),
+    (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
+    (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
+    (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84),
+)
+_DOPRI_ERROR = (
+    35 / 384 - 5179 / 57600,
+    0.0,
+    500 / 1113 - 7571 / 16695,
+    125 / 192 - 393 / 640,
+    -2187 / 6784 + 92097 / 339200,
+    11 / 84 - 187 / 2100,
+    -1 / 40,
+)
+# (state [b, N], times [b], rows [b] of the original batch) -> d state / dt [b, N]: rows let the function
+# pick each sample's own label or probe when only the samples still integrating are evaluated
+RowsField = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+ErrorNorm = Callable[[torch.Tensor], torch.Tensor]  # error / tolerance scale [b, N] -> [b]; <= 1 accepts
+
+
+def rms_norm(scaled_error: torch.Tensor) -> torch.Tensor:
+    return scaled_error.pow(2).mean(dim=1).sqrt()
+
+
+@dataclass
+class AdaptiveSolution:
+    """Where an adaptive solve ended, and what it cost each sample."""
+
+    state: torch.Tensor  # [B, N] at t1
+    evaluations: torch.Tensor  # [B] evaluations of the field each sample took part in (NFE)
+    accepted: torch.Tensor  # [B] accepted steps
+    rejected: torch.Tensor  # [B] rejected steps
+    batch_evaluations: int  # batched calls of the field (samples still integrating share each call)
+
+
+def dopri5(
+    field: RowsField,
+    state: torch.Tensor,  # [B, N] at t0
+    t0: float,
+    t1: float,
+    rtol: float,
+    atol: float,
+    error_norm: ErrorNorm = rms_norm,
+    max_steps: int = 10_000,
+) -> AdaptiveSolution:
+    """Dormand-Prince 5(4) with per-sample error control (Hairer, Norsett & Wanner, Solving ODEs I, II.4):
+    every sample has its own time and step size, a step is accepted when error_norm(err / (atol + rtol
+    max(|y|, |y_new|))) <= 1, and the step grows or shrinks by 0.9 norm^(-1/5) within [0.2, 10]; samples
+    that reached t1 leave the batch. Integrates backwards when t1 < t0. The first step is Hairer's estimate."""
+    if not (rtol > 0 and atol > 0):
+        raise ValueError(f"an adaptive ODE solve needs rtol > 0 and atol > 0, not rtol={rtol}, atol={atol}")
+    batch, device = state.shape[0], state.device
+    direction = 1.0 if t1 >= t0 else -1.0
+    y = state.clone()
+    t = torch.full((batch,), float(t0), dtype=torch.float64, device=device)
+    evaluations = torch.zeros(batch, dtype=torch.long, device=device)
+    accepted = torch.zeros_like(evaluations)
+    rejected = torch.zeros_like(evaluations)
+    calls = 0
+
+    def evaluate(points: torch.Tensor, times: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        evaluations[rows] += 1
+        return field(points, times.to(points.dtype), rows)
+
+    rows = torch.arange(batch, device=device)
+    first = evaluate(y, t, rows)  # [B, N]
+    # Hairer's initial step: h0 from the sizes of y and f, then a second-derivative estimate from one Euler step.
+    scale = atol + rtol * y.abs()
+    d0, d1 = error_norm(y / scale), error_norm(first / scale)
+    h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1).double()
+    h0 = h0.clamp(max=abs(t1 - t0))
+    probe = evaluate(y + direction * h0[:, None].to(y.dtype) * first, t + direction * h0, rows)
+    d2 = error_norm((probe - first) / scale).double() / h0
+    largest = torch.maximum(d1.double(), d2)
+    h1 = torch.where(largest <= 1e-15, torch.maximum(h0 * 1e-3, torch.full_like(h0, 1e-6)), (0.01 / largest) ** 0.2)
+    step = torch.minimum(100 * h0, h1).clamp(max=abs(t1 - t0))  # [B] sizes, > 0
+    slopes = first
+    for _ in range(max_steps):
+        remaining = (t1 - t) * direction  # [B] >= 0
+        rows = (remaining > 1e-12 * max(1.0, abs(t1 - t0))).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            break
+        h = torch.minimum(step[rows], remaining[rows])  # [b]: the last step lands on t1
+        signed = (direction * h)[:, None].to(y.dtype)  # [b, 1]
+        y0, times = y[rows], t[rows]
+        stages = [slopes[rows]]
+        for node, weights in zip(_DOPRI_NODES[1:], _DOPRI_STAGES[1:], strict=True):
+            increment = sum(w * k for w, k in zip(weights, stages, strict=False) if w != 0.0)
+            stages.append(evaluate(y0 + signed * increment, times + direction * node * h, rows))
+        y_new = y0 + signed * sum(w * k for w, k in zip(_DOPRI_STAGES[6], stages, strict=False) if w != 0.0)
+        error = signed * sum(w * k for w, k in zip(_DOPRI_ERROR, stages, strict=True) if w != 0.0)
+        norm = error_norm(error / (atol + rtol * torch.maximum(y0.abs(), y_new.abs()))).double()  # [b]
+        ok = norm <= 1.0
+        factor = (0.9 * norm.clamp(min=1e-10) ** -0.2).clamp(0.2, 10.0)
+        step[rows] = h * torch.where(ok, factor, factor.clamp(max=1.0))
+        taken = rows[ok]
+        y[taken] = y_new[ok]
+        landed = h[ok] >= remaining[taken]  # the last step: exactly t1, no rounding short of it
+        t[taken] = torch.where(landed, torch.full_like(h[ok], float(t1)), t[taken] + direction * h[ok])
+        slopes[taken] = stages[6][ok]  # first same as last
+        accepted[taken] += 1
+        rejected[rows[~ok]] += 1
+        if bool((step[rows] < 1e-12).any()):
+            raise FloatingPointError("dopri5: the step size fell below 1e-12; the field is not finite or too stiff")
+    else:
+        raise RuntimeError(f"dopri5: not at t={t1} after {max_steps} steps (rtol {rtol}, atol {atol})")
+    return AdaptiveSolution(y, evaluations, accepted, rejected, calls)

@@ -1,0 +1,167 @@
+"""The exact likelihood of a continuous normalizing flow: the instantaneous change of variables, integrated.
+
+Along dx/dt = v(x, t), d log p_t(x_t) / dt = -div v(x_t, t) (Chen et al. 2018), so a data point x(1) has
+log p_1(x(1)) = log N(x(0); 0, I) - integral_0^1 div v dt: the augmented state (x, log-det) is integrated
+backwards from the data (t = 1) to the prior (t = 0) by the adaptive Dormand-Prince solver of
+training/sampling/ode.py at a stated tolerance (a fixed-step path near the sharp field at t = 1 gives figures
+that are not the model's; see ../shared/notes/cnf-flow-matching.md). The divergence is exact (one
+vector-Jacobian product per dimension, batched by vmap) or Hutchinson's estimate (FFJORD, Grathwohl et al.
+2019) with Rademacher probes drawn once per sample from its seed and kept for the whole path.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from training.models.flows import bits_per_dim, dequantize
+from training.sampling.noise import chain_seeds, chain_uniform
+from training.sampling.ode import dopri5, rms_norm
+
+EXACT_TRACE_CHUNK = 64  # basis vectors per batched vector-Jacobian product of the exact trace
+
+
+def rademacher_probes(seeds: torch.Tensor, probes: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """+-1 probes [P, B, *shape], a pure function of each sample's seed (the same alone or batched)."""
+    uniform = chain_uniform(seeds, (probes, *shape), 0.0, 1.0)  # [B, P, *shape]
+    return torch.where(uniform < 0.5, -1.0, 1.0).transpose(0, 1).contiguous()
+
+
+def field_and_divergence(
+    field: nn.Module,
+    x: torch.Tensor,  # [b, *shape]
+    t: torch.Tensor,  # [b]
+    labels: torch.Tensor | None,  # [b], -1 = the null label
+    probes: torch.Tensor | None,  # [P, b, *shape] Rademacher probes, or None for the exact trace
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """v(x, t, y) [b, *shape] and its divergence [b]: exactly, as the sum of the Jacobian's diagonal read by
+    EXACT_TRACE_CHUNK basis vectors at a time, or mean_p e_p^T (dv/dx) e_p over the probes (unbiased)."""
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        velocity = field(x, t, labels)
+        if probes is not None:
+            (products,) = torch.autograd.grad(velocity, x, probes, is_grads_batched=True)  # [P, b, *shape]
+            return velocity.detach(), (products * probes).flatten(2).sum(2).mean(0)
+        dim = x[0].numel()
+        divergence = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+        for start in range(0, dim, EXACT_TRACE_CHUNK):
+            count = min(EXACT_TRACE_CHUNK, dim - start)
+            basis = torch.zeros(count, *x.shape, dtype=x.dtype, device=x.device)  # [k, b, *shape]
+            basis.view(count, x.shape[0], dim)[torch.arange(count), :, start + torch.arange(count)] = 1.0
+            last = start + count >= dim
+            (rows,) = torch.autograd.grad(velocity, x, basis, retain_graph=not last, is_grads_batched=True)
+            divergence += torch.diagonal(rows.flatten(2)[:, :, start : start + count], dim1=0, dim2=2).sum(1)
+        return velocity.detach(), divergence
+
+
+@dataclass
+class CNFLikelihood:
+    """Per-sample log-densities and what the solve cost."""
+
+    log_prob: torch.Tensor  # [B] log p_1(x) in nats, in the data space
+    prior_log_prob: torch.Tensor  # [B] log N(x(0); 0, I)
+    delta_log_prob: torch.Tensor  # [B] -integral_0^1 div v dt
+    evaluations: torch.Tensor  # [B] field evaluations (each with its divergence) per sample: NFE
+    batch_evaluations: int
+
+
+def _likelihood_norm(scaled_error: torch.Tensor) -> torch.Tensor:
+    """The larger of the x part's RMS and the log-det's own error: the log-det is one number among D, and an
+    RMS over all of them would barely control it (torchdiffeq's mixed norm over (x, log p) does the same)."""
+    return torch.maximum(rms_norm(scaled_error[:, :-1]), scaled_error[:, -1].abs())
+
+
+@torch.no_grad()
+def cnf_log_likelihood(
+    field: nn.Module,
+    x: torch.Tensor,  # [B, *shape] data points (at t = 1)
+    labels: torch.Tensor | None = None,  # [B] true labels, -1 or None = the null label
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    probes: int = 1,  # Rademacher probes of the Hutchinson trace; 0 = the exact trace
+    probe_seeds: torch.Tensor | None = None,  # [B] seeds of each sample's probes (default 0..B-1)
+) -> CNFLikelihood:
+    """log p(x | y) of a CNF with prior N(0, I) (the prior flow matching trained on), integrating (x, log-det)
+    from t = 1 to t = 0 by dopri5 with per-sample error control."""
+    if probes < 0:
+        raise ValueError(f"probes must be >= 1 for Hutchinson's trace or 0 for the exact trace, not {probes}")
+    batch, shape = x.shape[0], tuple(x.shape[1:])
+    dim = math.prod(shape)
+    seeds = chain_seeds(0, batch) if probe_seeds is None else probe_seeds
+    probe_vectors = rademacher_probes(seeds, probes, shape).to(x.device, x.dtype) if probes else None
+
+    def augmented(state: torch.Tensor, t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:  # [b, D + 1]
+        points = state[:, :dim].reshape(-1, *shape)
+        rows_labels = None if labels is None else labels[rows]
+        rows_probes = None if probe_vectors is None else probe_vectors[:, rows]
+        velocity, divergence = field_and_divergence(field, points, t, rows_labels, rows_probes)
+        return torch.cat([velocity.flatten(1), divergence[:, None]], dim=1)
+
+    start = torch.cat([x.flatten(1), torch.zeros(batch, 1, dtype=x.dtype, device=x.device)], dim=1)
+    solution = dopri5(augmented, start, 1.0, 0.0, rtol, atol, _likelihood_norm)
+    prior_point, delta = solution.state[:, :dim], solution.state[:, dim]  # delta = integral_1^0 div v dt
+    prior_log_prob = -0.5 * (prior_point.pow(2).sum(1) + dim * math.log(2 * math.pi))
+    log_prob = prior_log_prob + delta
+    return CNFLikelihood(log_prob, prior_log_prob, delta, solution.evaluations, solution.batch_evaluations)
+
+
+@dataclass
+class CNFBitsPerDim:
+    """Test bits/dim of a CNF and how they were computed (what `evaluate` prints and records)."""
+
+    bits_per_dim: torch.Tensor  # [N] per image
+    evaluations: torch.Tensor  # [N] NFE per image
+    rtol: float
+    atol: float
+    probes: int  # 0: exact trace
+    conditional: bool  # log p(x | true label) rather than log p(x) (the null label)
+
+    def report(self) -> dict[str, float | int | str]:
+        n = len(self.bits_per_dim)
+        return {
+            "bits_per_dim": round(self.bits_per_dim.mean().item(), 4),
+            "standard_error": round(self.bits_per_dim.std().item() / math.sqrt(n), 4) if n > 1 else 0.0,
+            "n": n,
+            "solver": "dopri5",
+            "rtol": self.rtol,
+            "atol": self.atol,
+            "trace": "exact" if self.probes == 0 else "hutchinson",
+            "probes": self.probes,
+            "nfe_mean": round(self.evaluations.double().mean().item(), 1),
+            "nfe_max": int(self.evaluations.max().item()),
+            "label": "true" if self.conditional else "null",
+        }
+
+
+def cnf_bits_per_dim(
+    field: nn.Module,
+    images: torch.Tensor,  # [N, *shape] 8-bit images in [-1, 1], as datasets load
+    labels: torch.Tensor | None = None,  # [N] true labels (conditional figure), None = the null label
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    probes: int = 1,
+    batch_size: int = 100,
+    seed: int = 0,
+) -> CNFBitsPerDim:
+    """Bits/dim of 8-bit images under a CNF, on the other flows' footing: one uniform dequantization draw
+    (training/models/flows.py `dequantize`, seeded, the global RNG left as it was) and `bits_per_dim`, which
+    adds the D log(2/256) of the scaling from [0, 256) to [-1, 1]. Probes are seeded per image."""
+    device = next(field.parameters()).device
+    was_training = field.training
+    field.eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        points = dequantize(images)  # [N, *shape], the whole set at once: independent of batch_size
+    seeds = chain_seeds(seed, len(images))
+    dim = math.prod(images.shape[1:])
+    bits, evaluations = [], []
+    for rows in torch.split(torch.arange(len(images)), batch_size):
+        chunk_labels = None if labels is None else labels[rows].to(device)
+        result = cnf_log_likelihood(field, points[rows].to(device), chunk_labels, rtol, atol, probes, seeds[rows])
+        bits.append(bits_per_dim(result.log_prob, dim).cpu())
+        evaluations.append(result.evaluations.cpu())
+    field.train(was_training)
+    return CNFBitsPerDim(torch.cat(bits), torch.cat(evaluations), rtol, atol, probes, labels is not None)
