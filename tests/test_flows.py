@@ -239,7 +239,8 @@ def test_every_flow_trains_on_toy_2d_data_with_default_settings(arch: str, tmp_p
 
 @pytest.mark.parametrize("arch", ["nice", "glow", "iresnet"])
 def test_flow_training_writes_a_checkpoint_with_test_bits_per_dim_and_resumes(arch: str, tmp_path, idx_dir) -> None:
-    from training.commands.cli import _config_from, build_parser
+    from training.commands.cli import build_parser
+    from training.commands.flags import config_from
     from training.runtime.checkpoint import load_checkpoint
     from training.runtime.draw import draw_samples
     from training.runtime.load import load_model
@@ -269,7 +270,7 @@ def test_flow_training_writes_a_checkpoint_with_test_bits_per_dim_and_resumes(ar
     resumed = load_checkpoint(train_flow(FlowTrainConfig(**config | {"epochs": 2, "resume": True})))
     assert resumed.config.training["epochs_done"] == 2 and resumed.config.arch["name"] == arch
     command = shlex.split(resumed.config.training["command"])  # the recorded command rebuilds the same run
-    parsed = _config_from(build_parser().parse_args(command[3:]), FlowTrainConfig)
+    parsed = config_from(build_parser().parse_args(command[3:]), FlowTrainConfig)
     assert parsed == FlowTrainConfig(**config | {"epochs": 2})
     samples = draw_samples(load_model(tmp_path / "nice.safetensors"), chain_seeds(0, 4))
     assert samples.shape == (4, 1, 28, 28) and samples.min() >= -1 and samples.max() <= 1
