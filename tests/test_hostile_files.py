@@ -267,3 +267,15 @@ def test_a_checkpoints_default_and_a_request_are_bounded_alike(field: str) -> No
         kind(**{field: outside})
     SampleRequest(model="m", **{field: edge})
     kind(**{field: edge})
+
+
+def test_a_build_refused_for_its_torch_calls_leaves_gradients_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The refusal is raised once: the calls that unwind the build (a no_grad block's exit) still run, so the
+    thread's grad mode is restored and training after it still has gradients."""
+    import training.models as models
+
+    for cap in range(20, 400, 9):  # refused at many points of the build, inside and outside no_grad blocks
+        monkeypatch.setattr(models, "MAX_BUILD_CALLS", cap)
+        with pytest.raises(models.ArchitectureTooLarge):
+            models.skeleton({"name": "iresnet", "kwargs": {"shape": SHAPE, "blocks": 2, "hidden": 8}})
+        assert torch.is_grad_enabled(), cap

@@ -79,7 +79,7 @@ class _BuildBudget(TorchFunctionMode):
         self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
         self.calls += 1
-        if self.calls > MAX_BUILD_CALLS:
+        if self.calls == MAX_BUILD_CALLS + 1:  # once: the calls that unwind the build (a no_grad's exit) must run
             raise self._refuse(f"{MAX_BUILD_CALLS:,} torch calls")
         return func(*args, **(kwargs or {}))
 
