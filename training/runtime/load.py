@@ -99,7 +99,14 @@ def _check_shapes(checkpoint: Checkpoint) -> None:
     if checkpoint.config.family == "gan" and "critic" in checkpoint.extras and "critic" in arch:
         groups.append(("critic", arch["critic"], checkpoint.extras["critic"]))  # DDLS's energy
     for group, group_arch, tensors in groups:
-        expected = {name: list(tensor.shape) for name, tensor in skeleton(group_arch).state_dict().items()}
+        try:
+            built = skeleton(group_arch)
+        except CheckpointError:
+            raise
+        except Exception as error:  # a config from a file: unknown kwargs or names, wrong types, past the limits
+            reason = f"{group}: arch {str(group_arch)[:60]!r} cannot be built: {first_line(error)}"
+            raise CheckpointError(reason) from error
+        expected = {name: list(tensor.shape) for name, tensor in built.state_dict().items()}
         missing = sorted(set(expected) - set(tensors))
         unexpected = sorted(set(tensors) - set(expected))
         if missing or unexpected:
