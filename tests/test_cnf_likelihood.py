@@ -116,5 +116,6 @@ def test_a_samples_likelihood_is_the_same_alone_and_batched() -> None:
     seeds = chain_seeds(7, 5)
     batched = cnf_log_likelihood(field, points, probes=2, probe_seeds=seeds, rtol=1e-4, atol=1e-4)
     alone = cnf_log_likelihood(field, points[3:4], probes=2, probe_seeds=seeds[3:4], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(alone.log_prob, batched.log_prob[3:4], rtol=1e-4, atol=1e-4)  # batched matmuls round apart (~4e-5 seen)
+    # batched matmuls round apart (~4e-5 seen on CI), so within the solve's own tolerance
+    torch.testing.assert_close(alone.log_prob, batched.log_prob[3:4], rtol=1e-4, atol=1e-4)
     assert alone.evaluations.item() == batched.evaluations[3].item()
