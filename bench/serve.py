@@ -48,11 +48,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from training.runtime.device import pick_device  # noqa: E402
-from training.runtime.draw import sample_generator  # noqa: E402
+from training.runtime.draw import sample_ebm, sample_generator  # noqa: E402
 from training.runtime.load import load_model  # noqa: E402
 from training.runtime.loaded import LoadedModel  # noqa: E402
-from training.sampling.langevin import langevin_step  # noqa: E402
-from training.sampling.noise import chain_gaussian, chain_start  # noqa: E402
 from training.sampling.sampler_config import EBMSampler  # noqa: E402
 
 
@@ -216,36 +214,32 @@ async def short_beside_long(
     )
 
 
-def raw_chain_steps_per_second(checkpoint: Path, device: torch.device, chains: int, steps: int) -> float:
-    """The in-process sampler alone (same step function, same per-chain noise) on one batch of `chains`."""
-    model = load_model(checkpoint, device)
-    sampler = model.sampler_as(EBMSampler)
-    seeds = torch.arange(chains, dtype=torch.int64)
-    x = chain_start(seeds, model.shape, sampler, model.data_range).to(device)
-    seeds = seeds.to(device)
+@dataclass
+class RawChains:
+    images_per_s: float
+    chain_steps_per_s: float  # steps the chains actually ran (a per-chain stop ends some early)
+    mean_steps: float  # per chain
 
-    def run(count: int) -> None:
-        nonlocal x
-        for step in range(count):
-            eps = chain_gaussian(seeds, torch.full_like(seeds, step), model.shape)
-            x = langevin_step(
-                model.module,
-                x,
-                eps,
-                sampler.step_size,
-                sampler.noise,
-                sampler.grad_clip,
-                sampler.temperature,
-                model.data_range,
-                clamp=sampler.clamp,
-            ).x
+
+def raw_chains(checkpoint: Path, device: torch.device, chains: int, steps: int | None) -> RawChains:
+    """The in-process sampler alone on one batch of `chains`: `sample_ebm`, the computation the server runs for a
+    request without a label (each seed's class, the checkpoint's guidance, members, tolerance and clamp; `steps`
+    None: the checkpoint's), so served/raw compares the same work."""
+    model = load_model(checkpoint, device)
+    seeds = torch.arange(chains, dtype=torch.int64)
+
+    def run(count: int | None) -> torch.Tensor:
+        taken = torch.zeros(chains, dtype=torch.int64)
+        sample_ebm([model], seeds, count, "noise", chain_steps=taken)
         if device.type == "cuda":
             torch.cuda.synchronize()
+        return taken
 
     run(3)  # warm-up
     started = time.perf_counter()
-    run(steps)
-    return chains * steps / (time.perf_counter() - started)
+    taken = run(steps)
+    wall = time.perf_counter() - started
+    return RawChains(chains / wall, float(taken.sum()) / wall, float(taken.double().mean()))
 
 
 def raw_images_per_second(model: LoadedModel, device: torch.device, batch: int, repeats: int = 3) -> float:
@@ -268,16 +262,15 @@ def raw_images_per_second(model: LoadedModel, device: torch.device, batch: int, 
     return batch * repeats / (time.perf_counter() - started)
 
 
-Row = tuple[int, int, float, float, float, float, float]  # level, requests, images/s, served, per CPU-s, p50, p99
+Row = tuple[int, int, float, float, float, float]  # level, requests, images/s, images per server CPU-s, p50, p99
 
 
 def measure(
-    args: argparse.Namespace, checkpoint: Path, body: dict, levels: list[int], step_budget: int
+    args: argparse.Namespace, checkpoint: Path, body: dict, levels: list[int], step_budget: int, model_steps: int
 ) -> tuple[list[Row], BesideLong | None]:
     """One server: every concurrency level, then (for an EBM) the short-beside-long row."""
     engine = ("--engine", args.engine, "--replicas", str(args.replicas), "--replica-cpus", str(args.replica_cpus))
     process, base = start_server(checkpoint, args.device, args.chain_budget, step_budget, args.threads, engine)
-    steps = body.get("steps", 1)
     try:
         asyncio.run(drive(base, body, 1, 2))  # warm-up
         rows = []
@@ -285,14 +278,15 @@ def measure(
             total = args.requests or max(8, 4 * level)
             cpu_started = cpu_seconds(process)
             wall, latencies = asyncio.run(drive(base, body, level, total))
-            work = total * args.n * steps
-            per_cpu = per_cpu_second(work, cpu_seconds(process) - cpu_started)
+            images = total * args.n
+            per_cpu = per_cpu_second(images, cpu_seconds(process) - cpu_started)
             p99 = sorted(latencies)[max(0, int(0.99 * len(latencies)) - 1)]
-            rows.append((level, total, total * args.n / wall, work / wall, per_cpu, statistics.median(latencies), p99))
+            rows.append((level, total, images / wall, per_cpu, statistics.median(latencies), p99))
         beside = None
-        if "steps" in body and args.beside_long:
-            long = body | {"steps": args.long_steps}
-            beside = asyncio.run(short_beside_long(base, body, long, args.beside_long, lambda: cpu_seconds(process)))
+        if "init" in body and args.beside_long:  # fixed steps, so the mix's work is known
+            short = body | {"steps": args.steps or model_steps, "tolerance": 0}
+            long = short | {"steps": args.long_steps}
+            beside = asyncio.run(short_beside_long(base, short, long, args.beside_long, lambda: cpu_seconds(process)))
     finally:
         process.terminate()
         process.wait(timeout=60)
@@ -310,7 +304,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models-dir", default="checkpoints")
     parser.add_argument("--model", default="ebm_mnist_seed0")
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=0, help="EBM steps per request (default: the checkpoint's)")
+    parser.add_argument(
+        "--tolerance", type=float, default=None, help="EBM per-chain stop (default: the checkpoint's; 0: fixed steps)"
+    )
     parser.add_argument("--n", type=int, default=4, help="samples per request")
     parser.add_argument("--levels", default="1,4,16", help="comma-separated concurrency levels")
     parser.add_argument("--requests", type=int, default=0, help="requests per level (default: 4 x level, min 8)")
@@ -341,10 +338,18 @@ def main() -> None:
     one_pass = model.config.family != "ebm"
     body = {"model": args.model, "n": args.n, "format": "png"}
     if not one_pass:
-        body |= {"steps": args.steps, "init": "noise"}
+        body |= {"init": "noise"}
+        if args.steps:
+            body |= {"steps": args.steps}
+        if args.tolerance is not None:
+            body |= {"tolerance": args.tolerance}
+    sampler = model.sampler_as(EBMSampler) if not one_pass else None
+    model_steps = sampler.steps if sampler is not None else 1
+    steps = args.steps or model_steps
+    tolerance = (sampler.tolerance if args.tolerance is None else args.tolerance) if sampler is not None else 0.0
     cpu = platform.processor() or platform.machine()
     gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else "none"
-    what = "one pass" if one_pass else f"{args.steps} steps"
+    what = "one pass" if one_pass else f"at most {steps} steps, tolerance {tolerance:g}"
     print(
         f"# {args.model} ({model.config.family}), {what}, n={args.n} per request, device {device} (GPU: {gpu}; "
         f"{os.cpu_count()} CPU cores, {cpu}; torch {torch.__version__}, threads {torch.get_num_threads()}; "
@@ -355,40 +360,42 @@ def main() -> None:
             else ")"
         )
     )
-    unit = "images/s" if one_pass else "chain-steps/s"
     beside_head = (
-        f"short alone s | short beside long s | beside/alone | long slowest s | long fastest s | mix {unit} "
+        "short alone s | short beside long s | beside/alone | long slowest s | long fastest s | mix chain-steps/s "
         "| mix per server CPU-s"
     )
-    beside_what = f"{args.steps} steps, n {args.n}, beside {args.beside_long} x {args.long_steps} steps"
+    beside_what = f"{steps} fixed steps, n {args.n}, beside {args.beside_long} x {args.long_steps} steps"
 
     if args.sweep:
         level = max(levels)
-        print(f"| step budget | {unit} at concurrency {level} | per server CPU-s | p50 latency s | {beside_head} |")
+        print(f"| step budget | images/s at concurrency {level} | per server CPU-s | p50 latency s | {beside_head} |")
         print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for budget in (int(each) for each in args.sweep.split(",")):
-            rows, beside = measure(args, checkpoint, body, [level], budget)
+            rows, beside = measure(args, checkpoint, body, [level], budget, model_steps)
             cells = beside_cells(beside) if beside else "- | - | - | - | - | - | -"
-            _, _, _, served, per_cpu, p50, _ = rows[0]
-            print(f"| {budget} | {served:.0f} | {per_cpu:.0f} | {p50:.3f} | {cells} |", flush=True)
+            _, _, images, per_cpu, p50, _ = rows[0]
+            print(f"| {budget} | {images:.1f} | {per_cpu:.1f} | {p50:.3f} | {cells} |", flush=True)
         return
 
-    rows, beside = measure(args, checkpoint, body, levels, args.step_budget)
-    baseline = rows[0][3]
+    rows, beside = measure(args, checkpoint, body, levels, args.step_budget, model_steps)
+    baseline = rows[0][2]
+    # Served chain-steps/s = served images/s x the raw run's mean steps per chain (the same computation).
     print(
-        f"| concurrency | requests | images/s | {unit} served | per server CPU-s | raw {unit} (batch) | served/raw "
-        "| speedup vs 1 | p50 latency s | p99 latency s |"
+        "| concurrency | requests | images/s served | raw images/s (batch) | served/raw | chain-steps/s served "
+        "| mean steps per chain | images per server CPU-s | speedup vs 1 | p50 latency s | p99 latency s |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for level, total, images, served, per_cpu, p50, p99 in rows:
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for level, total, images, per_cpu, p50, p99 in rows:
         batch = level * args.n
         if one_pass:
-            raw = raw_images_per_second(model, device, batch)
+            raw_images, mean_steps = raw_images_per_second(model, device, batch), 1.0
         else:
-            raw = raw_chain_steps_per_second(checkpoint, device, batch, args.steps)
+            raw = raw_chains(checkpoint, device, batch, args.steps or None)
+            raw_images, mean_steps = raw.images_per_s, raw.mean_steps
         print(
-            f"| {level} | {total} | {images:.1f} | {served:.0f} | {per_cpu:.0f} | {raw:.0f} ({batch}) "
-            f"| {served / raw:.2f} | {served / baseline:.2f}x | {p50:.3f} | {p99:.3f} |"
+            f"| {level} | {total} | {images:.2f} | {raw_images:.2f} ({batch}) | {images / raw_images:.2f} "
+            f"| {images * mean_steps:.0f} | {mean_steps:.1f} | {per_cpu:.2f} | {images / baseline:.2f}x "
+            f"| {p50:.3f} | {p99:.3f} |"
         )
     if beside:
         print(f"\n| short beside long | {beside_head} |")

@@ -2,9 +2,11 @@
 
 A chain stopped at its tolerance holds the state its fixed-step path had at that step (the same seeded noise;
 tests/test_chain_stop.py shows it), so one run of `--max-steps` steps, watched by a callback, gives every
-configuration's samples: fixed S steps (the state at S), an RMS-move stop at tau (the state at the first step
-whose RMS move sqrt(mean((x_{t+1} - x_t)^2)) is below tau: training/sampling/langevin.py's `arrived`), and an
-energy-change stop at delta (the first step whose |E_t - E_{t-1}| is below delta). FD and the rest are
+configuration's samples (one pass per --step-sizes x --momenta pair): fixed S steps (the state at S), an
+RMS-move stop at tau (the state at the first step whose RMS move sqrt(mean((x_{t+1} - x_t)^2)) is below tau:
+training/sampling/langevin.py's `arrived`), and an energy-change stop at delta (the first step whose
+|E_t - E_{t-1}| is below delta). For gradient descent without noise or momentum the RMS move is the step size
+times the RMS gradient, so a gradient-norm stop is the RMS-move stop at tau / step size. FD and the rest are
 `evaluate`'s (training/commands/quality.py) on `evaluate`'s seeds, labels and reference subset.
 
     python bench/stop_sweep.py checkpoints/eqm_mnist.safetensors --data-dir ../shared/data/mnist --n 1000 --threads 1
@@ -13,6 +15,7 @@ energy-change stop at delta (the first step whose |E_t - E_{t-1}| is below delta
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -77,6 +80,8 @@ def main() -> None:
     parser.add_argument("--fixed", type=int, nargs="*", default=[30, 40, 60])
     parser.add_argument("--rms-move", type=float, nargs="*", default=[0.002, 0.003, 0.004])
     parser.add_argument("--energy-change", type=float, nargs="*", default=[])
+    parser.add_argument("--step-sizes", type=float, nargs="*", default=[], help="one pass each (default: the model's)")
+    parser.add_argument("--momenta", type=float, nargs="*", default=[], help="heavy-ball momentum, one pass each")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = load_model(args.checkpoint, torch.device("cpu"))
@@ -90,37 +95,43 @@ def main() -> None:
     classifier = load_classifier()
     seeds = chain_seeds(args.seed, args.n)
     labels = chain_labels(model, seeds, None)  # evaluate's: each chain's seeded class (unlabelled: random)
-    results: dict = {}
-    began = time.perf_counter()
-    for part in torch.split(torch.arange(args.n), args.batch):
-        part_labels = None if labels is None else labels[part]
-        start = chain_start(seeds[part], model.shape, sampler, model.data_range)
-        watcher = Watcher(start, args.fixed, args.rms_move, args.energy_change)
-        final = sample_ebm([model], seeds[part], args.max_steps, "noise", callback=watcher, labels=part_labels)
-        watcher.finish(final, args.max_steps)
-        for rule in watcher.rules:
-            kept = results.setdefault(rule, ([], []))
-            kept[0].append(watcher.states[rule].clamp(*model.data_range))
-            kept[1].append(watcher.stopped_at[rule])
-    print(f"sampled {args.n} chains x {args.max_steps} steps in {time.perf_counter() - began:.0f} s", file=sys.stderr)
     evaluations = 2 if (model.classes is not None and sampler.guidance != 1.0) else 1
-    rows = []
-    for (kind, value), (states, stops) in results.items():
-        steps = torch.cat(stops).double()
-        figures = quality_figures(classifier, reference, torch.cat(states), labels).report()
-        rows.append(
-            {
-                "rule": kind,
-                "value": value,
-                "mean_steps": round(float(steps.mean()), 1),
-                "p50": int(steps.median()),
-                "p95": int(steps.quantile(0.95)),
-                "max": int(steps.max()),
-                "energy_evaluations_per_sample": round(float(steps.mean()) * evaluations, 1),
-                **figures,
-            }
-        )
-        print(json.dumps(rows[-1]), flush=True)
+    for step_size in args.step_sizes or [sampler.step_size]:
+        for momentum in args.momenta or [sampler.momentum]:
+            model.sampler = dataclasses.replace(sampler, step_size=step_size, momentum=momentum)
+            results: dict = {}
+            began = time.perf_counter()
+            for part in torch.split(torch.arange(args.n), args.batch):
+                part_labels = None if labels is None else labels[part]
+                start = chain_start(seeds[part], model.shape, sampler, model.data_range)
+                watcher = Watcher(start, args.fixed, args.rms_move, args.energy_change)
+                final = sample_ebm([model], seeds[part], args.max_steps, "noise", callback=watcher, labels=part_labels)
+                watcher.finish(final, args.max_steps)
+                for rule in watcher.rules:
+                    kept = results.setdefault(rule, ([], []))
+                    kept[0].append(watcher.states[rule].clamp(*model.data_range))
+                    kept[1].append(watcher.stopped_at[rule])
+            seconds = time.perf_counter() - began
+            print(
+                f"step {step_size:g}, momentum {momentum:g}: {args.n} chains x {args.max_steps} steps, {seconds:.0f} s",
+                file=sys.stderr,
+            )
+            for (kind, value), (states, stops) in results.items():
+                steps = torch.cat(stops).double()
+                figures = quality_figures(classifier, reference, torch.cat(states), labels).report()
+                row = {
+                    "step_size": step_size,
+                    "momentum": momentum,
+                    "rule": kind,
+                    "value": value,
+                    "mean_steps": round(float(steps.mean()), 1),
+                    "p50": int(steps.median()),
+                    "p95": int(steps.quantile(0.95)),
+                    "max": int(steps.max()),
+                    "energy_evaluations_per_sample": round(float(steps.mean()) * evaluations, 1),
+                    **figures,
+                }
+                print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

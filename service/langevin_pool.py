@@ -118,6 +118,7 @@ class LangevinPool(ChainPool):
             momentum=per_chain(lambda order: order.momentum),
             velocity=velocity,
             clamp=self.sampler.clamp,
+            nesterov=self.sampler.nesterov,
         )
         return moved
 

@@ -81,10 +81,10 @@ def test_serving_bench_drives_a_flow_and_prints_its_table(tmp_path: Path) -> Non
     rows = [line for line in printed if line.startswith("| 1 |") or line.startswith("| 2 |")]
     assert "images/s served" in printed[1] and len(rows) == 2
     cells = [cell.strip() for cell in rows[1].split("|")]
-    served, per_cpu_second, raw = float(cells[4]), float(cells[5]), float(cells[6].split()[0])
-    assert served > 0 and raw > 0
+    served, raw, ratio, per_cpu_second = float(cells[3]), float(cells[4].split()[0]), float(cells[5]), float(cells[8])
+    assert served > 0 and raw > 0 and abs(ratio - served / raw) <= 0.01 + 0.01 * ratio  # cells are rounded
     assert per_cpu_second > 0 or math.isnan(per_cpu_second)  # nan: under one clock tick of server CPU
-    assert cells[6].endswith("(4)")  # the raw batch: 2 requests x 2 samples
+    assert cells[4].endswith("(4)")  # the raw batch: 2 requests x 2 samples
 
 
 def test_serving_bench_times_a_short_request_alone_and_beside_long_ones(tmp_path: Path) -> None:

@@ -235,3 +235,19 @@ def test_buffer_chains_of_a_request_keep_the_class_of_their_slots_or_the_one_ask
     buffer.release(slots)
     _, slots, classes = buffer.start_chains(4, torch.Generator().manual_seed(0), None, torch.tensor([0, 0, 0, 0]))
     assert classes is not None and classes.tolist() == [3 if slot % 2 == 0 else 5 for slot in slots.tolist()]
+
+
+def test_nesterov_takes_the_gradient_at_the_look_ahead_point() -> None:
+    quad, x0, rest = quadratic_energy(), torch.full((1, 2), 0.8), torch.zeros(1, 2)
+    kwargs = {"grad_clip": None, "clamp": False, "momentum": 0.5}
+    first = langevin_step(quad, x0, rest, 0.1, 0.0, **kwargs, nesterov=True)
+    assert torch.allclose(first.x, x0 - 0.1 * x0)  # at rest the look-ahead is the point itself
+    second = langevin_step(quad, first.x, rest, 0.1, 0.0, **kwargs, velocity=first.velocity, nesterov=True)
+    look_ahead = first.x + 0.5 * first.velocity  # grad of |x|^2 / 2 is x
+    assert torch.allclose(second.velocity, 0.5 * first.velocity - 0.1 * look_ahead)
+    heavy_ball = langevin_step(quad, first.x, rest, 0.1, 0.0, **kwargs, velocity=first.velocity)
+    assert not torch.allclose(second.x, heavy_ball.x)
+    runs = sample_langevin(
+        quad, x0, EBMSampler(steps=2, step_size=0.1, noise=0.0, grad_clip=None, momentum=0.5, nesterov=True), (-1, 1)
+    )
+    assert torch.allclose(runs, second.x)  # the loop passes the setting on

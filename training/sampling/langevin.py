@@ -27,7 +27,7 @@ class LangevinStep:
     """What one step returns: the new states, the energy the step evaluated, and the heavy-ball velocity."""
 
     x: torch.Tensor  # [B, *shape]
-    energy: torch.Tensor  # [B] at the noised state
+    energy: torch.Tensor  # [B] where the gradient was taken: the noised state (with nesterov, its look-ahead)
     velocity: torch.Tensor  # [B, *shape]; feed it back as `velocity` for the chain's next step
 
 
@@ -50,28 +50,33 @@ def langevin_step(
     momentum: Setting = 0.0,
     velocity: torch.Tensor | None = None,  # [B, *shape] from the previous step; None: at rest
     clamp: bool = True,
+    nesterov: bool = False,
 ) -> LangevinStep:
     """x' = clamp(x + noise * eps); v <- momentum * v - step * clip(grad E(x') / T); x <- clamp(x' + v).
 
     The order (noise, gradient, clamp) follows Du & Mordatch 2019 and the UvA tutorial; momentum 0 is
     their plain step, and noise 0 is plain gradient descent. The gradient is taken with
     `torch.autograd.grad` w.r.t. the input only, so no parameter gradients are touched. With
-    `clamp=False` chains may leave the data range (the caller clamps what it returns).
+    `clamp=False` chains may leave the data range (the caller clamps what it returns). With `nesterov` the
+    gradient is taken at the look-ahead x' + momentum * v instead of x' (Nesterov 1983, in the form of Sutskever
+    et al. 2013; Equilibrium Matching samples with it); at rest, or at momentum 0, it is the plain step.
     """
     low, high = data_range
     noised = x + _per_chain(noise, x) * eps
     if clamp:
         noised = noised.clamp_(low, high)
-    noised = noised.detach().requires_grad_(True)
+    noised = noised.detach()
+    probe = noised if not nesterov or velocity is None else noised + _per_chain(momentum, x) * velocity
+    probe = probe.detach().requires_grad_(True)  # a leaf of its own: `noised` stays out of the graph
     with torch.enable_grad():
-        energy = energy_fn(noised)  # [B]
-        (grad,) = torch.autograd.grad(energy.sum(), noised)
+        energy = energy_fn(probe)  # [B]
+        (grad,) = torch.autograd.grad(energy.sum(), probe)
     grad = grad / _per_chain(temperature, x)
     if grad_clip is not None:
         grad = grad.clamp(-grad_clip, grad_clip)
     push = _per_chain(step_size, x) * grad
     velocity = -push if velocity is None else _per_chain(momentum, x) * velocity - push
-    moved = noised.detach() + velocity
+    moved = noised + velocity
     if clamp:
         moved = moved.clamp_(low, high)
     return LangevinStep(moved, energy.detach(), velocity)
@@ -158,6 +163,7 @@ def sample_langevin(
             settings.momentum,
             (velocity if chosen is None else velocity[chosen]) if settings.momentum and velocity is not None else None,
             settings.clamp,
+            settings.nesterov,
         )
         if running is None:
             previous, x, velocity, energy = x, moved.x, moved.velocity, moved.energy

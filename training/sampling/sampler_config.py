@@ -118,6 +118,7 @@ class EBMSampler:
     unlabelled: str = "null"  # a conditional energy asked for no label: "null" label (E(x)) | "random" class per chain
     guidance: float = 1.0  # labelled chains of a conditional energy: E(x) + w (E(x, y) - E(x)); 1: plain E(x, y)
     momentum: float = 0.0  # heavy ball: v <- momentum * v - step_size * grad; x <- x + v (0: plain steps)
+    nesterov: bool = False  # with momentum: the gradient at the look-ahead x + momentum * v (Nesterov; EqM's sampler)
     clamp: bool = True  # clamp chains into the data range at every step (False: only the returned images)
     restart_prob: float = 0.05  # fraction of buffer-started chains restarted from noise
     tolerance: float = 0.0  # a chain stops once its RMS move in a step is below this (training/sampling/langevin.py)
