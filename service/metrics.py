@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from service.registry import Registry
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 STEP_BUCKETS = (1, 5, 10, 20, 30, 35, 40, 45, 50, 60, 80, 100, 200, 500, 1000)
@@ -53,8 +58,35 @@ class Metrics:
             registry=r,
         )
         self.buffer_size = Gauge("samplebay_buffer_size", "Samples in each replay buffer", ["pool"], registry=r)
+        self.model_loaded = Gauge(
+            "samplebay_model_loaded_timestamp_seconds",
+            "When each served model's version was loaded (Unix time); the version is its file's digest prefix",
+            ["model", "version"],
+            registry=r,
+        )
+        self.model_scans = Counter(
+            "samplebay_model_scans", "Scans of the models directory (polls and POST /models/reload)", registry=r
+        )
+        self.model_changes = Counter(
+            "samplebay_model_changes",
+            "Model files added, replaced, removed, or failed to load, by the scans of the live models directory",
+            ["outcome"],
+            registry=r,
+        )
+        self._shown: set[tuple[str, str]] = set()  # (model, version) label pairs model_loaded holds now
 
     def observe_step(self, pool: str, chains: int) -> None:
         self.langevin_steps.labels(pool).inc()
         self.chain_steps.labels(pool).inc(chains)
         self.chains_per_step.labels(pool).observe(chains)
+
+    def show_models(self, registry: Registry) -> None:
+        """Each served model's version and load time, with the label pairs of versions no longer served removed."""
+        shown = set()
+        for model in registry.models.values():
+            if model.loaded_at is not None:
+                self.model_loaded.labels(model.name, model.version).set(model.loaded_at.timestamp())
+                shown.add((model.name, model.version))
+        for labels in self._shown - shown:
+            self.model_loaded.remove(*labels)
+        self._shown = shown

@@ -1,9 +1,11 @@
 """Checkpoints in the models directory -> served models, ensembles and the buffer groups they share.
 
-Any file there may be hostile, so start-up is bounded file by file: each is read and checked by the one loader
+Any file there may be hostile, so loading is bounded file by file: each is read and checked by the one loader
 (training/runtime/load.py: regular files inside the folder only, at most `max_model_bytes`, architectures
 rehearsed under build limits), and each loads in a thread of its own that is given up after
-`model_load_timeout_s`.
+`model_load_timeout_s`. That holds at start and for every file the live models directory loads later
+(service/model_watch.py): both go through `load_file`, and `assemble` makes the served names (ensembles
+regrouped) from whatever files are loaded at the time.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ import functools
 import logging
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
@@ -31,6 +34,7 @@ from training.sampling.replay_buffer import ReplayBuffer
 
 log = logging.getLogger(__name__)
 MAX_REASON_CHARS = 300  # a refusal is one line of /readyz, whatever the file made its error say
+VERSION_CHARS = 12  # a served version is this much of its digest (hex): what X-Model-Version and /models show
 Loaded = TypeVar("Loaded")
 
 
@@ -60,6 +64,9 @@ class ServedModel:
     family: str
     members: list[LoadedModel]
     group: str | None = None  # the BufferGroup (EBMs)
+    version: str = ""  # its file's digest prefix (an ensemble: its buffer group's); changes when the file does
+    pool_version: str = ""  # the version of the pool that runs it: its buffer group's (EBMs), else its own
+    loaded_at: datetime | None = None  # when its file (an ensemble: its newest member's) was loaded, UTC
 
     @property
     def config(self):
@@ -80,6 +87,11 @@ class ServedModel:
         """The worker pool that runs this model: its buffer group (EBMs) or its own name."""
         return self.group or self.name
 
+    @property
+    def pool_key(self) -> str:
+        """The pool and the version of it that runs this model: a replaced file's requests run on in the old one."""
+        return f"{self.pool}@{self.pool_version}"
+
 
 @dataclass
 class Registry:
@@ -88,8 +100,22 @@ class Registry:
     refused: dict[str, str] = field(default_factory=dict)  # file -> why it is not served
 
 
+@dataclass(frozen=True)
+class LoadedFile:
+    """One model file as loaded: the model, the digest of what was read (its version) and when."""
+
+    file: str  # the file's name in the models directory
+    model: LoadedModel
+    digest: str  # SHA-256 of the bytes read (a program's with its sidecar's): buffer_files.model_digest
+    loaded_at: datetime
+
+    @property
+    def version(self) -> str:
+        return self.digest[:VERSION_CHARS]
+
+
 def _in_time(path: Path, seconds: float, load: Callable[[], Loaded]) -> Loaded:
-    """load() in a daemon thread of its own, given up after `seconds`: start-up goes on without the file,
+    """load() in a daemon thread of its own, given up after `seconds`: loading goes on without the file,
     and the thread, every step of which is bounded, ends on its own without keeping the process alive."""
     results: list[Loaded] = []
     failures: list[BaseException] = []
@@ -106,7 +132,7 @@ def _in_time(path: Path, seconds: float, load: Callable[[], Loaded]) -> Loaded:
     threading.Thread(target=run, name=f"load {path.name}", daemon=True).start()
     if not finished.wait(seconds):
         raise CheckpointError(
-            f"{path.name} took longer than {seconds:g} s to load (model_load_timeout_s); start-up went on without it"
+            f"{path.name} took longer than {seconds:g} s to load (model_load_timeout_s); loading went on without it"
         )
     if failures:
         raise failures[0]
@@ -154,6 +180,78 @@ def signals_end_loading() -> Iterator[None]:
             signal.signal(number, handler)
 
 
+def model_files(models_dir: Path) -> list[Path]:
+    """The files a models directory serves: checkpoints, then torch.export programs (each beside its JSON
+    sidecar); names starting with a dot are left out (the temporary files of atomic saves)."""
+    checkpoints = sorted(models_dir.glob("*.safetensors"))
+    programs = sorted(models_dir.glob(f"*{PROGRAM_SUFFIX}"))
+    return [path for path in [*checkpoints, *programs] if not path.name.startswith(".")]
+
+
+def load_file(path: Path, models_dir: Path, device: torch.device, max_file_bytes: int, timeout_s: float) -> LoadedFile:
+    """One file, read and checked as every served file is, within `timeout_s`; CheckpointError (or whatever
+    the file made the loader raise) when it cannot be served."""
+    model, digest = _in_time(path, timeout_s, functools.partial(_load_file, path, models_dir, device, max_file_bytes))
+    return LoadedFile(path.name, model, digest, datetime.now(UTC))
+
+
+def refusal(error: BaseException) -> str:
+    """Why a file is not served, as one line of /readyz."""
+    return _one_line(error)
+
+
+def assemble(files: Mapping[str, LoadedFile], refused: Mapping[str, str] | None = None) -> Registry:
+    """The served names from the files loaded (file name -> LoadedFile): each file's model, and the buffer
+    groups of EBMs (an ensemble, or a lone EBM by itself) with their digests; `refused` is carried over.
+
+    Pure: called again whenever a file is added, replaced or removed, so ensembles regroup and a group's
+    digest (the key of its replay buffer) follows its members.
+    """
+    registry = Registry(refused=dict(refused or {}))
+    groups: dict[str, list[LoadedFile]] = {}
+    for loaded in sorted(files.values(), key=_serving_order):
+        model = loaded.model
+        if model.name in registry.models:  # a program and a checkpoint of one name: the checkpoint is served
+            registry.refused[loaded.file] = f"{model.name} is served from another file; rename one of the two"
+            continue
+        family = model.config.family
+        registry.models[model.name] = ServedModel(
+            model.name, family, [model], version=loaded.version, pool_version=loaded.version, loaded_at=loaded.loaded_at
+        )
+        if family == "ebm":
+            groups.setdefault(model.config.ensemble or model.name, []).append(loaded)
+    for group_name, members in groups.items():
+        names = [member.model.name for member in members]
+        problem = None
+        if len({tuple(member.model.shape) for member in members}) > 1:
+            problem = f"ensemble {group_name!r} mixes data shapes"
+        elif group_name in registry.models and names != [group_name]:
+            problem = f"ensemble name {group_name!r} is also a checkpoint's name; rename one"
+        if problem:
+            for member in members:
+                registry.models.pop(member.model.name, None)
+                registry.refused[member.file] = problem
+            continue
+        combined = group_digest(member.digest for member in members)
+        models = [member.model for member in members]
+        registry.groups[group_name] = BufferGroup(group_name, models, combined)
+        version = combined[:VERSION_CHARS]
+        for name in names:
+            registry.models[name].group = group_name
+            registry.models[name].pool_version = version
+        if group_name not in registry.models:  # an ensemble (a lone EBM is its own group, under its own version)
+            newest = max(member.loaded_at for member in members)
+            registry.models[group_name] = ServedModel(
+                group_name, "ebm", models, group=group_name, version=version, pool_version=version, loaded_at=newest
+            )
+    return registry
+
+
+def _serving_order(loaded: LoadedFile) -> tuple[bool, str]:
+    """Checkpoints before programs, each in name order: the order start-up has always loaded them in."""
+    return loaded.file.endswith(PROGRAM_SUFFIX), loaded.file
+
+
 def load_registry(
     models_dir: Path,
     device: torch.device,
@@ -162,45 +260,14 @@ def load_registry(
 ) -> Registry:
     """Load every checkpoint in models_dir, and every torch.export program `NAME.pt2` with its sidecar
     `NAME.json`; a file that cannot be served, in time or at all, is refused with a one-line reason."""
-    registry = Registry()
     if not models_dir.is_dir():
         raise FileNotFoundError(f"models directory {models_dir} does not exist")
-    groups: dict[str, list[tuple[LoadedModel, str]]] = {}
-    files: dict[str, str] = {}  # served name -> its file
-    programs = sorted(models_dir.glob(f"*{PROGRAM_SUFFIX}"))  # torch.export programs beside JSON sidecars
-    for path in [*sorted(models_dir.glob("*.safetensors")), *programs]:
+    files: dict[str, LoadedFile] = {}
+    refused: dict[str, str] = {}
+    for path in model_files(models_dir):
         try:
-            model, digest = _in_time(
-                path, load_timeout_s, functools.partial(_load_file, path, models_dir, device, max_file_bytes)
-            )
+            files[path.name] = load_file(path, models_dir, device, max_file_bytes, load_timeout_s)
         except Exception as error:  # one bad file must not keep the others from being served
-            registry.refused[path.name] = _one_line(error)
-            log.warning("not serving %s: %s", path.name, registry.refused[path.name])
-            continue
-        family = model.config.family
-        registry.models[model.name] = ServedModel(model.name, family, [model])
-        files[model.name] = path.name
-        if family == "ebm":
-            group_name = model.config.ensemble or model.name
-            groups.setdefault(group_name, []).append((model, digest))
-    for group_name, members in groups.items():
-        names = [member.name for member, _ in members]
-        problem = None
-        if len({tuple(member.shape) for member, _ in members}) > 1:
-            problem = f"ensemble {group_name!r} mixes data shapes"
-        elif group_name in registry.models and names != [group_name]:
-            problem = f"ensemble name {group_name!r} is also a checkpoint's name; rename one"
-        if problem:
-            for name in names:
-                registry.models.pop(name, None)
-                registry.refused[files[name]] = problem
-            continue
-        combined = group_digest(digest for _, digest in members)
-        registry.groups[group_name] = BufferGroup(group_name, [member for member, _ in members], combined)
-        for name in names:
-            registry.models[name].group = group_name
-        if group_name not in registry.models:
-            registry.models[group_name] = ServedModel(
-                group_name, "ebm", [member for member, _ in members], group=group_name
-            )
-    return registry
+            refused[path.name] = refusal(error)
+            log.warning("not serving %s: %s", path.name, refused[path.name])
+    return assemble(files, refused)

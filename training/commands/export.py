@@ -4,6 +4,7 @@ in which a server serves models trained elsewhere (training/runtime/exported.py 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from torch import nn
 
 from training.models.cnf import is_velocity_field
 from training.models.flows import Flow
-from training.runtime.checkpoint import first_line
+from training.runtime.checkpoint import atomic_write_bytes, first_line
 from training.runtime.exported import DATA_KEYS, PROGRAM_SUFFIX, SIDECAR_SUFFIX, load_exported
 from training.runtime.load import load_model
 from training.runtime.loaded import LoadedModel
@@ -96,10 +97,11 @@ def export_model(model: LoadedModel, out: str | Path) -> tuple[Path, Path]:
         sidecar["ensemble"] = model.config.ensemble
     if model.config.metrics:
         sidecar["metrics"] = model.config.metrics
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.export.save(program, out)
-    sidecar_path = out.with_suffix(SIDECAR_SUFFIX)
-    sidecar_path.write_text(json.dumps(sidecar, indent=2) + "\n")
+    archive = io.BytesIO()
+    torch.export.save(program, archive)
+    sidecar_path = out.with_suffix(SIDECAR_SUFFIX)  # written first: a server takes a program beside its sidecar
+    atomic_write_bytes(sidecar_path, (json.dumps(sidecar, indent=2) + "\n").encode())
+    atomic_write_bytes(out, archive.getvalue())
     return out, sidecar_path
 
 

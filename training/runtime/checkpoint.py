@@ -157,7 +157,13 @@ class Checkpoint:
 
 
 def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> None:
-    """Write, fsync, rename: a crash at any moment leaves the old file or the new one, never a torn one."""
+    """Write, fsync, rename: a crash at any moment leaves the old file or the new one, never a torn one, and a
+    reader that opens the path (a server watching its models directory) gets one of the two whole.
+
+    The finished file's mtime is set 1 ns before its ctime, so a watcher that polls can tell it is complete
+    at first sight (ctime after mtime: nothing wrote to it since; service/model_watch.py): the clock the
+    kernel stamps both with is coarse, and a write and its rename often share one tick.
+    """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
@@ -166,6 +172,8 @@ def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> None:
         with os.fdopen(descriptor, "wb") as handle:
             handle.write(payload)
             handle.flush()
+            written = os.fstat(handle.fileno())
+            os.utime(handle.fileno(), ns=(written.st_atime_ns, written.st_ctime_ns - 1))  # ctime becomes now
             os.fsync(handle.fileno())
         os.replace(temporary, target)
     except BaseException:
