@@ -24,7 +24,7 @@ from service.buffer_store import BufferStore
 from service.messages import CancelledByClient
 from service.metrics import Metrics
 from service.middleware import BearerKey, BodyLimits
-from service.orders import check_applicable, make_order
+from service.orders import accepted_fields, check_applicable, make_order
 from service.registry import Registry, ServedModel, load_registry, signals_end_loading
 from service.schemas import ErrorBody, ModelInfo, Readiness, SampleRequest, SampleResponse, field_limits
 from service.settings import Settings
@@ -110,6 +110,7 @@ def _model_info(model: ServedModel, worker: Worker, store: BufferStore, settings
         sampler=to_dict(model.members[0].sampler),
         classes=model.classes,
         latent_langevin=model.family == "gan" and model.members[0].critic is not None,
+        fields=accepted_fields(model),
         limits={
             "max_n": settings.max_n,
             "max_steps": settings.max_steps,

@@ -1,36 +1,52 @@
-"""What every pool of Langevin chains shares: one batched step for every running chain, requests joining
-and leaving at step boundaries, each request isolated from its neighbours in the batch.
+"""What every pool of chains shares: one batched step for every running chain, requests joining and leaving
+at step boundaries, each request isolated from its neighbours in the batch.
 
-Two kinds of chains move this way: images under an energy (service/langevin_pool.py) and a GAN's latents
-under the energy its critic defines (DDLS, service/latent_pool.py). A subclass says how a job's chains
-start, what one batched step computes, what image a state shows, and how a finished job is answered.
+Three kinds of chains move this way: images under an energy (Langevin, service/langevin_pool.py), a GAN's
+latents under the energy its critic defines (DDLS, service/latent_pool.py), and a CNF's states along its ODE
+(service/ode_pool.py). A subclass says how a job's chains start, what one batched step computes, which pixels
+an inpainting step holds, what image a state shows, and how a finished job is answered.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Protocol
 
 import torch
 
 from service.messages import ChainDiverged
 from service.pools import SamplerPool, state_of
 from service.scheduler import Job
-from training.sampling.langevin import LangevinStep, arrived
-from training.sampling.sampler_config import EBMSampler, GANSampler
+from training.sampling.langevin import arrived
+from training.sampling.sampler_config import EBMSampler, FlowSampler, GANSampler
 
 log = logging.getLogger(__name__)
 
 
-class ChainPool(SamplerPool):
-    """Continuous batching of Langevin chains; every chain keeps its own settings, seed and velocity."""
+class ChainMove(Protocol):
+    """What one batched step of any kind of chain returns (a Langevin step's LangevinStep is one)."""
 
-    sampler: EBMSampler | GANSampler  # the checkpoint's defaults (named when chains diverge)
+    @property
+    def x(self) -> torch.Tensor: ...  # [B, *shape] the new states
+
+    @property
+    def energy(self) -> torch.Tensor | None: ...  # [B] what the step evaluated (Langevin); None for an ODE step
+
+    @property
+    def velocity(self) -> torch.Tensor | None: ...  # [B, *shape] heavy-ball velocity (Langevin); None for ODEs
+
+
+class ChainPool(SamplerPool):
+    """Continuous batching of chains; every chain keeps its own settings, seed and state."""
+
+    sampler: EBMSampler | GANSampler | FlowSampler  # the checkpoint's defaults (named when chains diverge)
+    exact_steps = False  # True: every chain takes all its steps (an ODE reaches t = 1), no tolerance stop
 
     def _start(self, job: Job) -> None:
         """Give an admitted job's chains their starting states (and keep frame 0 when asked)."""
         raise NotImplementedError
 
-    def _advance(self, module_index: int, jobs: list[Job]) -> LangevinStep:
+    def _advance(self, module_index: int, jobs: list[Job]) -> ChainMove:
         """The batched step itself; changes no job's state, so a failed batch can be retried job by job."""
         raise NotImplementedError
 
@@ -42,8 +58,15 @@ class ChainPool(SamplerPool):
         """Answer a job whose chains took all their steps."""
         raise NotImplementedError
 
+    def _hold_known(self, job: Job, x: torch.Tensor) -> torch.Tensor:
+        """Inpainting: a job's running chains' new states [R, *shape] with the known pixels put back as they
+        are (a Langevin chain's known pixels never move)."""
+        state = state_of(job)
+        assert state.free is not None and state.known is not None
+        return torch.where(state.free, x, state.known)
+
     def step(self) -> None:
-        """Schedule, execute one Langevin step for every running chain, and hand out what finished."""
+        """Schedule, execute one step for every running chain, and hand out what finished."""
         plan = self.scheduler.schedule()
         self._admit(plan.admitted, plan.dropped)
         for job in plan.admitted:
@@ -63,7 +86,7 @@ class ChainPool(SamplerPool):
             self._finish(job)
 
     def _execute(self, module_index: int, jobs: list[Job]) -> list[Job]:
-        """One Langevin step for these jobs' chains in one batch; returns the jobs that stepped.
+        """One step for these jobs' chains in one batch; returns the jobs that stepped.
 
         Requests are isolated from their neighbours in the batch: when the batch raises, each job is
         stepped alone, so only a request that fails by itself is answered with the failure; a job whose
@@ -73,26 +96,30 @@ class ChainPool(SamplerPool):
             moved = self._advance(module_index, jobs)
         except Exception as error:  # one failed batch must not take the worker down
             if len(jobs) > 1:
-                log.warning("Langevin batch of %d requests failed on %s; stepping each alone", len(jobs), self.name)
+                log.warning("chain batch of %d requests failed on %s; stepping each alone", len(jobs), self.name)
                 return [job for one in jobs for job in self._execute(module_index, [one])]
-            log.exception("Langevin batch of 1 request failed on %s", self.name)
+            log.exception("chain batch of 1 request failed on %s", self.name)
             self.fail(jobs, error)
             return []
         return self._commit(jobs, moved)
 
-    def _commit(self, jobs: list[Job], moved: LangevinStep) -> list[Job]:
+    def _commit(self, jobs: list[Job], moved: ChainMove) -> list[Job]:
         """Hand each job its part of the batched step (the rows of its running chains); stop the chains that
-        arrived (`arrived`, at the order's tolerance); end the jobs whose chains went non-finite."""
+        arrived (`arrived`, at the order's tolerance; never with `exact_steps`); end the jobs whose chains went
+        non-finite."""
         sizes = [job.running_chains for job in jobs]
-        finite = torch.isfinite(moved.x.flatten(1)).all(1) & torch.isfinite(moved.velocity.flatten(1)).all(1)  # [B]
-        parts = zip(jobs, moved.x.split(sizes), moved.energy.split(sizes), moved.velocity.split(sizes), strict=True)
+        finite = torch.isfinite(moved.x.flatten(1)).all(1)  # [B]
+        if moved.velocity is not None:
+            finite &= torch.isfinite(moved.velocity.flatten(1)).all(1)
+        parts = zip(jobs, moved.x.split(sizes), _rows(moved.energy, sizes), _rows(moved.velocity, sizes), strict=True)
         placed, stops = [], []
         for job, x_part, energy_part, velocity_part in parts:
             state = state_of(job)
             if state.free is not None and state.known is not None:
-                x_part = torch.where(state.free, x_part, state.known)  # inpainting: known pixels stay
+                x_part = self._hold_known(job, x_part)
             assert state.x is not None
-            stops.append(arrived(state.running(state.x), x_part, state.order.tolerance, state.free))
+            tolerance = 0.0 if self.exact_steps else state.order.tolerance
+            stops.append(arrived(state.running(state.x), x_part, tolerance, state.free))
             placed.append((x_part, energy_part, velocity_part))
         flags = torch.stack([finite, torch.cat(stops)]).cpu()  # one device sync per batch
         stepped, diverged = [], []
@@ -113,7 +140,12 @@ class ChainPool(SamplerPool):
         return stepped
 
     def _place(
-        self, job: Job, x: torch.Tensor, energy: torch.Tensor, velocity: torch.Tensor, stop: torch.Tensor
+        self,
+        job: Job,
+        x: torch.Tensor,
+        energy: torch.Tensor | None,
+        velocity: torch.Tensor | None,
+        stop: torch.Tensor,
     ) -> None:
         """Write a job's running chains' new states [R, ...] into its chains [n, ...]; stop those that arrived
         ([R] bool), so they leave the batch at the next step. With every chain running, the step's tensors are
@@ -127,12 +159,11 @@ class ChainPool(SamplerPool):
             state.velocity = velocity if state.order.momentum else None
             state.chain_steps += 1
         else:
-            assert state.energy is not None  # a chain stops after its first step at the earliest
-            state.x, state.energy = (
-                state.x.index_copy(0, state.moving, x),
-                state.energy.index_copy(0, state.moving, energy),
-            )
-            if state.order.momentum and state.velocity is not None:
+            state.x = state.x.index_copy(0, state.moving, x)
+            if energy is not None:
+                assert state.energy is not None  # a chain stops after its first step at the earliest
+                state.energy = state.energy.index_copy(0, state.moving, energy)
+            if state.order.momentum and state.velocity is not None and velocity is not None:
                 state.velocity = state.velocity.index_copy(0, state.moving, velocity)
             state.chain_steps[state.moving.cpu()] += 1
         if bool(stop.any()):
@@ -141,10 +172,17 @@ class ChainPool(SamplerPool):
             job.stopped = job.n - len(state.moving)
 
     def _diverged(self, job: Job) -> ChainDiverged:
+        """The answer to a job whose chains left the finite numbers (a Langevin chain's; the ODE pool says its own)."""
         order, sampler = state_of(job).order, self.sampler
+        assert not isinstance(sampler, FlowSampler)
         return ChainDiverged(
             f"the chains diverged at step {job.done_steps + 1} of {job.steps}: their states are no longer finite "
             f"under step_size {order.step_size:g}, noise {order.noise:g}, temperature {order.temperature:g}, "
             f"momentum {order.momentum:g}; try values nearer {self.name}'s defaults (step_size "
             f"{sampler.step_size:g}, noise {sampler.noise:g}, temperature {sampler.temperature:g})"
         )
+
+
+def _rows(values: torch.Tensor | None, sizes: list[int]) -> list[torch.Tensor | None]:
+    """Per-chain values [B, ...] split into each job's rows; None for every job when a step has none."""
+    return [None] * len(sizes) if values is None else list(values.split(sizes))

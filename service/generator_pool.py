@@ -1,6 +1,7 @@
-"""One-shot samplers, GAN generators and flow inverses: requests for one model that arrive within the
-scheduler's batching window run as one batch. Latents come from counter-based noise (training/noise.py),
-so a seeded request gets the same images whatever shares its batch, and the same as the CLI's."""
+"""One-shot samplers, GAN generators and the inverses of exact-inverse flows: requests for one model that
+arrive within the scheduler's batching window run as one batch. Latents come from counter-based noise
+(training/noise.py), so a seeded request gets the same images whatever shares its batch, and the same as the
+CLI's. A CNF is no one-shot sampler: its ODE chains step in service/ode_pool.py."""
 
 from __future__ import annotations
 
@@ -15,11 +16,9 @@ from service.metrics import Metrics
 from service.pools import SamplerPool, evenly_spaced, state_of
 from service.registry import ServedModel
 from service.scheduler import Job
-from training.models.cnf import is_velocity_field
 from training.models.flows import Flow, bits_per_dim
-from training.runtime.draw import chain_labels, integrate_cnf
 from training.sampling.noise import chain_seeds, latent_gaussian
-from training.sampling.sampler_config import FlowSampler, GANSampler
+from training.sampling.sampler_config import GANSampler
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +38,6 @@ class GeneratorPool(SamplerPool):
         self.shape = model.members[0].shape
         self.data_range = model.members[0].data_range
         self.gan = model.members[0].sampler_as(GANSampler) if model.family == "gan" else None
-        self.loaded = model.members[0]
 
     def job_steps(self, order: SampleOrder) -> int:
         return 1  # one pass of the generator or the flow's inverse
@@ -51,26 +49,10 @@ class GeneratorPool(SamplerPool):
         states if asked for (flows), and bits/dim (flows, from the same inverse pass)."""
         if self.gan is not None:
             return self.module(latent_gaussian(seeds, self.gan.latent_dim).mul(scale).to(self.device)), [], None
-        if is_velocity_field(self.module):  # a CNF: the whole ODE from its prior in one batch, each chain its class
-            return self._integrate(seeds, scale, keep_states)
         flow = self.module
-        assert isinstance(flow, Flow)
+        assert isinstance(flow, Flow)  # a CNF's field runs in its own pool of ODE chains (service/ode_pool.py)
         images, log_prob, states = flow.decode(flow.base_sample(seeds, scale).to(self.device), keep_states)
         return images, states, bits_per_dim(log_prob, math.prod(self.shape))
-
-    def _integrate(
-        self, seeds: torch.Tensor, scale: torch.Tensor, keep_states: bool
-    ) -> tuple[torch.Tensor, list[torch.Tensor], None]:
-        """A CNF's images [B, *shape] from seeds [B] at prior scales [B, 1], its solver's states if asked for.
-
-        Until the chain pools step ODE chains between requests, a CNF runs as a one-shot sampler: the
-        checkpoint's solver and steps, the class of each chain as its sampler's `unlabelled` says."""
-        states: list[torch.Tensor] = []
-        callback = (lambda step, x, t: states.append(x)) if keep_states else None
-        labels = chain_labels(self.loaded, seeds, None)
-        sampler = self.loaded.sampler_as(FlowSampler)
-        images = integrate_cnf(self.module, seeds, self.shape, sampler, labels, scale.flatten(), None, callback)
-        return images, states, None
 
     def step(self) -> None:
         """Run every admitted request through the generator in one batch.

@@ -59,21 +59,22 @@ class Handle:
 class SampleOrder:
     """What a client asked for, with every default already filled in from the checkpoint's sampler config.
 
-    Every family reads model, n, seed and temperature; the Langevin fields are read by the pools of chains
-    (an EBM's images, a GAN's latents under DDLS).
+    Every family reads model, n, seed and temperature; the Langevin fields are read by the pools of Langevin
+    chains (an EBM's images, a GAN's latents under DDLS); a CNF's ODE chains read steps, label, guidance, init,
+    the image and its mask, and trajectory_every.
     """
 
     model: ServedModel
     n: int
     seed: int
-    temperature: float
-    steps: int = 1  # Langevin steps (a GAN's DDLS steps: 0 for its plain pass); 1 for a flow's inverse
+    temperature: float  # an EBM's gradient is divided by it; a CNF's prior (a GAN's latent, a flow's base) scaled
+    steps: int = 1  # Langevin steps (a GAN's DDLS steps: 0 for its plain pass), a CNF's solver steps; 1: one pass
     step_size: float = 0.0
     noise: float = 0.0
     momentum: float = 0.0
     init: str = "noise"  # "buffer" | "noise" | "image"
-    label: int | None = None  # class index for a class-conditional energy; None: its null (unconditional) label
-    guidance: float = 1.0  # labelled chains: E(x) + guidance (E(x, y) - E(x))
+    label: int | None = None  # class index for a class-conditional energy or CNF; None: its sampler's unlabelled rule
+    guidance: float = 1.0  # labelled chains: E(x) + guidance (E(x, y) - E(x)); a CNF's v likewise
     tolerance: float = 0.0  # a chain stops once its RMS move in a step is below this; 0: every chain runs `steps`
     trajectory_every: int | None = None
     max_frames: int | None = None  # flows: an iterative inverse (i-ResNet) is thinned to this many frames
@@ -88,7 +89,7 @@ class Frame:
     step: int
     steps: int  # the steps this request runs (a flow's: the states of its inverse)
     x: torch.Tensor  # [n, *shape] on the CPU
-    energy: torch.Tensor | None  # [n] (EBMs past step 0)
+    energy: torch.Tensor | None  # [n] (EBMs and DDLS past step 0; a CNF's ODE chains have none)
     stopped: list[int] = field(default_factory=list)  # chains (indices) that arrived before this step and stopped
 
     @property

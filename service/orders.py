@@ -14,38 +14,84 @@ import torch
 from fastapi import HTTPException
 
 from service.messages import SampleOrder
+from service.ode_pool import runs_ode_chains
 from service.registry import ServedModel
-from service.schemas import DDLS_FIELDS, EBM_ONLY_FIELDS, SampleRequest
+from service.schemas import CNF_FIELDS, DDLS_FIELDS, EBM_ONLY_FIELDS, SampleRequest
 from service.settings import Settings
 from training.runtime.draw import default_latent_steps
 from training.runtime.images import decode_image, image_size
-from training.sampling.sampler_config import EBMSampler, GANSampler
+from training.sampling.sampler_config import EBMSampler, FlowSampler, GANSampler
 
 UNSTREAMED_FRAMES = 33  # a GIF or JSON body keeps a trajectory to at most this many frames
+
+
+def accepted_fields(model: ServedModel) -> list[str]:
+    """The request fields a model reads beyond model, n, seed, format and stream (what /models lists): the
+    Langevin fields for an EBM, the DDLS ones for a GAN with a critic, the ODE's for a CNF; temperature for all;
+    label (and guidance) for a class-conditional energy or CNF."""
+    classes = model.classes is not None
+    if model.family == "ebm":
+        chain_fields = [name for name in EBM_ONLY_FIELDS if classes or name != "guidance"]
+    elif model.family == "gan":
+        chain_fields = list(DDLS_FIELDS) if model.members[0].critic is not None else []
+    elif runs_ode_chains(model):
+        chain_fields = [name for name in CNF_FIELDS if classes or name != "guidance"]
+    else:
+        chain_fields = []
+    return ["temperature", *(["label"] if classes else []), *chain_fields]
+
+
+def _inapplicable(name: str, model: ServedModel) -> str:
+    """Why a chain field does not apply to a model that does not read it."""
+    if model.family == "gan":
+        return f"'{name}' applies to EBMs (and to GANs with a critic); {model.name} is a gan model (one pass)"
+    if runs_ode_chains(model):
+        return (
+            f"'{name}' applies to Langevin chains (EBMs, GANs with a critic); {model.name} is a CNF, whose ODE "
+            f"takes {', '.join(accepted_fields(model))}"
+        )
+    return (
+        f"'{name}' applies to chains (EBMs, CNFs, GANs with a critic); {model.name} is a flow sampled by one pass "
+        "of its inverse, which takes temperature only"
+    )
 
 
 def check_applicable(body: SampleRequest, model: ServedModel, settings: Settings) -> None:
     """422 for fields that do not apply to the model's family or exceed the server's limits."""
     problems = []
     classes = model.classes
+    ode, gan = runs_ode_chains(model), model.family == "gan"
     if body.label is not None and classes is None:
         problems.append(f"'label' does not apply to {model.name}: it is an unconditional {model.family} model")
     elif body.label is not None and classes is not None and body.label >= len(classes):
         problems.append(
             f"'label' {body.label} is out of range for {model.name}: 0..{len(classes) - 1} ({', '.join(classes)})"
         )
-    if body.guidance is not None and model.family == "ebm" and classes is None:
-        problems.append(f"'guidance' applies to class-conditional energies; {model.name} is unconditional")
+    if body.guidance is not None and (model.family == "ebm" or ode) and classes is None:
+        kind = "energies" if model.family == "ebm" else "CNFs"
+        problems.append(f"'guidance' applies to class-conditional {kind}; {model.name} is unconditional")
     if body.init == "buffer" and model.family == "ebm" and not model.has_buffer:
         problems.append(f"init 'buffer' needs a replay buffer; {model.name} was trained without one (use 'noise')")
+    if body.init == "buffer" and ode:
+        problems.append(
+            f"init 'buffer' needs a replay buffer; {model.name} is a CNF, started from its prior (use 'noise')"
+        )
+    if ode and body.init == "image" and body.mask is None:
+        problems.append(
+            f"init 'image' for {model.name}, a CNF, completes a masked image: send a 'mask' (white marks the "
+            "pixels to fill in)"
+        )
     if model.family == "ebm" and body.steps == 0:
         problems.append(f"'steps' is 0; {model.name} is an EBM, whose chains take at least 1 Langevin step")
+    if ode and body.steps == 0:
+        problems.append(f"'steps' is 0; {model.name} is a CNF, whose ODE takes at least 1 solver step")
     if model.family != "ebm":
-        latent = DDLS_FIELDS if model.family == "gan" else ()
+        # An unconditional CNF's guidance and a critic-less GAN's DDLS fields have messages of their own.
+        accepted = accepted_fields(model) + (["guidance"] if ode else []) + list(DDLS_FIELDS if gan else ())
         problems += [
-            f"'{name}' applies to EBMs (and to GANs with a critic); {model.name} is a {model.family} model (one pass)"
+            _inapplicable(name, model)
             for name in EBM_ONLY_FIELDS
-            if name not in latent and getattr(body, name) is not None
+            if name not in accepted and getattr(body, name) is not None
         ]
     if model.family == "gan" and model.members[0].critic is None:
         asked = [name for name in DDLS_FIELDS if getattr(body, name) is not None and (name != "steps" or body.steps)]
@@ -79,10 +125,15 @@ def check_applicable(body: SampleRequest, model: ServedModel, settings: Settings
 
 
 def requested_steps(body: SampleRequest, model: ServedModel) -> int:
-    """Langevin steps: an EBM's, or a GAN's DDLS steps (0: one plain pass); 1 for a flow: one pass of its
-    inverse (whose trajectory, when asked for, reports the number of states the inverse went through)."""
+    """The steps a request's chains take: an EBM's Langevin steps, a GAN's DDLS steps (0: one plain pass), a
+    CNF's ODE solver steps; 1 for another flow: one pass of its inverse (whose trajectory, when asked for,
+    reports the number of states the inverse went through)."""
     if model.family == "gan":
         return default_latent_steps(model.members[0]) if body.steps is None else body.steps
+    if runs_ode_chains(model):
+        cnf_steps = model.members[0].sampler_as(FlowSampler).steps
+        assert cnf_steps is not None  # a CNF's sampler names its solver and steps together
+        return body.steps or cnf_steps
     if model.family != "ebm":
         return 1
     return body.steps or model.members[0].sampler_as(EBMSampler).steps
@@ -108,6 +159,26 @@ def _given(value: float | None, default: float) -> float:
     return default if value is None else value
 
 
+async def _start_image(body: SampleRequest, model: ServedModel) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """init "image": the uploaded image [*shape] in the data range and, with a mask, the pixels to fill in
+    ([*shape] bool); (None, None) without an image."""
+    if body.image is None:
+        return None, None
+    start_image, image_wh = await asyncio.to_thread(_decode_upload, "image", body.image, model)
+    if body.mask is None:
+        return start_image, None
+    mask, mask_wh = await asyncio.to_thread(_decode_upload, "mask", body.mask, model)
+    if mask_wh != image_wh:  # resizing one to the other would move the boundary it marks
+        raise HTTPException(
+            422,
+            detail=f"'mask' is {mask_wh[0]}x{mask_wh[1]} pixels and 'image' is "
+            f"{image_wh[0]}x{image_wh[1]}; a mask must be the size of its image",
+        )
+    low, high = model.members[0].data_range
+    # A pixel is free in every channel or none: a colour model's mask is read by its mean brightness.
+    return start_image, (mask.mean(0, keepdim=True) > (low + high) / 2).expand_as(mask)
+
+
 async def make_order(body: SampleRequest, model: ServedModel, settings: Settings, streaming: bool) -> SampleOrder:
     """The order the worker runs: the request's fields, the checkpoint's defaults for the rest."""
     steps = requested_steps(body, model)
@@ -125,26 +196,23 @@ async def make_order(body: SampleRequest, model: ServedModel, settings: Settings
             noise=_given(body.noise, ddls.noise),
             trajectory_every=every,
         )
+    if runs_ode_chains(model):  # a CNF: ODE chains from its prior (temperature: the prior's scale)
+        start_image, free_mask = await _start_image(body, model)
+        return order(
+            label=body.label,
+            guidance=_given(body.guidance, model.members[0].sampler_as(FlowSampler).guidance),
+            init=body.init or "noise",
+            trajectory_every=every,
+            start_image=start_image,
+            free_mask=free_mask,
+        )
     if model.family != "ebm":  # frames are the states of a flow's inverse, thinned evenly (a GAN has one)
         return order(
             trajectory_every=1 if wants_frames else None,
             max_frames=frame_limit(settings, streaming),
         )
     sampler = model.members[0].sampler_as(EBMSampler)
-    start_image = free_mask = None
-    if body.image is not None:
-        start_image, image_wh = await asyncio.to_thread(_decode_upload, "image", body.image, model)
-        if body.mask is not None:
-            mask, mask_wh = await asyncio.to_thread(_decode_upload, "mask", body.mask, model)
-            if mask_wh != image_wh:  # resizing one to the other would move the boundary it marks
-                raise HTTPException(
-                    422,
-                    detail=f"'mask' is {mask_wh[0]}x{mask_wh[1]} pixels and 'image' is "
-                    f"{image_wh[0]}x{image_wh[1]}; a mask must be the size of its image",
-                )
-            low, high = model.members[0].data_range
-            # A pixel is free in every channel or none: a colour model's mask is read by its mean brightness.
-            free_mask = (mask.mean(0, keepdim=True) > (low + high) / 2).expand_as(mask)
+    start_image, free_mask = await _start_image(body, model)
     return order(
         step_size=_given(body.step_size, sampler.step_size),
         noise=_given(body.noise, sampler.noise),

@@ -1,6 +1,7 @@
 """What every pool shares: the per-job state, one failure path, one way to hand out a result.
 
-A pool owns the chains of one buffer group (Langevin, service/langevin_pool.py) or one one-shot sampler
+A pool owns the chains of one buffer group (Langevin, service/langevin_pool.py), of one GAN's latents (DDLS,
+service/latent_pool.py) or of one CNF (service/ode_pool.py), or one one-shot sampler
 (service/generator_pool.py). The worker thread calls `has_work`, `step` and `fail_all`; the scheduler
 decides what each step runs.
 """
@@ -41,13 +42,14 @@ class ChainState:
     x: torch.Tensor | None = None  # [n, *shape] on the device
     velocity: torch.Tensor | None = None  # [n, *shape] heavy-ball velocity (momentum > 0)
     seeds: torch.Tensor | None = None  # [n] int64 chain seeds
-    labels: torch.Tensor | None = None  # [n] class per chain of a conditional energy (-1: its null label)
+    labels: torch.Tensor | None = None  # [n] class per chain of a conditional energy or CNF (-1: its null label)
     slots: torch.Tensor | None = None  # [n] replay-buffer slots (-1: not from the buffer)
     energy: torch.Tensor | None = None  # [n]
     frames: list[torch.Tensor] = field(default_factory=list)
     frame_steps: list[int] = field(default_factory=list)
     known: torch.Tensor | None = None  # [1, *shape] pixels held fixed (inpainting)
     free: torch.Tensor | None = None  # [1, *shape] bool, True where chains move
+    prior: torch.Tensor | None = None  # [n, *shape] a CNF chain's x(0): its known pixels' straight path starts there
     moving: torch.Tensor | None = None  # [R] indices of the chains still stepping, on the device; None: all n
     chain_steps: torch.Tensor | None = None  # [n] int64 on the CPU: steps each chain ran
 
@@ -117,7 +119,7 @@ class SamplerPool:
         return Job(n=order.n, steps=self.job_steps(order), handle=handle, arrived=self.clock(), state=state)
 
     def job_steps(self, order: SampleOrder) -> int:
-        """Steps the scheduler runs the order for: its Langevin steps by default."""
+        """Steps the scheduler runs the order for: its chains' steps (Langevin or ODE solver) by default."""
         return order.steps
 
     def member_indices(self, order: SampleOrder) -> list[int]:

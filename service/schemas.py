@@ -42,27 +42,34 @@ class SampleRequest(BaseModel):
     format: Literal["png", "json", "gif"] = "png"
     steps: int | None = _override(
         STEPS,
-        "Langevin steps, at most the server's max_steps: an EBM's (1 or more), or a GAN's DDLS steps "
-        "on its latent (0: one plain generator pass)",
+        "at most the server's max_steps: an EBM's Langevin steps (1 or more), a CNF's ODE solver steps "
+        "(1 or more), or a GAN's DDLS steps on its latent (0: one plain generator pass)",
     )
     step_size: float | None = _override(STEP_SIZE)
     noise: float | None = _override(NOISE)  # std of the noise per step; the data range is about [-1, 1]
     momentum: float | None = _override(MOMENTUM)  # heavy-ball Langevin; 0 = plain steps
-    guidance: float | None = _override(GUIDANCE, "with a label: E(x) + w (E(x, y) - E(x))")
+    guidance: float | None = _override(
+        GUIDANCE, "with a label: E(x) + w (E(x, y) - E(x)); a CNF's field v(x, t) + w (v(x, t, y) - v(x, t))"
+    )
     tolerance: float | None = _override(
         TOLERANCE,
         "EBMs: a chain stops once its RMS move in one step (over the pixels it may change) falls below this; "
         "`steps` is then the most it runs (0: every chain runs `steps`)",
     )
-    init: Literal["buffer", "noise", "image"] | None = None
+    init: Literal["buffer", "noise", "image"] | None = Field(
+        None, description="where chains start; a CNF: 'noise' (its prior) or 'image' with a 'mask' (inpainting)"
+    )
     image: str | None = Field(None, description="init 'image': base64 PNG/JPEG (a data: URL is fine)")
     mask: str | None = Field(
         None, description="with image, of the same size: white marks pixels to fill in, black pixels stay"
     )
     stream: bool = False  # Server-Sent Events: one event per trajectory frame, then the samples
-    temperature: float | None = _override(TEMPERATURE)  # the gradient is divided by it
+    temperature: float | None = _override(
+        TEMPERATURE,
+        "an EBM's gradient is divided by it; a GAN's latent, a flow's base sample and a CNF's prior are scaled by it",
+    )
     label: int | None = Field(
-        None, ge=0, le=INT32_MAX, description="class-conditional EBMs: an index into the model's classes"
+        None, ge=0, le=INT32_MAX, description="class-conditional EBMs and CNFs: an index into the model's classes"
     )
     trajectory_every: int | None = Field(None, ge=1, le=INT32_MAX)
 
@@ -83,9 +90,11 @@ def field_limits() -> dict[str, dict[str, float]]:
     return limits
 
 
-# Fields that only Langevin sampling reads; for a GAN, `temperature` scales the latent instead, and those of
-# DDLS_FIELDS drive Langevin steps on its latent when its checkpoint saved the critic.
+# Fields that only chains read (an EBM reads them all); for a GAN, `temperature` scales the latent instead, and
+# those of DDLS_FIELDS drive Langevin steps on its latent when its checkpoint saved the critic; a CNF's ODE
+# chains read those of CNF_FIELDS (guidance when it is class-conditional), a one-pass flow none.
 DDLS_FIELDS = ("steps", "step_size", "noise", "trajectory_every")
+CNF_FIELDS = ("steps", "guidance", "init", "image", "mask", "trajectory_every")
 EBM_ONLY_FIELDS = (
     "steps",
     "step_size",
@@ -130,6 +139,7 @@ class ModelInfo(BaseModel):
     sampler: dict
     classes: list[str] | None = None  # what `label` indexes; null for an unconditional model
     latent_langevin: bool = False  # a GAN whose critic was saved: `steps` > 0 refines its latents (DDLS)
+    fields: list[str] = []  # request fields it reads beyond model, n, seed, format and stream
     limits: dict
     metrics: dict
     buffer_size: int | None = None

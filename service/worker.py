@@ -30,6 +30,7 @@ from service.langevin_pool import LangevinPool
 from service.latent_pool import LatentPool, latent_pool_name, runs_in_latent_pool
 from service.messages import Deliver, FrameSink, Handle, QueueFull, SampleOrder, WorkerFailure
 from service.metrics import Metrics
+from service.ode_pool import OdePool, runs_ode_chains
 from service.pools import SamplerPool
 from service.registry import BufferGroup, Registry
 from service.scheduler import IDLE_SECONDS, Job, default_step_budget
@@ -80,7 +81,7 @@ class Worker:
         save_interval_s: float,
         batch_window_s: float,
         clock: Callable[[], float] = time.monotonic,
-        step_budget: int | None = None,  # chains per Langevin step; None: the device's default
+        step_budget: int | None = None,  # chains per step of the chain pools; None: the device's default
     ) -> None:
         self.store = store
         self.metrics = metrics
@@ -100,7 +101,11 @@ class Worker:
                 device.type, chain_budget
             )
         for name, model in registry.models.items():
-            if model.family in ("gan", "flow"):
+            if runs_ode_chains(model):  # a CNF: ODE chains stepped like Langevin chains
+                ode = OdePool(model, chain_budget, device, metrics, clock)
+                ode.scheduler.step_budget = step_budget or default_step_budget(device.type, chain_budget)
+                self.pools[name] = ode
+            elif model.family in ("gan", "flow"):
                 self.pools[name] = GeneratorPool(model, chain_budget, batch_window_s, device, metrics, clock)
             if model.family == "gan" and model.members[0].critic is not None:  # DDLS chains
                 latent = LatentPool(model, chain_budget, device, metrics, clock)

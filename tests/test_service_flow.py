@@ -1,4 +1,5 @@
-"""Flows through the server: inverse passes batched in a window, layer-by-layer trajectories, bits/dim."""
+"""Flows through the server: inverse passes batched in a window, layer-by-layer trajectories, bits/dim (a CNF's
+ODE chains: tests/test_service_ode.py)."""
 
 import base64
 import io
@@ -7,7 +8,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import torch
 from conftest import write_tiny_flow
 from PIL import Image
 from server import running_server
@@ -51,7 +51,13 @@ def test_flow_trajectory_is_every_layer_of_the_inverse(server) -> None:
 def test_langevin_fields_are_422_for_a_flow(server) -> None:
     base, _ = server
     reply = httpx.post(f"{base}/sample", json={"model": "nice", "steps": 10})
-    assert reply.status_code == 422 and "'steps' applies to EBMs (and to GANs with a critic)" in reply.text
+    assert reply.status_code == 422 and "'steps' applies to chains (EBMs, CNFs, GANs with a critic)" in reply.text
+    assert "one pass of its inverse, which takes temperature only" in reply.text
+    for field, value in (("guidance", 2.0), ("trajectory_every", 1), ("momentum", 0.5)):
+        reply = httpx.post(f"{base}/sample", json={"model": "nice", field: value})
+        assert reply.status_code == 422 and f"'{field}' applies to chains" in reply.text
+    nice = next(model for model in httpx.get(f"{base}/models").json() if model["name"] == "nice")
+    assert nice["fields"] == ["temperature"]
     image = base64.b64encode(b"not used").decode()
     assert httpx.post(f"{base}/sample", json={"model": "nice", "init": "image", "image": image}).status_code == 422
     hot = httpx.post(f"{base}/sample", json={"model": "nice", "temperature": 1e20})
@@ -81,43 +87,3 @@ def test_multiscale_flow_and_iresnet_are_served_with_trajectories(zoo_server) ->
     with httpx.stream("POST", f"{base}/sample", json={"model": "iresnet", "n": 1, "stream": True}) as response:
         names = [line[7:] for line in response.iter_lines() if line.startswith("event: ")]
     assert layers < names.count("frame") <= 65  # fixed-point iterations are frames, thinned to max_frames
-
-
-def write_tiny_cnf(path: Path) -> Path:
-    """A real (untrained, perturbed) class-conditional CNF checkpoint on 28x28 images, 3 midpoint steps."""
-    from training.models import build_model
-    from training.runtime.checkpoint import Checkpoint, ModelConfig, save_checkpoint
-
-    torch.manual_seed(0)
-    arch = {"name": "unet_velocity", "kwargs": {"channels": 1, "width": 8, "num_classes": 10, "embedding_dim": 16}}
-    field = build_model(arch)
-    with torch.no_grad():
-        for parameter in field.parameters():
-            parameter.add_(0.05 * torch.randn_like(parameter))
-    config = ModelConfig(
-        family="flow",
-        arch=arch,
-        data={"shape": [1, 28, 28], "range": [-1.0, 1.0], "dataset": "fake", "classes": [str(k) for k in range(10)]},
-        sampler={"temperature": 1.0, "steps": 3, "solver": "midpoint", "unlabelled": "random"},
-        training={"seed": 0},
-    )
-    save_checkpoint(path, Checkpoint(config, field.state_dict()))
-    return path
-
-
-def test_a_cnf_is_served_and_its_seeded_samples_equal_the_cli_s(models_dir: Path, tmp_path: Path) -> None:
-    from training.runtime.draw import draw_samples
-    from training.runtime.load import load_model
-    from training.sampling.noise import chain_seeds
-
-    path = write_tiny_cnf(models_dir / "cnf.safetensors")
-    settings = Settings(models_dir=models_dir, state_dir=tmp_path / "state", device="cpu")
-    with running_server(settings) as (base, _):
-        body = httpx.post(f"{base}/sample", json={"model": "cnf", "n": 3, "format": "json", "seed": 5})
-        assert body.status_code == 200, body.text
-        served = np.stack([np.asarray(Image.open(io.BytesIO(base64.b64decode(i)))) for i in body.json()["images"]])
-        gif = httpx.post(f"{base}/sample", json={"model": "cnf", "n": 2, "format": "gif", "seed": 5})
-        assert gif.status_code == 200 and Image.open(io.BytesIO(gif.content)).n_frames == 3  # one per solver step
-    samples = draw_samples(load_model(path), chain_seeds(5, 3))  # [3, 1, 28, 28] in [-1, 1]
-    expected = ((samples[:, 0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
-    assert np.abs(served.astype(int) - expected.astype(int)).max() <= 1  # batched convolutions round apart

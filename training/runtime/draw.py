@@ -57,6 +57,13 @@ def sample_generator(
         return model.module(z)
 
 
+def cnf_prior(seeds: torch.Tensor, shape: tuple[int, ...], temperature: float | torch.Tensor) -> torch.Tensor:
+    """A CNF's starting points x(0) ~ N(0, T^2 I) [B, *shape] (on the CPU) from counter-based noise of each
+    seed [B], T one for all or [B] per chain: where `integrate_cnf` and the server's ODE chains both start."""
+    scale = torch.as_tensor(temperature, dtype=torch.float32)
+    return chain_gaussian_start(seeds, shape) * scale.reshape(-1, *([1] * len(shape)))
+
+
 @torch.no_grad()
 def integrate_cnf(
     field: nn.Module,
@@ -73,9 +80,7 @@ def integrate_cnf(
     if sampler.solver is None or sampler.steps is None:
         raise ValueError("this flow's sampler declares no ODE solver and steps; it is not a CNF")
     device = next(field.parameters()).device
-    scale = torch.as_tensor(sampler.temperature if temperature is None else temperature, dtype=torch.float32)
-    start = chain_gaussian_start(seeds, shape) * scale.reshape(-1, *([1] * len(shape)))  # [B, *shape]
-    start = start.to(device)
+    start = cnf_prior(seeds, shape, sampler.temperature if temperature is None else temperature).to(device)
     velocity = guided_velocity(field, None if labels is None else labels.to(device), sampler.guidance)
     return integrate(velocity, start, sampler.steps if steps is None else steps, sampler.solver, callback)
 
