@@ -82,6 +82,7 @@ def main() -> None:
     parser.add_argument("--energy-change", type=float, nargs="*", default=[])
     parser.add_argument("--step-sizes", type=float, nargs="*", default=[], help="one pass each (default: the model's)")
     parser.add_argument("--momenta", type=float, nargs="*", default=[], help="heavy-ball momentum, one pass each")
+    parser.add_argument("--nesterov", action="store_true", help="momentum passes take the look-ahead gradient")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = load_model(args.checkpoint, torch.device("cpu"))
@@ -98,7 +99,8 @@ def main() -> None:
     evaluations = 2 if (model.classes is not None and sampler.guidance != 1.0) else 1
     for step_size in args.step_sizes or [sampler.step_size]:
         for momentum in args.momenta or [sampler.momentum]:
-            model.sampler = dataclasses.replace(sampler, step_size=step_size, momentum=momentum)
+            changes = {"step_size": step_size, "momentum": momentum, "nesterov": args.nesterov and momentum > 0}
+            model.sampler = dataclasses.replace(sampler, **changes)
             results: dict = {}
             began = time.perf_counter()
             for part in torch.split(torch.arange(args.n), args.batch):
@@ -122,6 +124,7 @@ def main() -> None:
                 row = {
                     "step_size": step_size,
                     "momentum": momentum,
+                    "nesterov": changes["nesterov"],
                     "rule": kind,
                     "value": value,
                     "mean_steps": round(float(steps.mean()), 1),
