@@ -4,6 +4,7 @@
 const $ = (id) => document.getElementById(id);
 const state = { models: [], controller: null, energies: [], energyName: "E", pngUrl: null };
 const LANGEVIN_FIELDS = ["steps", "step_size", "noise", "temperature"];
+const CHAIN_FIELDS = { ebm: LANGEVIN_FIELDS, ddls: LANGEVIN_FIELDS, cnf: ["steps", "temperature"] };  // sent when changed
 const MASKS = {  // [x, y, width, height] of the part to fill in, in units of the image side
   top: [0, 0, 1, 0.5], bottom: [0, 0.5, 1, 0.5], left: [0, 0, 0.5, 1], right: [0.5, 0, 0.5, 1],
 };
@@ -60,13 +61,15 @@ function bestModel(models) {
 
 function controlKind(model) {
   // Which controls apply: an EBM's Langevin chains ("ebm"); a GAN whose checkpoint saved its critic refines
-  // its latent z by Langevin steps on E(z) = ||z||^2/2 - d(G(z)) ("ddls", Che et al. 2020); otherwise the
-  // family, whose one pass takes none of them.
+  // its latent z by Langevin steps on E(z) = ||z||^2/2 - d(G(z)) ("ddls", Che et al. 2020); a continuous
+  // normalizing flow integrates its ODE in solver steps from its prior ("cnf"); otherwise the family, whose
+  // one pass takes none of them.
+  if (model.family === "flow" && model.sampler && model.sampler.solver) return "cnf";
   return model.family === "gan" && model.latent_langevin ? "ddls" : model.family;
 }
 
 function takesLangevinControls(model) {
-  return ["ebm", "ddls"].includes(controlKind(model));
+  return controlKind(model) in CHAIN_FIELDS;
 }
 
 function initChoice(value) {
@@ -113,7 +116,8 @@ function describeModel(model) {
   const buffer = model.buffer_size != null ? ` · buffer ${model.buffer_size}/${model.buffer_capacity}` : "";
   const classes = model.classes ? ` · ${model.classes.length} classes` : "";
   const ddls = controlKind(model) === "ddls" ? " · latents refined by its critic (DDLS)" : "";
-  return `${model.family}${members}${buffer}${classes}${ddls}${figures ? " · " + figures : ""}`;
+  const ode = controlKind(model) === "cnf" ? ` · CNF: ${model.sampler.solver} ODE steps from its prior` : "";
+  return `${model.family}${members}${buffer}${classes}${ddls}${ode}${figures ? " · " + figures : ""}`;
 }
 
 function showFamilyControls(model) {
@@ -187,7 +191,7 @@ function requestBody(extra = {}) {
   const model = currentModel();
   if (model && takesLangevinControls(model)) {
     const sampler = model.sampler || {};
-    for (const field of LANGEVIN_FIELDS) {
+    for (const field of CHAIN_FIELDS[controlKind(model)]) {
       const value = $(field).value;
       if (value !== "" && Number(value) !== sampler[field]) body[field] = Number(value);
     }
