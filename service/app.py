@@ -1,7 +1,9 @@
 """create_app(settings): routes and lifespan (load models, start and stop the worker).
 
 A request flows one way: HTTP -> schema (schemas.py) -> order (orders.py) -> worker (bridge.py, worker.py)
--> render (render.py) -> HTTP.
+-> render (render.py) -> HTTP. The models it can name are those of the live models directory
+(model_watch.py) as the worker last published them (served_models.py); each answer says in X-Model-Version
+which version served it.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import datetime
 from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Request
@@ -18,22 +21,26 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import Field
 
 from service.bridge import record, response_for, sample_result, stream
 from service.buffer_store import BufferStore
 from service.messages import CancelledByClient
 from service.metrics import Metrics
 from service.middleware import BearerKey, BodyLimits
+from service.model_watch import ModelRepository, ModelWatcher, ReloadReport
 from service.orders import accepted_fields, check_applicable, make_order
-from service.registry import Registry, ServedModel, load_registry, signals_end_loading
+from service.registry import Registry, ServedModel, signals_end_loading
 from service.schemas import ErrorBody, ModelInfo, Readiness, SampleRequest, SampleResponse, field_limits
+from service.served_models import ServedModels
 from service.settings import Settings
 from service.worker import Worker
 from training.runtime.device import pick_device
 from training.sampling.sampler_config import to_dict
 
 STATIC_DIR = Path(__file__).parent / "static"
-KEY_PROTECTED_PATHS = ("/sample",)  # with an API key set; health, readiness, metrics, models and the page stay open
+KEY_PROTECTED_PATHS = ("/sample", "/models/reload")  # with an API key; health, readiness, metrics, models, page open
+MODEL_VERSION_HEADER = "X-Model-Version"  # on every POST /sample answer: the version of the model that served it
 
 log = logging.getLogger("service")
 
@@ -72,6 +79,10 @@ SAMPLE_RESPONSES: dict[int | str, dict] = {
         "headers": {
             "X-Seed": {"description": "the seed the chains used", "schema": {"type": "integer"}},
             "X-Steps": {"description": "steps run (not on a stream)", "schema": {"type": "integer"}},
+            MODEL_VERSION_HEADER: {
+                "description": "the version (digest prefix) of the model that served it, as /models lists it",
+                "schema": {"type": "string"},
+            },
         },
     },
     400: {"model": ErrorBody, "description": "the body could not be read as text (not UTF-8)"},
@@ -95,12 +106,21 @@ SAMPLE_RESPONSES: dict[int | str, dict] = {
 }
 
 
-def _model_info(model: ServedModel, worker: Worker, store: BufferStore, settings: Settings) -> ModelInfo:
+class ServedModelInfo(ModelInfo):
+    """A model as GET /models lists it: what ModelInfo says, and which version of its file serves now."""
+
+    version: str = Field(description="its file's digest prefix (an ensemble's: its buffer group's); X-Model-Version")
+    loaded_at: datetime | None = Field(None, description="when this version was loaded, ISO 8601 UTC")
+
+
+def _model_info(model: ServedModel, worker: Worker, store: BufferStore, settings: Settings) -> ServedModelInfo:
     config = model.config
     buffer = worker.buffers.get(model.group) if model.group and model.has_buffer else None  # the worker's snapshot
     ensemble_only = {key: value for key, value in config.metrics.items() if key.startswith("evaluate_ensemble")}
-    return ModelInfo(
+    return ServedModelInfo(
         name=model.name,
+        version=model.version,
+        loaded_at=model.loaded_at,
         family=model.family,
         members=[member.name for member in model.members],
         shape=list(config.data["shape"]),
@@ -139,11 +159,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         device = pick_device(settings.device)
+        if not settings.models_dir.is_dir():
+            raise FileNotFoundError(f"models directory {settings.models_dir} does not exist")
+        repository = ModelRepository(
+            settings.models_dir, device, settings.max_model_bytes, settings.model_load_timeout_s
+        )
         with signals_end_loading():  # nothing is served or changed yet: SIGTERM need not wait for a slow file
-            registry = await asyncio.to_thread(
-                load_registry, settings.models_dir, device, settings.max_model_bytes, settings.model_load_timeout_s
-            )
+            await asyncio.to_thread(repository.scan, True)  # every file as it is now, as start-up always has
+        registry = repository.registry()
         store = BufferStore(settings.state_dir, settings.buffer_shard)
+
+        def published(registry: Registry) -> None:  # on the worker thread, once its pools serve `registry`
+            app.state.registry = registry
+            metrics.show_models(registry)
+
+        served = ServedModels(registry, on_publish=published)
         worker = Worker(
             registry,
             store,
@@ -154,13 +184,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.buffer_save_interval_s,
             settings.batch_window_ms / 1000,
             step_budget=settings.step_budget,
+            served=served,
         )
+        published(registry)
         worker.start()
-        app.state.registry, app.state.worker, app.state.store = registry, worker, store
+        watcher = ModelWatcher(repository, settings.watch_interval_s, worker.replace_registry, metrics)
+        watcher.start()
+        app.state.worker, app.state.store, app.state.served, app.state.watcher = worker, store, served, watcher
         log.info("serving %d models on %s: %s", len(registry.models), device, ", ".join(sorted(registry.models)))
         try:
             yield
         finally:
+            await asyncio.to_thread(watcher.stop)
             await asyncio.to_thread(worker.stop)
 
     app = FastAPI(
@@ -210,7 +245,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         responses={503: {"model": Readiness, "description": "not ready: no model loaded, or the worker stopped"}},
     )
     async def readyz(request: Request) -> JSONResponse:
-        registry: Registry = request.app.state.registry
+        registry: Registry = request.app.state.served.registry
         worker: Worker = request.app.state.worker
         ready = worker.running and bool(registry.models)
         body = {
@@ -229,11 +264,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/models", response_model=list[ModelInfo])
-    async def list_models(request: Request) -> list[ModelInfo]:
-        registry: Registry = request.app.state.registry
+    @app.get("/models", response_model=list[ServedModelInfo])
+    async def list_models(request: Request) -> list[ServedModelInfo]:
+        registry: Registry = request.app.state.served.registry
         worker, store = request.app.state.worker, request.app.state.store
         return [_model_info(model, worker, store, settings) for _, model in sorted(registry.models.items())]
+
+    @app.post(
+        "/models/reload",
+        response_model=ReloadReport,
+        responses={401: {"model": ErrorBody, "description": "missing or wrong API key (only when the server has one)"}},
+    )
+    async def reload_models(request: Request) -> ReloadReport:
+        """Rescan the models directory now (with --watch-interval-s 0, the only way a change is seen); answers
+        once the worker serves what changed. A file still being written is listed as pending."""
+        watcher: ModelWatcher = request.app.state.watcher
+        return await asyncio.to_thread(watcher.reload)
 
     @app.post(
         "/sample",
@@ -242,34 +288,36 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     async def sample(body: SampleRequest, request: Request) -> Response:
         started = time.perf_counter()
-        registry: Registry = request.app.state.registry
+        served: ServedModels = request.app.state.served
         worker: Worker = request.app.state.worker
-        model = registry.models.get(body.model)
-        label = body.model if model else "unknown"
-        status: int | None = 500
-        try:
-            if model is None:
-                known = ", ".join(sorted(registry.models)) or "none"
-                raise HTTPException(404, detail=f"unknown model {body.model!r}; served models: {known}")
-            check_applicable(body, model, settings)
-            streaming = body.stream or "text/event-stream" in request.headers.get("accept", "")
-            order = await make_order(body, model, settings, streaming)
-            if streaming:
-                status = None  # the stream records its own outcome when it ends
-                response: Response = stream(worker, order, settings, metrics, started)
+        with served.lease(body.model) as model:  # its version's pool is kept until this request is answered
+            label = body.model if model else "unknown"
+            status: int | None = 500
+            try:
+                if model is None:
+                    known = ", ".join(sorted(served.registry.models)) or "none"
+                    raise HTTPException(404, detail=f"unknown model {body.model!r}; served models: {known}")
+                check_applicable(body, model, settings)
+                streaming = body.stream or "text/event-stream" in request.headers.get("accept", "")
+                order = await make_order(body, model, settings, streaming)
+                if streaming:
+                    status = None  # the stream records its own outcome when it ends
+                    response: Response = stream(worker, order, settings, metrics, started)
+                    response.headers[MODEL_VERSION_HEADER] = model.version
+                    return response
+                result = await sample_result(worker, order, settings, request)
+                response = await response_for(result, order, body.format, started)
+                response.headers[MODEL_VERSION_HEADER] = model.version
+                status = response.status_code
                 return response
-            result = await sample_result(worker, order, settings, request)
-            response = await response_for(result, order, body.format, started)
-            status = response.status_code
-            return response
-        except HTTPException as error:
-            status = error.status_code
-            raise
-        except CancelledByClient:
-            status = 499
-            return Response(status_code=499)
-        finally:
-            if status is not None:
-                record(metrics, label, status, started)
+            except HTTPException as error:
+                status = error.status_code
+                raise
+            except CancelledByClient:
+                status = 499
+                return Response(status_code=499)
+            finally:
+                if status is not None:
+                    record(metrics, label, status, started)
 
     return app

@@ -14,12 +14,23 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="SAMPLEBAY_", extra="ignore")
 
-    models_dir: Path = Field(Path("checkpoints"), description="every *.safetensors here is served")
+    models_dir: Path = Field(
+        Path("checkpoints"),
+        description="every *.safetensors checkpoint and *.pt2 program here is served (see --watch-interval-s)",
+    )
+    watch_interval_s: float = Field(
+        2.0,
+        ge=0,
+        description="rescan the models dir this often: a new or changed file is served once complete, a removed one"
+        " no longer offered (0: only on POST /models/reload)",
+    )
     state_dir: Path = Field(Path("state"), description="persistent replay buffers live here")
     device: str = Field("auto", description="auto (cuda when available, else cpu), cpu, cuda, cuda:1, ...")
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on (0: any free port)")
-    api_key: str | None = Field(None, description="when set, POST /sample needs 'Authorization: Bearer <key>'")
+    api_key: str | None = Field(
+        None, description="when set, POST /sample and POST /models/reload need 'Authorization: Bearer <key>'"
+    )
 
     max_n: int = Field(64, ge=1, description="samples per request")
     max_steps: int = Field(2000, ge=1, description="Langevin steps per request")

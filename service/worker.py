@@ -5,6 +5,10 @@ back; answers come back through the order's callbacks, which the caller makes th
 in `loop.call_soon_threadsafe`). What the HTTP side may read of the worker's state (`buffers`) is a
 snapshot the worker thread publishes.
 
+Models change while it runs (service/model_watch.py): `replace_registry` hands it a new registry, which it
+swaps in between steps, building the pools of new versions and keeping replaced ones until the requests
+admitted on them are answered (service/pool_set.py); only then do new requests see it (served_models.py).
+
 The worker never stops for one request or one file: a pool step, a buffer save, a publish, taking in
 requests and shutting down each fail only what they concern, and each kind of failure is logged once
 while it lasts. Whatever gets past those guards ends the thread; `stopped_by` then says why, every
@@ -14,6 +18,7 @@ supervisor restarts it.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -31,9 +36,11 @@ from service.latent_pool import LatentPool, latent_pool_name, runs_in_latent_poo
 from service.messages import Deliver, FrameSink, Handle, QueueFull, SampleOrder, WorkerFailure
 from service.metrics import Metrics
 from service.ode_pool import OdePool, runs_ode_chains
+from service.pool_set import PoolPlan, PoolSet
 from service.pools import SamplerPool
-from service.registry import BufferGroup, Registry
+from service.registry import VERSION_CHARS, BufferGroup, Registry, ServedModel
 from service.scheduler import IDLE_SECONDS, Job, default_step_budget
+from service.served_models import ServedModels
 from training.sampling.replay_buffer import ReplayBuffer
 
 log = logging.getLogger(__name__)
@@ -82,35 +89,24 @@ class Worker:
         batch_window_s: float,
         clock: Callable[[], float] = time.monotonic,
         step_budget: int | None = None,  # chains per step of the chain pools; None: the device's default
+        served: ServedModels | None = None,  # what requests see; published here once a new registry's pools exist
     ) -> None:
         self.store = store
+        self.device = device
         self.metrics = metrics
+        self.chain_budget = chain_budget
         self.max_queue = max_queue
         self.save_interval_s = save_interval_s
+        self.batch_window_s = batch_window_s
         self.clock = clock
+        self.step_budget = step_budget or default_step_budget(device.type, chain_budget)
         self.failures = FailureLog()
         self.stopped_by: BaseException | None = None  # what ended the worker thread past every guard
-        self.pools: dict[str, SamplerPool] = {}
-        self.langevin_pools: dict[str, LangevinPool] = {}
-        for name, group in registry.groups.items():
-            buffer = self._saved_buffer(name, group) or group.initial_buffer()
-            self.pools[name] = self.langevin_pools[name] = LangevinPool(
-                group, buffer, chain_budget, device, metrics, clock
-            )
-            self.langevin_pools[name].scheduler.step_budget = step_budget or default_step_budget(
-                device.type, chain_budget
-            )
-        for name, model in registry.models.items():
-            if runs_ode_chains(model):  # a CNF: ODE chains stepped like Langevin chains
-                ode = OdePool(model, chain_budget, device, metrics, clock)
-                ode.scheduler.step_budget = step_budget or default_step_budget(device.type, chain_budget)
-                self.pools[name] = ode
-            elif model.family in ("gan", "flow"):
-                self.pools[name] = GeneratorPool(model, chain_budget, batch_window_s, device, metrics, clock)
-            if model.family == "gan" and model.members[0].critic is not None:  # DDLS chains
-                latent = LatentPool(model, chain_budget, device, metrics, clock)
-                latent.scheduler.step_budget = step_budget or default_step_budget(device.type, chain_budget)
-                self.pools[latent.name] = latent
+        self.served = served or ServedModels(registry)
+        self._pools = PoolSet()
+        wanted = self._wanted_pools(registry)
+        self._pools.swap(wanted, self._pools.plan(wanted))
+        self._pending: list[tuple[Registry, threading.Event]] = []  # registries handed over, not yet swapped in
         self.buffers: Mapping[str, BufferFigures] = MappingProxyType({})
         self._publish_buffers()
         self._inbox: list[tuple[SamplerPool, Job]] = []
@@ -119,6 +115,90 @@ class Worker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.last_save = clock()
+
+    @property
+    def pools(self) -> dict[str, SamplerPool]:
+        """The pools of the models served now, by pool name (replaced versions still finishing are not here)."""
+        return self._pools.current
+
+    @property
+    def langevin_pools(self) -> dict[str, LangevinPool]:
+        return {name: pool for name, pool in self._pools.current.items() if isinstance(pool, LangevinPool)}
+
+    def _wanted_pools(self, registry: Registry) -> dict[str, PoolPlan]:
+        """Every pool `registry` needs: pool name -> (the key its requests lease, how to build it)."""
+        wanted: dict[str, PoolPlan] = {}
+        for name, group in registry.groups.items():
+            wanted[name] = (f"{name}@{group.digest[:VERSION_CHARS]}", functools.partial(self._langevin_pool, group))
+        for name, model in registry.models.items():
+            if runs_ode_chains(model):  # a CNF: ODE chains stepped like Langevin chains
+                wanted[name] = (model.pool_key, functools.partial(self._ode_pool, model))
+            elif model.family in ("gan", "flow"):
+                wanted[name] = (model.pool_key, functools.partial(self._generator_pool, model))
+            if model.family == "gan" and model.members[0].critic is not None:  # DDLS chains
+                wanted[latent_pool_name(model)] = (model.pool_key, functools.partial(self._latent_pool, model))
+        return wanted
+
+    def _langevin_pool(self, group: BufferGroup) -> LangevinPool:
+        """A buffer group's pool, from the buffer saved under its digest (a new version: its checkpoints')."""
+        buffer = self._saved_buffer(group.name, group) or group.initial_buffer()
+        pool = LangevinPool(group, buffer, self.chain_budget, self.device, self.metrics, self.clock)
+        pool.scheduler.step_budget = self.step_budget
+        return pool
+
+    def _ode_pool(self, model: ServedModel) -> OdePool:
+        pool = OdePool(model, self.chain_budget, self.device, self.metrics, self.clock)
+        pool.scheduler.step_budget = self.step_budget
+        return pool
+
+    def _generator_pool(self, model: ServedModel) -> GeneratorPool:
+        return GeneratorPool(model, self.chain_budget, self.batch_window_s, self.device, self.metrics, self.clock)
+
+    def _latent_pool(self, model: ServedModel) -> LatentPool:
+        pool = LatentPool(model, self.chain_budget, self.device, self.metrics, self.clock)
+        pool.scheduler.step_budget = self.step_budget
+        return pool
+
+    def replace_registry(self, registry: Registry) -> threading.Event:
+        """Hand over the models to serve from now on (thread-safe); the event is set once they are served."""
+        served = threading.Event()
+        with self._inbox_lock:
+            self._pending.append((registry, served))
+        self._wake.set()
+        return served
+
+    def _swap_in_pending(self) -> None:
+        """Swap in the newest registry handed over: build its new pools, retire replaced ones, then publish."""
+        with self._inbox_lock:
+            pending, self._pending = self._pending, []
+        if not pending:
+            return
+        registry = pending[-1][0]
+        wanted = self._wanted_pools(registry)
+        pools = self._pools.plan(wanted)  # may read saved buffers: outside the lock, before anything changes
+        with self._inbox_lock:  # submit looks pools up under this lock
+            retired = self._pools.swap(wanted, pools)
+        for pool in retired:
+            log.info("%s: a replaced version finishes its requests, then is dropped", pool.name)
+        self._publish_buffers()
+        self.served.publish(registry)
+        for _, served in pending:
+            served.set()
+
+    def _drop_finished_pools(self) -> None:
+        """Drop the replaced versions that no request holds or waits for any more, saving their buffers."""
+
+        def busy(key: str, pool: SamplerPool) -> bool:
+            if self.served.held(key):  # held first: once it is not, no request can still submit to it
+                return True
+            with self._inbox_lock:
+                waiting = any(queued is pool for queued, _ in self._inbox)
+            return waiting or bool(pool.scheduler.waiting or pool.scheduler.running)
+
+        for pool in self._pools.drop_finished(busy):
+            if isinstance(pool, LangevinPool) and pool.buffer_dirty:
+                self._attempt(f"saving the replay buffer of {pool.name}", self._save_buffer, pool.name, pool)
+            log.info("%s: the replaced version answered its last request and was dropped", pool.name)
 
     def _saved_buffer(self, name: str, group: BufferGroup) -> ReplayBuffer | None:
         """The group's buffer from the state directory, or None; a store that raises costs only that buffer."""
@@ -143,7 +223,7 @@ class Worker:
         return "the device worker is not running"
 
     def queue_depth(self) -> int:
-        return len(self._inbox) + sum(len(pool.scheduler.waiting) for pool in self.pools.values())
+        return len(self._inbox) + sum(len(pool.scheduler.waiting) for pool in self._pools.all())
 
     def submit(
         self, order: SampleOrder, deliver: Deliver, deadline: float, on_frame: FrameSink | None = None
@@ -152,15 +232,17 @@ class Worker:
 
         Orders submitted before `start` wait in the inbox (tests drive the loop with `run_once`).
         """
-        pool = self.pools[latent_pool_name(order.model) if runs_in_latent_pool(order) else order.model.pool]
+        name = latent_pool_name(order.model) if runs_in_latent_pool(order) else order.model.pool
         handle = Handle(deadline)
-        job = pool.make_job(order, deliver, handle, on_frame)
         with self._inbox_lock:  # checked under the lock the last drain takes: no job is left unanswered
             if self._stop.is_set() or self.stopped_by is not None or (self._thread and not self._thread.is_alive()):
                 raise WorkerFailure(self.stop_reason)
+            pool = self._pools.find(name, order.model.pool_key)  # the version the order was made for
+            if pool is None:  # only an order made without a lease (served_models.py) can come too late
+                raise WorkerFailure(f"{order.model.name} version {order.model.version} is no longer served; retry")
             if self.queue_depth() >= self.max_queue:
                 raise QueueFull(f"{self.max_queue} requests are already waiting")
-            self._inbox.append((pool, job))
+            self._inbox.append((pool, pool.make_job(order, deliver, handle, on_frame)))
         self._wake.set()
         return handle
 
@@ -221,10 +303,13 @@ class Worker:
 
         Returns whether any pool stepped. The worker thread loops over this; tests call it directly.
         """
+        self._attempt("swapping in the models handed over", self._swap_in_pending)
         self._drain_inbox()
         busy = False
-        for pool in self.pools.values():
+        for pool in self._pools.all():
             busy = self._step(pool) or busy
+        if self._pools.retired:
+            self._attempt("dropping replaced versions", self._drop_finished_pools)
         self.metrics.queue_depth.set(self.queue_depth())
         if busy:
             self._attempt("publishing the buffer figures", self._publish_buffers)
@@ -233,7 +318,7 @@ class Worker:
         return busy
 
     def seconds_until_due(self) -> float:
-        return min([IDLE_SECONDS, *(pool.seconds_until_due() for pool in self.pools.values())])
+        return min([IDLE_SECONDS, *(pool.seconds_until_due() for pool in self._pools.all())])
 
     def _loop(self) -> None:
         try:
@@ -258,7 +343,7 @@ class Worker:
     def _shut_down(self, reason: str = "the server is shutting down; retry on the next instance") -> None:
         """Nobody will run what is queued: answer it, then save from this thread (the buffers' only user)."""
         self._attempt("taking in the last requests", self._drain_inbox)
-        for pool in self.pools.values():
+        for pool in self._pools.all():
             self._attempt(f"answering the requests of {pool.name}", pool.fail_all, reason)
         self.save_buffers()
 
@@ -274,9 +359,9 @@ class Worker:
     def save_buffers(self) -> None:
         """Write every buffer that changed since its last save (atomically; see BufferStore)."""
         self.last_save = self.clock()
-        for name, pool in self.langevin_pools.items():
-            if pool.buffer_dirty:  # a failed save stays dirty, so it is retried at the next interval
-                self._attempt(f"saving the replay buffer of {name}", self._save_buffer, name, pool)
+        for pool in self._pools.all():  # a replaced version's buffer too, under its own digest
+            if isinstance(pool, LangevinPool) and pool.buffer_dirty:  # a failed save stays dirty: retried next time
+                self._attempt(f"saving the replay buffer of {pool.name}", self._save_buffer, pool.name, pool)
         self._attempt("publishing the buffer figures", self._publish_buffers)
 
     def _save_buffer(self, name: str, pool: LangevinPool) -> None:
