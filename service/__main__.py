@@ -29,6 +29,7 @@ EPILOG = """examples:
   python -m service                              serve checkpoints/ on http://127.0.0.1:8000
   samplebay-serve --models-dir runs --port 8080  the same with its console script, other folder and port
   SAMPLEBAY_API_KEY=secret python -m service --host 0.0.0.0 --state-dir /var/lib/samplebay
+  python -m service --watch-interval-s 0         no polling: POST /models/reload serves what changed in checkpoints/
   python -m service --engine ray --replicas 2    two replicas on a local Ray cluster (RAY_ADDRESS: join one)
 """
 

@@ -193,6 +193,7 @@ class ModelWatcher:
         self.metrics = metrics
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._handing_over = threading.Lock()  # scans hand their registries over in the order they were made
 
     def start(self) -> None:
         if self.interval_s > 0:
@@ -216,12 +217,16 @@ class ModelWatcher:
                 log.exception("scanning %s failed; trying again in %g s", self.repository.models_dir, self.interval_s)
 
     def _rescan(self, wait_s: float) -> ReloadReport:
-        report = self.repository.scan()
+        with self._handing_over:
+            refused_before = dict(self.repository.failures)
+            report = self.repository.scan()
+            served = None
+            if report.changed or self.repository.failures != refused_before:  # /readyz shows the refusals too
+                served = self.hand_over(self.repository.registry())
         self.metrics.model_scans.inc()
         for outcome in ("added", "replaced", "removed", "failed"):
             if count := len(getattr(report, outcome)):
                 self.metrics.model_changes.labels(outcome).inc(count)
-        if report.changed or report.failed:  # a failure changes what /readyz shows
-            served = self.hand_over(self.repository.registry())
+        if served is not None:
             report.applied = served.wait(wait_s) if wait_s > 0 else served.is_set()
         return report

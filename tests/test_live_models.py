@@ -3,6 +3,7 @@ served, swapped, kept or retired without a restart, and no request that was runn
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -19,11 +20,20 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from conftest import write_tiny_ebm, write_tiny_gan
 from server import free_port, running_server, wait_for
 
+from service.buffer_store import BufferStore
+from service.messages import SampleResult, WorkerFailure
+from service.metrics import Metrics
+from service.model_watch import ModelRepository
+from service.orders import make_order
 from service.render import grid_b64
+from service.schemas import SampleRequest
+from service.served_models import ServedModels
 from service.settings import Settings
+from service.worker import Worker
 from training.runtime.checkpoint import atomic_write_bytes
 from training.runtime.draw import draw_samples
 from training.runtime.load import load_model
@@ -281,3 +291,44 @@ def test_with_no_polling_an_operator_reloads_and_ensembles_regroup(models_dir: P
         assert httpx.post(f"{base}/models/reload", headers=KEY).json()["replaced"] == []  # nothing changed
     assert (state / f"buffer-pair-{old_digest[:16]}.safetensors").is_file()  # the old version's chains kept
     assert not (state / f"buffer-pair-{new_digest[:16]}.safetensors").exists()  # it wrote none back
+
+
+def test_a_replaced_version_finishes_its_requests_and_is_dropped_once_nobody_holds_it(tmp_path: Path) -> None:
+    """The worker round by round, no threads: the swap happens between steps, an admitted request ends on its
+    version, a request that leased the old version before the swap still reaches it, and then it goes."""
+    models = tmp_path / "models"
+    models.mkdir()
+    write_tiny_ebm(models / "solo.safetensors", seed=0)
+    repository = ModelRepository(models, torch.device("cpu"), 1 << 30, 60)
+    repository.scan(everything=True)
+    served = ServedModels(repository.registry())
+    worker = Worker(
+        served.registry, BufferStore(tmp_path / "state"), torch.device("cpu"), Metrics(), 64, 16, 1e9, 0, served=served
+    )
+
+    def submit(model, steps: int) -> list:
+        order = asyncio.run(make_order(SampleRequest(model="solo", steps=steps), model, Settings(), streaming=False))
+        answers: list = []
+        worker.submit(order, answers.append, deadline=1e9)
+        return answers
+
+    with served.lease("solo") as old:
+        running = submit(old, steps=3)
+        worker.run_once()  # admitted, one step taken
+        write_tiny_ebm(models / "solo.safetensors", seed=1)
+        assert repository.scan().replaced == ["solo"]
+        swapped = worker.replace_registry(repository.registry())
+        assert not swapped.is_set() and served.registry.models["solo"] is old  # not before the worker's next round
+        worker.run_once()  # swapped in, then the old version's second step
+        assert swapped.is_set() and served.registry.models["solo"].version != old.version
+        late = submit(old, steps=1)  # leased the old version before the swap, submitted after it
+        with served.lease("solo") as new:
+            fresh = submit(new, steps=1)
+            worker.run_once()
+        assert all(len(answers) == 1 and isinstance(answers[0], SampleResult) for answers in (running, late, fresh))
+        worker.run_once()
+        assert len(worker._pools.retired) == 1  # no work left, but a request still holds the old version
+    worker.run_once()
+    assert worker._pools.retired == []  # answered and no longer held: dropped
+    with pytest.raises(WorkerFailure, match="no longer served"):
+        submit(old, steps=1)  # an order made for it without a lease comes too late: a 503 to retry
