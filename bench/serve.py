@@ -4,7 +4,8 @@ For each level it prints served throughput (images/s, and for an EBM Langevin ch
 latency, and, measured in the same run, the raw in-process sampler on the batch the server could form
 at that level (concurrency x n chains or samples), so the served/raw ratio is read side by side. The
 speedup column compares each level with one request at a time (concurrency 1). GANs and flows are one
-pass per request: their work unit is an image (a flow's inverse with its log-density, as served).
+pass per request: their work unit is an image (a flow's inverse with its log-density, as served); a CNF's
+requests take the checkpoint's ODE steps, served as batched chains, its raw figure the CLI's solver on the batch.
 
 For an EBM it then prints the "short beside long" row: the latency of a short request (--steps, --n) alone,
 and again while --beside-long requests of --long-steps each are running, with their ratio (what fair
@@ -47,8 +48,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from training.models.cnf import is_velocity_field  # noqa: E402
 from training.runtime.device import pick_device  # noqa: E402
-from training.runtime.draw import sample_ebm, sample_generator  # noqa: E402
+from training.runtime.draw import sample_ebm, sample_flow, sample_generator  # noqa: E402
 from training.runtime.load import load_model  # noqa: E402
 from training.runtime.loaded import LoadedModel  # noqa: E402
 from training.sampling.sampler_config import EBMSampler  # noqa: E402
@@ -243,13 +245,15 @@ def raw_chains(checkpoint: Path, device: torch.device, chains: int, steps: int |
 
 
 def raw_images_per_second(model: LoadedModel, device: torch.device, batch: int, repeats: int = 3) -> float:
-    """A GAN's generator or a flow's inverse with log-density, in process, on one batch of `batch`."""
+    """A GAN's generator, a flow's inverse with log-density or a CNF's ODE, in process, on one batch of `batch`."""
     seeds = torch.arange(batch, dtype=torch.int64)
 
     def run() -> None:
         with torch.no_grad():
             if model.config.family == "gan":
                 sample_generator(model, seeds)
+            elif is_velocity_field(model.module):  # a CNF: the CLI's ODE from its prior, the checkpoint's steps
+                sample_flow(model, seeds)
             else:
                 model.module.decode(model.module.base_sample(seeds, 1.0).to(device))
         if device.type == "cuda":
@@ -349,7 +353,10 @@ def main() -> None:
     tolerance = (sampler.tolerance if args.tolerance is None else args.tolerance) if sampler is not None else 0.0
     cpu = platform.processor() or platform.machine()
     gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else "none"
+    cnf_steps = model.sampler.steps if is_velocity_field(model.module) else None  # a CNF's ODE solver steps
     what = "one pass" if one_pass else f"at most {steps} steps, tolerance {tolerance:g}"
+    if cnf_steps:
+        what = f"{cnf_steps} {model.sampler.solver} ODE steps (the checkpoint's)"
     print(
         f"# {args.model} ({model.config.family}), {what}, n={args.n} per request, device {device} (GPU: {gpu}; "
         f"{os.cpu_count()} CPU cores, {cpu}; torch {torch.__version__}, threads {torch.get_num_threads()}; "
@@ -388,7 +395,7 @@ def main() -> None:
     for level, total, images, per_cpu, p50, p99 in rows:
         batch = level * args.n
         if one_pass:
-            raw_images, mean_steps = raw_images_per_second(model, device, batch), 1.0
+            raw_images, mean_steps = raw_images_per_second(model, device, batch), float(cnf_steps or 1)
         else:
             raw = raw_chains(checkpoint, device, batch, args.steps or None)
             raw_images, mean_steps = raw.images_per_s, raw.mean_steps
