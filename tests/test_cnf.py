@@ -1,14 +1,19 @@
 """A continuous normalizing flow trained by flow matching: it learns a 2-D mixture, resumes exactly, samples
-reproducibly by seed, and the CLI samples and evaluates it."""
+reproducibly by seed, and the CLI samples and evaluates it: test bits/dim by an adaptive solve, its flags
+checked, and the likelihood bench on evaluate's images."""
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_tiny_flow
 
 from training.commands.cli import build_parser, main
 from training.models.cnf import MLPVelocity, UNetVelocity, guided_velocity
@@ -16,10 +21,14 @@ from training.models.energy_unet import UNetEnergy
 from training.runtime.checkpoint import load_checkpoint
 from training.runtime.draw import draw_samples
 from training.runtime.load import load_model
+from training.sampling.likelihood import cnf_bits_per_dim
 from training.sampling.noise import chain_seeds
 from training.sampling.ode import FIELD_EVALUATIONS, integrate, ode_step
 from training.sampling.sampler_config import FlowSampler
+from training.train.data import load_dataset
 from training.train.flow import FlowTrainConfig, train_flow
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def tiny_image_run(idx_dir: Path, out: Path, **changes) -> FlowTrainConfig:
@@ -141,11 +150,19 @@ def test_a_tiny_image_cnf_resumes_exactly_and_samples_reproducibly_by_seed(tmp_p
         draw_samples(model, seeds, labels=torch.full((6,), 10))
 
 
-def test_sample_and_evaluate_work_on_a_cnf_checkpoint_and_say_bits_per_dim_is_not_yet_measured(
-    tmp_path, idx_dir, capsys
+@pytest.fixture(scope="module")
+def tiny_cnf(tmp_path_factory: pytest.TempPathFactory, idx_dir: Path) -> Path:
+    """A tiny class-conditional image CNF, trained once for this module's CLI tests (copy it before --record)."""
+    out = tmp_path_factory.mktemp("cnf") / "cnf.safetensors"
+    train_flow(tiny_image_run(idx_dir, out, epochs=1))
+    return out
+
+
+def test_sample_and_evaluate_work_on_a_cnf_checkpoint_and_evaluate_records_its_test_bits_per_dim(
+    tmp_path, idx_dir, tiny_cnf, capsys
 ) -> None:
     out = tmp_path / "cnf.safetensors"
-    train_flow(tiny_image_run(idx_dir, out, epochs=1))
+    shutil.copy(tiny_cnf, out)
     grid = tmp_path / "grid.png"
     command = ("sample", out, "--n", 4, "--label", "3", "--steps", 2, "--trajectory", 1, "--out", grid)
     main([str(part) for part in command])
@@ -153,19 +170,84 @@ def test_sample_and_evaluate_work_on_a_cnf_checkpoint_and_say_bits_per_dim_is_no
     assert "midpoint ODE steps" in capsys.readouterr().out
     main(
         [str(part) for part in ("evaluate", out, "--data-dir", idx_dir, "--n", 16, "--batch", 8, "--label", "all")]
-        + ["--guidance", "1.5", "--record"]
+        + ["--guidance", "1.5", "--likelihood-n", "6", "--ode-rtol", "1e-3", "--ode-atol", "1e-3", "--record"]
     )
     captured = capsys.readouterr()
     report = json.loads(captured.out)
     assert report["sampler"]["solver"] == "midpoint" and report["sampler"]["guidance"] == 1.5
-    assert "label_accuracy" in report["model"] and "test_bits_per_dim" not in report["model"]
-    assert "no test bits/dim yet" in captured.err
-    assert "evaluate_label_all_guidance_1.5" in load_checkpoint(out).config.metrics
+    assert "label_accuracy" in report["model"]
+    likelihood = report["model"]["likelihood"]
+    assert {key: likelihood[key] for key in ("n", "solver", "rtol", "atol", "trace", "probes", "label")} == {
+        "n": 6, "solver": "dopri5", "rtol": 1e-3, "atol": 1e-3, "trace": "hutchinson", "probes": 1, "label": "null"
+    }  # fmt: skip
+    assert likelihood["nfe_mean"] >= 8 and likelihood["standard_error"] > 0  # dopri5: 2 to start, 6 a step
+    # the figure is log p(x) (the null label) of 6 images of a seeded random test subset, by the library's solve
+    test = load_dataset("mnist", str(idx_dir), "test")
+    subset = test.images[torch.randperm(len(test.images), generator=torch.Generator().manual_seed(1))[:6]]
+    field = load_model(out).module
+    assert isinstance(field, torch.nn.Module)
+    expected = cnf_bits_per_dim(field, subset, None, 1e-3, 1e-3, 1, seed=0).report()
+    assert report["model"]["test_bits_per_dim"] == expected["bits_per_dim"]
+    assert likelihood["standard_error"] == expected["standard_error"]
+    assert "test bits/dim of 6 test images by dopri5 (rtol 0.001, atol 0.001)" in captured.err
+    assert f"test bits/dim {expected['bits_per_dim']} +- {expected['standard_error']}" in captured.err
+    recorded = load_checkpoint(out).config.metrics["evaluate_label_all_guidance_1.5"]
+    assert recorded["test_bits_per_dim"] == expected["bits_per_dim"] and recorded["likelihood"] == likelihood
     with pytest.raises(SystemExit):
         main(["sample", str(out), "--noise", "0.1", "--out", str(grid)])
     with pytest.raises(SystemExit):
         main(["export", str(out), "--out", str(tmp_path / "cnf.pt2")])
     assert "not supported yet" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--ode-rtol", "0"], "argument --ode-rtol: must be a finite number > 0, not 0"),
+        (["--ode-atol=-1e-5"], "argument --ode-atol: must be a finite number > 0, not -1e-5"),
+        (["--ode-rtol", "tight"], "argument --ode-rtol: must be a number > 0, not 'tight'"),
+        (["--probes", "0"], "argument --probes: must be >= 1, not 0"),
+        (["--likelihood-n", "-1"], "argument --likelihood-n: must be >= 0, not -1"),
+        (["--exact-trace", "--probes", "2"], "--probes sets Hutchinson's estimate and --exact-trace replaces it"),
+    ],
+)
+def test_evaluate_refuses_bad_likelihood_flags_with_exit_2_before_sampling(
+    flags, message, idx_dir, tiny_cnf, capsys
+) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        main(["evaluate", str(tiny_cnf), "--data-dir", str(idx_dir), "--n", "8", *flags])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "samples" not in err
+
+
+def test_evaluate_refuses_likelihood_flags_for_a_model_without_an_ode(tmp_path, idx_dir, capsys) -> None:
+    nice = write_tiny_flow(tmp_path / "nice.safetensors", arch_name="nice")
+    with pytest.raises(SystemExit) as stopped:
+        main(["evaluate", str(nice), "--data-dir", str(idx_dir), "--n", "8", "--probes", "4", "--ode-rtol", "1e-4"])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert "--ode-rtol, --probes set a CNF's likelihood solve; nice is a nice flow, whose log-det is exact" in err
+    assert "samples" not in err
+
+
+def test_the_likelihood_bench_sweeps_tolerances_on_evaluates_images(idx_dir, tiny_cnf, capsys) -> None:
+    """Its figures are evaluate's on the same images, dequantization and probes (the estimator rows, whose exact
+    trace takes minutes on 28x28 images, are tested on a small image model in tests/test_cnf_likelihood.py)."""
+    command = [sys.executable, "bench/cnf_likelihood.py", str(tiny_cnf), "--data-dir", str(idx_dir), "--n", "3"]
+    printed = subprocess.run(
+        [*command, "--rtols", "1e-2", "1e-3", "--exact-n", "0", "--json"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert printed.returncode == 0, printed.stderr
+    result = json.loads(printed.stdout)
+    sweep = {row["rtol"]: row for row in result["tolerances"]}
+    assert list(sweep) == [1e-2, 1e-3] and sweep[1e-3]["max_abs_change"] == 0 and result["estimators"] == []
+    assert sweep[1e-2]["nfe_mean"] < sweep[1e-3]["nfe_mean"] and sweep[1e-2]["n"] == 3
+    tolerance = ["--ode-rtol", "1e-3", "--ode-atol", "1e-3"]
+    main(["evaluate", str(tiny_cnf), "--data-dir", str(idx_dir), "--n", "8", "--likelihood-n", "3", *tolerance])
+    likelihood = json.loads(capsys.readouterr().out)["model"]
+    assert likelihood["test_bits_per_dim"] == sweep[1e-3]["bits_per_dim"]
+    assert likelihood["likelihood"]["nfe_mean"] == sweep[1e-3]["nfe_mean"]
 
 
 def test_every_cnf_flag_has_help() -> None:
@@ -177,6 +259,11 @@ def test_every_cnf_flag_has_help() -> None:
     for action in flow._actions:
         assert action.help, f"{action.option_strings} has no help"
     assert "cnf" in text
+    evaluate = parser._subparsers._group_actions[0].choices["evaluate"]  # type: ignore[union-attr]
+    helps = {action.option_strings[0]: action.help for action in evaluate._actions if action.option_strings}
+    assert "(default 1e-5)" in helps["--ode-rtol"] and "(default 1e-5)" in helps["--ode-atol"]
+    assert "default 1:" in helps["--probes"] and "default 200" in helps["--likelihood-n"]
+    assert "784" in helps["--exact-trace"]
 
 
 def test_minibatch_ot_pairing_is_a_permutation_of_the_noise_that_shortens_the_paths(tmp_path) -> None:

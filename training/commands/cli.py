@@ -14,7 +14,13 @@ from typing import Any
 from training.commands.evaluate import run_evaluate
 from training.commands.export import run_export
 from training.commands.fetch_data import CHECKSUMS, FetchError, fetch
-from training.commands.flags import TRAINER_CONFIGS, HelpFormatter, add_dataclass_arguments, config_from
+from training.commands.flags import (
+    TRAINER_CONFIGS,
+    HelpFormatter,
+    add_dataclass_arguments,
+    add_likelihood_arguments,
+    config_from,
+)
 from training.commands.quality import DEFAULT_CLASSIFIER, train_classifier
 from training.commands.sample import run_sample
 from training.commands.set_sampler import set_sampler
@@ -272,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"{EVALUATION_SERIES_TERMS}, where the truncation bias is small; the checkpoint's own count is what "
         "training used)",
     )
+    add_likelihood_arguments(evaluate)
     evaluate.add_argument("--seed", type=int, default=0, help="seeds the chains and the reference subsets")
     evaluate.add_argument(
         "--classifier", type=Path, default=DEFAULT_CLASSIFIER, help="the feature network (see: classifier)"

@@ -1,5 +1,6 @@
 """`python -m training evaluate`: sample-quality figures as JSON (training/commands/quality.py computes them),
-and with --record the figures stored in the checkpoints' metrics."""
+a flow's test bits/dim (a CNF's by an adaptive ODE solve, training/sampling/likelihood.py), and with --record
+the figures stored in the checkpoints' metrics."""
 
 from __future__ import annotations
 
@@ -18,16 +19,64 @@ from training.runtime.checkpoint import load_checkpoint, save_checkpoint
 from training.runtime.device import pick_device
 from training.runtime.draw import chain_labels, default_latent_steps
 from training.runtime.load import load_model
+from training.runtime.loaded import LoadedModel
+from training.sampling.likelihood import DEFAULT_ATOL, DEFAULT_PROBES, DEFAULT_RTOL, cnf_bits_per_dim
 from training.sampling.noise import chain_seeds
 from training.sampling.sampler_config import EBMSampler, FlowSampler, GANSampler
 from training.train.data import load_dataset
 from training.train.flow import dataset_bits_per_dim
+from training.train.progress import progress
+
+LIKELIHOOD_IMAGES = 200  # a CNF's test images behind bits/dim: ~8 minutes on one core at ~2.4 s an image
+LIKELIHOOD_FLAGS = {"ode_rtol": "--ode-rtol", "ode_atol": "--ode-atol", "probes": "--probes"}
+LIKELIHOOD_FLAGS |= {"exact_trace": "--exact-trace", "likelihood_n": "--likelihood-n"}
+
+
+def check_likelihood_flags(args: argparse.Namespace, model: LoadedModel, ode: bool) -> None:
+    """Refuse, before any sampling, likelihood flags that would be ignored: given for a model without an ODE,
+    or Hutchinson's probes beside the exact trace that replaces them."""
+    given = [flag for name, flag in LIKELIHOOD_FLAGS.items() if getattr(args, name) is not None]
+    if given and not ode:
+        family = model.config.family
+        what = f"a {model.config.arch.get('name')} flow, whose log-det is exact" if family == "flow" else family
+        what += "" if family == "flow" else " model, which has no likelihood here"
+        raise ValueError(f"{', '.join(given)} set a CNF's likelihood solve; {model.name} is {what}")
+    if args.exact_trace and args.probes is not None:
+        raise ValueError("--probes sets Hutchinson's estimate and --exact-trace replaces it: give one of them")
+
+
+def cnf_test_likelihood(
+    model: LoadedModel, images: torch.Tensor, args: argparse.Namespace, device: torch.device
+) -> dict[str, Any]:
+    """A CNF's bits/dim of `images` (log p(x), the null label) by dopri5 at the asked tolerances, with its
+    standard error over images, the solver, its NFE and the trace estimator: what evaluate prints and records."""
+    rtol = DEFAULT_RTOL if args.ode_rtol is None else args.ode_rtol
+    atol = DEFAULT_ATOL if args.ode_atol is None else args.ode_atol
+    probes = 0 if args.exact_trace else DEFAULT_PROBES if args.probes is None else args.probes
+    trace = "the exact trace" if probes == 0 else f"Hutchinson's trace, {probes} Rademacher probe(s) an image"
+    print(
+        f"evaluate {model.name}: test bits/dim of {len(images)} test images by dopri5 (rtol {rtol}, atol {atol}), "
+        f"{trace}",
+        file=sys.stderr,
+    )
+    bar = progress(None, len(images), f"evaluate {model.name}: likelihood", unit="image")
+    field = cast(torch.nn.Module, model.module)
+    figure = cnf_bits_per_dim(field, images, None, rtol, atol, probes, seed=args.seed, on_batch=bar.update)
+    bar.close()
+    report = figure.report()
+    print(
+        f"evaluate {model.name}: test bits/dim {report['bits_per_dim']} +- {report['standard_error']} (standard "
+        f"error over {report['n']} images), {report['nfe_mean']} field evaluations an image by dopri5",
+        file=sys.stderr,
+    )
+    return report
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
     members = [load_model(path, device) for path in args.checkpoint]
     model = members[0]
+    ode = isinstance(model.sampler, FlowSampler) and model.sampler.solver is not None  # a CNF
     if model.shape != (1, 28, 28):  # before any MNIST is read: the refusal is the answer
         made = "x".join(str(side) for side in model.shape)
         raise SystemExit(
@@ -40,6 +89,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
         why = f"{model.config.arch.get('name')} flow, whose log-det is exact" if family == "flow" else family
         why += "" if family == "flow" else ", which has no log-det"
         raise ValueError(f"--series-terms sets the i-ResNet's log-det power series; {model.name} is a {why}")
+    check_likelihood_flags(args, model, ode)
     classifier = load_classifier(args.classifier, device)
     test = load_dataset("mnist", args.data_dir, "test")
     train = load_dataset("mnist", args.data_dir, "train")
@@ -48,7 +98,6 @@ def run_evaluate(args: argparse.Namespace) -> None:
     seeds = chain_seeds(args.seed, args.n)
     # The labels chains are drawn with (asked for, or each chain's seeded class): label accuracy is reported.
     # Chains from a replay buffer keep their slot's class unless one is asked for.
-    ode = isinstance(model.sampler, FlowSampler) and model.sampler.solver is not None  # a CNF
     labels = labels_for(args.label, args.n, model) if model.config.family == "ebm" or ode else None
     if (model.config.family == "ebm" and args.init != "buffer") or ode:
         labels = chain_labels(model, seeds, labels)
@@ -66,9 +115,8 @@ def run_evaluate(args: argparse.Namespace) -> None:
     if args.label is not None:
         ebm_sampler_report["label"] = args.label
     # A random test subset (the first MNIST test images are the easier half), the same for every model.
-    reference = test.images[
-        torch.randperm(len(test.images), generator=torch.Generator().manual_seed(args.seed + 1))[: args.n]
-    ]
+    test_order = torch.randperm(len(test.images), generator=torch.Generator().manual_seed(args.seed + 1))
+    reference = test.images[test_order[: args.n]]
     sampler_report = ebm_sampler_report if model.config.family == "ebm" else {"n": args.n}
     if isinstance(model.sampler, FlowSampler) and model.sampler.steps is not None:  # a CNF: its ODE solver
         sampler_report.update(
@@ -83,7 +131,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
         sampler_report.update(steps=ddls_steps)
         if ddls_steps:
             sampler_report.update(step_size=model.sampler.step_size, noise=model.sampler.noise)
-    model_figures = quality_figures(classifier, reference, samples, labels).report()
+    model_figures: dict[str, Any] = quality_figures(classifier, reference, samples, labels).report()
     floor = real_data_floor(classifier, reference, train.images, args.n, torch.Generator().manual_seed(args.seed + 2))
     report = {
         "checkpoints": [str(path) for path in args.checkpoint],
@@ -95,12 +143,13 @@ def run_evaluate(args: argparse.Namespace) -> None:
     if model.config.family == "flow":
         flow = cast(Flow, model.module)  # nice, glow or iresnet: Flows; a CNF's field is not one
         if ode:
-            print(
-                f"evaluate {model.name}: no test bits/dim yet: a CNF's likelihood needs the divergence integrated "
-                "by an adaptive solver at a stated tolerance, which evaluate does not do yet (a fixed-step "
-                "integral gives figures that are not the model's likelihood)",
-                file=sys.stderr,
-            )
+            likelihood_n = LIKELIHOOD_IMAGES if args.likelihood_n is None else args.likelihood_n
+            if likelihood_n:  # the subset starts with the reference images, the same for every model
+                likelihood = cnf_test_likelihood(model, test.images[test_order[:likelihood_n]], args, device)
+                model_figures["test_bits_per_dim"] = likelihood.pop("bits_per_dim")
+                model_figures["likelihood"] = likelihood  # its standard error, solver, NFE and trace estimator
+            else:
+                print(f"evaluate {model.name}: no test bits/dim (--likelihood-n 0)", file=sys.stderr)
         elif isinstance(flow, IResNet):
             # The fixed-point inverse of every sample drawn above, rerun on the same base points and batches (the
             # same computation, without the log-det) to see which samples met the tolerance within the cap.
