@@ -6,7 +6,8 @@ with the output and run directory outside the work tree (`--runs-dir`), then per
 - `<runs-dir>/<name>.run/resume.safetensors` exists (a later session on the same machine): `--resume`,
   with the run's own recorded flags, so it continues exactly;
 - it does not (a new machine): `--init-from <shipped checkpoint>`, a warm start from the shipped weights
-  and extras (EMA, critic, replay buffer) rather than from scratch.
+  and extras (EMA, critic, replay buffer) rather than from scratch; with `--force`, since without a
+  resume state there is no run to continue, only files an unfinished chunk left behind.
 
 Each run ends at an epoch end within `--stop-after-minutes` (a chunk that fits a lent GPU's command
 limit); the next zoo call continues it. `--ship` copies finished runs into `checkpoints/` as float16
@@ -148,6 +149,7 @@ def plan(
             key = trainer_key(config.family, values)
             values["batch_size"] = max(int(values.get("batch_size") or 0), PRESETS[preset]["batch_size"].get(key, 0))
             values["resume"], values["init_from"] = False, str(shipped.resolve())
+            values["force"] = True  # no resume state to continue: what a broken chunk left in the run dir goes
             target = shipped_done + epochs_more  # a warm start counts its epochs on from the shipped ones
             action, note = "init-from", f"warm start from epoch {shipped_done}, to {target}"
             seconds = float(config.training.get("wall_seconds", 0.0))

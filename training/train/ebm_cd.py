@@ -11,15 +11,15 @@ from pathlib import Path
 import torch
 
 from training.models import build_model
-from training.runtime.checkpoint import Checkpoint, save_checkpoint
+from training.runtime.checkpoint import Checkpoint
 from training.sampling.langevin import EnergyFn, frozen_energy, sample_langevin
 from training.sampling.replay_buffer import ReplayBuffer
 from training.sampling.sampler_config import EBMSampler
 from training.train.data import ImageDataset
 from training.train.ebm_config import EBMTrainConfig, ebm_model_config
 from training.train.ebm_eqm import train_eqm
+from training.train.lifecycle import EpochHooks, EpochSave, TrainingRun
 from training.train.losses import contrastive_divergence
-from training.train.run import Stopwatch, batches, load_resume, save_resume, start_run, warm_start
 
 
 def _arch_for(dataset: ImageDataset, config: EBMTrainConfig) -> dict:
@@ -94,9 +94,10 @@ def train_ebm(config: EBMTrainConfig) -> Path:
     config.setting("lr")  # an unknown --objective fails here, before any data is read
     if config.objective == "eqm":
         return train_eqm(config)
-    run = start_run(config)
-    device, train, test, run_dir, log = run.device, run.train, run.test, run.run_dir, run.log
-    assert test is not None  # start_run loads the test split unless asked not to
+    run = TrainingRun.begin(config, "ebm")
+    if run is None:
+        return Path(config.out)
+    device, train, test = run.device, run.train, run.test
     arch = _arch_for(train, config)
     model = build_model(arch).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.setting("lr"), betas=(config.beta1, 0.999))
@@ -107,37 +108,39 @@ def train_ebm(config: EBMTrainConfig) -> Path:
         noise=config.setting("noise"),
         grad_clip=config.setting("grad_clip"),
     )
-    first_epoch, already = 1, 0.0
-    if config.resume:
-        resumed = load_resume(run_dir, {"model": optimizer})
-        for group in optimizer.param_groups:  # the command line wins over the saved hyperparameters
-            group.update(lr=config.setting("lr"), betas=(config.beta1, 0.999))
-        model.load_state_dict(resumed.checkpoint.weights)
-        buffer = ReplayBuffer.from_state_dict(resumed.checkpoint.extras["replay_buffer"])
-        first_epoch = resumed.epoch + 1
-        already = float(resumed.checkpoint.config.training["wall_seconds"])
-    elif config.init_from:  # weights and replay buffer of a shipped checkpoint; its epochs and time count on
-        start = warm_start(config.init_from, "ebm", arch)
-        model.load_state_dict(start.weights)
-        buffer = ReplayBuffer.from_state_dict(
-            start.extras["replay_buffer"]
-            | {
+    origin = run.restore(arch, {"model": optimizer})
+    if origin is not None:  # the weights and replay buffer of the resume state or of a shipped checkpoint
+        model.load_state_dict(origin.weights)
+        buffer_state = origin.extras["replay_buffer"]
+        if origin.resumed:
+            for group in optimizer.param_groups:  # the command line wins over the saved hyperparameters
+                group.update(lr=config.setting("lr"), betas=(config.beta1, 0.999))
+        else:  # a shipped buffer takes this run's capacity and restart rate
+            buffer_state = buffer_state | {
                 "capacity": torch.tensor(config.setting("buffer_capacity")),
                 "restart_prob": torch.tensor(config.restart_prob),
             }
-        )
-        first_epoch = int(start.config.training.get("epochs_done", 0)) + 1
-        already = float(start.config.training.get("wall_seconds", 0.0))
-    clock = Stopwatch(already)
+        buffer = ReplayBuffer.from_state_dict(buffer_state)
+
+    def save(epoch: int, seconds: float, record: dict[str, float]) -> EpochSave:
+        """The model and the newest `keep_buffer` chains in float16 ship; the resume state keeps the whole buffer."""
+        metrics = {key: round(value, 5) for key, value in record.items() if key.startswith("val_")}
+        model_config = ebm_model_config(config, train, arch, cd_sampler(config), device, seconds, epoch, metrics)
+        weights = dict(model.state_dict())
+        shipped = buffer.state_dict()
+        shipped["samples"] = shipped["samples"][len(buffer) - min(config.keep_buffer, len(buffer)) :].half()
+        checkpoint = Checkpoint(model_config, weights, {"replay_buffer": shipped})
+        return EpochSave(checkpoint, weights, {"replay_buffer": buffer.state_dict()})
+
+    hooks = EpochHooks(
+        save=save,
+        grid=lambda: buffer.samples[max(0, len(buffer) - 64) : len(buffer)],
+        summary=lambda record: f"loss {record.get('loss', float('nan')):.4f} val_cd {record['val_cd']:.4f}",
+        validate=lambda: validate(model, test, config.batch_size, config.validate_batches, device),
+    )
     energy = frozen_energy(model)
-    steps_per_epoch = run.batches_per_epoch
-    out = Path(config.out)
-    for epoch in range(first_epoch, config.epochs + 1):
-        bar = log.progress(
-            batches(len(train.images), config.batch_size, config.max_batches),
-            steps_per_epoch,
-            f"ebm epoch {epoch}/{config.epochs}",
-        )
+    for epoch in run.epochs():
+        bar = run.batches(epoch, "ebm")
         totals: dict[str, float] = {}
         for index in bar:
             parts = cd_update(model, energy, optimizer, buffer, train.images[index].to(device), langevin, config)
@@ -146,25 +149,5 @@ def train_ebm(config: EBMTrainConfig) -> Path:
             bar.set_postfix(
                 loss=f"{parts['loss']:.3f}", e_real=f"{parts['e_real']:.3f}", e_fake=f"{parts['e_fake']:.3f}"
             )
-        record = {key: value / max(steps_per_epoch, 1) for key, value in totals.items()}
-        record.update(validate(model, test, config.batch_size, config.validate_batches, device))
-        record.update(epoch=epoch, wall_seconds=clock.seconds())
-        grid_path = log.grid(buffer.samples[max(0, len(buffer) - 64) : len(buffer)], epoch, (-1.0, 1.0))
-        metrics = {key: round(value, 5) for key, value in record.items() if key.startswith("val_")}
-        model_config = ebm_model_config(
-            config, train, arch, cd_sampler(config), device, clock.seconds(), epoch, metrics
-        )
-        weights = {name: tensor for name, tensor in model.state_dict().items()}
-        shipped_state = buffer.state_dict()
-        shipped_state["samples"] = shipped_state["samples"][len(buffer) - min(config.keep_buffer, len(buffer)) :].half()
-        save_checkpoint(out, Checkpoint(model_config, weights, {"replay_buffer": shipped_state}), config.output_dtype())
-        save_resume(run_dir, epoch, model_config, weights, {"model": optimizer}, {"replay_buffer": buffer.state_dict()})
-        log.write(record)  # after the resume state: a crash in between never logs an epoch twice
-        print(
-            f"epoch {epoch}: loss {record.get('loss', float('nan')):.4f} val_cd {record['val_cd']:.4f} "
-            f"-> {out} (grid {grid_path})",
-            flush=True,
-        )
-        if run.out_of_time(epoch, config.epochs):
-            break
-    return out
+        run.end_epoch(epoch, {key: value / max(run.batches_per_epoch, 1) for key, value in totals.items()}, hooks)
+    return run.out

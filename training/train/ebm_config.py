@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from training.runtime.checkpoint import ModelConfig
-from training.sampling.sampler_config import EBMSampler, to_dict
+from training.sampling.sampler_config import EBMSampler
 from training.train.data import ImageDataset
 from training.train.run import RunConfig
 
@@ -94,16 +94,7 @@ def ebm_model_config(
     metrics: dict,
     **training_extra: Any,
 ) -> ModelConfig:
-    """What an EBM checkpoint says about itself, for either objective; a conditional one lists its classes."""
-    data: dict[str, Any] = {"shape": list(dataset.shape), "range": [-1.0, 1.0], "dataset": config.dataset}
-    if arch["kwargs"].get("num_classes"):
-        data["classes"] = dataset.classes
-    return ModelConfig(
-        family="ebm",
-        arch=arch,
-        data=data,
-        sampler=to_dict(sampler),
-        training=config.training_record("ebm", device, wall_seconds, epoch, **training_extra),
-        metrics=metrics,
-        ensemble=config.ensemble,
+    """What an EBM checkpoint says about itself, for either objective: the ensemble it joins as well."""
+    return config.model_config(
+        "ebm", dataset, arch, sampler, device, wall_seconds, epoch, metrics, training_extra, config.ensemble
     )

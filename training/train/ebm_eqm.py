@@ -15,25 +15,17 @@ from typing import Any
 import torch
 
 from training.models import build_model
-from training.runtime.checkpoint import Checkpoint, save_checkpoint
+from training.runtime.checkpoint import Checkpoint
 from training.sampling.langevin import frozen_energy, sample_langevin
 from training.sampling.replay_buffer import ReplayBuffer
 from training.sampling.sampler_config import EBMSampler
 from training.train.data import ImageDataset
 from training.train.ebm_config import EBMTrainConfig, ebm_model_config
 from training.train.ema import ema_update, warmed_up_decay
+from training.train.lifecycle import EpochHooks, EpochSave, TrainingRun
 from training.train.losses import energy_gap, equilibrium_matching
 from training.train.progress import progress
-from training.train.run import (
-    Stopwatch,
-    batches,
-    load_resume,
-    save_resume,
-    scheduled_learning_rate,
-    set_learning_rate,
-    start_run,
-    warm_start,
-)
+from training.train.run import fixed_noise_loss, scheduled_learning_rate, set_learning_rate
 
 
 def eqm_arch(dataset: ImageDataset, config: EBMTrainConfig) -> dict[str, Any]:
@@ -191,18 +183,12 @@ def validate_eqm(
     model: torch.nn.Module, test: ImageDataset, config: EBMTrainConfig, device: torch.device
 ) -> dict[str, float]:
     """The EqM loss of the averaged model on fixed test batches and fixed noise (comparable across epochs)."""
-    state = torch.get_rng_state()
-    torch.manual_seed(1234)
-    total, count = 0.0, 0
-    for index, chunk in enumerate(torch.split(torch.arange(len(test.images)), config.batch_size)):
-        if index >= config.validate_batches:
-            break
-        labels = test.labels[chunk].to(device) if config.conditional else None
-        loss, _ = eqm_loss(model, test.images[chunk].to(device), labels, config)
-        total += loss.item() * len(chunk)
-        count += len(chunk)
-    torch.set_rng_state(state)
-    return {"val_eqm": total / max(count, 1)}
+
+    def loss(images: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        return eqm_loss(model, images.to(device), labels, config)[0]
+
+    batches = config.validate_batches
+    return {"val_eqm": fixed_noise_loss(loss, test, config.batch_size, batches, config.conditional, device)}
 
 
 def preview(model: torch.nn.Module, config: EBMTrainConfig, shape: tuple[int, ...], classes: int) -> torch.Tensor:
@@ -216,32 +202,27 @@ def preview(model: torch.nn.Module, config: EBMTrainConfig, shape: tuple[int, ..
 
 def train_eqm(config: EBMTrainConfig) -> Path:
     """Train, writing the checkpoint (averaged weights) and the resume state after every epoch."""
-    run = start_run(config)
-    device, train, test, log = run.device, run.train, run.test, run.log
-    assert test is not None
+    run = TrainingRun.begin(config, "ebm")
+    if run is None:
+        return Path(config.out)
+    device, train, test = run.device, run.train, run.test
     arch = eqm_arch(train, config)
     model = build_model(arch).to(device)
     classes = int(arch["kwargs"]["num_classes"])
     optimizer = torch.optim.Adam(model.parameters(), lr=config.setting("lr"), betas=(0.9, 0.999))
-    first_epoch, already, updates = 1, 0.0, 0
     average = copy.deepcopy(model).requires_grad_(False)
+    origin = run.restore(arch, {"model": optimizer})
+    updates = 0
     extras: dict[str, dict[str, torch.Tensor]] = {}  # what the run starts from: a warm start's or the resume state's
-    if config.init_from and not config.resume:  # the shipped average and online weights; epochs, updates count on
-        start = warm_start(config.init_from, "ebm", arch)
-        model.load_state_dict(start.extras.get("online", start.weights))
-        average.load_state_dict(start.weights)
-        first_epoch = int(start.config.training.get("epochs_done", 0)) + 1
-        already = float(start.config.training.get("wall_seconds", 0.0))
-        updates = int(start.config.training.get("updates", 0))
-        extras = start.extras
-    if config.resume:
-        resumed = load_resume(run.run_dir, {"model": optimizer})
-        model.load_state_dict(resumed.checkpoint.weights)
-        average.load_state_dict(resumed.checkpoint.extras["ema"])
-        first_epoch = resumed.epoch + 1
-        already = float(resumed.checkpoint.config.training["wall_seconds"])
-        updates = int(resumed.checkpoint.config.training["updates"])
-        extras = resumed.checkpoint.extras
+    if origin is not None:  # the online weights and their average; the updates count on
+        if origin.resumed:
+            model.load_state_dict(origin.weights)
+            average.load_state_dict(origin.extras["ema"])
+        else:  # a shipped checkpoint's weights are the average
+            model.load_state_dict(origin.extras.get("online", origin.weights))
+            average.load_state_dict(origin.weights)
+        updates = origin.count("updates")
+        extras = origin.extras
     buffer = None  # the bridge's persistent negatives: saved with the run or its warm start, else filled afresh
     if config.cd_weight > 0:
         if "replay_buffer" in extras:
@@ -249,14 +230,31 @@ def train_eqm(config: EBMTrainConfig) -> Path:
         else:
             buffer = fill_buffer(average, config, train.shape, classes, device)
     total_updates = config.epochs * run.batches_per_epoch
-    clock = Stopwatch(already)
-    out = Path(config.out)
-    for epoch in range(first_epoch, config.epochs + 1):
-        bar = log.progress(
-            batches(len(train.images), config.batch_size, config.max_batches),
-            run.batches_per_epoch,
-            f"ebm eqm epoch {epoch}/{config.epochs}",
+
+    def save(epoch: int, seconds: float, record: dict[str, float]) -> EpochSave:
+        """The average ships with the online weights; a bridge's buffer goes whole (each chain's class with it,
+        so the server can start from it), in float16 there and in full in the resume state."""
+        metrics = {"val_eqm": round(record["val_eqm"], 6)}
+        model_config = ebm_model_config(
+            config, train, arch, eqm_sampler(config), device, seconds, epoch, metrics, updates=int(record["updates"])
         )
+        kept: dict[str, dict[str, torch.Tensor]] = {}
+        resume_extras = {"ema": dict(average.state_dict())}
+        if buffer is not None:
+            buffer_state = buffer.state_dict()
+            kept["replay_buffer"] = buffer_state | {"samples": buffer_state["samples"].half()}
+            resume_extras["replay_buffer"] = buffer_state
+        shipped = Checkpoint(model_config, dict(average.state_dict()), {"online": dict(model.state_dict())} | kept)
+        return EpochSave(shipped, dict(model.state_dict()), resume_extras)
+
+    hooks = EpochHooks(
+        save=save,
+        grid=lambda: preview(average, config, train.shape, classes),
+        summary=lambda record: f"eqm loss {record['loss']:.5f} val {record['val_eqm']:.5f}",
+        validate=lambda: validate_eqm(average, test, config, device),
+    )
+    for epoch in run.epochs():
+        bar = run.batches(epoch, "ebm eqm")
         totals: dict[str, float] = {}
         for index in bar:
             x = train.images[index].to(device)
@@ -274,32 +272,6 @@ def train_eqm(config: EBMTrainConfig) -> Path:
             bar.set_postfix(
                 loss=f"{parts['loss']:.4f}", lr=f"{lr:.2e}", **({"cd": f"{parts['cd']:.1f}"} if buffer else {})
             )
-        record = {key: value / max(run.batches_per_epoch, 1) for key, value in totals.items()}
-        record.update(validate_eqm(average, test, config, device))
-        record.update(epoch=epoch, updates=updates, wall_seconds=clock.seconds())
-        grid_path = log.grid(preview(average, config, train.shape, classes), epoch, (-1.0, 1.0))
-        metrics = {"val_eqm": round(record["val_eqm"], 6)}
-        model_config = ebm_model_config(
-            config, train, arch, eqm_sampler(config), device, clock.seconds(), epoch, metrics, updates=updates
-        )
-        kept: dict[str, dict[str, torch.Tensor]] = {}
-        buffer_state = buffer.state_dict() if buffer is not None else None
-        if buffer_state is not None:  # whole, with each chain's class, so the server can start from it
-            kept["replay_buffer"] = buffer_state | {"samples": buffer_state["samples"].half()}
-        save_checkpoint(
-            out,
-            Checkpoint(model_config, dict(average.state_dict()), {"online": dict(model.state_dict())} | kept),
-            config.output_dtype(),
-        )
-        resume_extras = {"ema": dict(average.state_dict())}
-        if buffer_state is not None:
-            resume_extras["replay_buffer"] = buffer_state
-        save_resume(run.run_dir, epoch, model_config, dict(model.state_dict()), {"model": optimizer}, resume_extras)
-        log.write(record)  # after the resume state: a crash in between never logs an epoch twice
-        print(
-            f"epoch {epoch}: eqm loss {record['loss']:.5f} val {record['val_eqm']:.5f} -> {out} (grid {grid_path})",
-            flush=True,
-        )
-        if run.out_of_time(epoch, config.epochs):
-            break
-    return out
+        figures = {key: value / max(run.batches_per_epoch, 1) for key, value in totals.items()}
+        run.end_epoch(epoch, figures | {"updates": updates}, hooks)
+    return run.out

@@ -18,25 +18,16 @@ import torch
 from training.models import build_model
 from training.models.flows import Flow, bits_per_dim, dequantize
 from training.models.iresnet import IResNet
-from training.runtime.checkpoint import Checkpoint, ModelConfig, save_checkpoint
+from training.runtime.checkpoint import Checkpoint
 from training.runtime.draw import integrate_cnf
 from training.sampling.noise import chain_seeds
 from training.sampling.ode import checked_solver
-from training.sampling.sampler_config import FlowSampler, to_dict
+from training.sampling.sampler_config import FlowSampler
 from training.train.data import ImageDataset
 from training.train.ema import ema_update, warmed_up_decay
+from training.train.lifecycle import EpochHooks, EpochSave, TrainingRun
 from training.train.losses import flow_matching, optimal_transport_pairing
-from training.train.run import (
-    RunConfig,
-    Stopwatch,
-    batches,
-    load_resume,
-    save_resume,
-    scheduled_learning_rate,
-    set_learning_rate,
-    start_run,
-    warm_start,
-)
+from training.train.run import RunConfig, fixed_noise_loss, scheduled_learning_rate, set_learning_rate
 
 # What each architecture uses when a flag is left unset: hidden width, base distribution, and the
 # sampling temperature stored in the checkpoint (NICE's paper samples at 0.8, Glow's at 0.7).
@@ -194,20 +185,14 @@ def validate_cnf(
     model: torch.nn.Module, test: ImageDataset, config: FlowTrainConfig, device: torch.device
 ) -> dict[str, float]:
     """The flow-matching loss of the averaged field on fixed test batches, prior draws and times (comparable
-    across epochs; the global RNG is left as it was, so --resume stays exact)."""
-    state = torch.get_rng_state()
-    torch.manual_seed(1234)
-    total, count = 0.0, 0
-    for index, chunk in enumerate(torch.split(torch.arange(len(test.images)), config.batch_size)):
-        if index >= config.validate_batches:
-            break
-        labels = test.labels[chunk].to(device) if config.conditional else None
+    across epochs)."""
+
+    def loss(images: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         with cnf_autocast(config, device):
-            loss, _ = cnf_loss(model, training_points(test.images[chunk]).to(device), labels, False)
-        total += loss.item() * len(chunk)
-        count += len(chunk)
-    torch.set_rng_state(state)
-    return {"val_flow_matching": total / max(count, 1)}
+            return cnf_loss(model, training_points(images).to(device), labels, False)[0]
+
+    batches = config.validate_batches
+    return {"val_flow_matching": fixed_noise_loss(loss, test, config.batch_size, batches, config.conditional, device)}
 
 
 def cnf_preview(model: torch.nn.Module, config: FlowTrainConfig, shape: tuple[int, ...], classes: int) -> torch.Tensor:
@@ -218,50 +203,70 @@ def cnf_preview(model: torch.nn.Module, config: FlowTrainConfig, shape: tuple[in
 
 
 def train_flow(config: FlowTrainConfig) -> Path:
-    run = start_run(config)
-    device, train, test, run_dir, log = run.device, run.train, run.test, run.run_dir, run.log
-    assert test is not None  # start_run loads the test split unless asked not to
+    """Train, writing the checkpoint (averaged weights) and the resume state after every epoch."""
+    run = TrainingRun.begin(config, "flow")
+    if run is None:
+        return Path(config.out)
+    device, train, test = run.device, run.train, run.test
     arch = _arch(train, config)
     cnf = config.arch == "cnf"
     model = build_model(arch).to(device)
     classes = int(arch["kwargs"].get("num_classes", 0))
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    first_epoch, already = 1, 0.0
+    origin = run.restore(arch, {"flow": optimizer})
     warm_epoch = 0  # epochs of the --init-from checkpoint: the fresh optimizer's schedule counts from there
     average_weights = None
-    if config.resume:
-        resumed = load_resume(run_dir, {"flow": optimizer})
-        model.load_state_dict(resumed.checkpoint.weights)
-        average_weights = resumed.checkpoint.extras.get("ema")  # runs from before the EMA resume without one
-        first_epoch = resumed.epoch + 1
-        already = float(resumed.checkpoint.config.training["wall_seconds"])
-        warm_epoch = int(resumed.checkpoint.config.training.get("warm_start_epoch", 0))
-    elif config.init_from:  # a shipped checkpoint's (averaged) weights; its epochs and time count on
-        start = warm_start(config.init_from, "flow", arch)
-        model.load_state_dict(start.weights)
-        warm_epoch = int(start.config.training.get("epochs_done", 0))
-        first_epoch = warm_epoch + 1
-        already = float(start.config.training.get("wall_seconds", 0.0))
+    if origin is not None:  # the online weights of the resume state, or a shipped checkpoint's (averaged) ones
+        model.load_state_dict(origin.weights)
+        if origin.resumed:
+            average_weights = origin.extras.get("ema")  # runs from before the EMA resume without one
+            warm_epoch = int(origin.training.get("warm_start_epoch", 0))
+        else:
+            warm_epoch = origin.epochs_done
     elif not cnf:
         subset = torch.randperm(len(train.images))[:1000]
         cast(Flow, model).initialize(dequantize(train.images[subset]).to(device))  # ActNorm, NICE's scaling
     average = copy.deepcopy(model).eval()
     if average_weights is not None:
         average.load_state_dict(average_weights)
-    clock = Stopwatch(already)
     dim = math.prod(train.shape)
     per_epoch = run.batches_per_epoch
-    updates = (first_epoch - 1 - warm_epoch) * per_epoch  # optimizer steps since the run (or its warm start) began
+    updates = (run.first_epoch - 1 - warm_epoch) * per_epoch  # optimizer steps since the run (or its warm start) began
     total_updates = (config.epochs - warm_epoch) * per_epoch
     max_grad_norm = config.setting("max_grad_norm")
-    out = Path(config.out)
     loss_name = "flow_matching" if cnf else "bits_per_dim"
-    for epoch in range(first_epoch, config.epochs + 1):
-        bar = log.progress(
-            batches(len(train.images), config.batch_size, config.max_batches),
-            per_epoch,
-            f"{config.arch} epoch {epoch}/{config.epochs}",
+
+    def validate() -> dict[str, float]:
+        if cnf:
+            return validate_cnf(average, test, config, device)
+        return {"test_bits_per_dim": dataset_bits_per_dim(cast(Flow, average), test, 500, device, config.test_batches)}
+
+    def grid() -> torch.Tensor:
+        if cnf:
+            return cnf_preview(average, config, train.shape, classes).clamp(-1, 1)
+        return cast(Flow, average).sample(64, config.setting("temperature")).clamp(-1, 1)
+
+    def save(epoch: int, seconds: float, record: dict[str, float]) -> EpochSave:
+        """The average ships; the online weights and the average go into the resume state."""
+        figure = "val_flow_matching" if cnf else "test_bits_per_dim"
+        metrics = {figure: round(record[figure], 6 if cnf else 4)}
+        counted = {"updates": int(record["updates"])} | ({"warm_start_epoch": warm_epoch} if warm_epoch else {})
+        sampler = flow_sampler(config)
+        model_config = config.model_config("flow", train, arch, sampler, device, seconds, epoch, metrics, counted)
+        return EpochSave(
+            Checkpoint(model_config, average.state_dict()), model.state_dict(), {"ema": average.state_dict()}
         )
+
+    def summary(record: dict[str, float]) -> str:
+        if cnf:
+            figure = f"val {record['val_flow_matching']:.4f} flow matching"
+        else:
+            figure = f"test {record['test_bits_per_dim']:.4f} bits/dim"
+        return f"train {record[f'train_{loss_name}']:.4f} {figure}"
+
+    hooks = EpochHooks(save=save, grid=grid, summary=summary, validate=validate)
+    for epoch in run.epochs():
+        bar = run.batches(epoch, config.arch)
         total = 0.0
         for index in bar:
             lr = scheduled_learning_rate(
@@ -289,53 +294,5 @@ def train_flow(config: FlowTrainConfig) -> Path:
             bar.set_postfix(**{loss_name: f"{loss.item():.4f}"}, lr=f"{lr:.1e}")
         if isinstance(average, IResNet):  # averaged weights: the power iteration catches up with them
             average.refresh_spectral_norms()
-        record: dict[str, float | int] = {
-            f"train_{loss_name}": total / max(per_epoch, 1),
-            "epoch": epoch,
-            "updates": updates,
-            "wall_seconds": clock.seconds(),
-        }
-        if cnf:
-            record.update(validate_cnf(average, test, config, device))
-            metrics = {"val_flow_matching": round(record["val_flow_matching"], 6)}
-            samples = cnf_preview(average, config, train.shape, classes)
-        else:
-            flow = cast(Flow, average)
-            record["test_bits_per_dim"] = dataset_bits_per_dim(flow, test, 500, device, config.test_batches)
-            metrics = {"test_bits_per_dim": round(record["test_bits_per_dim"], 4)}
-            samples = flow.sample(64, config.setting("temperature"))
-        grid_path = log.grid(samples.clamp(-1, 1), epoch, (-1.0, 1.0))
-        data_config: dict = {"shape": list(train.shape), "range": [-1.0, 1.0], "dataset": config.dataset}
-        if classes:
-            data_config["classes"] = train.classes
-        model_config = ModelConfig(
-            family="flow",
-            arch=arch,
-            data=data_config,
-            sampler=to_dict(flow_sampler(config)),
-            training=config.training_record(
-                "flow",
-                device,
-                clock.seconds(),
-                epoch,
-                updates=updates,
-                **({"warm_start_epoch": warm_epoch} if warm_epoch else {}),
-            ),
-            metrics=metrics,
-        )
-        save_checkpoint(out, Checkpoint(model_config, average.state_dict()), config.output_dtype())
-        resume_extras = {"ema": average.state_dict()}
-        save_resume(run_dir, epoch, model_config, model.state_dict(), {"flow": optimizer}, resume_extras)
-        log.write(record)
-        figure = (
-            f"val {record['val_flow_matching']:.4f} flow matching"
-            if cnf
-            else f"test {record['test_bits_per_dim']:.4f} bits/dim"
-        )
-        print(
-            f"epoch {epoch}: train {record[f'train_{loss_name}']:.4f} {figure} -> {out} (grid {grid_path})",
-            flush=True,
-        )
-        if run.out_of_time(epoch, config.epochs):
-            break
-    return out
+        run.end_epoch(epoch, {f"train_{loss_name}": total / max(per_epoch, 1), "updates": updates}, hooks)
+    return run.out

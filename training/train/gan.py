@@ -10,16 +10,17 @@ import copy
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypedDict, cast
+from typing import Any, TypedDict, cast
 
 import torch
 
 from training.models import build_model
 from training.models.gan import ConvCritic, MLPCritic
-from training.runtime.checkpoint import Checkpoint, ModelConfig, save_checkpoint
-from training.sampling.sampler_config import GANSampler, from_dict, to_dict
+from training.runtime.checkpoint import Checkpoint
+from training.sampling.sampler_config import GANSampler, from_dict
 from training.train.data import ImageDataset
 from training.train.ema import ema_update, warmed_up_decay
+from training.train.lifecycle import EpochHooks, EpochSave, TrainingRun
 from training.train.losses import (
     discriminator_loss,
     feature_matching_loss,
@@ -28,7 +29,7 @@ from training.train.losses import (
     wasserstein_critic_loss,
     wasserstein_generator_loss,
 )
-from training.train.run import RunConfig, Stopwatch, batches, load_resume, save_resume, start_run, warm_start
+from training.train.run import RunConfig
 
 LOSSES = ("dcgan", "wgan", "wgan-gp")
 
@@ -100,8 +101,10 @@ def train_gan(config: GANTrainConfig) -> Path:
     """Train, writing the checkpoint (EMA generator, raw generator, critic) after every epoch."""
     if config.loss not in LOSSES:
         raise ValueError(f"unknown GAN loss {config.loss!r}; expected one of {', '.join(LOSSES)}")
-    run = start_run(config, with_test=False)
-    device, train, run_dir, log = run.device, run.train, run.run_dir, run.log
+    run = TrainingRun.begin(config, "gan", with_test=False)
+    if run is None:
+        return Path(config.out)
+    device, train = run.device, run.train
     generator_arch, critic_arch = _architectures(train, config)
     generator = build_model(generator_arch).to(device)
     # _architectures names a conv_critic or an mlp_critic, so the module has `features` (feature matching).
@@ -110,30 +113,16 @@ def train_gan(config: GANTrainConfig) -> Path:
     generator_optimizer = _optimizer(generator.parameters(), config)
     critic_optimizer = _optimizer(critic.parameters(), config)
     critic_steps = config.critic_steps or LOSS_DEFAULTS[config.loss]["critic_steps"]
-    optimizers = {"generator": generator_optimizer, "critic": critic_optimizer}
-    first_epoch, already, generator_updates, critic_updates = 1, 0.0, 0, 0
+    arch = {**generator_arch, "critic": critic_arch}
+    origin = run.restore(arch, {"generator": generator_optimizer, "critic": critic_optimizer})
+    generator_updates, critic_updates = 0, 0
     sampler = GANSampler(latent_dim=config.latent_dim)  # a continued run keeps the DDLS settings it had
-    if config.resume:
-        resumed = load_resume(run_dir, optimizers)
-        generator.load_state_dict(resumed.checkpoint.weights)
-        critic.load_state_dict(resumed.checkpoint.extras["critic"])
-        average.load_state_dict(resumed.checkpoint.extras["ema"])
-        first_epoch = resumed.epoch + 1
-        already = float(resumed.checkpoint.config.training["wall_seconds"])
-        generator_updates = int(resumed.checkpoint.config.training["generator_updates"])
-        critic_updates = int(resumed.checkpoint.config.training["critic_updates"])
-        sampler = from_dict(GANSampler, resumed.checkpoint.config.sampler)
-    elif config.init_from:  # a shipped checkpoint's generator, EMA and critic; its epochs, updates and time count on
-        start = warm_start(config.init_from, "gan", {**generator_arch, "critic": critic_arch})
-        generator.load_state_dict(start.weights)
-        average.load_state_dict(start.extras["ema"])
-        critic.load_state_dict(start.extras["critic"])
-        first_epoch = int(start.config.training.get("epochs_done", 0)) + 1
-        already = float(start.config.training.get("wall_seconds", 0.0))
-        generator_updates = int(start.config.training.get("generator_updates", 0))
-        critic_updates = int(start.config.training.get("critic_updates", 0))
-        sampler = from_dict(GANSampler, start.config.sampler)
-    clock = Stopwatch(already)
+    if origin is not None:  # the generator, its EMA and the critic; the updates count on
+        generator.load_state_dict(origin.weights)
+        critic.load_state_dict(origin.extras["critic"])
+        average.load_state_dict(origin.extras["ema"])
+        generator_updates, critic_updates = origin.count("generator_updates"), origin.count("critic_updates")
+        sampler = from_dict(GANSampler, origin.checkpoint.config.sampler)
     fixed_latents = torch.randn(64, config.latent_dim, generator=torch.Generator().manual_seed(0)).to(device)
     per_epoch = run.batches_per_epoch
     if per_epoch * config.epochs < critic_steps:
@@ -142,15 +131,28 @@ def train_gan(config: GANTrainConfig) -> Path:
             f"after {critic_steps} critic steps; train longer"
         )
     noise_batches = per_epoch * config.epochs
-    if config.resume:
-        noise_batches = int(resumed.checkpoint.config.training["noise_batches"])
-    out = Path(config.out)
-    for epoch in range(first_epoch, config.epochs + 1):
-        bar = log.progress(
-            batches(len(train.images), config.batch_size, config.max_batches),
-            per_epoch,
-            f"{config.loss} epoch {epoch}/{config.epochs}",
-        )
+    if origin is not None and origin.resumed:
+        noise_batches = origin.count("noise_batches")
+
+    def save(epoch: int, seconds: float, record: dict[str, float]) -> EpochSave:
+        """The generator ships with its EMA (what is sampled) and the critic; the resume state holds the same."""
+        metrics = {key: round(value, 5) for key, value in record.items() if key.endswith("_loss")}
+        counted: dict[str, Any] = {key: int(record[key]) for key in ("generator_updates", "critic_updates")}
+        counted |= {"noise_batches": noise_batches, "loss": config.loss}
+        model_config = config.model_config("gan", train, arch, sampler, device, seconds, epoch, metrics, counted)
+        extras = {"ema": average.state_dict(), "critic": critic.state_dict()}
+        return EpochSave(Checkpoint(model_config, generator.state_dict(), extras), generator.state_dict(), extras)
+
+    @torch.no_grad()
+    def grid() -> torch.Tensor:
+        return average(fixed_latents)
+
+    def summary(record: dict[str, float]) -> str:
+        return f"critic {record['critic_loss']:.4f} generator {record['generator_loss']:.4f}"
+
+    hooks = EpochHooks(save=save, grid=grid, summary=summary)
+    for epoch in run.epochs():
+        bar = run.batches(epoch, config.loss)
         totals = {"critic_loss": 0.0, "generator_loss": 0.0}
         counts = {"critic_loss": 0, "generator_loss": 0}
         for batch in bar:
@@ -201,41 +203,6 @@ def train_gan(config: GANTrainConfig) -> Path:
             totals["generator_loss"] += generator_loss.item()
             counts["generator_loss"] += 1
             bar.set_postfix(critic=f"{critic_loss.item():.3f}", generator=f"{generator_loss.item():.3f}")
-        record = {key: totals[key] / max(counts[key], 1) for key in totals}
-        record.update(
-            epoch=epoch,
-            wall_seconds=clock.seconds(),
-            generator_updates=generator_updates,
-            critic_updates=critic_updates,
-        )
-        with torch.no_grad():
-            grid_path = log.grid(average(fixed_latents), epoch, (-1.0, 1.0))
-        model_config = ModelConfig(
-            family="gan",
-            arch={**generator_arch, "critic": critic_arch},
-            data={"shape": list(train.shape), "range": [-1.0, 1.0], "dataset": config.dataset},
-            sampler=to_dict(sampler),
-            training=config.training_record(
-                "gan",
-                device,
-                clock.seconds(),
-                epoch,
-                generator_updates=generator_updates,
-                critic_updates=critic_updates,
-                noise_batches=noise_batches,
-                loss=config.loss,
-            ),
-            metrics={key: round(value, 5) for key, value in record.items() if key.endswith("_loss")},
-        )
-        extras = {"ema": average.state_dict(), "critic": critic.state_dict()}
-        save_checkpoint(out, Checkpoint(model_config, generator.state_dict(), extras), config.output_dtype())
-        save_resume(run_dir, epoch, model_config, generator.state_dict(), optimizers, extras)
-        log.write(record)
-        print(
-            f"epoch {epoch}: critic {record['critic_loss']:.4f} generator {record['generator_loss']:.4f} "
-            f"-> {out} (grid {grid_path})",
-            flush=True,
-        )
-        if run.out_of_time(epoch, config.epochs):
-            break
-    return out
+        updates = {"generator_updates": generator_updates, "critic_updates": critic_updates}
+        run.end_epoch(epoch, {key: totals[key] / max(counts[key], 1) for key in totals} | updates, hooks)
+    return run.out

@@ -1,4 +1,5 @@
-"""What every training run shares: seeding, progress, metrics log, grids, resume state."""
+"""What every training run shares: its options, seeding, batches, metrics log, grids and the resume state's
+format (training/train/lifecycle.py runs a run's life from them)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import json
 import math
 import shlex
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,10 @@ import torch
 from tqdm import tqdm
 
 from training.runtime.checkpoint import Checkpoint, ModelConfig, load_checkpoint, save_checkpoint
-from training.runtime.device import device_name, pick_device
+from training.runtime.device import device_name
 from training.runtime.images import save_grid
-from training.train.data import ImageDataset, load_dataset
+from training.sampling.sampler_config import to_dict
+from training.train.data import ImageDataset
 from training.train.progress import PlainProgress, progress
 
 
@@ -53,6 +55,7 @@ class RunConfig:
     device: str = "auto"  # auto (cuda when available, else cpu) | cpu | cuda | cuda:N
     threads: int | None = None  # torch CPU threads for this run (1: one run per core, side by side)
     resume: bool = False  # continue exactly from the run directory's resume state
+    force: bool = False  # start afresh over an earlier run: overwrite --out, remove its metrics, grids, resume state
     max_batches: int | None = None  # at most this many batches per epoch (quick runs and tests; none: all)
     save_dtype: str = "float32"  # floating tensors of the output checkpoint: float32 or float16 (half the file)
     stop_after_minutes: float | None = None  # end at the first epoch end where one more epoch would pass M minutes
@@ -69,17 +72,18 @@ class RunConfig:
 
     def command_line(self, family: str) -> str:
         """The `python -m training ...` command that reproduces this run (flags that differ from defaults)."""
-        scheduling = ("resume", "stop_after_minutes")  # how a run was scheduled, not what it computes
+        scheduling = ("resume", "force", "stop_after_minutes")  # how a run was scheduled, not what it computes
         values = {item.name: getattr(self, item.name) for item in fields(self) if item.name not in scheduling}
         return shlex.join(["python", "-m", "training", family, *option_words(type(self), values)])
 
     def training_record(
         self, family: str, device: torch.device, wall_seconds: float, epoch: int, **extra: Any
     ) -> dict[str, Any]:
-        """What every checkpoint records about the run that made it."""
+        """What every checkpoint records about the run that made it. `args` leaves out --force: the zoo rebuilds
+        a run from them, and a continued run is never a fresh start over an earlier one."""
         return {
             "command": self.command_line(family),
-            "args": asdict(self),
+            "args": {name: value for name, value in asdict(self).items() if name != "force"},
             "seed": self.seed,
             "wall_seconds": wall_seconds,
             "device": device_name(device),
@@ -87,89 +91,32 @@ class RunConfig:
             **extra,
         }
 
-
-@dataclass
-class RunStart:
-    device: torch.device
-    train: ImageDataset
-    test: ImageDataset | None
-    run_dir: Path
-    log: RunLog
-    batches_per_epoch: int  # full batches of the training set, capped by --max-batches
-    deadline: EpochDeadline  # --stop-after-minutes
-
-    def out_of_time(self, epoch: int, last_epoch: int) -> bool:
-        """Called after each epoch's checkpoint and resume state are written: True ends the run here."""
-        return self.deadline.stop_after(epoch, last_epoch)
-
-
-class EpochDeadline:
-    """--stop-after-minutes M: a run ends at an epoch end, never inside an epoch, so that the checkpoint and the
-    resume state are those of a finished epoch and `--resume` continues exactly as an uninterrupted run would.
-
-    It stops at the first epoch end from which one more epoch (as long as the longest so far) would pass M
-    minutes since the run started; so a run stays within M minutes when an epoch fits in M (a lent GPU's
-    command limit), and always trains at least one epoch (M = 0: exactly one).
-    """
-
-    def __init__(self, minutes: float | None) -> None:
-        if minutes is not None and minutes < 0:
-            raise ValueError(f"--stop-after-minutes must be 0 or more, not {minutes}")
-        self.minutes = minutes
-        self.start = time.monotonic()
-        self.epoch_start = self.start
-        self.longest_epoch = 0.0
-
-    def stop_after(self, epoch: int, last_epoch: int) -> bool:
-        now = time.monotonic()
-        self.longest_epoch = max(self.longest_epoch, now - self.epoch_start)
-        self.epoch_start = now
-        if self.minutes is None or epoch >= last_epoch:
-            return False
-        if now - self.start + self.longest_epoch <= self.minutes * 60:
-            return False
-        print(
-            f"--stop-after-minutes {self.minutes:g}: stopped after epoch {epoch} of {last_epoch} "
-            f"({(now - self.start) / 60:.1f} min; an epoch takes up to {self.longest_epoch / 60:.1f}); "
-            "continue with --resume",
-            flush=True,
+    def model_config(
+        self,
+        family: str,
+        dataset: ImageDataset,
+        arch: dict[str, Any],
+        sampler: Any,  # the family's sampler dataclass: what every client runs by default
+        device: torch.device,
+        wall_seconds: float,
+        epoch: int,
+        metrics: dict[str, float],
+        recorded: dict[str, Any] | None = None,  # what the family adds to the training record (update counters)
+        ensemble: str | None = None,
+    ) -> ModelConfig:
+        """What a checkpoint says about itself, for every family; a class-conditional model lists its classes."""
+        data: dict[str, Any] = {"shape": list(dataset.shape), "range": [-1.0, 1.0], "dataset": self.dataset}
+        if arch["kwargs"].get("num_classes"):
+            data["classes"] = dataset.classes
+        return ModelConfig(
+            family=family,
+            arch=arch,
+            data=data,
+            sampler=to_dict(sampler),
+            training=self.training_record(family, device, wall_seconds, epoch, **(recorded or {})),
+            metrics=metrics,
+            ensemble=ensemble,
         )
-        return True
-
-
-def start_run(config: RunConfig, with_test: bool = True) -> RunStart:
-    """Device, seed, datasets and run directory, in the same order for every family (so --seed reproduces)."""
-    deadline = EpochDeadline(config.stop_after_minutes)  # the clock counts data loading too
-    device = pick_device(config.device)
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
-    config.output_dtype()  # a bad --save-dtype fails now, not after the first epoch
-    seed_everything(config.seed)
-    train = load_dataset(config.dataset, config.data_dir, "train", seed=config.seed, image_size=config.image_size)
-    test = None
-    if with_test:
-        test = load_dataset(config.dataset, config.data_dir, "test", seed=config.seed, image_size=config.image_size)
-    run_dir = config.resolved_run_dir()
-    per_epoch = len(train.images) // config.batch_size
-    if per_epoch == 0:
-        raise ValueError(f"{len(train.images)} training examples cannot fill one batch of {config.batch_size}")
-    if config.max_batches is not None:
-        per_epoch = min(per_epoch, config.max_batches)
-    return RunStart(device, train, test, run_dir, RunLog(run_dir), per_epoch, deadline)
-
-
-def warm_start(path: str, family: str, arch: dict[str, Any]) -> Checkpoint:
-    """--init-from: a checkpoint whose weights (and extras) this run starts from; refused unless it is the same
-    family and architecture as the run the flags describe."""
-    start = load_checkpoint(path)
-    if start.config.family != family:
-        raise ValueError(f"--init-from {path}: it is a {start.config.family} checkpoint, not a {family}")
-    if start.config.arch != arch:
-        raise ValueError(
-            f"--init-from {path}: its arch {start.config.arch} differs from this run's {arch}; "
-            f"pass the flags it was trained with ({start.config.training.get('command', 'not recorded')})"
-        )
-    return start
 
 
 def seed_everything(seed: int) -> None:
@@ -263,11 +210,19 @@ def save_resume(
     save_checkpoint(ResumeState.path(run_dir), Checkpoint(resume_config, weights, groups))
 
 
-def load_resume(run_dir: Path, optimizers: dict[str, torch.optim.Optimizer]) -> ResumeState:
+def read_resume(run_dir: Path) -> ResumeState:
+    """The run directory's resume state, read before anything is built (the optimizers and the RNG are set from
+    it later, by `restore_resume`)."""
     path = ResumeState.path(run_dir)
     if not path.is_file():
         raise FileNotFoundError(f"--resume: no {path}; start the run once without --resume")
     checkpoint = load_checkpoint(path)
+    return ResumeState(epoch=int(checkpoint.config.training["resume_epoch"]), checkpoint=checkpoint)
+
+
+def restore_resume(state: ResumeState, optimizers: dict[str, torch.optim.Optimizer]) -> None:
+    """Put the optimizers and the RNG back where the resumed run left them (their tensors leave the extras)."""
+    checkpoint = state.checkpoint
     for name, optimizer in optimizers.items():
         restore_optimizer(
             optimizer,
@@ -278,7 +233,30 @@ def load_resume(run_dir: Path, optimizers: dict[str, torch.optim.Optimizer]) -> 
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
-    return ResumeState(epoch=int(checkpoint.config.training["resume_epoch"]), checkpoint=checkpoint)
+
+
+def fixed_noise_loss(
+    loss: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],  # (images [B, *shape], labels [B]) -> mean
+    test: ImageDataset,
+    batch_size: int,
+    batches: int,
+    conditional: bool,
+    device: torch.device,
+) -> float:
+    """The mean of a noised objective (EqM, flow matching) over the first `batches` test batches with the same
+    noise every epoch (seed 1234), so its figures compare across epochs; the global RNG is left as it was, so
+    --resume stays exact."""
+    state = torch.get_rng_state()
+    torch.manual_seed(1234)
+    total, count = 0.0, 0
+    for index, chunk in enumerate(torch.split(torch.arange(len(test.images)), batch_size)):
+        if index >= batches:
+            break
+        labels = test.labels[chunk].to(device) if conditional else None
+        total += loss(test.images[chunk], labels).item() * len(chunk)
+        count += len(chunk)
+    torch.set_rng_state(state)
+    return total / max(count, 1)
 
 
 def scheduled_learning_rate(
