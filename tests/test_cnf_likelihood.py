@@ -3,6 +3,7 @@ integrates to one, the figure converging as the tolerance tightens, and `evaluat
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from training.sampling.noise import chain_seeds
 from training.sampling.ode import dopri5
 from training.train.data import toy2d
 from training.train.flow import FlowTrainConfig, train_flow
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_dopri5_meets_its_tolerance_per_sample_forwards_and_backwards() -> None:
@@ -119,3 +122,20 @@ def test_a_samples_likelihood_is_the_same_alone_and_batched() -> None:
     # batched matmuls round apart (~4e-5 seen on CI), so within the solve's own tolerance
     torch.testing.assert_close(alone.log_prob, batched.log_prob[3:4], rtol=1e-4, atol=1e-4)
     assert alone.evaluations.item() == batched.evaluations[3].item()
+
+
+def test_the_likelihood_benchs_estimator_rows_put_hutchinson_within_its_error_of_the_exact_trace() -> None:
+    """bench/cnf_likelihood.py's estimator rows on 8-bit 8x8 images: each Hutchinson row's mean error against
+    the exact trace is within its own standard error's reach, and 4 probes are less noisy an image than 1."""
+    spec = importlib.util.spec_from_file_location("cnf_likelihood", ROOT / "bench" / "cnf_likelihood.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    pixels = torch.randint(0, 256, (8, 1, 8, 8), generator=torch.Generator().manual_seed(4))
+    exact, one, four = bench.estimator_comparison(tiny_image_field(), pixels / 127.5 - 1, 1e-2, seed=0)
+    assert (exact["trace"], exact["probes"], one["probes"], four["probes"]) == ("exact", 0, 1, 4)
+    assert exact["n"] == one["n"] == four["n"] == 8
+    for row in (one, four):
+        assert row["rms_error"] > 0, "an estimate, not the exact trace again"
+        assert abs(row["mean_error"]) < 4 * row["error_se"], f"{row['probes']} probe(s): biased? {row}"
+    assert four["rms_error"] < one["rms_error"]
