@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from training.runtime.cores import parse_threads
+
 
 class Settings(BaseSettings):
     """Every field is also a `python -m service` flag (service/__main__.py builds them from this class)."""
@@ -26,6 +28,11 @@ class Settings(BaseSettings):
     )
     state_dir: Path = Field(Path("state"), description="persistent replay buffers live here")
     device: str = Field("auto", description="auto (cuda when available, else cpu), cpu, cuda, cuda:1, ...")
+    threads: int | Literal["auto"] = Field(
+        "auto",
+        description="torch CPU threads: a count, or auto: $OMP_NUM_THREADS when set, else the cores idle at start"
+        " (--engine ray: Ray sets each replica's OMP_NUM_THREADS to its --replica-cpus, at least 1)",
+    )
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on (0: any free port)")
     api_key: str | None = Field(
@@ -83,6 +90,12 @@ class Settings(BaseSettings):
         description="save replay buffers as this server's shard (buffer-GROUP-DIGEST-SHARD) and pool every"
         " shard of the state dir at start (--engine ray names each replica's: replica0, replica1, ...)",
     )
+
+    @field_validator("threads", mode="before")
+    @classmethod
+    def count_or_auto(cls, value: int | str) -> int | Literal["auto"]:
+        """One message for a bad value, by the rule training's --threads follows too."""
+        return parse_threads(value)
 
     @field_validator("api_key")
     @classmethod

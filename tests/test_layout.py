@@ -21,6 +21,7 @@ FUNCTION_LEVEL_ALLOWED = {
     ("service.__main__", "service.app"): "settings and files are checked before the server and torch load",
     ("service.__main__", "service.buffer_store"): "settings and files are checked before torch loads",
     ("service.__main__", "service.middleware"): "settings and files are checked before the server loads",
+    ("service.__main__", "training.runtime.device"): "settings and files are checked before torch loads",
 }
 GRAPH = read_graph()
 

@@ -54,7 +54,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, config_type: type, 
         text = comments.get(item.name, "").replace("%", "%%")
         if kind == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
-        elif "int" in kind and "float" not in kind:
+        elif "int" in kind and "float" not in kind and "str" not in kind:  # a `str` one takes words too (auto)
             parser.add_argument(flag, type=int, default=default, help=text)
         elif "float" in kind:
             parser.add_argument(flag, type=float, default=default, help=text)

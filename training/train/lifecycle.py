@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from training.runtime.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from training.runtime.device import pick_device
+from training.runtime.device import pick_device, use_threads
 from training.train.data import ImageDataset, load_dataset
 from training.train.progress import PlainProgress
 from training.train.run import (
@@ -175,8 +175,7 @@ class TrainingRun:
         self.out, self.run_dir = Path(config.out), config.resolved_run_dir()
         self.deadline = EpochDeadline(config.stop_after_minutes)  # the clock counts data loading too
         self.device = pick_device(config.device)
-        if config.threads is not None:
-            torch.set_num_threads(config.threads)
+        print(use_threads(config.threads), flush=True)
         config.output_dtype()  # a bad --save-dtype fails now, not after the first epoch
         seed_everything(config.seed)
         self.train: ImageDataset = self.dataset("train")

@@ -53,7 +53,7 @@ class RunConfig:
     batch_size: int = 128  # training examples per update
     seed: int = 0  # seeds initialization, batch order and sampling: the same seed repeats a run
     device: str = "auto"  # auto (cuda when available, else cpu) | cpu | cuda | cuda:N
-    threads: int | None = None  # torch CPU threads for this run (1: one run per core, side by side)
+    threads: int | str | None = None  # CPU threads: N or auto (the cores idle at start); default 1, or $OMP_NUM_THREADS
     resume: bool = False  # continue exactly from the run directory's resume state
     force: bool = False  # start afresh over an earlier run: overwrite --out, remove its metrics, grids, resume state
     max_batches: int | None = None  # at most this many batches per epoch (quick runs and tests; none: all)
