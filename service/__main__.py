@@ -179,11 +179,21 @@ def serve_locally(settings: Settings, listener: socket.socket) -> BaseException 
     from service.app import create_app
     from service.buffer_store import remove_stale_temp_files
     from service.middleware import IdleTimeoutH11Protocol
+    from training.runtime.device import use_threads
 
+    log = logging.getLogger("service")
+    log.info(use_threads(settings.threads))  # this process's: in-process test servers keep the test's threads
     remove_stale_temp_files([settings.models_dir, settings.state_dir])
     app = create_app(settings)
+    host, port = listener.getsockname()[:2]
 
     class SupervisedServer(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            """The address is said once the models are loaded and the port takes connections, not before."""
+            await super().startup(sockets)
+            if not self.should_exit:
+                log.info("listening on http://%s:%d (Ctrl+C to stop)", host, port)
+
         async def on_tick(self, counter: int) -> bool:
             """uvicorn asks every 0.1 s whether to exit: also once the worker has stopped serving anyone."""
             worker = getattr(app.state, "worker", None)
@@ -196,8 +206,6 @@ def serve_locally(settings: Settings, listener: socket.socket) -> BaseException 
         timeout_graceful_shutdown=settings.graceful_shutdown_s,
         log_level="info",
     )
-    host, port = listener.getsockname()[:2]
-    logging.getLogger("service").info("listening on http://%s:%d (Ctrl+C to stop)", host, port)
     SupervisedServer(config).run(sockets=[listener])
     worker = getattr(app.state, "worker", None)
     return None if worker is None else worker.stopped_by

@@ -30,7 +30,7 @@ from service.metrics import Metrics
 from service.middleware import BearerKey, BodyLimits
 from service.model_watch import ModelRepository, ModelWatcher, ReloadReport
 from service.orders import accepted_fields, check_applicable, make_order
-from service.registry import Registry, ServedModel, signals_end_loading
+from service.registry import Registry, ServedModel, model_files, signals_end_loading
 from service.schemas import ErrorBody, ModelInfo, Readiness, SampleRequest, SampleResponse, field_limits
 from service.served_models import ServedModels
 from service.settings import Settings
@@ -164,6 +164,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         repository = ModelRepository(
             settings.models_dir, device, settings.max_model_bytes, settings.model_load_timeout_s
         )
+        files = len(model_files(settings.models_dir))
+        log.info("loading %d model file%s from %s ...", files, "" if files == 1 else "s", settings.models_dir)
+        started = time.perf_counter()
         with signals_end_loading():  # nothing is served or changed yet: SIGTERM need not wait for a slow file
             await asyncio.to_thread(repository.scan, True)  # every file as it is now, as start-up always has
         registry = repository.registry()
@@ -191,7 +194,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         watcher = ModelWatcher(repository, settings.watch_interval_s, worker.replace_registry, metrics)
         watcher.start()
         app.state.worker, app.state.store, app.state.served, app.state.watcher = worker, store, served, watcher
-        log.info("serving %d models on %s: %s", len(registry.models), device, ", ".join(sorted(registry.models)))
+        names = ", ".join(sorted(registry.models))
+        seconds = time.perf_counter() - started
+        log.info("serving %d models on %s: %s (loaded in %.1f s)", len(registry.models), device, names, seconds)
         try:
             yield
         finally:

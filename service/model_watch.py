@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,6 +146,7 @@ class ModelRepository:
         if not complete:
             report.pending.append(name)
             return
+        started = time.perf_counter()
         try:
             loaded = load_file(path, self.models_dir, self.device, self.max_file_bytes, self.load_timeout_s)
         except Exception as error:  # one bad file must not keep the others from being served
@@ -168,7 +170,7 @@ class ModelRepository:
         self.loaded[name] = loaded
         (report.replaced if previous else report.added).append(loaded.model.name)
         what = f"version {previous.version} replaced by {loaded.version}" if previous else f"version {loaded.version}"
-        log.info("loaded %s (%s): %s", name, loaded.model.name, what)
+        log.info("loaded %s (%s): %s in %.1f s", name, loaded.model.name, what, time.perf_counter() - started)
 
     def registry(self) -> Registry:
         """The served names from the files loaded now, with every refusal /readyz shows."""
