@@ -29,7 +29,7 @@ from service.messages import CancelledByClient
 from service.metrics import Metrics
 from service.middleware import BearerKey, BodyLimits
 from service.model_watch import ModelRepository, ModelWatcher, ReloadReport
-from service.orders import accepted_fields, check_applicable, make_order
+from service.orders import COMMON_FIELDS, accepted_fields, check_applicable, make_order
 from service.registry import Registry, ServedModel, model_files, signals_end_loading
 from service.schemas import ErrorBody, ModelInfo, Readiness, SampleRequest, SampleResponse, field_limits
 from service.served_models import ServedModels
@@ -135,7 +135,7 @@ def _model_info(model: ServedModel, worker: Worker, store: BufferStore, settings
             "max_n": settings.max_n,
             "max_steps": settings.max_steps,
             "max_frames": settings.max_frames,
-            "fields": _request_limits(settings),
+            "fields": _request_limits(settings, model),
         },
         metrics=config.metrics if len(model.members) == 1 else ensemble_only,
         buffer_size=buffer.size if buffer else None,
@@ -144,11 +144,14 @@ def _model_info(model: ServedModel, worker: Worker, store: BufferStore, settings
     )
 
 
-def _request_limits(settings: Settings) -> dict[str, dict[str, float]]:
-    """Each numeric request field's bounds, as the schema states them, with this server's caps on n and steps."""
-    limits = field_limits()
+def _request_limits(settings: Settings, model: ServedModel) -> dict[str, dict[str, float]]:
+    """The bounds of each numeric request field the model reads, as the schema states them, with this server's
+    caps on n and steps."""
+    reads = {*COMMON_FIELDS, *accepted_fields(model)}
+    limits = {name: bounds for name, bounds in field_limits().items() if name in reads}
     limits["n"] = {**limits["n"], "le": min(settings.max_n, settings.chain_budget)}
-    limits["steps"] = {**limits["steps"], "le": settings.max_steps}
+    if "steps" in limits:
+        limits["steps"] = {**limits["steps"], "le": settings.max_steps}
     return limits
 
 

@@ -25,10 +25,19 @@ from training.sampling.sampler_config import EBMSampler, FlowSampler, GANSampler
 UNSTREAMED_FRAMES = 33  # a GIF or JSON body keeps a trajectory to at most this many frames
 
 
+COMMON_FIELDS = ("model", "n", "seed", "format", "stream")  # what every model reads
+CONDITIONAL_FIELDS = ("label", "guidance")  # of these families, only a class-conditional model reads them
+READERS = (  # each family's fields beyond COMMON_FIELDS and temperature, for a refusal to name who reads one
+    ("EBMs", ("label", *EBM_ONLY_FIELDS)),
+    ("CNFs", ("label", *CNF_FIELDS)),
+    ("GANs with a critic", DDLS_FIELDS),
+)
+
+
 def accepted_fields(model: ServedModel) -> list[str]:
-    """The request fields a model reads beyond model, n, seed, format and stream (what /models lists): the
-    Langevin fields for an EBM, the DDLS ones for a GAN with a critic, the ODE's for a CNF; temperature for all;
-    label (and guidance) for a class-conditional energy or CNF."""
+    """The request fields a model reads beyond COMMON_FIELDS (what /models lists): the Langevin fields for an
+    EBM, the DDLS ones for a GAN with a critic, the ODE's for a CNF; temperature for all; label (and guidance)
+    for a class-conditional energy or CNF."""
     classes = model.classes is not None
     if model.family == "ebm":
         chain_fields = [name for name in EBM_ONLY_FIELDS if classes or name != "guidance"]
@@ -41,35 +50,49 @@ def accepted_fields(model: ServedModel) -> list[str]:
     return ["temperature", *(["label"] if classes else []), *chain_fields]
 
 
+def _readers(name: str) -> str:
+    """The families that read a field: 'EBMs, CNFs and GANs with a critic', 'class-conditional EBMs and CNFs'."""
+    families = [family for family, fields in READERS if name in fields]
+    named = families[0] if len(families) == 1 else f"{', '.join(families[:-1])} and {families[-1]}"
+    return f"class-conditional {named}" if name in CONDITIONAL_FIELDS else named
+
+
+def _kind(model: ServedModel) -> str:
+    """A model as a refusal describes it: conditional or not, its family, and how it samples."""
+    if model.family == "gan" and model.members[0].critic is not None:
+        kind = "GAN whose critic refines its latent by DDLS"
+    elif model.family == "gan":
+        kind = "GAN saved without its critic, sampled by one generator pass"
+    elif runs_ode_chains(model):
+        kind = "CNF sampled by its ODE"
+    elif model.family == "flow":
+        kind = "flow sampled by one pass of its inverse"
+    else:
+        kind = "EBM"
+    return f"{'a class-conditional' if model.classes is not None else 'an unconditional'} {kind}"
+
+
 def _inapplicable(name: str, model: ServedModel) -> str:
-    """Why a chain field does not apply to a model that does not read it."""
-    if model.family == "gan":
-        return f"'{name}' applies to EBMs (and to GANs with a critic); {model.name} is a gan model (one pass)"
-    if runs_ode_chains(model):
-        return (
-            f"'{name}' applies to Langevin chains (EBMs, GANs with a critic); {model.name} is a CNF, whose ODE "
-            f"takes {', '.join(accepted_fields(model))}"
-        )
-    return (
-        f"'{name}' applies to chains (EBMs, CNFs, GANs with a critic); {model.name} is a flow sampled by one pass "
-        "of its inverse, which takes temperature only"
-    )
+    """Why a field does not apply to a model that does not read it: who reads it, and what this model reads."""
+    takes = ", ".join(accepted_fields(model))
+    return f"'{name}' applies to {_readers(name)}; {model.name} is {_kind(model)}, which takes {takes}"
 
 
 def check_applicable(body: SampleRequest, model: ServedModel, settings: Settings) -> None:
     """422 for fields that do not apply to the model's family or exceed the server's limits."""
-    problems = []
     classes = model.classes
     ode, gan = runs_ode_chains(model), model.family == "gan"
-    if body.label is not None and classes is None:
-        problems.append(f"'label' does not apply to {model.name}: it is an unconditional {model.family} model")
-    elif body.label is not None and classes is not None and body.label >= len(classes):
+    critic_less = gan and model.members[0].critic is None  # its DDLS fields have a message of their own, below
+    accepted = accepted_fields(model)
+    problems = [
+        _inapplicable(name, model)
+        for name in ("label", *EBM_ONLY_FIELDS)
+        if name not in accepted and getattr(body, name) is not None and not (critic_less and name in DDLS_FIELDS)
+    ]
+    if body.label is not None and classes is not None and body.label >= len(classes):
         problems.append(
             f"'label' {body.label} is out of range for {model.name}: 0..{len(classes) - 1} ({', '.join(classes)})"
         )
-    if body.guidance is not None and (model.family == "ebm" or ode) and classes is None:
-        kind = "energies" if model.family == "ebm" else "CNFs"
-        problems.append(f"'guidance' applies to class-conditional {kind}; {model.name} is unconditional")
     if body.init == "buffer" and model.family == "ebm" and not model.has_buffer:
         problems.append(f"init 'buffer' needs a replay buffer; {model.name} was trained without one (use 'noise')")
     if body.init == "buffer" and ode:
@@ -85,15 +108,7 @@ def check_applicable(body: SampleRequest, model: ServedModel, settings: Settings
         problems.append(f"'steps' is 0; {model.name} is an EBM, whose chains take at least 1 Langevin step")
     if ode and body.steps == 0:
         problems.append(f"'steps' is 0; {model.name} is a CNF, whose ODE takes at least 1 solver step")
-    if model.family != "ebm":
-        # An unconditional CNF's guidance and a critic-less GAN's DDLS fields have messages of their own.
-        accepted = accepted_fields(model) + (["guidance"] if ode else []) + list(DDLS_FIELDS if gan else ())
-        problems += [
-            _inapplicable(name, model)
-            for name in EBM_ONLY_FIELDS
-            if name not in accepted and getattr(body, name) is not None
-        ]
-    if model.family == "gan" and model.members[0].critic is None:
+    if critic_less:
         asked = [name for name in DDLS_FIELDS if getattr(body, name) is not None and (name != "steps" or body.steps)]
         if asked or requested_steps(body, model):
             problems.append(

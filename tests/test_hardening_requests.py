@@ -72,7 +72,8 @@ def test_models_and_the_schema_state_the_same_limits(server) -> None:
     assert fields["temperature"] == {"ge": 0.001, "le": 100} and fields["momentum"] == {"ge": 0, "le": 0.999}
     assert fields["n"]["le"] == 8 and fields["steps"]["le"] == 500  # this server's caps
     schema = httpx.get(f"{base}/openapi.json").json()["components"]["schemas"]["SampleRequest"]["properties"]
-    for name in ("step_size", "noise", "temperature", "momentum", "guidance"):
+    assert "guidance" not in fields and "label" not in fields  # solo is unconditional: only what it reads
+    for name in ("step_size", "noise", "temperature", "momentum", "tolerance"):
         number = next(option for option in schema[name]["anyOf"] if option["type"] == "number")
         assert number["maximum"] == fields[name]["le"], name
         assert number.get("minimum", number.get("exclusiveMinimum")) == fields[name].get("ge", fields[name].get("gt"))

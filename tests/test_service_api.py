@@ -109,7 +109,11 @@ BAD_REQUESTS = [
     ({"model": "solo", "image": "aGVsbG8="}, 422, "only read with init 'image'"),
     ({"model": "solo", "init": "image", "image": "aGVsbG8="}, 422, "not a base64 image"),
     ({"model": "solo", "init": "image", "image": "%%%"}, 422, "not a base64 image"),
-    ({"model": "solo", "label": 3}, 422, "'label' does not apply"),
+    (
+        {"model": "solo", "label": 3},
+        422,
+        "'label' applies to class-conditional EBMs and CNFs; solo is an unconditional",
+    ),
     ({"model": "solo", "seed": -5}, 422, "greater than or equal to 0"),
     ({"model": "solo", "colour": "red"}, 422, "Extra inputs are not permitted"),
     ({"model": "solo", "steps": 100, "trajectory_every": 1}, 422, "frames"),

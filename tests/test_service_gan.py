@@ -57,9 +57,17 @@ def test_requests_within_the_window_share_one_generator_pass(server) -> None:
 
 def test_image_langevin_fields_are_422_for_a_gan(server) -> None:
     base, _ = server
-    for field, value in (("init", "buffer"), ("momentum", 0.5), ("guidance", 2.0)):
+    readings = (
+        ("init", "buffer", "EBMs and CNFs"),
+        ("momentum", 0.5, "EBMs"),
+        ("guidance", 2.0, "class-conditional EBMs and CNFs"),
+    )
+    for field, value, readers in readings:
         reply = httpx.post(f"{base}/sample", json={"model": "gan", field: value})
-        assert reply.status_code == 422 and f"'{field}' applies to EBMs (and to GANs with a critic)" in reply.text
+        assert (
+            reply.status_code == 422
+            and f"'{field}' applies to {readers}; gan is an unconditional GAN whose critic" in reply.text
+        )
     assert httpx.post(f"{base}/sample", json={"model": "gan", "temperature": 0.7}).status_code == 200
 
 

@@ -301,10 +301,10 @@ def test_a_label_and_steps_through_http_draw_seeded_pngs_that_depend_on_the_labe
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"step_size": 0.1}, "'step_size' applies to Langevin chains"),
-        ({"noise": 0.1}, "'noise' applies to Langevin chains"),
-        ({"momentum": 0.5}, "'momentum' applies to Langevin chains"),
-        ({"tolerance": 0.01}, "'tolerance' applies to Langevin chains"),
+        ({"step_size": 0.1}, "'step_size' applies to EBMs and GANs with a critic; cnf is a class-conditional CNF"),
+        ({"noise": 0.1}, "'noise' applies to EBMs and GANs with a critic; cnf is a class-conditional CNF"),
+        ({"momentum": 0.5}, "'momentum' applies to EBMs; cnf is a class-conditional CNF sampled by its ODE"),
+        ({"tolerance": 0.01}, "'tolerance' applies to EBMs; cnf is a class-conditional CNF sampled by its ODE"),
         ({"steps": 0}, "whose ODE takes at least 1 solver step"),
         ({"steps": 50001}, "this server allows at most 50000"),
         ({"label": 10}, "'label' 10 is out of range"),
