@@ -9,6 +9,7 @@ which version served it.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -16,7 +17,7 @@ from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -85,11 +86,12 @@ SAMPLE_RESPONSES: dict[int | str, dict] = {
             },
         },
     },
-    400: {"model": ErrorBody, "description": "the body could not be read as text (not UTF-8)"},
+    400: {"model": ErrorBody, "description": "the body is not valid JSON (the message says where), or not UTF-8"},
     401: {"model": ErrorBody, "description": "missing or wrong API key (only when the server has one)"},
     404: {"model": ErrorBody, "description": "unknown model; the message lists the served ones"},
     408: {"model": ErrorBody, "description": "the body did not arrive in time"},
     413: {"model": ErrorBody, "description": "body too large"},
+    415: {"model": ErrorBody, "description": "the body was not sent with 'content-type: application/json'"},
     422: {
         "model": ErrorBody,
         "description": "invalid, out-of-range or inapplicable field, over a server limit, an unreadable upload,"
@@ -153,6 +155,20 @@ def _request_limits(settings: Settings, model: ServedModel) -> dict[str, dict[st
     if "steps" in limits:
         limits["steps"] = {**limits["steps"], "le": settings.max_steps}
     return limits
+
+
+def json_content_type(request: Request) -> None:
+    """415 for a body not declared JSON (curl -d declares form encoding unless told otherwise): FastAPI would
+    pass it on as bytes, to be refused with a message that names no field and not the fix."""
+    media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media == "application/json" or (media.startswith("application/") and media.endswith("+json")):
+        return
+    came = f"as {media}" if media else "without a content-type"
+    raise HTTPException(
+        415,
+        detail="POST /sample reads a JSON body: send it with 'content-type: application/json' (curl: -H "
+        f"'content-type: application/json' -d '{{...}}', or --json '{{...}}'); this one came {came}",
+    )
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -221,7 +237,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
-        """422 naming each bad field; the offending input is not echoed (NaN is not even valid JSON)."""
+        """422 naming each bad field; the offending input is not echoed (NaN is not even valid JSON). A body that
+        is not JSON has no fields yet: a 400 (malformed syntax, RFC 9110) that says where the parse stopped."""
+        for item in error.errors():
+            if item["type"] == "json_invalid":  # FastAPI puts the character offset where a field would go
+                document = error.body if isinstance(error.body, str) else ""
+                where = json.JSONDecodeError(item["ctx"]["error"], document, item["loc"][-1])
+                return JSONResponse({"detail": f"the body is not valid JSON: {where}"}, status_code=400)
         problems = [
             {"field": ".".join(str(part) for part in item["loc"] if part != "body") or "body", "message": item["msg"]}
             for item in error.errors()
@@ -293,6 +315,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "/sample",
         response_model=SampleResponse,
         responses=SAMPLE_RESPONSES,
+        dependencies=[Depends(json_content_type)],
     )
     async def sample(body: SampleRequest, request: Request) -> Response:
         started = time.perf_counter()

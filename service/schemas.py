@@ -31,10 +31,11 @@ class SampleRequest(BaseModel):
     Every number is bounded here, where float32 holds it and the sampler still makes sense, so no value
     a client may send overflows on the device (step_size 1e39 would fail the whole shared batch); a sampler
     setting by the bounds its checkpoint's default was checked against (training/sampling/sampler_config.py); every
-    integer fits int32, and the server's tighter caps are in /models `limits`.
+    integer fits int32, and the server's tighter caps are in /models `limits`. Types are strict, as the README
+    promises: "4" is not a number nor 1 a boolean (a whole number is still fine where a decimal is expected).
     """
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
     model: str = Field(min_length=1, max_length=200)
     n: int = Field(1, ge=1, le=INT32_MAX, description="at most the server's max_n (see /models limits)")
