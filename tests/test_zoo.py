@@ -128,6 +128,9 @@ def test_ship_copies_a_finished_run_as_float16_then_records_figures_and_prints_t
     assert zoo.ship(zoo.plan(checkpoints, runs, epochs_more=1), checkpoints, data_dir="D", device="cpu") == 0
     shipped = load_checkpoint(checkpoints / "flow.safetensors")
     assert shipped.config.training["epochs_done"] == 2
+    assert shipped.config.training["args"]["out"] == "checkpoints/flow.safetensors"  # not this machine's runs dir
+    assert shipped.config.training["args"]["run_dir"] == "runs/flow"
+    assert str(runs) not in shipped.config.training["command"]
     assert {tensor.dtype for tensor in shipped.weights.values() if tensor.is_floating_point()} == {torch.float16}
     evaluate, table = called
     shipped_path = str(checkpoints / "flow.safetensors")

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from training.commands.flags import TRAINER_CONFIGS, trainer_parser
+from training.commands.ship_paths import portable_record
 from training.runtime.checkpoint import (
     ModelConfig,
     atomic_write_bytes,
@@ -82,10 +83,12 @@ def read_config(path: Path) -> ModelConfig:
     return ModelConfig.from_json(read_metadata(payload, str(path)).get("config", "null"), str(path))
 
 
-def same_run(record: dict[str, Any], shipped: dict[str, Any]) -> bool:
-    """Whether a run's training record (its output's or its resume state's) is what is shipped already."""
+def same_run(record: dict[str, Any], shipped: dict[str, Any], name: str) -> bool:
+    """Whether a run's training record (its output's or its resume state's) is what is shipped already as
+    `name`: shipped records carry the repository's paths (ship_paths.py), so both are compared in that form."""
     resume_only = ("resume_epoch", "optimizer_param_groups")
-    return {k: v for k, v in record.items() if k not in resume_only} == shipped
+    run = {k: v for k, v in record.items() if k not in resume_only}
+    return portable_record(run, name) == portable_record(shipped, name)
 
 
 def trainer_key(family: str, args: dict[str, Any]) -> str:
@@ -137,7 +140,7 @@ def plan(
             values = dict(state["args"])  # the run's own flags: it continues exactly
             done, target = int(state["resume_epoch"]), int(values["epochs"])
             if done >= target:
-                if not same_run(state, config.training):
+                if not same_run(state, config.training, name):
                     note = f"trained to epoch {done} of {target}; --ship brings it into {checkpoints}"
                     runs.append(ZooRun(name, shipped, "finished", [], out, note))
                     continue
@@ -280,10 +283,12 @@ def ship(
             print(f"zoo: {run.name} not shipped: epoch {record.get('epochs_done')} of {record['args']['epochs']}")
             continue
         current = read_config(run.shipped)
-        if same_run(record, current.training):
+        if same_run(record, current.training, run.name):
             continue  # this output is what is shipped already
         old_metrics[run.shipped] = current.metrics
-        incoming[run.shipped] = encode_checkpoint(load_checkpoint(run.out), torch.float16)
+        checkpoint = load_checkpoint(run.out)
+        checkpoint.config.training = portable_record(record, run.name)  # the repository's paths, not this machine's
+        incoming[run.shipped] = encode_checkpoint(checkpoint, torch.float16)
     if not incoming:
         print("zoo: nothing to ship (no run has reached its target since it was last shipped)")
         return 0
