@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import write_tiny_ebm, write_tiny_eqm, write_tiny_gan
+from conftest import write_tiny_ebm, write_tiny_eqm, write_tiny_flow, write_tiny_gan
 from server import running_server
 
 from service.settings import Settings
@@ -172,7 +172,7 @@ def test_model_list_and_sample_show_a_grid(page) -> None:
     assert any(text.startswith("pair (ebm, ensemble)") for text in options) and len(options) == 4
     page.select_option("#model", "solo")
     assert page.input_value("#steps") == "10"
-    assert "val_cd -0.1" in page.inner_text("#model-info")
+    assert "validation CD loss -0.1" in page.inner_text("#model-info")
     assert '"model":"solo"' in page.inner_text("#curl")
     page.fill("#n", "9")
     page.click("#sample")
@@ -246,7 +246,7 @@ def test_the_page_opens_on_the_energy_with_the_best_noise_frechet_distance(ranke
     )  # FD 12 beats 'buffered' (42), the first EBM; the GAN's 1.0 is no EBM's
     assert page.is_checked("input[name=init][value=noise]")  # its sampler starts from noise
     assert page.inner_text("#noise-name") == "Gaussian noise"
-    assert "noise: FD 12" in page.inner_text("#model-info") and "?" not in page.inner_text("#model-info")
+    assert "FD 12 (samples from noise)" in page.inner_text("#model-info") and "?" not in page.inner_text("#model-info")
     page.select_option("#model", "buffered")  # a CD model whose checkpoint starts chains from its buffer
     assert page.is_checked("input[name=init][value=buffer]") and page.is_enabled("input[name=init][value=buffer]")
     assert page.inner_text("#noise-name") == "uniform noise"
@@ -380,3 +380,109 @@ def test_a_gan_without_its_critic_and_an_ebm_keep_their_own_controls(gan_page) -
     expect(page.locator("#steps-hint")).to_be_hidden()
     expect(page.locator("input[name=init][value=noise]")).to_be_visible()
     assert page.get_attribute("#steps", "min") == "1" and page.input_value("#steps") == "10"
+
+
+SHIPPED_FIGURES = {  # metrics as the shipped checkpoints carry them (evaluate --record and the trainers)
+    "eqm": {  # eqm_mnist
+        "evaluate_noise": {"coverage_bits": 3.32, "floor_frechet_distance": 5.504, "frechet_distance": 8.932,
+                           "guidance": 1.25, "init": "noise", "label_accuracy": 0.9745, "n": 2000, "noise": 0.0,
+                           "precision": 0.807, "recall": 0.853, "step_size": 0.01, "steps": 60},
+        "evaluate_noise_label_all": {"floor_frechet_distance": 5.504, "frechet_distance": 13.398, "guidance": 1.5,
+                                     "init": "noise", "label": "all", "label_accuracy": 0.986, "n": 2000,
+                                     "noise": 0.0, "precision": 0.827, "recall": 0.817, "steps": 60},
+        "evaluate_noise_noise_0.01": {"floor_frechet_distance": 28.025, "frechet_distance": 79.961,
+                                      "guidance": 1.25, "init": "noise", "label_accuracy": 0.8867, "n": 300,
+                                      "noise": 0.01, "precision": 0.75, "recall": 0.817, "steps": 360},
+        "val_eqm": 2.262897,
+    },
+    "solo": {  # ebm_mnist_seed0
+        "evaluate_buffer": {"floor_frechet_distance": 5.504, "frechet_distance": 100.269, "init": "buffer",
+                            "n": 2000, "precision": 0.584, "recall": 0.653, "steps": 60},
+        "val_cd": -3.77646, "val_e_noise": 3.81533, "val_e_test": 0.03887,
+    },
+    "gan": {  # dcgan_mnist
+        "critic_loss": 0.26287,
+        "evaluate": {"floor_frechet_distance": 5.504, "frechet_distance": 32.455, "n": 2000, "noise": 0.0775,
+                     "precision": 0.608, "recall": 0.824, "step_size": 0.003, "steps": 50},
+        "evaluate_steps_0": {"floor_frechet_distance": 5.504, "frechet_distance": 38.751, "n": 2000,
+                             "precision": 0.556, "recall": 0.853, "steps": 0},
+        "generator_loss": 4.17107,
+    },
+    "nice": {  # nice_mnist
+        "evaluate": {"floor_frechet_distance": 5.504, "frechet_distance": 588.545, "n": 2000, "precision": 0.878,
+                     "recall": 0.022, "test_bits_per_dim": 4.4145},
+        "test_bits_per_dim": 4.4145,
+    },
+    "cnf": {  # as evaluate records a CNF's, with its test likelihood
+        "evaluate": {"floor_frechet_distance": 5.504, "frechet_distance": 20.5, "guidance": 1.5, "n": 2000,
+                     "precision": 0.8, "recall": 0.8, "solver": "midpoint", "steps": 20, "temperature": 1.0,
+                     "test_bits_per_dim": 1.2345, "likelihood": {"standard_error": 0.0123, "n": 200}},
+        "val_flow_matching": 0.51234,
+    },
+}  # fmt: skip
+IN_WORDS = {  # what the model line says of those figures
+    "eqm": [
+        "FD 8.93, precision 0.807, recall 0.853, label accuracy 97.5 % (2000 samples from noise, 60 steps, "
+        "guidance 1.25; real images: FD 5.5)",
+        "FD 13.4, precision 0.827, recall 0.817, label accuracy 98.6 % (2000 samples from noise, each class in "
+        "turn, 60 steps, guidance 1.5; real images: FD 5.5)",
+        "FD 80, precision 0.75, recall 0.817, label accuracy 88.7 % (300 samples from noise, 360 steps, noise 0.01, "
+        "guidance 1.25; real images: FD 28)",
+        "validation EqM loss 2.263",
+    ],
+    "solo": [
+        "FD 100, precision 0.584, recall 0.653 (2000 samples from the replay buffer, 60 steps; real images: FD 5.5)",
+        "validation CD loss -3.776",
+        "validation energy of noise 3.815",
+        "validation energy of test images 0.03887",
+    ],
+    "pair": ["ensemble: FD 50 (samples from the replay buffer, 10 steps)"],
+    "gan": [
+        "critic loss 0.2629 (last epoch)",
+        "FD 32.5, precision 0.608, recall 0.824 (2000 samples, 50 DDLS steps, noise 0.0775; real images: FD 5.5)",
+        "FD 38.8, precision 0.556, recall 0.853 (2000 samples, one generator pass; real images: FD 5.5)",
+        "generator loss 4.171 (last epoch)",
+    ],
+    "nice": [
+        "FD 589, precision 0.878, recall 0.022, test 4.41 bits/dim (2000 samples; real images: FD 5.5)",
+        "test 4.415 bits/dim",
+    ],
+    "cnf": [
+        "FD 20.5, precision 0.8, recall 0.8, test 1.23 ± 0.0123 bits/dim (2000 samples, 20 midpoint steps, "
+        "guidance 1.5, temperature 1; real images: FD 5.5)",
+        "validation flow-matching loss 0.5123",
+    ],
+}
+
+
+def record_figures(path: Path, metrics: dict) -> None:
+    from training.runtime.checkpoint import load_checkpoint, save_checkpoint
+
+    checkpoint = load_checkpoint(path)
+    checkpoint.config.metrics = metrics
+    save_checkpoint(path, checkpoint)
+
+
+@pytest.fixture
+def figures_page(browser, models_dir: Path, tmp_path: Path):
+    """models_dir's EBMs ('solo', the ensemble 'pair') and a model of each other family, with shipped figures."""
+    from test_service_ode import write_tiny_cnf
+
+    write_tiny_eqm(models_dir / "eqm.safetensors")
+    write_tiny_gan(models_dir / "gan.safetensors")
+    write_tiny_flow(models_dir / "nice.safetensors")
+    write_tiny_cnf(models_dir / "cnf.safetensors")
+    for name, metrics in SHIPPED_FIGURES.items():
+        record_figures(models_dir / f"{name}.safetensors", metrics)
+    with open_page(browser, models_dir, tmp_path / "state") as page:
+        yield page
+
+
+def test_the_model_line_gives_each_figure_in_words_not_its_key(figures_page) -> None:
+    page = figures_page
+    for name, lines in IN_WORDS.items():
+        page.select_option("#model", name)
+        info = page.inner_text("#model-info")
+        shown = info.splitlines()[1:]  # under the family line, one figure a line
+        assert shown == lines, f"{name}: {info}"
+        assert "_" not in info and "evaluate" not in info and "frechet" not in info, info

@@ -24,21 +24,59 @@ async function errorMessage(response) {
   }
 }
 
-function describeMetric(key, value) {
-  if (value && typeof value === "object") {  // evaluate figures: Frechet distance, precision, recall
-    const where = key.replace(/^evaluate_?/, "") || "samples";
-    const round = (number) => Number(number.toPrecision(3));
-    const recorded = (name) => typeof value[name] === "number";
-    const parts = [];
-    if (recorded("frechet_distance")) {
-      const floor = recorded("floor_frechet_distance") ? ` (real ${round(value.floor_frechet_distance)})` : "";
-      parts.push(`FD ${round(value.frechet_distance)}${floor}`);
-    }
-    if (recorded("precision")) parts.push(`precision ${round(value.precision)}`);
-    if (recorded("recall")) parts.push(`recall ${round(value.recall)}`);
-    return `${where}: ${parts.join(", ") || "no figures"}`;
+const round = (number) => Number(number.toPrecision(3));
+const isNumber = (value) => typeof value === "number" && Number.isFinite(value);
+const TRAINING_FIGURES = {  // the figures a trainer records in its checkpoint, by their metrics key
+  val_eqm: (value) => `validation EqM loss ${value}`,
+  val_cd: (value) => `validation CD loss ${value}`,
+  val_e_test: (value) => `validation energy of test images ${value}`,
+  val_e_noise: (value) => `validation energy of noise ${value}`,
+  val_flow_matching: (value) => `validation flow-matching loss ${value}`,
+  test_bits_per_dim: (value) => `test ${value} bits/dim`,
+  generator_loss: (value) => `generator loss ${value} (last epoch)`,
+  critic_loss: (value) => `critic loss ${value} (last epoch)`,
+};
+const STARTS = { noise: "noise", buffer: "the replay buffer", image: "an image" };
+
+function chainSteps(record, model) {
+  // The steps an evaluation's samples took, in the model's own terms.
+  const kind = controlKind(model);
+  if (kind === "cnf") return `${record.steps} ${record.solver || "solver"} steps`;
+  if (kind === "ddls" || kind === "gan") return record.steps ? `${record.steps} DDLS steps` : "one generator pass";
+  return `${record.steps} steps`;
+}
+
+function describeEvaluation(key, record, model) {
+  // What `evaluate --record` stored: its figures, then how its samples were drawn (from the record itself).
+  const figures = [];
+  if (isNumber(record.frechet_distance)) figures.push(`FD ${round(record.frechet_distance)}`);
+  if (isNumber(record.precision)) figures.push(`precision ${round(record.precision)}`);
+  if (isNumber(record.recall)) figures.push(`recall ${round(record.recall)}`);
+  const percent = (share) => `${Math.round(share * 1000) / 10} %`;
+  if (isNumber(record.label_accuracy)) figures.push(`label accuracy ${percent(record.label_accuracy)}`);
+  if (isNumber(record.test_bits_per_dim)) {
+    const error = record.likelihood?.standard_error;
+    figures.push(`test ${round(record.test_bits_per_dim)}${isNumber(error) ? ` ± ${round(error)}` : ""} bits/dim`);
   }
-  return `${key} ${typeof value === "number" ? Number(value.toPrecision(4)) : value}`;
+  const from = record.init ? ` from ${STARTS[record.init] || record.init}` : "";
+  const drawn = [`${isNumber(record.n) ? `${record.n} samples` : "samples"}${from}`];
+  if (record.label === "all") drawn.push("each class in turn");
+  else if (record.label != null) drawn.push(`label ${record.label}`);
+  if (isNumber(record.steps)) drawn.push(chainSteps(record, model));
+  if (record.noise) drawn.push(`noise ${record.noise}`);
+  if (record.tolerance) drawn.push(`stopped at an RMS move of ${record.tolerance}`);
+  if (isNumber(record.guidance)) drawn.push(`guidance ${record.guidance}`);
+  if (isNumber(record.temperature)) drawn.push(`temperature ${record.temperature}`);
+  const real = record.floor_frechet_distance;
+  const floor = isNumber(real) ? `; real images: FD ${round(real)}` : "";
+  const ensemble = key.startsWith("evaluate_ensemble") ? "ensemble: " : "";
+  return `${ensemble}${figures.join(", ") || "no figures"} (${drawn.join(", ")}${floor})`;
+}
+
+function describeMetric(key, value, model) {
+  if (value && typeof value === "object") return describeEvaluation(key, value, model);
+  const shown = isNumber(value) ? Number(value.toPrecision(4)) : value;
+  return key in TRAINING_FIGURES ? TRAINING_FIGURES[key](shown) : `${key.replaceAll("_", " ")} ${shown}`;
 }
 
 function currentModel() {
@@ -111,13 +149,13 @@ function selectedLabel() {
 }
 
 function describeModel(model) {
-  const figures = Object.entries(model.metrics || {}).map(([key, value]) => describeMetric(key, value)).join(", ");
+  const figures = Object.entries(model.metrics || {}).map(([key, value]) => describeMetric(key, value, model));
   const members = model.members.length > 1 ? ` · ensemble of ${model.members.length}` : "";
   const buffer = model.buffer_size != null ? ` · buffer ${model.buffer_size}/${model.buffer_capacity}` : "";
   const classes = model.classes ? ` · ${model.classes.length} classes` : "";
   const ddls = controlKind(model) === "ddls" ? " · latents refined by its critic (DDLS)" : "";
   const ode = controlKind(model) === "cnf" ? ` · CNF: ${model.sampler.solver} ODE steps from its prior` : "";
-  return `${model.family}${members}${buffer}${classes}${ddls}${ode}${figures ? " · " + figures : ""}`;
+  return [`${model.family}${members}${buffer}${classes}${ddls}${ode}`, ...figures].join("\n");  // a figure a line
 }
 
 function showFamilyControls(model) {
