@@ -11,8 +11,12 @@ import torch
 
 from training.train.data import write_idx
 
-# Two threads on CI's two cores; SAMPLEBAY_TEST_THREADS=1 when a training run holds one of them.
-torch.set_num_threads(int(os.environ.get("SAMPLEBAY_TEST_THREADS", "2")))
+# Two threads on CI's two cores; SAMPLEBAY_TEST_THREADS=1 when a training run holds one of them. The same count
+# through OMP_NUM_THREADS for what reads the threads setting (training/runtime/cores.py: the commands called
+# in-process, the servers started as processes), so no test's speed hangs on how idle the cores looked.
+TEST_THREADS = os.environ.get("SAMPLEBAY_TEST_THREADS", "2")
+torch.set_num_threads(int(TEST_THREADS))
+os.environ.setdefault("OMP_NUM_THREADS", TEST_THREADS)
 
 
 def make_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

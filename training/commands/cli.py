@@ -28,6 +28,7 @@ from training.commands.zoo import add_arguments as add_zoo_arguments
 from training.commands.zoo import main as zoo_main
 from training.models.iresnet import EVALUATION_SERIES_TERMS
 from training.runtime.checkpoint import CheckpointError
+from training.runtime.cores import AUTO, parse_threads
 from training.train.data import DatasetError
 from training.train.ebm_cd import train_ebm
 from training.train.flow import train_flow
@@ -40,6 +41,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
     TRAINERS[args.command](config_from(args, TRAINER_CONFIGS[args.command]))
 
 
+THREADS_HELP = "torch CPU threads: a count, or auto: $OMP_NUM_THREADS when set, else the cores idle now (default: auto)"
 STEPS_HELP = (
     "EBMs: Langevin steps; GANs with a critic: DDLS steps on the latent, 0 = one plain pass; CNF flows: ODE solver "
     "steps (default: the checkpoint's)"
@@ -251,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sample.add_argument("--out", default="samples.png", help="the PNG grid written")
     sample.add_argument("--device", default="auto", help="auto (cuda when available, else cpu) | cpu | cuda")
+    sample.add_argument("--threads", type=parse_threads, default=AUTO, help=THREADS_HELP)
     sample.set_defaults(handler=run_sample)
 
     evaluate = _add_command(
@@ -284,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--classifier", type=Path, default=DEFAULT_CLASSIFIER, help="the feature network (see: classifier)"
     )
     evaluate.add_argument("--device", default="auto", help="auto (cuda when available, else cpu) | cpu | cuda")
+    evaluate.add_argument("--threads", type=parse_threads, default=AUTO, help=THREADS_HELP)
     evaluate.add_argument("--record", action="store_true", help="also store the figures in the checkpoint's metrics")
     evaluate.set_defaults(handler=run_evaluate)
 

@@ -16,7 +16,7 @@ from training.commands.sample import draw_with_progress, labels_for, override_sa
 from training.models.flows import Flow
 from training.models.iresnet import EVALUATION_SERIES_TERMS, InverseConvergence, IResNet
 from training.runtime.checkpoint import load_checkpoint, save_checkpoint
-from training.runtime.device import pick_device
+from training.runtime.device import pick_device, use_threads
 from training.runtime.draw import chain_labels, default_latent_steps
 from training.runtime.load import load_model
 from training.runtime.loaded import LoadedModel
@@ -73,6 +73,7 @@ def cnf_test_likelihood(
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
+    print(use_threads(args.threads), file=sys.stderr, flush=True)
     device = pick_device(args.device)
     members = [load_model(path, device) for path in args.checkpoint]
     model = members[0]

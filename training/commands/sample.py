@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from training.runtime.buffer_files import load_server_buffer
-from training.runtime.device import pick_device
+from training.runtime.device import pick_device, use_threads
 from training.runtime.draw import default_latent_steps, draw_samples, pooled_buffer
 from training.runtime.images import gif_bytes, grid, save_grid
 from training.runtime.load import load_model
@@ -137,6 +137,7 @@ def start_description(members: list, init: str | None, buffer, buffer_paths: lis
 
 
 def run_sample(args: argparse.Namespace) -> None:
+    print(use_threads(args.threads), flush=True)
     device = pick_device(args.device)
     members = [load_model(path, device) for path in args.checkpoint]
     model = members[0]
