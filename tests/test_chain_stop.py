@@ -25,6 +25,7 @@ from service.registry import load_registry
 from service.scheduler import ChainScheduler, Job
 from service.settings import Settings
 from service.worker import Worker
+from training.commands.cli import main
 from training.commands.set_sampler import set_sampler
 from training.runtime.checkpoint import load_checkpoint
 from training.runtime.draw import sample_ebm
@@ -196,3 +197,21 @@ def test_set_sampler_ships_a_tolerance_and_old_checkpoints_read_as_fixed_steps(t
     assert load_checkpoint(path).config.sampler["tolerance"] == 0.003
     with pytest.raises(ValueError, match="tolerance"):
         set_sampler(path, ["tolerance=-1"])
+
+
+def test_evaluate_reports_the_steps_its_stopped_chains_ran(
+    tmp_path: Path, idx_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkpoint = write_tiny_ebm(tmp_path / "tiny.safetensors", steps=6)
+    words = ["evaluate", str(checkpoint), "--data-dir", str(idx_dir), "--n", "20", "--init", "noise", "--device", "cpu"]
+    main([*words, "--tolerance", "10"])  # every chain moves less than 10 in its first step
+    stopped = json.loads(capsys.readouterr().out)["sampler"]
+    assert (stopped["tolerance"], stopped["mean_steps"], stopped["p95_steps"], stopped["max_chain_steps"]) == (
+        10,
+        1,
+        1,
+        1,
+    )
+    main(words)  # the fixed-step sampler: every chain ran its 6 steps, nothing to report beyond them
+    fixed = json.loads(capsys.readouterr().out)["sampler"]
+    assert fixed["steps"] == 6 and "mean_steps" not in fixed

@@ -103,14 +103,24 @@ def run_evaluate(args: argparse.Namespace) -> None:
     if (model.config.family == "ebm" and args.init != "buffer") or ode:
         labels = chain_labels(model, seeds, labels)
     description = f"evaluate {model.name}: {args.n} samples"
-    samples = draw_with_progress(members, seeds, args, generator, labels, args.batch, description, args.init)
+    tolerance = model.sampler.tolerance if isinstance(model.sampler, EBMSampler) else 0.0
+    chain_steps = torch.zeros(args.n, dtype=torch.int64) if tolerance else None  # what each stopped chain ran
+    samples = draw_with_progress(
+        members, seeds, args, generator, labels, args.batch, description, args.init, chain_steps=chain_steps
+    )
     print(f"evaluate {model.name}: classifier features, Frechet distance, precision/recall", file=sys.stderr)
     steps = args.steps or (model.sampler.steps if isinstance(model.sampler, EBMSampler) else None)
     ebm_sampler_report: dict[str, Any] = {"init": args.init, "steps": steps, "n": args.n}
     if isinstance(model.sampler, EBMSampler):
         ebm_sampler_report.update(step_size=model.sampler.step_size, noise=model.sampler.noise)
-        if model.sampler.tolerance:  # steps is then the most a chain ran
-            ebm_sampler_report["tolerance"] = model.sampler.tolerance
+        if chain_steps is not None:  # steps is then the most a chain ran; the gradient steps each ran:
+            ran = chain_steps.double()
+            ebm_sampler_report.update(
+                tolerance=model.sampler.tolerance,
+                mean_steps=round(float(ran.mean()), 1),
+                p95_steps=int(ran.quantile(0.95)),
+                max_chain_steps=int(ran.max()),
+            )
         if model.classes is not None:
             ebm_sampler_report["guidance"] = model.sampler.guidance
     if args.label is not None:

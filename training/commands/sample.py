@@ -70,9 +70,11 @@ def draw_with_progress(
     init: str | None = None,
     buffer=None,
     on_step=None,
+    chain_steps: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Samples [N, *shape] drawn `batch` chains at a time (on the CPU), with progress on stderr: a bar on a
-    terminal, plain lines when piped. EBMs count Langevin steps, GANs and flows batches."""
+    terminal, plain lines when piped. EBMs count Langevin steps, GANs and flows batches;
+    an EBM's `chain_steps` [N], when given, gets the steps each chain ran."""
     model = members[0]
     starts = range(0, len(seeds), batch)
     sampler = model.sampler
@@ -104,6 +106,7 @@ def draw_with_progress(
                     step_done if steps_per_chain else None,
                     None if labels is None else labels[chunk],
                     buffer,
+                    None if chain_steps is None else chain_steps[chunk],
                 ).cpu()
             )
             if not steps_per_chain:

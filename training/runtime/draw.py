@@ -120,6 +120,7 @@ def draw_samples(
     callback: StepCallback | None = None,
     labels: torch.Tensor | None = None,
     buffer: ReplayBuffer | None = None,
+    chain_steps: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One entry point for every family, used by the `sample` and `evaluate` commands: one sample per
     chain seed [B] (see `training.sampling.noise.chain_seeds`), drawn as the server draws it. `labels` [B] pick
@@ -127,7 +128,8 @@ def draw_samples(
 
     A list of EBM checkpoints of one ensemble samples as the server samples the ensemble: chains move
     under the members in turn and start from their pooled buffers, or from `buffer` when given (the one
-    a server saved: `load_server_buffer`). `generator` draws buffer slots only.
+    a server saved: `load_server_buffer`). `generator` draws buffer slots only. For an EBM, `chain_steps` [B],
+    when given, is filled with the steps each chain ran (fewer than `steps` where its tolerance stopped it).
     """
     members = model if isinstance(model, list) else [model]
     first = members[0]
@@ -141,7 +143,7 @@ def draw_samples(
     if labels is not None and first.config.family == "gan":
         raise ValueError(f"{first.name} is a {first.config.family} model; it takes no label")
     if first.config.family == "ebm":
-        return sample_ebm(members, seeds, steps, init, generator, callback, labels, buffer)
+        return sample_ebm(members, seeds, steps, init, generator, callback, labels, buffer, chain_steps)
     if first.config.family == "gan":
         decoded = None
         if callback is not None:  # DDLS steps report the images their latents decode to
