@@ -36,6 +36,10 @@ def describe(checkpoint: Checkpoint) -> str:
     if config.family == "gan":
         loss = GAN_NAMES.get(config.training.get("loss"), config.training.get("loss"))
         return f"GAN, {loss} (EMA generator), width {kwargs.get('width')}"
+    if name == "unet_velocity":
+        classes = kwargs.get("num_classes", 0)
+        conditional = f", class-conditional ({classes} classes)" if classes else ""
+        return f"flow, CNF: U-Net velocity field (flow matching), width {kwargs.get('width')}{conditional}"
     if name == "nice":
         return f"flow, NICE ({kwargs['couplings']} couplings of {kwargs['depth']} x {kwargs['hidden']} ReLU)"
     if name == "glow":
@@ -69,6 +73,17 @@ def training(checkpoint: Checkpoint) -> str:
     return f"{epochs}, {minutes:.0f} min, {record.get('device', '?')}"
 
 
+def labels_text(figures: dict) -> str:
+    """Which classes a class-conditional model's chains were drawn with, and how often the classifier agreed."""
+    if "label_accuracy" not in figures:
+        return ""
+    label = figures.get("label")
+    which = {None: "a random class per chain", "all": "each class in turn"}.get(label, f"class {label}")
+    if figures.get("guidance", 1.0) != 1.0:
+        which += f", guidance {figures['guidance']}"
+    return f", {which} (classifier agrees: {100 * figures['label_accuracy']:.1f} %)"
+
+
 def sampler_text(checkpoint: Checkpoint, key: str, figures: dict) -> str:
     config = checkpoint.config
     if config.family == "ebm":
@@ -80,19 +95,19 @@ def sampler_text(checkpoint: Checkpoint, key: str, figures: dict) -> str:
         )
         noise = figures.get("noise", config.sampler.get("noise"))
         step_size = figures.get("step_size", config.sampler.get("step_size"))
-        if noise == 0:  # an EqM energy: plain gradient descent
+        if noise == 0 and "mean_steps" in figures:  # gradient descent, each chain stopped at its tolerance
+            text = (
+                f"at most {figures.get('steps')} gradient steps of {step_size} (mean {figures['mean_steps']}: "
+                f"stopped at an RMS move of {figures['tolerance']}) from {source}"
+            )
+        elif noise == 0:  # an EqM energy: plain gradient descent
             text = f"{figures.get('steps')} gradient steps of {step_size} from {source}"
         elif config.sampler.get("noise") == 0:  # an EqM energy run as a noisy, long chain
             text = f"{figures.get('steps')} Langevin steps of {step_size}, noise {noise}, from {source}"
         else:
             who = "the ensemble's members in turn" if key.startswith("evaluate_ensemble") else "Langevin"
             text = f"{figures.get('steps')} steps ({who}) from {source}"
-        if "label_accuracy" in figures:
-            label = figures.get("label")
-            which = {None: "a random class per chain", "all": "each class in turn"}.get(label, f"class {label}")
-            if figures.get("guidance", 1.0) != 1.0:
-                which += f", guidance {figures['guidance']}"
-            text += f", {which} (classifier agrees: {100 * figures['label_accuracy']:.1f} %)"
+        text += labels_text(figures)
         return text
     if config.family == "gan":
         steps = figures.get("steps", config.sampler.get("steps", 0))
@@ -102,6 +117,12 @@ def sampler_text(checkpoint: Checkpoint, key: str, figures: dict) -> str:
         noise = figures.get("noise", config.sampler.get("noise"))
         return f"DDLS: {steps} latent Langevin steps of {step_size}, noise {noise}, under the critic"
     temperature = figures.get("temperature", config.sampler.get("temperature"))
+    if config.sampler.get("solver"):  # a CNF: its ODE from the prior
+        steps = figures.get("steps", config.sampler.get("steps"))
+        solver = figures.get("solver", config.sampler.get("solver"))
+        text = f"{steps} {solver} ODE steps from Gaussian noise at temperature {temperature}"
+        text += labels_text(figures)
+        return text
     return f"inverse at temperature {temperature}"
 
 

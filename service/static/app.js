@@ -43,7 +43,9 @@ function chainSteps(record, model) {
   const kind = controlKind(model);
   if (kind === "cnf") return `${record.steps} ${record.solver || "solver"} steps`;
   if (kind === "ddls" || kind === "gan") return record.steps ? `${record.steps} DDLS steps` : "one generator pass";
-  return `${record.steps} steps`;
+  const size = isNumber(record.step_size) ? ` of ${record.step_size}` : "";
+  if (isNumber(record.mean_steps)) return `at most ${record.steps} steps${size} (mean ${record.mean_steps})`;
+  return `${record.steps} steps${size}`;
 }
 
 function describeEvaluation(key, record, model) {
