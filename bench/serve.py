@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import platform
 import shutil
@@ -99,6 +100,8 @@ def start_server(
             "4096",
             "--max-steps",
             "100000",
+            "--request-timeout-s",
+            "3600",  # a bench of slow models on a loaded machine measures rates, not the default deadline
             *(["--step-budget", str(step_budget)] if step_budget else []),
             *engine,
         ],
@@ -223,11 +226,15 @@ class RawChains:
     mean_steps: float  # per chain
 
 
-def raw_chains(checkpoint: Path, device: torch.device, chains: int, steps: int | None) -> RawChains:
+def raw_chains(
+    checkpoint: Path, device: torch.device, chains: int, steps: int | None, tolerance: float | None
+) -> RawChains:
     """The in-process sampler alone on one batch of `chains`: `sample_ebm`, the computation the server runs for a
-    request without a label (each seed's class, the checkpoint's guidance, members, tolerance and clamp; `steps`
-    None: the checkpoint's), so served/raw compares the same work."""
+    request without a label (each seed's class, the checkpoint's guidance, members and clamp; `steps` and
+    `tolerance` as the requests ask, None: the checkpoint's), so served/raw compares the same work."""
     model = load_model(checkpoint, device)
+    if tolerance is not None:
+        model.sampler = dataclasses.replace(model.sampler_as(EBMSampler), tolerance=tolerance)
     seeds = torch.arange(chains, dtype=torch.int64)
 
     def run(count: int | None) -> torch.Tensor:
@@ -397,7 +404,7 @@ def main() -> None:
         if one_pass:
             raw_images, mean_steps = raw_images_per_second(model, device, batch), float(cnf_steps or 1)
         else:
-            raw = raw_chains(checkpoint, device, batch, args.steps or None)
+            raw = raw_chains(checkpoint, device, batch, args.steps or None, args.tolerance)
             raw_images, mean_steps = raw.images_per_s, raw.mean_steps
         print(
             f"| {level} | {total} | {images:.2f} | {raw_images:.2f} ({batch}) | {images / raw_images:.2f} "

@@ -83,6 +83,7 @@ def main() -> None:
     parser.add_argument("--step-sizes", type=float, nargs="*", default=[], help="one pass each (default: the model's)")
     parser.add_argument("--momenta", type=float, nargs="*", default=[], help="heavy-ball momentum, one pass each")
     parser.add_argument("--nesterov", action="store_true", help="momentum passes take the look-ahead gradient")
+    parser.add_argument("--bf16", action="store_true", help="sample under bfloat16 autocast (step_speed.py: bf16)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = load_model(args.checkpoint, torch.device("cpu"))
@@ -107,11 +108,14 @@ def main() -> None:
                 part_labels = None if labels is None else labels[part]
                 start = chain_start(seeds[part], model.shape, sampler, model.data_range)
                 watcher = Watcher(start, args.fixed, args.rms_move, args.energy_change)
-                final = sample_ebm([model], seeds[part], args.max_steps, "noise", callback=watcher, labels=part_labels)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+                    final = sample_ebm(
+                        [model], seeds[part], args.max_steps, "noise", callback=watcher, labels=part_labels
+                    )
                 watcher.finish(final, args.max_steps)
                 for rule in watcher.rules:
                     kept = results.setdefault(rule, ([], []))
-                    kept[0].append(watcher.states[rule].clamp(*model.data_range))
+                    kept[0].append(watcher.states[rule].float().clamp(*model.data_range))
                     kept[1].append(watcher.stopped_at[rule])
             seconds = time.perf_counter() - began
             print(
@@ -125,6 +129,7 @@ def main() -> None:
                     "step_size": step_size,
                     "momentum": momentum,
                     "nesterov": changes["nesterov"],
+                    "bf16": args.bf16,
                     "rule": kind,
                     "value": value,
                     "mean_steps": round(float(steps.mean()), 1),
