@@ -22,6 +22,7 @@ server's status and message.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -68,6 +69,7 @@ from service.client_types import (  # noqa: F401
 )
 
 T = TypeVar("T")
+MODEL_VERSION_HEADER = "x-model-version"  # service/app.py: the version of the model that drew an answer
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,12 @@ def _model_list(items: list[Any]) -> list[ModelInfo]:
     return [ModelInfo.from_json(item) for item in items]
 
 
+def _samples(response: httpx.Response) -> Callable[[Any], Samples]:
+    """A JSON answer's samples, with the model version its header names."""
+    version = response.headers.get(MODEL_VERSION_HEADER)
+    return lambda data: dataclasses.replace(Samples.from_json(data), model_version=version)
+
+
 def _sample_file(response: httpx.Response) -> SampleFile:
     seed, steps = response.headers.get("x-seed", ""), response.headers.get("x-steps")
     if not seed.isdigit() or not (steps is None or steps.isdigit()):
@@ -124,6 +132,7 @@ def _sample_file(response: httpx.Response) -> SampleFile:
         media_type=response.headers.get("content-type", ""),
         seed=int(seed),
         steps=int(steps) if steps is not None else None,
+        model_version=response.headers.get(MODEL_VERSION_HEADER),
     )
 
 
@@ -173,7 +182,7 @@ class Client:
         """Samples of `model` with their seed, energies (EBMs) or bits/dim (flows), and the trajectory
         when `trajectory_every` is given."""
         response = self._open("POST", "/sample", sample_body(model, options, "json"))
-        return _parse(response, Samples.from_json)
+        return _parse(response, _samples(response))
 
     def sample_file(
         self, model: str, image_format: Literal["png", "gif"] = "png", **options: Unpack[SampleFields]
@@ -271,7 +280,7 @@ class AsyncClient:
     async def sample(self, model: str, **options: Unpack[SampleFields]) -> Samples:
         """Samples of `model` with their seed, energies (EBMs) or bits/dim (flows), and the trajectory."""
         response = await self._open("POST", "/sample", sample_body(model, options, "json"))
-        return _parse(response, Samples.from_json)
+        return _parse(response, _samples(response))
 
     async def sample_file(
         self, model: str, image_format: Literal["png", "gif"] = "png", **options: Unpack[SampleFields]

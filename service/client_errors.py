@@ -44,7 +44,7 @@ class SamplebayError(Exception):
 
 
 class BadRequest(SamplebayError):
-    """400, 413 or 422: the request itself is wrong (a field out of range, one that does not apply, ...)."""
+    """400, 413, 415 or 422: the request itself is wrong (a field out of range, one that does not apply, ...)."""
 
 
 class Unauthorized(SamplebayError):
@@ -89,6 +89,7 @@ ERRORS_BY_STATUS: dict[int, type[SamplebayError]] = {
     404: NotFound,
     408: Timeout,
     413: BadRequest,
+    415: BadRequest,
     422: BadRequest,
     503: ServerBusy,
     504: Timeout,

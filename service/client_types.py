@@ -41,12 +41,14 @@ class ModelInfo:
     buffer_size: int | None = None
     buffer_capacity: int | None = None
     buffer_saved_at: datetime | None = None
+    version: str | None = None  # the digest prefix of the file serving now (X-Model-Version of its answers)
+    loaded_at: datetime | None = None  # when that version was loaded
     extra: dict[str, Any] = field(default_factory=dict)  # fields of a newer server this client does not know
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> ModelInfo:
         known = {item.name for item in fields(cls)} - {"extra"}
-        saved_at = data.get("buffer_saved_at")
+        saved_at, loaded_at = data.get("buffer_saved_at"), data.get("loaded_at")
         return cls(
             name=data["name"],
             family=data["family"],
@@ -63,6 +65,8 @@ class ModelInfo:
             buffer_size=data.get("buffer_size"),
             buffer_capacity=data.get("buffer_capacity"),
             buffer_saved_at=datetime.fromisoformat(saved_at) if saved_at else None,
+            version=data.get("version"),
+            loaded_at=datetime.fromisoformat(loaded_at) if loaded_at else None,
             extra={key: value for key, value in data.items() if key not in known},
         )
 
@@ -100,13 +104,15 @@ class Samples:
     model: str
     seed: int  # the seed the chains used: the same request with it gets the same images
     images: list[Image.Image] = field(repr=False)  # one PIL image per sample (mode L for grey, RGB for colour)
-    steps: int | None = None  # Langevin steps run (EBMs, DDLS)
+    steps: int | None = None  # Langevin steps run (EBMs, DDLS; with a tolerance, the most a chain ran)
+    chain_steps: list[int] | None = None  # EBMs with a tolerance: the steps each sample's chain ran
     energy: list[float | None] | None = None  # EBM: each sample's energy at its last step (None if not finite)
     bits_per_dim: list[float | None] | None = None  # flow: each sample's bits/dim
     trajectory: list[list[Image.Image]] | None = field(default=None, repr=False)  # frames x samples
     trajectory_steps: list[int] | None = None
     timings: Timings | None = None
     dropped: int = 0  # a stream's frames dropped just before 'done' (the client read slower than they came)
+    model_version: str | None = None  # X-Model-Version: the version of the model that drew them
 
     def array(self) -> npt.NDArray[np.uint8]:
         """The samples as uint8 pixels: [n, H, W] for grey images, [n, H, W, C] for colour."""
@@ -125,6 +131,7 @@ class Samples:
             seed=int(data["seed"]),
             images=[decode_png(encoded) for encoded in data["images"]],
             steps=data.get("steps"),
+            chain_steps=data.get("chain_steps"),
             energy=data.get("energy"),
             bits_per_dim=data.get("bits_per_dim"),
             trajectory=None if trajectory is None else [[decode_png(item) for item in frame] for frame in trajectory],
@@ -165,6 +172,7 @@ class SampleFile:
     media_type: str
     seed: int  # from X-Seed
     steps: int | None  # from X-Steps
+    model_version: str | None = None  # from X-Model-Version
 
     def image(self) -> Image.Image:
         """The picture, decoded (a GIF's first frame; iterate PIL's frames for the rest)."""
@@ -222,6 +230,7 @@ class SampleFields(TypedDict, total=False):
     image: ImageInput | None
     mask: ImageInput | None
     label: int | None
+    tolerance: float | None
     trajectory_every: int | None
 
 

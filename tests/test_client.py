@@ -66,6 +66,15 @@ def test_models_are_typed_infos(client: Client) -> None:
     assert solo.sampler["steps"] == 10 and solo.limits["max_n"] == 16
     assert solo.buffer_size == 32 and solo.classes is None
     assert digits.classes == [str(digit) for digit in range(10)] and digits.buffer_size is None
+    assert solo.version and solo.loaded_at is not None and solo.loaded_at.tzinfo is not None
+
+
+def test_answers_name_the_model_version_and_the_steps_each_stopped_chain_ran(client: Client) -> None:
+    version = {model.name: model.version for model in client.models()}["solo"]
+    samples = client.sample("solo", n=3, steps=6, init="noise", seed=2, tolerance=10.0)  # every chain stops at once
+    assert samples.model_version == version and samples.chain_steps == [1, 1, 1]
+    assert client.sample("solo", n=2, steps=3, init="noise").chain_steps in (None, [3, 3])
+    assert client.sample_file("solo", n=2, steps=3, init="noise").model_version == version
 
 
 def test_sample_decodes_each_image_to_the_models_shape_with_seed_and_energies(client: Client) -> None:
@@ -188,7 +197,7 @@ MODELS = [
         "sampler": {},
         "limits": {},
         "metrics": {},
-        "version": "abc123",  # a field this client does not know yet
+        "replicas": 3,  # a field this client does not know yet
     }
 ]
 
@@ -222,7 +231,7 @@ def test_a_503_is_retried_after_its_retry_after_with_the_key() -> None:
         models = client.models()
     assert waits == [2.0, 1.0] and len(seen) == 3
     assert all(request.headers["authorization"] == "Bearer k" for request in seen)
-    assert models[0].name == "m" and models[0].shape == (1, 2, 2) and models[0].extra == {"version": "abc123"}
+    assert models[0].name == "m" and models[0].shape == (1, 2, 2) and models[0].extra == {"replicas": 3}
 
 
 def test_retries_are_bounded_and_end_in_server_busy() -> None:
