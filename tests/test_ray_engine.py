@@ -142,18 +142,25 @@ def test_requests_naming_their_model_join_the_replica_running_it(server: RayServ
 
     Load alone (power of two choices) would send most of them to the idle replica. On a saturated machine Ray's
     queue-length probe of the busy replica can time out, and the router then rightly falls back to the other:
-    at most two of eight may do so."""
+    at most two of eight may do so, in one of two rounds (a round under a passing burst of load is tried again;
+    routing by load alone fails both)."""
     hint = {MODEL_HEADER: "solo"}
     long = {"model": "solo", "n": 8, "steps": 2000, "init": "noise", "stream": True, "trajectory_every": 100}
-    with httpx.stream("POST", f"{server.base}/sample", json=long, headers=hint, timeout=60) as stream:
-        running_on = stream.headers["x-replica"]
-        next(line for line in stream.iter_lines() if line.startswith("event: frame"))
-        short = {"model": "solo", "n": 2, "steps": 3, "init": "noise"}
-        with ThreadPoolExecutor(8) as pool:
-            responses = list(pool.map(lambda _: server.post(short, headers=hint), range(8)))
-    assert [response.status_code for response in responses] == [200] * 8
-    landed = [response.headers["x-replica"] for response in responses]
-    assert landed.count(running_on) >= 6, landed
+    short = {"model": "solo", "n": 2, "steps": 3, "init": "noise"}
+    rounds = []
+    for _ in range(2):
+        with httpx.stream("POST", f"{server.base}/sample", json=long, headers=hint, timeout=60) as stream:
+            running_on = stream.headers["x-replica"]
+            next(line for line in stream.iter_lines() if line.startswith("event: frame"))
+            with ThreadPoolExecutor(8) as pool:
+                responses = list(pool.map(lambda _: server.post(short, headers=hint), range(8)))
+        assert [response.status_code for response in responses] == [200] * 8
+        landed = [response.headers["x-replica"] for response in responses]
+        rounds.append(landed)
+        if landed.count(running_on) >= 6:
+            break
+    else:
+        raise AssertionError(f"fewer than 6 of 8 joined the running replica in both rounds: {rounds}")
 
 
 def test_a_stream_delivers_frames_as_the_replica_makes_them(server: RayServer) -> None:
