@@ -116,7 +116,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
         if chain_steps is not None:  # steps is then the most a chain ran; the gradient steps each ran:
             ran = chain_steps.double()
             ebm_sampler_report.update(
-                tolerance=model.sampler.tolerance,
+                tolerance=tolerance,
                 mean_steps=round(float(ran.mean()), 1),
                 p95_steps=int(ran.quantile(0.95)),
                 max_chain_steps=int(ran.max()),
