@@ -2,7 +2,7 @@
 
 A chain stopped at its tolerance holds the state its fixed-step path had at that step (the same seeded noise;
 tests/test_chain_stop.py shows it), so one run of `--max-steps` steps, watched by a callback, gives every
-configuration's samples (one pass per --step-sizes x --momenta pair): fixed S steps (the state at S), an
+configuration's samples (one pass per --step-sizes x --momenta x --step-decays): fixed S steps (the state at S), an
 RMS-move stop at tau (the state at the first step whose RMS move sqrt(mean((x_{t+1} - x_t)^2)) is below tau:
 training/sampling/langevin.py's `arrived`), and an energy-change stop at delta (the first step whose
 |E_t - E_{t-1}| is below delta). For gradient descent without noise or momentum the RMS move is the step size
@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import sys
 import time
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -38,7 +40,7 @@ class Watcher:
     """Keeps, per configuration, each chain's state and step at the first step its stop rule holds."""
 
     def __init__(self, start: torch.Tensor, fixed: list[int], moves: list[float], energy_changes: list[float]) -> None:
-        self.previous_x, self.previous_energy = start.clone(), None
+        self.previous_x, self.previous_energy = start.clone(), cast(torch.Tensor | None, None)
         self.rules = [("fixed", s) for s in fixed] + [("rms_move", t) for t in moves]
         self.rules += [("energy_change", d) for d in energy_changes]
         n = len(start)
@@ -82,6 +84,13 @@ def main() -> None:
     parser.add_argument("--energy-change", type=float, nargs="*", default=[])
     parser.add_argument("--step-sizes", type=float, nargs="*", default=[], help="one pass each (default: the model's)")
     parser.add_argument("--momenta", type=float, nargs="*", default=[], help="heavy-ball momentum, one pass each")
+    parser.add_argument(
+        "--step-decays",
+        type=float,
+        nargs="*",
+        default=[],
+        help="larger steps first: step t moves by step_size * decay**t, one pass each",
+    )
     parser.add_argument("--nesterov", action="store_true", help="momentum passes take the look-ahead gradient")
     parser.add_argument("--bf16", action="store_true", help="sample under bfloat16 autocast (step_speed.py: bf16)")
     args = parser.parse_args()
@@ -99,8 +108,9 @@ def main() -> None:
     labels = chain_labels(model, seeds, None)  # evaluate's: each chain's seeded class (unlabelled: random)
     evaluations = 2 if (model.classes is not None and sampler.guidance != 1.0) else 1
     for step_size in args.step_sizes or [sampler.step_size]:
-        for momentum in args.momenta or [sampler.momentum]:
+        for momentum, decay in itertools.product(args.momenta or [sampler.momentum], args.step_decays or [1.0]):
             changes = {"step_size": step_size, "momentum": momentum, "nesterov": args.nesterov and momentum > 0}
+            changes["step_decay"] = decay
             model.sampler = dataclasses.replace(sampler, **changes)
             results: dict = {}
             began = time.perf_counter()
@@ -119,7 +129,8 @@ def main() -> None:
                     kept[1].append(watcher.stopped_at[rule])
             seconds = time.perf_counter() - began
             print(
-                f"step {step_size:g}, momentum {momentum:g}: {args.n} chains x {args.max_steps} steps, {seconds:.0f} s",
+                f"step {step_size:g}, decay {decay:g}, momentum {momentum:g}: "
+                f"{args.n} chains x {args.max_steps} steps, {seconds:.0f} s",
                 file=sys.stderr,
             )
             for (kind, value), (states, stops) in results.items():
@@ -129,6 +140,7 @@ def main() -> None:
                     "step_size": step_size,
                     "momentum": momentum,
                     "nesterov": changes["nesterov"],
+                    "step_decay": decay,
                     "bf16": args.bf16,
                     "rule": kind,
                     "value": value,

@@ -14,7 +14,7 @@ from service.pools import state_of
 from service.registry import BufferGroup
 from service.scheduler import Job
 from training.runtime.draw import chain_labels
-from training.sampling.langevin import LangevinStep, conditioned_energy, langevin_step
+from training.sampling.langevin import LangevinStep, conditioned_energy, langevin_step, scheduled_step_size
 from training.sampling.noise import chain_gaussian, chain_seeds, chain_start
 from training.sampling.replay_buffer import ReplayBuffer
 from training.sampling.sampler_config import EBMSampler
@@ -103,6 +103,7 @@ class LangevinPool(ChainPool):
             velocity = torch.cat(
                 [torch.zeros_like(part) if s.velocity is None else s.running(s.velocity) for s, part in parts_at_rest]
             )
+        decay = self.sampler.step_decay
         labels = torch.cat([state.running(state.labels) for state in states if state.labels is not None])  # [B]
         moved = langevin_step(
             conditioned_energy(
@@ -110,7 +111,12 @@ class LangevinPool(ChainPool):
             ),  # served modules are frozen, in eval mode
             x,
             chain_gaussian(seeds, steps, self.shape).to(self.device),
-            step_size=per_chain(lambda order: order.step_size),
+            step_size=torch.cat(
+                [
+                    torch.full((size,), scheduled_step_size(state.order.step_size, decay, job.done_steps))
+                    for job, state, size in zip(jobs, states, sizes, strict=True)
+                ]
+            ),
             noise=per_chain(lambda order: order.noise),
             grad_clip=self.sampler.grad_clip,
             temperature=per_chain(lambda order: order.temperature),

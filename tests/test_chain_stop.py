@@ -215,3 +215,32 @@ def test_evaluate_reports_the_steps_its_stopped_chains_ran(
     main(words)  # the fixed-step sampler: every chain ran its 6 steps, nothing to report beyond them
     fixed = json.loads(capsys.readouterr().out)["sampler"]
     assert fixed["steps"] == 6 and "mean_steps" not in fixed
+
+
+def test_larger_steps_first_each_chain_on_its_own_schedule_alone_batched_and_in_the_cli(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    set_sampler(write_tiny_ebm(models / "solo.safetensors"), ["step_decay=0.8"])
+    clock = FakeClock()
+    registry = load_registry(models, torch.device("cpu"))
+    worker = Worker(registry, BufferStore(tmp_path / "state"), torch.device("cpu"), Metrics(), 64, 16, 1e9, 0.5, clock)
+    bench = Bench(worker, registry, clock)
+    member = registry.models["solo"].members[0]
+    sampler = member.sampler_as(EBMSampler)
+    seeds = chain_seeds(REQUEST["seed"], REQUEST["n"])
+    x = chain_start(seeds, member.shape, sampler, member.data_range)
+    for step in range(STEPS):  # step t moves by step_size * 0.8**t
+        eps = chain_gaussian(seeds, torch.full_like(seeds, step), member.shape)
+        size = sampler.step_size * 0.8**step
+        x = langevin_step(member.module, x, eps, size, sampler.noise, sampler.grad_clip).x
+    assert torch.equal(sample_ebm([member], seeds, STEPS, "noise"), x)
+    constant = sample_ebm([dataclasses.replace(member, sampler=dataclasses.replace(sampler, step_decay=1.0))], seeds)
+    assert not torch.allclose(constant, x, atol=1e-3)
+
+    crowd = bench.submit(model="solo", n=3, steps=3 * STEPS, seed=9, init="noise")
+    for _ in range(5):  # the crowd's chains are 5 steps ahead: their steps are smaller than the newcomer's
+        bench.worker.run_once()
+    together = bench.submit(**REQUEST)
+    run_until_answered(bench, together)
+    assert bench.worker.pools["solo"].stats["max_jobs_in_step"] == 2 and not crowd
+    torch.testing.assert_close(bench.result(together).samples, x, atol=1e-5, rtol=0)

@@ -82,6 +82,12 @@ def langevin_step(
     return LangevinStep(moved, energy.detach(), velocity)
 
 
+def scheduled_step_size(step_size: float, step_decay: float, step: int) -> float:
+    """The step size of a chain's step `step` (from 0): larger steps first when `step_decay` < 1. Computed in
+    Python floats per chain, so the CLI's loop and the server's batch (chains at different steps) agree."""
+    return step_size if step_decay == 1.0 else step_size * step_decay**step
+
+
 def chain_moves(before: torch.Tensor, after: torch.Tensor, free: torch.Tensor | None = None) -> torch.Tensor:
     """Each chain's RMS move in one step [B], sqrt(mean((x_{t+1} - x_t)^2)), between the states the chain holds
     (after clamping); with `free` [1 or B, *shape] (inpainting) the mean is over the free pixels only."""
@@ -155,7 +161,7 @@ def sample_langevin(
             step_energy,
             before,
             eps if chosen is None else eps[chosen],
-            settings.step_size,
+            scheduled_step_size(settings.step_size, settings.step_decay, step),
             settings.noise,
             settings.grad_clip,
             settings.temperature,

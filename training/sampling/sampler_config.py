@@ -53,6 +53,7 @@ STEPS = Bounds(ge=0, le=INT32_MAX)  # a request's; 0 is a GAN's plain pass, an E
 STEP_SIZE = Bounds(gt=0, le=1000)
 NOISE = Bounds(ge=0, le=10)  # std of the noise per step; the data range is about [-1, 1]
 MOMENTUM = Bounds(ge=0, le=0.999)  # heavy-ball Langevin; float32 < 1
+STEP_DECAY = Bounds(gt=0, le=1)  # a step size that shrinks step by step (1: constant)
 GUIDANCE = Bounds(ge=0, le=20)
 TEMPERATURE = Bounds(ge=0.001, le=100)
 TOLERANCE = Bounds(ge=0, le=10)  # RMS move per step in the data range's units; 0: no stop, every chain runs `steps`
@@ -119,6 +120,7 @@ class EBMSampler:
     guidance: float = 1.0  # labelled chains of a conditional energy: E(x) + w (E(x, y) - E(x)); 1: plain E(x, y)
     momentum: float = 0.0  # heavy ball: v <- momentum * v - step_size * grad; x <- x + v (0: plain steps)
     nesterov: bool = False  # with momentum: the gradient at the look-ahead x + momentum * v (Nesterov; EqM's sampler)
+    step_decay: float = 1.0  # larger steps first: a chain's step t (from 0) moves by step_size * step_decay**t
     clamp: bool = True  # clamp chains into the data range at every step (False: only the returned images)
     restart_prob: float = 0.05  # fraction of buffer-started chains restarted from noise
     tolerance: float = 0.0  # a chain stops once its RMS move in a step is below this (training/sampling/langevin.py)
@@ -136,6 +138,7 @@ class EBMSampler:
                 "prior_std": POSITIVE,
                 "guidance": GUIDANCE,
                 "momentum": MOMENTUM,
+                "step_decay": STEP_DECAY,
                 "restart_prob": PROBABILITY,
                 "tolerance": TOLERANCE,
                 "train_steps": STEPS,
