@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from training.models.cnf import is_velocity_field  # noqa: E402
-from training.runtime.device import pick_device  # noqa: E402
+from training.runtime.device import SAMPLING_DTYPE_CHOICES, chain_precision, pick_device, sampling_dtype  # noqa: E402
 from training.runtime.draw import sample_ebm, sample_flow, sample_generator  # noqa: E402
 from training.runtime.load import load_model  # noqa: E402
 from training.runtime.loaded import LoadedModel  # noqa: E402
@@ -74,6 +74,7 @@ def start_server(
     step_budget: int = 0,
     threads: int = 0,
     engine: tuple[str, ...] = (),
+    sampling_dtype: str = "auto",
 ) -> tuple[subprocess.Popen, str]:
     """A server for this one checkpoint (a directory of its own: the others would only slow its start)."""
     port = free_port()
@@ -103,6 +104,8 @@ def start_server(
             "--request-timeout-s",
             "3600",  # a bench of slow models on a loaded machine measures rates, not the default deadline
             *(["--step-budget", str(step_budget)] if step_budget else []),
+            "--sampling-dtype",
+            sampling_dtype,
             *engine,
         ],
         cwd=ROOT,
@@ -227,7 +230,12 @@ class RawChains:
 
 
 def raw_chains(
-    checkpoint: Path, device: torch.device, chains: int, steps: int | None, tolerance: float | None
+    checkpoint: Path,
+    device: torch.device,
+    chains: int,
+    steps: int | None,
+    tolerance: float | None,
+    dtype: torch.dtype = torch.float32,
 ) -> RawChains:
     """The in-process sampler alone on one batch of `chains`: `sample_ebm`, the computation the server runs for a
     request without a label (each seed's class, the checkpoint's guidance, members and clamp; `steps` and
@@ -239,7 +247,8 @@ def raw_chains(
 
     def run(count: int | None) -> torch.Tensor:
         taken = torch.zeros(chains, dtype=torch.int64)
-        sample_ebm([model], seeds, count, "noise", chain_steps=taken)
+        with chain_precision(device, dtype):
+            sample_ebm([model], seeds, count, "noise", chain_steps=taken)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return taken
@@ -251,16 +260,18 @@ def raw_chains(
     return RawChains(chains / wall, float(taken.sum()) / wall, float(taken.double().mean()))
 
 
-def raw_images_per_second(model: LoadedModel, device: torch.device, batch: int, repeats: int = 3) -> float:
+def raw_images_per_second(
+    model: LoadedModel, device: torch.device, batch: int, repeats: int = 3, dtype: torch.dtype = torch.float32
+) -> float:
     """A GAN's generator, a flow's inverse with log-density or a CNF's ODE, in process, on one batch of `batch`."""
     seeds = torch.arange(batch, dtype=torch.int64)
 
     def run() -> None:
         with torch.no_grad():
             if model.config.family == "gan":
-                sample_generator(model, seeds)
+                sample_generator(model, seeds, dtype=dtype)
             elif is_velocity_field(model.module):  # a CNF: the CLI's ODE from its prior, the checkpoint's steps
-                sample_flow(model, seeds)
+                sample_flow(model, seeds, dtype=dtype)
             else:
                 model.module.decode(model.module.base_sample(seeds, 1.0).to(device))
         if device.type == "cuda":
@@ -281,7 +292,9 @@ def measure(
 ) -> tuple[list[Row], BesideLong | None]:
     """One server: every concurrency level, then (for an EBM) the short-beside-long row."""
     engine = ("--engine", args.engine, "--replicas", str(args.replicas), "--replica-cpus", str(args.replica_cpus))
-    process, base = start_server(checkpoint, args.device, args.chain_budget, step_budget, args.threads, engine)
+    process, base = start_server(
+        checkpoint, args.device, args.chain_budget, step_budget, args.threads, engine, args.sampling_dtype
+    )
     try:
         asyncio.run(drive(base, body, 1, 2))  # warm-up
         rows = []
@@ -326,6 +339,9 @@ def main() -> None:
     parser.add_argument("--chain-budget", type=int, default=1024)
     parser.add_argument("--step-budget", type=int, default=0, help="chains per step (default: the server's)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads, here and in the server (default: all)")
+    parser.add_argument(
+        "--sampling-dtype", choices=SAMPLING_DTYPE_CHOICES, default="auto", help="the server's, and the raw loop's"
+    )
     parser.add_argument("--beside-long", type=int, default=16, help="long requests beside the short one (0: no row)")
     parser.add_argument("--long-steps", type=int, default=1000, help="steps of each long request")
     parser.add_argument("--sweep", default="", help="comma-separated step budgets: one server and row each")
@@ -344,6 +360,7 @@ def main() -> None:
     levels = [int(level) for level in args.levels.split(",")]
     device = pick_device(args.device)
     args.device = str(device)
+    dtype = sampling_dtype(args.sampling_dtype, device)
     checkpoint = Path(args.models_dir) / f"{args.model}.safetensors"
     model = load_model(checkpoint, device)
     one_pass = model.config.family != "ebm"
@@ -367,7 +384,7 @@ def main() -> None:
     print(
         f"# {args.model} ({model.config.family}), {what}, n={args.n} per request, device {device} (GPU: {gpu}; "
         f"{os.cpu_count()} CPU cores, {cpu}; torch {torch.__version__}, threads {torch.get_num_threads()}; "
-        f"engine {args.engine}"
+        f"chain steps in {str(dtype).removeprefix('torch.')}; engine {args.engine}"
         + (
             f", {args.replicas} replicas, model header {'no' if args.no_model_header else 'yes'})"
             if args.engine == "ray"
@@ -402,9 +419,9 @@ def main() -> None:
     for level, total, images, per_cpu, p50, p99 in rows:
         batch = level * args.n
         if one_pass:
-            raw_images, mean_steps = raw_images_per_second(model, device, batch), float(cnf_steps or 1)
+            raw_images, mean_steps = raw_images_per_second(model, device, batch, dtype=dtype), float(cnf_steps or 1)
         else:
-            raw = raw_chains(checkpoint, device, batch, args.steps or None, args.tolerance)
+            raw = raw_chains(checkpoint, device, batch, args.steps or None, args.tolerance, dtype)
             raw_images, mean_steps = raw.images_per_s, raw.mean_steps
         print(
             f"| {level} | {total} | {images:.2f} | {raw_images:.2f} ({batch}) | {images / raw_images:.2f} "

@@ -36,7 +36,7 @@ from service.schemas import ErrorBody, ModelInfo, Readiness, SampleRequest, Samp
 from service.served_models import ServedModels
 from service.settings import Settings
 from service.worker import Worker
-from training.runtime.device import pick_device
+from training.runtime.device import pick_device, sampling_dtype
 from training.sampling.sampler_config import to_dict
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -178,6 +178,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         device = pick_device(settings.device)
+        dtype = sampling_dtype(settings.sampling_dtype, device)
+        log.info(
+            "chain steps compute in %s (--sampling-dtype %s)",
+            str(dtype).removeprefix("torch."),
+            settings.sampling_dtype,
+        )
         if not settings.models_dir.is_dir():
             raise FileNotFoundError(f"models directory {settings.models_dir} does not exist")
         repository = ModelRepository(
@@ -206,6 +212,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.buffer_save_interval_s,
             settings.batch_window_ms / 1000,
             step_budget=settings.step_budget,
+            sampling_dtype=dtype,
             served=served,
         )
         published(registry)

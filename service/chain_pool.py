@@ -17,6 +17,7 @@ import torch
 from service.messages import ChainDiverged
 from service.pools import SamplerPool, state_of
 from service.scheduler import Job
+from training.runtime.device import chain_precision
 from training.sampling.langevin import arrived
 from training.sampling.sampler_config import EBMSampler, FlowSampler, GANSampler
 
@@ -41,6 +42,7 @@ class ChainPool(SamplerPool):
 
     sampler: EBMSampler | GANSampler | FlowSampler  # the checkpoint's defaults (named when chains diverge)
     exact_steps = False  # True: every chain takes all its steps (an ODE reaches t = 1), no tolerance stop
+    dtype = torch.float32  # what a step computes the energy or field in (the worker sets --sampling-dtype)
 
     def _start(self, job: Job) -> None:
         """Give an admitted job's chains their starting states (and keep frame 0 when asked)."""
@@ -79,9 +81,12 @@ class ChainPool(SamplerPool):
             by_module.setdefault(members[job.done_steps % len(members)], []).append(job)
         chains = {id(job): job.running_chains for job in plan.running}  # before any of them stops
         stepped: list[Job] = []
+        started = self.clock()
         for module_index, jobs in by_module.items():
             stepped.extend(self._execute(module_index, jobs))
-        self._record_step(len(stepped), sum(chains[id(job)] for job in stepped))
+        advanced = sum(chains[id(job)] for job in stepped)
+        self.scheduler.cost.observe(advanced, self.clock() - started)  # what the scheduler weighs companions by
+        self._record_step(len(stepped), advanced)
         for job in self.scheduler.update_from_output(stepped):
             self._finish(job)
 
@@ -93,7 +98,8 @@ class ChainPool(SamplerPool):
         chains left the finite numbers ends alone with ChainDiverged (a 422).
         """
         try:
-            moved = self._advance(module_index, jobs)
+            with chain_precision(self.device, self.dtype):
+                moved = self._advance(module_index, jobs)
         except Exception as error:  # one failed batch must not take the worker down
             if len(jobs) > 1:
                 log.warning("chain batch of %d requests failed on %s; stepping each alone", len(jobs), self.name)

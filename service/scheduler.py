@@ -9,14 +9,18 @@ choice, under the step budget (the most chains one step advances: the step's cos
 fewest steps left first, each step a request sits out counting as `aging` steps fewer (so none starves).
 On a device whose step cost grows with its chains (a CPU), a short request stepped beside long ones pays
 for all their chains every step; so a request is *urgent* when its steps left are within `urgent_ratio`
-of the most urgent request's length, and a step carries at most as many chains of requests that are not
-urgent as of urgent ones: a short request runs nearly at its solo speed while the long ones take turns
-beside it, and when every request is urgent (all of similar length) every one that fits the budget
-advances together, as in plain continuous batching. A one-shot sampler (GAN generator, flow inverse)
-takes one step per request; its scheduler has a window: waiting requests run together once the oldest
-has waited that long or they fill the budget. Cancelled and expired requests are dropped at the next
-step. No torch here: the pools (service/pools.py) run what this decides, and tests drive it with a
-fake clock.
+of the most urgent request's length, and a step carries only as many chains of requests that are not
+urgent as keep its steps, on average, within `max_slowdown` of what the urgent chains alone would cost,
+by the step cost the pool measured (`StepCost`: c(B) = fixed + per_chain x B, fitted to its timed steps;
+until the steps seen spread over chain counts, as many chains as the urgent ones). On a CPU a short request
+then runs at about its solo speed while the long ones take turns beside it every few steps; on a GPU,
+whose step costs nearly the same for any batch, every running chain comes along. When every request is
+urgent (all of similar length) every one that fits the budget advances together, as in plain continuous
+batching. A one-shot sampler
+(GAN generator, flow inverse) takes one step per request; its scheduler has a window: waiting requests
+run together once the oldest has waited that long or they fill the budget. Cancelled and expired
+requests are dropped at the next step. No torch here: the pools (service/pools.py) run what this
+decides, and tests drive it with a fake clock.
 """
 
 from __future__ import annotations
@@ -68,9 +72,42 @@ class StepPlan:
 IDLE_SECONDS = 0.25  # how long a pool with nothing to do lets the worker sleep
 URGENT_RATIO = 4.0  # urgent: steps left within this many times the most urgent request's steps
 AGING = 16.0  # steps left a running request is credited with for each step it sits out
+MAX_SLOWDOWN = 1.25  # a step's cost with the chains that are not urgent, over its cost without them
 
 # Chains per step where a device's served throughput stops rising (bench/serve.py --sweep; README).
 STEP_BUDGETS = {"cpu": 64}
+
+
+class StepCost:
+    """What one step costs as a function of the chains it advances, c(B) = fixed + per_chain * B: a least-squares
+    line through the steps the pool timed, recent ones weighing more (each observation's weight decays by
+    `forget`), so it follows a machine whose load changes."""
+
+    def __init__(self, forget: float = 0.98) -> None:
+        self.forget = forget
+        self.weight = self.chains = self.seconds = self.chains_squared = self.product = 0.0
+
+    def observe(self, chains: int, seconds: float) -> None:
+        """One timed step; a zero or negative interval (a fake clock, a coarse timer) says nothing and is ignored."""
+        if seconds <= 0 or chains <= 0:
+            return
+        keep = self.forget
+        self.weight = keep * self.weight + 1
+        self.chains = keep * self.chains + chains
+        self.seconds = keep * self.seconds + seconds
+        self.chains_squared = keep * self.chains_squared + chains * chains
+        self.product = keep * self.product + chains * seconds
+
+    def fit(self) -> tuple[float, float] | None:
+        """(fixed, per_chain) seconds, both >= 0; None until the steps seen spread over chain counts."""
+        if self.weight == 0:
+            return None
+        mean_chains, mean_seconds = self.chains / self.weight, self.seconds / self.weight
+        spread = self.chains_squared / self.weight - mean_chains**2
+        if spread < 1.0:  # (weighted) chain counts within about one chain of each other: no slope to read
+            return None
+        per_chain = max(0.0, (self.product / self.weight - mean_chains * mean_seconds) / spread)
+        return max(0.0, mean_seconds - per_chain * mean_chains), per_chain
 
 
 def default_step_budget(device_type: str, chain_budget: int) -> int:
@@ -87,11 +124,15 @@ class ChainScheduler:
         step_budget: int | None = None,
         urgent_ratio: float = URGENT_RATIO,
         aging: float = AGING,
+        max_slowdown: float = MAX_SLOWDOWN,
     ) -> None:
         self.chain_budget = chain_budget  # chains running at once (their state held on the device)
         self.step_budget = step_budget or chain_budget  # chains advanced in one step
         self.urgent_ratio = urgent_ratio
         self.aging = aging
+        self.max_slowdown = max_slowdown
+        self.cost = StepCost()  # the pool times its steps into it
+        self.credit = 0.0  # seconds of slack the urgent chains' steps earned for companions, not yet spent
         self.clock = clock
         self.window_s = window_s  # None: continuous batching; seconds: a one-shot sampler's batching window
         self.waiting: deque[Job] = deque()
@@ -165,20 +206,17 @@ class ChainScheduler:
         if not self.running:
             return []
         ranked = sorted(self.running, key=lambda job: job.priority(self.aging))  # stable: ties by admission
-        horizon = self.urgent_ratio * ranked[0].steps
-        chosen: set[int] = set()
-        urgent_chains = other_chains = 0
+        horizon = self.urgent_ratio * ranked[0].steps  # urgent: steps truly left within it (aging only ranks)
+        urgent: list[Job] = []
+        others: list[Job] = []
+        used = 0
         for job in ranked:
-            chains = job.running_chains
-            if chosen and urgent_chains + other_chains + chains > self.step_budget:
-                continue  # a smaller job further down may still fit
-            if job.priority(self.aging) <= horizon:
-                urgent_chains += chains
-            elif other_chains + chains <= urgent_chains:
-                other_chains += chains
-            else:
-                continue
-            chosen.add(id(job))
+            if job.steps - job.done_steps > horizon:
+                others.append(job)
+            elif not urgent or used + job.running_chains <= self.step_budget:  # a smaller one further down may fit
+                urgent.append(job)
+                used += job.running_chains
+        chosen = set(map(id, urgent + self._companions(used, others)))
         stepping = []
         for job in self.running:
             if id(job) in chosen:
@@ -187,6 +225,32 @@ class ChainScheduler:
             else:
                 job.sat_out += 1
         return stepping
+
+    def _companions(self, urgent_chains: int, others: list[Job]) -> list[Job]:
+        """The jobs that are not urgent to step beside `urgent_chains`, best ranked first: each step earns the
+        slack `max_slowdown` allows on the urgent chains' measured cost, a companion spends what its chains add
+        (so a short request's steps cost at most that much more on average, the long ones taking turns), and
+        the credit never grows past what the dearest waiting companion costs. Until the cost is known: as many
+        chains as the urgent ones."""
+        fit = self.cost.fit()
+        if fit is None:
+            per_chain, allowance = 1.0, float(urgent_chains)
+        else:
+            fixed, per_chain = fit
+            slack = (self.max_slowdown - 1) * (fixed + per_chain * urgent_chains)
+            dearest = max((per_chain * job.running_chains for job in others), default=0.0)
+            self.credit = min(self.credit + slack, max(slack, dearest)) if others else 0.0
+            allowance = self.credit
+        taken, used = [], urgent_chains
+        for job in others:
+            extra = per_chain * job.running_chains
+            if extra <= allowance and used + job.running_chains <= self.step_budget:
+                taken.append(job)
+                allowance -= extra
+                used += job.running_chains
+        if fit is not None:
+            self.credit = allowance
+        return taken
 
     def update_from_output(self, stepped: list[Job]) -> list[Job]:
         """Count the step each job took; return (and stop running) the jobs that are now done: every chain took

@@ -9,6 +9,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from training.runtime.cores import parse_threads
+from training.runtime.device import SAMPLING_DTYPE_HELP
 
 
 class Settings(BaseSettings):
@@ -50,6 +51,7 @@ class Settings(BaseSettings):
         60.0, gt=0, description="a model file still loading after this long is refused, and start-up goes on without it"
     )
     chain_budget: int = Field(1024, ge=1, description="most chains one model runs at once (admitted, on the device)")
+    sampling_dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description=SAMPLING_DTYPE_HELP)
     step_budget: int | None = Field(
         None, ge=1, description="most chains one model's Langevin step advances (none: the device's, from a sweep)"
     )

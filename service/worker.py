@@ -25,11 +25,12 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from service.buffer_store import BufferStore
+from service.chain_pool import ChainPool
 from service.generator_pool import GeneratorPool
 from service.langevin_pool import LangevinPool
 from service.latent_pool import LatentPool, latent_pool_name, runs_in_latent_pool
@@ -42,6 +43,8 @@ from service.registry import VERSION_CHARS, BufferGroup, Registry, ServedModel
 from service.scheduler import IDLE_SECONDS, Job, default_step_budget
 from service.served_models import ServedModels
 from training.sampling.replay_buffer import ReplayBuffer
+
+Chains = TypeVar("Chains", bound=ChainPool)
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +93,7 @@ class Worker:
         clock: Callable[[], float] = time.monotonic,
         step_budget: int | None = None,  # chains per step of the chain pools; None: the device's default
         served: ServedModels | None = None,  # what requests see; published here once a new registry's pools exist
+        sampling_dtype: torch.dtype = torch.float32,  # what chain pools step in (training/runtime/device.py)
     ) -> None:
         self.store = store
         self.device = device
@@ -100,6 +104,7 @@ class Worker:
         self.batch_window_s = batch_window_s
         self.clock = clock
         self.step_budget = step_budget or default_step_budget(device.type, chain_budget)
+        self.sampling_dtype = sampling_dtype
         self.failures = FailureLog()
         self.stopped_by: BaseException | None = None  # what ended the worker thread past every guard
         self.served = served or ServedModels(registry)
@@ -142,21 +147,21 @@ class Worker:
     def _langevin_pool(self, group: BufferGroup) -> LangevinPool:
         """A buffer group's pool, from the buffer saved under its digest (a new version: its checkpoints')."""
         buffer = self._saved_buffer(group.name, group) or group.initial_buffer()
-        pool = LangevinPool(group, buffer, self.chain_budget, self.device, self.metrics, self.clock)
-        pool.scheduler.step_budget = self.step_budget
-        return pool
+        return self._stepping(LangevinPool(group, buffer, self.chain_budget, self.device, self.metrics, self.clock))
 
     def _ode_pool(self, model: ServedModel) -> OdePool:
-        pool = OdePool(model, self.chain_budget, self.device, self.metrics, self.clock)
-        pool.scheduler.step_budget = self.step_budget
-        return pool
+        return self._stepping(OdePool(model, self.chain_budget, self.device, self.metrics, self.clock))
 
     def _generator_pool(self, model: ServedModel) -> GeneratorPool:
         return GeneratorPool(model, self.chain_budget, self.batch_window_s, self.device, self.metrics, self.clock)
 
     def _latent_pool(self, model: ServedModel) -> LatentPool:
-        pool = LatentPool(model, self.chain_budget, self.device, self.metrics, self.clock)
+        return self._stepping(LatentPool(model, self.chain_budget, self.device, self.metrics, self.clock))
+
+    def _stepping(self, pool: Chains) -> Chains:
+        """A chain pool with the worker's step budget and sampling dtype."""
         pool.scheduler.step_budget = self.step_budget
+        pool.dtype = self.sampling_dtype
         return pool
 
     def replace_registry(self, registry: Registry) -> threading.Event:

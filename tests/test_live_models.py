@@ -35,6 +35,7 @@ from service.served_models import ServedModels
 from service.settings import Settings
 from service.worker import Worker
 from training.runtime.checkpoint import atomic_write_bytes
+from training.runtime.device import sampling_dtype
 from training.runtime.draw import draw_samples
 from training.runtime.load import load_model
 from training.sampling.noise import chain_seeds
@@ -198,7 +199,8 @@ def test_a_checkpoint_overwritten_mid_stream_finishes_the_stream_on_its_old_vers
     assert [name for _, name, _ in events][-1] == "done"
     assert any(at > swapped_at for at, name, _ in events if name == "frame")  # it ran on across the swap
     old_model = load_model(old_copy)  # on the old weights from its first step to its last, as the CLI draws them
-    expected = draw_samples(old_model, chain_seeds(5, 32)[:1], steps=160, init="noise")  # its first chain
+    dtype = sampling_dtype("auto", torch.device("cpu"))  # the server's --sampling-dtype, its default
+    expected = draw_samples(old_model, chain_seeds(5, 32)[:1], steps=160, init="noise", dtype=dtype)  # first chain
     assert events[-1][2]["images"][0] == grid_b64(expected, old_model.data_range)
 
 

@@ -1,7 +1,11 @@
 """Continuous batching decisions, driven by a fake clock (no torch, no threads)."""
 
+from collections.abc import Callable
+
+import pytest
+
 from service.messages import Handle
-from service.scheduler import AGING, ChainScheduler, Job, default_step_budget
+from service.scheduler import AGING, MAX_SLOWDOWN, ChainScheduler, Job, StepCost, default_step_budget
 
 
 class FakeClock:
@@ -184,3 +188,60 @@ def test_a_windowed_scheduler_runs_at_once_when_the_budget_is_full() -> None:
     assert not scheduler.has_work()
     scheduler.add(job(2, 1, clock))
     assert scheduler.has_work()
+
+
+def test_the_step_cost_is_a_line_through_the_timed_steps_read_once_they_spread() -> None:
+    cost = StepCost()
+    assert cost.fit() is None
+    for _ in range(10):
+        cost.observe(64, 0.01 + 0.002 * 64)
+        cost.observe(64, 0.0)  # a fake clock's step says nothing
+    assert cost.fit() is None  # one chain count: no slope to read
+    cost.observe(8, 0.01 + 0.002 * 8)
+    fixed, per_chain = cost.fit() or (0.0, 0.0)
+    assert abs(fixed - 0.01) < 1e-9 and abs(per_chain - 0.002) < 1e-9
+
+
+def run_timed(scheduler: ChainScheduler, seconds: Callable[[int], float]) -> tuple[list[Job], float]:
+    """A step as a pool runs it: the scheduler's choice, timed by a cost model of the device."""
+    plan = scheduler.schedule()
+    took = seconds(sum(each.running_chains for each in plan.running))
+    scheduler.cost.observe(sum(each.running_chains for each in plan.running), took)
+    scheduler.update_from_output(plan.running)
+    return plan.running, took
+
+
+@pytest.mark.parametrize(
+    ("device", "seconds"),
+    [
+        ("cpu", lambda chains: 0.002 + 0.01 * chains),  # every chain costs: the long ones take turns, now and then
+        ("gpu", lambda chains: 0.02 + 1e-6 * chains),  # nearly flat: every long one comes along (to the budget)
+    ],
+)
+def test_a_short_request_beside_long_ones_pays_at_most_the_slowdown_the_measured_step_cost_allows(
+    device: str, seconds: Callable[[int], float]
+) -> None:
+    clock = FakeClock()
+    scheduler = ChainScheduler(chain_budget=1024, clock=clock, step_budget=64)
+    longs = [job(4, 1000, clock) for _ in range(16)]
+    for each in longs:
+        scheduler.add(each)
+    run_timed(scheduler, seconds)
+    short = job(4, 60, clock)
+    scheduler.add(short)
+    spent, companions = 0.0, []
+    while not short.finished:
+        running, took = run_timed(scheduler, seconds)
+        assert short in running  # it steps every step
+        spent += took
+        companions.append(len(running) - 1)
+    assert len(companions) == 60 and companions[0] == 1  # the slope unread at first: one long one beside it
+    if device == "cpu":
+        assert spent <= MAX_SLOWDOWN * 60 * seconds(4) + seconds(8)  # within the slowdown, on average
+        assert 10 <= sum(companions) <= 20 and max(companions) == 1  # the long ones took turns, one at a time
+        turns = [each.done_steps - 1 for each in longs]
+        assert max(turns) - min(turns) <= 1  # evenly
+    else:
+        assert companions[1:] == [15] * 59  # the short one and 15 long ones fill the step budget of 64
+    running, _ = run_timed(scheduler, seconds)
+    assert running == longs  # the short one gone: every long one advances again

@@ -29,6 +29,7 @@ from training.commands.zoo import main as zoo_main
 from training.models.iresnet import EVALUATION_SERIES_TERMS
 from training.runtime.checkpoint import CheckpointError
 from training.runtime.cores import AUTO, parse_threads
+from training.runtime.device import SAMPLING_DTYPE_CHOICES, SAMPLING_DTYPE_HELP
 from training.train.data import DatasetError
 from training.train.ebm_cd import train_ebm
 from training.train.flow import train_flow
@@ -254,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", default="samples.png", help="the PNG grid written")
     sample.add_argument("--device", default="auto", help="auto (cuda when available, else cpu) | cpu | cuda")
     sample.add_argument("--threads", type=parse_threads, default=AUTO, help=THREADS_HELP)
+    sample.add_argument("--sampling-dtype", choices=SAMPLING_DTYPE_CHOICES, default="auto", help=SAMPLING_DTYPE_HELP)
     sample.set_defaults(handler=run_sample)
 
     evaluate = _add_command(
@@ -288,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--device", default="auto", help="auto (cuda when available, else cpu) | cpu | cuda")
     evaluate.add_argument("--threads", type=parse_threads, default=AUTO, help=THREADS_HELP)
+    evaluate.add_argument("--sampling-dtype", choices=SAMPLING_DTYPE_CHOICES, default="auto", help=SAMPLING_DTYPE_HELP)
     evaluate.add_argument("--record", action="store_true", help="also store the figures in the checkpoint's metrics")
     evaluate.set_defaults(handler=run_evaluate)
 

@@ -12,11 +12,11 @@ from typing import Any, cast
 import torch
 
 from training.commands.quality import gan_record_key, load_classifier, quality_figures, real_data_floor
-from training.commands.sample import draw_with_progress, labels_for, override_sampler
+from training.commands.sample import chain_steps_of, draw_with_progress, labels_for, override_sampler
 from training.models.flows import Flow
 from training.models.iresnet import EVALUATION_SERIES_TERMS, InverseConvergence, IResNet
 from training.runtime.checkpoint import load_checkpoint, save_checkpoint
-from training.runtime.device import pick_device, use_threads
+from training.runtime.device import pick_device, sampling_dtype, use_threads
 from training.runtime.draw import chain_labels, default_latent_steps
 from training.runtime.load import load_model
 from training.runtime.loaded import LoadedModel
@@ -142,6 +142,8 @@ def run_evaluate(args: argparse.Namespace) -> None:
         sampler_report.update(steps=ddls_steps)
         if ddls_steps:
             sampler_report.update(step_size=model.sampler.step_size, noise=model.sampler.noise)
+    if chain_steps_of(model, args.steps):
+        sampler_report["sampling_dtype"] = str(sampling_dtype(args.sampling_dtype, device)).removeprefix("torch.")
     model_figures: dict[str, Any] = quality_figures(classifier, reference, samples, labels).report()
     floor = real_data_floor(classifier, reference, train.images, args.n, torch.Generator().manual_seed(args.seed + 2))
     report = {

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from training.runtime.buffer_files import load_server_buffer
-from training.runtime.device import pick_device, use_threads
+from training.runtime.device import pick_device, sampling_dtype, use_threads
 from training.runtime.draw import default_latent_steps, draw_samples, pooled_buffer
 from training.runtime.images import gif_bytes, grid, save_grid
 from training.runtime.load import load_model
@@ -59,6 +59,19 @@ def override_sampler(members: list, args: argparse.Namespace) -> None:
         member.sampler = dataclasses.replace(member.sampler_as(GANSampler if gan else EBMSampler), **changes)
 
 
+def chain_steps_of(model, steps: int | None) -> int:
+    """The steps each chain takes (at most): an EBM's Langevin steps, a GAN's DDLS steps (0: one plain pass, or no
+    critic), a CNF's ODE steps; 0 for a one-shot sampler."""
+    sampler = model.sampler
+    if isinstance(sampler, EBMSampler):
+        return sampler.steps if steps is None else steps
+    if isinstance(sampler, GANSampler):
+        return default_latent_steps(model) if steps is None else steps
+    if isinstance(sampler, FlowSampler) and sampler.steps is not None:
+        return sampler.steps if steps is None else steps
+    return 0
+
+
 def draw_with_progress(
     members: list,
     seeds: torch.Tensor,
@@ -74,17 +87,11 @@ def draw_with_progress(
 ) -> torch.Tensor:
     """Samples [N, *shape] drawn `batch` chains at a time (on the CPU), with progress on stderr: a bar on a
     terminal, plain lines when piped. EBMs count Langevin steps, GANs and flows batches;
-    an EBM's `chain_steps` [N], when given, gets the steps each chain ran."""
+    an EBM's `chain_steps` [N], when given, gets the steps each chain ran. Chains step in --sampling-dtype."""
     model = members[0]
     starts = range(0, len(seeds), batch)
-    sampler = model.sampler
-    steps_per_chain = 0
-    if isinstance(sampler, EBMSampler):
-        steps_per_chain = sampler.steps if args.steps is None else args.steps
-    elif isinstance(sampler, GANSampler):  # DDLS steps (0 without a critic)
-        steps_per_chain = default_latent_steps(model) if args.steps is None else args.steps
-    elif isinstance(sampler, FlowSampler) and sampler.steps is not None:  # a CNF's ODE solver steps
-        steps_per_chain = sampler.steps if args.steps is None else args.steps
+    dtype = sampling_dtype(args.sampling_dtype, next(model.module.parameters()).device)
+    steps_per_chain = chain_steps_of(model, args.steps)
     bar = progress(None, len(starts) * max(steps_per_chain, 1), description, unit="step" if steps_per_chain else "it")
 
     def step_done(step: int, x: torch.Tensor, energy: torch.Tensor) -> None:
@@ -107,6 +114,7 @@ def draw_with_progress(
                     None if labels is None else labels[chunk],
                     buffer,
                     None if chain_steps is None else chain_steps[chunk],
+                    dtype,
                 ).cpu()
             )
             if not steps_per_chain:
@@ -161,6 +169,8 @@ def run_sample(args: argparse.Namespace) -> None:
     override_sampler(members, args)
     labels = labels_for(args.label, args.n, model)
     print(f"start: {start_description(members, init, buffer, buffer_paths)}", flush=True)
+    if chain_steps_of(model, args.steps):
+        print(f"chain steps compute in {str(sampling_dtype(args.sampling_dtype, device)).removeprefix('torch.')}")
     samples = draw_with_progress(
         members,
         seeds,

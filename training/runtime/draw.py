@@ -8,6 +8,7 @@ from torch import nn
 
 from training.models.cnf import guided_velocity, is_velocity_field
 from training.models.flows import Flow
+from training.runtime.device import chain_precision
 from training.runtime.loaded import LoadedModel
 from training.sampling.ddls import LatentCallback, LatentEnergy, refine_latents, start_latents
 from training.sampling.langevin import StepCallback, ensemble_energy, sample_langevin
@@ -40,19 +41,22 @@ def sample_generator(
     temperature: float | None = None,
     steps: int | None = None,
     callback: LatentCallback | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """GAN samples [B, *shape]: G(z) with z ~ N(0, T^2 I) from counter-based noise (the server's latents),
-    after `steps` DDLS steps on z (default: the checkpoint's; 0 is the plain pass). T and the DDLS step size
-    and noise default to the checkpoint's sampler."""
+    after `steps` DDLS steps on z (default: the checkpoint's; 0 is the plain pass) computed in `dtype`
+    (`chain_precision`; the pass G(z) is float32, as the server's). T and the DDLS step size and noise default
+    to the checkpoint's sampler."""
     sampler = model.sampler_as(GANSampler)
     device = next(model.module.parameters()).device
     scale = sampler.temperature if temperature is None else temperature
     steps = default_latent_steps(model) if steps is None else steps
     z = start_latents(seeds, sampler.latent_dim, scale).to(device)
     if steps > 0:
-        z = refine_latents(
-            latent_energy(model), z, seeds.to(device), steps, sampler.step_size, sampler.noise, scale, callback
-        )
+        with chain_precision(device, dtype):
+            z = refine_latents(
+                latent_energy(model), z, seeds.to(device), steps, sampler.step_size, sampler.noise, scale, callback
+            )
     with torch.no_grad():
         return model.module(z)
 
@@ -92,14 +96,17 @@ def sample_flow(
     steps: int | None = None,
     labels: torch.Tensor | None = None,
     callback: OdeCallback | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Flow samples [B, *shape] in the data range: the inverse of the module's own base at temperature T, or
-    for a CNF the ODE from its Gaussian prior (`steps`, `labels` and `callback` apply to a CNF only)."""
+    for a CNF the ODE from its Gaussian prior (`steps`, `labels`, `callback` and the steps' `dtype` apply to a
+    CNF only: an exact inverse is one float32 pass, as the server's)."""
     sampler = model.sampler_as(FlowSampler)
     if is_velocity_field(model.module):
         model.check_labels(labels)
         labels = chain_labels(model, seeds, labels)
-        x = integrate_cnf(model.module, seeds, model.shape, sampler, labels, temperature, steps, callback)
+        with chain_precision(next(model.module.parameters()).device, dtype):
+            x = integrate_cnf(model.module, seeds, model.shape, sampler, labels, temperature, steps, callback)
         return x.clamp(*model.data_range)
     if labels is not None:
         raise ValueError(f"{model.name} is not class-conditional; it takes no label")
@@ -121,10 +128,12 @@ def draw_samples(
     labels: torch.Tensor | None = None,
     buffer: ReplayBuffer | None = None,
     chain_steps: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """One entry point for every family, used by the `sample` and `evaluate` commands: one sample per
     chain seed [B] (see `training.sampling.noise.chain_seeds`), drawn as the server draws it. `labels` [B] pick
-    the class of each chain of a class-conditional EBM.
+    the class of each chain of a class-conditional EBM. The steps of chains (Langevin, DDLS, ODE) compute in
+    `dtype` (training/runtime/device.py `chain_precision`), one-shot passes in float32, as in the server.
 
     A list of EBM checkpoints of one ensemble samples as the server samples the ensemble: chains move
     under the members in turn and start from their pooled buffers, or from `buffer` when given (the one
@@ -143,18 +152,19 @@ def draw_samples(
     if labels is not None and first.config.family == "gan":
         raise ValueError(f"{first.name} is a {first.config.family} model; it takes no label")
     if first.config.family == "ebm":
-        return sample_ebm(members, seeds, steps, init, generator, callback, labels, buffer, chain_steps)
+        with chain_precision(next(first.module.parameters()).device, dtype):
+            return sample_ebm(members, seeds, steps, init, generator, callback, labels, buffer, chain_steps)
     if first.config.family == "gan":
         decoded = None
         if callback is not None:  # DDLS steps report the images their latents decode to
 
             def decoded(step: int, z: torch.Tensor, energy: torch.Tensor) -> None:
-                with torch.no_grad():
+                with torch.no_grad(), torch.autocast(z.device.type, enabled=False):  # frames: float32 passes
                     callback(step, first.module(z).clamp(*first.data_range), energy)
 
-        return sample_generator(first, seeds, steps=steps, callback=decoded).clamp(*first.data_range)
+        return sample_generator(first, seeds, steps=steps, callback=decoded, dtype=dtype).clamp(*first.data_range)
     if first.config.family == "flow":
-        return sample_flow(first, seeds, steps=steps, labels=labels, callback=callback)
+        return sample_flow(first, seeds, steps=steps, labels=labels, callback=callback, dtype=dtype)
     raise ValueError(f"sampling {first.config.family} checkpoints is not supported yet")
 
 

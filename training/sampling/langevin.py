@@ -79,7 +79,7 @@ def langevin_step(
     moved = noised + velocity
     if clamp:
         moved = moved.clamp_(low, high)
-    return LangevinStep(moved, energy.detach(), velocity)
+    return LangevinStep(moved, energy.detach().to(x.dtype), velocity)  # under autocast the energy may be bfloat16
 
 
 def scheduled_step_size(step_size: float, step_decay: float, step: int) -> float:
