@@ -32,6 +32,7 @@ def measure(checkpoint: str, row: str, batch: int, steps: int, device_name: str)
     """One row, in this process: warm-up (with compilation), the timed steps, and the distance from eager."""
     import torch
 
+    from training.runtime.device import chain_precision
     from training.runtime.draw import chain_labels
     from training.runtime.load import load_model
     from training.sampling.langevin import conditioned_energy, langevin_step
@@ -55,7 +56,6 @@ def measure(checkpoint: str, row: str, batch: int, steps: int, device_name: str)
         module = torch.compile(module, mode="reduce-overhead")
     energy = conditioned_energy(module, labels, sampler.guidance)
     eager_energy = conditioned_energy(model.module, labels, sampler.guidance)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=kind == "bf16")
     noise = [chain_gaussian(seeds, torch.full_like(seeds, step), model.shape).to(device) for step in range(steps)]
 
     def run(fn, x: torch.Tensor, count: int) -> torch.Tensor:
@@ -78,11 +78,12 @@ def measure(checkpoint: str, row: str, batch: int, steps: int, device_name: str)
         return x
 
     began = time.perf_counter()
-    with autocast:
+    dtype = torch.bfloat16 if kind == "bf16" else torch.float32  # the server's --sampling-dtype
+    with chain_precision(device, dtype):
         run(energy, start, 3)
     warm_up = time.perf_counter() - began
     began = time.perf_counter()
-    with autocast:
+    with chain_precision(device, dtype):
         ended = run(energy, start, steps)
     seconds = time.perf_counter() - began
     reference = run(eager_energy, start, steps)

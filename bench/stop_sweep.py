@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from training.commands.quality import load_classifier, quality_figures
+from training.runtime.device import SAMPLING_DTYPE_CHOICES, chain_precision, sampling_dtype
 from training.runtime.draw import chain_labels, sample_ebm
 from training.runtime.load import load_model
 from training.sampling.langevin import chain_moves
@@ -92,10 +93,17 @@ def main() -> None:
         help="larger steps first: step t moves by step_size * decay**t, one pass each",
     )
     parser.add_argument("--nesterov", action="store_true", help="momentum passes take the look-ahead gradient")
-    parser.add_argument("--bf16", action="store_true", help="sample under bfloat16 autocast (step_speed.py: bf16)")
+    parser.add_argument(
+        "--sampling-dtype",
+        choices=SAMPLING_DTYPE_CHOICES,
+        default="float32",
+        help="what the steps compute in (the server's --sampling-dtype; its default is auto)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model = load_model(args.checkpoint, torch.device("cpu"))
+    device = torch.device("cpu")
+    dtype = sampling_dtype(args.sampling_dtype, device)
+    model = load_model(args.checkpoint, device)
     sampler = model.sampler_as(EBMSampler)
     if sampler.tolerance:
         raise SystemExit(f"{model.name} already stops at tolerance {sampler.tolerance}; sweep a fixed-step copy")
@@ -118,7 +126,7 @@ def main() -> None:
                 part_labels = None if labels is None else labels[part]
                 start = chain_start(seeds[part], model.shape, sampler, model.data_range)
                 watcher = Watcher(start, args.fixed, args.rms_move, args.energy_change)
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+                with chain_precision(device, dtype):
                     final = sample_ebm(
                         [model], seeds[part], args.max_steps, "noise", callback=watcher, labels=part_labels
                     )
@@ -141,7 +149,7 @@ def main() -> None:
                     "momentum": momentum,
                     "nesterov": changes["nesterov"],
                     "step_decay": decay,
-                    "bf16": args.bf16,
+                    "sampling_dtype": str(dtype).removeprefix("torch."),
                     "rule": kind,
                     "value": value,
                     "mean_steps": round(float(steps.mean()), 1),

@@ -14,7 +14,8 @@ import torch
 from test_run_lifecycle import toy_command
 
 from training.commands.cli import main
-from training.runtime.cores import idle_between, per_core_ticks, thread_count
+from training.runtime import cores
+from training.runtime.cores import cpu_quota, idle_between, per_core_ticks, thread_count
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -50,6 +51,29 @@ def test_auto_follows_omp_num_threads_and_a_number_is_taken_as_given(monkeypatch
     for bad in ("0", "two", "-1", ""):
         with pytest.raises(ValueError, match="--threads must be auto or a whole number of 1 or more"):
             thread_count(bad)
+
+
+def test_auto_keeps_within_a_containers_cpu_quota(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    v2, v1 = tmp_path / "v2", tmp_path / "v1"
+    v2.mkdir()
+    (v1 / "cpu").mkdir(parents=True)
+    (v2 / "cpu.max").write_text("150000 100000\n")  # docker run --cpus 1.5
+    assert cpu_quota(v2) == 1.5
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert cpu_quota(v2) is None
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("200000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cpu_quota(v1) == 2.0
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")  # v1's unlimited
+    assert cpu_quota(v1) is None and cpu_quota(tmp_path / "none") is None
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(cores, "usable_cores", lambda: list(range(16)))
+    monkeypatch.setattr(cores, "idle_cores", lambda: (12, 16))
+    monkeypatch.setattr(cores, "cpu_quota", lambda: 1.5)
+    assert thread_count("auto") == (1, "auto: 12 of 16 cores idle, 1 allowed (cgroup CPU quota 1.5)")
+    monkeypatch.setattr(cores, "cpu_quota", lambda: None)
+    assert thread_count("auto") == (12, "auto: 12 of 16 cores idle")
 
 
 @pytest.fixture

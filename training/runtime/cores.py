@@ -16,6 +16,7 @@ from typing import Literal
 
 AUTO: Literal["auto"] = "auto"
 PROC_STAT = Path("/proc/stat")
+CGROUP = Path("/sys/fs/cgroup")  # a container's own cgroup is mounted here (cgroup namespaces)
 IDLE_WINDOW_S = 0.2  # long enough for a core's ticks (100 a second) to tell busy from idle
 
 
@@ -34,6 +35,33 @@ def usable_cores() -> list[int]:
     if hasattr(os, "sched_getaffinity"):
         return sorted(os.sched_getaffinity(0))
     return list(range(os.cpu_count() or 1))
+
+
+def cpu_quota(root: Path = CGROUP) -> float | None:
+    """CPUs' worth of time this container may use (`docker run --cpus`, compose `cpus:`), from its cgroup's CFS
+    quota (v2 `cpu.max`, v1 `cpu/cpu.cfs_quota_us` over `cpu.cfs_period_us`); None when unlimited or unreadable.
+    A cpuset says which cores; a quota says how much of them, and threads past it are throttled in turn."""
+    try:
+        if (root / "cpu.max").is_file():
+            quota_text, period_text = (root / "cpu.max").read_text().split()[:2]
+            if quota_text == "max":
+                return None
+            quota, period = int(quota_text), int(period_text)
+        else:
+            quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+            period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def allowed_cores() -> tuple[int, str]:
+    """How many cores' worth this process may use, and a note when a cgroup quota, not the cpuset, sets it."""
+    cores = len(usable_cores())
+    quota = cpu_quota()
+    if quota is None or quota >= cores:
+        return cores, ""
+    return max(1, int(quota)), f" (cgroup CPU quota {quota:g})"
 
 
 def per_core_ticks(stat: str) -> dict[int, tuple[int, int]]:
@@ -94,9 +122,11 @@ def thread_count(setting: int | str | None) -> tuple[int, str]:
         return omp, f"{'auto: ' if chosen == AUTO else ''}OMP_NUM_THREADS={omp}"
     if chosen is None:
         return 1, "the default: one run per core; --threads auto or N for more"
+    allowed, note = allowed_cores()
     reading = idle_cores()
     if reading is None:
-        cores = len(usable_cores())
-        return cores, f"auto: {cores} cores; their load could not be read"
+        return allowed, f"auto: {allowed} cores{note}; their load could not be read"
     idle, cores = reading
+    if idle > allowed:
+        return allowed, f"auto: {idle} of {cores} cores idle, {allowed} allowed{note}"
     return idle, f"auto: {idle} of {cores} cores idle"
