@@ -31,7 +31,8 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto (cuda when available, else cpu), cpu, cuda, cuda:1, ...")
     threads: int | Literal["auto"] = Field(
         "auto",
-        description="torch CPU threads: a count, or auto: $OMP_NUM_THREADS when set, else the cores idle at start (within a container's CPU quota)"
+        description="torch CPU threads: a count, or auto: $OMP_NUM_THREADS when set, else the cores idle at start"
+        " (within a container's CPU quota)"
         " (--engine ray: Ray sets each replica's OMP_NUM_THREADS to its --replica-cpus, at least 1)",
     )
     host: str = Field("127.0.0.1", description="address to listen on")
