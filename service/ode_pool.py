@@ -14,7 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from service.chain_pool import ChainPool
 from service.messages import ChainDiverged
@@ -22,7 +21,7 @@ from service.metrics import Metrics
 from service.pools import state_of
 from service.registry import ServedModel
 from service.scheduler import Job
-from training.models.cnf import VelocityField, is_velocity_field
+from training.models.cnf import guided_velocity, is_velocity_field
 from training.runtime.draw import chain_labels, cnf_prior
 from training.sampling.noise import chain_seeds
 from training.sampling.ode import ode_step
@@ -41,31 +40,6 @@ class OdeMove:
     x: torch.Tensor  # [B, *shape]
     energy: None = None
     velocity: None = None
-
-
-def per_chain_guided_velocity(model: nn.Module, labels: torch.Tensor | None, guidance: torch.Tensor) -> VelocityField:
-    """Classifier-free guidance (Ho & Salimans 2022) as training/models/cnf.py's `guided_velocity` applies it, with
-    each chain's own weight w [B] (on the CPU, as `labels` [B], -1 the null label): v(x, t, y) for a chain with
-    w = 1 or the null label, v(x, t) + w (v(x, t, y) - v(x, t)) for the others, whose unconditional halves
-    join the one batched evaluation."""
-    if labels is None or getattr(model, "num_classes", 0) == 0:
-        return lambda x, t: model(x, t, labels)
-    guided = ((labels >= 0) & (guidance != 1.0)).nonzero().squeeze(1)  # [G] rows, decided on the CPU
-    device = next(model.parameters()).device
-    labels = labels.to(device)
-    if guided.numel() == 0:
-        return lambda x, t: model(x, t, labels)
-    weight = guidance[guided].to(device)  # [G]
-    guided = guided.to(device)
-    null = torch.full_like(guided, -1)
-
-    def field(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        both = model(torch.cat([x, x[guided]]), torch.cat([t, t[guided]]), torch.cat([labels, null]))
-        conditional, unconditional = both[: len(x)], both[len(x) :]  # [B, *shape], [G, *shape]
-        mixed = unconditional + weight.reshape(-1, *([1] * (x.dim() - 1))) * (conditional[guided] - unconditional)
-        return conditional.index_copy(0, guided, mixed)
-
-    return field
 
 
 class OdePool(ChainPool):
@@ -130,7 +104,7 @@ class OdePool(ChainPool):
         labels = torch.cat([state.running(state.labels) for state in states if state.labels is not None])  # [B]
         guidance = per_chain(lambda job: state_of(job).order.guidance)  # [B] on the CPU
         conditional = self.loaded.classes is not None
-        velocity = per_chain_guided_velocity(self.field, labels if conditional else None, guidance)
+        velocity = guided_velocity(self.field, labels if conditional else None, guidance)
         return OdeMove(ode_step(velocity, x, t, dt, self.solver))
 
     def _hold_known(self, job: Job, x: torch.Tensor) -> torch.Tensor:

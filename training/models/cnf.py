@@ -91,20 +91,31 @@ class MLPVelocity(nn.Module):
         return self.out(F.silu(h))  # [B, D]
 
 
-def guided_velocity(model: nn.Module, labels: torch.Tensor | None, guidance: float = 1.0) -> VelocityField:
+def guided_velocity(
+    model: nn.Module, labels: torch.Tensor | None, guidance: float | torch.Tensor = 1.0
+) -> VelocityField:
     """The field an ODE solver integrates: v(x, t, y), or with guidance w != 1 on labelled chains
-    v(x, t) + w (v(x, t, y) - v(x, t)) (classifier-free guidance, Ho & Salimans 2022), both halves in one
-    batched evaluation. Label -1 (or None) is the null label: those chains are unguided."""
-    if labels is None or guidance == 1.0 or getattr(model, "num_classes", 0) == 0:
+    v(x, t) + w (v(x, t, y) - v(x, t)) (classifier-free guidance, Ho & Salimans 2022). w is one for all or each
+    chain's own [B] (the server's batches); label -1 (or None) is the null label, and those chains, like those
+    at w = 1, are unguided. Only the guided chains add an unconditional row to the one batched evaluation,
+    chosen once here (not at every step)."""
+    if labels is None or getattr(model, "num_classes", 0) == 0:
         return lambda x, t: model(x, t, labels)
+    weights = guidance if isinstance(guidance, torch.Tensor) else torch.full(labels.shape, float(guidance))
+    guided = ((labels >= 0) & (weights.to(labels.device) != 1.0)).nonzero().squeeze(1)  # [G] rows
+    device = next(model.parameters()).device
+    labels = labels.to(device)
+    if guided.numel() == 0:
+        return lambda x, t: model(x, t, labels)
+    weight = weights.to(guided.device)[guided].to(device)  # [G]
+    guided = guided.to(device)
+    null = torch.full_like(guided, -1)
 
     def field(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        null = torch.full_like(labels, -1)
-        both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]))
-        conditional, unconditional = both.chunk(2)
-        guided = unconditional + guidance * (conditional - unconditional)
-        keep = (labels < 0).reshape(-1, *([1] * (x.dim() - 1)))
-        return torch.where(keep, conditional, guided)
+        both = model(torch.cat([x, x[guided]]), torch.cat([t, t[guided]]), torch.cat([labels, null]))
+        conditional, unconditional = both[: len(x)], both[len(x) :]  # [B, *shape], [G, *shape]
+        mixed = unconditional + weight.reshape(-1, *([1] * (x.dim() - 1))) * (conditional[guided] - unconditional)
+        return conditional.index_copy(0, guided, mixed.to(conditional.dtype))
 
     return field
 
