@@ -41,6 +41,14 @@ from training.sampling.sampler_config import to_dict
 
 STATIC_DIR = Path(__file__).parent / "static"
 KEY_PROTECTED_PATHS = ("/sample", "/models/reload")  # with an API key; health, readiness, metrics, models, page open
+JSON_KINDS = {
+    type(None): "null",
+    list: "an array",
+    str: "a string",
+    int: "a number",
+    float: "a number",
+    bool: "true or false",
+}
 MODEL_VERSION_HEADER = "X-Model-Version"  # on every POST /sample answer: the version of the model that served it
 
 log = logging.getLogger("service")
@@ -86,7 +94,7 @@ SAMPLE_RESPONSES: dict[int | str, dict] = {
             },
         },
     },
-    400: {"model": ErrorBody, "description": "the body is not valid JSON (the message says where), or not UTF-8"},
+    400: {"model": ErrorBody, "description": "the body is not valid JSON (the message says where), not UTF-8 or empty"},
     401: {"model": ErrorBody, "description": "missing or wrong API key (only when the server has one)"},
     404: {"model": ErrorBody, "description": "unknown model; the message lists the served ones"},
     408: {"model": ErrorBody, "description": "the body did not arrive in time"},
@@ -251,6 +259,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 document = error.body if isinstance(error.body, str) else ""
                 where = json.JSONDecodeError(item["ctx"]["error"], document, item["loc"][-1])
                 return JSONResponse({"detail": f"the body is not valid JSON: {where}"}, status_code=400)
+        whole = [item for item in error.errors() if tuple(item["loc"]) == ("body",)]  # not fields: the body itself
+        if whole and whole[0]["type"] == "missing":
+            example = '{"model": "NAME", "n": 4}'
+            return JSONResponse({"detail": f"the body is empty; send a JSON object such as {example}"}, 400)
+        if whole:
+            what = JSON_KINDS.get(type(whole[0].get("input")), "that")
+            detail = f'the body must be a JSON object of fields such as {{"model": "NAME"}}, not {what}'
+            return JSONResponse({"detail": detail, "errors": [{"field": "body", "message": detail}]}, 422)
         problems = [
             {"field": ".".join(str(part) for part in item["loc"] if part != "body") or "body", "message": item["msg"]}
             for item in error.errors()

@@ -165,6 +165,21 @@ def test_a_body_that_is_not_json_is_a_400_that_says_where(server: str, raw: byte
     assert reply.json() == {"detail": f"the body is not valid JSON: {where}"}  # no field: there are none yet
 
 
+@pytest.mark.parametrize("raw", [b"", b"\xff\xfe{}"])
+def test_an_empty_or_undecodable_body_is_a_400_that_says_what_to_send(server: str, raw: bytes) -> None:
+    reply = httpx.post(f"{server}/sample", content=raw, headers={"content-type": "application/json"})
+    assert reply.status_code == 400
+    detail = reply.json()["detail"]
+    assert ("the body is empty" if not raw else "the body is not valid JSON") in detail
+
+
+@pytest.mark.parametrize(("raw", "what"), [(b"null", "null"), (b"[1, 2]", "an array"), (b'"ebm"', "a string")])
+def test_json_that_is_not_an_object_is_a_422_that_says_what_came(server: str, raw: bytes, what: str) -> None:
+    reply = httpx.post(f"{server}/sample", content=raw, headers={"content-type": "application/json"})
+    assert reply.status_code == 422
+    assert reply.json()["detail"] == f'the body must be a JSON object of fields such as {{"model": "NAME"}}, not {what}'
+
+
 def test_the_schema_documents_the_400_and_the_415(server: str) -> None:
     responses = httpx.get(f"{server}/openapi.json").json()["paths"]["/sample"]["post"]["responses"]
     assert "not valid JSON" in responses["400"]["description"]
