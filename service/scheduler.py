@@ -206,12 +206,13 @@ class ChainScheduler:
         if not self.running:
             return []
         ranked = sorted(self.running, key=lambda job: job.priority(self.aging))  # stable: ties by admission
-        horizon = self.urgent_ratio * ranked[0].steps  # urgent: steps truly left within it (aging only ranks)
+        nearest = min(self.running, key=lambda job: job.steps - job.done_steps)
+        horizon = self.urgent_ratio * nearest.steps  # aging orders the jobs; it makes none urgent by itself
         urgent: list[Job] = []
         others: list[Job] = []
         used = 0
         for job in ranked:
-            if job.steps - job.done_steps > horizon:
+            if job.steps - job.done_steps > horizon and job.sat_out <= horizon:  # waited as long as the urgent take
                 others.append(job)
             elif not urgent or used + job.running_chains <= self.step_budget:  # a smaller one further down may fit
                 urgent.append(job)

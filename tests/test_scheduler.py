@@ -115,6 +115,22 @@ def test_a_long_request_is_not_starved_by_a_stream_of_short_ones() -> None:
     assert steps < 10 * long.steps
 
 
+def test_a_long_request_steps_once_it_waited_as_long_as_the_urgent_ones_take_when_they_fill_every_step() -> None:
+    clock = FakeClock()
+    scheduler = ChainScheduler(chain_budget=1024, clock=clock, step_budget=8)
+    long = job(4, 1000, clock)  # never urgent by its length: 1000 steps left, the shorts' horizon is 4 x 30
+    scheduler.add(long)
+    short = job(8, 30, clock)
+    scheduler.add(short)
+    for _ in range(2000):
+        if short.finished:
+            short = job(8, 30, clock)
+            scheduler.add(short)
+        run_step(scheduler)
+        assert long.sat_out <= 4 * 30 + 1  # then it steps, though the shorts fill the budget
+    assert long.done_steps >= 2000 // (4 * 30 + 2)
+
+
 def test_the_most_urgent_job_steps_even_when_it_alone_exceeds_the_step_budget() -> None:
     clock = FakeClock()
     scheduler = ChainScheduler(chain_budget=64, clock=clock, step_budget=8)
@@ -211,6 +227,7 @@ def run_timed(scheduler: ChainScheduler, seconds: Callable[[int], float]) -> tup
     return plan.running, took
 
 
+@pytest.mark.parametrize("long_steps", [1000, 300])  # 300: each long one sits out more steps than it has left
 @pytest.mark.parametrize(
     ("device", "seconds"),
     [
@@ -219,11 +236,11 @@ def run_timed(scheduler: ChainScheduler, seconds: Callable[[int], float]) -> tup
     ],
 )
 def test_a_short_request_beside_long_ones_pays_at_most_the_slowdown_the_measured_step_cost_allows(
-    device: str, seconds: Callable[[int], float]
+    device: str, seconds: Callable[[int], float], long_steps: int
 ) -> None:
     clock = FakeClock()
     scheduler = ChainScheduler(chain_budget=1024, clock=clock, step_budget=64)
-    longs = [job(4, 1000, clock) for _ in range(16)]
+    longs = [job(4, long_steps, clock) for _ in range(16)]
     for each in longs:
         scheduler.add(each)
     run_timed(scheduler, seconds)
