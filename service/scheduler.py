@@ -6,17 +6,17 @@ next step while the pool's chain budget (the chains it holds) allows, first come
 leaves as soon as its own step count is done, or all its chains stopped (a stopped chain's place goes to
 waiting work at once). Which running requests advance in a step is a separate
 choice, under the step budget (the most chains one step advances: the step's cost), in priority order:
-fewest steps left first, each step a request sits out counting as `aging` steps fewer (so none starves).
-On a device whose step cost grows with its chains (a CPU), a short request stepped beside long ones pays
-for all their chains every step; so a request is *urgent* when its steps left are within `urgent_ratio`
-of the most urgent request's length, and a step carries only as many chains of requests that are not
-urgent as keep its steps, on average, within `max_slowdown` of what the urgent chains alone would cost,
-by the step cost the pool measured (`StepCost`: c(B) = fixed + per_chain x B, fitted to its timed steps;
-until the steps seen spread over chain counts, as many chains as the urgent ones). On a CPU a short request
-then runs at about its solo speed while the long ones take turns beside it every few steps; on a GPU,
-whose step costs nearly the same for any batch, every running chain comes along. When every request is
-urgent (all of similar length) every one that fits the budget advances together, as in plain continuous
-batching. A one-shot sampler
+fewest steps left first, each step a request sits out counting as `aging` steps fewer. On a device whose
+step cost grows with its chains (a CPU), a short request stepped beside long ones pays for all their chains
+every step; so a request is *urgent* when its steps left are within `urgent_ratio` of the length of the
+request nearest its end (or when it has sat out that many steps: so none starves), and a step carries only
+as many chains of requests that are not urgent as keep its steps, on average, within `max_slowdown` of what
+the urgent chains alone would cost, by the step cost the pool measured (`StepCost`: c(B) = fixed +
+per_chain x B, fitted to its timed steps; until the steps seen spread over chain counts, as many chains as
+the urgent ones). On a CPU a short request then runs at about its solo speed while the long ones take turns
+beside it every few steps; on a GPU, whose step costs nearly the same for any batch, every running chain
+comes along. When every request is urgent (all of similar length) every one that fits the budget advances
+together, as in plain continuous batching. A one-shot sampler
 (GAN generator, flow inverse) takes one step per request; its scheduler has a window: waiting requests
 run together once the oldest has waited that long or they fill the budget. Cancelled and expired
 requests are dropped at the next step. No torch here: the pools (service/pools.py) run what this
