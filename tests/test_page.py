@@ -127,13 +127,20 @@ def watch_the_result(page) -> None:
     page.evaluate("""() => {
         const watching = window.seenSteps !== undefined;
         window.seenSteps = []; window.seenFrames = new Set();
+        window.watchStartSrc = document.getElementById('result').getAttribute('src');  // shown before: not seen
         if (watching) return;
         // each change's own text: a frame and 'done' arriving in one chunk change #step in one task
         new MutationObserver((changes) => changes.forEach((change) =>
             change.addedNodes.forEach((node) => window.seenSteps.push(node.textContent))))
             .observe(document.getElementById('step'), { childList: true, characterData: true, subtree: true });
-        new MutationObserver(() => window.seenFrames.add(document.getElementById('result').src))
-            .observe(document.getElementById('result'), { attributes: true, attributeFilter: ['src'] });
+        // every image set, though several may land in one task: each change's old value, then the last one
+        const result = document.getElementById('result');
+        new MutationObserver((changes) => {
+            changes.forEach((change) => {
+                if (change.oldValue && change.oldValue !== window.watchStartSrc) window.seenFrames.add(change.oldValue);
+            });
+            window.seenFrames.add(result.src);
+        }).observe(result, { attributes: true, attributeFilter: ['src'], attributeOldValue: true });
     }""")
 
 
