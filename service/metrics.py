@@ -57,6 +57,13 @@ class Metrics:
             buckets=STEP_BUCKETS,
             registry=r,
         )
+        self.step_cost = Gauge(
+            "samplebay_step_cost_seconds",
+            "What a pool's step costs by its chains, c(B) = fixed + per_chain x B, fitted to its timed steps (the"
+            " scheduler weighs long requests beside short ones by it)",
+            ["pool", "part"],
+            registry=r,
+        )
         self.buffer_size = Gauge("samplebay_buffer_size", "Samples in each replay buffer", ["pool"], registry=r)
         self.model_loaded = Gauge(
             "samplebay_model_loaded_timestamp_seconds",
@@ -79,6 +86,11 @@ class Metrics:
         self.langevin_steps.labels(pool).inc()
         self.chain_steps.labels(pool).inc(chains)
         self.chains_per_step.labels(pool).observe(chains)
+
+    def show_step_cost(self, pool: str, fit: tuple[float, float] | None) -> None:
+        if fit is not None:
+            self.step_cost.labels(pool, "fixed").set(fit[0])
+            self.step_cost.labels(pool, "per_chain").set(fit[1])
 
     def show_models(self, registry: Registry) -> None:
         """Each served model's version and load time, with the label pairs of versions no longer served removed."""
