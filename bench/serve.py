@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from training.models.cnf import is_velocity_field  # noqa: E402
-from training.runtime.device import SAMPLING_DTYPE_CHOICES, chain_precision, pick_device, sampling_dtype  # noqa: E402
+from training.runtime.device import SAMPLING_DTYPE_CHOICES, chain_precision, dtype_name, pick_device, sampling_dtype  # noqa: E402
 from training.runtime.draw import sample_ebm, sample_flow, sample_generator  # noqa: E402
 from training.runtime.load import load_model  # noqa: E402
 from training.runtime.loaded import LoadedModel  # noqa: E402
@@ -384,7 +384,7 @@ def main() -> None:
     print(
         f"# {args.model} ({model.config.family}), {what}, n={args.n} per request, device {device} (GPU: {gpu}; "
         f"{os.cpu_count()} CPU cores, {cpu}; torch {torch.__version__}, threads {torch.get_num_threads()}; "
-        f"chain steps in {str(dtype).removeprefix('torch.')}; engine {args.engine}"
+        f"chain steps in {dtype_name(dtype)}; engine {args.engine}"
         + (
             f", {args.replicas} replicas, model header {'no' if args.no_model_header else 'yes'})"
             if args.engine == "ray"

@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from training.commands.quality import load_classifier, quality_figures
-from training.runtime.device import SAMPLING_DTYPE_CHOICES, chain_precision, sampling_dtype
+from training.runtime.device import SAMPLING_DTYPE_CHOICES, chain_precision, dtype_name, sampling_dtype
 from training.runtime.draw import chain_labels, sample_ebm
 from training.runtime.load import load_model
 from training.sampling.langevin import chain_moves
@@ -149,7 +149,7 @@ def main() -> None:
                     "momentum": momentum,
                     "nesterov": changes["nesterov"],
                     "step_decay": decay,
-                    "sampling_dtype": str(dtype).removeprefix("torch."),
+                    "sampling_dtype": dtype_name(dtype),
                     "rule": kind,
                     "value": value,
                     "mean_steps": round(float(steps.mean()), 1),

@@ -36,7 +36,7 @@ from service.schemas import ErrorBody, ModelInfo, Readiness, SampleRequest, Samp
 from service.served_models import ServedModels
 from service.settings import Settings
 from service.worker import Worker
-from training.runtime.device import pick_device, sampling_dtype
+from training.runtime.device import dtype_name, pick_device, sampling_dtype
 from training.sampling.sampler_config import to_dict
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -189,7 +189,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         dtype = sampling_dtype(settings.sampling_dtype, device)
         log.info(
             "chain steps compute in %s (--sampling-dtype %s)",
-            str(dtype).removeprefix("torch."),
+            dtype_name(dtype),
             settings.sampling_dtype,
         )
         if not settings.models_dir.is_dir():

@@ -92,9 +92,13 @@ class LangevinPool(ChainPool):
         )
         steps = steps.to(self.device)
 
-        def per_chain(value: Callable[[SampleOrder], float]) -> torch.Tensor:
+        def per_chain(value: Callable[[SampleOrder, int], float]) -> torch.Tensor:
+            """A setting per chain [B], from its request's order and the steps its chains took."""
             return torch.cat(
-                [torch.full((size,), value(state.order)) for state, size in zip(states, sizes, strict=True)]
+                [
+                    torch.full((size,), value(state.order, job.done_steps))
+                    for job, state, size in zip(jobs, states, sizes, strict=True)
+                ]
             )
 
         velocity = None  # [B, *shape] once any chain here uses momentum (zeros: a chain at rest)
@@ -107,21 +111,16 @@ class LangevinPool(ChainPool):
         labels = torch.cat([state.running(state.labels) for state in states if state.labels is not None])  # [B]
         moved = langevin_step(
             conditioned_energy(
-                self.modules[module_index], labels, per_chain(lambda order: order.guidance)
+                self.modules[module_index], labels, per_chain(lambda order, _: order.guidance)
             ),  # served modules are frozen, in eval mode
             x,
             chain_gaussian(seeds, steps, self.shape).to(self.device),
-            step_size=torch.cat(
-                [
-                    torch.full((size,), scheduled_step_size(state.order.step_size, decay, job.done_steps))
-                    for job, state, size in zip(jobs, states, sizes, strict=True)
-                ]
-            ),
-            noise=per_chain(lambda order: order.noise),
+            step_size=per_chain(lambda order, done: scheduled_step_size(order.step_size, decay, done)),
+            noise=per_chain(lambda order, _: order.noise),
             grad_clip=self.sampler.grad_clip,
-            temperature=per_chain(lambda order: order.temperature),
+            temperature=per_chain(lambda order, _: order.temperature),
             data_range=self.data_range,
-            momentum=per_chain(lambda order: order.momentum),
+            momentum=per_chain(lambda order, _: order.momentum),
             velocity=velocity,
             clamp=self.sampler.clamp,
             nesterov=self.sampler.nesterov,

@@ -16,7 +16,7 @@ from training.commands.sample import chain_steps_of, draw_with_progress, labels_
 from training.models.flows import Flow
 from training.models.iresnet import EVALUATION_SERIES_TERMS, InverseConvergence, IResNet
 from training.runtime.checkpoint import load_checkpoint, save_checkpoint
-from training.runtime.device import pick_device, sampling_dtype, use_threads
+from training.runtime.device import dtype_name, pick_device, sampling_dtype, use_threads
 from training.runtime.draw import chain_labels, default_latent_steps
 from training.runtime.load import load_model
 from training.runtime.loaded import LoadedModel
@@ -143,7 +143,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
         if ddls_steps:
             sampler_report.update(step_size=model.sampler.step_size, noise=model.sampler.noise)
     if chain_steps_of(model, args.steps):
-        sampler_report["sampling_dtype"] = str(sampling_dtype(args.sampling_dtype, device)).removeprefix("torch.")
+        sampler_report["sampling_dtype"] = dtype_name(sampling_dtype(args.sampling_dtype, device))
     model_figures: dict[str, Any] = quality_figures(classifier, reference, samples, labels).report()
     floor = real_data_floor(classifier, reference, train.images, args.n, torch.Generator().manual_seed(args.seed + 2))
     report = {

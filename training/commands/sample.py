@@ -10,10 +10,11 @@ from pathlib import Path
 import torch
 
 from training.runtime.buffer_files import load_server_buffer
-from training.runtime.device import pick_device, sampling_dtype, use_threads
+from training.runtime.device import dtype_name, pick_device, sampling_dtype, use_threads
 from training.runtime.draw import default_latent_steps, draw_samples, pooled_buffer
 from training.runtime.images import gif_bytes, grid, save_grid
 from training.runtime.load import load_model
+from training.runtime.loaded import LoadedModel
 from training.sampling.noise import chain_seeds
 from training.sampling.sampler_config import EBMSampler, FlowSampler, GANSampler
 from training.train.progress import progress
@@ -59,7 +60,7 @@ def override_sampler(members: list, args: argparse.Namespace) -> None:
         member.sampler = dataclasses.replace(member.sampler_as(GANSampler if gan else EBMSampler), **changes)
 
 
-def chain_steps_of(model, steps: int | None) -> int:
+def chain_steps_of(model: LoadedModel, steps: int | None) -> int:
     """The steps each chain takes (at most): an EBM's Langevin steps, a GAN's DDLS steps (0: one plain pass, or no
     critic), a CNF's ODE steps; 0 for a one-shot sampler."""
     sampler = model.sampler
@@ -170,7 +171,7 @@ def run_sample(args: argparse.Namespace) -> None:
     labels = labels_for(args.label, args.n, model)
     print(f"start: {start_description(members, init, buffer, buffer_paths)}", flush=True)
     if chain_steps_of(model, args.steps):
-        print(f"chain steps compute in {str(sampling_dtype(args.sampling_dtype, device)).removeprefix('torch.')}")
+        print(f"chain steps compute in {dtype_name(sampling_dtype(args.sampling_dtype, device))}")
     samples = draw_with_progress(
         members,
         seeds,

@@ -62,6 +62,11 @@ def sampling_dtype(name: str, device: torch.device) -> torch.dtype:
     return SAMPLING_DTYPES[name]
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """'bfloat16' for torch.bfloat16: how logs, reports and --sampling-dtype name it."""
+    return str(dtype).removeprefix("torch.")
+
+
 def chain_precision(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager[None]:
     """Where one step of chains runs: under autocast to `dtype` (float32: plain float32), so the energy's or
     field's convolutions and matrix products run in it while the states, noise and clamps stay float32. The
