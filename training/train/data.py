@@ -37,6 +37,12 @@ COLOUR_IMAGE_SIZE = 32  # --image-size when not given (a folder of 28x28 grey im
 IMAGE_SIZE_RANGE = (4, 1024)  # sides --image-size accepts (the server refuses samples over 3 x 1024 x 1024)
 
 
+# Zalando's label order (github.com/zalandoresearch/fashion-mnist, "Labels"): what a request's label means.
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+
+
 class DatasetError(ValueError):
     """A dataset could not be found or read; the message says which file and what was expected."""
 
@@ -375,7 +381,8 @@ def load_dataset(
         raise DatasetError(f"--image-size resizes image folders (--dataset folder); {name} has a fixed size")
     if name in ("mnist", "fashion-mnist", "idx"):
         dataset = load_idx_images(data_dir, split)
-        return ImageDataset(dataset.images, dataset.labels, name=name)
+        names = FASHION_MNIST_CLASSES if name == "fashion-mnist" else None
+        return ImageDataset(dataset.images, dataset.labels, name=name, class_names=names)
     if name.startswith("toy2d"):
         density = name.partition(":")[2] or "8gaussians"
         generator = torch.Generator().manual_seed(seed + (0 if split == "train" else 1))

@@ -127,7 +127,10 @@ def flow_matching(
 def optimal_transport_pairing(noise: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
     """The noise [B, *shape] reordered so noise[i] goes to data[i] under the exact squared-distance assignment
     on the batch (minibatch OT flow matching, Tong et al. 2023): straighter paths than independent pairs."""
-    from scipy.optimize import linear_sum_assignment
+    try:
+        from scipy.optimize import linear_sum_assignment
+    except ImportError as error:  # scipy is in the train extra, not the core install
+        raise SystemExit('--ot-pairing needs scipy: pip install -e ".[train]"') from error
 
     cost = torch.cdist(noise.flatten(1).double(), data.flatten(1).double()).pow(2)  # [B, B]
     noise_index, data_index = linear_sum_assignment(cost.cpu().numpy())
