@@ -21,11 +21,12 @@ from training.commands.flags import (
     add_likelihood_arguments,
     config_from,
 )
-from training.commands.quality import DEFAULT_CLASSIFIER, train_classifier
+from training.commands.quality import EVALUATED_DATASETS, classifier_path, train_classifier
 from training.commands.sample import run_sample
 from training.commands.set_sampler import set_sampler
 from training.commands.zoo import add_arguments as add_zoo_arguments
 from training.commands.zoo import main as zoo_main
+from training.models.classifier import CLASSIFIER_ARCHITECTURES
 from training.models.iresnet import EVALUATION_SERIES_TERMS
 from training.runtime.checkpoint import CheckpointError
 from training.runtime.cores import AUTO, parse_threads
@@ -102,11 +103,13 @@ def _cmd_classifier(args: argparse.Namespace) -> None:
         json.dumps(
             train_classifier(
                 args.data_dir,
-                args.out,
+                args.out or str(classifier_path(args.dataset, args.arch)),
                 args.epochs,
                 seed=args.seed,
                 device_name=args.device,
                 max_batches=args.max_batches,
+                dataset=args.dataset,
+                arch_name=args.arch,
             )
         )
     )
@@ -158,7 +161,9 @@ EPILOGS = {
   python -m training export checkpoints/glow_mnist.safetensors --out /tmp/glow.pt2
 """,
     "classifier": f"""example:
-  python -m training classifier --data-dir {D} --epochs 2   # rewrites training/assets/mnist_classifier.safetensors
+  python -m training classifier --data-dir {D}     # rewrites training/assets/mnist_classifier.safetensors
+  python -m training classifier --data-dir {D} --arch strided_classifier --seed 1   # the second: ..._strided_...
+  python -m training classifier --dataset fashion-mnist --data-dir /usr/share/datasets/fashion-mnist
 """,
     "zoo": """examples:
   python -m training zoo --dry-run                                   # what each model's next chunk runs
@@ -263,10 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate",
         "print sample-quality figures as JSON",
         "Print sample-quality figures as JSON: Frechet distance, class coverage, precision/recall in the\n"
-        "feature space of the project's MNIST classifier, beside the same figures for real training images.",
+        "feature space of the project's classifier of the model's dataset (MNIST or Fashion-MNIST), beside the\n"
+        "same figures for real training images, and each again in a second classifier's features.",
     )
     evaluate.add_argument("checkpoint", type=Path, nargs="+", help="one checkpoint, or the EBMs of one ensemble")
-    evaluate.add_argument("--data-dir", default=None, help="MNIST IDX files (fetch-data; default: $SAMPLEBAY_DATA_DIR)")
+    evaluate.add_argument(
+        "--data-dir", default=None, help="the model's dataset as IDX files (fetch-data; default: $SAMPLEBAY_DATA_DIR)"
+    )
     evaluate.add_argument("--n", type=int, default=2000, help="samples and reference images compared")
     evaluate.add_argument("--steps", type=int, default=None, help=STEPS_HELP)
     evaluate.add_argument(
@@ -286,7 +294,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_likelihood_arguments(evaluate)
     evaluate.add_argument("--seed", type=int, default=0, help="seeds the chains and the reference subsets")
     evaluate.add_argument(
-        "--classifier", type=Path, default=DEFAULT_CLASSIFIER, help="the feature network (see: classifier)"
+        "--classifier",
+        type=Path,
+        default=None,
+        help="the feature network (see: classifier; default: the shipped one of the model's dataset)",
+    )
+    evaluate.add_argument(
+        "--second-classifier",
+        type=Path,
+        default=None,
+        help="the feature network that confirms the figures (default: the shipped strided_classifier of the "
+        "model's dataset; 'none' skips it)",
     )
     evaluate.add_argument("--device", default="auto", help="auto (cuda when available, else cpu) | cpu | cuda")
     evaluate.add_argument("--threads", type=parse_threads, default=AUTO, help=THREADS_HELP)
@@ -309,11 +327,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.set_defaults(handler=run_export)
 
-    classifier = _add_command(commands, "classifier", "train the MNIST classifier used by evaluate")
+    classifier = _add_command(commands, "classifier", "train a classifier whose features evaluate uses")
     classifier.add_argument(
-        "--data-dir", default=None, help="MNIST IDX files (fetch-data; default: $SAMPLEBAY_DATA_DIR)"
+        "--data-dir", default=None, help="the dataset's IDX files (fetch-data; default: $SAMPLEBAY_DATA_DIR)"
     )
-    classifier.add_argument("--out", default=str(DEFAULT_CLASSIFIER), help="the classifier checkpoint written")
+    classifier.add_argument(
+        "--dataset", choices=EVALUATED_DATASETS, default="mnist", help="the images and labels it learns"
+    )
+    classifier.add_argument(
+        "--arch", choices=list(CLASSIFIER_ARCHITECTURES), default="digit_classifier", help="its network"
+    )
+    classifier.add_argument(
+        "--out", default=None, help="the checkpoint written (default: the shipped one of --dataset and --arch)"
+    )
     classifier.add_argument("--epochs", type=int, default=3, help="passes over the training set")
     classifier.add_argument("--seed", type=int, default=0, help="seeds initialization and batch order")
     classifier.add_argument("--max-batches", type=int, default=None, help="at most this many batches per epoch")

@@ -11,7 +11,15 @@ from typing import Any, cast
 
 import torch
 
-from training.commands.quality import gan_record_key, load_classifier, quality_figures, real_data_floor
+from training.commands.quality import (
+    EVALUATED_DATASETS,
+    SECOND_ARCH,
+    classifier_path,
+    gan_record_key,
+    load_classifier,
+    quality_figures,
+    real_data_floor,
+)
 from training.commands.sample import chain_steps_of, draw_with_progress, labels_for, override_sampler
 from training.models.flows import Flow
 from training.models.iresnet import EVALUATION_SERIES_TERMS, InverseConvergence, IResNet
@@ -78,12 +86,14 @@ def run_evaluate(args: argparse.Namespace) -> None:
     members = [load_model(path, device) for path in args.checkpoint]
     model = members[0]
     ode = isinstance(model.sampler, FlowSampler) and model.sampler.solver is not None  # a CNF
-    if model.shape != (1, 28, 28):  # before any MNIST is read: the refusal is the answer
+    stated = model.config.data.get("dataset")
+    dataset = stated if stated in EVALUATED_DATASETS else "mnist"  # a model from elsewhere: compared with MNIST
+    if model.shape != (1, 28, 28):  # before any data is read: the refusal is the answer
         made = "x".join(str(side) for side in model.shape)
         raise SystemExit(
-            f"evaluate: its figures are features of the project's MNIST classifier, which reads 1x28x28 images; "
-            f"{model.name} makes {made} images (dataset {model.config.data.get('dataset', 'unknown')}), so "
-            "evaluate has no figures for it"
+            f"evaluate: its figures are features of the project's {dataset} classifiers, which read 1x28x28 "
+            f"images; {model.name} makes {made} images (dataset {stated or 'unknown'}), so evaluate has no figures "
+            "for it"
         )
     if args.series_terms is not None and model.config.arch.get("name") != "iresnet":  # before any sampling
         family = model.config.family
@@ -91,9 +101,11 @@ def run_evaluate(args: argparse.Namespace) -> None:
         why += "" if family == "flow" else ", which has no log-det"
         raise ValueError(f"--series-terms sets the i-ResNet's log-det power series; {model.name} is a {why}")
     check_likelihood_flags(args, model, ode)
-    classifier = load_classifier(args.classifier, device)
-    test = load_dataset("mnist", args.data_dir, "test")
-    train = load_dataset("mnist", args.data_dir, "train")
+    classifier = load_classifier(args.classifier or classifier_path(dataset), device)
+    second_path = args.second_classifier or classifier_path(dataset, SECOND_ARCH)
+    second = None if str(second_path) == "none" else load_classifier(second_path, device)
+    test = load_dataset(dataset, args.data_dir, "test")
+    train = load_dataset(dataset, args.data_dir, "train")
     generator = torch.Generator().manual_seed(args.seed)
     override_sampler(members, args)
     seeds = chain_seeds(args.seed, args.n)
@@ -149,10 +161,22 @@ def run_evaluate(args: argparse.Namespace) -> None:
     report = {
         "checkpoints": [str(path) for path in args.checkpoint],
         "family": model.config.family,
+        "dataset": dataset,
         "sampler": sampler_report,
         "model": model_figures,
         "real_data_floor": floor,
     }
+    if second is not None:  # the same samples, reference and floor images in an independent network's features
+        confirmed = quality_figures(second, reference, samples, labels).report()
+        second_floor = real_data_floor(
+            second, reference, train.images, args.n, torch.Generator().manual_seed(args.seed + 2)
+        )
+        report["second_classifier"] = {"model": confirmed, "real_data_floor": second_floor}
+        model_figures["second_classifier"] = {
+            key: confirmed[key]
+            for key in ("frechet_distance", "precision", "recall", "label_accuracy")
+            if key in confirmed
+        } | {"floor_frechet_distance": second_floor["frechet_distance"]}
     if model.config.family == "flow":
         flow = cast(Flow, model.module)  # nice, glow or iresnet: Flows; a CNF's field is not one
         if ode:

@@ -1,9 +1,10 @@
-"""Sample-quality figures in the feature space of the project's own MNIST classifier.
+"""Sample-quality figures in the feature space of the project's own classifiers.
 
 No Inception network can be downloaded here, so the Frechet distance (Heusel et al. 2017) and
-precision/recall (Kynkaanniemi et al. 2019) use the 128-d penultimate layer of `DigitClassifier`,
-trained by `python -m training classifier` and shipped in `training/assets/`. Figures are therefore
-comparable within this project, not with published FIDs.
+precision/recall (Kynkaanniemi et al. 2019) use the penultimate layer of a small classifier trained by
+`python -m training classifier` and shipped in `training/assets/`: for each dataset one `DigitClassifier`
+(128-d) and an independently trained `StridedClassifier` of another architecture (96-d), the second
+confirming what the first reads. Figures are comparable within this project, not with published FIDs.
 """
 
 from __future__ import annotations
@@ -16,13 +17,26 @@ import torch
 import torch.nn.functional as F
 
 from training.models import build_model
-from training.models.classifier import DigitClassifier
+from training.models.classifier import CLASSIFIER_ARCHITECTURES, FeatureClassifier
 from training.runtime.checkpoint import Checkpoint, ModelConfig, load_checkpoint, save_checkpoint
 from training.runtime.device import pick_device
 from training.train.data import load_dataset
 from training.train.run import RunLog, Stopwatch, batches, seed_everything
 
-DEFAULT_CLASSIFIER = Path(__file__).parents[1] / "assets" / "mnist_classifier.safetensors"
+ASSETS = Path(__file__).parents[1] / "assets"
+EVALUATED_DATASETS = ("mnist", "fashion-mnist")  # the datasets with shipped classifiers
+SECOND_ARCH = "strided_classifier"
+
+
+def classifier_path(dataset: str = "mnist", arch: str = "digit_classifier") -> Path:
+    """The shipped classifier of `dataset` (mnist_classifier.safetensors; the second architecture's
+    mnist_strided_classifier.safetensors)."""
+    return ASSETS / (
+        f"{dataset}_classifier.safetensors" if arch == "digit_classifier" else f"{dataset}_{arch}.safetensors"
+    )
+
+
+DEFAULT_CLASSIFIER = classifier_path()
 STEPS_SUFFIX = re.compile(r"_steps_\d+")
 
 
@@ -33,22 +47,23 @@ def gan_record_key(key: str, steps: int, default_steps: int) -> str:
     return "evaluate" + ("" if steps == default_steps else f"_steps_{steps}") + rest
 
 
-def load_classifier(path: str | Path = DEFAULT_CLASSIFIER, device: torch.device | str = "cpu") -> DigitClassifier:
+def load_classifier(path: str | Path = DEFAULT_CLASSIFIER, device: torch.device | str = "cpu") -> FeatureClassifier:
     checkpoint = load_checkpoint(path)
     if checkpoint.config.family != "classifier":
         raise ValueError(f"{path} is a {checkpoint.config.family} checkpoint, not the evaluation classifier")
     model = build_model(checkpoint.config.arch)
-    if not isinstance(model, DigitClassifier):
-        raise ValueError(f"{path} holds a {type(model).__name__}; the evaluation classifier is a DigitClassifier")
+    if not isinstance(model, FeatureClassifier):
+        known = ", ".join(cls.__name__ for cls in CLASSIFIER_ARCHITECTURES.values())
+        raise ValueError(f"{path} holds a {type(model).__name__}; an evaluation classifier is one of {known}")
     model.load_state_dict(checkpoint.weights)
     return model.to(device).eval()
 
 
 @torch.no_grad()
 def features_and_labels(
-    classifier: DigitClassifier, images: torch.Tensor, batch_size: int = 500
+    classifier: FeatureClassifier, images: torch.Tensor, batch_size: int = 500
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Penultimate features [N, 128] and predicted labels [N] of images in [-1, 1]."""
+    """Penultimate features [N, D] and predicted labels [N] of images in [-1, 1]."""
     device = next(classifier.parameters()).device
     features, labels = [], []
     for chunk in torch.split(images, batch_size):
@@ -107,7 +122,7 @@ class QualityFigures:
 
 
 def quality_figures(
-    classifier: DigitClassifier,
+    classifier: FeatureClassifier,
     reference: torch.Tensor,
     samples: torch.Tensor,
     labels: torch.Tensor | None = None,
@@ -130,7 +145,11 @@ def quality_figures(
 
 
 def real_data_floor(
-    classifier: DigitClassifier, reference: torch.Tensor, train_images: torch.Tensor, n: int, generator: torch.Generator
+    classifier: FeatureClassifier,
+    reference: torch.Tensor,
+    train_images: torch.Tensor,
+    n: int,
+    generator: torch.Generator,
 ) -> dict:
     """The same figures for n real training images against the reference: what a perfect model would get."""
     pick = torch.randperm(len(train_images), generator=generator)[:n]
@@ -146,13 +165,17 @@ def train_classifier(
     seed: int = 0,
     device_name: str = "auto",
     max_batches: int | None = None,
+    dataset: str = "mnist",
+    arch_name: str = "digit_classifier",
 ) -> dict:
-    """Train the evaluation classifier; returns its test accuracy."""
+    """Train an evaluation classifier of `arch_name` on `dataset`; returns its test accuracy."""
+    if arch_name not in CLASSIFIER_ARCHITECTURES:
+        raise ValueError(f"unknown classifier {arch_name!r}; known: {', '.join(CLASSIFIER_ARCHITECTURES)}")
     device = pick_device(device_name)
     seed_everything(seed)
-    train = load_dataset("mnist", data_dir, "train")
-    test = load_dataset("mnist", data_dir, "test")
-    arch = {"name": "digit_classifier", "kwargs": {}}
+    train = load_dataset(dataset, data_dir, "train")
+    test = load_dataset(dataset, data_dir, "test")
+    arch = {"name": arch_name, "kwargs": {"classes": len(train.classes)}}
     model = build_model(arch).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     log = RunLog(Path(out).with_suffix(".run"))
@@ -175,7 +198,7 @@ def train_classifier(
     config = ModelConfig(
         family="classifier",
         arch=arch,
-        data={"shape": list(train.shape), "range": [-1.0, 1.0], "dataset": "mnist"},
+        data={"shape": list(train.shape), "range": [-1.0, 1.0], "dataset": dataset, "classes": train.classes},
         training={"epochs": epochs, "seed": seed, "wall_seconds": clock.seconds(), "device": str(device)},
         metrics={"test_accuracy": accuracy},
     )

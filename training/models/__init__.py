@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.modules import module as module_hooks
 from torch.overrides import TorchFunctionMode
 
-from training.models.classifier import DigitClassifier
+from training.models.classifier import DigitClassifier, StridedClassifier
 from training.models.cnf import MLPVelocity, UNetVelocity
 from training.models.ebm import ConvEnergy, MLPEnergy
 from training.models.energy_unet import MLPFieldEnergy, UNetEnergy
@@ -34,6 +34,7 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
     "unet_energy": UNetEnergy,
     "mlp_field_energy": MLPFieldEnergy,
     "digit_classifier": DigitClassifier,
+    "strided_classifier": StridedClassifier,
     "conv_generator": ConvGenerator,
     "conv_critic": ConvCritic,
     "mlp_generator": MLPGenerator,
