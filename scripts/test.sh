@@ -21,6 +21,6 @@ python -m ruff format --check .
 python -m mypy  # service/ and training/, as [tool.mypy] in pyproject.toml configures
 # The documentation site, built where it leaves nothing behind: --strict fails on a broken link or anchor.
 site="$(mktemp -d)"
-NO_MKDOCS_2_WARNING=1 python -m mkdocs build --strict --quiet --site-dir "$site"
+NO_MKDOCS_2_WARNING=1 python -m mkdocs build --strict --site-dir "$site"  # not --quiet: it hides the warnings --strict counts
 rm -rf "$site"
 python -m pytest "$@"
