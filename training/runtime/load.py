@@ -166,7 +166,9 @@ def read_model_file(path: Path, models_dir: Path, max_bytes: int) -> bytes:
     refusal never shows what a link out of the folder points at."""
     try:
         target = path.resolve(strict=True)
-    except (OSError, RuntimeError):  # a dangling link, or a loop of links
+    except (OSError, RuntimeError):  # no such file, a dangling link, or a loop of links
+        if not os.path.lexists(path):
+            raise CheckpointError(f"{path.name} does not exist; check the path and the file's name") from None
         raise CheckpointError(f"{path.name} is a link that does not resolve to a file") from None
     if not target.is_relative_to(models_dir.resolve()):
         raise CheckpointError(
