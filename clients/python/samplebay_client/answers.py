@@ -1,4 +1,4 @@
-"""What the Python client hands back and sends: models, samples, frames, images, stream events (service/client.py)."""
+"""What the Python client hands back and sends: models, samples, frames, images, stream events."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, UnidentifiedImageError
 
-from service.client_errors import SamplebayError, error_for
+from samplebay_client.errors import SamplebayError, error_for
 
 ImageInput = str | bytes | Image.Image | npt.NDArray[Any]  # base64 or data: URL, PNG/JPEG bytes, PIL, uint8 pixels
 

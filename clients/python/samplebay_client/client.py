@@ -5,7 +5,7 @@ A `503` (queue full, device failure, shutting down) is retried after the `Retry-
 a bounded number of times; every other error is raised at once as a `SamplebayError` carrying the
 server's status and message.
 
-    from service.client import Client
+    from samplebay_client import Client
 
     with Client("http://127.0.0.1:8000", api_key=None) as client:
         print([model.name for model in client.models()])
@@ -31,7 +31,22 @@ from typing import Any, Literal, Self, TypeVar, Unpack
 
 import httpx
 
-from service.client_errors import (  # noqa: F401
+from samplebay_client.answers import (  # noqa: F401
+    EventParser,
+    Frame,
+    ImageInput,
+    ModelInfo,
+    SampleFields,
+    SampleFile,
+    Samples,
+    Timings,
+    decode_png,
+    encode_image,
+    image_grid,
+    sample_body,
+    stream_item,
+)
+from samplebay_client.errors import (  # noqa: F401
     BACKOFF_S,
     DEFAULT_BASE_URL,
     DEFAULT_MAX_RETRY_WAIT_S,
@@ -51,21 +66,6 @@ from service.client_errors import (  # noqa: F401
     error_for,
     error_from_response,
     retry_after_seconds,
-)
-from service.client_types import (  # noqa: F401
-    EventParser,
-    Frame,
-    ImageInput,
-    ModelInfo,
-    SampleFields,
-    SampleFile,
-    Samples,
-    Timings,
-    decode_png,
-    encode_image,
-    image_grid,
-    sample_body,
-    stream_item,
 )
 
 T = TypeVar("T")

@@ -1,4 +1,4 @@
-"""The Python client's errors: each carries the server's status and message (service/client.py)."""
+"""The Python client's errors: each carries the server's status and message (samplebay_client/client.py)."""
 
 from __future__ import annotations
 
