@@ -21,6 +21,8 @@ from samplebay_client.answers import (
 )
 from samplebay_client.client import AsyncClient, Client, RetryPolicy
 from samplebay_client.errors import (
+    AnswerTooLarge,
+    BadAnswer,
     BadRequest,
     ConnectionFailed,
     FieldProblem,
@@ -31,10 +33,13 @@ from samplebay_client.errors import (
     Timeout,
     Unauthorized,
 )
+from samplebay_client.limits import Limits
 
 __version__ = "0.1.0"
 __all__ = [
+    "AnswerTooLarge",
     "AsyncClient",
+    "BadAnswer",
     "BadRequest",
     "Client",
     "ConnectionFailed",
@@ -42,6 +47,7 @@ __all__ = [
     "FieldProblem",
     "Frame",
     "ImageInput",
+    "Limits",
     "ModelInfo",
     "NotFound",
     "RetryPolicy",

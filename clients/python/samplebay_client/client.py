@@ -3,7 +3,8 @@
 Sync and async twins over httpx, with nothing of the server imported (no torch): PNGs are decoded with PIL.
 A `503` (queue full, device failure, shutting down) is retried after the `Retry-After` the server names,
 a bounded number of times; every other error is raised at once as a `SamplebayError` carrying the
-server's status and message.
+server's status and message. What the client accepts is bounded (`Limits`: a deadline per call, bytes per answer
+and per stream event, decoded pixels), so a hostile or broken server costs a SamplebayError, never a hang.
 
     from samplebay_client import Client
 
@@ -22,127 +23,55 @@ server's status and message.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal, Self, TypeVar, Unpack
+from typing import Literal, Self, Unpack
 
 import httpx
 
-from samplebay_client.answers import (  # noqa: F401
-    EventParser,
-    Frame,
-    ImageInput,
-    ModelInfo,
-    SampleFields,
-    SampleFile,
-    Samples,
-    Timings,
-    decode_png,
-    encode_image,
-    image_grid,
-    sample_body,
-    stream_item,
-)
-from samplebay_client.errors import (  # noqa: F401
-    BACKOFF_S,
+from samplebay_client.answers import EventParser, Frame, ModelInfo, SampleFields, SampleFile, Samples, sample_body
+from samplebay_client.answers import stream_item as _stream_item
+from samplebay_client.errors import (
     DEFAULT_BASE_URL,
     DEFAULT_MAX_RETRY_WAIT_S,
     DEFAULT_RETRIES,
     DEFAULT_TIMEOUT,
     EVENT_STREAM,
     JSON,
-    BadRequest,
-    ConnectionFailed,
-    FieldProblem,
-    NotFound,
-    SamplebayError,
-    ServerBusy,
     StreamInterrupted,
-    Timeout,
-    Unauthorized,
-    error_for,
-    error_from_response,
-    retry_after_seconds,
 )
+from samplebay_client.exchange import (
+    RetryPolicy,
+    achunks,
+    aerror_body,
+    aread_body,
+    check_event_stream,
+    chunks,
+    client_headers,
+    error_body,
+    json_body,
+    model_list,
+    parse,
+    read_body,
+    refusal,
+    request_headers,
+    sample_file,
+    samples,
+    transport_error,
+)
+from samplebay_client.limits import Deadline, EventSplitter, Limits
 
-T = TypeVar("T")
-MODEL_VERSION_HEADER = "x-model-version"  # service/app.py: the version of the model that drew an answer
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Which answers are tried again, and after how long: a 503, `retries` times at most, after the
-    server's Retry-After (doubling backoff when it names none); a wait over `max_wait_s` is not waited."""
-
-    retries: int = DEFAULT_RETRIES
-    max_wait_s: float = DEFAULT_MAX_RETRY_WAIT_S
-
-    def wait_before_retry(self, response: httpx.Response, attempt: int) -> float | None:
-        """Seconds to wait before trying again after `response` (the `attempt`-th retry); None: do not."""
-        if response.status_code != 503 or attempt >= self.retries:
-            return None
-        wait = retry_after_seconds(response.headers.get("retry-after"))
-        if wait is None:
-            wait = min(BACKOFF_S * 2**attempt, self.max_wait_s)
-        return wait if wait <= self.max_wait_s else None
-
-
-def _headers(api_key: str | None) -> dict[str, str]:
-    headers = {"user-agent": "samplebay-client/0.1.0"}
-    if api_key is not None:
-        headers["authorization"] = f"Bearer {api_key}"
-    return headers
+__all__ = ["AsyncClient", "Client", "RetryPolicy"]
 
 
-def _transport_error(error: httpx.TransportError, base_url: str) -> SamplebayError:
-    if isinstance(error, httpx.TimeoutException):
-        return Timeout(f"no answer from {base_url} within the client's timeout ({type(error).__name__})")
-    return ConnectionFailed(f"could not reach {base_url}: {error or type(error).__name__}")
-
-
-def _parse(response: httpx.Response, build: Callable[[Any], T]) -> T:
-    """`build` applied to a JSON answer; an answer that is not JSON, or not of the shape built, is a
-    SamplebayError naming what was wrong (another server at that address, a proxy's page)."""
-    try:
-        return build(response.json())
-    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as error:
-        what = f"{type(error).__name__}: {error}"
-        raise SamplebayError(f"unexpected answer from {response.url} ({what})", response.status_code) from error
-
-
-def _model_list(items: list[Any]) -> list[ModelInfo]:
-    return [ModelInfo.from_json(item) for item in items]
-
-
-def _samples(response: httpx.Response) -> Callable[[Any], Samples]:
-    """A JSON answer's samples, with the model version its header names."""
-    version = response.headers.get(MODEL_VERSION_HEADER)
-    return lambda data: dataclasses.replace(Samples.from_json(data), model_version=version)
-
-
-def _sample_file(response: httpx.Response) -> SampleFile:
-    seed, steps = response.headers.get("x-seed", ""), response.headers.get("x-steps")
-    if not seed.isdigit() or not (steps is None or steps.isdigit()):
-        raise SamplebayError(f"unexpected answer from {response.url}: X-Seed {seed!r}, X-Steps {steps!r}")
-    return SampleFile(
-        content=response.content,
-        media_type=response.headers.get("content-type", ""),
-        seed=int(seed),
-        steps=int(steps) if steps is not None else None,
-        model_version=response.headers.get(MODEL_VERSION_HEADER),
-    )
-
-
-def _check_event_stream(response: httpx.Response) -> None:
-    if not response.headers.get("content-type", "").startswith(EVENT_STREAM):
-        kind = response.headers.get("content-type", "none")
-        raise SamplebayError(f"asked for a stream, the server answered {kind}", response.status_code)
-
-
-# --- the clients --------------------------------------------------------------------------------------------
+def _items(lines: list[str], parser: EventParser, limits: Limits) -> Iterator[Frame | Samples]:
+    """The stream's items these lines complete (events this client does not know are skipped)."""
+    for line in lines:
+        event = parser.feed(line)
+        item = _stream_item(*event, limits) if event else None
+        if item is not None:
+            yield item
 
 
 class Client:
@@ -152,8 +81,9 @@ class Client:
             grid = client.sample("eqm_mnist", n=16, label=3).grid()
 
     `retries`/`max_retry_wait_s`: a 503 is tried again up to `retries` times after the server's
-    Retry-After, unless that is over `max_retry_wait_s`. `transport` (httpx.MockTransport, ...) and
-    `sleep` are for tests.
+    Retry-After, unless that is over `max_retry_wait_s` or the call's deadline. `timeout`: httpx's, per
+    connect and per read; `limits`: the call's deadline and the most an answer may hold (see Limits).
+    `transport` (httpx.MockTransport, ...) and `sleep` are for tests.
     """
 
     def __init__(
@@ -162,6 +92,7 @@ class Client:
         *,
         api_key: str | None = None,
         timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
+        limits: Limits | None = None,
         retries: int = DEFAULT_RETRIES,
         max_retry_wait_s: float = DEFAULT_MAX_RETRY_WAIT_S,
         transport: httpx.BaseTransport | None = None,
@@ -169,66 +100,92 @@ class Client:
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.retry = RetryPolicy(retries, max_retry_wait_s)
+        self.limits = limits or Limits()
+        self._timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
         self._sleep = sleep
         self._http = httpx.Client(
-            base_url=self.base_url, headers=_headers(api_key), timeout=timeout, transport=transport
+            base_url=self.base_url, headers=client_headers(api_key), timeout=self._timeout, transport=transport
         )
 
     def models(self) -> list[ModelInfo]:
         """Every servable model (GET /models)."""
-        return _parse(self._open("GET", "/models"), _model_list)
+        response, content = self._answer("GET", "/models")
+        return parse(response, content, model_list)
 
     def sample(self, model: str, **options: Unpack[SampleFields]) -> Samples:
         """Samples of `model` with their seed, energies (EBMs) or bits/dim (flows), and the trajectory
         when `trajectory_every` is given."""
-        response = self._open("POST", "/sample", sample_body(model, options, "json"))
-        return _parse(response, _samples(response))
+        response, content = self._answer("POST", "/sample", json_body(sample_body(model, options, "json")))
+        return parse(response, content, samples(response, self.limits))
 
     def sample_file(
         self, model: str, image_format: Literal["png", "gif"] = "png", **options: Unpack[SampleFields]
     ) -> SampleFile:
         """The server's own PNG (a grid for n > 1) or GIF of the trajectory, with the seed and steps it used."""
-        response = self._open("POST", "/sample", sample_body(model, options, image_format), f"image/{image_format}")
-        return _sample_file(response)
+        body = json_body(sample_body(model, options, image_format))
+        response, content = self._answer("POST", "/sample", body, f"image/{image_format}")
+        return sample_file(response, content, self.limits)
 
     def stream(self, model: str, **options: Unpack[SampleFields]) -> Iterator[Frame | Samples]:
         """Frames as the chains make them, then the Samples (the last item); the server's 'error' event is
         raised. Leaving the loop early closes the connection, and the server stops the chains."""
-        response = self._open("POST", "/sample", sample_body(model, options, "json", stream=True), EVENT_STREAM)
+        body = json_body(sample_body(model, options, "json", stream=True))
+        deadline = Deadline(self.limits.deadline_s)
+        response = self._open("POST", "/sample", body, EVENT_STREAM, deadline)
+        body_chunks = chunks(response, deadline, self.base_url)
         try:
-            _check_event_stream(response)
-            parser = EventParser()
-            for line in response.iter_lines():
-                event = parser.feed(line)
-                item = stream_item(*event) if event else None
-                if item is not None:
+            check_event_stream(response)
+            splitter, parser = EventSplitter(self.limits.max_event_bytes), EventParser()
+            for chunk in body_chunks:
+                for item in _items(splitter.feed(chunk), parser, self.limits):
                     yield item
                     if isinstance(item, Samples):
                         return
-        except httpx.TransportError as error:
-            raise _transport_error(error, self.base_url) from error
+            for item in _items(splitter.end(), parser, self.limits):
+                yield item
+                if isinstance(item, Samples):
+                    return
         finally:
+            body_chunks.close()
             response.close()
         raise StreamInterrupted("the stream ended before its 'done' event")
 
-    def _open(self, method: str, path: str, body: dict[str, Any] | None = None, accept: str = JSON) -> httpx.Response:
-        """A response with status < 400 (a stream's body not read yet: the caller closes it); a 503 is retried."""
+    def _answer(
+        self, method: str, path: str, body: bytes | None = None, accept: str = JSON
+    ) -> tuple[httpx.Response, bytearray]:
+        """A 2xx answer and its body, read whole within the limits."""
+        deadline = Deadline(self.limits.deadline_s)
+        response = self._open(method, path, body, accept, deadline)
+        try:
+            return response, read_body(response, self.limits.max_answer_bytes, deadline, self.base_url, "the answer")
+        finally:
+            response.close()
+
+    def _open(self, method: str, path: str, body: bytes | None, accept: str, deadline: Deadline) -> httpx.Response:
+        """A 2xx response, its body not read yet (the caller closes it); a 503 is retried within the deadline."""
         attempt = 0
         while True:
-            request = self._http.build_request(method, path, json=body, headers={"accept": accept})
+            deadline.check()
+            request = self._http.build_request(
+                method,
+                path,
+                content=body,
+                headers=request_headers(accept, body),
+                timeout=deadline.timeout(self._timeout),
+            )
             try:
                 response = self._http.send(request, stream=True)
-                if response.status_code < 400:
-                    if not response.headers.get("content-type", "").startswith(EVENT_STREAM):
-                        response.read()
-                    return response
-                response.read()
-            except httpx.TransportError as error:
-                raise _transport_error(error, self.base_url) from error
-            response.close()
+            except httpx.HTTPError as error:
+                raise transport_error(error, self.base_url, deadline) from error
+            if 200 <= response.status_code < 300:
+                return response
+            try:
+                refused = refusal(response, error_body(response, self.limits.max_error_bytes, deadline, self.base_url))
+            finally:
+                response.close()
             wait = self.retry.wait_before_retry(response, attempt)
-            if wait is None:
-                raise error_from_response(response)
+            if wait is None or wait >= deadline.remaining():
+                raise refused
             self._sleep(wait)
             attempt += 1
 
@@ -261,6 +218,7 @@ class AsyncClient:
         *,
         api_key: str | None = None,
         timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
+        limits: Limits | None = None,
         retries: int = DEFAULT_RETRIES,
         max_retry_wait_s: float = DEFAULT_MAX_RETRY_WAIT_S,
         transport: httpx.AsyncBaseTransport | None = None,
@@ -268,68 +226,94 @@ class AsyncClient:
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.retry = RetryPolicy(retries, max_retry_wait_s)
+        self.limits = limits or Limits()
+        self._timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
         self._sleep = sleep
         self._http = httpx.AsyncClient(
-            base_url=self.base_url, headers=_headers(api_key), timeout=timeout, transport=transport
+            base_url=self.base_url, headers=client_headers(api_key), timeout=self._timeout, transport=transport
         )
 
     async def models(self) -> list[ModelInfo]:
         """Every servable model (GET /models)."""
-        return _parse(await self._open("GET", "/models"), _model_list)
+        response, content = await self._answer("GET", "/models")
+        return parse(response, content, model_list)
 
     async def sample(self, model: str, **options: Unpack[SampleFields]) -> Samples:
         """Samples of `model` with their seed, energies (EBMs) or bits/dim (flows), and the trajectory."""
-        response = await self._open("POST", "/sample", sample_body(model, options, "json"))
-        return _parse(response, _samples(response))
+        response, content = await self._answer("POST", "/sample", json_body(sample_body(model, options, "json")))
+        return parse(response, content, samples(response, self.limits))
 
     async def sample_file(
         self, model: str, image_format: Literal["png", "gif"] = "png", **options: Unpack[SampleFields]
     ) -> SampleFile:
         """The server's own PNG (a grid for n > 1) or GIF of the trajectory, with the seed and steps it used."""
-        response = await self._open(
-            "POST", "/sample", sample_body(model, options, image_format), f"image/{image_format}"
-        )
-        return _sample_file(response)
+        body = json_body(sample_body(model, options, image_format))
+        response, content = await self._answer("POST", "/sample", body, f"image/{image_format}")
+        return sample_file(response, content, self.limits)
 
     async def stream(self, model: str, **options: Unpack[SampleFields]) -> AsyncIterator[Frame | Samples]:
         """Frames as the chains make them, then the Samples (the last item); the server's 'error' event is raised."""
-        response = await self._open("POST", "/sample", sample_body(model, options, "json", stream=True), EVENT_STREAM)
+        body = json_body(sample_body(model, options, "json", stream=True))
+        deadline = Deadline(self.limits.deadline_s)
+        response = await self._open("POST", "/sample", body, EVENT_STREAM, deadline)
         try:
-            _check_event_stream(response)
-            parser = EventParser()
-            async for line in response.aiter_lines():
-                event = parser.feed(line)
-                item = stream_item(*event) if event else None
-                if item is not None:
+            check_event_stream(response)
+            splitter, parser = EventSplitter(self.limits.max_event_bytes), EventParser()
+            async for chunk in achunks(response, deadline, self.base_url):
+                for item in _items(splitter.feed(chunk), parser, self.limits):
                     yield item
                     if isinstance(item, Samples):
                         return
-        except httpx.TransportError as error:
-            raise _transport_error(error, self.base_url) from error
+            for item in _items(splitter.end(), parser, self.limits):
+                yield item
+                if isinstance(item, Samples):
+                    return
         finally:
             await response.aclose()
         raise StreamInterrupted("the stream ended before its 'done' event")
 
+    async def _answer(
+        self, method: str, path: str, body: bytes | None = None, accept: str = JSON
+    ) -> tuple[httpx.Response, bytearray]:
+        deadline = Deadline(self.limits.deadline_s)
+        response = await self._open(method, path, body, accept, deadline)
+        try:
+            cap = self.limits.max_answer_bytes
+            return response, await aread_body(response, cap, deadline, self.base_url, "the answer")
+        finally:
+            await response.aclose()
+
     async def _open(
-        self, method: str, path: str, body: dict[str, Any] | None = None, accept: str = JSON
+        self, method: str, path: str, body: bytes | None, accept: str, deadline: Deadline
     ) -> httpx.Response:
-        """A response with status < 400 (a stream's body not read yet: the caller closes it); a 503 is retried."""
+        """A 2xx response, its body not read yet (the caller closes it); a 503 is retried within the deadline."""
         attempt = 0
         while True:
-            request = self._http.build_request(method, path, json=body, headers={"accept": accept})
+            deadline.check()
+            request = self._http.build_request(
+                method,
+                path,
+                content=body,
+                headers=request_headers(accept, body),
+                timeout=deadline.timeout(self._timeout),
+            )
             try:
-                response = await self._http.send(request, stream=True)
-                if response.status_code < 400:
-                    if not response.headers.get("content-type", "").startswith(EVENT_STREAM):
-                        await response.aread()
-                    return response
-                await response.aread()
-            except httpx.TransportError as error:
-                raise _transport_error(error, self.base_url) from error
-            await response.aclose()
+                async with asyncio.timeout(max(deadline.remaining(), 0.0)):
+                    response = await self._http.send(request, stream=True)
+            except TimeoutError:
+                raise deadline.error() from None
+            except httpx.HTTPError as error:
+                raise transport_error(error, self.base_url, deadline) from error
+            if 200 <= response.status_code < 300:
+                return response
+            try:
+                content = await aerror_body(response, self.limits.max_error_bytes, deadline, self.base_url)
+                refused = refusal(response, content)
+            finally:
+                await response.aclose()
             wait = self.retry.wait_before_retry(response, attempt)
-            if wait is None:
-                raise error_from_response(response)
+            if wait is None or wait >= deadline.remaining():
+                raise refused
             await self._sleep(wait)
             attempt += 1
 
