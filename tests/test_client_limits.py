@@ -9,19 +9,18 @@ import base64
 import io
 import json
 import os
-import re
 import struct
 import subprocess
 import sys
-import threading
 import time
 import zlib
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import aclosing, contextmanager, suppress
+from collections.abc import Callable
+from contextlib import aclosing
 
 import httpx
 import numpy as np
 import pytest
+from hostile_http import Respond, head, hostile_server
 from PIL import Image
 from samplebay_client import (
     AnswerTooLarge,
@@ -35,67 +34,11 @@ from samplebay_client import (
     Timeout,
 )
 
-Respond = Callable[[asyncio.StreamWriter], Awaitable[None]]
 CHUNK = b"x" * 65536
 ENDLESS = 1 << 18  # chunks an "endless" body sends at most: 16 GiB, far past any limit a test sets
 QUICK = Limits(deadline_s=1.0, max_answer_bytes=1 << 20, max_event_bytes=1 << 16)
 LONG_READS = httpx.Timeout(60.0)  # httpx's per-read timeout, far longer than the deadline that must end the call
 MODEL = {"name": "m", "family": "ebm", "shape": [1, 2, 2], "data_range": [-1, 1]}
-
-
-@contextmanager
-def hostile_server(respond: Respond) -> Iterator[tuple[str, list[bytes]]]:
-    """A server on a free loopback port that reads each request (head, and body by its Content-Length) and answers
-    with `respond`; yields its address and the request heads it read. Leaving it cancels what is still sending."""
-    loop = asyncio.new_event_loop()
-    heads: list[bytes] = []
-    listening = threading.Event()
-    port: list[int] = []
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            heads.append(head)
-            length = re.search(rb"content-length: *(\d+)", head, re.IGNORECASE)
-            if length:
-                await reader.readexactly(int(length.group(1)))
-            await respond(writer)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass  # the client hung up: what these servers are for
-        finally:
-            writer.close()
-
-    async def serve() -> None:
-        server = await asyncio.start_server(handle, "127.0.0.1", 0)
-        port.append(server.sockets[0].getsockname()[1])
-        listening.set()
-        await server.serve_forever()
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        main = loop.create_task(serve())
-        with suppress(asyncio.CancelledError):
-            loop.run_until_complete(main)
-        rest = asyncio.all_tasks(loop)
-        for task in rest:
-            task.cancel()
-        loop.run_until_complete(asyncio.gather(*rest, return_exceptions=True))
-        loop.close()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    assert listening.wait(10), "the hostile server did not start"
-    try:
-        yield f"http://127.0.0.1:{port[0]}", heads
-    finally:
-        loop.call_soon_threadsafe(lambda: [task.cancel() for task in asyncio.all_tasks(loop)])
-        thread.join(10)
-
-
-def head(status: str = "200 OK", content_type: str = "application/json", **headers: str) -> bytes:
-    lines = [f"HTTP/1.1 {status}", f"content-type: {content_type}", "connection: close"]
-    lines += [f"{name.replace('_', '-')}: {value}" for name, value in headers.items()]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
 def answer(body: bytes, status: str = "200 OK", content_type: str = "application/json", **headers: str) -> Respond:
