@@ -158,6 +158,12 @@ def test_every_dataset_lists_a_checksum_for_each_of_its_four_files() -> None:
 # --- a hostile mirror (issue 37, item 9): each failure one line, exit 2, no part file left, nothing outside written --
 
 
+def test_every_published_file_has_a_size_to_cap_its_download_at() -> None:
+    assert {dataset: set(files) for dataset, files in fetch_data.SIZES.items()} == {
+        dataset: set(files) for dataset, files in fetch_data.CHECKSUMS.items()
+    }
+
+
 def part_files(directory: Path) -> list[str]:
     return sorted(path.name for path in directory.iterdir() if path.name.endswith(".part"))
 

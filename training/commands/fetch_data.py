@@ -59,7 +59,9 @@ CHECKSUMS: dict[str, dict[str, tuple[str, str]]] = {
     },
 }
 SHOWN = {"sha256": "SHA-256", "md5": "MD5"}
-# Bytes of each published file (measured from the same files as the checksums): the most a mirror may send.
+# Bytes of each published file, the most a mirror may send: MNIST's measured from the files in ../shared/data/mnist
+# (ls -l, the files the SHA-256s above were measured from); Fashion-MNIST's as both mirrors serve them (the
+# Content-Length Keras' and torchvision's downloads print, which match Zalando's files).
 SIZES: dict[str, dict[str, int]] = {
     "mnist": {
         "train-images-idx3-ubyte.gz": 9912422,
