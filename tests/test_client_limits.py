@@ -223,6 +223,18 @@ def test_the_async_client_ends_a_trickle_and_an_endless_answer_the_same_way() ->
     assert 1.0 <= took < 1.5
 
 
+def test_the_async_client_ends_trickling_headers_at_the_deadline() -> None:
+    """The async client's deadline covers the answer's head too (the sync client's does not: docs/client.md)."""
+
+    async def models(url: str) -> None:
+        async with AsyncClient(url, limits=QUICK, timeout=LONG_READS) as client:
+            await client.models()
+
+    with hostile_server(trickle(b"HTTP/1.1 200 OK\r\n", b"x-still: coming\r\n")) as (url, _):
+        took = seconds_to_raise(Timeout, lambda: asyncio.run(models(url)))
+    assert 1.0 <= took < 1.5
+
+
 def test_the_async_stream_ends_endless_comments_at_the_deadline() -> None:
     async def read_all(url: str) -> None:
         async with AsyncClient(url, limits=QUICK, timeout=LONG_READS) as client, aclosing(client.stream("m")) as stream:
