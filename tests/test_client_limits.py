@@ -157,6 +157,13 @@ def test_a_compressed_answer_is_refused_the_client_asks_for_identity() -> None:
     ):
         client.models()
     assert b"accept-encoding: identity" in heads[0].lower()
+    compressed_stream = answer(bomb, content_type="text/event-stream", content_encoding="gzip")
+    with (
+        hostile_server(compressed_stream) as (url, _),
+        Client(url, limits=QUICK) as client,
+        pytest.raises(BadAnswer, match="Content-Encoding 'gzip'"),
+    ):
+        list(client.stream("m"))
 
 
 # --- time: trickles, silence, endless comments --------------------------------------------------------------

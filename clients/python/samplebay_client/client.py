@@ -60,7 +60,7 @@ from samplebay_client.exchange import (
     samples,
     transport_error,
 )
-from samplebay_client.limits import Deadline, EventSplitter, Limits
+from samplebay_client.limits import Deadline, EventSplitter, Limits, check_declared_length
 
 __all__ = ["AsyncClient", "Client", "RetryPolicy"]
 
@@ -135,6 +135,7 @@ class Client:
         body_chunks = chunks(response, deadline, self.base_url)
         try:
             check_event_stream(response)
+            check_declared_length(response, None, "the stream")
             splitter, parser = EventSplitter(self.limits.max_event_bytes), EventParser()
             for chunk in body_chunks:
                 for item in _items(splitter.feed(chunk), parser, self.limits):
@@ -258,6 +259,7 @@ class AsyncClient:
         response = await self._open("POST", "/sample", body, EVENT_STREAM, deadline)
         try:
             check_event_stream(response)
+            check_declared_length(response, None, "the stream")
             splitter, parser = EventSplitter(self.limits.max_event_bytes), EventParser()
             async for chunk in achunks(response, deadline, self.base_url):
                 for item in _items(splitter.feed(chunk), parser, self.limits):
