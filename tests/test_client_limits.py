@@ -133,7 +133,7 @@ def test_an_endless_answer_stops_at_the_byte_cap() -> None:
 def test_a_declared_length_over_the_cap_is_refused_before_any_of_it_is_read() -> None:
     too_long = silent_after(head(content_length=str(10 << 30)))  # says 10 GiB, then sends nothing
     with hostile_server(too_long) as (url, _), Client(url, limits=QUICK, timeout=LONG_READS) as client:
-        assert seconds_to_raise(AnswerTooLarge, client.models) < 0.5
+        assert seconds_to_raise(AnswerTooLarge, client.models) < 5  # not the 60 s per read: refused from the head
 
 
 def test_an_endless_error_body_is_cut_and_its_status_kept() -> None:
@@ -175,7 +175,7 @@ def test_a_trickling_answer_ends_at_the_deadline_not_per_read(deadline_s: float)
     limits = Limits(deadline_s=deadline_s)
     with hostile_server(slow) as (url, _), Client(url, limits=limits, timeout=LONG_READS) as client:
         took = seconds_to_raise(Timeout, client.models)
-    assert deadline_s <= took < deadline_s + 0.5
+    assert deadline_s <= took < deadline_s + 1.0
 
 
 def test_silence_after_the_headers_ends_at_the_deadline() -> None:
@@ -184,14 +184,14 @@ def test_silence_after_the_headers_ends_at_the_deadline() -> None:
         Client(url, limits=QUICK, timeout=LONG_READS) as client,
     ):
         took = seconds_to_raise(Timeout, client.models)
-    assert 1.0 <= took < 1.5
+    assert 1.0 <= took < 2.5  # the deadline, not the 60 s per read; slack for a loaded machine
 
 
 def test_an_endless_stream_of_comments_ends_at_the_deadline() -> None:
     comments = trickle(head(content_type="text/event-stream"), b": still here\n", every_s=0.005)
     with hostile_server(comments) as (url, _), Client(url, limits=QUICK, timeout=LONG_READS) as client:
         took = seconds_to_raise(Timeout, lambda: list(client.stream("m")))
-    assert 1.0 <= took < 1.5
+    assert 1.0 <= took < 2.5  # the deadline, not the 60 s per read; slack for a loaded machine
 
 
 def test_a_streams_deadline_does_not_count_the_time_the_caller_holds_a_frame() -> None:
@@ -227,7 +227,7 @@ def test_the_async_client_ends_a_trickle_and_an_endless_answer_the_same_way() ->
         return took, raised.value
 
     took, _ = asyncio.run(both())
-    assert 1.0 <= took < 1.5
+    assert 1.0 <= took < 2.5  # the deadline, not the 60 s per read; slack for a loaded machine
 
 
 def test_the_async_client_ends_trickling_headers_at_the_deadline() -> None:
@@ -239,7 +239,7 @@ def test_the_async_client_ends_trickling_headers_at_the_deadline() -> None:
 
     with hostile_server(trickle(b"HTTP/1.1 200 OK\r\n", b"x-still: coming\r\n")) as (url, _):
         took = seconds_to_raise(Timeout, lambda: asyncio.run(models(url)))
-    assert 1.0 <= took < 1.5
+    assert 1.0 <= took < 2.5  # the deadline, not the 60 s per read; slack for a loaded machine
 
 
 def test_the_async_stream_ends_endless_comments_at_the_deadline() -> None:
@@ -251,7 +251,7 @@ def test_the_async_stream_ends_endless_comments_at_the_deadline() -> None:
     comments = trickle(head(content_type="text/event-stream"), b": still here\n", every_s=0.005)
     with hostile_server(comments) as (url, _):
         took = seconds_to_raise(Timeout, lambda: asyncio.run(read_all(url)))
-    assert 1.0 <= took < 1.5
+    assert 1.0 <= took < 2.5  # the deadline, not the 60 s per read; slack for a loaded machine
 
 
 # --- stream events ------------------------------------------------------------------------------------------
