@@ -273,22 +273,37 @@ class ModelWatcher:
 
 
 class CoalescedReloads:
-    """POST /models/reload's scans: one in flight at a time, on a thread of its own, never on the thread pool that
-    encodes answers (asyncio.to_thread's); a request that arrives while one runs awaits that scan's report
-    instead of queueing another. So clients calling it in a loop, with or without an API key, cost one scan at
-    a time and take no thread from the answers."""
+    """POST /models/reload's scans: one at a time, on a thread of its own, never on the thread pool that encodes
+    answers (asyncio.to_thread's). A call that arrives while a scan runs waits for the next one, which starts
+    when it ends and is shared by every call that arrived meanwhile: each answer comes from a scan that began
+    after its call did (so it sees the file its caller just wrote), and clients calling it in a loop, with or
+    without an API key, cost one scan at a time and take no thread from the answers."""
 
     def __init__(self, reload: Callable[[], ReloadReport]) -> None:
         self._reload = reload
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-reload")
         self._running: asyncio.Future[ReloadReport] | None = None
-        self.started = 0  # scans started: a test's witness that requests coalesced
+        self._next: asyncio.Future[ReloadReport] | None = None  # the scan after the running one, shared
+        self.started = 0  # scans started: a test's witness that calls coalesced
 
     async def __call__(self) -> ReloadReport:
         if self._running is None or self._running.done():
-            self._running = asyncio.get_running_loop().run_in_executor(self._executor, self._reload)
-            self.started += 1
-        return await asyncio.shield(self._running)  # a caller that goes away does not cancel the others' scan
+            scan = self._start()
+        else:
+            if self._next is None:
+                self._next = asyncio.ensure_future(self._after(self._running))
+            scan = self._next
+        return await asyncio.shield(scan)  # a caller that goes away does not cancel the others' scan
+
+    def _start(self) -> asyncio.Future[ReloadReport]:
+        self._running = asyncio.get_running_loop().run_in_executor(self._executor, self._reload)
+        self.started += 1
+        return self._running
+
+    async def _after(self, running: asyncio.Future[ReloadReport]) -> ReloadReport:
+        await asyncio.wait([running])  # its outcome is its own callers'
+        self._next = None  # calls from now on wait for the scan after this one
+        return await self._start()
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -15,7 +15,7 @@ from torch import nn
 from training.models.cnf import is_velocity_field
 from training.models.flows import Flow
 from training.runtime.checkpoint import atomic_write_bytes, first_line
-from training.runtime.exported import DATA_KEYS, PROGRAM_SUFFIX, SIDECAR_SUFFIX
+from training.runtime.exported import DATA_KEYS, PROGRAM_SUFFIX, SIDECAR_SUFFIX, load_exported
 from training.runtime.load import load_model
 from training.runtime.loaded import LoadedModel
 from training.sampling.sampler_config import GANSampler, to_dict
@@ -113,5 +113,5 @@ def run_export(args: argparse.Namespace) -> None:
             "its velocity field is not supported yet (serve or sample the .safetensors checkpoint itself)"
         )
     program, sidecar = export_model(model, args.out)
-    load_model(program)  # read back as the server reads it: the checked reader, the archive checks, the probe
+    load_exported(program)  # read back as a server reads it: the checked reader, the archive checks, the probe
     print(f"wrote {program} and {sidecar}: put both in the models directory to serve {program.stem}")

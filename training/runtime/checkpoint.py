@@ -178,7 +178,7 @@ class StatedConfig(BaseModel):
 
     family: str
     data: StatedData
-    sampler: dict[str, Any]  # the family's typed sampler (training/sampling/sampler_config.py)
+    sampler: Any  # the family's typed sampler (training/sampling/sampler_config.py), checked below
     metrics: dict[str, Any]
     ensemble: str | None = None
 
@@ -191,6 +191,8 @@ class StatedConfig(BaseModel):
     def sampler_and_ensemble(self) -> StatedConfig:
         if self.family in SAMPLERS:
             sampler_for(self.family, self.sampler)
+        elif not isinstance(self.sampler, dict):
+            raise ValueError(f"sampler must be an object, not {_shown_value(self.sampler)}")
         if self.ensemble is not None:
             if self.family != "ebm":
                 raise ValueError("ensemble: only energies (family ebm) form ensembles")
@@ -409,6 +411,8 @@ def read_model_file(path: Path, models_dir: Path, max_bytes: int = MAX_MODEL_BYT
     refusal never shows what a link out of the folder points at. The one reader of a model file, its sidecar
     and a checkpoint a command opens (its own folder as `models_dir`): each is read once, here, and every
     check and parse works on the bytes it returns."""
+    if not os.path.lexists(path):
+        raise CheckpointError(f"{path.name}: cannot read it: there is no such file")
     try:
         target = path.resolve(strict=True)
     except (OSError, RuntimeError):  # a dangling link, or a loop of links

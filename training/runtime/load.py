@@ -28,7 +28,7 @@ from training.runtime.checkpoint import (
     read_model_file,
 )
 from training.runtime.draw import draw_samples
-from training.runtime.exported import MAX_SIDECAR_BYTES, PROGRAM_SUFFIX, SIDECAR_SUFFIX, load_exported, read_sidecar
+from training.runtime.exported import MAX_SIDECAR_BYTES, PROGRAM_SUFFIX, SIDECAR_SUFFIX, load_exported
 from training.runtime.loaded import LoadedModel
 from training.sampling.noise import chain_seeds
 from training.sampling.sampler_config import GANSampler, sampler_for
@@ -187,8 +187,6 @@ def _load_program(path: Path, payload: bytes, sidecar: bytes | None, device: tor
     """A torch.export program and its sidecar (training/runtime/exported.py checks the archive and probes it)."""
     if path.with_suffix(".safetensors").exists():
         raise CheckpointError(f"{path.stem}.safetensors is served under the same name; rename one of the two")
-    if sidecar is None:
-        read_sidecar(path.with_suffix(SIDECAR_SUFFIX))  # says it is missing
     model = load_exported(path, device, payload, sidecar)
     if len(model.shape) != 3:
         raise CheckpointError(f"data shape {list(model.shape)} is not an image [C, H, W]")
