@@ -2,9 +2,10 @@
 sample's median within 3x its time alone).
 
 Starts `python -m service` (no API key: anyone may call the reload route) on a copy of CHECKPOINT, with
---junk files beside it that are not models the server serves (refused once, then left alone), and measures the
-median time of a 1-image PNG sample alone, then while --clients clients (asyncio, one connection each) call
-POST /models/reload in a loop. Prints both medians, their ratio, and how many reloads were answered.
+--junk files beside it that are not models the server serves (refused once, then left alone), and measures
+the median time of a 1-image PNG sample (a GAN's plain pass by default: --steps 0) alone, then while
+--clients clients (asyncio, one connection each) call POST /models/reload in a loop. Prints both medians,
+their ratio, and how many reloads were answered.
 
     python bench/reload_storm.py
     python bench/reload_storm.py checkpoints/ebm_mnist_seed0.safetensors --clients 64 --junk 3000 --samples 100
@@ -57,18 +58,19 @@ def start_server(models_dir: Path, threads: int) -> tuple[subprocess.Popen, str]
     raise RuntimeError("the server did not become ready in 240 s")
 
 
-async def sample_times(client: httpx.AsyncClient, model: str, count: int) -> list[float]:
-    """Seconds of `count` 1-image PNG samples, one after another."""
+async def sample_times(client: httpx.AsyncClient, model: str, count: int, steps: int | None) -> list[float]:
+    """Seconds of `count` 1-image PNG samples, one after another (`steps`: the request's, None: the model's)."""
     times = []
     for _ in range(count):
         started = time.perf_counter()
-        answer = await client.post("/sample", json={"model": model, "n": 1, "format": "png"})
+        body = {"model": model, "n": 1, "format": "png", **({"steps": steps} if steps is not None else {})}
+        answer = await client.post("/sample", json=body)
         answer.raise_for_status()
         times.append(time.perf_counter() - started)
     return times
 
 
-async def storm(base: str, model: str, clients: int, samples: int) -> tuple[list[float], int, int]:
+async def storm(base: str, model: str, clients: int, samples: int, steps: int | None) -> tuple[list[float], int, int]:
     """Sample times while `clients` call POST /models/reload in a loop; reloads answered, and failed."""
     stop = asyncio.Event()
     answered = failed = 0
@@ -86,17 +88,17 @@ async def storm(base: str, model: str, clients: int, samples: int) -> tuple[list
     tasks = [asyncio.create_task(reload_loop()) for _ in range(clients)]
     await asyncio.sleep(1.0)  # the storm is under way
     async with httpx.AsyncClient(base_url=base, timeout=120) as client:
-        times = await sample_times(client, model, samples)
+        times = await sample_times(client, model, samples, steps)
     stop.set()
     await asyncio.gather(*tasks)
     return times, answered, failed
 
 
-async def measure(base: str, model: str, clients: int, samples: int) -> None:
+async def measure(base: str, model: str, clients: int, samples: int, steps: int | None) -> None:
     async with httpx.AsyncClient(base_url=base, timeout=120) as client:
-        await sample_times(client, model, 5)  # warm up
-        alone = await sample_times(client, model, samples)
-    during, answered, failed = await storm(base, model, clients, samples)
+        await sample_times(client, model, 5, steps)  # warm up
+        alone = await sample_times(client, model, samples, steps)
+    during, answered, failed = await storm(base, model, clients, samples, steps)
     quiet, loud = statistics.median(alone), statistics.median(during)
     print(f"1-image sample median alone: {quiet * 1000:.1f} ms ({samples} samples)")
     print(f"1-image sample median with {clients} clients calling POST /models/reload: {loud * 1000:.1f} ms")
@@ -110,7 +112,11 @@ def main() -> None:
     parser.add_argument("--junk", type=int, default=0, help="files beside the model that are not served")
     parser.add_argument("--samples", type=int, default=100, help="1-image samples timed alone and during the storm")
     parser.add_argument("--threads", type=int, default=1, help="the server's torch threads")
+    parser.add_argument(
+        "--steps", type=int, default=0, help="the request's steps (0: a GAN's plain pass; -1: the model's default)"
+    )
     args = parser.parse_args()
+    args.steps = None if args.steps < 0 else args.steps
     with tempfile.TemporaryDirectory(prefix="bench-models-") as folder:
         models = Path(folder)
         shutil.copy2(args.checkpoint, models / args.checkpoint.name)
@@ -118,7 +124,7 @@ def main() -> None:
             (models / f"junk{index:05d}.safetensors").write_bytes(b"not a checkpoint")
         process, base = start_server(models, args.threads)
         try:
-            asyncio.run(measure(base, args.checkpoint.stem, args.clients, args.samples))
+            asyncio.run(measure(base, args.checkpoint.stem, args.clients, args.samples, args.steps))
         finally:
             process.send_signal(signal.SIGTERM)
             try:

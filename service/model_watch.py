@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import threading
 import time
@@ -39,6 +40,7 @@ from training.runtime.exported import PROGRAM_SUFFIX, SIDECAR_SUFFIX
 
 log = logging.getLogger(__name__)
 HAND_OVER_WAIT_S = 60.0  # how long a reload waits for the worker to swap the new models in
+RELOAD_SPACING_S = 1.0  # POST /models/reload starts at most one scan a second, however many clients call it
 
 
 @dataclass(frozen=True)
@@ -274,36 +276,37 @@ class ModelWatcher:
 
 class CoalescedReloads:
     """POST /models/reload's scans: one at a time, on a thread of its own, never on the thread pool that encodes
-    answers (asyncio.to_thread's). A call that arrives while a scan runs waits for the next one, which starts
-    when it ends and is shared by every call that arrived meanwhile: each answer comes from a scan that began
-    after its call did (so it sees the file its caller just wrote), and clients calling it in a loop, with or
-    without an API key, cost one scan at a time and take no thread from the answers."""
+    answers (asyncio.to_thread's), and at most one start per RELOAD_SPACING_S. A call waits for the next scan,
+    shared by every call that arrives before it starts: each answer comes from a scan that began after its call
+    did (so it sees the file its caller just wrote), a lone call after a quiet second is scanned at once, and
+    clients calling it in a loop, with or without an API key, cost one scan a second and take no thread from
+    the answers."""
 
-    def __init__(self, reload: Callable[[], ReloadReport]) -> None:
+    def __init__(self, reload: Callable[[], ReloadReport], spacing_s: float = RELOAD_SPACING_S) -> None:
         self._reload = reload
+        self.spacing_s = spacing_s
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-reload")
         self._running: asyncio.Future[ReloadReport] | None = None
-        self._next: asyncio.Future[ReloadReport] | None = None  # the scan after the running one, shared
+        self._next: asyncio.Future[ReloadReport] | None = None  # the scan calls wait for, not started yet
+        self._last_start = -math.inf
         self.started = 0  # scans started: a test's witness that calls coalesced
 
     async def __call__(self) -> ReloadReport:
-        if self._running is None or self._running.done():
-            scan = self._start()
-        else:
-            if self._next is None:
-                self._next = asyncio.ensure_future(self._after(self._running))
-            scan = self._next
-        return await asyncio.shield(scan)  # a caller that goes away does not cancel the others' scan
+        if self._next is None:
+            self._next = asyncio.ensure_future(self._scan_after(self._running))
+        return await asyncio.shield(self._next)  # a caller that goes away does not cancel the others' scan
 
-    def _start(self) -> asyncio.Future[ReloadReport]:
-        self._running = asyncio.get_running_loop().run_in_executor(self._executor, self._reload)
-        self.started += 1
-        return self._running
-
-    async def _after(self, running: asyncio.Future[ReloadReport]) -> ReloadReport:
-        await asyncio.wait([running])  # its outcome is its own callers'
+    async def _scan_after(self, running: asyncio.Future[ReloadReport] | None) -> ReloadReport:
+        if running is not None:
+            await asyncio.wait([running])  # its outcome is its own callers'
+        loop = asyncio.get_running_loop()
+        if (delay := self._last_start + self.spacing_s - loop.time()) > 0:
+            await asyncio.sleep(delay)
         self._next = None  # calls from now on wait for the scan after this one
-        return await self._start()
+        self._last_start = loop.time()
+        self._running = loop.run_in_executor(self._executor, self._reload)
+        self.started += 1
+        return await self._running
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
