@@ -147,7 +147,7 @@ def _load_file(path: Path, models_dir: Path, device: torch.device, max_bytes: in
     check_name(path.stem, "model name (the file's stem)", path.name)  # it names buffer files
     if path.suffix == PROGRAM_SUFFIX and path.with_suffix(".safetensors").exists():
         raise CheckpointError(f"{path.stem}.safetensors is served under the same name; rename one of the two")
-    model, payload = load_model_file(path, models_dir, device, max_bytes)
+    model, payload = load_model_file(path, models_dir, device, max_bytes, images_only=True)
     if len(model.shape) != 3:
         raise CheckpointError(f"data shape {list(model.shape)} is not an image [C, H, W]")
     return model, model_digest(payload), len(payload)

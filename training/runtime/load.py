@@ -131,11 +131,13 @@ def _check_shapes(checkpoint: Checkpoint) -> None:
             )
 
 
-def _load_checkpoint(path: Path, payload: bytes, device: torch.device) -> LoadedModel:
+def _load_checkpoint(path: Path, payload: bytes, device: torch.device, images_only: bool) -> LoadedModel:
     checkpoint = decode_checkpoint(payload, path.name)
     family = checkpoint.config.family
     if family not in SAMPLED_FAMILIES:
         raise CheckpointError(f"family {family!r} is not sampled by this version")
+    if images_only and len(shape := checkpoint.config.data["shape"]) != 3:  # said before the probe fails on it
+        raise CheckpointError(f"data shape {list(shape)} is not an image [C, H, W]")
     _check_shapes(checkpoint)
     model = instantiate(checkpoint, path.stem, device)
     if family == "gan":
@@ -204,13 +206,14 @@ def read_model_payload(path: Path, models_dir: Path, max_bytes: int = MAX_MODEL_
 
 
 def load_model_file(
-    path: Path, models_dir: Path, device: torch.device, max_bytes: int = MAX_MODEL_BYTES
+    path: Path, models_dir: Path, device: torch.device, max_bytes: int = MAX_MODEL_BYTES, images_only: bool = False
 ) -> tuple[LoadedModel, bytes]:
     """The one loader: a checkpoint, or a program with its sidecar, read within models_dir and checked; and the
-    bytes a buffer's digest covers (the program and its sidecar together)."""
+    bytes a buffer's digest covers (the program and its sidecar together). `images_only` (a server's): a data
+    shape other than [C, H, W] is refused before anything is built."""
     payload, sidecar_payload = read_model_payload(path, models_dir, max_bytes)
     if path.suffix != PROGRAM_SUFFIX:
-        model = _load_checkpoint(path, payload, device)
+        model = _load_checkpoint(path, payload, device, images_only)
     else:
         model = _load_program(path, payload, sidecar_payload, device)
     return model, payload + (sidecar_payload or b"")
