@@ -1,4 +1,4 @@
-"""Print the README's models table from what the checkpoints themselves record.
+"""Print the models table of docs/results.md from what the checkpoints themselves record.
 
     python bench/models_table.py checkpoints
 

@@ -1,4 +1,4 @@
-"""Screenshot the demo page after one Watch, for the README (docs/demo-page.png).
+"""Screenshot the demo page after one Watch, for the docs (docs/demo-page.png: docs/index.md, docs/serving.md).
 
 Starts the real server on a models directory, opens the page in Debian's Chromium (Playwright), presses
 Watch on the model the page opens on (optionally with a class picked) and saves the page once the

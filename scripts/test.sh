@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Install what the tests need and run them: the project (editable, with test, dev, ray and train extras), Debian's
+# Install what the tests need and run them: the project (editable, with test, dev, ray, train and docs extras), Debian's
 # Chromium for the browser tests (Playwright drives it; its own browser download is not used) and
 # Debian's docker-compose, so the compose file is checked by Compose itself (no engine needed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m pip install -q -e ".[test,dev,ray,train]"  # ray: about 80 MB of wheels, 20 s
+python -m pip install -q -e ".[test,dev,ray,train,docs]"  # ray: about 80 MB of wheels, 20 s
 missing=()
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v docker-compose >/dev/null 2>&1 || docker compose version >/dev/null 2>&1 || missing+=(docker-compose)
@@ -19,4 +19,8 @@ fi
 python -m ruff check .
 python -m ruff format --check .
 python -m mypy  # service/ and training/, as [tool.mypy] in pyproject.toml configures
+# The documentation site, built where it leaves nothing behind: --strict fails on a broken link or anchor.
+site="$(mktemp -d)"
+NO_MKDOCS_2_WARNING=1 python -m mkdocs build --strict --site-dir "$site"  # not --quiet: it hides the warnings --strict counts
+rm -rf "$site"
 python -m pytest "$@"

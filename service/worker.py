@@ -147,10 +147,8 @@ class Worker:
 
     def _pools_of(self, model: ServedModel) -> set[str]:
         """The names of the pools `model`'s requests run in (_wanted_pools)."""
-        names = {model.pool}
-        if model.family == "gan" and model.members[0].critic is not None:
-            names.add(latent_pool_name(model))
-        return names
+        ddls = model.family == "gan" and model.members[0].critic is not None
+        return {model.pool, latent_pool_name(model)} if ddls else {model.pool}
 
     def _build(self, registry: Registry) -> tuple[Registry, dict[str, PoolPlan], dict[str, SamplerPool]]:
         """The pools `registry` needs, built (or kept); a pool that cannot be built fails only the models that run

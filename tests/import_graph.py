@@ -1,4 +1,5 @@
-"""The import graph of training/ and service/, read with `ast` (nothing is imported or run).
+"""The import graph of training/, service/ and the client (clients/python/samplebay_client/), read with `ast`
+(nothing is imported or run).
 
 tests/test_layout.py asserts on it and scripts/layout_figures.py prints its figures for a closing note.
 """
@@ -10,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("training", "service")
+# Each package and the folder it is found under, relative to the repository root.
+PACKAGES = {"training": ".", "service": ".", "samplebay_client": "clients/python"}
 
 
 @dataclass(frozen=True)
@@ -98,9 +100,9 @@ def _targets(node: ast.Import | ast.ImportFrom, importer: str, is_package: bool,
 
 def read_graph(root: Path = ROOT) -> ImportGraph:
     graph = ImportGraph()
-    for package in PACKAGES:
-        for path in sorted((root / package).rglob("*.py")):
-            graph.modules[module_name(path, root)] = path
+    for package, folder in PACKAGES.items():
+        for path in sorted((root / folder / package).rglob("*.py")):
+            graph.modules[module_name(path, root / folder)] = path
     for name, path in graph.modules.items():
         tree = ast.parse(path.read_text(), filename=str(path))
         is_package = path.name == "__init__.py"

@@ -4,6 +4,7 @@ import os
 import re
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,24 @@ def test_cpu_override_drops_the_gpu_reservation() -> None:
     override = compose("docker-compose.cpu.yml")["services"]["samplebay"]
     assert override["deploy"] is None  # !reset
     assert override["environment"]["SAMPLEBAY_DEVICE"] == "cpu"
+
+
+def test_dockerfile_copies_every_folder_the_install_finds_packages_in() -> None:
+    """pyproject finds the client in clients/python (its own distribution's folder); an image without that folder
+    would install a server whose service.client fails to import."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    for folder in find["where"]:
+        for package in (pattern.rstrip("*") for pattern in find["include"]):
+            if (ROOT / folder / package / "__init__.py").is_file():
+                path = os.path.normpath(f"{folder}/{package}")
+                assert any(
+                    re.search(rf"^COPY {re.escape(copied)} \./{re.escape(copied)}$", dockerfile, re.M)
+                    for copied in (path, os.path.normpath(folder))
+                ), f"the Dockerfile does not copy {path}"
+                assert package in dockerfile.split("pip install .")[1].splitlines()[0]  # the import check after it
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert "clients" not in ignored and "clients/python" not in ignored
 
 
 def test_dockerfile_pins_torch_runs_as_a_user_and_checks_readiness() -> None:

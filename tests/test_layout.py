@@ -1,10 +1,13 @@
-"""The layout holds: service/ reaches only training's shared wings, no import cycles, no hidden imports, small modules.
+"""The layout holds: service/ reaches only training's shared wings, the client reaches neither, no import cycles, no
+hidden imports, small modules.
 
 Imports are read with `ast` (tests/import_graph.py), module-level and function-level alike, so a cycle hidden
 behind an import inside a function counts.
 """
 
 from __future__ import annotations
+
+import sys
 
 from import_graph import read_graph
 
@@ -23,6 +26,9 @@ FUNCTION_LEVEL_ALLOWED = {
     ("service.__main__", "service.middleware"): "settings and files are checked before the server loads",
     ("service.__main__", "training.runtime.device"): "settings and files are checked before torch loads",
 }
+# What the client distribution (clients/python/pyproject.toml) may import: its own modules, its three dependencies
+# and the standard library; never the server's or training's code, and so never torch.
+CLIENT_DEPENDENCIES = ("samplebay_client", "httpx", "numpy", "PIL")
 GRAPH = read_graph()
 
 
@@ -35,6 +41,29 @@ def test_service_imports_only_the_shared_wings_of_training() -> None:
         and not imp.target.startswith(SHARED_WINGS)
     )
     assert not reaching, f"service/ may import only {', '.join(SHARED_WINGS)}: {reaching}"
+
+
+def test_the_client_imports_only_itself_its_dependencies_and_the_standard_library() -> None:
+    client_imports = [imp for imp in GRAPH.imports if imp.importer.startswith("samplebay_client")]
+    assert len({imp.importer for imp in client_imports}) >= 4  # the graph does read the client's modules
+    outside = sorted(
+        f"{imp.importer}:{imp.line} imports {imp.target}"
+        for imp in client_imports
+        if imp.target.split(".")[0] not in (*CLIENT_DEPENDENCIES, *sys.stdlib_module_names, "__future__")
+    )
+    assert not outside, f"the client imports only {', '.join(CLIENT_DEPENDENCIES)} and the stdlib: {outside}"
+
+
+def test_the_server_reaches_the_client_only_through_its_alias() -> None:
+    """service.client is the one door: the rest of the server does not grow on the client's internals."""
+    reaching = sorted(
+        f"{imp.importer}:{imp.line} imports {imp.target}"
+        for imp in GRAPH.imports
+        if imp.target.startswith("samplebay_client")
+        and imp.importer.startswith(("service", "training"))
+        and imp.importer != "service.client"
+    )
+    assert not reaching, f"import the client through service.client or samplebay_client's front: {reaching}"
 
 
 def test_no_import_cycles_among_training_and_service_modules() -> None:

@@ -29,8 +29,8 @@ from service.settings import Settings
 from service.worker import Worker
 from training.commands.cli import main
 from training.commands.quality import frechet_distance
-from training.runtime.checkpoint import MAX_METRICS_DEPTH
 from training.runtime.load import load_model_file
+from training.runtime.stated import MAX_METRICS_DEPTH
 
 REPO = Path(__file__).resolve().parent.parent
 DEADLINE_S = 30  # generous: a swap takes two watch intervals, but CI shares its cores

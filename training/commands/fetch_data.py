@@ -3,17 +3,24 @@ against the checksum its publisher states.
 
 Standard library only: urllib honours the usual `http_proxy`/`https_proxy` variables, and `--mirror` points
 at any other copy (an internal HTTP server, or `file:///path/` for files carried in by hand). Every file is
-written under a `.part` name and renamed only once its checksum matches the one below, so a file with the
-final name is always a verified one and a second run skips it.
+written under a fresh temporary name (created exclusively: a link planted in the directory is never written
+through) and renamed only once its size and checksum match the ones below, so a file with the final name is
+always a verified one and a second run skips it. A mirror is not trusted for more: no more bytes are read than
+the published file has, and whatever goes wrong on the network (a refused connection, a garbage status line, a
+cut body, a Content-Length that is not a number) is one line naming the URL, the temporary file removed.
 """
 
 from __future__ import annotations
 
 import hashlib
+import http.client
+import os
 import sys
+import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import BinaryIO
 
 from training.train.progress import progress
 
@@ -52,12 +59,36 @@ CHECKSUMS: dict[str, dict[str, tuple[str, str]]] = {
     },
 }
 SHOWN = {"sha256": "SHA-256", "md5": "MD5"}
+# Bytes of each published file, the most a mirror may send: MNIST's measured from the files in ../shared/data/mnist
+# (ls -l, the files the SHA-256s above were measured from); Fashion-MNIST's as both mirrors serve them (the
+# Content-Length Keras' and torchvision's downloads print, which match Zalando's files).
+SIZES: dict[str, dict[str, int]] = {
+    "mnist": {
+        "train-images-idx3-ubyte.gz": 9912422,
+        "train-labels-idx1-ubyte.gz": 28881,
+        "t10k-images-idx3-ubyte.gz": 1648877,
+        "t10k-labels-idx1-ubyte.gz": 4542,
+    },
+    "fashion-mnist": {
+        "train-images-idx3-ubyte.gz": 26421880,
+        "train-labels-idx1-ubyte.gz": 29515,
+        "t10k-images-idx3-ubyte.gz": 4422102,
+        "t10k-labels-idx1-ubyte.gz": 5148,
+    },
+}
+# What a mirror that fails can raise: no answer, not HTTP (a garbage status line, a cut chunk), or what it sent
+# is not the file (MirrorError below). Each is one line naming the URL; the next mirror is tried.
+NETWORK_ERRORS = (urllib.error.URLError, OSError, http.client.HTTPException)
 
 CHUNK = 1 << 16  # bytes read from the network at a time
 
 
 class FetchError(Exception):
     """A file could not be fetched, or what arrived is not the published file."""
+
+
+class MirrorError(Exception):
+    """What one mirror sent is not the file: more or fewer bytes than it has, or a length that is not a number."""
 
 
 def file_digest(path: Path, algorithm: str) -> str:
@@ -68,17 +99,51 @@ def file_digest(path: Path, algorithm: str) -> str:
     return digest.hexdigest()
 
 
-def _download(url: str, part: Path, name: str, algorithm: str) -> str:
-    """Stream url into part with a progress display; the digest of what arrived."""
+def _download(url: str, handle: BinaryIO, name: str, algorithm: str, size: int) -> str:
+    """Stream url into handle with a progress display, `size` bytes at most; the digest of what arrived."""
     digest = hashlib.new(algorithm)
-    with urllib.request.urlopen(url, timeout=60) as response, part.open("wb") as handle:
-        length = response.headers.get("Content-Length")
-        with progress(None, int(length) if length else None, name, unit="B", unit_scale=True) as bar:
-            for block in iter(lambda: response.read(CHUNK), b""):
+    with urllib.request.urlopen(url, timeout=60) as response:
+        declared = response.headers.get("Content-Length")
+        if declared is not None and not (declared.strip().isdigit() and len(declared.strip()) < 20):
+            raise MirrorError(f"a Content-Length that is not a number ({declared[:40]!r})")
+        if declared is not None and int(declared) != size:
+            raise MirrorError(f"a Content-Length of {int(declared):,} bytes; the published file has {size:,}")
+        received = 0
+        with progress(None, size, name, unit="B", unit_scale=True) as bar:
+            while block := response.read(CHUNK):
+                received += len(block)
+                if received > size:
+                    raise MirrorError(f"more than the {size:,} bytes of the published file")
                 handle.write(block)
                 digest.update(block)
                 bar.update(len(block))
+        if received < size:
+            raise MirrorError(f"the answer ended after {received:,} of the file's {size:,} bytes")
     return digest.hexdigest()
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(getattr(error, "reason", None) or error).split()) or type(error).__name__
+    return text[:300]
+
+
+def _fresh_part(directory: Path, name: str) -> tuple[BinaryIO, Path]:
+    """A new file for the download, under a name nobody else chose: created exclusively (mkstemp: O_EXCL, and no
+    link followed), so a `.part` link planted in the directory is never written through."""
+    descriptor, path = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=directory)
+    os.fchmod(descriptor, 0o644)  # what the file would have had (mkstemp's 0600 would stay after the rename)
+    return os.fdopen(descriptor, "wb"), Path(path)
+
+
+def _download_to_part(url: str, directory: Path, name: str, algorithm: str, size: int) -> tuple[Path, str]:
+    """The download in a fresh part file, and its digest; the part file is removed whatever stops it."""
+    handle, part = _fresh_part(directory, name)
+    try:
+        with handle:
+            return part, _download(url, handle, name, algorithm, size)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
 
 
 def fetch(dataset: str, directory: str | Path, mirror: str | None = None) -> Path:
@@ -96,15 +161,14 @@ def fetch(dataset: str, directory: str | Path, mirror: str | None = None) -> Pat
                 print(f"{path}: already there, checksum verified", file=sys.stderr)
                 continue
             print(f"{path}: checksum differs from the published file's; downloading it again", file=sys.stderr)
-        part = path.with_name(name + ".part")
+        size = SIZES[dataset][name]
         failures = []
         for base in bases:
             url = base.rstrip("/") + "/" + name
             try:
-                got = _download(url, part, name, algorithm)
-            except (urllib.error.URLError, OSError) as error:  # HTTPError is a URLError
-                part.unlink(missing_ok=True)
-                failures.append(f"{url}: {getattr(error, 'reason', error)}")
+                part, got = _download_to_part(url, directory, name, algorithm, size)
+            except (*NETWORK_ERRORS, MirrorError) as error:
+                failures.append(f"{url}: {_one_line(error)}")
                 print(failures[-1], file=sys.stderr)
                 continue
             if got != expected:

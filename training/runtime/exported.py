@@ -36,20 +36,13 @@ from torch._export.serde.serialize import ExportedProgramDeserializer, _dict_to_
 from torch.export.passes import move_to_device_pass
 
 from training.models.flows import BASES
-from training.runtime.checkpoint import (
-    CheckpointError,
-    ModelConfig,
-    StatedData,
-    check_stated,
-    first_line,
-    parse_json,
-    read_model_file,
-)
+from training.runtime.checkpoint import CheckpointError, ModelConfig, first_line, read_model_file
 from training.runtime.exported_modules import ExportedEnergy, ExportedFlow, ExportedGenerator
 from training.runtime.loaded import LoadedModel
 from training.runtime.pt2_archive import TensorRecord, VettedArchive, check_archive
 from training.runtime.pt2_graph import check_operators
 from training.runtime.pt2_zip import MAX_ARCHIVE_BYTES
+from training.runtime.stated import StatedData, check_stated, parse_json
 from training.sampling.replay_buffer import ReplayBuffer
 from training.sampling.sampler_config import EBMSampler, FlowSampler, GANSampler, sampler_for
 
@@ -127,7 +120,7 @@ def parse_sidecar(payload: bytes, path: Path) -> ModelConfig:
     """The ModelConfig an exported program is served with, from the bytes of NAME.json as the checked reader
     read them (never the path again): family, data, sampler (the family's typed sampler configuration; unknown
     keys refused), and optionally ensemble and metrics, checked by the schema checkpoints are checked by
-    (training/runtime/checkpoint.py `check_stated`), plus what only a program's sidecar must say."""
+    (training/runtime/stated.py `check_stated`), plus what only a program's sidecar must say."""
     source = path.name
     raw = parse_json(payload, source)
     if not isinstance(raw, dict):

@@ -34,6 +34,14 @@ def _hold(owner: nn.Module, program: nn.Module) -> None:
         parameter.requires_grad_(False)
 
 
+def _as_traced(program: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
+    """The program run in the dtype it was traced in (float32), outside any autocast: torch.export keeps dtype
+    assertions in the graph that the bfloat16 outputs of chain steps under autocast would trip (every request
+    to an exported energy was a 503 under --sampling-dtype bfloat16)."""
+    with torch.autocast(inputs[0].device.type, enabled=False):
+        return program(*(tensor.float() if tensor.is_floating_point() else tensor for tensor in inputs))
+
+
 def _device_of(module: nn.Module) -> torch.device:
     tensor = next(iter([*module.parameters(), *module.buffers()]), None)
     return tensor.device if tensor is not None else torch.device("cpu")
@@ -48,17 +56,17 @@ class ExportedEnergy(_Program):
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if not self.num_classes:
-            return self.program(x)
+            return _as_traced(self.program, x)
         if labels is None:
             labels = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
-        return self.program(x, labels)
+        return _as_traced(self.program, x, labels)
 
 
 class ExportedGenerator(_Program):
     """G(z): x [B, *shape] from z [B, latent_dim]."""
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.program(z)
+        return _as_traced(self.program, z)
 
 
 class ExportedFlow(Flow):
@@ -87,7 +95,7 @@ class ExportedFlow(Flow):
     def decode(
         self, z: torch.Tensor, keep_states: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        x, log_prob = self.program(z.reshape(z.shape[0], *self.shape))  # [B, *shape], [B]
+        x, log_prob = _as_traced(self.program, z.reshape(z.shape[0], *self.shape))  # [B, *shape], [B]
         return x, log_prob, [x] if keep_states else []
 
     def _inverse(self, z: torch.Tensor, keep_states: bool) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:

@@ -1,4 +1,4 @@
-"""What the Python client hands back and sends: models, samples, frames, images, stream events (service/client.py)."""
+"""What the Python client hands back and sends: models, samples, frames, images, stream events."""
 
 from __future__ import annotations
 
@@ -17,8 +17,12 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, UnidentifiedImageError
 
-from service.client_errors import SamplebayError, error_for
+from samplebay_client.errors import AnswerTooLarge, BadAnswer, BadRequest, error_for
+from samplebay_client.limits import Limits, PixelBudget, png_size
 
+# What an answer of the wrong shape raises while it is read: a missing key, a string where a list was, 1e999 where
+# an integer was (OverflowError), JSON nested thousands deep (RecursionError).
+MALFORMED = (ValueError, KeyError, TypeError, IndexError, AttributeError, OverflowError, RecursionError)
 ImageInput = str | bytes | Image.Image | npt.NDArray[Any]  # base64 or data: URL, PNG/JPEG bytes, PIL, uint8 pixels
 
 
@@ -123,18 +127,22 @@ class Samples:
         return image_grid(self.images, columns, padding)
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Samples:
+    def from_json(cls, data: Mapping[str, Any], budget: PixelBudget | None = None) -> Samples:
+        """`budget`: the decoded pixels the answer may hold (the default Limits' when None)."""
+        budget = budget or PixelBudget(Limits())
         trajectory = data.get("trajectory")
         timings = data.get("timings")
         return cls(
             model=data["model"],
             seed=int(data["seed"]),
-            images=[decode_png(encoded) for encoded in data["images"]],
+            images=[decode_png(encoded, budget) for encoded in data["images"]],
             steps=data.get("steps"),
             chain_steps=data.get("chain_steps"),
             energy=data.get("energy"),
             bits_per_dim=data.get("bits_per_dim"),
-            trajectory=None if trajectory is None else [[decode_png(item) for item in frame] for frame in trajectory],
+            trajectory=None
+            if trajectory is None
+            else [[decode_png(item, budget) for item in frame] for frame in trajectory],
             trajectory_steps=data.get("trajectory_steps"),
             timings=None if timings is None else Timings(timings["queue_ms"], timings["run_ms"], timings["total_ms"]),
             dropped=int(data.get("dropped", 0)),
@@ -153,13 +161,13 @@ class Frame:
     dropped: int = 0  # frames the server dropped just before this one (the client read slower than they came)
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Frame:
+    def from_json(cls, data: Mapping[str, Any], budget: PixelBudget | None = None) -> Frame:
         return cls(
             step=int(data["step"]),
             steps=int(data["steps"]),
             energy=data.get("energy"),
             mean_energy=data.get("mean_energy"),
-            grid=decode_png(data["grid"]),
+            grid=decode_png(data["grid"], budget or PixelBudget(Limits())),
             dropped=int(data.get("dropped", 0)),
         )
 
@@ -173,23 +181,46 @@ class SampleFile:
     seed: int  # from X-Seed
     steps: int | None  # from X-Steps
     model_version: str | None = None  # from X-Model-Version
+    max_pixels: int = field(default=Limits.max_image_pixels, repr=False)  # the client's Limits.max_image_pixels
 
     def image(self) -> Image.Image:
-        """The picture, decoded (a GIF's first frame; iterate PIL's frames for the rest)."""
-        return Image.open(io.BytesIO(self.content))
+        """The picture, decoded (a GIF's first frame; iterate PIL's frames for the rest), once its header
+        shows it within the client's pixel limit."""
+        try:
+            image = Image.open(io.BytesIO(self.content))
+            PixelBudget(Limits(max_image_pixels=self.max_pixels, max_answer_pixels=self.max_pixels)).take(*image.size)
+            image.load()
+        except Image.DecompressionBombError as error:
+            raise AnswerTooLarge(f"the server's {self.media_type} file is too large to decode ({error})") from error
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+            raise BadAnswer(f"the server sent a {self.media_type} file that does not decode ({error})") from error
+        return image
 
     def save(self, path: str | PathLike[str]) -> None:
         with open(path, "wb") as file:
             file.write(self.content)
 
 
-def decode_png(encoded: str) -> Image.Image:
-    """A base64 PNG of the server's answer -> a loaded PIL image."""
+def decode_png(encoded: str, budget: PixelBudget) -> Image.Image:
+    """A base64 PNG of the server's answer -> a loaded PIL image; its size is taken from `budget` as its header
+    states it, before any pixel is decoded."""
+    if not isinstance(encoded, str):
+        raise BadAnswer(f"the server sent an image that is not a base64 string but {type(encoded).__name__}")
     try:
-        image = Image.open(io.BytesIO(base64.b64decode(encoded, validate=True)))
+        data = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise BadAnswer(f"the server sent an image that is not base64 ({error})") from error
+    width, height = png_size(data)
+    budget.take(width, height)
+    try:
+        image = Image.open(io.BytesIO(data), formats=["PNG"])
+        if image.size != (width, height):
+            raise ValueError(f"its header says {width} x {height}, PIL reads {image.size}")
         image.load()
-    except (binascii.Error, UnidentifiedImageError, OSError, ValueError) as error:
-        raise SamplebayError(f"the server sent an image that is not a base64 PNG ({error})") from error
+    except Image.DecompressionBombError as error:
+        raise AnswerTooLarge(f"the server sent an image too large to decode ({error})") from error
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        raise BadAnswer(f"the server sent an image that is not a PNG ({error})") from error
     return image
 
 
@@ -234,15 +265,48 @@ class SampleFields(TypedDict, total=False):
     trajectory_every: int | None
 
 
+INTEGER_FIELDS = ("n", "seed", "steps", "label", "trajectory_every")
+NUMBER_FIELDS = ("step_size", "noise", "momentum", "guidance", "temperature", "tolerance")
+MAX_INTEGER = 2**64  # past any bound the server has (a seed is below 2**63): refused here, not sent
+
+
 def sample_body(model: str, options: Mapping[str, Any], image_format: str, stream: bool = False) -> dict[str, Any]:
-    """The JSON body of POST /sample: the fields given, images encoded, None left out."""
+    """The JSON body of POST /sample: the fields given, images encoded, None left out. A number that JSON cannot
+    carry or no server takes (1e999, NaN, a seed of 10**5000) is a BadRequest here, before anything is sent."""
     body: dict[str, Any] = {"model": model, "format": image_format}
     for name, value in options.items():
-        if value is not None:
-            body[name] = encode_image(value) if name in ("image", "mask") else value
+        if value is None:
+            continue
+        if name in ("image", "mask"):
+            value = encode_image(value)
+        elif name in INTEGER_FIELDS:
+            value = _integer(name, value)
+        elif name in NUMBER_FIELDS:
+            value = _number(name, value)
+        body[name] = value
     if stream:
         body["stream"] = True
     return body
+
+
+def _integer(name: str, value: Any) -> int:
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not -MAX_INTEGER < value < MAX_INTEGER:
+        raise BadRequest(f"{name} must be an integer below 2**64 in size; got {_shown(value)}")
+    return value
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise BadRequest(f"{name} must be a finite number; got {_shown(value)}")
+    return float(value)
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, int) and value.bit_length() > 100:
+        return f"an integer of {value.bit_length()} bits"
+    return repr(value)[:80]
 
 
 class EventParser:
@@ -270,18 +334,19 @@ class EventParser:
         return None
 
 
-def stream_item(event: str, data: str) -> Frame | Samples | None:
+def stream_item(event: str, data: str, limits: Limits | None = None) -> Frame | Samples | None:
     """One event of a sample stream: a Frame, the final Samples, or raises the server's 'error'.
-    Events this client does not know are skipped (None)."""
+    Events this client does not know are skipped (None). Each event's images are held to `limits`' pixels."""
     if event not in ("frame", "done", "error"):
         return None
+    budget = PixelBudget(limits or Limits())
     try:
         payload = json.loads(data)
         if event == "frame":
-            return Frame.from_json(payload)
+            return Frame.from_json(payload, budget)
         if event == "done":
-            return Samples.from_json(payload)
-        status, detail = int(payload.get("status", 500)), str(payload.get("detail", "the stream failed"))
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
-        raise SamplebayError(f"unexpected {event!r} event ({type(error).__name__}: {error})") from error
+            return Samples.from_json(payload, budget)
+        status, detail = int(payload.get("status", 500)), str(payload.get("detail", "the stream failed"))[:500]
+    except MALFORMED as error:
+        raise BadAnswer(f"unexpected {event!r} event ({type(error).__name__}: {str(error)[:200]})") from error
     raise error_for(status, detail)

@@ -1,4 +1,4 @@
-"""The Python client's errors: each carries the server's status and message (service/client.py)."""
+"""The Python client's errors: each carries the server's status and message, or names what was wrong with the answer."""
 
 from __future__ import annotations
 
@@ -83,6 +83,15 @@ class StreamInterrupted(SamplebayError):
     """A stream ended without its 'done' or 'error' event."""
 
 
+class BadAnswer(SamplebayError):
+    """The answer is not one a samplebay server gives: not JSON of the expected shape, a redirect (the client
+    follows none: use the address it names as base_url), an image that is not a PNG."""
+
+
+class AnswerTooLarge(BadAnswer):
+    """The answer went past one of the client's Limits: bytes of an answer or stream event, decoded pixels."""
+
+
 ERRORS_BY_STATUS: dict[int, type[SamplebayError]] = {
     400: BadRequest,
     401: Unauthorized,
@@ -106,19 +115,21 @@ def error_for(
     return kind(detail, status, errors)
 
 
-def error_from_response(response: httpx.Response) -> SamplebayError:
+def error_from_response(response: httpx.Response, content: bytes | bytearray) -> SamplebayError:
     """The server's error body ({"detail": ..., "errors": [...]}) as a typed error; a body that is not
-    that (a proxy's page) is quoted as it is."""
-    detail, problems = response.text.strip()[:MAX_QUOTED_CHARS] or response.reason_phrase, []
+    that (a proxy's page, or one cut at Limits.max_error_bytes) is quoted as it is."""
+    text = content.decode("utf-8", errors="replace")
+    detail, problems = text.strip()[:MAX_QUOTED_CHARS] or response.reason_phrase, []
     try:
-        body = response.json()
-    except ValueError:
+        body = json.loads(text)
+    except (ValueError, RecursionError):
         body = None
     if isinstance(body, dict) and "detail" in body:
-        detail = body["detail"] if isinstance(body["detail"], str) else json.dumps(body["detail"])
+        detail = body["detail"] if isinstance(body["detail"], str) else json.dumps(body["detail"])[:MAX_QUOTED_CHARS]
+        errors = body.get("errors")
         problems = [
             FieldProblem(str(item.get("field", "body")), str(item.get("message", "")))
-            for item in body.get("errors") or []
+            for item in (errors if isinstance(errors, list) else [])
             if isinstance(item, dict)
         ]
     return error_for(response.status_code, detail, problems, retry_after_seconds(response.headers.get("retry-after")))

@@ -1,0 +1,189 @@
+"""Which out-of-distribution score holds in both directions: candidate scores of one model, compared by AUROC,
+AUPR and FPR at 95 % TPR on its own dataset's test images (in) against another dataset's (out).
+
+Candidates (higher = more out of distribution), from each model's own numbers:
+- `energy` (EBMs, the unconditional E(x)), `free_energy` (class-conditional EBMs: -log sum_y exp(-E(x, y)),
+  JEM's marginal, Grathwohl et al. 2020), `grad_norm` (||dE/dx||, JEM's score), `bits_per_dim` (flows);
+- `complexity`: the input-complexity correction of Serra et al. 2020 — a flow's bits of the 8-bit image minus
+  a lossless compressor's (PNG at level 9); for an energy, which has no unit, the residual of the energy after
+  the least-squares line through (PNG bits, energy) of the reference images;
+- `typicality`: |s - mean| / std of a base score s over the reference images (Nalisnick et al. 2019, one
+  image at a time): inputs *more* likely than the data are flagged too, the hard direction's failure.
+Reference statistics (means, the complexity line) use the held-out second half of the in-distribution test set
+(`--reference-n` images from index 5000); AUROC uses the first `--n` images of each test set: no image is in both.
+
+    python bench/ood.py checkpoints/eqm_mnist.safetensors --data-dir ../shared/data/mnist \
+        --ood-dataset fashion-mnist --ood-data-dir /usr/share/datasets/fashion-mnist --n 1000 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import cast
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from training.models.flows import Flow, bits_per_dim, dequantize
+from training.runtime.load import load_model
+from training.runtime.loaded import LoadedModel
+from training.sampling.likelihood import cnf_bits_per_dim
+from training.sampling.sampler_config import FlowSampler
+from training.train.data import load_dataset
+
+REFERENCE_START = 5000  # the test set's second half: reference statistics only
+
+
+def png_bits(images: torch.Tensor) -> torch.Tensor:
+    """Bits of each 8-bit image [N, C, H, W] in [-1, 1] as a PNG at compression level 9 (Serra's L(x))."""
+    levels = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    sizes = []
+    for image in levels:
+        buffer = io.BytesIO()
+        pixels = image[0] if image.shape[0] == 1 else np.moveaxis(image, 0, -1)
+        Image.fromarray(pixels).save(buffer, format="PNG", compress_level=9)
+        sizes.append(8 * buffer.tell())
+    return torch.tensor(sizes, dtype=torch.float64)
+
+
+def energy_scores(model: LoadedModel, images: torch.Tensor, batch: int = 250) -> dict[str, torch.Tensor]:
+    """E(x) at the null label, the free energy over classes when conditional, and ||dE/dx||, each [N]."""
+    module = model.module
+    classes = len(model.classes or [])
+    energy, free, grad = [], [], []
+    for chunk in torch.split(images, batch):
+        x = chunk.clone().requires_grad_(True)
+        null = torch.full((len(x),), -1) if classes else None
+        value = module(x, null) if classes else module(x)  # [b]
+        (gradient,) = torch.autograd.grad(value.sum(), x)
+        energy.append(value.detach().double())
+        grad.append(gradient.flatten(1).norm(dim=1).double())
+        if classes:
+            with torch.no_grad():
+                per_class = torch.stack([module(chunk, torch.full((len(chunk),), y)) for y in range(classes)], 1)
+            free.append(-torch.logsumexp(-per_class.double(), dim=1))
+    scores = {"energy": torch.cat(energy), "grad_norm": torch.cat(grad)}
+    if classes:
+        scores["free_energy"] = torch.cat(free)
+    return scores
+
+
+def flow_scores(model: LoadedModel, images: torch.Tensor, rtol: float, seed: int) -> dict[str, torch.Tensor]:
+    """Bits/dim [N]: one pass for NICE/Glow/i-ResNet, an adaptive ODE solve at `rtol` for a CNF."""
+    sampler = model.sampler_as(FlowSampler)
+    if sampler.solver is not None:
+        figure = cnf_bits_per_dim(cast(torch.nn.Module, model.module), images, None, rtol, rtol, 1, seed=seed)
+        return {"bits_per_dim": figure.bits_per_dim.double()}
+    flow = cast(Flow, model.module)
+    dim = math.prod(images.shape[1:])
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        values = [bits_per_dim(flow.log_prob(dequantize(chunk)), dim) for chunk in torch.split(images, 250)]
+    return {"bits_per_dim": torch.cat(values).double()}
+
+
+def base_scores(model: LoadedModel, images: torch.Tensor, rtol: float, seed: int) -> dict[str, torch.Tensor]:
+    if model.config.family == "ebm":
+        return energy_scores(model, images)
+    if model.config.family == "flow":
+        return flow_scores(model, images, rtol, seed)
+    raise SystemExit(f"ood: {model.name} is a {model.config.family} model; this bench compares EBMs and flows")
+
+
+def derived_scores(
+    scores: dict[str, torch.Tensor], complexity: torch.Tensor, reference: dict[str, torch.Tensor], ref_png: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Each base score, its typicality and its complexity correction (the reference gives their constants)."""
+    out = dict(scores)
+    for name, values in scores.items():
+        mean, std = reference[name].mean(), reference[name].std().clamp(min=1e-12)
+        out[f"typicality({name})"] = ((values - mean) / std).abs()
+    if "bits_per_dim" in scores:
+        dim_bits = scores["bits_per_dim"] * 784  # bits of the image under the flow
+        out["complexity(bits_per_dim)"] = dim_bits - complexity
+    for name in ("energy", "free_energy"):
+        if name in scores:
+            slope, intercept = np.polyfit(ref_png.numpy(), reference[name].numpy(), 1)
+            out[f"complexity({name})"] = scores[name] - (slope * complexity + intercept)
+    return out
+
+
+def roc_figures(inside: torch.Tensor, outside: torch.Tensor) -> dict[str, float]:
+    """AUROC (ties count half), AUPR with the out-of-distribution images as positives, FPR at 95 % TPR."""
+    values = torch.cat([inside, outside]).double()
+    truth = torch.cat([torch.zeros(len(inside)), torch.ones(len(outside))])
+    ranks = torch.from_numpy(np.argsort(np.argsort(values.numpy(), kind="stable"), kind="stable")).double() + 1
+    # Mid-ranks for ties:
+    _, inverse, counts = torch.unique(values, return_inverse=True, return_counts=True)
+    rank_sum = torch.zeros(len(counts), dtype=torch.float64).index_add_(0, inverse, ranks)
+    ranks = (rank_sum / counts)[inverse]
+    n_in, n_out = len(inside), len(outside)
+    auroc = (ranks[truth == 1].sum() - n_out * (n_out + 1) / 2) / (n_in * n_out)
+    order = torch.argsort(values, descending=True)
+    hits = truth[order]
+    precision = hits.cumsum(0) / torch.arange(1, len(hits) + 1)
+    aupr = (precision * hits).sum() / hits.sum()
+    threshold = torch.quantile(outside.double(), 0.05)  # 95 % of the out images score at least this
+    fpr95 = (inside.double() >= threshold).double().mean()
+    return {"auroc": round(float(auroc), 4), "aupr": round(float(aupr), 4), "fpr95": round(float(fpr95), 4)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", type=Path, help="an EBM or flow checkpoint")
+    parser.add_argument("--data-dir", required=True, help="the model's own dataset (IDX files)")
+    parser.add_argument("--dataset", default=None, help="its name (default: the checkpoint's data.dataset)")
+    parser.add_argument("--ood-data-dir", required=True, help="the other dataset's IDX files")
+    parser.add_argument("--ood-dataset", default="mnist", help="the other dataset's name")
+    parser.add_argument("--n", type=int, default=1000, help="test images of each set behind the figures")
+    parser.add_argument("--reference-n", type=int, default=1000, help="held-out images behind the constants")
+    parser.add_argument("--rtol", type=float, default=1e-3, help="a CNF's ODE tolerance (rtol = atol)")
+    parser.add_argument("--seed", type=int, default=0, help="dequantization and probes")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model = load_model(args.checkpoint, torch.device("cpu"))
+    dataset = args.dataset or model.config.data.get("dataset", "mnist")
+    inside = load_dataset(dataset, args.data_dir, "test").images
+    outside = load_dataset(args.ood_dataset, args.ood_data_dir, "test").images[: args.n]
+    reference, inside = inside[REFERENCE_START : REFERENCE_START + args.reference_n], inside[: args.n]
+    started = time.perf_counter()
+    sets = {}
+    for name, images in (("reference", reference), ("in", inside), ("out", outside)):
+        print(f"ood: scoring {len(images)} {name} images", file=sys.stderr, flush=True)
+        sets[name] = (base_scores(model, images, args.rtol, args.seed), png_bits(images))
+    ref_scores, ref_png = sets["reference"]
+    in_all = derived_scores(*sets["in"], ref_scores, ref_png)
+    out_all = derived_scores(*sets["out"], ref_scores, ref_png)
+    rows = {name: roc_figures(in_all[name], out_all[name]) for name in in_all}
+    means = {name: [round(float(in_all[name].mean()), 4), round(float(out_all[name].mean()), 4)] for name in rows}
+    report = {
+        "model": model.name,
+        "in": dataset,
+        "out": args.ood_dataset,
+        "n": args.n,
+        "reference_n": args.reference_n,
+        "seconds": round(time.perf_counter() - started, 1),
+        "scores": rows,
+        "means_in_out": means,
+    }
+    print(json.dumps(report, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    print(f"\n| score | AUROC | AUPR | FPR95 |  ({model.name}: {dataset} in, {args.ood_dataset} out)")
+    for name, row in rows.items():
+        print(f"| {name} | {row['auroc']} | {row['aupr']} | {row['fpr95']} |")
+
+
+if __name__ == "__main__":
+    main()
