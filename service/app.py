@@ -29,7 +29,7 @@ from service.buffer_store import BufferStore
 from service.messages import CancelledByClient
 from service.metrics import Metrics
 from service.middleware import BearerKey, BodyLimits
-from service.model_watch import ModelRepository, ModelWatcher, ReloadReport
+from service.model_watch import CoalescedReloads, ModelRepository, ModelWatcher, ReloadReport
 from service.orders import COMMON_FIELDS, accepted_fields, check_applicable, make_order
 from service.registry import Registry, ServedModel, model_files, signals_end_loading
 from service.schemas import ErrorBody, ModelInfo, Readiness, SampleRequest, SampleResponse, field_limits
@@ -195,7 +195,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if not settings.models_dir.is_dir():
             raise FileNotFoundError(f"models directory {settings.models_dir} does not exist")
         repository = ModelRepository(
-            settings.models_dir, device, settings.max_model_bytes, settings.model_load_timeout_s
+            settings.models_dir,
+            device,
+            settings.max_model_bytes,
+            settings.model_load_timeout_s,
+            settings.max_loaded_model_bytes,
         )
         files = len(model_files(settings.models_dir))
         log.info("loading %d model file%s from %s ...", files, "" if files == 1 else "s", settings.models_dir)
@@ -223,17 +227,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             sampling_dtype=dtype,
             served=served,
         )
-        published(registry)
+        published(served.registry)  # the worker's: models whose pools could not be built are refused there
         worker.start()
         watcher = ModelWatcher(repository, settings.watch_interval_s, worker.replace_registry, metrics)
         watcher.start()
         app.state.worker, app.state.store, app.state.served, app.state.watcher = worker, store, served, watcher
+        app.state.reloads = CoalescedReloads(watcher.reload)
+        registry = served.registry
         names = ", ".join(sorted(registry.models))
         seconds = time.perf_counter() - started
         log.info("serving %d models on %s: %s (loaded in %.1f s)", len(registry.models), device, names, seconds)
         try:
             yield
         finally:
+            app.state.reloads.close()
             await asyncio.to_thread(watcher.stop)
             await asyncio.to_thread(worker.stop)
 
@@ -330,9 +337,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     async def reload_models(request: Request) -> ReloadReport:
         """Rescan the models directory now (with --watch-interval-s 0, the only way a change is seen); answers
-        once the worker serves what changed. A file still being written is listed as pending."""
-        watcher: ModelWatcher = request.app.state.watcher
-        return await asyncio.to_thread(watcher.reload)
+        once the worker serves what changed. A file still being written is listed as pending. Calls that arrive
+        while a scan runs get that scan's report (one scan at a time, off the threads that encode answers)."""
+        reloads: CoalescedReloads = request.app.state.reloads
+        return await reloads()
 
     @app.post(
         "/sample",

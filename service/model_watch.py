@@ -19,11 +19,14 @@ bytes changes nothing.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 import os
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,10 +35,12 @@ from pydantic import BaseModel, Field
 
 from service.metrics import Metrics
 from service.registry import LoadedFile, Registry, assemble, load_file, model_files, refusal
+from training.runtime.checkpoint import CheckpointError
 from training.runtime.exported import PROGRAM_SUFFIX, SIDECAR_SUFFIX
 
 log = logging.getLogger(__name__)
 HAND_OVER_WAIT_S = 60.0  # how long a reload waits for the worker to swap the new models in
+RELOAD_SPACING_S = 1.0  # POST /models/reload starts at most one scan a second, however many clients call it
 
 
 @dataclass(frozen=True)
@@ -112,6 +117,7 @@ class ModelRepository:
     device: torch.device
     max_file_bytes: int
     load_timeout_s: float
+    max_loaded_bytes: int | None = None  # the most bytes of model files loaded at once (None: no bound)
     loaded: dict[str, LoadedFile] = field(default_factory=dict)  # file -> the version it serves
     taken: dict[str, Stamp] = field(default_factory=dict)  # file -> the stamp it was last loaded or refused at
     failures: dict[str, str] = field(default_factory=dict)  # file -> why it (or its latest version) is not served
@@ -125,8 +131,16 @@ class ModelRepository:
             try:
                 stamps = {path.name: stamp_of(path) for path in model_files(self.models_dir)}
             except OSError as error:  # the folder went away or cannot be read: keep serving what is loaded
-                report.failed[str(self.models_dir)] = f"cannot list the models directory ({error.strerror or error})"
+                reason = (
+                    f"cannot list the models directory ({error.strerror or error}); the {len(self.loaded)} model "
+                    "file(s) loaded before keep serving until it can be listed again"
+                )
+                if self.failures.get(self.directory_key) != reason:
+                    log.warning("%s: %s", self.models_dir, reason)
+                report.failed[self.directory_key] = self.failures[self.directory_key] = reason
+                report.versions = {model.name: model.version for model in self.registry().models.values()}
                 return report
+            self.failures.pop(self.directory_key, None)
             for name, stamp in stamps.items():
                 if self.taken.get(name) != stamp:
                     self._take(name, stamp, everything or is_complete(stamp, self.seen.get(name)), report)
@@ -147,8 +161,16 @@ class ModelRepository:
             report.pending.append(name)
             return
         started = time.perf_counter()
+        planned = sum(status.size for status in stamp if status is not None)
+        if (over := self._over_budget(name, planned)) is not None:  # refused unread; tried again every scan
+            if self.failures.get(name) != over:
+                log.warning("not serving %s: %s", name, over)
+            report.failed[name] = self.failures[name] = over
+            return
         try:
             loaded = load_file(path, self.models_dir, self.device, self.max_file_bytes, self.load_timeout_s)
+            if (over := self._over_budget(name, loaded.size)) is not None:  # it grew between the stat and the read
+                raise CheckpointError(over)
         except Exception as error:  # one bad file must not keep the others from being served
             self.taken[name] = stamp  # tried again once the file changes
             reason = refusal(error)
@@ -171,6 +193,24 @@ class ModelRepository:
         (report.replaced if previous else report.added).append(loaded.model.name)
         what = f"version {previous.version} replaced by {loaded.version}" if previous else f"version {loaded.version}"
         log.info("loaded %s (%s): %s in %.1f s", name, loaded.model.name, what, time.perf_counter() - started)
+
+    @property
+    def directory_key(self) -> str:
+        """The entry of /readyz's refusals that a models directory which cannot be listed is reported under."""
+        return f"{self.models_dir}/"
+
+    def _over_budget(self, name: str, size: int) -> str | None:
+        """Why loading `size` more bytes as `name` (replacing its version loaded now) would pass the budget of
+        loaded model bytes; None when it fits."""
+        if self.max_loaded_bytes is None:
+            return None
+        others = sum(loaded.size for file, loaded in self.loaded.items() if file != name)
+        if others + size <= self.max_loaded_bytes:
+            return None
+        return (
+            f"{name} ({size:,} bytes) would bring the model files loaded to {others + size:,} bytes, past "
+            f"max_loaded_model_bytes ({self.max_loaded_bytes:,}); remove a model or raise the budget"
+        )
 
     def registry(self) -> Registry:
         """The served names from the files loaded now, with every refusal /readyz shows."""
@@ -232,3 +272,41 @@ class ModelWatcher:
         if served is not None:
             report.applied = served.wait(wait_s) if wait_s > 0 else served.is_set()
         return report
+
+
+class CoalescedReloads:
+    """POST /models/reload's scans: one at a time, on a thread of its own, never on the thread pool that encodes
+    answers (asyncio.to_thread's), and at most one start per RELOAD_SPACING_S. A call waits for the next scan,
+    shared by every call that arrives before it starts: each answer comes from a scan that began after its call
+    did (so it sees the file its caller just wrote), a lone call after a quiet second is scanned at once, and
+    clients calling it in a loop, with or without an API key, cost one scan a second and take no thread from
+    the answers."""
+
+    def __init__(self, reload: Callable[[], ReloadReport], spacing_s: float = RELOAD_SPACING_S) -> None:
+        self._reload = reload
+        self.spacing_s = spacing_s
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-reload")
+        self._running: asyncio.Future[ReloadReport] | None = None
+        self._next: asyncio.Future[ReloadReport] | None = None  # the scan calls wait for, not started yet
+        self._last_start = -math.inf
+        self.started = 0  # scans started: a test's witness that calls coalesced
+
+    async def __call__(self) -> ReloadReport:
+        if self._next is None:
+            self._next = asyncio.ensure_future(self._scan_after(self._running))
+        return await asyncio.shield(self._next)  # a caller that goes away does not cancel the others' scan
+
+    async def _scan_after(self, running: asyncio.Future[ReloadReport] | None) -> ReloadReport:
+        if running is not None:
+            await asyncio.wait([running])  # its outcome is its own callers'
+        loop = asyncio.get_running_loop()
+        if (delay := self._last_start + self.spacing_s - loop.time()) > 0:
+            await asyncio.sleep(delay)
+        self._next = None  # calls from now on wait for the scan after this one
+        self._last_start = loop.time()
+        self._running = loop.run_in_executor(self._executor, self._reload)
+        self.started += 1
+        return await self._running
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -30,12 +30,18 @@ class PoolSet:
         """Every pool that may have work: the current ones, then the retired ones."""
         return [*self.current.values(), *(pool for _, pool in self.retired)]
 
-    def plan(self, wanted: Mapping[str, PoolPlan]) -> dict[str, SamplerPool]:
+    def plan(self, wanted: Mapping[str, PoolPlan]) -> tuple[dict[str, SamplerPool], dict[str, Exception]]:
         """The pools for `wanted` (pool name -> plan): the current pool where its key is unchanged, else a new
-        one. Nothing changes yet: a build that raises leaves the pools as they were."""
-        return {
-            name: self.current[name] if self.keys.get(name) == key else build() for name, (key, build) in wanted.items()
-        }
+        one; and the pools whose build raised, with why. Nothing changes yet, and a pool that cannot be built
+        costs only that pool: the worker serves the others (worker.py `_build`)."""
+        pools: dict[str, SamplerPool] = {}
+        failed: dict[str, Exception] = {}
+        for name, (key, build) in wanted.items():
+            try:
+                pools[name] = self.current[name] if self.keys.get(name) == key else build()
+            except Exception as error:
+                failed[name] = error
+        return pools, failed
 
     def swap(self, wanted: Mapping[str, PoolPlan], pools: dict[str, SamplerPool]) -> list[SamplerPool]:
         """Serve from `pools` (built by `plan`) and retire the current pools not among them; the retired ones."""

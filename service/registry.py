@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import signal
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -108,6 +109,7 @@ class LoadedFile:
     model: LoadedModel
     digest: str  # SHA-256 of the bytes read (a program's with its sidecar's): buffer_files.model_digest
     loaded_at: datetime
+    size: int = 0  # bytes read (a program's with its sidecar's): what it counts against max_loaded_model_bytes
 
     @property
     def version(self) -> str:
@@ -139,16 +141,16 @@ def _in_time(path: Path, seconds: float, load: Callable[[], Loaded]) -> Loaded:
     return results[0]
 
 
-def _load_file(path: Path, models_dir: Path, device: torch.device, max_bytes: int) -> tuple[LoadedModel, str]:
+def _load_file(path: Path, models_dir: Path, device: torch.device, max_bytes: int) -> tuple[LoadedModel, str, int]:
     """One served file through the one loader (training/runtime/load.py), with what only a server asks of it:
     a name it can put in buffer file names, one file per name, an image shape; and its buffer digest."""
     check_name(path.stem, "model name (the file's stem)", path.name)  # it names buffer files
     if path.suffix == PROGRAM_SUFFIX and path.with_suffix(".safetensors").exists():
         raise CheckpointError(f"{path.stem}.safetensors is served under the same name; rename one of the two")
-    model, payload = load_model_file(path, models_dir, device, max_bytes)
+    model, payload = load_model_file(path, models_dir, device, max_bytes, images_only=True)
     if len(model.shape) != 3:
         raise CheckpointError(f"data shape {list(model.shape)} is not an image [C, H, W]")
-    return model, model_digest(payload)
+    return model, model_digest(payload), len(payload)
 
 
 def _one_line(error: BaseException) -> str:
@@ -182,17 +184,21 @@ def signals_end_loading() -> Iterator[None]:
 
 def model_files(models_dir: Path) -> list[Path]:
     """The files a models directory serves: checkpoints, then torch.export programs (each beside its JSON
-    sidecar); names starting with a dot are left out (the temporary files of atomic saves)."""
-    checkpoints = sorted(models_dir.glob("*.safetensors"))
-    programs = sorted(models_dir.glob(f"*{PROGRAM_SUFFIX}"))
-    return [path for path in [*checkpoints, *programs] if not path.name.startswith(".")]
+    sidecar); names starting with a dot are left out (the temporary files of atomic saves). OSError when the
+    directory is gone or cannot be listed (`Path.glob` would answer "no files", and unserve every model)."""
+    names = [name for name in os.listdir(models_dir) if not name.startswith(".")]
+    checkpoints = sorted(name for name in names if name.endswith(".safetensors"))
+    programs = sorted(name for name in names if name.endswith(PROGRAM_SUFFIX))
+    return [models_dir / name for name in [*checkpoints, *programs]]
 
 
 def load_file(path: Path, models_dir: Path, device: torch.device, max_file_bytes: int, timeout_s: float) -> LoadedFile:
     """One file, read and checked as every served file is, within `timeout_s`; CheckpointError (or whatever
     the file made the loader raise) when it cannot be served."""
-    model, digest = _in_time(path, timeout_s, functools.partial(_load_file, path, models_dir, device, max_file_bytes))
-    return LoadedFile(path.name, model, digest, datetime.now(UTC))
+    model, digest, size = _in_time(
+        path, timeout_s, functools.partial(_load_file, path, models_dir, device, max_file_bytes)
+    )
+    return LoadedFile(path.name, model, digest, datetime.now(UTC), size)
 
 
 def refusal(error: BaseException) -> str:

@@ -48,6 +48,13 @@ class Settings(BaseSettings):
     max_model_bytes: int = Field(
         512 * 1024 * 1024, ge=1, description="largest file read from the models dir (its size checked before reading)"
     )
+    max_loaded_model_bytes: int | None = Field(
+        2 * 1024 * 1024 * 1024,
+        ge=1,
+        description="the most bytes of model files loaded at once, all files together (each is also bounded by"
+        " --max-model-bytes); a file that would pass it is refused with the reason in /readyz until others are"
+        " removed (none: no bound)",
+    )
     model_load_timeout_s: float = Field(
         60.0, gt=0, description="a model file still loading after this long is refused, and start-up goes on without it"
     )

@@ -39,7 +39,7 @@ from service.metrics import Metrics
 from service.ode_pool import OdePool, runs_ode_chains
 from service.pool_set import PoolPlan, PoolSet
 from service.pools import SamplerPool
-from service.registry import VERSION_CHARS, BufferGroup, Registry, ServedModel
+from service.registry import VERSION_CHARS, BufferGroup, Registry, ServedModel, refusal
 from service.scheduler import IDLE_SECONDS, Job, default_step_budget
 from service.served_models import ServedModels
 from training.sampling.replay_buffer import ReplayBuffer
@@ -107,10 +107,11 @@ class Worker:
         self.sampling_dtype = sampling_dtype
         self.failures = FailureLog()
         self.stopped_by: BaseException | None = None  # what ended the worker thread past every guard
-        self.served = served or ServedModels(registry)
         self._pools = PoolSet()
-        wanted = self._wanted_pools(registry)
-        self._pools.swap(wanted, self._pools.plan(wanted))
+        registry, wanted, pools = self._build(registry)
+        self._pools.swap(wanted, pools)
+        self.served = served or ServedModels(registry)
+        self.served.registry = registry  # not published yet: the models whose pools could be built
         self._pending: list[tuple[Registry, threading.Event]] = []  # registries handed over, not yet swapped in
         self.buffers: Mapping[str, BufferFigures] = MappingProxyType({})
         self._publish_buffers()
@@ -143,6 +144,32 @@ class Worker:
             if model.family == "gan" and model.members[0].critic is not None:  # DDLS chains
                 wanted[latent_pool_name(model)] = (model.pool_key, functools.partial(self._latent_pool, model))
         return wanted
+
+    def _pools_of(self, model: ServedModel) -> set[str]:
+        """The names of the pools `model`'s requests run in (_wanted_pools)."""
+        ddls = model.family == "gan" and model.members[0].critic is not None
+        return {model.pool, latent_pool_name(model)} if ddls else {model.pool}
+
+    def _build(self, registry: Registry) -> tuple[Registry, dict[str, PoolPlan], dict[str, SamplerPool]]:
+        """The pools `registry` needs, built (or kept); a pool that cannot be built fails only the models that run
+        in it: they are left out of the registry served, each with the reason in /readyz, and the others swap in."""
+        wanted = self._wanted_pools(registry)
+        pools, failed = self._pools.plan(wanted)
+        if not failed:
+            return registry, wanted, pools
+        models, refused = {}, dict(registry.refused)
+        for name, model in registry.models.items():
+            broken = sorted(self._pools_of(model) & set(failed))
+            if not broken:
+                models[name] = model
+                continue
+            error = failed[broken[0]]
+            refused[name] = refusal(ValueError(f"{name} is not served: its pool could not be built ({error})"))
+            log.warning("%s", refused[name])
+        groups = {name: group for name, group in registry.groups.items() if name not in failed}
+        registry = Registry(models, groups, refused)
+        wanted = self._wanted_pools(registry)  # a subset of what was planned, under the same keys
+        return registry, wanted, {name: pools[name] for name in wanted}
 
     def _langevin_pool(self, group: BufferGroup) -> LangevinPool:
         """A buffer group's pool, from the buffer saved under its digest (a new version: its checkpoints')."""
@@ -178,9 +205,7 @@ class Worker:
             pending, self._pending = self._pending, []
         if not pending:
             return
-        registry = pending[-1][0]
-        wanted = self._wanted_pools(registry)
-        pools = self._pools.plan(wanted)  # may read saved buffers: outside the lock, before anything changes
+        registry, wanted, pools = self._build(pending[-1][0])  # may read saved buffers: outside the lock
         with self._inbox_lock:  # submit looks pools up under this lock
             retired = self._pools.swap(wanted, pools)
         for pool in retired:

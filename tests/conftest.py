@@ -170,3 +170,23 @@ def write_tiny_flow(path: Path, seed: int = 0, arch_name: str = "nice") -> Path:
     )
     save_checkpoint(path, Checkpoint(config, flow.state_dict()))
     return path
+
+
+def restate(path: Path, change=None, weights=None) -> Path:
+    """Rewrite a checkpoint as a hand-edited (or hostile) file would be: `change(config)` edits its config dict in
+    place (or returns the config's JSON text itself), `weights(name, tensor)` returns each tensor's replacement;
+    the file is renamed into place."""
+    import json
+
+    import safetensors.torch
+
+    from training.runtime.checkpoint import atomic_write_bytes, read_metadata
+
+    payload = path.read_bytes()
+    config = json.loads(read_metadata(payload, path.name)["config"])
+    text = change(config) if change is not None else None
+    tensors = safetensors.torch.load(payload)
+    if weights is not None:
+        tensors = {name: weights(name, tensor) for name, tensor in tensors.items()}
+    atomic_write_bytes(path, safetensors.torch.save(tensors, metadata={"config": text or json.dumps(config)}))
+    return path

@@ -113,5 +113,5 @@ def run_export(args: argparse.Namespace) -> None:
             "its velocity field is not supported yet (serve or sample the .safetensors checkpoint itself)"
         )
     program, sidecar = export_model(model, args.out)
-    load_exported(program)  # read back as the server reads it: the archive checks and the probe batch
+    load_exported(program)  # read back as a server reads it: the checked reader, the archive checks, the probe
     print(f"wrote {program} and {sidecar}: put both in the models directory to serve {program.stem}")

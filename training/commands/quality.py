@@ -76,11 +76,18 @@ def features_and_labels(
 def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^1/2) between Gaussians fitted to features [N, D]."""
     a, b = a.double(), b.double()
+    if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+        raise ValueError("the classifier features hold NaN or infinite values (are the samples finite?): no FID")
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError(f"a Frechet distance needs at least 2 samples on each side, got {len(a)} and {len(b)}")
     cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)  # [D, D]
     # Tr((S_a S_b)^1/2) = Tr((S_a^1/2 S_b S_a^1/2)^1/2): a symmetric PSD form, so eigvalsh is exact.
-    values, vectors = torch.linalg.eigh(cov_a)
-    root_a = vectors @ torch.diag(values.clamp(min=0).sqrt()) @ vectors.T
-    trace_root = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp(min=0).sqrt().sum()
+    try:
+        values, vectors = torch.linalg.eigh(cov_a)
+        root_a = vectors @ torch.diag(values.clamp(min=0).sqrt()) @ vectors.T
+        trace_root = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp(min=0).sqrt().sum()
+    except torch.linalg.LinAlgError as error:  # eigh did not converge: no figure, one line, not a traceback
+        raise ValueError(f"the Frechet distance cannot be computed: {str(error).splitlines()[0]}") from error
     mean_term = (a.mean(0) - b.mean(0)).pow(2).sum()
     return float(mean_term + cov_a.trace() + cov_b.trace() - 2 * trace_root)
 

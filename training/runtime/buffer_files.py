@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load as load_safetensors_bytes
 
-from training.runtime.checkpoint import CheckpointError, check_name, max_buffer_capacity, read_metadata
-from training.runtime.exported import PROGRAM_SUFFIX, read_sidecar
+from training.runtime.checkpoint import CheckpointError, check_name, max_buffer_capacity, read_metadata, read_model_file
+from training.runtime.exported import PROGRAM_SUFFIX, SIDECAR_SUFFIX, read_sidecar
 from training.runtime.load import read_model_payload
 from training.runtime.loaded import LoadedModel
 from training.sampling.replay_buffer import ReplayBuffer
@@ -155,14 +155,20 @@ def pooled_state(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tenso
     }
 
 
+def _payload(path: Path) -> bytes:
+    """What a server's digest of a member covers: its bytes and a program's sidecar's, as the loader read them."""
+    payload, sidecar = read_model_payload(path, path.parent)
+    return payload + (sidecar or b"")
+
+
 def _ensemble_of(path: Path) -> str | None:
     """The ensemble an EBM file declares (a checkpoint's metadata, a program's sidecar); None otherwise."""
     try:
         if path.suffix == PROGRAM_SUFFIX:
-            config = read_sidecar(path)
+            config = read_sidecar(path.with_suffix(SIDECAR_SUFFIX))
             return config.ensemble if config.family == "ebm" else None
-        raw = json.loads(read_metadata(path.read_bytes(), str(path)).get("config", "{}"))
-    except (CheckpointError, json.JSONDecodeError, OSError, ValueError):
+        raw = json.loads(read_metadata(read_model_file(path, path.parent), str(path)).get("config", "{}"))
+    except (CheckpointError, json.JSONDecodeError, OSError, ValueError, RecursionError):
         return None  # the server refuses such a file too
     return raw.get("ensemble") if isinstance(raw, dict) and raw.get("family") == "ebm" else None
 
@@ -194,7 +200,7 @@ def load_server_buffer(
         raise FileNotFoundError(f"--state-dir {state_dir} is not a directory; pass the server's --state-dir")
     group = first.config.ensemble or first.name
     files = buffer_group_files(checkpoints, first.config.ensemble)
-    digest = group_digest(model_digest(b"".join(read_model_payload(path, path.parent))) for path in files)
+    digest = group_digest(model_digest(_payload(path)) for path in files)
     paths = saved_buffer_paths(state_dir, group, digest)
     if not paths:
         others = sorted(other.name for other in state_dir.glob(f"buffer-{glob.escape(group)}-*.safetensors"))

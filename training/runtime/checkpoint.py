@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
+import stat
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,41 +22,20 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from training.sampling.sampler_config import SAMPLERS, sampler_for
+from training.runtime.stated import MAX_ARCH_NUMBER as MAX_ARCH_NUMBER
+from training.runtime.stated import MAX_SAMPLE_VALUES as MAX_SAMPLE_VALUES
+from training.runtime.stated import CheckpointError as CheckpointError
+from training.runtime.stated import check_name as check_name
+from training.runtime.stated import check_stated as check_stated
+from training.runtime.stated import first_line as first_line
+from training.runtime.stated import parse_json as parse_json
 
 SCHEMA_VERSION = 1
 SAMPLED_FAMILIES = ("ebm", "gan", "flow")  # what sample, evaluate, export, the zoo and the server draw from
 FAMILIES = (*SAMPLED_FAMILIES, "classifier")
 WEIGHTS_GROUP = "weights"
-# Sizes no model of this project comes near: a config past them is corrupt or hostile, and is refused
-# before anything is built from it (a width of 200,000 would ask for terabytes).
-MAX_ARCH_NUMBER = 65_536  # any integer of an architecture (width, hidden units, layers, latent size)
-MAX_SAMPLE_VALUES = 3 * 1024 * 1024  # values in one sample (data.shape); MNIST has 784
+MAX_MODEL_BYTES = 512 * 1024 * 1024  # the largest model file read (service/settings.py's max_model_bytes default)
 MAX_BUFFER_VALUES = 2**28  # replay-buffer capacity x values per sample: 1 GiB of float32 (MNIST's 8192: 6.4 M)
-# A name read from a file that becomes part of a file name (an ensemble, a model's stem, a buffer group).
-NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-NAME_RULE = "1 to 64 of [A-Za-z0-9_.-], not '.' or '..'"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint could not be read or is not one this version understands."""
-
-
-def first_line(error: Exception) -> str:
-    """An error's first line, at most 300 characters: what a refusal quotes of an exception from torch."""
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
-
-
-def check_name(name: object, what: str, source: str) -> str:
-    """`name` if it may become part of a file name; else CheckpointError naming `what` and the rule.
-
-    Names from files (an ensemble, a model's file stem) end up in the state directory's file names: a
-    separator or '..' would write outside it, a null byte makes every path operation raise.
-    """
-    if isinstance(name, str) and NAME_PATTERN.fullmatch(name) and name not in (".", ".."):
-        return name
-    shown = repr(name) if len(repr(name)) <= 80 else f"{repr(name)[:77]}..."
-    raise CheckpointError(f"{source}: {what} {shown} is not a name this server puts in file names: {NAME_RULE}")
 
 
 def max_buffer_capacity(shape: list[int] | tuple[int, ...]) -> int:
@@ -82,10 +61,7 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, text: str, source: str = "checkpoint") -> ModelConfig:
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise CheckpointError(f"{source}: config metadata is not valid JSON ({error})") from error
+        raw = parse_json(text, f"{source}: config metadata")
         if not isinstance(raw, dict):
             raise CheckpointError(f"{source}: config metadata must be a JSON object")
         version = raw.get("schema_version")
@@ -100,53 +76,12 @@ class ModelConfig:
             raise CheckpointError(f"{source}: family {raw['family']!r} is not one of {', '.join(FAMILIES)}")
         if not isinstance(raw["arch"], dict) or "name" not in raw["arch"]:
             raise CheckpointError(f"{source}: arch must be an object with a 'name' and 'kwargs'")
-        if not isinstance(raw["data"], dict) or "shape" not in raw["data"]:
-            raise CheckpointError(f"{source}: data must be an object with a 'shape'")
-        if raw["family"] in SAMPLERS:
-            try:
-                sampler_for(raw["family"], raw["sampler"])
-            except ValueError as error:
-                raise CheckpointError(f"{source}: {error}") from error
         known = {name for name in cls.__dataclass_fields__}
         unknown = set(raw) - known
         if unknown:
             raise CheckpointError(f"{source}: config has unknown fields {sorted(unknown)}")
-        if raw.get("ensemble") is not None:
-            check_name(raw["ensemble"], "ensemble", source)
-        check_sizes(raw, source)
+        check_stated(raw, source)
         return cls(**raw)
-
-
-def _integers(value: Any, path: str) -> list[tuple[str, int]]:
-    """(dotted path, integer) for every integer inside nested dicts and lists."""
-    if isinstance(value, bool):
-        return []
-    if isinstance(value, int):
-        return [(path, value)]
-    if isinstance(value, dict):
-        return [found for key, item in value.items() for found in _integers(item, f"{path}.{key}")]
-    if isinstance(value, list):
-        return [found for index, item in enumerate(value) for found in _integers(item, f"{path}[{index}]")]
-    return []
-
-
-def check_sizes(raw: dict[str, Any], source: str) -> None:
-    """Refuse sizes no model of this project has, from the config alone: nothing has been allocated yet."""
-    shape = raw["data"]["shape"]
-    if not (isinstance(shape, list) and shape and all(type(size) is int and size >= 1 for size in shape)):
-        raise CheckpointError(f"{source}: data.shape must be a list of positive integers, not {shape!r}")
-    if math.prod(shape) > MAX_SAMPLE_VALUES:
-        raise CheckpointError(
-            f"{source}: data.shape {shape} has {math.prod(shape):,} values per sample; at most {MAX_SAMPLE_VALUES:,}"
-        )
-    latent = raw["sampler"].get("latent_dim") if isinstance(raw["sampler"], dict) else None
-    sizes = _integers(raw["arch"], "arch") + ([("sampler.latent_dim", latent)] if isinstance(latent, int) else [])
-    for path, number in sizes:
-        if number > MAX_ARCH_NUMBER:
-            raise CheckpointError(
-                f"{source}: {path} is {number:,}; no architecture size may exceed {MAX_ARCH_NUMBER:,} "
-                "(the config is corrupt, or not one this project wrote)"
-            )
 
 
 @dataclass
@@ -217,10 +152,7 @@ def read_metadata(payload: bytes, source: str) -> dict[str, str]:
     header_size = int.from_bytes(payload[:8], "little")
     if header_size > len(payload) - 8:
         raise CheckpointError(f"{source}: safetensors header is truncated")
-    try:
-        header = json.loads(payload[8 : 8 + header_size])
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{source}: safetensors header is not JSON ({error})") from error
+    header = parse_json(payload[8 : 8 + header_size], f"{source}: safetensors header")
     if not isinstance(header, dict):
         raise CheckpointError(f"{source}: safetensors header is not a JSON object")
     metadata = header.get("__metadata__") or {}
@@ -248,10 +180,55 @@ def decode_checkpoint(payload: bytes, source: str = "checkpoint") -> Checkpoint:
     return Checkpoint(config=config, weights=weights, extras=groups)
 
 
-def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+def load_checkpoint(path: str | os.PathLike, max_bytes: int = MAX_MODEL_BYTES) -> Checkpoint:
+    """A checkpoint as a command reads it to change and save it again (set-sampler, evaluate --record, resume):
+    through the checked reader, then the checks of what it states."""
     path = Path(path)
     try:
-        payload = path.read_bytes()
+        payload = read_model_file(path, path.parent, max_bytes)
     except OSError as error:
         raise CheckpointError(f"{path}: cannot read checkpoint ({error.strerror})") from error
     return decode_checkpoint(payload, str(path))
+
+
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a directory"), (stat.S_ISSOCK, "a socket"))
+
+
+def _not_regular(path: Path, mode: int) -> CheckpointError:
+    kind = next((name for test, name in _KINDS if test(mode)), "a device")
+    return CheckpointError(f"{path.name} is not a regular file but {kind}; only regular files are read")
+
+
+def read_model_file(path: Path, models_dir: Path, max_bytes: int = MAX_MODEL_BYTES) -> bytes:
+    """The bytes of a file in the models directory, read only when it is a regular file of at most max_bytes
+    that is (or links to) a file inside the directory: so reading never blocks, never fills memory, and a
+    refusal never shows what a link out of the folder points at. The one reader of a model file, its sidecar
+    and a checkpoint a command opens (its own folder as `models_dir`): each is read once, here, and every
+    check and parse works on the bytes it returns."""
+    if not os.path.lexists(path):
+        raise CheckpointError(f"{path.name} does not exist; check the path and the file's name (cannot read it)")
+    try:
+        target = path.resolve(strict=True)
+    except (OSError, RuntimeError):  # a dangling link, or a loop of links
+        raise CheckpointError(f"{path.name} is a link that does not resolve to a file") from None
+    if not target.is_relative_to(models_dir.resolve()):
+        raise CheckpointError(
+            f"{path.name} is a link that leads outside the models directory; only files inside it are read "
+            "(copy the file in instead)"
+        )
+    if not stat.S_ISREG(mode := target.stat().st_mode):  # before opening: opening a device may act on it
+        raise _not_regular(path, mode)
+    descriptor = os.open(target, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)  # a FIFO swapped in: no wait
+    with os.fdopen(descriptor, "rb") as handle:
+        status = os.fstat(descriptor)
+        if not stat.S_ISREG(status.st_mode):
+            raise _not_regular(path, status.st_mode)
+        if status.st_size > max_bytes:
+            raise CheckpointError(
+                f"{path.name} is {status.st_size:,} bytes; the server reads files of at most {max_bytes:,} "
+                "bytes (max_model_bytes)"
+            )
+        payload = handle.read(max_bytes + 1)
+    if len(payload) > max_bytes:
+        raise CheckpointError(f"{path.name} grew past {max_bytes:,} bytes (max_model_bytes) while it was read")
+    return payload

@@ -23,8 +23,8 @@ does what its graph says: its ATen operators may allocate what their arguments a
 
 from __future__ import annotations
 
-import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +36,13 @@ from torch._export.serde.serialize import ExportedProgramDeserializer, _dict_to_
 from torch.export.passes import move_to_device_pass
 
 from training.models.flows import BASES
-from training.runtime.checkpoint import CheckpointError, ModelConfig, check_name, check_sizes, first_line
+from training.runtime.checkpoint import CheckpointError, ModelConfig, first_line, read_model_file
 from training.runtime.exported_modules import ExportedEnergy, ExportedFlow, ExportedGenerator
 from training.runtime.loaded import LoadedModel
 from training.runtime.pt2_archive import TensorRecord, VettedArchive, check_archive
 from training.runtime.pt2_graph import check_operators
 from training.runtime.pt2_zip import MAX_ARCHIVE_BYTES
+from training.runtime.stated import StatedData, check_stated, parse_json
 from training.sampling.replay_buffer import ReplayBuffer
 from training.sampling.sampler_config import EBMSampler, FlowSampler, GANSampler, sampler_for
 
@@ -50,7 +51,7 @@ SIDECAR_SUFFIX = ".json"
 CRITIC_SUFFIX = ".critic.pt2"  # a GAN critic program (DDLS): not served by this version
 FAMILIES = ("ebm", "gan", "flow")
 SIDECAR_KEYS = ("family", "data", "sampler", "ensemble", "metrics")
-DATA_KEYS = ("shape", "range", "classes", "dataset")
+DATA_KEYS = tuple(StatedData.model_fields)  # shape, range, classes, dataset, levels
 EXPORTED_ARCH = {"name": "torch.export", "kwargs": {}}
 MIN_BATCH = 4096  # a program must take batches at least this large (a server steps up to its chain budget at once)
 MAX_BUFFER_VALUES = 2**28  # an exported energy's replay buffer, as service/registry.py bounds a checkpoint's
@@ -101,19 +102,27 @@ def read_program(payload: bytes | bytearray | memoryview, source: str) -> torch.
 # --- the sidecar ---------------------------------------------------------------------------------------
 
 
+MAX_SIDECAR_BYTES = 1024 * 1024  # a sidecar is a few hundred bytes of JSON; its metrics are bounded too
+
+
 def read_sidecar(path: Path) -> ModelConfig:
-    """The ModelConfig an exported program is served with, from NAME.json: family, data, sampler (the
-    family's typed sampler configuration; unknown keys refused), and optionally ensemble and metrics."""
-    source = path.name
-    if not path.is_file():
+    """NAME.json read through the checked reader (a regular file inside its folder, at most MAX_SIDECAR_BYTES),
+    then parsed by `parse_sidecar`."""
+    if not os.path.lexists(path):
         raise CheckpointError(
-            f"{source} is missing: an exported program is served with a JSON sidecar such as "
+            f"{path.name} is missing: an exported program is served with a JSON sidecar such as "
             '{"family": "ebm", "data": {"shape": [1, 28, 28], "range": [-1.0, 1.0]}, "sampler": {}}'
         )
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{source} is not valid JSON ({error})") from error
+    return parse_sidecar(read_model_file(path, path.parent, MAX_SIDECAR_BYTES), path)
+
+
+def parse_sidecar(payload: bytes, path: Path) -> ModelConfig:
+    """The ModelConfig an exported program is served with, from the bytes of NAME.json as the checked reader
+    read them (never the path again): family, data, sampler (the family's typed sampler configuration; unknown
+    keys refused), and optionally ensemble and metrics, checked by the schema checkpoints are checked by
+    (training/runtime/stated.py `check_stated`), plus what only a program's sidecar must say."""
+    source = path.name
+    raw = parse_json(payload, source)
     if not isinstance(raw, dict):
         raise CheckpointError(f"{source} must hold a JSON object with {', '.join(SIDECAR_KEYS[:3])}")
     unknown = sorted(set(raw) - set(SIDECAR_KEYS))
@@ -122,45 +131,20 @@ def read_sidecar(path: Path) -> ModelConfig:
     family = raw.get("family")
     if family not in FAMILIES:
         raise CheckpointError(f"{source}: family must be one of {', '.join(FAMILIES)}, not {family!r}")
-    data, sampler = raw.get("data"), raw.get("sampler", {})
+    data, sampler, metrics = raw.get("data"), raw.get("sampler", {}), raw.get("metrics", {})
+    ensemble = raw.get("ensemble")
     if not isinstance(data, dict) or "shape" not in data:
         raise CheckpointError(f'{source}: data must be an object with a "shape", e.g. {{"shape": [1, 28, 28]}}')
-    unknown = sorted(set(data) - set(DATA_KEYS))
-    if unknown:
-        raise CheckpointError(f"{source}: unknown data keys {unknown}; known: {', '.join(DATA_KEYS)}")
-    if not isinstance(sampler, dict):
-        raise CheckpointError(f"{source}: sampler must be an object")
-    data_range = data.get("range", [-1.0, 1.0])
-    if not (
-        isinstance(data_range, list)
-        and len(data_range) == 2
-        and all(isinstance(end, int | float) and math.isfinite(end) for end in data_range)
-        and data_range[0] < data_range[1]
-    ):
-        raise CheckpointError(f"{source}: data.range must be [low, high] with low < high, not {data_range!r}")
-    classes = data.get("classes")
-    if classes is not None and not (
-        isinstance(classes, list) and classes and all(isinstance(name, str) for name in classes)
-    ):
-        raise CheckpointError(f"{source}: data.classes must be a non-empty list of class names")
-    if classes is not None and family != "ebm":
+    config = {
+        "family": family, "arch": EXPORTED_ARCH, "data": data, "sampler": sampler, "metrics": metrics,
+        "ensemble": ensemble,
+    }  # fmt: skip
+    check_stated(config, source)
+    if data.get("classes") is not None and family != "ebm":
         raise CheckpointError(f"{source}: data.classes: only energies (family ebm) are class-conditional")
     if family == "gan" and "latent_dim" not in sampler:
         raise CheckpointError(f"{source}: a generator's sampler must give latent_dim (the size of z)")
-    ensemble = raw.get("ensemble")
-    if ensemble is not None and (family != "ebm" or not isinstance(ensemble, str) or not ensemble):
-        raise CheckpointError(f"{source}: ensemble must be a name, and only energies form ensembles")
-    if ensemble is not None:
-        check_name(ensemble, "ensemble", source)  # it names the buffer's file in the state directory
-    metrics = raw.get("metrics", {})
-    if not isinstance(metrics, dict):
-        raise CheckpointError(f"{source}: metrics must be an object")
-    config = {"family": family, "arch": EXPORTED_ARCH, "data": data, "sampler": sampler, "metrics": metrics}
-    check_sizes(config, source)
-    try:
-        typed = sampler_for(family, sampler)
-    except ValueError as error:
-        raise CheckpointError(f"{source}: {error}") from error
+    typed = sampler_for(family, sampler)
     if isinstance(typed, FlowSampler) and typed.base not in (None, *BASES):
         raise CheckpointError(f"{source}: sampler.base must be one of {', '.join(BASES)}, not {typed.base!r}")
     return ModelConfig(
@@ -270,22 +254,22 @@ def _expect(value: Any, shape: list[int], what: str, source: str) -> None:
         raise CheckpointError(f"{source}: the {what} is not finite floating point ({value.dtype})")
 
 
-def load_exported(path: str | Path, device: torch.device | str = "cpu", payload: bytes | None = None) -> LoadedModel:
+def load_exported(
+    path: str | Path, device: torch.device | str = "cpu", payload: bytes | None = None, sidecar: bytes | None = None
+) -> LoadedModel:
     """A `NAME.pt2` program and its `NAME.json` sidecar as a LoadedModel every sampler, pool and command
-    takes; CheckpointError with the reason when either cannot be served."""
+    takes; CheckpointError with the reason when either cannot be served. `payload` and `sidecar` are the bytes
+    the checked reader read (training/runtime/load.py); either left out is read here by that reader."""
     path = Path(path)
     if path.name.endswith(CRITIC_SUFFIX):
         raise CheckpointError(
             f"{path.name}: critic programs (DDLS for exported GANs) are not served by this version; "
             f"{path.name.removesuffix(CRITIC_SUFFIX)}{PROGRAM_SUFFIX} is served without it"
         )
-    config = read_sidecar(path.with_suffix(SIDECAR_SUFFIX))
+    sidecar_path = path.with_suffix(SIDECAR_SUFFIX)
+    config = read_sidecar(sidecar_path) if sidecar is None else parse_sidecar(sidecar, sidecar_path)
     if payload is None:
-        if path.stat().st_size > MAX_ARCHIVE_BYTES:
-            raise CheckpointError(
-                f"{path.name}: {path.stat().st_size:,} bytes; an archive may hold at most {MAX_ARCHIVE_BYTES:,}"
-            )
-        payload = path.read_bytes()
+        payload = read_model_file(path, path.parent, MAX_ARCHIVE_BYTES)
     program = read_program(payload, path.name)
     try:
         _check_signature(program, config, path.name)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import stat
 from pathlib import Path
 
 import torch
@@ -20,17 +19,19 @@ from torch import nn
 from training.models import build_model, skeleton
 from training.runtime.checkpoint import (
     MAX_BUFFER_VALUES,
+    MAX_MODEL_BYTES,
     SAMPLED_FAMILIES,
     Checkpoint,
     CheckpointError,
     decode_checkpoint,
     first_line,
+    read_model_file,
 )
-from training.runtime.exported import PROGRAM_SUFFIX, SIDECAR_SUFFIX, load_exported
+from training.runtime.draw import draw_samples
+from training.runtime.exported import MAX_SIDECAR_BYTES, PROGRAM_SUFFIX, SIDECAR_SUFFIX, load_exported
 from training.runtime.loaded import LoadedModel
+from training.sampling.noise import chain_seeds
 from training.sampling.sampler_config import GANSampler, sampler_for
-
-MAX_MODEL_BYTES = 512 * 1024 * 1024  # the largest model file read (service/settings.py's max_model_bytes default)
 
 
 def _frozen(arch: dict, weights: dict[str, torch.Tensor], device: torch.device | str) -> nn.Module:
@@ -130,85 +131,89 @@ def _check_shapes(checkpoint: Checkpoint) -> None:
             )
 
 
-def _load_checkpoint(path: Path, payload: bytes, device: torch.device) -> LoadedModel:
+def _load_checkpoint(path: Path, payload: bytes, device: torch.device, images_only: bool) -> LoadedModel:
     checkpoint = decode_checkpoint(payload, path.name)
     family = checkpoint.config.family
     if family not in SAMPLED_FAMILIES:
         raise CheckpointError(f"family {family!r} is not sampled by this version")
+    if images_only and len(shape := checkpoint.config.data["shape"]) != 3:  # said before the probe fails on it
+        raise CheckpointError(f"data shape {list(shape)} is not an image [C, H, W]")
     _check_shapes(checkpoint)
     model = instantiate(checkpoint, path.stem, device)
     if family == "gan":
         _check_generator(model)
+    check_classes(model)
+    probe_checkpoint(model)
     return model
 
 
-def _load_program(path: Path, payload: bytes, device: torch.device) -> LoadedModel:
+def check_classes(model: LoadedModel) -> None:
+    """A conditional network's `data.classes` name exactly its classes: a label past the network's classes
+    would index outside its embedding on the device (an IndexError in the middle of a shared batch)."""
+    stated = model.config.data.get("classes")
+    network = int(getattr(model.module, "num_classes", 0) or 0)
+    if stated is not None and network and len(stated) != network:
+        raise CheckpointError(
+            f"data.classes lists {len(stated):,} class names, but the network has {network} classes; "
+            "list exactly one name per class"
+        )
+
+
+def _non_finite(module: nn.Module | None) -> str | None:
+    """The name of the first parameter or buffer of `module` holding NaN or infinity; None when all are finite."""
+    if module is None:
+        return None
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
+
+
+def probe_checkpoint(model: LoadedModel) -> None:
+    """Finite weights and one probe step, as a request would take it, with finite results: what a checkpoint
+    must pass before it is served, at first load and as a replacement (an exported program is probed by
+    exported.probe). Weights with NaN in them would otherwise take over from a good version and answer every
+    request with "chains diverged"; a `sample` would write a black image."""
+    for what, module in (("weights", model.module), ("critic", model.critic)):
+        if (name := _non_finite(module)) is not None:
+            raise CheckpointError(f"{what}/{name} holds NaN or infinite values; a model is served with finite weights")
+    try:
+        samples = draw_samples(model, chain_seeds(0, 2), steps=1, init="noise")
+    except Exception as error:  # a config that builds but cannot sample (a shape the network does not take, ...)
+        raise CheckpointError(f"the probe step fails: {first_line(error)}") from error
+    if not bool(torch.isfinite(samples).all()):
+        raise CheckpointError("the probe step makes NaN or infinite values; this model cannot be sampled")
+
+
+def _load_program(path: Path, payload: bytes, sidecar: bytes | None, device: torch.device) -> LoadedModel:
     """A torch.export program and its sidecar (training/runtime/exported.py checks the archive and probes it)."""
     if path.with_suffix(".safetensors").exists():
         raise CheckpointError(f"{path.stem}.safetensors is served under the same name; rename one of the two")
-    model = load_exported(path, device, payload)
+    model = load_exported(path, device, payload, sidecar)
     if len(model.shape) != 3:
         raise CheckpointError(f"data shape {list(model.shape)} is not an image [C, H, W]")
     return model
 
 
-_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a directory"), (stat.S_ISSOCK, "a socket"))
-
-
-def _not_regular(path: Path, mode: int) -> CheckpointError:
-    kind = next((name for test, name in _KINDS if test(mode)), "a device")
-    return CheckpointError(f"{path.name} is not a regular file but {kind}; only regular files are read")
-
-
-def read_model_file(path: Path, models_dir: Path, max_bytes: int) -> bytes:
-    """The bytes of a file in the models directory, read only when it is a regular file of at most max_bytes
-    that is (or links to) a file inside the directory: so reading never blocks, never fills memory, and a
-    refusal never shows what a link out of the folder points at."""
-    try:
-        target = path.resolve(strict=True)
-    except (OSError, RuntimeError):  # no such file, a dangling link, or a loop of links
-        if not os.path.lexists(path):
-            raise CheckpointError(f"{path.name} does not exist; check the path and the file's name") from None
-        raise CheckpointError(f"{path.name} is a link that does not resolve to a file") from None
-    if not target.is_relative_to(models_dir.resolve()):
-        raise CheckpointError(
-            f"{path.name} is a link that leads outside the models directory; only files inside it are read "
-            "(copy the file in instead)"
-        )
-    if not stat.S_ISREG(mode := target.stat().st_mode):  # before opening: opening a device may act on it
-        raise _not_regular(path, mode)
-    descriptor = os.open(target, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)  # a FIFO swapped in: no wait
-    with os.fdopen(descriptor, "rb") as handle:
-        status = os.fstat(descriptor)
-        if not stat.S_ISREG(status.st_mode):
-            raise _not_regular(path, status.st_mode)
-        if status.st_size > max_bytes:
-            raise CheckpointError(
-                f"{path.name} is {status.st_size:,} bytes; the server reads files of at most {max_bytes:,} "
-                "bytes (max_model_bytes)"
-            )
-        payload = handle.read(max_bytes + 1)
-    if len(payload) > max_bytes:
-        raise CheckpointError(f"{path.name} grew past {max_bytes:,} bytes (max_model_bytes) while it was read")
-    return payload
-
-
-def read_model_payload(path: Path, models_dir: Path, max_bytes: int = MAX_MODEL_BYTES) -> tuple[bytes, bytes]:
-    """A model file's bytes and, for a program, its sidecar's (b"" for a checkpoint or a missing sidecar), read
-    as `read_model_file` reads; together they are what a replay buffer's digest covers (buffer_files.py)."""
+def read_model_payload(path: Path, models_dir: Path, max_bytes: int = MAX_MODEL_BYTES) -> tuple[bytes, bytes | None]:
+    """A model file's bytes and, for a program, its sidecar's (None for a checkpoint or a missing sidecar), each
+    read once by `read_model_file`; together they are what a replay buffer's digest covers (buffer_files.py)."""
     payload = read_model_file(path, models_dir, max_bytes)
     sidecar = path.with_suffix(SIDECAR_SUFFIX)
     if path.suffix != PROGRAM_SUFFIX or not os.path.lexists(sidecar):
-        return payload, b""
-    return payload, read_model_file(sidecar, models_dir, max_bytes)
+        return payload, None
+    return payload, read_model_file(sidecar, models_dir, min(max_bytes, MAX_SIDECAR_BYTES))
 
 
 def load_model_file(
-    path: Path, models_dir: Path, device: torch.device, max_bytes: int = MAX_MODEL_BYTES
+    path: Path, models_dir: Path, device: torch.device, max_bytes: int = MAX_MODEL_BYTES, images_only: bool = False
 ) -> tuple[LoadedModel, bytes]:
     """The one loader: a checkpoint, or a program with its sidecar, read within models_dir and checked; and the
-    bytes a buffer's digest covers (the program and its sidecar together)."""
+    bytes a buffer's digest covers (the program and its sidecar together). `images_only` (a server's): a data
+    shape other than [C, H, W] is refused before anything is built."""
     payload, sidecar_payload = read_model_payload(path, models_dir, max_bytes)
     if path.suffix != PROGRAM_SUFFIX:
-        return _load_checkpoint(path, payload, device), payload
-    return _load_program(path, payload, device), payload + sidecar_payload
+        model = _load_checkpoint(path, payload, device, images_only)
+    else:
+        model = _load_program(path, payload, sidecar_payload, device)
+    return model, payload + (sidecar_payload or b"")
