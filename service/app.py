@@ -25,7 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import Field
 
 from service.bridge import record, response_for, sample_result, stream
-from service.buffer_store import BufferStore
+from service.buffer_store import BufferBudget, BufferStore
 from service.messages import CancelledByClient
 from service.metrics import Metrics
 from service.middleware import BearerKey, BodyLimits
@@ -150,6 +150,8 @@ def _model_info(model: ServedModel, worker: Worker, store: BufferStore, settings
         metrics=config.metrics if len(model.members) == 1 else ensemble_only,
         buffer_size=buffer.size if buffer else None,
         buffer_capacity=buffer.capacity if buffer else None,
+        buffer_bytes=buffer.nbytes if buffer else None,
+        buffer_note=buffer.note if buffer else None,
         buffer_saved_at=store.saved_at.get(model.group) if model.group else None,
     )
 
@@ -222,6 +224,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             step_budget=settings.step_budget,
             sampling_dtype=dtype,
             served=served,
+            buffer_budget=BufferBudget(int(settings.buffer_budget_mb * 2**20)),
         )
         published(registry)
         worker.start()

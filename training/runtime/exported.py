@@ -36,7 +36,14 @@ from torch._export.serde.serialize import ExportedProgramDeserializer, _dict_to_
 from torch.export.passes import move_to_device_pass
 
 from training.models.flows import BASES
-from training.runtime.checkpoint import CheckpointError, ModelConfig, check_name, check_sizes, first_line
+from training.runtime.checkpoint import (
+    CheckpointError,
+    ModelConfig,
+    check_name,
+    check_sizes,
+    first_line,
+    max_buffer_capacity,
+)
 from training.runtime.exported_modules import ExportedEnergy, ExportedFlow, ExportedGenerator
 from training.runtime.loaded import LoadedModel
 from training.runtime.pt2_archive import TensorRecord, VettedArchive, check_archive
@@ -53,8 +60,7 @@ SIDECAR_KEYS = ("family", "data", "sampler", "ensemble", "metrics")
 DATA_KEYS = ("shape", "range", "classes", "dataset")
 EXPORTED_ARCH = {"name": "torch.export", "kwargs": {}}
 MIN_BATCH = 4096  # a program must take batches at least this large (a server steps up to its chain budget at once)
-MAX_BUFFER_VALUES = 2**28  # an exported energy's replay buffer, as service/registry.py bounds a checkpoint's
-REPLAY_CAPACITY = 8192  # slots of the replay buffer an exported energy that samples from one starts with
+REPLAY_CAPACITY = 8192  # slots of an exported energy's replay buffer when its sidecar's sampler names none
 
 # --- reading: vetted records -> an ExportedProgram -----------------------------------------------------------
 
@@ -307,9 +313,9 @@ def load_exported(path: str | Path, device: torch.device | str = "cpu", payload:
         module = ExportedEnergy(unlifted, len(config.data.get("classes") or []))
         if sampler.init == "buffer":  # it samples from a replay buffer: one the server fills, empty at first
             shape = tuple(config.data["shape"])
-            capacity = min(REPLAY_CAPACITY, MAX_BUFFER_VALUES // math.prod(shape))
+            capacity = min(sampler.buffer_capacity or REPLAY_CAPACITY, max_buffer_capacity(shape))
             low, high = config.data.get("range", [-1.0, 1.0])
-            extras["replay_buffer"] = ReplayBuffer(shape, capacity, sampler.restart_prob, (low, high)).state_dict()
+            extras["replay_buffer"] = ReplayBuffer.empty_state(shape, capacity, sampler.restart_prob, (low, high))
     elif isinstance(sampler, FlowSampler):
         module = ExportedFlow(unlifted, tuple(config.data["shape"]), sampler.base or "gaussian")
     else:
