@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 
 STALE_TEMP_AGE_S = 3600.0  # younger temporary files may be another replica's save in progress
 BUFFER_DTYPE = torch.float16  # what a server holds and saves its replay buffers in
-MIN_BUFFER_SLOTS = 64  # a budget that leaves fewer refuses the buffer: a handful of slots would only repeat chains
+MIN_BUFFER_SLOTS = 16  # a budget that leaves fewer refuses the buffer: a handful of slots would only repeat chains
 
 
 class BufferStore:
@@ -225,12 +225,12 @@ class BufferBudget:
         left = max(0, self.total_bytes - others)
         capacity = min(wanted, left // slot_bytes)
         reason = None
-        budget = f"the server's buffer budget ({self.setting} {self.total_bytes / 2**20:.0f})"
-        budget = f"{budget} has {left / 2**20:.1f} MiB left"
+        budget = f"the server's buffer budget ({self.setting} {self.total_bytes / 2**20:.4g})"
+        budget = f"{budget} has {left / 2**20:.4g} MiB left"
         if capacity < min(wanted, MIN_BUFFER_SLOTS):
             capacity = 0
             reason = (
-                f"refused: {wanted:,} slots of {slot_bytes:,} bytes need {wanted * slot_bytes / 2**20:.1f} MiB and "
+                f"refused: {wanted:,} slots of {slot_bytes:,} bytes need {wanted * slot_bytes / 2**20:.4g} MiB and "
                 f"{budget}, fewer than {MIN_BUFFER_SLOTS} slots; its chains start from noise and none is kept: "
                 f"raise {self.setting}"
             )

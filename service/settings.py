@@ -64,7 +64,7 @@ class Settings(BaseSettings):
         2048.0,
         gt=0,
         description="MiB for all replay buffers of this server (float16 slots: 10,000 of 3x128x128 take 938); "
-        "a buffer that does not fit is thinned, or refused when under 64 slots fit, and /models says why",
+        "a buffer that does not fit is thinned, or refused when under 16 slots fit, and /models says why",
     )
     retry_after_s: int = Field(1, ge=0, description="Retry-After of a 503 (queue full, device failure)")
     body_timeout_s: float = Field(

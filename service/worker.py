@@ -370,8 +370,7 @@ class Worker:
         self._attempt("taking in the last requests", self._drain_inbox)
         for pool in self._pools.all():
             self._attempt(f"answering the requests of {pool.name}", pool.fail_all, reason)
-        self._collect_saves(wait=True)  # a save under way ends first; one that failed is tried once more
-        self.save_buffers(wait=True)
+        self.save_buffers(wait=True)  # a save under way ends first; one that failed is tried once more
 
     def _publish_buffers(self) -> None:
         """Swap in a fresh read-only snapshot, so readers on other threads never see one half-built."""
@@ -385,7 +384,9 @@ class Worker:
 
     def save_buffers(self, wait: bool = False) -> None:
         """Start saving every buffer that changed since its last save, on the saver's thread (atomically; see
-        BufferStore); with `wait`, return once they are saved (at shutdown)."""
+        BufferStore); with `wait`, the saves under way end first and it returns once every buffer is saved."""
+        if wait:
+            self._collect_saves(wait=True)
         self.last_save = self.clock()
         for pool in self._pools.all():  # a replaced version's buffer too, under its own digest
             if isinstance(pool, LangevinPool) and pool.buffer_dirty:  # a failed save stays dirty: retried next time

@@ -110,6 +110,8 @@ class ReplayBuffer:
         x, slots = self.draw(n, generator, int(asked[0]) if single and asked is not None else None)
         if asked is not None:
             return x, slots, asked
+        if not bool((slots >= 0).any()):  # every chain from noise (a refused buffer has no slots at all)
+            return x, slots, fallback
         slot_classes = self.labels[slots.clamp(min=0)]
         classed = (slots >= 0) & (slot_classes >= 0)
         if not classed.any():
