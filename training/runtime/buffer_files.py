@@ -186,16 +186,21 @@ def _header(handle: io.BufferedReader, size: int) -> tuple[dict[str, Any], int]:
 
 
 def _read_tensor(
-    handle: io.BufferedReader, entry: dict[str, Any], data_start: int, rows: slice | None = None
+    handle: io.BufferedReader,
+    entry: dict[str, Any],
+    data_start: int,
+    rows: slice | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """A tensor of the file (with `rows`: those rows of it) read into fresh memory, no other copy made."""
+    """A tensor of the file (with `rows`: those rows of it) read straight into memory (`out`'s first rows when
+    given, else fresh), no other copy made."""
     dtype, shape = FILE_DTYPES[entry["dtype"]], list(entry["shape"])
     start = entry["data_offsets"][0]
     if rows is not None:
         row_bytes = math.prod(shape[1:]) * dtype.itemsize
         start += rows.start * row_bytes
         shape[0] = rows.stop - rows.start
-    tensor = torch.empty(shape, dtype=dtype)
+    tensor = torch.empty(shape, dtype=dtype) if out is None else out[: shape[0]]
     handle.seek(data_start + start)
     view = tensor.view(-1).view(torch.uint8).numpy().data if tensor.numel() else memoryview(bytearray())
     if handle.readinto(view) != len(view):
@@ -243,6 +248,7 @@ def read_saved_buffers(
     row_bytes = math.prod(shape) * max(each.dtype.itemsize for each in saved)
     chunk_rows = max(1, CHUNK_BYTES // row_bytes)
     filled, first_row = 0, 0
+    chunks = {each.dtype: torch.empty(chunk_rows, *shape, dtype=each.dtype) for each in saved}  # reused per chunk
     for each in saved:
         mine = keep[(keep >= first_row) & (keep < first_row + each.rows)] - first_row  # [k] rows of this file
         labels = each.labels()
@@ -254,7 +260,7 @@ def read_saved_buffers(
                     if not len(wanted):
                         continue
                     entry = {"dtype": FILE_NAMES[each.dtype], "shape": [each.rows, *shape], "data_offsets": [0, 0]}
-                    chunk = _read_tensor(handle, entry, each.offset, slice(start, stop))  # [rows, *shape]
+                    chunk = _read_tensor(handle, entry, each.offset, slice(start, stop), chunks[each.dtype])
                     if not bool(chunk.isfinite().all()):
                         raise ValueError(NOT_FINITE)
                     whole = len(wanted) == stop - start
@@ -292,7 +298,7 @@ def buffer_file_chunks(buffer: ReplayBuffer, group: str) -> Iterator[bytes | mem
     """The buffer as a safetensors file, a chunk at a time: samples in the buffer's dtype copied out
     CHUNK_BYTES at a time (`ReplayBuffer.rows`, each row whole), so a save on another thread holds one chunk
     more than the buffer, and steps wait at most for one chunk's copy. Slots written while the save runs are
-    saved old or new, never torn."""
+    saved old or new, never torn. Each chunk yielded must be written before the next is asked for."""
     size, capacity, next_replace = len(buffer), buffer.capacity, buffer.next_replace
     dtype, shape = buffer.dtype, buffer.shape
     small = {
@@ -318,12 +324,13 @@ def buffer_file_chunks(buffer: ReplayBuffer, group: str) -> Iterator[bytes | mem
     header = json.dumps(entries, separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)  # safetensors pads its header to 8 bytes
     yield struct.pack("<Q", len(header)) + header
-    chunk_rows = max(1, CHUNK_BYTES // (math.prod(shape) * dtype.itemsize))
+    chunk_rows = max(1, min(size, CHUNK_BYTES // (math.prod(shape) * dtype.itemsize)))
+    chunk = torch.empty(chunk_rows, *shape, dtype=dtype)  # [chunk_rows, *shape], reused: each is written first
     labels = []
     for start in range(0, size, chunk_rows):
-        samples, classes = buffer.rows(start, min(start + chunk_rows, size))
-        labels.append(classes)
-        yield samples.view(-1).view(torch.uint8).numpy().data
+        stop = min(start + chunk_rows, size)
+        labels.append(buffer.rows(start, stop, chunk))
+        yield chunk[: stop - start].view(-1).view(torch.uint8).numpy().data
     yield torch.cat(labels).numpy().tobytes() if labels else b""
     for tensor in small.values():
         yield tensor.numpy().tobytes()

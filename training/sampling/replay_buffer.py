@@ -64,11 +64,13 @@ class ReplayBuffer:
     def nbytes(self) -> int:
         return self.capacity * self.slot_bytes(self.shape, self.dtype)
 
-    def rows(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Copies of slots [start, stop): samples [stop - start, *shape] and classes [stop - start], each row
-        whole (taken under the lock writes hold): what a save on another thread reads, a chunk at a time."""
+    def rows(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        """Slots [start, stop) copied into `out` [>= stop - start, *shape] (one chunk a save reuses: no fresh
+        allocation per chunk, which the C allocator would keep), with their classes [stop - start]; each row
+        whole, taken under the lock writes hold. Returns the classes."""
         with self.lock:
-            return self.samples[start:stop].clone(), self.labels[start:stop].clone()
+            out[: stop - start].copy_(self.samples[start:stop])
+            return self.labels[start:stop].clone()
 
     def noise(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         low, high = self.data_range
