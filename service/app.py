@@ -37,6 +37,7 @@ from service.served_models import ServedModels
 from service.settings import Settings
 from service.worker import Worker
 from training.runtime.device import dtype_name, pick_device, sampling_dtype
+from training.runtime.images import image_body_bytes
 from training.sampling.sampler_config import to_dict
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -156,6 +157,15 @@ def _model_info(model: ServedModel, worker: Worker, store: BufferStore, settings
     )
 
 
+def body_limit(settings: Settings, app: FastAPI) -> int:
+    """The largest request body: --max-body-bytes, or room for an init image and its mask of the largest
+    model served (each an uncompressed PNG in base64) and the rest of the request, if that is more."""
+    registry: Registry | None = getattr(app.state, "registry", None)
+    shapes = [model.members[0].shape for model in registry.models.values()] if registry else []
+    largest = max((image_body_bytes(shape) for shape in shapes), default=0)
+    return max(settings.max_body_bytes, 2 * largest + 16 * 1024)
+
+
 def _request_limits(settings: Settings, model: ServedModel) -> dict[str, dict[str, float]]:
     """The bounds of each numeric request field the model reads, as the schema states them, with this server's
     caps on n and steps."""
@@ -246,7 +256,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         description="Samples from energy-based models, flows and GANs.",
     )
-    app.add_middleware(BodyLimits, limit=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
+    app.add_middleware(BodyLimits, limit=lambda: body_limit(settings, app), timeout_s=settings.body_timeout_s)
     if settings.api_key is not None:  # added last, so outermost: a request without the key is not even read
         app.add_middleware(BearerKey, key=settings.api_key, protected_paths=KEY_PROTECTED_PATHS)
     app.state.settings = settings
