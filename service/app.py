@@ -157,13 +157,18 @@ def _model_info(model: ServedModel, worker: Worker, store: BufferStore, settings
     )
 
 
+DEFAULT_BODY_BYTES = 64 * 1024  # the body limit when no model needs more (--max-body-bytes unset)
+
+
 def body_limit(settings: Settings, app: FastAPI) -> int:
-    """The largest request body: --max-body-bytes, or room for an init image and its mask of the largest
-    model served (each an uncompressed PNG in base64) and the rest of the request, if that is more."""
+    """The largest request body: --max-body-bytes when set; else 64 KiB, or room for an init image and its
+    mask of the largest model served (each an uncompressed PNG in base64) and the rest of the request."""
+    if settings.max_body_bytes is not None:
+        return settings.max_body_bytes
     registry: Registry | None = getattr(app.state, "registry", None)
     shapes = [model.members[0].shape for model in registry.models.values()] if registry else []
     largest = max((image_body_bytes(shape) for shape in shapes), default=0)
-    return max(settings.max_body_bytes, 2 * largest + 16 * 1024)
+    return max(DEFAULT_BODY_BYTES, 2 * largest + 16 * 1024)
 
 
 def _request_limits(settings: Settings, model: ServedModel) -> dict[str, dict[str, float]]:

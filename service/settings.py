@@ -44,11 +44,11 @@ class Settings(BaseSettings):
     max_n: int = Field(64, ge=1, description="samples per request")
     max_steps: int = Field(2000, ge=1, description="Langevin steps per request")
     max_frames: int = Field(65, ge=2, description="trajectory frames per request")
-    max_body_bytes: int = Field(
-        64 * 1024,
+    max_body_bytes: int | None = Field(
+        None,
         ge=1024,
-        description="largest request body; raised to fit an init image and mask of the largest model served "
-        "(a 3x128x128 model: 150 kB)",
+        description="largest request body (none: 64 KiB, or room for an init image and mask of the largest model "
+        "served if more: a 3x128x128 model's take 150 kB)",
     )
     max_model_bytes: int = Field(
         512 * 1024 * 1024, ge=1, description="largest file read from the models dir (its size checked before reading)"
