@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from service.buffer_store import BUFFER_DTYPE, BufferBudget, BufferSaver, BufferStore
+from service.buffer_store import BUFFER_DTYPE, BufferBudget, BufferGrant, BufferSaver, BufferStore
 from service.chain_pool import ChainPool
 from service.generator_pool import GeneratorPool
 from service.langevin_pool import LangevinPool
@@ -155,10 +155,12 @@ class Worker:
         """A buffer group's pool, from the buffer saved under its digest (a new version: its checkpoints'), with
         the slots the buffer budget grants it (service/buffer_store.py)."""
         shape = group.members[0].shape
-        grant = self.buffer_budget.grant(
-            group.name, buffer_capacity(group.members), ReplayBuffer.slot_bytes(shape, BUFFER_DTYPE)
-        )
-        if grant.reason and group.has_buffer:
+        if group.has_buffer:
+            wanted = buffer_capacity(group.members)
+            grant = self.buffer_budget.grant(group.name, wanted, ReplayBuffer.slot_bytes(shape, BUFFER_DTYPE))
+        else:  # trained without one (EqM): its chains never write back, so it holds no slots
+            grant = BufferGrant(0, 0)
+        if grant.reason:
             log.warning("the replay buffer of %s is %s", group.name, grant.reason)
         saved = self._saved_buffer(group.name, group, grant.capacity) if grant.capacity else None
         buffer = saved or pooled_buffer(group.members, grant.capacity, BUFFER_DTYPE)
