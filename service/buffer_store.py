@@ -29,8 +29,11 @@ capacity bounded before anything is allocated for it); anything else is moved as
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -58,6 +61,8 @@ log = logging.getLogger(__name__)
 
 STALE_TEMP_AGE_S = 3600.0  # younger temporary files may be another replica's save in progress
 BUFFER_DTYPE = torch.float16  # what a server holds and saves its replay buffers in
+# The saver thread's niceness: CPU weight 110 against the worker's 1024 (19 would starve a save under load).
+SAVER_NICE = 10
 MIN_BUFFER_SLOTS = 16  # a budget that leaves fewer refuses the buffer: a handful of slots would only repeat chains
 
 
@@ -170,12 +175,21 @@ class BufferStore:
         return True
 
 
+def _yield_to_the_worker() -> None:
+    """Lower the saver thread's priority (SAVER_NICE, Linux): on a core the chains keep busy, a save's copies
+    and write system calls then take about a tenth of it, so steps barely slow and the save still ends."""
+    with contextlib.suppress(AttributeError, OSError):  # not Linux, or not allowed: it runs at the same priority
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), SAVER_NICE)
+
+
 class BufferSaver:
     """Saves replay buffers on a thread of its own, one at a time, so that chain steps never wait for a save:
     the worker submits a buffer and goes on stepping; it collects the outcome later (`finished`)."""
 
     def __init__(self) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="buffer-save")
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="buffer-save", initializer=_yield_to_the_worker
+        )
         self.saving: dict[str, Future[bool]] = {}  # NAME@DIGEST -> its save under way (or done, not collected)
 
     def submit(self, name: str, save: Callable[[], bool]) -> bool:
