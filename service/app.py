@@ -25,7 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import Field
 
 from service.bridge import record, response_for, sample_result, stream
-from service.buffer_store import BufferStore
+from service.buffer_store import BufferBudget, BufferStore
 from service.messages import CancelledByClient
 from service.metrics import Metrics
 from service.middleware import BearerKey, BodyLimits
@@ -37,6 +37,7 @@ from service.served_models import ServedModels
 from service.settings import Settings
 from service.worker import Worker
 from training.runtime.device import dtype_name, pick_device, sampling_dtype
+from training.runtime.images import image_body_bytes
 from training.sampling.sampler_config import to_dict
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -150,8 +151,24 @@ def _model_info(model: ServedModel, worker: Worker, store: BufferStore, settings
         metrics=config.metrics if len(model.members) == 1 else ensemble_only,
         buffer_size=buffer.size if buffer else None,
         buffer_capacity=buffer.capacity if buffer else None,
+        buffer_bytes=buffer.nbytes if buffer else None,
+        buffer_note=buffer.note if buffer else None,
         buffer_saved_at=store.saved_at.get(model.group) if model.group else None,
     )
+
+
+DEFAULT_BODY_BYTES = 64 * 1024  # the body limit when no model needs more (--max-body-bytes unset)
+
+
+def body_limit(settings: Settings, app: FastAPI) -> int:
+    """The largest request body: --max-body-bytes when set; else 64 KiB, or room for an init image and its
+    mask of the largest model served (each an uncompressed PNG in base64) and the rest of the request."""
+    if settings.max_body_bytes is not None:
+        return settings.max_body_bytes
+    registry: Registry | None = getattr(app.state, "registry", None)
+    shapes = [model.members[0].shape for model in registry.models.values()] if registry else []
+    largest = max((image_body_bytes(shape) for shape in shapes), default=0)
+    return max(DEFAULT_BODY_BYTES, 2 * largest + 16 * 1024)
 
 
 def _request_limits(settings: Settings, model: ServedModel) -> dict[str, dict[str, float]]:
@@ -226,6 +243,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             step_budget=settings.step_budget,
             sampling_dtype=dtype,
             served=served,
+            buffer_budget=BufferBudget(int(settings.buffer_budget_mb * 2**20)),
         )
         published(served.registry)  # the worker's: models whose pools could not be built are refused there
         worker.start()
@@ -250,7 +268,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         description="Samples from energy-based models, flows and GANs.",
     )
-    app.add_middleware(BodyLimits, limit=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
+    app.add_middleware(BodyLimits, limit=lambda: body_limit(settings, app), timeout_s=settings.body_timeout_s)
     if settings.api_key is not None:  # added last, so outermost: a request without the key is not even read
         app.add_middleware(BearerKey, key=settings.api_key, protected_paths=KEY_PROTECTED_PATHS)
     app.state.settings = settings

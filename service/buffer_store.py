@@ -14,6 +14,13 @@ same buffer.
 Persisting is a convenience, not a condition for serving: a state directory that is read-only or
 vanishes is reported once (at start, or at the first failed save) and the server goes on sampling.
 
+Buffers are held and saved in float16 (files saved in float32 by earlier servers still load). A save copies
+the buffer out a chunk at a time as it writes (training/runtime/buffer_files.py), on the worker's saver thread
+(`BufferSaver`), so chain steps never wait for a save; a load reads the file a chunk at a time into the
+buffer, so start-up peaks at the buffer and one chunk. Every buffer of a server shares one byte budget
+(`BufferBudget`, --buffer-budget-mb): a buffer that does not fit is thinned or refused, with the reason in
+the log and in /models.
+
 The state directory is not trusted either: every path built from a group name is checked to name a file
 directly inside it (group names are checked at load too), a file that resolves outside it is not read,
 and a saved buffer is read only if it is one this server could have written (its size, dtypes and
@@ -22,21 +29,29 @@ capacity bounded before anything is allocated for it); anything else is moved as
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import tempfile
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
-from safetensors.torch import save as save_safetensors_bytes
 
 from training.runtime.buffer_files import (
+    SavedBuffer,
+    UnreadableBuffer,
+    buffer_file_chunks,
     buffer_file_name,
     inside_state_dir,
-    pooled_state,
-    read_saved_state,
+    open_saved_buffer,
+    read_saved_buffers,
     saved_buffer_paths,
 )
 from training.runtime.checkpoint import atomic_write_bytes
@@ -45,6 +60,10 @@ from training.sampling.replay_buffer import ReplayBuffer
 log = logging.getLogger(__name__)
 
 STALE_TEMP_AGE_S = 3600.0  # younger temporary files may be another replica's save in progress
+BUFFER_DTYPE = torch.float16  # what a server holds and saves its replay buffers in
+# The saver thread's niceness: CPU weight 110 against the worker's 1024 (19 would starve a save under load).
+SAVER_NICE = 10
+MIN_BUFFER_SLOTS = 16  # a budget that leaves fewer refuses the buffer: a handful of slots would only repeat chains
 
 
 class BufferStore:
@@ -79,48 +98,60 @@ class BufferStore:
         """Every saved file of the group and digest (training/runtime/buffer_files.py)."""
         return saved_buffer_paths(self.state_dir, group, digest)
 
-    def load(self, group: str, digest: str, shape: tuple[int, ...]) -> ReplayBuffer | None:
-        """The saved buffers of the group pooled (see the module docstring), or None when none is saved."""
-        states: list[dict[str, torch.Tensor]] = []
-        for path in self.saved_paths(group, digest):
-            state = self._read(path, group, shape)
-            if state is not None:
-                states.append(state)
-        if not states:
-            return None
-        if len(states) == 1:
-            return ReplayBuffer.from_state_dict(states[0])
-        return ReplayBuffer.from_state_dict(pooled_state(states))
+    def load(
+        self,
+        group: str,
+        digest: str,
+        shape: tuple[int, ...],
+        capacity: int | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> ReplayBuffer | None:
+        """The saved buffers of the group pooled into one of `capacity` slots (default: the largest saved) in
+        `dtype` (see the module docstring), or None when none is saved."""
+        saved = [each for path in self.saved_paths(group, digest) if (each := self._open(path, group, shape))]
+        while saved:
+            try:
+                return read_saved_buffers(saved, tuple(shape), capacity, dtype)
+            except UnreadableBuffer as error:  # its samples, read after its header: drop it and pool the rest
+                self._move_aside(error.path, error.error)
+                saved = [each for each in saved if each.path != error.path]
+        return None
 
-    def _read(self, path: Path, group: str, shape: tuple[int, ...]) -> dict[str, torch.Tensor] | None:
-        """One saved buffer's state, or None; a file that cannot be read is moved aside (if it can be)."""
+    def _open(self, path: Path, group: str, shape: tuple[int, ...]) -> SavedBuffer | None:
+        """One saved buffer's header, checked, or None; a file that cannot be read is moved aside (if it can be)."""
         try:
-            state = read_saved_state(path, tuple(shape))
+            saved = open_saved_buffer(path, tuple(shape))
             status = path.stat()
-            saved = datetime.fromtimestamp(status.st_mtime, UTC)
+            saved_at = datetime.fromtimestamp(status.st_mtime, UTC)
         except FileNotFoundError:  # another replica's shard went away between listing and reading
             return None
         except Exception as error:  # any unreadable file must not stop the server
-            aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
-            try:
-                path.rename(aside)
-                where = f"moved to {aside.name}"
-            except OSError as move_error:
-                where = f"left in place: could not move it aside ({move_error.strerror or move_error})"
-            log.warning(
-                "replay buffer %s is unreadable (%s); %s; starting from the checkpoint's buffer", path, error, where
-            )
+            self._move_aside(path, error)
             return None
-        self.saved_at[group] = max(saved, self.saved_at.get(group, saved))
-        return state
+        self.saved_at[group] = max(saved_at, self.saved_at.get(group, saved_at))
+        return saved
+
+    def _move_aside(self, path: Path, error: Exception) -> None:
+        aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+        try:
+            path.rename(aside)
+            where = f"moved to {aside.name}"
+        except OSError as move_error:
+            where = f"left in place: could not move it aside ({move_error.strerror or move_error})"
+        log.warning(
+            "replay buffer %s is unreadable (%s); %s; starting from the checkpoint's buffer", path, error, where
+        )
 
     def save(self, group: str, digest: str, buffer: ReplayBuffer) -> bool:
-        """Write the buffer atomically; False (and one warning while failures last) if it could not be."""
+        """Write the buffer atomically; False (and one warning while failures last) if it could not be.
+
+        Safe on another thread than the one stepping chains: the buffer is copied out a chunk at a time."""
+        if buffer.capacity == 0:  # refused by the budget: it keeps nothing, and a saved file stays as it is
+            return True
         path = self.path(group, digest)
         started = time.perf_counter()
-        state = {key: value.contiguous() for key, value in buffer.state_dict().items()}
         try:
-            atomic_write_bytes(path, save_safetensors_bytes(state, metadata={"group": group}))
+            atomic_write_bytes(path, buffer_file_chunks(buffer, group))
         except OSError as error:
             if self.persisting:
                 log.warning(
@@ -139,8 +170,96 @@ class BufferStore:
             self.persisting = True
         self.saved_at[group] = datetime.now(UTC)
         milliseconds = 1000 * (time.perf_counter() - started)
-        log.info("saved replay buffer %s: %d chains in %.0f ms", path, len(buffer), milliseconds)
+        megabytes = len(buffer) * buffer.slot_bytes(buffer.shape, buffer.dtype) / 2**20
+        log.info("saved replay buffer %s: %d chains (%.1f MiB) in %.0f ms", path, len(buffer), megabytes, milliseconds)
         return True
+
+
+def _yield_to_the_worker() -> None:
+    """Lower the saver thread's priority (SAVER_NICE, Linux): on a core the chains keep busy, a save's copies
+    and write system calls then take about a tenth of it, so steps barely slow and the save still ends."""
+    with contextlib.suppress(AttributeError, OSError):  # not Linux, or not allowed: it runs at the same priority
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), SAVER_NICE)
+
+
+class BufferSaver:
+    """Saves replay buffers on a thread of its own, one at a time, so that chain steps never wait for a save:
+    the worker submits a buffer and goes on stepping; it collects the outcome later (`finished`)."""
+
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="buffer-save", initializer=_yield_to_the_worker
+        )
+        self.saving: dict[str, Future[bool]] = {}  # NAME@DIGEST -> its save under way (or done, not collected)
+
+    def submit(self, name: str, save: Callable[[], bool]) -> bool:
+        """Start `save` (BufferStore.save bound to one buffer); False while that buffer's last save is under way."""
+        if name in self.saving:
+            return False
+        self.saving[name] = self._executor.submit(save)
+        return True
+
+    def finished(self, wait: bool = False) -> list[tuple[str, Future[bool]]]:
+        """The saves that are over (with `wait`: all, once they are), each collected once."""
+        if wait:
+            futures_wait(list(self.saving.values()))
+        done = [(name, future) for name, future in self.saving.items() if future.done()]
+        for name, _ in done:
+            del self.saving[name]
+        return done
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+
+@dataclass(frozen=True)
+class BufferGrant:
+    """What the budget gave one buffer group: slots, and why fewer than it asked for (None: all of them)."""
+
+    capacity: int
+    wanted: int
+    reason: str | None = None
+
+
+class BufferBudget:
+    """One byte budget for every replay buffer a server holds (--buffer-budget-mb).
+
+    Groups are granted in the order their pools are built; a group that does not fit is thinned to what
+    the budget has left (its saved slots kept evenly), or refused when fewer than MIN_BUFFER_SLOTS fit (its
+    chains then start from noise and none is kept). A group's new version takes its old version's share.
+    """
+
+    def __init__(self, total_bytes: int, setting: str = "--buffer-budget-mb") -> None:
+        self.total_bytes = total_bytes
+        self.setting = setting
+        self.granted: dict[str, int] = {}  # group -> bytes
+
+    def grant(self, name: str, wanted: int, slot_bytes: int) -> BufferGrant:
+        others = sum(size for group, size in self.granted.items() if group != name)
+        left = max(0, self.total_bytes - others)
+        capacity = min(wanted, left // slot_bytes)
+        reason = None
+        budget = f"the server's buffer budget ({self.setting} {self.total_bytes / 2**20:.4g})"
+        budget = f"{budget} has {left / 2**20:.4g} MiB left"
+        if capacity < min(wanted, MIN_BUFFER_SLOTS):
+            capacity = 0
+            reason = (
+                f"refused: {wanted:,} slots of {slot_bytes:,} bytes need {wanted * slot_bytes / 2**20:.4g} MiB and "
+                f"{budget}, fewer than {MIN_BUFFER_SLOTS} slots; its chains start from noise and none is kept: "
+                f"raise {self.setting}"
+            )
+        elif capacity < wanted:
+            reason = (
+                f"thinned from {wanted:,} to {capacity:,} slots ({slot_bytes:,} bytes each): {budget}; "
+                f"raise {self.setting} to keep them all"
+            )
+        self.granted[name] = capacity * slot_bytes
+        return BufferGrant(capacity, wanted, reason)
+
+    def retain(self, names: Iterable[str]) -> None:
+        """Forget the grants of groups no longer served."""
+        kept = set(names)
+        self.granted = {name: size for name, size in self.granted.items() if name in kept}
 
 
 def remove_stale_temp_files(directories: Iterable[Path], older_than_s: float = STALE_TEMP_AGE_S) -> list[Path]:

@@ -27,6 +27,7 @@ class LangevinPool(ChainPool):
     buffer or a client's image; finished chains may go back into the buffer."""
 
     buffer_dirty = False  # written back since the last save
+    buffer_note: str | None = None  # why its buffer holds fewer slots than the model asks for (the buffer budget)
     sampler: EBMSampler
 
     def __init__(

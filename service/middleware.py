@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any
 
 import h11
@@ -25,21 +25,27 @@ class BodyLimits:
     The size is checked by Content-Length and by counting a chunked body. The timeout runs from the
     first read of the body to its last byte, so a client that trickles a byte now and then is cut off
     as surely as one that stops. The body is read here (it is small by construction) and replayed to
-    the app, so both limits hold however the client sends it.
+    the app, so both limits hold however the client sends it. `limit` may be a function: the limit then
+    follows the models served (an init image of the largest one must fit).
     """
 
-    def __init__(self, app: Any, limit: int, timeout_s: float) -> None:
+    def __init__(self, app: Any, limit: int | Callable[[], int], timeout_s: float) -> None:
         self.app = app
-        self.limit = limit
+        self._limit = limit
         self.timeout_s = timeout_s
+
+    @property
+    def limit(self) -> int:
+        return self._limit() if callable(self._limit) else self._limit
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):
             await self.app(scope, receive, send)
             return
+        limit = self.limit
         declared = dict(scope.get("headers", [])).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.limit:
-            await _reject(send, 413, f"request body is larger than {self.limit} bytes")
+        if declared.isdigit() and int(declared) > limit:
+            await _reject(send, 413, f"request body is larger than {limit} bytes")
             return
         chunks: list[bytes] = []
         size, more = 0, True
@@ -52,8 +58,8 @@ class BodyLimits:
                     chunks.append(message.get("body", b""))
                     size += len(chunks[-1])
                     more = message.get("more_body", False)
-                    if size > self.limit:
-                        await _reject(send, 413, f"request body is larger than {self.limit} bytes")
+                    if size > limit:
+                        await _reject(send, 413, f"request body is larger than {limit} bytes")
                         return
         except TimeoutError:
             detail = f"request body not received within {self.timeout_s:g} s ({size} bytes arrived); send it whole"

@@ -145,6 +145,8 @@ class ModelInfo(BaseModel):
     metrics: dict
     buffer_size: int | None = None
     buffer_capacity: int | None = None
+    buffer_bytes: int | None = None  # memory its slots hold (float16 samples, classes, leases)
+    buffer_note: str | None = None  # why it holds fewer slots than the model asks for (--buffer-budget-mb)
     buffer_saved_at: datetime | None = None  # last save to the state directory, ISO 8601 UTC
 
 

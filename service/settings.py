@@ -44,7 +44,12 @@ class Settings(BaseSettings):
     max_n: int = Field(64, ge=1, description="samples per request")
     max_steps: int = Field(2000, ge=1, description="Langevin steps per request")
     max_frames: int = Field(65, ge=2, description="trajectory frames per request")
-    max_body_bytes: int = Field(64 * 1024, ge=1024, description="largest request body")
+    max_body_bytes: int | None = Field(
+        None,
+        ge=1024,
+        description="largest request body (none: 64 KiB, or room for an init image and mask of the largest model "
+        "served if more: a 3x128x128 model's take 150 kB)",
+    )
     max_model_bytes: int = Field(
         512 * 1024 * 1024, ge=1, description="largest file read from the models dir (its size checked before reading)"
     )
@@ -67,6 +72,12 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(120.0, gt=0, description="a request's deadline, queueing included")
     batch_window_ms: float = Field(5.0, ge=0, description="one-shot samplers (GANs, flows) gather requests this long")
     buffer_save_interval_s: float = Field(60.0, gt=0, description="how often changed replay buffers are saved")
+    buffer_budget_mb: float = Field(
+        2048.0,
+        gt=0,
+        description="MiB for all replay buffers of this server (float16 slots: 10,000 of 3x128x128 take 938); "
+        "a buffer that does not fit is thinned, or refused when under 16 slots fit, and /models says why",
+    )
     retry_after_s: int = Field(1, ge=0, description="Retry-After of a 503 (queue full, device failure)")
     body_timeout_s: float = Field(
         30.0, gt=0, description="a request body must arrive whole within this many seconds of its head, else 408"

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from service.buffer_store import BufferStore
+from service.buffer_store import BUFFER_DTYPE, BufferBudget, BufferGrant, BufferSaver, BufferStore
 from service.chain_pool import ChainPool
 from service.generator_pool import GeneratorPool
 from service.langevin_pool import LangevinPool
@@ -42,6 +42,7 @@ from service.pools import SamplerPool
 from service.registry import VERSION_CHARS, BufferGroup, Registry, ServedModel, refusal
 from service.scheduler import IDLE_SECONDS, Job, default_step_budget
 from service.served_models import ServedModels
+from training.runtime.draw import buffer_capacity, pooled_buffer
 from training.sampling.replay_buffer import ReplayBuffer
 
 Chains = TypeVar("Chains", bound=ChainPool)
@@ -55,6 +56,8 @@ class BufferFigures:
 
     size: int
     capacity: int
+    nbytes: int = 0  # memory its slots hold
+    note: str | None = None  # why it holds fewer slots than its model asks for (the buffer budget), if it does
 
 
 class FailureLog:
@@ -94,8 +97,12 @@ class Worker:
         step_budget: int | None = None,  # chains per step of the chain pools; None: the device's default
         served: ServedModels | None = None,  # what requests see; published here once a new registry's pools exist
         sampling_dtype: torch.dtype = torch.float32,  # what chain pools step in (training/runtime/device.py)
+        buffer_budget: BufferBudget | None = None,  # bytes for every replay buffer; None: no limit
     ) -> None:
         self.store = store
+        self.buffer_budget = buffer_budget or BufferBudget(2**62)
+        self.saver = BufferSaver()  # buffers are written on its thread; steps never wait for a save
+        self._saving: dict[str, LangevinPool] = {}  # saves under way: NAME@DIGEST -> the pool saved
         self.device = device
         self.metrics = metrics
         self.chain_budget = chain_budget
@@ -172,9 +179,21 @@ class Worker:
         return registry, wanted, {name: pools[name] for name in wanted}
 
     def _langevin_pool(self, group: BufferGroup) -> LangevinPool:
-        """A buffer group's pool, from the buffer saved under its digest (a new version: its checkpoints')."""
-        buffer = self._saved_buffer(group.name, group) or group.initial_buffer()
-        return self._stepping(LangevinPool(group, buffer, self.chain_budget, self.device, self.metrics, self.clock))
+        """A buffer group's pool, from the buffer saved under its digest (a new version: its checkpoints'), with
+        the slots the buffer budget grants it (service/buffer_store.py)."""
+        shape = group.members[0].shape
+        if group.has_buffer:
+            wanted = buffer_capacity(group.members)
+            grant = self.buffer_budget.grant(group.name, wanted, ReplayBuffer.slot_bytes(shape, BUFFER_DTYPE))
+        else:  # trained without one (EqM): its chains never write back, so it holds no slots
+            grant = BufferGrant(0, 0)
+        if grant.reason:
+            log.warning("the replay buffer of %s is %s", group.name, grant.reason)
+        saved = self._saved_buffer(group.name, group, grant.capacity) if grant.capacity else None
+        buffer = saved or pooled_buffer(group.members, grant.capacity, BUFFER_DTYPE)
+        pool = LangevinPool(group, buffer, self.chain_budget, self.device, self.metrics, self.clock)
+        pool.buffer_note = grant.reason
+        return self._stepping(pool)
 
     def _ode_pool(self, model: ServedModel) -> OdePool:
         return self._stepping(OdePool(model, self.chain_budget, self.device, self.metrics, self.clock))
@@ -210,6 +229,7 @@ class Worker:
             retired = self._pools.swap(wanted, pools)
         for pool in retired:
             log.info("%s: a replaced version finishes its requests, then is dropped", pool.name)
+        self.buffer_budget.retain(self.langevin_pools)
         self._publish_buffers()
         self.served.publish(registry)
         for _, served in pending:
@@ -227,13 +247,13 @@ class Worker:
 
         for pool in self._pools.drop_finished(busy):
             if isinstance(pool, LangevinPool) and pool.buffer_dirty:
-                self._attempt(f"saving the replay buffer of {pool.name}", self._save_buffer, pool.name, pool)
+                self._attempt(f"starting to save the replay buffer of {pool.name}", self._save_buffer, pool.name, pool)
             log.info("%s: the replaced version answered its last request and was dropped", pool.name)
 
-    def _saved_buffer(self, name: str, group: BufferGroup) -> ReplayBuffer | None:
+    def _saved_buffer(self, name: str, group: BufferGroup, capacity: int) -> ReplayBuffer | None:
         """The group's buffer from the state directory, or None; a store that raises costs only that buffer."""
         try:
-            return self.store.load(name, group.digest, group.members[0].shape)
+            return self.store.load(name, group.digest, group.members[0].shape, capacity, BUFFER_DTYPE)
         except Exception as error:
             log.warning(
                 "could not read the saved replay buffer of %s (%s); starting from the checkpoint's", name, error
@@ -343,6 +363,8 @@ class Worker:
         self.metrics.queue_depth.set(self.queue_depth())
         if busy:
             self._attempt("publishing the buffer figures", self._publish_buffers)
+        if self._saving:
+            self._collect_saves()
         if self.clock() - self.last_save >= self.save_interval_s:
             self.save_buffers()
         return busy
@@ -375,25 +397,48 @@ class Worker:
         self._attempt("taking in the last requests", self._drain_inbox)
         for pool in self._pools.all():
             self._attempt(f"answering the requests of {pool.name}", pool.fail_all, reason)
-        self.save_buffers()
+        self.save_buffers(wait=True)  # a save under way ends first; one that failed is tried once more
 
     def _publish_buffers(self) -> None:
         """Swap in a fresh read-only snapshot, so readers on other threads never see one half-built."""
         figures = {
-            name: BufferFigures(len(pool.buffer), pool.buffer.capacity) for name, pool in self.langevin_pools.items()
+            name: BufferFigures(len(pool.buffer), pool.buffer.capacity, pool.buffer.nbytes, pool.buffer_note)
+            for name, pool in self.langevin_pools.items()
         }
         self.buffers = MappingProxyType(figures)
         for name, each in figures.items():
             self.metrics.buffer_size.labels(name).set(each.size)
 
-    def save_buffers(self) -> None:
-        """Write every buffer that changed since its last save (atomically; see BufferStore)."""
+    def save_buffers(self, wait: bool = False) -> None:
+        """Start saving every buffer that changed since its last save, on the saver's thread (atomically; see
+        BufferStore); with `wait`, the saves under way end first and it returns once every buffer is saved."""
+        if wait:
+            self._collect_saves(wait=True)
         self.last_save = self.clock()
         for pool in self._pools.all():  # a replaced version's buffer too, under its own digest
             if isinstance(pool, LangevinPool) and pool.buffer_dirty:  # a failed save stays dirty: retried next time
-                self._attempt(f"saving the replay buffer of {pool.name}", self._save_buffer, pool.name, pool)
+                self._attempt(f"starting to save the replay buffer of {pool.name}", self._save_buffer, pool.name, pool)
+        if wait:
+            self._collect_saves(wait=True)
         self._attempt("publishing the buffer figures", self._publish_buffers)
 
     def _save_buffer(self, name: str, pool: LangevinPool) -> None:
-        # The store reports an unwritable directory itself (once) and returns False.
-        pool.buffer_dirty = not self.store.save(name, pool.group.digest, pool.buffer)
+        """Hand the buffer to the saver's thread; chains written back from now on make it dirty again."""
+        key = f"{name}@{pool.group.digest}"
+        if self.saver.submit(key, functools.partial(self.store.save, name, pool.group.digest, pool.buffer)):
+            self._saving[key] = pool
+            pool.buffer_dirty = False  # set again if the save fails (_collect_saves)
+
+    def _collect_saves(self, wait: bool = False) -> None:
+        """Take in the outcome of finished saves (with `wait`: of all under way): a failed one stays dirty."""
+        for key, future in self.saver.finished(wait):
+            pool = self._saving.pop(key)
+            what = f"saving the replay buffer of {pool.name}"
+            try:
+                saved = future.result()  # the store reports an unwritable directory itself (once): False
+            except Exception as error:
+                self.failures.failed(what, error)
+                pool.buffer_dirty = True
+                continue
+            self.failures.recovered(what)
+            pool.buffer_dirty = pool.buffer_dirty or not saved

@@ -13,6 +13,7 @@ import math
 import os
 import stat
 import tempfile
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,9 @@ SAMPLED_FAMILIES = ("ebm", "gan", "flow")  # what sample, evaluate, export, the 
 FAMILIES = (*SAMPLED_FAMILIES, "classifier")
 WEIGHTS_GROUP = "weights"
 MAX_MODEL_BYTES = 512 * 1024 * 1024  # the largest model file read (service/settings.py's max_model_bytes default)
-MAX_BUFFER_VALUES = 2**28  # replay-buffer capacity x values per sample: 1 GiB of float32 (MNIST's 8192: 6.4 M)
+# Replay-buffer capacity x values per sample a file may claim: 2 GiB of float16 (IGEBM's 10,000 slots of
+# 3 x 128 x 128 are 0.49 G values); what a server allocates is bounded by its --buffer-budget-mb.
+MAX_BUFFER_VALUES = 2**30
 
 
 def max_buffer_capacity(shape: list[int] | tuple[int, ...]) -> int:
@@ -91,9 +94,10 @@ class Checkpoint:
     extras: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
-def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike, payload: bytes | Iterable[bytes | memoryview]) -> None:
     """Write, fsync, rename: a crash at any moment leaves the old file or the new one, never a torn one, and a
-    reader that opens the path (a server watching its models directory) gets one of the two whole.
+    reader that opens the path (a server watching its models directory) gets one of the two whole. `payload`
+    may come in chunks (a replay buffer's save: never all in memory at once).
 
     The finished file's mtime is set 1 ns before its ctime, so a watcher that polls can tell it is complete
     at first sight (ctime after mtime: nothing wrote to it since; service/model_watch.py): the clock the
@@ -105,7 +109,8 @@ def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> None:
     try:
         os.fchmod(descriptor, 0o644)  # mkstemp makes 0600; a checkpoint is meant to be shared
         with os.fdopen(descriptor, "wb") as handle:
-            handle.write(payload)
+            for chunk in [payload] if isinstance(payload, bytes) else payload:
+                handle.write(chunk)
             handle.flush()
             written = os.fstat(handle.fileno())
             os.utime(handle.fileno(), ns=(written.st_atime_ns, written.st_ctime_ns - 1))  # ctime becomes now

@@ -168,11 +168,24 @@ def draw_samples(
     raise ValueError(f"sampling {first.config.family} checkpoints is not supported yet")
 
 
-def pooled_buffer(members: list[LoadedModel]) -> ReplayBuffer:
-    """The members' saved replay buffers as one (empty when none was saved): an ensemble's shared buffer."""
+def buffer_capacity(members: list[LoadedModel]) -> int:
+    """The replay-buffer slots an EBM (or ensemble) asks for: its sampler's `buffer_capacity`, else the largest
+    buffer its checkpoints saved, or all their samples if more (an exported energy's: its sidecar's, or
+    exported.REPLAY_CAPACITY)."""
+    wanted = members[0].sampler_as(EBMSampler).buffer_capacity
+    states = [member.extras["replay_buffer"] for member in members if member.has_replay_buffer]
+    saved = max([int(state["capacity"]) for state in states], default=8192)
+    return wanted or max(saved, sum(len(state["samples"]) for state in states))
+
+
+def pooled_buffer(
+    members: list[LoadedModel], capacity: int | None = None, dtype: torch.dtype = torch.float32
+) -> ReplayBuffer:
+    """The members' saved replay buffers as one (empty when none was saved): an ensemble's shared buffer;
+    with `capacity`, thinned evenly to it, held in `dtype`."""
     states = [member.extras["replay_buffer"] for member in members if member.has_replay_buffer]
     restart = members[0].sampler_as(EBMSampler).restart_prob
-    return ReplayBuffer.pooled(states, members[0].shape, restart, members[0].data_range)
+    return ReplayBuffer.pooled(states, members[0].shape, restart, members[0].data_range, capacity, dtype)
 
 
 def chain_labels(model: LoadedModel, seeds: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor | None:

@@ -23,7 +23,6 @@ does what its graph says: its ATen operators may allocate what their arguments a
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ from torch._export.serde.serialize import ExportedProgramDeserializer, _dict_to_
 from torch.export.passes import move_to_device_pass
 
 from training.models.flows import BASES
-from training.runtime.checkpoint import CheckpointError, ModelConfig, first_line, read_model_file
+from training.runtime.checkpoint import CheckpointError, ModelConfig, first_line, max_buffer_capacity, read_model_file
 from training.runtime.exported_modules import ExportedEnergy, ExportedFlow, ExportedGenerator
 from training.runtime.loaded import LoadedModel
 from training.runtime.pt2_archive import TensorRecord, VettedArchive, check_archive
@@ -54,8 +53,7 @@ SIDECAR_KEYS = ("family", "data", "sampler", "ensemble", "metrics")
 DATA_KEYS = tuple(StatedData.model_fields)  # shape, range, classes, dataset, levels
 EXPORTED_ARCH = {"name": "torch.export", "kwargs": {}}
 MIN_BATCH = 4096  # a program must take batches at least this large (a server steps up to its chain budget at once)
-MAX_BUFFER_VALUES = 2**28  # an exported energy's replay buffer, as service/registry.py bounds a checkpoint's
-REPLAY_CAPACITY = 8192  # slots of the replay buffer an exported energy that samples from one starts with
+REPLAY_CAPACITY = 8192  # slots of an exported energy's replay buffer when its sidecar's sampler names none
 
 # --- reading: vetted records -> an ExportedProgram -----------------------------------------------------------
 
@@ -291,9 +289,9 @@ def load_exported(
         module = ExportedEnergy(unlifted, len(config.data.get("classes") or []))
         if sampler.init == "buffer":  # it samples from a replay buffer: one the server fills, empty at first
             shape = tuple(config.data["shape"])
-            capacity = min(REPLAY_CAPACITY, MAX_BUFFER_VALUES // math.prod(shape))
+            capacity = min(sampler.buffer_capacity or REPLAY_CAPACITY, max_buffer_capacity(shape))
             low, high = config.data.get("range", [-1.0, 1.0])
-            extras["replay_buffer"] = ReplayBuffer(shape, capacity, sampler.restart_prob, (low, high)).state_dict()
+            extras["replay_buffer"] = ReplayBuffer.empty_state(shape, capacity, sampler.restart_prob, (low, high))
     elif isinstance(sampler, FlowSampler):
         module = ExportedFlow(unlifted, tuple(config.data["shape"]), sampler.base or "gaussian")
     else:

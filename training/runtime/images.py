@@ -48,6 +48,11 @@ def grid(
 
 
 def _to_pil(pixels: torch.Tensor) -> Image.Image:  # [H, W, C] uint8
+    """Grey for one channel, RGB for three; any other count (2, 4: no colour model's) as its channels side by
+    side in grey, [H, C * W], so none is hidden as transparency."""
+    height, width, channels = pixels.shape
+    if channels not in (1, 3):
+        pixels = pixels.permute(0, 2, 1).reshape(height, channels * width, 1)  # [H, C * W, 1]
     array = pixels.numpy()
     return Image.fromarray(array[:, :, 0], mode="L") if array.shape[2] == 1 else Image.fromarray(array)
 
@@ -84,16 +89,36 @@ def image_size(payload: bytes) -> tuple[int, int]:
         raise ImageDecodeError(f"not a readable image ({type(error).__name__})") from error
 
 
+IMAGE_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}  # channels -> the image mode an upload is read in
+
+
+def image_body_bytes(shape: tuple[int, ...] | list[int]) -> int:
+    """The most bytes an image of `shape` [C, H, W] takes in a request body: an uncompressed PNG (a filter
+    byte a row, chunk headers) in base64. 0 for a shape no image has (2-D points)."""
+    if len(shape) != 3:
+        return 0
+    channels, height, width = shape
+    png = height * (channels * width + 1) + 1024
+    return 4 * math.ceil(png / 3)
+
+
 def decode_image(
     payload: bytes, shape: tuple[int, ...], data_range: tuple[float, float] = (-1.0, 1.0), max_pixels: int = 1024 * 1024
 ) -> torch.Tensor:
-    """PNG/JPEG/... bytes -> a tensor [*shape] in data_range (grey or RGB as the shape asks, resized to fit)."""
+    """PNG/JPEG/... bytes -> a tensor [*shape] in data_range, read in the mode of the shape's channel count
+    (grey, grey + alpha, RGB, RGBA: IMAGE_MODES) and resized to fit; ImageDecodeError for a shape no image has."""
+    if len(shape) != 3 or shape[0] not in IMAGE_MODES:
+        raise ImageDecodeError(
+            f"the model's samples are {list(shape)}; an image gives [C, H, W] with C of 1 (grey), 2 (grey + alpha), "
+            "3 (RGB) or 4 (RGBA)"
+        )
     try:
         with Image.open(io.BytesIO(payload)) as image:
             if image.width * image.height > max_pixels:
                 raise ImageDecodeError(f"image is {image.width}x{image.height}; at most {max_pixels} pixels")
             channels, height, width = shape
-            converted = image.convert("L" if channels == 1 else "RGB").resize((width, height), Image.Resampling.LANCZOS)
+            mode = IMAGE_MODES[channels]
+            converted = image.convert(mode).resize((width, height), Image.Resampling.LANCZOS)
     except ImageDecodeError:
         raise
     except Exception as error:  # Pillow raises many types for broken input

@@ -123,6 +123,7 @@ class EBMSampler:
     step_decay: float = 1.0  # larger steps first: a chain's step t (from 0) moves by step_size * step_decay**t
     clamp: bool = True  # clamp chains into the data range at every step (False: only the returned images)
     restart_prob: float = 0.05  # fraction of buffer-started chains restarted from noise
+    buffer_capacity: int | None = None  # replay-buffer slots a server keeps (None: the checkpoint's buffer's, 8192)
     tolerance: float = 0.0  # a chain stops once its RMS move in a step is below this (training/sampling/langevin.py)
     train_steps: int | None = None  # steps per training iteration (recorded only)
 
@@ -140,6 +141,7 @@ class EBMSampler:
                 "momentum": MOMENTUM,
                 "step_decay": STEP_DECAY,
                 "restart_prob": PROBABILITY,
+                "buffer_capacity": SIZE,
                 "tolerance": TOLERANCE,
                 "train_steps": STEPS,
             },
