@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from service.buffer_store import BUFFER_DTYPE, BufferStore  # noqa: E402
-from training.runtime.buffer_files import group_digest, model_digest  # noqa: E402
+from training.runtime.buffer_names import group_digest, model_digest  # noqa: E402
 from training.runtime.draw import sample_ebm  # noqa: E402
 from training.runtime.load import load_model, read_model_payload  # noqa: E402
 from training.sampling.noise import chain_seeds  # noqa: E402

@@ -48,12 +48,10 @@ from training.runtime.buffer_files import (
     SavedBuffer,
     UnreadableBuffer,
     buffer_file_chunks,
-    buffer_file_name,
-    inside_state_dir,
     open_saved_buffer,
     read_saved_buffers,
-    saved_buffer_paths,
 )
+from training.runtime.buffer_names import buffer_file_name, inside_state_dir, saved_buffer_paths
 from training.runtime.checkpoint import atomic_write_bytes
 from training.sampling.replay_buffer import ReplayBuffer
 

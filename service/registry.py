@@ -25,7 +25,7 @@ from typing import TypeVar
 import torch
 
 from service.settings import Settings
-from training.runtime.buffer_files import group_digest, model_digest
+from training.runtime.buffer_names import group_digest, model_digest
 from training.runtime.checkpoint import CheckpointError, check_name
 from training.runtime.draw import pooled_buffer
 from training.runtime.exported import PROGRAM_SUFFIX

@@ -12,21 +12,20 @@ it (size, dtypes, capacity and values bounded before anything is allocated for i
 from __future__ import annotations
 
 import glob
-import hashlib
 import io
 import json
 import logging
 import math
-import os
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from training.runtime.checkpoint import CheckpointError, check_name, max_buffer_capacity, read_metadata, read_model_file
+from training.runtime.buffer_names import buffer_file_name, group_digest, model_digest, saved_buffer_paths
+from training.runtime.checkpoint import CheckpointError, max_buffer_capacity, read_metadata, read_model_file
 from training.runtime.exported import PROGRAM_SUFFIX, SIDECAR_SUFFIX, read_sidecar
 from training.runtime.load import read_model_payload
 from training.runtime.loaded import LoadedModel
@@ -41,59 +40,6 @@ FILE_DTYPES = {"F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
 FILE_NAMES = {dtype: name for name, dtype in FILE_DTYPES.items()}
 CHUNK_BYTES = 16 * 2**20  # samples copied at a time when a buffer is saved or read
 NOT_FINITE = "samples are not all finite: chains started from them would diverge at once"
-
-
-def model_digest(payload: bytes) -> str:
-    """One member's digest: the SHA-256 of what `load.read_model_payload` read (a program with its sidecar)."""
-    return hashlib.sha256(payload).hexdigest()
-
-
-def group_digest(member_digests: Iterable[str]) -> str:
-    """A buffer group's key: SHA-256 over its members' digests in sorted order."""
-    return hashlib.sha256("".join(sorted(member_digests)).encode()).hexdigest()
-
-
-def buffer_stem(group: str, digest: str, where: str) -> str:
-    """`buffer-GROUP-DIGEST16`, the start of every file of the group's buffer; the group name is checked first."""
-    check_name(group, "buffer group", where)
-    return f"buffer-{group}-{digest[:16]}"
-
-
-def buffer_file_name(group: str, digest: str, shard: str | None = None, where: str = "state directory") -> str:
-    """The file one server (or, with `shard`, one replica) saves the group's buffer in."""
-    return f"{buffer_stem(group, digest, where)}{f'-{shard}' if shard else ''}.safetensors"
-
-
-def inside_state_dir(state_dir: Path, group: str, name: str) -> Path:
-    """state_dir/name, refused (ValueError) unless it names a file directly inside the state directory."""
-    path = state_dir / name
-    if "\x00" in name or Path(os.path.normpath(path)).parent != Path(os.path.normpath(state_dir)):
-        raise ValueError(f"buffer group {group!r} would make a path outside the state directory: {name!r}")
-    return path
-
-
-def is_shard(name: str, stem: str) -> bool:
-    """Whether `name` is `STEM-SHARD.safetensors` with a shard name as the server's settings allow one."""
-    shard = name.removeprefix(f"{stem}-").removesuffix(".safetensors")
-    return name.startswith(f"{stem}-") and bool(shard) and all(char.isalnum() or char == "_" for char in shard)
-
-
-def saved_buffer_paths(state_dir: Path, group: str, digest: str) -> list[Path]:
-    """Every saved file of the group and digest: the unsharded one and each shard, in name order; a file that
-    resolves outside the state directory (a planted symbolic link) is left out with a warning."""
-    stem = buffer_stem(group, digest, f"state directory {state_dir}")
-    unsharded = inside_state_dir(state_dir, group, f"{stem}.safetensors")
-    found = [unsharded, *state_dir.glob(f"{glob.escape(stem)}-*.safetensors")]
-    shards = [path for path in found if path.name == unsharded.name or is_shard(path.name, stem)]
-    inside = []
-    for path in sorted(set(shards)):
-        if not path.is_file():
-            continue
-        if not path.resolve().is_relative_to(state_dir.resolve()):
-            log.warning("not reading replay buffer %s: it resolves outside the state directory", path)
-            continue
-        inside.append(path)
-    return inside
 
 
 def max_buffer_file_bytes(shape: tuple[int, ...]) -> int:
