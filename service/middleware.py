@@ -28,18 +28,20 @@ class BodyLimits:
     the app, so both limits hold however the client sends it.
     """
 
-    def __init__(self, app: Any, limit: int, timeout_s: float) -> None:
+    def __init__(self, app: Any, limit: int, timeout_s: float, path_limits: dict[str, int] | None = None) -> None:
         self.app = app
         self.limit = limit
+        self.path_limits = path_limits or {}  # a path whose bodies may be larger (POST /score's images)
         self.timeout_s = timeout_s
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):
             await self.app(scope, receive, send)
             return
+        limit = self.path_limits.get(scope.get("path", ""), self.limit)
         declared = dict(scope.get("headers", [])).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.limit:
-            await _reject(send, 413, f"request body is larger than {self.limit} bytes")
+        if declared.isdigit() and int(declared) > limit:
+            await _reject(send, 413, f"request body is larger than {limit} bytes")
             return
         chunks: list[bytes] = []
         size, more = 0, True
@@ -52,8 +54,8 @@ class BodyLimits:
                     chunks.append(message.get("body", b""))
                     size += len(chunks[-1])
                     more = message.get("more_body", False)
-                    if size > self.limit:
-                        await _reject(send, 413, f"request body is larger than {self.limit} bytes")
+                    if size > limit:
+                        await _reject(send, 413, f"request body is larger than {limit} bytes")
                         return
         except TimeoutError:
             detail = f"request body not received within {self.timeout_s:g} s ({size} bytes arrived); send it whole"

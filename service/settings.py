@@ -38,13 +38,26 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on (0: any free port)")
     api_key: str | None = Field(
-        None, description="when set, POST /sample and POST /models/reload need 'Authorization: Bearer <key>'"
+        None,
+        description="when set, POST /sample, POST /score and POST /models/reload need 'Authorization: Bearer <key>'",
     )
 
     max_n: int = Field(64, ge=1, description="samples per request")
     max_steps: int = Field(2000, ge=1, description="Langevin steps per request")
     max_frames: int = Field(65, ge=2, description="trajectory frames per request")
-    max_body_bytes: int = Field(64 * 1024, ge=1024, description="largest request body")
+    max_body_bytes: int = Field(64 * 1024, ge=1024, description="largest request body (POST /score: the next)")
+    max_score_body_bytes: int = Field(
+        4 * 1024 * 1024,
+        ge=1024,
+        description="largest POST /score body: fits max_score_images base64 images of up to ~16 KB each",
+    )
+    max_score_images: int = Field(256, ge=1, description="images one POST /score request may send")
+    score_timeout_s: float = Field(
+        900.0,
+        gt=0,
+        description="a POST /score request's deadline, queueing included (a CNF's adaptive likelihood solves take"
+        " seconds an image on a CPU core)",
+    )
     max_model_bytes: int = Field(
         512 * 1024 * 1024, ge=1, description="largest file read from the models dir (its size checked before reading)"
     )

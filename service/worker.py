@@ -34,15 +34,17 @@ from service.chain_pool import ChainPool
 from service.generator_pool import GeneratorPool
 from service.langevin_pool import LangevinPool
 from service.latent_pool import LatentPool, latent_pool_name, runs_in_latent_pool
-from service.messages import Deliver, FrameSink, Handle, QueueFull, SampleOrder, WorkerFailure
+from service.messages import Deliver, FrameSink, Handle, Order, QueueFull, ScoreOrder, WorkerFailure
 from service.metrics import Metrics
 from service.ode_pool import OdePool, runs_ode_chains
 from service.pool_set import PoolPlan, PoolSet
 from service.pools import SamplerPool
 from service.registry import VERSION_CHARS, BufferGroup, Registry, ServedModel
 from service.scheduler import IDLE_SECONDS, Job, default_step_budget
+from service.score_pools import LikelihoodPool, OnePassScorePool, ScorePool, score_pool_name
 from service.served_models import ServedModels
 from training.sampling.replay_buffer import ReplayBuffer
+from training.sampling.scoring import LikelihoodSettings, score_family
 
 Chains = TypeVar("Chains", bound=ChainPool)
 
@@ -142,7 +144,25 @@ class Worker:
                 wanted[name] = (model.pool_key, functools.partial(self._generator_pool, model))
             if model.family == "gan" and model.members[0].critic is not None:  # DDLS chains
                 wanted[latent_pool_name(model)] = (model.pool_key, functools.partial(self._latent_pool, model))
+            if self._scores(model):  # POST /score: its inputs' energies, likelihoods or critic values
+                wanted[score_pool_name(model)] = (model.pool_key, functools.partial(self._score_pool, model))
         return wanted
+
+    @staticmethod
+    def _scores(model: ServedModel) -> bool:
+        try:
+            score_family(model.members[0])
+        except ValueError:  # a GAN without its critic, a model of 2-D points: POST /score says why
+            return False
+        return True
+
+    def _score_pool(self, model: ServedModel) -> ScorePool:
+        if score_family(model.members[0]).one_pass:
+            args = (self.chain_budget, self.batch_window_s, self.device, self.metrics, self.clock)
+            return OnePassScorePool(model, *args)
+        pool = LikelihoodPool(model, LikelihoodSettings(), self.chain_budget, self.device, self.metrics, self.clock)
+        pool.scheduler.step_budget = self.step_budget
+        return pool
 
     def _langevin_pool(self, group: BufferGroup) -> LangevinPool:
         """A buffer group's pool, from the buffer saved under its digest (a new version: its checkpoints')."""
@@ -230,14 +250,15 @@ class Worker:
     def queue_depth(self) -> int:
         return len(self._inbox) + sum(len(pool.scheduler.waiting) for pool in self._pools.all())
 
-    def submit(
-        self, order: SampleOrder, deliver: Deliver, deadline: float, on_frame: FrameSink | None = None
-    ) -> Handle:
+    def submit(self, order: Order, deliver: Deliver, deadline: float, on_frame: FrameSink | None = None) -> Handle:
         """Queue an order (thread-safe); QueueFull when the queue is full, WorkerFailure once stopped.
 
         Orders submitted before `start` wait in the inbox (tests drive the loop with `run_once`).
         """
-        name = latent_pool_name(order.model) if runs_in_latent_pool(order) else order.model.pool
+        if isinstance(order, ScoreOrder):
+            name = score_pool_name(order.model)
+        else:
+            name = latent_pool_name(order.model) if runs_in_latent_pool(order) else order.model.pool
         handle = Handle(deadline)
         with self._inbox_lock:  # checked under the lock the last drain takes: no job is left unanswered
             if self._stop.is_set() or self.stopped_by is not None or (self._thread and not self._thread.is_alive()):
