@@ -199,7 +199,7 @@ class LikelihoodPool(ScorePool):
         for state in states:
             inputs = likelihood_inputs(state.order.images, self.data_range, self.settings.probes)
             vectors = None if inputs.probe_vectors is None else inputs.probe_vectors.to(self.device)
-            state.inputs = LikelihoodInputs(inputs.points.to(self.device), vectors)
+            state.inputs = LikelihoodInputs(inputs.points.to(self.device), inputs.probe_seeds, vectors)
         every = [torch.arange(state.order.n, device=self.device) for state in states]
         points = torch.cat([state.inputs.points for state in states if state.inputs is not None])
         rtol, atol = self.settings.rtol, self.settings.atol

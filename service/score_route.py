@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import math
 import time
 from typing import Any
 
@@ -30,7 +29,7 @@ from training.sampling.scoring import (
     ScoreFamily,
     ood_reference,
     ood_score_name,
-    ood_verdicts,
+    result_rows,
     score_family,
 )
 
@@ -129,22 +128,13 @@ async def make_score_order(body: ScoreRequest, model: ServedModel, settings: Set
     return ScoreOrder(model, await asyncio.to_thread(decode_all), labels)
 
 
-def _finite(value: float) -> float | None:
-    return value if math.isfinite(value) else None
-
-
 def score_response(result: ScoreResult, order: ScoreOrder, started: float) -> ScoreResponse:
     """The worker's scores with each image's OOD verdict against the checkpoint's reference."""
     member = order.model.members[0]
     family = score_family(member)
     score_name = ood_score_name(member, family)
-    verdicts = ood_verdicts(result.scores, score_name, ood_reference(member.config.metrics))
-    values = {name: scores.tolist() for name, scores in result.scores.items()}
-    results = []
-    for index, (ood, p_value) in enumerate(verdicts):
-        fields = {name: values[name][index] for name in family.fields}
-        fields = {name: value if name == "evaluations" else _finite(value) for name, value in fields.items()}
-        results.append(ScoreItem(ood=_finite(ood), ood_p=p_value, **fields))
+    rows = result_rows(result.scores, family, score_name, ood_reference(member.config.metrics))
+    results = [ScoreItem.model_validate(row) for row in rows]
     total = time.perf_counter() - started
     return ScoreResponse(
         model=order.model.name,

@@ -135,15 +135,17 @@ class LikelihoodInputs:
     """What a CNF's likelihood solve of some images starts from."""
 
     points: torch.Tensor  # [B, *shape] dequantized, at t = 1
+    probe_seeds: torch.Tensor  # [B] int64: what each image's Hutchinson probes are drawn from
     probe_vectors: torch.Tensor | None  # [P, B, *shape] Rademacher probes; None: the exact trace
 
 
 def likelihood_inputs(x: torch.Tensor, data_range: tuple[float, float], probes: int) -> LikelihoodInputs:
+    """Images [B, *shape] in the data range -> their dequantized points and probes, seeded by their pixels."""
     levels = pixel_levels(x, data_range)
     dequantization, probe_seeds = image_seeds(levels)
     points = dequantized(levels, dequantization, data_range)
     vectors = rademacher_probes(probe_seeds, probes, tuple(x.shape[1:])) if probes else None
-    return LikelihoodInputs(points, vectors)
+    return LikelihoodInputs(points, probe_seeds, vectors)
 
 
 def cnf_scores(
@@ -218,3 +220,23 @@ def ood_verdicts(scores: Scores, score_name: str, reference: OodReference | None
     values = OOD_SCORES[score_name](scores).tolist()
     usable = reference if reference is not None and reference.score == score_name else None
     return [(value, None if usable is None else usable.p_value(value)) for value in values]
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def result_rows(
+    scores: Scores, family: ScoreFamily, score_name: str, reference: OodReference | None
+) -> list[dict[str, float | int | None]]:
+    """One result per image as POST /score and `score --json` give it: ood, ood_p and the family's scores
+    (a value that is not finite is None: JSON has no NaN)."""
+    values = {name: scores[name].tolist() for name in family.fields}
+    rows: list[dict[str, float | int | None]] = []
+    for index, (ood, p_value) in enumerate(ood_verdicts(scores, score_name, reference)):
+        row: dict[str, float | int | None] = {"ood": _finite(ood), "ood_p": p_value}
+        for name in family.fields:
+            value = values[name][index]
+            row[name] = int(value) if name == "evaluations" else _finite(float(value))
+        rows.append(row)
+    return rows
