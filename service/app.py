@@ -39,6 +39,7 @@ from service.settings import Settings
 from service.worker import Worker
 from training.runtime.device import dtype_name, pick_device, sampling_dtype
 from training.sampling.sampler_config import to_dict
+from training.sampling.scoring import LikelihoodSettings
 
 STATIC_DIR = Path(__file__).parent / "static"
 KEY_PROTECTED_PATHS = ("/sample", "/score", "/models/reload")  # with an API key; health, models, page open
@@ -223,6 +224,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             step_budget=settings.step_budget,
             sampling_dtype=dtype,
             served=served,
+            likelihood=LikelihoodSettings(settings.score_rtol, settings.score_atol),
         )
         published(registry)
         worker.start()

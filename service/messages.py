@@ -129,6 +129,7 @@ class ScoreResult:
     scores: dict[str, torch.Tensor]  # score name -> [n] per image, on the CPU (training/sampling/scoring.py)
     queue_seconds: float
     run_seconds: float
+    likelihood: dict | None = None  # a CNF's: the solver, tolerances and trace estimator its solves used
 
 
 Order = SampleOrder | ScoreOrder  # what the worker takes

@@ -81,8 +81,9 @@ class ScorePool(SamplerPool):
         state = ScoreState(order, deliver)
         return Job(n=order.n, steps=self.job_steps(order), handle=handle, arrived=self.clock(), state=state)
 
-    def _answer(self, job: Job, scores: dict[str, torch.Tensor]) -> None:
-        score_state(job).deliver(ScoreResult(scores, job.admitted_at - job.arrived, self.clock() - job.admitted_at))
+    def _answer(self, job: Job, scores: dict[str, torch.Tensor], likelihood: dict | None = None) -> None:
+        waited, ran = job.admitted_at - job.arrived, self.clock() - job.admitted_at
+        score_state(job).deliver(ScoreResult(scores, waited, ran, likelihood))
 
     def _labels(self, jobs: list[Job]) -> torch.Tensor | None:
         """[B] labels of the jobs' images (-1: the null label) for a conditional model; None otherwise."""
@@ -192,7 +193,7 @@ class LikelihoodPool(ScorePool):
         probes = None
         if self.settings.probes:
             probes = torch.cat([each[:, index] for each, index in zip(vectors, rows, strict=True)], 1)
-        return likelihood_field(self.field, self.shape, labels, probes)
+        return likelihood_field(self.field, self.shape, labels, probes, self.settings.chunk)
 
     def _start(self, jobs: list[Job]) -> None:
         states = [score_state(job) for job in jobs]
@@ -221,4 +222,5 @@ class LikelihoodPool(ScorePool):
         solve = score_state(job).solve
         assert solve is not None
         prior, delta = prior_and_delta(solve.y)
-        self._answer(job, cnf_scores(prior + delta, solve.evaluations, self.shape, self.data_range))
+        scores = cnf_scores(prior + delta, solve.evaluations, self.shape, self.data_range)
+        self._answer(job, scores, self.settings.report())

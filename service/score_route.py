@@ -79,7 +79,7 @@ def score_limits(settings: Settings, model: ServedModel) -> dict[str, Any]:
     if reference is None:
         limits["ood_p"] = "null: the checkpoint records no reference scores (python -m training score --help)"
     if not family.one_pass:
-        limits["likelihood"] = LikelihoodSettings().report()
+        limits["likelihood"] = LikelihoodSettings(settings.score_rtol, settings.score_atol).report()
     return limits
 
 
@@ -140,7 +140,7 @@ def score_response(result: ScoreResult, order: ScoreOrder, started: float) -> Sc
         model=order.model.name,
         model_version=order.model.version,
         ood_score=score_name,
-        likelihood=None if family.one_pass else LikelihoodSettings().report(),
+        likelihood=result.likelihood,
         results=results,
         timings=Timings(
             queue_ms=round(result.queue_seconds * 1000, 2),

@@ -52,6 +52,12 @@ class Settings(BaseSettings):
         description="largest POST /score body: fits max_score_images base64 images of up to ~16 KB each",
     )
     max_score_images: int = Field(256, ge=1, description="images one POST /score request may send")
+    score_rtol: float = Field(
+        1e-5, gt=0, le=0.1, description="a CNF's likelihood solve for POST /score: dopri5's relative tolerance"
+    )
+    score_atol: float = Field(
+        1e-5, gt=0, le=0.1, description="a CNF's likelihood solve for POST /score: dopri5's absolute tolerance"
+    )
     score_timeout_s: float = Field(
         900.0,
         gt=0,

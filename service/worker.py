@@ -96,7 +96,9 @@ class Worker:
         step_budget: int | None = None,  # chains per step of the chain pools; None: the device's default
         served: ServedModels | None = None,  # what requests see; published here once a new registry's pools exist
         sampling_dtype: torch.dtype = torch.float32,  # what chain pools step in (training/runtime/device.py)
+        likelihood: LikelihoodSettings | None = None,  # a CNF's likelihood solves for POST /score
     ) -> None:
+        self.likelihood = likelihood or LikelihoodSettings()
         self.store = store
         self.device = device
         self.metrics = metrics
@@ -160,7 +162,7 @@ class Worker:
         if score_family(model.members[0]).one_pass:
             args = (self.chain_budget, self.batch_window_s, self.device, self.metrics, self.clock)
             return OnePassScorePool(model, *args)
-        pool = LikelihoodPool(model, LikelihoodSettings(), self.chain_budget, self.device, self.metrics, self.clock)
+        pool = LikelihoodPool(model, self.likelihood, self.chain_budget, self.device, self.metrics, self.clock)
         pool.scheduler.step_budget = self.step_budget
         return pool
 

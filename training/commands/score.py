@@ -20,7 +20,7 @@ from training.runtime.device import pick_device, use_threads
 from training.runtime.images import ImageDecodeError, decode_exact
 from training.runtime.load import load_model
 from training.runtime.loaded import LoadedModel
-from training.sampling.likelihood import HUTCHINSON_BATCH, cnf_log_likelihood
+from training.sampling.likelihood import DEFAULT_ATOL, DEFAULT_RTOL, HUTCHINSON_BATCH, cnf_log_likelihood
 from training.sampling.scoring import (
     MAX_REFERENCE,
     OOD_METRIC,
@@ -84,6 +84,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="--record-reference: the OOD score recorded, which becomes the model's `ood` (default: its "
         "family's: energy, bits_per_dim or negative_critic)",
     )
+    parser.add_argument(
+        "--ode-rtol", type=float, default=DEFAULT_RTOL, help="a CNF's likelihood solve: dopri5's relative tolerance"
+    )
+    parser.add_argument(
+        "--ode-atol", type=float, default=DEFAULT_ATOL, help="a CNF's likelihood solve: dopri5's absolute tolerance"
+    )
     parser.add_argument("--device", default="cpu", help="cpu | cuda | auto (the server's numbers: the same device)")
     parser.add_argument("--threads", default="auto", help="torch CPU threads: a count, or auto")
 
@@ -124,12 +130,18 @@ def read_inputs(paths: list[Path], model: LoadedModel) -> tuple[list[str], torch
 
 
 def compute_scores(
-    model: LoadedModel, images: torch.Tensor, labels: torch.Tensor | None, device: torch.device, what: str
+    model: LoadedModel,
+    images: torch.Tensor,
+    labels: torch.Tensor | None,
+    device: torch.device,
+    what: str,
+    settings: LikelihoodSettings | None = None,  # a CNF's solve (default: the server's defaults)
 ) -> Scores:
     """The scores of images [N, *shape] (in batches; a CNF's by dopri5 at the server's stated settings)."""
     family = score_family(model)
     parts: list[Scores] = []
     batch = ONE_PASS_BATCH if family.one_pass else HUTCHINSON_BATCH
+    settings = settings or LikelihoodSettings()
     bar = progress(None, len(images), what, unit="image")
     for rows in torch.split(torch.arange(len(images)), batch):
         chunk = images[rows].to(device)
@@ -137,7 +149,6 @@ def compute_scores(
         if family.one_pass:
             parts.append(one_pass_scores(family, [model], chunk, chunk_labels))
         else:
-            settings = LikelihoodSettings()
             inputs = likelihood_inputs(images[rows], model.data_range, settings.probes)
             solved = cnf_log_likelihood(
                 model.module,
@@ -147,6 +158,7 @@ def compute_scores(
                 settings.atol,
                 settings.probes,
                 inputs.probe_seeds,
+                settings.chunk,
             )
             parts.append(cnf_scores(solved.log_prob, solved.evaluations, model.shape, model.data_range))
         bar.update(len(rows))
@@ -170,7 +182,8 @@ def run_score(args: argparse.Namespace) -> None:
     names, images = read_inputs(args.inputs, model)
     if args.label is not None:
         labels = torch.full((len(images),), args.label)
-    scores = compute_scores(model, images, labels, device, f"score {model.name}")
+    likelihood = LikelihoodSettings(args.ode_rtol, args.ode_atol)
+    scores = compute_scores(model, images, labels, device, f"score {model.name}", likelihood)
     score_name = ood_score_name(model, family)
     reference = ood_reference(model.config.metrics)
     rows = result_rows(scores, family, score_name, reference)
@@ -178,7 +191,7 @@ def run_score(args: argparse.Namespace) -> None:
         version = model_digest(args.checkpoint.read_bytes())[:VERSION_CHARS]
         body: dict[str, Any] = {"model": model.name, "model_version": version, "ood_score": score_name}
         if not family.one_pass:
-            body["likelihood"] = LikelihoodSettings().report()
+            body["likelihood"] = likelihood.report()
         body["results"] = rows
         body["inputs"] = names
         print(json.dumps(body, indent=2))
@@ -203,7 +216,8 @@ def record_reference(args: argparse.Namespace, model: LoadedModel, device: torch
     images = test.images[start:]  # [n, 1, 28, 28] in [-1, 1]
     low, high = model.data_range
     images = (images + 1) / 2 * (high - low) + low
-    scores = compute_scores(model, images, None, device, f"reference scores of {model.name}")
+    likelihood = LikelihoodSettings(args.ode_rtol, args.ode_atol)
+    scores = compute_scores(model, images, None, device, f"reference scores of {model.name}", likelihood)
     try:
         values = OOD_SCORES[score_name](scores)
     except KeyError as error:
@@ -220,7 +234,7 @@ def record_reference(args: argparse.Namespace, model: LoadedModel, device: torch
         "data_sha256": hashlib.sha256(images.numpy().tobytes()).hexdigest()[:16],
     }
     if not family.one_pass:
-        record["likelihood"] = LikelihoodSettings().report()
+        record["likelihood"] = likelihood.report()
     checkpoint = load_checkpoint(args.checkpoint)
     checkpoint.config.metrics[OOD_METRIC] = record
     save_checkpoint(args.checkpoint, checkpoint)

@@ -34,7 +34,13 @@ from training.models.cnf import is_velocity_field
 from training.models.flows import bits_per_dim
 from training.runtime.loaded import LoadedModel
 from training.sampling.langevin import frozen_energy
-from training.sampling.likelihood import DEFAULT_ATOL, DEFAULT_PROBES, DEFAULT_RTOL, rademacher_probes
+from training.sampling.likelihood import (
+    DEFAULT_ATOL,
+    DEFAULT_PROBES,
+    DEFAULT_RTOL,
+    HUTCHINSON_BATCH,
+    rademacher_probes,
+)
 from training.sampling.noise import chain_uniform
 
 OOD_METRIC = "ood"  # checkpoint metrics key: {"score", "reference": sorted floats, "split", "n", ...}
@@ -75,10 +81,12 @@ class LikelihoodSettings:
     rtol: float = DEFAULT_RTOL
     atol: float = DEFAULT_ATOL
     probes: int = DEFAULT_PROBES  # Rademacher probes of Hutchinson's trace an image; 0: the exact trace
+    chunk: int = HUTCHINSON_BATCH  # rows per field evaluation, always exactly (likelihood_field): batch-invariant
 
     def report(self) -> dict[str, Any]:
         trace = "exact" if self.probes == 0 else "hutchinson"
-        return {"solver": "dopri5", "rtol": self.rtol, "atol": self.atol, "trace": trace, "probes": self.probes}
+        figures = {"solver": "dopri5", "rtol": self.rtol, "atol": self.atol, "trace": trace, "probes": self.probes}
+        return {**figures, "chunk": self.chunk}
 
 
 def score_family(model: LoadedModel) -> ScoreFamily:
