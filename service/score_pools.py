@@ -115,12 +115,14 @@ class OnePassScorePool(ScorePool):
         self,
         model: ServedModel,
         chain_budget: int,
-        window_s: float,
         device: torch.device,
         metrics: Metrics,
         clock: Callable[[], float],
+        window_s: float,
+        pass_images: int | None = None,  # images per forward pass: the device's step budget; None: all at once
     ) -> None:
         super().__init__(model, chain_budget, device, metrics, clock, window_s)
+        self.pass_images = pass_images or chain_budget
 
     def step(self) -> None:
         plan = self.scheduler.schedule()
@@ -131,12 +133,19 @@ class OnePassScorePool(ScorePool):
     def _score(self, jobs: list[Job]) -> None:
         orders = [score_state(job).order for job in jobs]
         images = torch.cat([order.images for order in orders]).to(self.device)  # [B, *shape]
-        scores = one_pass_scores(self.family, self.model.members, images, self._labels(jobs))
+        labels = self._labels(jobs)
+        parts = [
+            one_pass_scores(self.family, self.model.members, chunk, None if labels is None else labels[rows])
+            for chunk, rows in zip(
+                images.split(self.pass_images), torch.arange(len(images)).split(self.pass_images), strict=True
+            )
+        ]  # a CPU scores fastest in passes of its step budget (64), not of all the batch's images at once
+        scores = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
         self._record_step(len(jobs), len(images))
         sizes = [order.n for order in orders]
-        parts = {name: values.split(sizes) for name, values in scores.items()}
+        split = {name: values.split(sizes) for name, values in scores.items()}
         for index, job in enumerate(jobs):
-            self._answer(job, {name: values[index] for name, values in parts.items()})
+            self._answer(job, {name: values[index] for name, values in split.items()})
 
 
 class LikelihoodPool(ScorePool):

@@ -159,10 +159,10 @@ class Worker:
         return True
 
     def _score_pool(self, model: ServedModel) -> ScorePool:
+        common = (self.chain_budget, self.device, self.metrics, self.clock)
         if score_family(model.members[0]).one_pass:
-            args = (self.chain_budget, self.batch_window_s, self.device, self.metrics, self.clock)
-            return OnePassScorePool(model, *args)
-        pool = LikelihoodPool(model, self.likelihood, self.chain_budget, self.device, self.metrics, self.clock)
+            return OnePassScorePool(model, *common, window_s=self.batch_window_s, pass_images=self.step_budget)
+        pool = LikelihoodPool(model, self.likelihood, *common)
         pool.scheduler.step_budget = self.step_budget
         return pool
 
