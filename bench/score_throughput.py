@@ -119,6 +119,13 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=4, help="requests each client sends")
     parser.add_argument("--cnf", default="cnf_mnist", help="the CNF whose bits/dim is compared ('' skips it)")
     parser.add_argument("--cnf-images", type=int, default=10, help="test images of the CNF comparison")
+    parser.add_argument(
+        "--beside",
+        type=int,
+        default=0,
+        help="also time a 4-chain CNF sample alone and while this many clients keep 64-image score requests of it "
+        "running (0: not)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads, in this process and the server")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -143,7 +150,7 @@ def main() -> None:
             shape = tuple(test.images.shape[1:])
             decoded = torch.stack([decode_exact(base64.b64decode(text), shape) for text in images])
             batches = list(decoded.split(args.images))
-            for name in args.models.split(","):
+            for name in [name for name in args.models.split(",") if name]:
                 bodies = [
                     [
                         json.dumps({"model": name, "images": images[start : start + args.images]}).encode()
@@ -164,14 +171,44 @@ def main() -> None:
                     "served_over_raw_largest_batch": round(served / raw_largest, 3),
                 }
                 print(json.dumps({name: report[name]}), file=sys.stderr, flush=True)
-            if args.cnf:
+            if args.cnf and args.cnf_images:
                 report[args.cnf] = cnf_comparison(base, models / f"{args.cnf}.safetensors", test.images, args)
+            if args.cnf and args.beside:
+                report[f"{args.cnf}_sample_beside_scores"] = sample_beside_scores(base, args.cnf, images, args)
         finally:
             server.terminate()
             server.wait(timeout=60)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(report, indent=2))
+
+
+def sample_beside_scores(base: str, name: str, images: list[str], args: argparse.Namespace) -> dict:
+    """A short sample's seconds alone and beside --beside clients each running a 64-image CNF score request
+    (the median of 3 each; the score requests are left running and end with the server)."""
+
+    def timed_samples() -> float:
+        seconds = []
+        for seed in range(3):
+            started = time.perf_counter()
+            httpx.post(f"{base}/sample", json={"model": name, "n": 4, "seed": seed}, timeout=600).raise_for_status()
+            seconds.append(time.perf_counter() - started)
+        return sorted(seconds)[1]
+
+    alone = timed_samples()
+
+    def client(index: int) -> None:
+        try:
+            body = {"model": name, "images": images[index * 64 : index * 64 + 64]}
+            httpx.post(f"{base}/score", json=body, timeout=3000)
+        except httpx.HTTPError:
+            pass  # the server ends first
+
+    for index in range(args.beside):
+        threading.Thread(target=client, args=(index,), daemon=True).start()
+    time.sleep(5)  # admitted, their solves started
+    beside = timed_samples()
+    return {"clients": args.beside, "alone_s": round(alone, 3), "beside_s": round(beside, 3), "ratio": beside / alone}
 
 
 def cnf_comparison(base: str, path: Path, test_images: torch.Tensor, args: argparse.Namespace) -> dict:

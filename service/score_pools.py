@@ -11,6 +11,7 @@ dequantization noise and Hutchinson probes are seeded by its own pixels: a score
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from training.sampling.scoring import (
 )
 
 log = logging.getLogger(__name__)
-MAX_ATTEMPTS = 10_000  # attempted dopri5 steps an image may take (dopri5's own cap)
+MAX_ATTEMPTS = 10**9  # pool steps a job may take part in (dopri5 fails a row whose step collapses first)
 
 
 def score_pool_name(model: ServedModel) -> str:
@@ -170,18 +171,33 @@ class LikelihoodPool(ScorePool):
         return MAX_ATTEMPTS
 
     def step(self) -> None:
-        """Start the admitted images' solves, attempt one step of every running image, answer finished jobs."""
+        """One bounded piece of work, so that a short sample beside it waits little: start one admitted job's
+        solves (two evaluations of its images), else attempt one dopri5 step of at most `chunk` running images,
+        oldest requests first. A row's numbers do not depend on when it steps or beside what."""
         plan = self.scheduler.schedule()
         self._admit(plan.admitted, plan.dropped)
-        if plan.admitted:
-            self._isolated(plan.admitted, self._start, "likelihood start")
-        running = {id(job) for job in self.scheduler.running}  # a job failed at its start is gone
-        jobs = [job for job in plan.running if id(job) in running and score_state(job).solve is not None]
-        if not jobs:
+        unstarted = [job for job in self.scheduler.running if score_state(job).solve is None]
+        if unstarted:
+            self._isolated(unstarted[:1], self._start, "likelihood start")
+            return
+        picked: list[tuple[Job, torch.Tensor]] = []
+        room = self.settings.chunk
+        for job in self.scheduler.running:
+            solve = score_state(job).solve
+            assert solve is not None
+            rows = solve.unfinished(1.0, 0.0).nonzero().squeeze(1)[:room]
+            if len(rows):
+                picked.append((job, rows))
+                room -= len(rows)
+            if room == 0:
+                break
+        if not picked:
             return
         started = self.clock()
-        stepped = self._isolated(jobs, self._attempt, "likelihood step")
-        advanced = sum(job.running_chains for job in stepped)
+        chosen = {id(job): rows for job, rows in picked}
+        attempt = functools.partial(self._attempt, chosen=chosen)
+        stepped = self._isolated([job for job, _ in picked], attempt, "likelihood step")
+        advanced = sum(len(chosen[id(job)]) for job in stepped)
         self.scheduler.cost.observe(advanced, self.clock() - started)
         self._record_step(len(stepped), advanced)
         for job in stepped:
@@ -217,9 +233,10 @@ class LikelihoodPool(ScorePool):
         for state, part in zip(states, solve.split([state.order.n for state in states]), strict=True):
             state.solve = part
 
-    def _attempt(self, jobs: list[Job]) -> None:
+    def _attempt(self, jobs: list[Job], chosen: dict[int, torch.Tensor]) -> None:
+        """One attempted dopri5 step of the chosen rows (image indices) of each job, in one batch."""
         solves = [score_state(job).solve for job in jobs]
-        rows = [solve.unfinished(1.0, 0.0).nonzero().squeeze(1) for solve in solves if solve is not None]
+        rows = [chosen[id(job)] for job in jobs]
         batch = Dopri5Rows.cat([solve.take(index) for solve, index in zip(solves, rows, strict=True) if solve])
         rtol, atol = self.settings.rtol, self.settings.atol
         dopri5_attempt(self._field(jobs, rows), batch, 1.0, 0.0, rtol, atol, likelihood_norm)

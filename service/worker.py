@@ -162,9 +162,7 @@ class Worker:
         common = (self.chain_budget, self.device, self.metrics, self.clock)
         if score_family(model.members[0]).one_pass:
             return OnePassScorePool(model, *common, window_s=self.batch_window_s, pass_images=self.step_budget)
-        pool = LikelihoodPool(model, self.likelihood, *common)
-        pool.scheduler.step_budget = self.step_budget
-        return pool
+        return LikelihoodPool(model, self.likelihood, *common)
 
     def _langevin_pool(self, group: BufferGroup) -> LangevinPool:
         """A buffer group's pool, from the buffer saved under its digest (a new version: its checkpoints')."""
@@ -334,7 +332,10 @@ class Worker:
         self._attempt("swapping in the models handed over", self._swap_in_pending)
         self._drain_inbox()
         busy = False
-        for pool in self._pools.all():
+        pools = self._pools.all()  # a CNF's likelihood solves (long) step only in rounds no other pool has work
+        for pool in [pool for pool in pools if not isinstance(pool, LikelihoodPool)]:
+            busy = self._step(pool) or busy
+        for pool in [pool for pool in pools if isinstance(pool, LikelihoodPool)] if not busy else []:
             busy = self._step(pool) or busy
         if self._pools.retired:
             self._attempt("dropping replaced versions", self._drop_finished_pools)
