@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -50,7 +50,8 @@ class ScoreState:
     order: ScoreOrder
     deliver: Deliver
     inputs: LikelihoodInputs | None = None  # a CNF's dequantized images and probes, on the device
-    solve: Dopri5Rows | None = None  # a CNF's images' solves, once started
+    solve: Dopri5Rows | None = None  # a CNF's images' solves, once every image's is started
+    started: list[Dopri5Rows] = field(default_factory=list)  # the solves started so far, `chunk` images at a time
 
 
 def score_state(job: Job) -> ScoreState:
@@ -171,9 +172,10 @@ class LikelihoodPool(ScorePool):
         return MAX_ATTEMPTS
 
     def step(self) -> None:
-        """One bounded piece of work, so that a short sample beside it waits little: start one admitted job's
-        solves (two evaluations of its images), else attempt one dopri5 step of at most `chunk` running images,
-        oldest requests first. A row's numbers do not depend on when it steps or beside what."""
+        """One bounded piece of work, so that a short sample beside it waits little: start the solves of up to
+        `chunk` images of the oldest job not fully started (two evaluations each), else attempt one dopri5 step
+        of at most `chunk` running images, oldest requests first. An image's numbers do not depend on when it
+        steps or beside what."""
         plan = self.scheduler.schedule()
         self._admit(plan.admitted, plan.dropped)
         unstarted = [job for job in self.scheduler.running if score_state(job).solve is None]
@@ -221,17 +223,21 @@ class LikelihoodPool(ScorePool):
         return likelihood_field(self.field, self.shape, labels, probes, self.settings.chunk)
 
     def _start(self, jobs: list[Job]) -> None:
-        states = [score_state(job) for job in jobs]
-        for state in states:
+        """Start the solves of the next `chunk` images of one job; its solve is whole once all have started."""
+        (job,) = jobs
+        state = score_state(job)
+        if state.inputs is None:
             inputs = likelihood_inputs(state.order.images, self.data_range, self.settings.probes)
             vectors = None if inputs.probe_vectors is None else inputs.probe_vectors.to(self.device)
             state.inputs = LikelihoodInputs(inputs.points.to(self.device), inputs.probe_seeds, vectors)
-        every = [torch.arange(state.order.n, device=self.device) for state in states]
-        points = torch.cat([state.inputs.points for state in states if state.inputs is not None])
+        first = sum(len(part.t) for part in state.started)
+        rows = torch.arange(first, min(first + self.settings.chunk, state.order.n), device=self.device)
+        field_of_rows = self._field(jobs, [rows])
         rtol, atol = self.settings.rtol, self.settings.atol
-        solve = dopri5_start(self._field(jobs, every), augmented_start(points), 1.0, 0.0, rtol, atol, likelihood_norm)
-        for state, part in zip(states, solve.split([state.order.n for state in states]), strict=True):
-            state.solve = part
+        start = augmented_start(state.inputs.points[rows])
+        state.started.append(dopri5_start(field_of_rows, start, 1.0, 0.0, rtol, atol, likelihood_norm))
+        if first + len(rows) == state.order.n:
+            state.solve, state.started = Dopri5Rows.cat(state.started), []
 
     def _attempt(self, jobs: list[Job], chosen: dict[int, torch.Tensor]) -> None:
         """One attempted dopri5 step of the chosen rows (image indices) of each job, in one batch."""
