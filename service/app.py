@@ -33,15 +33,17 @@ from service.model_watch import CoalescedReloads, ModelRepository, ModelWatcher,
 from service.orders import COMMON_FIELDS, accepted_fields, check_applicable, make_order
 from service.registry import Registry, ServedModel, model_files, signals_end_loading
 from service.schemas import ErrorBody, ModelInfo, Readiness, SampleRequest, SampleResponse, field_limits
+from service.score_route import MODEL_VERSION_HEADER, add_score_route, score_limits
 from service.served_models import ServedModels
 from service.settings import Settings
 from service.worker import Worker
 from training.runtime.device import dtype_name, pick_device, sampling_dtype
 from training.runtime.images import image_body_bytes
 from training.sampling.sampler_config import to_dict
+from training.sampling.scoring import LikelihoodSettings
 
 STATIC_DIR = Path(__file__).parent / "static"
-KEY_PROTECTED_PATHS = ("/sample", "/models/reload")  # with an API key; health, readiness, metrics, models, page open
+KEY_PROTECTED_PATHS = ("/sample", "/score", "/models/reload")  # with an API key; health, models, page open
 JSON_KINDS = {
     type(None): "null",
     list: "an array",
@@ -50,7 +52,6 @@ JSON_KINDS = {
     float: "a number",
     bool: "true or false",
 }
-MODEL_VERSION_HEADER = "X-Model-Version"  # on every POST /sample answer: the version of the model that served it
 
 log = logging.getLogger("service")
 
@@ -147,6 +148,7 @@ def _model_info(model: ServedModel, worker: Worker, store: BufferStore, settings
             "max_steps": settings.max_steps,
             "max_frames": settings.max_frames,
             "fields": _request_limits(settings, model),
+            "score": score_limits(settings, model),
         },
         metrics=config.metrics if len(model.members) == 1 else ensemble_only,
         buffer_size=buffer.size if buffer else None,
@@ -191,7 +193,7 @@ def json_content_type(request: Request) -> None:
     came = f"as {media}" if media else "without a content-type"
     raise HTTPException(
         415,
-        detail="POST /sample reads a JSON body: send it with 'content-type: application/json' (curl: -H "
+        detail=f"POST {request.url.path} reads a JSON body: send it with 'content-type: application/json' (curl: -H "
         f"'content-type: application/json' -d '{{...}}', or --json '{{...}}'); this one came {came}",
     )
 
@@ -244,6 +246,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             sampling_dtype=dtype,
             served=served,
             buffer_budget=BufferBudget(int(settings.buffer_budget_mb * 2**20)),
+            likelihood=LikelihoodSettings(settings.score_rtol, settings.score_atol),
         )
         published(served.registry)  # the worker's: models whose pools could not be built are refused there
         worker.start()
@@ -268,7 +271,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         description="Samples from energy-based models, flows and GANs.",
     )
-    app.add_middleware(BodyLimits, limit=lambda: body_limit(settings, app), timeout_s=settings.body_timeout_s)
+    app.add_middleware(
+        BodyLimits,
+        limit=lambda: body_limit(settings, app),
+        timeout_s=settings.body_timeout_s,
+        path_limits={"/score": settings.max_score_body_bytes},
+    )
     if settings.api_key is not None:  # added last, so outermost: a request without the key is not even read
         app.add_middleware(BearerKey, key=settings.api_key, protected_paths=KEY_PROTECTED_PATHS)
     app.state.settings = settings
@@ -400,4 +408,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 if status is not None:
                     record(metrics, label, status, started)
 
+    add_score_route(app, settings, metrics, Depends(json_content_type))
     return app

@@ -21,9 +21,11 @@ from service.messages import (
     Frame,
     FrameSink,
     Handle,
+    Order,
     QueueFull,
     SampleOrder,
     SampleResult,
+    ScoreResult,
     WorkerFailure,
 )
 from service.metrics import Metrics
@@ -58,26 +60,44 @@ def record(metrics: Metrics, model: str, status: int, started: float) -> None:
     metrics.latency_seconds.labels(model).observe(time.perf_counter() - started)
 
 
-def _submit(worker: Worker, order: SampleOrder, settings: Settings, deliver: Any, on_frame: FrameSink | None) -> Handle:
+def _submit(
+    worker: Worker,
+    order: Order,
+    settings: Settings,
+    deliver: Any,
+    on_frame: FrameSink | None,
+    timeout_s: float | None = None,  # None: the server's request_timeout_s
+) -> Handle:
+    deadline = time.monotonic() + (settings.request_timeout_s if timeout_s is None else timeout_s)
     try:
-        return worker.submit(order, deliver, time.monotonic() + settings.request_timeout_s, on_frame)
+        return worker.submit(order, deliver, deadline, on_frame)
     except (QueueFull, WorkerFailure) as error:
         raise worker_error(error, settings) from error
 
 
 async def sample_result(worker: Worker, order: SampleOrder, settings: Settings, request: Request) -> SampleResult:
-    """The worker's result; if the client goes away first, its chains are cancelled at the next step."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[SampleResult | BaseException] = loop.create_future()
+    """The worker's samples; if the client goes away first, its chains are cancelled at the next step."""
+    result = await worker_answer(worker, order, settings, request)
+    assert isinstance(result, SampleResult)
+    return result
 
-    def settle(outcome: SampleResult | BaseException) -> None:
+
+async def worker_answer(
+    worker: Worker, order: Order, settings: Settings, request: Request, timeout_s: float | None = None
+) -> SampleResult | ScoreResult:
+    """The worker's answer to an order; if the client goes away first, its chains are cancelled at the next
+    step. `timeout_s`: its deadline (None: the server's request_timeout_s)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[SampleResult | ScoreResult | BaseException] = loop.create_future()
+
+    def settle(outcome: SampleResult | ScoreResult | BaseException) -> None:
         if not future.done():
             future.set_result(outcome)
 
-    def deliver(outcome: SampleResult | BaseException) -> None:
+    def deliver(outcome: SampleResult | ScoreResult | BaseException) -> None:
         loop.call_soon_threadsafe(settle, outcome)
 
-    handle = _submit(worker, order, settings, deliver, None)
+    handle = _submit(worker, order, settings, deliver, None, timeout_s)
     while True:
         try:
             done, _ = await asyncio.wait({future}, timeout=POLL_SECONDS)

@@ -1,8 +1,8 @@
 """What travels between the HTTP side and the device worker: small typed classes, one direction each.
 
-HTTP -> worker: a `SampleOrder` (and the `Handle` it keeps, to cancel). Worker -> HTTP: `Frame`s while
-chains run, then one `SampleResult` or one of the errors below. No class here imports torch at run time,
-so the scheduler (which holds handles) stays torch-free.
+HTTP -> worker: a `SampleOrder` or a `ScoreOrder` (and the `Handle` it keeps, to cancel). Worker -> HTTP:
+`Frame`s while chains run, then one `SampleResult` (a `ScoreResult`) or one of the errors below. No class
+here imports torch at run time, so the scheduler (which holds handles) stays torch-free.
 """
 
 from __future__ import annotations
@@ -111,5 +111,27 @@ class SampleResult:
     chain_steps: list[int] | None = None  # steps each chain ran (EBMs; fewer than `steps` where a chain stopped)
 
 
-Deliver = Callable[["SampleResult | BaseException"], None]  # called once, from the worker thread
+@dataclass
+class ScoreOrder:
+    """Images to score (POST /score): decoded exactly, checked against the model, labels filled in."""
+
+    model: ServedModel
+    images: torch.Tensor  # [n, *shape] on the CPU, in the data range
+    labels: torch.Tensor | None = None  # [n] class per image (conditional energies and CNFs); None: unconditional
+
+    @property
+    def n(self) -> int:
+        return len(self.images)
+
+
+@dataclass
+class ScoreResult:
+    scores: dict[str, torch.Tensor]  # score name -> [n] per image, on the CPU (training/sampling/scoring.py)
+    queue_seconds: float
+    run_seconds: float
+    likelihood: dict | None = None  # a CNF's: the solver, tolerances and trace estimator its solves used
+
+
+Order = SampleOrder | ScoreOrder  # what the worker takes
+Deliver = Callable[["SampleResult | ScoreResult | BaseException"], None]  # called once, from the worker thread
 FrameSink = Callable[[Frame], None]  # called from the worker thread at every kept frame (streaming)

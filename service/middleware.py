@@ -29,9 +29,12 @@ class BodyLimits:
     follows the models served (an init image of the largest one must fit).
     """
 
-    def __init__(self, app: Any, limit: int | Callable[[], int], timeout_s: float) -> None:
+    def __init__(
+        self, app: Any, limit: int | Callable[[], int], timeout_s: float, path_limits: dict[str, int] | None = None
+    ) -> None:
         self.app = app
         self._limit = limit
+        self.path_limits = path_limits or {}  # a path whose bodies may be larger (POST /score's images)
         self.timeout_s = timeout_s
 
     @property
@@ -42,7 +45,7 @@ class BodyLimits:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):
             await self.app(scope, receive, send)
             return
-        limit = self.limit
+        limit = self.path_limits.get(scope.get("path", ""), self.limit)
         declared = dict(scope.get("headers", [])).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > limit:
             await _reject(send, 413, f"request body is larger than {limit} bytes")

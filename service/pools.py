@@ -21,6 +21,7 @@ from service.messages import (
     Frame,
     FrameSink,
     Handle,
+    Order,
     SampleOrder,
     SampleResult,
     WorkerFailure,
@@ -113,8 +114,9 @@ class SamplerPool:
     def seconds_until_due(self) -> float:
         return self.scheduler.seconds_until_due()
 
-    def make_job(self, order: SampleOrder, deliver: Deliver, handle: Handle, on_frame: FrameSink | None) -> Job:
+    def make_job(self, order: Order, deliver: Deliver, handle: Handle, on_frame: FrameSink | None) -> Job:
         """The scheduler's view of an order; its tensors live in the job's ChainState."""
+        assert isinstance(order, SampleOrder)  # a ScoreOrder goes to a score pool (service/score_pools.py)
         state = ChainState(order, deliver, on_frame, self.member_indices(order))
         return Job(n=order.n, steps=self.job_steps(order), handle=handle, arrived=self.clock(), state=state)
 

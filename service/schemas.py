@@ -169,3 +169,47 @@ class Readiness(BaseModel):
     models: list[str]
     worker_running: bool
     refused: dict[str, str]  # checkpoint file -> why it is not served
+
+
+class ScoreRequest(BaseModel):
+    """POST /score: images to score under one model, each exactly the model's size and channels."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
+
+    model: str = Field(min_length=1, max_length=200)
+    images: list[str] = Field(
+        min_length=1,
+        description="base64 PNG or JPEG images (or data: URLs), each the model's width, height and channels "
+        "(no resizing); at most the server's max_score_images (see /models limits.score)",
+    )
+    label: int | None = Field(
+        None,
+        ge=0,
+        le=INT32_MAX,
+        description="class-conditional EBMs and CNFs: score E(x, y) or log p(x | y) for this class (index into "
+        "/models classes); without it the unconditional energy or likelihood",
+    )
+
+
+class ScoreItem(BaseModel):
+    """One image's scores: the OOD verdict, and what its family knows (absent where it does not apply)."""
+
+    ood: float | None = Field(description="the model's OOD score, higher = more out of distribution (null: not finite)")
+    ood_p: float | None = Field(
+        description="fraction of the model's held-out reference scores at least as high as `ood` (a p-value); "
+        "null when the checkpoint records no reference (see /models limits.score)"
+    )
+    energy: float | None = Field(None, description="EBMs and ensembles: E(x), or E(x, y) with a label")
+    log_prob: float | None = Field(None, description="flows: log p of the dequantized image in the data space, nats")
+    bits_per_dim: float | None = Field(None, description="flows: -log2 P(8-bit image) per dimension")
+    evaluations: int | None = Field(None, description="CNFs: field evaluations the adaptive solve took (NFE)")
+    critic: float | None = Field(None, description="GANs with a critic: the critic's value d(x)")
+
+
+class ScoreResponse(BaseModel):
+    model: str
+    model_version: str  # as /models and X-Model-Version state it
+    ood_score: str  # which score `ood` is (energy, bits_per_dim, negative_critic)
+    likelihood: dict[str, Any] | None = None  # CNFs: solver, tolerances and trace estimator of the solve
+    results: list[ScoreItem]  # one per image, in order
+    timings: Timings

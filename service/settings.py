@@ -38,7 +38,8 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on (0: any free port)")
     api_key: str | None = Field(
-        None, description="when set, POST /sample and POST /models/reload need 'Authorization: Bearer <key>'"
+        None,
+        description="when set, POST /sample, POST /score and POST /models/reload need 'Authorization: Bearer <key>'",
     )
 
     max_n: int = Field(64, ge=1, description="samples per request")
@@ -49,6 +50,24 @@ class Settings(BaseSettings):
         ge=1024,
         description="largest request body (none: 64 KiB, or room for an init image and mask of the largest model "
         "served if more: a 3x128x128 model's take 150 kB)",
+    )
+    max_score_body_bytes: int = Field(
+        4 * 1024 * 1024,
+        ge=1024,
+        description="largest POST /score body: fits max_score_images base64 images of up to ~16 KB each",
+    )
+    max_score_images: int = Field(256, ge=1, description="images one POST /score request may send")
+    score_rtol: float = Field(
+        1e-5, gt=0, le=0.1, description="a CNF's likelihood solve for POST /score: dopri5's relative tolerance"
+    )
+    score_atol: float = Field(
+        1e-5, gt=0, le=0.1, description="a CNF's likelihood solve for POST /score: dopri5's absolute tolerance"
+    )
+    score_timeout_s: float = Field(
+        900.0,
+        gt=0,
+        description="a POST /score request's deadline, queueing included (a CNF's adaptive likelihood solves take"
+        " seconds an image on a CPU core)",
     )
     max_model_bytes: int = Field(
         512 * 1024 * 1024, ge=1, description="largest file read from the models dir (its size checked before reading)"

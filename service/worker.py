@@ -34,16 +34,18 @@ from service.chain_pool import ChainPool
 from service.generator_pool import GeneratorPool
 from service.langevin_pool import LangevinPool
 from service.latent_pool import LatentPool, latent_pool_name, runs_in_latent_pool
-from service.messages import Deliver, FrameSink, Handle, QueueFull, SampleOrder, WorkerFailure
+from service.messages import Deliver, FrameSink, Handle, Order, QueueFull, ScoreOrder, WorkerFailure
 from service.metrics import Metrics
 from service.ode_pool import OdePool, runs_ode_chains
 from service.pool_set import PoolPlan, PoolSet
 from service.pools import SamplerPool
 from service.registry import VERSION_CHARS, BufferGroup, Registry, ServedModel, refusal
 from service.scheduler import IDLE_SECONDS, Job, default_step_budget
+from service.score_pools import LikelihoodPool, OnePassScorePool, ScorePool, score_pool_name
 from service.served_models import ServedModels
 from training.runtime.draw import buffer_capacity, pooled_buffer
 from training.sampling.replay_buffer import ReplayBuffer
+from training.sampling.scoring import LikelihoodSettings, score_family
 
 Chains = TypeVar("Chains", bound=ChainPool)
 
@@ -98,7 +100,9 @@ class Worker:
         served: ServedModels | None = None,  # what requests see; published here once a new registry's pools exist
         sampling_dtype: torch.dtype = torch.float32,  # what chain pools step in (training/runtime/device.py)
         buffer_budget: BufferBudget | None = None,  # bytes for every replay buffer; None: no limit
+        likelihood: LikelihoodSettings | None = None,  # a CNF's likelihood solves for POST /score
     ) -> None:
+        self.likelihood = likelihood or LikelihoodSettings()
         self.store = store
         self.buffer_budget = buffer_budget or BufferBudget(2**62)
         self.saver = BufferSaver()  # buffers are written on its thread; steps never wait for a save
@@ -150,12 +154,15 @@ class Worker:
                 wanted[name] = (model.pool_key, functools.partial(self._generator_pool, model))
             if model.family == "gan" and model.members[0].critic is not None:  # DDLS chains
                 wanted[latent_pool_name(model)] = (model.pool_key, functools.partial(self._latent_pool, model))
+            if self._scores(model):  # POST /score: its inputs' energies, likelihoods or critic values
+                wanted[score_pool_name(model)] = (model.pool_key, functools.partial(self._score_pool, model))
         return wanted
 
     def _pools_of(self, model: ServedModel) -> set[str]:
         """The names of the pools `model`'s requests run in (_wanted_pools)."""
         ddls = model.family == "gan" and model.members[0].critic is not None
-        return {model.pool, latent_pool_name(model)} if ddls else {model.pool}
+        pools = {model.pool, latent_pool_name(model)} if ddls else {model.pool}
+        return pools | ({score_pool_name(model)} if self._scores(model) else set())
 
     def _build(self, registry: Registry) -> tuple[Registry, dict[str, PoolPlan], dict[str, SamplerPool]]:
         """The pools `registry` needs, built (or kept); a pool that cannot be built fails only the models that run
@@ -177,6 +184,20 @@ class Worker:
         registry = Registry(models, groups, refused)
         wanted = self._wanted_pools(registry)  # a subset of what was planned, under the same keys
         return registry, wanted, {name: pools[name] for name in wanted}
+
+    @staticmethod
+    def _scores(model: ServedModel) -> bool:
+        try:
+            score_family(model.members[0])
+        except ValueError:  # a GAN without its critic, a model of 2-D points: POST /score says why
+            return False
+        return True
+
+    def _score_pool(self, model: ServedModel) -> ScorePool:
+        common = (self.chain_budget, self.device, self.metrics, self.clock)
+        if score_family(model.members[0]).one_pass:
+            return OnePassScorePool(model, *common, window_s=self.batch_window_s, pass_images=self.step_budget)
+        return LikelihoodPool(model, self.likelihood, *common)
 
     def _langevin_pool(self, group: BufferGroup) -> LangevinPool:
         """A buffer group's pool, from the buffer saved under its digest (a new version: its checkpoints'), with
@@ -275,14 +296,15 @@ class Worker:
     def queue_depth(self) -> int:
         return len(self._inbox) + sum(len(pool.scheduler.waiting) for pool in self._pools.all())
 
-    def submit(
-        self, order: SampleOrder, deliver: Deliver, deadline: float, on_frame: FrameSink | None = None
-    ) -> Handle:
+    def submit(self, order: Order, deliver: Deliver, deadline: float, on_frame: FrameSink | None = None) -> Handle:
         """Queue an order (thread-safe); QueueFull when the queue is full, WorkerFailure once stopped.
 
         Orders submitted before `start` wait in the inbox (tests drive the loop with `run_once`).
         """
-        name = latent_pool_name(order.model) if runs_in_latent_pool(order) else order.model.pool
+        if isinstance(order, ScoreOrder):
+            name = score_pool_name(order.model)
+        else:
+            name = latent_pool_name(order.model) if runs_in_latent_pool(order) else order.model.pool
         handle = Handle(deadline)
         with self._inbox_lock:  # checked under the lock the last drain takes: no job is left unanswered
             if self._stop.is_set() or self.stopped_by is not None or (self._thread and not self._thread.is_alive()):
@@ -356,7 +378,10 @@ class Worker:
         self._attempt("swapping in the models handed over", self._swap_in_pending)
         self._drain_inbox()
         busy = False
-        for pool in self._pools.all():
+        pools = self._pools.all()  # a CNF's likelihood solves (long) step only in rounds no other pool has work
+        for pool in [pool for pool in pools if not isinstance(pool, LikelihoodPool)]:
+            busy = self._step(pool) or busy
+        for pool in [pool for pool in pools if isinstance(pool, LikelihoodPool)] if not busy else []:
             busy = self._step(pool) or busy
         if self._pools.retired:
             self._attempt("dropping replaced versions", self._drop_finished_pools)

@@ -13,7 +13,19 @@ from conftest import write_tiny_ebm, write_tiny_gan
 from training.commands.cli import HelpFormatter, build_parser, main
 from training.train.progress import PlainProgress
 
-COMMANDS = ("ebm", "gan", "flow", "sample", "evaluate", "export", "classifier", "zoo", "set-sampler", "fetch-data")
+COMMANDS = (
+    "ebm",
+    "gan",
+    "flow",
+    "sample",
+    "evaluate",
+    "score",
+    "export",
+    "classifier",
+    "zoo",
+    "set-sampler",
+    "fetch-data",
+)
 
 
 def command_parsers() -> dict[str, argparse.ArgumentParser]:

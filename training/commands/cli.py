@@ -24,6 +24,7 @@ from training.commands.flags import (
 )
 from training.commands.quality import EVALUATED_DATASETS, classifier_path, train_classifier
 from training.commands.sample import run_sample
+from training.commands.score import add_command as add_score_command
 from training.commands.set_sampler import set_sampler
 from training.commands.zoo import add_arguments as add_zoo_arguments
 from training.commands.zoo import main as zoo_main
@@ -253,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--sampling-dtype", choices=SAMPLING_DTYPE_CHOICES, default="auto", help=SAMPLING_DTYPE_HELP)
     evaluate.add_argument("--record", action="store_true", help="also store the figures in the checkpoint's metrics")
     evaluate.set_defaults(handler=run_evaluate)
+
+    add_score_command(commands, HelpFormatter)
 
     export = _add_command(
         commands,

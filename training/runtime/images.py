@@ -127,3 +127,47 @@ def decode_image(
     pixels = pixels.reshape(height, width, channels).permute(2, 0, 1)  # [C, H, W] in [0, 1]
     low, high = data_range
     return pixels * (high - low) + low
+
+
+def decode_exact(payload: bytes, shape: tuple[int, ...], data_range: tuple[float, float] = (-1.0, 1.0)) -> torch.Tensor:
+    """PNG/JPEG/... bytes -> a tensor [*shape] in data_range, refused (ImageDecodeError naming both shapes)
+    unless the image already has the model's size and channels: a score is of the image sent, so nothing is
+    resized or converted (grey is 'L', or 'LA'/'P' without colour; RGB is 'RGB', or 'RGBA'/'P' with opaque
+    alpha ignored). An alpha channel is dropped only where every pixel is opaque."""
+    channels, height, width = shape
+    try:
+        with Image.open(io.BytesIO(payload)) as image:
+            if (image.width, image.height) != (width, height):
+                raise ImageDecodeError(
+                    f"image is {image.width}x{image.height} pixels ({image.mode}); the model scores "
+                    f"{width}x{height} images with {channels} channel{'s' if channels > 1 else ''} (no resizing)"
+                )
+            image.load()
+            pixels = _exact_channels(image, channels, width, height)
+    except ImageDecodeError:
+        raise
+    except Exception as error:  # Pillow raises many types for broken input
+        raise ImageDecodeError(f"not a readable image ({type(error).__name__})") from error
+    tensor = torch.frombuffer(bytearray(pixels.tobytes()), dtype=torch.uint8).float() / 255.0
+    tensor = tensor.reshape(height, width, channels).permute(2, 0, 1)  # [C, H, W] in [0, 1]
+    low, high = data_range
+    return tensor * (high - low) + low
+
+
+def _exact_channels(image: Image.Image, channels: int, width: int, height: int) -> Image.Image:
+    """The image in mode L (channels 1) or RGB (3) when that loses nothing; else ImageDecodeError."""
+    wanted = "L" if channels == 1 else "RGB"
+    if image.mode == wanted:
+        return image
+    rgba = image.convert("RGBA")
+    if rgba.getchannel("A").getextrema() != (255, 255):
+        raise ImageDecodeError(f"image has transparent pixels ({image.mode}); send an opaque {wanted} image")
+    rgb = rgba.convert("RGB")
+    if channels == 3:
+        return rgb
+    red, green, blue = rgb.split()
+    if red.tobytes() != green.tobytes() or red.tobytes() != blue.tobytes():
+        raise ImageDecodeError(
+            f"image is in colour ({image.mode}); the model scores {width}x{height} greyscale images (1 channel)"
+        )
+    return red

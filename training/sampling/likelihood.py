@@ -21,7 +21,7 @@ from torch import nn
 
 from training.models.flows import bits_per_dim, dequantize
 from training.sampling.noise import chain_seeds, chain_uniform
-from training.sampling.ode import dopri5, rms_norm
+from training.sampling.ode import RowsField, dopri5, rms_norm
 
 EXACT_TRACE_CHUNK = 64  # basis vectors per batched vector-Jacobian product of the exact trace
 DEFAULT_RTOL = 1e-5  # the stated tolerance; bench/cnf_likelihood.py shows how the figure moves from 1e-3 to 1e-5
@@ -76,10 +76,62 @@ class CNFLikelihood:
     batch_evaluations: int
 
 
-def _likelihood_norm(scaled_error: torch.Tensor) -> torch.Tensor:
+def likelihood_norm(scaled_error: torch.Tensor) -> torch.Tensor:
     """The larger of the x part's RMS and the log-det's own error: the log-det is one number among D, and an
     RMS over all of them would barely control it (torchdiffeq's mixed norm over (x, log p) does the same)."""
     return torch.maximum(rms_norm(scaled_error[:, :-1]), scaled_error[:, -1].abs())
+
+
+def likelihood_field(
+    field: nn.Module,
+    shape: tuple[int, ...],
+    labels: torch.Tensor | None,  # [B], -1 = the null label; None: the null label for all
+    probe_vectors: torch.Tensor | None,  # [P, B, *shape] Rademacher probes, or None for the exact trace
+    chunk: int | None = None,  # evaluate in batches of exactly this many rows (the last padded); None: all at once
+) -> RowsField:
+    """The augmented field (x, log-det) -> (v, div v) [b, D + 1] of rows `rows` of a batch of B samples.
+
+    The backward solve amplifies rounding: a convolution's last-bit differences between batch sizes move
+    log p by up to ~1e-3 of itself. With `chunk`, every evaluation runs in batches of exactly `chunk` rows (the
+    last one padded with copies of its first row), so a sample's numbers do not depend on what shares its
+    batch: the server's score of an image is the same alone, batched and on the command line."""
+    dim = math.prod(shape)
+
+    def augmented(state: torch.Tensor, t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:  # [b, D + 1]
+        points = state[:, :dim].reshape(-1, *shape)
+        rows_labels = None if labels is None else labels[rows]
+        rows_probes = None if probe_vectors is None else probe_vectors[:, rows]
+        if chunk is None:
+            velocity, divergence = field_and_divergence(field, points, t, rows_labels, rows_probes)
+            return torch.cat([velocity.flatten(1), divergence[:, None]], dim=1)
+        parts = []
+        for start in range(0, len(rows), chunk):
+            count = min(chunk, len(rows) - start)
+            pick = torch.arange(start, start + chunk, device=rows.device).clamp(max=start + count - 1)
+            pick[count:] = start  # padding: copies of the chunk's first row, dropped below
+            velocity, divergence = field_and_divergence(
+                field,
+                points[pick],
+                t[pick],
+                None if rows_labels is None else rows_labels[pick],
+                None if rows_probes is None else rows_probes[:, pick],
+            )
+            parts.append(torch.cat([velocity.flatten(1), divergence[:, None]], dim=1)[:count])
+        return torch.cat(parts)
+
+    return augmented
+
+
+def augmented_start(x: torch.Tensor) -> torch.Tensor:
+    """Data points [B, *shape] at t = 1 -> the augmented state [B, D + 1] with log-det 0."""
+    return torch.cat([x.flatten(1), torch.zeros(x.shape[0], 1, dtype=x.dtype, device=x.device)], dim=1)
+
+
+def prior_and_delta(state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The augmented state [B, D + 1] at t = 0 -> (log N(x(0); 0, I) [B], integral_1^0 div v dt [B])."""
+    dim = state.shape[1] - 1
+    prior_point, delta = state[:, :dim], state[:, dim]
+    return -0.5 * (prior_point.pow(2).sum(1) + dim * math.log(2 * math.pi)), delta
 
 
 @torch.no_grad()
@@ -91,27 +143,18 @@ def cnf_log_likelihood(
     atol: float = DEFAULT_ATOL,
     probes: int = DEFAULT_PROBES,  # Rademacher probes of the Hutchinson trace; 0 = the exact trace
     probe_seeds: torch.Tensor | None = None,  # [B] seeds of each sample's probes (default 0..B-1)
+    chunk: int | None = None,  # field evaluations in batches of exactly this many rows (see likelihood_field)
 ) -> CNFLikelihood:
     """log p(x | y) of a CNF with prior N(0, I) (the prior flow matching trained on), integrating (x, log-det)
     from t = 1 to t = 0 by dopri5 with per-sample error control."""
     if probes < 0:
         raise ValueError(f"probes must be >= 1 for Hutchinson's trace or 0 for the exact trace, not {probes}")
     batch, shape = x.shape[0], tuple(x.shape[1:])
-    dim = math.prod(shape)
     seeds = chain_seeds(0, batch) if probe_seeds is None else probe_seeds
     probe_vectors = rademacher_probes(seeds, probes, shape).to(x.device, x.dtype) if probes else None
-
-    def augmented(state: torch.Tensor, t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:  # [b, D + 1]
-        points = state[:, :dim].reshape(-1, *shape)
-        rows_labels = None if labels is None else labels[rows]
-        rows_probes = None if probe_vectors is None else probe_vectors[:, rows]
-        velocity, divergence = field_and_divergence(field, points, t, rows_labels, rows_probes)
-        return torch.cat([velocity.flatten(1), divergence[:, None]], dim=1)
-
-    start = torch.cat([x.flatten(1), torch.zeros(batch, 1, dtype=x.dtype, device=x.device)], dim=1)
-    solution = dopri5(augmented, start, 1.0, 0.0, rtol, atol, _likelihood_norm)
-    prior_point, delta = solution.state[:, :dim], solution.state[:, dim]  # delta = integral_1^0 div v dt
-    prior_log_prob = -0.5 * (prior_point.pow(2).sum(1) + dim * math.log(2 * math.pi))
+    augmented = likelihood_field(field, shape, labels, probe_vectors, chunk)
+    solution = dopri5(augmented, augmented_start(x), 1.0, 0.0, rtol, atol, likelihood_norm)
+    prior_log_prob, delta = prior_and_delta(solution.state)
     log_prob = prior_log_prob + delta
     return CNFLikelihood(log_prob, prior_log_prob, delta, solution.evaluations, solution.batch_evaluations)
 

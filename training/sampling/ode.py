@@ -111,6 +111,125 @@ class AdaptiveSolution:
     batch_evaluations: int  # batched calls of the field (samples still integrating share each call)
 
 
+@dataclass
+class Dopri5Rows:
+    """Per-sample state of adaptive solves, row by row: every row has its own time, step size and last slope,
+    so rows of different solves can share a batch (`cat`) for one attempted step and leave it again (`take`,
+    `put`): the server's likelihood pool steps them so, `dopri5` all at once, with the same numbers per row."""
+
+    y: torch.Tensor  # [B, N]
+    t: torch.Tensor  # [B] float64
+    step: torch.Tensor  # [B] float64, > 0: the next step's size
+    slopes: torch.Tensor  # [B, N] f(y, t): first same as last
+    evaluations: torch.Tensor  # [B] int64 NFE
+    accepted: torch.Tensor  # [B] int64
+    rejected: torch.Tensor  # [B] int64
+
+    FIELDS = ("y", "t", "step", "slopes", "evaluations", "accepted", "rejected")
+
+    def take(self, rows: torch.Tensor) -> Dopri5Rows:
+        return Dopri5Rows(*(getattr(self, name)[rows] for name in self.FIELDS))
+
+    def put(self, rows: torch.Tensor, part: Dopri5Rows) -> None:
+        for name in self.FIELDS:
+            getattr(self, name)[rows] = getattr(part, name)
+
+    @staticmethod
+    def cat(parts: list[Dopri5Rows]) -> Dopri5Rows:
+        return Dopri5Rows(*(torch.cat([getattr(part, name) for part in parts]) for name in Dopri5Rows.FIELDS))
+
+    def split(self, sizes: list[int]) -> list[Dopri5Rows]:
+        columns = [getattr(self, name).split(sizes) for name in self.FIELDS]
+        return [Dopri5Rows(*values) for values in zip(*columns, strict=True)]
+
+    def unfinished(self, t0: float, t1: float) -> torch.Tensor:
+        """[B] bool: the rows not yet at t1."""
+        direction = 1.0 if t1 >= t0 else -1.0
+        return (t1 - self.t) * direction > 1e-12 * max(1.0, abs(t1 - t0))
+
+
+def _check_tolerances(rtol: float, atol: float) -> None:
+    if not (rtol > 0 and atol > 0):
+        raise ValueError(f"an adaptive ODE solve needs rtol > 0 and atol > 0, not rtol={rtol}, atol={atol}")
+
+
+def dopri5_start(
+    field: RowsField,
+    state: torch.Tensor,  # [B, N] at t0
+    t0: float,
+    t1: float,
+    rtol: float,
+    atol: float,
+    error_norm: ErrorNorm = rms_norm,
+) -> Dopri5Rows:
+    """Rows at t0 with Hairer's initial step (two evaluations of the field): h0 from the sizes of y and f, then
+    a second-derivative estimate from one Euler step (Hairer, Norsett & Wanner, Solving ODEs I, II.4)."""
+    _check_tolerances(rtol, atol)
+    batch, device = state.shape[0], state.device
+    direction = 1.0 if t1 >= t0 else -1.0
+    y = state.clone()
+    t = torch.full((batch,), float(t0), dtype=torch.float64, device=device)
+    evaluations = torch.full((batch,), 2, dtype=torch.long, device=device)
+    rows = torch.arange(batch, device=device)
+    first = field(y, t.to(y.dtype), rows)  # [B, N]
+    scale = atol + rtol * y.abs()
+    d0, d1 = error_norm(y / scale), error_norm(first / scale)
+    h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1).double()
+    h0 = h0.clamp(max=abs(t1 - t0))
+    probe = field(y + direction * h0[:, None].to(y.dtype) * first, (t + direction * h0).to(y.dtype), rows)
+    d2 = error_norm((probe - first) / scale).double() / h0
+    largest = torch.maximum(d1.double(), d2)
+    h1 = torch.where(largest <= 1e-15, torch.maximum(h0 * 1e-3, torch.full_like(h0, 1e-6)), (0.01 / largest) ** 0.2)
+    step = torch.minimum(100 * h0, h1).clamp(max=abs(t1 - t0))  # [B] sizes, > 0
+    zeros = torch.zeros_like(evaluations)
+    return Dopri5Rows(y, t, step, first, evaluations, zeros, zeros.clone())
+
+
+def dopri5_attempt(
+    field: RowsField,
+    solve: Dopri5Rows,
+    t0: float,
+    t1: float,
+    rtol: float,
+    atol: float,
+    error_norm: ErrorNorm = rms_norm,
+) -> int:
+    """One attempted Dormand-Prince 5(4) step of every row not yet at t1, in place: accepted when
+    error_norm(err / (atol + rtol max(|y|, |y_new|))) <= 1; the step grows or shrinks by 0.9 norm^(-1/5)
+    within [0.2, 10]; the last step lands on t1. Returns the batched calls of the field (6, or 0 when every row
+    is at t1)."""
+    direction = 1.0 if t1 >= t0 else -1.0
+    y, t, step = solve.y, solve.t, solve.step
+    remaining = (t1 - t) * direction  # [B] >= 0
+    rows = solve.unfinished(t0, t1).nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return 0
+    h = torch.minimum(step[rows], remaining[rows])  # [b]: the last step lands on t1
+    signed = (direction * h)[:, None].to(y.dtype)  # [b, 1]
+    y0, times = y[rows], t[rows]
+    stages = [solve.slopes[rows]]
+    for node, weights in zip(_DOPRI_NODES[1:], _DOPRI_STAGES[1:], strict=True):
+        increment = sum(w * k for w, k in zip(weights, stages, strict=False) if w != 0.0)
+        stages.append(field(y0 + signed * increment, (times + direction * node * h).to(y.dtype), rows))
+    solve.evaluations[rows] += 6
+    y_new = y0 + signed * sum(w * k for w, k in zip(_DOPRI_STAGES[6], stages, strict=False) if w != 0.0)
+    error = signed * sum(w * k for w, k in zip(_DOPRI_ERROR, stages, strict=True) if w != 0.0)
+    norm = error_norm(error / (atol + rtol * torch.maximum(y0.abs(), y_new.abs()))).double()  # [b]
+    ok = norm <= 1.0
+    factor = (0.9 * norm.clamp(min=1e-10) ** -0.2).clamp(0.2, 10.0)
+    step[rows] = h * torch.where(ok, factor, factor.clamp(max=1.0))
+    taken = rows[ok]
+    y[taken] = y_new[ok]
+    landed = h[ok] >= remaining[taken]  # the last step: exactly t1, no rounding short of it
+    t[taken] = torch.where(landed, torch.full_like(h[ok], float(t1)), t[taken] + direction * h[ok])
+    solve.slopes[taken] = stages[6][ok]  # first same as last
+    solve.accepted[taken] += 1
+    solve.rejected[rows[~ok]] += 1
+    if bool((step[rows] < 1e-12).any()):
+        raise FloatingPointError("dopri5: the step size fell below 1e-12; the field is not finite or too stiff")
+    return 6
+
+
 def dopri5(
     field: RowsField,
     state: torch.Tensor,  # [B, N] at t0
@@ -122,66 +241,15 @@ def dopri5(
     max_steps: int = 10_000,
 ) -> AdaptiveSolution:
     """Dormand-Prince 5(4) with per-sample error control (Hairer, Norsett & Wanner, Solving ODEs I, II.4):
-    every sample has its own time and step size, a step is accepted when error_norm(err / (atol + rtol
-    max(|y|, |y_new|))) <= 1, and the step grows or shrinks by 0.9 norm^(-1/5) within [0.2, 10]; samples
-    that reached t1 leave the batch. Integrates backwards when t1 < t0. The first step is Hairer's estimate."""
-    if not (rtol > 0 and atol > 0):
-        raise ValueError(f"an adaptive ODE solve needs rtol > 0 and atol > 0, not rtol={rtol}, atol={atol}")
-    batch, device = state.shape[0], state.device
-    direction = 1.0 if t1 >= t0 else -1.0
-    y = state.clone()
-    t = torch.full((batch,), float(t0), dtype=torch.float64, device=device)
-    evaluations = torch.zeros(batch, dtype=torch.long, device=device)
-    accepted = torch.zeros_like(evaluations)
-    rejected = torch.zeros_like(evaluations)
-    calls = 0
-
-    def evaluate(points: torch.Tensor, times: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        nonlocal calls
-        calls += 1
-        evaluations[rows] += 1
-        return field(points, times.to(points.dtype), rows)
-
-    rows = torch.arange(batch, device=device)
-    first = evaluate(y, t, rows)  # [B, N]
-    # Hairer's initial step: h0 from the sizes of y and f, then a second-derivative estimate from one Euler step.
-    scale = atol + rtol * y.abs()
-    d0, d1 = error_norm(y / scale), error_norm(first / scale)
-    h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1).double()
-    h0 = h0.clamp(max=abs(t1 - t0))
-    probe = evaluate(y + direction * h0[:, None].to(y.dtype) * first, t + direction * h0, rows)
-    d2 = error_norm((probe - first) / scale).double() / h0
-    largest = torch.maximum(d1.double(), d2)
-    h1 = torch.where(largest <= 1e-15, torch.maximum(h0 * 1e-3, torch.full_like(h0, 1e-6)), (0.01 / largest) ** 0.2)
-    step = torch.minimum(100 * h0, h1).clamp(max=abs(t1 - t0))  # [B] sizes, > 0
-    slopes = first
+    every sample has its own time and step size (`dopri5_start`, then `dopri5_attempt` until every sample is
+    at t1); samples that reached t1 leave the batch. Integrates backwards when t1 < t0."""
+    solve = dopri5_start(field, state, t0, t1, rtol, atol, error_norm)
+    calls = 2
     for _ in range(max_steps):
-        remaining = (t1 - t) * direction  # [B] >= 0
-        rows = (remaining > 1e-12 * max(1.0, abs(t1 - t0))).nonzero().squeeze(1)
-        if rows.numel() == 0:
+        made = dopri5_attempt(field, solve, t0, t1, rtol, atol, error_norm)
+        if made == 0:
             break
-        h = torch.minimum(step[rows], remaining[rows])  # [b]: the last step lands on t1
-        signed = (direction * h)[:, None].to(y.dtype)  # [b, 1]
-        y0, times = y[rows], t[rows]
-        stages = [slopes[rows]]
-        for node, weights in zip(_DOPRI_NODES[1:], _DOPRI_STAGES[1:], strict=True):
-            increment = sum(w * k for w, k in zip(weights, stages, strict=False) if w != 0.0)
-            stages.append(evaluate(y0 + signed * increment, times + direction * node * h, rows))
-        y_new = y0 + signed * sum(w * k for w, k in zip(_DOPRI_STAGES[6], stages, strict=False) if w != 0.0)
-        error = signed * sum(w * k for w, k in zip(_DOPRI_ERROR, stages, strict=True) if w != 0.0)
-        norm = error_norm(error / (atol + rtol * torch.maximum(y0.abs(), y_new.abs()))).double()  # [b]
-        ok = norm <= 1.0
-        factor = (0.9 * norm.clamp(min=1e-10) ** -0.2).clamp(0.2, 10.0)
-        step[rows] = h * torch.where(ok, factor, factor.clamp(max=1.0))
-        taken = rows[ok]
-        y[taken] = y_new[ok]
-        landed = h[ok] >= remaining[taken]  # the last step: exactly t1, no rounding short of it
-        t[taken] = torch.where(landed, torch.full_like(h[ok], float(t1)), t[taken] + direction * h[ok])
-        slopes[taken] = stages[6][ok]  # first same as last
-        accepted[taken] += 1
-        rejected[rows[~ok]] += 1
-        if bool((step[rows] < 1e-12).any()):
-            raise FloatingPointError("dopri5: the step size fell below 1e-12; the field is not finite or too stiff")
+        calls += made
     else:
         raise RuntimeError(f"dopri5: not at t={t1} after {max_steps} steps (rtol {rtol}, atol {atol})")
-    return AdaptiveSolution(y, evaluations, accepted, rejected, calls)
+    return AdaptiveSolution(solve.y, solve.evaluations, solve.accepted, solve.rejected, calls)

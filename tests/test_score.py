@@ -1,0 +1,243 @@
+"""POST /score as a client meets it: real HTTP with real PNG bytes, every family's scores, the same number for an
+image alone and batched (a CNF's solve beside sampling chains too), 4xx for every bad input, the OOD verdict from
+a recorded reference, and `python -m training score` giving the server's numbers."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from conftest import make_digits, write_tiny_ebm, write_tiny_eqm, write_tiny_flow, write_tiny_gan
+from PIL import Image
+from server import running_server
+from test_service_ode import write_tiny_cnf
+from test_worker import FakeClock
+
+from service.buffer_store import BufferStore
+from service.messages import CancelledByClient, ScoreOrder
+from service.metrics import Metrics
+from service.registry import load_registry
+from service.score_pools import score_pool_name
+from service.settings import Settings
+from service.worker import Worker
+from training.commands.cli import main
+from training.sampling.scoring import LikelihoodSettings
+
+KEY = "score-key"
+TOLERANCE = 1e-2  # the tiny CNF's likelihood solves: loose, so that they take a second, not a minute
+MAX_IMAGES = 8
+AUTH = {"authorization": f"Bearer {KEY}"}
+RED = np.stack([np.full((28, 28), 255), np.zeros((28, 28)), np.zeros((28, 28))], -1)  # a colour image
+
+
+def png_b64(pixels: np.ndarray, mode: str = "L") -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8), mode).save(buffer, "PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def digits(n: int, seed: int, side: int = 28) -> list[np.ndarray]:
+    images, _ = make_digits(n, seed)
+    return [image[:side, :side] for image in images]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory, idx_dir: Path) -> Iterator[tuple[str, Path]]:
+    """A server with one model of every family (a NICE flow trained here, its reference recorded first)."""
+    from training.train.flow import FlowTrainConfig, train_flow
+
+    root = tmp_path_factory.mktemp("score")
+    models = root / "models"
+    models.mkdir()
+    write_tiny_ebm(models / "solo.safetensors")
+    write_tiny_eqm(models / "digits.safetensors")
+    write_tiny_gan(models / "gan.safetensors")
+    write_tiny_flow(models / "nice.safetensors")
+    write_tiny_cnf(models / "cnf.safetensors")
+    trained = models / "trained.safetensors"
+    config = FlowTrainConfig(
+        arch="nice", data_dir=str(idx_dir), out=str(trained), epochs=2, batch_size=64, hidden=32, depth=1,
+        couplings=4, device="cpu",
+    )  # fmt: skip
+    train_flow(config)
+    main(["score", str(trained), "--record-reference", "--data-dir", str(idx_dir), "--reference-n", "128"])
+    settings = Settings(
+        models_dir=models,
+        state_dir=root / "state",
+        device="cpu",
+        api_key=KEY,
+        max_score_images=MAX_IMAGES,
+        max_score_body_bytes=256 * 1024,
+        score_rtol=TOLERANCE,
+        score_atol=TOLERANCE,
+        max_n=4,
+        max_steps=200,
+    )
+    with running_server(settings) as (base, _):
+        yield base, models
+
+
+def score(base: str, model: str, images: list[str], **fields) -> httpx.Response:
+    return httpx.post(f"{base}/score", json={"model": model, "images": images, **fields}, headers=AUTH, timeout=120)
+
+
+def results(response: httpx.Response) -> list[dict]:
+    assert response.status_code == 200, response.text
+    return response.json()["results"]
+
+
+FAMILIES = {"solo": ["energy"], "digits": ["energy"], "gan": ["critic"], "nice": ["log_prob", "bits_per_dim"]}
+
+
+@pytest.mark.parametrize("model", [*FAMILIES, "cnf"])
+def test_an_image_scores_the_same_alone_and_in_a_batch_beside_other_requests(served, model: str) -> None:
+    base, _ = served
+    side = 16 if model == "cnf" else 28
+    images = [png_b64(image) for image in digits(4, seed=3, side=side)]
+    alone = results(score(base, model, [images[1]]))[0]
+    answers: dict[int, httpx.Response] = {}
+
+    def send(index: int, batch: list[str]) -> None:
+        answers[index] = score(base, model, batch)
+
+    threads = [threading.Thread(target=send, args=(0, [images[0], images[1], images[2]]))]
+    threads += [threading.Thread(target=send, args=(1, [images[3], images[1]]))]  # joins the same batch or solve
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for batched in (results(answers[0])[1], results(answers[1])[1]):
+        assert batched.keys() == alone.keys()
+        fields = FAMILIES.get(model, ["log_prob", "bits_per_dim", "evaluations"])
+        assert set(alone) == {"ood", "ood_p", *fields} and alone["ood_p"] is None  # no reference recorded
+        for name in fields:
+            assert batched[name] == pytest.approx(alone[name], rel=1e-5, abs=1e-5), name
+    body = score(base, model, images[:2]).json()
+    assert body["model"] == model and len(body["model_version"]) == 12 and len(body["results"]) == 2
+    if model == "cnf":
+        assert body["likelihood"] == LikelihoodSettings(TOLERANCE, TOLERANCE).report()
+        assert all(result["evaluations"] > 6 for result in body["results"])
+
+
+def test_a_cnf_likelihood_beside_sampling_chains_equals_it_alone(served) -> None:
+    base, _ = served
+    images = [png_b64(image) for image in digits(2, seed=5, side=16)]
+    alone = results(score(base, "cnf", images))
+    sampled: list[int] = []
+
+    def sample() -> None:
+        answer = httpx.post(
+            f"{base}/sample", json={"model": "cnf", "n": 4, "steps": 40, "seed": 1}, headers=AUTH, timeout=120
+        )
+        sampled.append(answer.status_code)
+
+    threads = [threading.Thread(target=sample) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    beside = results(score(base, "cnf", images))
+    for thread in threads:
+        thread.join()
+    assert sampled == [200, 200, 200]
+    for one, other in zip(alone, beside, strict=True):
+        assert other["bits_per_dim"] == pytest.approx(one["bits_per_dim"], rel=1e-5)
+        assert other["evaluations"] == one["evaluations"]
+
+
+def test_every_bad_input_is_a_4xx_that_says_what_is_wrong(served) -> None:
+    base, _ = served
+    good = png_b64(digits(1, seed=1)[0])
+    cases = [
+        (score(base, "digits", [good, png_b64(np.zeros((32, 32)))]), 422, "images[1]: image is 32x32"),
+        (score(base, "digits", [png_b64(RED, "RGB")]), 422, "colour"),
+        (score(base, "digits", [base64.b64encode(base64.b64decode(good)[:60]).decode()]), 422, "not a readable"),
+        (score(base, "digits", ["not base64!"]), 422, "images[0] is not base64"),
+        (score(base, "digits", [good] * (MAX_IMAGES + 1)), 422, f"at most {MAX_IMAGES}"),
+        (score(base, "digits", []), 422, "images"),
+        (score(base, "solo", [good], label=1), 422, "solo takes no label"),
+        (score(base, "digits", [good], label=10), 422, "out of range"),
+        (score(base, "nice", [good], label=0), 422, "takes no label"),
+        (score(base, "nope", [good]), 404, "unknown model 'nope'"),
+        (score(base, "digits", ["A" * 300_000]), 413, "larger than"),
+        (httpx.post(f"{base}/score", json={"model": "digits", "images": [good]}), 401, ""),
+        (httpx.post(f"{base}/score", content=b"model=digits", headers=AUTH), 415, "POST /score reads a JSON body"),
+    ]
+    for response, status, words in cases:
+        assert response.status_code == status, (status, response.text)
+        assert words in response.text, response.text
+
+
+def test_a_flow_trained_here_scores_its_own_data_lower_than_shuffled_pixels_with_a_p_value(served) -> None:
+    base, _ = served
+    images, _ = make_digits(MAX_IMAGES, seed=9)
+    shuffled = np.stack([np.random.default_rng(index).permutation(image.ravel()).reshape(28, 28) for index, image in
+                         enumerate(images)])  # fmt: skip
+    own = results(score(base, "trained", [png_b64(image) for image in images]))
+    noise = results(score(base, "trained", [png_b64(image) for image in shuffled]))
+    assert max(result["bits_per_dim"] for result in own) < min(result["bits_per_dim"] for result in noise)
+    assert all(result["ood"] == result["bits_per_dim"] for result in own)
+    own_p, noise_p = [result["ood_p"] for result in own], [result["ood_p"] for result in noise]
+    assert np.median(own_p) > 0.1 and np.median(noise_p) < 0.05, (own_p, noise_p)  # typical / beyond the reference
+    listed = {model["name"]: model["limits"]["score"] for model in httpx.get(f"{base}/models").json()}
+    assert (
+        listed["trained"]["ood_reference"]["n"] == 128
+        and "test images 128..255" in listed["trained"]["ood_reference"]["split"]
+    )
+    assert listed["nice"]["ood_reference"] is None and listed["nice"]["ood_p"].startswith("null")
+    assert listed["digits"]["max_images"] == MAX_IMAGES and listed["digits"]["max_body_bytes"] == 256 * 1024
+
+
+@pytest.mark.parametrize("model", ["digits", "trained", "cnf"])
+def test_the_cli_gives_the_servers_numbers(served, model: str, tmp_path: Path, capsys) -> None:
+    base, models = served
+    side = 16 if model == "cnf" else 28
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    encoded = []
+    for index, image in enumerate(digits(3, seed=11, side=side)):
+        encoded.append(png_b64(image))
+        (folder / f"{index}.png").write_bytes(base64.b64decode(encoded[-1]))
+    server = score(base, model, encoded, **({"label": 2} if model == "digits" else {})).json()
+    capsys.readouterr()
+    tolerance = ["--ode-rtol", str(TOLERANCE), "--ode-atol", str(TOLERANCE)] if model == "cnf" else []
+    label = ["--label", "2"] if model == "digits" else []
+    main(["score", str(models / f"{model}.safetensors"), str(folder), "--json", *tolerance, *label])
+    cli = json.loads(capsys.readouterr().out)
+    assert cli["model_version"] == server["model_version"] and cli["ood_score"] == server["ood_score"]
+    for mine, theirs in zip(cli["results"], server["results"], strict=True):
+        assert mine.keys() == theirs.keys()
+        for name, value in theirs.items():
+            assert mine[name] == (None if value is None else pytest.approx(value, rel=1e-5, abs=1e-6)), name
+
+
+def test_a_cancelled_likelihood_job_frees_its_chains_at_the_next_step(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    write_tiny_cnf(models / "cnf.safetensors")
+    clock = FakeClock()
+    registry = load_registry(models, torch.device("cpu"))
+    worker = Worker(
+        registry, BufferStore(tmp_path / "state"), torch.device("cpu"), Metrics(), 8, 16, 1e9, 0.0, clock=clock,
+        likelihood=LikelihoodSettings(1e-3, 1e-3),
+    )  # fmt: skip
+    model = registry.models["cnf"]
+    pool = worker.pools[score_pool_name(model)]
+    answers: list = []
+    images = torch.rand(6, 1, 16, 16) * 2 - 1
+    handle = worker.submit(ScoreOrder(model, images), answers.append, clock.now + 60)
+    waiting: list = []
+    worker.submit(ScoreOrder(model, images[:4]), waiting.append, clock.now + 60)  # 6 + 4 > the budget of 8
+    worker.run_once()
+    worker.run_once()
+    assert pool.scheduler.running_chains == 6 and len(pool.scheduler.waiting) == 1 and not answers
+    handle.cancel()
+    worker.run_once()
+    assert isinstance(answers[0], CancelledByClient)
+    assert [job.n for job in pool.scheduler.running] == [4]  # the waiting request took the freed places
