@@ -14,7 +14,6 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import datetime
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -22,24 +21,23 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import Field
 
 from service.bridge import record, response_for, sample_result, stream
 from service.buffer_store import BufferBudget, BufferStore
 from service.messages import CancelledByClient
 from service.metrics import Metrics
 from service.middleware import BearerKey, BodyLimits
+from service.model_info import ServedModelInfo, model_info
 from service.model_watch import CoalescedReloads, ModelRepository, ModelWatcher, ReloadReport
-from service.orders import COMMON_FIELDS, accepted_fields, check_applicable, make_order
-from service.registry import Registry, ServedModel, model_files, signals_end_loading
-from service.schemas import ErrorBody, ModelInfo, Readiness, SampleRequest, SampleResponse, field_limits
-from service.score_route import MODEL_VERSION_HEADER, add_score_route, score_limits
+from service.orders import check_applicable, make_order
+from service.registry import Registry, model_files, signals_end_loading
+from service.schemas import ErrorBody, Readiness, SampleRequest, SampleResponse
+from service.score_route import MODEL_VERSION_HEADER, add_score_route
 from service.served_models import ServedModels
 from service.settings import Settings
 from service.worker import Worker
 from training.runtime.device import dtype_name, pick_device, sampling_dtype
 from training.runtime.images import image_body_bytes
-from training.sampling.sampler_config import to_dict
 from training.sampling.scoring import LikelihoodSettings
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -118,47 +116,6 @@ SAMPLE_RESPONSES: dict[int | str, dict] = {
 }
 
 
-class ServedModelInfo(ModelInfo):
-    """A model as GET /models lists it: what ModelInfo says, and which version of its file serves now."""
-
-    version: str = Field(description="its file's digest prefix (an ensemble's: its buffer group's); X-Model-Version")
-    loaded_at: datetime | None = Field(None, description="when this version was loaded, ISO 8601 UTC")
-
-
-def _model_info(model: ServedModel, worker: Worker, store: BufferStore, settings: Settings) -> ServedModelInfo:
-    config = model.config
-    buffer = worker.buffers.get(model.group) if model.group and model.has_buffer else None  # the worker's snapshot
-    ensemble_only = {key: value for key, value in config.metrics.items() if key.startswith("evaluate_ensemble")}
-    return ServedModelInfo(
-        name=model.name,
-        version=model.version,
-        loaded_at=model.loaded_at,
-        family=model.family,
-        members=[member.name for member in model.members],
-        shape=list(config.data["shape"]),
-        data_range=list(model.members[0].data_range),
-        dataset=config.data.get("dataset"),
-        ensemble=config.ensemble,
-        sampler=to_dict(model.members[0].sampler),
-        classes=model.classes,
-        latent_langevin=model.family == "gan" and model.members[0].critic is not None,
-        fields=accepted_fields(model),
-        limits={
-            "max_n": settings.max_n,
-            "max_steps": settings.max_steps,
-            "max_frames": settings.max_frames,
-            "fields": _request_limits(settings, model),
-            "score": score_limits(settings, model),
-        },
-        metrics=config.metrics if len(model.members) == 1 else ensemble_only,
-        buffer_size=buffer.size if buffer else None,
-        buffer_capacity=buffer.capacity if buffer else None,
-        buffer_bytes=buffer.nbytes if buffer else None,
-        buffer_note=buffer.note if buffer else None,
-        buffer_saved_at=store.saved_at.get(model.group) if model.group else None,
-    )
-
-
 DEFAULT_BODY_BYTES = 64 * 1024  # the body limit when no model needs more (--max-body-bytes unset)
 
 
@@ -171,17 +128,6 @@ def body_limit(settings: Settings, app: FastAPI) -> int:
     shapes = [model.members[0].shape for model in registry.models.values()] if registry else []
     largest = max((image_body_bytes(shape) for shape in shapes), default=0)
     return max(DEFAULT_BODY_BYTES, 2 * largest + 16 * 1024)
-
-
-def _request_limits(settings: Settings, model: ServedModel) -> dict[str, dict[str, float]]:
-    """The bounds of each numeric request field the model reads, as the schema states them, with this server's
-    caps on n and steps."""
-    reads = {*COMMON_FIELDS, *accepted_fields(model)}
-    limits = {name: bounds for name, bounds in field_limits().items() if name in reads}
-    limits["n"] = {**limits["n"], "le": min(settings.max_n, settings.chain_budget)}
-    if "steps" in limits:
-        limits["steps"] = {**limits["steps"], "le": settings.max_steps}
-    return limits
 
 
 def json_content_type(request: Request) -> None:
@@ -354,7 +300,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def list_models(request: Request) -> list[ServedModelInfo]:
         registry: Registry = request.app.state.served.registry
         worker, store = request.app.state.worker, request.app.state.store
-        return [_model_info(model, worker, store, settings) for _, model in sorted(registry.models.items())]
+        return [model_info(model, worker, store, settings) for _, model in sorted(registry.models.items())]
 
     @app.post(
         "/models/reload",

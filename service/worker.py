@@ -23,13 +23,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, TypeVar
 
 import torch
 
-from service.buffer_store import BUFFER_DTYPE, BufferBudget, BufferGrant, BufferSaver, BufferStore
+from service.buffer_keeper import BufferFigures, BufferKeeper, FailureLog
+from service.buffer_store import BufferBudget, BufferStore
 from service.chain_pool import ChainPool
 from service.generator_pool import GeneratorPool
 from service.langevin_pool import LangevinPool
@@ -43,43 +43,11 @@ from service.registry import VERSION_CHARS, BufferGroup, Registry, ServedModel, 
 from service.scheduler import IDLE_SECONDS, Job, default_step_budget
 from service.score_pools import LikelihoodPool, OnePassScorePool, ScorePool, score_pool_name
 from service.served_models import ServedModels
-from training.runtime.draw import buffer_capacity, pooled_buffer
-from training.sampling.replay_buffer import ReplayBuffer
 from training.sampling.scoring import LikelihoodSettings, score_family
 
 Chains = TypeVar("Chains", bound=ChainPool)
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class BufferFigures:
-    """A replay buffer as /models shows it; published by the worker thread, read by any thread."""
-
-    size: int
-    capacity: int
-    nbytes: int = 0  # memory its slots hold
-    note: str | None = None  # why it holds fewer slots than its model asks for (the buffer budget), if it does
-
-
-class FailureLog:
-    """Each kind of failure logged once while it lasts (with its traceback) and once when it is over, so a
-    failure that repeats at every step or save does not flood the log."""
-
-    def __init__(self) -> None:
-        self.failing: set[str] = set()
-
-    def failed(self, what: str, error: BaseException) -> None:
-        if what in self.failing:
-            log.debug("%s failed again (%s: %s)", what, type(error).__name__, error)
-            return
-        self.failing.add(what)
-        log.error("%s failed (%s: %s); logged once while it lasts", what, type(error).__name__, error, exc_info=error)
-
-    def recovered(self, what: str) -> None:
-        if what in self.failing:
-            self.failing.discard(what)
-            log.info("%s works again", what)
 
 
 class Worker:
@@ -104,9 +72,6 @@ class Worker:
     ) -> None:
         self.likelihood = likelihood or LikelihoodSettings()
         self.store = store
-        self.buffer_budget = buffer_budget or BufferBudget(2**62)
-        self.saver = BufferSaver()  # buffers are written on its thread; steps never wait for a save
-        self._saving: dict[str, LangevinPool] = {}  # saves under way: NAME@DIGEST -> the pool saved
         self.device = device
         self.metrics = metrics
         self.chain_budget = chain_budget
@@ -117,6 +82,7 @@ class Worker:
         self.step_budget = step_budget or default_step_budget(device.type, chain_budget)
         self.sampling_dtype = sampling_dtype
         self.failures = FailureLog()
+        self.buffer_keeper = BufferKeeper(store, buffer_budget, self.failures)
         self.stopped_by: BaseException | None = None  # what ended the worker thread past every guard
         self._pools = PoolSet()
         registry, wanted, pools = self._build(registry)
@@ -200,20 +166,10 @@ class Worker:
         return LikelihoodPool(model, self.likelihood, *common)
 
     def _langevin_pool(self, group: BufferGroup) -> LangevinPool:
-        """A buffer group's pool, from the buffer saved under its digest (a new version: its checkpoints'), with
-        the slots the buffer budget grants it (service/buffer_store.py)."""
-        shape = group.members[0].shape
-        if group.has_buffer:
-            wanted = buffer_capacity(group.members)
-            grant = self.buffer_budget.grant(group.name, wanted, ReplayBuffer.slot_bytes(shape, BUFFER_DTYPE))
-        else:  # trained without one (EqM): its chains never write back, so it holds no slots
-            grant = BufferGrant(0, 0)
-        if grant.reason:
-            log.warning("the replay buffer of %s is %s", group.name, grant.reason)
-        saved = self._saved_buffer(group.name, group, grant.capacity) if grant.capacity else None
-        buffer = saved or pooled_buffer(group.members, grant.capacity, BUFFER_DTYPE)
+        """A buffer group's pool, its buffer from the keeper: saved under its digest, within the budget's grant."""
+        buffer, note = self.buffer_keeper.buffer_for(group)
         pool = LangevinPool(group, buffer, self.chain_budget, self.device, self.metrics, self.clock)
-        pool.buffer_note = grant.reason
+        pool.buffer_note = note
         return self._stepping(pool)
 
     def _ode_pool(self, model: ServedModel) -> OdePool:
@@ -250,7 +206,7 @@ class Worker:
             retired = self._pools.swap(wanted, pools)
         for pool in retired:
             log.info("%s: a replaced version finishes its requests, then is dropped", pool.name)
-        self.buffer_budget.retain(self.langevin_pools)
+        self.buffer_keeper.budget.retain(self.langevin_pools)
         self._publish_buffers()
         self.served.publish(registry)
         for _, served in pending:
@@ -267,19 +223,8 @@ class Worker:
             return waiting or bool(pool.scheduler.waiting or pool.scheduler.running)
 
         for pool in self._pools.drop_finished(busy):
-            if isinstance(pool, LangevinPool) and pool.buffer_dirty:
-                self._attempt(f"starting to save the replay buffer of {pool.name}", self._save_buffer, pool.name, pool)
+            self.buffer_keeper.start_saves([pool], self._attempt)
             log.info("%s: the replaced version answered its last request and was dropped", pool.name)
-
-    def _saved_buffer(self, name: str, group: BufferGroup, capacity: int) -> ReplayBuffer | None:
-        """The group's buffer from the state directory, or None; a store that raises costs only that buffer."""
-        try:
-            return self.store.load(name, group.digest, group.members[0].shape, capacity, BUFFER_DTYPE)
-        except Exception as error:
-            log.warning(
-                "could not read the saved replay buffer of %s (%s); starting from the checkpoint's", name, error
-            )
-            return None
 
     @property
     def running(self) -> bool:
@@ -388,8 +333,7 @@ class Worker:
         self.metrics.queue_depth.set(self.queue_depth())
         if busy:
             self._attempt("publishing the buffer figures", self._publish_buffers)
-        if self._saving:
-            self._collect_saves()
+        self.buffer_keeper.collect()
         if self.clock() - self.last_save >= self.save_interval_s:
             self.save_buffers()
         return busy
@@ -425,45 +369,18 @@ class Worker:
         self.save_buffers(wait=True)  # a save under way ends first; one that failed is tried once more
 
     def _publish_buffers(self) -> None:
-        """Swap in a fresh read-only snapshot, so readers on other threads never see one half-built."""
-        figures = {
-            name: BufferFigures(len(pool.buffer), pool.buffer.capacity, pool.buffer.nbytes, pool.buffer_note)
-            for name, pool in self.langevin_pools.items()
-        }
-        self.buffers = MappingProxyType(figures)
-        for name, each in figures.items():
+        """Swap in a fresh read-only snapshot of the buffers' figures for readers on other threads."""
+        self.buffers = self.buffer_keeper.figures(self.langevin_pools)
+        for name, each in self.buffers.items():
             self.metrics.buffer_size.labels(name).set(each.size)
 
     def save_buffers(self, wait: bool = False) -> None:
         """Start saving every buffer that changed since its last save, on the saver's thread (atomically; see
         BufferStore); with `wait`, the saves under way end first and it returns once every buffer is saved."""
         if wait:
-            self._collect_saves(wait=True)
+            self.buffer_keeper.collect(wait=True)
         self.last_save = self.clock()
-        for pool in self._pools.all():  # a replaced version's buffer too, under its own digest
-            if isinstance(pool, LangevinPool) and pool.buffer_dirty:  # a failed save stays dirty: retried next time
-                self._attempt(f"starting to save the replay buffer of {pool.name}", self._save_buffer, pool.name, pool)
+        self.buffer_keeper.start_saves(self._pools.all(), self._attempt)  # a replaced version's too, by its digest
         if wait:
-            self._collect_saves(wait=True)
+            self.buffer_keeper.collect(wait=True)
         self._attempt("publishing the buffer figures", self._publish_buffers)
-
-    def _save_buffer(self, name: str, pool: LangevinPool) -> None:
-        """Hand the buffer to the saver's thread; chains written back from now on make it dirty again."""
-        key = f"{name}@{pool.group.digest}"
-        if self.saver.submit(key, functools.partial(self.store.save, name, pool.group.digest, pool.buffer)):
-            self._saving[key] = pool
-            pool.buffer_dirty = False  # set again if the save fails (_collect_saves)
-
-    def _collect_saves(self, wait: bool = False) -> None:
-        """Take in the outcome of finished saves (with `wait`: of all under way): a failed one stays dirty."""
-        for key, future in self.saver.finished(wait):
-            pool = self._saving.pop(key)
-            what = f"saving the replay buffer of {pool.name}"
-            try:
-                saved = future.result()  # the store reports an unwritable directory itself (once): False
-            except Exception as error:
-                self.failures.failed(what, error)
-                pool.buffer_dirty = True
-                continue
-            self.failures.recovered(what)
-            pool.buffer_dirty = pool.buffer_dirty or not saved

@@ -87,7 +87,7 @@ def test_a_buffer_save_never_holds_up_chain_steps(tmp_path: Path, monkeypatch: p
     while not answers:
         worker.run_once()  # each step: under way while the save is held
     assert isinstance(answers[0], SampleResult) and answers[0].samples.shape == (8, *SHAPE)
-    assert len(pool.buffer) == 40 and worker.saver.saving  # written back; the save still under way
+    assert len(pool.buffer) == 40 and worker.buffer_keeper.saver.saving  # written back; the save still under way
     go_on.set()
     worker.save_buffers(wait=True)  # the save under way, then the one the new chains asked for
     (saved,) = (tmp_path / "state").glob("buffer-solo-*.safetensors")
