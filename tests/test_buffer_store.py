@@ -47,7 +47,7 @@ def test_ensemble_members_share_one_buffer(models_dir: Path, tmp_path: Path) -> 
             assert reply.status_code == 200
         assert len(shared) == 64  # the members' 32 + 32 saved samples pooled; the buffer is full
         assert shared.next_replace == 6  # so each of the 6 finished chains replaced one of the oldest
-        assert set(app.state.worker.pools) == {"solo", "pair"}
+        assert set(app.state.worker.langevin_pools) == {"solo", "pair"}  # score pools beside them hold no buffer
 
 
 def test_corrupt_buffer_file_is_moved_aside_and_the_server_starts(models_dir: Path, tmp_path: Path) -> None:
