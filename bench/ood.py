@@ -55,23 +55,38 @@ def png_bits(images: torch.Tensor) -> torch.Tensor:
     return torch.tensor(sizes, dtype=torch.float64)
 
 
+NOISE_SCALES = (0.1, 0.3, 0.6)  # multiscale score norms (MSMA, Mahadevan et al. 2021): ||dE/dx|| at x + sigma eps
+
+
 def energy_scores(model: LoadedModel, images: torch.Tensor, batch: int = 250) -> dict[str, torch.Tensor]:
-    """E(x) at the null label, the free energy over classes when conditional, and ||dE/dx||, each [N]."""
+    """E(x) at the null label, the free energy over classes when conditional, ||dE/dx||, and ||dE/dx|| at
+    x + sigma eps for each of NOISE_SCALES (seeded noise), each [N]."""
     module = model.module
     classes = len(model.classes or [])
     energy, free, grad = [], [], []
-    for chunk in torch.split(images, batch):
-        x = chunk.clone().requires_grad_(True)
+    scales: dict[float, list[torch.Tensor]] = {sigma: [] for sigma in NOISE_SCALES}
+    generator = torch.Generator().manual_seed(0)
+
+    def energy_and_gradient_norm(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.clone().requires_grad_(True)
         null = torch.full((len(x),), -1) if classes else None
         value = module(x, null) if classes else module(x)  # [b]
         (gradient,) = torch.autograd.grad(value.sum(), x)
-        energy.append(value.detach().double())
-        grad.append(gradient.flatten(1).norm(dim=1).double())
+        return value.detach().double(), gradient.flatten(1).norm(dim=1).double()
+
+    for chunk in torch.split(images, batch):
+        value, norm = energy_and_gradient_norm(chunk)
+        energy.append(value)
+        grad.append(norm)
+        for sigma in NOISE_SCALES:
+            noise = torch.randn(chunk.shape, generator=generator)
+            scales[sigma].append(energy_and_gradient_norm(chunk + sigma * noise)[1])
         if classes:
             with torch.no_grad():
                 per_class = torch.stack([module(chunk, torch.full((len(chunk),), y)) for y in range(classes)], 1)
             free.append(-torch.logsumexp(-per_class.double(), dim=1))
     scores = {"energy": torch.cat(energy), "grad_norm": torch.cat(grad)}
+    scores |= {f"grad_norm@{sigma}": torch.cat(norms) for sigma, norms in scales.items()}
     if classes:
         scores["free_energy"] = torch.cat(free)
     return scores
@@ -110,11 +125,33 @@ def derived_scores(
     if "bits_per_dim" in scores:
         dim_bits = scores["bits_per_dim"] * 784  # bits of the image under the flow
         out["complexity(bits_per_dim)"] = dim_bits - complexity
+    vector = [name for name in scores if name.startswith("grad_norm") or name in ("energy", "bits_per_dim")]
+    out["mahalanobis(" + ", ".join(vector) + ", png)"] = mahalanobis(
+        stack(scores, vector, complexity), stack(reference, vector, ref_png)
+    )
+    out["mahalanobis(" + ", ".join(vector) + ")"] = mahalanobis(
+        stack(scores, vector, None), stack(reference, vector, None)
+    )
     for name in ("energy", "free_energy"):
         if name in scores:
             slope, intercept = np.polyfit(ref_png.numpy(), reference[name].numpy(), 1)
             out[f"complexity({name})"] = scores[name] - (slope * complexity + intercept)
     return out
+
+
+def stack(scores: dict[str, torch.Tensor], names: list[str], complexity: torch.Tensor | None) -> torch.Tensor:
+    """The statistics [N, K] a typicality test in several dimensions reads: norms as logarithms."""
+    columns = [scores[name].clamp(min=1e-12).log() if name.startswith("grad_norm") else scores[name] for name in names]
+    return torch.stack(columns + ([complexity] if complexity is not None else []), dim=1).double()
+
+
+def mahalanobis(values: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Distance [N] of each row from the reference rows' Gaussian (mean, covariance): a typicality test of a
+    vector of statistics, as MSMA fits one to score norms at several noise scales."""
+    mean = reference.mean(0)
+    covariance = torch.cov(reference.T) + 1e-9 * torch.eye(reference.shape[1], dtype=reference.dtype)
+    centred = values - mean
+    return (centred @ torch.linalg.inv(covariance) * centred).sum(1).sqrt()
 
 
 def roc_figures(inside: torch.Tensor, outside: torch.Tensor) -> dict[str, float]:
