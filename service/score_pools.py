@@ -31,6 +31,8 @@ from training.sampling.scoring import (
     cnf_scores,
     likelihood_inputs,
     one_pass_scores,
+    ood_score_name,
+    ood_statistics,
     score_family,
 )
 
@@ -74,6 +76,7 @@ class ScorePool(SamplerPool):
         super().__init__(score_pool_name(model), chain_budget, device, metrics, clock, window_s)
         self.model = model
         self.family = score_family(model.members[0])
+        self.ood = ood_score_name(model.members[0], self.family)  # its statistics are computed with the scores
 
     def job_steps(self, order: Order) -> int:
         return 1  # one pass; a likelihood solve: as many attempted steps as its images need
@@ -136,12 +139,13 @@ class OnePassScorePool(ScorePool):
         orders = [score_state(job).order for job in jobs]
         images = torch.cat([order.images for order in orders]).to(self.device)  # [B, *shape]
         labels = self._labels(jobs)
-        parts = [
-            one_pass_scores(self.family, self.model.members, chunk, None if labels is None else labels[rows])
-            for chunk, rows in zip(
-                images.split(self.pass_images), torch.arange(len(images)).split(self.pass_images), strict=True
-            )
-        ]  # a CPU scores fastest in passes of its step budget (64), not of all the batch's images at once
+        parts = []
+        for chunk, rows in zip(
+            images.split(self.pass_images), torch.arange(len(images)).split(self.pass_images), strict=True
+        ):  # a CPU scores fastest in passes of its step budget (64), not of all the batch's images at once
+            chunk_labels = None if labels is None else labels[rows]
+            part = one_pass_scores(self.family, self.model.members, chunk, chunk_labels)
+            parts.append(part | ood_statistics(self.ood, self.model.members, chunk, chunk_labels, part))
         scores = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
         self._record_step(len(jobs), len(images))
         sizes = [order.n for order in orders]
@@ -255,4 +259,6 @@ class LikelihoodPool(ScorePool):
         assert solve is not None
         prior, delta = prior_and_delta(solve.y)
         scores = cnf_scores(prior + delta, solve.evaluations, self.shape, self.data_range)
+        images = score_state(job).order.images.to(self.device)
+        scores |= ood_statistics(self.ood, self.model.members, images, None, scores)
         self._answer(job, scores, self.settings.report())

@@ -26,6 +26,7 @@ from service.worker import Worker
 from training.runtime.images import ImageDecodeError, decode_exact
 from training.sampling.scoring import (
     LikelihoodSettings,
+    OodReference,
     ScoreFamily,
     ood_reference,
     ood_score_name,
@@ -57,6 +58,12 @@ SCORE_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+def served_reference(model: ServedModel) -> OodReference | None:
+    """The reference `ood_p` is read against: the checkpoint's own; none for an ensemble, whose energy (its
+    members' mean) is not what any member's reference recorded."""
+    return ood_reference(model.members[0].config.metrics) if len(model.members) == 1 else None
+
+
 def score_limits(settings: Settings, model: ServedModel) -> dict[str, Any]:
     """What /models says of POST /score for a model: the caps, which score `ood` is, and its reference (or why
     `ood_p` is null, or why the model cannot score)."""
@@ -69,14 +76,16 @@ def score_limits(settings: Settings, model: ServedModel) -> dict[str, Any]:
         family = score_family(model.members[0])
     except ValueError as error:
         return {**limits, "scores": None, "why_not": str(error)}
-    reference = ood_reference(model.config.metrics)
+    reference = served_reference(model)
     limits.update(
         scores=list(family.fields),
         label=family.conditional_label and model.classes is not None,
         ood_score=ood_score_name(model.members[0], family),
         ood_reference={"n": len(reference.reference), "split": reference.split} if reference else None,
     )
-    if reference is None:
+    if reference is None and len(model.members) > 1:
+        limits["ood_p"] = "null: an ensemble's energy is its members' mean, which no member's reference recorded"
+    elif reference is None:
         limits["ood_p"] = "null: the checkpoint records no reference scores (python -m training score --help)"
     if not family.one_pass:
         limits["likelihood"] = LikelihoodSettings(settings.score_rtol, settings.score_atol).report()
@@ -133,7 +142,7 @@ def score_response(result: ScoreResult, order: ScoreOrder, started: float) -> Sc
     member = order.model.members[0]
     family = score_family(member)
     score_name = ood_score_name(member, family)
-    rows = result_rows(result.scores, family, score_name, ood_reference(member.config.metrics))
+    rows = result_rows(result.scores, family, score_name, served_reference(order.model))
     results = [ScoreItem.model_validate(row) for row in rows]
     total = time.perf_counter() - started
     return ScoreResponse(

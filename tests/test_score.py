@@ -69,6 +69,12 @@ def served(tmp_path_factory: pytest.TempPathFactory, idx_dir: Path) -> Iterator[
     )  # fmt: skip
     train_flow(config)
     main(["score", str(trained), "--record-reference", "--data-dir", str(idx_dir), "--reference-n", "128"])
+    write_tiny_flow(models / "nice_png.safetensors")  # the same flow's OOD score corrected by PNG's bits
+    for name, ood in (("digits", "typicality"), ("nice_png", "complexity_bits")):
+        reference = ["--data-dir", str(idx_dir), "--dataset", "mnist", "--reference-n", "128", "--ood-score", ood]
+        main(
+            ["score", str(models / f"{name}.safetensors"), "--record-reference", "--data-dir", str(idx_dir), *reference]
+        )
     settings = Settings(
         models_dir=models,
         state_dir=root / "state",
@@ -117,8 +123,9 @@ def test_an_image_scores_the_same_alone_and_in_a_batch_beside_other_requests(ser
     for batched in (results(answers[0])[1], results(answers[1])[1]):
         assert batched.keys() == alone.keys()
         fields = FAMILIES.get(model, ["log_prob", "bits_per_dim", "evaluations"])
-        assert set(alone) == {"ood", "ood_p", *fields} and alone["ood_p"] is None  # no reference recorded
-        for name in fields:
+        recorded = model == "digits"  # its typicality reference; the others record none
+        assert set(alone) == {"ood", "ood_p", *fields} and (alone["ood_p"] is None) != recorded
+        for name in [*fields, "ood"]:  # typicality's gradient norms at seeded perturbations too
             assert batched[name] == pytest.approx(alone[name], rel=1e-5, abs=1e-5), name
     body = score(base, model, images[:2]).json()
     assert body["model"] == model and len(body["model_version"]) == 12 and len(body["results"]) == 2

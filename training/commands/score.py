@@ -23,8 +23,11 @@ from training.runtime.loaded import LoadedModel
 from training.sampling.likelihood import DEFAULT_ATOL, DEFAULT_RTOL, HUTCHINSON_BATCH, cnf_log_likelihood
 from training.sampling.scoring import (
     MAX_REFERENCE,
+    OOD_FAMILIES,
     OOD_METRIC,
     OOD_SCORES,
+    TYPICALITY_STATISTICS,
+    GaussianFit,
     LikelihoodSettings,
     Scores,
     cnf_scores,
@@ -32,8 +35,10 @@ from training.sampling.scoring import (
     one_pass_scores,
     ood_reference,
     ood_score_name,
+    ood_statistics,
     result_rows,
     score_family,
+    typicality_statistics,
 )
 from training.train.data import IDX_IMAGES_MAGIC, IMAGE_EXTENSIONS, _read_idx, load_dataset
 from training.train.progress import progress
@@ -158,8 +163,10 @@ def compute_scores(
     device: torch.device,
     what: str,
     settings: LikelihoodSettings | None = None,  # a CNF's solve (default: the server's defaults)
+    ood: str | None = None,  # the OOD score whose statistics to add (ood_statistics)
 ) -> Scores:
-    """The scores of images [N, *shape] (in batches; a CNF's by dopri5 at the server's stated settings)."""
+    """The scores of images [N, *shape] (in batches; a CNF's by dopri5 at the server's stated settings), with
+    what the OOD score `ood` reads beyond them."""
     family = score_family(model)
     parts: list[Scores] = []
     batch = ONE_PASS_BATCH if family.one_pass else HUTCHINSON_BATCH
@@ -183,6 +190,8 @@ def compute_scores(
                 settings.chunk,
             )
             parts.append(cnf_scores(solved.log_prob, solved.evaluations, model.shape, model.data_range))
+        if ood is not None:
+            parts[-1] |= ood_statistics(ood, [model], chunk, chunk_labels, parts[-1])
         bar.update(len(rows))
     bar.close()
     return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
@@ -205,8 +214,8 @@ def run_score(args: argparse.Namespace) -> None:
     if args.label is not None:
         labels = torch.full((len(images),), args.label)
     likelihood = LikelihoodSettings(args.ode_rtol, args.ode_atol)
-    scores = compute_scores(model, images, labels, device, f"score {model.name}", likelihood)
     score_name = ood_score_name(model, family)
+    scores = compute_scores(model, images, labels, device, f"score {model.name}", likelihood, score_name)
     reference = ood_reference(model.config.metrics)
     rows = result_rows(scores, family, score_name, reference)
     if args.json:
@@ -239,9 +248,14 @@ def record_reference(args: argparse.Namespace, model: LoadedModel, device: torch
     low, high = model.data_range
     images = (images + 1) / 2 * (high - low) + low
     likelihood = LikelihoodSettings(args.ode_rtol, args.ode_atol)
-    scores = compute_scores(model, images, None, device, f"reference scores of {model.name}", likelihood)
+    if score_name not in OOD_SCORES or family.name not in OOD_FAMILIES.get(score_name, (family.name,)):
+        known = [name for name, families in OOD_FAMILIES.items() if family.name in families]
+        raise ValueError(f"--ood-score {score_name}: a {family.name} model gives {family.default_ood} or {known}")
+    what = f"reference scores of {model.name}"
+    scores = compute_scores(model, images, None, device, what, likelihood, score_name)
+    fit = GaussianFit.of(typicality_statistics(scores)) if score_name == "typicality" else None
     try:
-        values = OOD_SCORES[score_name](scores)
+        values = OOD_SCORES[score_name](scores, fit)
     except KeyError as error:
         missing = f"--ood-score {score_name} needs {error}"
         raise ValueError(f"{missing}, which a {family.name} model does not give") from error
@@ -257,6 +271,8 @@ def record_reference(args: argparse.Namespace, model: LoadedModel, device: torch
     }
     if not family.one_pass:
         record["likelihood"] = likelihood.report()
+    if fit is not None:
+        record["fit"] = fit.record() | {"statistics": list(TYPICALITY_STATISTICS)}
     checkpoint = load_checkpoint(args.checkpoint)
     checkpoint.config.metrics[OOD_METRIC] = record
     save_checkpoint(args.checkpoint, checkpoint)
