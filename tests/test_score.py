@@ -201,6 +201,26 @@ def test_a_flow_trained_here_scores_its_own_data_lower_than_shuffled_pixels_with
     assert listed["digits"]["max_images"] == MAX_IMAGES and listed["digits"]["max_body_bytes"] == 256 * 1024
 
 
+def test_the_recorded_ood_scores_typicality_and_complexity_bits_are_what_they_say(served) -> None:
+    """typicality: a distance from the reference statistics' Gaussian, with a p-value against the reference's
+    distances; complexity_bits: the flow's bits of the image minus PNG's bits of it (level 9)."""
+    base, _ = served
+    images = digits(8, seed=5)
+    listed = {model["name"]: model["limits"]["score"] for model in httpx.get(f"{base}/models").json()}
+    assert listed["digits"]["ood_score"] == "typicality" and listed["digits"]["ood_reference"]["n"] == 128
+    assert listed["nice_png"]["ood_score"] == "complexity_bits"
+    typical = results(score(base, "digits", [png_b64(image) for image in images]))
+    assert all(row["ood"] >= 0 and 0 <= row["ood_p"] <= 1 for row in typical)
+    corrected = results(score(base, "nice_png", [png_b64(image) for image in images]))
+    plain = results(score(base, "nice", [png_b64(image) for image in images]))
+    for image, row, same in zip(images, corrected, plain, strict=True):
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="PNG", compress_level=9)
+        assert row["bits_per_dim"] == same["bits_per_dim"]
+        assert row["ood"] == pytest.approx(row["bits_per_dim"] * 784 - 8 * buffer.tell(), rel=1e-5)
+        assert 0 <= row["ood_p"] <= 1 and same["ood_p"] is None
+
+
 @pytest.mark.parametrize("model", ["digits", "trained", "cnf"])
 def test_the_cli_gives_the_servers_numbers(served, model: str, tmp_path: Path, capsys) -> None:
     base, models = served
