@@ -33,11 +33,13 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from training.commands.score import compute_scores
 from training.models.flows import Flow, bits_per_dim, dequantize
 from training.runtime.load import load_model
 from training.runtime.loaded import LoadedModel
 from training.sampling.likelihood import cnf_bits_per_dim
 from training.sampling.sampler_config import FlowSampler
+from training.sampling.scoring import OOD_SCORES, LikelihoodSettings, ood_reference
 from training.train.data import load_dataset
 
 REFERENCE_START = 5000  # the test set's second half: reference statistics only
@@ -174,6 +176,20 @@ def roc_figures(inside: torch.Tensor, outside: torch.Tensor) -> dict[str, float]
     return {"auroc": round(float(auroc), 4), "aupr": round(float(aupr), 4), "fpr95": round(float(fpr95), 4)}
 
 
+def recorded_row(model: LoadedModel, inside: torch.Tensor, outside: torch.Tensor, rtol: float) -> dict | None:
+    """The figures of the OOD score the checkpoint records (score --record-reference), computed by the code the
+    server and `score` run, its reference from the test set's last images (none of them here)."""
+    reference = ood_reference(model.config.metrics)
+    if reference is None:
+        return None
+    settings = LikelihoodSettings(rtol, rtol)
+    values = []
+    for name, images in (("in", inside), ("out", outside)):
+        scores = compute_scores(model, images, None, torch.device("cpu"), f"recorded {name}", settings, reference.score)
+        values.append(OOD_SCORES[reference.score](scores, reference.fit).double())
+    return {"score": reference.score, **roc_figures(values[0], values[1])}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path, help="an EBM or flow checkpoint")
@@ -187,6 +203,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="dequantization and probes")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument(
+        "--recorded-only", action="store_true", help="only the OOD score the checkpoint records, by the server's code"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = load_model(args.checkpoint, torch.device("cpu"))
@@ -195,6 +214,10 @@ def main() -> None:
     outside = load_dataset(args.ood_dataset, args.ood_data_dir, "test").images[: args.n]
     reference, inside = inside[REFERENCE_START : REFERENCE_START + args.reference_n], inside[: args.n]
     started = time.perf_counter()
+    recorded = recorded_row(model, inside, outside, args.rtol)
+    print(f"recorded OOD score: {recorded}", flush=True)
+    if args.recorded_only:
+        return
     sets = {}
     for name, images in (("reference", reference), ("in", inside), ("out", outside)):
         print(f"ood: scoring {len(images)} {name} images", file=sys.stderr, flush=True)
@@ -211,6 +234,7 @@ def main() -> None:
         "n": args.n,
         "reference_n": args.reference_n,
         "seconds": round(time.perf_counter() - started, 1),
+        "recorded": recorded,
         "scores": rows,
         "means_in_out": means,
     }
