@@ -329,7 +329,8 @@ def test_a_replaced_version_finishes_its_requests_and_is_dropped_once_nobody_hol
             worker.run_once()
         assert all(len(answers) == 1 and isinstance(answers[0], SampleResult) for answers in (running, late, fresh))
         worker.run_once()
-        assert len(worker._pools.retired) == 1  # no work left, but a request still holds the old version
+        retired = [pool for _, pool in worker._pools.retired]  # its chains' pool and its inputs' score pool
+        assert len(retired) == 2 and {pool.name for pool in retired} == {"solo", "solo:score"}  # still held
     worker.run_once()
     assert worker._pools.retired == []  # answered and no longer held: dropped
     with pytest.raises(WorkerFailure, match="no longer served"):

@@ -134,7 +134,9 @@ def test_each_buffer_save_is_logged_and_dated_in_utc(server: ServerProcess) -> N
     when = datetime.fromisoformat(saved_at() or "")
     assert when.utcoffset() == timedelta(0)
     assert abs(datetime.now(UTC) - when) < timedelta(minutes=5)
-    assert re.search(r"saved replay buffer \S+buffer-solo-\w+\.safetensors: 36 chains in \d+ ms", server.log)
+    assert re.search(
+        r"saved replay buffer \S+buffer-solo-\w+\.safetensors: 36 chains \([\d.]+ MiB\) in \d+ ms", server.log
+    )
 
 
 def test_a_body_that_stops_half_way_is_answered_408_and_closed(server: ServerProcess) -> None:

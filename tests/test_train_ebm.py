@@ -148,7 +148,15 @@ def test_cli_trains_samples_and_evaluates_on_idx_data(tmp_path: Path, idx_dir: P
     report = json.loads(capsys.readouterr().out)
     recorded = load_checkpoint(checkpoint).config.metrics["evaluate_noise"]
     assert recorded["frechet_distance"] == report["model"]["frechet_distance"] and recorded["steps"] == 2
-    assert set(report["model"]) == {"frechet_distance", "coverage_bits", "precision", "recall", "n"}
+    assert set(report["model"]) == {
+        "frechet_distance",
+        "coverage_bits",
+        "precision",
+        "recall",
+        "n",
+        "second_classifier",
+    }
+    assert set(report["second_classifier"]) == {"model", "real_data_floor"}  # the figures again, another network
     assert report["real_data_floor"]["frechet_distance"] < report["model"]["frechet_distance"]
 
     members = [write_tiny_ebm(tmp_path / f"pair_{seed}.safetensors", seed=seed, ensemble="pair") for seed in (1, 2)]

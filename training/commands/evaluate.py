@@ -91,7 +91,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
     if model.shape != (1, 28, 28):  # before any data is read: the refusal is the answer
         made = "x".join(str(side) for side in model.shape)
         raise SystemExit(
-            f"evaluate: its figures are features of the project's {dataset} classifiers, which read 1x28x28 "
+            f"evaluate: its figures are features of the project's {dataset} classifiers: each reads 1x28x28 "
             f"images; {model.name} makes {made} images (dataset {stated or 'unknown'}), so evaluate has no figures "
             "for it"
         )

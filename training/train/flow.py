@@ -107,7 +107,9 @@ def _arch(dataset: ImageDataset, config: FlowTrainConfig) -> dict:
             "scales": config.scales,
             "coefficient": config.lipschitz,
             "series_terms": config.series_terms,
-            "logit_alpha": config.logit_alpha,
+            # The logit transform maps 8-bit pixels off [-1, 1]'s edges; 2-D points are not pixels (their
+            # i-ResNet trained into NaN weights behind it, which the load probe now refuses).
+            "logit_alpha": config.logit_alpha if len(dataset.shape) == 3 else 0.0,
         }
     return {"name": config.arch, "kwargs": common | kwargs}
 
