@@ -221,6 +221,25 @@ def test_the_recorded_ood_scores_typicality_and_complexity_bits_are_what_they_sa
         assert 0 <= row["ood_p"] <= 1 and same["ood_p"] is None
 
 
+def test_the_python_client_scores_as_the_http_api_answers(served) -> None:
+    """Client.score takes uint8 arrays, PIL images or PNG bytes, and hands back typed results equal to the JSON."""
+    from samplebay_client import BadRequest, Client, ScoreResult
+
+    base, _ = served
+    images = digits(3, seed=21)
+    answer = score(base, "nice_png", [png_b64(image) for image in images]).json()
+    with Client(base, api_key=KEY) as client:
+        scores = client.score("nice_png", [images[0], Image.fromarray(images[1]), base64.b64decode(png_b64(images[2]))])
+        assert scores.model == "nice_png" and scores.ood_score == "complexity_bits"
+        assert scores.model_version == answer["model_version"]
+        assert scores.results == [ScoreResult.from_json(row) for row in answer["results"]]
+        assert scores.results[0].bits_per_dim is not None and scores.results[0].energy is None
+        with pytest.raises(BadRequest, match="label"):
+            client.score("digits", [images[0]], label=True)  # type: ignore[arg-type]
+        with pytest.raises(BadRequest, match="99 is out of range for digits"):
+            client.score("digits", [images[0]], label=99)
+
+
 @pytest.mark.parametrize("model", ["digits", "trained", "cnf"])
 def test_the_cli_gives_the_servers_numbers(served, model: str, tmp_path: Path, capsys) -> None:
     base, models = served

@@ -34,6 +34,7 @@ from samplebay_client.errors import (
     Unauthorized,
 )
 from samplebay_client.limits import Limits
+from samplebay_client.scores import ScoreResult, Scores
 
 __version__ = "0.1.0"
 __all__ = [
@@ -55,6 +56,8 @@ __all__ = [
     "SampleFile",
     "SamplebayError",
     "Samples",
+    "ScoreResult",
+    "Scores",
     "ServerBusy",
     "StreamInterrupted",
     "Timeout",

@@ -24,13 +24,22 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from types import TracebackType
 from typing import Literal, Self, Unpack
 
 import httpx
 
-from samplebay_client.answers import EventParser, Frame, ModelInfo, SampleFields, SampleFile, Samples, sample_body
+from samplebay_client.answers import (
+    EventParser,
+    Frame,
+    ImageInput,
+    ModelInfo,
+    SampleFields,
+    SampleFile,
+    Samples,
+    sample_body,
+)
 from samplebay_client.answers import stream_item as _stream_item
 from samplebay_client.errors import (
     DEFAULT_BASE_URL,
@@ -61,6 +70,7 @@ from samplebay_client.exchange import (
     transport_error,
 )
 from samplebay_client.limits import Deadline, EventSplitter, Limits, check_declared_length
+from samplebay_client.scores import Scores, score_body
 
 __all__ = ["AsyncClient", "Client", "RetryPolicy"]
 
@@ -117,6 +127,11 @@ class Client:
         when `trajectory_every` is given."""
         response, content = self._answer("POST", "/sample", json_body(sample_body(model, options, "json")))
         return parse(response, content, samples(response, self.limits))
+
+    def score(self, model: str, images: Sequence[ImageInput], label: int | None = None) -> Scores:
+        """Each image's scores under `model` and its OOD verdict (POST /score); images must have the model's size."""
+        response, content = self._answer("POST", "/score", json_body(score_body(model, images, label)))
+        return parse(response, content, Scores.from_json)
 
     def sample_file(
         self, model: str, image_format: Literal["png", "gif"] = "png", **options: Unpack[SampleFields]
@@ -238,6 +253,11 @@ class AsyncClient:
         """Every servable model (GET /models)."""
         response, content = await self._answer("GET", "/models")
         return parse(response, content, model_list)
+
+    async def score(self, model: str, images: Sequence[ImageInput], label: int | None = None) -> Scores:
+        """Each image's scores under `model` and its OOD verdict (POST /score)."""
+        response, content = await self._answer("POST", "/score", json_body(score_body(model, images, label)))
+        return parse(response, content, Scores.from_json)
 
     async def sample(self, model: str, **options: Unpack[SampleFields]) -> Samples:
         """Samples of `model` with their seed, energies (EBMs) or bits/dim (flows), and the trajectory."""
