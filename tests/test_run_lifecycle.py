@@ -172,3 +172,16 @@ def test_the_zoo_warm_starts_with_force_over_what_an_unfinished_chunk_left(
     (following,) = zoo.plan(checkpoints, runs, epochs_more=1)
     assert following.action == "finished" and following.argv == []
     capsys.readouterr()
+
+
+def test_a_warm_start_past_its_epochs_says_how_to_train_on(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--epochs counts the warm start's epochs too: a run that would end at once says so (it printed nothing)."""
+    out = toy_run("gan", tmp_path / "first", epochs=2)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        toy_run("gan", tmp_path / "warm", "--init-from", str(out), epochs=2)
+    assert stopped.value.code == 2
+    assert "has trained 2 epochs, and --epochs counts them too: give --epochs above 2" in capsys.readouterr().err
+    assert not (tmp_path / "warm" / "gan.safetensors").exists()
+    toy_run("gan", tmp_path / "warm", "--init-from", str(out), epochs=3)  # one more epoch on top of its two
+    assert (tmp_path / "warm" / "gan.safetensors").exists()

@@ -238,6 +238,11 @@ class TrainingRun:
         elif self.config.init_from:
             start = warm_start(self.config.init_from, self.family, arch)
             origin = Origin(start, resumed=False, epochs_done=int(start.config.training.get("epochs_done", 0)))
+            if origin.epochs_done >= self.config.epochs:  # else the run would end at once, saying nothing
+                raise ValueError(
+                    f"--init-from {self.config.init_from} has trained {origin.epochs_done} epochs, and --epochs counts "
+                    f"them too: give --epochs above {origin.epochs_done} (e.g. {origin.epochs_done + 5} for five more)"
+                )
         if self.saved is None and self.config.force:
             self.clear_earlier_run()
         if origin is not None:
