@@ -33,13 +33,12 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from training.commands.score import compute_scores
+from training.commands.ood_figures import recorded_figures, roc_figures
 from training.models.flows import Flow, bits_per_dim, dequantize
 from training.runtime.load import load_model
 from training.runtime.loaded import LoadedModel
 from training.sampling.likelihood import cnf_bits_per_dim
 from training.sampling.sampler_config import FlowSampler
-from training.sampling.scoring import OOD_SCORES, LikelihoodSettings, ood_reference
 from training.train.data import load_dataset
 
 REFERENCE_START = 5000  # the test set's second half: reference statistics only
@@ -156,40 +155,6 @@ def mahalanobis(values: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return (centred @ torch.linalg.inv(covariance) * centred).sum(1).sqrt()
 
 
-def roc_figures(inside: torch.Tensor, outside: torch.Tensor) -> dict[str, float]:
-    """AUROC (ties count half), AUPR with the out-of-distribution images as positives, FPR at 95 % TPR."""
-    values = torch.cat([inside, outside]).double()
-    truth = torch.cat([torch.zeros(len(inside)), torch.ones(len(outside))])
-    ranks = torch.from_numpy(np.argsort(np.argsort(values.numpy(), kind="stable"), kind="stable")).double() + 1
-    # Mid-ranks for ties:
-    _, inverse, counts = torch.unique(values, return_inverse=True, return_counts=True)
-    rank_sum = torch.zeros(len(counts), dtype=torch.float64).index_add_(0, inverse, ranks)
-    ranks = (rank_sum / counts)[inverse]
-    n_in, n_out = len(inside), len(outside)
-    auroc = (ranks[truth == 1].sum() - n_out * (n_out + 1) / 2) / (n_in * n_out)
-    order = torch.argsort(values, descending=True)
-    hits = truth[order]
-    precision = hits.cumsum(0) / torch.arange(1, len(hits) + 1)
-    aupr = (precision * hits).sum() / hits.sum()
-    threshold = torch.quantile(outside.double(), 0.05)  # 95 % of the out images score at least this
-    fpr95 = (inside.double() >= threshold).double().mean()
-    return {"auroc": round(float(auroc), 4), "aupr": round(float(aupr), 4), "fpr95": round(float(fpr95), 4)}
-
-
-def recorded_row(model: LoadedModel, inside: torch.Tensor, outside: torch.Tensor, rtol: float) -> dict | None:
-    """The figures of the OOD score the checkpoint records (score --record-reference), computed by the code the
-    server and `score` run, its reference from the test set's last images (none of them here)."""
-    reference = ood_reference(model.config.metrics)
-    if reference is None:
-        return None
-    settings = LikelihoodSettings(rtol, rtol)
-    values = []
-    for name, images in (("in", inside), ("out", outside)):
-        scores = compute_scores(model, images, None, torch.device("cpu"), f"recorded {name}", settings, reference.score)
-        values.append(OOD_SCORES[reference.score](scores, reference.fit).double())
-    return {"score": reference.score, **roc_figures(values[0], values[1])}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path, help="an EBM or flow checkpoint")
@@ -214,7 +179,7 @@ def main() -> None:
     outside = load_dataset(args.ood_dataset, args.ood_data_dir, "test").images[: args.n]
     reference, inside = inside[REFERENCE_START : REFERENCE_START + args.reference_n], inside[: args.n]
     started = time.perf_counter()
-    recorded = recorded_row(model, inside, outside, args.rtol)
+    recorded = recorded_figures(model, inside, outside, torch.device("cpu"), args.rtol)
     print(f"recorded OOD score: {recorded}", flush=True)
     if args.recorded_only:
         return

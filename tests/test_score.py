@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import make_digits, write_tiny_ebm, write_tiny_eqm, write_tiny_flow, write_tiny_gan
+from conftest import make_digits, write_idx, write_tiny_ebm, write_tiny_eqm, write_tiny_flow, write_tiny_gan
 from PIL import Image
 from server import running_server
 from test_service_ode import write_tiny_cnf
@@ -287,3 +287,25 @@ def test_a_cancelled_likelihood_job_frees_its_chains_at_the_next_step(tmp_path: 
     worker.run_once()
     assert isinstance(answers[0], CancelledByClient)
     assert [job.n for job in pool.scheduler.running] == [4]  # the waiting request took the freed places
+
+
+def test_evaluate_reports_how_the_ood_score_tells_the_models_data_from_another_set(
+    served, idx_dir: Path, tmp_path: Path, capsys
+) -> None:
+    """evaluate --ood-data: AUROC, AUPR and FPR95 of the recorded OOD score, its own test images against another
+    IDX set's (here the same kind of images with their pixels shuffled, which the NICE gives more bits)."""
+    _, models = served
+    noise = tmp_path / "noise"
+    noise.mkdir()
+    images, _ = make_digits(64, seed=7)
+    rng = np.random.default_rng(0)
+    pixels = np.stack([rng.permutation(image.ravel()).reshape(28, 28) for image in images])
+    write_idx(noise / "t10k-images-idx3-ubyte.gz", pixels)
+    write_idx(noise / "t10k-labels-idx1-ubyte.gz", np.zeros(64, dtype=np.uint8))
+    capsys.readouterr()
+    flags = ["--data-dir", str(idx_dir), "--n", "32", "--ood-data", str(noise), "--ood-n", "64", "--device", "cpu"]
+    main(["evaluate", str(models / "trained.safetensors"), *flags])
+    report = json.loads(capsys.readouterr().out)
+    figures = report["ood"]
+    assert figures["score"] == "bits_per_dim" and figures["n_in"] == 64 and figures["n_out"] == 64
+    assert figures["auroc"] > 0.9 and figures["aupr"] > 0.8 and 0 <= figures["fpr95"] < 1, figures

@@ -235,6 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
         "training used)",
     )
     add_likelihood_arguments(evaluate)
+    evaluate.add_argument(
+        "--ood-data",
+        default=None,
+        metavar="DIR",
+        help="IDX files of another dataset: also report the model's OOD score's AUROC, AUPR and FPR95 on its own "
+        "test images against these (score --record-reference sets which score; its reference is the test set's end)",
+    )
+    evaluate.add_argument("--ood-n", type=int, default=1000, help="images of each set behind the OOD figures")
     evaluate.add_argument("--seed", type=int, default=0, help="seeds the chains and the reference subsets")
     evaluate.add_argument(
         "--classifier",

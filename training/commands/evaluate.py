@@ -11,6 +11,7 @@ from typing import Any, cast
 
 import torch
 
+from training.commands.ood_figures import ood_against
 from training.commands.quality import (
     EVALUATED_DATASETS,
     SECOND_ARCH,
@@ -214,6 +215,9 @@ def run_evaluate(args: argparse.Namespace) -> None:
         if not ode:
             print(f"evaluate {model.name}: test bits/dim of all {len(test.images)} test images", file=sys.stderr)
             model_figures["test_bits_per_dim"] = round(dataset_bits_per_dim(flow, test, 500, device, seed=args.seed), 4)
+    if args.ood_data is not None:  # the first checkpoint's OOD score: its test images against another set's
+        print(f"evaluate {model.name}: OOD figures against {args.ood_data}", file=sys.stderr)
+        model_figures["ood"] = report["ood"] = ood_against(model, test.images, args.ood_data, args.ood_n, device)
     print(json.dumps(report, indent=2))
     if args.record:
         key = "evaluate" if model.config.family != "ebm" else f"evaluate_{args.init}"
