@@ -15,47 +15,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
+import launch  # bench/launch.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def start_server(models_dir: Path, threads: int) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    command = [sys.executable, "-m", "service", "--models-dir", str(models_dir), "--port", str(port)]
-    command += ["--state-dir", tempfile.mkdtemp(prefix="bench-state-"), "--device", "cpu", "--watch-interval-s", "0"]
-    environment = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    process = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                return process, base
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None:
-            raise RuntimeError(f"the server exited with {process.returncode}")
-        time.sleep(0.2)
-    process.kill()
-    raise RuntimeError("the server did not become ready in 240 s")
+    flags = ["--models-dir", str(models_dir), "--state-dir", tempfile.mkdtemp(prefix="bench-state-")]
+    return launch.start_server([*flags, "--device", "cpu", "--watch-interval-s", "0"], threads)
 
 
 async def sample_times(client: httpx.AsyncClient, model: str, count: int, steps: int | None) -> list[float]:

@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,6 +32,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
+import launch  # bench/launch.py, beside this script
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,37 +48,15 @@ class Answer:
     version: str | None
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def version_of(path: Path) -> str:
     """The version a server serves a file as: its SHA-256 prefix (service/registry.py VERSION_CHARS)."""
     return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
 
 
 def start_server(models_dir: Path, watch_interval_s: float, threads: int, device: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    command = [sys.executable, "-m", "service", "--models-dir", str(models_dir), "--port", str(port)]
-    command += ["--state-dir", tempfile.mkdtemp(prefix="bench-state-"), "--device", device]
-    command += ["--watch-interval-s", str(watch_interval_s), "--max-queue", "4096"]
-    environment = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    process = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                return process, base
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None:
-            raise RuntimeError(f"the server exited with {process.returncode}")
-        time.sleep(0.2)
-    process.kill()
-    raise RuntimeError("the server did not become ready in 240 s")
+    state = tempfile.mkdtemp(prefix="bench-state-")
+    flags = ["--models-dir", str(models_dir), "--state-dir", state, "--device", device, "--max-queue", "4096"]
+    return launch.start_server([*flags, "--watch-interval-s", str(watch_interval_s)], threads)
 
 
 def sample_forever(base: str, body: dict, stop: threading.Event, answers: list[Answer]) -> None:

@@ -17,9 +17,7 @@ import argparse
 import asyncio
 import json
 import math
-import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,6 +26,7 @@ import time
 from pathlib import Path
 
 import httpx
+import launch  # bench/launch.py, beside this script
 import torch
 from torch import nn
 
@@ -121,28 +120,10 @@ def memory(pid: int) -> tuple[int, int]:
 
 
 def start_server(models: Path, state: Path, args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "service", "--port", str(port), "--models-dir", str(models)]
-    command += ["--state-dir", str(state), "--device", args.device, "--sampling-dtype", args.sampling_dtype]
-    command += ["--buffer-save-interval-s", str(args.save_interval_s), "--request-timeout-s", "3600"]
-    command += ["--buffer-budget-mb", "4096", "--max-queue", "4096"]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(ROOT))
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log.open("w"))
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                return process, base
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None:
-            raise RuntimeError(f"the server exited: {log.read_text()[-2000:]}")
-        time.sleep(0.2)
-    process.kill()
-    raise RuntimeError("the server was not ready in 300 s")
+    flags = ["--models-dir", str(models), "--state-dir", str(state), "--device", args.device]
+    flags += ["--sampling-dtype", args.sampling_dtype, "--buffer-save-interval-s", str(args.save_interval_s)]
+    flags += ["--request-timeout-s", "3600", "--buffer-budget-mb", "4096", "--max-queue", "4096"]
+    return launch.start_server(flags, args.threads, log)
 
 
 async def drive(base: str, body: dict, concurrency: int, total: int) -> tuple[float, list[float]]:

@@ -22,7 +22,6 @@ import base64
 import io
 import json
 import math
-import os
 import platform
 import shutil
 import subprocess
@@ -33,6 +32,7 @@ import time
 from pathlib import Path
 
 import httpx
+import launch  # bench/launch.py, beside this script
 import numpy as np
 import torch
 from PIL import Image
@@ -55,21 +55,8 @@ def png_b64(image: torch.Tensor) -> str:
 
 
 def start_server(models: Path, threads: int) -> tuple[subprocess.Popen, str]:
-    port = 8000 + os.getpid() % 1000
-    command = [sys.executable, "-m", "service", "--models-dir", str(models), "--state-dir", str(models / "state")]
-    command += ["--port", str(port), "--device", "cpu", "--threads", str(threads), "--score-timeout-s", "3000"]
-    server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                return server, base
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    server.kill()
-    raise RuntimeError("the server did not become ready")
+    flags = ["--models-dir", str(models), "--state-dir", str(models / "state"), "--device", "cpu"]
+    return launch.start_server([*flags, "--threads", str(threads), "--score-timeout-s", "3000"], threads)
 
 
 def served_rate(base: str, model: str, bodies: list[list[bytes]]) -> float:
