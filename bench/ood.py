@@ -19,7 +19,6 @@ Reference statistics (means, the complexity line) use the held-out second half o
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import sys
@@ -29,7 +28,6 @@ from typing import cast
 
 import numpy as np
 import torch
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -39,21 +37,16 @@ from training.runtime.load import load_model
 from training.runtime.loaded import LoadedModel
 from training.sampling.likelihood import cnf_bits_per_dim
 from training.sampling.sampler_config import FlowSampler
+from training.sampling.scoring import GaussianFit, pixel_levels
+from training.sampling.scoring import png_bits as served_png_bits
 from training.train.data import load_dataset
 
 REFERENCE_START = 5000  # the test set's second half: reference statistics only
 
 
 def png_bits(images: torch.Tensor) -> torch.Tensor:
-    """Bits of each 8-bit image [N, C, H, W] in [-1, 1] as a PNG at compression level 9 (Serra's L(x))."""
-    levels = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
-    sizes = []
-    for image in levels:
-        buffer = io.BytesIO()
-        pixels = image[0] if image.shape[0] == 1 else np.moveaxis(image, 0, -1)
-        Image.fromarray(pixels).save(buffer, format="PNG", compress_level=9)
-        sizes.append(8 * buffer.tell())
-    return torch.tensor(sizes, dtype=torch.float64)
+    """Bits of each 8-bit image [N, C, H, W] in [-1, 1] as a PNG at level 9 (the served score's own function)."""
+    return served_png_bits(pixel_levels(images, (-1.0, 1.0))).double()
 
 
 NOISE_SCALES = (0.1, 0.3, 0.6)  # multiscale score norms (MSMA, Mahadevan et al. 2021): ||dE/dx|| at x + sigma eps
@@ -147,12 +140,8 @@ def stack(scores: dict[str, torch.Tensor], names: list[str], complexity: torch.T
 
 
 def mahalanobis(values: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """Distance [N] of each row from the reference rows' Gaussian (mean, covariance): a typicality test of a
-    vector of statistics, as MSMA fits one to score norms at several noise scales."""
-    mean = reference.mean(0)
-    covariance = torch.cov(reference.T) + 1e-9 * torch.eye(reference.shape[1], dtype=reference.dtype)
-    centred = values - mean
-    return (centred @ torch.linalg.inv(covariance) * centred).sum(1).sqrt()
+    """Distance [N] of each row from the reference rows' Gaussian: the served `typicality`'s GaussianFit."""
+    return GaussianFit.of(reference).distance(values).double()
 
 
 def main() -> None:

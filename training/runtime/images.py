@@ -123,10 +123,7 @@ def decode_image(
         raise
     except Exception as error:  # Pillow raises many types for broken input
         raise ImageDecodeError(f"not a readable image ({type(error).__name__})") from error
-    pixels = torch.frombuffer(bytearray(converted.tobytes()), dtype=torch.uint8).float() / 255.0
-    pixels = pixels.reshape(height, width, channels).permute(2, 0, 1)  # [C, H, W] in [0, 1]
-    low, high = data_range
-    return pixels * (high - low) + low
+    return _in_range(converted, shape, data_range)
 
 
 def decode_exact(payload: bytes, shape: tuple[int, ...], data_range: tuple[float, float] = (-1.0, 1.0)) -> torch.Tensor:
@@ -148,10 +145,16 @@ def decode_exact(payload: bytes, shape: tuple[int, ...], data_range: tuple[float
         raise
     except Exception as error:  # Pillow raises many types for broken input
         raise ImageDecodeError(f"not a readable image ({type(error).__name__})") from error
-    tensor = torch.frombuffer(bytearray(pixels.tobytes()), dtype=torch.uint8).float() / 255.0
-    tensor = tensor.reshape(height, width, channels).permute(2, 0, 1)  # [C, H, W] in [0, 1]
+    return _in_range(pixels, shape, data_range)
+
+
+def _in_range(image: Image.Image, shape: tuple[int, ...], data_range: tuple[float, float]) -> torch.Tensor:
+    """A decoded image of `shape`'s size and channels -> a tensor [C, H, W] with its 8-bit levels in data_range."""
+    channels, height, width = shape
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).float() / 255.0
+    pixels = pixels.reshape(height, width, channels).permute(2, 0, 1)  # [C, H, W] in [0, 1]
     low, high = data_range
-    return tensor * (high - low) + low
+    return pixels * (high - low) + low
 
 
 def _exact_channels(image: Image.Image, channels: int, width: int, height: int) -> Image.Image:
