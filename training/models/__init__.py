@@ -24,7 +24,7 @@ from training.models.cnf import MLPVelocity, UNetVelocity
 from training.models.ebm import ConvEnergy, MLPEnergy
 from training.models.energy_unet import MLPFieldEnergy, UNetEnergy
 from training.models.flows import NICE
-from training.models.gan import ConvCritic, ConvGenerator, MLPCritic, MLPGenerator
+from training.models.gan import ConvCritic, ConvGenerator, MLPCritic, MLPGenerator, ResizeGenerator
 from training.models.glow import Glow
 from training.models.iresnet import IResNet
 
@@ -36,6 +36,7 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
     "digit_classifier": DigitClassifier,
     "strided_classifier": StridedClassifier,
     "conv_generator": ConvGenerator,
+    "resize_generator": ResizeGenerator,
     "conv_critic": ConvCritic,
     "mlp_generator": MLPGenerator,
     "mlp_critic": MLPCritic,

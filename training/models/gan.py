@@ -35,6 +35,37 @@ class ConvGenerator(nn.Module):
         return self.upsample(hidden.view(z.shape[0], -1, self.base, self.base))
 
 
+class ResizeGenerator(nn.Module):
+    """Latent -> image like ConvGenerator, but each doubling is a nearest-neighbour resize then a 3x3 conv (no
+    transposed-conv checkerboards; Odena et al. 2016), and a last 3x3 conv at full size makes the pixels."""
+
+    def __init__(self, latent_dim: int = 128, width: int = 32, channels: int = 1, image_size: int = 28) -> None:
+        super().__init__()
+        if image_size % 4 or image_size < 4:
+            raise ValueError(f"the generator makes images whose side is a multiple of 4, not {image_size}")
+        self.latent_dim = latent_dim
+        self.base = image_size // 4
+        self.project = nn.Sequential(
+            nn.Linear(latent_dim, 4 * width * self.base**2), nn.BatchNorm1d(4 * width * self.base**2), nn.ReLU()
+        )
+
+        def doubling(inputs: int, outputs: int) -> list[nn.Module]:
+            return [nn.Upsample(scale_factor=2), nn.Conv2d(inputs, outputs, 3, padding=1), nn.BatchNorm2d(outputs)]
+
+        self.upsample = nn.Sequential(
+            *doubling(4 * width, 2 * width),
+            nn.ReLU(),  # S/4 -> S/2
+            *doubling(2 * width, width),
+            nn.ReLU(),  # S/2 -> S
+            nn.Conv2d(width, channels, 3, padding=1),
+            nn.Tanh(),
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:  # [B, latent] -> [B, C, H, W]
+        hidden = self.project(z)
+        return self.upsample(hidden.view(z.shape[0], -1, self.base, self.base))
+
+
 class ConvCritic(nn.Module):
     """Image -> one score (a logit for DCGAN, a Wasserstein critic value for WGAN).
 
@@ -42,18 +73,27 @@ class ConvCritic(nn.Module):
     `features` exposes the penultimate layer for feature matching (Salimans et al. 2016).
     """
 
-    def __init__(self, width: int = 64, channels: int = 1, image_size: int = 28, batch_norm: bool = False) -> None:
+    def __init__(
+        self, width: int = 64, channels: int = 1, image_size: int = 28, batch_norm: bool = False, depth: int = 2
+    ) -> None:
         super().__init__()
+        if depth not in (2, 3):
+            raise ValueError(f"a conv critic has 2 or 3 convolutions, not {depth}")
         norm = nn.BatchNorm2d(2 * width) if batch_norm else nn.Identity()
+        # depth 3 adds a 3x3 conv at S/4 (after the two strided ones, so earlier checkpoints keep their keys).
+        third: list[nn.Module] = []
+        if depth == 3:
+            third = [nn.Conv2d(2 * width, 4 * width, 3, padding=1), nn.LeakyReLU(0.2)]
         self.body = nn.Sequential(
             nn.Conv2d(channels, width, 4, stride=2, padding=1),
             nn.LeakyReLU(0.2),  # S -> S/2 (28 -> 14 on MNIST)
             nn.Conv2d(width, 2 * width, 4, stride=2, padding=1),
             norm,
             nn.LeakyReLU(0.2),  # S/2 -> S/4
+            *third,
             nn.Flatten(),
         )
-        self.head = nn.Linear(2 * width * (image_size // 4) ** 2, 1)
+        self.head = nn.Linear((2 if depth == 2 else 4) * width * (image_size // 4) ** 2, 1)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] -> [B, F]
         return self.body(x)

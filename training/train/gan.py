@@ -26,12 +26,14 @@ from training.train.losses import (
     feature_matching_loss,
     gradient_penalty,
     non_saturating_generator_loss,
+    r1_penalty,
     wasserstein_critic_loss,
     wasserstein_generator_loss,
 )
 from training.train.run import RunConfig
 
 LOSSES = ("dcgan", "wgan", "wgan-gp")
+NETWORKS = ("transposed", "resize")
 
 
 class LossDefaults(TypedDict):
@@ -56,11 +58,13 @@ class GANTrainConfig(RunConfig):
     batch_size: int = 64
     latent_dim: int = 128  # size of the Gaussian latent the generator maps to an image
     width: int = 64  # channels of the generator's last and the critic's first convolution (doubled in between)
+    network: str = "transposed"  # transposed (2 transposed convs, 2-conv critic) | resize (resize+3x3, 3-conv critic)
     lr: float | None = None  # learning rate (default: per loss, LOSS_DEFAULTS)
     critic_steps: int | None = None  # critic updates per generator update; default per loss
     clip: float = 0.01  # WGAN weight clipping range [-clip, clip]
     gp_weight: float = 10.0  # WGAN-GP lambda
     label_smoothing: float = 0.0  # DCGAN one-sided: real targets 1 - s
+    r1: float = 0.0  # DCGAN: gamma of the R1 penalty on real data, gamma/2 E||grad D||^2 (0: off)
     instance_noise: float = 0.0  # std of noise on real and fake critic inputs, annealed to 0 over training
     feature_matching: float = 0.0  # weight of the feature-matching term in the generator loss
     ema_decay: float = 0.999  # the shipped generator is this exponential moving average
@@ -73,19 +77,17 @@ def _architectures(dataset: ImageDataset, config: GANTrainConfig) -> tuple[dict,
             {"name": "mlp_critic", "kwargs": {"dim": dataset.shape[0]}},
         )
     channels, size, _ = dataset.shape
+    resize = config.network == "resize"
     generator = {
-        "name": "conv_generator",
+        "name": "resize_generator" if resize else "conv_generator",
         "kwargs": {"latent_dim": config.latent_dim, "width": config.width, "channels": channels, "image_size": size},
     }
-    critic = {
-        "name": "conv_critic",
-        "kwargs": {
-            "width": config.width,
-            "channels": channels,
-            "image_size": size,
-            "batch_norm": config.loss == "dcgan",
-        },
-    }
+    critic_kwargs = {"width": config.width, "channels": channels, "image_size": size}
+    # Batch norm couples a batch's samples, which R1's and WGAN-GP's per-sample gradients must not see.
+    critic_kwargs["batch_norm"] = config.loss == "dcgan" and not config.r1
+    if resize:
+        critic_kwargs["depth"] = 3
+    critic = {"name": "conv_critic", "kwargs": critic_kwargs}
     return generator, critic
 
 
@@ -101,6 +103,10 @@ def train_gan(config: GANTrainConfig) -> Path:
     """Train, writing the checkpoint (EMA generator, raw generator, critic) after every epoch."""
     if config.loss not in LOSSES:
         raise ValueError(f"unknown GAN loss {config.loss!r}; expected one of {', '.join(LOSSES)}")
+    if config.network not in NETWORKS:
+        raise ValueError(f"unknown GAN network {config.network!r}; expected one of {', '.join(NETWORKS)}")
+    if config.r1 < 0:
+        raise ValueError(f"--r1 is a penalty weight, at least 0, not {config.r1}")
     run = TrainingRun.begin(config, "gan", with_test=False)
     if run is None:
         return Path(config.out)
@@ -168,6 +174,8 @@ def train_gan(config: GANTrainConfig) -> Path:
             real_scores, fake_scores = critic(perturb(real)), critic(perturb(fake.detach()))
             if config.loss == "dcgan":
                 critic_loss = discriminator_loss(real_scores, fake_scores, config.label_smoothing)
+                if config.r1:
+                    critic_loss = critic_loss + r1_penalty(critic, perturb(real), config.r1)
             else:
                 critic_loss = wasserstein_critic_loss(real_scores, fake_scores)
                 if config.loss == "wgan-gp":  # on the same (noised) inputs the critic sees

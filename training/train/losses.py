@@ -75,6 +75,14 @@ def gradient_penalty(
     return weight * (grad.flatten(1).norm(dim=1) - 1).pow(2).mean()
 
 
+def r1_penalty(critic: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor, gamma: float) -> torch.Tensor:
+    """gamma / 2 * E[||grad D(x)||^2] on real data only (Mescheder et al. 2018): keeps the discriminator from
+    pushing its gradient up on the data, which is what lets non-saturating GANs converge."""
+    inputs = real.detach().requires_grad_(True)
+    (grad,) = torch.autograd.grad(critic(inputs).sum(), inputs, create_graph=True)
+    return 0.5 * gamma * grad.flatten(1).pow(2).sum(1).mean()
+
+
 def feature_matching_loss(real_features: torch.Tensor, fake_features: torch.Tensor) -> torch.Tensor:
     """||E f(real) - E f(fake)||^2 on critic features (Salimans et al. 2016), added to the generator loss."""
     return (real_features.detach().mean(0) - fake_features.mean(0)).pow(2).sum()
