@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training.commands.quality import DEFAULT_CLASSIFIER, load_classifier, quality_figures
-from training.runtime.draw import draw_samples
+from training.families import draw_samples
 from training.runtime.load import load_model
 from training.sampling.noise import chain_seeds
 from training.sampling.sampler_config import GANSampler

@@ -49,9 +49,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from training.models.cnf import is_velocity_field  # noqa: E402
+from training.families import family_of  # noqa: E402
 from training.runtime.device import SAMPLING_DTYPE_CHOICES, chain_precision, dtype_name, pick_device, sampling_dtype  # noqa: E402
-from training.runtime.draw import sample_ebm, sample_flow, sample_generator  # noqa: E402
+from training.runtime.draw import sample_cnf, sample_ebm, sample_generator  # noqa: E402
 from training.runtime.load import load_model  # noqa: E402
 from training.runtime.loaded import LoadedModel  # noqa: E402
 from training.sampling.sampler_config import EBMSampler  # noqa: E402
@@ -270,8 +270,8 @@ def raw_images_per_second(
         with torch.no_grad():
             if model.config.family == "gan":
                 sample_generator(model, seeds, dtype=dtype)
-            elif is_velocity_field(model.module):  # a CNF: the CLI's ODE from its prior, the checkpoint's steps
-                sample_flow(model, seeds, dtype=dtype)
+            elif family_of(model).name == "cnf":  # a CNF: the CLI's ODE from its prior, the checkpoint's steps
+                sample_cnf(model, seeds, dtype=dtype)
             else:
                 model.module.decode(model.module.base_sample(seeds, 1.0).to(device))
         if device.type == "cuda":
@@ -377,7 +377,7 @@ def main() -> None:
     tolerance = (sampler.tolerance if args.tolerance is None else args.tolerance) if sampler is not None else 0.0
     cpu = platform.processor() or platform.machine()
     gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else "none"
-    cnf_steps = model.sampler.steps if is_velocity_field(model.module) else None  # a CNF's ODE solver steps
+    cnf_steps = model.sampler.steps if family_of(model).name == "cnf" else None  # a CNF's ODE solver steps
     what = "one pass" if one_pass else f"at most {steps} steps, tolerance {tolerance:g}"
     if cnf_steps:
         what = f"{cnf_steps} {model.sampler.solver} ODE steps (the checkpoint's)"

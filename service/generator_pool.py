@@ -6,7 +6,6 @@ CLI's. A CNF is no one-shot sampler: its ODE chains step in service/ode_pool.py.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 
 import torch
@@ -16,9 +15,7 @@ from service.metrics import Metrics
 from service.pools import SamplerPool, evenly_spaced, state_of
 from service.registry import ServedModel
 from service.scheduler import Job
-from training.models.flows import Flow, bits_per_dim
-from training.sampling.noise import chain_seeds, latent_gaussian
-from training.sampling.sampler_config import GANSampler
+from training.sampling.noise import chain_seeds
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +32,8 @@ class GeneratorPool(SamplerPool):
     ) -> None:
         super().__init__(model.name, chain_budget, device, metrics, clock, window_s)
         self.module = model.members[0].module
-        self.shape = model.members[0].shape
         self.data_range = model.members[0].data_range
-        self.gan = model.members[0].sampler_as(GANSampler) if model.family == "gan" else None
+        self.member, self.family = model.members[0], model.kind  # how its family draws in one pass
 
     def job_steps(self, order: SampleOrder) -> int:
         return 1  # one pass of the generator or the flow's inverse
@@ -47,12 +43,7 @@ class GeneratorPool(SamplerPool):
     ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
         """Images [B, *shape] (unclamped) from seeds [B] at temperatures [B, 1], the inverse's intermediate
         states if asked for (flows), and bits/dim (flows, from the same inverse pass)."""
-        if self.gan is not None:
-            return self.module(latent_gaussian(seeds, self.gan.latent_dim).mul(scale).to(self.device)), [], None
-        flow = self.module
-        assert isinstance(flow, Flow)  # a CNF's field runs in its own pool of ODE chains (service/ode_pool.py)
-        images, log_prob, states = flow.decode(flow.base_sample(seeds, scale).to(self.device), keep_states)
-        return images, states, bits_per_dim(log_prob, math.prod(self.shape))
+        return self.family.one_pass(self.member, self.module, seeds, scale, self.device, keep_states)
 
     def step(self) -> None:
         """Run every admitted request through the generator in one batch.
@@ -120,7 +111,7 @@ class GeneratorPool(SamplerPool):
         return answered
 
     def _not_finite(self, order: SampleOrder) -> ChainDiverged:
-        kind = "generator" if self.gan is not None else "flow's inverse"
+        kind = self.family.one_pass_name
         log.warning("%s made non-finite images at temperature %g; answered 422", self.name, order.temperature)
         return ChainDiverged(
             f"{self.name}'s {kind} made images that are not finite (NaN or inf) at temperature "

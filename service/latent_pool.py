@@ -31,9 +31,11 @@ def latent_pool_name(model: ServedModel) -> str:
     return model.pool + LATENT_POOL_SUFFIX
 
 
-def runs_in_latent_pool(order: SampleOrder) -> bool:
-    """Whether an order refines a GAN's latents (steps > 0) rather than asking for one plain pass."""
-    return order.model.family == "gan" and order.steps > 0
+def pool_name(model: ServedModel, kind: str) -> str:
+    """The name of the pool of `kind` (its family's pool kinds) that runs `model`'s requests: a GAN's latent
+    chains ("ddls") run in a pool of their own, every other kind in the pool named after the model (an energy's:
+    after its buffer group)."""
+    return latent_pool_name(model) if kind == "ddls" else model.pool
 
 
 class LatentPool(ChainPool):

@@ -40,7 +40,7 @@ def model_info(model: ServedModel, worker: Worker, store: BufferStore, settings:
         ensemble=config.ensemble,
         sampler=to_dict(model.members[0].sampler),
         classes=model.classes,
-        latent_langevin=model.family == "gan" and model.members[0].critic is not None,
+        latent_langevin="ddls" in model.kind.pools(model.members[0]),
         fields=accepted_fields(model),
         limits={
             "max_n": settings.max_n,

@@ -1,5 +1,6 @@
-"""Request -> order: which fields apply to the model, the server's limits, defaults from the checkpoint's
-sampler config (training/sampling/sampler_config.py; no default is written here), and uploaded images."""
+"""Request -> order: which fields apply to the model and the server's limits, with the refusals and defaults its
+family gives (training/families/; the defaults are the checkpoint's sampler config, none is written here), and
+uploaded images."""
 
 from __future__ import annotations
 
@@ -14,62 +15,42 @@ import torch
 from fastapi import HTTPException
 
 from service.messages import SampleOrder
-from service.ode_pool import runs_ode_chains
 from service.registry import ServedModel
-from service.schemas import CNF_FIELDS, DDLS_FIELDS, EBM_ONLY_FIELDS, SampleRequest
+from service.schemas import SampleRequest
 from service.settings import Settings
-from training.runtime.draw import default_latent_steps
+from training.families import FAMILIES
 from training.runtime.images import decode_image, image_size
-from training.sampling.sampler_config import EBMSampler, FlowSampler, GANSampler
 
 UNSTREAMED_FRAMES = 33  # a GIF or JSON body keeps a trajectory to at most this many frames
 
 
 COMMON_FIELDS = ("model", "n", "seed", "format", "stream")  # what every model reads
 CONDITIONAL_FIELDS = ("label", "guidance")  # of these families, only a class-conditional model reads them
-READERS = (  # each family's fields beyond COMMON_FIELDS and temperature, for a refusal to name who reads one
-    ("EBMs", ("label", *EBM_ONLY_FIELDS)),
-    ("CNFs", ("label", *CNF_FIELDS)),
-    ("GANs with a critic", DDLS_FIELDS),
-)
 
 
 def accepted_fields(model: ServedModel) -> list[str]:
-    """The request fields a model reads beyond COMMON_FIELDS (what /models lists): the Langevin fields for an
-    EBM, the DDLS ones for a GAN with a critic, the ODE's for a CNF; temperature for all; label (and guidance)
-    for a class-conditional energy or CNF."""
-    classes = model.classes is not None
-    if model.family == "ebm":
-        chain_fields = [name for name in EBM_ONLY_FIELDS if classes or name != "guidance"]
-    elif model.family == "gan":
-        chain_fields = list(DDLS_FIELDS) if model.members[0].critic is not None else []
-    elif runs_ode_chains(model):
-        chain_fields = [name for name in CNF_FIELDS if classes or name != "guidance"]
-    else:
-        chain_fields = []
-    return ["temperature", *(["label"] if classes else []), *chain_fields]
+    """The request fields a model reads beyond COMMON_FIELDS (what /models lists), as its family says: the
+    Langevin fields for an EBM, the DDLS ones for a GAN with a critic, the ODE's for a CNF; temperature for all;
+    label (and guidance) for a class-conditional energy or CNF."""
+    return model.kind.request_fields(model.members[0])
+
+
+def _chain_fields() -> list[str]:
+    """Every field some family's chains read, in the order the families list them."""
+    return list(dict.fromkeys(name for family in FAMILIES.values() for name in family.fields))
 
 
 def _readers(name: str) -> str:
     """The families that read a field: 'EBMs, CNFs and GANs with a critic', 'class-conditional EBMs and CNFs'."""
-    families = [family for family, fields in READERS if name in fields]
+    families = [family.readers for family in FAMILIES.values() if family.readers and name in family.fields]
     named = families[0] if len(families) == 1 else f"{', '.join(families[:-1])} and {families[-1]}"
     return f"class-conditional {named}" if name in CONDITIONAL_FIELDS else named
 
 
 def _kind(model: ServedModel) -> str:
     """A model as a refusal describes it: conditional or not, its family, and how it samples."""
-    if model.family == "gan" and model.members[0].critic is not None:
-        kind = "GAN whose critic refines its latent by DDLS"
-    elif model.family == "gan":
-        kind = "GAN saved without its critic, sampled by one generator pass"
-    elif runs_ode_chains(model):
-        kind = "CNF sampled by its ODE"
-    elif model.family == "flow":
-        kind = "flow sampled by one pass of its inverse"
-    else:
-        kind = "EBM"
-    return f"{'a class-conditional' if model.classes is not None else 'an unconditional'} {kind}"
+    conditional = "a class-conditional" if model.classes is not None else "an unconditional"
+    return f"{conditional} {model.kind.describe(model.members[0])}"
 
 
 def _inapplicable(name: str, model: ServedModel) -> str:
@@ -81,41 +62,18 @@ def _inapplicable(name: str, model: ServedModel) -> str:
 def check_applicable(body: SampleRequest, model: ServedModel, settings: Settings) -> None:
     """422 for fields that do not apply to the model's family or exceed the server's limits."""
     classes = model.classes
-    ode, gan = runs_ode_chains(model), model.family == "gan"
-    critic_less = gan and model.members[0].critic is None  # its DDLS fields have a message of their own, below
     accepted = accepted_fields(model)
+    apart = model.kind.refused_apart(model.members[0])  # fields its family refuses with a message of its own
     problems = [
         _inapplicable(name, model)
-        for name in ("label", *EBM_ONLY_FIELDS)
-        if name not in accepted and getattr(body, name) is not None and not (critic_less and name in DDLS_FIELDS)
+        for name in _chain_fields()
+        if name not in accepted and getattr(body, name) is not None and name not in apart
     ]
     if body.label is not None and classes is not None and body.label >= len(classes):
         problems.append(
             f"'label' {body.label} is out of range for {model.name}: 0..{len(classes) - 1} ({', '.join(classes)})"
         )
-    if body.init == "buffer" and model.family == "ebm" and not model.has_buffer:
-        problems.append(f"init 'buffer' needs a replay buffer; {model.name} was trained without one (use 'noise')")
-    if body.init == "buffer" and ode:
-        problems.append(
-            f"init 'buffer' needs a replay buffer; {model.name} is a CNF, started from its prior (use 'noise')"
-        )
-    if ode and body.init == "image" and body.mask is None:
-        problems.append(
-            f"init 'image' for {model.name}, a CNF, completes a masked image: send a 'mask' (white marks the "
-            "pixels to fill in)"
-        )
-    if model.family == "ebm" and body.steps == 0:
-        problems.append(f"'steps' is 0; {model.name} is an EBM, whose chains take at least 1 Langevin step")
-    if ode and body.steps == 0:
-        problems.append(f"'steps' is 0; {model.name} is a CNF, whose ODE takes at least 1 solver step")
-    if critic_less:
-        asked = [name for name in DDLS_FIELDS if getattr(body, name) is not None and (name != "steps" or body.steps)]
-        if asked or requested_steps(body, model):
-            problems.append(
-                f"{', '.join(repr(name) for name in asked) or 'steps'}: {model.name} was saved without its critic, "
-                "so its latents cannot be refined (DDLS runs Langevin steps on ||z||^2/2 - d(G(z)), d the critic); "
-                "leave these out or ask for steps 0"
-            )
+    problems += model.kind.refusals(body, model.members[0], model.name, model.has_buffer)
     if body.init == "image" and body.image is None:
         problems.append("init 'image' needs 'image': a base64 PNG or JPEG")
     if body.image is not None and body.init != "image":
@@ -143,15 +101,7 @@ def requested_steps(body: SampleRequest, model: ServedModel) -> int:
     """The steps a request's chains take: an EBM's Langevin steps, a GAN's DDLS steps (0: one plain pass), a
     CNF's ODE solver steps; 1 for another flow: one pass of its inverse (whose trajectory, when asked for,
     reports the number of states the inverse went through)."""
-    if model.family == "gan":
-        return default_latent_steps(model.members[0]) if body.steps is None else body.steps
-    if runs_ode_chains(model):
-        cnf_steps = model.members[0].sampler_as(FlowSampler).steps
-        assert cnf_steps is not None  # a CNF's sampler names its solver and steps together
-        return body.steps or cnf_steps
-    if model.family != "ebm":
-        return 1
-    return body.steps or model.members[0].sampler_as(EBMSampler).steps
+    return model.kind.requested_steps(model.members[0], body.steps)
 
 
 def frame_limit(settings: Settings, streaming: bool) -> int:
@@ -204,39 +154,8 @@ async def make_order(body: SampleRequest, model: ServedModel, settings: Settings
     if every is None and wants_frames:
         every = max(1, math.ceil(steps / (frame_limit(settings, streaming) - 1)))
     order = functools.partial(SampleOrder, model=model, n=body.n, seed=seed, temperature=temperature, steps=steps)
-    if model.family == "gan" and steps > 0:  # DDLS: Langevin steps on the latent, frames decoded
-        ddls = model.members[0].sampler_as(GANSampler)
-        return order(
-            step_size=_given(body.step_size, ddls.step_size),
-            noise=_given(body.noise, ddls.noise),
-            trajectory_every=every,
-        )
-    if runs_ode_chains(model):  # a CNF: ODE chains from its prior (temperature: the prior's scale)
-        start_image, free_mask = await _start_image(body, model)
-        return order(
-            label=body.label,
-            guidance=_given(body.guidance, model.members[0].sampler_as(FlowSampler).guidance),
-            init=body.init or "noise",
-            trajectory_every=every,
-            start_image=start_image,
-            free_mask=free_mask,
-        )
-    if model.family != "ebm":  # frames are the states of a flow's inverse, thinned evenly (a GAN has one)
-        return order(
-            trajectory_every=1 if wants_frames else None,
-            max_frames=frame_limit(settings, streaming),
-        )
-    sampler = model.members[0].sampler_as(EBMSampler)
-    start_image, free_mask = await _start_image(body, model)
-    return order(
-        step_size=_given(body.step_size, sampler.step_size),
-        noise=_given(body.noise, sampler.noise),
-        momentum=_given(body.momentum, sampler.momentum),
-        label=body.label,
-        guidance=_given(body.guidance, sampler.guidance),
-        tolerance=_given(body.tolerance, sampler.tolerance),
-        init=body.init or sampler.init,
-        trajectory_every=every,
-        start_image=start_image,
-        free_mask=free_mask,
-    )
+    frames = (wants_frames, frame_limit(settings, streaming))
+    fields = model.kind.order_settings(model.members[0], body, steps, every, frames)
+    if model.kind.starts_from_images:
+        fields["start_image"], fields["free_mask"] = await _start_image(body, model)
+    return order(**fields)

@@ -25,6 +25,7 @@ from typing import TypeVar
 import torch
 
 from service.settings import Settings
+from training.families import Family, family_of
 from training.runtime.buffer_names import group_digest, model_digest
 from training.runtime.checkpoint import CheckpointError, check_name
 from training.runtime.draw import pooled_buffer
@@ -72,6 +73,11 @@ class ServedModel:
     @property
     def config(self):
         return self.members[0].config
+
+    @property
+    def kind(self) -> Family:
+        """Its family (training/families/): the fields its requests read, its pools, how it describes itself."""
+        return family_of(self.members[0])
 
     @property
     def classes(self) -> list[str] | None:
@@ -220,11 +226,12 @@ def assemble(files: Mapping[str, LoadedFile], refused: Mapping[str, str] | None 
         if model.name in registry.models:  # a program and a checkpoint of one name: the checkpoint is served
             registry.refused[loaded.file] = f"{model.name} is served from another file; rename one of the two"
             continue
-        family = model.config.family
-        registry.models[model.name] = ServedModel(
-            model.name, family, [model], version=loaded.version, pool_version=loaded.version, loaded_at=loaded.loaded_at
+        version, family = loaded.version, model.config.family
+        served = ServedModel(
+            model.name, family, [model], version=version, pool_version=version, loaded_at=loaded.loaded_at
         )
-        if family == "ebm":
+        registry.models[model.name] = served
+        if served.kind.keeps_buffers:  # energies share replay buffers in groups (an ensemble, or one alone)
             groups.setdefault(model.config.ensemble or model.name, []).append(loaded)
     for group_name, members in groups.items():
         names = [member.model.name for member in members]

@@ -91,25 +91,6 @@ def field_limits() -> dict[str, dict[str, float]]:
     return limits
 
 
-# Fields that only chains read (an EBM reads them all); for a GAN, `temperature` scales the latent instead, and
-# those of DDLS_FIELDS drive Langevin steps on its latent when its checkpoint saved the critic; a CNF's ODE
-# chains read those of CNF_FIELDS (guidance when it is class-conditional), a one-pass flow none.
-DDLS_FIELDS = ("steps", "step_size", "noise", "trajectory_every")
-CNF_FIELDS = ("steps", "guidance", "init", "image", "mask", "trajectory_every")
-EBM_ONLY_FIELDS = (
-    "steps",
-    "step_size",
-    "noise",
-    "momentum",
-    "guidance",
-    "tolerance",
-    "init",
-    "image",
-    "mask",
-    "trajectory_every",
-)
-
-
 class Timings(BaseModel):
     queue_ms: float
     run_ms: float

@@ -33,10 +33,10 @@ from service.buffer_store import BufferBudget, BufferStore
 from service.chain_pool import ChainPool
 from service.generator_pool import GeneratorPool
 from service.langevin_pool import LangevinPool
-from service.latent_pool import LatentPool, latent_pool_name, runs_in_latent_pool
+from service.latent_pool import LatentPool, pool_name
 from service.messages import Deliver, FrameSink, Handle, Order, QueueFull, ScoreOrder, WorkerFailure
 from service.metrics import Metrics
-from service.ode_pool import OdePool, runs_ode_chains
+from service.ode_pool import OdePool
 from service.pool_set import PoolPlan, PoolSet
 from service.pools import SamplerPool
 from service.registry import VERSION_CHARS, BufferGroup, Registry, ServedModel, refusal
@@ -113,21 +113,18 @@ class Worker:
         wanted: dict[str, PoolPlan] = {}
         for name, group in registry.groups.items():
             wanted[name] = (f"{name}@{group.digest[:VERSION_CHARS]}", functools.partial(self._langevin_pool, group))
-        for name, model in registry.models.items():
-            if runs_ode_chains(model):  # a CNF: ODE chains stepped like Langevin chains
-                wanted[name] = (model.pool_key, functools.partial(self._ode_pool, model))
-            elif model.family in ("gan", "flow"):
-                wanted[name] = (model.pool_key, functools.partial(self._generator_pool, model))
-            if model.family == "gan" and model.members[0].critic is not None:  # DDLS chains
-                wanted[latent_pool_name(model)] = (model.pool_key, functools.partial(self._latent_pool, model))
+        builders = {"ode": self._ode_pool, "one_pass": self._generator_pool, "ddls": self._latent_pool}
+        for model in registry.models.values():
+            for kind in model.kind.pools(model.members[0]):  # "langevin": its buffer group's pool, above
+                if kind in builders:
+                    wanted[pool_name(model, kind)] = (model.pool_key, functools.partial(builders[kind], model))
             if self._scores(model):  # POST /score: its inputs' energies, likelihoods or critic values
                 wanted[score_pool_name(model)] = (model.pool_key, functools.partial(self._score_pool, model))
         return wanted
 
     def _pools_of(self, model: ServedModel) -> set[str]:
         """The names of the pools `model`'s requests run in (_wanted_pools)."""
-        ddls = model.family == "gan" and model.members[0].critic is not None
-        pools = {model.pool, latent_pool_name(model)} if ddls else {model.pool}
+        pools = {pool_name(model, kind) for kind in model.kind.pools(model.members[0])}
         return pools | ({score_pool_name(model)} if self._scores(model) else set())
 
     def _build(self, registry: Registry) -> tuple[Registry, dict[str, PoolPlan], dict[str, SamplerPool]]:
@@ -249,7 +246,7 @@ class Worker:
         if isinstance(order, ScoreOrder):
             name = score_pool_name(order.model)
         else:
-            name = latent_pool_name(order.model) if runs_in_latent_pool(order) else order.model.pool
+            name = pool_name(order.model, order.model.kind.pool_for(order.model.members[0], order.steps))
         handle = Handle(deadline)
         with self._inbox_lock:  # checked under the lock the last drain takes: no job is left unanswered
             if self._stop.is_set() or self.stopped_by is not None or (self._thread and not self._thread.is_alive()):

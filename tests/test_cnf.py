@@ -16,10 +16,10 @@ import torch
 from conftest import write_tiny_flow
 
 from training.commands.cli import build_parser, main
+from training.families import draw_samples
 from training.models.cnf import MLPVelocity, UNetVelocity, guided_velocity
 from training.models.energy_unet import UNetEnergy
 from training.runtime.checkpoint import load_checkpoint
-from training.runtime.draw import draw_samples
 from training.runtime.load import load_model
 from training.sampling.likelihood import cnf_bits_per_dim
 from training.sampling.noise import chain_seeds

@@ -9,8 +9,9 @@ import pytest
 import torch
 from conftest import write_tiny_gan
 
+from training.families import draw_samples
 from training.runtime.checkpoint import load_checkpoint, save_checkpoint
-from training.runtime.draw import draw_samples, latent_energy, sample_generator
+from training.runtime.draw import latent_energy, sample_generator
 from training.runtime.load import load_model
 from training.sampling.ddls import LatentEnergy, refine_latents, start_latents
 from training.sampling.noise import chain_seeds

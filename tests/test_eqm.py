@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from training.commands.cli import main
+from training.families import draw_samples
 from training.models.energy_unet import UNetEnergy
 from training.runtime.checkpoint import load_checkpoint
-from training.runtime.draw import draw_samples
 from training.runtime.load import load_model
 from training.sampling.noise import chain_seeds
 

@@ -21,8 +21,8 @@ from torch import nn
 
 from service.settings import Settings
 from training.commands.cli import main
+from training.families import draw_samples
 from training.runtime.checkpoint import CheckpointError
-from training.runtime.draw import draw_samples
 from training.runtime.exported import load_exported, read_program
 from training.runtime.load import load_model
 from training.sampling.noise import chain_seeds

@@ -241,8 +241,8 @@ def test_every_flow_trains_on_toy_2d_data_with_default_settings(arch: str, tmp_p
 def test_flow_training_writes_a_checkpoint_with_test_bits_per_dim_and_resumes(arch: str, tmp_path, idx_dir) -> None:
     from training.commands.cli import build_parser
     from training.commands.flags import config_from
+    from training.families import draw_samples
     from training.runtime.checkpoint import load_checkpoint
-    from training.runtime.draw import draw_samples
     from training.runtime.load import load_model
     from training.sampling.noise import chain_seeds
     from training.train.flow import train_flow

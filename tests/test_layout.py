@@ -11,7 +11,9 @@ import sys
 
 from import_graph import read_graph
 
-SHARED_WINGS = ("training.sampling", "training.models", "training.runtime")  # what service/ may import
+# What service/ may import: training/families/ too, since the server asks a model's family what its requests read
+# and how it draws (the family modules import no service/ code and nothing of training's train or commands).
+SHARED_WINGS = ("training.sampling", "training.models", "training.runtime", "training.families")
 MAX_LINES = 400  # outside training/models/, where an architecture may take more
 # Imports inside functions, each with why: an optional dependency kept optional, or work deferred on purpose.
 FUNCTION_LEVEL_ALLOWED = {

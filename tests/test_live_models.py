@@ -34,9 +34,9 @@ from service.schemas import SampleRequest
 from service.served_models import ServedModels
 from service.settings import Settings
 from service.worker import Worker
+from training.families import draw_samples
 from training.runtime.checkpoint import atomic_write_bytes
 from training.runtime.device import sampling_dtype
-from training.runtime.draw import draw_samples
 from training.runtime.load import load_model
 from training.sampling.noise import chain_seeds
 

@@ -17,8 +17,8 @@ from service.buffer_store import BufferStore
 from service.metrics import Metrics
 from service.registry import load_registry
 from service.worker import Worker
+from training.families import draw_samples
 from training.runtime.device import sampling_dtype
-from training.runtime.draw import draw_samples
 from training.sampling.noise import chain_seeds
 
 CPU = torch.device("cpu")

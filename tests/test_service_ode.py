@@ -26,7 +26,8 @@ from service.metrics import Metrics
 from service.registry import Registry, ServedModel, load_registry
 from service.settings import Settings
 from service.worker import Worker
-from training.runtime.draw import cnf_prior, draw_samples, sample_flow
+from training.families import draw_samples
+from training.runtime.draw import cnf_prior, sample_cnf
 from training.runtime.images import decode_image
 from training.runtime.load import load_model
 from training.sampling.noise import chain_seeds
@@ -94,7 +95,7 @@ def cli_samples(path: Path, seed: int, n: int, **options) -> torch.Tensor:
     model = load_model(path)
     if "guidance" in options:
         model.sampler = dataclasses.replace(model.sampler, guidance=options.pop("guidance"))
-    return sample_flow(model, chain_seeds(seed, n), **options)
+    return sample_cnf(model, chain_seeds(seed, n), **options)
 
 
 def test_a_seeded_cnf_chain_is_the_same_alone_batched_beside_others_and_in_the_cli(bench: Bench, tmp_path) -> None:

@@ -16,22 +16,22 @@ from training.commands.quality import (
     EVALUATED_DATASETS,
     SECOND_ARCH,
     classifier_path,
-    gan_record_key,
     load_classifier,
     quality_figures,
     real_data_floor,
 )
-from training.commands.sample import chain_steps_of, draw_with_progress, labels_for, override_sampler
+from training.commands.sample import draw_with_progress, labels_for
+from training.families import Family, family_of
 from training.models.flows import Flow
 from training.models.iresnet import EVALUATION_SERIES_TERMS, InverseConvergence, IResNet
 from training.runtime.checkpoint import load_checkpoint, save_checkpoint
 from training.runtime.device import dtype_name, pick_device, sampling_dtype, use_threads
-from training.runtime.draw import chain_labels, default_latent_steps
+from training.runtime.draw import chain_labels
 from training.runtime.load import load_model
 from training.runtime.loaded import LoadedModel
 from training.sampling.likelihood import DEFAULT_ATOL, DEFAULT_PROBES, DEFAULT_RTOL, cnf_bits_per_dim
 from training.sampling.noise import chain_seeds
-from training.sampling.sampler_config import EBMSampler, FlowSampler, GANSampler
+from training.sampling.sampler_config import FlowSampler
 from training.train.data import load_dataset
 from training.train.flow import dataset_bits_per_dim
 from training.train.progress import progress
@@ -41,14 +41,21 @@ LIKELIHOOD_FLAGS = {"ode_rtol": "--ode-rtol", "ode_atol": "--ode-atol", "probes"
 LIKELIHOOD_FLAGS |= {"exact_trace": "--exact-trace", "likelihood_n": "--likelihood-n"}
 
 
-def check_likelihood_flags(args: argparse.Namespace, model: LoadedModel, ode: bool) -> None:
+def _log_det(model: LoadedModel, family: Family, none: str) -> str:
+    """How a refusal of a log-det flag describes the model: a flow whose log-det is exact, or `none` said of
+    another family."""
+    if family.exact_log_det:
+        return f"{model.config.arch.get('name')} flow, whose log-det is exact"
+    return f"{model.config.family}{none}"
+
+
+def check_likelihood_flags(args: argparse.Namespace, model: LoadedModel, family: Family) -> None:
     """Refuse, before any sampling, likelihood flags that would be ignored: given for a model without an ODE,
     or Hutchinson's probes beside the exact trace that replaces them."""
     given = [flag for name, flag in LIKELIHOOD_FLAGS.items() if getattr(args, name) is not None]
-    if given and not ode:
-        family = model.config.family
-        what = f"a {model.config.arch.get('name')} flow, whose log-det is exact" if family == "flow" else family
-        what += "" if family == "flow" else " model, which has no likelihood here"
+    if given and family.likelihood != "ode":
+        what = _log_det(model, family, " model, which has no likelihood here")
+        what = f"a {what}" if family.exact_log_det else what
         raise ValueError(f"{', '.join(given)} set a CNF's likelihood solve; {model.name} is {what}")
     if args.exact_trace and args.probes is not None:
         raise ValueError("--probes sets Hutchinson's estimate and --exact-trace replaces it: give one of them")
@@ -86,7 +93,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
     members = [load_model(path, device) for path in args.checkpoint]
     model = members[0]
-    ode = isinstance(model.sampler, FlowSampler) and model.sampler.solver is not None  # a CNF
+    family = family_of(model)
     stated = model.config.data.get("dataset")
     dataset = stated if stated in EVALUATED_DATASETS else "mnist"  # a model from elsewhere: compared with MNIST
     if model.shape != (1, 28, 28):  # before any data is read: the refusal is the answer
@@ -97,65 +104,34 @@ def run_evaluate(args: argparse.Namespace) -> None:
             "for it"
         )
     if args.series_terms is not None and model.config.arch.get("name") != "iresnet":  # before any sampling
-        family = model.config.family
-        why = f"{model.config.arch.get('name')} flow, whose log-det is exact" if family == "flow" else family
-        why += "" if family == "flow" else ", which has no log-det"
+        why = _log_det(model, family, ", which has no log-det")
         raise ValueError(f"--series-terms sets the i-ResNet's log-det power series; {model.name} is a {why}")
-    check_likelihood_flags(args, model, ode)
+    check_likelihood_flags(args, model, family)
     classifier = load_classifier(args.classifier or classifier_path(dataset), device)
     second_path = args.second_classifier or classifier_path(dataset, SECOND_ARCH)
     second = None if str(second_path) == "none" else load_classifier(second_path, device)
     test = load_dataset(dataset, args.data_dir, "test")
     train = load_dataset(dataset, args.data_dir, "train")
     generator = torch.Generator().manual_seed(args.seed)
-    override_sampler(members, args)
+    family.override_sampler(members, args)
     seeds = chain_seeds(args.seed, args.n)
     # The labels chains are drawn with (asked for, or each chain's seeded class): label accuracy is reported.
-    # Chains from a replay buffer keep their slot's class unless one is asked for.
-    labels = labels_for(args.label, args.n, model) if model.config.family == "ebm" or ode else None
-    if (model.config.family == "ebm" and args.init != "buffer") or ode:
+    asked, seeded = family.evaluates_labels(args.init)
+    labels = labels_for(args.label, args.n, model) if asked else None
+    if seeded:
         labels = chain_labels(model, seeds, labels)
     description = f"evaluate {model.name}: {args.n} samples"
-    tolerance = model.sampler.tolerance if isinstance(model.sampler, EBMSampler) else 0.0
-    chain_steps = torch.zeros(args.n, dtype=torch.int64) if tolerance else None  # what each stopped chain ran
+    stops = family.chain_tolerance(model)
+    chain_steps = torch.zeros(args.n, dtype=torch.int64) if stops else None  # what each stopped chain ran
     samples = draw_with_progress(
         members, seeds, args, generator, labels, args.batch, description, args.init, chain_steps=chain_steps
     )
     print(f"evaluate {model.name}: classifier features, Frechet distance, precision/recall", file=sys.stderr)
-    steps = args.steps or (model.sampler.steps if isinstance(model.sampler, EBMSampler) else None)
-    ebm_sampler_report: dict[str, Any] = {"init": args.init, "steps": steps, "n": args.n}
-    if isinstance(model.sampler, EBMSampler):
-        ebm_sampler_report.update(step_size=model.sampler.step_size, noise=model.sampler.noise)
-        if chain_steps is not None:  # steps is then the most a chain ran; the gradient steps each ran:
-            ran = chain_steps.double()
-            ebm_sampler_report.update(
-                tolerance=tolerance,
-                mean_steps=round(float(ran.mean()), 1),
-                p95_steps=int(ran.quantile(0.95)),
-                max_chain_steps=int(ran.max()),
-            )
-        if model.classes is not None:
-            ebm_sampler_report["guidance"] = model.sampler.guidance
-    if args.label is not None:
-        ebm_sampler_report["label"] = args.label
+    sampler_report = family.sampler_report(model, args, chain_steps)
     # A random test subset (the first MNIST test images are the easier half), the same for every model.
     test_order = torch.randperm(len(test.images), generator=torch.Generator().manual_seed(args.seed + 1))
     reference = test.images[test_order[: args.n]]
-    sampler_report = ebm_sampler_report if model.config.family == "ebm" else {"n": args.n}
-    if isinstance(model.sampler, FlowSampler) and model.sampler.steps is not None:  # a CNF: its ODE solver
-        sampler_report.update(
-            steps=model.sampler.steps if args.steps is None else args.steps,
-            solver=model.sampler.solver,
-            temperature=model.sampler.temperature,
-            **({"guidance": model.sampler.guidance} if model.classes is not None else {}),
-            **({"label": args.label} if args.label is not None else {}),
-        )
-    if isinstance(model.sampler, GANSampler):
-        ddls_steps = default_latent_steps(model) if args.steps is None else args.steps
-        sampler_report.update(steps=ddls_steps)
-        if ddls_steps:
-            sampler_report.update(step_size=model.sampler.step_size, noise=model.sampler.noise)
-    if chain_steps_of(model, args.steps):
+    if family.chain_steps(model, args.steps):
         sampler_report["sampling_dtype"] = dtype_name(sampling_dtype(args.sampling_dtype, device))
     model_figures: dict[str, Any] = quality_figures(classifier, reference, samples, labels).report()
     floor = real_data_floor(classifier, reference, train.images, args.n, torch.Generator().manual_seed(args.seed + 2))
@@ -178,9 +154,9 @@ def run_evaluate(args: argparse.Namespace) -> None:
             for key in ("frechet_distance", "precision", "recall", "label_accuracy")
             if key in confirmed
         } | {"floor_frechet_distance": second_floor["frechet_distance"]}
-    if model.config.family == "flow":
+    if family.likelihood:
         flow = cast(Flow, model.module)  # nice, glow or iresnet: Flows; a CNF's field is not one
-        if ode:
+        if family.likelihood == "ode":
             likelihood_n = LIKELIHOOD_IMAGES if args.likelihood_n is None else args.likelihood_n
             if likelihood_n:  # the subset starts with the reference images, the same for every model
                 likelihood = cnf_test_likelihood(model, test.images[test_order[:likelihood_n]], args, device)
@@ -212,7 +188,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
             model_figures["series_terms_trained"] = flow.series_terms
             flow.series_terms = EVALUATION_SERIES_TERMS if args.series_terms is None else args.series_terms
             model_figures["series_terms"] = flow.series_terms
-        if not ode:
+        if family.likelihood == "exact":
             print(f"evaluate {model.name}: test bits/dim of all {len(test.images)} test images", file=sys.stderr)
             model_figures["test_bits_per_dim"] = round(dataset_bits_per_dim(flow, test, 500, device, seed=args.seed), 4)
     if args.ood_data is not None:  # the first checkpoint's OOD score: its test images against another set's
@@ -220,19 +196,14 @@ def run_evaluate(args: argparse.Namespace) -> None:
         model_figures["ood"] = report["ood"] = ood_against(model, test.images, args.ood_data, args.ood_n, device)
     print(json.dumps(report, indent=2))
     if args.record:
-        key = "evaluate" if model.config.family != "ebm" else f"evaluate_{args.init}"
+        key = family.evaluate_key(args.init)
         if args.label is not None:
             key += f"_label_{args.label}"
         if args.noise is not None:  # a noisier (long-run) check never overwrites the default figures
             key += f"_noise_{args.noise}"
         if len(members) > 1:
             key = f"evaluate_ensemble_{args.init}"  # the same figures go into every member
-        if isinstance(model.sampler, GANSampler):  # DDLS steps other than the checkpoint's own are named
-            key = gan_record_key(key, sampler_report["steps"], default_latent_steps(model))
-        if ode and args.steps is not None and args.steps != model.sampler.steps:  # a CNF at other ODE steps
-            key += f"_steps_{args.steps}"
-        if ode and args.guidance is not None:
-            key += f"_guidance_{args.guidance}"
+        key = family.record_key(key, model, args, sampler_report)  # its steps or guidance, where not the defaults
         for path in args.checkpoint:
             checkpoint = load_checkpoint(path)
             checkpoint.config.metrics[key] = {

@@ -9,7 +9,6 @@ confirming what the first reads. Figures are comparable within this project, not
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -37,14 +36,6 @@ def classifier_path(dataset: str = "mnist", arch: str = "digit_classifier") -> P
 
 
 DEFAULT_CLASSIFIER = classifier_path()
-STEPS_SUFFIX = re.compile(r"_steps_\d+")
-
-
-def gan_record_key(key: str, steps: int, default_steps: int) -> str:
-    """Where `evaluate --record` files a GAN's figures drawn with `steps` DDLS steps: `key` with `_steps_S` right
-    after "evaluate" when S is not the checkpoint's default (any steps suffix it had is replaced)."""
-    rest = STEPS_SUFFIX.sub("", key, count=1).removeprefix("evaluate")
-    return "evaluate" + ("" if steps == default_steps else f"_steps_{steps}") + rest
 
 
 def load_classifier(path: str | Path = DEFAULT_CLASSIFIER, device: torch.device | str = "cpu") -> FeatureClassifier:

@@ -14,9 +14,9 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from training.commands.quality import gan_record_key
+from training.families import family_named
 from training.runtime.checkpoint import load_checkpoint, save_checkpoint
-from training.sampling.sampler_config import SAMPLERS, VERSION_KEY, GANSampler, sampler_for, to_dict
+from training.sampling.sampler_config import SAMPLERS, VERSION_KEY, SamplerConfig, sampler_for, to_dict
 
 # Fields a checkpoint's training fixed: the generator's latent size, what the run recorded, the prior an EqM
 # energy was trained against.
@@ -68,18 +68,11 @@ def parse_assignments(family: str, words: list[str]) -> dict[str, Any]:
 
 def _pinned(key: str, family: str, record: dict[str, Any]) -> set[str]:
     """The sampler fields a record does not depend on the defaults for, whatever they say."""
-    pinned = {"init"} if family == "ebm" else set()  # evaluate_noise, evaluate_buffer
-    if "_noise_" in key:
-        pinned.add("noise")
-    if family == "gan":
-        pinned.add("steps")  # its figures say the steps; the key follows the defaults (re-keyed below)
-        if record.get("steps") == 0:
-            pinned |= {"step_size", "noise"}  # a plain generator pass uses neither
-    return pinned
+    return family_named(family).pinned(key, record) | ({"noise"} if "_noise_" in key else set())
 
 
 def carry_records(
-    metrics: dict[str, Any], family: str, changed: set[str], new_steps: int | None
+    metrics: dict[str, Any], family: str, changed: set[str], new: SamplerConfig
 ) -> tuple[dict[str, Any], list[str]]:
     """The metrics with evaluate's records kept, re-keyed or dropped for the changed defaults; the dropped keys."""
     kept: dict[str, Any] = {}
@@ -91,9 +84,7 @@ def carry_records(
         if changed - _pinned(key, family, value):
             dropped.append(key)
             continue
-        if family == "gan" and new_steps is not None and "steps" in value:
-            key = gan_record_key(key, int(value["steps"]), new_steps)
-        kept[key] = value
+        kept[family_named(family).rekeyed(key, value, new, changed)] = value
     return kept, dropped
 
 
@@ -112,12 +103,8 @@ def set_sampler(path: Path, words: list[str]) -> tuple[dict[str, tuple[Any, Any]
         for name in new_values
         if name != VERSION_KEY and new_values[name] != old_values[name]
     }
-    if isinstance(new, GANSampler) and new.steps and "critic" not in checkpoint.extras:
-        raise ValueError(
-            f"{path} was saved without its critic, so it cannot refine latents by DDLS: its default steps stay 0"
-        )
-    new_steps = new.steps if isinstance(new, GANSampler) and "steps" in changes else None
-    checkpoint.config.metrics, dropped = carry_records(checkpoint.config.metrics, family, set(changes), new_steps)
+    family_named(family).check_new_sampler(new, checkpoint, str(path))
+    checkpoint.config.metrics, dropped = carry_records(checkpoint.config.metrics, family, set(changes), new)
     checkpoint.config.sampler = new_values
     save_checkpoint(path, checkpoint)
     return changes, dropped

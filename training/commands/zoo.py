@@ -33,6 +33,7 @@ import torch
 
 from training.commands.flags import TRAINER_CONFIGS, trainer_parser
 from training.commands.ship_paths import portable_record
+from training.families import family_named
 from training.runtime.checkpoint import (
     ModelConfig,
     atomic_write_bytes,
@@ -234,8 +235,9 @@ def evaluations(checkpoints: Path, shipped: list[Path], old_metrics: dict[Path, 
         config = read_config(path)
         metrics = old_metrics.get(path) or {}
         keys = [key for key in sorted(metrics) if key.startswith("evaluate")]
+        family = family_named(config.family)
         if not keys:
-            keys = [f"evaluate_{config.sampler.get('init', 'noise')}" if config.family == "ebm" else "evaluate"]
+            keys = [family.evaluate_key(config.sampler.get("init", "noise"))]
         for key in keys:
             figures = metrics.get(key, {})
             files = [str(path)]
@@ -248,16 +250,9 @@ def evaluations(checkpoints: Path, shipped: list[Path], old_metrics: dict[Path, 
                     for p in sorted(checkpoints.glob("*.safetensors"))
                     if read_config(p).ensemble == config.ensemble
                 ]
-            words = [*files, "--record"]
-            if config.family == "ebm":
-                init = key.removeprefix("evaluate_ensemble_").removeprefix("evaluate_").partition("_label_")[0]
-                words += ["--init", init]
-                if figures.get("steps"):
-                    words += ["--steps", str(figures["steps"])]
+            words = [*files, "--record", *family.evaluation_words(key, figures)]
             if "_label_" in key:
                 words += ["--label", key.partition("_label_")[2]]
-            if config.family == "gan" and "_steps_" in key:  # DDLS figures at other than the default steps
-                words += ["--steps", key.partition("_steps_")[2]]
             if figures.get("n") and figures["n"] != 2000:
                 words += ["--n", str(figures["n"])]
             commands.append(words)

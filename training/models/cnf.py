@@ -118,8 +118,3 @@ def guided_velocity(
         return conditional.index_copy(0, guided, mixed.to(conditional.dtype))
 
     return field
-
-
-def is_velocity_field(module: nn.Module) -> bool:
-    """Whether a flow checkpoint's module is a CNF's field (sampled by an ODE) rather than an invertible flow."""
-    return isinstance(module, (UNetVelocity, MLPVelocity))

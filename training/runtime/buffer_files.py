@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from training.families import family_of
 from training.runtime.buffer_names import buffer_file_name, group_digest, model_digest, saved_buffer_paths
 from training.runtime.checkpoint import CheckpointError, max_buffer_capacity, read_metadata, read_model_file
 from training.runtime.exported import PROGRAM_SUFFIX, SIDECAR_SUFFIX, read_sidecar
@@ -293,7 +294,7 @@ def _ensemble_of(path: Path) -> str | None:
     try:
         if path.suffix == PROGRAM_SUFFIX:
             config = read_sidecar(path.with_suffix(SIDECAR_SUFFIX))
-            return config.ensemble if config.family == "ebm" else None
+            return config.ensemble  # the sidecar's schema gives an ensemble to energies only
         raw = json.loads(read_metadata(read_model_file(path, path.parent), str(path)).get("config", "{}"))
     except (CheckpointError, json.JSONDecodeError, OSError, ValueError, RecursionError):
         return None  # the server refuses such a file too
@@ -319,7 +320,7 @@ def load_server_buffer(
     read as the server reads it (every shard pooled) without changing anything there; and the files read."""
     state_dir = Path(state_dir)
     first = members[0]
-    if first.config.family != "ebm":
+    if not family_of(first).keeps_buffers:
         raise ValueError(f"--state-dir: {first.name} is a {first.config.family} model; only EBMs have replay buffers")
     if not any(member.has_replay_buffer for member in members):
         raise ValueError(f"--state-dir: {first.name} was trained without a replay buffer; a server keeps none for it")

@@ -30,9 +30,10 @@ from training.runtime.stated import check_name as check_name
 from training.runtime.stated import check_stated as check_stated
 from training.runtime.stated import first_line as first_line
 from training.runtime.stated import parse_json as parse_json
+from training.sampling.sampler_config import SAMPLERS
 
 SCHEMA_VERSION = 1
-SAMPLED_FAMILIES = ("ebm", "gan", "flow")  # what sample, evaluate, export, the zoo and the server draw from
+SAMPLED_FAMILIES = tuple(SAMPLERS)  # ebm, gan, flow: what sample, evaluate, the zoo and the server draw from
 FAMILIES = (*SAMPLED_FAMILIES, "classifier")
 WEIGHTS_GROUP = "weights"
 MAX_MODEL_BYTES = 512 * 1024 * 1024  # the largest model file read (service/settings.py's max_model_bytes default)

@@ -1,12 +1,12 @@
-"""Drawing samples from a loaded model, one entry per family; the CLI's `sample` and `evaluate` and the
-server's pools draw through these (the server steps the same Langevin, DDLS and ODE updates in batches)."""
+"""Drawing samples from a loaded model, one function per way of sampling; each family (training/families/) draws
+through one of them, and the server's pools step the same Langevin, DDLS and ODE updates in batches."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from training.models.cnf import guided_velocity, is_velocity_field
+from training.models.cnf import guided_velocity
 from training.models.flows import Flow
 from training.runtime.device import chain_precision
 from training.runtime.loaded import LoadedModel
@@ -89,7 +89,7 @@ def integrate_cnf(
     return integrate(velocity, start, sampler.steps if steps is None else steps, sampler.solver, callback)
 
 
-def sample_flow(
+def sample_cnf(
     model: LoadedModel,
     seeds: torch.Tensor,
     temperature: float | None = None,
@@ -98,80 +98,32 @@ def sample_flow(
     callback: OdeCallback | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Flow samples [B, *shape] in the data range: the inverse of the module's own base at temperature T, or
-    for a CNF the ODE from its Gaussian prior (`steps`, `labels`, `callback` and the steps' `dtype` apply to a
-    CNF only: an exact inverse is one float32 pass, as the server's)."""
-    sampler = model.sampler_as(FlowSampler)
-    if is_velocity_field(model.module):
-        model.check_labels(labels)
-        labels = chain_labels(model, seeds, labels)
-        with chain_precision(next(model.module.parameters()).device, dtype):
-            x = integrate_cnf(model.module, seeds, model.shape, sampler, labels, temperature, steps, callback)
-        return x.clamp(*model.data_range)
-    if labels is not None:
-        raise ValueError(f"{model.name} is not class-conditional; it takes no label")
+    """A CNF's samples [B, *shape] in the data range: the ODE from its Gaussian prior at temperature T, `steps`
+    solver steps (default: the checkpoint's) computed in `dtype`, each chain of its label or seeded class."""
+    model.check_labels(labels)
+    labels = chain_labels(model, seeds, labels)
+    with chain_precision(next(model.module.parameters()).device, dtype):
+        x = integrate_cnf(
+            model.module, seeds, model.shape, model.sampler_as(FlowSampler), labels, temperature, steps, callback
+        )
+    return x.clamp(*model.data_range)
+
+
+def sample_flow(model: LoadedModel, seeds: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
+    """Flow samples [B, *shape] in the data range: the inverse of the module's own base at temperature T, one
+    float32 pass, as the server's."""
     flow = model.module
-    assert isinstance(flow, Flow)
+    assert isinstance(flow, Flow)  # a CNF's field is sampled by `sample_cnf`
     device = next(flow.parameters()).device
-    scale = sampler.temperature if temperature is None else temperature
+    scale = model.sampler_as(FlowSampler).temperature if temperature is None else temperature
     with torch.no_grad():
         return flow.inverse(flow.base_sample(seeds, scale).to(device))[0].clamp(*model.data_range)
-
-
-def draw_samples(
-    model: LoadedModel | list[LoadedModel],
-    seeds: torch.Tensor,
-    steps: int | None = None,
-    init: str | None = None,
-    generator: torch.Generator | None = None,
-    callback: StepCallback | None = None,
-    labels: torch.Tensor | None = None,
-    buffer: ReplayBuffer | None = None,
-    chain_steps: torch.Tensor | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """One entry point for every family, used by the `sample` and `evaluate` commands: one sample per
-    chain seed [B] (see `training.sampling.noise.chain_seeds`), drawn as the server draws it. `labels` [B] pick
-    the class of each chain of a class-conditional EBM. The steps of chains (Langevin, DDLS, ODE) compute in
-    `dtype` (training/runtime/device.py `chain_precision`), one-shot passes in float32, as in the server.
-
-    A list of EBM checkpoints of one ensemble samples as the server samples the ensemble: chains move
-    under the members in turn and start from their pooled buffers, or from `buffer` when given (the one
-    a server saved: `load_server_buffer`). `generator` draws buffer slots only. For an EBM, `chain_steps` [B],
-    when given, is filled with the steps each chain ran (fewer than `steps` where its tolerance stopped it).
-    """
-    members = model if isinstance(model, list) else [model]
-    first = members[0]
-    if len(members) > 1:
-        ensembles = {member.config.ensemble for member in members}
-        if first.config.family != "ebm" or len(ensembles) != 1 or None in ensembles:
-            raise ValueError(
-                "several checkpoints are sampled together only as EBMs of one declared ensemble; "
-                f"got {', '.join(f'{m.name} ({m.config.family}, {m.config.ensemble})' for m in members)}"
-            )
-    if labels is not None and first.config.family == "gan":
-        raise ValueError(f"{first.name} is a {first.config.family} model; it takes no label")
-    if first.config.family == "ebm":
-        with chain_precision(next(first.module.parameters()).device, dtype):
-            return sample_ebm(members, seeds, steps, init, generator, callback, labels, buffer, chain_steps)
-    if first.config.family == "gan":
-        decoded = None
-        if callback is not None:  # DDLS steps report the images their latents decode to
-
-            def decoded(step: int, z: torch.Tensor, energy: torch.Tensor) -> None:
-                with torch.no_grad(), torch.autocast(z.device.type, enabled=False):  # frames: float32 passes
-                    callback(step, first.module(z).clamp(*first.data_range), energy)
-
-        return sample_generator(first, seeds, steps=steps, callback=decoded, dtype=dtype).clamp(*first.data_range)
-    if first.config.family == "flow":
-        return sample_flow(first, seeds, steps=steps, labels=labels, callback=callback, dtype=dtype)
-    raise ValueError(f"sampling {first.config.family} checkpoints is not supported yet")
 
 
 def buffer_capacity(members: list[LoadedModel]) -> int:
     """The replay-buffer slots an EBM (or ensemble) asks for: its sampler's `buffer_capacity`, else the largest
     buffer its checkpoints saved, or all their samples if more (an exported energy's: its sidecar's, or
-    exported.REPLAY_CAPACITY)."""
+    families/energy.py REPLAY_CAPACITY)."""
     wanted = members[0].sampler_as(EBMSampler).buffer_capacity
     states = [member.extras["replay_buffer"] for member in members if member.has_replay_buffer]
     saved = max([int(state["capacity"]) for state in states], default=8192)
@@ -192,8 +144,7 @@ def chain_labels(model: LoadedModel, seeds: torch.Tensor, labels: torch.Tensor |
     """The class each chain samples [B]: the asked-for labels, or for a conditional energy asked for none
     a class drawn from each chain's seed when its sampler says `unlabelled: random` (else the null label).
     The same for a conditional energy and a conditional CNF."""
-    sampler = model.sampler
-    unlabelled = sampler.unlabelled if isinstance(sampler, (EBMSampler, FlowSampler)) else "null"
+    unlabelled = getattr(model.sampler, "unlabelled", "null")  # a GAN's sampler has no such setting
     if labels is not None or model.classes is None or unlabelled != "random":
         return labels
     return chain_classes(seeds, len(model.classes))

@@ -34,26 +34,24 @@ from torch._export.serde import schema
 from torch._export.serde.serialize import ExportedProgramDeserializer, _dict_to_dataclass
 from torch.export.passes import move_to_device_pass
 
-from training.models.flows import BASES
-from training.runtime.checkpoint import CheckpointError, ModelConfig, first_line, max_buffer_capacity, read_model_file
-from training.runtime.exported_modules import ExportedEnergy, ExportedFlow, ExportedGenerator
+from training.families import family_named
+from training.runtime.checkpoint import CheckpointError, ModelConfig, first_line, read_model_file
+from training.runtime.exported_modules import ExportedEnergy, ExportedFlow
 from training.runtime.loaded import LoadedModel
 from training.runtime.pt2_archive import TensorRecord, VettedArchive, check_archive
 from training.runtime.pt2_graph import check_operators
 from training.runtime.pt2_zip import MAX_ARCHIVE_BYTES
 from training.runtime.stated import StatedData, check_stated, parse_json
-from training.sampling.replay_buffer import ReplayBuffer
-from training.sampling.sampler_config import EBMSampler, FlowSampler, GANSampler, sampler_for
+from training.sampling.sampler_config import GANSampler, sampler_for
 
 PROGRAM_SUFFIX = ".pt2"
 SIDECAR_SUFFIX = ".json"
 CRITIC_SUFFIX = ".critic.pt2"  # a GAN critic program (DDLS): not served by this version
-FAMILIES = ("ebm", "gan", "flow")
+FAMILIES = ("ebm", "gan", "flow")  # the families whose programs are served (each with its family's signature)
 SIDECAR_KEYS = ("family", "data", "sampler", "ensemble", "metrics")
 DATA_KEYS = tuple(StatedData.model_fields)  # shape, range, classes, dataset, levels
 EXPORTED_ARCH = {"name": "torch.export", "kwargs": {}}
 MIN_BATCH = 4096  # a program must take batches at least this large (a server steps up to its chain budget at once)
-REPLAY_CAPACITY = 8192  # slots of an exported energy's replay buffer when its sidecar's sampler names none
 
 # --- reading: vetted records -> an ExportedProgram -----------------------------------------------------------
 
@@ -138,13 +136,7 @@ def parse_sidecar(payload: bytes, path: Path) -> ModelConfig:
         "ensemble": ensemble,
     }  # fmt: skip
     check_stated(config, source)
-    if data.get("classes") is not None and family != "ebm":
-        raise CheckpointError(f"{source}: data.classes: only energies (family ebm) are class-conditional")
-    if family == "gan" and "latent_dim" not in sampler:
-        raise CheckpointError(f"{source}: a generator's sampler must give latent_dim (the size of z)")
-    typed = sampler_for(family, sampler)
-    if isinstance(typed, FlowSampler) and typed.base not in (None, *BASES):
-        raise CheckpointError(f"{source}: sampler.base must be one of {', '.join(BASES)}, not {typed.base!r}")
+    family_named(family).check_sidecar(data, sampler, source)
     return ModelConfig(
         family=family,
         arch=dict(EXPORTED_ARCH),
@@ -167,13 +159,8 @@ def _user_inputs(program: torch.export.ExportedProgram) -> list[torch.Tensor]:
 def _check_signature(program: torch.export.ExportedProgram, config: ModelConfig, source: str) -> None:
     """The program takes the family's positional tensors, of the sidecar's shapes after a dynamic batch
     dimension that admits at least MIN_BATCH."""
-    family, shape = config.family, list(config.data["shape"])
-    classes = config.data.get("classes")
-    expected: list[tuple[str, list[int]]] = {
-        "ebm": [("x", shape), *([("y", [])] if classes else [])],
-        "gan": [("z", [config.sampler.get("latent_dim", 0)])],
-        "flow": [("z", shape)],
-    }[family]
+    family, classes = config.family, config.data.get("classes")
+    expected = family_named(family).signature(config)
     inputs = _user_inputs(program)
     plain = pytree.tree_structure((tuple(torch.zeros(0) for _ in expected), {}))
     if program.call_spec.in_spec != plain or len(inputs) != len(expected):
@@ -283,19 +270,7 @@ def load_exported(
     except Exception as error:
         raise CheckpointError(f"{path.name}: the program cannot be run ({first_line(error)})") from error
     sampler = sampler_for(config.family, config.sampler)
-    extras: dict[str, dict[str, torch.Tensor]] = {}
-    module: nn.Module
-    if isinstance(sampler, EBMSampler):
-        module = ExportedEnergy(unlifted, len(config.data.get("classes") or []))
-        if sampler.init == "buffer":  # it samples from a replay buffer: one the server fills, empty at first
-            shape = tuple(config.data["shape"])
-            capacity = min(sampler.buffer_capacity or REPLAY_CAPACITY, max_buffer_capacity(shape))
-            low, high = config.data.get("range", [-1.0, 1.0])
-            extras["replay_buffer"] = ReplayBuffer.empty_state(shape, capacity, sampler.restart_prob, (low, high))
-    elif isinstance(sampler, FlowSampler):
-        module = ExportedFlow(unlifted, tuple(config.data["shape"]), sampler.base or "gaussian")
-    else:
-        module = ExportedGenerator(unlifted)
+    module, extras = family_named(config.family).program_module(unlifted, config, sampler)
     model = LoadedModel(name=path.stem, config=config, module=module.eval(), sampler=sampler, extras=extras)
     probe(model)
     return model

@@ -3,8 +3,9 @@
 Any file may be hostile: only a regular file inside its folder is read (a FIFO would block for ever, a link out
 of it would serve and echo someone else's file), at most `max_bytes`, checked before reading; every architecture
 is rehearsed under build limits (training/models) and compared with the tensors the file holds before anything
-is allocated for it; a GAN must make images of its declared shape. What only a server asks of a file (a name it
-puts in buffer file names, an image shape, one file per name, a time limit) is service/registry.py's.
+is allocated for it; each family checks what it must (a GAN makes images of its declared shape). What only a
+server asks of a file (a name it puts in buffer file names, an image shape, one file per name, a time limit) is
+service/registry.py's.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from training.families import draw_samples, family_named, family_of
 from training.models import build_model, skeleton
 from training.runtime.checkpoint import (
     MAX_BUFFER_VALUES,
@@ -27,11 +29,10 @@ from training.runtime.checkpoint import (
     first_line,
     read_model_file,
 )
-from training.runtime.draw import draw_samples
 from training.runtime.exported import MAX_SIDECAR_BYTES, PROGRAM_SUFFIX, SIDECAR_SUFFIX, load_exported
 from training.runtime.loaded import LoadedModel
 from training.sampling.noise import chain_seeds
-from training.sampling.sampler_config import GANSampler, sampler_for
+from training.sampling.sampler_config import sampler_for
 
 
 def _frozen(arch: dict, weights: dict[str, torch.Tensor], device: torch.device | str) -> nn.Module:
@@ -53,17 +54,14 @@ def _frozen(arch: dict, weights: dict[str, torch.Tensor], device: torch.device |
 
 
 def instantiate(checkpoint: Checkpoint, name: str, device: torch.device | str = "cpu") -> LoadedModel:
-    """Rebuild the module in eval mode with frozen parameters (a GAN uses its EMA weights by default, and
-    brings its critic when the checkpoint holds one)."""
+    """Rebuild the module in eval mode with frozen parameters, from the weights its family serves (a GAN's EMA
+    weights by default) and with the critic its family serves beside it (a GAN's, when the checkpoint holds one)."""
     sampler = sampler_for(checkpoint.config.family, checkpoint.config.sampler)
-    weights = checkpoint.weights
-    if isinstance(sampler, GANSampler) and sampler.weights == "ema":
-        weights = checkpoint.extras["ema"]
-    module = _frozen(checkpoint.config.arch, weights, device)
-    critic = None
-    if checkpoint.config.family == "gan" and "critic" in checkpoint.extras and "critic" in checkpoint.config.arch:
-        critic = _frozen(checkpoint.config.arch["critic"], checkpoint.extras["critic"], device)
-    return LoadedModel(name, checkpoint.config, module, sampler, checkpoint.extras, critic)
+    family = family_named(checkpoint.config.family)
+    module = _frozen(checkpoint.config.arch, family.served_weights(checkpoint, sampler), device)
+    critic = family.critic(checkpoint)
+    frozen_critic = None if critic is None else _frozen(*critic, device)
+    return LoadedModel(name, checkpoint.config, module, sampler, checkpoint.extras, frozen_critic)
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu", max_bytes: int = MAX_MODEL_BYTES) -> LoadedModel:
@@ -73,19 +71,6 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", max_bytes: 
     return load_model_file(path, path.parent, torch.device(device), max_bytes)[0]
 
 
-def _check_generator(model: LoadedModel) -> None:
-    """A GAN is served only if one latent of its declared size makes one image of its declared shape."""
-    latent_dim = model.sampler_as(GANSampler).latent_dim
-    device = next(model.module.parameters()).device
-    try:
-        with torch.no_grad():
-            shape = tuple(model.module(torch.zeros(1, latent_dim, device=device)).shape[1:])
-    except RuntimeError as error:
-        raise CheckpointError(f"sampler.latent_dim {latent_dim} does not fit the generator ({error})") from error
-    if shape != model.shape:
-        raise CheckpointError(f"the generator makes images of shape {list(shape)}, the config says {list(model.shape)}")
-
-
 def _check_shapes(checkpoint: Checkpoint) -> None:
     """Refuse a checkpoint whose config would build other tensors than the file holds, before allocating any.
 
@@ -93,13 +78,7 @@ def _check_shapes(checkpoint: Checkpoint) -> None:
     with the tensors read from the file, whose size the file itself bounds; so a config claiming a
     width of 200,000 beside width-32 weights is refused without asking for its terabytes.
     """
-    arch = checkpoint.config.arch
-    groups = [("weights", arch, checkpoint.weights)]
-    if checkpoint.config.family == "gan" and "ema" in checkpoint.extras:
-        groups.append(("ema", arch, checkpoint.extras["ema"]))  # what a GAN serves by default
-    if checkpoint.config.family == "gan" and "critic" in checkpoint.extras and "critic" in arch:
-        groups.append(("critic", arch["critic"], checkpoint.extras["critic"]))  # DDLS's energy
-    for group, group_arch, tensors in groups:
+    for group, group_arch, tensors in family_named(checkpoint.config.family).weight_groups(checkpoint):
         try:
             built = skeleton(group_arch)
         except CheckpointError:
@@ -140,8 +119,7 @@ def _load_checkpoint(path: Path, payload: bytes, device: torch.device, images_on
         raise CheckpointError(f"data shape {list(shape)} is not an image [C, H, W]")
     _check_shapes(checkpoint)
     model = instantiate(checkpoint, path.stem, device)
-    if family == "gan":
-        _check_generator(model)
+    family_of(model).check_loaded(model)
     check_classes(model)
     probe_checkpoint(model)
     return model
@@ -178,8 +156,7 @@ def probe_checkpoint(model: LoadedModel) -> None:
         if (name := _non_finite(module)) is not None:
             raise CheckpointError(f"{what}/{name} holds NaN or infinite values; a model is served with finite weights")
     try:
-        no_ddls = model.config.family == "gan" and model.critic is None  # served: its plain pass, no DDLS step
-        samples = draw_samples(model, chain_seeds(0, 2), steps=0 if no_ddls else 1, init="noise")
+        samples = draw_samples(model, chain_seeds(0, 2), steps=family_of(model).probe_steps(model), init="noise")
     except Exception as error:  # a config that builds but cannot sample (a shape the network does not take, ...)
         raise CheckpointError(f"the probe step fails: {first_line(error)}") from error
     if not bool(torch.isfinite(samples).all()):

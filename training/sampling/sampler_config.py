@@ -193,7 +193,7 @@ class FlowSampler:
         """The CNF fields (kept apart so that checks of the other fields can sit beside them in __post_init__)."""
         if (self.steps is None) != (self.solver is None):
             raise ValueError(f"sampler steps and solver are set together (a CNF) or not at all; got {self}")
-        if self.solver is not None and self.solver not in ODE_SOLVERS:
+        if self.solver not in (None, *ODE_SOLVERS):
             raise ValueError(f"sampler solver must be one of {', '.join(ODE_SOLVERS)}, not {self.solver!r}")
         if self.unlabelled not in ("null", "random"):
             raise ValueError(f"sampler unlabelled must be 'null' or 'random', not {self.unlabelled!r}")

@@ -1,7 +1,7 @@
 """What a model says about an input: the scores POST /score and `python -m training score` report, and the
 out-of-distribution (OOD) verdict built from them.
 
-Every family's scores are here, in one table (`SCORE_FAMILIES`, chosen once by `score_family`), so the server's
+Every family's scores are here, in one table (`SCORE_FAMILIES`, each family naming its row), so the server's
 pools and the CLI compute the same numbers by the same functions:
 
 - an EBM (or an ensemble: the mean of its members' energies) gives its energy E(x), or E(x, y) with a label;
@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from training.models.cnf import is_velocity_field
+from training.families import family_of
 from training.models.flows import bits_per_dim
 from training.runtime.loaded import LoadedModel
 from training.sampling.langevin import frozen_energy
@@ -138,20 +138,11 @@ class LikelihoodSettings:
 
 
 def score_family(model: LoadedModel) -> ScoreFamily:
-    """The one place a model's family picks how it scores; ValueError (the reason) for one that cannot score
-    images: a GAN saved without its critic, or a model of 2-D points."""
+    """How a model scores, as its family says (training/families/); ValueError (the reason) for one that cannot
+    score images: a GAN saved without its critic, or a model of 2-D points."""
     if len(model.shape) != 3:
         raise ValueError(f"{model.name} models {len(model.shape)}-D points, not images; only image models score")
-    family = model.config.family
-    if family == "ebm":
-        return SCORE_FAMILIES["energy"]
-    if family == "flow":
-        return SCORE_FAMILIES["cnf" if is_velocity_field(model.module) else "flow"]
-    if family == "gan" and model.critic is not None:
-        return SCORE_FAMILIES["critic"]
-    if family == "gan":
-        raise ValueError(f"{model.name} is a GAN saved without its critic: it has no score for an image")
-    raise ValueError(f"{model.name} is a {family} model; scores exist for EBMs, flows and GANs with a critic")
+    return SCORE_FAMILIES[family_of(model).score_kind(model)]
 
 
 def pixel_levels(x: torch.Tensor, data_range: tuple[float, float]) -> torch.Tensor:

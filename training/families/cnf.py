@@ -1,0 +1,135 @@
+"""Continuous normalizing flows: a "flow" file whose module is a velocity field v(x, t) (training/models/cnf.py),
+sampled by integrating its ODE from a Gaussian prior, stepped by the server as chains; log p(x) by an adaptive
+solve (training/sampling/likelihood.py). Its files, sidecars and sampler are a flow's."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from training.families.base import ExportPlan
+from training.families.flow import ExactFlow, refuse_langevin_settings
+from training.models.cnf import MLPVelocity, UNetVelocity
+from training.runtime.draw import sample_cnf
+from training.runtime.loaded import LoadedModel
+from training.sampling.langevin import StepCallback
+from training.sampling.replay_buffer import ReplayBuffer
+from training.sampling.sampler_config import FlowSampler
+
+ODE_FIELDS = ("steps", "guidance", "init", "image", "mask", "trajectory_every")  # what its ODE chains read
+
+
+class Cnf(ExactFlow):
+    name = "cnf"
+    pool = "ode"
+    starts_from_images = True
+    readers = "CNFs"
+    fields = ("label", *ODE_FIELDS)
+    likelihood = "ode"
+
+    def owns(self, model: LoadedModel) -> bool:
+        """The one answer to "is this a CNF?": a flow whose module is a velocity field, not an invertible flow."""
+        return isinstance(model.module, (UNetVelocity, MLPVelocity))
+
+    def describe(self, model: LoadedModel) -> str:
+        return "CNF sampled by its ODE"
+
+    def score_kind(self, model: LoadedModel) -> str:
+        return "cnf"
+
+    def export_plan(self, model: LoadedModel, batch: Any) -> ExportPlan:
+        raise ValueError(
+            f"export: {model.name} is a continuous normalizing flow, sampled by integrating its ODE; exporting "
+            "its velocity field is not supported yet (serve or sample the .safetensors checkpoint itself)"
+        )
+
+    def draw(
+        self,
+        members: list[LoadedModel],
+        seeds: torch.Tensor,
+        steps: int | None,
+        init: str | None,
+        generator: torch.Generator | None,
+        callback: StepCallback | None,
+        labels: torch.Tensor | None,
+        buffer: ReplayBuffer | None,
+        chain_steps: torch.Tensor | None,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        return sample_cnf(members[0], seeds, steps=steps, labels=labels, callback=callback, dtype=dtype)
+
+    def chain_steps(self, model: LoadedModel, steps: int | None) -> int:
+        return self._steps(model) if steps is None else steps
+
+    @staticmethod
+    def _steps(model: LoadedModel) -> int:
+        steps = model.sampler_as(FlowSampler).steps
+        assert steps is not None  # a CNF's sampler names its solver and steps together
+        return steps
+
+    def start_description(
+        self, members: list[LoadedModel], init: str | None, buffer: ReplayBuffer | None, files: list[Path] | None
+    ) -> str:
+        sampler = members[0].sampler_as(FlowSampler)
+        return (
+            f"Gaussian noise (std {sampler.temperature:g}), the CNF's prior, then {sampler.solver} ODE steps "
+            f"(guidance {sampler.guidance:g} on labelled chains)"
+        )
+
+    def override_sampler(self, members: list[LoadedModel], args: argparse.Namespace) -> None:
+        refuse_langevin_settings(args)
+        if args.guidance is not None:
+            members[0].sampler = dataclasses.replace(members[0].sampler_as(FlowSampler), guidance=args.guidance)
+
+    def refusals(self, body: Any, model: LoadedModel, name: str, has_buffer: bool) -> list[str]:
+        problems = []
+        if body.init == "buffer":
+            problems.append(
+                f"init 'buffer' needs a replay buffer; {name} is a CNF, started from its prior (use 'noise')"
+            )
+        if body.init == "image" and body.mask is None:
+            problems.append(
+                f"init 'image' for {name}, a CNF, completes a masked image: send a 'mask' (white marks the "
+                "pixels to fill in)"
+            )
+        if body.steps == 0:
+            problems.append(f"'steps' is 0; {name} is a CNF, whose ODE takes at least 1 solver step")
+        return problems
+
+    def requested_steps(self, model: LoadedModel, steps: int | None) -> int:
+        return steps or self._steps(model)
+
+    def order_settings(
+        self, model: LoadedModel, body: Any, steps: int, every: int | None, frames: tuple[bool, int]
+    ) -> dict[str, Any]:
+        # ODE chains from its prior (temperature: the prior's scale)
+        guidance = model.sampler_as(FlowSampler).guidance if body.guidance is None else body.guidance
+        return {"label": body.label, "guidance": guidance, "init": body.init or "noise", "trajectory_every": every}
+
+    def evaluates_labels(self, init: str | None) -> tuple[bool, bool]:
+        return True, True
+
+    def sampler_report(self, model: LoadedModel, args: argparse.Namespace, chain_steps: torch.Tensor | None) -> dict:
+        sampler = model.sampler_as(FlowSampler)
+        return {
+            "n": args.n,
+            "steps": sampler.steps if args.steps is None else args.steps,
+            "solver": sampler.solver,
+            "temperature": sampler.temperature,
+            **({"guidance": sampler.guidance} if model.classes is not None else {}),
+            **({"label": args.label} if args.label is not None else {}),
+        }
+
+    def record_key(self, key: str, model: LoadedModel, args: argparse.Namespace, report: dict) -> str:
+        if args.steps is not None and args.steps != self._steps(model):  # at other ODE steps
+            key += f"_steps_{args.steps}"
+        if args.guidance is not None:
+            key += f"_guidance_{args.guidance}"
+        return key
+
+
+CNF = Cnf()

@@ -1,0 +1,236 @@
+"""GANs (family "gan"): one generator pass G(z); with the critic saved beside it, z is first refined by DDLS
+(Langevin steps on the latent, training/sampling/ddls.py), stepped by the server as chains of their own."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from training.families.base import ExportPlan, Family, Signature, WeightGroup
+from training.runtime.checkpoint import Checkpoint, CheckpointError, ModelConfig
+from training.runtime.draw import default_latent_steps, sample_generator
+from training.runtime.exported_modules import ExportedGenerator
+from training.runtime.loaded import LoadedModel
+from training.sampling.langevin import StepCallback
+from training.sampling.noise import latent_gaussian
+from training.sampling.replay_buffer import ReplayBuffer
+from training.sampling.sampler_config import GANSampler, SamplerConfig
+
+DDLS_FIELDS = ("steps", "step_size", "noise", "trajectory_every")  # what its latent chains read (with a critic)
+STEPS_SUFFIX = re.compile(r"_steps_\d+")
+
+
+def gan_record_key(key: str, steps: int, default_steps: int) -> str:
+    """Where `evaluate --record` files a GAN's figures drawn with `steps` DDLS steps: `key` with `_steps_S` right
+    after "evaluate" when S is not the checkpoint's default (any steps suffix it had is replaced)."""
+    rest = STEPS_SUFFIX.sub("", key, count=1).removeprefix("evaluate")
+    return "evaluate" + ("" if steps == default_steps else f"_steps_{steps}") + rest
+
+
+class _NativeGenerator(nn.Module):
+    def __init__(self, generator: nn.Module) -> None:
+        super().__init__()
+        self.generator = generator
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.generator(z)
+
+
+class Gan(Family):
+    name = stated = "gan"
+    sampler_type = GANSampler
+    pool = "one_pass"
+    readers = "GANs with a critic"
+    fields = DDLS_FIELDS
+    one_pass_name = "generator"
+
+    def describe(self, model: LoadedModel) -> str:
+        if model.critic is not None:
+            return "GAN whose critic refines its latent by DDLS"
+        return "GAN saved without its critic, sampled by one generator pass"
+
+    def score_kind(self, model: LoadedModel) -> str:
+        if model.critic is None:
+            raise ValueError(f"{model.name} is a GAN saved without its critic: it has no score for an image")
+        return "critic"
+
+    def served_weights(self, checkpoint: Checkpoint, sampler: SamplerConfig) -> dict[str, torch.Tensor]:
+        assert isinstance(sampler, GANSampler)
+        return checkpoint.extras["ema"] if sampler.weights == "ema" else checkpoint.weights
+
+    def weight_groups(self, checkpoint: Checkpoint) -> list[WeightGroup]:
+        groups = super().weight_groups(checkpoint)
+        if "ema" in checkpoint.extras:
+            groups.append(("ema", checkpoint.config.arch, checkpoint.extras["ema"]))  # what it serves by default
+        if (critic := self.critic(checkpoint)) is not None:
+            groups.append(("critic", *critic))  # DDLS's energy
+        return groups
+
+    def critic(self, checkpoint: Checkpoint) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+        if "critic" in checkpoint.extras and "critic" in checkpoint.config.arch:
+            return checkpoint.config.arch["critic"], checkpoint.extras["critic"]
+        return None
+
+    def check_loaded(self, model: LoadedModel) -> None:
+        """A GAN is served only if one latent of its declared size makes one image of its declared shape."""
+        latent_dim = model.sampler_as(GANSampler).latent_dim
+        device = next(model.module.parameters()).device
+        try:
+            with torch.no_grad():
+                shape = tuple(model.module(torch.zeros(1, latent_dim, device=device)).shape[1:])
+        except RuntimeError as error:
+            raise CheckpointError(f"sampler.latent_dim {latent_dim} does not fit the generator ({error})") from error
+        if shape != model.shape:
+            raise CheckpointError(
+                f"the generator makes images of shape {list(shape)}, the config says {list(model.shape)}"
+            )
+
+    def probe_steps(self, model: LoadedModel) -> int:
+        return 0 if model.critic is None else 1  # served without a critic: its plain pass, no DDLS step
+
+    def signature(self, config: ModelConfig) -> Signature:
+        return [("z", [config.sampler.get("latent_dim", 0)])]
+
+    def check_sidecar(self, data: dict[str, Any], sampler: dict[str, Any], source: str) -> None:
+        super().check_sidecar(data, sampler, source)
+        if "latent_dim" not in sampler:
+            raise CheckpointError(f"{source}: a generator's sampler must give latent_dim (the size of z)")
+
+    def program_module(
+        self, program: nn.Module, config: ModelConfig, sampler: SamplerConfig
+    ) -> tuple[nn.Module, dict[str, dict[str, torch.Tensor]]]:
+        return ExportedGenerator(program), {}
+
+    def export_plan(self, model: LoadedModel, batch: Any) -> ExportPlan:
+        # The wrapper holds the weights the checkpoint samples with (EMA by default).
+        latent = torch.zeros(2, model.sampler_as(GANSampler).latent_dim)
+        return ExportPlan(_NativeGenerator(model.module), (latent,), {"z": {0: batch}})
+
+    def draw(
+        self,
+        members: list[LoadedModel],
+        seeds: torch.Tensor,
+        steps: int | None,
+        init: str | None,
+        generator: torch.Generator | None,
+        callback: StepCallback | None,
+        labels: torch.Tensor | None,
+        buffer: ReplayBuffer | None,
+        chain_steps: torch.Tensor | None,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        first = members[0]
+        if labels is not None:
+            raise ValueError(f"{first.name} is a {first.config.family} model; it takes no label")
+        decoded = None
+        if callback is not None:  # DDLS steps report the images their latents decode to
+
+            def decoded(step: int, z: torch.Tensor, energy: torch.Tensor) -> None:
+                with torch.no_grad(), torch.autocast(z.device.type, enabled=False):  # frames: float32 passes
+                    callback(step, first.module(z).clamp(*first.data_range), energy)
+
+        return sample_generator(first, seeds, steps=steps, callback=decoded, dtype=dtype).clamp(*first.data_range)
+
+    def chain_steps(self, model: LoadedModel, steps: int | None) -> int:
+        return default_latent_steps(model) if steps is None else steps
+
+    def start_description(
+        self, members: list[LoadedModel], init: str | None, buffer: ReplayBuffer | None, files: list[Path] | None
+    ) -> str:
+        return f"Gaussian latents at temperature {members[0].sampler_as(GANSampler).temperature:g}"
+
+    def override_sampler(self, members: list[LoadedModel], args: argparse.Namespace) -> None:
+        if args.guidance is not None:
+            raise ValueError("--guidance applies to class-conditional EBMs; a GAN takes --steps, --step-size, --noise")
+        if args.tolerance is not None:
+            raise ValueError("--tolerance applies to EBMs; a GAN takes --steps, --step-size, --noise")
+        self._replace_sampler(members, args)
+
+    def chain_fields(self, model: LoadedModel) -> tuple[str, ...]:
+        return DDLS_FIELDS if model.critic is not None else ()
+
+    def refused_apart(self, model: LoadedModel) -> tuple[str, ...]:
+        return DDLS_FIELDS if model.critic is None else ()
+
+    def refusals(self, body: Any, model: LoadedModel, name: str, has_buffer: bool) -> list[str]:
+        if model.critic is not None:
+            return []
+        asked = [
+            field for field in DDLS_FIELDS if getattr(body, field) is not None and (field != "steps" or body.steps)
+        ]
+        if not asked and not self.requested_steps(model, body.steps):
+            return []
+        return [
+            f"{', '.join(repr(field) for field in asked) or 'steps'}: {name} was saved without its critic, "
+            "so its latents cannot be refined (DDLS runs Langevin steps on ||z||^2/2 - d(G(z)), d the critic); "
+            "leave these out or ask for steps 0"
+        ]
+
+    def requested_steps(self, model: LoadedModel, steps: int | None) -> int:
+        return default_latent_steps(model) if steps is None else steps
+
+    def pools(self, model: LoadedModel) -> tuple[str, ...]:
+        return (self.pool, "ddls") if model.critic is not None else (self.pool,)
+
+    def pool_for(self, model: LoadedModel, steps: int) -> str:
+        return "ddls" if steps > 0 else self.pool
+
+    def order_settings(
+        self, model: LoadedModel, body: Any, steps: int, every: int | None, frames: tuple[bool, int]
+    ) -> dict[str, Any]:
+        if steps == 0:
+            return super().order_settings(model, body, steps, every, frames)
+        ddls = model.sampler_as(GANSampler)  # DDLS: Langevin steps on the latent, frames decoded
+        step_size = ddls.step_size if body.step_size is None else body.step_size
+        noise = ddls.noise if body.noise is None else body.noise
+        return {"step_size": step_size, "noise": noise, "trajectory_every": every}
+
+    def one_pass(
+        self,
+        model: LoadedModel,
+        module: nn.Module,
+        seeds: torch.Tensor,
+        scale: torch.Tensor,
+        device: torch.device,
+        keep_states: bool,
+    ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
+        latent_dim = model.sampler_as(GANSampler).latent_dim
+        return module(latent_gaussian(seeds, latent_dim).mul(scale).to(device)), [], None
+
+    def sampler_report(self, model: LoadedModel, args: argparse.Namespace, chain_steps: torch.Tensor | None) -> dict:
+        sampler = model.sampler_as(GANSampler)
+        ddls_steps = default_latent_steps(model) if args.steps is None else args.steps
+        report: dict[str, Any] = {"n": args.n, "steps": ddls_steps}
+        if ddls_steps:
+            report.update(step_size=sampler.step_size, noise=sampler.noise)
+        return report
+
+    def record_key(self, key: str, model: LoadedModel, args: argparse.Namespace, report: dict) -> str:
+        return gan_record_key(key, report["steps"], default_latent_steps(model))  # other DDLS steps are named
+
+    def pinned(self, key: str, record: dict[str, Any]) -> set[str]:
+        # Its figures say the steps; the key follows the defaults (`rekeyed`). A plain pass uses neither setting.
+        return {"steps", *(("step_size", "noise") if record.get("steps") == 0 else ())}
+
+    def check_new_sampler(self, new: SamplerConfig, checkpoint: Checkpoint, source: str) -> None:
+        if new.steps and "critic" not in checkpoint.extras:
+            raise ValueError(
+                f"{source} was saved without its critic, so it cannot refine latents by DDLS: its default steps stay 0"
+            )
+
+    def rekeyed(self, key: str, record: dict[str, Any], new: SamplerConfig, changed: set[str]) -> str:
+        assert isinstance(new, GANSampler)
+        if "steps" in changed and "steps" in record:
+            return gan_record_key(key, int(record["steps"]), new.steps)
+        return key
+
+    def evaluation_words(self, key: str, figures: dict[str, Any]) -> list[str]:
+        return ["--steps", key.partition("_steps_")[2]] if "_steps_" in key else []  # DDLS at other steps
+
+
+GAN = Gan()
