@@ -7,6 +7,7 @@ behind an import inside a function counts.
 
 from __future__ import annotations
 
+import re
 import sys
 
 from import_graph import read_graph
@@ -15,6 +16,13 @@ from import_graph import read_graph
 # and how it draws (the family modules import no service/ code and nothing of training's train or commands).
 SHARED_WINGS = ("training.sampling", "training.models", "training.runtime", "training.families")
 MAX_LINES = 400  # outside training/models/, where an architecture may take more
+# A branch on a model's family or on its sampler's type: the family objects (training/families/) own what differs,
+# so outside them these stay a handful (a schema's check of a stated name, a warm start's, the classifier's).
+FAMILY_BRANCH = re.compile(
+    r"(?<!for )\bfamily (==|!=|in)\s|\.family (==|!=|in)\s|isinstance\([^)]*(EBMSampler|GANSampler|FlowSampler)"
+    r"|solver is not None|runs_ode_chains|is_velocity_field"
+)
+MAX_FAMILY_BRANCHES = 8
 # Imports inside functions, each with why: an optional dependency kept optional, or work deferred on purpose.
 FUNCTION_LEVEL_ALLOWED = {
     ("training.train.losses", "scipy.optimize"): "scipy: only minibatch OT pairing of a CNF needs it",
@@ -88,6 +96,41 @@ def test_no_module_outside_models_is_over_400_lines() -> None:
         if lines > MAX_LINES and not name.startswith("training.models")
     }
     assert not long, f"split these modules (at most {MAX_LINES} lines outside training/models/): {long}"
+
+
+def family_branches(graph=GRAPH) -> list[str]:
+    """Each line of training/ or service/ outside training/families/ that branches on a model's family."""
+    return [
+        f"{name}:{number}: {line.strip()}"
+        for name, path in sorted(graph.modules.items())
+        if name.startswith(("training", "service")) and not name.startswith("training.families")
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if FAMILY_BRANCH.search(line)
+    ]
+
+
+def test_family_branches_outside_the_family_modules_are_a_handful() -> None:
+    """The CLI, the server, export and evaluate ask a model's family (training/families/) instead of testing it."""
+    branches = family_branches()
+    assert len(branches) <= MAX_FAMILY_BRANCHES, (
+        f"{len(branches)} branches on a model's family outside training/families/ (at most {MAX_FAMILY_BRANCHES}); "
+        "give the family object a method or attribute instead:\n" + "\n".join(branches)
+    )
+
+
+def test_the_family_branch_count_sees_a_branch(tmp_path) -> None:
+    """The count above can fail: a module that tests a family's name or a sampler's type is counted."""
+    (tmp_path / "service").mkdir()
+    (tmp_path / "training").mkdir()
+    (tmp_path / "service" / "route.py").write_text(
+        'def pool(model):\n    if model.family == "gan":\n        return 1\n'
+        "    return 2 if isinstance(model.sampler, FlowSampler) else 3\n"
+        "\n\ndef each(families):\n    return [family for family in families]\n"
+    )
+    assert [line.split(": ")[0] for line in family_branches(read_graph(tmp_path))] == [
+        "service.route:2",
+        "service.route:4",
+    ]
 
 
 def test_the_graph_reader_sees_a_cycle_hidden_in_a_function(tmp_path) -> None:
