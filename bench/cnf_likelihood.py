@@ -29,8 +29,6 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from training.commands.flags import count_at_least, positive_float
 from training.runtime.load import load_model
 from training.sampling.likelihood import CNFBitsPerDim, cnf_bits_per_dim

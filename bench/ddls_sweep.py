@@ -12,13 +12,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training.commands.quality import DEFAULT_CLASSIFIER, load_classifier, quality_figures
 from training.families import draw_samples

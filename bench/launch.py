@@ -23,20 +23,26 @@ def free_port() -> int:
 
 
 def start_server(
-    flags: list[str], threads: int, log: Path | None = None, ready_within_s: float = 300
+    flags: list[str], threads: int | None, log: Path | None = None, ready_within_s: float = 300, replicas: int = 1
 ) -> tuple[subprocess.Popen, str]:
-    """The server process and its base URL; its stderr goes to `log` (else nowhere)."""
+    """The server process and its base URL, once `replicas` distinct replicas (X-Replica) have answered /readyz
+    (a local server is one); its stderr goes to `log` (else nowhere). threads None: OMP_NUM_THREADS as it is."""
     port = free_port()
     command = [sys.executable, "-m", "service", "--port", str(port), *flags]
-    environment = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
+    environment = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if threads is not None:
+        environment["OMP_NUM_THREADS"] = str(threads)
     stderr = log.open("w") if log is not None else subprocess.DEVNULL
     process = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=subprocess.DEVNULL, stderr=stderr)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + ready_within_s
+    deadline, seen = time.monotonic() + ready_within_s, set[str]()
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                return process, base
+            reply = httpx.get(f"{base}/readyz", timeout=2)
+            if reply.status_code == 200:
+                seen.add(reply.headers.get("x-replica", ""))
+                if len(seen) >= replicas:
+                    return process, base
         except httpx.TransportError:
             pass
         if process.poll() is not None:

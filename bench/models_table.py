@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training.runtime.checkpoint import Checkpoint, load_checkpoint
 

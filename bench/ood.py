@@ -29,8 +29,6 @@ from typing import cast
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from training.commands.ood_figures import recorded_figures, roc_figures
 from training.models.flows import Flow, bits_per_dim, dequantize
 from training.runtime.load import load_model

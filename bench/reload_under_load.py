@@ -22,7 +22,6 @@ import shutil
 import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -35,10 +34,9 @@ import httpx
 import launch  # bench/launch.py, beside this script
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from training.runtime.checkpoint import load_checkpoint, save_checkpoint
 
-from training.runtime.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)

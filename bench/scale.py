@@ -20,7 +20,6 @@ import math
 import re
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,15 +29,14 @@ import launch  # bench/launch.py, beside this script
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from service.buffer_store import BUFFER_DTYPE, BufferStore
+from training.runtime.buffer_names import group_digest, model_digest
+from training.runtime.draw import sample_ebm
+from training.runtime.load import load_model, read_model_payload
+from training.sampling.noise import chain_seeds
+from training.sampling.replay_buffer import ReplayBuffer
 
-from service.buffer_store import BUFFER_DTYPE, BufferStore  # noqa: E402
-from training.runtime.buffer_names import group_digest, model_digest  # noqa: E402
-from training.runtime.draw import sample_ebm  # noqa: E402
-from training.runtime.load import load_model, read_model_payload  # noqa: E402
-from training.sampling.noise import chain_seeds  # noqa: E402
-from training.sampling.replay_buffer import ReplayBuffer  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 MiB = 2**20
 

@@ -37,14 +37,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from training.runtime.images import decode_exact
+from training.runtime.load import load_model
+from training.sampling.likelihood import cnf_bits_per_dim
+from training.sampling.scoring import one_pass_scores, score_family
+from training.train.data import load_dataset
 
-from training.runtime.images import decode_exact  # noqa: E402
-from training.runtime.load import load_model  # noqa: E402
-from training.sampling.likelihood import cnf_bits_per_dim  # noqa: E402
-from training.sampling.scoring import one_pass_scores, score_family  # noqa: E402
-from training.train.data import load_dataset  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def png_b64(image: torch.Tensor) -> str:

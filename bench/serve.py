@@ -32,10 +32,8 @@ import dataclasses
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -44,24 +42,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import launch  # bench/launch.py, beside this script
 import torch
 
+from training.families import family_of
+from training.runtime.device import SAMPLING_DTYPE_CHOICES, chain_precision, dtype_name, pick_device, sampling_dtype
+from training.runtime.draw import sample_cnf, sample_ebm, sample_generator
+from training.runtime.load import load_model
+from training.runtime.loaded import LoadedModel
+from training.sampling.sampler_config import EBMSampler
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from training.families import family_of  # noqa: E402
-from training.runtime.device import SAMPLING_DTYPE_CHOICES, chain_precision, dtype_name, pick_device, sampling_dtype  # noqa: E402
-from training.runtime.draw import sample_cnf, sample_ebm, sample_generator  # noqa: E402
-from training.runtime.load import load_model  # noqa: E402
-from training.runtime.loaded import LoadedModel  # noqa: E402
-from training.sampling.sampler_config import EBMSampler  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
 
 HEADERS: dict[str, str] = {}  # sent with every POST /sample (the Ray routing hint)
 ANSWERED_BY: Counter[str] = Counter()  # X-Replica of every answer
@@ -77,58 +68,15 @@ def start_server(
     sampling_dtype: str = "auto",
 ) -> tuple[subprocess.Popen, str]:
     """A server for this one checkpoint (a directory of its own: the others would only slow its start)."""
-    port = free_port()
     state_dir = tempfile.mkdtemp(prefix="bench-state-")
     models_dir = tempfile.mkdtemp(prefix="bench-models-")
     shutil.copy2(checkpoint, Path(models_dir) / checkpoint.name)  # a link out of the models dir is not served
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "service",
-            "--port",
-            str(port),
-            "--models-dir",
-            models_dir,
-            "--state-dir",
-            state_dir,
-            "--device",
-            device,
-            "--chain-budget",
-            str(chain_budget),
-            "--max-queue",
-            "4096",
-            "--max-steps",
-            "100000",
-            "--request-timeout-s",
-            "3600",  # a bench of slow models on a loaded machine measures rates, not the default deadline
-            *(["--step-budget", str(step_budget)] if step_budget else []),
-            "--sampling-dtype",
-            sampling_dtype,
-            *engine,
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
+    flags = ["--models-dir", models_dir, "--state-dir", state_dir, "--device", device]
+    flags += ["--chain-budget", str(chain_budget), "--max-queue", "4096", "--max-steps", "100000"]
+    flags += ["--request-timeout-s", "3600"]  # a bench of slow models on a loaded machine measures rates
+    flags += [*(["--step-budget", str(step_budget)] if step_budget else []), "--sampling-dtype", sampling_dtype]
     replicas = int(engine[engine.index("--replicas") + 1]) if "--replicas" in engine else 1
-    seen: set[str] = set()
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        try:
-            reply = httpx.get(f"{base}/readyz", timeout=2)
-            if reply.status_code == 200:
-                seen.add(reply.headers.get("x-replica", ""))
-                if len(seen) >= replicas:  # every replica serving (a local server has one)
-                    return process, base
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    process.kill()
-    raise RuntimeError("server did not become ready in 240 s")
+    return launch.start_server([*flags, *engine], threads or None, ready_within_s=240, replicas=replicas)
 
 
 def per_cpu_second(work: float, cpu_used: float) -> float:

@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 CPU_ROWS = ["eager-t1", "eager-t2", "bf16-t1", "compile-t1"]
 CUDA_ROWS = ["eager-cuda", "bf16-cuda", "compile-cuda", "graphs-cuda"]

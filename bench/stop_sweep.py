@@ -20,12 +20,9 @@ import itertools
 import json
 import sys
 import time
-from pathlib import Path
 from typing import cast
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from training.commands.quality import load_classifier, quality_figures
 from training.runtime.device import SAMPLING_DTYPE_CHOICES, chain_precision, dtype_name, sampling_dtype

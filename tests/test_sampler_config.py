@@ -1,5 +1,7 @@
 """The typed sampler configs: what training writes, what old checkpoints hold, what is refused."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -62,3 +64,15 @@ def test_flows_record_their_base_but_sample_from_the_modules() -> None:
     assert model.sampler_as(FlowSampler).base == "gaussian" == model.module.base_name
     with pytest.raises(ValueError, match="no EBMSampler"):
         model.sampler_as(EBMSampler)
+
+
+def test_the_sampler_keys_page_lists_every_key_with_its_default_and_range_as_the_code_defines_them() -> None:
+    """docs/sampler-keys.md is the output of scripts/sampler_keys.py, which reads each sampler dataclass: a key
+    added, removed or re-bounded without regenerating the page fails here."""
+    root = Path(__file__).resolve().parents[1]
+    printed = subprocess.run(
+        [sys.executable, "scripts/sampler_keys.py"], capture_output=True, text=True, check=True, cwd=root
+    ).stdout
+    assert printed == (root / "docs" / "sampler-keys.md").read_text()
+    assert "| `step_size` | `10.0` | number in (0, 1000] |" in printed  # an energy's, with its bounds
+    assert '| `weights` | `"ema"` | `"ema"` \\| `"raw"` |' in printed  # a GAN's word-valued key

@@ -16,12 +16,13 @@ import math
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 SAMPLER_SCHEMA = 1
 VERSION_KEY = "schema_version"
 INITS = ("noise", "buffer")
 PRIORS = ("uniform", "gaussian")
+UNLABELLED = ("null", "random")  # a conditional model asked for no label: its null label, or a random class
 ODE_SOLVERS = ("euler", "midpoint", "heun")  # training/sampling/ode.py steps by each
 INT32_MAX = 2**31 - 1  # every integer setting (and request field) fits int32
 
@@ -65,10 +66,13 @@ SIZE = Bounds(ge=1, le=INT32_MAX)
 
 
 @functools.cache
-def _field_types(kind: type) -> dict[str, tuple[tuple[type, ...], bool]]:
+def field_types(kind: type) -> dict[str, tuple[tuple[type, ...], bool]]:
     """Each field's allowed types and whether None is allowed, from its annotation ("float | None", ...)."""
     found = {}
+    fields = {item.name for item in dataclasses.fields(kind)}  # not the ClassVars (BOUNDS, CHOICES)
     for name, hint in typing.get_type_hints(kind).items():
+        if name not in fields:
+            continue
         union = typing.get_origin(hint) in (typing.Union, types.UnionType)
         kinds = typing.get_args(hint) if union else (hint,)
         found[name] = (tuple(item for item in kinds if item is not type(None)), type(None) in kinds)
@@ -84,7 +88,7 @@ def check_values(config: object, bounds: dict[str, Bounds]) -> None:
     """ValueError naming the first field of a sampler config whose value is not of its annotated type
     (an integer is no bool, a number no string) or lies outside its bounds."""
     kind: type = type(config)
-    for name, (kinds, optional) in _field_types(kind).items():
+    for name, (kinds, optional) in field_types(kind).items():
         value = getattr(config, name)
         if value is None and optional:
             continue
@@ -101,6 +105,15 @@ def check_values(config: object, bounds: dict[str, Bounds]) -> None:
             fits = fits and bounds[name].admits(value)
         if not fits:
             raise ValueError(f"sampler {name} must be {what}{' or null' if optional else ''}, not {_shown(value)}")
+
+
+def check_choices(config: object, choices: dict[str, tuple[str, ...]]) -> None:
+    """ValueError naming the first word-valued field of a sampler config that is none of its choices."""
+    for name, options in choices.items():
+        value = getattr(config, name)
+        if value is not None and value not in options:
+            listed = " or ".join(repr(option) for option in options)
+            raise ValueError(f"sampler {name} must be {listed}, not {_shown(value)}")
 
 
 @dataclass(frozen=True)
@@ -127,31 +140,27 @@ class EBMSampler:
     tolerance: float = 0.0  # a chain stops once its RMS move in a step is below this (training/sampling/langevin.py)
     train_steps: int | None = None  # steps per training iteration (recorded only)
 
+    # Where each numeric key must lie and what each word-valued key may be (docs/sampler-keys.md lists both).
+    BOUNDS: ClassVar[dict[str, Bounds]] = {
+        "steps": CHAIN_STEPS,
+        "step_size": STEP_SIZE,
+        "noise": NOISE,
+        "grad_clip": POSITIVE,
+        "temperature": TEMPERATURE,
+        "prior_std": POSITIVE,
+        "guidance": GUIDANCE,
+        "momentum": MOMENTUM,
+        "step_decay": STEP_DECAY,
+        "restart_prob": PROBABILITY,
+        "buffer_capacity": SIZE,
+        "tolerance": TOLERANCE,
+        "train_steps": STEPS,
+    }
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"init": INITS, "prior": PRIORS, "unlabelled": UNLABELLED}
+
     def __post_init__(self) -> None:
-        check_values(
-            self,
-            {
-                "steps": CHAIN_STEPS,
-                "step_size": STEP_SIZE,
-                "noise": NOISE,
-                "grad_clip": POSITIVE,
-                "temperature": TEMPERATURE,
-                "prior_std": POSITIVE,
-                "guidance": GUIDANCE,
-                "momentum": MOMENTUM,
-                "step_decay": STEP_DECAY,
-                "restart_prob": PROBABILITY,
-                "buffer_capacity": SIZE,
-                "tolerance": TOLERANCE,
-                "train_steps": STEPS,
-            },
-        )
-        if self.init not in INITS:
-            raise ValueError(f"sampler init must be one of {', '.join(INITS)}, not {self.init!r}")
-        if self.prior not in PRIORS:
-            raise ValueError(f"sampler prior must be one of {', '.join(PRIORS)}, not {self.prior!r}")
-        if self.unlabelled not in ("null", "random"):
-            raise ValueError(f"sampler unlabelled must be 'null' or 'random', not {self.unlabelled!r}")
+        check_values(self, self.BOUNDS)
+        check_choices(self, self.CHOICES)
 
 
 @dataclass(frozen=True)
@@ -166,11 +175,18 @@ class GANSampler:
     step_size: float = 0.01  # DDLS: z <- z - step_size * grad E(z) / temperature
     noise: float = 0.1  # DDLS: std of the Gaussian noise added to z before each gradient step
 
+    BOUNDS: ClassVar[dict[str, Bounds]] = {
+        "latent_dim": SIZE,
+        "temperature": TEMPERATURE,
+        "steps": STEPS,
+        "step_size": STEP_SIZE,
+        "noise": NOISE,
+    }
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"weights": ("ema", "raw")}
+
     def __post_init__(self) -> None:
-        ddls = {"steps": STEPS, "step_size": STEP_SIZE, "noise": NOISE}
-        check_values(self, {"latent_dim": SIZE, "temperature": TEMPERATURE, **ddls})
-        if self.weights not in ("ema", "raw"):
-            raise ValueError(f"sampler weights must be 'ema' or 'raw', not {self.weights!r}")
+        check_values(self, self.BOUNDS)
+        check_choices(self, self.CHOICES)
 
 
 @dataclass(frozen=True)
@@ -185,18 +201,14 @@ class FlowSampler:
     guidance: float = 1.0  # conditional CNF, labelled chains: v(x, t) + w (v(x, t, y) - v(x, t)); 1: plain v(x, t, y)
     unlabelled: str = "null"  # conditional CNF asked for no label: "null" label (v(x, t)) | "random" class per chain
 
-    def __post_init__(self) -> None:
-        check_values(self, {"temperature": TEMPERATURE, "steps": CHAIN_STEPS, "guidance": GUIDANCE})
-        self._check_ode_settings()
+    BOUNDS: ClassVar[dict[str, Bounds]] = {"temperature": TEMPERATURE, "steps": CHAIN_STEPS, "guidance": GUIDANCE}
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"solver": ODE_SOLVERS, "unlabelled": UNLABELLED}
 
-    def _check_ode_settings(self) -> None:
-        """The CNF fields (kept apart so that checks of the other fields can sit beside them in __post_init__)."""
+    def __post_init__(self) -> None:
+        check_values(self, self.BOUNDS)
         if (self.steps is None) != (self.solver is None):
             raise ValueError(f"sampler steps and solver are set together (a CNF) or not at all; got {self}")
-        if self.solver not in (None, *ODE_SOLVERS):
-            raise ValueError(f"sampler solver must be one of {', '.join(ODE_SOLVERS)}, not {self.solver!r}")
-        if self.unlabelled not in ("null", "random"):
-            raise ValueError(f"sampler unlabelled must be 'null' or 'random', not {self.unlabelled!r}")
+        check_choices(self, self.CHOICES)
 
 
 SamplerConfig = EBMSampler | GANSampler | FlowSampler
