@@ -37,12 +37,12 @@ def accepted_fields(model: ServedModel) -> list[str]:
 
 def _chain_fields() -> list[str]:
     """Every field some family's chains read, in the order the families list them."""
-    return list(dict.fromkeys(name for family in FAMILIES.values() for name in family.fields))
+    return list(dict.fromkeys(name for kind in FAMILIES.values() for name in kind.fields))
 
 
 def _readers(name: str) -> str:
     """The families that read a field: 'EBMs, CNFs and GANs with a critic', 'class-conditional EBMs and CNFs'."""
-    families = [family.readers for family in FAMILIES.values() if family.readers and name in family.fields]
+    families = [kind.readers for kind in FAMILIES.values() if kind.readers and name in kind.fields]
     named = families[0] if len(families) == 1 else f"{', '.join(families[:-1])} and {families[-1]}"
     return f"class-conditional {named}" if name in CONDITIONAL_FIELDS else named
 

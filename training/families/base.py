@@ -107,6 +107,11 @@ class Family:
         """A loaded program as the module its sampler calls, and the extras it starts with."""
         raise NotImplementedError
 
+    def probe_program(self, model: LoadedModel, batch: int, first: bool) -> None:
+        """Run a loaded program's module on a batch of `batch` as its sampler will; CheckpointError for outputs
+        of the wrong shape or not finite (`first`: the first probe batch, where more is checked)."""
+        raise NotImplementedError
+
     def export_plan(self, model: LoadedModel, batch: Any) -> ExportPlan:
         """How `python -m training export` traces it; ValueError where it cannot be exported."""
         raise ValueError(f"{model.name} is a {self.stated} model; only ebm, gan and flow models are exported")

@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from training.families.base import ExportPlan, Family, Signature
-from training.runtime.checkpoint import ModelConfig, max_buffer_capacity
+from training.runtime.checkpoint import CheckpointError, ModelConfig, max_buffer_capacity
 from training.runtime.device import chain_precision
 from training.runtime.draw import pooled_buffer, sample_ebm
-from training.runtime.exported_modules import ExportedEnergy
+from training.runtime.exported_modules import ExportedEnergy, expect_output
 from training.runtime.loaded import LoadedModel
 from training.sampling.langevin import StepCallback
 from training.sampling.replay_buffer import ReplayBuffer
@@ -87,6 +87,26 @@ class Energy(Family):
         capacity = min(sampler.buffer_capacity or REPLAY_CAPACITY, max_buffer_capacity(shape))
         low, high = config.data.get("range", [-1.0, 1.0])
         return module, {"replay_buffer": ReplayBuffer.empty_state(shape, capacity, sampler.restart_prob, (low, high))}
+
+    def probe_program(self, model: LoadedModel, batch: int, first: bool) -> None:
+        module, shape, source = model.module, model.shape, model.name
+        assert isinstance(module, ExportedEnergy)
+        device = next(module.parameters()).device
+        low, high = model.data_range
+        x = (torch.rand(batch, *shape, device=device) * (high - low) + low).requires_grad_(True)
+        labels = torch.arange(batch, device=device) % (module.num_classes + 1) - 1
+        energy = module(x, labels if module.num_classes else None)
+        expect_output(energy, [batch], "energy", source)
+        if not first:
+            return
+        try:
+            (gradient,) = torch.autograd.grad(energy.sum(), x)
+        except RuntimeError as error:
+            raise CheckpointError(
+                f"{source}: the energy has no gradient with respect to x ({error}); Langevin "
+                "sampling needs one (export without torch.no_grad or detach)"
+            ) from error
+        expect_output(gradient, [batch, *shape], "gradient of the energy", source)
 
     def export_plan(self, model: LoadedModel, batch: Any) -> ExportPlan:
         if model.classes is None:  # an unconditional energy samples no classes

@@ -15,7 +15,7 @@ from training.families.base import ExportPlan, Family, Signature
 from training.models.flows import BASES, Flow, bits_per_dim
 from training.runtime.checkpoint import CheckpointError, ModelConfig
 from training.runtime.draw import sample_flow
-from training.runtime.exported_modules import ExportedFlow
+from training.runtime.exported_modules import ExportedFlow, expect_output
 from training.runtime.loaded import LoadedModel
 from training.sampling.langevin import StepCallback
 from training.sampling.replay_buffer import ReplayBuffer
@@ -68,6 +68,14 @@ class ExactFlow(Family):
     ) -> tuple[nn.Module, dict[str, dict[str, torch.Tensor]]]:
         assert isinstance(sampler, FlowSampler)
         return ExportedFlow(program, tuple(config.data["shape"]), sampler.base or "gaussian"), {}
+
+    def probe_program(self, model: LoadedModel, batch: int, first: bool) -> None:
+        module, shape = model.module, model.shape
+        assert isinstance(module, ExportedFlow)
+        with torch.no_grad():
+            x, log_prob = module.program(torch.randn(batch, *shape, device=next(module.parameters()).device))
+        expect_output(x, [batch, *shape], "sample", model.name)
+        expect_output(log_prob, [batch], "log p(x)", model.name)
 
     def export_plan(self, model: LoadedModel, batch: Any) -> ExportPlan:
         module = model.module

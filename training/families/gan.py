@@ -14,7 +14,7 @@ from torch import nn
 from training.families.base import ExportPlan, Family, Signature, WeightGroup
 from training.runtime.checkpoint import Checkpoint, CheckpointError, ModelConfig
 from training.runtime.draw import default_latent_steps, sample_generator
-from training.runtime.exported_modules import ExportedGenerator
+from training.runtime.exported_modules import ExportedGenerator, expect_output
 from training.runtime.loaded import LoadedModel
 from training.sampling.langevin import StepCallback
 from training.sampling.noise import latent_gaussian
@@ -105,6 +105,13 @@ class Gan(Family):
         self, program: nn.Module, config: ModelConfig, sampler: SamplerConfig
     ) -> tuple[nn.Module, dict[str, dict[str, torch.Tensor]]]:
         return ExportedGenerator(program), {}
+
+    def probe_program(self, model: LoadedModel, batch: int, first: bool) -> None:
+        latent_dim = model.sampler_as(GANSampler).latent_dim
+        device = next(model.module.parameters()).device
+        with torch.no_grad():
+            images = model.module(torch.randn(batch, latent_dim, device=device))
+        expect_output(images, [batch, *model.shape], "image", model.name)
 
     def export_plan(self, model: LoadedModel, batch: Any) -> ExportPlan:
         # The wrapper holds the weights the checkpoint samples with (EMA by default).

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
@@ -36,13 +35,12 @@ from torch.export.passes import move_to_device_pass
 
 from training.families import family_named
 from training.runtime.checkpoint import CheckpointError, ModelConfig, first_line, read_model_file
-from training.runtime.exported_modules import ExportedEnergy, ExportedFlow
 from training.runtime.loaded import LoadedModel
 from training.runtime.pt2_archive import TensorRecord, VettedArchive, check_archive
 from training.runtime.pt2_graph import check_operators
 from training.runtime.pt2_zip import MAX_ARCHIVE_BYTES
 from training.runtime.stated import StatedData, check_stated, parse_json
-from training.sampling.sampler_config import GANSampler, sampler_for
+from training.sampling.sampler_config import sampler_for
 
 PROGRAM_SUFFIX = ".pt2"
 SIDECAR_SUFFIX = ".json"
@@ -193,50 +191,18 @@ def _check_signature(program: torch.export.ExportedProgram, config: ModelConfig,
 
 
 def probe(model: LoadedModel, batches: tuple[int, ...] = (2, 1, 3)) -> None:
-    """Run the module as the samplers will, on small batches: output shapes and finite values, and for
-    an energy a gradient in x; then the other batch sizes (the batch dimension really is dynamic)."""
-    module, shape, source = model.module, model.shape, model.name
-    device = next(module.parameters()).device
-    low, high = model.data_range
+    """Run the module as the samplers will, on small batches, as its family probes it (output shapes and finite
+    values; an energy's gradient in x on the first batch); then the other batch sizes (the batch dimension
+    really is dynamic)."""
+    family = family_named(model.config.family)
     for batch in batches:
         try:
-            if isinstance(module, ExportedEnergy):
-                x = (torch.rand(batch, *shape, device=device) * (high - low) + low).requires_grad_(True)
-                labels = torch.arange(batch, device=device) % (module.num_classes + 1) - 1
-                energy = module(x, labels if module.num_classes else None)
-                _expect(energy, [batch], "energy", source)
-                if batch == batches[0]:
-                    try:
-                        (gradient,) = torch.autograd.grad(energy.sum(), x)
-                    except RuntimeError as error:
-                        raise CheckpointError(
-                            f"{source}: the energy has no gradient with respect to x ({error}); Langevin "
-                            "sampling needs one (export without torch.no_grad or detach)"
-                        ) from error
-                    _expect(gradient, [batch, *shape], "gradient of the energy", source)
-            elif isinstance(module, ExportedFlow):
-                with torch.no_grad():
-                    x, log_prob = module.program(torch.randn(batch, *shape, device=device))
-                _expect(x, [batch, *shape], "sample", source)
-                _expect(log_prob, [batch], "log p(x)", source)
-            else:
-                latent_dim = model.sampler_as(GANSampler).latent_dim
-                with torch.no_grad():
-                    _expect(module(torch.randn(batch, latent_dim, device=device)), [batch, *shape], "image", source)
+            family.probe_program(model, batch, batch == batches[0])
         except CheckpointError:
             raise
         except Exception as error:
             what = "the probe batch" if batch == batches[0] else f"a batch of {batch} (is the batch dimension dynamic?)"
-            raise CheckpointError(f"{source}: the program fails on {what}: {first_line(error)}") from error
-
-
-def _expect(value: Any, shape: list[int], what: str, source: str) -> None:
-    if not isinstance(value, torch.Tensor):
-        raise CheckpointError(f"{source}: the program returns {type(value).__name__} where the {what} belongs")
-    if list(value.shape) != shape:
-        raise CheckpointError(f"{source}: the {what} has shape {list(value.shape)}, expected {shape}")
-    if not value.dtype.is_floating_point or not bool(torch.isfinite(value).all()):
-        raise CheckpointError(f"{source}: the {what} is not finite floating point ({value.dtype})")
+            raise CheckpointError(f"{model.name}: the program fails on {what}: {first_line(error)}") from error
 
 
 def load_exported(

@@ -3,10 +3,13 @@ so an exported model samples through the code a checkpoint samples through (trai
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from training.models.flows import Flow
+from training.runtime.checkpoint import CheckpointError
 
 
 class _Program(nn.Module):
@@ -101,3 +104,13 @@ class ExportedFlow(Flow):
     def _inverse(self, z: torch.Tensor, keep_states: bool) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         x, log_prob, states = self.decode(z, keep_states)
         return x, self.base.log_prob(z) - log_prob, states  # log|det dx/dz| = log p_base(z) - log p(x)
+
+
+def expect_output(value: Any, shape: list[int], what: str, source: str) -> None:
+    """CheckpointError unless a program's output `what` is a finite floating-point tensor of `shape`."""
+    if not isinstance(value, torch.Tensor):
+        raise CheckpointError(f"{source}: the program returns {type(value).__name__} where the {what} belongs")
+    if list(value.shape) != shape:
+        raise CheckpointError(f"{source}: the {what} has shape {list(value.shape)}, expected {shape}")
+    if not value.dtype.is_floating_point or not bool(torch.isfinite(value).all()):
+        raise CheckpointError(f"{source}: the {what} is not finite floating point ({value.dtype})")
