@@ -290,8 +290,10 @@ class CoalescedReloads:
         self._next: asyncio.Future[ReloadReport] | None = None  # the scan calls wait for, not started yet
         self._last_start = -math.inf
         self.started = 0  # scans started: a test's witness that calls coalesced
+        self.calls = 0  # calls received: a test's witness that every caller has arrived
 
     async def __call__(self) -> ReloadReport:
+        self.calls += 1
         if self._next is None:
             self._next = asyncio.ensure_future(self._scan_after(self._running))
         return await asyncio.shield(self._next)  # a caller that goes away does not cancel the others' scan

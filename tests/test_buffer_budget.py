@@ -12,6 +12,7 @@ import httpx
 import pytest
 import torch
 from conftest import write_tiny_ebm
+from engine_bench import FakeClock
 from safetensors.torch import load_file, save_file
 from server import running_server
 
@@ -30,14 +31,6 @@ from training.sampling.replay_buffer import ReplayBuffer
 
 SHAPE = (1, 28, 28)
 SLOT_BYTES = ReplayBuffer.slot_bytes(SHAPE, torch.float16)  # 784 float16 values, a class, a lease flag
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def worker_for(models: Path, state: Path, budget: BufferBudget | None = None) -> tuple[Worker, FakeClock]:

@@ -15,9 +15,8 @@ import httpx
 import pytest
 import torch
 from conftest import write_tiny_ebm, write_tiny_gan
-from server import running_server
-from test_hostile_clients import metric
-from test_worker import Bench, FakeClock
+from engine_bench import Bench, FakeClock
+from server import metric, running_server
 
 from service.buffer_store import BufferStore
 from service.messages import Handle

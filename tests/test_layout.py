@@ -98,3 +98,19 @@ def test_the_graph_reader_sees_a_cycle_hidden_in_a_function(tmp_path) -> None:
     graph = read_graph(tmp_path)
     assert graph.cycles() == [["training.a", "training.b"]]
     assert [(imp.importer, imp.target) for imp in graph.function_level()] == [("training.b", "training.a")]
+
+
+def test_no_test_module_imports_another() -> None:
+    """What tests share lives in helper modules (conftest's model writers, server, payloads, engine_bench,
+    page_driver, programs, toy_runs), so a test module runs and reads on its own."""
+    import ast
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    importing = []
+    for module in sorted(tests.glob("test_*.py")):
+        for node in ast.walk(ast.parse(module.read_text())):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            importing += [f"{module.name} imports {name}" for name in names if name.split(".")[0].startswith("test_")]
+    assert importing == []

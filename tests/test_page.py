@@ -1,71 +1,17 @@
 """The demo page in a real browser (Debian's Chromium driven by Playwright) against a running server."""
 
-import json
-import os
 import re
-import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import write_tiny_ebm, write_tiny_eqm, write_tiny_flow, write_tiny_gan
+from conftest import write_gan_without_its_critic, write_tiny_ebm, write_tiny_eqm, write_tiny_flow, write_tiny_gan
+from page_driver import curl_body, expect, image_is_not_blank, open_page, wait_until_done, watch_the_result
 from server import running_server
 
 from service.settings import Settings
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOTS = ROOT / "test-output"
-
-playwright = pytest.importorskip("playwright.sync_api")
-expect = playwright.expect
-if not Path(CHROMIUM).exists():
-    if os.environ.get("CI"):
-        raise RuntimeError("CI needs Chromium for the browser tests: apt-get install chromium")
-    pytest.skip("Chromium is not installed (apt-get install chromium)", allow_module_level=True)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with playwright.sync_playwright() as driver:
-        browser = driver.chromium.launch(
-            executable_path=CHROMIUM,
-            headless=True,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-            ],
-        )
-        yield browser
-        browser.close()
-
-
-@contextmanager
-def open_page(browser, models_dir: Path, state_dir: Path) -> Iterator:
-    """The page loaded from a real server on `models_dir`; fails on any console error not taken out."""
-    settings = Settings(models_dir=models_dir, state_dir=state_dir, device="cpu")
-    with running_server(settings) as (base, _):
-        context = browser.new_context(viewport={"width": 1100, "height": 900})
-        page = context.new_page()
-        problems: list[str] = []
-
-        def on_console(message) -> None:
-            if message.type == "error":
-                problems.append(message.text)
-
-        page.on("console", on_console)
-        page.on("pageerror", lambda error: problems.append(str(error)))
-        page.goto(base)
-        page.wait_for_function("document.querySelectorAll('#model option').length > 0")
-        page.console_problems = problems  # a test that provokes an error takes its expected line out
-        yield page
-        context.close()
-        assert problems == [], f"console errors: {problems}"
 
 
 @pytest.fixture
@@ -98,16 +44,6 @@ def ranked_page(browser, tmp_path: Path):
         yield page
 
 
-def write_gan_without_its_critic(path: Path) -> Path:
-    """A GAN checkpoint as saved before critics were kept: one plain generator pass, no DDLS."""
-    from training.runtime.checkpoint import load_checkpoint, save_checkpoint
-
-    checkpoint = load_checkpoint(write_tiny_gan(path))
-    del checkpoint.extras["critic"]
-    save_checkpoint(path, checkpoint)
-    return path
-
-
 @pytest.fixture
 def gan_page(browser, tmp_path: Path):
     """A GAN that saved its critic ('refined': /models says latent_langevin), one that did not ('plain'), and
@@ -119,59 +55,6 @@ def gan_page(browser, tmp_path: Path):
     write_gan_without_its_critic(directory / "plain.safetensors")
     with open_page(browser, directory, tmp_path / "state") as page:
         yield page
-
-
-def watch_the_result(page) -> None:
-    """Record each text #step shows and each distinct image #result shows from now on, in window.seenSteps and
-    window.seenFrames (called again, it starts both afresh)."""
-    page.evaluate("""() => {
-        const watching = window.seenSteps !== undefined;
-        window.seenSteps = []; window.seenFrames = new Set();
-        window.watchStartSrc = document.getElementById('result').getAttribute('src');  // shown before: not seen
-        if (watching) return;
-        // each change's own text: a frame and 'done' arriving in one chunk change #step in one task
-        new MutationObserver((changes) => changes.forEach((change) =>
-            change.addedNodes.forEach((node) => window.seenSteps.push(node.textContent))))
-            .observe(document.getElementById('step'), { childList: true, characterData: true, subtree: true });
-        // every image set, though several may land in one task: each change's old value, then the last one
-        const result = document.getElementById('result');
-        new MutationObserver((changes) => {
-            changes.forEach((change) => {
-                if (change.oldValue && change.oldValue !== window.watchStartSrc) window.seenFrames.add(change.oldValue);
-            });
-            window.seenFrames.add(result.src);
-        }).observe(result, { attributes: true, attributeFilter: ['src'], attributeOldValue: true });
-    }""")
-
-
-def curl_body(page) -> dict:
-    """The JSON body of the curl preview, parsed back."""
-    preview = re.search(r"-d '(.*)'", page.inner_text("#curl"))
-    assert preview, "the curl preview has no -d '<json>' body"
-    return json.loads(preview.group(1))
-
-
-def wait_until_done(page, timeout: float = 60000) -> None:
-    expect(page.locator("#step")).to_have_text(re.compile(r"^done"), timeout=timeout)
-
-
-def image_is_not_blank(page) -> bool:
-    return page.evaluate("""() => new Promise((resolve) => {
-        const image = document.getElementById('result');
-        const check = () => {
-            const canvas = document.createElement('canvas');
-            canvas.width = image.naturalWidth; canvas.height = image.naturalHeight;
-            const context = canvas.getContext('2d');
-            context.drawImage(image, 0, 0);
-            const pixels = context.getImageData(0, 0, canvas.width, canvas.height).data;
-            let low = 255, high = 0;
-            for (let i = 0; i < pixels.length; i += 4) {
-                low = Math.min(low, pixels[i]); high = Math.max(high, pixels[i]);
-            }
-            resolve(canvas.width > 0 && high - low > 50);
-        };
-        image.complete && image.naturalWidth ? check() : image.addEventListener('load', check, { once: true });
-    })""")
 
 
 def test_model_list_and_sample_show_a_grid(page) -> None:
@@ -474,7 +357,7 @@ def record_figures(path: Path, metrics: dict) -> None:
 @pytest.fixture
 def figures_page(browser, models_dir: Path, tmp_path: Path):
     """models_dir's EBMs ('solo', the ensemble 'pair') and a model of each other family, with shipped figures."""
-    from test_service_ode import write_tiny_cnf
+    from conftest import write_tiny_cnf
 
     write_tiny_eqm(models_dir / "eqm.safetensors")
     write_tiny_gan(models_dir / "gan.safetensors")

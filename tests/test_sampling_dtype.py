@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_tiny_ebm, write_tiny_eqm, write_tiny_gan
-from test_service_ode import write_tiny_cnf
-from test_worker import Bench, FakeClock
+from conftest import write_tiny_cnf, write_tiny_ebm, write_tiny_eqm, write_tiny_gan
+from engine_bench import Bench, FakeClock
 
 from service.buffer_store import BufferStore
 from service.metrics import Metrics
