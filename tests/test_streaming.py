@@ -1,13 +1,12 @@
 """Server-Sent Events and chains started from a client's image, through real HTTP."""
 
-import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 from payloads import png_array, png_b64, sse_events
-from server import running_server
+from server import running_server, wait_for
 
 from service.settings import Settings
 
@@ -60,10 +59,7 @@ def test_a_client_leaving_the_stream_stops_its_chains(server) -> None:
         for line in response.iter_lines():
             if line.startswith("event: frame"):
                 break  # one frame seen; leave
-    deadline = time.monotonic() + 10
-    while pool.scheduler.running_chains and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert pool.scheduler.running_chains == 0
+    wait_for(lambda: pool.scheduler.running_chains == 0, 10, "the left stream's chains being dropped")
     assert pool.stats["steps"] < 50000
 
 
