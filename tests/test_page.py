@@ -385,3 +385,51 @@ def test_the_page_says_it_serves_every_family() -> None:
     assert subtitle is not None
     for family in ("energy-based models", "normalizing flows", "GANs"):
         assert family in subtitle.group(1), family
+
+
+def with_energy_reference(path: Path, reference: float) -> Path:
+    """A checkpoint given a recorded OOD reference of 64 held-out energies all equal to `reference`: every image
+    scores above it (p = 0) when it is far below, and below it (p = 1) when it is far above."""
+    from training.runtime.checkpoint import load_checkpoint, save_checkpoint
+
+    checkpoint = load_checkpoint(path)
+    checkpoint.config.metrics["ood"] = {"score": "energy", "reference": [reference] * 64, "split": "test", "n": 64}
+    save_checkpoint(path, checkpoint)
+    return path
+
+
+@pytest.fixture
+def score_page(browser, tmp_path: Path):
+    directory = tmp_path / "models"
+    directory.mkdir()
+    with_energy_reference(write_tiny_ebm(directory / "strict.safetensors", seed=0), -1e6)
+    with_energy_reference(write_tiny_ebm(directory / "lenient.safetensors", seed=1), 1e6)
+    write_tiny_flow(directory / "flow.safetensors", arch_name="nice")
+    write_tiny_gan(directory / "gan.safetensors")
+    with open_page(browser, directory, tmp_path / "state") as page:
+        yield page
+
+
+def test_the_score_pad_scores_a_drawing_with_every_model_and_says_the_p_value_in_words(score_page) -> None:
+    page = score_page
+    expect(page.locator("#scores")).to_be_hidden()
+    box = page.locator("#score-pad").bounding_box()
+    page.mouse.move(box["x"] + 98, box["y"] + 30)
+    page.mouse.down()
+    page.mouse.move(box["x"] + 98, box["y"] + 170, steps=10)
+    page.mouse.up()
+    page.click("#score")
+    rows = page.locator("#scores tbody tr")
+    expect(rows).to_have_count(4)
+    expect(page.locator("#scores tbody td", has_text="scoring…")).to_have_count(0, timeout=30000)
+    table = {
+        row.get_attribute("data-model"): [cell.inner_text() for cell in row.locator("td").all()] for row in rows.all()
+    }
+    strict, lenient, flow, gan = table["strict"], table["lenient"], table["flow"], table["gan"]
+    assert strict[1].startswith("energy ") and strict[2].startswith("unusual for this model: none of its own")
+    assert "(p = 0)" in strict[2] and page.locator("#scores tr[data-model=strict] td.unusual").count() == 1
+    assert lenient[1].startswith("energy ") and lenient[2].startswith("typical of its data: 100 % of its own")
+    assert "bits/dim" in flow[1] and flow[2] == "no reference scores recorded: no verdict"
+    assert gan[1].startswith("critic ") and gan[2] == "no reference scores recorded: no verdict"
+    SCREENSHOTS.mkdir(exist_ok=True)
+    page.locator(".scoring").screenshot(path=str(SCREENSHOTS / "demo-page-score.png"))
