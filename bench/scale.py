@@ -33,7 +33,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from service.buffer_store import BUFFER_DTYPE, BufferStore  # noqa: E402
+from service.catalogue.buffer_store import BUFFER_DTYPE, BufferStore  # noqa: E402
 from training.runtime.buffer_names import group_digest, model_digest  # noqa: E402
 from training.runtime.draw import sample_ebm  # noqa: E402
 from training.runtime.load import load_model, read_model_payload  # noqa: E402

@@ -17,13 +17,13 @@ MAX_LINES = 400  # outside training/models/, where an architecture may take more
 FUNCTION_LEVEL_ALLOWED = {
     ("training.train.losses", "scipy.optimize"): "scipy: only minibatch OT pairing of a CNF needs it",
     ("service.ray_engine", "ray"): "the ray extra is optional",
-    ("service.ray_engine", "service.app"): "torch loads in each Ray replica, not in the driver",
+    ("service.ray_engine", "service.http.app"): "torch loads in each Ray replica, not in the driver",
     ("service.__main__", "service.ray_engine"): "the ray extra is optional",
     ("service.__main__", "importlib.util"): "the check that the ray extra is installed",
     ("service.__main__", "uvicorn"): "settings and files are checked before the server and torch load",
-    ("service.__main__", "service.app"): "settings and files are checked before the server and torch load",
-    ("service.__main__", "service.buffer_store"): "settings and files are checked before torch loads",
-    ("service.__main__", "service.middleware"): "settings and files are checked before the server loads",
+    ("service.__main__", "service.http.app"): "settings and files are checked before the server and torch load",
+    ("service.__main__", "service.catalogue.buffer_store"): "settings and files are checked before torch loads",
+    ("service.__main__", "service.http.middleware"): "settings and files are checked before the server loads",
     ("service.__main__", "training.runtime.device"): "settings and files are checked before torch loads",
 }
 # What the client distribution (clients/python/pyproject.toml) may import: its own modules, its three dependencies

@@ -4,8 +4,8 @@ from collections.abc import Callable
 
 import pytest
 
-from service.messages import Handle
-from service.scheduler import AGING, MAX_SLOWDOWN, ChainScheduler, Job, StepCost, default_step_budget
+from service.engine.messages import Handle
+from service.engine.scheduler import AGING, MAX_SLOWDOWN, ChainScheduler, Job, StepCost, default_step_budget
 
 
 class FakeClock:
