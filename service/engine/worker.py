@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 import torch
 
 from service.catalogue.buffer_store import BufferBudget, BufferStore
-from service.catalogue.registry import VERSION_CHARS, BufferGroup, Registry, ServedModel, refusal
+from service.catalogue.registry import VERSION_CHARS, BufferGroup, Registry, ServedModel, refusal, runs_ode_chains
 from service.catalogue.served_models import ServedModels
 from service.engine.buffer_keeper import BufferFigures, BufferKeeper, FailureLog
 from service.engine.messages import Deliver, FrameSink, Handle, Order, QueueFull, ScoreOrder, WorkerFailure
@@ -38,7 +38,7 @@ from service.engine.pools.chain import ChainPool
 from service.engine.pools.generator import GeneratorPool
 from service.engine.pools.langevin import LangevinPool
 from service.engine.pools.latent import LatentPool, latent_pool_name, runs_in_latent_pool
-from service.engine.pools.ode import OdePool, runs_ode_chains
+from service.engine.pools.ode import OdePool
 from service.engine.pools.pool_set import PoolPlan, PoolSet
 from service.engine.pools.score import LikelihoodPool, OnePassScorePool, ScorePool, score_pool_name
 from service.engine.scheduler import IDLE_SECONDS, Job, default_step_budget

@@ -1,9 +1,9 @@
 """create_app(settings): routes and lifespan (load models, start and stop the worker).
 
-A request flows one way: HTTP -> schema (schemas.py) -> order (orders.py) -> worker (bridge.py, worker.py)
--> render (render.py) -> HTTP. The models it can name are those of the live models directory
-(model_watch.py) as the worker last published them (served_models.py); each answer says in X-Model-Version
-which version served it.
+A request flows one way: HTTP -> schema (schemas.py) -> order (orders.py) -> worker (bridge.py, then
+service/engine/worker.py) -> render (render.py) -> HTTP. The models it can name are those of the live models
+directory (service/catalogue/model_watch.py) as the worker last published them
+(service/catalogue/served_models.py); each answer says in X-Model-Version which version served it.
 """
 
 from __future__ import annotations

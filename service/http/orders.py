@@ -13,9 +13,8 @@ import secrets
 import torch
 from fastapi import HTTPException
 
-from service.catalogue.registry import ServedModel
+from service.catalogue.registry import ServedModel, runs_ode_chains
 from service.engine.messages import SampleOrder
-from service.engine.pools.ode import runs_ode_chains
 from service.http.schemas import CNF_FIELDS, DDLS_FIELDS, EBM_ONLY_FIELDS, SampleRequest
 from service.settings import Settings
 from training.runtime.draw import default_latent_steps
