@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from service.messages import SampleResult
-from service.orders import make_order
-from service.registry import Registry
-from service.schemas import SampleRequest
+from service.catalogue.registry import Registry
+from service.engine.messages import SampleResult
+from service.engine.worker import Worker
+from service.http.orders import make_order
+from service.http.schemas import SampleRequest
 from service.settings import Settings
-from service.worker import Worker
 
 
 class FakeClock:

@@ -20,7 +20,7 @@ import httpx
 import uvicorn
 from fastapi import FastAPI
 
-from service.app import create_app
+from service.http.app import create_app
 from service.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent

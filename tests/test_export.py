@@ -255,7 +255,7 @@ def test_an_exported_model_samples_under_bfloat16_chain_steps(family: str, tmp_p
 def test_a_program_beside_a_checkpoint_of_the_same_name_is_refused(tmp_path: Path) -> None:
     write_tiny_gan(tmp_path / "twin.safetensors")
     main(["export", str(tmp_path / "twin.safetensors"), "--out", str(tmp_path / "twin.pt2")])
-    from service.registry import load_registry
+    from service.catalogue.registry import load_registry
 
     registry = load_registry(tmp_path, torch.device("cpu"))
     assert "twin" in registry.models and "same name" in registry.refused["twin.pt2"]

@@ -5,8 +5,8 @@ from collections.abc import Callable
 import pytest
 from engine_bench import FakeClock
 
-from service.messages import Handle
-from service.scheduler import AGING, MAX_SLOWDOWN, ChainScheduler, Job, StepCost, default_step_budget
+from service.engine.messages import Handle
+from service.engine.scheduler import AGING, MAX_SLOWDOWN, ChainScheduler, Job, StepCost, default_step_budget
 
 
 def job(n: int, steps: int, clock: FakeClock, timeout: float = 100.0) -> Job:

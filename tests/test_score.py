@@ -29,13 +29,13 @@ from payloads import png_b64
 from PIL import Image
 from server import running_server
 
-from service.buffer_store import BufferStore
-from service.messages import CancelledByClient, ScoreOrder
+from service.catalogue.buffer_store import BufferStore
+from service.catalogue.registry import load_registry
+from service.engine.messages import CancelledByClient, ScoreOrder
+from service.engine.pools.score import score_pool_name
+from service.engine.worker import Worker
 from service.metrics import Metrics
-from service.registry import load_registry
-from service.score_pools import score_pool_name
 from service.settings import Settings
-from service.worker import Worker
 from training.commands.cli import main
 from training.sampling.scoring import LikelihoodSettings
 

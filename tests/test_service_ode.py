@@ -20,12 +20,12 @@ from payloads import png_array, png_b64, sse_events
 from PIL import Image
 from server import running_server, wait_for
 
-from service.buffer_store import BufferStore
-from service.messages import CancelledByClient
+from service.catalogue.buffer_store import BufferStore
+from service.catalogue.registry import Registry, ServedModel, load_registry
+from service.engine.messages import CancelledByClient
+from service.engine.worker import Worker
 from service.metrics import Metrics
-from service.registry import Registry, ServedModel, load_registry
 from service.settings import Settings
-from service.worker import Worker
 from training.runtime.draw import cnf_prior, draw_samples, sample_flow
 from training.runtime.images import decode_image
 from training.runtime.load import load_model

@@ -120,7 +120,7 @@ def test_a_failing_batch_fails_only_its_requests(models_dir: Path, tmp_path: Pat
 
 
 def test_long_flow_trajectories_are_thinned_evenly_keeping_the_last_frame() -> None:
-    from service.pools import evenly_spaced
+    from service.engine.pools.base import evenly_spaced
 
     frames = [torch.full((1,), float(index)) for index in range(200)]
     kept = evenly_spaced(frames, 65)

@@ -21,11 +21,11 @@ from conftest import restate, write_tiny_ebm, write_tiny_eqm
 from programs import SHAPE, WellEnergy, save_program, well_sidecar
 from server import running_server, wait_for
 
-from service.buffer_store import BufferStore
+from service.catalogue.buffer_store import BufferStore
+from service.catalogue.model_watch import ModelRepository
+from service.engine.worker import Worker
 from service.metrics import Metrics
-from service.model_watch import ModelRepository
 from service.settings import Settings
-from service.worker import Worker
 from training.commands.cli import main
 from training.commands.quality import frechet_distance
 from training.runtime.load import load_model_file

@@ -11,14 +11,14 @@ import torch
 from conftest import write_tiny_ebm, write_tiny_eqm, write_tiny_gan
 from engine_bench import Bench, FakeClock
 
-from service.buffer_store import BufferStore
-from service.messages import SampleResult
+from service.catalogue.buffer_store import BufferStore
+from service.catalogue.registry import load_registry
+from service.engine.messages import SampleResult
+from service.engine.worker import Worker
+from service.http.orders import make_order
+from service.http.schemas import SampleRequest
 from service.metrics import Metrics
-from service.orders import make_order
-from service.registry import load_registry
-from service.schemas import SampleRequest
 from service.settings import Settings
-from service.worker import Worker
 
 WINDOW_S = 0.5  # binary fractions, so the fake clock's sums are exact
 

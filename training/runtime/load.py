@@ -4,7 +4,7 @@ Any file may be hostile: only a regular file inside its folder is read (a FIFO w
 of it would serve and echo someone else's file), at most `max_bytes`, checked before reading; every architecture
 is rehearsed under build limits (training/models) and compared with the tensors the file holds before anything
 is allocated for it; a GAN must make images of its declared shape. What only a server asks of a file (a name it
-puts in buffer file names, an image shape, one file per name, a time limit) is service/registry.py's.
+puts in buffer file names, an image shape, one file per name, a time limit) is service/catalogue/registry.py's.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Any file there may be hostile, so loading is bounded file by file: each is read 
 (training/runtime/load.py: regular files inside the folder only, at most `max_model_bytes`, architectures
 rehearsed under build limits), and each loads in a thread of its own that is given up after
 `model_load_timeout_s`. That holds at start and for every file the live models directory loads later
-(service/model_watch.py): both go through `load_file`, and `assemble` makes the served names (ensembles
+(service/catalogue/model_watch.py): both go through `load_file`, and `assemble` makes the served names (ensembles
 regrouped) from whatever files are loaded at the time.
 """
 
@@ -25,6 +25,7 @@ from typing import TypeVar
 import torch
 
 from service.settings import Settings
+from training.models.cnf import is_velocity_field
 from training.runtime.buffer_names import group_digest, model_digest
 from training.runtime.checkpoint import CheckpointError, check_name
 from training.runtime.draw import pooled_buffer
@@ -92,6 +93,14 @@ class ServedModel:
     def pool_key(self) -> str:
         """The pool and the version of it that runs this model: a replaced file's requests run on in the old one."""
         return f"{self.pool}@{self.pool_version}"
+
+
+def runs_ode_chains(model: ServedModel) -> bool:
+    """Whether a served model is a CNF (a velocity field sampled by its ODE) rather than a one-pass flow.
+
+    Asked by the HTTP side (which fields a request may set) and by the worker (which pool runs it), so it is
+    answered here, beside the served model, and the HTTP side needs no pool module."""
+    return model.family == "flow" and is_velocity_field(model.members[0].module)
 
 
 @dataclass

@@ -11,7 +11,7 @@ sidecar's) with the one its current version was taken at. A changed file is take
 
 A file still being written is neither, so it is never read half-way; one that changes while it is read is
 put off to the next scan. A complete file is loaded here, off the worker thread, through the same checks as
-at start (service/registry.py: `load_file`), and the directory's new registry is handed to the worker, which
+at start (service/catalogue/registry.py: `load_file`), and the directory's new registry is handed to the worker, which
 swaps it in between steps: requests already admitted finish on the version they started on. A file that
 fails to load leaves its previous version serving, and /readyz says why; one loaded again with the same
 bytes changes nothing.
@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, Field
 
+from service.catalogue.registry import LoadedFile, Registry, assemble, load_file, model_files, refusal
 from service.metrics import Metrics
-from service.registry import LoadedFile, Registry, assemble, load_file, model_files, refusal
 from training.runtime.checkpoint import CheckpointError
 from training.runtime.exported import PROGRAM_SUFFIX, SIDECAR_SUFFIX
 

@@ -13,10 +13,9 @@ import secrets
 import torch
 from fastapi import HTTPException
 
-from service.messages import SampleOrder
-from service.ode_pool import runs_ode_chains
-from service.registry import ServedModel
-from service.schemas import CNF_FIELDS, DDLS_FIELDS, EBM_ONLY_FIELDS, SampleRequest
+from service.catalogue.registry import ServedModel, runs_ode_chains
+from service.engine.messages import SampleOrder
+from service.http.schemas import CNF_FIELDS, DDLS_FIELDS, EBM_ONLY_FIELDS, SampleRequest
 from service.settings import Settings
 from training.runtime.draw import default_latent_steps
 from training.runtime.images import decode_image, image_size
