@@ -23,7 +23,7 @@ COPY training ./training
 COPY service ./service
 # The client's own distribution folder: the server's install brings it along (service.client is its alias).
 COPY clients/python ./clients/python
-RUN pip install . && python -c "import service.app, service.client, samplebay_client, training.runtime.checkpoint"
+RUN pip install . && python -c "import service.http.app, service.client, samplebay_client, training.runtime.checkpoint"
 
 COPY checkpoints /models
 RUN useradd --create-home --uid 1000 samplebay \

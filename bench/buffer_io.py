@@ -3,9 +3,9 @@ long a chain step's write-back waits while the save runs.
 
     python bench/buffer_io.py --shape 3 128 128 --slots 10000
 
-Saves run on a thread of their own (service/buffer_store.py); while one runs, this script writes 64 chains back
-into the buffer again and again, as finished requests do, and reports the slowest write-back: the stall a save
-causes a step. Memory is the process's resident set, sampled every 5 ms.
+Saves run on a thread of their own (service/catalogue/buffer_store.py); while one runs, this script writes 64
+chains back into the buffer again and again, as finished requests do, and reports the slowest write-back: the stall
+a save causes a step. Memory is the process's resident set, sampled every 5 ms.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from service.buffer_store import BUFFER_DTYPE, BufferStore
+from service.catalogue.buffer_store import BUFFER_DTYPE, BufferStore
 from training.sampling.replay_buffer import ReplayBuffer
 
 MiB = 2**20

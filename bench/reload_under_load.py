@@ -47,7 +47,7 @@ class Answer:
 
 
 def version_of(path: Path) -> str:
-    """The version a server serves a file as: its SHA-256 prefix (service/registry.py VERSION_CHARS)."""
+    """The version a server serves a file as: its SHA-256 prefix (service/catalogue/registry.py VERSION_CHARS)."""
     return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
 
 

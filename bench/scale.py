@@ -29,7 +29,7 @@ import launch  # bench/launch.py, beside this script
 import torch
 from torch import nn
 
-from service.buffer_store import BUFFER_DTYPE, BufferStore
+from service.catalogue.buffer_store import BUFFER_DTYPE, BufferStore
 from training.runtime.buffer_names import group_digest, model_digest
 from training.runtime.draw import sample_ebm
 from training.runtime.load import load_model, read_model_payload

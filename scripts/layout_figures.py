@@ -1,4 +1,5 @@
-"""Print the layout's figures: files, import cycles, function-level imports, largest modules.
+"""Print the layout's figures: files, import cycles, function-level imports, service/'s import floors (all of it and
+wing by wing), largest modules.
 
 python scripts/layout_figures.py
 """
@@ -23,6 +24,11 @@ def main() -> None:
         print(f"{package}/: {len(names)} files, {len(inner)} function-level import statements")
         for importer, count in Counter(importer for importer, _ in inner).most_common(5):
             print(f"  {count:3d} {importer}")
+    service = {name for name in graph.modules if name.split(".")[0] == "service"}
+    print(f"service/ import floors: {max(graph.floors(service).values())}")
+    for wing in ("http", "engine", "catalogue"):
+        members = {name for name in service if name.startswith(f"service.{wing}")}
+        print(f"  service/{wing}/: {len(members)} files, {max(graph.floors(members).values())} floors")
     cycles = graph.cycles()
     print(f"import cycles (strongly connected groups): {len(cycles)}")
     for group in cycles:

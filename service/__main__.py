@@ -5,7 +5,7 @@ Everything a user can get wrong before the server runs (a bad setting, a missing
 directory, a state directory that cannot be made, a port in use) is checked first, before torch is
 imported, and reported as one line that names the problem and its fix, with exit status 2.
 
-Once serving, a device worker that stops past its guards (service/worker.py) stops the server too, with
+Once serving, a device worker that stops past its guards (service/engine/worker.py) stops the server too, with
 exit status 1, so that a supervisor (compose's restart policy) starts a fresh one.
 """
 
@@ -176,9 +176,9 @@ def serve_locally(settings: Settings, listener: socket.socket) -> BaseException 
     """Serve until a signal, or until the device worker stops; then what stopped it (None after a signal)."""
     import uvicorn  # the server and torch (through the app) load only once the checks have passed
 
-    from service.app import create_app
-    from service.buffer_store import remove_stale_temp_files
-    from service.middleware import IdleTimeoutH11Protocol
+    from service.catalogue.buffer_store import remove_stale_temp_files
+    from service.http.app import create_app
+    from service.http.middleware import IdleTimeoutH11Protocol
     from training.runtime.device import use_threads
 
     log = logging.getLogger("service")

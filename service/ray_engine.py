@@ -14,7 +14,7 @@ has read the body, so the model is known to the router only when the client name
 `serve_multiplexed_model_id` header (bench/serve.py does); requests without it are spread by load alone.
 
 Replay buffers: replica k saves its shard `buffer-GROUP-DIGEST-replicak.safetensors` in the shared state
-directory and pools every shard of its group at start (service/buffer_store.py).
+directory and pools every shard of its group at start (service/catalogue/buffer_store.py).
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ class SampleServer:
         log.info("replica %s (rank %s) saves its replay buffers as shard replica%s", self.name, rank, rank)
 
     def __serve_build_asgi_app__(self) -> Any:
-        from service.app import create_app  # torch loads in the replica, not in the driver
+        from service.http.app import create_app  # torch loads in the replica, not in the driver
 
         self.server = create_app(self.settings)
         self.server.add_middleware(ReplicaHeader, name=self.name)

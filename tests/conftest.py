@@ -190,3 +190,74 @@ def restate(path: Path, change=None, weights=None) -> Path:
         tensors = {name: weights(name, tensor) for name, tensor in tensors.items()}
     atomic_write_bytes(path, safetensors.torch.save(tensors, metadata={"config": text or json.dumps(config)}))
     return path
+
+
+CNF_SHAPE = (1, 16, 16)  # a tiny CNF's images
+CNF_STEPS = 4  # the checkpoint's midpoint steps
+CNF_GUIDANCE = 1.5  # the checkpoint's guidance
+
+
+def write_tiny_cnf(path: Path, unlabelled: str = "null", steps: int = CNF_STEPS) -> Path:
+    """A real (untrained, perturbed) class-conditional CNF checkpoint on 16x16 images, midpoint steps."""
+    from training.models import build_model
+    from training.runtime.checkpoint import Checkpoint, ModelConfig, save_checkpoint
+
+    torch.manual_seed(0)
+    arch = {"name": "unet_velocity", "kwargs": {"channels": 1, "width": 8, "num_classes": 10, "embedding_dim": 16}}
+    field = build_model(arch)
+    with torch.no_grad():
+        for parameter in field.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    config = ModelConfig(
+        family="flow",
+        arch=arch,
+        data={
+            "shape": list(CNF_SHAPE),
+            "range": [-1.0, 1.0],
+            "dataset": "fake",
+            "classes": [str(k) for k in range(10)],
+        },
+        sampler={
+            "temperature": 1.0,
+            "steps": steps,
+            "solver": "midpoint",
+            "guidance": CNF_GUIDANCE,
+            "unlabelled": unlabelled,
+        },
+        training={"seed": 0},
+    )
+    save_checkpoint(path, Checkpoint(config, field.state_dict()))
+    return path
+
+
+def write_gan_without_its_critic(path: Path) -> Path:
+    """A GAN checkpoint as saved before critics were kept: one plain generator pass, no DDLS."""
+    from training.runtime.checkpoint import load_checkpoint, save_checkpoint
+
+    checkpoint = load_checkpoint(write_tiny_gan(path))
+    del checkpoint.extras["critic"]
+    save_checkpoint(path, checkpoint)
+    return path
+
+
+def write_gan_whose_critic_likes_bright_images(path: Path) -> Path:
+    """A tiny GAN whose critic is increasing in every pixel: all its weights are positive and LeakyReLU is
+    monotone, so d(x) prefers bright images; the head is scaled so the preference outweighs the prior."""
+    from training.runtime.checkpoint import load_checkpoint, save_checkpoint
+
+    write_tiny_gan(path)
+    checkpoint = load_checkpoint(path)
+    critic = {name: tensor.abs() for name, tensor in checkpoint.extras["critic"].items()}
+    critic["head.weight"] = critic["head.weight"] * 50
+    checkpoint.extras["critic"] = critic
+    save_checkpoint(path, checkpoint)
+    return path
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium for a module of page tests (skips them where Playwright or Chromium is missing)."""
+    from page_driver import launched_browser
+
+    with launched_browser() as launched:
+        yield launched

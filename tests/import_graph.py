@@ -39,6 +39,24 @@ class ImportGraph:
     def lines(self) -> dict[str, int]:
         return {name: len(path.read_text().splitlines()) for name, path in self.modules.items()}
 
+    def floors(self, names: set[str]) -> dict[str, int]:
+        """Each module's floor among `names`: 1 for one importing none of them, else one above the highest it imports
+        (imports inside functions count too). The graph must have no cycles among them."""
+        edges: dict[str, set[str]] = {name: set() for name in names}
+        for imp in self.internal():
+            if imp.importer in names and imp.target in names and imp.target != imp.importer:
+                edges[imp.importer].add(imp.target)
+        floor: dict[str, int] = {}
+
+        def visit(node: str) -> int:
+            if node not in floor:
+                floor[node] = 1 + max((visit(target) for target in edges[node]), default=0)
+            return floor[node]
+
+        for name in sorted(names):
+            visit(name)
+        return floor
+
     def cycles(self) -> list[list[str]]:
         """Strongly connected groups of two or more modules (or one importing itself), by Tarjan's algorithm."""
         edges: dict[str, set[str]] = {name: set() for name in self.modules}

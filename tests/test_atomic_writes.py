@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import write_tiny_ebm
 
-from service.model_watch import is_complete, stamp_of
+from service.catalogue.model_watch import is_complete, stamp_of
 from training.commands.export import export_model
 from training.commands.set_sampler import set_sampler
 from training.runtime.checkpoint import Checkpoint, CheckpointError, decode_checkpoint, load_checkpoint, save_checkpoint

@@ -12,32 +12,25 @@ import httpx
 import pytest
 import torch
 from conftest import write_tiny_ebm
+from engine_bench import FakeClock
 from safetensors.torch import load_file, save_file
 from server import running_server
 
-from service import buffer_store
-from service.buffer_store import BufferBudget, BufferStore
-from service.messages import SampleResult
+from service.catalogue import buffer_store
+from service.catalogue.buffer_store import BufferBudget, BufferStore
+from service.catalogue.registry import load_registry
+from service.engine.messages import SampleResult
+from service.engine.worker import Worker
+from service.http.orders import make_order
+from service.http.schemas import SampleRequest
 from service.metrics import Metrics
-from service.orders import make_order
-from service.registry import load_registry
-from service.schemas import SampleRequest
 from service.settings import Settings
-from service.worker import Worker
 from training.commands.set_sampler import set_sampler
 from training.runtime.buffer_files import read_saved_state
 from training.sampling.replay_buffer import ReplayBuffer
 
 SHAPE = (1, 28, 28)
 SLOT_BYTES = ReplayBuffer.slot_bytes(SHAPE, torch.float16)  # 784 float16 values, a class, a lease flag
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def worker_for(models: Path, state: Path, budget: BufferBudget | None = None) -> tuple[Worker, FakeClock]:

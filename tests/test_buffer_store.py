@@ -7,7 +7,7 @@ import torch
 from conftest import write_tiny_ebm
 from server import running_server
 
-from service.buffer_store import BufferStore
+from service.catalogue.buffer_store import BufferStore
 from service.settings import Settings
 from training.sampling.replay_buffer import ReplayBuffer
 

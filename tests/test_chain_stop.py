@@ -15,17 +15,16 @@ import httpx
 import pytest
 import torch
 from conftest import write_tiny_ebm, write_tiny_gan
-from server import running_server
-from test_hostile_clients import metric
-from test_worker import Bench, FakeClock
+from engine_bench import Bench, FakeClock
+from server import metric, running_server
 
-from service.buffer_store import BufferStore
-from service.messages import Handle
+from service.catalogue.buffer_store import BufferStore
+from service.catalogue.registry import load_registry
+from service.engine.messages import Handle
+from service.engine.scheduler import ChainScheduler, Job
+from service.engine.worker import Worker
 from service.metrics import Metrics
-from service.registry import load_registry
-from service.scheduler import ChainScheduler, Job
 from service.settings import Settings
-from service.worker import Worker
 from training.commands.cli import main
 from training.commands.set_sampler import set_sampler
 from training.runtime.checkpoint import load_checkpoint

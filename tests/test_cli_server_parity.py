@@ -13,8 +13,8 @@ from conftest import write_tiny_ebm, write_tiny_eqm, write_tiny_flow, write_tiny
 from PIL import Image
 from server import running_server
 
-from service.buffer_store import BufferStore
-from service.registry import load_registry
+from service.catalogue.buffer_store import BufferStore
+from service.catalogue.registry import load_registry
 from service.settings import Settings
 from training.commands.cli import main as training_main
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
 import json
 from collections.abc import Iterator
 from contextlib import aclosing
@@ -14,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import write_tiny_ebm, write_tiny_eqm
 from fastapi import FastAPI
-from PIL import Image
+from payloads import png_b64
 from server import free_port, running_server, wait_for
 
 from service.client import (
@@ -200,12 +198,6 @@ MODELS = [
         "replicas": 3,  # a field this client does not know yet
     }
 ]
-
-
-def png_b64(pixels: np.ndarray) -> str:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
 
 
 def busy_then(answers: list[httpx.Response]) -> tuple[httpx.MockTransport, list[httpx.Request]]:

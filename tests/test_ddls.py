@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_tiny_gan
+from conftest import write_gan_whose_critic_likes_bright_images, write_tiny_gan
 
 from training.families import draw_samples
 from training.runtime.checkpoint import load_checkpoint, save_checkpoint
@@ -15,18 +15,6 @@ from training.runtime.draw import latent_energy, sample_generator
 from training.runtime.load import load_model
 from training.sampling.ddls import LatentEnergy, refine_latents, start_latents
 from training.sampling.noise import chain_seeds
-
-
-def write_gan_whose_critic_likes_bright_images(path: Path) -> Path:
-    """A tiny GAN whose critic is increasing in every pixel: all its weights are positive and LeakyReLU is
-    monotone, so d(x) prefers bright images; the head is scaled so the preference outweighs the prior."""
-    write_tiny_gan(path)
-    checkpoint = load_checkpoint(path)
-    critic = {name: tensor.abs() for name, tensor in checkpoint.extras["critic"].items()}
-    critic["head.weight"] = critic["head.weight"] * 50
-    checkpoint.extras["critic"] = critic
-    save_checkpoint(path, checkpoint)
-    return path
 
 
 def test_refined_latents_move_where_the_critic_looks_and_their_energy_falls(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ import httpx
 import pytest
 import torch
 from conftest import write_tiny_ebm, write_tiny_eqm, write_tiny_flow, write_tiny_gan
+from programs import DATA, SHAPE, WellEnergy, save_program, well_sidecar
 from server import running_server
 from torch import nn
 
@@ -26,20 +27,6 @@ from training.runtime.checkpoint import CheckpointError
 from training.runtime.exported import load_exported, read_program
 from training.runtime.load import load_model
 from training.sampling.noise import chain_seeds
-
-SHAPE = (1, 8, 8)
-DATA = {"shape": list(SHAPE), "range": [-1.0, 1.0]}
-
-
-class WellEnergy(nn.Module):
-    """A user's own energy, known to no module of this project: a small MLP over a quadratic well."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.SiLU(), nn.Linear(16, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, 1, 8, 8] -> [B]
-        return self.net(x).squeeze(1) + 0.5 * x.flatten(1).pow(2).sum(1)
 
 
 class ColumnEnergy(WellEnergy):
@@ -77,21 +64,6 @@ class AffineFlow(nn.Module):
         x = self.mu + self.log_scale.exp() * z
         base = -0.5 * (z.pow(2) + torch.log(torch.tensor(2 * torch.pi))).flatten(1).sum(1)
         return x, base - self.log_scale.sum()
-
-
-def save_program(module: nn.Module, example: tuple, path: Path, sidecar: dict | str | None, dynamic=True) -> Path:
-    """What a user does: torch.export with a dynamic batch dimension, torch.export.save, a JSON sidecar."""
-    torch.manual_seed(0)
-    batch = torch.export.Dim("batch")
-    shapes = {"x" if isinstance(module, WellEnergy) else "z": {0: batch}} if dynamic else None
-    torch.export.save(torch.export.export(module.eval(), example, dynamic_shapes=shapes), path)
-    if sidecar is not None:
-        path.with_suffix(".json").write_text(sidecar if isinstance(sidecar, str) else json.dumps(sidecar))
-    return path
-
-
-def well_sidecar(**sampler) -> dict:
-    return {"family": "ebm", "data": DATA, "sampler": {"steps": 6, "step_size": 0.05, "noise": 0.01, **sampler}}
 
 
 class Marker:
@@ -283,7 +255,7 @@ def test_an_exported_model_samples_under_bfloat16_chain_steps(family: str, tmp_p
 def test_a_program_beside_a_checkpoint_of_the_same_name_is_refused(tmp_path: Path) -> None:
     write_tiny_gan(tmp_path / "twin.safetensors")
     main(["export", str(tmp_path / "twin.safetensors"), "--out", str(tmp_path / "twin.pt2")])
-    from service.registry import load_registry
+    from service.catalogue.registry import load_registry
 
     registry = load_registry(tmp_path, torch.device("cpu"))
     assert "twin" in registry.models and "same name" in registry.refused["twin.pt2"]

@@ -21,12 +21,12 @@ import torch
 from fastapi import HTTPException
 from torch import nn
 
-from service.generator_pool import GeneratorPool
-from service.latent_pool import pool_name
+from service.catalogue.registry import ServedModel
+from service.engine.pools.generator import GeneratorPool
+from service.engine.pools.latent import pool_name
+from service.http.orders import accepted_fields, check_applicable, requested_steps
+from service.http.schemas import SampleRequest
 from service.metrics import Metrics
-from service.orders import accepted_fields, check_applicable, requested_steps
-from service.registry import ServedModel
-from service.schemas import SampleRequest
 from training.families import FAMILIES, draw_samples, family_of
 from training.families.base import Family, Signature
 from training.runtime.checkpoint import ModelConfig

@@ -3,8 +3,6 @@ wrong size, and checkpoints whose config claims sizes no model has."""
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import write_tiny_ebm, write_tiny_eqm, write_tiny_gan
-from PIL import Image
+from payloads import png_b64
 from server import running_server
 
 from service.settings import Settings
@@ -43,12 +41,6 @@ def post_together(base: str, bodies: list[dict]) -> list[httpx.Response]:
     """Send the bodies at once, so their chains share the worker's batched steps."""
     with ThreadPoolExecutor(len(bodies)) as pool:
         return list(pool.map(lambda body: httpx.post(f"{base}/sample", json=body, timeout=60), bodies))
-
-
-def png_b64(pixels: np.ndarray) -> str:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels.astype(np.uint8), "L").save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
 
 
 @pytest.mark.parametrize(

@@ -15,8 +15,8 @@ import pytest
 import torch
 from conftest import write_tiny_flow, write_tiny_gan
 from fastapi import FastAPI
-from server import running_server, wait_for
-from test_process_hardening import ServerProcess, serve
+from payloads import sse_events
+from server import ServerProcess, metric, running_server, serve, wait_for
 
 from service.settings import Settings
 
@@ -51,13 +51,6 @@ def resident_bytes(pid: int) -> int:
     return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) * 1024  # type: ignore[union-attr]
 
 
-def metric(base: str, name: str) -> float:
-    """One sample of the server's /metrics (0 before it is first counted)."""
-    text = httpx.get(f"{base}/metrics").text
-    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
-    return float(found.group(1)) if found else 0.0
-
-
 def stalled_stream(port: int, body: bytes) -> socket.socket:
     """A client that sends a stream request and never reads a byte of the answer (a tiny receive window)."""
     connection = socket.socket()
@@ -68,7 +61,7 @@ def stalled_stream(port: int, body: bytes) -> socket.socket:
     return connection
 
 
-def read_events(connection: socket.socket) -> list[tuple[str, dict]]:
+def socket_events(connection: socket.socket) -> list[tuple[str, dict]]:
     """Every Server-Sent Event of a chunked answer on a raw socket, read until the server ends it."""
     received = b""
     while not received.endswith(b"0\r\n\r\n") and (chunk := connection.recv(1 << 20)):
@@ -78,12 +71,7 @@ def read_events(connection: socket.socket) -> list[tuple[str, dict]]:
     while rest:
         size, _, rest = rest.partition(b"\r\n")
         body, rest = body + rest[: int(size, 16)], rest[int(size, 16) + 2 :]
-    events = []
-    for block in body.decode().split("\n\n"):
-        fields = dict(line.split(": ", 1) for line in block.splitlines() if not line.startswith(":"))
-        if fields:
-            events.append((fields["event"], json.loads(fields["data"])))
-    return events
+    return sse_events(body.decode().splitlines())
 
 
 BIG_STREAM = {"model": "big", "n": 64, "steps": BIG_STEPS, "trajectory_every": 1, "stream": True}
@@ -159,7 +147,7 @@ def test_a_client_that_reads_late_gets_the_newest_frames_and_a_count_of_the_rest
     connection = stalled_stream(int(base.rsplit(":", 1)[1]), json.dumps({**BIG_STREAM, "n": 16}).encode())
     with connection:
         wait_for(lambda: pool.stats["chain_steps"] >= 16 * BIG_STEPS, 60, "the chains finishing unread")
-        events = read_events(connection)
+        events = socket_events(connection)
     frames = [data for name, data in events if name == "frame"]
     assert [name for name, _ in events][-1] == "done"
     assert sum(event["dropped"] for _, event in events) + len(frames) == BIG_STEPS + 1  # every frame told of

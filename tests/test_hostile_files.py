@@ -25,8 +25,8 @@ from server import running_server, wait_for
 from torch import nn
 from torch.nn.modules.module import register_module_module_registration_hook
 
-from service.registry import load_registry
-from service.schemas import SampleRequest
+from service.catalogue.registry import load_registry
+from service.http.schemas import SampleRequest
 from service.settings import Settings
 from training.models import MAX_MODULES, ArchitectureTooLarge, build_model
 from training.runtime.checkpoint import Checkpoint, ModelConfig, read_metadata, save_checkpoint

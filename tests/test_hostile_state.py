@@ -20,7 +20,7 @@ from conftest import write_tiny_ebm
 from safetensors.torch import save_file
 from server import free_port, running_server, wait_for
 
-from service.buffer_store import BufferStore
+from service.catalogue.buffer_store import BufferStore
 from service.settings import Settings
 from training.runtime.checkpoint import CheckpointError, max_buffer_capacity
 from training.runtime.exported import read_sidecar
@@ -201,7 +201,7 @@ def test_a_save_that_raises_is_logged_once_and_the_worker_keeps_serving(
         calls["n"] += 1
         raise ValueError("embedded null byte")  # not an OSError: as a bad path made the save raise before
 
-    monkeypatch.setattr("service.buffer_store.atomic_write_bytes", refuse)
+    monkeypatch.setattr("service.catalogue.buffer_store.atomic_write_bytes", refuse)
     models = models_with(tmp_path)
     with (
         caplog.at_level(logging.INFO),
@@ -282,7 +282,7 @@ def test_a_worker_that_stops_anyway_is_reported_by_healthz_and_readyz(tmp_path: 
 
 CRASHING_SERVER = """
 import sys
-from service.langevin_pool import LangevinPool
+from service.engine.pools.langevin import LangevinPool
 from service.__main__ import main
 
 class InjectedCrash(BaseException):

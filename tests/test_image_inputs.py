@@ -3,7 +3,6 @@ four channels drawn without transparency, and a 128 x 128 colour init image that
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import math
@@ -13,6 +12,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from payloads import png_b64
 from PIL import Image
 from server import running_server
 from torch import nn
@@ -57,12 +57,6 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     state = tmp_path_factory.mktemp("state")
     with running_server(Settings(models_dir=models, state_dir=state, device="cpu")) as (base, app):
         yield base, app
-
-
-def png_b64(pixels: np.ndarray, mode: str) -> str:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels, mode=mode).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def post(base: str, **body) -> httpx.Response:

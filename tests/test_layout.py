@@ -1,5 +1,5 @@
-"""The layout holds: service/ reaches only training's shared wings, the client reaches neither, no import cycles, no
-hidden imports, small modules.
+"""The layout holds: service/ reaches only training's shared wings, the client reaches neither, service/'s wings
+import only downwards (the HTTP side no pool), no import cycles, no hidden imports, small modules.
 
 Imports are read with `ast` (tests/import_graph.py), module-level and function-level alike, so a cycle hidden
 behind an import inside a function counts.
@@ -27,15 +27,30 @@ MAX_FAMILY_BRANCHES = 8
 FUNCTION_LEVEL_ALLOWED = {
     ("training.train.losses", "scipy.optimize"): "scipy: only minibatch OT pairing of a CNF needs it",
     ("service.ray_engine", "ray"): "the ray extra is optional",
-    ("service.ray_engine", "service.app"): "torch loads in each Ray replica, not in the driver",
+    ("service.ray_engine", "service.http.app"): "torch loads in each Ray replica, not in the driver",
     ("service.__main__", "service.ray_engine"): "the ray extra is optional",
     ("service.__main__", "importlib.util"): "the check that the ray extra is installed",
     ("service.__main__", "uvicorn"): "settings and files are checked before the server and torch load",
-    ("service.__main__", "service.app"): "settings and files are checked before the server and torch load",
-    ("service.__main__", "service.buffer_store"): "settings and files are checked before torch loads",
-    ("service.__main__", "service.middleware"): "settings and files are checked before the server loads",
+    ("service.__main__", "service.http.app"): "settings and files are checked before the server and torch load",
+    ("service.__main__", "service.catalogue.buffer_store"): "settings and files are checked before torch loads",
+    ("service.__main__", "service.http.middleware"): "settings and files are checked before the server loads",
     ("service.__main__", "training.runtime.device"): "settings and files are checked before torch loads",
 }
+# service/'s wings, top first: a module imports service/ modules of its own wing or of wings below it only. A request
+# flows down (HTTP -> engine) and the engine reads the catalogue; entry points start it all; settings and metrics are
+# shared by every wing.
+SERVICE_WINGS = {
+    "entry points": ("service.__main__", "service.ray_engine"),
+    "http": ("service.http",),
+    "engine": ("service.engine",),
+    "catalogue": ("service.catalogue",),
+    "shared": ("service.settings", "service.metrics", "service.client", "service"),
+}
+UPWARD_ALLOWED = {
+    ("service.metrics", "service.catalogue.registry"): "a type annotation only (show_models takes a Registry)",
+}
+MAX_WING_FLOORS = 7  # the longest chain of imports inside one wing
+POOLS = "service.engine.pools"  # the device's pools: the HTTP side submits orders to the worker, never to a pool
 # What the client distribution (clients/python/pyproject.toml) may import: its own modules, its three dependencies
 # and the standard library; never the server's or training's code, and so never torch.
 CLIENT_DEPENDENCIES = ("samplebay_client", "httpx", "numpy", "PIL")
@@ -74,6 +89,60 @@ def test_the_server_reaches_the_client_only_through_its_alias() -> None:
         and imp.importer != "service.client"
     )
     assert not reaching, f"import the client through service.client or samplebay_client's front: {reaching}"
+
+
+def wing_of(module: str) -> str:
+    """The wing a service/ module belongs to: the longest matching prefix in SERVICE_WINGS."""
+    matches = [
+        (len(prefix), wing)
+        for wing, prefixes in SERVICE_WINGS.items()
+        for prefix in prefixes
+        if module == prefix or (module.startswith(prefix + ".") and prefix != "service")
+    ]
+    assert matches, f"{module} is in no wing of SERVICE_WINGS: put it in http/, engine/ or catalogue/"
+    return max(matches)[1]
+
+
+SERVICE_MODULES = {name for name in GRAPH.modules if name.split(".")[0] == "service"}
+
+
+def test_every_service_module_is_in_a_wing() -> None:
+    assert {wing_of(name) for name in SERVICE_MODULES} == set(SERVICE_WINGS)
+
+
+def test_service_wings_import_only_their_own_wing_or_the_wings_below() -> None:
+    rank = {wing: index for index, wing in enumerate(SERVICE_WINGS)}
+    upward = sorted(
+        f"{imp.importer}:{imp.line} ({wing_of(imp.importer)}) imports {imp.target} ({wing_of(imp.target)})"
+        for imp in GRAPH.internal()
+        if imp.importer in SERVICE_MODULES
+        and imp.target in SERVICE_MODULES
+        and rank[wing_of(imp.target)] < rank[wing_of(imp.importer)]
+        and (imp.importer, imp.target) not in UPWARD_ALLOWED
+    )
+    assert not upward, f"service/'s wings import downwards only ({' > '.join(SERVICE_WINGS)}): {upward}"
+
+
+def test_the_http_wing_imports_no_pool() -> None:
+    """The HTTP side hands orders to the worker (service/engine/worker.py); which pool runs them is the engine's."""
+    reaching = sorted(
+        f"{imp.importer}:{imp.line} imports {imp.target}"
+        for imp in GRAPH.imports
+        if imp.importer in SERVICE_MODULES
+        and wing_of(imp.importer) == "http"
+        and (imp.target == POOLS or imp.target.startswith(POOLS + "."))
+    )
+    assert not reaching, f"the HTTP wing imports no module of {POOLS}: {reaching}"
+
+
+def test_each_service_wing_is_at_most_seven_floors_deep() -> None:
+    deep = {}
+    for wing in SERVICE_WINGS:
+        members = {name for name in SERVICE_MODULES if wing_of(name) == wing}
+        floors = GRAPH.floors(members)
+        if max(floors.values()) > MAX_WING_FLOORS:
+            deep[wing] = sorted(floors.items(), key=lambda item: -item[1])[:3]
+    assert not deep, f"a wing of service/ is over {MAX_WING_FLOORS} import floors (its deepest modules): {deep}"
 
 
 def test_no_import_cycles_among_training_and_service_modules() -> None:
@@ -143,3 +212,19 @@ def test_the_graph_reader_sees_a_cycle_hidden_in_a_function(tmp_path) -> None:
     graph = read_graph(tmp_path)
     assert graph.cycles() == [["training.a", "training.b"]]
     assert [(imp.importer, imp.target) for imp in graph.function_level()] == [("training.b", "training.a")]
+
+
+def test_no_test_module_imports_another() -> None:
+    """What tests share lives in helper modules (conftest's model writers, server, payloads, engine_bench,
+    page_driver, programs, toy_runs), so a test module runs and reads on its own."""
+    import ast
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    importing = []
+    for module in sorted(tests.glob("test_*.py")):
+        for node in ast.walk(ast.parse(module.read_text())):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            importing += [f"{module.name} imports {name}" for name in names if name.split(".")[0].startswith("test_")]
+    assert importing == []

@@ -24,16 +24,16 @@ import torch
 from conftest import write_tiny_ebm, write_tiny_gan
 from server import free_port, running_server, wait_for
 
-from service.buffer_store import BufferStore
-from service.messages import SampleResult, WorkerFailure
+from service.catalogue.buffer_store import BufferStore
+from service.catalogue.model_watch import ModelRepository
+from service.catalogue.served_models import ServedModels
+from service.engine.messages import SampleResult, WorkerFailure
+from service.engine.worker import Worker
+from service.http.orders import make_order
+from service.http.render import grid_b64
+from service.http.schemas import SampleRequest
 from service.metrics import Metrics
-from service.model_watch import ModelRepository
-from service.orders import make_order
-from service.render import grid_b64
-from service.schemas import SampleRequest
-from service.served_models import ServedModels
 from service.settings import Settings
-from service.worker import Worker
 from training.families import draw_samples
 from training.runtime.checkpoint import atomic_write_bytes
 from training.runtime.device import sampling_dtype

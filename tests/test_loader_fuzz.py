@@ -26,7 +26,7 @@ from hostile_archives import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.registry import load_registry
+from service.catalogue.registry import load_registry
 from training.models import build_model
 from training.runtime.checkpoint import Checkpoint, CheckpointError, ModelConfig, encode_checkpoint
 from training.runtime.load import load_model

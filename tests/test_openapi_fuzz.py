@@ -22,8 +22,8 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
-from service.app import create_app
-from service.schemas import SampleRequest
+from service.http.app import create_app
+from service.http.schemas import SampleRequest
 from service.settings import Settings
 
 SERVED = ["solo", "digits", "gan", "nice"]

@@ -1,71 +1,17 @@
 """The demo page in a real browser (Debian's Chromium driven by Playwright) against a running server."""
 
-import json
-import os
 import re
-import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import write_tiny_ebm, write_tiny_eqm, write_tiny_flow, write_tiny_gan
+from conftest import write_gan_without_its_critic, write_tiny_ebm, write_tiny_eqm, write_tiny_flow, write_tiny_gan
+from page_driver import curl_body, expect, image_is_not_blank, open_page, wait_until_done, watch_the_result
 from server import running_server
 
 from service.settings import Settings
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOTS = ROOT / "test-output"
-
-playwright = pytest.importorskip("playwright.sync_api")
-expect = playwright.expect
-if not Path(CHROMIUM).exists():
-    if os.environ.get("CI"):
-        raise RuntimeError("CI needs Chromium for the browser tests: apt-get install chromium")
-    pytest.skip("Chromium is not installed (apt-get install chromium)", allow_module_level=True)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with playwright.sync_playwright() as driver:
-        browser = driver.chromium.launch(
-            executable_path=CHROMIUM,
-            headless=True,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-            ],
-        )
-        yield browser
-        browser.close()
-
-
-@contextmanager
-def open_page(browser, models_dir: Path, state_dir: Path) -> Iterator:
-    """The page loaded from a real server on `models_dir`; fails on any console error not taken out."""
-    settings = Settings(models_dir=models_dir, state_dir=state_dir, device="cpu")
-    with running_server(settings) as (base, _):
-        context = browser.new_context(viewport={"width": 1100, "height": 900})
-        page = context.new_page()
-        problems: list[str] = []
-
-        def on_console(message) -> None:
-            if message.type == "error":
-                problems.append(message.text)
-
-        page.on("console", on_console)
-        page.on("pageerror", lambda error: problems.append(str(error)))
-        page.goto(base)
-        page.wait_for_function("document.querySelectorAll('#model option').length > 0")
-        page.console_problems = problems  # a test that provokes an error takes its expected line out
-        yield page
-        context.close()
-        assert problems == [], f"console errors: {problems}"
 
 
 @pytest.fixture
@@ -98,16 +44,6 @@ def ranked_page(browser, tmp_path: Path):
         yield page
 
 
-def write_gan_without_its_critic(path: Path) -> Path:
-    """A GAN checkpoint as saved before critics were kept: one plain generator pass, no DDLS."""
-    from training.runtime.checkpoint import load_checkpoint, save_checkpoint
-
-    checkpoint = load_checkpoint(write_tiny_gan(path))
-    del checkpoint.extras["critic"]
-    save_checkpoint(path, checkpoint)
-    return path
-
-
 @pytest.fixture
 def gan_page(browser, tmp_path: Path):
     """A GAN that saved its critic ('refined': /models says latent_langevin), one that did not ('plain'), and
@@ -119,59 +55,6 @@ def gan_page(browser, tmp_path: Path):
     write_gan_without_its_critic(directory / "plain.safetensors")
     with open_page(browser, directory, tmp_path / "state") as page:
         yield page
-
-
-def watch_the_result(page) -> None:
-    """Record each text #step shows and each distinct image #result shows from now on, in window.seenSteps and
-    window.seenFrames (called again, it starts both afresh)."""
-    page.evaluate("""() => {
-        const watching = window.seenSteps !== undefined;
-        window.seenSteps = []; window.seenFrames = new Set();
-        window.watchStartSrc = document.getElementById('result').getAttribute('src');  // shown before: not seen
-        if (watching) return;
-        // each change's own text: a frame and 'done' arriving in one chunk change #step in one task
-        new MutationObserver((changes) => changes.forEach((change) =>
-            change.addedNodes.forEach((node) => window.seenSteps.push(node.textContent))))
-            .observe(document.getElementById('step'), { childList: true, characterData: true, subtree: true });
-        // every image set, though several may land in one task: each change's old value, then the last one
-        const result = document.getElementById('result');
-        new MutationObserver((changes) => {
-            changes.forEach((change) => {
-                if (change.oldValue && change.oldValue !== window.watchStartSrc) window.seenFrames.add(change.oldValue);
-            });
-            window.seenFrames.add(result.src);
-        }).observe(result, { attributes: true, attributeFilter: ['src'], attributeOldValue: true });
-    }""")
-
-
-def curl_body(page) -> dict:
-    """The JSON body of the curl preview, parsed back."""
-    preview = re.search(r"-d '(.*)'", page.inner_text("#curl"))
-    assert preview, "the curl preview has no -d '<json>' body"
-    return json.loads(preview.group(1))
-
-
-def wait_until_done(page, timeout: float = 60000) -> None:
-    expect(page.locator("#step")).to_have_text(re.compile(r"^done"), timeout=timeout)
-
-
-def image_is_not_blank(page) -> bool:
-    return page.evaluate("""() => new Promise((resolve) => {
-        const image = document.getElementById('result');
-        const check = () => {
-            const canvas = document.createElement('canvas');
-            canvas.width = image.naturalWidth; canvas.height = image.naturalHeight;
-            const context = canvas.getContext('2d');
-            context.drawImage(image, 0, 0);
-            const pixels = context.getImageData(0, 0, canvas.width, canvas.height).data;
-            let low = 255, high = 0;
-            for (let i = 0; i < pixels.length; i += 4) {
-                low = Math.min(low, pixels[i]); high = Math.max(high, pixels[i]);
-            }
-            resolve(canvas.width > 0 && high - low > 50);
-        };
-        image.complete && image.naturalWidth ? check() : image.addEventListener('load', check, { once: true });
-    })""")
 
 
 def test_model_list_and_sample_show_a_grid(page) -> None:
@@ -474,7 +357,7 @@ def record_figures(path: Path, metrics: dict) -> None:
 @pytest.fixture
 def figures_page(browser, models_dir: Path, tmp_path: Path):
     """models_dir's EBMs ('solo', the ensemble 'pair') and a model of each other family, with shipped figures."""
-    from test_service_ode import write_tiny_cnf
+    from conftest import write_tiny_cnf
 
     write_tiny_eqm(models_dir / "eqm.safetensors")
     write_tiny_gan(models_dir / "gan.safetensors")
@@ -497,8 +380,56 @@ def test_the_model_line_gives_each_figure_in_words_not_its_key(figures_page) -> 
 
 
 def test_the_page_says_it_serves_every_family() -> None:
-    html = (Path(__file__).resolve().parents[1] / "service" / "static" / "index.html").read_text()
+    html = (Path(__file__).resolve().parents[1] / "service" / "http" / "static" / "index.html").read_text()
     subtitle = re.search(r"<header>.*?<p>(.*?)</p>", html, flags=re.S)
     assert subtitle is not None
     for family in ("energy-based models", "normalizing flows", "GANs"):
         assert family in subtitle.group(1), family
+
+
+def with_energy_reference(path: Path, reference: float) -> Path:
+    """A checkpoint given a recorded OOD reference of 64 held-out energies all equal to `reference`: every image
+    scores above it (p = 0) when it is far below, and below it (p = 1) when it is far above."""
+    from training.runtime.checkpoint import load_checkpoint, save_checkpoint
+
+    checkpoint = load_checkpoint(path)
+    checkpoint.config.metrics["ood"] = {"score": "energy", "reference": [reference] * 64, "split": "test", "n": 64}
+    save_checkpoint(path, checkpoint)
+    return path
+
+
+@pytest.fixture
+def score_page(browser, tmp_path: Path):
+    directory = tmp_path / "models"
+    directory.mkdir()
+    with_energy_reference(write_tiny_ebm(directory / "strict.safetensors", seed=0), -1e6)
+    with_energy_reference(write_tiny_ebm(directory / "lenient.safetensors", seed=1), 1e6)
+    write_tiny_flow(directory / "flow.safetensors", arch_name="nice")
+    write_tiny_gan(directory / "gan.safetensors")
+    with open_page(browser, directory, tmp_path / "state") as page:
+        yield page
+
+
+def test_the_score_pad_scores_a_drawing_with_every_model_and_says_the_p_value_in_words(score_page) -> None:
+    page = score_page
+    expect(page.locator("#scores")).to_be_hidden()
+    box = page.locator("#score-pad").bounding_box()
+    page.mouse.move(box["x"] + 98, box["y"] + 30)
+    page.mouse.down()
+    page.mouse.move(box["x"] + 98, box["y"] + 170, steps=10)
+    page.mouse.up()
+    page.click("#score")
+    rows = page.locator("#scores tbody tr")
+    expect(rows).to_have_count(4)
+    expect(page.locator("#scores tbody td", has_text="scoring…")).to_have_count(0, timeout=30000)
+    table = {
+        row.get_attribute("data-model"): [cell.inner_text() for cell in row.locator("td").all()] for row in rows.all()
+    }
+    strict, lenient, flow, gan = table["strict"], table["lenient"], table["flow"], table["gan"]
+    assert strict[1].startswith("energy ") and strict[2].startswith("unusual for this model: none of its own")
+    assert "(p = 0)" in strict[2] and page.locator("#scores tr[data-model=strict] td.unusual").count() == 1
+    assert lenient[1].startswith("energy ") and lenient[2].startswith("typical of its data: 100 % of its own")
+    assert "bits/dim" in flow[1] and flow[2] == "no reference scores recorded: no verdict"
+    assert gan[1].startswith("critic ") and gan[2] == "no reference scores recorded: no verdict"
+    SCREENSHOTS.mkdir(exist_ok=True)
+    page.locator(".scoring").screenshot(path=str(SCREENSHOTS / "demo-page-score.png"))

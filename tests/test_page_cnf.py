@@ -4,11 +4,8 @@ are the controls, and Watch plays its solver steps from the prior to the samples
 from pathlib import Path
 
 import pytest
-import test_page
-from test_page import curl_body, expect, image_is_not_blank, open_page, wait_until_done, watch_the_result
-from test_service_ode import CNF_STEPS, write_tiny_cnf
-
-browser = test_page.browser  # its module-scoped Chromium, a fixture here too
+from conftest import CNF_STEPS, write_tiny_cnf
+from page_driver import curl_body, expect, image_is_not_blank, open_page, wait_until_done, watch_the_result
 
 
 @pytest.fixture

@@ -8,70 +8,18 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
 import pytest
 from conftest import write_tiny_ebm
-from server import free_port, wait_for
+from server import ServerProcess, serve, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 TWO_HOURS_AGO = time.time() - 7200
-
-
-@dataclass
-class ServerProcess:
-    process: subprocess.Popen
-    base: str
-    port: int
-    log_path: Path
-
-    @property
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-    def connect(self) -> socket.socket:
-        connection = socket.create_connection(("127.0.0.1", self.port))
-        connection.settimeout(10)
-        return connection
-
-
-@contextmanager
-def serve(models_dir: Path, state_dir: Path, log_path: Path, *flags: str) -> Iterator[ServerProcess]:
-    """`python -m service` on a free port, once /readyz answers 200; SIGTERM on exit if still running."""
-    port = free_port()
-    command = [sys.executable, "-m", "service", "--models-dir", str(models_dir), "--state-dir", str(state_dir)]
-    command += ["--device", "cpu", "--port", str(port), *flags]
-    environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    with log_path.open("w") as log:
-        process = subprocess.Popen(command, cwd=REPO, env=environment, stdout=log, stderr=subprocess.STDOUT)
-    server = ServerProcess(process, f"http://127.0.0.1:{port}", port, log_path)
-
-    def ready() -> bool:
-        if process.poll() is not None:
-            raise AssertionError(f"the server exited with {process.returncode}:\n{server.log}")
-        try:
-            return httpx.get(f"{server.base}/readyz", timeout=2).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    try:
-        wait_for(ready, 60, "the server becoming ready")
-        yield server
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
 
 
 def plant_temp_file(directory: Path, target: str, suffix: str, mtime: float) -> Path:

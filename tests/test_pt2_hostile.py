@@ -29,7 +29,7 @@ from hostile_archives import (
 )
 from server import running_server
 
-from service.registry import load_registry
+from service.catalogue.registry import load_registry
 from service.settings import Settings
 from training.commands.cli import main
 from training.runtime import pt2_archive, pt2_graph, pt2_zip

@@ -220,7 +220,7 @@ BAD_INPUT = [
 def test_bad_input_gets_the_same_answers_as_the_local_server(server: RayServer, dirs: dict[str, Path]) -> None:
     from fastapi.testclient import TestClient
 
-    from service.app import create_app
+    from service.http.app import create_app
     from service.settings import Settings
 
     local = Settings(models_dir=dirs["models"], state_dir=dirs["root"] / "local-state", device="cpu")

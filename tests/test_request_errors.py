@@ -5,17 +5,22 @@ fields (and bounds) each model reads, a wrongly typed field is a 422 naming it, 
 
 from __future__ import annotations
 
-import base64
-import io
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
-from conftest import write_tiny_ebm, write_tiny_eqm, write_tiny_flow, write_tiny_gan
-from PIL import Image
+from conftest import (
+    write_gan_without_its_critic,
+    write_tiny_cnf,
+    write_tiny_ebm,
+    write_tiny_eqm,
+    write_tiny_flow,
+    write_tiny_gan,
+)
+from payloads import png_b64
 from server import running_server
-from test_service_ode import write_tiny_cnf
 
 from service.settings import Settings
 from training.runtime.checkpoint import Checkpoint, ModelConfig, load_checkpoint, save_checkpoint
@@ -64,20 +69,9 @@ READERS = {  # field -> the families that read it, as the README's field table s
 }
 
 
-def png_b64(side: int) -> str:
-    out = io.BytesIO()
-    Image.new("L", (side, side), 128).save(out, format="PNG")
-    return base64.b64encode(out.getvalue()).decode()
-
-
+GREY = png_b64(np.full((28, 28), 128))  # a flat grey 28x28 PNG
 VALUES = {"steps": 2, "step_size": 0.01, "noise": 0.01, "momentum": 0.5, "guidance": 1.5, "tolerance": 0.01,
-          "init": "noise", "image": png_b64(28), "mask": png_b64(28), "trajectory_every": 1, "label": 1}  # fmt: skip
-
-
-def write_gan_without_its_critic(path: Path) -> None:
-    checkpoint = load_checkpoint(write_tiny_gan(path))
-    del checkpoint.extras["critic"]
-    save_checkpoint(path, checkpoint)
+          "init": "noise", "image": GREY, "mask": GREY, "trajectory_every": 1, "label": 1}  # fmt: skip
 
 
 def write_unconditional_cnf(path: Path) -> None:

@@ -9,14 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_tiny_ebm, write_tiny_eqm, write_tiny_gan
-from test_service_ode import write_tiny_cnf
-from test_worker import Bench, FakeClock
+from conftest import write_tiny_cnf, write_tiny_ebm, write_tiny_eqm, write_tiny_gan
+from engine_bench import Bench, FakeClock
 
-from service.buffer_store import BufferStore
+from service.catalogue.buffer_store import BufferStore
+from service.catalogue.registry import load_registry
+from service.engine.worker import Worker
 from service.metrics import Metrics
-from service.registry import load_registry
-from service.worker import Worker
 from training.families import draw_samples
 from training.runtime.device import sampling_dtype
 from training.sampling.noise import chain_seeds

@@ -3,17 +3,10 @@
 from collections.abc import Callable
 
 import pytest
+from engine_bench import FakeClock
 
-from service.messages import Handle
-from service.scheduler import AGING, MAX_SLOWDOWN, ChainScheduler, Job, StepCost, default_step_budget
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
+from service.engine.messages import Handle
+from service.engine.scheduler import AGING, MAX_SLOWDOWN, ChainScheduler, Job, StepCost, default_step_budget
 
 
 def job(n: int, steps: int, clock: FakeClock, timeout: float = 100.0) -> Job:

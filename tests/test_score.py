@@ -15,19 +15,27 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import make_digits, write_idx, write_tiny_ebm, write_tiny_eqm, write_tiny_flow, write_tiny_gan
+from conftest import (
+    make_digits,
+    write_idx,
+    write_tiny_cnf,
+    write_tiny_ebm,
+    write_tiny_eqm,
+    write_tiny_flow,
+    write_tiny_gan,
+)
+from engine_bench import FakeClock
+from payloads import png_b64
 from PIL import Image
 from server import running_server
-from test_service_ode import write_tiny_cnf
-from test_worker import FakeClock
 
-from service.buffer_store import BufferStore
-from service.messages import CancelledByClient, ScoreOrder
+from service.catalogue.buffer_store import BufferStore
+from service.catalogue.registry import load_registry
+from service.engine.messages import CancelledByClient, ScoreOrder
+from service.engine.pools.score import score_pool_name
+from service.engine.worker import Worker
 from service.metrics import Metrics
-from service.registry import load_registry
-from service.score_pools import score_pool_name
 from service.settings import Settings
-from service.worker import Worker
 from training.commands.cli import main
 from training.sampling.scoring import LikelihoodSettings
 
@@ -36,12 +44,6 @@ TOLERANCE = 1e-2  # the tiny CNF's likelihood solves: loose, so that they take a
 MAX_IMAGES = 8
 AUTH = {"authorization": f"Bearer {KEY}"}
 RED = np.stack([np.full((28, 28), 255), np.zeros((28, 28)), np.zeros((28, 28))], -1)  # a colour image
-
-
-def png_b64(pixels: np.ndarray, mode: str = "L") -> str:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels.astype(np.uint8), mode).save(buffer, "PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
 
 
 def digits(n: int, seed: int, side: int = 28) -> list[np.ndarray]:

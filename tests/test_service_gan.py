@@ -78,7 +78,7 @@ def decoded(images: list[str]) -> np.ndarray:
 def test_ddls_refines_latents_under_the_critic_with_frames_energy_and_zero_steps_as_the_plain_pass(
     models_dir: Path, tmp_path: Path
 ) -> None:
-    from test_ddls import write_gan_whose_critic_likes_bright_images
+    from conftest import write_gan_whose_critic_likes_bright_images
 
     write_gan_whose_critic_likes_bright_images(models_dir / "gan.safetensors")
     settings = Settings(models_dir=models_dir, state_dir=tmp_path / "state", device="cpu", batch_window_ms=5)

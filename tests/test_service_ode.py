@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import io
-import json
 import math
 from pathlib import Path
 
@@ -15,17 +14,18 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import write_tiny_ebm
+from conftest import CNF_STEPS, write_tiny_cnf, write_tiny_ebm
+from engine_bench import Bench, FakeClock
+from payloads import png_array, png_b64, sse_events
 from PIL import Image
 from server import running_server, wait_for
-from test_worker import Bench, FakeClock
 
-from service.buffer_store import BufferStore
-from service.messages import CancelledByClient
+from service.catalogue.buffer_store import BufferStore
+from service.catalogue.registry import Registry, ServedModel, load_registry
+from service.engine.messages import CancelledByClient
+from service.engine.worker import Worker
 from service.metrics import Metrics
-from service.registry import Registry, ServedModel, load_registry
 from service.settings import Settings
-from service.worker import Worker
 from training.families import draw_samples
 from training.runtime.draw import cnf_prior, sample_cnf
 from training.runtime.images import decode_image
@@ -33,36 +33,6 @@ from training.runtime.load import load_model
 from training.sampling.noise import chain_seeds
 
 SHAPE = (1, 16, 16)
-CNF_STEPS = 4  # the checkpoint's midpoint steps
-GUIDANCE = 1.5  # the checkpoint's guidance
-
-
-def write_tiny_cnf(path: Path, unlabelled: str = "null", steps: int = CNF_STEPS) -> Path:
-    """A real (untrained, perturbed) class-conditional CNF checkpoint on 16x16 images, midpoint steps."""
-    from training.models import build_model
-    from training.runtime.checkpoint import Checkpoint, ModelConfig, save_checkpoint
-
-    torch.manual_seed(0)
-    arch = {"name": "unet_velocity", "kwargs": {"channels": 1, "width": 8, "num_classes": 10, "embedding_dim": 16}}
-    field = build_model(arch)
-    with torch.no_grad():
-        for parameter in field.parameters():
-            parameter.add_(0.05 * torch.randn_like(parameter))
-    config = ModelConfig(
-        family="flow",
-        arch=arch,
-        data={"shape": list(SHAPE), "range": [-1.0, 1.0], "dataset": "fake", "classes": [str(k) for k in range(10)]},
-        sampler={
-            "temperature": 1.0,
-            "steps": steps,
-            "solver": "midpoint",
-            "guidance": GUIDANCE,
-            "unlabelled": unlabelled,
-        },
-        training={"seed": 0},
-    )
-    save_checkpoint(path, Checkpoint(config, field.state_dict()))
-    return path
 
 
 def make_bench(models: Path, state: Path, chain_budget: int = 64) -> Bench:
@@ -165,12 +135,6 @@ def test_a_cancelled_cnf_request_frees_its_chains_at_the_next_step(tmp_path: Pat
     assert bench.result(waiting).steps == 2
 
 
-def png_b64(array: np.ndarray) -> str:
-    buffer = io.BytesIO()
-    Image.fromarray(array.astype(np.uint8), mode="L").save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
 def test_inpainting_holds_the_known_pixels_on_the_straight_path_to_the_image(bench: Bench) -> None:
     digit = np.zeros(SHAPE[1:])
     digit[2:14, 7:9] = 255  # a '1'
@@ -256,23 +220,6 @@ def server(tmp_path: Path):
         yield base, app
 
 
-def png_array(encoded: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(encoded))))
-
-
-def read_events(response: httpx.Response) -> list[tuple[str, dict]]:
-    events, block = [], {}
-    for line in response.iter_lines():
-        if line.startswith("event: "):
-            block["event"] = line[7:]
-        elif line.startswith("data: "):
-            block["data"] = json.loads(line[6:])
-        elif not line and block:
-            events.append((block["event"], block["data"]))
-            block = {}
-    return events
-
-
 def test_models_list_the_fields_a_cnf_reads(server) -> None:
     base, _ = server
     models = {model["name"]: model for model in httpx.get(f"{base}/models").json()}
@@ -324,7 +271,7 @@ def test_a_cnf_streams_a_frame_per_solver_step_and_its_gif_has_them_all(server) 
     body = {"model": "cnf", "n": 3, "seed": 4, "label": 7, "stream": True, "trajectory_every": 1}
     with httpx.stream("POST", f"{base}/sample", json=body, timeout=60) as response:
         assert response.status_code == 200
-        events = read_events(response)
+        events = sse_events(response.iter_lines())
     assert [name for name, _ in events] == ["frame"] * (CNF_STEPS + 1) + ["done"]
     frames = [data for name, data in events if name == "frame"]
     assert [frame["step"] for frame in frames] == list(range(CNF_STEPS + 1))

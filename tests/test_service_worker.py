@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from server import running_server
+from server import running_server, wait_for
 
 from service.settings import Settings
 
@@ -28,13 +28,6 @@ def post(base: str, body: dict, timeout: float = 60) -> httpx.Response:
 def pixels(reply: httpx.Response) -> np.ndarray:
     assert reply.status_code == 200, reply.text
     return np.asarray(Image.open(io.BytesIO(reply.content)))
-
-
-def wait_until(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.02)
 
 
 def test_concurrent_requests_share_langevin_steps(models_dir: Path, tmp_path: Path) -> None:
@@ -55,7 +48,7 @@ def test_a_short_request_completes_while_long_ones_run(models_dir: Path, tmp_pat
         with concurrent.futures.ThreadPoolExecutor(3) as executor:
             # Long requests whose clients give up after 4 s (their chains are then cancelled).
             longs = [executor.submit(post, base, {"model": "solo", "n": 4, "steps": 20000}, 4.0) for _ in range(2)]
-            wait_until(lambda: pool.scheduler.running_chains == 8)
+            wait_for(lambda: pool.scheduler.running_chains == 8, 10, "8 chains running")
             started = time.monotonic()
             short = post(base, {"model": "solo", "steps": 5, "format": "json"})
             short_seconds = time.monotonic() - started
@@ -73,9 +66,9 @@ def test_full_queue_answers_503_with_retry_after_at_once(models_dir: Path, tmp_p
         pool = app.state.worker.pools["solo"]
         with concurrent.futures.ThreadPoolExecutor(2) as executor:
             running = executor.submit(post, base, {"model": "solo", "n": 2, "steps": 20000}, 3.0)
-            wait_until(lambda: pool.scheduler.running_chains == 2)
+            wait_for(lambda: pool.scheduler.running_chains == 2, 10, "2 chains running")
             waiting = executor.submit(post, base, {"model": "solo", "n": 2, "steps": 5})
-            wait_until(lambda: app.state.worker.queue_depth() == 1)
+            wait_for(lambda: app.state.worker.queue_depth() == 1, 10, "one request queued")
             started = time.monotonic()
             refused = post(base, {"model": "solo", "steps": 5})
             assert time.monotonic() - started < 2
@@ -91,7 +84,7 @@ def test_a_request_past_its_deadline_is_dropped_with_504(models_dir: Path, tmp_p
         reply = post(base, {"model": "solo", "n": 2, "steps": 20000, "init": "buffer"})
         assert reply.status_code == 504 and "deadline" in reply.json()["detail"]
         pool = app.state.worker.pools["solo"]
-        wait_until(lambda: pool.scheduler.running_chains == 0)
+        wait_for(lambda: pool.scheduler.running_chains == 0, 10, "no chain running")
         assert not pool.buffer.in_use.any()  # its buffer slots were handed back
 
 
@@ -100,7 +93,7 @@ def test_client_disconnect_cancels_its_chains(models_dir: Path, tmp_path: Path) 
         pool = app.state.worker.pools["solo"]
         with pytest.raises(httpx.ReadTimeout):
             post(base, {"model": "solo", "n": 3, "steps": 20000, "init": "buffer"}, timeout=0.5)
-        wait_until(lambda: pool.scheduler.running_chains == 0, timeout=5)
+        wait_for(lambda: pool.scheduler.running_chains == 0, 5, "the chains being dropped")
         assert pool.stats["steps"] < 20000
         assert not pool.buffer.in_use.any()
         text = httpx.get(f"{base}/metrics").text
@@ -127,7 +120,7 @@ def test_a_failing_batch_fails_only_its_requests(models_dir: Path, tmp_path: Pat
 
 
 def test_long_flow_trajectories_are_thinned_evenly_keeping_the_last_frame() -> None:
-    from service.pools import evenly_spaced
+    from service.engine.pools.base import evenly_spaced
 
     frames = [torch.full((1,), float(index)) for index in range(200)]
     kept = evenly_spaced(frames, 65)

@@ -1,16 +1,12 @@
 """Server-Sent Events and chains started from a client's image, through real HTTP."""
 
-import base64
-import io
-import json
-import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
-from server import running_server
+from payloads import png_array, png_b64, sse_events
+from server import running_server, wait_for
 
 from service.settings import Settings
 
@@ -22,36 +18,13 @@ def server(models_dir: Path, tmp_path: Path):
         yield base, app
 
 
-def read_events(response: httpx.Response) -> list[tuple[str, dict]]:
-    events, block = [], {}
-    for line in response.iter_lines():
-        if line.startswith("event: "):
-            block["event"] = line[7:]
-        elif line.startswith("data: "):
-            block["data"] = json.loads(line[6:])
-        elif not line and block:
-            events.append((block["event"], block["data"]))
-            block = {}
-    return events
-
-
-def png_array(encoded: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(encoded))))
-
-
-def png_b64(array: np.ndarray) -> str:
-    buffer = io.BytesIO()
-    Image.fromarray(array.astype(np.uint8), mode="L").save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
 def test_stream_sends_each_frame_as_it_is_made_then_the_samples(server) -> None:
     base, _ = server
     body = {"model": "pair", "n": 4, "steps": 12, "trajectory_every": 4, "stream": True, "seed": 3}
     with httpx.stream("POST", f"{base}/sample", json=body, timeout=60) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
-        events = read_events(response)
+        events = sse_events(response.iter_lines())
     names = [name for name, _ in events]
     assert names == ["frame"] * 4 + ["done"]
     frames = [data for name, data in events if name == "frame"]
@@ -73,7 +46,7 @@ def test_accept_header_asks_for_a_stream_too(server) -> None:
         headers={"Accept": "text/event-stream"},
         timeout=60,
     ) as response:
-        events = read_events(response)
+        events = sse_events(response.iter_lines())
     assert [name for name, _ in events][-1] == "done"
     assert [data["step"] for name, data in events if name == "frame"] == [0, 1, 2, 3]
 
@@ -86,10 +59,7 @@ def test_a_client_leaving_the_stream_stops_its_chains(server) -> None:
         for line in response.iter_lines():
             if line.startswith("event: frame"):
                 break  # one frame seen; leave
-    deadline = time.monotonic() + 10
-    while pool.scheduler.running_chains and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert pool.scheduler.running_chains == 0
+    wait_for(lambda: pool.scheduler.running_chains == 0, 10, "the left stream's chains being dropped")
     assert pool.stats["steps"] < 50000
 
 

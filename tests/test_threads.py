@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_run_lifecycle import toy_command
+from toy_runs import toy_command
 
 from training.commands.cli import main
 from training.runtime import cores

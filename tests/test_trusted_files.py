@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,14 +18,14 @@ import httpx
 import pytest
 import torch
 from conftest import restate, write_tiny_ebm, write_tiny_eqm
+from programs import SHAPE, WellEnergy, save_program, well_sidecar
 from server import running_server, wait_for
-from test_export import SHAPE, WellEnergy, save_program, well_sidecar
 
-from service.buffer_store import BufferStore
+from service.catalogue.buffer_store import BufferStore
+from service.catalogue.model_watch import ModelRepository
+from service.engine.worker import Worker
 from service.metrics import Metrics
-from service.model_watch import ModelRepository
 from service.settings import Settings
-from service.worker import Worker
 from training.commands.cli import main
 from training.commands.quality import frechet_distance
 from training.runtime.load import load_model_file
@@ -191,13 +190,14 @@ def test_reload_requests_coalesce_and_leave_the_answer_threads_free(tmp_path: Pa
         with ThreadPoolExecutor(32) as clients:
             reloads = [clients.submit(httpx.post, f"{base}/models/reload", timeout=60) for _ in range(32)]
             wait_for(lambda: threads, DEADLINE_S, "a scan starting")
-            time.sleep(0.5)  # the other calls arrive meanwhile
+            wait_for(lambda: app.state.reloads.calls == 32, DEADLINE_S, "every call arriving during the held scan")
             answer = httpx.post(f"{base}/sample", json={"model": "solo", "n": 1, "steps": 2}, timeout=20)
             release.set()
             statuses = [reload.result().status_code for reload in reloads]
         assert answer.status_code == 200 and answer.headers["content-type"] == "image/png"
         assert statuses == [200] * 32
-        assert len(threads) <= 2 and all(name.startswith("model-reload") for name in threads), threads
+        assert len(threads) == 2 and all(name.startswith("model-reload") for name in threads), threads
+        assert app.state.reloads.started == 2  # the held scan, then one shared by the 31 calls that came during it
 
 
 def test_a_pool_that_cannot_be_built_fails_only_its_own_models(models_dir: Path, tmp_path: Path) -> None:

@@ -4,50 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import write_tiny_ebm, write_tiny_eqm, write_tiny_gan
+from engine_bench import Bench, FakeClock
 
-from service.buffer_store import BufferStore
-from service.messages import SampleResult
+from service.catalogue.buffer_store import BufferStore
+from service.catalogue.registry import load_registry
+from service.engine.messages import SampleResult
+from service.engine.worker import Worker
+from service.http.orders import make_order
+from service.http.schemas import SampleRequest
 from service.metrics import Metrics
-from service.orders import make_order
-from service.registry import Registry, load_registry
-from service.schemas import SampleRequest
 from service.settings import Settings
-from service.worker import Worker
 
 WINDOW_S = 0.5  # binary fractions, so the fake clock's sums are exact
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@dataclass
-class Bench:
-    worker: Worker
-    registry: Registry
-    clock: FakeClock
-
-    def submit(self, **fields) -> list[SampleResult | BaseException]:
-        """Submit a request as the app does (the same request -> order path); its answer lands in the list."""
-        body = SampleRequest(**fields)
-        order = asyncio.run(make_order(body, self.registry.models[body.model], Settings(), streaming=False))
-        answers: list[SampleResult | BaseException] = []
-        self.worker.submit(order, answers.append, self.clock.now + 60)
-        return answers
-
-    def result(self, answers: list[SampleResult | BaseException]) -> SampleResult:
-        assert len(answers) == 1 and isinstance(answers[0], SampleResult), answers
-        return answers[0]
 
 
 @pytest.fixture

@@ -43,7 +43,7 @@ from training.sampling.scoring import (
 from training.train.data import IDX_IMAGES_MAGIC, IMAGE_EXTENSIONS, _read_idx, load_dataset
 from training.train.progress import progress
 
-VERSION_CHARS = 12  # as the server shows a version (service/registry.py)
+VERSION_CHARS = 12  # as the server shows a version (service/catalogue/registry.py)
 ONE_PASS_BATCH = 256  # images per forward pass
 REFERENCE_N = {"one_pass": 1000, "cnf": 200}  # default reference images: a CNF's solves take seconds an image
 SCORE_HELP = "score images under a model: energy, log-likelihood and bits/dim, or critic value, and an OOD verdict"

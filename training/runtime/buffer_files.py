@@ -1,5 +1,5 @@
 """Where a server keeps a buffer group's replay buffer, and how it is read back: one module for the server
-(service/buffer_store.py) and the CLI (`sample --state-dir`), so both find the same file for every model.
+(service/catalogue/buffer_store.py) and the CLI (`sample --state-dir`), so both find the same file for every model.
 
 A group's buffer is keyed by its digest: SHA-256 over its members' digests in sorted order, each member's the
 SHA-256 of its file (a program's together with its sidecar), so retraining any member retires the buffer. A

@@ -101,7 +101,7 @@ def atomic_write_bytes(path: str | os.PathLike, payload: bytes | Iterable[bytes 
     may come in chunks (a replay buffer's save: never all in memory at once).
 
     The finished file's mtime is set 1 ns before its ctime, so a watcher that polls can tell it is complete
-    at first sight (ctime after mtime: nothing wrote to it since; service/model_watch.py): the clock the
+    at first sight (ctime after mtime: nothing wrote to it since; service/catalogue/model_watch.py): the clock the
     kernel stamps both with is coarse, and a write and its rename often share one tick.
     """
     target = Path(path)

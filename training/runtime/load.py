@@ -5,7 +5,7 @@ of it would serve and echo someone else's file), at most `max_bytes`, checked be
 is rehearsed under build limits (training/models) and compared with the tensors the file holds before anything
 is allocated for it; each family checks what it must (a GAN makes images of its declared shape). What only a
 server asks of a file (a name it puts in buffer file names, an image shape, one file per name, a time limit) is
-service/registry.py's.
+service/catalogue/registry.py's.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ request handling and its worker read them back here and nowhere else. `to_dict` 
 version; `from_dict` reads every checkpoint written so far (those have no version: version 1), takes the
 dataclass default for a missing key and refuses a key it does not know. A config is data from a file, so
 every value is checked at construction: its type, and for a setting a request may override, the same
-bounds the request schema applies (service/schemas.py reads them from here).
+bounds the request schema applies (service/http/schemas.py reads them from here).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ pools and the CLI compute the same numbers by the same functions:
 - a flow with an exact inverse (NICE, Glow; i-ResNet with its power-series log-det estimate) gives log p(x) of
   the dequantized image by one pass, and bits/dim;
 - a CNF gives the same by the adaptive ODE solve of training/sampling/likelihood.py at a stated tolerance,
-  with the field evaluations it took (the server steps those solves as chains, service/score_pools.py);
+  with the field evaluations it took (the server steps those solves as chains, service/engine/pools/score.py);
 - a GAN saved with its critic gives the critic's value d(x).
 
 A score is a pure function of the image: its uniform dequantization noise and a CNF's Hutchinson probes are

@@ -28,7 +28,7 @@ from samplebay_client.errors import (
 from samplebay_client.limits import Deadline, Limits, PixelBudget, Watchdog, add_chunk, check_declared_length
 
 T = TypeVar("T")
-MODEL_VERSION_HEADER = "x-model-version"  # service/app.py: the version of the model that drew an answer
+MODEL_VERSION_HEADER = "x-model-version"  # service/http/app.py: the version of the model that drew an answer
 USER_AGENT = "samplebay-client/0.1.0"
 
 

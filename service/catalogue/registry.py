@@ -4,7 +4,7 @@ Any file there may be hostile, so loading is bounded file by file: each is read 
 (training/runtime/load.py: regular files inside the folder only, at most `max_model_bytes`, architectures
 rehearsed under build limits), and each loads in a thread of its own that is given up after
 `model_load_timeout_s`. That holds at start and for every file the live models directory loads later
-(service/model_watch.py): both go through `load_file`, and `assemble` makes the served names (ensembles
+(service/catalogue/model_watch.py): both go through `load_file`, and `assemble` makes the served names (ensembles
 regrouped) from whatever files are loaded at the time.
 """
 

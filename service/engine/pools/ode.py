@@ -15,12 +15,12 @@ from dataclasses import dataclass
 
 import torch
 
-from service.chain_pool import ChainPool
-from service.messages import ChainDiverged
+from service.catalogue.registry import ServedModel
+from service.engine.messages import ChainDiverged
+from service.engine.pools.base import state_of
+from service.engine.pools.chain import ChainPool
+from service.engine.scheduler import Job
 from service.metrics import Metrics
-from service.pools import state_of
-from service.registry import ServedModel
-from service.scheduler import Job
 from training.models.cnf import guided_velocity
 from training.runtime.draw import chain_labels, cnf_prior
 from training.sampling.noise import chain_seeds

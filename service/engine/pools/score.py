@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from service.messages import Deliver, FrameSink, Handle, Order, ScoreOrder, ScoreResult
+from service.catalogue.registry import ServedModel
+from service.engine.messages import Deliver, FrameSink, Handle, Order, ScoreOrder, ScoreResult
+from service.engine.pools.base import SamplerPool
+from service.engine.scheduler import Job
 from service.metrics import Metrics
-from service.pools import SamplerPool
-from service.registry import ServedModel
-from service.scheduler import Job
 from training.sampling.likelihood import augmented_start, likelihood_field, likelihood_norm, prior_and_delta
 from training.sampling.ode import Dopri5Rows, dopri5_attempt, dopri5_start
 from training.sampling.scoring import (

@@ -5,9 +5,9 @@ back; answers come back through the order's callbacks, which the caller makes th
 in `loop.call_soon_threadsafe`). What the HTTP side may read of the worker's state (`buffers`) is a
 snapshot the worker thread publishes.
 
-Models change while it runs (service/model_watch.py): `replace_registry` hands it a new registry, which it
+Models change while it runs (service/catalogue/model_watch.py): `replace_registry` hands it a new registry, which it
 swaps in between steps, building the pools of new versions and keeping replaced ones until the requests
-admitted on them are answered (service/pool_set.py); only then do new requests see it (served_models.py).
+admitted on them are answered (service/engine/pools/pool_set.py); only then do new requests see it (served_models.py).
 
 The worker never stops for one request or one file: a pool step, a buffer save, a publish, taking in
 requests and shutting down each fail only what they concern, and each kind of failure is logged once
@@ -28,21 +28,21 @@ from typing import Any, TypeVar
 
 import torch
 
-from service.buffer_keeper import BufferFigures, BufferKeeper, FailureLog
-from service.buffer_store import BufferBudget, BufferStore
-from service.chain_pool import ChainPool
-from service.generator_pool import GeneratorPool
-from service.langevin_pool import LangevinPool
-from service.latent_pool import LatentPool, pool_name
-from service.messages import Deliver, FrameSink, Handle, Order, QueueFull, ScoreOrder, WorkerFailure
+from service.catalogue.buffer_store import BufferBudget, BufferStore
+from service.catalogue.registry import VERSION_CHARS, BufferGroup, Registry, ServedModel, refusal
+from service.catalogue.served_models import ServedModels
+from service.engine.buffer_keeper import BufferFigures, BufferKeeper, FailureLog
+from service.engine.messages import Deliver, FrameSink, Handle, Order, QueueFull, ScoreOrder, WorkerFailure
+from service.engine.pools.base import SamplerPool
+from service.engine.pools.chain import ChainPool
+from service.engine.pools.generator import GeneratorPool
+from service.engine.pools.langevin import LangevinPool
+from service.engine.pools.latent import LatentPool, pool_name
+from service.engine.pools.ode import OdePool
+from service.engine.pools.pool_set import PoolPlan, PoolSet
+from service.engine.pools.score import LikelihoodPool, OnePassScorePool, ScorePool, score_pool_name
+from service.engine.scheduler import IDLE_SECONDS, Job, default_step_budget
 from service.metrics import Metrics
-from service.ode_pool import OdePool
-from service.pool_set import PoolPlan, PoolSet
-from service.pools import SamplerPool
-from service.registry import VERSION_CHARS, BufferGroup, Registry, ServedModel, refusal
-from service.scheduler import IDLE_SECONDS, Job, default_step_budget
-from service.score_pools import LikelihoodPool, OnePassScorePool, ScorePool, score_pool_name
-from service.served_models import ServedModels
 from training.sampling.scoring import LikelihoodSettings, score_family
 
 Chains = TypeVar("Chains", bound=ChainPool)

@@ -1,8 +1,8 @@
 """What every pool shares: the per-job state, one failure path, one way to hand out a result.
 
-A pool owns the chains of one buffer group (Langevin, service/langevin_pool.py), of one GAN's latents (DDLS,
-service/latent_pool.py) or of one CNF (service/ode_pool.py), or one one-shot sampler
-(service/generator_pool.py). The worker thread calls `has_work`, `step` and `fail_all`; the scheduler
+A pool owns the chains of one buffer group (Langevin, service/engine/pools/langevin.py), of one GAN's latents (DDLS,
+service/engine/pools/latent.py) or of one CNF (service/engine/pools/ode.py), or one one-shot sampler
+(service/engine/pools/generator.py). The worker thread calls `has_work`, `step` and `fail_all`; the scheduler
 decides what each step runs.
 """
 
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from service.messages import (
+from service.engine.messages import (
     CancelledByClient,
     DeadlinePassed,
     Deliver,
@@ -26,8 +26,8 @@ from service.messages import (
     SampleResult,
     WorkerFailure,
 )
+from service.engine.scheduler import ChainScheduler, Job
 from service.metrics import Metrics
-from service.scheduler import ChainScheduler, Job
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class SamplerPool:
 
     def make_job(self, order: Order, deliver: Deliver, handle: Handle, on_frame: FrameSink | None) -> Job:
         """The scheduler's view of an order; its tensors live in the job's ChainState."""
-        assert isinstance(order, SampleOrder)  # a ScoreOrder goes to a score pool (service/score_pools.py)
+        assert isinstance(order, SampleOrder)  # a ScoreOrder goes to a score pool (service/engine/pools/score.py)
         state = ChainState(order, deliver, on_frame, self.member_indices(order))
         return Job(n=order.n, steps=self.job_steps(order), handle=handle, arrived=self.clock(), state=state)
 

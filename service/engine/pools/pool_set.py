@@ -2,7 +2,7 @@
 replaced ones that finish the requests admitted on their version before they are dropped.
 
 Each pool is known by its pool name ("solo", "pair", "gan:ddls") and the key requests lease
-(service/served_models.py): the served pool and its version, "pair@3f2a9c01b7de". A registry swapped in keeps
+(service/catalogue/served_models.py): the served pool and its version, "pair@3f2a9c01b7de". A registry swapped in keeps
 every pool whose key is unchanged (its chains, buffer and batches go on untouched), builds the others, and
 retires the pools it no longer names; the worker thread alone calls everything here but `find`, which the
 HTTP side calls under the worker's inbox lock.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 
-from service.pools import SamplerPool
+from service.engine.pools.base import SamplerPool
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,7 @@ from typing import Any
 from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from service.memory import return_freed_memory
-from service.messages import (
+from service.engine.messages import (
     CancelledByClient,
     ChainDiverged,
     DeadlinePassed,
@@ -28,10 +27,11 @@ from service.messages import (
     ScoreResult,
     WorkerFailure,
 )
+from service.engine.worker import Worker
+from service.http.memory import return_freed_memory
+from service.http.render import frame_event, gif_body, grid_b64, json_body, png_body, sse
 from service.metrics import Metrics
-from service.render import frame_event, gif_body, grid_b64, json_body, png_body, sse
 from service.settings import Settings
-from service.worker import Worker
 
 GRACE_SECONDS = 10.0  # past a job's deadline, the HTTP side stops waiting even if the worker never answers
 KEEPALIVE_SECONDS = 5.0

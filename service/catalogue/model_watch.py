@@ -11,7 +11,7 @@ sidecar's) with the one its current version was taken at. A changed file is take
 
 A file still being written is neither, so it is never read half-way; one that changes while it is read is
 put off to the next scan. A complete file is loaded here, off the worker thread, through the same checks as
-at start (service/registry.py: `load_file`), and the directory's new registry is handed to the worker, which
+at start (service/catalogue/registry.py: `load_file`), and the directory's new registry is handed to the worker, which
 swaps it in between steps: requests already admitted finish on the version they started on. A file that
 fails to load leaves its previous version serving, and /readyz says why; one loaded again with the same
 bytes changes nothing.
@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, Field
 
+from service.catalogue.registry import LoadedFile, Registry, assemble, load_file, model_files, refusal
 from service.metrics import Metrics
-from service.registry import LoadedFile, Registry, assemble, load_file, model_files, refusal
 from training.runtime.checkpoint import CheckpointError
 from training.runtime.exported import PROGRAM_SUFFIX, SIDECAR_SUFFIX
 
@@ -290,8 +290,10 @@ class CoalescedReloads:
         self._next: asyncio.Future[ReloadReport] | None = None  # the scan calls wait for, not started yet
         self._last_start = -math.inf
         self.started = 0  # scans started: a test's witness that calls coalesced
+        self.calls = 0  # calls received: a test's witness that every caller has arrived
 
     async def __call__(self) -> ReloadReport:
+        self.calls += 1
         if self._next is None:
             self._next = asyncio.ensure_future(self._scan_after(self._running))
         return await asyncio.shield(self._next)  # a caller that goes away does not cancel the others' scan

@@ -7,13 +7,13 @@ from datetime import datetime
 
 from pydantic import Field
 
-from service.buffer_store import BufferStore
-from service.orders import COMMON_FIELDS, accepted_fields
-from service.registry import ServedModel
-from service.schemas import ModelInfo, field_limits
-from service.score_route import score_limits
+from service.catalogue.buffer_store import BufferStore
+from service.catalogue.registry import ServedModel
+from service.engine.worker import Worker
+from service.http.orders import COMMON_FIELDS, accepted_fields
+from service.http.schemas import ModelInfo, field_limits
+from service.http.score_route import score_limits
 from service.settings import Settings
-from service.worker import Worker
 from training.sampling.sampler_config import to_dict
 
 

@@ -1,9 +1,9 @@
 """create_app(settings): routes and lifespan (load models, start and stop the worker).
 
-A request flows one way: HTTP -> schema (schemas.py) -> order (orders.py) -> worker (bridge.py, worker.py)
--> render (render.py) -> HTTP. The models it can name are those of the live models directory
-(model_watch.py) as the worker last published them (served_models.py); each answer says in X-Model-Version
-which version served it.
+A request flows one way: HTTP -> schema (schemas.py) -> order (orders.py) -> worker (bridge.py, then
+service/engine/worker.py) -> render (render.py) -> HTTP. The models it can name are those of the live models
+directory (service/catalogue/model_watch.py) as the worker last published them
+(service/catalogue/served_models.py); each answer says in X-Model-Version which version served it.
 """
 
 from __future__ import annotations
@@ -22,20 +22,20 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Res
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.bridge import record, response_for, sample_result, stream
-from service.buffer_store import BufferBudget, BufferStore
-from service.messages import CancelledByClient
+from service.catalogue.buffer_store import BufferBudget, BufferStore
+from service.catalogue.model_watch import CoalescedReloads, ModelRepository, ModelWatcher, ReloadReport
+from service.catalogue.registry import Registry, model_files, signals_end_loading
+from service.catalogue.served_models import ServedModels
+from service.engine.messages import CancelledByClient
+from service.engine.worker import Worker
+from service.http.bridge import record, response_for, sample_result, stream
+from service.http.middleware import BearerKey, BodyLimits
+from service.http.model_info import ServedModelInfo, model_info
+from service.http.orders import check_applicable, make_order
+from service.http.schemas import ErrorBody, Readiness, SampleRequest, SampleResponse
+from service.http.score_route import MODEL_VERSION_HEADER, add_score_route
 from service.metrics import Metrics
-from service.middleware import BearerKey, BodyLimits
-from service.model_info import ServedModelInfo, model_info
-from service.model_watch import CoalescedReloads, ModelRepository, ModelWatcher, ReloadReport
-from service.orders import check_applicable, make_order
-from service.registry import Registry, model_files, signals_end_loading
-from service.schemas import ErrorBody, Readiness, SampleRequest, SampleResponse
-from service.score_route import MODEL_VERSION_HEADER, add_score_route
-from service.served_models import ServedModels
 from service.settings import Settings
-from service.worker import Worker
 from training.runtime.device import dtype_name, pick_device, sampling_dtype
 from training.runtime.images import image_body_bytes
 from training.sampling.scoring import LikelihoodSettings

@@ -8,8 +8,8 @@ import math
 
 import torch
 
-from service.messages import Frame, SampleResult
-from service.schemas import SampleResponse, Timings
+from service.engine.messages import Frame, SampleResult
+from service.http.schemas import SampleResponse, Timings
 from training.runtime.images import gif_bytes, grid, png_bytes
 
 

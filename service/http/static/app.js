@@ -393,8 +393,8 @@ async function downloadGif() {
   setTimeout(() => URL.revokeObjectURL(url), 10000);
 }
 
-function setUpPad() {
-  const pad = $("pad");
+function setUpDrawing(pad, clearButton, upload, onChange) {
+  // A canvas to draw on (white, or the pen's colour where the model is in colour) or to drop an upload into.
   const context = pad.getContext("2d");
   const clear = () => { context.fillStyle = "#000"; context.fillRect(0, 0, pad.width, pad.height); };
   clear();
@@ -420,29 +420,115 @@ function setUpPad() {
   const stop = () => {
     if (!drawing) return;
     drawing = false;
-    document.querySelector("input[name=init][value=image]").checked = true;
-    updateCurl();
+    onChange();
   };
   pad.addEventListener("pointerup", stop);
   pad.addEventListener("pointercancel", stop);
-  $("clear").addEventListener("click", () => { clear(); updateCurl(); });
-  $("upload").addEventListener("change", async () => {
-    const file = $("upload").files[0];
+  clearButton.addEventListener("click", () => { clear(); onChange(); });
+  upload.addEventListener("change", async () => {
+    const file = upload.files[0];
     if (!file) return;
     try {
       const bitmap = await createImageBitmap(file);
       clear();
       context.drawImage(bitmap, 0, 0, pad.width, pad.height);
-      document.querySelector("input[name=init][value=image]").checked = true;
-      updateCurl();
+      onChange();
     } catch (_) {
       showError(`${file.name} is not an image this browser can read`);
     }
   });
 }
 
+function setUpPad() {
+  setUpDrawing($("pad"), $("clear"), $("upload"), () => {
+    document.querySelector("input[name=init][value=image]").checked = true;
+    updateCurl();
+  });
+}
+
+const SCORE_NAMES = { energy: "energy", bits_per_dim: "bits/dim", negative_critic: "critic" };
+
+function scoreText(answer, item) {
+  // The family's own number for the image: its energy, its bits/dim (a CNF's with its solver's evaluations), or
+  // its critic's value; then, where it differs, the OOD score the verdict is about.
+  const parts = [];
+  if (isNumber(item.energy)) parts.push(`energy ${round(item.energy)}`);
+  if (isNumber(item.bits_per_dim)) parts.push(`${round(item.bits_per_dim)} bits/dim`);
+  if (isNumber(item.evaluations)) parts.push(`${item.evaluations} field evaluations`);
+  if (isNumber(item.critic)) parts.push(`critic ${round(item.critic)}`);
+  if (isNumber(item.ood) && !(answer.ood_score in SCORE_NAMES)) parts.push(`${answer.ood_score} ${round(item.ood)}`);
+  return parts.join(", ") || "not finite";
+}
+
+function verdict(item) {
+  // The p-value in words: the share of the model's own held-out images whose OOD score is at least this one's.
+  if (!isNumber(item.ood_p)) return { text: "no reference scores recorded: no verdict", unusual: false };
+  const percent = item.ood_p * 100;
+  const share = percent >= 1 ? `${Math.round(percent)} %` : percent > 0 ? `${percent.toPrecision(1)} %` : "none";
+  const unusual = item.ood_p < 0.01;
+  const word = unusual ? "unusual for this model" : item.ood_p < 0.05 ? "borderline" : "typical of its data";
+  return { text: `${word}: ${share} of its own held-out images score as high (p = ${round(item.ood_p)})`, unusual };
+}
+
+function scorePadImage(model) {
+  // The drawing at the model's own size (scoring never resizes on the server: the resize is the page's choice).
+  const [height, width] = model.shape.slice(-2);
+  const canvas = document.createElement("canvas");
+  canvas.width = width;
+  canvas.height = height;
+  canvas.getContext("2d").drawImage($("score-pad"), 0, 0, width, height);
+  return canvas.toDataURL("image/png");
+}
+
+async function scoreWith(model) {
+  if (![1, 3].includes(model.shape[0]) || model.shape.length !== 3) {
+    return { score: "", verdict: { text: `scores ${model.shape[0]}-channel images; the pad draws grey or colour` } };
+  }
+  const response = await fetch("/score", {
+    method: "POST", headers: { "content-type": "application/json" },
+    body: JSON.stringify({ model: model.name, images: [scorePadImage(model)] }),
+  });
+  if (!response.ok) return { score: "", verdict: { text: await errorMessage(response), unusual: false } };
+  const answer = await response.json();
+  return { score: scoreText(answer, answer.results[0]), verdict: verdict(answer.results[0]) };
+}
+
+async function scoreAll() {
+  // One request per model, all at once; each row fills in as its answer comes (a CNF's solve takes longest).
+  const body = $("scores").querySelector("tbody");
+  body.replaceChildren();
+  $("scores").hidden = false;
+  const rows = state.models.map((model) => {
+    const row = body.insertRow();
+    row.dataset.model = model.name;
+    row.insertCell().textContent = model.name;
+    row.insertCell().textContent = "scoring…";
+    row.insertCell();
+    return row;
+  });
+  await Promise.all(state.models.map(async (model, index) => {
+    const result = await scoreWith(model).catch((error) => ({ score: "", verdict: { text: error.message } }));
+    rows[index].cells[1].textContent = result.score;
+    rows[index].cells[2].textContent = result.verdict.text;
+    rows[index].cells[2].className = result.verdict.unusual ? "unusual" : "";
+  }));
+}
+
+function setUpScorePad() {
+  setUpDrawing($("score-pad"), $("score-clear"), $("score-upload"), () => {});
+  $("score").addEventListener("click", async () => {
+    $("score").disabled = true;
+    try {
+      await scoreAll();
+    } finally {
+      $("score").disabled = false;
+    }
+  });
+}
+
 function setUp() {
   setUpPad();
+  setUpScorePad();
   $("model").addEventListener("change", fillDefaults);
   document.querySelector(".controls").addEventListener("input", updateCurl);
   $("sample").addEventListener("click", () => run(sample));

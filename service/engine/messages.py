@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-    from service.registry import ServedModel
+    from service.catalogue.registry import ServedModel
 
 
 class QueueFull(Exception):

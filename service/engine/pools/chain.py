@@ -1,9 +1,9 @@
 """What every pool of chains shares: one batched step for every running chain, requests joining and leaving
 at step boundaries, each request isolated from its neighbours in the batch.
 
-Three kinds of chains move this way: images under an energy (Langevin, service/langevin_pool.py), a GAN's
-latents under the energy its critic defines (DDLS, service/latent_pool.py), and a CNF's states along its ODE
-(service/ode_pool.py). A subclass says how a job's chains start, what one batched step computes, which pixels
+Three kinds of chains move this way: images under an energy (Langevin, service/engine/pools/langevin.py), a GAN's
+latents under the energy its critic defines (DDLS, service/engine/pools/latent.py), and a CNF's states along its ODE
+(service/engine/pools/ode.py). A subclass says how a job's chains start, what one batched step computes, which pixels
 an inpainting step holds, what image a state shows, and how a finished job is answered.
 """
 
@@ -14,9 +14,9 @@ from typing import Protocol
 
 import torch
 
-from service.messages import ChainDiverged
-from service.pools import SamplerPool, state_of
-from service.scheduler import Job
+from service.engine.messages import ChainDiverged
+from service.engine.pools.base import SamplerPool, state_of
+from service.engine.scheduler import Job
 from training.runtime.device import chain_precision
 from training.sampling.langevin import arrived
 from training.sampling.sampler_config import EBMSampler, FlowSampler, GANSampler

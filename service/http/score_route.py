@@ -1,5 +1,5 @@
 """POST /score: request -> ScoreOrder (images decoded exactly, checked against the model) -> the worker's score
-pools (service/score_pools.py) -> ScoreResponse with each image's OOD verdict. The scores themselves are
+pools (service/engine/pools/score.py) -> ScoreResponse with each image's OOD verdict. The scores themselves are
 training/sampling/scoring.py's, the same functions `python -m training score` runs."""
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.params import Depends as DependsParam
 from fastapi.responses import JSONResponse
 
-from service.bridge import record, worker_answer
-from service.messages import CancelledByClient, ScoreOrder, ScoreResult
+from service.catalogue.registry import ServedModel
+from service.catalogue.served_models import ServedModels
+from service.engine.messages import CancelledByClient, ScoreOrder, ScoreResult
+from service.engine.worker import Worker
+from service.http.bridge import record, worker_answer
+from service.http.schemas import ErrorBody, ScoreItem, ScoreRequest, ScoreResponse, Timings
 from service.metrics import Metrics
-from service.registry import ServedModel
-from service.schemas import ErrorBody, ScoreItem, ScoreRequest, ScoreResponse, Timings
-from service.served_models import ServedModels
 from service.settings import Settings
-from service.worker import Worker
 from training.runtime.images import ImageDecodeError, decode_exact
 from training.sampling.scoring import (
     LikelihoodSettings,

@@ -7,12 +7,12 @@ from collections.abc import Callable
 
 import torch
 
-from service.chain_pool import ChainPool
-from service.messages import SampleOrder
+from service.catalogue.registry import BufferGroup
+from service.engine.messages import SampleOrder
+from service.engine.pools.base import state_of
+from service.engine.pools.chain import ChainPool
+from service.engine.scheduler import Job
 from service.metrics import Metrics
-from service.pools import state_of
-from service.registry import BufferGroup
-from service.scheduler import Job
 from training.runtime.draw import chain_labels
 from training.sampling.langevin import LangevinStep, conditioned_energy, langevin_step, scheduled_step_size
 from training.sampling.noise import chain_gaussian, chain_seeds, chain_start

@@ -3,7 +3,7 @@
 Every running chain of the GAN takes one step per round, requests join and leave at step boundaries, and a
 seeded chain's noise is counter-based, so its path is the one it takes alone and in `python -m training
 sample`. Frames and samples are the images G(z); `energy` is E(z). Requests for 0 steps never come here:
-the GAN's one-pass pool (service/generator_pool.py) answers those.
+the GAN's one-pass pool (service/engine/pools/generator.py) answers those.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from collections.abc import Callable
 
 import torch
 
-from service.chain_pool import ChainPool
-from service.messages import SampleOrder
+from service.catalogue.registry import ServedModel
+from service.engine.messages import SampleOrder
+from service.engine.pools.base import state_of
+from service.engine.pools.chain import ChainPool
+from service.engine.scheduler import Job
 from service.metrics import Metrics
-from service.pools import state_of
-from service.registry import ServedModel
-from service.scheduler import Job
 from training.runtime.draw import latent_energy
 from training.sampling.ddls import latent_step, start_latents
 from training.sampling.langevin import LangevinStep

@@ -19,7 +19,7 @@ comes along. When every request is urgent (all of similar length) every one that
 together, as in plain continuous batching. A one-shot sampler
 (GAN generator, flow inverse) takes one step per request; its scheduler has a window: waiting requests
 run together once the oldest has waited that long or they fill the budget. Cancelled and expired
-requests are dropped at the next step. No torch here: the pools (service/pools.py) run what this
+requests are dropped at the next step. No torch here: the pools (service/engine/pools/base.py) run what this
 decides, and tests drive it with a fake clock.
 """
 
@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.messages import Handle
+from service.engine.messages import Handle
 
 
 @dataclass(eq=False)

@@ -14,9 +14,9 @@ import secrets
 import torch
 from fastapi import HTTPException
 
-from service.messages import SampleOrder
-from service.registry import ServedModel
-from service.schemas import SampleRequest
+from service.catalogue.registry import ServedModel
+from service.engine.messages import SampleOrder
+from service.http.schemas import SampleRequest
 from service.settings import Settings
 from training.families import FAMILIES
 from training.runtime.images import decode_image, image_size

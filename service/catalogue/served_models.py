@@ -1,6 +1,6 @@
 """The registry requests are served from, and the model versions requests still hold.
 
-The live models directory (service/model_watch.py) makes a new registry whenever a file is added, replaced
+The live models directory (service/catalogue/model_watch.py) makes a new registry whenever a file is added, replaced
 or removed; the worker builds the pools it needs and only then publishes it here, so a request never picks
 a version that has no pool yet. A request leases its model for as long as it runs: a replaced version's
 pool is dropped only once it has no work and no request holds that version, so a request that picked the
@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from service.registry import Registry, ServedModel
+from service.catalogue.registry import Registry, ServedModel
 
 
 class ServedModels:

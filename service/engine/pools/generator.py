@@ -1,7 +1,7 @@
 """One-shot samplers, GAN generators and the inverses of exact-inverse flows: requests for one model that
 arrive within the scheduler's batching window run as one batch. Latents come from counter-based noise
 (training/noise.py), so a seeded request gets the same images whatever shares its batch, and the same as the
-CLI's. A CNF is no one-shot sampler: its ODE chains step in service/ode_pool.py."""
+CLI's. A CNF is no one-shot sampler: its ODE chains step in service/engine/pools/ode.py."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from collections.abc import Callable
 
 import torch
 
-from service.messages import ChainDiverged, SampleOrder
+from service.catalogue.registry import ServedModel
+from service.engine.messages import ChainDiverged, SampleOrder
+from service.engine.pools.base import SamplerPool, evenly_spaced, state_of
+from service.engine.scheduler import Job
 from service.metrics import Metrics
-from service.pools import SamplerPool, evenly_spaced, state_of
-from service.registry import ServedModel
-from service.scheduler import Job
 from training.sampling.noise import chain_seeds
 
 log = logging.getLogger(__name__)

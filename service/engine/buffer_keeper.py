@@ -1,6 +1,6 @@
 """The worker's replay buffers in one place: the slots the one buffer budget grants each group, the saved
 buffer a new pool starts from, saves handed to the saver's thread and their outcome taken back, and the
-read-only figures /models shows. Only the worker thread calls it (service/worker.py)."""
+read-only figures /models shows. Only the worker thread calls it (service/engine/worker.py)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from service.buffer_store import BUFFER_DTYPE, BufferBudget, BufferGrant, BufferSaver, BufferStore
-from service.langevin_pool import LangevinPool
-from service.registry import BufferGroup
+from service.catalogue.buffer_store import BUFFER_DTYPE, BufferBudget, BufferGrant, BufferSaver, BufferStore
+from service.catalogue.registry import BufferGroup
+from service.engine.pools.langevin import LangevinPool
 from training.runtime.draw import buffer_capacity, pooled_buffer
 from training.sampling.replay_buffer import ReplayBuffer
 
