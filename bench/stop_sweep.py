@@ -1,7 +1,7 @@
 """FD against mean gradient evaluations for fixed steps and per-chain stops, from one sampling pass.
 
 A chain stopped at its tolerance holds the state its fixed-step path had at that step (the same seeded noise;
-tests/test_chain_stop.py shows it), so one run of `--max-steps` steps, watched by a callback, gives every
+tests/service_engine/test_chain_stop.py shows it), so one run of `--max-steps` steps, watched by a callback, gives every
 configuration's samples (one pass per --step-sizes x --momenta x --step-decays): fixed S steps (the state at S), an
 RMS-move stop at tau (the state at the first step whose RMS move sqrt(mean((x_{t+1} - x_t)^2)) is below tau:
 training/sampling/langevin.py's `arrived`), and an energy-change stop at delta (the first step whose

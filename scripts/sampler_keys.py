@@ -1,6 +1,6 @@
 """Print docs/sampler-keys.md: every key of a model's `sampler` settings (checkpoint or sidecar), per family, with
 its default, the values it admits and its meaning, all read from training/sampling/sampler_config.py, the one
-place that defines and checks them (tests/test_sampler_config.py checks that the page is this output).
+place that defines and checks them (tests/training_sampling/test_sampler_config.py checks that the page is this output).
 
     python scripts/sampler_keys.py > docs/sampler-keys.md
 """

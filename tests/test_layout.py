@@ -222,9 +222,44 @@ def test_no_test_module_imports_another() -> None:
 
     tests = Path(__file__).resolve().parent
     importing = []
-    for module in sorted(tests.glob("test_*.py")):
+    for module in sorted(tests.rglob("test_*.py")):
         for node in ast.walk(ast.parse(module.read_text())):
             names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
             names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             importing += [f"{module.name} imports {name}" for name in names if name.split(".")[0].startswith("test_")]
     assert importing == []
+
+
+# Where each folder of tests points in the code: a test is found by the wing it tests.
+TEST_FOLDERS = {
+    "service_http": "service/http",
+    "service_engine": "service/engine",
+    "service_catalogue": "service/catalogue",
+    "service_main": "service",  # the entry points: startup, the process, the Ray engine
+    "client_package": "clients/python/samplebay_client",
+    "training_models": "training/models",
+    "training_sampling": "training/sampling",
+    "training_runtime": "training/runtime",
+    "training_train": "training/train",
+    "training_commands": "training/commands",
+}
+REPOSITORY_TESTS = {"test_layout.py", "test_repository.py", "test_docker.py", "test_bench.py"}  # the whole tree
+
+
+def test_tests_mirror_the_code_one_folder_per_wing() -> None:
+    """Every test module sits in the folder of the wing it tests (or at the top, for checks of the whole
+    repository), every folder names a wing that exists, and no two test modules share a name (pytest imports
+    them by name)."""
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    root = tests.parent
+    modules = sorted(tests.rglob("test_*.py"))
+    top = {module.name for module in modules if module.parent == tests}
+    folders = {module.parent.name for module in modules if module.parent != tests}
+    assert top == REPOSITORY_TESTS
+    assert folders == set(TEST_FOLDERS)
+    assert all((root / code).is_dir() for code in TEST_FOLDERS.values())
+    assert all(module.parent.parent == tests for module in modules if module.parent != tests)  # one level
+    names = [module.name for module in modules]
+    assert len(names) == len(set(names)), sorted(name for name in names if names.count(name) > 1)

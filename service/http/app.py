@@ -53,7 +53,7 @@ JSON_KINDS = {
 
 log = logging.getLogger("service")
 
-# What POST /sample really answers, status by status, for the OpenAPI schema (tests/test_openapi_fuzz.py
+# What POST /sample really answers, status by status, for the OpenAPI schema (tests/service_http/test_openapi_fuzz.py
 # checks every answer against it). Every error body is ErrorBody: {"detail": ..., "errors": [...] on a 422}.
 BINARY = {"schema": {"type": "string", "format": "binary"}}
 

@@ -40,7 +40,7 @@ from training.runtime.device import sampling_dtype
 from training.runtime.load import load_model
 from training.sampling.noise import chain_seeds
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 KEY = {"Authorization": "Bearer secret"}
 WATCH_INTERVAL_S = 0.25
 SWAP_DEADLINE_S = 30  # generous: the target is 2 watch intervals, but CI shares its cores

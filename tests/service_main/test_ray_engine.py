@@ -29,7 +29,7 @@ pytest.importorskip("ray.serve", reason="ray[serve] is not installed (pip instal
 
 from service.ray_engine import MODEL_HEADER
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 START_S = 150  # a Ray cluster and two replicas loading torch start in about 20-40 s on two busy cores
 
 

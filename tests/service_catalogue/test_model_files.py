@@ -32,7 +32,7 @@ from training.models import MAX_MODULES, ArchitectureTooLarge, build_model
 from training.runtime.checkpoint import Checkpoint, ModelConfig, read_metadata, save_checkpoint
 from training.sampling.sampler_config import EBMSampler, FlowSampler, GANSampler
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SIZE_CAP = 1 << 20  # the test server's max_model_bytes; a tiny EBM is about 0.2 MB
 SECRET = "top-secret-family"  # what the file behind the outward link says; /readyz must never show it
 SHAPE = [1, 28, 28]

@@ -136,7 +136,7 @@ def test_bad_input_is_a_4xx_that_says_what_is_wrong(server, body: dict, status: 
         ('{"model": "solo", "noise": Infinity}', 422),
         ("[]", 422),
         ("", 400),  # empty: says what to send
-        ('{"model": "solo", ', 400),  # not JSON at all: no field to name (tests/test_request_errors.py)
+        ('{"model": "solo", ', 400),  # not JSON at all: no field to name (tests/service_http/test_request_errors.py)
     ],
 )
 def test_non_finite_numbers_and_broken_json_are_4xx(server, raw: str, status: int) -> None:

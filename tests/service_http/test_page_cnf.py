@@ -1,5 +1,5 @@
-"""The demo page on a CNF (in a real browser, as tests/test_page.py runs it): its ODE's steps and prior scale
-are the controls, and Watch plays its solver steps from the prior to the samples."""
+"""The demo page on a CNF (in a real browser, as tests/service_http/test_page.py runs it): its ODE's steps and
+prior scale are the controls, and Watch plays its solver steps from the prior to the samples."""
 
 from pathlib import Path
 

@@ -31,7 +31,7 @@ from training.commands.quality import frechet_distance
 from training.runtime.load import load_model_file
 from training.runtime.stated import MAX_METRICS_DEPTH
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DEADLINE_S = 30  # generous: a swap takes two watch intervals, but CI shares its cores
 
 

@@ -1,6 +1,7 @@
 """The Ray router's choice, decided without a cluster: a request naming its model goes first to a replica running
 that model with budget left (by its routing stats, or because this router just sent it one), else to two drawn
-at random. The cluster test (tests/test_ray_engine.py) shows it end to end; this one cannot flake under load."""
+at random. The cluster test (tests/service_main/test_ray_engine.py) shows it end to end; this one cannot flake
+under load."""
 
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ from server import running_server
 
 from service.settings import Settings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # Run by the fresh environment's Python: no torch, no server code; the client alone against the server at argv[1].
 USE_THE_CLIENT = """

@@ -28,7 +28,7 @@ from training.sampling.sampler_config import FlowSampler
 from training.train.data import load_dataset
 from training.train.flow import FlowTrainConfig, train_flow
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def tiny_image_run(idx_dir: Path, out: Path, **changes) -> FlowTrainConfig:
@@ -233,7 +233,8 @@ def test_evaluate_refuses_likelihood_flags_for_a_model_without_an_ode(tmp_path, 
 
 def test_the_likelihood_bench_sweeps_tolerances_on_evaluates_images(idx_dir, tiny_cnf, capsys) -> None:
     """Its figures are evaluate's on the same images, dequantization and probes (the estimator rows, whose exact
-    trace takes minutes on 28x28 images, are tested on a small image model in tests/test_cnf_likelihood.py)."""
+    trace takes minutes on 28x28 images, are tested on a small image model in
+    tests/training_sampling/test_cnf_likelihood.py)."""
     command = [sys.executable, "bench/cnf_likelihood.py", str(tiny_cnf), "--data-dir", str(idx_dir), "--n", "3"]
     printed = subprocess.run(
         [*command, "--rtols", "1e-2", "1e-3", "--exact-n", "0", "--json"], capture_output=True, text=True, cwd=ROOT

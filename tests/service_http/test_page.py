@@ -10,7 +10,7 @@ from server import running_server
 
 from service.settings import Settings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCREENSHOTS = ROOT / "test-output"
 
 
@@ -380,7 +380,7 @@ def test_the_model_line_gives_each_figure_in_words_not_its_key(figures_page) -> 
 
 
 def test_the_page_says_it_serves_every_family() -> None:
-    html = (Path(__file__).resolve().parents[1] / "service" / "http" / "static" / "index.html").read_text()
+    html = (Path(__file__).resolve().parents[2] / "service" / "http" / "static" / "index.html").read_text()
     subtitle = re.search(r"<header>.*?<p>(.*?)</p>", html, flags=re.S)
     assert subtitle is not None
     for family in ("energy-based models", "normalizing flows", "GANs"):

@@ -10,7 +10,7 @@ from training.runtime.checkpoint import CheckpointError, load_checkpoint
 from training.runtime.load import load_model
 from training.sampling.sampler_config import EBMSampler, FlowSampler, GANSampler, from_dict, sampler_for, to_dict
 
-CHECKPOINTS = Path(__file__).parent.parent / "checkpoints"
+CHECKPOINTS = Path(__file__).parents[2] / "checkpoints"
 
 
 def test_defaults_are_the_tutorials_contrastive_divergence_settings() -> None:
@@ -69,7 +69,7 @@ def test_flows_record_their_base_but_sample_from_the_modules() -> None:
 def test_the_sampler_keys_page_lists_every_key_with_its_default_and_range_as_the_code_defines_them() -> None:
     """docs/sampler-keys.md is the output of scripts/sampler_keys.py, which reads each sampler dataclass: a key
     added, removed or re-bounded without regenerating the page fails here."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     printed = subprocess.run(
         [sys.executable, "scripts/sampler_keys.py"], capture_output=True, text=True, check=True, cwd=root
     ).stdout

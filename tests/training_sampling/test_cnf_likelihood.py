@@ -18,7 +18,7 @@ from training.sampling.ode import dopri5
 from training.train.data import toy2d
 from training.train.flow import FlowTrainConfig, train_flow
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_dopri5_meets_its_tolerance_per_sample_forwards_and_backwards() -> None:

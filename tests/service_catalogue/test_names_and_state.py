@@ -26,7 +26,7 @@ from training.runtime.checkpoint import CheckpointError, max_buffer_capacity
 from training.runtime.exported import read_sidecar
 from training.sampling.replay_buffer import ReplayBuffer
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SHAPE = (1, 28, 28)
 
 

@@ -18,7 +18,7 @@ import pytest
 from conftest import write_tiny_ebm
 from server import ServerProcess, serve, wait_for
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TWO_HOURS_AGO = time.time() - 7200
 
 

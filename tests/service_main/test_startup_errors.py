@@ -17,7 +17,7 @@ from conftest import write_tiny_ebm
 from service.__main__ import build_parser
 from service.settings import Settings
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run_service(*args: str, **environment: str) -> subprocess.CompletedProcess:

@@ -1,5 +1,5 @@
 """Flows through the server: inverse passes batched in a window, layer-by-layer trajectories, bits/dim (a CNF's
-ODE chains: tests/test_service_ode.py)."""
+ODE chains: tests/service_engine/test_ode_pool.py)."""
 
 import base64
 import io

@@ -17,7 +17,7 @@ from training.commands.cli import main
 from training.runtime import cores
 from training.runtime.cores import cpu_quota, idle_between, per_core_ticks, thread_count
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def stat_text(*cores: tuple[int, int, int]) -> str:

@@ -14,7 +14,7 @@ import httpx
 from conftest import write_tiny_ebm, write_tiny_gan
 from server import free_port
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_the_address_is_printed_once_it_answers_after_what_loaded(tmp_path: Path) -> None:
