@@ -242,6 +242,7 @@ TEST_FOLDERS = {
     "training_runtime": "training/runtime",
     "training_train": "training/train",
     "training_commands": "training/commands",
+    "training_families": "training/families",
 }
 REPOSITORY_TESTS = {"test_layout.py", "test_repository.py", "test_docker.py", "test_bench.py"}  # the whole tree
 

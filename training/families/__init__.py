@@ -4,7 +4,8 @@
 Adding a family touches three files: its own module here (a `Family` subclass), FAMILIES below, and its typed
 sampler config in training/sampling/sampler_config.py (SAMPLERS, from which the file schema takes the families it
 samples); serving its exported programs too is one more name in training/runtime/exported.py FAMILIES. The CLI,
-the server, export and evaluate ask the family; none of them branches on its name (tests/test_families.py).
+the server, export and evaluate ask the family; none of them branches on its name
+(tests/training_families/test_families.py).
 """
 
 from __future__ import annotations
