@@ -1,4 +1,5 @@
-"""Sweep DDLS settings for a GAN that saved its critic: FD, precision and recall per (steps, step size).
+"""Sweep DDLS settings for a GAN that saved its critic: FD, precision and recall per (steps, step size), and the
+FD again in the features of the second, independently trained classifier (a default must help on both).
 
     python bench/ddls_sweep.py checkpoints/dcgan_mnist.safetensors --data-dir ../shared/data/mnist
 
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from training.commands.quality import DEFAULT_CLASSIFIER, load_classifier, quality_figures
+from training.commands.quality import DEFAULT_CLASSIFIER, SECOND_ARCH, classifier_path, load_classifier, quality_figures
 from training.families import draw_samples
 from training.runtime.load import load_model
 from training.sampling.noise import chain_seeds
@@ -45,12 +46,13 @@ def main() -> None:
     model = load_model(args.checkpoint)
     defaults = model.sampler_as(GANSampler)
     classifier = load_classifier(DEFAULT_CLASSIFIER)
+    second = load_classifier(classifier_path("mnist", SECOND_ARCH))
     test = load_dataset("mnist", args.data_dir, "test")
     reference = test.images[torch.randperm(len(test.images), generator=torch.Generator().manual_seed(1))[: args.n]]
     seeds = chain_seeds(0, args.n)
     print(f"{args.checkpoint.name}: {args.n} samples per row; torch threads {torch.get_num_threads()}")
-    print("| steps | step size | noise | FD | precision | recall | seconds |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print("| steps | step size | noise | FD | precision | recall | FD, 2nd classifier | seconds |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for steps in numbers(args.steps, int):
         for step_size in numbers(args.step_sizes, float) if steps else [defaults.step_size]:
             noise = math.sqrt(2 * step_size) if args.noise is None else args.noise
@@ -62,7 +64,8 @@ def main() -> None:
             seconds = time.perf_counter() - start
             figures = quality_figures(classifier, reference, samples, None).report()
             cells = [steps, step_size if steps else "", round(noise, 4) if steps else "", figures["frechet_distance"]]
-            cells += [figures["precision"], figures["recall"], f"{seconds:.0f}"]
+            confirmed = quality_figures(second, reference, samples, None).report()["frechet_distance"]
+            cells += [figures["precision"], figures["recall"], confirmed, f"{seconds:.0f}"]
             print("| " + " | ".join(str(cell) for cell in cells) + " |", flush=True)
 
 
