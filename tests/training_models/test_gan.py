@@ -181,3 +181,36 @@ def test_a_continued_run_keeps_the_ddls_settings_its_checkpoint_chose(tmp_path: 
         "step_size": 0.03,
         "noise": 0.25,
     }
+
+
+def test_r1_penalty_is_half_gamma_times_the_squared_gradient_norm_on_real_data() -> None:
+    """For a linear critic d(x) = w . x the gradient is w everywhere: the penalty is gamma / 2 * ||w||^2."""
+    from training.train.losses import r1_penalty
+
+    critic = nn.Linear(6, 1, bias=False)
+    real = torch.randn(4, 6)
+    expected = 0.5 * 2.0 * critic.weight.pow(2).sum()
+    assert torch.allclose(r1_penalty(lambda x: critic(x).squeeze(1), real, 2.0), expected)
+
+
+def test_the_resize_network_with_r1_trains_saves_and_serves_its_critic(tmp_path: Path, idx_dir: Path) -> None:
+    """--network resize (nearest resize + 3x3 convs, a 3-conv critic) with --r1: the critic has no batch norm,
+    the checkpoint names the architectures, and the generator and critic load back for sampling and DDLS."""
+    out = tmp_path / "resize.safetensors"
+    flags = ["--network", "resize", "--r1", "0.2", "--width", "8", "--latent-dim", "16", "--max-batches", "3"]
+    main(["gan", "--data-dir", str(idx_dir), "--epochs", "1", "--out", str(out), "--device", "cpu", *flags])
+    config = load_checkpoint(out).config
+    assert config.arch["name"] == "resize_generator" and config.training["args"]["r1"] == 0.2
+    assert config.arch["critic"]["kwargs"] == {
+        "width": 8, "channels": 1, "image_size": 28, "batch_norm": False, "depth": 3
+    }  # fmt: skip
+    model = load_model(out)
+    assert model.critic is not None
+    assert sample_generator(model, torch.arange(3), steps=2).shape == (3, 1, 28, 28)  # DDLS under its critic
+
+
+def test_unknown_networks_and_negative_r1_are_refused(tmp_path: Path) -> None:
+    for field, value, words in (("network", "unet", "unknown GAN network"), ("r1", -1.0, "at least 0")):
+        config = GANTrainConfig(out=str(tmp_path / "x.safetensors"), dataset="toy2d:moons", **{field: value})
+        with pytest.raises(ValueError, match=words):
+            train_gan(config)
