@@ -93,7 +93,9 @@ class ServerProcess:
 
 
 @contextmanager
-def serve(models_dir: Path, state_dir: Path, log_path: Path, *flags: str) -> Iterator[ServerProcess]:
+def serve(
+    models_dir: Path, state_dir: Path, log_path: Path, *flags: str, ready_within_s: float = 60
+) -> Iterator[ServerProcess]:
     """`python -m service` on a free port, once /readyz answers 200; SIGTERM on exit if still running."""
     port = free_port()
     command = [sys.executable, "-m", "service", "--models-dir", str(models_dir), "--state-dir", str(state_dir)]
@@ -112,7 +114,7 @@ def serve(models_dir: Path, state_dir: Path, log_path: Path, *flags: str) -> Ite
             return False
 
     try:
-        wait_for(ready, 60, "the server becoming ready")
+        wait_for(ready, ready_within_s, "the server becoming ready")
         yield server
     finally:
         if process.poll() is None:

@@ -9,9 +9,7 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -22,7 +20,7 @@ import httpx
 import pytest
 import torch
 from conftest import write_tiny_ebm, write_tiny_gan
-from server import free_port, running_server, wait_for
+from server import running_server, serve, wait_for
 
 from service.catalogue.buffer_store import BufferStore
 from service.catalogue.model_watch import ModelRepository
@@ -89,34 +87,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     write_tiny_ebm(models / "solo.safetensors", seed=0)
     write_tiny_gan(models / "keeper.safetensors", seed=0)
     write_tiny_ebm(models / "leaving.safetensors", seed=4)
-    port = free_port()
-    command = [sys.executable, "-m", "service", "--models-dir", str(models), "--device", "cpu", "--port", str(port)]
-    command += ["--state-dir", str(tmp_path_factory.mktemp("state")), "--api-key", "secret"]
-    command += ["--watch-interval-s", str(WATCH_INTERVAL_S)]
+    flags = ["--api-key", "secret", "--watch-interval-s", str(WATCH_INTERVAL_S)]
     log_path = tmp_path_factory.mktemp("log") / "server.log"
-    environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    with log_path.open("w") as log:
-        process = subprocess.Popen(command, cwd=REPO, env=environment, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        if process.poll() is not None:
-            raise AssertionError(f"the server exited with {process.returncode}:\n{log_path.read_text()}")
-        try:
-            return httpx.get(f"{base}/readyz", timeout=2).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    try:
-        wait_for(ready, 90, "the server becoming ready")
-        yield Server(base, models, process)
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    with serve(models, tmp_path_factory.mktemp("state"), log_path, *flags, ready_within_s=90) as process:
+        yield Server(process.base, models, process.process)
 
 
 @dataclass
