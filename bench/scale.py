@@ -32,7 +32,7 @@ from torch import nn
 from service.catalogue.buffer_store import BUFFER_DTYPE, BufferStore
 from training.runtime.buffer_names import group_digest, model_digest
 from training.runtime.draw import sample_ebm
-from training.runtime.load import load_model, read_model_payload
+from training.runtime.load import load_model, read_model_files
 from training.sampling.noise import chain_seeds
 from training.sampling.replay_buffer import ReplayBuffer
 
@@ -87,7 +87,7 @@ def export_energy(folder: Path, size: int, width: int, slots: int) -> tuple[Path
 
 def fill_buffer(state_dir: Path, path: Path, shape: tuple[int, ...], slots: int) -> float:
     """A full saved buffer for the model, under the key the server reads it by; the seconds the save took."""
-    digest = group_digest([model_digest(b"".join(read_model_payload(path, path.parent)))])
+    digest = group_digest([model_digest(read_model_files(path, path.parent).digested)])
     buffer = ReplayBuffer(shape, slots, dtype=BUFFER_DTYPE)
     for start in range(0, slots, 256):
         count = min(256, slots - start)

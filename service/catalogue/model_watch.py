@@ -36,7 +36,7 @@ from pydantic import BaseModel, Field
 from service.catalogue.registry import LoadedFile, Registry, assemble, load_file, model_files, refusal
 from service.metrics import Metrics
 from training.runtime.checkpoint import CheckpointError
-from training.runtime.exported import PROGRAM_SUFFIX, SIDECAR_SUFFIX
+from training.runtime.exported import PROGRAM_SUFFIX, SIDECAR_SUFFIX, companion_paths, companion_role
 
 log = logging.getLogger(__name__)
 HAND_OVER_WAIT_S = 60.0  # how long a reload waits for the worker to swap the new models in
@@ -58,7 +58,8 @@ class FileStatus:
         return self.ctime_ns > self.mtime_ns
 
 
-Stamp = tuple[FileStatus | None, ...]  # a file's status (None: it cannot be read), a program's sidecar's after it
+# A file's status (None: it cannot be read); a program's sidecar's and companions' after it.
+Stamp = tuple[FileStatus | None, ...]
 
 
 def status_of(path: Path) -> FileStatus | None:
@@ -70,17 +71,19 @@ def status_of(path: Path) -> FileStatus | None:
 
 
 def stamp_of(path: Path) -> Stamp:
-    """A model file's status; a program's together with its sidecar's, since the two are served as one."""
-    if path.suffix == PROGRAM_SUFFIX:
-        return status_of(path), status_of(path.with_suffix(SIDECAR_SUFFIX))
+    """A model file's status; a program's together with its sidecar's and its companions', since they are served
+    as one."""
+    if path.suffix == PROGRAM_SUFFIX and companion_role(path.name) is None:
+        companions = [status_of(companion) for _, companion in sorted(companion_paths(path).items())]
+        return status_of(path), status_of(path.with_suffix(SIDECAR_SUFFIX)), *companions
     return (status_of(path),)
 
 
 def is_complete(stamp: Stamp, previous: Stamp | None) -> bool:
     """Whether a file can be read whole: renamed into place, or unchanged since the previous scan.
 
-    A program and its sidecar are two files, each renamed into place on its own: a scan between the two
-    renames would see a new one beside an old one, so the pair is taken only once neither has changed.
+    A program, its sidecar and its companions are several files, each renamed into place on its own: a scan
+    between two renames would see a new one beside an old one, so the bundle is taken only once none has changed.
     """
     if stamp == previous:
         return True

@@ -29,7 +29,7 @@ from training.families import Family, family_of
 from training.runtime.buffer_names import group_digest, model_digest
 from training.runtime.checkpoint import CheckpointError, check_name
 from training.runtime.draw import pooled_buffer
-from training.runtime.exported import PROGRAM_SUFFIX
+from training.runtime.exported import PROGRAM_SUFFIX, companion_role
 from training.runtime.load import load_model_file
 from training.runtime.loaded import LoadedModel
 from training.sampling.replay_buffer import ReplayBuffer
@@ -194,8 +194,17 @@ def model_files(models_dir: Path) -> list[Path]:
     directory is gone or cannot be listed (`Path.glob` would answer "no files", and unserve every model)."""
     names = [name for name in os.listdir(models_dir) if not name.startswith(".")]
     checkpoints = sorted(name for name in names if name.endswith(".safetensors"))
-    programs = sorted(name for name in names if name.endswith(PROGRAM_SUFFIX))
+    programs = sorted(
+        name for name in names if name.endswith(PROGRAM_SUFFIX) and not _companion_with_owner(name, names)
+    )
     return [models_dir / name for name in [*checkpoints, *programs]]
+
+
+def _companion_with_owner(name: str, names: list[str]) -> bool:
+    """Whether `name` is a companion program (`NAME.critic.pt2`) whose own program is there: it is read, checked
+    and swapped with that one. A companion alone is listed, and refused with the reason."""
+    role = companion_role(name)
+    return role is not None and name.removesuffix(f".{role}{PROGRAM_SUFFIX}") + PROGRAM_SUFFIX in names
 
 
 def load_file(path: Path, models_dir: Path, device: torch.device, max_file_bytes: int, timeout_s: float) -> LoadedFile:

@@ -112,7 +112,9 @@ def test_saves_and_exports_are_complete_at_first_sight_for_a_watching_server(tmp
 
     program, _ = export_model(load_model(checkpoint), tmp_path / "exported.pt2")
     stamp = stamp_of(program)
-    assert all(part is not None and part.renamed_in for part in stamp)
+    program_and_sidecar, companions = stamp[:2], stamp[2:]
+    assert all(part is not None and part.renamed_in for part in program_and_sidecar)
+    assert companions and all(part is None for part in companions)  # an energy has none
     assert not is_complete(stamp, previous=None) and is_complete(stamp, previous=stamp)
     assert not list(tmp_path.glob(".*.tmp"))
     assert load_model(program).name == "exported"

@@ -105,7 +105,9 @@ def served(tmp_path_factory: pytest.TempPathFactory):
     save_program(ColumnEnergy(), (x,), directory / "column.pt2", well_sidecar())
     save_program(DetachedEnergy(), (x,), directory / "detached.pt2", well_sidecar())
     save_program(WellEnergy(), (x,), directory / "fixed.pt2", well_sidecar(), dynamic=False)
-    save_program(TinyGenerator(), (z,), directory / "gen.critic.pt2", None)
+    save_program(TinyGenerator(), (z,), directory / "orphan.critic.pt2", None)  # a companion without its program
+    save_program(WellEnergy(), (x,), directory / "judged.pt2", well_sidecar())  # with a companion energies do not take
+    save_program(WellEnergy(), (x,), directory / "judged.forward.pt2", None)
     (directory / "broken.pt2").write_bytes(b"PK not really an archive")
     (directory / "broken.json").write_text(json.dumps(well_sidecar()))
     settings = Settings(models_dir=directory, state_dir=directory / "state", device="cpu")
@@ -153,7 +155,8 @@ def test_every_program_the_server_cannot_use_is_refused_with_its_reason_in_ready
     assert "the energy has shape [2, 1], expected [2]" in refused["column.pt2"]
     assert "no gradient with respect to x" in refused["detached.pt2"]
     assert "batch dimension of input x is fixed at 2" in refused["fixed.pt2"]
-    assert "critic programs (DDLS" in refused["gen.critic.pt2"]
+    assert "the critic program of orphan.pt2, which is not there" in refused["orphan.critic.pt2"]
+    assert "judged.forward.pt2: ebm programs take no forward program" in refused["judged.pt2"]  # the bundle, as one
     assert "not a torch.export archive" in refused["broken.pt2"]
     served_names = {model["name"] for model in httpx.get(f"{base}/models").json()}
     assert served_names == {"well", "gen", "affine"}

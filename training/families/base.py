@@ -40,6 +40,16 @@ class ExportPlan:
     sampler_set: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
+@dataclasses.dataclass(frozen=True)
+class ProgramParts:
+    """What a family builds from an exported program and its companions: the module its sampler calls, the
+    extras it starts with, and a critic served beside it (a GAN's, for DDLS and scores)."""
+
+    module: nn.Module
+    extras: dict[str, dict[str, torch.Tensor]] = dataclasses.field(default_factory=dict)
+    critic: nn.Module | None = None
+
+
 class Family:
     """One kind of model. Subclasses set the class attributes and override what their kind does differently."""
 
@@ -53,6 +63,7 @@ class Family:
     exact_log_det = False  # a flow, whose log-det is exact: what evaluate's refusals of log-det flags say of it
     likelihood = ""  # evaluate's test likelihood figures: "" none | "exact" (one pass) | "ode" (a CNF's solve)
     starts_from_images = False  # whether a request's uploaded image (and mask) start its chains (init "image")
+    companion_roles: tuple[str, ...] = ()  # the companion programs NAME.<role>.pt2 it takes (exported.COMPANION_ROLES)
 
     # --- what it is ----------------------------------------------------------------------------------------
 
@@ -101,10 +112,14 @@ class Family:
         if data.get("classes") is not None:
             raise CheckpointError(f"{source}: data.classes: only energies (family ebm) are class-conditional")
 
+    def companion_signature(self, config: ModelConfig, role: str) -> Signature:
+        """The positional inputs of its companion program of `role` (one of `companion_roles`)."""
+        raise NotImplementedError
+
     def program_module(
-        self, program: nn.Module, config: ModelConfig, sampler: SamplerConfig
-    ) -> tuple[nn.Module, dict[str, dict[str, torch.Tensor]]]:
-        """A loaded program as the module its sampler calls, and the extras it starts with."""
+        self, program: nn.Module, config: ModelConfig, sampler: SamplerConfig, companions: dict[str, nn.Module]
+    ) -> ProgramParts:
+        """A loaded program (and its companions, by role: only roles in `companion_roles`) as what it serves."""
         raise NotImplementedError
 
     def probe_program(self, model: LoadedModel, batch: int, first: bool) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from training.families.base import ExportPlan, Family, Signature
+from training.families.base import ExportPlan, Family, ProgramParts, Signature
 from training.runtime.checkpoint import CheckpointError, ModelConfig, max_buffer_capacity
 from training.runtime.device import chain_precision
 from training.runtime.draw import pooled_buffer, sample_ebm
@@ -76,17 +76,18 @@ class Energy(Family):
         pass  # data.classes makes an energy conditional
 
     def program_module(
-        self, program: nn.Module, config: ModelConfig, sampler: SamplerConfig
-    ) -> tuple[nn.Module, dict[str, dict[str, torch.Tensor]]]:
+        self, program: nn.Module, config: ModelConfig, sampler: SamplerConfig, companions: dict[str, nn.Module]
+    ) -> ProgramParts:
         assert isinstance(sampler, EBMSampler)
         module = ExportedEnergy(program, len(config.data.get("classes") or []))
         if sampler.init != "buffer":
-            return module, {}
+            return ProgramParts(module)
         # It samples from a replay buffer: one the server fills, empty at first.
         shape = tuple(config.data["shape"])
         capacity = min(sampler.buffer_capacity or REPLAY_CAPACITY, max_buffer_capacity(shape))
         low, high = config.data.get("range", [-1.0, 1.0])
-        return module, {"replay_buffer": ReplayBuffer.empty_state(shape, capacity, sampler.restart_prob, (low, high))}
+        buffer = ReplayBuffer.empty_state(shape, capacity, sampler.restart_prob, (low, high))
+        return ProgramParts(module, {"replay_buffer": buffer})
 
     def probe_program(self, model: LoadedModel, batch: int, first: bool) -> None:
         module, shape, source = model.module, model.shape, model.name

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from training.families.base import ExportPlan, Family, Signature
+from training.families.base import ExportPlan, Family, ProgramParts, Signature
 from training.models.flows import BASES, Flow, bits_per_dim
 from training.runtime.checkpoint import CheckpointError, ModelConfig
 from training.runtime.draw import sample_flow
@@ -64,10 +64,10 @@ class ExactFlow(Family):
             raise CheckpointError(f"{source}: sampler.base must be one of {', '.join(BASES)}, not {sampler['base']!r}")
 
     def program_module(
-        self, program: nn.Module, config: ModelConfig, sampler: SamplerConfig
-    ) -> tuple[nn.Module, dict[str, dict[str, torch.Tensor]]]:
+        self, program: nn.Module, config: ModelConfig, sampler: SamplerConfig, companions: dict[str, nn.Module]
+    ) -> ProgramParts:
         assert isinstance(sampler, FlowSampler)
-        return ExportedFlow(program, tuple(config.data["shape"]), sampler.base or "gaussian"), {}
+        return ProgramParts(ExportedFlow(program, tuple(config.data["shape"]), sampler.base or "gaussian"))
 
     def probe_program(self, model: LoadedModel, batch: int, first: bool) -> None:
         module, shape = model.module, model.shape

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from training.families.base import ExportPlan, Family, Signature, WeightGroup
+from training.families.base import ExportPlan, Family, ProgramParts, Signature, WeightGroup
 from training.runtime.checkpoint import Checkpoint, CheckpointError, ModelConfig
 from training.runtime.draw import default_latent_steps, sample_generator
 from training.runtime.exported_modules import ExportedGenerator, expect_output
@@ -102,9 +102,9 @@ class Gan(Family):
             raise CheckpointError(f"{source}: a generator's sampler must give latent_dim (the size of z)")
 
     def program_module(
-        self, program: nn.Module, config: ModelConfig, sampler: SamplerConfig
-    ) -> tuple[nn.Module, dict[str, dict[str, torch.Tensor]]]:
-        return ExportedGenerator(program), {}
+        self, program: nn.Module, config: ModelConfig, sampler: SamplerConfig, companions: dict[str, nn.Module]
+    ) -> ProgramParts:
+        return ProgramParts(ExportedGenerator(program))
 
     def probe_program(self, model: LoadedModel, batch: int, first: bool) -> None:
         latent_dim = model.sampler_as(GANSampler).latent_dim

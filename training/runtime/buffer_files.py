@@ -28,7 +28,7 @@ from training.families import family_of
 from training.runtime.buffer_names import buffer_file_name, group_digest, model_digest, saved_buffer_paths
 from training.runtime.checkpoint import CheckpointError, max_buffer_capacity, read_metadata, read_model_file
 from training.runtime.exported import PROGRAM_SUFFIX, SIDECAR_SUFFIX, read_sidecar
-from training.runtime.load import read_model_payload
+from training.runtime.load import read_model_files
 from training.runtime.loaded import LoadedModel
 from training.sampling.replay_buffer import ReplayBuffer
 
@@ -285,8 +285,7 @@ def buffer_file_chunks(buffer: ReplayBuffer, group: str) -> Iterator[bytes | mem
 
 def _payload(path: Path) -> bytes:
     """What a server's digest of a member covers: its bytes and a program's sidecar's, as the loader read them."""
-    payload, sidecar = read_model_payload(path, path.parent)
-    return payload + (sidecar or b"")
+    return read_model_files(path, path.parent).digested
 
 
 def _ensemble_of(path: Path) -> str | None:

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 def model_digest(payload: bytes) -> str:
-    """One member's digest: the SHA-256 of what `load.read_model_payload` read (a program with its sidecar)."""
+    """One member's digest: the SHA-256 of what `load.read_model_files` read (`ModelFiles.digested`)."""
     return hashlib.sha256(payload).hexdigest()
 
 

@@ -24,6 +24,7 @@ does what its graph says: its ATen operators may allocate what their arguments a
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -34,6 +35,7 @@ from torch._export.serde.serialize import ExportedProgramDeserializer, _dict_to_
 from torch.export.passes import move_to_device_pass
 
 from training.families import family_named
+from training.families.base import Signature
 from training.runtime.checkpoint import CheckpointError, ModelConfig, first_line, read_model_file
 from training.runtime.loaded import LoadedModel
 from training.runtime.pt2_archive import TensorRecord, VettedArchive, check_archive
@@ -44,7 +46,9 @@ from training.sampling.sampler_config import sampler_for
 
 PROGRAM_SUFFIX = ".pt2"
 SIDECAR_SUFFIX = ".json"
-CRITIC_SUFFIX = ".critic.pt2"  # a GAN critic program (DDLS): not served by this version
+# Companion programs `NAME.<role>.pt2` beside `NAME.pt2`: read, checked and swapped with it as one bundle; each family
+# says which roles it takes (Family.companion_roles) and what it does with them (Family.program_module).
+COMPANION_ROLES = ("critic", "forward")  # a GAN's critic (DDLS, scores); a flow's data -> noise direction
 FAMILIES = ("ebm", "gan", "flow")  # the families whose programs are served (each with its family's signature)
 SIDECAR_KEYS = ("family", "data", "sampler", "ensemble", "metrics")
 DATA_KEYS = tuple(StatedData.model_fields)  # shape, range, classes, dataset, levels
@@ -75,6 +79,19 @@ def _tensors(archive: VettedArchive, declared: list[TensorRecord]) -> dict[str, 
         else:
             tensors[tensor.fqn] = view.requires_grad_(tensor.requires_grad) if tensor.requires_grad else view
     return tensors
+
+
+def companion_role(name: str) -> str | None:
+    """The role of a companion file name (`NAME.critic.pt2` -> "critic"); None for a model's own program."""
+    for role in COMPANION_ROLES:
+        if name.endswith(f".{role}{PROGRAM_SUFFIX}") and len(name) > len(role) + len(PROGRAM_SUFFIX) + 1:
+            return role
+    return None
+
+
+def companion_paths(program: Path) -> dict[str, Path]:
+    """The companion files a program may have beside it, by role (present or not)."""
+    return {role: program.with_name(f"{program.stem}.{role}{PROGRAM_SUFFIX}") for role in COMPANION_ROLES}
 
 
 def read_program(payload: bytes | bytearray | memoryview, source: str) -> torch.export.ExportedProgram:
@@ -154,11 +171,12 @@ def _user_inputs(program: torch.export.ExportedProgram) -> list[torch.Tensor]:
     return [node.meta["val"] for node in program.graph.nodes if node.op == "placeholder" and node.name in inputs]
 
 
-def _check_signature(program: torch.export.ExportedProgram, config: ModelConfig, source: str) -> None:
-    """The program takes the family's positional tensors, of the sidecar's shapes after a dynamic batch
-    dimension that admits at least MIN_BATCH."""
+def _check_signature(
+    program: torch.export.ExportedProgram, config: ModelConfig, source: str, expected: Signature
+) -> None:
+    """The program takes the positional tensors `expected` (its family's signature, or a companion's), of the
+    sidecar's shapes after a dynamic batch dimension that admits at least MIN_BATCH."""
     family, classes = config.family, config.data.get("classes")
-    expected = family_named(family).signature(config)
     inputs = _user_inputs(program)
     plain = pytree.tree_structure((tuple(torch.zeros(0) for _ in expected), {}))
     if program.call_spec.in_spec != plain or len(inputs) != len(expected):
@@ -206,37 +224,72 @@ def probe(model: LoadedModel, batches: tuple[int, ...] = (2, 1, 3)) -> None:
 
 
 def load_exported(
-    path: str | Path, device: torch.device | str = "cpu", payload: bytes | None = None, sidecar: bytes | None = None
+    path: str | Path,
+    device: torch.device | str = "cpu",
+    payload: bytes | None = None,
+    sidecar: bytes | None = None,
+    companions: Mapping[str, bytes] | None = None,
 ) -> LoadedModel:
-    """A `NAME.pt2` program and its `NAME.json` sidecar as a LoadedModel every sampler, pool and command
-    takes; CheckpointError with the reason when either cannot be served. `payload` and `sidecar` are the bytes
-    the checked reader read (training/runtime/load.py); either left out is read here by that reader."""
+    """A `NAME.pt2` program, its `NAME.json` sidecar and its companions `NAME.<role>.pt2` as a LoadedModel every
+    sampler, pool and command takes; CheckpointError with the reason when any of them cannot be served. `payload`,
+    `sidecar` and `companions` are the bytes the checked reader read (training/runtime/load.py `read_model_files`);
+    left out (None), they are read here by that reader."""
     path = Path(path)
-    if path.name.endswith(CRITIC_SUFFIX):
-        raise CheckpointError(
-            f"{path.name}: critic programs (DDLS for exported GANs) are not served by this version; "
-            f"{path.name.removesuffix(CRITIC_SUFFIX)}{PROGRAM_SUFFIX} is served without it"
-        )
+    if (role := companion_role(path.name)) is not None:
+        owner = path.name.removesuffix(f".{role}{PROGRAM_SUFFIX}") + PROGRAM_SUFFIX
+        raise CheckpointError(f"{path.name} is the {role} program of {owner}, which is not there; it is served with it")
     sidecar_path = path.with_suffix(SIDECAR_SUFFIX)
     config = read_sidecar(sidecar_path) if sidecar is None else parse_sidecar(sidecar, sidecar_path)
     if payload is None:
         payload = read_model_file(path, path.parent, MAX_ARCHIVE_BYTES)
-    program = read_program(payload, path.name)
+    if companions is None:
+        companions = read_companions(path, path.parent, MAX_ARCHIVE_BYTES)
+    family = family_named(config.family)
+    unlifted = _runnable(payload, path.name, config, device, family.signature(config))
+    parts: dict[str, nn.Module] = {}
+    for role, data in sorted(companions.items()):
+        name = f"{path.stem}.{role}{PROGRAM_SUFFIX}"
+        if role not in family.companion_roles:
+            takes = ", ".join(family.companion_roles) or "none"
+            raise CheckpointError(
+                f"{name}: {config.family} programs take no {role} program beside them (companions they take: {takes})"
+            )
+        parts[role] = _runnable(data, name, config, device, family.companion_signature(config, role))
+    sampler = sampler_for(config.family, config.sampler)
+    built = family.program_module(unlifted, config, sampler, parts)
+    model = LoadedModel(
+        name=path.stem, config=config, module=built.module.eval(), sampler=sampler, extras=built.extras,
+        critic=built.critic,
+    )  # fmt: skip
+    probe(model)
+    return model
+
+
+def read_companions(path: Path, folder: Path, max_bytes: int) -> dict[str, bytes]:
+    """The bytes of each companion file present beside program `path`, each read once by the checked reader."""
+    return {
+        role: read_model_file(companion, folder, max_bytes)
+        for role, companion in companion_paths(path).items()
+        if os.path.lexists(companion)
+    }
+
+
+def _runnable(
+    payload: bytes, source: str, config: ModelConfig, device: torch.device | str, expected: Signature
+) -> nn.Module:
+    """One program's bytes as a module that runs on `device`: read without running code, its inputs checked
+    against `expected`."""
+    program = read_program(payload, source)
     try:
-        _check_signature(program, config, path.name)
+        _check_signature(program, config, source, expected)
     except CheckpointError:
         raise
     except Exception as error:  # a deserialized graph whose signature or call graph torch cannot read back
-        raise CheckpointError(f"{path.name}: the program's inputs cannot be read ({first_line(error)})") from error
+        raise CheckpointError(f"{source}: the program's inputs cannot be read ({first_line(error)})") from error
     device = torch.device(device)
     if device.type != "cpu":
         program = move_to_device_pass(program, device)
     try:
-        unlifted = program.module()
+        return program.module()
     except Exception as error:
-        raise CheckpointError(f"{path.name}: the program cannot be run ({first_line(error)})") from error
-    sampler = sampler_for(config.family, config.sampler)
-    module, extras = family_named(config.family).program_module(unlifted, config, sampler)
-    model = LoadedModel(name=path.stem, config=config, module=module.eval(), sampler=sampler, extras=extras)
-    probe(model)
-    return model
+        raise CheckpointError(f"{source}: the program cannot be run ({first_line(error)})") from error

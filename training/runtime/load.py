@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,7 +30,14 @@ from training.runtime.checkpoint import (
     first_line,
     read_model_file,
 )
-from training.runtime.exported import MAX_SIDECAR_BYTES, PROGRAM_SUFFIX, SIDECAR_SUFFIX, load_exported
+from training.runtime.exported import (
+    MAX_SIDECAR_BYTES,
+    PROGRAM_SUFFIX,
+    SIDECAR_SUFFIX,
+    companion_role,
+    load_exported,
+    read_companions,
+)
 from training.runtime.loaded import LoadedModel
 from training.sampling.noise import chain_seeds
 from training.sampling.sampler_config import sampler_for
@@ -163,35 +171,53 @@ def probe_checkpoint(model: LoadedModel) -> None:
         raise CheckpointError("the probe step makes NaN or infinite values; this model cannot be sampled")
 
 
-def _load_program(path: Path, payload: bytes, sidecar: bytes | None, device: torch.device) -> LoadedModel:
-    """A torch.export program and its sidecar (training/runtime/exported.py checks the archive and probes it)."""
+def _load_program(path: Path, files: ModelFiles, device: torch.device) -> LoadedModel:
+    """A torch.export program, its sidecar and companions (training/runtime/exported.py checks and probes them)."""
     if path.with_suffix(".safetensors").exists():
         raise CheckpointError(f"{path.stem}.safetensors is served under the same name; rename one of the two")
-    model = load_exported(path, device, payload, sidecar)
+    model = load_exported(path, device, files.payload, files.sidecar, files.companions)
     if len(model.shape) != 3:
         raise CheckpointError(f"data shape {list(model.shape)} is not an image [C, H, W]")
     return model
 
 
-def read_model_payload(path: Path, models_dir: Path, max_bytes: int = MAX_MODEL_BYTES) -> tuple[bytes, bytes | None]:
-    """A model file's bytes and, for a program, its sidecar's (None for a checkpoint or a missing sidecar), each
-    read once by `read_model_file`; together they are what a replay buffer's digest covers (buffer_files.py)."""
+@dataclass(frozen=True)
+class ModelFiles:
+    """The bytes of what is served as one model, each file read once by `read_model_file`: a checkpoint; or a
+    program with its sidecar (None when missing) and its companion programs by role."""
+
+    payload: bytes
+    sidecar: bytes | None = None
+    companions: dict[str, bytes] = field(default_factory=dict)
+
+    @property
+    def digested(self) -> bytes:
+        """What a model's digest covers (a replay buffer's key, a version): every file of the bundle, in order."""
+        companions = (self.companions[role] for role in sorted(self.companions))
+        return b"".join([self.payload, self.sidecar or b"", *companions])
+
+
+def read_model_files(path: Path, models_dir: Path, max_bytes: int = MAX_MODEL_BYTES) -> ModelFiles:
+    """A model file's bytes and, for a program, its sidecar's and its companions' (see `ModelFiles`)."""
     payload = read_model_file(path, models_dir, max_bytes)
-    sidecar = path.with_suffix(SIDECAR_SUFFIX)
-    if path.suffix != PROGRAM_SUFFIX or not os.path.lexists(sidecar):
-        return payload, None
-    return payload, read_model_file(sidecar, models_dir, min(max_bytes, MAX_SIDECAR_BYTES))
+    if path.suffix != PROGRAM_SUFFIX or companion_role(path.name) is not None:
+        return ModelFiles(payload)
+    sidecar_path = path.with_suffix(SIDECAR_SUFFIX)
+    sidecar = None
+    if os.path.lexists(sidecar_path):
+        sidecar = read_model_file(sidecar_path, models_dir, min(max_bytes, MAX_SIDECAR_BYTES))
+    return ModelFiles(payload, sidecar, read_companions(path, models_dir, max_bytes))
 
 
 def load_model_file(
     path: Path, models_dir: Path, device: torch.device, max_bytes: int = MAX_MODEL_BYTES, images_only: bool = False
 ) -> tuple[LoadedModel, bytes]:
-    """The one loader: a checkpoint, or a program with its sidecar, read within models_dir and checked; and the
-    bytes a buffer's digest covers (the program and its sidecar together). `images_only` (a server's): a data
-    shape other than [C, H, W] is refused before anything is built."""
-    payload, sidecar_payload = read_model_payload(path, models_dir, max_bytes)
+    """The one loader: a checkpoint, or a program with its sidecar and companions, read within models_dir and
+    checked; and the bytes a digest covers (every file of the bundle). `images_only` (a server's): a data shape
+    other than [C, H, W] is refused before anything is built."""
+    files = read_model_files(path, models_dir, max_bytes)
     if path.suffix != PROGRAM_SUFFIX:
-        model = _load_checkpoint(path, payload, device, images_only)
+        model = _load_checkpoint(path, files.payload, device, images_only)
     else:
-        model = _load_program(path, payload, sidecar_payload, device)
-    return model, payload + (sidecar_payload or b"")
+        model = _load_program(path, files, device)
+    return model, files.digested
