@@ -28,7 +28,7 @@ from service.http.orders import accepted_fields, check_applicable, requested_ste
 from service.http.schemas import SampleRequest
 from service.metrics import Metrics
 from training.families import FAMILIES, draw_samples, family_of
-from training.families.base import Family, Signature
+from training.families.base import DrawRequest, Family, Signature
 from training.runtime.checkpoint import ModelConfig
 from training.runtime.loaded import LoadedModel
 from training.sampling.noise import chain_seeds, latent_gaussian
@@ -68,9 +68,9 @@ class Decoder(Family):
         with torch.no_grad():
             return module((latent_gaussian(seeds, LATENT) * scale).to(device))
 
-    def draw(self, members, seeds, steps, init, generator, callback, labels, buffer, chain_steps, dtype):
+    def draw(self, members: list[LoadedModel], request: DrawRequest) -> torch.Tensor:
         model = members[0]
-        return self._decode(model.module, seeds, model.sampler.temperature).clamp(*model.data_range)
+        return self._decode(model.module, request.seeds, model.sampler.temperature).clamp(*model.data_range)
 
     def start_description(
         self, members: list[LoadedModel], init: str | None, buffer: ReplayBuffer | None, files: list[Path] | None

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from training.families.base import Family
+from training.families.base import DrawRequest, Family
 from training.families.cnf import CNF
 from training.families.energy import ENERGY
 from training.families.flow import FLOW
@@ -74,4 +74,5 @@ def draw_samples(
                 "several checkpoints are sampled together only as EBMs of one declared ensemble; "
                 f"got {', '.join(f'{m.name} ({m.config.family}, {m.config.ensemble})' for m in members)}"
             )
-    return family.draw(members, seeds, steps, init, generator, callback, labels, buffer, chain_steps, dtype)
+    request = DrawRequest(seeds, steps, init, generator, callback, labels, buffer, chain_steps, dtype)
+    return family.draw(members, request)

@@ -41,6 +41,22 @@ class ExportPlan:
 
 
 @dataclasses.dataclass(frozen=True)
+class DrawRequest:
+    """One draw's arguments, built once by training/families/__init__.py `draw_samples` (which says what each
+    means); each family reads the fields it uses, so a new argument touches this class and its reader only."""
+
+    seeds: torch.Tensor  # [B]
+    steps: int | None = None
+    init: str | None = None
+    generator: torch.Generator | None = None
+    callback: StepCallback | None = None
+    labels: torch.Tensor | None = None
+    buffer: ReplayBuffer | None = None
+    chain_steps: torch.Tensor | None = None
+    dtype: torch.dtype = torch.float32
+
+
+@dataclasses.dataclass(frozen=True)
 class ProgramParts:
     """What a family builds from an exported program and its companions: the module its sampler calls, the
     extras it starts with, and a critic served beside it (a GAN's, for DDLS and scores)."""
@@ -133,21 +149,8 @@ class Family:
 
     # --- drawing -------------------------------------------------------------------------------------------
 
-    def draw(
-        self,
-        members: list[LoadedModel],
-        seeds: torch.Tensor,
-        steps: int | None,
-        init: str | None,
-        generator: torch.Generator | None,
-        callback: StepCallback | None,
-        labels: torch.Tensor | None,
-        buffer: ReplayBuffer | None,
-        chain_steps: torch.Tensor | None,
-        dtype: torch.dtype,
-    ) -> torch.Tensor:
-        """Samples [B, *shape] in the data range, one per chain seed, as the server draws them
-        (training/families/__init__.py `draw_samples` says what each argument means)."""
+    def draw(self, members: list[LoadedModel], request: DrawRequest) -> torch.Tensor:
+        """Samples [B, *shape] in the data range, one per chain seed, as the server draws them."""
         raise NotImplementedError
 
     def chain_steps(self, model: LoadedModel, steps: int | None) -> int:

@@ -11,12 +11,11 @@ from typing import Any
 
 import torch
 
-from training.families.base import ExportPlan
+from training.families.base import DrawRequest, ExportPlan
 from training.families.flow import ExactFlow, refuse_langevin_settings
 from training.models.cnf import MLPVelocity, UNetVelocity
 from training.runtime.draw import sample_cnf
 from training.runtime.loaded import LoadedModel
-from training.sampling.langevin import StepCallback
 from training.sampling.replay_buffer import ReplayBuffer
 from training.sampling.sampler_config import FlowSampler
 
@@ -47,20 +46,9 @@ class Cnf(ExactFlow):
             "its velocity field is not supported yet (serve or sample the .safetensors checkpoint itself)"
         )
 
-    def draw(
-        self,
-        members: list[LoadedModel],
-        seeds: torch.Tensor,
-        steps: int | None,
-        init: str | None,
-        generator: torch.Generator | None,
-        callback: StepCallback | None,
-        labels: torch.Tensor | None,
-        buffer: ReplayBuffer | None,
-        chain_steps: torch.Tensor | None,
-        dtype: torch.dtype,
-    ) -> torch.Tensor:
-        return sample_cnf(members[0], seeds, steps=steps, labels=labels, callback=callback, dtype=dtype)
+    def draw(self, members: list[LoadedModel], request: DrawRequest) -> torch.Tensor:
+        r = request
+        return sample_cnf(members[0], r.seeds, steps=r.steps, labels=r.labels, callback=r.callback, dtype=r.dtype)
 
     def chain_steps(self, model: LoadedModel, steps: int | None) -> int:
         return self._steps(model) if steps is None else steps

@@ -10,13 +10,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from training.families.base import ExportPlan, Family, ProgramParts, Signature
+from training.families.base import DrawRequest, ExportPlan, Family, ProgramParts, Signature
 from training.runtime.checkpoint import CheckpointError, ModelConfig, max_buffer_capacity
 from training.runtime.device import chain_precision
 from training.runtime.draw import pooled_buffer, sample_ebm
 from training.runtime.exported_modules import ExportedEnergy, expect_output
 from training.runtime.loaded import LoadedModel
-from training.sampling.langevin import StepCallback
 from training.sampling.replay_buffer import ReplayBuffer
 from training.sampling.sampler_config import EBMSampler, SamplerConfig
 
@@ -117,21 +116,12 @@ class Energy(Family):
         example = (torch.zeros(2, *model.shape), torch.tensor([0, -1]))
         return ExportPlan(_NativeConditionalEnergy(model.module), example, {"x": {0: batch}, "y": {0: batch}})
 
-    def draw(
-        self,
-        members: list[LoadedModel],
-        seeds: torch.Tensor,
-        steps: int | None,
-        init: str | None,
-        generator: torch.Generator | None,
-        callback: StepCallback | None,
-        labels: torch.Tensor | None,
-        buffer: ReplayBuffer | None,
-        chain_steps: torch.Tensor | None,
-        dtype: torch.dtype,
-    ) -> torch.Tensor:
-        with chain_precision(next(members[0].module.parameters()).device, dtype):
-            return sample_ebm(members, seeds, steps, init, generator, callback, labels, buffer, chain_steps)
+    def draw(self, members: list[LoadedModel], request: DrawRequest) -> torch.Tensor:
+        r = request
+        with chain_precision(next(members[0].module.parameters()).device, r.dtype):
+            return sample_ebm(
+                members, r.seeds, r.steps, r.init, r.generator, r.callback, r.labels, r.buffer, r.chain_steps
+            )
 
     def chain_steps(self, model: LoadedModel, steps: int | None) -> int:
         return model.sampler_as(EBMSampler).steps if steps is None else steps

@@ -11,13 +11,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from training.families.base import ExportPlan, Family, ProgramParts, Signature
+from training.families.base import DrawRequest, ExportPlan, Family, ProgramParts, Signature
 from training.models.flows import BASES, Flow, bits_per_dim
 from training.runtime.checkpoint import CheckpointError, ModelConfig
 from training.runtime.draw import sample_flow
 from training.runtime.exported_modules import ExportedFlow, expect_output
 from training.runtime.loaded import LoadedModel
-from training.sampling.langevin import StepCallback
 from training.sampling.replay_buffer import ReplayBuffer
 from training.sampling.sampler_config import FlowSampler, SamplerConfig
 
@@ -84,22 +83,10 @@ class ExactFlow(Family):
         # The sidecar names the distribution the server draws z from.
         return ExportPlan(_NativeFlow(module), example, {"z": {0: batch}}, sampler_set={"base": module.base_name})
 
-    def draw(
-        self,
-        members: list[LoadedModel],
-        seeds: torch.Tensor,
-        steps: int | None,
-        init: str | None,
-        generator: torch.Generator | None,
-        callback: StepCallback | None,
-        labels: torch.Tensor | None,
-        buffer: ReplayBuffer | None,
-        chain_steps: torch.Tensor | None,
-        dtype: torch.dtype,
-    ) -> torch.Tensor:
-        if labels is not None:
+    def draw(self, members: list[LoadedModel], request: DrawRequest) -> torch.Tensor:
+        if request.labels is not None:
             raise ValueError(f"{members[0].name} is not class-conditional; it takes no label")
-        return sample_flow(members[0], seeds)
+        return sample_flow(members[0], request.seeds)
 
     def start_description(
         self, members: list[LoadedModel], init: str | None, buffer: ReplayBuffer | None, files: list[Path] | None

@@ -11,12 +11,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from training.families.base import ExportPlan, Family, ProgramParts, Signature, WeightGroup
+from training.families.base import DrawRequest, ExportPlan, Family, ProgramParts, Signature, WeightGroup
 from training.runtime.checkpoint import Checkpoint, CheckpointError, ModelConfig
 from training.runtime.draw import default_latent_steps, sample_generator
 from training.runtime.exported_modules import ExportedGenerator, expect_output
 from training.runtime.loaded import LoadedModel
-from training.sampling.langevin import StepCallback
 from training.sampling.noise import latent_gaussian
 from training.sampling.replay_buffer import ReplayBuffer
 from training.sampling.sampler_config import GANSampler, SamplerConfig
@@ -118,21 +117,9 @@ class Gan(Family):
         latent = torch.zeros(2, model.sampler_as(GANSampler).latent_dim)
         return ExportPlan(_NativeGenerator(model.module), (latent,), {"z": {0: batch}})
 
-    def draw(
-        self,
-        members: list[LoadedModel],
-        seeds: torch.Tensor,
-        steps: int | None,
-        init: str | None,
-        generator: torch.Generator | None,
-        callback: StepCallback | None,
-        labels: torch.Tensor | None,
-        buffer: ReplayBuffer | None,
-        chain_steps: torch.Tensor | None,
-        dtype: torch.dtype,
-    ) -> torch.Tensor:
-        first = members[0]
-        if labels is not None:
+    def draw(self, members: list[LoadedModel], request: DrawRequest) -> torch.Tensor:
+        first, callback = members[0], request.callback
+        if request.labels is not None:
             raise ValueError(f"{first.name} is a {first.config.family} model; it takes no label")
         decoded = None
         if callback is not None:  # DDLS steps report the images their latents decode to
@@ -141,7 +128,8 @@ class Gan(Family):
                 with torch.no_grad(), torch.autocast(z.device.type, enabled=False):  # frames: float32 passes
                     callback(step, first.module(z).clamp(*first.data_range), energy)
 
-        return sample_generator(first, seeds, steps=steps, callback=decoded, dtype=dtype).clamp(*first.data_range)
+        samples = sample_generator(first, request.seeds, steps=request.steps, callback=decoded, dtype=request.dtype)
+        return samples.clamp(*first.data_range)
 
     def chain_steps(self, model: LoadedModel, steps: int | None) -> int:
         return default_latent_steps(model) if steps is None else steps
