@@ -236,8 +236,9 @@ def load_exported(
     left out (None), they are read here by that reader."""
     path = Path(path)
     if (role := companion_role(path.name)) is not None:
-        owner = path.name.removesuffix(f".{role}{PROGRAM_SUFFIX}") + PROGRAM_SUFFIX
-        raise CheckpointError(f"{path.name} is the {role} program of {owner}, which is not there; it is served with it")
+        owner = path.with_name(path.name.removesuffix(f".{role}{PROGRAM_SUFFIX}") + PROGRAM_SUFFIX)
+        missing = "" if os.path.lexists(owner) else ", which is not there"
+        raise CheckpointError(f"{path.name} is the {role} program of {owner.name}{missing}; it is served with it")
     sidecar_path = path.with_suffix(SIDECAR_SUFFIX)
     config = read_sidecar(sidecar_path) if sidecar is None else parse_sidecar(sidecar, sidecar_path)
     if payload is None:
