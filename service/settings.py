@@ -85,7 +85,10 @@ class Settings(BaseSettings):
     chain_budget: int = Field(1024, ge=1, description="most chains one model runs at once (admitted, on the device)")
     sampling_dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description=SAMPLING_DTYPE_HELP)
     step_budget: int | None = Field(
-        None, ge=1, description="most chains one model's Langevin step advances (none: the device's, from a sweep)"
+        None,
+        ge=1,
+        description="most chains one model's step advances (none: the chain budget); below it each step's batch is"
+        " where the pool's measured cost per chain is least",
     )
     max_queue: int = Field(256, ge=1, description="waiting requests before 503")
     request_timeout_s: float = Field(120.0, gt=0, description="a request's deadline, queueing included")

@@ -5,18 +5,19 @@ As vLLM schedules tokens, this schedules Langevin steps: waiting requests join t
 next step while the pool's chain budget (the chains it holds) allows, first come first served; a request
 leaves as soon as its own step count is done, or all its chains stopped (a stopped chain's place goes to
 waiting work at once). Which running requests advance in a step is a separate
-choice, under the step budget (the most chains one step advances: the step's cost), in priority order:
+choice, under the step's batch (the most chains one step advances: where the pool's measured cost per chain is
+least, below the `--step-budget` cap; `_batch`), in priority order:
 fewest steps left first, each step a request sits out counting as `aging` steps fewer. On a device whose
 step cost grows with its chains (a CPU), a short request stepped beside long ones pays for all their chains
 every step; so a request is *urgent* when its steps left are within `urgent_ratio` of the length of the
 request nearest its end (or when it has sat out that many steps: so none starves), and a step carries only
 as many chains of requests that are not urgent as keep its steps, on average, within `max_slowdown` of what
-the urgent chains alone would cost, by the step cost the pool measured (`StepCost`: c(B) = fixed +
-per_chain x B, fitted to its timed steps; until the steps seen spread over chain counts, as many chains as
-the urgent ones). On a CPU a short request then runs at about its solo speed while the long ones take turns
-beside it every few steps; on a GPU, whose step costs nearly the same for any batch, every running chain
-comes along. When every request is urgent (all of similar length) every one that fits the budget advances
-together, as in plain continuous batching. A one-shot sampler
+the urgent chains alone would cost, by the step cost the pool measured (`StepCost`: a table of its timed
+steps by chain count; until two of its buckets are measured, as many chains as the urgent ones). On a CPU a
+short request then runs at about its solo speed while the long ones take turns beside it every few steps;
+on a GPU, whose step costs nearly the same for any batch, every running chain comes along. When every
+request is urgent (all of similar length) every one that fits the budget advances together, as in plain
+continuous batching. A one-shot sampler
 (GAN generator, flow inverse) takes one step per request; its scheduler has a window: waiting requests
 run together once the oldest has waited that long or they fill the budget. Cancelled and expired
 requests are dropped at the next step. No torch here: the pools (service/engine/pools/base.py) run what this
@@ -25,6 +26,7 @@ decides, and tests drive it with a fake clock.
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections import deque
 from collections.abc import Callable
@@ -73,46 +75,58 @@ IDLE_SECONDS = 0.25  # how long a pool with nothing to do lets the worker sleep
 URGENT_RATIO = 4.0  # urgent: steps left within this many times the most urgent request's steps
 AGING = 16.0  # steps left a running request is credited with for each step it sits out
 MAX_SLOWDOWN = 1.25  # a step's cost with the chains that are not urgent, over its cost without them
+RECENT_STEPS = 8  # a bucket of the step cost table reads as the median of its last this many timed steps
+NEAR_LEAST = 1.05  # a batch within this factor of the least measured cost per chain counts as the least
+REFRESH_STEPS = 64  # every this many steps, one step measures the bucket above the chosen batch again
 
-# Chains per step where a device's served throughput stops rising (bench/serve.py --sweep; README).
-STEP_BUDGETS = {"cpu": 64}
+
+def bucket_of(chains: int) -> int:
+    """The step cost table's bucket of a chain count: floor(log2 chains), so [1], [2, 3], [4, 7], ..."""
+    return chains.bit_length() - 1
 
 
 class StepCost:
-    """What one step costs as a function of the chains it advances, c(B) = fixed + per_chain * B: a least-squares
-    line through the steps the pool timed, recent ones weighing more (each observation's weight decays by
-    `forget`), so it follows a machine whose load changes."""
+    """What a step costs by the chains it advances, measured: a table of the pool's recent timed steps in buckets
+    of chain counts a factor of 2 apart ([1], [2, 3], [4, 7], ...), each read as the median of its last
+    `RECENT_STEPS` (so one slow first step, or a burst of load, does not move it), joined by straight lines.
 
-    def __init__(self, forget: float = 0.98) -> None:
-        self.forget = forget
-        self.weight = self.chains = self.seconds = self.chains_squared = self.product = 0.0
+    A table rather than a fitted curve: a CPU's cost per chain is flat, then rises once a batch's activations leave
+    the caches (3 x 128²: 58 ms a chain at 8, 80 at 32, 124 at 64), a shape a line cannot show and a convex fit
+    would smooth over where it bends; a dozen buckets cover 1 to 4,096 chains and assume nothing."""
+
+    def __init__(self) -> None:
+        self.buckets: dict[int, deque[tuple[int, float]]] = {}  # floor(log2 chains) -> recent (chains, seconds)
 
     def observe(self, chains: int, seconds: float) -> None:
         """One timed step; a zero or negative interval (a fake clock, a coarse timer) says nothing and is ignored."""
         if seconds <= 0 or chains <= 0:
             return
-        keep = self.forget
-        self.weight = keep * self.weight + 1
-        self.chains = keep * self.chains + chains
-        self.seconds = keep * self.seconds + seconds
-        self.chains_squared = keep * self.chains_squared + chains * chains
-        self.product = keep * self.product + chains * seconds
+        self.buckets.setdefault(bucket_of(chains), deque(maxlen=RECENT_STEPS)).append((chains, seconds))
 
-    def fit(self) -> tuple[float, float] | None:
-        """(fixed, per_chain) seconds, both >= 0; None until the steps seen spread over chain counts."""
-        if self.weight == 0:
+    def points(self) -> list[tuple[float, float]]:
+        """(chains, seconds per chain) of each bucket measured, fewest chains first: the median chain count of its
+        recent steps, and their median seconds over it (a step's cost rises with its chains, so the two medians
+        belong together)."""
+        table = []
+        for _, steps in sorted(self.buckets.items()):
+            chains = statistics.median(chains for chains, _ in steps)
+            table.append((chains, statistics.median(seconds for _, seconds in steps) / chains))
+        return table
+
+    def by_bucket(self) -> dict[str, float]:
+        """Each measured bucket's median cost per chain, named by its chain counts ("1", "2-3", "4-7"): /metrics."""
+        names = [f"{2**level}-{2 ** (level + 1) - 1}" if level else "1" for level in sorted(self.buckets)]
+        return {name: per_chain for name, (_, per_chain) in zip(names, self.points(), strict=True)}
+
+    def seconds(self, chains: float) -> float | None:
+        """A step's cost at `chains`, on the lines between the buckets' points (beyond them, the nearest line
+        extended); None until two buckets are measured (no slope to read)."""
+        table = [(at, at * per_chain) for at, per_chain in self.points()]
+        if len(table) < 2:
             return None
-        mean_chains, mean_seconds = self.chains / self.weight, self.seconds / self.weight
-        spread = self.chains_squared / self.weight - mean_chains**2
-        if spread < 1.0:  # (weighted) chain counts within about one chain of each other: no slope to read
-            return None
-        per_chain = max(0.0, (self.product / self.weight - mean_chains * mean_seconds) / spread)
-        return max(0.0, mean_seconds - per_chain * mean_chains), per_chain
-
-
-def default_step_budget(device_type: str, chain_budget: int) -> int:
-    """The swept budget of this kind of device; unswept ones (GPUs) advance every running chain."""
-    return min(STEP_BUDGETS.get(device_type, chain_budget), chain_budget)
+        right = next((index for index, (at, _) in enumerate(table) if at >= chains), len(table) - 1)
+        (b0, c0), (b1, c1) = table[max(right, 1) - 1], table[max(right, 1)]
+        return max(0.0, c0 + (c1 - c0) * (chains - b0) / (b1 - b0))
 
 
 class ChainScheduler:
@@ -127,7 +141,9 @@ class ChainScheduler:
         max_slowdown: float = MAX_SLOWDOWN,
     ) -> None:
         self.chain_budget = chain_budget  # chains running at once (their state held on the device)
-        self.step_budget = step_budget or chain_budget  # chains advanced in one step
+        self.step_budget = step_budget or chain_budget  # the most chains one step advances (--step-budget)
+        self.batch = self.step_budget  # what the measured cost chose for the latest step (at most step_budget)
+        self.planned = 0  # steps planned: every REFRESH_STEPS-th measures the bucket above the chosen batch
         self.urgent_ratio = urgent_ratio
         self.aging = aging
         self.max_slowdown = max_slowdown
@@ -211,13 +227,14 @@ class ChainScheduler:
         urgent: list[Job] = []
         others: list[Job] = []
         used = 0
+        self.batch = budget = self._batch(ranked[0])
         for job in ranked:
             if job.steps - job.done_steps > horizon and job.sat_out <= horizon:  # waited as long as the urgent take
                 others.append(job)
-            elif not urgent or used + job.running_chains <= self.step_budget:  # a smaller one further down may fit
+            elif not urgent or used + job.running_chains <= budget:  # a smaller one further down may fit
                 urgent.append(job)
                 used += job.running_chains
-        chosen = set(map(id, urgent + self._companions(used, others)))
+        chosen = set(map(id, urgent + self._companions(used, others, budget)))
         stepping = []
         for job in self.running:
             if id(job) in chosen:
@@ -227,29 +244,60 @@ class ChainScheduler:
                 job.sat_out += 1
         return stepping
 
-    def _companions(self, urgent_chains: int, others: list[Job]) -> list[Job]:
-        """The jobs that are not urgent to step beside `urgent_chains`, best ranked first: each step earns the
-        slack `max_slowdown` allows on the urgent chains' measured cost, a companion spends what its chains add
-        (so a short request's steps cost at most that much more on average, the long ones taking turns), and
-        the credit never grows past what the dearest waiting companion costs. Until the cost is known: as many
-        chains as the urgent ones."""
-        fit = self.cost.fit()
-        if fit is None:
-            per_chain, allowance = 1.0, float(urgent_chains)
+    def _batch(self, first: Job) -> int:
+        """The most chains this step advances, from the measured step cost: the cap (`step_budget`) while the cost
+        per chain falls up to the largest batch measured (a GPU's, or a line's with a fixed part), else the top of
+        the bucket whose cost per chain is least (the largest within NEAR_LEAST of it: a flat stretch is taken
+        whole). Some steps measure a neighbouring bucket instead: the one below while the least is at the fewest
+        chains measured (if `first`, the job that steps whatever the budget, fits it: else no step could), the one
+        above while it was never measured, and every REFRESH_STEPS steps the one above again (costs change with
+        load; this keeps the table current at a small price)."""
+        self.planned += 1
+        table = self.cost.points()
+        if not table:
+            return self.step_budget
+        least = min(per_chain for _, per_chain in table)
+        best = max(range(len(table)), key=lambda index: (table[index][1] <= NEAR_LEAST * least, index))
+        level = bucket_of(int(table[best][0]))
+        if best == 0 and level > 0 and first.running_chains < 2**level:
+            return 2**level - 1
+        if best == len(table) - 1:
+            return self.step_budget
+        above_unmeasured = bucket_of(int(table[best + 1][0])) > level + 1
+        if above_unmeasured or self.planned % REFRESH_STEPS == 0:
+            return min(self.step_budget, 2 ** (level + 2) - 1)
+        return min(self.step_budget, 2 ** (level + 1) - 1)
+
+    def _companions(self, urgent_chains: int, others: list[Job], budget: int) -> list[Job]:
+        """The jobs that are not urgent to step beside `urgent_chains`, best ranked first, within `budget` chains:
+        each step earns the slack `max_slowdown` allows on the urgent chains' measured cost, a companion spends
+        what its chains add to the step's cost (so a short request's steps cost at most that much more on
+        average, the long ones taking turns), and the credit never grows past what the dearest waiting companion
+        costs. Until the cost is known: as many chains as the urgent ones."""
+        cost = self.cost.seconds
+        alone = cost(urgent_chains)
+        if alone is None:
+            allowance = float(urgent_chains)
+
+            def added(chains: int, extra: int) -> float:
+                return float(extra)
         else:
-            fixed, per_chain = fit
-            slack = (self.max_slowdown - 1) * (fixed + per_chain * urgent_chains)
-            dearest = max((per_chain * job.running_chains for job in others), default=0.0)
+
+            def added(chains: int, extra: int) -> float:
+                return max(0.0, (cost(chains + extra) or 0.0) - (cost(chains) or 0.0))
+
+            slack = (self.max_slowdown - 1) * alone
+            dearest = max((added(urgent_chains, job.running_chains) for job in others), default=0.0)
             self.credit = min(self.credit + slack, max(slack, dearest)) if others else 0.0
             allowance = self.credit
         taken, used = [], urgent_chains
         for job in others:
-            extra = per_chain * job.running_chains
-            if extra <= allowance and used + job.running_chains <= self.step_budget:
+            extra = added(used, job.running_chains)
+            if extra <= allowance and used + job.running_chains <= budget:
                 taken.append(job)
                 allowance -= extra
                 used += job.running_chains
-        if fit is not None:
+        if alone is not None:
             self.credit = allowance
         return taken
 

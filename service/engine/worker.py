@@ -40,8 +40,8 @@ from service.engine.pools.langevin import LangevinPool
 from service.engine.pools.latent import LatentPool, pool_name
 from service.engine.pools.ode import OdePool
 from service.engine.pools.pool_set import PoolPlan, PoolSet
-from service.engine.pools.score import LikelihoodPool, OnePassScorePool, ScorePool, score_pool_name
-from service.engine.scheduler import IDLE_SECONDS, Job, default_step_budget
+from service.engine.pools.score import SCORE_PASS_IMAGES, LikelihoodPool, OnePassScorePool, ScorePool, score_pool_name
+from service.engine.scheduler import IDLE_SECONDS, Job
 from service.metrics import Metrics
 from training.sampling.scoring import LikelihoodSettings, score_family
 
@@ -64,7 +64,7 @@ class Worker:
         save_interval_s: float,
         batch_window_s: float,
         clock: Callable[[], float] = time.monotonic,
-        step_budget: int | None = None,  # chains per step of the chain pools; None: the device's default
+        step_budget: int | None = None,  # the most chains a chain pool's step advances; None: the chain budget
         served: ServedModels | None = None,  # what requests see; published here once a new registry's pools exist
         sampling_dtype: torch.dtype = torch.float32,  # what chain pools step in (training/runtime/device.py)
         buffer_budget: BufferBudget | None = None,  # bytes for every replay buffer; None: no limit
@@ -79,7 +79,7 @@ class Worker:
         self.save_interval_s = save_interval_s
         self.batch_window_s = batch_window_s
         self.clock = clock
-        self.step_budget = step_budget or default_step_budget(device.type, chain_budget)
+        self.step_budget = step_budget  # each step's batch is chosen below it from the measured cost
         self.sampling_dtype = sampling_dtype
         self.failures = FailureLog()
         self.buffer_keeper = BufferKeeper(store, buffer_budget, self.failures)
@@ -159,7 +159,8 @@ class Worker:
     def _score_pool(self, model: ServedModel) -> ScorePool:
         common = (self.chain_budget, self.device, self.metrics, self.clock)
         if score_family(model.members[0]).one_pass:
-            return OnePassScorePool(model, *common, window_s=self.batch_window_s, pass_images=self.step_budget)
+            passes = self.step_budget or (SCORE_PASS_IMAGES if self.device.type == "cpu" else None)
+            return OnePassScorePool(model, *common, window_s=self.batch_window_s, pass_images=passes)
         return LikelihoodPool(model, self.likelihood, *common)
 
     def _langevin_pool(self, group: BufferGroup) -> LangevinPool:
@@ -180,7 +181,7 @@ class Worker:
 
     def _stepping(self, pool: Chains) -> Chains:
         """A chain pool with the worker's step budget and sampling dtype."""
-        pool.scheduler.step_budget = self.step_budget
+        pool.scheduler.step_budget = pool.scheduler.batch = self.step_budget or self.chain_budget
         pool.dtype = self.sampling_dtype
         return pool
 

@@ -183,11 +183,13 @@ def test_chain_steps_stopped_frames_and_the_histogram_through_http(tmp_path: Pat
         assert [frame["stopped"] for frame in frames] == [[], [0, 1, 2]]
         assert events[-1]["chain_steps"] == [1, 1, 1]
 
-        httpx.post(f"{base}/sample", json={**body, "n": 12}, timeout=60)  # steps of 3 chains and of 12: a cost line
+        httpx.post(f"{base}/sample", json={**body, "n": 12}, timeout=60)  # steps of 3 chains and of 12: two buckets
         exposition = httpx.get(f"{base}/metrics").text
-        for part in ("fixed", "per_chain"):
-            found = re.search(rf'^samplebay_step_cost_seconds{{part="{part}",pool="solo"}} (\S+)$', exposition, re.M)
-            assert found and float(found.group(1)) >= 0, exposition[-2000:]
+        for chains in ("2-3", "8-15"):
+            found = re.search(
+                rf'^samplebay_step_cost_per_chain_seconds{{chains="{chains}",pool="solo"}} (\S+)$', exposition, re.M
+            )
+            assert found and float(found.group(1)) > 0, exposition[-2000:]
 
         for wrong, why in (({"tolerance": -1}, "tolerance"), ({"model": "gan", "tolerance": 0.1}, "'tolerance'")):
             reply = httpx.post(f"{base}/sample", json={**body, **wrong}, timeout=60)

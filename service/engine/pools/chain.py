@@ -86,7 +86,7 @@ class ChainPool(SamplerPool):
             stepped.extend(self._execute(module_index, jobs))
         advanced = sum(chains[id(job)] for job in stepped)
         self.scheduler.cost.observe(advanced, self.clock() - started)  # what the scheduler weighs companions by
-        self.metrics.show_step_cost(self.name, self.scheduler.cost.fit())
+        self.metrics.show_step_cost(self.name, self.scheduler.cost.by_bucket())
         self._record_step(len(stepped), advanced)
         for job in self.scheduler.update_from_output(stepped):
             self._finish(job)
