@@ -100,6 +100,14 @@ class Settings(BaseSettings):
         description="MiB for all replay buffers of this server (float16 slots: 10,000 of 3x128x128 take 938); "
         "a buffer that does not fit is thinned, or refused when under 16 slots fit, and /models says why",
     )
+    device_budget_mb: float | None = Field(
+        512.0,
+        gt=0,
+        description="MiB for the chains on the device, every model together: what running requests hold (states,"
+        " velocities, trajectory frames kept) and what one step needs besides (activations, measured per model); a"
+        " request larger than a step's share is stepped in slices of chains (the same images), one that can never"
+        " fit is refused, and /models states each model's limits (none: no bound)",
+    )
     retry_after_s: int = Field(1, ge=0, description="Retry-After of a 503 (queue full, device failure)")
     body_timeout_s: float = Field(
         30.0, gt=0, description="a request body must arrive whole within this many seconds of its head, else 408"

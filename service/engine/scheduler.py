@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from service.catalogue.budgets import DeviceBudget
 from service.engine.messages import Handle
 
 
@@ -48,6 +49,9 @@ class Job:
     admitted_at: float = 0.0  # set when the job starts running
     sat_out: int = 0  # steps this running job has sat out since it last advanced
     stopped: int = 0  # chains that arrived before their last step (the pool says which); they step no more
+    held_bytes: int = 0  # what its chains hold on the device between steps (DeviceBudget), from admission to answer
+    cursor: int = 0  # sliced (DeviceBudget): the first chain of this step's pass that has not stepped yet
+    window: tuple[int, int] | None = None  # the chains [lo, hi) this step advances; None: every running chain
     state: Any = None
 
     @property
@@ -151,6 +155,8 @@ class ChainScheduler:
         self.credit = 0.0  # seconds of slack the urgent chains' steps earned for companions, not yet spent
         self.clock = clock
         self.window_s = window_s  # None: continuous batching; seconds: a one-shot sampler's batching window
+        self.device = DeviceBudget(None)  # the worker's, shared by its pools: bytes held and bytes a step may use
+        self.step_bytes = 0  # what a step needs a chain besides what it holds (the pool measures it); 0: unbounded
         self.waiting: deque[Job] = deque()
         self.running: list[Job] = []
 
@@ -177,12 +183,19 @@ class ChainScheduler:
     def take_all(self) -> list[Job]:
         """Remove and return every waiting and running job (failing a pool, shutting down)."""
         jobs = [*self.waiting, *self.running]
+        for job in self.running:
+            self.device.release(id(job))
         self.waiting, self.running = deque(), []
         return jobs
 
     def add(self, job: Job) -> None:
         if job.n > self.chain_budget:
             raise ValueError(f"a request of {job.n} chains can never fit the chain budget of {self.chain_budget}")
+        if not self.device.fits_alone(job.held_bytes, self.step_bytes):
+            raise ValueError(
+                f"a request of {job.n} chains holds {job.held_bytes / 2**20:.4g} MiB between steps and a step needs "
+                f"{self.step_bytes / 2**20:.4g} MiB a chain: more than {self.device.described()} MiB"
+            )
         self.waiting.append(job)
 
     def _drop_reason(self, job: Job, now: float) -> str | None:
@@ -202,6 +215,7 @@ class ChainScheduler:
             for job in queue:
                 reason = self._drop_reason(job, now)
                 if reason:
+                    self.device.release(id(job))
                     plan.dropped.append((job, reason))
                 else:
                     kept[-1].append(job)
@@ -209,8 +223,11 @@ class ChainScheduler:
         self.waiting, self.running = deque(kept[0]), kept[1]
         used = self.running_chains
         while self.waiting and used + self.waiting[0].n <= self.chain_budget:
+            if not self.device.admits(self.waiting[0].held_bytes, self.step_bytes):
+                break  # first come first served: it waits until running requests leave room
             job = self.waiting.popleft()
             job.admitted_at = now
+            self.device.hold(id(job), job.held_bytes)
             used += job.n
             self.running.append(job)
             plan.admitted.append(job)
@@ -227,14 +244,21 @@ class ChainScheduler:
         urgent: list[Job] = []
         others: list[Job] = []
         used = 0
-        self.batch = budget = self._batch(ranked[0])
+        room = self.device.step_chains(self.step_bytes)  # the chains the bytes not held allow a step
+        self.batch = budget = self._batch(ranked[0]) if room is None else min(room, self._batch(ranked[0]))
         for job in ranked:
             if job.steps - job.done_steps > horizon and job.sat_out <= horizon:  # waited as long as the urgent take
                 others.append(job)
             elif not urgent or used + job.running_chains <= budget:  # a smaller one further down may fit
                 urgent.append(job)
                 used += job.running_chains
-        chosen = set(map(id, urgent + self._companions(used, others, budget)))
+            elif room is not None and used < budget:  # its next chains fill the step (`_slice`)
+                urgent.append(job)
+                used = budget
+        picked = urgent + self._companions(used, others, budget)
+        if room is not None:  # the first may pass the measured batch, as a job never sliced does, not the bytes
+            picked = self._slice(picked, max(budget, min(picked[0].running_chains, room)))
+        chosen = set(map(id, picked))
         stepping = []
         for job in self.running:
             if id(job) in chosen:
@@ -242,6 +266,24 @@ class ChainScheduler:
                 stepping.append(job)
             else:
                 job.sat_out += 1
+        return stepping
+
+    @staticmethod
+    def _slice(picked: list[Job], room: int) -> list[Job]:
+        """The picked jobs cut to `room` chains, best ranked first: a job wider than what is left, or in the middle
+        of a pass, steps its next chains only (`window`; its step is counted once all its chains took it), and
+        the jobs past the room sit this step out."""
+        stepping = []
+        for job in picked:
+            job.window = None
+            if room <= 0:
+                continue
+            if job.cursor == 0 and job.running_chains <= room:
+                room -= job.running_chains
+            else:
+                job.window = (job.cursor, min(job.n, job.cursor + room))
+                room -= job.window[1] - job.cursor
+            stepping.append(job)
         return stepping
 
     def _batch(self, first: Job) -> int:
@@ -306,7 +348,11 @@ class ChainScheduler:
         its steps or stopped (the pool counts a job's `stopped` chains before this)."""
         done = []
         for job in stepped:
-            job.done_steps += 1
+            if job.window is not None and job.window[1] < job.n:  # a slice: the pass goes on at the next step
+                job.cursor, job.window = job.window[1], None
+            else:
+                job.cursor, job.window = 0, None
+                job.done_steps += 1
             if job.finished:
                 done.append(job)
         self.finish(done)
@@ -315,4 +361,6 @@ class ChainScheduler:
     def finish(self, jobs: list[Job]) -> None:
         """Stop running these jobs (done, or failed in the pool)."""
         leaving = set(map(id, jobs))
+        for job in jobs:
+            self.device.release(id(job))
         self.running = [job for job in self.running if id(job) not in leaving]

@@ -28,11 +28,12 @@ from typing import Any, TypeVar
 
 import torch
 
-from service.catalogue.buffer_store import BufferBudget, BufferStore
+from service.catalogue.budgets import BufferBudget, DeviceBudget
+from service.catalogue.buffer_store import BufferStore
 from service.catalogue.registry import VERSION_CHARS, BufferGroup, Registry, ServedModel, refusal
 from service.catalogue.served_models import ServedModels
 from service.engine.buffer_keeper import BufferFigures, BufferKeeper, FailureLog
-from service.engine.messages import Deliver, FrameSink, Handle, Order, QueueFull, ScoreOrder, WorkerFailure
+from service.engine.messages import Deliver, FrameSink, Handle, Order, QueueFull, ScoreOrder, TooLarge, WorkerFailure
 from service.engine.pools.base import SamplerPool
 from service.engine.pools.chain import ChainPool
 from service.engine.pools.generator import GeneratorPool
@@ -69,7 +70,9 @@ class Worker:
         sampling_dtype: torch.dtype = torch.float32,  # what chain pools step in (training/runtime/device.py)
         buffer_budget: BufferBudget | None = None,  # bytes for every replay buffer; None: no limit
         likelihood: LikelihoodSettings | None = None,  # a CNF's likelihood solves for POST /score
+        device_budget: DeviceBudget | None = None,  # bytes for the chain pools' chains; None: no limit
     ) -> None:
+        self.device_budget = device_budget or DeviceBudget(None)
         self.likelihood = likelihood or LikelihoodSettings()
         self.store = store
         self.device = device
@@ -180,8 +183,9 @@ class Worker:
         return self._stepping(LatentPool(model, self.chain_budget, self.device, self.metrics, self.clock))
 
     def _stepping(self, pool: Chains) -> Chains:
-        """A chain pool with the worker's step budget and sampling dtype."""
+        """A chain pool with the worker's step budget, device budget and sampling dtype."""
         pool.scheduler.step_budget = pool.scheduler.batch = self.step_budget or self.chain_budget
+        pool.scheduler.device, pool.scheduler.step_bytes = self.device_budget, pool.step_bytes
         pool.dtype = self.sampling_dtype
         return pool
 
@@ -257,9 +261,44 @@ class Worker:
                 raise WorkerFailure(f"{order.model.name} version {order.model.version} is no longer served; retry")
             if self.queue_depth() >= self.max_queue:
                 raise QueueFull(f"{self.max_queue} requests are already waiting")
-            self._inbox.append((pool, pool.make_job(order, deliver, handle, on_frame)))
+            job = pool.make_job(order, deliver, handle, on_frame)
+            if not pool.scheduler.device.fits_alone(job.held_bytes, pool.scheduler.step_bytes):
+                raise TooLarge(self._too_large(order.model, job.held_bytes))
+            self._inbox.append((pool, job))
         self._wake.set()
         return handle
+
+    def device_limits(self, model: ServedModel) -> dict[str, int] | None:
+        """What the device budget allows `model`'s sampling requests, in images and bytes (GET /models): a chain's
+        bytes held between steps (as much again with momentum, and a frame's for each trajectory frame kept) and
+        needed by a step, the most images one request may ask for, and the most a step advances. None when it
+        samples in no chain pool, or the budget is unbounded."""
+        budget = self.device_budget.total_bytes
+        pools = [self.pools.get(name) for name in sorted(self._pools_of(model))]
+        chains = [pool for pool in pools if isinstance(pool, ChainPool)]
+        if budget is None or not chains:
+            return None
+        pool = max(chains, key=lambda each: each.step_bytes)
+        held, frame, step = 4 * pool.state_values, 4 * pool.image_values, pool.step_bytes
+        return {
+            "budget_bytes": budget,
+            "held_bytes_per_image": held,
+            "frame_bytes_per_image": frame,
+            "step_bytes_per_image": step,
+            "max_images": min(self.chain_budget, (budget - step) // held),
+            "max_images_per_step": budget // step if step else self.chain_budget,
+        }
+
+    def _too_large(self, model: ServedModel, held: int) -> str:
+        """Why a request holding `held` bytes is refused, with what would fit."""
+        limits = self.device_limits(model) or {}
+        return (
+            f"its chains would hold {held / 2**20:.4g} MiB between steps, beside "
+            f"{limits.get('step_bytes_per_image', 0) / 2**20:.4g} MiB for a chain's step: more than "
+            f"{self.device_budget.described()} MiB; {model.name} takes at most {limits.get('max_images', 0):,} "
+            f"images a request without momentum or trajectory frames (raise {self.device_budget.setting}, or ask "
+            "for fewer images, fewer trajectory frames, or stream them)"
+        )
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="device-worker", daemon=True)
