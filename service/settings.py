@@ -148,6 +148,12 @@ class Settings(BaseSettings):
         """One message for a bad value, by the rule training's --threads follows too."""
         return parse_threads(value)
 
+    @field_validator("device_budget_mb", mode="before")
+    @classmethod
+    def none_means_unbounded(cls, value: object) -> object:
+        """--device-budget-mb none (as its help says) turns the bound off."""
+        return None if isinstance(value, str) and value.strip().lower() == "none" else value
+
     @field_validator("api_key")
     @classmethod
     def empty_key_means_none(cls, value: str | None) -> str | None:

@@ -33,7 +33,7 @@ from service.catalogue.buffer_store import BufferStore
 from service.catalogue.registry import VERSION_CHARS, BufferGroup, Registry, ServedModel, refusal
 from service.catalogue.served_models import ServedModels
 from service.engine.buffer_keeper import BufferFigures, BufferKeeper, FailureLog
-from service.engine.messages import Deliver, FrameSink, Handle, Order, QueueFull, ScoreOrder, TooLarge, WorkerFailure
+from service.engine.messages import Deliver, FrameSink, Handle, Order, QueueFull, ScoreOrder, WorkerFailure
 from service.engine.pools.base import SamplerPool
 from service.engine.pools.chain import ChainPool
 from service.engine.pools.generator import GeneratorPool
@@ -261,44 +261,15 @@ class Worker:
                 raise WorkerFailure(f"{order.model.name} version {order.model.version} is no longer served; retry")
             if self.queue_depth() >= self.max_queue:
                 raise QueueFull(f"{self.max_queue} requests are already waiting")
-            job = pool.make_job(order, deliver, handle, on_frame)
-            if not pool.scheduler.device.fits_alone(job.held_bytes, pool.scheduler.step_bytes):
-                raise TooLarge(self._too_large(order.model, job.held_bytes))
-            self._inbox.append((pool, job))
+            self._inbox.append((pool, pool.make_job(order, deliver, handle, on_frame)))  # TooLarge: never fits
         self._wake.set()
         return handle
 
     def device_limits(self, model: ServedModel) -> dict[str, int] | None:
-        """What the device budget allows `model`'s sampling requests, in images and bytes (GET /models): a chain's
-        bytes held between steps (as much again with momentum, and a frame's for each trajectory frame kept) and
-        needed by a step, the most images one request may ask for, and the most a step advances. None when it
-        samples in no chain pool, or the budget is unbounded."""
-        budget = self.device_budget.total_bytes
+        """What the device budget allows `model`'s sampling requests (GET /models; ChainPool.device_limits)."""
         pools = [self.pools.get(name) for name in sorted(self._pools_of(model))]
         chains = [pool for pool in pools if isinstance(pool, ChainPool)]
-        if budget is None or not chains:
-            return None
-        pool = max(chains, key=lambda each: each.step_bytes)
-        held, frame, step = 4 * pool.state_values, 4 * pool.image_values, pool.step_bytes
-        return {
-            "budget_bytes": budget,
-            "held_bytes_per_image": held,
-            "frame_bytes_per_image": frame,
-            "step_bytes_per_image": step,
-            "max_images": min(self.chain_budget, (budget - step) // held),
-            "max_images_per_step": budget // step if step else self.chain_budget,
-        }
-
-    def _too_large(self, model: ServedModel, held: int) -> str:
-        """Why a request holding `held` bytes is refused, with what would fit."""
-        limits = self.device_limits(model) or {}
-        return (
-            f"its chains would hold {held / 2**20:.4g} MiB between steps, beside "
-            f"{limits.get('step_bytes_per_image', 0) / 2**20:.4g} MiB for a chain's step: more than "
-            f"{self.device_budget.described()} MiB; {model.name} takes at most {limits.get('max_images', 0):,} "
-            f"images a request without momentum or trajectory frames (raise {self.device_budget.setting}, or ask "
-            "for fewer images, fewer trajectory frames, or stream them)"
-        )
+        return max(chains, key=lambda pool: pool.step_bytes).device_limits() if chains else None
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="device-worker", daemon=True)

@@ -10,9 +10,8 @@ import httpx
 import pytest
 import torch
 from conftest import write_tiny_ebm
-from engine_bench import Bench, FakeClock
+from engine_bench import Bench, FakeClock, tolerance_that_spreads
 from server import running_server
-from test_chain_stop import tolerance_that_spreads
 
 from service.catalogue.budgets import DeviceBudget
 from service.catalogue.buffer_store import BufferStore

@@ -14,7 +14,7 @@ from typing import Protocol
 
 import torch
 
-from service.engine.messages import ChainDiverged, Deliver, FrameSink, Handle, Order, SampleOrder
+from service.engine.messages import ChainDiverged, Deliver, FrameSink, Handle, Order, SampleOrder, TooLarge
 from service.engine.pools.base import SamplerPool, state_of
 from service.engine.scheduler import Job
 from training.runtime.device import chain_precision
@@ -52,7 +52,34 @@ class ChainPool(SamplerPool):
         job = super().make_job(order, deliver, handle, on_frame)
         assert isinstance(order, SampleOrder)
         job.held_bytes = self.held_bytes(order, job.steps, streamed=on_frame is not None)
+        device = self.scheduler.device
+        if not device.fits_alone(job.held_bytes, self.step_bytes):
+            limits = self.device_limits() or {}
+            raise TooLarge(
+                f"its chains would hold {job.held_bytes / 2**20:.4g} MiB between steps, beside "
+                f"{self.step_bytes / 2**20:.4g} MiB for a chain's step: more than {device.described()} MiB; "
+                f"{order.model.name} takes at most {limits.get('max_images', 0):,} images a request without "
+                f"momentum or trajectory frames (raise {device.setting}, or ask for fewer images or frames, or "
+                "stream them)"
+            )
         return job
+
+    def device_limits(self) -> dict[str, int] | None:
+        """What the device budget allows this pool's requests, in images and bytes (GET /models): a chain's bytes
+        held between steps (as much again with momentum, and a frame's for each trajectory frame kept) and needed
+        by a step, the most images one request may ask for, and the most a step advances; None: no bound."""
+        budget = self.scheduler.device.total_bytes
+        if budget is None:
+            return None
+        held, frame, step = 4 * self.state_values, 4 * self.image_values, self.step_bytes
+        return {
+            "budget_bytes": budget,
+            "held_bytes_per_image": held,
+            "frame_bytes_per_image": frame,
+            "step_bytes_per_image": step,
+            "max_images": max(0, min(self.scheduler.chain_budget, (budget - step) // held)),
+            "max_images_per_step": budget // step if step else self.scheduler.chain_budget,
+        }
 
     def held_bytes(self, order: SampleOrder, steps: int, streamed: bool = False) -> int:
         """What a request's chains hold between steps, in float32: their states (and velocities, with momentum),
