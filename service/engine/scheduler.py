@@ -244,10 +244,15 @@ class ChainScheduler:
         urgent: list[Job] = []
         others: list[Job] = []
         used = 0
+
+        def waits(job: Job) -> bool:  # not urgent: long, and has not waited as long as the urgent ones take
+            return job.steps - job.done_steps > horizon and job.sat_out <= horizon
+
+        first = next((job for job in ranked if not waits(job)), ranked[0])  # it steps whatever the budget
         room = self.device.step_chains(self.step_bytes)  # the chains the bytes not held allow a step
-        self.batch = budget = self._batch(ranked[0]) if room is None else min(room, self._batch(ranked[0]))
+        self.batch = budget = self._batch(first) if room is None else min(room, self._batch(first))
         for job in ranked:
-            if job.steps - job.done_steps > horizon and job.sat_out <= horizon:  # waited as long as the urgent take
+            if waits(job):
                 others.append(job)
             elif not urgent or used + job.running_chains <= budget:  # a smaller one further down may fit
                 urgent.append(job)
@@ -258,6 +263,8 @@ class ChainScheduler:
         picked = urgent + self._companions(used, others, budget)
         if room is not None:  # the first may pass the measured batch, as a job never sliced does, not the bytes
             picked = self._slice(picked, max(budget, min(picked[0].running_chains, room)))
+        elif any(job.cursor for job in picked):  # a pass begun under a bound that is gone: it ends first
+            picked = self._slice(picked, self.chain_budget)
         chosen = set(map(id, picked))
         stepping = []
         for job in self.running:

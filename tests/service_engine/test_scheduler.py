@@ -312,3 +312,18 @@ def test_a_cost_per_chain_that_falls_or_stays_keeps_every_running_chain_in_a_ste
     batches = [sum(each.n for each in run_timed(scheduler, seconds)[0]) for _ in range(150)]
     assert batches[:3] == [64, 60, 64]  # the cap; one probe below (32 to 63 chains) shows nothing better
     assert set(batches[3:]) == {64} and scheduler.batch == 64
+
+
+def test_a_probe_of_fewer_chains_waits_for_a_request_that_fits_it() -> None:
+    clock = FakeClock()
+    scheduler = ChainScheduler(1024, clock, step_budget=64)
+    wide = job(32, 50, clock)  # alone, it cannot step fewer chains: no probe below 32 while it runs alone
+    scheduler.add(wide)
+    batches = [sum(each.n for each in run_timed(scheduler, rising)[0]) for _ in range(5)]
+    assert batches == [32] * 5 and scheduler.batch == 64
+    small = job(4, 40, clock)
+    scheduler.add(small)
+    running, _ = run_timed(scheduler, rising)
+    assert running == [small] and scheduler.batch == 31  # now one fits a probe: 4 chains cost less each than 32
+    running, _ = run_timed(scheduler, rising)
+    assert running == [wide] and scheduler.batch == 15  # its turn (it sat out): it steps whole, beyond the batch
