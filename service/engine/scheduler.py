@@ -294,13 +294,14 @@ class ChainScheduler:
         return stepping
 
     def _batch(self, first: Job) -> int:
-        """The most chains this step advances, from the measured step cost: the cap (`step_budget`) while the cost
-        per chain falls up to the largest batch measured (a GPU's, or a line's with a fixed part), else the top of
-        the bucket whose cost per chain is least (the largest within NEAR_LEAST of it: a flat stretch is taken
-        whole). Some steps measure a neighbouring bucket instead: the one below while the least is at the fewest
-        chains measured (if `first`, the job that steps whatever the budget, fits it: else no step could), the one
-        above while it was never measured, and every REFRESH_STEPS steps the one above again (costs change with
-        load; this keeps the table current at a small price)."""
+        """The most chains this step advances, from the measured step cost: every running chain to the cap
+        (`step_budget`) until a step is measured; the top of the bucket whose cost per chain is least (the largest
+        within NEAR_LEAST of it: a flat stretch is taken whole), or of the bucket above it while it is the largest
+        measured (so a batch grows a bucket a step while the cost per chain falls: a GPU's, a line's with a fixed
+        part, up to the cap). Some steps measure a neighbouring bucket instead: the one below while the least is at
+        the fewest chains measured (if `first`, the job that steps whatever the budget, fits it: else no step
+        could), the one above while it was never measured, and every REFRESH_STEPS steps the one above again
+        (costs change with load; this keeps the table current at a small price)."""
         self.planned += 1
         table = self.cost.points()
         if not table:
@@ -310,9 +311,7 @@ class ChainScheduler:
         level = bucket_of(int(table[best][0]))
         if best == 0 and level > 0 and first.running_chains < 2**level:
             return 2**level - 1
-        if best == len(table) - 1:
-            return self.step_budget
-        above_unmeasured = bucket_of(int(table[best + 1][0])) > level + 1
+        above_unmeasured = best == len(table) - 1 or bucket_of(int(table[best + 1][0])) > level + 1
         if above_unmeasured or self.planned % REFRESH_STEPS == 0:
             return min(self.step_budget, 2 ** (level + 2) - 1)
         return min(self.step_budget, 2 ** (level + 1) - 1)
