@@ -17,6 +17,7 @@ from service.catalogue.budgets import DeviceBudget
 from service.catalogue.buffer_store import BufferStore
 from service.catalogue.registry import load_registry
 from service.engine.messages import Handle
+from service.engine.pools import langevin
 from service.engine.scheduler import ChainScheduler, Job
 from service.engine.worker import Worker
 from service.http.orders import make_order
@@ -168,3 +169,32 @@ def test_over_http_models_states_the_limits_a_wide_request_is_sliced_and_one_tha
         refused = httpx.post(f"{base}/sample", json=frames)
         assert refused.status_code == 422 and "--device-budget-mb 0.5" in refused.text, refused.text
         assert "at most" in refused.text and app.state.worker.device_budget.held_bytes == 0
+
+
+def test_an_energy_that_cannot_be_probed_is_served_with_its_steps_not_sliced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fixed_batch(module: torch.nn.Module, shape: tuple[int, ...], device: torch.device) -> int:
+        raise RuntimeError("exported for a batch of 1")
+
+    monkeypatch.setattr(langevin, "step_bytes", fixed_batch)
+    models = tmp_path / "models"
+    models.mkdir()
+    write_tiny_ebm(models / "solo.safetensors")
+    clock = FakeClock()
+    registry = load_registry(models, torch.device("cpu"))
+    worker = Worker(
+        registry, BufferStore(tmp_path / "state"), torch.device("cpu"), Metrics(), 64, 16, 1e9, 0.5, clock,
+        device_budget=DeviceBudget(2**20),
+    )  # fmt: skip
+    bench = Bench(worker, registry, clock)
+    samples, _, _ = answer(bench, model="solo", n=8, steps=2, seed=1, init="noise")
+    assert samples.shape == (8, 1, 28, 28) and worker.pools["solo"].stats["max_chains_in_step"] == 8
+    assert worker.device_limits(registry.models["solo"]) == {
+        "budget_bytes": 2**20,
+        "held_bytes_per_image": 4 * 28 * 28,
+        "frame_bytes_per_image": 4 * 28 * 28,
+        "step_bytes_per_image": 0,
+        "max_images": 64,
+        "max_images_per_step": 64,
+    }

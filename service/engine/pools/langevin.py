@@ -77,7 +77,10 @@ class LangevinPool(ChainPool):
         self.data_range = group.members[0].data_range
         self.sampler = group.members[0].sampler_as(EBMSampler)
         self.state_values = self.image_values = math.prod(self.shape)
-        self.step_bytes = max(step_bytes(module, self.shape, device) for module in self.modules)
+        try:
+            self.step_bytes = max(step_bytes(module, self.shape, device) for module in self.modules)
+        except Exception as error:  # a program exported for one batch size: it serves, its steps are not sliced
+            log.warning("%s: its step's bytes could not be probed (%s); its steps are not sliced", self.name, error)
 
     def member_indices(self, order: SampleOrder) -> list[int]:
         return [self.names.index(member.name) for member in order.model.members]
