@@ -58,10 +58,11 @@ class Metrics:
             registry=r,
         )
         self.step_cost = Gauge(
-            "samplebay_step_cost_seconds",
-            "What a pool's step costs by its chains, c(B) = fixed + per_chain x B, fitted to its timed steps (the"
-            " scheduler weighs long requests beside short ones by it)",
-            ["pool", "part"],
+            "samplebay_step_cost_per_chain_seconds",
+            "What a pool's step costs a chain, by the chains it advances (buckets 1, 2-3, 4-7, ...): the median of"
+            " its recent timed steps there (the scheduler picks each step's batch and weighs long requests beside"
+            " short ones by it)",
+            ["pool", "chains"],
             registry=r,
         )
         self.buffer_size = Gauge("samplebay_buffer_size", "Samples in each replay buffer", ["pool"], registry=r)
@@ -87,10 +88,9 @@ class Metrics:
         self.chain_steps.labels(pool).inc(chains)
         self.chains_per_step.labels(pool).observe(chains)
 
-    def show_step_cost(self, pool: str, fit: tuple[float, float] | None) -> None:
-        if fit is not None:
-            self.step_cost.labels(pool, "fixed").set(fit[0])
-            self.step_cost.labels(pool, "per_chain").set(fit[1])
+    def show_step_cost(self, pool: str, table: dict[str, float]) -> None:
+        for chains, per_chain in table.items():
+            self.step_cost.labels(pool, chains).set(per_chain)
 
     def show_models(self, registry: Registry) -> None:
         """Each served model's version and load time, with the label pairs of versions no longer served removed."""

@@ -85,7 +85,10 @@ class Settings(BaseSettings):
     chain_budget: int = Field(1024, ge=1, description="most chains one model runs at once (admitted, on the device)")
     sampling_dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description=SAMPLING_DTYPE_HELP)
     step_budget: int | None = Field(
-        None, ge=1, description="most chains one model's Langevin step advances (none: the device's, from a sweep)"
+        None,
+        ge=1,
+        description="most chains one model's step advances (none: the chain budget); below it each step's batch is"
+        " where the pool's measured cost per chain is least",
     )
     max_queue: int = Field(256, ge=1, description="waiting requests before 503")
     request_timeout_s: float = Field(120.0, gt=0, description="a request's deadline, queueing included")
@@ -96,6 +99,14 @@ class Settings(BaseSettings):
         gt=0,
         description="MiB for all replay buffers of this server (float16 slots: 10,000 of 3x128x128 take 938); "
         "a buffer that does not fit is thinned, or refused when under 16 slots fit, and /models says why",
+    )
+    device_budget_mb: float | None = Field(
+        512.0,
+        gt=0,
+        description="MiB for the chains on the device, every model together: what running requests hold (states,"
+        " velocities, trajectory frames kept) and what one step needs besides (activations, measured per model); a"
+        " request larger than a step's share is stepped in slices of chains (the same images), one that can never"
+        " fit is refused, and /models states each model's limits (none: no bound)",
     )
     retry_after_s: int = Field(1, ge=0, description="Retry-After of a 503 (queue full, device failure)")
     body_timeout_s: float = Field(
@@ -136,6 +147,12 @@ class Settings(BaseSettings):
     def count_or_auto(cls, value: int | str) -> int | Literal["auto"]:
         """One message for a bad value, by the rule training's --threads follows too."""
         return parse_threads(value)
+
+    @field_validator("device_budget_mb", mode="before")
+    @classmethod
+    def none_means_unbounded(cls, value: object) -> object:
+        """--device-budget-mb none (as its help says) turns the bound off."""
+        return None if isinstance(value, str) and value.strip().lower() == "none" else value
 
     @field_validator("api_key")
     @classmethod

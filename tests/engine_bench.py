@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from dataclasses import dataclass
+
+import torch
 
 from service.catalogue.registry import Registry
 from service.engine.messages import SampleResult
@@ -11,6 +14,7 @@ from service.engine.worker import Worker
 from service.http.orders import make_order
 from service.http.schemas import SampleRequest
 from service.settings import Settings
+from training.sampling.langevin import chain_moves
 
 
 class FakeClock:
@@ -38,3 +42,22 @@ class Bench:
     def result(self, answers: list[SampleResult | BaseException]) -> SampleResult:
         assert len(answers) == 1 and isinstance(answers[0], SampleResult), answers
         return answers[0]
+
+
+def tolerance_that_spreads(frames: list[torch.Tensor]) -> tuple[float, list[int]]:
+    """A tolerance between two measured moves (far from any) at which the chains stop at different steps, and
+    the step each chain stops at: the first whose move is below it (else the last)."""
+    moves = torch.stack([chain_moves(before, after) for before, after in itertools.pairwise(frames)])
+    values = sorted(set(moves.flatten().tolist()))
+    best: tuple[int, float, list[int]] = (0, 0.0, [])
+    for low, high in itertools.pairwise(values):
+        if high - low < 1e-3 * high:
+            continue  # too near a measured move: float noise of another batch could decide it
+        tolerance = (low + high) / 2
+        below = moves < tolerance  # [steps, n]
+        stops = [int(below[:, c].nonzero()[0]) + 1 if below[:, c].any() else len(moves) for c in range(moves.shape[1])]
+        spread = len(set(stops)) - (max(stops) == len(moves))
+        if spread > best[0]:
+            best = (spread, tolerance, stops)
+    assert best[0] >= 2, f"the tiny EBM's chains do not spread out: {moves}"
+    return best[1], best[2]

@@ -18,8 +18,8 @@ Buffers are held and saved in float16 (files saved in float32 by earlier servers
 the buffer out a chunk at a time as it writes (training/runtime/buffer_files.py), on the worker's saver thread
 (`BufferSaver`), so chain steps never wait for a save; a load reads the file a chunk at a time into the
 buffer, so start-up peaks at the buffer and one chunk. Every buffer of a server shares one byte budget
-(`BufferBudget`, --buffer-budget-mb): a buffer that does not fit is thinned or refused, with the reason in
-the log and in /models.
+(`BufferBudget` in service/catalogue/budgets.py, --buffer-budget-mb): a buffer that does not fit is thinned
+or refused, with the reason in the log and in /models.
 
 The state directory is not trusted either: every path built from a group name is checked to name a file
 directly inside it (group names are checked at load too), a file that resolves outside it is not read,
@@ -38,7 +38,6 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -61,7 +60,6 @@ STALE_TEMP_AGE_S = 3600.0  # younger temporary files may be another replica's sa
 BUFFER_DTYPE = torch.float16  # what a server holds and saves its replay buffers in
 # The saver thread's niceness: CPU weight 110 against the worker's 1024 (19 would starve a save under load).
 SAVER_NICE = 10
-MIN_BUFFER_SLOTS = 16  # a budget that leaves fewer refuses the buffer: a handful of slots would only repeat chains
 
 
 class BufferStore:
@@ -208,56 +206,6 @@ class BufferSaver:
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
-
-
-@dataclass(frozen=True)
-class BufferGrant:
-    """What the budget gave one buffer group: slots, and why fewer than it asked for (None: all of them)."""
-
-    capacity: int
-    wanted: int
-    reason: str | None = None
-
-
-class BufferBudget:
-    """One byte budget for every replay buffer a server holds (--buffer-budget-mb).
-
-    Groups are granted in the order their pools are built; a group that does not fit is thinned to what
-    the budget has left (its saved slots kept evenly), or refused when fewer than MIN_BUFFER_SLOTS fit (its
-    chains then start from noise and none is kept). A group's new version takes its old version's share.
-    """
-
-    def __init__(self, total_bytes: int, setting: str = "--buffer-budget-mb") -> None:
-        self.total_bytes = total_bytes
-        self.setting = setting
-        self.granted: dict[str, int] = {}  # group -> bytes
-
-    def grant(self, name: str, wanted: int, slot_bytes: int) -> BufferGrant:
-        others = sum(size for group, size in self.granted.items() if group != name)
-        left = max(0, self.total_bytes - others)
-        capacity = min(wanted, left // slot_bytes)
-        reason = None
-        budget = f"the server's buffer budget ({self.setting} {self.total_bytes / 2**20:.4g})"
-        budget = f"{budget} has {left / 2**20:.4g} MiB left"
-        if capacity < min(wanted, MIN_BUFFER_SLOTS):
-            capacity = 0
-            reason = (
-                f"refused: {wanted:,} slots of {slot_bytes:,} bytes need {wanted * slot_bytes / 2**20:.4g} MiB and "
-                f"{budget}, fewer than {MIN_BUFFER_SLOTS} slots; its chains start from noise and none is kept: "
-                f"raise {self.setting}"
-            )
-        elif capacity < wanted:
-            reason = (
-                f"thinned from {wanted:,} to {capacity:,} slots ({slot_bytes:,} bytes each): {budget}; "
-                f"raise {self.setting} to keep them all"
-            )
-        self.granted[name] = capacity * slot_bytes
-        return BufferGrant(capacity, wanted, reason)
-
-    def retain(self, names: Iterable[str]) -> None:
-        """Forget the grants of groups no longer served."""
-        kept = set(names)
-        self.granted = {name: size for name, size in self.granted.items() if name in kept}
 
 
 def remove_stale_temp_files(directories: Iterable[Path], older_than_s: float = STALE_TEMP_AGE_S) -> list[Path]:

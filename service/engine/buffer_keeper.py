@@ -10,7 +10,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from service.catalogue.buffer_store import BUFFER_DTYPE, BufferBudget, BufferGrant, BufferSaver, BufferStore
+from service.catalogue.budgets import BufferBudget, BufferGrant
+from service.catalogue.buffer_store import BUFFER_DTYPE, BufferSaver, BufferStore
 from service.catalogue.registry import BufferGroup
 from service.engine.pools.langevin import LangevinPool
 from training.runtime.draw import buffer_capacity, pooled_buffer

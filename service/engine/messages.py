@@ -35,6 +35,10 @@ class ChainDiverged(Exception):
     generator's or flow's output for it; it alone ends, with a 422."""
 
 
+class TooLarge(Exception):
+    """A request whose chains could never fit the device budget, even alone (its reason names the limit): a 422."""
+
+
 class DeadlinePassed(TimeoutError):
     """The request's deadline passed before its chains finished."""
 

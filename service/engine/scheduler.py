@@ -5,18 +5,19 @@ As vLLM schedules tokens, this schedules Langevin steps: waiting requests join t
 next step while the pool's chain budget (the chains it holds) allows, first come first served; a request
 leaves as soon as its own step count is done, or all its chains stopped (a stopped chain's place goes to
 waiting work at once). Which running requests advance in a step is a separate
-choice, under the step budget (the most chains one step advances: the step's cost), in priority order:
+choice, under the step's batch (the most chains one step advances: where the pool's measured cost per chain is
+least, below the `--step-budget` cap; `_batch`), in priority order:
 fewest steps left first, each step a request sits out counting as `aging` steps fewer. On a device whose
 step cost grows with its chains (a CPU), a short request stepped beside long ones pays for all their chains
 every step; so a request is *urgent* when its steps left are within `urgent_ratio` of the length of the
 request nearest its end (or when it has sat out that many steps: so none starves), and a step carries only
 as many chains of requests that are not urgent as keep its steps, on average, within `max_slowdown` of what
-the urgent chains alone would cost, by the step cost the pool measured (`StepCost`: c(B) = fixed +
-per_chain x B, fitted to its timed steps; until the steps seen spread over chain counts, as many chains as
-the urgent ones). On a CPU a short request then runs at about its solo speed while the long ones take turns
-beside it every few steps; on a GPU, whose step costs nearly the same for any batch, every running chain
-comes along. When every request is urgent (all of similar length) every one that fits the budget advances
-together, as in plain continuous batching. A one-shot sampler
+the urgent chains alone would cost, by the step cost the pool measured (`StepCost`: a table of its timed
+steps by chain count; until two of its buckets are measured, as many chains as the urgent ones). On a CPU a
+short request then runs at about its solo speed while the long ones take turns beside it every few steps;
+on a GPU, whose step costs nearly the same for any batch, every running chain comes along. When every
+request is urgent (all of similar length) every one that fits the budget advances together, as in plain
+continuous batching. A one-shot sampler
 (GAN generator, flow inverse) takes one step per request; its scheduler has a window: waiting requests
 run together once the oldest has waited that long or they fill the budget. Cancelled and expired
 requests are dropped at the next step. No torch here: the pools (service/engine/pools/base.py) run what this
@@ -25,12 +26,14 @@ decides, and tests drive it with a fake clock.
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from service.catalogue.budgets import DeviceBudget
 from service.engine.messages import Handle
 
 
@@ -46,6 +49,9 @@ class Job:
     admitted_at: float = 0.0  # set when the job starts running
     sat_out: int = 0  # steps this running job has sat out since it last advanced
     stopped: int = 0  # chains that arrived before their last step (the pool says which); they step no more
+    held_bytes: int = 0  # what its chains hold on the device between steps (DeviceBudget), from admission to answer
+    cursor: int = 0  # sliced (DeviceBudget): the first chain of this step's pass that has not stepped yet
+    window: tuple[int, int] | None = None  # the chains [lo, hi) this step advances; None: every running chain
     state: Any = None
 
     @property
@@ -73,46 +79,58 @@ IDLE_SECONDS = 0.25  # how long a pool with nothing to do lets the worker sleep
 URGENT_RATIO = 4.0  # urgent: steps left within this many times the most urgent request's steps
 AGING = 16.0  # steps left a running request is credited with for each step it sits out
 MAX_SLOWDOWN = 1.25  # a step's cost with the chains that are not urgent, over its cost without them
+RECENT_STEPS = 8  # a bucket of the step cost table reads as the median of its last this many timed steps
+NEAR_LEAST = 1.05  # a batch within this factor of the least measured cost per chain counts as the least
+REFRESH_STEPS = 64  # every this many steps, one step measures the bucket above the chosen batch again
 
-# Chains per step where a device's served throughput stops rising (bench/serve.py --sweep; README).
-STEP_BUDGETS = {"cpu": 64}
+
+def bucket_of(chains: int) -> int:
+    """The step cost table's bucket of a chain count: floor(log2 chains), so [1], [2, 3], [4, 7], ..."""
+    return chains.bit_length() - 1
 
 
 class StepCost:
-    """What one step costs as a function of the chains it advances, c(B) = fixed + per_chain * B: a least-squares
-    line through the steps the pool timed, recent ones weighing more (each observation's weight decays by
-    `forget`), so it follows a machine whose load changes."""
+    """What a step costs by the chains it advances, measured: a table of the pool's recent timed steps in buckets
+    of chain counts a factor of 2 apart ([1], [2, 3], [4, 7], ...), each read as the median of its last
+    `RECENT_STEPS` (so one slow first step, or a burst of load, does not move it), joined by straight lines.
 
-    def __init__(self, forget: float = 0.98) -> None:
-        self.forget = forget
-        self.weight = self.chains = self.seconds = self.chains_squared = self.product = 0.0
+    A table rather than a fitted curve: a CPU's cost per chain is flat, then rises once a batch's activations leave
+    the caches (3 x 128²: 58 ms a chain at 8, 80 at 32, 124 at 64), a shape a line cannot show and a convex fit
+    would smooth over where it bends; a dozen buckets cover 1 to 4,096 chains and assume nothing."""
+
+    def __init__(self) -> None:
+        self.buckets: dict[int, deque[tuple[int, float]]] = {}  # floor(log2 chains) -> recent (chains, seconds)
 
     def observe(self, chains: int, seconds: float) -> None:
         """One timed step; a zero or negative interval (a fake clock, a coarse timer) says nothing and is ignored."""
         if seconds <= 0 or chains <= 0:
             return
-        keep = self.forget
-        self.weight = keep * self.weight + 1
-        self.chains = keep * self.chains + chains
-        self.seconds = keep * self.seconds + seconds
-        self.chains_squared = keep * self.chains_squared + chains * chains
-        self.product = keep * self.product + chains * seconds
+        self.buckets.setdefault(bucket_of(chains), deque(maxlen=RECENT_STEPS)).append((chains, seconds))
 
-    def fit(self) -> tuple[float, float] | None:
-        """(fixed, per_chain) seconds, both >= 0; None until the steps seen spread over chain counts."""
-        if self.weight == 0:
+    def points(self) -> list[tuple[float, float]]:
+        """(chains, seconds per chain) of each bucket measured, fewest chains first: the median chain count of its
+        recent steps, and their median seconds over it (a step's cost rises with its chains, so the two medians
+        belong together)."""
+        table = []
+        for _, steps in sorted(self.buckets.items()):
+            chains = statistics.median(chains for chains, _ in steps)
+            table.append((chains, statistics.median(seconds for _, seconds in steps) / chains))
+        return table
+
+    def by_bucket(self) -> dict[str, float]:
+        """Each measured bucket's median cost per chain, named by its chain counts ("1", "2-3", "4-7"): /metrics."""
+        names = [f"{2**level}-{2 ** (level + 1) - 1}" if level else "1" for level in sorted(self.buckets)]
+        return {name: per_chain for name, (_, per_chain) in zip(names, self.points(), strict=True)}
+
+    def seconds(self, chains: float) -> float | None:
+        """A step's cost at `chains`, on the lines between the buckets' points (beyond them, the nearest line
+        extended); None until two buckets are measured (no slope to read)."""
+        table = [(at, at * per_chain) for at, per_chain in self.points()]
+        if len(table) < 2:
             return None
-        mean_chains, mean_seconds = self.chains / self.weight, self.seconds / self.weight
-        spread = self.chains_squared / self.weight - mean_chains**2
-        if spread < 1.0:  # (weighted) chain counts within about one chain of each other: no slope to read
-            return None
-        per_chain = max(0.0, (self.product / self.weight - mean_chains * mean_seconds) / spread)
-        return max(0.0, mean_seconds - per_chain * mean_chains), per_chain
-
-
-def default_step_budget(device_type: str, chain_budget: int) -> int:
-    """The swept budget of this kind of device; unswept ones (GPUs) advance every running chain."""
-    return min(STEP_BUDGETS.get(device_type, chain_budget), chain_budget)
+        right = next((index for index, (at, _) in enumerate(table) if at >= chains), len(table) - 1)
+        (b0, c0), (b1, c1) = table[max(right, 1) - 1], table[max(right, 1)]
+        return max(0.0, c0 + (c1 - c0) * (chains - b0) / (b1 - b0))
 
 
 class ChainScheduler:
@@ -127,7 +145,9 @@ class ChainScheduler:
         max_slowdown: float = MAX_SLOWDOWN,
     ) -> None:
         self.chain_budget = chain_budget  # chains running at once (their state held on the device)
-        self.step_budget = step_budget or chain_budget  # chains advanced in one step
+        self.step_budget = step_budget or chain_budget  # the most chains one step advances (--step-budget)
+        self.batch = self.step_budget  # what the measured cost chose for the latest step (at most step_budget)
+        self.planned = 0  # steps planned: every REFRESH_STEPS-th measures the bucket above the chosen batch
         self.urgent_ratio = urgent_ratio
         self.aging = aging
         self.max_slowdown = max_slowdown
@@ -135,6 +155,8 @@ class ChainScheduler:
         self.credit = 0.0  # seconds of slack the urgent chains' steps earned for companions, not yet spent
         self.clock = clock
         self.window_s = window_s  # None: continuous batching; seconds: a one-shot sampler's batching window
+        self.device = DeviceBudget(None)  # the worker's, shared by its pools: bytes held and bytes a step may use
+        self.step_bytes = 0  # what a step needs a chain besides what it holds (the pool measures it); 0: unbounded
         self.waiting: deque[Job] = deque()
         self.running: list[Job] = []
 
@@ -161,12 +183,19 @@ class ChainScheduler:
     def take_all(self) -> list[Job]:
         """Remove and return every waiting and running job (failing a pool, shutting down)."""
         jobs = [*self.waiting, *self.running]
+        for job in self.running:
+            self.device.release(id(job))
         self.waiting, self.running = deque(), []
         return jobs
 
     def add(self, job: Job) -> None:
         if job.n > self.chain_budget:
             raise ValueError(f"a request of {job.n} chains can never fit the chain budget of {self.chain_budget}")
+        if not self.device.fits_alone(job.held_bytes, self.step_bytes):
+            raise ValueError(
+                f"a request of {job.n} chains holds {job.held_bytes / 2**20:.4g} MiB between steps and a step needs "
+                f"{self.step_bytes / 2**20:.4g} MiB a chain: more than {self.device.described()} MiB"
+            )
         self.waiting.append(job)
 
     def _drop_reason(self, job: Job, now: float) -> str | None:
@@ -186,6 +215,7 @@ class ChainScheduler:
             for job in queue:
                 reason = self._drop_reason(job, now)
                 if reason:
+                    self.device.release(id(job))
                     plan.dropped.append((job, reason))
                 else:
                     kept[-1].append(job)
@@ -193,8 +223,11 @@ class ChainScheduler:
         self.waiting, self.running = deque(kept[0]), kept[1]
         used = self.running_chains
         while self.waiting and used + self.waiting[0].n <= self.chain_budget:
+            if not self.device.admits(self.waiting[0].held_bytes, self.step_bytes):
+                break  # first come first served: it waits until running requests leave room
             job = self.waiting.popleft()
             job.admitted_at = now
+            self.device.hold(id(job), job.held_bytes)
             used += job.n
             self.running.append(job)
             plan.admitted.append(job)
@@ -211,13 +244,28 @@ class ChainScheduler:
         urgent: list[Job] = []
         others: list[Job] = []
         used = 0
+
+        def waits(job: Job) -> bool:  # not urgent: long, and has not waited as long as the urgent ones take
+            return job.steps - job.done_steps > horizon and job.sat_out <= horizon
+
+        first = next((job for job in ranked if not waits(job)), ranked[0])  # it steps whatever the budget
+        room = self.device.step_chains(self.step_bytes)  # the chains the bytes not held allow a step
+        self.batch = budget = self._batch(first) if room is None else min(room, self._batch(first))
         for job in ranked:
-            if job.steps - job.done_steps > horizon and job.sat_out <= horizon:  # waited as long as the urgent take
+            if waits(job):
                 others.append(job)
-            elif not urgent or used + job.running_chains <= self.step_budget:  # a smaller one further down may fit
+            elif not urgent or used + job.running_chains <= budget:  # a smaller one further down may fit
                 urgent.append(job)
                 used += job.running_chains
-        chosen = set(map(id, urgent + self._companions(used, others)))
+            elif room is not None and used < budget:  # its next chains fill the step (`_slice`)
+                urgent.append(job)
+                used = budget
+        picked = urgent + self._companions(used, others, budget)
+        if room is not None:  # the first may pass the measured batch, as a job never sliced does, not the bytes
+            picked = self._slice(picked, max(budget, min(picked[0].running_chains, room)))
+        elif any(job.cursor for job in picked):  # a pass begun under a bound that is gone: it ends first
+            picked = self._slice(picked, self.chain_budget)
+        chosen = set(map(id, picked))
         stepping = []
         for job in self.running:
             if id(job) in chosen:
@@ -227,29 +275,77 @@ class ChainScheduler:
                 job.sat_out += 1
         return stepping
 
-    def _companions(self, urgent_chains: int, others: list[Job]) -> list[Job]:
-        """The jobs that are not urgent to step beside `urgent_chains`, best ranked first: each step earns the
-        slack `max_slowdown` allows on the urgent chains' measured cost, a companion spends what its chains add
-        (so a short request's steps cost at most that much more on average, the long ones taking turns), and
-        the credit never grows past what the dearest waiting companion costs. Until the cost is known: as many
-        chains as the urgent ones."""
-        fit = self.cost.fit()
-        if fit is None:
-            per_chain, allowance = 1.0, float(urgent_chains)
+    @staticmethod
+    def _slice(picked: list[Job], room: int) -> list[Job]:
+        """The picked jobs cut to `room` chains, best ranked first: a job wider than what is left, or in the middle
+        of a pass, steps its next chains only (`window`; its step is counted once all its chains took it), and
+        the jobs past the room sit this step out."""
+        stepping = []
+        for job in picked:
+            job.window = None
+            if room <= 0:
+                continue
+            if job.cursor == 0 and job.running_chains <= room:
+                room -= job.running_chains
+            else:
+                job.window = (job.cursor, min(job.n, job.cursor + room))
+                room -= job.window[1] - job.cursor
+            stepping.append(job)
+        return stepping
+
+    def _batch(self, first: Job) -> int:
+        """The most chains this step advances, from the measured step cost: every running chain to the cap
+        (`step_budget`) until a step is measured; the top of the bucket whose cost per chain is least (the largest
+        within NEAR_LEAST of it: a flat stretch is taken whole), or of the bucket above it while it is the largest
+        measured (so a batch grows a bucket a step while the cost per chain falls: a GPU's, a line's with a fixed
+        part, up to the cap). Some steps measure a neighbouring bucket instead: the one below while the least is at
+        the fewest chains measured (if `first`, the job that steps whatever the budget, fits it: else no step
+        could), the one above while it was never measured, and every REFRESH_STEPS steps the one above again
+        (costs change with load; this keeps the table current at a small price)."""
+        self.planned += 1
+        table = self.cost.points()
+        if not table:
+            return self.step_budget
+        least = min(per_chain for _, per_chain in table)
+        best = max(range(len(table)), key=lambda index: (table[index][1] <= NEAR_LEAST * least, index))
+        level = bucket_of(int(table[best][0]))
+        if best == 0 and level > 0 and first.running_chains < 2**level:
+            return 2**level - 1
+        above_unmeasured = best == len(table) - 1 or bucket_of(int(table[best + 1][0])) > level + 1
+        if above_unmeasured or self.planned % REFRESH_STEPS == 0:
+            return min(self.step_budget, 2 ** (level + 2) - 1)
+        return min(self.step_budget, 2 ** (level + 1) - 1)
+
+    def _companions(self, urgent_chains: int, others: list[Job], budget: int) -> list[Job]:
+        """The jobs that are not urgent to step beside `urgent_chains`, best ranked first, within `budget` chains:
+        each step earns the slack `max_slowdown` allows on the urgent chains' measured cost, a companion spends
+        what its chains add to the step's cost (so a short request's steps cost at most that much more on
+        average, the long ones taking turns), and the credit never grows past what the dearest waiting companion
+        costs. Until the cost is known: as many chains as the urgent ones."""
+        cost = self.cost.seconds
+        alone = cost(urgent_chains)
+        if alone is None:
+            allowance = float(urgent_chains)
+
+            def added(chains: int, extra: int) -> float:
+                return float(extra)
         else:
-            fixed, per_chain = fit
-            slack = (self.max_slowdown - 1) * (fixed + per_chain * urgent_chains)
-            dearest = max((per_chain * job.running_chains for job in others), default=0.0)
+
+            def added(chains: int, extra: int) -> float:
+                return max(0.0, (cost(chains + extra) or 0.0) - (cost(chains) or 0.0))
+
+            slack = (self.max_slowdown - 1) * alone
+            dearest = max((added(urgent_chains, job.running_chains) for job in others), default=0.0)
             self.credit = min(self.credit + slack, max(slack, dearest)) if others else 0.0
             allowance = self.credit
         taken, used = [], urgent_chains
         for job in others:
-            extra = per_chain * job.running_chains
-            if extra <= allowance and used + job.running_chains <= self.step_budget:
+            extra = added(used, job.running_chains)
+            if extra <= allowance and used + job.running_chains <= budget:
                 taken.append(job)
                 allowance -= extra
                 used += job.running_chains
-        if fit is not None:
+        if alone is not None:
             self.credit = allowance
         return taken
 
@@ -258,7 +354,11 @@ class ChainScheduler:
         its steps or stopped (the pool counts a job's `stopped` chains before this)."""
         done = []
         for job in stepped:
-            job.done_steps += 1
+            if job.window is not None and job.window[1] < job.n:  # a slice: the pass goes on at the next step
+                job.cursor, job.window = job.window[1], None
+            else:
+                job.cursor, job.window = 0, None
+                job.done_steps += 1
             if job.finished:
                 done.append(job)
         self.finish(done)
@@ -267,4 +367,6 @@ class ChainScheduler:
     def finish(self, jobs: list[Job]) -> None:
         """Stop running these jobs (done, or failed in the pool)."""
         leaving = set(map(id, jobs))
+        for job in jobs:
+            self.device.release(id(job))
         self.running = [job for job in self.running if id(job) not in leaving]

@@ -28,7 +28,8 @@ from typing import Any, TypeVar
 
 import torch
 
-from service.catalogue.buffer_store import BufferBudget, BufferStore
+from service.catalogue.budgets import BufferBudget, DeviceBudget
+from service.catalogue.buffer_store import BufferStore
 from service.catalogue.registry import VERSION_CHARS, BufferGroup, Registry, ServedModel, refusal
 from service.catalogue.served_models import ServedModels
 from service.engine.buffer_keeper import BufferFigures, BufferKeeper, FailureLog
@@ -40,8 +41,8 @@ from service.engine.pools.langevin import LangevinPool
 from service.engine.pools.latent import LatentPool, pool_name
 from service.engine.pools.ode import OdePool
 from service.engine.pools.pool_set import PoolPlan, PoolSet
-from service.engine.pools.score import LikelihoodPool, OnePassScorePool, ScorePool, score_pool_name
-from service.engine.scheduler import IDLE_SECONDS, Job, default_step_budget
+from service.engine.pools.score import SCORE_PASS_IMAGES, LikelihoodPool, OnePassScorePool, ScorePool, score_pool_name
+from service.engine.scheduler import IDLE_SECONDS, Job
 from service.metrics import Metrics
 from training.sampling.scoring import LikelihoodSettings, score_family
 
@@ -64,12 +65,14 @@ class Worker:
         save_interval_s: float,
         batch_window_s: float,
         clock: Callable[[], float] = time.monotonic,
-        step_budget: int | None = None,  # chains per step of the chain pools; None: the device's default
+        step_budget: int | None = None,  # the most chains a chain pool's step advances; None: the chain budget
         served: ServedModels | None = None,  # what requests see; published here once a new registry's pools exist
         sampling_dtype: torch.dtype = torch.float32,  # what chain pools step in (training/runtime/device.py)
         buffer_budget: BufferBudget | None = None,  # bytes for every replay buffer; None: no limit
         likelihood: LikelihoodSettings | None = None,  # a CNF's likelihood solves for POST /score
+        device_budget: DeviceBudget | None = None,  # bytes for the chain pools' chains; None: no limit
     ) -> None:
+        self.device_budget = device_budget or DeviceBudget(None)
         self.likelihood = likelihood or LikelihoodSettings()
         self.store = store
         self.device = device
@@ -79,7 +82,7 @@ class Worker:
         self.save_interval_s = save_interval_s
         self.batch_window_s = batch_window_s
         self.clock = clock
-        self.step_budget = step_budget or default_step_budget(device.type, chain_budget)
+        self.step_budget = step_budget  # each step's batch is chosen below it from the measured cost
         self.sampling_dtype = sampling_dtype
         self.failures = FailureLog()
         self.buffer_keeper = BufferKeeper(store, buffer_budget, self.failures)
@@ -159,7 +162,8 @@ class Worker:
     def _score_pool(self, model: ServedModel) -> ScorePool:
         common = (self.chain_budget, self.device, self.metrics, self.clock)
         if score_family(model.members[0]).one_pass:
-            return OnePassScorePool(model, *common, window_s=self.batch_window_s, pass_images=self.step_budget)
+            passes = self.step_budget or (SCORE_PASS_IMAGES if self.device.type == "cpu" else None)
+            return OnePassScorePool(model, *common, window_s=self.batch_window_s, pass_images=passes)
         return LikelihoodPool(model, self.likelihood, *common)
 
     def _langevin_pool(self, group: BufferGroup) -> LangevinPool:
@@ -179,8 +183,9 @@ class Worker:
         return self._stepping(LatentPool(model, self.chain_budget, self.device, self.metrics, self.clock))
 
     def _stepping(self, pool: Chains) -> Chains:
-        """A chain pool with the worker's step budget and sampling dtype."""
-        pool.scheduler.step_budget = self.step_budget
+        """A chain pool with the worker's step budget, device budget and sampling dtype."""
+        pool.scheduler.step_budget = pool.scheduler.batch = self.step_budget or self.chain_budget
+        pool.scheduler.device, pool.scheduler.step_bytes = self.device_budget, pool.step_bytes
         pool.dtype = self.sampling_dtype
         return pool
 
@@ -256,9 +261,15 @@ class Worker:
                 raise WorkerFailure(f"{order.model.name} version {order.model.version} is no longer served; retry")
             if self.queue_depth() >= self.max_queue:
                 raise QueueFull(f"{self.max_queue} requests are already waiting")
-            self._inbox.append((pool, pool.make_job(order, deliver, handle, on_frame)))
+            self._inbox.append((pool, pool.make_job(order, deliver, handle, on_frame)))  # TooLarge: never fits
         self._wake.set()
         return handle
+
+    def device_limits(self, model: ServedModel) -> dict[str, int] | None:
+        """What the device budget allows `model`'s sampling requests (GET /models; ChainPool.device_limits)."""
+        pools = [self.pools.get(name) for name in sorted(self._pools_of(model))]
+        chains = [pool for pool in pools if isinstance(pool, ChainPool)]
+        return max(chains, key=lambda pool: pool.step_bytes).device_limits() if chains else None
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="device-worker", daemon=True)

@@ -22,7 +22,8 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Res
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.catalogue.buffer_store import BufferBudget, BufferStore
+from service.catalogue.budgets import BufferBudget, DeviceBudget
+from service.catalogue.buffer_store import BufferStore
 from service.catalogue.model_watch import CoalescedReloads, ModelRepository, ModelWatcher, ReloadReport
 from service.catalogue.registry import Registry, model_files, signals_end_loading
 from service.catalogue.served_models import ServedModels
@@ -193,6 +194,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             served=served,
             buffer_budget=BufferBudget(int(settings.buffer_budget_mb * 2**20)),
             likelihood=LikelihoodSettings(settings.score_rtol, settings.score_atol),
+            device_budget=DeviceBudget(
+                None if settings.device_budget_mb is None else int(settings.device_budget_mb * 2**20)
+            ),
         )
         published(served.registry)  # the worker's: models whose pools could not be built are refused there
         worker.start()

@@ -25,6 +25,7 @@ from service.engine.messages import (
     SampleOrder,
     SampleResult,
     ScoreResult,
+    TooLarge,
     WorkerFailure,
 )
 from service.engine.worker import Worker
@@ -47,7 +48,7 @@ def worker_error(error: BaseException, settings: Settings) -> HTTPException:
         return HTTPException(503, detail=f"server busy: {error}; retry shortly", headers=retry)
     if isinstance(error, TimeoutError):
         return HTTPException(504, detail="the request's deadline passed before its chains finished")
-    if isinstance(error, ChainDiverged):
+    if isinstance(error, ChainDiverged | TooLarge):
         return HTTPException(422, detail=str(error))
     if isinstance(error, WorkerFailure):
         return HTTPException(503, detail=str(error), headers=retry)
@@ -71,7 +72,7 @@ def _submit(
     deadline = time.monotonic() + (settings.request_timeout_s if timeout_s is None else timeout_s)
     try:
         return worker.submit(order, deliver, deadline, on_frame)
-    except (QueueFull, WorkerFailure) as error:
+    except (QueueFull, TooLarge, WorkerFailure) as error:
         raise worker_error(error, settings) from error
 
 

@@ -48,6 +48,7 @@ def model_info(model: ServedModel, worker: Worker, store: BufferStore, settings:
             "max_frames": settings.max_frames,
             "fields": _request_limits(settings, model),
             "score": score_limits(settings, model),
+            "device": worker.device_limits(model),  # images and bytes within --device-budget-mb (None: unbounded)
         },
         metrics=config.metrics if len(model.members) == 1 else ensemble_only,
         buffer_size=buffer.size if buffer else None,

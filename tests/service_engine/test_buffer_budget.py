@@ -17,7 +17,8 @@ from safetensors.torch import load_file, save_file
 from server import running_server
 
 from service.catalogue import buffer_store
-from service.catalogue.buffer_store import BufferBudget, BufferStore
+from service.catalogue.budgets import BufferBudget
+from service.catalogue.buffer_store import BufferStore
 from service.catalogue.registry import load_registry
 from service.engine.messages import SampleResult
 from service.engine.worker import Worker

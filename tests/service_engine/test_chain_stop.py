@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import itertools
 import json
 import re
 from pathlib import Path
@@ -15,7 +14,7 @@ import httpx
 import pytest
 import torch
 from conftest import write_tiny_ebm, write_tiny_gan
-from engine_bench import Bench, FakeClock
+from engine_bench import Bench, FakeClock, tolerance_that_spreads
 from server import metric, running_server
 
 from service.catalogue.buffer_store import BufferStore
@@ -29,7 +28,7 @@ from training.commands.cli import main
 from training.commands.set_sampler import set_sampler
 from training.runtime.checkpoint import load_checkpoint
 from training.runtime.draw import sample_ebm
-from training.sampling.langevin import chain_moves, langevin_step
+from training.sampling.langevin import langevin_step
 from training.sampling.noise import chain_gaussian, chain_seeds, chain_start
 from training.sampling.sampler_config import EBMSampler
 
@@ -60,25 +59,6 @@ def run_until_answered(bench: Bench, answers: list) -> None:
             return
         bench.worker.run_once()
     raise AssertionError("no answer")
-
-
-def tolerance_that_spreads(frames: list[torch.Tensor]) -> tuple[float, list[int]]:
-    """A tolerance between two measured moves (far from any) at which the chains stop at different steps, and
-    the step each chain stops at: the first whose move is below it (else the last)."""
-    moves = torch.stack([chain_moves(before, after) for before, after in itertools.pairwise(frames)])
-    values = sorted(set(moves.flatten().tolist()))
-    best: tuple[int, float, list[int]] = (0, 0.0, [])
-    for low, high in itertools.pairwise(values):
-        if high - low < 1e-3 * high:
-            continue  # too near a measured move: float noise of another batch could decide it
-        tolerance = (low + high) / 2
-        below = moves < tolerance  # [steps, n]
-        stops = [int(below[:, c].nonzero()[0]) + 1 if below[:, c].any() else len(moves) for c in range(moves.shape[1])]
-        spread = len(set(stops)) - (max(stops) == len(moves))
-        if spread > best[0]:
-            best = (spread, tolerance, stops)
-    assert best[0] >= 2, f"the tiny EBM's chains do not spread out: {moves}"
-    return best[1], best[2]
 
 
 def test_a_seeded_chain_stops_where_its_fixed_path_arrives_alone_batched_and_in_the_cli(bench: Bench) -> None:
@@ -183,11 +163,13 @@ def test_chain_steps_stopped_frames_and_the_histogram_through_http(tmp_path: Pat
         assert [frame["stopped"] for frame in frames] == [[], [0, 1, 2]]
         assert events[-1]["chain_steps"] == [1, 1, 1]
 
-        httpx.post(f"{base}/sample", json={**body, "n": 12}, timeout=60)  # steps of 3 chains and of 12: a cost line
+        httpx.post(f"{base}/sample", json={**body, "n": 12}, timeout=60)  # steps of 3 chains and of 12: two buckets
         exposition = httpx.get(f"{base}/metrics").text
-        for part in ("fixed", "per_chain"):
-            found = re.search(rf'^samplebay_step_cost_seconds{{part="{part}",pool="solo"}} (\S+)$', exposition, re.M)
-            assert found and float(found.group(1)) >= 0, exposition[-2000:]
+        for chains in ("2-3", "8-15"):
+            found = re.search(
+                rf'^samplebay_step_cost_per_chain_seconds{{chains="{chains}",pool="solo"}} (\S+)$', exposition, re.M
+            )
+            assert found and float(found.group(1)) > 0, exposition[-2000:]
 
         for wrong, why in (({"tolerance": -1}, "tolerance"), ({"model": "gan", "tolerance": 0.1}, "'tolerance'")):
             reply = httpx.post(f"{base}/sample", json={**body, **wrong}, timeout=60)

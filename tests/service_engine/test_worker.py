@@ -174,3 +174,40 @@ def test_cancelled_and_late_requests_are_answered_and_give_back_their_slots(benc
     bench.worker.run_once()
     assert isinstance(late[0], TimeoutError)
     assert not bench.worker.langevin_pools["solo"].buffer.in_use.any()
+
+
+class TimedEnergy(torch.nn.Module):
+    """An energy as it is, with the fake clock advanced by what its batch costs: a big network on a CPU, whose cost
+    per chain is least near 8 chains (issue 39's 3 x 128² ResNet, a hundred times faster)."""
+
+    def __init__(self, energy: torch.nn.Module, clock: FakeClock) -> None:
+        super().__init__()
+        self.energy, self.clock = energy, clock
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        chains = len(x)
+        self.clock.now += (0.134 + 0.0297 * chains + 0.00144 * chains**2) / 100
+        return self.energy(x)
+
+
+def test_a_pool_whose_cost_per_chain_rises_with_the_batch_serves_8_requests_at_least_as_fast_as_one(
+    bench: Bench,
+) -> None:
+    pool = bench.worker.pools["solo"]
+    pool.modules = [TimedEnergy(module, bench.clock) for module in pool.modules]
+    request = {"model": "solo", "n": 4, "steps": 100, "init": "noise"}
+    started = bench.clock.now
+    alone = bench.submit(**request, seed=1)
+    while not alone:
+        bench.worker.run_once()
+    alone_rate = 4 * 100 / (bench.clock.now - started)
+    started = bench.clock.now
+    answers = [bench.submit(**request, seed=seed) for seed in range(8)]
+    while not all(answers):
+        bench.worker.run_once()
+    together_rate = 8 * 4 * 100 / (bench.clock.now - started)
+    # From 4 chains a step (one request alone) it grew a bucket a step while cheaper a chain (12, then 28), then
+    # settled on the bucket of 8 to 15: never all 32 at once.
+    assert pool.scheduler.batch == 15 and pool.stats["max_chains_in_step"] == 28
+    assert together_rate >= 1.1 * alone_rate
+    assert torch.equal(bench.result(answers[1]).samples, bench.result(alone).samples)  # the same chains, batched

@@ -52,11 +52,32 @@ class ChainState:
     free: torch.Tensor | None = None  # [1, *shape] bool, True where chains move
     prior: torch.Tensor | None = None  # [n, *shape] a CNF chain's x(0): its known pixels' straight path starts there
     moving: torch.Tensor | None = None  # [R] indices of the chains still stepping, on the device; None: all n
+    rows: torch.Tensor | None = (
+        None  # [S] the chains this step advances (`moving` within the job's window); None: all n
+    )
     chain_steps: torch.Tensor | None = None  # [n] int64 on the CPU: steps each chain ran
 
+    def choose_rows(self, window: tuple[int, int] | None) -> int:
+        """Set `rows` for a step of the chains in `window` (None: every running chain); how many chains step."""
+        assert self.x is not None
+        if window is None:
+            self.rows = self.moving
+        else:
+            low, high = window
+            within = torch.arange(low, high, device=self.x.device)
+            moving = self.moving
+            self.rows = within if moving is None else moving[(moving >= low) & (moving < high)]
+        return self.stepping
+
+    @property
+    def stepping(self) -> int:
+        """How many chains this step advances."""
+        assert self.x is not None
+        return len(self.x) if self.rows is None else len(self.rows)
+
     def running(self, values: torch.Tensor) -> torch.Tensor:
-        """The rows [R, ...] of per-chain values [n, ...] that belong to the chains still stepping."""
-        return values if self.moving is None else values[self.moving]
+        """The rows [S, ...] of per-chain values [n, ...] that this step advances."""
+        return values if self.rows is None else values[self.rows]
 
     def stopped_chains(self) -> list[int]:
         """Indices of the chains that arrived before their last step, in order."""

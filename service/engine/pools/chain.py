@@ -14,7 +14,7 @@ from typing import Protocol
 
 import torch
 
-from service.engine.messages import ChainDiverged
+from service.engine.messages import ChainDiverged, Deliver, FrameSink, Handle, Order, SampleOrder, TooLarge
 from service.engine.pools.base import SamplerPool, state_of
 from service.engine.scheduler import Job
 from training.runtime.device import chain_precision
@@ -43,6 +43,50 @@ class ChainPool(SamplerPool):
     sampler: EBMSampler | GANSampler | FlowSampler  # the checkpoint's defaults (named when chains diverge)
     exact_steps = False  # True: every chain takes all its steps (an ODE reaches t = 1), no tolerance stop
     dtype = torch.float32  # what a step computes the energy or field in (the worker sets --sampling-dtype)
+    state_values = 0  # values in one chain's state (what it holds between steps)
+    image_values = 0  # values in one trajectory frame of a chain
+    step_bytes = 0  # what a step needs a chain besides its state (measured: LangevinPool); 0: not bounded
+
+    def make_job(self, order: Order, deliver: Deliver, handle: Handle, on_frame: FrameSink | None) -> Job:
+        """A job that holds its chains' bytes on the device (DeviceBudget) from its admission to its answer."""
+        job = super().make_job(order, deliver, handle, on_frame)
+        assert isinstance(order, SampleOrder)
+        job.held_bytes = self.held_bytes(order, job.steps, streamed=on_frame is not None)
+        device = self.scheduler.device
+        if not device.fits_alone(job.held_bytes, self.step_bytes):
+            limits = self.device_limits() or {}
+            raise TooLarge(
+                f"its chains would hold {job.held_bytes / 2**20:.4g} MiB between steps, beside "
+                f"{self.step_bytes / 2**20:.4g} MiB for a chain's step: more than {device.described()} MiB; "
+                f"{order.model.name} takes at most {limits.get('max_images', 0):,} images a request without "
+                f"momentum or trajectory frames (raise {device.setting}, or ask for fewer images or frames, or "
+                "stream them)"
+            )
+        return job
+
+    def device_limits(self) -> dict[str, int] | None:
+        """What the device budget allows this pool's requests, in images and bytes (GET /models): a chain's bytes
+        held between steps (as much again with momentum, and a frame's for each trajectory frame kept) and needed
+        by a step, the most images one request may ask for, and the most a step advances; None: no bound."""
+        budget = self.scheduler.device.total_bytes
+        if budget is None:
+            return None
+        held, frame, step = 4 * self.state_values, 4 * self.image_values, self.step_bytes
+        return {
+            "budget_bytes": budget,
+            "held_bytes_per_image": held,
+            "frame_bytes_per_image": frame,
+            "step_bytes_per_image": step,
+            "max_images": max(0, min(self.scheduler.chain_budget, (budget - step) // held)),
+            "max_images_per_step": budget // step if step else self.scheduler.chain_budget,
+        }
+
+    def held_bytes(self, order: SampleOrder, steps: int, streamed: bool = False) -> int:
+        """What a request's chains hold between steps, in float32: their states (and velocities, with momentum),
+        and the trajectory frames it keeps to answer with (none when streamed: each goes out as it is made)."""
+        states = 2 if order.momentum else 1
+        frames = 0 if streamed or not order.trajectory_every else -(-steps // order.trajectory_every) + 1
+        return 4 * order.n * (states * self.state_values + frames * self.image_values)
 
     def _start(self, job: Job) -> None:
         """Give an admitted job's chains their starting states (and keep frame 0 when asked)."""
@@ -79,14 +123,14 @@ class ChainPool(SamplerPool):
         for job in plan.running:
             members = state_of(job).member_indices
             by_module.setdefault(members[job.done_steps % len(members)], []).append(job)
-        chains = {id(job): job.running_chains for job in plan.running}  # before any of them stops
+        chains = {id(job): state_of(job).choose_rows(job.window) for job in plan.running}  # before any of them stops
         stepped: list[Job] = []
         started = self.clock()
         for module_index, jobs in by_module.items():
             stepped.extend(self._execute(module_index, jobs))
         advanced = sum(chains[id(job)] for job in stepped)
         self.scheduler.cost.observe(advanced, self.clock() - started)  # what the scheduler weighs companions by
-        self.metrics.show_step_cost(self.name, self.scheduler.cost.fit())
+        self.metrics.show_step_cost(self.name, self.scheduler.cost.by_bucket())
         self._record_step(len(stepped), advanced)
         for job in self.scheduler.update_from_output(stepped):
             self._finish(job)
@@ -114,7 +158,7 @@ class ChainPool(SamplerPool):
         """Hand each job its part of the batched step (the rows of its running chains); stop the chains that
         arrived (`arrived`, at the order's tolerance; never with `exact_steps`); end the jobs whose chains went
         non-finite."""
-        sizes = [job.running_chains for job in jobs]
+        sizes = [state_of(job).stepping for job in jobs]
         finite = torch.isfinite(moved.x.flatten(1)).all(1)  # [B]
         if moved.velocity is not None:
             finite &= torch.isfinite(moved.velocity.flatten(1)).all(1)
@@ -139,8 +183,13 @@ class ChainPool(SamplerPool):
             stepped.append(job)
             self._place(job, x_part, energy_part, velocity_part, stop)
             state, step = state_of(job), job.done_steps + 1
-            every = state.order.trajectory_every
-            if every and state.x is not None and (step % every == 0 or step == job.steps or job.stopped == job.n):
+            every, whole = state.order.trajectory_every, job.window is None or job.window[1] >= job.n
+            if (
+                every
+                and whole
+                and state.x is not None
+                and (step % every == 0 or step == job.steps or job.stopped == job.n)
+            ):
                 state.keep_frame(step, job.steps, self._image(state.x), state.energy)
         for job in diverged:
             self.end([job], self._diverged(job))
@@ -161,21 +210,24 @@ class ChainPool(SamplerPool):
         assert state.x is not None
         if state.chain_steps is None:
             state.chain_steps = torch.zeros(job.n, dtype=torch.int64)
-        if state.moving is None:
+        if state.rows is None:
             state.x, state.energy = x, energy
             state.velocity = velocity if state.order.momentum else None
             state.chain_steps += 1
         else:
-            state.x = state.x.index_copy(0, state.moving, x)
-            if energy is not None:
-                assert state.energy is not None  # a chain stops after its first step at the earliest
-                state.energy = state.energy.index_copy(0, state.moving, energy)
-            if state.order.momentum and state.velocity is not None and velocity is not None:
-                state.velocity = state.velocity.index_copy(0, state.moving, velocity)
-            state.chain_steps[state.moving.cpu()] += 1
+            rows = state.rows
+            state.x = state.x.index_copy(0, rows, x)
+            if energy is not None:  # a slice's first pass: the others' energies come with their slices
+                whole = torch.zeros(job.n, dtype=energy.dtype, device=energy.device)
+                state.energy = (whole if state.energy is None else state.energy).index_copy(0, rows, energy)
+            if state.order.momentum and velocity is not None:
+                whole = torch.zeros_like(state.x)
+                state.velocity = (whole if state.velocity is None else state.velocity).index_copy(0, rows, velocity)
+            state.chain_steps[rows.cpu()] += 1
         if bool(stop.any()):
             moving = torch.arange(job.n, device=x.device) if state.moving is None else state.moving
-            state.moving = moving[~stop.to(moving.device)]
+            arrived = (state.rows if state.rows is not None else moving)[stop.to(moving.device)]
+            state.moving = moving[~torch.isin(moving, arrived)]
             job.stopped = job.n - len(state.moving)
 
     def _diverged(self, job: Job) -> ChainDiverged:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 
 import torch
@@ -20,6 +21,34 @@ from training.sampling.replay_buffer import ReplayBuffer
 from training.sampling.sampler_config import EBMSampler
 
 log = logging.getLogger(__name__)
+
+STEP_STATE_COPIES = 8  # states a Langevin step makes besides the network's: noise, noised, probe, gradient, push...
+BACKWARD_FACTOR = 1.5  # what backward adds to the tensors autograd keeps: the gradients of one layer's at a time
+
+
+def step_bytes(module: torch.nn.Module, shape: tuple[int, ...], device: torch.device) -> int:
+    """What one Langevin step needs a chain on the device besides its state, from a probe of the network: the bytes
+    autograd keeps for the energy's gradient at 4 chains less those at 2 (weights, kept at both, cancel), per chain,
+    times BACKWARD_FACTOR, and STEP_STATE_COPIES float32 states. Probed in float32 with the plain energy: bfloat16
+    steps keep less; a guided step of a class-conditional energy evaluates twice the chains, so it counts twice."""
+
+    def kept(chains: int) -> int:
+        storages: dict[int, int] = {}
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        x = torch.zeros(chains, *shape, device=device, requires_grad=True)
+        energy = conditioned_energy(module, torch.full((chains,), -1, device=device))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), torch.enable_grad():
+            torch.autograd.grad(energy(x).sum(), x)
+        return sum(storages.values())
+
+    per_chain = max(0, kept(4) - kept(2)) / 2 * BACKWARD_FACTOR
+    guided = 2 if getattr(module, "num_classes", 0) else 1
+    return int(guided * per_chain) + STEP_STATE_COPIES * 4 * math.prod(shape)
 
 
 class LangevinPool(ChainPool):
@@ -47,6 +76,11 @@ class LangevinPool(ChainPool):
         self.shape = group.members[0].shape
         self.data_range = group.members[0].data_range
         self.sampler = group.members[0].sampler_as(EBMSampler)
+        self.state_values = self.image_values = math.prod(self.shape)
+        try:
+            self.step_bytes = max(step_bytes(module, self.shape, device) for module in self.modules)
+        except Exception as error:  # a program exported for one batch size: it serves, its steps are not sliced
+            log.warning("%s: its step's bytes could not be probed (%s); its steps are not sliced", self.name, error)
 
     def member_indices(self, order: SampleOrder) -> list[int]:
         return [self.names.index(member.name) for member in order.model.members]
@@ -86,7 +120,7 @@ class LangevinPool(ChainPool):
         states = [state_of(job) for job in jobs]  # only their running chains step (stopped ones left the batch)
         x = torch.cat([state.running(state.x) for state in states if state.x is not None])  # [B, *shape]
         seeds = torch.cat([state.running(state.seeds) for state in states if state.seeds is not None])  # [B]
-        sizes = [job.running_chains for job in jobs]
+        sizes = [state.stepping for state in states]
         # A running chain has taken exactly its job's done steps, so its noise counter is its own.
         steps = torch.cat(
             [torch.full((size,), job.done_steps, dtype=torch.int64) for job, size in zip(jobs, sizes, strict=True)]

@@ -8,6 +8,7 @@ the GAN's one-pass pool (service/engine/pools/generator.py) answers those.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -54,6 +55,7 @@ class LatentPool(ChainPool):
         self.energy = latent_energy(member)
         self.sampler = member.sampler_as(GANSampler)
         self.data_range = member.data_range
+        self.state_values, self.image_values = self.sampler.latent_dim, math.prod(member.shape)  # not sliced
 
     def _start(self, job: Job) -> None:
         state, order = state_of(job), state_of(job).order

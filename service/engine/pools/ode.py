@@ -10,6 +10,7 @@ checkpoint's solver, so a seeded chain ends where `python -m training sample` en
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -63,6 +64,7 @@ class OdePool(ChainPool):
         self.loaded = model.members[0]
         self.field = self.loaded.module  # frozen, in eval mode
         self.shape = self.loaded.shape
+        self.state_values = self.image_values = math.prod(self.shape)  # held only: its steps are not sliced
         self.data_range = self.loaded.data_range
         self.sampler = self.loaded.sampler_as(FlowSampler)
         if self.sampler.solver is None:
@@ -88,7 +90,7 @@ class OdePool(ChainPool):
     def _advance(self, module_index: int, jobs: list[Job]) -> OdeMove:
         states = [state_of(job) for job in jobs]
         x = torch.cat([state.running(state.x) for state in states if state.x is not None])  # [B, *shape]
-        sizes = [job.running_chains for job in jobs]
+        sizes = [state.stepping for state in states]
 
         def per_chain(value: Callable[[Job], float]) -> torch.Tensor:
             return torch.cat([torch.full((size,), value(job)) for job, size in zip(jobs, sizes, strict=True)])
