@@ -322,20 +322,21 @@ def test_an_exported_checkpoint_gives_the_native_seeded_samples(family: str, tmp
     assert critic.exists() == (family == "gan") == (exported.critic is not None)
 
 
-@pytest.mark.parametrize("family", ["eqm", "flow"])
+@pytest.mark.parametrize("family", ["ebm", "eqm", "gan", "flow"])
 def test_an_exported_model_samples_under_bfloat16_chain_steps(family: str, tmp_path: Path) -> None:
     """torch.export keeps dtype assertions that autocast's bfloat16 tripped (every request to the exported
-    eqm_mnist was a 503 where --sampling-dtype auto picks bfloat16): a program runs in its traced float32, so
-    its samples are the checkpoint's float32 ones and the checkpoint's own bfloat16 ones within rounding."""
-    writers = {"eqm": write_tiny_eqm, "flow": write_tiny_flow}
+    eqm_mnist was a 503 where --sampling-dtype auto picks bfloat16): a program runs in its traced float32, and
+    is differentiated in it, so its samples (Langevin chains, a GAN's DDLS under its exported critic) are the
+    checkpoint's float32 ones and the checkpoint's own bfloat16 ones within rounding."""
+    writers = {"ebm": write_tiny_ebm, "eqm": write_tiny_eqm, "gan": write_tiny_gan, "flow": write_tiny_flow}
     checkpoint = writers[family](tmp_path / f"{family}.safetensors")
     main(["export", str(checkpoint), "--out", str(tmp_path / f"{family}_copy.pt2")])
     native, exported = load_model(checkpoint), load_model(tmp_path / f"{family}_copy.pt2")
     seeds = chain_seeds(5, 4)
-    steps, init = (4, "noise") if family == "eqm" else (None, None)
+    steps, init = {"ebm": (4, "noise"), "eqm": (4, "noise"), "gan": (4, None)}.get(family, (None, None))
     float32 = draw_samples(native, seeds, steps=steps, init=init)
     actual = draw_samples(exported, seeds, steps=steps, init=init, dtype=torch.bfloat16)
-    torch.testing.assert_close(actual, float32, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(actual, float32, atol=0, rtol=0)  # bit for bit: no step of it ran in bfloat16
     bfloat16 = draw_samples(native, seeds, steps=steps, init=init, dtype=torch.bfloat16)
     torch.testing.assert_close(actual, bfloat16, atol=0.05, rtol=0.05)
 
