@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import write_tiny_ebm, write_tiny_eqm, write_tiny_flow, write_tiny_gan
+from conftest import restate, write_tiny_ebm, write_tiny_eqm, write_tiny_flow, write_tiny_gan
 from payloads import png_array, png_b64, sse_events
 from programs import DATA, GAN_SIDECAR, SHAPE, TinyCritic, TinyGenerator, WellEnergy, save_program, well_sidecar
 from server import running_server
@@ -349,3 +349,12 @@ def test_a_program_beside_a_checkpoint_of_the_same_name_is_refused(tmp_path: Pat
     registry = load_registry(tmp_path, torch.device("cpu"))
     assert "twin" in registry.models and "same name" in registry.refused["twin.pt2"]
     assert load_exported(tmp_path / "twin.pt2").config.family == "gan"
+
+
+def test_critic_output_describes_a_program_and_a_checkpoint_stating_it_is_refused(tmp_path: Path) -> None:
+    """A checkpoint's critic is built from its arch and returns its logit: a file saying "probability" would turn
+    it into the logit of a logit, so it is refused with the reason."""
+    gan = write_tiny_gan(tmp_path / "gan.safetensors")
+    restate(gan, lambda config: config["sampler"].update(critic_output="probability"))
+    with pytest.raises(CheckpointError, match="a checkpoint's critic returns its logit"):
+        load_model(gan)
