@@ -123,3 +123,32 @@ def test_training_speed_bench_times_an_eqm_update_in_a_fresh_process() -> None:
     row = next(line for line in printed if line.startswith("| eqm-bf16-t1-batch64 |"))
     updates_per_s, images_per_s = (float(cell) for cell in row.split("|")[2:4])
     assert updates_per_s > 0 and images_per_s == pytest.approx(64 * updates_per_s, rel=0.01)
+
+
+def test_export_parity_serves_each_checkpoint_beside_its_export_and_finds_them_equal(tmp_path: Path) -> None:
+    from training.commands.cli import main
+
+    gan = write_tiny_gan(tmp_path / "gan.safetensors")
+    main(["set-sampler", str(gan), "steps=3", "step_size=0.01"])  # DDLS by default: the exported critic drives it
+    write_tiny_ebm(tmp_path / "ebm.safetensors")
+    printed = subprocess.run(
+        [
+            *(sys.executable, str(ROOT / "bench" / "export_parity.py"), str(tmp_path)),
+            *("--dtypes", "float32,bfloat16", "--n", "2", "--threads", "1"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    ).stdout.splitlines()
+    rows = {
+        (cells[0], cells[2]): cells
+        for line in printed
+        if line.startswith("| ") and not line.startswith("| model")
+        for cells in [[cell.strip() for cell in line.split("|")[1:-1]]]
+    }
+    assert sorted(rows) == [(name, dtype) for name in ("ebm", "gan") for dtype in ("bfloat16", "float32")]
+    for (name, dtype), cells in rows.items():
+        assert cells[3].startswith("200") and cells[4] == cells[3]  # both served, the same steps
+        assert cells[6] == "0, 0.00%", (name, dtype)  # the copy runs in float32: the checkpoint's float32 samples
+    assert rows["gan", "float32"][3] == "200, 3 steps"

@@ -14,7 +14,6 @@ from service.http.orders import COMMON_FIELDS, accepted_fields
 from service.http.schemas import ModelInfo, field_limits
 from service.http.score_route import score_limits
 from service.settings import Settings
-from training.sampling.sampler_config import to_dict
 
 
 class ServedModelInfo(ModelInfo):
@@ -38,7 +37,7 @@ def model_info(model: ServedModel, worker: Worker, store: BufferStore, settings:
         data_range=list(model.members[0].data_range),
         dataset=config.data.get("dataset"),
         ensemble=config.ensemble,
-        sampler=to_dict(model.members[0].sampler),
+        sampler=model.kind.shown_sampler(model.members[0]),
         classes=model.classes,
         latent_langevin="ddls" in model.kind.pools(model.members[0]),
         fields=accepted_fields(model),

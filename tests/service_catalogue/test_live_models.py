@@ -20,6 +20,7 @@ import httpx
 import pytest
 import torch
 from conftest import write_tiny_ebm, write_tiny_gan
+from programs import GAN_SIDECAR, SHAPE, TinyCritic, TinyGenerator, save_program
 from server import running_server, serve, wait_for
 
 from service.catalogue.buffer_store import BufferStore
@@ -44,9 +45,15 @@ WATCH_INTERVAL_S = 0.25
 SWAP_DEADLINE_S = 30  # generous: the target is 2 watch intervals, but CI shares its cores
 
 
-def version_of(path: Path) -> str:
-    """The version the server serves a file as: its SHA-256 prefix."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+def version_of(path: Path, *bundled: Path) -> str:
+    """The version the server serves a file as: its SHA-256 prefix; a program's covers its sidecar and
+    companions too, in that order."""
+    return hashlib.sha256(b"".join(part.read_bytes() for part in (path, *bundled))).hexdigest()[:12]
+
+
+class NaNCritic(TinyCritic):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * torch.nan
 
 
 @dataclass
@@ -309,3 +316,44 @@ def test_a_replaced_version_finishes_its_requests_and_is_dropped_once_nobody_hol
     assert worker._pools.retired == []  # answered and no longer held: dropped
     with pytest.raises(WorkerFailure, match="no longer served"):
         submit(old, steps=1)  # an order made for it without a lease comes too late: a 503 to retry
+
+
+def test_a_critic_beside_a_served_generator_swaps_in_and_out_with_it_as_one_bundle(
+    server: Server, tmp_path: Path
+) -> None:
+    """NAME.critic.pt2 added beside a served NAME.pt2 is a new version of the bundle (DDLS now applies); a bad one
+    is refused with its reason while the version before serves on; removed, the generator serves alone again."""
+    z, x = torch.zeros(2, 4), torch.zeros(2, *SHAPE)
+    program = save_program(TinyGenerator(), (z,), tmp_path / "duo.pt2", GAN_SIDECAR)
+    good = save_program(TinyCritic(), (x,), tmp_path / "good.critic.pt2", None)
+    bad = save_program(NaNCritic(), (x,), tmp_path / "bad.critic.pt2", None)
+    sidecar, critic = tmp_path / "duo.json", server.models / "duo.critic.pt2"
+    for source in (sidecar, program):  # the sidecar first, renamed into place, as export writes them
+        shutil.copy(source, tmp_path / "staged")
+        os.replace(tmp_path / "staged", server.models / source.name)
+    alone = version_of(program, sidecar)
+    server.wait_for_version("duo", alone)
+    assert not server.models_now()["duo"]["latent_langevin"]
+    assert server.sample("duo", steps=3).status_code == 422  # no critic: no DDLS
+
+    shutil.copy(good, tmp_path / "staged")
+    os.replace(tmp_path / "staged", critic)
+    judged = version_of(program, sidecar, good)
+    server.wait_for_version("duo", judged)
+    assert server.models_now()["duo"]["latent_langevin"]
+    reply = server.sample("duo", n=2, seed=3, format="json")  # DDLS by default, as the sidecar says
+    assert reply.status_code == 200 and reply.json()["steps"] == 5 and reply.headers["x-model-version"] == judged
+
+    shutil.copy(bad, tmp_path / "staged")
+    os.replace(tmp_path / "staged", critic)
+    wait_for(lambda: "duo.pt2" in server.refused(), SWAP_DEADLINE_S, "/readyz naming the bundle with a bad critic")
+    reason = server.refused()["duo.pt2"]
+    assert "duo.critic.pt2: the critic's output is not finite" in reason and f"version {judged}" in reason
+    assert server.models_now()["duo"]["version"] == judged  # the version before serves on
+    again = server.sample("duo", n=2, seed=3, format="json")
+    assert again.status_code == 200 and again.json()["images"] == reply.json()["images"]
+
+    critic.unlink()
+    server.wait_for_version("duo", alone)
+    assert "duo.pt2" not in server.refused() and not server.models_now()["duo"]["latent_langevin"]
+    assert server.sample("duo", n=2, seed=3).status_code == 200

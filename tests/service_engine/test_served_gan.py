@@ -4,6 +4,7 @@ import base64
 import concurrent.futures
 import io
 import json
+import shutil
 from pathlib import Path
 
 import httpx
@@ -14,6 +15,8 @@ from PIL import Image
 from server import running_server
 
 from service.settings import Settings
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -149,3 +152,42 @@ def test_a_gan_without_a_usable_latent_size_is_refused(models_dir: Path, tmp_pat
         assert "sampler.latent_dim" in refused["no_latent.safetensors"]
         assert "[1, 28, 28]" in refused["wrong_shape.safetensors"]
         assert httpx.post(f"{base}/sample", json={"model": "gan"}).status_code == 200
+
+
+def test_the_exported_dcgan_with_its_critic_gives_the_checkpoints_seeded_ddls_samples(tmp_path: Path) -> None:
+    """`python -m training export` writes dcgan_mnist's critic beside its generator: the copy refines its latents
+    by DDLS by default, as the checkpoint does, and scores images by the same critic."""
+    from training.commands.cli import main
+
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(REPO / "checkpoints" / "dcgan_mnist.safetensors", models / "dcgan_mnist.safetensors")
+    main(["export", str(models / "dcgan_mnist.safetensors"), "--out", str(models / "dcgan_copy.pt2")])
+    assert (models / "dcgan_copy.critic.pt2").is_file()
+    settings = Settings(models_dir=models, state_dir=tmp_path / "state", device="cpu", sampling_dtype="float32")
+    with running_server(settings) as (base, _):
+        listed = {model["name"]: model for model in httpx.get(f"{base}/models").json()}
+        assert listed["dcgan_copy"]["latent_langevin"] and "weights" not in listed["dcgan_copy"]["sampler"]
+        assert listed["dcgan_copy"]["sampler"]["steps"] == listed["dcgan_mnist"]["sampler"]["steps"] == 50
+
+        def answer(model: str, **fields) -> dict:
+            reply = httpx.post(f"{base}/sample", json={"model": model, "n": 6, "seed": 21, "format": "json", **fields})
+            assert reply.status_code == 200, reply.text
+            return reply.json()
+
+        for fields in ({}, {"steps": 20, "step_size": 0.01}):  # its default DDLS, and DDLS stepped per request
+            native, copy = answer("dcgan_mnist", **fields), answer("dcgan_copy", **fields)
+            assert copy["steps"] == native["steps"] == fields.get("steps", 50)
+            assert np.abs(decoded(copy["images"]).astype(int) - decoded(native["images"]).astype(int)).max() <= 1
+            assert copy["energy"] == pytest.approx(native["energy"], rel=1e-4, abs=1e-3)
+        plain = answer("dcgan_copy", steps=0)
+        assert not np.array_equal(decoded(plain["images"]), decoded(answer("dcgan_copy")["images"]))
+        images = answer("dcgan_mnist", steps=0)["images"][:3]
+        scores = {
+            model: [
+                result["critic"]
+                for result in httpx.post(f"{base}/score", json={"model": model, "images": images}).json()["results"]
+            ]
+            for model in ("dcgan_mnist", "dcgan_copy")
+        }
+        assert scores["dcgan_copy"] == pytest.approx(scores["dcgan_mnist"], rel=1e-4, abs=1e-4)

@@ -73,6 +73,7 @@ def test_a_changed_default_a_record_depends_on_drops_it_and_names_it(
         ("steps=many", "steps: 'many' is not a value of type int"),
         ("steps=-1", "sampler steps must be an integer in [0, 2147483647], not -1"),
         ("weights=best", "sampler weights must be 'ema' or 'raw'"),
+        ("critic_output=probability", 'a checkpoint\'s critic returns its logit, so it stays "logit"'),
     ],
 )
 def test_a_bad_setting_is_refused_with_why_and_the_file_is_untouched(

@@ -13,17 +13,21 @@ import zipfile
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import torch
-from conftest import write_tiny_ebm, write_tiny_eqm, write_tiny_flow, write_tiny_gan
-from programs import DATA, SHAPE, WellEnergy, save_program, well_sidecar
+from conftest import restate, write_tiny_ebm, write_tiny_eqm, write_tiny_flow, write_tiny_gan
+from payloads import png_array, png_b64, sse_events
+from programs import DATA, GAN_SIDECAR, SHAPE, TinyCritic, TinyGenerator, WellEnergy, save_program, well_sidecar
 from server import running_server
 from torch import nn
 
+from service.http.render import grid_b64
 from service.settings import Settings
 from training.commands.cli import main
 from training.families import draw_samples
 from training.runtime.checkpoint import CheckpointError
+from training.runtime.device import sampling_dtype
 from training.runtime.exported import load_exported, read_program
 from training.runtime.load import load_model
 from training.sampling.noise import chain_seeds
@@ -43,13 +47,30 @@ class DetachedEnergy(WellEnergy):
         return super().forward(x.detach())
 
 
-class TinyGenerator(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(4, 64), nn.Tanh(), nn.Unflatten(1, SHAPE))
+class TallCritic(TinyCritic):
+    """A critic returning [B, 1]: the wrong shape."""
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:  # [B, 4] -> [B, 1, 8, 8]
-        return self.net(z)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x).unsqueeze(1)
+
+
+class NumbCritic(TinyCritic):
+    """A critic that cuts the gradient: DDLS cannot move on it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.detach())
+
+
+class DoubtfulCritic(TinyCritic):
+    """A logit critic of a GAN whose fakes it mostly rejects: negative logits."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) - 4.0
+
+
+class NaNCritic(TinyCritic):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * torch.nan
 
 
 class AffineFlow(nn.Module):
@@ -108,6 +129,18 @@ def served(tmp_path_factory: pytest.TempPathFactory):
     save_program(TinyGenerator(), (z,), directory / "orphan.critic.pt2", None)  # a companion without its program
     save_program(WellEnergy(), (x,), directory / "judged.pt2", well_sidecar())  # with a companion energies do not take
     save_program(WellEnergy(), (x,), directory / "judged.forward.pt2", None)
+    generator, image = TinyGenerator(), (torch.zeros(2, *SHAPE),)
+    probability = {**GAN_SIDECAR, "sampler": {**GAN_SIDECAR["sampler"], "critic_output": "probability"}}
+    for name, critic, sidecar in [
+        ("judge", TinyCritic(), GAN_SIDECAR),  # a user's GAN with its discriminator's logit
+        ("sure", TinyCritic(probability=True), probability),  # the same discriminator ending in its sigmoid
+        ("tall", TallCritic(), GAN_SIDECAR),
+        ("numb", NumbCritic(), GAN_SIDECAR),
+        ("nan", NaNCritic(), GAN_SIDECAR),
+        ("liar", DoubtfulCritic(), probability),  # says probability, returns logits
+    ]:
+        save_program(generator, (z,), directory / f"{name}.pt2", sidecar)
+        save_program(critic, image, directory / f"{name}.critic.pt2", None)
     (directory / "broken.pt2").write_bytes(b"PK not really an archive")
     (directory / "broken.json").write_text(json.dumps(well_sidecar()))
     settings = Settings(models_dir=directory, state_dir=directory / "state", device="cpu")
@@ -144,6 +177,52 @@ def test_a_users_generator_and_flow_are_served(served) -> None:
     assert all(isinstance(bits, float) and bits == bits for bits in flow["bits_per_dim"])
 
 
+def test_a_users_gan_runs_ddls_with_its_own_critic_and_a_probability_critic_as_its_logit(served) -> None:
+    base, directory = served
+    models = {model["name"]: model for model in httpx.get(f"{base}/models").json()}
+    assert models["judge"]["latent_langevin"] and models["judge"]["sampler"]["steps"] == 5
+    assert "weights" not in models["judge"]["sampler"]  # no EMA or raw weights to choose in a program
+    assert not models["gen"]["latent_langevin"]
+    assert not {"weights", "steps", "step_size", "noise", "critic_output"} & set(models["gen"]["sampler"])
+    request = {"n": 3, "seed": 4, "format": "json"}
+    judged = httpx.post(f"{base}/sample", json={"model": "judge", **request}).json()
+    assert judged["steps"] == 5 and len(judged["energy"]) == 3  # DDLS by default, as its sidecar says
+    model = load_exported(directory / "judge.pt2")
+    expected = draw_samples(model, chain_seeds(4, 3), dtype=sampling_dtype("auto", torch.device("cpu")))
+    assert judged["images"] == [grid_b64(expected[i : i + 1], model.data_range) for i in range(3)]
+    plain = draw_samples(model, chain_seeds(4, 3), steps=0)
+    assert judged["images"] != [grid_b64(plain[i : i + 1], model.data_range) for i in range(3)]  # it moved
+    sure = httpx.post(f"{base}/sample", json={"model": "sure", **request}).json()
+    for mine, theirs in zip(sure["images"], judged["images"], strict=True):  # within a level of 8-bit rounding
+        assert np.abs(png_array(mine).astype(int) - png_array(theirs).astype(int)).max() <= 1
+    with httpx.stream(
+        "POST", f"{base}/sample", json={"model": "sure", "steps": 4, "trajectory_every": 2, "stream": True}
+    ) as response:
+        names = [name for name, _ in sse_events(response.iter_lines())]
+    assert names == ["frame", "frame", "frame", "done"]  # steps 0, 2, 4, then the samples
+    refused = httpx.post(f"{base}/sample", json={"model": "gen", "steps": 3})
+    assert refused.status_code == 422
+    assert "gen is an exported generator served without a critic program (gen.critic.pt2" in refused.json()["detail"]
+
+
+def test_an_exported_gans_critic_scores_images_and_a_probabilitys_score_is_its_logit(served) -> None:
+    base, _ = served
+    pixels = np.random.default_rng(3).integers(0, 256, size=(2, 8, 8))
+    images = [png_b64(image) for image in pixels]
+    scores = {}
+    for name in ("judge", "sure"):
+        reply = httpx.post(f"{base}/score", json={"model": name, "images": images})
+        assert reply.status_code == 200, reply.text
+        scores[name] = [result["critic"] for result in reply.json()["results"]]
+    x = torch.as_tensor(pixels, dtype=torch.float32).unsqueeze(1) / 127.5 - 1  # [2, 1, 8, 8] in [-1, 1]
+    with torch.no_grad():
+        logits = TinyCritic()(x)
+    assert scores["judge"] == pytest.approx(logits.tolist(), abs=1e-4)
+    assert scores["sure"] == pytest.approx(logits.tolist(), abs=1e-3)  # log(p / (1 - p)) of its sigmoid
+    reply = httpx.post(f"{base}/score", json={"model": "gen", "images": images})
+    assert reply.status_code == 422 and "without a critic program" in reply.json()["detail"]
+
+
 def test_every_program_the_server_cannot_use_is_refused_with_its_reason_in_readyz(served) -> None:
     base, _ = served
     ready = httpx.get(f"{base}/readyz")
@@ -158,8 +237,12 @@ def test_every_program_the_server_cannot_use_is_refused_with_its_reason_in_ready
     assert "the critic program of orphan.pt2, which is not there" in refused["orphan.critic.pt2"]
     assert "judged.forward.pt2: ebm programs take no forward program" in refused["judged.pt2"]  # the bundle, as one
     assert "not a torch.export archive" in refused["broken.pt2"]
+    assert "tall.critic.pt2: the critic's output has shape [2, 1], expected [2]" in refused["tall.pt2"]
+    assert "numb.critic.pt2: the critic has no gradient with respect to x" in refused["numb.pt2"]
+    assert "nan.critic.pt2: the critic's output is not finite" in refused["nan.pt2"]
+    assert 'says critic_output "probability", but the critic returns values outside [0, 1]' in refused["liar.pt2"]
     served_names = {model["name"] for model in httpx.get(f"{base}/models").json()}
-    assert served_names == {"well", "gen", "affine"}
+    assert served_names == {"well", "gen", "affine", "judge", "sure"}
 
 
 @pytest.fixture(scope="module")
@@ -231,26 +314,29 @@ def test_an_exported_checkpoint_gives_the_native_seeded_samples(family: str, tmp
     assert exported.classes == native.classes
     seeds = chain_seeds(5, 4)
     init = "noise" if family in ("ebm", "eqm") else None
-    steps = 4 if family in ("ebm", "eqm") else None  # an exported GAN has no critic: its plain pass
+    steps = 4 if family in ("ebm", "eqm", "gan") else None  # a GAN's: DDLS with the critic exported beside it
     expected = draw_samples(native, seeds, steps=steps, init=init)
     actual = draw_samples(exported, seeds, steps=steps, init=init)
     torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
+    critic = tmp_path / "out" / f"{family}_copy.critic.pt2"
+    assert critic.exists() == (family == "gan") == (exported.critic is not None)
 
 
-@pytest.mark.parametrize("family", ["eqm", "flow"])
+@pytest.mark.parametrize("family", ["ebm", "eqm", "gan", "flow"])
 def test_an_exported_model_samples_under_bfloat16_chain_steps(family: str, tmp_path: Path) -> None:
     """torch.export keeps dtype assertions that autocast's bfloat16 tripped (every request to the exported
-    eqm_mnist was a 503 where --sampling-dtype auto picks bfloat16): a program runs in its traced float32, so
-    its samples are the checkpoint's float32 ones and the checkpoint's own bfloat16 ones within rounding."""
-    writers = {"eqm": write_tiny_eqm, "flow": write_tiny_flow}
+    eqm_mnist was a 503 where --sampling-dtype auto picks bfloat16): a program runs in its traced float32, and
+    is differentiated in it, so its samples (Langevin chains, a GAN's DDLS under its exported critic) are the
+    checkpoint's float32 ones and the checkpoint's own bfloat16 ones within rounding."""
+    writers = {"ebm": write_tiny_ebm, "eqm": write_tiny_eqm, "gan": write_tiny_gan, "flow": write_tiny_flow}
     checkpoint = writers[family](tmp_path / f"{family}.safetensors")
     main(["export", str(checkpoint), "--out", str(tmp_path / f"{family}_copy.pt2")])
     native, exported = load_model(checkpoint), load_model(tmp_path / f"{family}_copy.pt2")
     seeds = chain_seeds(5, 4)
-    steps, init = (4, "noise") if family == "eqm" else (None, None)
+    steps, init = {"ebm": (4, "noise"), "eqm": (4, "noise"), "gan": (4, None)}.get(family, (None, None))
     float32 = draw_samples(native, seeds, steps=steps, init=init)
     actual = draw_samples(exported, seeds, steps=steps, init=init, dtype=torch.bfloat16)
-    torch.testing.assert_close(actual, float32, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(actual, float32, atol=0, rtol=0)  # bit for bit: no step of it ran in bfloat16
     bfloat16 = draw_samples(native, seeds, steps=steps, init=init, dtype=torch.bfloat16)
     torch.testing.assert_close(actual, bfloat16, atol=0.05, rtol=0.05)
 
@@ -263,3 +349,12 @@ def test_a_program_beside_a_checkpoint_of_the_same_name_is_refused(tmp_path: Pat
     registry = load_registry(tmp_path, torch.device("cpu"))
     assert "twin" in registry.models and "same name" in registry.refused["twin.pt2"]
     assert load_exported(tmp_path / "twin.pt2").config.family == "gan"
+
+
+def test_critic_output_describes_a_program_and_a_checkpoint_stating_it_is_refused(tmp_path: Path) -> None:
+    """A checkpoint's critic is built from its arch and returns its logit: a file saying "probability" would turn
+    it into the logit of a logit, so it is refused with the reason."""
+    gan = write_tiny_gan(tmp_path / "gan.safetensors")
+    restate(gan, lambda config: config["sampler"].update(critic_output="probability"))
+    with pytest.raises(CheckpointError, match="a checkpoint's critic returns its logit"):
+        load_model(gan)

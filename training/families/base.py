@@ -22,7 +22,7 @@ from training.runtime.checkpoint import Checkpoint, CheckpointError, ModelConfig
 from training.runtime.loaded import LoadedModel
 from training.sampling.langevin import StepCallback
 from training.sampling.replay_buffer import ReplayBuffer
-from training.sampling.sampler_config import SamplerConfig
+from training.sampling.sampler_config import SamplerConfig, to_dict
 
 WeightGroup = tuple[str, dict[str, Any], dict[str, torch.Tensor]]  # (what, its arch, its tensors)
 Signature = list[tuple[str, list[int]]]  # an exported program's positional inputs: (name, size after the batch)
@@ -38,6 +38,8 @@ class ExportPlan:
     dynamic: dict[str, Any]
     data_dropped: tuple[str, ...] = ()
     sampler_set: dict[str, Any] = dataclasses.field(default_factory=dict)
+    sampler_dropped: tuple[str, ...] = ()  # checkpoint-only keys a program's sidecar does not state (a GAN's weights)
+    companions: dict[str, ExportPlan] = dataclasses.field(default_factory=dict)  # role -> NAME.<role>.pt2's plan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +92,10 @@ class Family:
     def score_kind(self, model: LoadedModel) -> str:
         """Its key of scoring.SCORE_FAMILIES; ValueError (the reason) where it cannot score an image."""
         raise ValueError(f"{model.name} is a {self.stated} model; scores exist for EBMs, flows and GANs with a critic")
+
+    def shown_sampler(self, model: LoadedModel) -> dict[str, Any]:
+        """Its sampler settings as GET /models shows them: those that apply to it as served."""
+        return to_dict(model.sampler)
 
     # --- loading -------------------------------------------------------------------------------------------
 

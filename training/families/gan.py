@@ -1,5 +1,8 @@
 """GANs (family "gan"): one generator pass G(z); with the critic saved beside it, z is first refined by DDLS
-(Langevin steps on the latent, training/sampling/ddls.py), stepped by the server as chains of their own."""
+(Langevin steps on the latent, training/sampling/ddls.py), stepped by the server as chains of their own.
+
+A checkpoint keeps its critic among its tensors; an exported generator NAME.pt2 brings it as the companion
+program NAME.critic.pt2 (x [B, *shape] -> d(x) [B], a logit, or a probability its sidecar declares)."""
 
 from __future__ import annotations
 
@@ -12,15 +15,17 @@ import torch
 from torch import nn
 
 from training.families.base import DrawRequest, ExportPlan, Family, ProgramParts, Signature, WeightGroup
-from training.runtime.checkpoint import Checkpoint, CheckpointError, ModelConfig
+from training.runtime.checkpoint import Checkpoint, CheckpointError, ModelConfig, first_line
 from training.runtime.draw import default_latent_steps, sample_generator
-from training.runtime.exported_modules import ExportedGenerator, expect_output
+from training.runtime.exported_modules import ExportedCritic, ExportedGenerator, expect_output
 from training.runtime.loaded import LoadedModel
 from training.sampling.noise import latent_gaussian
 from training.sampling.replay_buffer import ReplayBuffer
-from training.sampling.sampler_config import GANSampler, SamplerConfig
+from training.sampling.sampler_config import GANSampler, SamplerConfig, to_dict
 
 DDLS_FIELDS = ("steps", "step_size", "noise", "trajectory_every")  # what its latent chains read (with a critic)
+DDLS_SETTINGS = ("steps", "step_size", "noise", "critic_output")  # sampler keys that apply only with a critic
+CRITIC_ROLE = "critic"  # its companion program NAME.critic.pt2
 STEPS_SUFFIX = re.compile(r"_steps_\d+")
 
 
@@ -40,6 +45,23 @@ class _NativeGenerator(nn.Module):
         return self.generator(z)
 
 
+class _NativeCritic(nn.Module):
+    def __init__(self, critic: nn.Module) -> None:
+        super().__init__()
+        self.critic = critic
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, *shape] -> logit [B]
+        return self.critic(x).reshape(-1)
+
+
+def without_critic(model: LoadedModel, name: str) -> str:
+    """How a refusal says that `model` (served as `name`) has no critic, as it is: a checkpoint saved without
+    one, or a program with none beside it."""
+    if model.exported:
+        return f"{name} is an exported generator served without a critic program ({name}.critic.pt2 beside it)"
+    return f"{name} was saved without its critic"
+
+
 class Gan(Family):
     name = stated = "gan"
     sampler_type = GANSampler
@@ -47,16 +69,29 @@ class Gan(Family):
     readers = "GANs with a critic"
     fields = DDLS_FIELDS
     one_pass_name = "generator"
+    companion_roles = (CRITIC_ROLE,)
 
     def describe(self, model: LoadedModel) -> str:
         if model.critic is not None:
             return "GAN whose critic refines its latent by DDLS"
+        if model.exported:
+            return "exported GAN served without a critic program, sampled by one generator pass"
         return "GAN saved without its critic, sampled by one generator pass"
 
     def score_kind(self, model: LoadedModel) -> str:
         if model.critic is None:
-            raise ValueError(f"{model.name} is a GAN saved without its critic: it has no score for an image")
+            raise ValueError(f"{without_critic(model, model.name)}: it has no score for an image")
         return "critic"
+
+    def shown_sampler(self, model: LoadedModel) -> dict[str, Any]:
+        # An exported generator has no EMA or raw weights to choose between; without a critic no DDLS setting
+        # applies; a checkpoint's critic is its own module, whose output is always the logit.
+        dropped = {
+            *(("weights",) if model.exported else ()),
+            *(DDLS_SETTINGS if model.critic is None else ()),
+            *(("critic_output",) if not model.exported else ()),
+        }
+        return {key: value for key, value in to_dict(model.sampler).items() if key not in dropped}
 
     def served_weights(self, checkpoint: Checkpoint, sampler: SamplerConfig) -> dict[str, torch.Tensor]:
         assert isinstance(sampler, GANSampler)
@@ -88,6 +123,11 @@ class Gan(Family):
             raise CheckpointError(
                 f"the generator makes images of shape {list(shape)}, the config says {list(model.shape)}"
             )
+        if not model.exported and model.sampler_as(GANSampler).critic_output != "logit":
+            raise CheckpointError(
+                "sampler.critic_output describes an exported critic program; a checkpoint's critic returns its "
+                "logit (leave critic_output out)"
+            )
 
     def probe_steps(self, model: LoadedModel) -> int:
         return 0 if model.critic is None else 1  # served without a critic: its plain pass, no DDLS step
@@ -100,10 +140,18 @@ class Gan(Family):
         if "latent_dim" not in sampler:
             raise CheckpointError(f"{source}: a generator's sampler must give latent_dim (the size of z)")
 
+    def companion_signature(self, config: ModelConfig, role: str) -> Signature:
+        return [("x", list(config.data["shape"]))]  # the critic: x [B, *shape] -> d(x) [B]
+
     def program_module(
         self, program: nn.Module, config: ModelConfig, sampler: SamplerConfig, companions: dict[str, nn.Module]
     ) -> ProgramParts:
-        return ProgramParts(ExportedGenerator(program))
+        assert isinstance(sampler, GANSampler)
+        critic = companions.get(CRITIC_ROLE)
+        probability = sampler.critic_output == "probability"
+        return ProgramParts(
+            ExportedGenerator(program), critic=None if critic is None else ExportedCritic(critic, probability)
+        )
 
     def probe_program(self, model: LoadedModel, batch: int, first: bool) -> None:
         latent_dim = model.sampler_as(GANSampler).latent_dim
@@ -111,11 +159,48 @@ class Gan(Family):
         with torch.no_grad():
             images = model.module(torch.randn(batch, latent_dim, device=device))
         expect_output(images, [batch, *model.shape], "image", model.name)
+        if model.critic is not None:
+            self._probe_critic(model, images, first)
+
+    def _probe_critic(self, model: LoadedModel, images: torch.Tensor, first: bool) -> None:
+        """The critic on the generator's images as DDLS runs it: d(x) [B], finite, and (first batch) a gradient
+        in x; a declared probability within [0, 1]."""
+        critic, batch, source = model.critic, images.shape[0], f"{model.name}.{CRITIC_ROLE}.pt2"
+        assert isinstance(critic, ExportedCritic)
+        x = images.detach().requires_grad_(True)
+        with torch.no_grad():
+            output = critic.output(x)
+        expect_output(output, [batch], "critic's output", source)
+        if critic.probability and bool(((output < 0) | (output > 1)).any()):
+            raise CheckpointError(
+                f'{source}: the sidecar says critic_output "probability", but the critic returns values outside '
+                f"[0, 1] (from {float(output.min()):.3g} to {float(output.max()):.3g}); leave critic_output out "
+                '(or "logit") for a critic that returns its logit'
+            )
+        if not first:
+            return
+        try:
+            (gradient,) = torch.autograd.grad(critic(x).sum(), x)
+        except RuntimeError as error:
+            raise CheckpointError(
+                f"{source}: the critic has no gradient with respect to x ({first_line(error)}); DDLS needs one "
+                "(export without torch.no_grad or detach)"
+            ) from error
+        expect_output(gradient, [batch, *model.shape], "gradient of the critic", source)
 
     def export_plan(self, model: LoadedModel, batch: Any) -> ExportPlan:
-        # The wrapper holds the weights the checkpoint samples with (EMA by default).
+        # The wrapper holds the weights the checkpoint samples with (EMA by default); its critic, when it kept
+        # one, goes beside it as NAME.critic.pt2.
         latent = torch.zeros(2, model.sampler_as(GANSampler).latent_dim)
-        return ExportPlan(_NativeGenerator(model.module), (latent,), {"z": {0: batch}})
+        companions = {}
+        if model.critic is not None:
+            model.critic.cpu().eval()
+            images = torch.zeros(2, *model.shape)
+            companions[CRITIC_ROLE] = ExportPlan(_NativeCritic(model.critic), (images,), {"x": {0: batch}})
+        return ExportPlan(
+            _NativeGenerator(model.module), (latent,), {"z": {0: batch}}, sampler_dropped=("weights",),
+            companions=companions,
+        )  # fmt: skip
 
     def draw(self, members: list[LoadedModel], request: DrawRequest) -> torch.Tensor:
         first, callback = members[0], request.callback
@@ -161,7 +246,7 @@ class Gan(Family):
         if not asked and not self.requested_steps(model, body.steps):
             return []
         return [
-            f"{', '.join(repr(field) for field in asked) or 'steps'}: {name} was saved without its critic, "
+            f"{', '.join(repr(field) for field in asked) or 'steps'}: {without_critic(model, name)}, "
             "so its latents cannot be refined (DDLS runs Langevin steps on ||z||^2/2 - d(G(z)), d the critic); "
             "leave these out or ask for steps 0"
         ]
@@ -213,6 +298,12 @@ class Gan(Family):
         return {"steps", *(("step_size", "noise") if record.get("steps") == 0 else ())}
 
     def check_new_sampler(self, new: SamplerConfig, checkpoint: Checkpoint, source: str) -> None:
+        assert isinstance(new, GANSampler)
+        if new.critic_output != "logit":
+            raise ValueError(
+                f"{source}: critic_output describes an exported critic program; a checkpoint's critic returns its "
+                'logit, so it stays "logit"'
+            )
         if new.steps and "critic" not in checkpoint.extras:
             raise ValueError(
                 f"{source} was saved without its critic, so it cannot refine latents by DDLS: its default steps stay 0"

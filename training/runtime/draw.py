@@ -21,10 +21,14 @@ from training.sampling.sampler_config import EBMSampler, FlowSampler, GANSampler
 def latent_energy(model: LoadedModel) -> LatentEnergy:
     """The DDLS energy of a GAN's latent; ValueError saying why when its checkpoint saved no critic."""
     if model.critic is None:
+        where = (
+            f"put its critic program {model.name}.critic.pt2 beside it"
+            if model.exported
+            else "serve a checkpoint `python -m training gan` wrote (it keeps the critic)"
+        )
         raise ValueError(
-            f"{model.name} has no critic saved with it, so its latents cannot be refined by DDLS "
-            "(Langevin steps on ||z||^2/2 - d(G(z))); ask for steps 0, or serve a checkpoint `python -m "
-            "training gan` wrote (it keeps the critic)"
+            f"{model.name} has no critic served with it, so its latents cannot be refined by DDLS "
+            f"(Langevin steps on ||z||^2/2 - d(G(z))); ask for steps 0, or {where}"
         )
     return LatentEnergy(model.module, model.critic)
 

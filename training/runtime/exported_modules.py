@@ -72,6 +72,31 @@ class ExportedGenerator(_Program):
         return _as_traced(self.program, z)
 
 
+class ExportedCritic(_Program):
+    """A GAN's critic d(x) [B] from a program NAME.critic.pt2, x [B, *shape]: its logit (a DCGAN's discriminator
+    before the sigmoid, a WGAN's value), as DDLS and scores use it. A program that ends in the sigmoid (the
+    sidecar's `critic_output: "probability"`) is served as the logit of its probability, log(p / (1 - p)) with p
+    clamped to [PROBABILITY_EPS, 1 - PROBABILITY_EPS]: the logit itself wherever float32 holds the probability
+    apart from 0 and 1 (|d| < 13.8), and its gradient in x the logit's (the sigmoid's derivative p (1 - p)
+    cancels)."""
+
+    PROBABILITY_EPS = 1e-6  # float32 resolves 1 - 1e-6 from 1 (its spacing there is 6e-8)
+
+    def __init__(self, program: nn.Module, probability: bool = False) -> None:
+        super().__init__(program)
+        self.probability = probability
+
+    def output(self, x: torch.Tensor) -> torch.Tensor:
+        """What the program returns, as it returns it (a probability where it declares one)."""
+        return _as_traced(self.program, x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value = self.output(x)
+        if not self.probability or not isinstance(value, torch.Tensor):
+            return value
+        return torch.logit(value, eps=self.PROBABILITY_EPS)
+
+
 class ExportedFlow(Flow):
     """A flow program z [B, *shape] -> (x, log p(x)) behind the Flow API the pools and the CLI call: the
     base distribution (the sidecar's sampler.base, Gaussian by default) draws z; the program is the whole

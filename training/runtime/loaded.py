@@ -27,6 +27,12 @@ class LoadedModel:
         return self.sampler
 
     @property
+    def exported(self) -> bool:
+        """Whether it is a torch.export program served with its sidecar (training/runtime/exported.py), not a
+        checkpoint: it has no EMA or raw weights to choose, and its critic, if any, is a program beside it."""
+        return "exported" in self.config.training
+
+    @property
     def data_range(self) -> tuple[float, float]:
         low, high = self.config.data.get("range", [-1.0, 1.0])
         return float(low), float(high)

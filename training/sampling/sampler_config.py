@@ -24,6 +24,7 @@ INITS = ("noise", "buffer")
 PRIORS = ("uniform", "gaussian")
 UNLABELLED = ("null", "random")  # a conditional model asked for no label: its null label, or a random class
 ODE_SOLVERS = ("euler", "midpoint", "heun")  # training/sampling/ode.py steps by each
+CRITIC_OUTPUTS = ("logit", "probability")  # what a GAN's exported critic returns; a probability is served as its logit
 INT32_MAX = 2**31 - 1  # every integer setting (and request field) fits int32
 
 
@@ -174,6 +175,7 @@ class GANSampler:
     steps: int = 0  # DDLS: Langevin steps on the latent (0: one plain generator pass)
     step_size: float = 0.01  # DDLS: z <- z - step_size * grad E(z) / temperature
     noise: float = 0.1  # DDLS: std of the Gaussian noise added to z before each gradient step
+    critic_output: str = "logit"  # exported critic NAME.critic.pt2: "logit" d(x) | "probability" sigmoid(d(x))
 
     BOUNDS: ClassVar[dict[str, Bounds]] = {
         "latent_dim": SIZE,
@@ -182,7 +184,7 @@ class GANSampler:
         "step_size": STEP_SIZE,
         "noise": NOISE,
     }
-    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"weights": ("ema", "raw")}
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"weights": ("ema", "raw"), "critic_output": CRITIC_OUTPUTS}
 
     def __post_init__(self) -> None:
         check_values(self, self.BOUNDS)
