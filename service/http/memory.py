@@ -40,7 +40,8 @@ def map_large_blocks() -> bool:
     glibc starts so at 128 KiB, but raises the threshold to the size of each mapped block freed (up to 32 MiB):
     from then on a step's tensors and a stream's frames come from the heap, and freed out of order they stay
     resident. A threshold set once is never raised (bench/stream_memory.py, three never-read n-64 streams of
-    a [1, 128, 128] energy: +248 MB over idle before, see docs/results-serving.md)."""
+    a [1, 128, 128] energy: +248 MB over idle before, +120 MB after; docs/api.md). The price is page faults on
+    every fresh mapping: a 64-chain step of that energy took 270-420 ms instead of 180-230 ms (one busy core)."""
     mallopt = _libc_function("mallopt")
     return mallopt is not None and mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
 
