@@ -4,7 +4,8 @@ server, given back within 10 s of the clients leaving).
 Starts `python -m service` on an untrained conv energy on [1, 128, 128] images (a frame of n 64 is 4 MiB as
 float32), and prints its resident set (VmRSS): idle after a warm-up request, the peak while --streams streams
 of n 64 and --steps steps (a frame every step) are read, the peak while the same streams are never read (a
-4 KiB receive window; their chains run to the end), and the resident set 10 s after those clients leave.
+4 KiB receive window; their chains run to the end), and the resident set 10 s after those clients leave;
+also how long the read streams took (what mapping large blocks costs).
 
     python bench/stream_memory.py
     python bench/stream_memory.py --steps 16 --streams 3
@@ -109,9 +110,11 @@ def main() -> None:
             time.sleep(2)
             idle = resident(pid)
 
+            started = time.monotonic()
             with PeakWatch(pid) as read, ThreadPoolExecutor(args.streams) as pool:
                 post = lambda _: httpx.post(f"{base}/sample", json=request, timeout=600)  # noqa: E731
                 answers = list(pool.map(post, range(args.streams)))
+            read_s = time.monotonic() - started
             for answer in answers:
                 assert b"event: done" in answer.content, answer.content[-300:]
             time.sleep(10)
@@ -133,7 +136,8 @@ def main() -> None:
     frames = args.streams * (args.steps + 1)
     print(f"{args.streams} streams of n 64 on {SHAPE}, {args.steps + 1} frames each ({frames} frames of 4 MiB)")
     print(f"idle after a warm-up request     {idle / MB:7.0f} MB")
-    print(f"peak, streams read               {read.peak / MB:7.0f} MB  (+{(read.peak - idle) / MB:.0f} MB)")
+    read_extra = (read.peak - idle) / MB
+    print(f"peak, streams read               {read.peak / MB:7.0f} MB  (+{read_extra:.0f} MB), in {read_s:.1f} s")
     print(f"10 s after the read streams      {after_read / MB:7.0f} MB  (+{(after_read - idle) / MB:.0f} MB)")
     print(f"peak, streams never read         {unread.peak / MB:7.0f} MB  (+{(unread.peak - idle) / MB:.0f} MB)")
     print(f"10 s after their clients left    {after_unread / MB:7.0f} MB  (+{(after_unread - idle) / MB:.0f} MB)")
