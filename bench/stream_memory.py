@@ -102,7 +102,7 @@ def main() -> None:
         (root / "models").mkdir()
         write_energy(root / "models" / "big.safetensors")
         flags = ["--models-dir", str(root / "models"), "--state-dir", str(root / "state"), "--device", "cpu"]
-        flags += ["--stream-send-timeout-s", "600", "--max-frames", str(args.steps + 1)]
+        flags += ["--stream-send-timeout-s", "600", "--request-timeout-s", "900", "--max-frames", str(args.steps + 1)]
         process, base = launch.start_server(flags, args.threads, root / "server.log")
         try:
             pid, port = process.pid, int(base.rsplit(":", 1)[1])
