@@ -51,9 +51,10 @@ UPWARD_ALLOWED = {
 }
 MAX_WING_FLOORS = 7  # the longest chain of imports inside one wing
 POOLS = "service.engine.pools"  # the device's pools: the HTTP side submits orders to the worker, never to a pool
-# What the client distribution (clients/python/pyproject.toml) may import: its own modules, its three dependencies
-# and the standard library; never the server's or training's code, and so never torch.
-CLIENT_DEPENDENCIES = ("samplebay_client", "httpx", "numpy", "PIL")
+# What the client distribution (clients/python/pyproject.toml) may import: its own modules, its dependencies (httpcore,
+# httpx's own, for the network backend that bounds reads by the deadline) and the standard library; never the
+# server's or training's code, and so never torch.
+CLIENT_DEPENDENCIES = ("samplebay_client", "httpx", "httpcore", "numpy", "PIL")
 GRAPH = read_graph()
 
 

@@ -30,6 +30,7 @@ from service.catalogue.served_models import ServedModels
 from service.engine.messages import CancelledByClient
 from service.engine.worker import Worker
 from service.http.bridge import record, response_for, sample_result, stream
+from service.http.memory import map_large_blocks
 from service.http.middleware import BearerKey, BodyLimits
 from service.http.model_info import ServedModelInfo, model_info
 from service.http.orders import check_applicable, make_order
@@ -148,6 +149,7 @@ def json_content_type(request: Request) -> None:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = Metrics()
+    map_large_blocks()  # freed tensors and frames go back to the OS (service/http/memory.py)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

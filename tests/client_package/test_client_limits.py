@@ -230,16 +230,35 @@ def test_the_async_client_ends_a_trickle_and_an_endless_answer_the_same_way() ->
     assert 1.0 <= took < 2.5  # the deadline, not the 60 s per read; slack for a loaded machine
 
 
-def test_the_async_client_ends_trickling_headers_at_the_deadline() -> None:
-    """The async client's deadline covers the answer's head too (the sync client's does not: docs/client.md)."""
+def drip(data: bytes, every_s: float) -> Respond:
+    """`data` one byte at a time, one every `every_s`."""
 
-    async def models(url: str) -> None:
+    async def respond(writer: asyncio.StreamWriter) -> None:
+        for byte in data:
+            writer.write(bytes([byte]))
+            await writer.drain()
+            await asyncio.sleep(every_s)
+
+    return respond
+
+
+def test_headers_trickled_a_byte_at_a_time_end_at_the_deadline_in_both_clients() -> None:
+    """A status line and headers at a byte every 0.2 s: every read gets a byte well within its 60 s, so only the
+    call's deadline (1 s) ends the call, in the sync client as in the async one."""
+    head_forever = b"HTTP/1.1 200 OK\r\n" + b"x-still: coming\r\n" * 1000
+
+    def sync_models(url: str) -> None:
+        with Client(url, limits=QUICK, timeout=LONG_READS) as client:
+            client.models()
+
+    async def async_models(url: str) -> None:
         async with AsyncClient(url, limits=QUICK, timeout=LONG_READS) as client:
             await client.models()
 
-    with hostile_server(trickle(b"HTTP/1.1 200 OK\r\n", b"x-still: coming\r\n")) as (url, _):
-        took = seconds_to_raise(Timeout, lambda: asyncio.run(models(url)))
-    assert 1.0 <= took < 2.5  # the deadline, not the 60 s per read; slack for a loaded machine
+    for models in (sync_models, lambda url: asyncio.run(async_models(url))):
+        with hostile_server(drip(head_forever, every_s=0.2)) as (url, _):
+            took = seconds_to_raise(Timeout, lambda: models(url))  # noqa: B023 (called at once, in this pass)
+        assert 1.0 <= took < 2.0  # the deadline, not the 60 s per read; slack for a loaded machine
 
 
 def test_the_async_stream_ends_endless_comments_at_the_deadline() -> None:

@@ -87,12 +87,11 @@ def big_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProce
         yield running
 
 
-def test_streams_nobody_reads_cost_no_more_than_streams_read_and_give_their_memory_back(
-    big_server: ServerProcess,
-) -> None:
+def test_streams_nobody_reads_cost_at_most_150_mb_and_give_it_back_within_10_s(big_server: ServerProcess) -> None:
     """Three n-64 streams of 17 [1, 128, 128] frames (4 MiB each) whose clients never read: while their chains
-    run the server is at most 50 MB a stream bigger than with the same streams read, and once the clients
-    leave it is back where it was."""
+    run the server is at most 150 MB over its idle size (issue 37; each stream holds 16 MiB of frames, the steps
+    their tensors), and within 10 s of the clients leaving it is back where it was. Idle is measured after the
+    same streams were read once, so what the first requests load for good is not counted."""
     base, pid = big_server.base, big_server.process.pid
     peak = 0
 
@@ -109,7 +108,7 @@ def test_streams_nobody_reads_cost_no_more_than_streams_read_and_give_their_memo
     chain_steps = 'samplebay_chain_steps_total{pool="big"}'
     before_steps = metric(base, chain_steps)
     wait_for(lambda: resident_bytes(pid) <= read_peak, 10, "the read streams' memory settling")
-    baseline = resident_bytes(pid)
+    idle = resident_bytes(pid)
 
     body = json.dumps(BIG_STREAM).encode()
     clients = [stalled_stream(big_server.port, body) for _ in range(STREAMS)]
@@ -119,9 +118,9 @@ def test_streams_nobody_reads_cost_no_more_than_streams_read_and_give_their_memo
     finally:
         for client in clients:
             client.close()
-    extra = (peak - read_peak) / MIB
-    assert extra <= 50 * STREAMS, f"{STREAMS} unread streams took {extra:.0f} MiB more than read ones"
-    wait_for(lambda: resident_bytes(pid) <= baseline + 50 * MIB, 20, "the unread streams' memory coming back")
+    extra = (peak - idle) / 1e6
+    assert extra <= 150, f"{STREAMS} unread streams took the server {extra:.0f} MB over its idle size"
+    wait_for(lambda: resident_bytes(pid) <= idle + 50 * MIB, 10, "the unread streams' memory coming back")
     assert httpx.post(f"{base}/sample", json={"model": "big", "n": 1, "steps": 1}).status_code == 200
 
 

@@ -69,7 +69,7 @@ from samplebay_client.exchange import (
     samples,
     transport_error,
 )
-from samplebay_client.limits import Deadline, EventSplitter, Limits, check_declared_length
+from samplebay_client.limits import Deadline, EventSplitter, Limits, bound_by_deadlines, check_declared_length
 from samplebay_client.scores import Scores, score_body
 
 __all__ = ["AsyncClient", "Client", "RetryPolicy"]
@@ -116,6 +116,7 @@ class Client:
         self._http = httpx.Client(
             base_url=self.base_url, headers=client_headers(api_key), timeout=self._timeout, transport=transport
         )
+        bound_by_deadlines(self._http)
 
     def models(self) -> list[ModelInfo]:
         """Every servable model (GET /models)."""
@@ -190,7 +191,8 @@ class Client:
                 timeout=deadline.timeout(self._timeout),
             )
             try:
-                response = self._http.send(request, stream=True)
+                with deadline.bounding_reads():  # the answer's head too, however slowly it comes
+                    response = self._http.send(request, stream=True)
             except httpx.HTTPError as error:
                 raise transport_error(error, self.base_url, deadline) from error
             if 200 <= response.status_code < 300:

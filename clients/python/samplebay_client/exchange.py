@@ -25,7 +25,7 @@ from samplebay_client.errors import (
     error_from_response,
     retry_after_seconds,
 )
-from samplebay_client.limits import Deadline, Limits, PixelBudget, Watchdog, add_chunk, check_declared_length
+from samplebay_client.limits import Deadline, Limits, PixelBudget, add_chunk, check_declared_length
 
 T = TypeVar("T")
 MODEL_VERSION_HEADER = "x-model-version"  # service/http/app.py: the version of the model that drew an answer
@@ -91,27 +91,22 @@ def refusal(response: httpx.Response, content: bytes | bytearray) -> SamplebayEr
 
 
 def chunks(response: httpx.Response, deadline: Deadline, base_url: str) -> Generator[bytes]:
-    """The body's chunks as they come; the deadline runs only while waiting for one, and the watchdog ends a
-    wait that would pass it."""
-    watchdog = Watchdog(response, deadline)
-    watchdog.arm()
+    """The body's chunks as they come; the deadline runs only while waiting for one, and bounds each read."""
     body = response.iter_bytes()
-    try:
-        while True:
-            deadline.resume()
-            try:
+    while True:
+        deadline.resume()
+        try:
+            with deadline.bounding_reads():
                 chunk = next(body, None)
-            except httpx.HTTPError as error:
-                raise transport_error(error, base_url, deadline) from error
-            finally:
-                deadline.pause()
-            if deadline.expired():  # a socket the watchdog shut may end like a complete body
-                raise deadline.error()
-            if chunk is None:
-                return
-            yield chunk
-    finally:
-        watchdog.disarm()
+        except httpx.HTTPError as error:
+            raise transport_error(error, base_url, deadline) from error
+        finally:
+            deadline.pause()
+        if deadline.expired():  # the chunk came after the deadline
+            raise deadline.error()
+        if chunk is None:
+            return
+        yield chunk
 
 
 async def achunks(response: httpx.Response, deadline: Deadline, base_url: str) -> AsyncIterator[bytes]:

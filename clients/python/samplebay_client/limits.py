@@ -8,18 +8,22 @@ within the limits below, never a hang or a process out of memory (issue 37, item
 
 from __future__ import annotations
 
-import contextlib
-import socket
+import ssl
 import struct
-import threading
 import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Any
 
+import httpcore
 import httpx
 
 from samplebay_client.errors import AnswerTooLarge, BadAnswer, Timeout
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_BOUNDING: ContextVar[Deadline | None] = ContextVar("samplebay_bounding_deadline", default=None)
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,15 @@ class Deadline:
         if self._since is None:
             self._since = time.monotonic()
 
+    @contextmanager
+    def bounding_reads(self) -> Iterator[None]:
+        """Within this block, the sync client's connections (DeadlineStream) wait no longer than the time left."""
+        token = _BOUNDING.set(self)
+        try:
+            yield
+        finally:
+            _BOUNDING.reset(token)
+
     def timeout(self, base: httpx.Timeout) -> httpx.Timeout:
         """`base`'s per-operation timeouts, none longer than the time left (connect, each read and write)."""
         left = max(self.remaining(), 0.001)
@@ -79,42 +92,80 @@ class Deadline:
         return httpx.Timeout(**cap)
 
 
-class Watchdog:
-    """Shuts the answer's socket once the deadline has passed, so a read blocked on a silent server returns (the
-    sync client; the async one cancels its reads instead). One timer per answer: when it fires early (the deadline
-    was paused meanwhile) it waits again for the time left."""
+class DeadlineStream(httpcore.NetworkStream):
+    """A connection whose reads and writes wait no longer than the time left of the call in progress (a blocking
+    socket read's timeout is its remaining time), so a server trickling a byte per read, headers included,
+    cannot hold a call past its deadline."""
 
-    def __init__(self, response: httpx.Response, deadline: Deadline) -> None:
-        stream = response.extensions.get("network_stream")
-        self._socket: socket.socket | None = stream.get_extra_info("socket") if stream is not None else None
-        self._deadline = deadline
-        self._timer: threading.Timer | None = None
-        self._stopped = False
+    def __init__(self, stream: httpcore.NetworkStream) -> None:
+        self._stream = stream
 
-        self._lock = threading.Lock()
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._stream.read(max_bytes, _within_deadline(timeout, httpcore.ReadTimeout))
 
-    def arm(self) -> None:
-        with self._lock:
-            if self._socket is None or self._stopped:
-                return
-            self._timer = threading.Timer(max(self._deadline.remaining(), 0.0), self._fire)
-            self._timer.daemon = True
-            self._timer.start()
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._stream.write(buffer, _within_deadline(timeout, httpcore.WriteTimeout))
 
-    def disarm(self) -> None:
-        with self._lock:
-            self._stopped = True
-            if self._timer is not None:
-                self._timer.cancel()
+    def close(self) -> None:
+        self._stream.close()
 
-    def _fire(self) -> None:
-        if not self._deadline.expired():
-            self.arm()
-            return
-        with self._lock:
-            if self._socket is not None and not self._stopped:
-                with contextlib.suppress(OSError):  # already closed: the read it would have ended is over
-                    self._socket.shutdown(socket.SHUT_RDWR)
+    def start_tls(
+        self, ssl_context: ssl.SSLContext, server_hostname: str | None = None, timeout: float | None = None
+    ) -> httpcore.NetworkStream:
+        timeout = _within_deadline(timeout, httpcore.ConnectTimeout)
+        return DeadlineStream(self._stream.start_tls(ssl_context, server_hostname, timeout))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._stream.get_extra_info(info)
+
+
+class DeadlineBackend(httpcore.NetworkBackend):
+    """httpcore's network backend with every connection a DeadlineStream, and connecting bounded the same way."""
+
+    def __init__(self, backend: httpcore.NetworkBackend) -> None:
+        self._backend = backend
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.NetworkStream:
+        timeout = _within_deadline(timeout, httpcore.ConnectTimeout)
+        return DeadlineStream(self._backend.connect_tcp(host, port, timeout, local_address, socket_options))
+
+    def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None
+    ) -> httpcore.NetworkStream:
+        timeout = _within_deadline(timeout, httpcore.ConnectTimeout)
+        return DeadlineStream(self._backend.connect_unix_socket(path, timeout, socket_options))
+
+    def sleep(self, seconds: float) -> None:
+        self._backend.sleep(seconds)
+
+
+def bound_by_deadlines(client: httpx.Client) -> None:
+    """Give the client's own transports (the default one and those of proxies named in the environment) the
+    DeadlineBackend. httpx's sync transport has per-read timeouts only and no public hook for the backend: this
+    reaches its connection pool (a test that trickles an answer's head keeps this honest across httpx versions)."""
+    for transport in [client._transport, *client._mounts.values()]:
+        if isinstance(transport, httpx.HTTPTransport):
+            pool = transport._pool
+            if not isinstance(pool._network_backend, DeadlineBackend):
+                pool._network_backend = DeadlineBackend(pool._network_backend)
+
+
+def _within_deadline(timeout: float | None, expired: type[httpcore.TimeoutException]) -> float | None:
+    """`timeout`, cut to the time left of the call whose reads are bounded now (Deadline.bounding_reads)."""
+    deadline = _BOUNDING.get()
+    if deadline is None:
+        return timeout
+    left = deadline.remaining()
+    if left <= 0:
+        raise expired(str(deadline.error()))
+    return left if timeout is None else min(timeout, left)
 
 
 def check_declared_length(response: httpx.Response, cap: int | None, what: str) -> None:
