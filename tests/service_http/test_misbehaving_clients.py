@@ -82,7 +82,9 @@ def big_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProce
     root = tmp_path_factory.mktemp("hostile-clients")
     (root / "models").mkdir()
     write_big_ebm(root / "models" / "big.safetensors")
-    flags = ("--stream-send-timeout-s", "600")  # however slow the machine, these streams stay until their clients go
+    # However slow the machine, these streams stay until their clients go. A step advances at most 64 chains, as
+    # when the issue measured it: wider steps cost their activations (bounded by --device-budget-mb), not the streams.
+    flags = ("--stream-send-timeout-s", "600", "--step-budget", "64")
     with serve(root / "models", root / "state", root / "server.log", *flags) as running:
         yield running
 
