@@ -13,7 +13,7 @@ import torch
 
 from training.families import family_of
 from training.runtime.checkpoint import atomic_write_bytes, first_line
-from training.runtime.exported import DATA_KEYS, PROGRAM_SUFFIX, SIDECAR_SUFFIX, load_exported
+from training.runtime.exported import DATA_KEYS, PROGRAM_SUFFIX, SIDECAR_SUFFIX, companion_paths, load_exported
 from training.runtime.load import load_model
 from training.runtime.loaded import LoadedModel
 from training.sampling.sampler_config import to_dict
@@ -33,27 +33,45 @@ def export_model(model: LoadedModel, out: str | Path) -> tuple[Path, Path]:
     plan = family_of(model).export_plan(model, batch)
     for key in plan.data_dropped:
         data.pop(key, None)
+    data.update(plan.data_set)
     sampler.update(plan.sampler_set)
-    try:
-        program = torch.export.export(plan.wrapper, plan.example, dynamic_shapes=plan.dynamic)
-    except Exception as error:
-        arch = model.config.arch.get("name")
-        raise ValueError(f"torch.export cannot trace {model.name} ({arch}): {first_line(error)}") from error
+    program = _traced(model, plan.wrapper, plan.example, plan.dynamic)
+    companions = {
+        companion_paths(out)[role]: _traced(model, *traced) for role, traced in sorted(plan.companions.items())
+    }
     sidecar: dict[str, Any] = {"family": family, "data": data, "sampler": sampler}
     if model.config.ensemble:
         sidecar["ensemble"] = model.config.ensemble
     if model.config.metrics:
         sidecar["metrics"] = model.config.metrics
-    archive = io.BytesIO()
-    torch.export.save(program, archive)
     sidecar_path = out.with_suffix(SIDECAR_SUFFIX)  # written first: a server takes a program beside its sidecar
     atomic_write_bytes(sidecar_path, (json.dumps(sidecar, indent=2) + "\n").encode())
-    atomic_write_bytes(out, archive.getvalue())
+    for path, companion in companions.items():  # then its companions (NAME.forward.pt2), read with the program
+        atomic_write_bytes(path, _archive(companion))
+    atomic_write_bytes(out, _archive(program))
     return out, sidecar_path
+
+
+def _traced(
+    model: LoadedModel, wrapper: torch.nn.Module, example: tuple[torch.Tensor, ...], dynamic: dict[str, Any]
+) -> torch.export.ExportedProgram:
+    try:
+        return torch.export.export(wrapper, example, dynamic_shapes=dynamic)
+    except Exception as error:
+        arch = model.config.arch.get("name")
+        raise ValueError(f"torch.export cannot trace {model.name} ({arch}): {first_line(error)}") from error
+
+
+def _archive(program: torch.export.ExportedProgram) -> bytes:
+    archive = io.BytesIO()
+    torch.export.save(program, archive)
+    return archive.getvalue()
 
 
 def run_export(args: argparse.Namespace) -> None:
     model = load_model(args.checkpoint)
     program, sidecar = export_model(model, args.out)
     load_exported(program)  # read back as a server reads it: the checked reader, the archive checks, the probe
-    print(f"wrote {program} and {sidecar}: put both in the models directory to serve {program.stem}")
+    companions = [str(path) for path in companion_paths(program).values() if path.exists()]
+    files = ", ".join([str(program), *companions])
+    print(f"wrote {files} and {sidecar}: put them all in the models directory to serve {program.stem}")

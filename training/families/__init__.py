@@ -34,6 +34,16 @@ def family_named(stated: str) -> Family:
     return FAMILIES[stated]
 
 
+def family_stating(stated: str, sampler: object) -> Family:
+    """The family of a sidecar that states `stated` with this `sampler`: the first family of that stated name that
+    takes it (a "flow" whose sampler names an ODE solver is a CNF's velocity field); ValueError as `family_named`."""
+    named = family_named(stated)
+    for family in FAMILIES.values():
+        if family.stated == stated and isinstance(sampler, dict) and family.states(sampler):
+            return family
+    return named
+
+
 def family_of(model: LoadedModel) -> Family:
     """The family of a loaded model: the first of those its file's family names that owns its module."""
     for family in FAMILIES.values():

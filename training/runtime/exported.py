@@ -34,7 +34,7 @@ from torch._export.serde import schema
 from torch._export.serde.serialize import ExportedProgramDeserializer, _dict_to_dataclass
 from torch.export.passes import move_to_device_pass
 
-from training.families import family_named
+from training.families import family_stating
 from training.families.base import Signature
 from training.runtime.checkpoint import CheckpointError, ModelConfig, first_line, read_model_file
 from training.runtime.loaded import LoadedModel
@@ -151,7 +151,7 @@ def parse_sidecar(payload: bytes, path: Path) -> ModelConfig:
         "ensemble": ensemble,
     }  # fmt: skip
     check_stated(config, source)
-    family_named(family).check_sidecar(data, sampler, source)
+    family_stating(family, sampler).check_sidecar(data, sampler, source)
     return ModelConfig(
         family=family,
         arch=dict(EXPORTED_ARCH),
@@ -212,7 +212,7 @@ def probe(model: LoadedModel, batches: tuple[int, ...] = (2, 1, 3)) -> None:
     """Run the module as the samplers will, on small batches, as its family probes it (output shapes and finite
     values; an energy's gradient in x on the first batch); then the other batch sizes (the batch dimension
     really is dynamic)."""
-    family = family_named(model.config.family)
+    family = family_stating(model.config.family, model.config.sampler)
     for batch in batches:
         try:
             family.probe_program(model, batch, batch == batches[0])
@@ -244,7 +244,7 @@ def load_exported(
         payload = read_model_file(path, path.parent, MAX_ARCHIVE_BYTES)
     if companions is None:
         companions = read_companions(path, path.parent, MAX_ARCHIVE_BYTES)
-    family = family_named(config.family)
+    family = family_stating(config.family, config.sampler)
     unlifted = _runnable(payload, path.name, config, device, family.signature(config))
     parts: dict[str, nn.Module] = {}
     for role, data in sorted(companions.items()):
