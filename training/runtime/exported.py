@@ -7,6 +7,11 @@ signature, and an adapter turns it into the module every sampler of this project
     ebm   x [B, *shape] -> energy [B]        (x, y [B] -> energy [B] when data.classes is given; y = -1: none)
     gan   z [B, latent_dim] -> x [B, *shape]
     flow  z [B, *shape] -> (x [B, *shape], log p(x) [B])   samples and bits/dim from one pass
+          companion NAME.forward.pt2: x [B, *shape] -> (z [B, *shape], log|det dz/dx| [B])   scores of given data
+    flow with sampler.solver (a CNF)  v(x [B, *shape], t [B]) -> v [B, *shape]   (x, t, y [B] with data.classes)
+
+log p is in nats over the data space as data.range states it; bits/dim count bins (high - low) / data.levels wide
+(docs/exporting.md, "Units of log p and bits/dim").
 
 Loading runs no code from the file, whatever its bytes. `torch.export.load` is never called: it unpickles
 payloads marked `use_pickle`, custom and opaque objects, legacy `model.pt` records and, when weights-only
