@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from conftest import write_tiny_ebm, write_tiny_eqm, write_tiny_flow, write_tiny_gan
+from conftest import write_tiny_cnf, write_tiny_ebm, write_tiny_eqm, write_tiny_flow, write_tiny_gan
 from programs import DATA, SHAPE, WellEnergy, save_program, well_sidecar
 from server import running_server
 from torch import nn
@@ -237,12 +237,13 @@ def test_an_exported_checkpoint_gives_the_native_seeded_samples(family: str, tmp
     torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["eqm", "flow"])
+@pytest.mark.parametrize("family", ["eqm", "flow", "cnf"])
 def test_an_exported_model_samples_under_bfloat16_chain_steps(family: str, tmp_path: Path) -> None:
     """torch.export keeps dtype assertions that autocast's bfloat16 tripped (every request to the exported
     eqm_mnist was a 503 where --sampling-dtype auto picks bfloat16): a program runs in its traced float32, so
-    its samples are the checkpoint's float32 ones and the checkpoint's own bfloat16 ones within rounding."""
-    writers = {"eqm": write_tiny_eqm, "flow": write_tiny_flow}
+    its samples are the checkpoint's float32 ones and the checkpoint's own bfloat16 ones within rounding (a CNF's
+    velocity field too, stepped by the ODE)."""
+    writers = {"eqm": write_tiny_eqm, "flow": write_tiny_flow, "cnf": write_tiny_cnf}
     checkpoint = writers[family](tmp_path / f"{family}.safetensors")
     main(["export", str(checkpoint), "--out", str(tmp_path / f"{family}_copy.pt2")])
     native, exported = load_model(checkpoint), load_model(tmp_path / f"{family}_copy.pt2")
