@@ -67,6 +67,26 @@ def test_an_exported_flow_scores_data_and_has_the_test_bits_of_its_checkpoint(ar
     assert dataset_bits_per_dim(exported.module, test, 4, torch.device("cpu")) == pytest.approx(expected, abs=1e-5)  # type: ignore[arg-type]
 
 
+def test_evaluate_gives_an_exported_flows_test_bits_and_says_why_a_copy_without_its_forward_has_none(
+    tmp_path: Path, idx_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkpoint = write_tiny_flow(tmp_path / "nice.safetensors")
+    copy = tmp_path / "nice_copy.pt2"
+    main(["export", str(checkpoint), "--out", str(copy)])
+    capsys.readouterr()
+    words = ["--data-dir", str(idx_dir), "--n", "8", "--device", "cpu"]
+    main(["evaluate", str(checkpoint), *words])
+    native = json.loads(capsys.readouterr().out)["model"]
+    main(["evaluate", str(copy), *words])
+    exported = json.loads(capsys.readouterr().out)["model"]
+    assert exported["test_bits_per_dim"] == pytest.approx(native["test_bits_per_dim"], abs=1e-4)
+    copy.with_name("nice_copy.forward.pt2").unlink()
+    main(["evaluate", str(copy), *words])  # samples and their figures; no test bits/dim, and why
+    captured = capsys.readouterr()
+    assert "test_bits_per_dim" not in json.loads(captured.out)["model"]
+    assert "no test bits/dim: the exported flow has no nice_copy.forward.pt2" in captured.err
+
+
 class FlatForward(nn.Module):
     """A forward program returning z flat, [B, D]: not the data's shape."""
 
