@@ -1,5 +1,6 @@
 """Model families: each kind of model is one object (training/families/base.py says what each answers), and
-`family_of` is the one place that decides which family a loaded model is.
+`family_of` is the one place that decides which family a loaded model is (`family_stating`, for an exported
+program's sidecar before anything is built: a "flow" whose sampler names an ODE solver is a CNF's velocity field).
 
 Adding a family touches three files: its own module here (a `Family` subclass), FAMILIES below, and its typed
 sampler config in training/sampling/sampler_config.py (SAMPLERS, from which the file schema takes the families it
