@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 import pickle
+import threading
 import zipfile
 from pathlib import Path
 
@@ -217,6 +218,26 @@ def test_pickled_constants_and_code_in_the_graph_are_refused_without_running(
         with pytest.raises(CheckpointError, match=reasons[name]):
             read_program(path.read_bytes(), path.name)
         assert not marker.exists(), name
+
+
+def test_programs_read_at_once_are_all_read(plain_archive: Path) -> None:
+    """torch's deserializer keeps the program it reads in a global: a load abandoned at its timeout, still reading,
+    refused the next model's program ("_CURRENT_DESERIALIZER is already set")."""
+    payload, failures = plain_archive.read_bytes(), []
+
+    def read() -> None:
+        for _ in range(5):
+            try:
+                read_program(payload, plain_archive.name)
+            except CheckpointError as error:
+                failures.append(str(error))
+
+    threads = [threading.Thread(target=read) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
 
 
 @pytest.mark.parametrize(

@@ -29,6 +29,7 @@ does what its graph says: its ATen operators may allocate what their arguments a
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -99,6 +100,12 @@ def companion_paths(program: Path) -> dict[str, Path]:
     return {role: program.with_name(f"{program.stem}.{role}{PROGRAM_SUFFIX}") for role in COMPANION_ROLES}
 
 
+# torch's deserializer keeps the program being read in a module global (_CURRENT_DESERIALIZER): two programs read at
+# once (a load abandoned at model_load_timeout_s still reading while the next model loads) refused the second with
+# "_CURRENT_DESERIALIZER is already set". One program is deserialized at a time.
+_DESERIALIZING = threading.Lock()
+
+
 def read_program(payload: bytes | bytearray | memoryview, source: str) -> torch.export.ExportedProgram:
     """The ExportedProgram in a `.pt2` archive's bytes: vetted by `check_archive`, then deserialized from
     the vetted JSON and raw tensor bytes by torch's current-format deserializer; no legacy fallback and no
@@ -106,9 +113,10 @@ def read_program(payload: bytes | bytearray | memoryview, source: str) -> torch.
     archive = check_archive(payload, source)
     try:
         serialized = _dict_to_dataclass(schema.ExportedProgram, archive.graph)
-        program = ExportedProgramDeserializer().deserialize(
-            serialized, _tensors(archive, archive.weights), _tensors(archive, archive.constants), None
-        )
+        with _DESERIALIZING:
+            program = ExportedProgramDeserializer().deserialize(
+                serialized, _tensors(archive, archive.weights), _tensors(archive, archive.constants), None
+            )
     except Exception as error:  # a graph of the right strings but the wrong structure, or tensors it does not take
         raise CheckpointError(f"{source}: the program cannot be deserialized ({first_line(error)})") from error
     check_operators(program, source)
