@@ -221,3 +221,16 @@ def test_a_dequantized_flow_exported_over_any_range_has_its_own_bits_per_dim_thr
         for row in scores(base, name, images[start : start + 32])
     ]
     assert math.fsum(bits) / len(bits) == pytest.approx(own, abs=0.01)
+
+
+def test_a_dequantized_flows_samples_have_the_same_bits_per_dim_over_every_range(served) -> None:
+    """A seeded sample's bits/dim in JSON (its continuous point's, from the inverse program's log p) do not depend
+    on the range the flow was exported over; its PNG neither."""
+    base = served
+    answers = [
+        httpx.post(f"{base}/sample", json={"model": name, "n": 4, "seed": 9, "format": "json"}).json()
+        for name in RANGES
+    ]
+    for answer in answers[1:]:
+        assert answer["images"] == answers[0]["images"]
+        assert answer["bits_per_dim"] == pytest.approx(answers[0]["bits_per_dim"], abs=1e-4)
