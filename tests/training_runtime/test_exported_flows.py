@@ -136,6 +136,20 @@ def test_a_dequantized_flows_samples_are_quantized_to_its_levels_by_the_server(u
         assert levels.min() >= 0 and levels.max() <= 255
 
 
+def test_a_flow_stated_without_dequantization_scores_the_levels_values_and_samples_continuously(
+    user_flow, tmp_path: Path
+) -> None:
+    flow, test = user_flow
+    model = load_exported(save_flow_programs(flow, tmp_path / "plain.pt2", (0.0, 1.0), dequantization="none"))
+    values = test[:8].float() / 255  # level k at k / 255: no noise
+    scored = one_pass_scores(score_family(model), [model], values, None)["bits_per_dim"]
+    with torch.no_grad():
+        log_prob = flow.log_prob(values.flatten(1))
+    torch.testing.assert_close(scored, -(log_prob + 64 * math.log(1 / 256)) / (64 * math.log(2)))
+    levels = draw_samples(model, chain_seeds(3, 4)) * 255
+    assert (levels - levels.round()).abs().max() > 0.01  # not quantized: continuous samples
+
+
 def test_a_cnf_is_exported_as_its_velocity_field_with_the_checkpoints_samples_and_likelihood(tmp_path: Path) -> None:
     checkpoint = write_tiny_cnf(tmp_path / "cnf.safetensors")
     main(["export", str(checkpoint), "--out", str(tmp_path / "cnf_copy.pt2")])
