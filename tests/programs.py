@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -67,3 +68,138 @@ def save_program(module: nn.Module, example: tuple, path: Path, sidecar: dict | 
 
 def well_sidecar(**sampler) -> dict:
     return {"family": "ebm", "data": DATA, "sampler": {"steps": 6, "step_size": 0.05, "noise": 0.01, **sampler}}
+
+
+class CouplingFlow(nn.Module):
+    """A user's own RealNVP-style flow (Dinh et al. 2017), known to no module of this project, on 8-bit images
+    dequantized into [0, 1) as (level + u) / 256: a logit, then affine couplings under alternating masks, a
+    standard Gaussian base. Its log-densities are in nats over [0, 1)^D, its own units."""
+
+    def __init__(self, dim: int = 64, hidden: int = 64, couplings: int = 4, alpha: float = 0.05) -> None:
+        super().__init__()
+        self.alpha = alpha
+        parity = torch.arange(dim) % 2
+        self.register_buffer("masks", torch.stack([(parity + index) % 2 for index in range(couplings)]).float())
+        self.nets = nn.ModuleList(
+            nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, 2 * dim)) for _ in range(couplings)
+        )
+
+    def _logit_log_det(self, p: torch.Tensor) -> torch.Tensor:  # [B, D] -> [B]
+        return (math.log(1 - 2 * self.alpha) - p.log() - (-p).log1p()).sum(1)
+
+    def _scale_shift(self, index: int, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = self.masks[index]
+        scale, shift = self.nets[index](y * mask).chunk(2, dim=1)
+        return torch.tanh(scale) * (1 - mask), shift * (1 - mask)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # [B, D] in [0, 1) -> z [B, D], [B]
+        p = self.alpha + (1 - 2 * self.alpha) * x
+        y, log_det = p.log() - (-p).log1p(), self._logit_log_det(p)
+        for index in range(len(self.nets)):
+            scale, shift = self._scale_shift(index, y)
+            y = y * scale.exp() + shift
+            log_det = log_det + scale.sum(1)
+        return y, log_det
+
+    def decode(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # z [B, D] -> x [B, D], encode's log det
+        y, log_det = z, z.new_zeros(z.shape[0])
+        for index in reversed(range(len(self.nets))):
+            scale, shift = self._scale_shift(index, y)
+            y = (y - shift) * (-scale).exp()
+            log_det = log_det + scale.sum(1)
+        p = torch.sigmoid(y)
+        return (p - self.alpha) / (1 - 2 * self.alpha), log_det + self._logit_log_det(p)
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:  # [B, D] in [0, 1) -> [B] nats
+        z, log_det = self.encode(x)
+        return gaussian_log_prob(z) + log_det
+
+
+def gaussian_log_prob(z: torch.Tensor) -> torch.Tensor:  # [B, D] -> [B]
+    return -0.5 * (z.pow(2) + math.log(2 * math.pi)).sum(1)
+
+
+def blocks(n: int, seed: int, side: int = 8) -> torch.Tensor:
+    """8-bit images [n, 1, side, side] (int64 levels): a bright rectangle on a dark, noisy background."""
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 40, (n, 1, side, side), generator=generator)
+    for image in images:
+        top, left = torch.randint(0, side // 2, (2,), generator=generator).tolist()
+        height, width = torch.randint(2, side // 2 + 1, (2,), generator=generator).tolist()
+        image[0, top : top + height, left : left + width] = torch.randint(180, 256, (1,), generator=generator)
+    return images
+
+
+def train_dequantized_flow(levels: torch.Tensor, steps: int = 400, seed: int = 0) -> CouplingFlow:
+    """The user's training: maximum likelihood on (level + u) / 256, u ~ U[0, 1) drawn afresh each step."""
+    torch.manual_seed(seed)
+    flow = CouplingFlow(dim=levels[0].numel())
+    optimizer = torch.optim.Adam(flow.parameters(), lr=2e-3)
+    data = levels.flatten(1).float()
+    for _ in range(steps):
+        batch = data[torch.randint(0, len(data), (64,))]
+        loss = -flow.log_prob((batch + torch.rand_like(batch)) / 256).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return flow.eval()
+
+
+def own_bits_per_dim(flow: CouplingFlow, levels: torch.Tensor, draws: int = 8) -> float:
+    """The user's own test bits/dim: -log2 P(levels) / D from its density over [0, 1), whose bins are 1 / 256 wide,
+    averaged over images and `draws` uniform dequantizations."""
+    data, dim = levels.flatten(1).float(), levels[0].numel()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        total = sum(
+            flow.log_prob((data + torch.rand(data.shape, generator=generator)) / 256).mean().item()
+            for _ in range(draws)
+        )
+    return -(total / draws + dim * math.log(1 / 256)) / (dim * math.log(2))
+
+
+class RangedInverse(nn.Module):
+    """The user's flow exported over the data range [low, high]: z [B, *shape] -> (x in [low, high), log p(x)), its
+    log p in nats over that range (the density over [0, 1) less D log(high - low))."""
+
+    def __init__(self, flow: CouplingFlow, data_range: tuple[float, float]) -> None:
+        super().__init__()
+        self.flow, self.low, self.width = flow, data_range[0], data_range[1] - data_range[0]
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        unit, log_det = self.flow.decode(z.flatten(1))
+        log_prob = gaussian_log_prob(z.flatten(1)) + log_det - unit.shape[1] * math.log(self.width)
+        return (self.low + self.width * unit).reshape(z.shape), log_prob
+
+
+class RangedForward(RangedInverse):
+    """Its data-to-noise program: x in [low, high) -> (z [B, *shape], log|det dz/dx| [B]); `lie` adds to the log
+    det (a forward program that disagrees with its inverse)."""
+
+    def __init__(self, flow: CouplingFlow, data_range: tuple[float, float], lie: float = 0.0) -> None:
+        super().__init__(flow, data_range)
+        self.lie = lie
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        z, log_det = self.flow.encode((x.flatten(1) - self.low) / self.width)
+        return z.reshape(x.shape), log_det - z.shape[1] * math.log(self.width) + self.lie
+
+
+def save_flow_programs(
+    flow: CouplingFlow, path: Path, data_range: tuple[float, float], lie: float = 0.0, **data
+) -> Path:
+    """A user's export of the flow both ways, NAME.pt2 (noise -> data) and NAME.forward.pt2 (data -> noise), with
+    its sidecar: levels 256, uniformly dequantized, over `data_range`."""
+    shape = (1, 8, 8)
+    batch = torch.export.Dim("batch")
+    inverse = torch.export.export(
+        RangedInverse(flow, data_range), (torch.zeros(2, *shape),), dynamic_shapes={"z": {0: batch}}
+    )
+    forward = torch.export.export(
+        RangedForward(flow, data_range, lie), (torch.rand(2, *shape),), dynamic_shapes={"x": {0: batch}}
+    )
+    torch.export.save(forward, path.with_name(f"{path.stem}.forward.pt2"))
+    torch.export.save(inverse, path)
+    stated = {"shape": list(shape), "range": list(data_range), "levels": 256, "dequantization": "uniform", **data}
+    path.with_suffix(".json").write_text(json.dumps({"family": "flow", "data": stated, "sampler": {}}))
+    return path

@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 import pickle
+import threading
 import zipfile
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import restate, write_tiny_ebm, write_tiny_eqm, write_tiny_flow, write_tiny_gan
+from conftest import restate, write_tiny_cnf, write_tiny_ebm, write_tiny_eqm, write_tiny_flow, write_tiny_gan
 from payloads import png_array, png_b64, sse_events
 from programs import DATA, GAN_SIDECAR, SHAPE, TinyCritic, TinyGenerator, WellEnergy, save_program, well_sidecar
 from server import running_server
@@ -302,6 +303,26 @@ def test_pickled_constants_and_code_in_the_graph_are_refused_without_running(
         assert not marker.exists(), name
 
 
+def test_programs_read_at_once_are_all_read(plain_archive: Path) -> None:
+    """torch's deserializer keeps the program it reads in a global: a load abandoned at its timeout, still reading,
+    refused the next model's program ("_CURRENT_DESERIALIZER is already set")."""
+    payload, failures = plain_archive.read_bytes(), []
+
+    def read() -> None:
+        for _ in range(5):
+            try:
+                read_program(payload, plain_archive.name)
+            except CheckpointError as error:
+                failures.append(str(error))
+
+    threads = [threading.Thread(target=read) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+
+
 @pytest.mark.parametrize(
     "family", ["ebm", "eqm", "gan", "flow"]
 )  # contrastive-divergence and conditional EqM energies, a DCGAN, NICE
@@ -322,13 +343,17 @@ def test_an_exported_checkpoint_gives_the_native_seeded_samples(family: str, tmp
     assert critic.exists() == (family == "gan") == (exported.critic is not None)
 
 
-@pytest.mark.parametrize("family", ["ebm", "eqm", "gan", "flow"])
+@pytest.mark.parametrize("family", ["ebm", "eqm", "gan", "flow", "cnf"])
 def test_an_exported_model_samples_under_bfloat16_chain_steps(family: str, tmp_path: Path) -> None:
     """torch.export keeps dtype assertions that autocast's bfloat16 tripped (every request to the exported
     eqm_mnist was a 503 where --sampling-dtype auto picks bfloat16): a program runs in its traced float32, and
-    is differentiated in it, so its samples (Langevin chains, a GAN's DDLS under its exported critic) are the
-    checkpoint's float32 ones and the checkpoint's own bfloat16 ones within rounding."""
-    writers = {"ebm": write_tiny_ebm, "eqm": write_tiny_eqm, "gan": write_tiny_gan, "flow": write_tiny_flow}
+    is differentiated in it, so its samples (Langevin chains, a GAN's DDLS under its exported critic, a CNF's
+    field stepped by the ODE) are the checkpoint's float32 ones and the checkpoint's own bfloat16 ones within
+    rounding."""
+    writers = {
+        "ebm": write_tiny_ebm, "eqm": write_tiny_eqm, "gan": write_tiny_gan, "flow": write_tiny_flow,
+        "cnf": write_tiny_cnf,
+    }  # fmt: skip
     checkpoint = writers[family](tmp_path / f"{family}.safetensors")
     main(["export", str(checkpoint), "--out", str(tmp_path / f"{family}_copy.pt2")])
     native, exported = load_model(checkpoint), load_model(tmp_path / f"{family}_copy.pt2")

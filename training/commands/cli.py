@@ -272,7 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Write a checkpoint as a torch.export program (dynamic batch dimension) and the JSON sidecar beside it,\n"
         "the form in which a server serves models trained elsewhere; it samples as the checkpoint does.\n"
         "An energy becomes x -> E(x) (x, y -> E(x, y) when class-conditional), a GAN z -> G(z) with the\n"
-        "weights it samples with, a flow z -> (x, log p(x)). The i-ResNet's iterative inverse cannot be traced.",
+        "weights it samples with, a flow z -> (x, log p(x)) with NAME.forward.pt2, x -> (z, log det), beside\n"
+        "it (scores and test bits/dim of data), a CNF its velocity field v(x, t) (v(x, t, y) when\n"
+        "class-conditional). The i-ResNet's iterative inverse cannot be traced.",
     )
     export.add_argument("checkpoint", type=Path, help="the .safetensors checkpoint to export (an ebm, gan or flow)")
     export.add_argument(

@@ -53,7 +53,7 @@ def check_likelihood_flags(args: argparse.Namespace, model: LoadedModel, family:
     """Refuse, before any sampling, likelihood flags that would be ignored: given for a model without an ODE,
     or Hutchinson's probes beside the exact trace that replaces them."""
     given = [flag for name, flag in LIKELIHOOD_FLAGS.items() if getattr(args, name) is not None]
-    if given and family.likelihood != "ode":
+    if given and family.test_likelihood(model) != "ode":
         what = _log_det(model, family, " model, which has no likelihood here")
         what = f"a {what}" if family.exact_log_det else what
         raise ValueError(f"{', '.join(given)} set a CNF's likelihood solve; {model.name} is {what}")
@@ -77,7 +77,9 @@ def cnf_test_likelihood(
     )
     bar = progress(None, len(images), f"evaluate {model.name}: likelihood", unit="image")
     field = cast(torch.nn.Module, model.module)
-    figure = cnf_bits_per_dim(field, images, None, rtol, atol, probes, seed=args.seed, on_batch=bar.update)
+    figure = cnf_bits_per_dim(
+        field, images, None, rtol, atol, probes, seed=args.seed, on_batch=bar.update, data_range=model.data_range
+    )
     bar.close()
     report = figure.report()
     print(
@@ -154,9 +156,16 @@ def run_evaluate(args: argparse.Namespace) -> None:
             for key in ("frechet_distance", "precision", "recall", "label_accuracy")
             if key in confirmed
         } | {"floor_frechet_distance": second_floor["frechet_distance"]}
-    if family.likelihood:
+    likelihood_kind = family.test_likelihood(model)
+    if family.likelihood and not likelihood_kind:  # an exported flow without its data-to-noise program
+        print(
+            f"evaluate {model.name}: no test bits/dim: the exported flow has no {model.name}.forward.pt2 (x -> (z, log "
+            "det)) beside its program",
+            file=sys.stderr,
+        )
+    if likelihood_kind:
         flow = cast(Flow, model.module)  # nice, glow or iresnet: Flows; a CNF's field is not one
-        if family.likelihood == "ode":
+        if likelihood_kind == "ode":
             likelihood_n = LIKELIHOOD_IMAGES if args.likelihood_n is None else args.likelihood_n
             if likelihood_n:  # the subset starts with the reference images, the same for every model
                 likelihood = cnf_test_likelihood(model, test.images[test_order[:likelihood_n]], args, device)
@@ -188,9 +197,12 @@ def run_evaluate(args: argparse.Namespace) -> None:
             model_figures["series_terms_trained"] = flow.series_terms
             flow.series_terms = EVALUATION_SERIES_TERMS if args.series_terms is None else args.series_terms
             model_figures["series_terms"] = flow.series_terms
-        if family.likelihood == "exact":
+        if likelihood_kind == "exact":
             print(f"evaluate {model.name}: test bits/dim of all {len(test.images)} test images", file=sys.stderr)
-            model_figures["test_bits_per_dim"] = round(dataset_bits_per_dim(flow, test, 500, device, seed=args.seed), 4)
+            figure = dataset_bits_per_dim(
+                flow, test, 500, device, seed=args.seed, data_range=model.data_range, uniform=model.dequantized
+            )
+            model_figures["test_bits_per_dim"] = round(figure, 4)
     if args.ood_data is not None:  # the first checkpoint's OOD score: its test images against another set's
         print(f"evaluate {model.name}: OOD figures against {args.ood_data}", file=sys.stderr)
         model_figures["ood"] = report["ood"] = ood_against(model, test.images, args.ood_data, args.ood_n, device)

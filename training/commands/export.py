@@ -36,6 +36,7 @@ def export_model(model: LoadedModel, out: str | Path) -> tuple[Path, Path]:
     plan = family_of(model).export_plan(model, batch)
     for key in plan.data_dropped:
         data.pop(key, None)
+    data.update(plan.data_set)
     for key in plan.sampler_dropped:
         sampler.pop(key, None)
     sampler.update(plan.sampler_set)

@@ -178,7 +178,7 @@ def compute_scores(
         if family.one_pass:
             parts.append(one_pass_scores(family, [model], chunk, chunk_labels))
         else:
-            inputs = likelihood_inputs(images[rows], model.data_range, settings.probes)
+            inputs = likelihood_inputs(images[rows], model.data_range, settings.probes, model.dequantized)
             solved = cnf_log_likelihood(
                 model.module,
                 inputs.points.to(device),
@@ -189,7 +189,7 @@ def compute_scores(
                 inputs.probe_seeds,
                 settings.chunk,
             )
-            parts.append(cnf_scores(solved.log_prob, solved.evaluations, model.shape, model.data_range))
+            parts.append(cnf_scores(solved.log_prob, solved.evaluations, model.shape, model.data_range, model.levels))
         if ood is not None:
             parts[-1] |= ood_statistics(ood, [model], chunk, chunk_labels, parts[-1])
         bar.update(len(rows))

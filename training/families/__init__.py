@@ -1,5 +1,6 @@
 """Model families: each kind of model is one object (training/families/base.py says what each answers), and
-`family_of` is the one place that decides which family a loaded model is.
+`family_of` is the one place that decides which family a loaded model is (`family_stating`, for an exported
+program's sidecar before anything is built: a "flow" whose sampler names an ODE solver is a CNF's velocity field).
 
 Adding a family touches three files: its own module here (a `Family` subclass), FAMILIES below, and its typed
 sampler config in training/sampling/sampler_config.py (SAMPLERS, from which the file schema takes the families it
@@ -32,6 +33,16 @@ def family_named(stated: str) -> Family:
     if stated not in FAMILIES:
         raise ValueError(f"sampling {stated} checkpoints is not supported yet")
     return FAMILIES[stated]
+
+
+def family_stating(stated: str, sampler: object) -> Family:
+    """The family of a sidecar that states `stated` with this `sampler`: the first family of that stated name that
+    takes it (a "flow" whose sampler names an ODE solver is a CNF's velocity field); ValueError as `family_named`."""
+    named = family_named(stated)
+    for family in FAMILIES.values():
+        if family.stated == stated and isinstance(sampler, dict) and family.states(sampler):
+            return family
+    return named
 
 
 def family_of(model: LoadedModel) -> Family:

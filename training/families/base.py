@@ -38,6 +38,7 @@ class ExportPlan:
     dynamic: dict[str, Any]
     data_dropped: tuple[str, ...] = ()
     sampler_set: dict[str, Any] = dataclasses.field(default_factory=dict)
+    data_set: dict[str, Any] = dataclasses.field(default_factory=dict)  # data keys stated beyond the checkpoint's
     sampler_dropped: tuple[str, ...] = ()  # checkpoint-only keys a program's sidecar does not state (a GAN's weights)
     companions: dict[str, ExportPlan] = dataclasses.field(default_factory=dict)  # role -> NAME.<role>.pt2's plan
 
@@ -115,6 +116,16 @@ class Family:
         """Whether a model of its stated family is this family's (families sharing one stated name are asked in
         turn: training/families/__init__.py `family_of`)."""
         return True
+
+    def states(self, sampler: dict[str, Any]) -> bool:
+        """Whether a sidecar of its stated family with this `sampler` is this family's (families sharing a stated
+        name are asked in turn: training/families/__init__.py `family_stating`)."""
+        return True
+
+    def test_likelihood(self, model: LoadedModel) -> str:
+        """Its `likelihood` for this model: "" where the model cannot give one (an exported flow without its
+        data-to-noise program)."""
+        return self.likelihood
 
     def check_loaded(self, model: LoadedModel) -> None:
         """CheckpointError where a built model cannot serve what its config says (before the probe)."""

@@ -10,14 +10,38 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from training.families.base import DrawRequest, ExportPlan
-from training.families.flow import ExactFlow, refuse_langevin_settings
+from training.families.base import DrawRequest, ExportPlan, ProgramParts, Signature
+from training.families.flow import ExactFlow, check_flow_data, refuse_langevin_settings
 from training.models.cnf import MLPVelocity, UNetVelocity
+from training.runtime.checkpoint import CheckpointError, ModelConfig
 from training.runtime.draw import sample_cnf
+from training.runtime.exported_modules import ExportedVelocity, expect_output
 from training.runtime.loaded import LoadedModel
+from training.sampling.likelihood import field_and_divergence, rademacher_probes
+from training.sampling.noise import chain_seeds
 from training.sampling.replay_buffer import ReplayBuffer
-from training.sampling.sampler_config import FlowSampler
+from training.sampling.sampler_config import FlowSampler, SamplerConfig
+
+
+class _FieldProgram(nn.Module):
+    """A class-conditional field as its program: v(x [B, *shape], t [B], y [B]) -> [B, *shape]; y = -1: null label."""
+
+    def __init__(self, field: nn.Module) -> None:
+        super().__init__()
+        self.field = field
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.field(x, t, y)
+
+
+class _UnconditionalField(_FieldProgram):
+    """An unconditional field as its program: v(x [B, *shape], t [B]) -> [B, *shape]."""
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return self.field(x, t)
+
 
 ODE_FIELDS = ("steps", "guidance", "init", "image", "mask", "trajectory_every")  # what its ODE chains read
 
@@ -30,21 +54,73 @@ class Cnf(ExactFlow):
     fields = ("label", *ODE_FIELDS)
     likelihood = "ode"
 
+    companion_roles = ()  # its program is the whole model: the field serves both directions
+
     def owns(self, model: LoadedModel) -> bool:
         """The one answer to "is this a CNF?": a flow whose module is a velocity field, not an invertible flow."""
-        return isinstance(model.module, (UNetVelocity, MLPVelocity))
+        return isinstance(model.module, (UNetVelocity, MLPVelocity, ExportedVelocity))
 
-    def describe(self, model: LoadedModel) -> str:
-        return "CNF sampled by its ODE"
+    def states(self, sampler: dict[str, Any]) -> bool:
+        return sampler.get("solver") is not None  # a flow sidecar whose sampler names the ODE's solver and steps
+
+    def test_likelihood(self, model: LoadedModel) -> str:
+        return self.likelihood
 
     def score_kind(self, model: LoadedModel) -> str:
         return "cnf"
 
+    def signature(self, config: ModelConfig) -> Signature:
+        shape = list(config.data["shape"])
+        return [("x", shape), ("t", []), *([("y", [])] if config.data.get("classes") else [])]
+
+    def check_sidecar(self, data: dict[str, Any], sampler: dict[str, Any], source: str) -> None:
+        check_flow_data(data, source)
+        if sampler.get("base") not in (None, "gaussian"):
+            raise CheckpointError(
+                f"{source}: a velocity field's prior is Gaussian (sampler.base gaussian or unset), not "
+                f"{sampler['base']!r}"
+            )
+
+    def program_module(
+        self, program: nn.Module, config: ModelConfig, sampler: SamplerConfig, companions: dict[str, nn.Module]
+    ) -> ProgramParts:
+        return ProgramParts(ExportedVelocity(program, len(config.data.get("classes") or [])))
+
+    def probe_program(self, model: LoadedModel, batch: int, first: bool) -> None:
+        """v at random points, times and labels (the null label among them) is finite and of the data's shape;
+        on the first batch the divergence the likelihood integrates (one Hutchinson probe, a vector-Jacobian product
+        through the program) is finite too."""
+        module, shape = model.module, model.shape
+        assert isinstance(module, ExportedVelocity)
+        device = next(module.parameters()).device
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(batch, *shape, generator=generator).to(device)
+        t = torch.rand(batch, generator=generator).to(device)
+        labels = None
+        if module.num_classes:
+            labels = torch.randint(-1, module.num_classes, (batch,), generator=generator).to(device)
+        with torch.no_grad():
+            velocity = module(x, t, labels)
+        expect_output(velocity, [batch, *shape], "velocity", model.name)
+        if first:
+            probes = rademacher_probes(chain_seeds(0, batch), 1, shape).to(device)
+            _, divergence = field_and_divergence(module, x, t, labels, probes)
+            expect_output(
+                divergence, [batch], "divergence of the velocity (through its vector-Jacobian product)", model.name
+            )
+
+    def describe(self, model: LoadedModel) -> str:
+        return "CNF sampled by its ODE"
+
     def export_plan(self, model: LoadedModel, batch: Any) -> ExportPlan:
-        raise ValueError(
-            f"export: {model.name} is a continuous normalizing flow, sampled by integrating its ODE; exporting "
-            "its velocity field is not supported yet (serve or sample the .safetensors checkpoint itself)"
-        )
+        field = model.module
+        conditional = getattr(field, "num_classes", 0) > 0
+        example: tuple[torch.Tensor, ...] = (torch.zeros(2, *model.shape), torch.full((2,), 0.5))
+        dynamic: dict[str, Any] = {"x": {0: batch}, "t": {0: batch}}
+        if conditional:
+            example += (torch.zeros(2, dtype=torch.long),)
+            dynamic["y"] = {0: batch}
+        return ExportPlan(_FieldProgram(field) if conditional else _UnconditionalField(field), example, dynamic)
 
     def draw(self, members: list[LoadedModel], request: DrawRequest) -> torch.Tensor:
         r = request

@@ -26,9 +26,24 @@ def dequantize(x: torch.Tensor) -> torch.Tensor:
     return (levels + torch.rand_like(levels)) * BIN_WIDTH - 1
 
 
-def bits_per_dim(log_prob: torch.Tensor, dim: int) -> torch.Tensor:
-    """-log2 P(8-bit image) / D from the continuous density of its dequantized version (256 levels a pixel)."""
-    return -(log_prob + dim * math.log(BIN_WIDTH)) / (dim * math.log(2))
+def bits_per_dim(
+    log_prob: torch.Tensor, dim: int, data_range: tuple[float, float] = (-1.0, 1.0), levels: int = 256
+) -> torch.Tensor:
+    """-log2 P(discrete image) / D from log p (nats) of the continuous density of its dequantized version over the
+    data space: level k of a pixel is the bin [low + k w, low + (k + 1) w) of width w = (high - low) / levels, so
+    P(k) = p(x) w^D for a density constant over the bin and bits/dim = -(log p(x) + D log w) / (D log 2)
+    (docs/exporting.md, "Units"). The defaults are 8-bit images in [-1, 1]: w = 2 / 256."""
+    width = (data_range[1] - data_range[0]) / levels
+    return -(log_prob + dim * math.log(width)) / (dim * math.log(2))
+
+
+def quantize(x: torch.Tensor, data_range: tuple[float, float], levels: int) -> torch.Tensor:
+    """Samples of a uniformly dequantized model back on its levels: the level k whose bin [low + k w,
+    low + (k + 1) w) holds each value (w = (high - low) / levels, the ends clamped), as the value of level k,
+    low + k (high - low) / (levels - 1), where datasets load it (8-bit pixels p / 127.5 - 1 in [-1, 1])."""
+    low, high = data_range
+    level = torch.floor((x - low) / (high - low) * levels).clamp(0, levels - 1)
+    return low + level * ((high - low) / (levels - 1))
 
 
 class FlowLayer(nn.Module):
@@ -132,7 +147,8 @@ class ActNorm(FlowLayer):
         self.initialized.fill_(True)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.initialized:
+        # A trained flow's is set; torch.export cannot trace the data-dependent test, and exports trained flows only.
+        if not torch.compiler.is_exporting() and not self.initialized:
             self.initialize(x)
         y = (x + self._view(self.bias, x)) * self._view(self.log_scale, x).exp()
         return y, (self.log_scale.sum() * self._pixels(x)).expand(x.shape[0])

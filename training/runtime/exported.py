@@ -7,6 +7,11 @@ signature, and an adapter turns it into the module every sampler of this project
     ebm   x [B, *shape] -> energy [B]        (x, y [B] -> energy [B] when data.classes is given; y = -1: none)
     gan   z [B, latent_dim] -> x [B, *shape]
     flow  z [B, *shape] -> (x [B, *shape], log p(x) [B])   samples and bits/dim from one pass
+          companion NAME.forward.pt2: x [B, *shape] -> (z [B, *shape], log|det dz/dx| [B])   scores of given data
+    flow with sampler.solver (a CNF)  v(x [B, *shape], t [B]) -> v [B, *shape]   (x, t, y [B] with data.classes)
+
+log p is in nats over the data space as data.range states it; bits/dim count bins (high - low) / data.levels wide
+(docs/exporting.md, "Units of log p and bits/dim").
 
 Loading runs no code from the file, whatever its bytes. `torch.export.load` is never called: it unpickles
 payloads marked `use_pickle`, custom and opaque objects, legacy `model.pt` records and, when weights-only
@@ -24,6 +29,7 @@ does what its graph says: its ATen operators may allocate what their arguments a
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -34,7 +40,7 @@ from torch._export.serde import schema
 from torch._export.serde.serialize import ExportedProgramDeserializer, _dict_to_dataclass
 from torch.export.passes import move_to_device_pass
 
-from training.families import family_named
+from training.families import family_stating
 from training.families.base import Signature
 from training.runtime.checkpoint import CheckpointError, ModelConfig, first_line, read_model_file
 from training.runtime.loaded import LoadedModel
@@ -94,6 +100,12 @@ def companion_paths(program: Path) -> dict[str, Path]:
     return {role: program.with_name(f"{program.stem}.{role}{PROGRAM_SUFFIX}") for role in COMPANION_ROLES}
 
 
+# torch's deserializer keeps the program being read in a module global (_CURRENT_DESERIALIZER): two programs read at
+# once (a load abandoned at model_load_timeout_s still reading while the next model loads) refused the second with
+# "_CURRENT_DESERIALIZER is already set". One program is deserialized at a time.
+_DESERIALIZING = threading.Lock()
+
+
 def read_program(payload: bytes | bytearray | memoryview, source: str) -> torch.export.ExportedProgram:
     """The ExportedProgram in a `.pt2` archive's bytes: vetted by `check_archive`, then deserialized from
     the vetted JSON and raw tensor bytes by torch's current-format deserializer; no legacy fallback and no
@@ -101,9 +113,10 @@ def read_program(payload: bytes | bytearray | memoryview, source: str) -> torch.
     archive = check_archive(payload, source)
     try:
         serialized = _dict_to_dataclass(schema.ExportedProgram, archive.graph)
-        program = ExportedProgramDeserializer().deserialize(
-            serialized, _tensors(archive, archive.weights), _tensors(archive, archive.constants), None
-        )
+        with _DESERIALIZING:
+            program = ExportedProgramDeserializer().deserialize(
+                serialized, _tensors(archive, archive.weights), _tensors(archive, archive.constants), None
+            )
     except Exception as error:  # a graph of the right strings but the wrong structure, or tensors it does not take
         raise CheckpointError(f"{source}: the program cannot be deserialized ({first_line(error)})") from error
     check_operators(program, source)
@@ -151,7 +164,7 @@ def parse_sidecar(payload: bytes, path: Path) -> ModelConfig:
         "ensemble": ensemble,
     }  # fmt: skip
     check_stated(config, source)
-    family_named(family).check_sidecar(data, sampler, source)
+    family_stating(family, sampler).check_sidecar(data, sampler, source)
     return ModelConfig(
         family=family,
         arch=dict(EXPORTED_ARCH),
@@ -212,7 +225,7 @@ def probe(model: LoadedModel, batches: tuple[int, ...] = (2, 1, 3)) -> None:
     """Run the module as the samplers will, on small batches, as its family probes it (output shapes and finite
     values; an energy's gradient in x on the first batch); then the other batch sizes (the batch dimension
     really is dynamic)."""
-    family = family_named(model.config.family)
+    family = family_stating(model.config.family, model.config.sampler)
     for batch in batches:
         try:
             family.probe_program(model, batch, batch == batches[0])
@@ -245,7 +258,7 @@ def load_exported(
         payload = read_model_file(path, path.parent, MAX_ARCHIVE_BYTES)
     if companions is None:
         companions = read_companions(path, path.parent, MAX_ARCHIVE_BYTES)
-    family = family_named(config.family)
+    family = family_stating(config.family, config.sampler)
     unlifted = _runnable(payload, path.name, config, device, family.signature(config))
     parts: dict[str, nn.Module] = {}
     for role, data in sorted(companions.items()):

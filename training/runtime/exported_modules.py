@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from training.models.flows import Flow
+from training.models.flows import Flow, quantize
 from training.runtime.checkpoint import CheckpointError
 
 
@@ -100,35 +100,76 @@ class ExportedCritic(_Program):
 class ExportedFlow(Flow):
     """A flow program z [B, *shape] -> (x, log p(x)) behind the Flow API the pools and the CLI call: the
     base distribution (the sidecar's sampler.base, Gaussian by default) draws z; the program is the whole
-    inverse pass, so a trajectory is its one final state. The data-to-noise direction (log p of given
-    images) is not part of the program."""
+    inverse pass, so a trajectory is its one final state. Its forward program (NAME.forward.pt2, x [B, *shape]
+    -> (z [B, *shape], log|det dz/dx| [B])), when given, is the data-to-noise pass: log p of given images, so
+    exported flows score data and have test bits/dim. `quantized` (data range, levels): the samples of a model
+    whose sidecar says its data are uniformly dequantized levels go back to those levels here, not in the
+    program (log p stays the density of the continuous point drawn)."""
 
     program: nn.Module
     anchor: nn.Parameter
 
-    def __init__(self, program: nn.Module, shape: tuple[int, ...], base: str) -> None:
+    def __init__(
+        self,
+        program: nn.Module,
+        shape: tuple[int, ...],
+        base: str,
+        forward_program: nn.Module | None = None,
+        quantized: tuple[tuple[float, float], int] | None = None,
+    ) -> None:
         super().__init__([], shape, base)
         _hold(self, program)
+        self.forward_program = forward_program
+        if forward_program is not None:
+            for parameter in forward_program.parameters():
+                parameter.requires_grad_(False)
+        self.quantized = quantized
 
     def train(self, mode: bool = True) -> ExportedFlow:
         self.training = mode
         return self
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raise ValueError(
-            "an exported flow maps noise to data only; the log-density of given images needs the "
-            "data-to-noise pass, which its program does not hold"
-        )
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # [B, *shape] -> [B, D], [B]
+        if self.forward_program is None:
+            raise ValueError(
+                "this exported flow maps noise to data only; the log-density of given images needs its "
+                "data-to-noise program beside it (NAME.forward.pt2: x -> (z, log det))"
+            )
+        z, log_det = _as_traced(self.forward_program, x.reshape(x.shape[0], *self.shape))
+        return z.reshape(x.shape[0], -1), log_det
 
     def decode(
         self, z: torch.Tensor, keep_states: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         x, log_prob = _as_traced(self.program, z.reshape(z.shape[0], *self.shape))  # [B, *shape], [B]
+        if self.quantized is not None:
+            x = quantize(x, *self.quantized)
         return x, log_prob, [x] if keep_states else []
 
     def _inverse(self, z: torch.Tensor, keep_states: bool) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         x, log_prob, states = self.decode(z, keep_states)
         return x, self.base.log_prob(z) - log_prob, states  # log|det dx/dz| = log p_base(z) - log p(x)
+
+
+class ExportedVelocity(_Program):
+    """A velocity-field program v(x [B, *shape], t [B]) -> v [B, *shape] (with `num_classes`, v(x, t, y [B]), y = -1
+    the null label) behind the signature of this project's fields (training/models/cnf.py): what the ODE samplers,
+    guidance and the likelihood's trace differentiate through."""
+
+    def __init__(self, program: nn.Module, num_classes: int = 0) -> None:
+        super().__init__(program)
+        self.num_classes = num_classes
+
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor | float, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:  # [B, *shape]
+        times = torch.as_tensor(t, dtype=torch.float32, device=x.device)
+        times = times.expand(x.shape[0]) if times.dim() == 0 else times
+        if not self.num_classes:
+            return _as_traced(self.program, x, times)
+        if labels is None:
+            labels = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
+        return _as_traced(self.program, x, times, labels.to(torch.long))
 
 
 def expect_output(value: Any, shape: list[int], what: str, source: str) -> None:

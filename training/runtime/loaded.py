@@ -38,6 +38,17 @@ class LoadedModel:
         return float(low), float(high)
 
     @property
+    def levels(self) -> int:
+        """The quantization levels its data state (its bits/dim count bins of (high - low) / levels); 256 unstated."""
+        return int(self.config.data.get("levels") or 256)
+
+    @property
+    def dequantized(self) -> bool:
+        """Whether its density is over uniformly dequantized data (real data are scored at level + u, u ~ U[0, 1)),
+        as unless its data say dequantization "none"."""
+        return self.config.data.get("dequantization") != "none"
+
+    @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.config.data["shape"])
 

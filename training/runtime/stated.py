@@ -85,6 +85,7 @@ MAX_TEXT_CHARS = 256  # a class name, a dataset name, a metrics key
 MAX_METRICS_DEPTH = 8  # evaluate's records nest 2 deep
 MAX_METRICS_VALUES = 10_000  # numbers, strings, lists and objects in all of `metrics` (the shipped ones: ~60)
 MAX_DIMS = 8
+DEQUANTIZATIONS = ("uniform", "none")  # data.dequantization: how a flow's density meets discrete data
 
 
 def parse_json(text: str | bytes, what: str) -> Any:
@@ -114,6 +115,11 @@ class StatedData(BaseModel):
     classes: list[str] | None = Field(None, min_length=1, max_length=MAX_CLASSES)  # names a `label` indexes
     dataset: str | None = Field(None, max_length=MAX_TEXT_CHARS)  # what it was trained on: mnist, fashion-mnist
     levels: int | None = Field(None, ge=2, le=65_536)  # quantization levels of the data (256 for 8-bit images)
+    # How a flow's density relates to those levels (docs/exporting.md, "Units"): "uniform", a density over the
+    # dequantized data (level k + u, u ~ U[0, 1)), whose samples the server quantizes back to the levels; "none", a
+    # density evaluated at the levels' values; unstated, uniform for scores and continuous samples (this project's
+    # own flows).
+    dequantization: str | None = Field(None, max_length=MAX_TEXT_CHARS)
 
     @field_validator("shape", mode="before")
     @classmethod
@@ -139,6 +145,15 @@ class StatedData(BaseModel):
                 f"data.range must be [low, high], two finite numbers with low < high, not {_shown_value(ends)}"
             )
         return ends
+
+    @field_validator("dequantization", mode="before")
+    @classmethod
+    def known_dequantization(cls, value: object) -> object:
+        if value is not None and value not in DEQUANTIZATIONS:
+            raise ValueError(
+                f"data.dequantization must be one of {', '.join(DEQUANTIZATIONS)}, not {_shown_value(value)}"
+            )
+        return value
 
     @field_validator("classes", mode="before")
     @classmethod

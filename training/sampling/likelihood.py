@@ -200,10 +200,12 @@ def cnf_bits_per_dim(
     batch_size: int | None = None,  # images per solve (default HUTCHINSON_BATCH or EXACT_TRACE_BATCH)
     seed: int = 0,
     on_batch: Callable[[int], None] | None = None,  # called with each batch's image count as it finishes
+    data_range: tuple[float, float] = (-1.0, 1.0),  # the field's data space (an exported field's sidecar range)
 ) -> CNFBitsPerDim:
     """Bits/dim of 8-bit images under a CNF, on the other flows' footing: one uniform dequantization draw
     (training/models/flows.py `dequantize`, seeded, the global RNG left as it was) and `bits_per_dim`, which
-    adds the D log(2/256) of the scaling from [0, 256) to [-1, 1]. Probes are seeded per image."""
+    adds the D log(2/256) of the scaling from [0, 256) to [-1, 1] (or to `data_range`'s bins). Probes are seeded per
+    image."""
     started = time.perf_counter()
     batch_size = batch_size or (HUTCHINSON_BATCH if probes else EXACT_TRACE_BATCH)
     device = next(field.parameters()).device
@@ -212,13 +214,15 @@ def cnf_bits_per_dim(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         points = dequantize(images)  # [N, *shape], the whole set at once: independent of batch_size
+    if data_range != (-1.0, 1.0):
+        points = (points + 1) / 2 * (data_range[1] - data_range[0]) + data_range[0]
     seeds = chain_seeds(seed, len(images))
     dim = math.prod(images.shape[1:])
     bits, evaluations = [], []
     for rows in torch.split(torch.arange(len(images)), batch_size):
         chunk_labels = None if labels is None else labels[rows].to(device)
         result = cnf_log_likelihood(field, points[rows].to(device), chunk_labels, rtol, atol, probes, seeds[rows])
-        bits.append(bits_per_dim(result.log_prob, dim).cpu())
+        bits.append(bits_per_dim(result.log_prob, dim, data_range).cpu())
         evaluations.append(result.evaluations.cpu())
         if on_batch is not None:
             on_batch(len(rows))

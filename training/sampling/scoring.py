@@ -170,11 +170,24 @@ def dequantized(levels: torch.Tensor, seeds: torch.Tensor, data_range: tuple[flo
     return (levels.float() + noise) / 256 * (high - low) + low
 
 
-def bits_of(log_prob: torch.Tensor, shape: tuple[int, ...], data_range: tuple[float, float]) -> torch.Tensor:
-    """Bits/dim [B] of 8-bit images from the density log p [B] (nats) of their dequantized points."""
-    dim = math.prod(shape)
-    width = data_range[1] - data_range[0]
-    return bits_per_dim(log_prob + dim * math.log(width / 2), dim)  # bits_per_dim's bins are 2 / 256 wide
+def bits_of(
+    log_prob: torch.Tensor, shape: tuple[int, ...], data_range: tuple[float, float], levels: int = 256
+) -> torch.Tensor:
+    """Bits/dim [B] of discrete images from the density log p [B] (nats over the data space as `data_range` states
+    it) of their dequantized points: training/models/flows.py `bits_per_dim`, bins (high - low) / levels wide."""
+    return bits_per_dim(log_prob, math.prod(shape), data_range, levels)
+
+
+def scored_points(x: torch.Tensor, data_range: tuple[float, float], uniform: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the points a density scores images x [B, *shape] at, probe seeds [B]): uniformly dequantized with noise
+    seeded by each image's pixels, or (`uniform` False: a sidecar's dequantization "none") the images' level
+    values themselves."""
+    levels = pixel_levels(x, data_range)
+    dequantization, probe_seeds = image_seeds(levels)
+    if not uniform:
+        low, high = data_range
+        return levels.float() / 255 * (high - low) + low, probe_seeds
+    return dequantized(levels, dequantization, data_range), probe_seeds
 
 
 @dataclass
@@ -186,21 +199,26 @@ class LikelihoodInputs:
     probe_vectors: torch.Tensor | None  # [P, B, *shape] Rademacher probes; None: the exact trace
 
 
-def likelihood_inputs(x: torch.Tensor, data_range: tuple[float, float], probes: int) -> LikelihoodInputs:
-    """Images [B, *shape] in the data range -> their dequantized points and probes, seeded by their pixels."""
-    levels = pixel_levels(x, data_range)
-    dequantization, probe_seeds = image_seeds(levels)
-    points = dequantized(levels, dequantization, data_range)
+def likelihood_inputs(
+    x: torch.Tensor, data_range: tuple[float, float], probes: int, uniform: bool = True
+) -> LikelihoodInputs:
+    """Images [B, *shape] in the data range -> their dequantized points (`scored_points`) and probes, seeded by
+    their pixels."""
+    points, probe_seeds = scored_points(x, data_range, uniform)
     vectors = rademacher_probes(probe_seeds, probes, tuple(x.shape[1:])) if probes else None
     return LikelihoodInputs(points, probe_seeds, vectors)
 
 
 def cnf_scores(
-    log_prob: torch.Tensor, evaluations: torch.Tensor, shape: tuple[int, ...], data_range: tuple[float, float]
+    log_prob: torch.Tensor,
+    evaluations: torch.Tensor,
+    shape: tuple[int, ...],
+    data_range: tuple[float, float],
+    levels: int = 256,
 ) -> Scores:
     return {
         "log_prob": log_prob.cpu(),
-        "bits_per_dim": bits_of(log_prob, shape, data_range).cpu(),
+        "bits_per_dim": bits_of(log_prob, shape, data_range, levels).cpu(),
         "evaluations": evaluations.cpu(),
     }
 
@@ -221,11 +239,10 @@ def one_pass_scores(
         assert model.critic is not None
         return {"critic": model.critic(x).reshape(-1).float().cpu()}
     if family.name == "flow":
-        levels = pixel_levels(x, model.data_range)
-        seeds, _ = image_seeds(levels)
-        points = dequantized(levels, seeds, model.data_range).to(x.device)
+        points = scored_points(x, model.data_range, model.dequantized)[0].to(x.device)
         log_prob = model.module.log_prob(points).float()  # type: ignore[operator]
-        return {"log_prob": log_prob.cpu(), "bits_per_dim": bits_of(log_prob, model.shape, model.data_range).cpu()}
+        bits = bits_of(log_prob, model.shape, model.data_range, model.levels)
+        return {"log_prob": log_prob.cpu(), "bits_per_dim": bits.cpu()}
     raise ValueError(f"{model.name} scores by an ODE solve, not one pass")
 
 

@@ -122,8 +122,12 @@ def dataset_bits_per_dim(
     device: torch.device,
     limit: int | None = None,
     seed: int = 0,
+    data_range: tuple[float, float] = (-1.0, 1.0),
+    uniform: bool = True,
 ) -> float:
-    """Mean bits/dim of the test set under one fixed dequantization draw."""
+    """Mean bits/dim of the test set (8-bit images in [-1, 1], as datasets load) under one fixed dequantization
+    draw, for a flow whose data are in `data_range` (an exported flow's sidecar: the points are mapped there and
+    the bins are its 256 levels' widths); `uniform` False scores the images' level values (dequantization none)."""
     was_training = flow.training
     flow.eval()
     generator_state = torch.get_rng_state()
@@ -133,7 +137,10 @@ def dataset_bits_per_dim(
     for index, chunk in enumerate(torch.split(test.images, batch_size)):
         if limit is not None and index >= limit:
             break
-        values = bits_per_dim(flow.log_prob(dequantize(chunk).to(device)), dim)
+        points = dequantize(chunk) if uniform else chunk
+        if data_range != (-1.0, 1.0):
+            points = (points + 1) / 2 * (data_range[1] - data_range[0]) + data_range[0]
+        values = bits_per_dim(flow.log_prob(points.to(device)), dim, data_range)
         total += values.sum().item()
         count += len(values)
     torch.set_rng_state(generator_state)

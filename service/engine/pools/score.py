@@ -174,6 +174,7 @@ class LikelihoodPool(ScorePool):
         self.field = model.members[0].module
         self.shape = model.members[0].shape
         self.data_range = model.members[0].data_range
+        self.levels, self.uniform = model.members[0].levels, model.members[0].dequantized  # its data's statement
 
     def job_steps(self, order: Order) -> int:
         return MAX_ATTEMPTS
@@ -234,7 +235,7 @@ class LikelihoodPool(ScorePool):
         (job,) = jobs
         state = score_state(job)
         if state.inputs is None:
-            inputs = likelihood_inputs(state.order.images, self.data_range, self.settings.probes)
+            inputs = likelihood_inputs(state.order.images, self.data_range, self.settings.probes, self.uniform)
             vectors = None if inputs.probe_vectors is None else inputs.probe_vectors.to(self.device)
             state.inputs = LikelihoodInputs(inputs.points.to(self.device), inputs.probe_seeds, vectors)
         first = sum(len(part.t) for part in state.started)
@@ -261,7 +262,7 @@ class LikelihoodPool(ScorePool):
         solve = score_state(job).solve
         assert solve is not None
         prior, delta = prior_and_delta(solve.y)
-        scores = cnf_scores(prior + delta, solve.evaluations, self.shape, self.data_range)
+        scores = cnf_scores(prior + delta, solve.evaluations, self.shape, self.data_range, self.levels)
         images = score_state(job).order.images.to(self.device)
         scores |= ood_statistics(self.ood, self.model.members, images, None, scores)
         self._answer(job, scores, self.settings.report())
