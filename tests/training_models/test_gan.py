@@ -123,6 +123,7 @@ def test_gan_checkpoint_round_trips_with_ema_and_critic(tmp_path: Path, idx_dir:
         "steps": 0,  # DDLS off until a sweep chooses its steps for a trained GAN
         "step_size": 0.01,
         "noise": 0.1,
+        "critic_output": "logit",  # its critic's scores are logits (an exported critic may return probabilities)
         "schema_version": 1,
     }
     assert config.training["loss"] == "dcgan" and config.training["generator_updates"] == 3
