@@ -20,7 +20,7 @@ from programs import (
 )
 from torch import nn
 
-from training.convert import ConversionError, export_energy, export_flow, export_gan
+from training.convert import ConversionError, export_energy, export_flow, export_gan, export_velocity_field
 from training.runtime.exported_modules import ExportedFlow
 from training.runtime.load import load_model
 from training.sampling.scoring import one_pass_scores, score_family
@@ -152,3 +152,53 @@ class Liar(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z, log_det = self.flow.encode(x)
         return z, log_det + 5.0
+
+
+class DCGANStyle(nn.Module):
+    """A generator that takes z as [B, nz, 1, 1] and returns flat rows [B, 64]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(4, 64), nn.Tanh())
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        assert z.dim() == 4
+        return self.net(z)
+
+
+def test_a_dcgan_style_generator_takes_its_latent_shape_and_returns_the_datas_shape(tmp_path: Path) -> None:
+    with pytest.raises(ConversionError, match=r"generator fails on z \[2, 4\]: .*pass latent_shape="):
+        export_gan(DCGANStyle(), tmp_path / "dc.pt2", SHAPE, 4, quiet=True)
+    generator = DCGANStyle().eval()
+    converted = export_gan(generator, tmp_path / "dc.pt2", SHAPE, 4, latent_shape=(4, 1, 1), quiet=True)
+    assert "no critic" in str(converted)
+    z = torch.randn(3, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            load_model(tmp_path / "dc.pt2").module(z), generator(z[..., None, None]).view(3, *SHAPE)
+        )
+
+
+class TimedField(nn.Module):
+    """A user's flow-matching field v(x, t, y): an MLP of x and t, a label embedding (the last row: y = -1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(65, 32), nn.SiLU(), nn.Linear(32, 64))
+        self.labels = nn.Embedding(3, 64)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        hidden = self.net(torch.cat([x.flatten(1), t[:, None]], 1)) + self.labels(y.clamp(min=-1) % 3)
+        return hidden.view(x.shape)
+
+
+def test_a_conditional_velocity_field_is_served_with_its_solver(tmp_path: Path) -> None:
+    field = TimedField().eval()
+    converted = export_velocity_field(field, tmp_path / "fm.pt2", SHAPE, solver="euler", steps=4, classes=["a", "b"],
+                                      quiet=True)  # fmt: skip
+    assert "euler, 4 steps" in str(converted) and "2 classes" in str(converted)
+    served = load_model(tmp_path / "fm.pt2")
+    assert served.config.sampler["solver"] == "euler" and served.config.data["classes"] == ["a", "b"]
+    x, t, y = torch.randn(3, *SHAPE), torch.rand(3), torch.tensor([0, 1, -1])
+    with torch.no_grad():
+        torch.testing.assert_close(served.module(x, t, y), field(x, t, y))
