@@ -172,7 +172,7 @@ def export_energy(
         "data": _data(shape, range, classes=None if classes is None else list(classes)),
         "sampler": dict(sampler or {}),
     }
-    notes = ["E(x) " + ("= -(your module's output); " if negated else "") + "Langevin chains differentiate it in x"]
+    notes = ["E(x)" + (" = -(your module's output)" if negated else "") + ": Langevin chains differentiate it in x"]
     if classes is not None:
         notes.append(f"conditional: y in 0..{len(classes) - 1}, y = -1 the unconditional energy")
     return _publish(out, sidecar, program, {}, notes, quiet)
