@@ -42,8 +42,10 @@ from training.convert_modules import (
     per_sample,
     sized,
 )
+from training.models.flows import bits_per_dim
 from training.runtime.checkpoint import CheckpointError, first_line
 from training.runtime.exported import companion_paths
+from training.runtime.exported_modules import ExportedFlow
 from training.runtime.load import load_model
 from training.runtime.loaded import LoadedModel
 from training.runtime.program_files import check_program_path, trace_program, write_bundle
@@ -108,9 +110,16 @@ def _eager(module: nn.Module, example: tuple[torch.Tensor, ...], what: str) -> A
 
 
 def _publish(
-    out: Path, sidecar: dict[str, Any], program: bytes, companions: dict[str, bytes], notes: list[str], quiet: bool
+    out: Path,
+    sidecar: dict[str, Any],
+    program: bytes,
+    companions: dict[str, bytes],
+    notes: list[str],
+    quiet: bool,
+    served: Callable[[LoadedModel], list[str]] | None = None,
 ) -> Converted:
-    """Load the bundle from a scratch folder with the server's loader, then write it at `out`; the report."""
+    """Load the bundle from a scratch folder with the server's loader, then write it at `out`; the report (`served`:
+    notes drawn from the loaded model)."""
     if out.with_suffix(".safetensors").exists():
         raise ConversionError(f"{out.stem}.safetensors is served under the same name; choose another name for {out}")
     with tempfile.TemporaryDirectory(prefix="samplebay-convert-") as folder:
@@ -123,7 +132,7 @@ def _publish(
     out.parent.mkdir(parents=True, exist_ok=True)
     sidecar_path = write_bundle(out, sidecar, program, companions)
     files = (out, *(companion_paths(out)[role] for role in sorted(companions)), sidecar_path)
-    converted = Converted(out, files, model, tuple(notes))
+    converted = Converted(out, files, model, tuple(notes + (served(model) if served else [])))
     if not quiet:
         print(converted)
     return converted
@@ -291,7 +300,23 @@ def export_flow(
         "data": _data(shape, range, levels=levels, dequantization=dequantization),
         "sampler": {"base": base, **(sampler or {})},
     }
-    return _publish(out, sidecar, program, companions, notes, quiet)
+    return _publish(out, sidecar, program, companions, notes, quiet, _sample_bits)
+
+
+def _sample_bits(model: LoadedModel, n: int = 16) -> list[str]:
+    """The bits/dim of a served flow's own samples by the server's formula: a figure a whole number of bits off what
+    training reported, or below 0, says that log p is not in the units of the stated range."""
+    flow = model.module
+    assert isinstance(flow, ExportedFlow)
+    dim = math.prod(model.shape)
+    z = flow.base.sample((n, dim), 1.0, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        log_prob = flow.decode(z)[1]
+    figure = bits_per_dim(log_prob, dim, model.data_range, model.levels).mean().item()
+    return [
+        f"its own samples (temperature 1, {n}): {figure:.3f} bits/dim; compare with your training's figure "
+        "(a whole number of bits off, or below 0: log p is not in the stated range's units)"
+    ]
 
 
 def export_velocity_field(

@@ -88,6 +88,7 @@ def test_a_dequantized_flow_converted_over_0_255_both_ways_has_its_own_bits_per_
         trained_range=(0.0, 1.0), flat=True, quiet=True,
     )  # fmt: skip
     assert "bins 0.996094 wide" in str(converted) and "flow.forward.pt2: scores" in str(converted)
+    assert "its own samples (temperature 1, 16): " in str(converted)
     served = load_model(tmp_path / "flow.pt2")
     assert isinstance(served.module, ExportedFlow) and served.module.forward_program is not None
     assert served.config.data["dequantization"] == "uniform" and served.config.data["levels"] == 256
