@@ -3,7 +3,8 @@
 (docs/exporting.md), trace them with a dynamic batch dimension, and write `NAME.pt2`, its companions
 (`NAME.critic.pt2`, `NAME.forward.pt2`) and its `NAME.json` sidecar. Before anything is written where you asked,
 the bundle is loaded by the loader the server uses (training/runtime/load.py) from a scratch folder: what it will
-serve is printed and returned, or `ConversionError` says why it refuses, and nothing is left behind.
+serve is printed and returned, or `ConversionError` says why it refuses, and nothing is left behind. Your modules
+are put in eval mode (their dropout and batch statistics as at inference) and traced on the CPU in float32.
 
     from training.convert import export_energy
     export_energy(model, "checkpoints/my_energy.pt2", shape=(1, 28, 28), sampler={"steps": 60, "noise": 0.005})

@@ -34,6 +34,12 @@ class Call(nn.Module):
             self.user, self.method = call.__self__.eval(), call.__name__
         else:
             raise ConversionError(f"{what} must be an nn.Module or a method of one (torch.export traces modules)")
+        for tensor in [*self.user.parameters(), *self.user.buffers()]:
+            if tensor.device.type != "cpu" or (tensor.is_floating_point() and tensor.dtype != torch.float32):
+                raise ConversionError(
+                    f"{what} holds tensors on {tensor.device} in {tensor.dtype}; programs are traced on the CPU in "
+                    "float32 (the server moves them to its device): call .cpu().float() on it first"
+                )
 
     def forward(self, *inputs: torch.Tensor) -> Any:
         return getattr(self.user, self.method)(*inputs)

@@ -134,6 +134,13 @@ def test_a_module_that_cannot_be_served_is_refused_in_one_line_and_nothing_is_wr
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_module_in_half_precision_is_refused_with_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(
+        ConversionError, match=r"^the energy holds tensors on cpu in torch.bfloat16; .*\.cpu\(\)\.float\(\)"
+    ):
+        export_energy(TheirEnergy().to(torch.bfloat16), tmp_path / "half.pt2", SHAPE, quiet=True)
+
+
 def test_a_critic_of_the_wrong_shape_and_a_lying_forward_pass_are_refused_with_the_reason(tmp_path: Path) -> None:
     with pytest.raises(ConversionError, match=r"^the critic returns \[2, 64\] for a batch of 2; a critic returns one"):
         export_gan(TinyGenerator(), tmp_path / "gan.pt2", SHAPE, 4, critic=PerPixel(), quiet=True)
