@@ -4,9 +4,6 @@ in which a server serves models trained elsewhere (training/runtime/exported.py 
 from __future__ import annotations
 
 import argparse
-import io
-import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +11,10 @@ import torch
 
 from training.families import family_of
 from training.families.base import ExportPlan
-from training.runtime.checkpoint import atomic_write_bytes, first_line
-from training.runtime.exported import DATA_KEYS, PROGRAM_SUFFIX, SIDECAR_SUFFIX, companion_paths, load_exported
+from training.runtime.exported import DATA_KEYS, companion_paths, load_exported
 from training.runtime.load import load_model
 from training.runtime.loaded import LoadedModel
+from training.runtime.program_files import check_program_path, trace_program, write_bundle
 from training.sampling.sampler_config import to_dict
 
 
@@ -25,9 +22,7 @@ def export_model(model: LoadedModel, out: str | Path) -> tuple[Path, Path]:
     """Write a native model as OUT (.pt2, from torch.export with a dynamic batch dimension), its sidecar beside
     it and the companion programs its family exports with it (a GAN's critic as OUT's NAME.critic.pt2); they
     are served like the checkpoint, and give the same seeded samples."""
-    out = Path(out)
-    if out.suffix != PROGRAM_SUFFIX:
-        raise ValueError(f"--out must end in {PROGRAM_SUFFIX} (the sidecar goes beside it), not {out.name!r}")
+    out = check_program_path(out, "--out")
     family = model.config.family
     model.module.cpu().eval()
     batch = torch.export.Dim("batch", min=1)
@@ -47,30 +42,14 @@ def export_model(model: LoadedModel, out: str | Path) -> tuple[Path, Path]:
         sidecar["ensemble"] = model.config.ensemble
     if model.config.metrics:
         sidecar["metrics"] = model.config.metrics
-    # The sidecar and the companions first, the program last: a server that scans between two renames sees a
-    # companion without its program (refused until the program comes), never the program without them.
-    sidecar_path = out.with_suffix(SIDECAR_SUFFIX)
-    atomic_write_bytes(sidecar_path, (json.dumps(sidecar, indent=2) + "\n").encode())
-    for role, path in companion_paths(out).items():
-        if role in companions:
-            atomic_write_bytes(path, companions[role])
-        elif os.path.lexists(path):
-            path.unlink()  # an earlier export's: the bundle written is this model's whole
-    atomic_write_bytes(out, program)
+    sidecar_path = write_bundle(out, sidecar, program, companions)
     return out, sidecar_path
 
 
 def _archive(plan: ExportPlan, model: LoadedModel, what: str) -> bytes:
     """The .pt2 bytes of one traced module of `model` (`what`: "" for its own, "its critic", ...)."""
-    try:
-        program = torch.export.export(plan.wrapper, plan.example, dynamic_shapes=plan.dynamic)
-    except Exception as error:
-        arch = model.config.arch.get("name")
-        named = f"{model.name} ({arch})" + (f", {what}" if what else "")
-        raise ValueError(f"torch.export cannot trace {named}: {first_line(error)}") from error
-    archive = io.BytesIO()
-    torch.export.save(program, archive)
-    return archive.getvalue()
+    named = f"{model.name} ({model.config.arch.get('name')})" + (f", {what}" if what else "")
+    return trace_program(plan.wrapper, plan.example, plan.dynamic, named)
 
 
 def run_export(args: argparse.Namespace) -> None:
