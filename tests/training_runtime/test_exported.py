@@ -116,6 +116,7 @@ def served(tmp_path_factory: pytest.TempPathFactory):
     directory = tmp_path_factory.mktemp("exported")
     x, z = torch.zeros(2, *SHAPE), torch.zeros(2, 4)
     save_program(WellEnergy(), (x,), directory / "well.pt2", well_sidecar(init="buffer"))
+    save_program(WellEnergy(), (x,), directory / "bufferless.pt2", well_sidecar())
     save_program(
         TinyGenerator(), (z,), directory / "gen.pt2", {"family": "gan", "data": DATA, "sampler": {"latent_dim": 4}}
     )
@@ -161,6 +162,8 @@ def test_a_users_own_energy_is_served_with_seeded_samples_and_energies(served) -
     assert all(isinstance(energy, float) for energy in first["energy"])
     buffered = httpx.post(f"{base}/sample", json={"model": "well", "n": 2, "init": "buffer", "format": "json"})
     assert buffered.status_code == 200  # init: buffer in its sidecar: the server keeps a replay buffer for it
+    refused = httpx.post(f"{base}/sample", json={"model": "bufferless", "n": 2, "init": "buffer"})
+    assert refused.status_code == 422 and "exported energy whose sidecar asks for none" in refused.text
     gif = httpx.post(f"{base}/sample", json={"model": "well", "n": 2, "format": "gif", "trajectory_every": 2})
     assert gif.status_code == 200 and gif.headers["content-type"] == "image/gif"
 
@@ -243,7 +246,7 @@ def test_every_program_the_server_cannot_use_is_refused_with_its_reason_in_ready
     assert "nan.critic.pt2: the critic's output is not finite" in refused["nan.pt2"]
     assert 'says critic_output "probability", but the critic returns values outside [0, 1]' in refused["liar.pt2"]
     served_names = {model["name"] for model in httpx.get(f"{base}/models").json()}
-    assert served_names == {"well", "gen", "affine", "judge", "sure"}
+    assert served_names == {"well", "bufferless", "gen", "affine", "judge", "sure"}
 
 
 @pytest.fixture(scope="module")

@@ -150,7 +150,12 @@ class Energy(Family):
     def refusals(self, body: Any, model: LoadedModel, name: str, has_buffer: bool) -> list[str]:
         problems = []
         if body.init == "buffer" and not has_buffer:
-            problems.append(f"init 'buffer' needs a replay buffer; {name} was trained without one (use 'noise')")
+            why = (
+                f'{name} is an exported energy whose sidecar asks for none (sampler "init": "buffer" keeps one)'
+                if model.exported
+                else f"{name} was trained without one"
+            )
+            problems.append(f"init 'buffer' needs a replay buffer; {why} (use 'noise')")
         if body.steps == 0:
             problems.append(f"'steps' is 0; {name} is an EBM, whose chains take at least 1 Langevin step")
         return problems
