@@ -43,6 +43,7 @@ from training.convert_modules import (
     per_sample,
     sized,
 )
+from training.families import family_of
 from training.models.flows import bits_per_dim
 from training.runtime.checkpoint import CheckpointError, first_line
 from training.runtime.exported import companion_paths
@@ -50,7 +51,7 @@ from training.runtime.exported_modules import ExportedFlow
 from training.runtime.load import load_model
 from training.runtime.loaded import LoadedModel
 from training.runtime.program_files import check_program_path, trace_program, write_bundle
-from training.sampling.sampler_config import VERSION_KEY, to_dict
+from training.sampling.sampler_config import VERSION_KEY
 
 EXAMPLE_BATCH = 2  # the batch traced (and checked eagerly first); the server's probe then runs 2, 1 and 3
 
@@ -69,7 +70,8 @@ class Converted:
 
     def __str__(self) -> str:
         model, data = self.model, self.model.config.data
-        sampler = {key: value for key, value in to_dict(model.sampler).items() if key != VERSION_KEY}
+        shown = family_of(model).shown_sampler(model)  # what applies to it as served, as GET /models shows it
+        sampler = {key: value for key, value in shown.items() if key != VERSION_KEY}
         lines = [
             f"{self.program.stem}: served as family {model.config.family}, samples [{dims(model.shape)}] in "
             f"[{data.get('range', [-1.0, 1.0])[0]}, {data.get('range', [-1.0, 1.0])[1]}]"

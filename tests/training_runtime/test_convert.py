@@ -180,6 +180,7 @@ def test_a_dcgan_style_generator_takes_its_latent_shape_and_returns_the_datas_sh
     generator = DCGANStyle().eval()
     converted = export_gan(generator, tmp_path / "dc.pt2", SHAPE, 4, latent_shape=(4, 1, 1), quiet=True)
     assert "no critic" in str(converted)
+    assert "weights=" not in str(converted) and "step_size=" not in str(converted)  # only what applies, as /models
     z = torch.randn(3, 4)
     with torch.no_grad():
         torch.testing.assert_close(
