@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -82,15 +82,27 @@ class Metrics:
             registry=r,
         )
         self._shown: set[tuple[str, str]] = set()  # (model, version) label pairs model_loaded holds now
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}  # what a step sets, by labels: none is removed
 
     def observe_step(self, pool: str, chains: int) -> None:
-        self.langevin_steps.labels(pool).inc()
-        self.chain_steps.labels(pool).inc(chains)
-        self.chains_per_step.labels(pool).observe(chains)
+        self._child(self.langevin_steps, pool).inc()
+        self._child(self.chain_steps, pool).inc(chains)
+        self._child(self.chains_per_step, pool).observe(chains)
+
+    def show_running(self, pool: str, chains: int) -> None:
+        self._child(self.running_chains, pool).set(chains)
 
     def show_step_cost(self, pool: str, table: dict[str, float]) -> None:
         for chains, per_chain in table.items():
-            self.step_cost.labels(pool, chains).set(per_chain)
+            self._child(self.step_cost, pool, chains).set(per_chain)
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, looked up once: a step sets several (labels() takes a lock and checks them)."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def show_models(self, registry: Registry) -> None:
         """Each served model's version and load time, with the label pairs of versions no longer served removed."""

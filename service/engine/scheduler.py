@@ -100,22 +100,25 @@ class StepCost:
 
     def __init__(self) -> None:
         self.buckets: dict[int, deque[tuple[int, float]]] = {}  # floor(log2 chains) -> recent (chains, seconds)
+        self._points: dict[int, tuple[float, float]] = {}  # each bucket's point, updated as its steps come in
+        self._table: list[tuple[float, float]] = []  # points(), kept as the buckets change (read several times a step)
 
     def observe(self, chains: int, seconds: float) -> None:
         """One timed step; a zero or negative interval (a fake clock, a coarse timer) says nothing and is ignored."""
         if seconds <= 0 or chains <= 0:
             return
-        self.buckets.setdefault(bucket_of(chains), deque(maxlen=RECENT_STEPS)).append((chains, seconds))
+        level = bucket_of(chains)
+        steps = self.buckets.setdefault(level, deque(maxlen=RECENT_STEPS))
+        steps.append((chains, seconds))
+        middle = statistics.median(count for count, _ in steps)
+        self._points[level] = (middle, statistics.median(taken for _, taken in steps) / middle)
+        self._table = [self._points[level] for level in sorted(self._points)]
 
     def points(self) -> list[tuple[float, float]]:
         """(chains, seconds per chain) of each bucket measured, fewest chains first: the median chain count of its
         recent steps, and their median seconds over it (a step's cost rises with its chains, so the two medians
         belong together)."""
-        table = []
-        for _, steps in sorted(self.buckets.items()):
-            chains = statistics.median(chains for chains, _ in steps)
-            table.append((chains, statistics.median(seconds for _, seconds in steps) / chains))
-        return table
+        return self._table
 
     def by_bucket(self) -> dict[str, float]:
         """Each measured bucket's median cost per chain, named by its chain counts ("1", "2-3", "4-7"): /metrics."""

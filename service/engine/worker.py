@@ -94,6 +94,7 @@ class Worker:
         self.served.registry = registry  # not published yet: the models whose pools could be built
         self._pending: list[tuple[Registry, threading.Event]] = []  # registries handed over, not yet swapped in
         self.buffers: Mapping[str, BufferFigures] = MappingProxyType({})
+        self._published_writes = 0  # the pools' buffer write-backs when the figures were last published
         self._publish_buffers()
         self._inbox: list[tuple[SamplerPool, Job]] = []
         self._inbox_lock = threading.Lock()
@@ -315,7 +316,7 @@ class Worker:
             if not pool.has_work():
                 return False
             pool.step()
-            self.metrics.running_chains.labels(pool.name).set(pool.scheduler.running_chains)
+            self.metrics.show_running(pool.name, pool.scheduler.running_chains)
         except Exception as error:  # outside one batch (start, finish): fail this pool's jobs only
             self.failures.failed(f"stepping {pool.name} (its requests fail)", error)
             self._attempt(f"failing the requests of {pool.name}", pool.fail_all, error)
@@ -339,8 +340,8 @@ class Worker:
         if self._pools.retired:
             self._attempt("dropping replaced versions", self._drop_finished_pools)
         self.metrics.queue_depth.set(self.queue_depth())
-        if busy:
-            self._attempt("publishing the buffer figures", self._publish_buffers)
+        if busy and self._published_writes != sum(pool.buffer_writes for pool in self.langevin_pools.values()):
+            self._attempt("publishing the buffer figures", self._publish_buffers)  # a buffer took chains back
         self.buffer_keeper.collect()
         if self.clock() - self.last_save >= self.save_interval_s:
             self.save_buffers()
@@ -378,7 +379,9 @@ class Worker:
 
     def _publish_buffers(self) -> None:
         """Swap in a fresh read-only snapshot of the buffers' figures for readers on other threads."""
-        self.buffers = self.buffer_keeper.figures(self.langevin_pools)
+        pools = self.langevin_pools
+        self._published_writes = sum(pool.buffer_writes for pool in pools.values())
+        self.buffers = self.buffer_keeper.figures(pools)
         for name, each in self.buffers.items():
             self.metrics.buffer_size.labels(name).set(each.size)
 

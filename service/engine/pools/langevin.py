@@ -56,6 +56,7 @@ class LangevinPool(ChainPool):
     buffer or a client's image; finished chains may go back into the buffer."""
 
     buffer_dirty = False  # written back since the last save
+    buffer_writes = 0  # write-backs ever: the worker publishes the buffers' figures when their sum changes
     buffer_note: str | None = None  # why its buffer holds fewer slots than the model asks for (the buffer budget)
     sampler: EBMSampler
 
@@ -118,24 +119,31 @@ class LangevinPool(ChainPool):
 
     def _advance(self, module_index: int, jobs: list[Job]) -> LangevinStep:
         states = [state_of(job) for job in jobs]  # only their running chains step (stopped ones left the batch)
-        x = torch.cat([state.running(state.x) for state in states if state.x is not None])  # [B, *shape]
-        seeds = torch.cat([state.running(state.seeds) for state in states if state.seeds is not None])  # [B]
         sizes = [state.stepping for state in states]
+
+        def batched(values: list[torch.Tensor]) -> torch.Tensor:
+            """Per-chain rows of every job as one batch [B, ...] (one job's as they are: no copy)."""
+            return values[0] if len(values) == 1 else torch.cat(values)
+
+        x = batched([state.running(state.x) for state in states if state.x is not None])  # [B, *shape]
+        seeds = batched([state.running(state.seeds) for state in states if state.seeds is not None])  # [B]
         # A running chain has taken exactly its job's done steps, so its noise counter is its own.
-        steps = torch.cat(
-            [torch.full((size,), job.done_steps, dtype=torch.int64) for job, size in zip(jobs, sizes, strict=True)]
+        steps = batched(
+            [
+                torch.full((size,), job.done_steps, dtype=torch.int64, device=self.device)
+                for job, size in zip(jobs, sizes, strict=True)
+            ]
         )
-        steps = steps.to(self.device)
 
-        def per_chain(value: Callable[[SampleOrder, int], float]) -> torch.Tensor:
-            """A setting per chain [B], from its request's order and the steps its chains took."""
-            return torch.cat(
-                [
-                    torch.full((size,), value(state.order, job.done_steps))
-                    for job, state, size in zip(jobs, states, sizes, strict=True)
-                ]
-            )
+        def per_chain(value: Callable[[SampleOrder, int], float]) -> float | torch.Tensor:
+            """A setting per chain [B], from its request's order and the steps its chains took; one float when
+            every chain's is the same (the step multiplies by a scalar: the same values, fewer and cheaper ops)."""
+            values = [value(state.order, job.done_steps) for job, state in zip(jobs, states, strict=True)]
+            if all(each == values[0] for each in values):
+                return values[0]
+            return torch.cat([torch.full((size,), each) for each, size in zip(values, sizes, strict=True)])
 
+        momentum = per_chain(lambda order, _: order.momentum)
         velocity = None  # [B, *shape] once any chain here uses momentum (zeros: a chain at rest)
         if any(state.order.momentum for state in states):
             parts_at_rest = zip(states, x.split(sizes), strict=True)
@@ -143,7 +151,8 @@ class LangevinPool(ChainPool):
                 [torch.zeros_like(part) if s.velocity is None else s.running(s.velocity) for s, part in parts_at_rest]
             )
         decay = self.sampler.step_decay
-        labels = torch.cat([state.running(state.labels) for state in states if state.labels is not None])  # [B]
+        labels = batched([state.running(state.labels) for state in states if state.labels is not None])  # [B]
+        noise = per_chain(lambda order, _: order.noise)
         moved = langevin_step(
             conditioned_energy(
                 self.modules[module_index], labels, per_chain(lambda order, _: order.guidance)
@@ -151,11 +160,11 @@ class LangevinPool(ChainPool):
             x,
             chain_gaussian(seeds, steps, self.shape).to(self.device),
             step_size=per_chain(lambda order, done: scheduled_step_size(order.step_size, decay, done)),
-            noise=per_chain(lambda order, _: order.noise),
+            noise=noise,
             grad_clip=self.sampler.grad_clip,
             temperature=per_chain(lambda order, _: order.temperature),
             data_range=self.data_range,
-            momentum=per_chain(lambda order, _: order.momentum),
+            momentum=momentum,
             velocity=velocity,
             clamp=self.sampler.clamp,
             nesterov=self.sampler.nesterov,
@@ -191,6 +200,7 @@ class LangevinPool(ChainPool):
             classes = None if state.labels is None else state.labels.cpu()
             self.buffer.write_back(state.slots, samples, classes)
             self.buffer_dirty = True
+            self.buffer_writes += 1
         else:
             self.buffer.release(state.slots)
         energy = None if state.energy is None else state.energy.cpu()
