@@ -89,6 +89,12 @@ class Metrics:
         self._child(self.chain_steps, pool).inc(chains)
         self._child(self.chains_per_step, pool).observe(chains)
 
+    def observe_chain_steps(self, pool: str, steps: list[int]) -> None:
+        """The steps each chain of an answered request ran."""
+        histogram = self._child(self.steps_per_chain, pool)
+        for taken in steps:
+            histogram.observe(taken)
+
     def show_running(self, pool: str, chains: int) -> None:
         self._child(self.running_chains, pool).set(chains)
 

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import write_tiny_ebm, write_tiny_flow, write_tiny_gan
+from conftest import write_tiny_ebm, write_tiny_eqm, write_tiny_flow, write_tiny_gan
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,6 +110,28 @@ def test_serving_bench_times_a_short_request_alone_and_beside_long_ones(tmp_path
         assert served > 0 and alone > 0 and beside > 0 and ratio > 0
         assert per_cpu > 0 or math.isnan(per_cpu)  # nan: the server used under one clock tick of CPU (tiny run)
         assert slowest >= fastest >= 0  # seconds, one decimal
+
+
+def test_latency_bench_serves_the_same_pngs_as_the_raw_loop_and_prints_both_figures(tmp_path: Path) -> None:
+    eqm = write_tiny_eqm(tmp_path / "tiny_eqm.safetensors")
+    printed = subprocess.run(
+        [
+            *(sys.executable, str(ROOT / "bench" / "latency.py"), "--checkpoint", str(eqm)),
+            *("--requests", "2", "--repeats", "1", "--chains", "1,3", "--long-steps", "4"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,  # the script stops when a served PNG differs from the in-process one
+        timeout=240,
+    ).stdout.splitlines()
+    request = printed[printed.index(next(line for line in printed if line.startswith("| served s |"))) + 2]
+    served, local, ratio = (float(cell.strip().rstrip("x")) for cell in request.split("|")[1:4])
+    assert served > 0 and local > 0 and ratio == pytest.approx(served / local, abs=0.01)
+    rows = [line.split("|")[1:-1] for line in printed if line.startswith(("| 1 |", "| 3 |"))]
+    assert [int(cells[0]) for cells in rows] == [1, 3]
+    for cells in rows:
+        served_step, local_step = float(cells[1]), float(cells[2])
+        assert float(cells[3]) == pytest.approx(served_step - local_step, abs=0.01)  # ms: one median of each
 
 
 def test_training_speed_bench_times_an_eqm_update_in_a_fresh_process() -> None:

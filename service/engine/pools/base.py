@@ -191,8 +191,7 @@ class SamplerPool:
         """Answer a finished job: the one place a SampleResult is assembled (and each chain's steps counted)."""
         state = state_of(job)
         if chain_steps is not None:
-            for taken in chain_steps.tolist():
-                self.metrics.steps_per_chain.labels(self.name).observe(taken)
+            self.metrics.observe_chain_steps(self.name, chain_steps.tolist())
         state.deliver(
             SampleResult(
                 samples=samples,
