@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from conftest import write_tiny_flow
 from PIL import Image
 from programs import (
     SHAPE,
@@ -30,7 +31,7 @@ from service.settings import Settings
 from training.commands.cli import main
 from training.convert import ConversionError, export_flow
 from training.families import draw_samples
-from training.runtime.checkpoint import CheckpointError
+from training.runtime.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from training.runtime.exported import load_exported
 from training.runtime.load import load_model
 from training.sampling.dequantization import dequantizer_noise
@@ -105,7 +106,7 @@ def test_its_bound_is_no_worse_than_uniform_dequantization_of_the_same_flow(user
     assert variational <= uniform + 0.01, (variational, uniform)
 
 
-def test_its_samples_are_quantized_to_the_levels_like_a_uniform_ones(models: Path) -> None:
+def test_its_samples_are_quantized_to_the_levels_like_a_uniform_flows(models: Path) -> None:
     levels = draw_samples(load_model(models / "variational.pt2"), chain_seeds(3, 16))  # [16, 1, 8, 8] in [0, 255]
     torch.testing.assert_close(levels, levels.round(), atol=1e-3, rtol=0)
 
@@ -181,6 +182,7 @@ class Escaping(nn.Module):
         (NotFiniteDequantizer("log_q"), r"hostile.dequantizer.pt2: the log q\(u \| x\) of its dequantizer is not fin"),
         (Escaping(), r"hostile.dequantizer.pt2: its u spans \[-\d.*\]; u is the offset within each level's bin"),
     ],
+    ids=["nan-u", "nan-log-q", "u-outside-the-bin"],
 )
 def test_a_dequantizer_that_returns_nan_or_leaves_the_bin_is_refused_with_the_reason(
     user_flow, tmp_path: Path, dequantizer: nn.Module, reason: str
@@ -215,3 +217,19 @@ def test_the_conversion_helper_refuses_a_dequantizer_it_cannot_serve_and_writes_
         export_flow(DecodedFlow(flow), tmp_path / "f.pt2", SHAPE, forward=flow.encode, flat=True, quiet=True,
                     dequantizer=NotFiniteDequantizer("u"))  # fmt: skip
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_velocity_field_or_a_checkpoint_stating_variational_dequantization_is_refused(tmp_path: Path) -> None:
+    """Only an exported invertible flow brings a dequantizer: the others say why, at load."""
+    field = tmp_path / "field.pt2"
+    field.write_bytes(b"not read: the sidecar is refused first")
+    data = {"shape": list(SHAPE), "dequantization": "variational"}
+    sampler = {"solver": "euler", "steps": 2}
+    field.with_suffix(".json").write_text(json.dumps({"family": "flow", "data": data, "sampler": sampler}))
+    with pytest.raises(CheckpointError, match=r"field.json: .*\"variational\" is served for invertible flows with a"):
+        load_model(field)
+    checkpoint = load_checkpoint(write_tiny_flow(tmp_path / "nice.safetensors"))
+    checkpoint.config.data["dequantization"] = "variational"
+    save_checkpoint(tmp_path / "nice.safetensors", checkpoint)
+    with pytest.raises(CheckpointError, match=r"\"variational\" is served for exported flows with their dequantizer"):
+        load_model(tmp_path / "nice.safetensors")

@@ -63,8 +63,8 @@ def check_flow_data(data: dict[str, Any], source: str, variational: bool = True)
         )
     if not variational and data.get("dequantization") == "variational":
         raise CheckpointError(
-            f'{source}: data.dequantization "variational" needs a dequantizer program beside an invertible flow\'s; '
-            'a velocity field\'s likelihood is scored with "uniform" or "none"'
+            f'{source}: data.dequantization "variational" is served for invertible flows with a dequantizer '
+            'program; a velocity field\'s likelihood is scored with "uniform" or "none"'
         )
 
 
@@ -94,8 +94,8 @@ def check_dequantizer(model: LoadedModel, batch: int) -> None:
         )
     if not bool(torch.isfinite(bound).all()):
         raise CheckpointError(
-            f"{source}: the variational bound log p(x + u) - log q(u | x) of probe images is not finite; the "
-            f"forward program {model.name}.forward.pt2 fails on the points its u makes"
+            f"{source}: the variational bound log p(x + u) - log q(u | x) of probe images is not finite: "
+            f"{model.name}.forward.pt2 is not finite at the points its u makes"
         )
 
 
