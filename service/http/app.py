@@ -30,7 +30,7 @@ from service.catalogue.served_models import ServedModels
 from service.engine.messages import CancelledByClient
 from service.engine.worker import Worker
 from service.http.bridge import record, response_for, sample_result, stream
-from service.http.memory import map_large_blocks
+from service.http.memory import map_large_blocks, return_freed_memory
 from service.http.middleware import BearerKey, BodyLimits
 from service.http.model_info import ServedModelInfo, model_info
 from service.http.orders import check_applicable, make_order
@@ -198,6 +198,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             buffer_budget=budgets.buffers,
             likelihood=LikelihoodSettings(settings.score_rtol, settings.score_atol),
             device_budget=budgets.device,
+            on_idle=return_freed_memory,  # once the chains run out, what their steps freed goes back to the OS
         )
         published(served.registry)  # the worker's: models whose pools could not be built are refused there
         worker.start()
