@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from service.catalogue.registry import Registry
-from service.engine.messages import SampleResult
+from service.engine.messages import Frame, FrameSink, SampleResult
 from service.engine.worker import Worker
 from service.http.orders import make_order
 from service.http.schemas import SampleRequest
@@ -31,13 +31,24 @@ class Bench:
     registry: Registry
     clock: FakeClock
 
-    def submit(self, **fields) -> list[SampleResult | BaseException]:
-        """Submit a request as the app does (the same request -> order path); its answer lands in the list."""
+    def submit(self, on_frame: FrameSink | None = None, **fields) -> list[SampleResult | BaseException]:
+        """Submit a request as the app does (the same request -> order path); its answer lands in the list.
+        With `on_frame` it is streamed: its frames go there as they are made."""
         body = SampleRequest(**fields)
-        order = asyncio.run(make_order(body, self.registry.models[body.model], Settings(), streaming=False))
+        streaming = on_frame is not None
+        order = asyncio.run(make_order(body, self.registry.models[body.model], Settings(), streaming=streaming))
         answers: list[SampleResult | BaseException] = []
-        self.worker.submit(order, answers.append, self.clock.now + 60)
+        self.worker.submit(order, answers.append, self.clock.now + 60, on_frame)
         return answers
+
+    def streamed(self, **fields) -> tuple[SampleResult, list[Frame]]:
+        """A request run until answered, streamed: its answer and its frames, whose states [n, *shape] stay in
+        float32 (an answer that is not streamed keeps its frames as 8-bit pixels, SampleResult.frames)."""
+        frames: list[Frame] = []
+        answers = self.submit(on_frame=frames.append, **fields)
+        while not answers:
+            self.worker.run_once()
+        return self.result(answers), frames
 
     def result(self, answers: list[SampleResult | BaseException]) -> SampleResult:
         assert len(answers) == 1 and isinstance(answers[0], SampleResult), answers

@@ -62,9 +62,7 @@ def run_until_answered(bench: Bench, answers: list) -> None:
 
 
 def test_a_seeded_chain_stops_where_its_fixed_path_arrives_alone_batched_and_in_the_cli(bench: Bench) -> None:
-    fixed = bench.submit(**REQUEST, format="json", trajectory_every=1)
-    run_until_answered(bench, fixed)
-    frames = bench.result(fixed).frames  # [STEPS + 1] states [n, 1, 28, 28]
+    frames = [frame.x for frame in bench.streamed(**REQUEST, trajectory_every=1)[1]]  # [STEPS + 1] [n, 1, 28, 28]
     tolerance, stops = tolerance_that_spreads(frames)
     expected = torch.stack([frames[stop][chain] for chain, stop in enumerate(stops)])
 

@@ -142,18 +142,16 @@ def test_inpainting_holds_the_known_pixels_on_the_straight_path_to_the_image(ben
     mask[8:, :] = 255  # fill in the lower half
     image, free = png_b64(digit), np.zeros(SHAPE, dtype=bool)
     free[:, 8:, :] = True
-    answers = bench.submit(
+    result, frames = bench.streamed(
         model="cnf", n=2, seed=5, init="image", image=image, mask=png_b64(mask), trajectory_every=1, label=1
     )
-    run_until(bench, answers)
-    result = bench.result(answers)
     known = decode_image(base64.b64decode(image), SHAPE, (-1.0, 1.0))  # [1, 16, 16] in the data range
     start = cnf_prior(chain_seeds(5, 2), SHAPE, 1.0)  # each chain's x(0)
-    assert result.frame_steps == list(range(CNF_STEPS + 1))
-    for step, frame in zip(result.frame_steps, result.frames, strict=True):
-        t = step / CNF_STEPS
+    assert [frame.step for frame in frames] == list(range(CNF_STEPS + 1))
+    for frame in frames:
+        t = frame.step / CNF_STEPS
         path = ((1 - t) * start + t * known).clamp(-1, 1)  # x_t of the known pixels
-        assert torch.allclose(frame[:, ~free], path[:, ~free], atol=1e-6), step
+        assert torch.allclose(frame.x[:, ~free], path[:, ~free], atol=1e-6), frame.step
     assert torch.equal(result.samples[:, ~free], known.expand(2, *SHAPE)[:, ~free])  # the image itself at t = 1
     assert (result.samples[:, free] - known.expand(2, *SHAPE)[:, free]).abs().mean() > 0.1  # filled in, not copied
 

@@ -71,7 +71,7 @@ class ChainPool(SamplerPool):
         budget = self.scheduler.device.total_bytes
         if budget is None:
             return None
-        held, frame, step = 4 * self.state_values, 4 * self.image_values, self.step_bytes
+        held, frame, step = 4 * self.state_values, self.image_values, self.step_bytes
         return {
             "budget_bytes": budget,
             "held_bytes_per_image": held,
@@ -82,11 +82,12 @@ class ChainPool(SamplerPool):
         }
 
     def held_bytes(self, order: SampleOrder, steps: int, streamed: bool = False) -> int:
-        """What a request's chains hold between steps, in float32: their states (and velocities, with momentum),
-        and the trajectory frames it keeps to answer with (none when streamed: each goes out as it is made)."""
+        """What a request's chains hold between steps: their states (and velocities, with momentum) in float32,
+        and the trajectory frames it keeps to answer with, as 8-bit pixels (none when streamed: each goes out as it
+        is made)."""
         states = 2 if order.momentum else 1
         frames = 0 if streamed or not order.trajectory_every else -(-steps // order.trajectory_every) + 1
-        return 4 * order.n * (states * self.state_values + frames * self.image_values)
+        return order.n * (4 * states * self.state_values + frames * self.image_values)
 
     def _start(self, job: Job) -> None:
         """Give an admitted job's chains their starting states (and keep frame 0 when asked)."""
