@@ -10,20 +10,15 @@ import httpx
 import pytest
 import torch
 from conftest import write_tiny_ebm
-from engine_bench import Bench, FakeClock, tolerance_that_spreads
+from engine_bench import Bench, FakeClock, solo_bench, tolerance_that_spreads
 from server import running_server
 
 from service.catalogue.budgets import DeviceBudget
-from service.catalogue.buffer_store import BufferStore
-from service.catalogue.registry import load_registry
 from service.engine.messages import Handle
-from service.engine.pools import langevin
 from service.engine.scheduler import ChainScheduler, Job
-from service.engine.worker import Worker
 from service.http.orders import make_order
 from service.http.render import gif_body
 from service.http.schemas import SampleRequest
-from service.metrics import Metrics
 from service.settings import Settings
 from training.runtime.images import gif_bytes, grid, to_uint8
 
@@ -85,17 +80,7 @@ def test_a_request_waits_for_the_bytes_running_ones_hold_and_one_that_can_never_
 
 @pytest.fixture
 def bench(tmp_path: Path) -> Bench:
-    models = tmp_path / "models"
-    models.mkdir()
-    write_tiny_ebm(models / "solo.safetensors")
-    clock = FakeClock()
-    registry = load_registry(models, torch.device("cpu"))
-    budget = DeviceBudget(None)
-    worker = Worker(
-        registry, BufferStore(tmp_path / "state"), torch.device("cpu"), Metrics(), 64, 16, 1e9, 0.5, clock,
-        device_budget=budget,
-    )  # fmt: skip
-    return Bench(worker, registry, clock)
+    return solo_bench(tmp_path, device_budget=DeviceBudget(None))  # the tests set its bytes
 
 
 def answer(bench: Bench, **request) -> tuple[torch.Tensor, list[int], list[torch.Tensor]]:
@@ -193,23 +178,12 @@ def test_over_http_models_states_the_limits_a_wide_request_is_sliced_and_one_tha
         assert "at most" in refused.text and app.state.worker.device_budget.held_bytes == 0
 
 
-def test_an_energy_that_cannot_be_probed_is_served_with_its_steps_not_sliced(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_an_energy_that_cannot_be_probed_is_served_with_its_steps_not_sliced(tmp_path: Path) -> None:
     def fixed_batch(module: torch.nn.Module, shape: tuple[int, ...], device: torch.device) -> int:
         raise RuntimeError("exported for a batch of 1")
 
-    monkeypatch.setattr(langevin, "step_bytes", fixed_batch)
-    models = tmp_path / "models"
-    models.mkdir()
-    write_tiny_ebm(models / "solo.safetensors")
-    clock = FakeClock()
-    registry = load_registry(models, torch.device("cpu"))
-    worker = Worker(
-        registry, BufferStore(tmp_path / "state"), torch.device("cpu"), Metrics(), 64, 16, 1e9, 0.5, clock,
-        device_budget=DeviceBudget(2**20),
-    )  # fmt: skip
-    bench = Bench(worker, registry, clock)
+    bench = solo_bench(tmp_path, step_bytes=fixed_batch, device_budget=DeviceBudget(2**20))
+    worker, registry = bench.worker, bench.registry
     samples, _, _ = answer(bench, model="solo", n=8, steps=2, seed=1, init="noise")
     assert samples.shape == (8, 1, 28, 28) and worker.pools["solo"].stats["max_chains_in_step"] == 8
     assert worker.device_limits(registry.models["solo"]) == {

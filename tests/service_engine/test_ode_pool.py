@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import CNF_STEPS, write_tiny_cnf, write_tiny_ebm
-from engine_bench import Bench, FakeClock
+from engine_bench import Bench, FakeClock, worker_bench
 from payloads import png_array, png_b64, sse_events
 from PIL import Image
 from server import running_server, wait_for
 
 from service.catalogue.buffer_store import BufferStore
-from service.catalogue.registry import Registry, ServedModel, load_registry
+from service.catalogue.registry import Registry, ServedModel
 from service.engine.messages import CancelledByClient
 from service.engine.worker import Worker
 from service.metrics import Metrics
@@ -35,13 +35,6 @@ from training.sampling.noise import chain_seeds
 SHAPE = (1, 16, 16)
 
 
-def make_bench(models: Path, state: Path, chain_budget: int = 64) -> Bench:
-    clock = FakeClock()
-    registry = load_registry(models, torch.device("cpu"))
-    worker = Worker(registry, BufferStore(state), torch.device("cpu"), Metrics(), chain_budget, 16, 1e9, 0.5, clock)
-    return Bench(worker, registry, clock)
-
-
 @pytest.fixture
 def bench(tmp_path: Path) -> Bench:
     models = tmp_path / "models"
@@ -49,7 +42,7 @@ def bench(tmp_path: Path) -> Bench:
     write_tiny_cnf(models / "cnf.safetensors")
     write_tiny_cnf(models / "cnf_random.safetensors", unlabelled="random")
     write_tiny_ebm(models / "solo.safetensors")
-    return make_bench(models, tmp_path / "state")
+    return worker_bench(models, tmp_path / "state")
 
 
 def run_until(bench: Bench, *answers: list) -> None:
@@ -118,7 +111,7 @@ def test_a_cancelled_cnf_request_frees_its_chains_at_the_next_step(tmp_path: Pat
     models = tmp_path / "models"
     models.mkdir()
     write_tiny_cnf(models / "cnf.safetensors")
-    bench = make_bench(models, tmp_path / "state", chain_budget=8)
+    bench = worker_bench(models, tmp_path / "state", chain_budget=8)
     pool = bench.worker.pools["cnf"]
     cancelled = bench.submit(model="cnf", n=6, steps=50, seed=1)
     bench.worker.run_once()
