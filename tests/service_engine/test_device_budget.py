@@ -9,12 +9,12 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from conftest import write_tiny_ebm
-from engine_bench import Bench, FakeClock, solo_bench, tolerance_that_spreads
+from conftest import write_tiny_cnf, write_tiny_ebm, write_tiny_gan
+from engine_bench import Bench, FakeClock, solo_bench, tolerance_that_spreads, worker_bench
 from server import running_server
 
 from service.catalogue.budgets import DeviceBudget
-from service.engine.messages import Handle
+from service.engine.messages import Handle, SampleResult
 from service.engine.scheduler import ChainScheduler, Job
 from service.http.orders import make_order
 from service.http.render import gif_body
@@ -126,6 +126,46 @@ def test_a_request_over_the_device_budget_answers_the_images_it_answers_unbounde
         assert (sliced_frame.int() - unbounded_frame.int()).abs().max() <= 1  # one level at most: those last bits
     if "tolerance" in request_fields:
         assert len(set(sliced[1])) > 2  # the stops did happen, chain by chain
+    assert bench.worker.device_budget.held_bytes == 0
+
+
+@pytest.mark.parametrize(("model", "pool_name"), [("gan", "gan:ddls"), ("cnf", "cnf")], ids=["ddls", "ode"])
+def test_ddls_and_ode_steps_are_sliced_within_the_device_budget_with_the_images_of_unsliced_ones(
+    tmp_path: Path, model: str, pool_name: str
+) -> None:
+    """A GAN's latent chains and a CNF's ODE chains step within the budget too (they only counted what they held):
+    each pool probes what a step needs a chain (DDLS: the gradient through generator and critic; an ODE step: the
+    field, guided), and a request wider than the bytes left is stepped in slices, to the same seeded images."""
+    models = tmp_path / "models"
+    models.mkdir()
+    write_tiny_gan(models / "gan.safetensors")  # its critic refines the latents: DDLS
+    write_tiny_cnf(models / "cnf.safetensors")  # class-conditional: its guided steps evaluate two batches
+    bench = worker_bench(models, tmp_path / "state", device_budget=DeviceBudget(None))
+    pool = bench.worker.pools[pool_name]
+    assert pool.step_bytes > 0  # probed when the pool was built
+    request = {"model": model, "n": 24, "seed": 5, "steps": 4, "trajectory_every": 2, "format": "json"}
+    if model == "cnf":
+        request["guidance"] = 2.0
+
+    def answered() -> SampleResult:
+        answers = bench.submit(**request)
+        while not answers:
+            bench.worker.run_once()
+        return bench.result(answers)
+
+    unbounded = answered()
+    assert pool.stats["max_chains_in_step"] == 24
+    order = asyncio.run(make_order(SampleRequest(**request), bench.registry.models[model], Settings(), False))
+    bench.worker.device_budget.total_bytes = pool.held_bytes(order, order.steps) + 5 * pool.step_bytes
+    pool.stats["max_chains_in_step"] = 0
+    sliced = answered()
+    assert pool.stats["max_chains_in_step"] == 5  # never more than the budget's chains in one step
+    torch.testing.assert_close(sliced.samples, unbounded.samples, atol=1e-5, rtol=0)
+    if unbounded.energy is not None:
+        torch.testing.assert_close(sliced.energy, unbounded.energy, atol=1e-4, rtol=1e-5)
+    assert sliced.frame_steps == unbounded.frame_steps == [0, 2, 4]
+    for sliced_frame, unbounded_frame in zip(sliced.frames, unbounded.frames, strict=True):
+        assert (sliced_frame.int() - unbounded_frame.int()).abs().max() <= 1
     assert bench.worker.device_budget.held_bytes == 0
 
 
