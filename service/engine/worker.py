@@ -71,8 +71,10 @@ class Worker:
         buffer_budget: BufferBudget | None = None,  # bytes for every replay buffer; None: no limit
         likelihood: LikelihoodSettings | None = None,  # a CNF's likelihood solves for POST /score
         device_budget: DeviceBudget | None = None,  # bytes for the chain pools' chains; None: no limit
+        on_idle: Callable[[], None] | None = None,  # called once each time the work runs out (the app's malloc trim)
     ) -> None:
         self.device_budget = device_budget or DeviceBudget(None)
+        self.on_idle, self._worked = on_idle or (lambda: None), False  # _worked: a pool stepped since it last ran
         self.likelihood = likelihood or LikelihoodSettings()
         self.store = store
         self.device = device
@@ -342,6 +344,9 @@ class Worker:
         if busy:
             self._attempt("publishing the buffer figures", self._publish_buffers)
         self.buffer_keeper.collect()
+        if self._worked and not busy and not self.queue_depth():  # no chains left: memory the steps freed goes back
+            self._attempt("returning freed memory", self.on_idle)
+        self._worked = busy or (self._worked and self.queue_depth() > 0)
         if self.clock() - self.last_save >= self.save_interval_s:
             self.save_buffers()
         return busy
