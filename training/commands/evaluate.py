@@ -222,9 +222,9 @@ def run_evaluate(args: argparse.Namespace) -> None:
                     flow, test, 500, device, seed=args.seed, data_range=model.data_range, uniform=model.dequantized
                 )
             model_figures["test_bits_per_dim"] = round(figure, 4)
-    if args.ood_data is not None:  # the first checkpoint's OOD score: its test images against another set's
+    if args.ood_data is not None:  # the OOD score, an ensemble's as served: its test images against another set's
         print(f"evaluate {model.name}: OOD figures against {args.ood_data}", file=sys.stderr)
-        model_figures["ood"] = report["ood"] = ood_against(model, test.images, args.ood_data, args.ood_n, device)
+        model_figures["ood"] = report["ood"] = ood_against(members, test.images, args.ood_data, args.ood_n, device)
     print(json.dumps(report, indent=2))
     if args.record:
         key = family.evaluate_key(args.init)
