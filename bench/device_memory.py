@@ -1,7 +1,8 @@
 """What one wide request costs the server's memory: a random-weight ResNet energy (bench/scale.py's, exported as a
 user would), served with --max-n and --chain-budget raised to the request's n, and one request of n chains from
-noise; prints the server's resident memory at start, its peak and after, the request's time, and a digest of its
-images (the same digest: the same PNGs).
+noise; prints the server's resident memory at start, its peak, just after the answer and idle (--idle-s later: the
+worker gives freed memory back once its chains run out), the request's time, and a digest of its images (the same
+digest: the same PNGs).
 
     python bench/device_memory.py --size 32 --n 1024 --steps 1                        # --device-budget-mb 512
     python bench/device_memory.py --size 32 --n 1024 --steps 1 --device-budget-mb none  # no bound
@@ -58,6 +59,7 @@ def main() -> None:
     parser.add_argument("--device-budget-mb", default=None, help="the server's (unset: its default; none: no bound)")
     parser.add_argument("--code", type=Path, default=ROOT, help="the checkout whose server runs")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the server")
+    parser.add_argument("--idle-s", type=float, default=3.0, help="seconds after the answer to read idle memory at")
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="bench-device-memory-"))
     models, state = scratch / "models", scratch / "state"
@@ -77,6 +79,8 @@ def main() -> None:
         reply.raise_for_status()
         digest = hashlib.sha256("".join(reply.json()["images"]).encode()).hexdigest()[:16]
         after, peak = memory(process.pid)
+        time.sleep(args.idle_s)
+        idle, _ = memory(process.pid)
     finally:
         process.terminate()
         process.wait(timeout=60)
@@ -84,7 +88,8 @@ def main() -> None:
     print(f"device limits in /models: {limits}")
     print(
         f"n {args.n}, {args.steps} step(s): {seconds:.1f} s; RSS start {start / MiB:.0f} MiB, peak {peak / MiB:.0f} "
-        f"(+{(peak - start) / MiB:.0f}), after {after / MiB:.0f}; images sha256 {digest}"
+        f"(+{(peak - start) / MiB:.0f}), after {after / MiB:.0f}, idle {idle / MiB:.0f} "
+        f"(+{(idle - start) / MiB:.0f}); images sha256 {digest}"
     )
 
 

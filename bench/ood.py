@@ -166,7 +166,7 @@ def main() -> None:
     outside = load_dataset(args.ood_dataset, args.ood_data_dir, "test").images[: args.n]
     reference, inside = inside[REFERENCE_START : REFERENCE_START + args.reference_n], inside[: args.n]
     started = time.perf_counter()
-    recorded = recorded_figures(model, inside, outside, torch.device("cpu"), args.rtol)
+    recorded = recorded_figures([model], inside, outside, torch.device("cpu"), args.rtol)
     print(f"recorded OOD score: {recorded}", flush=True)
     if args.recorded_only:
         return

@@ -115,6 +115,18 @@ class CouplingFlow(nn.Module):
         return gaussian_log_prob(z) + log_det
 
 
+class DecodedFlow(nn.Module):
+    """A user's sampling pass as they would write it: rows z [B, D] -> (x [B, D] in [0, 1), log p(x) over [0, 1))."""
+
+    def __init__(self, flow: CouplingFlow) -> None:
+        super().__init__()
+        self.flow = flow
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, log_det = self.flow.decode(z)
+        return x, gaussian_log_prob(z) + log_det
+
+
 def gaussian_log_prob(z: torch.Tensor) -> torch.Tensor:  # [B, D] -> [B]
     return -0.5 * (z.pow(2) + math.log(2 * math.pi)).sum(1)
 
@@ -143,6 +155,45 @@ def train_dequantized_flow(levels: torch.Tensor, steps: int = 400, seed: int = 0
         loss.backward()
         optimizer.step()
     return flow.eval()
+
+
+class TinyDequantizer(nn.Module):
+    """A user's variational dequantizer q(u | x) (Ho et al. 2019) for rows x [B, D] of level values k / 255 in [0, 1]:
+    u = sigmoid(a(x) + e^b(x) l), l = logit(Phi(eps)) a standard logistic variable of eps ~ N(0, I), so that it starts
+    (a = b = 0, the last layer zero) as uniform dequantization, log q = 0; log q(u | x) = log N(eps) - log|du/deps|."""
+
+    def __init__(self, dim: int = 64, hidden: int = 64) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, 2 * dim))
+        nn.init.zeros_(self.net[2].weight)
+        nn.init.zeros_(self.net[2].bias)
+
+    def forward(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # [B, D] each
+        shift, log_scale = self.net(x).chunk(2, dim=1)
+        log_scale = log_scale.clamp(-6, 2)
+        below, above = torch.special.log_ndtr(eps), torch.special.log_ndtr(-eps)  # log Phi(eps), log(1 - Phi(eps))
+        s = shift + log_scale.exp() * (below - above)
+        log_q = below + above - log_scale - nn.functional.logsigmoid(s) - nn.functional.logsigmoid(-s)
+        return torch.sigmoid(s), log_q.sum(1)
+
+
+def train_variational_flow(
+    levels: torch.Tensor, steps: int = 400, seed: int = 0
+) -> tuple[CouplingFlow, TinyDequantizer]:
+    """The user's training of a flow with variational dequantization: the flow and q(u | x) together, maximizing the
+    bound E_q[log p((k + u) / 256) - log q(u | x)] with eps drawn afresh each step."""
+    torch.manual_seed(seed)
+    flow, dequantizer = CouplingFlow(dim=levels[0].numel()), TinyDequantizer(dim=levels[0].numel())
+    optimizer = torch.optim.Adam([*flow.parameters(), *dequantizer.parameters()], lr=2e-3)
+    data = levels.flatten(1).float()
+    for _ in range(steps):
+        batch = data[torch.randint(0, len(data), (64,))]
+        u, log_q = dequantizer(batch / 255, torch.randn_like(batch))
+        loss = -(flow.log_prob((batch + u) / 256) - log_q).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return flow.eval(), dequantizer.eval()
 
 
 def own_bits_per_dim(flow: CouplingFlow, levels: torch.Tensor, draws: int = 8) -> float:
@@ -185,13 +236,38 @@ class RangedForward(RangedInverse):
         return z.reshape(x.shape), log_det - z.shape[1] * math.log(self.width) + self.lie
 
 
+class RangedDequantizer(nn.Module):
+    """The user's dequantizer exported over [low, high]: (x the level values in [low, high], eps) -> (u, log q)."""
+
+    def __init__(self, dequantizer: nn.Module, data_range: tuple[float, float]) -> None:
+        super().__init__()
+        self.dequantizer, self.low, self.width = dequantizer, data_range[0], data_range[1] - data_range[0]
+
+    def forward(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        u, log_q = self.dequantizer((x.flatten(1) - self.low) / self.width, eps.flatten(1))
+        return u.reshape(x.shape), log_q
+
+
 def save_flow_programs(
-    flow: CouplingFlow, path: Path, data_range: tuple[float, float], lie: float = 0.0, **data
+    flow: CouplingFlow,
+    path: Path,
+    data_range: tuple[float, float],
+    lie: float = 0.0,
+    dequantizer: nn.Module | None = None,
+    **data,
 ) -> Path:
     """A user's export of the flow both ways, NAME.pt2 (noise -> data) and NAME.forward.pt2 (data -> noise), with
-    its sidecar: levels 256, uniformly dequantized, over `data_range`."""
+    its sidecar: levels 256, uniformly dequantized, over `data_range`; with `dequantizer` (rows in [0, 1]), its
+    NAME.dequantizer.pt2 too and dequantization "variational"."""
     shape = (1, 8, 8)
     batch = torch.export.Dim("batch")
+    if dequantizer is not None:
+        example = (torch.rand(2, *shape), torch.randn(2, *shape))
+        program = torch.export.export(
+            RangedDequantizer(dequantizer, data_range), example, dynamic_shapes={"x": {0: batch}, "eps": {0: batch}}
+        )
+        torch.export.save(program, path.with_name(f"{path.stem}.dequantizer.pt2"))
+        data = {"dequantization": "variational", **data}
     inverse = torch.export.export(
         RangedInverse(flow, data_range), (torch.zeros(2, *shape),), dynamic_shapes={"z": {0: batch}}
     )

@@ -1,10 +1,11 @@
 """Serve your own model: `export_energy`, `export_gan`, `export_flow` and `export_velocity_field` take the
 `nn.Module`s you trained in your own code, wrap them into the positional signature their family's program has
 (docs/exporting.md), trace them with a dynamic batch dimension, and write `NAME.pt2`, its companions
-(`NAME.critic.pt2`, `NAME.forward.pt2`) and its `NAME.json` sidecar. Before anything is written where you asked,
-the bundle is loaded by the loader the server uses (training/runtime/load.py) from a scratch folder: what it will
-serve is printed and returned, or `ConversionError` says why it refuses, and nothing is left behind. Your modules
-are put in eval mode (their dropout and batch statistics as at inference) and traced on the CPU in float32.
+(`NAME.critic.pt2`, `NAME.forward.pt2`, `NAME.dequantizer.pt2`) and its `NAME.json` sidecar. Before anything is
+written where you asked, the bundle is loaded by the loader the server uses (training/runtime/load.py) from a
+scratch folder: what it will serve is printed and returned, or `ConversionError` says why it refuses, and nothing
+is left behind. Your modules are put in eval mode (their dropout and batch statistics as at inference) and traced
+on the CPU in float32.
 
     from training.convert import export_energy
     export_energy(model, "checkpoints/my_energy.pt2", shape=(1, 28, 28), sampler={"steps": 60, "noise": 0.005})
@@ -32,12 +33,15 @@ from training.convert_modules import (
     ConditionalField,
     ConversionError,
     Critic,
+    Dequantizer,
     Energy,
     Field,
     Forward,
     Generator,
     Inverse,
     Range,
+    checked_dequantizer,
+    dequantizer_example,
     dims,
     pair,
     per_sample,
@@ -255,18 +259,31 @@ def export_flow(
     trained_range: Range | None = None,
     flat: bool = False,
     levels: int = 256,
-    dequantization: str = "uniform",
+    dequantization: str | None = None,
     base: str = "gaussian",
     sampler: dict[str, Any] | None = None,
     quiet: bool = False,
+    dequantizer: nn.Module | Callable[..., Any] | None = None,
+    dequantization_samples: int | None = None,
 ) -> Converted:
     """A normalizing flow: `inverse` z -> (x, log p(x)) (log p in nats, a density over the data as your module
     sees them), and optionally `forward` x -> (z, log|det dz/dx|), the data-to-noise pass that scores given images.
     `range` is what the server serves; `trained_range` the range your module works in (default: the same): the
     two are converted, x and log p and log det alike. `flat`: the module takes and returns rows [B, D].
-    `levels`/`dequantization`: the data's discretization (docs/exporting.md, "Units of log p and bits/dim")."""
+    `levels`/`dequantization`: the data's discretization (docs/exporting.md, "Units of log p and bits/dim"):
+    "uniform" by default, "variational" with `dequantizer` (x, eps) -> (u in [0, 1], log q(u | x)), x the levels'
+    values in your module's units, eps ~ N(0, I) of x's shape; scores are then the variational bound, averaged over
+    `dequantization_samples` draws (default 1)."""
     out = check_program_path(out)
     trained = tuple(trained_range or range)
+    dequantization = dequantization or ("variational" if dequantizer is not None else "uniform")
+    if dequantizer is not None and dequantization != "variational":
+        raise ConversionError(f'a dequantizer serves dequantization="variational" (implied), not {dequantization!r}')
+    if dequantization == "variational" and (dequantizer is None or forward is None):
+        raise ConversionError(
+            'dequantization="variational" scores images by the bound E_q[log p(x + u) - log q(u | x)]: pass '
+            "dequantizer= ((x, eps) -> (u, log q(u | x))) and forward= (x -> (z, log det))"
+        )
     inverse_wrapper = Inverse(Call(inverse, "the inverse flow"), shape, flat, range, trained)  # type: ignore[arg-type]
     z = torch.randn(EXAMPLE_BATCH, *shape, generator=torch.Generator().manual_seed(0))
     x, log_prob = pair(_eager(inverse_wrapper.call, (inverse_wrapper.taken(z),), "the inverse flow"),
@@ -298,9 +315,21 @@ def export_flow(
         notes.append(f"{out.stem}.forward.pt2: scores and test bits/dim of given images (/score, score, evaluate)")
     else:
         notes.append("no forward program: samples and their bits/dim only; scores of given images need forward=")
+    if dequantizer is not None:
+        wrapper = Dequantizer(Call(dequantizer, "the dequantizer"), shape, flat, range, trained)  # type: ignore[arg-type]
+        example = dequantizer_example(shape, range, levels)
+        checked_dequantizer(_eager(wrapper, example, "the dequantizer"), EXAMPLE_BATCH, shape)
+        companions["dequantizer"] = _trace(wrapper, example, "the dequantizer")
+        notes.append(
+            f"{out.stem}.dequantizer.pt2: scores and test bits/dim of given images are the variational bound "
+            f"E_q[log p(x + u) - log q(u | x)], {dequantization_samples or 1} draw(s) of u an image: an upper bound "
+            "on bits/dim"
+        )
     sidecar = {
         "family": "flow",
-        "data": _data(shape, range, levels=levels, dequantization=dequantization),
+        "data": _data(
+            shape, range, levels=levels, dequantization=dequantization, dequantization_samples=dequantization_samples
+        ),
         "sampler": {"base": base, **(sampler or {})},
     }
     return _publish(out, sidecar, program, companions, notes, quiet, _sample_bits)

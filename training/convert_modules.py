@@ -149,6 +149,35 @@ class Forward(Units):
         return z.reshape(x.shape[0], *self.shape), log_det.reshape(x.shape[0]) - self.log_det
 
 
+class Dequantizer(Units):
+    """(x [B, *shape] the levels' values in the served units, eps [B, *shape]) -> (u [B, *shape], log q(u | x) [B]):
+    your module sees x in its own units; u (the offset within each level's bin) and log q are the same in any range."""
+
+    def forward(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        u, log_q = self.call(self.taken(self.trained_low + (x - self.low) / self.ratio), self.taken(eps))
+        return u.reshape(x.shape), log_q.reshape(x.shape[0])
+
+
+def dequantizer_example(shape: Sequence[int], data_range: Range, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, eps) [2, *shape] each: seeded levels' values in the served range, and standard normal noise."""
+    generator = torch.Generator().manual_seed(0)
+    level = torch.randint(0, levels, (2, *shape), generator=generator).float()
+    x = data_range[0] + level / (levels - 1) * (data_range[1] - data_range[0])
+    return x, torch.randn(2, *shape, generator=generator)
+
+
+def checked_dequantizer(value: Any, batch: int, shape: Sequence[int]) -> None:
+    """ConversionError unless the wrapped dequantizer returned (u [batch, *shape] within [0, 1], log q [batch])."""
+    u, log_q = pair(value, "the dequantizer", "u, log q(u | x)")
+    sized(u, batch, shape, "the dequantizer's u")
+    per_sample(log_q, batch, "the dequantizer's log q(u | x)", "log q(u | x) is one value a sample, in nats")
+    if bool(torch.isfinite(u).all()) and (u.min().item() < 0 or u.max().item() > 1):
+        raise ConversionError(
+            f"the dequantizer's u spans [{u.min().item():.4g}, {u.max().item():.4g}]; u is the offset within each "
+            "level's bin, in [0, 1]: end it in a sigmoid"
+        )
+
+
 class Field(nn.Module):
     """v(x [B, *shape], t [B] (, y [B])) -> v [B, *shape]."""
 

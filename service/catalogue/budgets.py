@@ -1,14 +1,52 @@
-"""A server's memory budgets in one place: every replay buffer's slots (`BufferBudget`, --buffer-budget-mb) and the
-chains on the device (`DeviceBudget`, --device-budget-mb). The third, the bytes of model files loaded at once
-(--max-loaded-model-bytes), is checked where files are loaded (service/catalogue/model_watch.py). No torch here:
-the pools say what their chains need in bytes, these only count."""
+"""A server's memory budgets in one place (`MemoryBudgets`, built from its settings): the bytes of model files
+loaded at once (`ModelBudget`, --max-loaded-model-bytes), every replay buffer's slots (`BufferBudget`,
+--buffer-budget-mb) and the chains on the device (`DeviceBudget`, --device-budget-mb). No torch here: the model
+watch, the buffer keeper and the pools say how many bytes they would hold, these only count and refuse with a
+reason that names the setting."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from service.settings import Settings
 
 MIN_BUFFER_SLOTS = 16  # a budget that leaves fewer refuses the buffer: a handful of slots would only repeat chains
+
+
+class ModelBudget:
+    """One byte budget for the model files loaded at once, all files together (--max-loaded-model-bytes).
+
+    A file's bytes (a program's with its sidecar's and companions') are counted from its load until it is removed;
+    a new version takes its old version's share. A file that would pass the budget is refused (unread, when its
+    size on disk already does), and tried again at every scan, so it is taken once others leave.
+    """
+
+    def __init__(self, total_bytes: int | None, setting: str = "max_loaded_model_bytes") -> None:
+        self.total_bytes = total_bytes  # None: no bound
+        self.setting = setting
+        self.loaded: dict[str, int] = {}  # file -> bytes its version loaded now holds
+
+    def refusal(self, name: str, size: int) -> str | None:
+        """Why loading `size` bytes as `name` (replacing its version loaded now) would pass the budget; None when
+        it fits."""
+        if self.total_bytes is None:
+            return None
+        others = sum(held for file, held in self.loaded.items() if file != name)
+        if others + size <= self.total_bytes:
+            return None
+        return (
+            f"{name} ({size:,} bytes) would bring the model files loaded to {others + size:,} bytes, past "
+            f"{self.setting} ({self.total_bytes:,}); remove a model or raise the budget"
+        )
+
+    def take(self, name: str, size: int) -> None:
+        self.loaded[name] = size
+
+    def release(self, name: str) -> None:
+        self.loaded.pop(name, None)
 
 
 @dataclass(frozen=True)
@@ -104,3 +142,22 @@ class DeviceBudget:
         if self.total_bytes is None or step_per_chain <= 0:
             return None
         return max(1, (self.total_bytes - self.held_bytes) // step_per_chain)
+
+
+@dataclass
+class MemoryBudgets:
+    """Every byte budget of one server: the model watch counts loaded model files against `models`, the worker's
+    buffer keeper its replay buffers against `buffers`, and its chain pools their chains against `device`."""
+
+    models: ModelBudget = field(default_factory=lambda: ModelBudget(None))
+    buffers: BufferBudget = field(default_factory=lambda: BufferBudget(2**62))
+    device: DeviceBudget = field(default_factory=lambda: DeviceBudget(None))
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> MemoryBudgets:
+        device_mb = settings.device_budget_mb
+        return cls(
+            models=ModelBudget(settings.max_loaded_model_bytes),
+            buffers=BufferBudget(int(settings.buffer_budget_mb * 2**20)),
+            device=DeviceBudget(None if device_mb is None else int(device_mb * 2**20)),
+        )

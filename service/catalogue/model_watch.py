@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, Field
 
+from service.catalogue.budgets import ModelBudget
 from service.catalogue.registry import LoadedFile, Registry, assemble, load_file, model_files, refusal
 from service.metrics import Metrics
 from training.runtime.checkpoint import CheckpointError
@@ -120,7 +121,7 @@ class ModelRepository:
     device: torch.device
     max_file_bytes: int
     load_timeout_s: float
-    max_loaded_bytes: int | None = None  # the most bytes of model files loaded at once (None: no bound)
+    budget: ModelBudget = field(default_factory=lambda: ModelBudget(None))  # bytes of model files loaded at once
     loaded: dict[str, LoadedFile] = field(default_factory=dict)  # file -> the version it serves
     taken: dict[str, Stamp] = field(default_factory=dict)  # file -> the stamp it was last loaded or refused at
     failures: dict[str, str] = field(default_factory=dict)  # file -> why it (or its latest version) is not served
@@ -150,6 +151,7 @@ class ModelRepository:
             for name in sorted(set(self.taken) - set(stamps)):
                 self.taken.pop(name)
                 self.failures.pop(name, None)
+                self.budget.release(name)
                 if (gone := self.loaded.pop(name, None)) is not None:
                     report.removed.append(gone.model.name)
                     log.info("%s was removed: %s is no longer offered to new requests", name, gone.model.name)
@@ -165,14 +167,14 @@ class ModelRepository:
             return
         started = time.perf_counter()
         planned = sum(status.size for status in stamp if status is not None)
-        if (over := self._over_budget(name, planned)) is not None:  # refused unread; tried again every scan
+        if (over := self.budget.refusal(name, planned)) is not None:  # refused unread; tried again every scan
             if self.failures.get(name) != over:
                 log.warning("not serving %s: %s", name, over)
             report.failed[name] = self.failures[name] = over
             return
         try:
             loaded = load_file(path, self.models_dir, self.device, self.max_file_bytes, self.load_timeout_s)
-            if (over := self._over_budget(name, loaded.size)) is not None:  # it grew between the stat and the read
+            if (over := self.budget.refusal(name, loaded.size)) is not None:  # it grew between the stat and the read
                 raise CheckpointError(over)
         except Exception as error:  # one bad file must not keep the others from being served
             self.taken[name] = stamp  # tried again once the file changes
@@ -193,6 +195,7 @@ class ModelRepository:
         if previous is not None and previous.digest == loaded.digest:
             return  # the same bytes (touched, or renamed over by an identical copy): nothing changes
         self.loaded[name] = loaded
+        self.budget.take(name, loaded.size)
         (report.replaced if previous else report.added).append(loaded.model.name)
         what = f"version {previous.version} replaced by {loaded.version}" if previous else f"version {loaded.version}"
         log.info("loaded %s (%s): %s in %.1f s", name, loaded.model.name, what, time.perf_counter() - started)
@@ -201,19 +204,6 @@ class ModelRepository:
     def directory_key(self) -> str:
         """The entry of /readyz's refusals that a models directory which cannot be listed is reported under."""
         return f"{self.models_dir}/"
-
-    def _over_budget(self, name: str, size: int) -> str | None:
-        """Why loading `size` more bytes as `name` (replacing its version loaded now) would pass the budget of
-        loaded model bytes; None when it fits."""
-        if self.max_loaded_bytes is None:
-            return None
-        others = sum(loaded.size for file, loaded in self.loaded.items() if file != name)
-        if others + size <= self.max_loaded_bytes:
-            return None
-        return (
-            f"{name} ({size:,} bytes) would bring the model files loaded to {others + size:,} bytes, past "
-            f"max_loaded_model_bytes ({self.max_loaded_bytes:,}); remove a model or raise the budget"
-        )
 
     def registry(self) -> Registry:
         """The served names from the files loaded now, with every refusal /readyz shows."""

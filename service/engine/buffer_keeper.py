@@ -57,6 +57,7 @@ class BufferKeeper:
         self.failures = failures
         self.saver = BufferSaver()  # buffers are written on its thread; steps never wait for a save
         self._saving: dict[str, LangevinPool] = {}  # saves under way: NAME@DIGEST -> the pool saved
+        self._shown_writes = 0  # the pools' write-backs when `figures` last ran
 
     def buffer_for(self, group: BufferGroup) -> tuple[ReplayBuffer, str | None]:
         """A new pool's buffer: the one saved under the group's digest (a new version: its checkpoints'), within
@@ -109,9 +110,13 @@ class BufferKeeper:
             self.failures.recovered(what)
             pool.buffer_dirty = pool.buffer_dirty or not saved
 
-    @staticmethod
-    def figures(pools: Mapping[str, LangevinPool]) -> Mapping[str, BufferFigures]:
+    def written_since_figures(self, pools: Mapping[str, LangevinPool]) -> bool:
+        """Whether a buffer took chains back since `figures` last ran (only a write-back changes its figures)."""
+        return sum(pool.buffer_writes for pool in pools.values()) != self._shown_writes
+
+    def figures(self, pools: Mapping[str, LangevinPool]) -> Mapping[str, BufferFigures]:
         """A fresh read-only snapshot, so readers on other threads never see one half-built."""
+        self._shown_writes = sum(pool.buffer_writes for pool in pools.values())
         figures = {
             name: BufferFigures(len(pool.buffer), pool.buffer.capacity, pool.buffer.nbytes, pool.buffer_note)
             for name, pool in pools.items()

@@ -110,7 +110,7 @@ class SampleResult:
     run_seconds: float
     energy: torch.Tensor | None = None  # [n] energy at each chain's last step (EBMs)
     bits_per_dim: torch.Tensor | None = None  # [n] flows: -log2 p(sample) per dimension, 256 levels
-    frames: list[torch.Tensor] = field(default_factory=list)  # trajectory states [n, *shape], at frame_steps
+    frames: list[torch.Tensor] = field(default_factory=list)  # trajectory [n, H, W, C] uint8 pixels, at frame_steps
     frame_steps: list[int] = field(default_factory=list)
     chain_steps: list[int] | None = None  # steps each chain ran (EBMs; fewer than `steps` where a chain stopped)
 

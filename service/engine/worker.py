@@ -71,8 +71,10 @@ class Worker:
         buffer_budget: BufferBudget | None = None,  # bytes for every replay buffer; None: no limit
         likelihood: LikelihoodSettings | None = None,  # a CNF's likelihood solves for POST /score
         device_budget: DeviceBudget | None = None,  # bytes for the chain pools' chains; None: no limit
+        on_idle: Callable[[], None] | None = None,  # called once each time the work runs out (the app's malloc trim)
     ) -> None:
         self.device_budget = device_budget or DeviceBudget(None)
+        self.on_idle, self._worked = on_idle or (lambda: None), False  # _worked: a pool stepped since it last ran
         self.likelihood = likelihood or LikelihoodSettings()
         self.store = store
         self.device = device
@@ -94,7 +96,6 @@ class Worker:
         self.served.registry = registry  # not published yet: the models whose pools could be built
         self._pending: list[tuple[Registry, threading.Event]] = []  # registries handed over, not yet swapped in
         self.buffers: Mapping[str, BufferFigures] = MappingProxyType({})
-        self._published_writes = 0  # the pools' buffer write-backs when the figures were last published
         self._publish_buffers()
         self._inbox: list[tuple[SamplerPool, Job]] = []
         self._inbox_lock = threading.Lock()
@@ -340,9 +341,12 @@ class Worker:
         if self._pools.retired:
             self._attempt("dropping replaced versions", self._drop_finished_pools)
         self.metrics.queue_depth.set(self.queue_depth())
-        if busy and self._published_writes != sum(pool.buffer_writes for pool in self.langevin_pools.values()):
-            self._attempt("publishing the buffer figures", self._publish_buffers)  # a buffer took chains back
+        if busy and self.buffer_keeper.written_since_figures(self.langevin_pools):
+            self._attempt("publishing the buffer figures", self._publish_buffers)
         self.buffer_keeper.collect()
+        if self._worked and not busy and not self.queue_depth():  # no chains left: memory the steps freed goes back
+            self._attempt("returning freed memory", self.on_idle)
+        self._worked = busy or (self._worked and self.queue_depth() > 0)
         if self.clock() - self.last_save >= self.save_interval_s:
             self.save_buffers()
         return busy
@@ -379,9 +383,7 @@ class Worker:
 
     def _publish_buffers(self) -> None:
         """Swap in a fresh read-only snapshot of the buffers' figures for readers on other threads."""
-        pools = self.langevin_pools
-        self._published_writes = sum(pool.buffer_writes for pool in pools.values())
-        self.buffers = self.buffer_keeper.figures(pools)
+        self.buffers = self.buffer_keeper.figures(self.langevin_pools)
         for name, each in self.buffers.items():
             self.metrics.buffer_size.labels(name).set(each.size)
 

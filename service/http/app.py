@@ -22,7 +22,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Res
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.catalogue.budgets import BufferBudget, DeviceBudget
+from service.catalogue.budgets import MemoryBudgets
 from service.catalogue.buffer_store import BufferStore
 from service.catalogue.model_watch import CoalescedReloads, ModelRepository, ModelWatcher, ReloadReport
 from service.catalogue.registry import Registry, model_files, signals_end_loading
@@ -30,7 +30,7 @@ from service.catalogue.served_models import ServedModels
 from service.engine.messages import CancelledByClient
 from service.engine.worker import Worker
 from service.http.bridge import record, response_for, sample_result, stream
-from service.http.memory import map_large_blocks
+from service.http.memory import map_large_blocks, return_freed_memory
 from service.http.middleware import BearerKey, BodyLimits
 from service.http.model_info import ServedModelInfo, model_info
 from service.http.orders import check_applicable, make_order
@@ -164,12 +164,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         if not settings.models_dir.is_dir():
             raise FileNotFoundError(f"models directory {settings.models_dir} does not exist")
+        budgets = MemoryBudgets.from_settings(settings)  # loaded models, buffers, chains
         repository = ModelRepository(
             settings.models_dir,
             device,
             settings.max_model_bytes,
             settings.model_load_timeout_s,
-            settings.max_loaded_model_bytes,
+            budgets.models,
         )
         files = len(model_files(settings.models_dir))
         log.info("loading %d model file%s from %s ...", files, "" if files == 1 else "s", settings.models_dir)
@@ -196,11 +197,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             step_budget=settings.step_budget,
             sampling_dtype=dtype,
             served=served,
-            buffer_budget=BufferBudget(int(settings.buffer_budget_mb * 2**20)),
+            buffer_budget=budgets.buffers,
             likelihood=LikelihoodSettings(settings.score_rtol, settings.score_atol),
-            device_budget=DeviceBudget(
-                None if settings.device_budget_mb is None else int(settings.device_budget_mb * 2**20)
-            ),
+            device_budget=budgets.device,
+            on_idle=return_freed_memory,  # once the chains run out, what their steps freed goes back to the OS
         )
         published(served.registry)  # the worker's: models whose pools could not be built are refused there
         worker.start()

@@ -7,7 +7,9 @@ left the server ~300 MB bigger with nothing alive in it. Two remedies. Blocks of
 tensors, a frame) get mappings of their own, unmapped when freed (`map_large_blocks`). `malloc_trim(0)`
 returns the free pages of the smaller ones (~30 ms on such a heap); it runs on a thread of its own, at most
 once a second however often it is asked for, and a request is never lost: one made during a trim or the
-pause after it gets a trim of its own. Where the C library is not glibc (musl, macOS) both do nothing.
+pause after it gets a trim of its own. It is asked for as a stream drops or frees frames (bridge.py) and once
+each time the worker's chains run out (the app hands `return_freed_memory` to the Worker as its `on_idle`), so
+memory goes back to near idle after a load. Where the C library is not glibc (musl, macOS) both do nothing.
 """
 
 from __future__ import annotations

@@ -10,12 +10,17 @@ import torch
 
 from service.engine.messages import Frame, SampleResult
 from service.http.schemas import SampleResponse, Timings
-from training.runtime.images import gif_bytes, grid, png_bytes
+from training.runtime.images import gif_bytes, grid, pixel_grid, png_bytes
 
 
 def grid_b64(x: torch.Tensor, data_range: tuple[float, float]) -> str:
     """Images [n, *shape] -> base64 PNG: one image for n = 1, a grid for more."""
     return base64.b64encode(png_bytes(grid(x, data_range))).decode("ascii")
+
+
+def pixels_b64(pixels: torch.Tensor) -> str:
+    """8-bit pixels [n, H, W, C] (a kept trajectory frame) -> base64 PNG, as grid_b64 renders the images."""
+    return base64.b64encode(png_bytes(pixel_grid(pixels))).decode("ascii")
 
 
 def finite_values(values: torch.Tensor, digits: int) -> list[float | None]:
@@ -51,8 +56,9 @@ def png_body(result: SampleResult, data_range: tuple[float, float]) -> bytes:
 
 
 def gif_body(result: SampleResult, data_range: tuple[float, float]) -> bytes:
-    frames = result.frames or [result.samples]
-    return gif_bytes([grid(frame, data_range) for frame in frames])
+    """The trajectory's frames (kept as 8-bit pixels) as one GIF; the samples alone without one."""
+    frames = [pixel_grid(frame) for frame in result.frames] or [grid(result.samples, data_range)]
+    return gif_bytes(frames)
 
 
 def json_body(
@@ -60,7 +66,7 @@ def json_body(
 ) -> SampleResponse:
     trajectory = None
     if result.frames:
-        trajectory = [[grid_b64(frame[i : i + 1], data_range) for i in range(len(frame))] for frame in result.frames]
+        trajectory = [[pixels_b64(frame[i : i + 1]) for i in range(len(frame))] for frame in result.frames]
     return SampleResponse(
         model=model,
         seed=seed,

@@ -21,6 +21,7 @@ from conftest import restate, write_tiny_ebm, write_tiny_eqm
 from programs import SHAPE, WellEnergy, save_program, well_sidecar
 from server import running_server, wait_for
 
+from service.catalogue.budgets import MemoryBudgets, ModelBudget
 from service.catalogue.buffer_store import BufferStore
 from service.catalogue.model_watch import ModelRepository
 from service.engine.worker import Worker
@@ -169,6 +170,34 @@ def test_a_byte_budget_for_loaded_models_refuses_new_files_past_it(tmp_path: Pat
         assert "past max_loaded_model_bytes" in ready["refused"]["c.safetensors"]
         (models / "a.safetensors").unlink()  # room again: the refused file is taken at the next scan
         wait_for(lambda: readyz(base).json()["models"] == ["b", "c"], DEADLINE_S, "c being served once a went")
+
+
+def test_one_object_accounts_loaded_models_buffers_and_chains(tmp_path: Path) -> None:
+    """The server's three byte budgets come from its settings in one place (service/catalogue/budgets.py); the
+    loaded models' share follows the files: a new version takes its old version's share, a removed file frees it."""
+    budgets = MemoryBudgets.from_settings(
+        Settings(max_loaded_model_bytes=1000, buffer_budget_mb=2, device_budget_mb=3, models_dir=tmp_path)
+    )
+    assert (budgets.models.total_bytes, budgets.buffers.total_bytes) == (1000, 2 * 2**20)
+    assert budgets.device.total_bytes == 3 * 2**20
+    assert MemoryBudgets.from_settings(Settings(device_budget_mb=None, models_dir=tmp_path)).device.total_bytes is None
+    models = tmp_path / "models"
+    models.mkdir()
+    for index, name in enumerate(("a", "b")):
+        write_tiny_ebm(models / f"{name}.safetensors", seed=index)
+    size = (models / "a.safetensors").stat().st_size
+    repository = ModelRepository(models, torch.device("cpu"), 1 << 30, 60, ModelBudget(2 * size + 10))
+    repository.scan(everything=True)
+    assert repository.budget.loaded == {"a.safetensors": size, "b.safetensors": size}
+    write_tiny_ebm(models / "a.safetensors", seed=5)  # a new version of the same size fits in a's share
+    assert repository.scan(everything=True).replaced == ["a"]
+    write_tiny_ebm(models / "c.safetensors", seed=2)
+    report = repository.scan(everything=True)
+    assert "past max_loaded_model_bytes" in report.failed["c.safetensors"]
+    (models / "b.safetensors").unlink()
+    assert repository.scan(everything=True).removed == ["b"]  # its share freed: c is taken at the next scan
+    assert repository.scan(everything=True).added == ["c"]
+    assert set(repository.budget.loaded) == {"a.safetensors", "c.safetensors"}
 
 
 def test_reload_requests_coalesce_and_leave_the_answer_threads_free(tmp_path: Path) -> None:

@@ -14,15 +14,11 @@ import httpx
 import pytest
 import torch
 from conftest import write_tiny_ebm, write_tiny_gan
-from engine_bench import Bench, FakeClock, tolerance_that_spreads
+from engine_bench import Bench, FakeClock, solo_bench, tolerance_that_spreads, worker_bench
 from server import metric, running_server
 
-from service.catalogue.buffer_store import BufferStore
-from service.catalogue.registry import load_registry
 from service.engine.messages import Handle
 from service.engine.scheduler import ChainScheduler, Job
-from service.engine.worker import Worker
-from service.metrics import Metrics
 from service.settings import Settings
 from training.commands.cli import main
 from training.commands.set_sampler import set_sampler
@@ -36,21 +32,9 @@ STEPS = 12
 REQUEST = {"model": "solo", "n": 4, "steps": STEPS, "seed": 5, "init": "noise"}
 
 
-def make_bench(tmp_path: Path, chain_budget: int = 64) -> Bench:
-    models = tmp_path / "models"
-    models.mkdir()
-    write_tiny_ebm(models / "solo.safetensors")
-    clock = FakeClock()
-    registry = load_registry(models, torch.device("cpu"))
-    worker = Worker(
-        registry, BufferStore(tmp_path / "state"), torch.device("cpu"), Metrics(), chain_budget, 16, 1e9, 0.5, clock
-    )
-    return Bench(worker, registry, clock)
-
-
 @pytest.fixture
 def bench(tmp_path: Path) -> Bench:
-    return make_bench(tmp_path)
+    return solo_bench(tmp_path)
 
 
 def run_until_answered(bench: Bench, answers: list) -> None:
@@ -62,9 +46,7 @@ def run_until_answered(bench: Bench, answers: list) -> None:
 
 
 def test_a_seeded_chain_stops_where_its_fixed_path_arrives_alone_batched_and_in_the_cli(bench: Bench) -> None:
-    fixed = bench.submit(**REQUEST, format="json", trajectory_every=1)
-    run_until_answered(bench, fixed)
-    frames = bench.result(fixed).frames  # [STEPS + 1] states [n, 1, 28, 28]
+    frames = [frame.x for frame in bench.streamed(**REQUEST, trajectory_every=1)[1]]  # [STEPS + 1] [n, 1, 28, 28]
     tolerance, stops = tolerance_that_spreads(frames)
     expected = torch.stack([frames[stop][chain] for chain, stop in enumerate(stops)])
 
@@ -130,7 +112,7 @@ def test_a_stopped_chain_gives_its_place_to_a_waiting_request_at_the_next_step()
 
 
 def test_a_request_whose_chains_all_stop_frees_its_slots_for_the_next_step(tmp_path: Path) -> None:
-    bench = make_bench(tmp_path, chain_budget=4)
+    bench = solo_bench(tmp_path, chain_budget=4)
     pool = bench.worker.pools["solo"]
     early = bench.submit(**REQUEST, tolerance=10.0)  # every move is below 10: each chain stops after one step
     later = bench.submit(**{**REQUEST, "seed": 6})
@@ -209,10 +191,8 @@ def test_larger_steps_first_each_chain_on_its_own_schedule_alone_batched_and_in_
     models = tmp_path / "models"
     models.mkdir()
     set_sampler(write_tiny_ebm(models / "solo.safetensors"), ["step_decay=0.8"])
-    clock = FakeClock()
-    registry = load_registry(models, torch.device("cpu"))
-    worker = Worker(registry, BufferStore(tmp_path / "state"), torch.device("cpu"), Metrics(), 64, 16, 1e9, 0.5, clock)
-    bench = Bench(worker, registry, clock)
+    bench = worker_bench(models, tmp_path / "state")
+    registry = bench.registry
     member = registry.models["solo"].members[0]
     sampler = member.sampler_as(EBMSampler)
     seeds = chain_seeds(REQUEST["seed"], REQUEST["n"])

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import CNF_STEPS, write_tiny_cnf, write_tiny_ebm
-from engine_bench import Bench, FakeClock
+from engine_bench import Bench, FakeClock, worker_bench
 from payloads import png_array, png_b64, sse_events
 from PIL import Image
 from server import running_server, wait_for
 
 from service.catalogue.buffer_store import BufferStore
-from service.catalogue.registry import Registry, ServedModel, load_registry
+from service.catalogue.registry import Registry, ServedModel
 from service.engine.messages import CancelledByClient
 from service.engine.worker import Worker
 from service.metrics import Metrics
@@ -35,13 +35,6 @@ from training.sampling.noise import chain_seeds
 SHAPE = (1, 16, 16)
 
 
-def make_bench(models: Path, state: Path, chain_budget: int = 64) -> Bench:
-    clock = FakeClock()
-    registry = load_registry(models, torch.device("cpu"))
-    worker = Worker(registry, BufferStore(state), torch.device("cpu"), Metrics(), chain_budget, 16, 1e9, 0.5, clock)
-    return Bench(worker, registry, clock)
-
-
 @pytest.fixture
 def bench(tmp_path: Path) -> Bench:
     models = tmp_path / "models"
@@ -49,7 +42,7 @@ def bench(tmp_path: Path) -> Bench:
     write_tiny_cnf(models / "cnf.safetensors")
     write_tiny_cnf(models / "cnf_random.safetensors", unlabelled="random")
     write_tiny_ebm(models / "solo.safetensors")
-    return make_bench(models, tmp_path / "state")
+    return worker_bench(models, tmp_path / "state")
 
 
 def run_until(bench: Bench, *answers: list) -> None:
@@ -118,7 +111,7 @@ def test_a_cancelled_cnf_request_frees_its_chains_at_the_next_step(tmp_path: Pat
     models = tmp_path / "models"
     models.mkdir()
     write_tiny_cnf(models / "cnf.safetensors")
-    bench = make_bench(models, tmp_path / "state", chain_budget=8)
+    bench = worker_bench(models, tmp_path / "state", chain_budget=8)
     pool = bench.worker.pools["cnf"]
     cancelled = bench.submit(model="cnf", n=6, steps=50, seed=1)
     bench.worker.run_once()
@@ -142,18 +135,16 @@ def test_inpainting_holds_the_known_pixels_on_the_straight_path_to_the_image(ben
     mask[8:, :] = 255  # fill in the lower half
     image, free = png_b64(digit), np.zeros(SHAPE, dtype=bool)
     free[:, 8:, :] = True
-    answers = bench.submit(
+    result, frames = bench.streamed(
         model="cnf", n=2, seed=5, init="image", image=image, mask=png_b64(mask), trajectory_every=1, label=1
     )
-    run_until(bench, answers)
-    result = bench.result(answers)
     known = decode_image(base64.b64decode(image), SHAPE, (-1.0, 1.0))  # [1, 16, 16] in the data range
     start = cnf_prior(chain_seeds(5, 2), SHAPE, 1.0)  # each chain's x(0)
-    assert result.frame_steps == list(range(CNF_STEPS + 1))
-    for step, frame in zip(result.frame_steps, result.frames, strict=True):
-        t = step / CNF_STEPS
+    assert [frame.step for frame in frames] == list(range(CNF_STEPS + 1))
+    for frame in frames:
+        t = frame.step / CNF_STEPS
         path = ((1 - t) * start + t * known).clamp(-1, 1)  # x_t of the known pixels
-        assert torch.allclose(frame[:, ~free], path[:, ~free], atol=1e-6), step
+        assert torch.allclose(frame.x[:, ~free], path[:, ~free], atol=1e-6), frame.step
     assert torch.equal(result.samples[:, ~free], known.expand(2, *SHAPE)[:, ~free])  # the image itself at t = 1
     assert (result.samples[:, free] - known.expand(2, *SHAPE)[:, free]).abs().mean() > 0.1  # filled in, not copied
 

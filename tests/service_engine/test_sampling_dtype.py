@@ -10,12 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import write_tiny_cnf, write_tiny_ebm, write_tiny_eqm, write_tiny_gan
-from engine_bench import Bench, FakeClock
+from engine_bench import Bench, worker_bench
 
-from service.catalogue.buffer_store import BufferStore
-from service.catalogue.registry import load_registry
-from service.engine.worker import Worker
-from service.metrics import Metrics
 from training.families import draw_samples
 from training.runtime.device import sampling_dtype
 from training.sampling.noise import chain_seeds
@@ -44,10 +40,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def bench_at(models: Path, state: Path, dtype: torch.dtype) -> Bench:
-    clock = FakeClock()
-    registry = load_registry(models, CPU)
-    worker = Worker(registry, BufferStore(state), CPU, Metrics(), 64, 16, 1e9, 0.5, clock, sampling_dtype=dtype)
-    return Bench(worker, registry, clock)
+    return worker_bench(models, state, sampling_dtype=dtype)
 
 
 def answer(bench: Bench, crowd: dict | None = None, **fields) -> torch.Tensor:

@@ -54,6 +54,27 @@ def test_generator_requests_within_the_window_share_one_batch(bench: Bench) -> N
     assert bench.result(late).samples.shape == (1, 1, 28, 28) and stats["steps"] == 2
 
 
+def test_freed_memory_goes_back_once_each_time_the_work_runs_out(bench: Bench) -> None:
+    """The worker asks for a trim (the app's malloc_trim, service/http/memory.py) in the first round after its
+    chains run out: never while any request runs or waits, and once per load, not once per idle round."""
+    trims: list[int] = []
+    bench.worker.on_idle = lambda: trims.append(bench.worker.pools["solo"].stats["steps"])
+    assert not bench.worker.run_once() and trims == []  # idle from the start: nothing was freed
+    long = bench.submit(model="solo", n=2, steps=4, seed=1, init="noise")
+    short = bench.submit(model="solo", n=3, steps=2, seed=2, init="noise")
+    while not long:
+        assert bench.worker.run_once() and trims == []  # the short request's end leaves the long one running
+    assert short and not bench.worker.run_once() and trims == [4]  # the round after the last step
+    for _ in range(3):
+        bench.worker.run_once()
+    assert trims == [4]
+    waiting = bench.submit(model="gan", seed=3)  # a one-shot request waits out its batch window: not idle
+    bench.worker.run_once()
+    bench.clock.now += WINDOW_S
+    assert bench.worker.run_once() and waiting and trims == [4]
+    assert not bench.worker.run_once() and trims == [4, 4]
+
+
 def test_a_request_joins_running_chains_at_the_next_step(bench: Bench) -> None:
     pool = bench.worker.pools["solo"]
     long = bench.submit(model="solo", n=2, steps=6, seed=1, init="noise")

@@ -311,3 +311,34 @@ def test_evaluate_reports_how_the_ood_score_tells_the_models_data_from_another_s
     figures = report["ood"]
     assert figures["score"] == "bits_per_dim" and figures["n_in"] == 64 and figures["n_out"] == 64
     assert figures["auroc"] > 0.9 and figures["aupr"] > 0.8 and 0 <= figures["fpr95"] < 1, figures
+
+
+def test_evaluate_scores_an_ensemble_as_it_is_served_by_its_members_mean_energy(
+    idx_dir: Path, tmp_path: Path, capsys
+) -> None:
+    """evaluate of an ensemble's members with --ood-data reports the ensemble's OOD figures (the mean energy the
+    server scores it by), not its first member's."""
+    from training.commands.ood_figures import roc_figures
+    from training.runtime.load import load_model
+    from training.train.data import load_dataset
+
+    members = [write_tiny_ebm(tmp_path / f"pair_{seed}.safetensors", seed=seed, ensemble="pair") for seed in (0, 1)]
+    other = tmp_path / "other"
+    other.mkdir()
+    images, _ = make_digits(48, seed=11)
+    write_idx(other / "t10k-images-idx3-ubyte.gz", images[:, ::-1].copy())  # upside down
+    write_idx(other / "t10k-labels-idx1-ubyte.gz", np.zeros(48, dtype=np.uint8))
+    capsys.readouterr()
+    flags = ["--data-dir", str(idx_dir), "--n", "16", "--ood-data", str(other), "--ood-n", "48", "--device", "cpu"]
+    main(["evaluate", *map(str, members), *flags])
+    figures = json.loads(capsys.readouterr().out)["ood"]
+    inside = load_dataset("idx", str(idx_dir), "test").images[:48]
+    outside = load_dataset("idx", str(other), "test").images[:48]
+    loaded = [load_model(path) for path in members]
+    with torch.no_grad():
+        mean = [torch.stack([member.module(x) for member in loaded]).mean(0) for x in (inside, outside)]
+        first = [loaded[0].module(x) for x in (inside, outside)]
+    assert figures["score"] == "energy" and figures["n_in"] == 48 and figures["n_out"] == 48
+    expected = roc_figures(*mean)
+    assert {key: figures[key] for key in expected} == expected
+    assert expected != roc_figures(*first)  # what evaluate reported before: the first member's energies

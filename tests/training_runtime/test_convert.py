@@ -11,10 +11,10 @@ import torch
 from programs import (
     SHAPE,
     CouplingFlow,
+    DecodedFlow,
     TinyCritic,
     TinyGenerator,
     blocks,
-    gaussian_log_prob,
     own_bits_per_dim,
     train_dequantized_flow,
 )
@@ -67,18 +67,6 @@ def test_a_gan_whose_discriminator_ends_in_a_sigmoid_is_served_with_its_logit(tm
     with torch.no_grad():
         torch.testing.assert_close(served.critic(x), TinyCritic(probability=False)(x), atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(served.module(torch.ones(3, 4)), generator(torch.ones(3, 4)))
-
-
-class DecodedFlow(nn.Module):
-    """A user's sampling pass as they would write it: rows z [B, D] -> (x [B, D] in [0, 1), log p(x) over [0, 1))."""
-
-    def __init__(self, flow: CouplingFlow) -> None:
-        super().__init__()
-        self.flow = flow
-
-    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x, log_det = self.flow.decode(z)
-        return x, gaussian_log_prob(z) + log_det
 
 
 def test_a_dequantized_flow_converted_over_0_255_both_ways_has_its_own_bits_per_dim(tmp_path: Path) -> None:

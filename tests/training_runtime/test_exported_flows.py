@@ -117,7 +117,12 @@ def test_a_forward_program_that_lies_about_its_log_det_or_shape_is_refused_with_
     ("data", "reason"),
     [
         ({"levels": 255}, "data.levels is 255; this server draws and scores 8-bit images"),
-        ({"dequantization": "variational"}, "data.dequantization must be one of uniform, none, not 'variational'"),
+        ({"dequantization": "learned"}, "data.dequantization must be one of uniform, variational, none, not 'learned'"),
+        (
+            {"dequantization": "variational"},
+            r"stated.json: data.dequantization \"variational\" .* needs stated.dequantizer.pt2 beside stated.pt2",
+        ),
+        ({"dequantization_samples": 4}, 'state it only with data.dequantization "variational"'),
     ],
 )
 def test_a_flow_sidecar_with_levels_or_a_dequantization_not_served_is_refused(

@@ -33,22 +33,24 @@ def roc_figures(inside: torch.Tensor, outside: torch.Tensor) -> dict[str, float]
 
 
 def recorded_figures(
-    model: LoadedModel, inside: torch.Tensor, outside: torch.Tensor, device: torch.device, rtol: float = 1e-5
+    members: list[LoadedModel], inside: torch.Tensor, outside: torch.Tensor, device: torch.device, rtol: float = 1e-5
 ) -> dict:
     """The figures of the model's OOD score (the one its reference records, else its family's), computed by the
-    code the server and `score` run; inside/outside [N, *shape] in the model's data range."""
+    code the server and `score` run; inside/outside [N, *shape] in the model's data range. An ensemble's
+    members score as it is served: their mean energy, under the first member's recorded score."""
+    model = members[0]
     reference = ood_reference(model.config.metrics)
     name = ood_score_name(model, score_family(model))
     settings = LikelihoodSettings(rtol, rtol)
     values = []
     for what, images in (("in", inside), ("out", outside)):
-        scores = compute_scores(model, images, None, device, f"{model.name}: {what} images' {name}", settings, name)
+        scores = compute_scores(members, images, None, device, f"{model.name}: {what} images' {name}", settings, name)
         fit = reference.fit if reference is not None and reference.score == name else None
         values.append(OOD_SCORES[name](scores, fit).double())
     return {"score": name, "n_in": len(inside), "n_out": len(outside), **roc_figures(values[0], values[1])}
 
 
-def ood_against(model: LoadedModel, test: torch.Tensor, data_dir: str, n: int, device: torch.device) -> dict:
+def ood_against(members: list[LoadedModel], test: torch.Tensor, data_dir: str, n: int, device: torch.device) -> dict:
     """`evaluate --ood-data`: the model's OOD score on its first `n` test images (the reference recorded by
     `score --record-reference` holds the last ones) against the first `n` test images of the IDX files in
     `data_dir`; images [N, *shape] in [-1, 1] as datasets load."""
@@ -57,6 +59,6 @@ def ood_against(model: LoadedModel, test: torch.Tensor, data_dir: str, n: int, d
         raise ValueError(
             f"--ood-data {data_dir} holds {list(outside.shape[1:])} images; the model's are {list(test.shape[1:])}"
         )
-    low, high = model.data_range
+    low, high = members[0].data_range
     inside, outside = ((images + 1) / 2 * (high - low) + low for images in (test[:n], outside))
-    return {**recorded_figures(model, inside, outside, device), "ood_data": str(data_dir)}
+    return {**recorded_figures(members, inside, outside, device), "ood_data": str(data_dir)}

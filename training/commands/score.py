@@ -157,7 +157,7 @@ def read_inputs(paths: list[Path], model: LoadedModel) -> tuple[list[str], torch
 
 
 def compute_scores(
-    model: LoadedModel,
+    members: list[LoadedModel],  # one model, or an ensemble's members (its energy: their mean, as served)
     images: torch.Tensor,
     labels: torch.Tensor | None,
     device: torch.device,
@@ -167,6 +167,7 @@ def compute_scores(
 ) -> Scores:
     """The scores of images [N, *shape] (in batches; a CNF's by dopri5 at the server's stated settings), with
     what the OOD score `ood` reads beyond them."""
+    model = members[0]
     family = score_family(model)
     parts: list[Scores] = []
     batch = ONE_PASS_BATCH if family.one_pass else HUTCHINSON_BATCH
@@ -176,7 +177,7 @@ def compute_scores(
         chunk = images[rows].to(device)
         chunk_labels = None if labels is None else labels[rows].to(device)
         if family.one_pass:
-            parts.append(one_pass_scores(family, [model], chunk, chunk_labels))
+            parts.append(one_pass_scores(family, members, chunk, chunk_labels))
         else:
             inputs = likelihood_inputs(images[rows], model.data_range, settings.probes, model.dequantized)
             solved = cnf_log_likelihood(
@@ -191,7 +192,7 @@ def compute_scores(
             )
             parts.append(cnf_scores(solved.log_prob, solved.evaluations, model.shape, model.data_range, model.levels))
         if ood is not None:
-            parts[-1] |= ood_statistics(ood, [model], chunk, chunk_labels, parts[-1])
+            parts[-1] |= ood_statistics(ood, members, chunk, chunk_labels, parts[-1])
         bar.update(len(rows))
     bar.close()
     return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
@@ -215,7 +216,7 @@ def run_score(args: argparse.Namespace) -> None:
         labels = torch.full((len(images),), args.label)
     likelihood = LikelihoodSettings(args.ode_rtol, args.ode_atol)
     score_name = ood_score_name(model, family)
-    scores = compute_scores(model, images, labels, device, f"score {model.name}", likelihood, score_name)
+    scores = compute_scores([model], images, labels, device, f"score {model.name}", likelihood, score_name)
     reference = ood_reference(model.config.metrics)
     rows = result_rows(scores, family, score_name, reference)
     if args.json:
@@ -252,7 +253,7 @@ def record_reference(args: argparse.Namespace, model: LoadedModel, device: torch
         known = [name for name, families in OOD_FAMILIES.items() if family.name in families]
         raise ValueError(f"--ood-score {score_name}: a {family.name} model gives {family.default_ood} or {known}")
     what = f"reference scores of {model.name}"
-    scores = compute_scores(model, images, None, device, what, likelihood, score_name)
+    scores = compute_scores([model], images, None, device, what, likelihood, score_name)
     fit = GaussianFit.of(typicality_statistics(scores)) if score_name == "typicality" else None
     try:
         values = OOD_SCORES[score_name](scores, fit)

@@ -74,7 +74,7 @@ class Cnf(ExactFlow):
         return [("x", shape), ("t", []), *([("y", [])] if config.data.get("classes") else [])]
 
     def check_sidecar(self, data: dict[str, Any], sampler: dict[str, Any], source: str) -> None:
-        check_flow_data(data, source)
+        check_flow_data(data, source, variational=False)
         if sampler.get("base") not in (None, "gaussian"):
             raise CheckpointError(
                 f"{source}: a velocity field's prior is Gaussian (sampler.base gaussian or unset), not "

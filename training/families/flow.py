@@ -17,6 +17,7 @@ from training.runtime.checkpoint import CheckpointError, ModelConfig
 from training.runtime.draw import sample_flow
 from training.runtime.exported_modules import ExportedFlow, expect_output
 from training.runtime.loaded import LoadedModel
+from training.sampling.dequantization import dequantizer_noise, level_values, variational_log_prob
 from training.sampling.replay_buffer import ReplayBuffer
 from training.sampling.sampler_config import FlowSampler, SamplerConfig
 
@@ -52,12 +53,68 @@ class _NativeForward(nn.Module):
         return z.reshape(x.shape), log_det
 
 
-def check_flow_data(data: dict[str, Any], source: str) -> None:
-    """CheckpointError unless a flow sidecar's levels are what the server draws and scores: 8-bit images."""
+def check_flow_data(data: dict[str, Any], source: str, variational: bool = True) -> None:
+    """CheckpointError unless a flow sidecar's levels are what the server draws and scores: 8-bit images; and
+    (`variational` False: a velocity field's) unless its dequantization is one it scores."""
     if data.get("levels") not in (None, 256):
         raise CheckpointError(
             f"{source}: data.levels is {data['levels']}; this server draws and scores 8-bit images, so a flow's data "
             "have 256 levels (state 256, or leave it out)"
+        )
+    if not variational and data.get("dequantization") == "variational":
+        raise CheckpointError(
+            f'{source}: data.dequantization "variational" is served for invertible flows with a dequantizer '
+            'program; a velocity field\'s likelihood is scored with "uniform" or "none"'
+        )
+
+
+def check_dequantizer(model: LoadedModel, batch: int) -> None:
+    """CheckpointError unless a variationally dequantized flow's dequantizer, on seeded levels and noise, returns u
+    of the data's shape within [0, 1] and a finite log q(u | x) [B], and the bound it gives is finite."""
+    module = model.module
+    assert isinstance(module, ExportedFlow) and module.dequantizer is not None
+    source = f"{model.name}.dequantizer.pt2"
+    generator = torch.Generator().manual_seed(PROBE_SEED)
+    levels = torch.randint(0, model.levels, (batch, *model.shape), generator=generator)  # [B, *shape]
+    seeds = torch.randint(0, 2**32, (batch,), generator=generator)
+    device = next(module.parameters()).device
+    eps = dequantizer_noise(seeds, 0, model.shape).to(device)
+    with torch.no_grad():
+        u, log_q = module.dequantize(level_values(levels, model.data_range, model.levels).to(device), eps)
+    expect_output(u, [batch, *model.shape], "u of its dequantizer", source)
+    expect_output(log_q, [batch], "log q(u | x) of its dequantizer", source)
+    if u.min().item() < 0 or u.max().item() > 1:
+        raise CheckpointError(
+            f"{source}: its u spans [{u.min().item():.4g}, {u.max().item():.4g}]; u is the offset within each level's "
+            "bin, in [0, 1] (e.g. a sigmoid of its output)"
+        )
+    with torch.no_grad():
+        bound = variational_log_prob(
+            module.log_prob, module.dequantize, levels, seeds, model.data_range, model.levels, 1, device
+        )
+    if not bool(torch.isfinite(bound).all()):
+        raise CheckpointError(
+            f"{source}: the variational bound log p(x + u) - log q(u | x) of probe images is not finite: "
+            f"{model.name}.forward.pt2 is not finite at the points its u makes"
+        )
+
+
+def check_companions(config: ModelConfig, companions: dict[str, nn.Module]) -> None:
+    """CheckpointError unless a dequantizer program comes exactly with data.dequantization "variational", and then
+    with the forward program the bound scores its points by."""
+    name = Path(config.training.get("exported", "NAME.pt2")).stem
+    stated = config.data.get("dequantization")
+    if stated == "variational":
+        missing = [f"{name}.{role}.pt2" for role in ("dequantizer", "forward") if role not in companions]
+        if missing:
+            raise CheckpointError(
+                f'{name}.json: data.dequantization "variational" scores images by the bound E_q[log p(x + u) - '
+                f"log q(u | x)], which needs {' and '.join(missing)} beside {name}.pt2"
+            )
+    elif "dequantizer" in companions:
+        raise CheckpointError(
+            f'{name}.dequantizer.pt2: a dequantizer serves data.dequantization "variational"; {name}.json states '
+            f'{stated or "none (uniform)"}: state "variational", or remove the dequantizer'
         )
 
 
@@ -110,7 +167,7 @@ class ExactFlow(Family):
     one_pass_name = "flow's inverse"
     exact_log_det = True
     likelihood = "exact"
-    companion_roles: tuple[str, ...] = ("forward",)
+    companion_roles: tuple[str, ...] = ("forward", "dequantizer")
 
     def describe(self, model: LoadedModel) -> str:
         return "flow sampled by one pass of its inverse"
@@ -138,7 +195,17 @@ class ExactFlow(Family):
         return [("z", list(config.data["shape"]))]
 
     def companion_signature(self, config: ModelConfig, role: str) -> Signature:
-        return [("x", list(config.data["shape"]))]  # role "forward": x -> (z, log det)
+        shape = list(config.data["shape"])
+        if role == "dequantizer":
+            return [("x", shape), ("eps", shape)]  # (x, eps) -> (u, log q(u | x))
+        return [("x", shape)]  # role "forward": x -> (z, log det)
+
+    def check_loaded(self, model: LoadedModel) -> None:
+        if model.variational and not model.exported:
+            raise CheckpointError(
+                'data.dequantization "variational" is served for exported flows with their dequantizer program '
+                "(NAME.dequantizer.pt2); a checkpoint has none"
+            )
 
     def check_sidecar(self, data: dict[str, Any], sampler: dict[str, Any], source: str) -> None:
         super().check_sidecar(data, sampler, source)
@@ -150,14 +217,14 @@ class ExactFlow(Family):
         self, program: nn.Module, config: ModelConfig, sampler: SamplerConfig, companions: dict[str, nn.Module]
     ) -> ProgramParts:
         assert isinstance(sampler, FlowSampler)
+        check_companions(config, companions)
         quantized = None
-        if config.data.get("dequantization") == "uniform":  # a discrete model: its samples go back to the levels
+        if config.data.get("dequantization") in ("uniform", "variational"):  # discrete: samples go back to the levels
             low, high = config.data.get("range", [-1.0, 1.0])
             quantized = ((float(low), float(high)), int(config.data.get("levels") or 256))
         shape = tuple(config.data["shape"])
-        return ProgramParts(
-            ExportedFlow(program, shape, sampler.base or "gaussian", companions.get("forward"), quantized)
-        )
+        forward, dequantizer = companions.get("forward"), companions.get("dequantizer")
+        return ProgramParts(ExportedFlow(program, shape, sampler.base or "gaussian", forward, quantized, dequantizer))
 
     def probe_program(self, model: LoadedModel, batch: int, first: bool) -> None:
         module, shape = model.module, model.shape
@@ -168,6 +235,8 @@ class ExactFlow(Family):
         expect_output(log_prob, [batch], "log p(x)", model.name)
         if module.forward_program is not None:
             check_directions(model, batch)
+        if module.dequantizer is not None:
+            check_dequantizer(model, batch)
 
     def export_plan(self, model: LoadedModel, batch: Any) -> ExportPlan:
         module = model.module

@@ -8,6 +8,8 @@ signature, and an adapter turns it into the module every sampler of this project
     gan   z [B, latent_dim] -> x [B, *shape]
     flow  z [B, *shape] -> (x [B, *shape], log p(x) [B])   samples and bits/dim from one pass
           companion NAME.forward.pt2: x [B, *shape] -> (z [B, *shape], log|det dz/dx| [B])   scores of given data
+          companion NAME.dequantizer.pt2 (data.dequantization "variational"): (x [B, *shape], eps [B, *shape]) ->
+              (u [B, *shape] in [0, 1], log q(u | x) [B])   the variational bound of given data's bits/dim
     flow with sampler.solver (a CNF)  v(x [B, *shape], t [B]) -> v [B, *shape]   (x, t, y [B] with data.classes)
 
 log p is in nats over the data space as data.range states it; bits/dim count bins (high - low) / data.levels wide
@@ -54,10 +56,11 @@ PROGRAM_SUFFIX = ".pt2"
 SIDECAR_SUFFIX = ".json"
 # Companion programs `NAME.<role>.pt2` beside `NAME.pt2`: read, checked and swapped with it as one bundle; each family
 # says which roles it takes (Family.companion_roles) and what it does with them (Family.program_module).
-COMPANION_ROLES = ("critic", "forward")  # a GAN's critic (DDLS, scores); a flow's data -> noise direction
+# A GAN's critic (DDLS, scores); a flow's data -> noise direction; a flow's variational dequantizer q(u | x).
+COMPANION_ROLES = ("critic", "forward", "dequantizer")
 FAMILIES = ("ebm", "gan", "flow")  # the families whose programs are served (each with its family's signature)
 SIDECAR_KEYS = ("family", "data", "sampler", "ensemble", "metrics")
-DATA_KEYS = tuple(StatedData.model_fields)  # shape, range, classes, dataset, levels
+DATA_KEYS = tuple(StatedData.model_fields)  # shape, range, classes, dataset, levels, dequantization(_samples)
 EXPORTED_ARCH = {"name": "torch.export", "kwargs": {}}
 MIN_BATCH = 4096  # a program must take batches at least this large (a server steps up to its chain budget at once)
 

@@ -102,9 +102,12 @@ class ExportedFlow(Flow):
     base distribution (the sidecar's sampler.base, Gaussian by default) draws z; the program is the whole
     inverse pass, so a trajectory is its one final state. Its forward program (NAME.forward.pt2, x [B, *shape]
     -> (z [B, *shape], log|det dz/dx| [B])), when given, is the data-to-noise pass: log p of given images, so
-    exported flows score data and have test bits/dim. `quantized` (data range, levels): the samples of a model
-    whose sidecar says its data are uniformly dequantized levels go back to those levels here, not in the
-    program (log p stays the density of the continuous point drawn)."""
+    exported flows score data and have test bits/dim. Its dequantizer (NAME.dequantizer.pt2, (x, eps) [B, *shape]
+    -> (u [B, *shape], log q(u | x) [B])), when its data are variationally dequantized, draws the offsets within
+    each level's bin that the variational bound of given images scores (training/sampling/dequantization.py).
+    `quantized` (data range, levels): the samples of a model whose sidecar says its data are dequantized levels
+    (uniformly or variationally) go back to those levels here, not in the program (log p stays the density of the
+    continuous point drawn)."""
 
     program: nn.Module
     anchor: nn.Parameter
@@ -116,12 +119,13 @@ class ExportedFlow(Flow):
         base: str,
         forward_program: nn.Module | None = None,
         quantized: tuple[tuple[float, float], int] | None = None,
+        dequantizer: nn.Module | None = None,
     ) -> None:
         super().__init__([], shape, base)
         _hold(self, program)
-        self.forward_program = forward_program
-        if forward_program is not None:
-            for parameter in forward_program.parameters():
+        self.forward_program, self.dequantizer = forward_program, dequantizer
+        for companion in (forward_program, dequantizer):
+            for parameter in companion.parameters() if companion is not None else ():
                 parameter.requires_grad_(False)
         self.quantized = quantized
 
@@ -137,6 +141,14 @@ class ExportedFlow(Flow):
             )
         z, log_det = _as_traced(self.forward_program, x.reshape(x.shape[0], *self.shape))
         return z.reshape(x.shape[0], -1), log_det
+
+    def dequantize(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(u [B, *shape], log q(u | x) [B]) of images x [B, *shape] (their levels' values in the data range) and
+        standard normal noise eps [B, *shape], from its dequantizer program."""
+        if self.dequantizer is None:
+            raise ValueError("this exported flow has no dequantizer (NAME.dequantizer.pt2: (x, eps) -> (u, log q))")
+        u, log_q = _as_traced(self.dequantizer, x, eps)
+        return u, log_q
 
     def decode(
         self, z: torch.Tensor, keep_states: bool = False

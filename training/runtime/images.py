@@ -31,7 +31,11 @@ def grid(
     x: torch.Tensor, data_range: tuple[float, float] = (-1.0, 1.0), columns: int | None = None, padding: int = 2
 ) -> Image.Image:
     """Images [N, C, H, W] -> one PIL image laid out in a near-square grid (one image if N == 1)."""
-    pixels = to_uint8(x, data_range)  # [N, H, W, C]
+    return pixel_grid(to_uint8(x, data_range), columns, padding)
+
+
+def pixel_grid(pixels: torch.Tensor, columns: int | None = None, padding: int = 2) -> Image.Image:
+    """8-bit pixels [N, H, W, C] (to_uint8's) -> the grid `grid` lays out: a trajectory's frames are kept so."""
     n, height, width, channels = pixels.shape
     if n == 1:
         return _to_pil(pixels[0])

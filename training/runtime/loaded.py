@@ -49,6 +49,17 @@ class LoadedModel:
         return self.config.data.get("dequantization") != "none"
 
     @property
+    def variational(self) -> bool:
+        """Whether its density is over variationally dequantized data (Ho et al. 2019): real data are scored by the
+        bound E_q[log p(x + u) - log q(u | x)] with u from its dequantizer (training/sampling/dequantization.py)."""
+        return self.config.data.get("dequantization") == "variational"
+
+    @property
+    def dequantization_samples(self) -> int:
+        """K, the draws of u ~ q(u | x) each score averages the variational bound over (the sidecar's; 1 unstated)."""
+        return int(self.config.data.get("dequantization_samples") or 1)
+
+    @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.config.data["shape"])
 

@@ -85,7 +85,8 @@ MAX_TEXT_CHARS = 256  # a class name, a dataset name, a metrics key
 MAX_METRICS_DEPTH = 8  # evaluate's records nest 2 deep
 MAX_METRICS_VALUES = 10_000  # numbers, strings, lists and objects in all of `metrics` (the shipped ones: ~60)
 MAX_DIMS = 8
-DEQUANTIZATIONS = ("uniform", "none")  # data.dequantization: how a flow's density meets discrete data
+DEQUANTIZATIONS = ("uniform", "variational", "none")  # data.dequantization: how a flow's density meets discrete data
+MAX_DEQUANTIZATION_SAMPLES = 64  # data.dequantization_samples: K draws of q(u | x) a score averages
 
 
 def parse_json(text: str | bytes, what: str) -> Any:
@@ -117,9 +118,12 @@ class StatedData(BaseModel):
     levels: int | None = Field(None, ge=2, le=65_536)  # quantization levels of the data (256 for 8-bit images)
     # How a flow's density relates to those levels (docs/exporting.md, "Units"): "uniform", a density over the
     # dequantized data (level k + u, u ~ U[0, 1)), whose samples the server quantizes back to the levels; "none", a
-    # density evaluated at the levels' values; unstated, uniform for scores and continuous samples (this project's
-    # own flows).
+    # density evaluated at the levels' values; "variational" (Ho et al. 2019), a density over level k + u with u drawn
+    # from the flow's own dequantizer program q(u | x), scored by the variational bound and quantized as "uniform";
+    # unstated, uniform for scores and continuous samples (this project's own flows).
     dequantization: str | None = Field(None, max_length=MAX_TEXT_CHARS)
+    # K: draws of q(u | x) each score of a variationally dequantized flow averages the bound over (default 1).
+    dequantization_samples: int | None = Field(None, ge=1, le=MAX_DEQUANTIZATION_SAMPLES)
 
     @field_validator("shape", mode="before")
     @classmethod
@@ -154,6 +158,15 @@ class StatedData(BaseModel):
                 f"data.dequantization must be one of {', '.join(DEQUANTIZATIONS)}, not {_shown_value(value)}"
             )
         return value
+
+    @model_validator(mode="after")
+    def samples_of_a_dequantizer(self) -> StatedData:
+        if self.dequantization_samples is not None and self.dequantization != "variational":
+            raise ValueError(
+                "data.dequantization_samples counts draws of a variational dequantizer; state it only with "
+                f'data.dequantization "variational" (not {_shown_value(self.dequantization)})'
+            )
+        return self
 
     @field_validator("classes", mode="before")
     @classmethod

@@ -6,7 +6,8 @@ pools and the CLI compute the same numbers by the same functions:
 
 - an EBM (or an ensemble: the mean of its members' energies) gives its energy E(x), or E(x, y) with a label;
 - a flow with an exact inverse (NICE, Glow; i-ResNet with its power-series log-det estimate) gives log p(x) of
-  the dequantized image by one pass, and bits/dim;
+  the dequantized image by one pass, and bits/dim (a variationally dequantized flow: the bound
+  E_q[log p(x + u) - log q(u | x)] in log p's place, training/sampling/dequantization.py);
 - a CNF gives the same by the adaptive ODE solve of training/sampling/likelihood.py at a stated tolerance,
   with the field evaluations it took (the server steps those solves as chains, service/engine/pools/score.py);
 - a GAN saved with its critic gives the critic's value d(x).
@@ -41,7 +42,9 @@ from PIL import Image
 
 from training.families import family_of
 from training.models.flows import bits_per_dim
+from training.runtime.exported_modules import ExportedFlow
 from training.runtime.loaded import LoadedModel
+from training.sampling.dequantization import variational_log_prob
 from training.sampling.langevin import frozen_energy
 from training.sampling.likelihood import (
     DEFAULT_ATOL,
@@ -239,8 +242,23 @@ def one_pass_scores(
         assert model.critic is not None
         return {"critic": model.critic(x).reshape(-1).float().cpu()}
     if family.name == "flow":
-        points = scored_points(x, model.data_range, model.dequantized)[0].to(x.device)
-        log_prob = model.module.log_prob(points).float()  # type: ignore[operator]
+        if model.variational:  # its log_prob: the bound E_q[log p(x + u) - log q(u | x)], in log p's units
+            levels = pixel_levels(x, model.data_range)
+            flow = model.module
+            assert isinstance(flow, ExportedFlow)  # the loader serves a dequantizer with exported flows only
+            log_prob = variational_log_prob(
+                flow.log_prob,
+                flow.dequantize,
+                levels,
+                image_seeds(levels)[0],
+                model.data_range,
+                model.levels,
+                model.dequantization_samples,
+                x.device,
+            )
+        else:
+            points = scored_points(x, model.data_range, model.dequantized)[0].to(x.device)
+            log_prob = model.module.log_prob(points).float()  # type: ignore[operator]
         bits = bits_of(log_prob, model.shape, model.data_range, model.levels)
         return {"log_prob": log_prob.cpu(), "bits_per_dim": bits.cpu()}
     raise ValueError(f"{model.name} scores by an ODE solve, not one pass")

@@ -28,6 +28,7 @@ from service.engine.messages import (
 )
 from service.engine.scheduler import ChainScheduler, Job
 from service.metrics import Metrics
+from training.runtime.images import to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class ChainState:
     labels: torch.Tensor | None = None  # [n] class per chain of a conditional energy or CNF (-1: its null label)
     slots: torch.Tensor | None = None  # [n] replay-buffer slots (-1: not from the buffer)
     energy: torch.Tensor | None = None  # [n]
-    frames: list[torch.Tensor] = field(default_factory=list)
+    frames: list[torch.Tensor] = field(default_factory=list)  # kept, not streamed: [n, H, W, C] uint8 pixels
     frame_steps: list[int] = field(default_factory=list)
     known: torch.Tensor | None = None  # [1, *shape] pixels held fixed (inpainting)
     free: torch.Tensor | None = None  # [1, *shape] bool, True where chains move
@@ -87,12 +88,13 @@ class ChainState:
         return [index for index in range(len(self.chain_steps)) if index not in still]
 
     def keep_frame(self, step: int, steps: int, x: torch.Tensor, energy: torch.Tensor | None) -> None:
-        x_cpu = x.detach().cpu()
+        """Images x [n, *shape] in the data range at `step`: streamed as they are, or kept for the answer as the
+        8-bit pixels [n, H, W, C] every body renders them from (a quarter of float32's bytes)."""
         if self.on_frame is not None:
             energy_cpu = None if energy is None else energy.detach().cpu()
-            self.on_frame(Frame(step, steps, x_cpu, energy_cpu, self.stopped_chains()))
+            self.on_frame(Frame(step, steps, x.detach().cpu(), energy_cpu, self.stopped_chains()))
         else:
-            self.frames.append(x_cpu)
+            self.frames.append(to_uint8(x, self.order.model.members[0].data_range))
             self.frame_steps.append(step)
 
 

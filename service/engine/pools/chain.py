@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -24,6 +25,41 @@ from training.sampling.langevin import arrived
 from training.sampling.sampler_config import EBMSampler, FlowSampler, GANSampler
 
 log = logging.getLogger(__name__)
+
+
+STEP_STATE_COPIES = 8  # states a step makes besides the network's: noise, noised, probe, gradient, push; solver stages
+BACKWARD_FACTOR = 1.5  # what backward adds to the tensors autograd keeps: the gradients of one layer's at a time
+
+
+def probed_step_bytes(
+    evaluate: Callable[[torch.Tensor], torch.Tensor],
+    state_shape: tuple[int, ...],
+    device: torch.device,
+    backward: bool = True,
+    evaluations: int = 1,
+) -> int:
+    """What one step needs a chain on the device besides its state, from a probe of the network `evaluate` runs on
+    states [B, *state_shape]: the bytes autograd keeps to differentiate it at 4 chains less those at 2 (weights,
+    kept at both, cancel), per chain, times BACKWARD_FACTOR for a step that takes the gradient (Langevin, DDLS),
+    once for a forward-only one (an ODE step under no_grad keeps less than autograd would: an upper bound), times
+    the batches a step evaluates (`evaluations`: two for guidance), and STEP_STATE_COPIES float32 states. Probed
+    in float32: bfloat16 steps need less."""
+
+    def kept(chains: int) -> int:
+        storages: dict[int, int] = {}
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        x = torch.zeros(chains, *state_shape, device=device, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), torch.enable_grad():
+            torch.autograd.grad(evaluate(x).sum(), x)
+        return sum(storages.values())
+
+    per_chain = max(0, kept(4) - kept(2)) / 2 * (BACKWARD_FACTOR if backward else 1.0)
+    return int(evaluations * per_chain) + STEP_STATE_COPIES * 4 * math.prod(state_shape)
 
 
 class ChainMove(Protocol):
@@ -47,7 +83,15 @@ class ChainPool(SamplerPool):
     dtype = torch.float32  # what a step computes the energy or field in (the worker sets --sampling-dtype)
     state_values = 0  # values in one chain's state (what it holds between steps)
     image_values = 0  # values in one trajectory frame of a chain
-    step_bytes = 0  # what a step needs a chain besides its state (measured: LangevinPool); 0: not bounded
+    step_bytes = 0  # what a step needs a chain besides its state (probe_step_bytes); 0: not bounded
+
+    def probe_step_bytes(self, probe: Callable[[], int]) -> None:
+        """Set step_bytes from `probe`; one that fails (a program exported for one batch size) leaves the pool's
+        steps unsliced, and the log says so."""
+        try:
+            self.step_bytes = probe()
+        except Exception as error:
+            log.warning("%s: its step's bytes could not be probed (%s); its steps are not sliced", self.name, error)
 
     def make_job(self, order: Order, deliver: Deliver, handle: Handle, on_frame: FrameSink | None) -> Job:
         """A job that holds its chains' bytes on the device (DeviceBudget) from its admission to its answer."""
@@ -73,7 +117,7 @@ class ChainPool(SamplerPool):
         budget = self.scheduler.device.total_bytes
         if budget is None:
             return None
-        held, frame, step = 4 * self.state_values, 4 * self.image_values, self.step_bytes
+        held, frame, step = 4 * self.state_values, self.image_values, self.step_bytes
         return {
             "budget_bytes": budget,
             "held_bytes_per_image": held,
@@ -84,11 +128,12 @@ class ChainPool(SamplerPool):
         }
 
     def held_bytes(self, order: SampleOrder, steps: int, streamed: bool = False) -> int:
-        """What a request's chains hold between steps, in float32: their states (and velocities, with momentum),
-        and the trajectory frames it keeps to answer with (none when streamed: each goes out as it is made)."""
+        """What a request's chains hold between steps: their states (and velocities, with momentum) in float32,
+        and the trajectory frames it keeps to answer with, as 8-bit pixels (none when streamed: each goes out as it
+        is made)."""
         states = 2 if order.momentum else 1
         frames = 0 if streamed or not order.trajectory_every else -(-steps // order.trajectory_every) + 1
-        return 4 * order.n * (states * self.state_values + frames * self.image_values)
+        return order.n * (4 * states * self.state_values + frames * self.image_values)
 
     def _start(self, job: Job) -> None:
         """Give an admitted job's chains their starting states (and keep frame 0 when asked)."""

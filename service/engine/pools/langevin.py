@@ -11,7 +11,7 @@ import torch
 from service.catalogue.registry import BufferGroup
 from service.engine.messages import SampleOrder
 from service.engine.pools.base import state_of
-from service.engine.pools.chain import ChainPool
+from service.engine.pools.chain import ChainPool, probed_step_bytes
 from service.engine.scheduler import Job
 from service.metrics import Metrics
 from training.runtime.draw import chain_labels
@@ -22,33 +22,16 @@ from training.sampling.sampler_config import EBMSampler
 
 log = logging.getLogger(__name__)
 
-STEP_STATE_COPIES = 8  # states a Langevin step makes besides the network's: noise, noised, probe, gradient, push...
-BACKWARD_FACTOR = 1.5  # what backward adds to the tensors autograd keeps: the gradients of one layer's at a time
-
 
 def step_bytes(module: torch.nn.Module, shape: tuple[int, ...], device: torch.device) -> int:
-    """What one Langevin step needs a chain on the device besides its state, from a probe of the network: the bytes
-    autograd keeps for the energy's gradient at 4 chains less those at 2 (weights, kept at both, cancel), per chain,
-    times BACKWARD_FACTOR, and STEP_STATE_COPIES float32 states. Probed in float32 with the plain energy: bfloat16
-    steps keep less; a guided step of a class-conditional energy evaluates twice the chains, so it counts twice."""
-
-    def kept(chains: int) -> int:
-        storages: dict[int, int] = {}
-
-        def pack(tensor: torch.Tensor) -> torch.Tensor:
-            storage = tensor.untyped_storage()
-            storages[storage.data_ptr()] = storage.nbytes()
-            return tensor
-
-        x = torch.zeros(chains, *shape, device=device, requires_grad=True)
-        energy = conditioned_energy(module, torch.full((chains,), -1, device=device))
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), torch.enable_grad():
-            torch.autograd.grad(energy(x).sum(), x)
-        return sum(storages.values())
-
-    per_chain = max(0, kept(4) - kept(2)) / 2 * BACKWARD_FACTOR
+    """What one Langevin step needs a chain besides its state (probed_step_bytes): the energy's gradient, with the
+    plain energy; a guided step of a class-conditional energy evaluates twice the chains, so it counts twice."""
     guided = 2 if getattr(module, "num_classes", 0) else 1
-    return int(guided * per_chain) + STEP_STATE_COPIES * 4 * math.prod(shape)
+
+    def energy(x: torch.Tensor) -> torch.Tensor:  # [B]
+        return conditioned_energy(module, torch.full((len(x),), -1, device=device))(x)
+
+    return probed_step_bytes(energy, shape, device, evaluations=guided)
 
 
 class LangevinPool(ChainPool):
@@ -78,10 +61,7 @@ class LangevinPool(ChainPool):
         self.data_range = group.members[0].data_range
         self.sampler = group.members[0].sampler_as(EBMSampler)
         self.state_values = self.image_values = math.prod(self.shape)
-        try:
-            self.step_bytes = max(step_bytes(module, self.shape, device) for module in self.modules)
-        except Exception as error:  # a program exported for one batch size: it serves, its steps are not sliced
-            log.warning("%s: its step's bytes could not be probed (%s); its steps are not sliced", self.name, error)
+        self.probe_step_bytes(lambda: max(step_bytes(module, self.shape, device) for module in self.modules))
 
     def member_indices(self, order: SampleOrder) -> list[int]:
         return [self.names.index(member.name) for member in order.model.members]

@@ -16,7 +16,7 @@ import torch
 from service.catalogue.registry import ServedModel
 from service.engine.messages import SampleOrder
 from service.engine.pools.base import state_of
-from service.engine.pools.chain import ChainPool
+from service.engine.pools.chain import ChainPool, probed_step_bytes
 from service.engine.scheduler import Job
 from service.metrics import Metrics
 from training.runtime.draw import latent_energy
@@ -55,7 +55,9 @@ class LatentPool(ChainPool):
         self.energy = latent_energy(member)
         self.sampler = member.sampler_as(GANSampler)
         self.data_range = member.data_range
-        self.state_values, self.image_values = self.sampler.latent_dim, math.prod(member.shape)  # not sliced
+        self.state_values, self.image_values = self.sampler.latent_dim, math.prod(member.shape)
+        latent = (self.sampler.latent_dim,)  # a step differentiates d(G(z)) through the generator and the critic
+        self.probe_step_bytes(lambda: probed_step_bytes(self.energy, latent, device))
 
     def _start(self, job: Job) -> None:
         state, order = state_of(job), state_of(job).order
@@ -67,18 +69,20 @@ class LatentPool(ChainPool):
 
     def _advance(self, module_index: int, jobs: list[Job]) -> LangevinStep:
         states = [state_of(job) for job in jobs]
-        z = torch.cat([state.x for state in states if state.x is not None])  # [B, latent]
-        seeds = torch.cat([state.seeds for state in states if state.seeds is not None])  # [B]
-        done = torch.cat([torch.full((job.n,), job.done_steps, dtype=torch.int64) for job in jobs]).to(self.device)
+        z = torch.cat([state.running(state.x) for state in states if state.x is not None])  # [B, latent]
+        seeds = torch.cat([state.running(state.seeds) for state in states if state.seeds is not None])  # [B]
+        sizes = [state.stepping for state in states]  # a job's chains this step: a slice of them within the budget
+        counts = [torch.full((size,), job.done_steps, dtype=torch.int64) for job, size in zip(jobs, sizes, strict=True)]
+        done = torch.cat(counts)  # [B] each chain's step, counted once all of its request's chains took it
 
         def per_chain(value: Callable[[SampleOrder], float]) -> torch.Tensor:
-            return torch.cat([torch.full((state.order.n,), value(state.order)) for state in states])
+            return torch.cat([torch.full((size,), value(s.order)) for s, size in zip(states, sizes, strict=True)])
 
         return latent_step(
             self.energy,
             z,
             seeds,
-            done,
+            done.to(self.device),
             step_size=per_chain(lambda order: order.step_size),
             noise=per_chain(lambda order: order.noise),
             temperature=per_chain(lambda order: order.temperature),

@@ -19,7 +19,7 @@ import torch
 from service.catalogue.registry import ServedModel
 from service.engine.messages import ChainDiverged
 from service.engine.pools.base import state_of
-from service.engine.pools.chain import ChainPool
+from service.engine.pools.chain import ChainPool, probed_step_bytes
 from service.engine.scheduler import Job
 from service.metrics import Metrics
 from training.models.cnf import guided_velocity
@@ -64,12 +64,20 @@ class OdePool(ChainPool):
         self.loaded = model.members[0]
         self.field = self.loaded.module  # frozen, in eval mode
         self.shape = self.loaded.shape
-        self.state_values = self.image_values = math.prod(self.shape)  # held only: its steps are not sliced
+        self.state_values = self.image_values = math.prod(self.shape)
         self.data_range = self.loaded.data_range
         self.sampler = self.loaded.sampler_as(FlowSampler)
         if self.sampler.solver is None:
             raise ValueError(f"{model.name} is not a CNF: its sampler names no ODE solver")
         self.solver = self.sampler.solver
+        self.probe_step_bytes(lambda: probed_step_bytes(self._probed_field, self.shape, device, backward=False))
+
+    def _probed_field(self, x: torch.Tensor) -> torch.Tensor:
+        """The field at t = 0 on states x [B, *shape], guided where it can be (its unconditional rows evaluated
+        beside the labelled ones: the most a step's batch evaluates): what a step's bytes are probed with."""
+        labels = None if self.loaded.classes is None else torch.zeros(len(x), dtype=torch.int64)
+        guidance = torch.full((len(x),), 2.0)
+        return guided_velocity(self.field, labels, guidance)(x, torch.zeros(len(x), device=x.device))
 
     def _start(self, job: Job) -> None:
         state, order = state_of(job), state_of(job).order
