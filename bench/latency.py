@@ -1,6 +1,7 @@
 """One small request against the raw loop: what serving adds to a single request, and to each of its steps.
 
     python bench/latency.py --requests 15 --repeats 5
+    python bench/latency.py --device cuda --sampling-dtype bfloat16  # a lent GPU: where a step is about a millisecond
 
 Two figures, from one server (`python -m service`, --threads torch threads, --sampling-dtype) and this process
 (the same threads and dtype), every served measurement interleaved with its in-process one so that load on a
@@ -85,6 +86,16 @@ def timed(action: Callable[..., bytes], *args: Any) -> tuple[float, bytes]:
     return time.perf_counter() - started, body
 
 
+def same(served_png: bytes, local_png: bytes, which: str, device: str) -> None:
+    """Stop when a served PNG is not the in-process one: on a CPU seeded chains are bit for bit the same; on a GPU
+    kernels may pick other algorithms in another process, so a difference is only reported."""
+    if served_png == local_png:
+        return
+    if device == "cpu":
+        raise SystemExit(f"{which}: the served PNG differs from the in-process one")
+    print(f"{which}: the served PNG differs from the in-process one (on {device}: reported, not fatal)")
+
+
 def in_process(model: LoadedModel, dtype: torch.dtype, n: int, seed: int, steps: int | None = None) -> bytes:
     """The draw as the CLI makes it, then the server's PNG (one image for n = 1, a grid for more)."""
     samples = draw_samples(model, chain_seeds(seed, n), steps=steps, init="noise" if steps else None, dtype=dtype)
@@ -106,8 +117,7 @@ def one_request(
     for seed in range(args.requests + 1):  # seed 0 warms both
         server_s, png = timed(served, session, base, {**body, "seed": seed})
         local_s, local_png = timed(in_process, model, dtype, args.n, seed)
-        if png != local_png:
-            raise SystemExit(f"seed {seed}: the served PNG differs from the in-process one")
+        same(png, local_png, f"seed {seed}", args.device)
         if seed:
             times["served"].append(server_s)
             times["in-process"].append(local_s)
@@ -139,8 +149,7 @@ def step_cost(
             long_s, png = timed(served, session, base, {**body, "steps": long})
             short_local, _ = timed(in_process, linear, dtype, chains, repeat, 1)
             long_local, local_png = timed(in_process, linear, dtype, chains, repeat, long)
-            if png != local_png:
-                raise SystemExit(f"{chains} chains, seed {repeat}: the served PNG differs from the in-process one")
+            same(png, local_png, f"{chains} chains, seed {repeat}", args.device)
             if repeat:
                 server_step, local_step = (long_s - short_s) / extra, (long_local - short_local) / extra
                 rows["served"].append(server_step)
@@ -164,22 +173,25 @@ def main() -> None:
     parser.add_argument("--chains", default="4,64", help="chain counts of figure 2, comma-separated")
     parser.add_argument("--long-steps", type=int, default=201, help="the long request's steps in figure 2")
     parser.add_argument("--repeats", type=int, default=5, help="pairs of requests at each chain count in figure 2")
+    parser.add_argument("--device", default="cpu", help="where the server and the in-process draws run: cpu, cuda")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, of the server and of this process")
     parser.add_argument("--sampling-dtype", default="float32", help="as the server's --sampling-dtype")
     args = parser.parse_args()
     checkpoint = Path(args.checkpoint)
     args.model = checkpoint.stem
     torch.set_num_threads(args.threads)
-    device = torch.device("cpu")
+    device = torch.device(args.device)
     dtype = sampling_dtype(args.sampling_dtype, device)
     machine = platform.processor() or platform.machine()
+    if device.type == "cuda":
+        machine = torch.cuda.get_device_name(device)
     print(f"{machine}, {args.threads} torch thread(s), {args.sampling_dtype}, torch {torch.__version__}")
     with tempfile.TemporaryDirectory(prefix="bench-latency-") as scratch:
         models, state = Path(scratch) / "models", Path(scratch) / "state"
         models.mkdir()
         shutil.copy(checkpoint, models / checkpoint.name)
         linear_path = export_linear(models, args.long_steps)
-        flags = ["--models-dir", str(models), "--state-dir", str(state), "--device", "cpu"]
+        flags = ["--models-dir", str(models), "--state-dir", str(state), "--device", args.device]
         flags += ["--sampling-dtype", args.sampling_dtype, "--request-timeout-s", "600"]
         process, base = launch.start_server(flags, args.threads, Path(scratch) / "server.log")
         try:
