@@ -41,7 +41,7 @@ def pixel_grid(pixels: torch.Tensor, columns: int | None = None, padding: int = 
     if n == 1:
         return _to_pil(pixels[0])
     columns = columns or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / columns)
+    rows = math.ceil(n / columns)  # what grid_pixels counts
     canvas = torch.zeros(
         rows * (height + padding) + padding, columns * (width + padding) + padding, channels, dtype=torch.uint8
     )
@@ -50,6 +50,17 @@ def pixel_grid(pixels: torch.Tensor, columns: int | None = None, padding: int = 
         left = padding + (index % columns) * (width + padding)
         canvas[top : top + height, left : left + width] = pixels[index]
     return _to_pil(canvas)
+
+
+def grid_pixels(n: int, shape: tuple[int, ...] | list[int], padding: int = 2) -> int:
+    """Pixels of the picture `pixel_grid` lays out for n images of `shape` [C, H, W]: one frame of a GIF."""
+    channels, height, width = shape
+    wide = 1 if channels in (1, 3) else channels  # other channel counts are shown side by side (_to_pil)
+    if n == 1:
+        return height * wide * width
+    columns = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / columns)
+    return (rows * (height + padding) + padding) * wide * (columns * (width + padding) + padding)
 
 
 def _to_pil(pixels: torch.Tensor) -> Image.Image:  # [H, W, C] uint8
