@@ -115,7 +115,7 @@ def palette_frames(frames: list[Image.Image]) -> list[Image.Image]:
     frame's pixels then take their nearest colour (one C pass a frame, no dithering: dither would flicker between
     frames and defeat LZW). From the second frame on, a pixel whose colour is the one before becomes transparent
     (index PALETTE_COLOURS): long runs that LZW packs into few codes."""
-    rgb = [frame.convert("RGB") for frame in frames]
+    rgb = [frame if frame.mode == "RGB" else frame.convert("RGB") for frame in frames]
     width, height = rgb[0].size
     rng = np.random.default_rng(0)  # the same frames give the same bytes
     shares = [PALETTE_SAMPLE // (2 * len(rgb))] * len(rgb)
