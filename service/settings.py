@@ -45,6 +45,13 @@ class Settings(BaseSettings):
     max_n: int = Field(64, ge=1, description="samples per request")
     max_steps: int = Field(2000, ge=1, description="Langevin steps per request")
     max_frames: int = Field(65, ge=2, description="trajectory frames per request")
+    max_gif_pixels: int = Field(
+        1 << 26,
+        ge=1,
+        description="pixels of a GIF answer, all its frames together (frames x the grid of n images): larger ones"
+        " are refused before their chains run; streamed trajectories are not bounded by it (64 Mi: n 64 at"
+        " 3x128x128 over 33 frames is 36 M)",
+    )
     max_body_bytes: int | None = Field(
         None,
         ge=1024,

@@ -174,3 +174,17 @@ def test_export_parity_serves_each_checkpoint_beside_its_export_and_finds_them_e
         assert cells[3].startswith("200") and cells[4] == cells[3]  # both served, the same steps
         assert cells[6] == "0, 0.00%", (name, dtype)  # the copy runs in float32: the checkpoint's float32 samples
     assert rows["gan", "float32"][3] == "200, 3 steps"
+
+
+def test_gif_speed_bench_prints_a_row_per_encoder_and_the_grey_gif_is_exact() -> None:
+    printed = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gif_speed.py"), "--rows", "1x8:4:3", "3x8:4:3", "--before"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout.splitlines()
+    rows = [line.split(" | ") for line in printed if line.startswith("| ") and "x 4 chains" in line]
+    assert [row[2] for row in rows] == ["gif_bytes", "Pillow per frame (before)"] * 2
+    grey = [row for row in rows if "(L " in row[1]]
+    assert len(grey) == 2 and grey[0][4] == grey[1][4] and all(row[5] == "0.00" for row in grey)  # the same bytes

@@ -33,7 +33,7 @@ from service.http.bridge import record, response_for, sample_result, stream
 from service.http.memory import map_large_blocks, return_freed_memory
 from service.http.middleware import BearerKey, BodyLimits
 from service.http.model_info import ServedModelInfo, model_info
-from service.http.orders import check_applicable, make_order
+from service.http.orders import check_applicable, check_gif_pixels, gif_frames, make_order
 from service.http.schemas import ErrorBody, Readiness, SampleRequest, SampleResponse
 from service.http.score_route import MODEL_VERSION_HEADER, add_score_route
 from service.metrics import Metrics
@@ -347,7 +347,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     response: Response = stream(worker, order, settings, metrics, started)
                     response.headers[MODEL_VERSION_HEADER] = model.version
                     return response
+                if body.format == "gif":
+                    check_gif_pixels(gif_frames(order), order, settings)  # before its chains run
                 result = await sample_result(worker, order, settings, request)
+                if body.format == "gif":
+                    check_gif_pixels(len(result.frames) or 1, order, settings)  # a one-pass sampler's states
                 response = await response_for(result, order, body.format, started)
                 response.headers[MODEL_VERSION_HEADER] = model.version
                 status = response.status_code

@@ -45,6 +45,7 @@ def model_info(model: ServedModel, worker: Worker, store: BufferStore, settings:
             "max_n": settings.max_n,
             "max_steps": settings.max_steps,
             "max_frames": settings.max_frames,
+            "max_gif_pixels": settings.max_gif_pixels,  # a GIF answer's frames x its grid's pixels
             "fields": _request_limits(settings, model),
             "score": score_limits(settings, model),
             "device": worker.device_limits(model),  # images and bytes within --device-budget-mb (None: unbounded)

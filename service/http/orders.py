@@ -19,7 +19,7 @@ from service.engine.messages import SampleOrder
 from service.http.schemas import SampleRequest
 from service.settings import Settings
 from training.families import FAMILIES
-from training.runtime.images import decode_image, image_size
+from training.runtime.images import decode_image, grid_pixels, image_size
 
 UNSTREAMED_FRAMES = 33  # a GIF or JSON body keeps a trajectory to at most this many frames
 
@@ -107,6 +107,41 @@ def requested_steps(body: SampleRequest, model: ServedModel) -> int:
 def frame_limit(settings: Settings, streaming: bool) -> int:
     """Frames a trajectory may have: all allowed when streamed, a GIF or JSON body keeps it smaller."""
     return settings.max_frames if streaming else min(settings.max_frames, UNSTREAMED_FRAMES)
+
+
+def gif_frames(order: SampleOrder) -> int:
+    """The frames a GIF answer to an order shows, as far as they are known before its chains run: a chain's
+    kept frames (every trajectory_every-th step, and the last); one for a one-pass sampler, whose pass may show more
+    states (a flow's inverse), counted again once made."""
+    every = order.trajectory_every
+    return -(-order.steps // every) + 1 if every and not _one_pass(order) else 1
+
+
+def _one_pass(order: SampleOrder) -> bool:
+    return order.model.kind.pool_for(order.model.members[0], order.steps) == "one_pass"
+
+
+def check_gif_pixels(frames: int, order: SampleOrder, settings: Settings) -> None:
+    """422 for a GIF answer of more than --max-gif-pixels (frames x the grid of the order's n images), naming the
+    limit and what fits instead: fewer images, fewer frames, or the frames streamed (not bounded by it)."""
+    shape = order.model.members[0].shape
+    pixels = frames * grid_pixels(order.n, shape)
+    limit = settings.max_gif_pixels
+    if pixels <= limit:
+        return
+    fits = ["stream the frames ('stream': true, or Accept: text/event-stream)"]
+    fewer_frames = limit // grid_pixels(order.n, shape)
+    if fewer_frames >= 2 and frames > 1 and not _one_pass(order):
+        every = math.ceil(order.steps / (fewer_frames - 1))
+        fits.insert(0, f"ask for at most {fewer_frames} frames ('trajectory_every' of {every} or more)")
+    fewer_images = next((n for n in range(order.n - 1, 0, -1) if frames * grid_pixels(n, shape) <= limit), 0)
+    if fewer_images:
+        fits.insert(0, f"ask for at most {fewer_images} images")
+    raise HTTPException(
+        422,
+        detail=f"a GIF of {frames} frames of {order.n} images of {list(shape)} is {pixels:,} pixels; this server "
+        f"encodes at most {limit:,} (--max-gif-pixels): {', or '.join(fits)}",
+    )
 
 
 def _decode_upload(field: str, text: str, model: ServedModel) -> tuple[torch.Tensor, tuple[int, int]]:
