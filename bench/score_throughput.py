@@ -3,10 +3,11 @@ against `evaluate`'s.
 
 1. One-pass scores (`--models`, default eqm_mnist and glow_mnist): --clients concurrent clients each send
    --requests requests of --images PNG test images (each client its own images); the served rate is images
-   scored over the wall time of all requests. The raw rate is `one_pass_scores` (what the server's pool runs)
-   in this process on the same decoded batches, one batch of --images at a time, and on the largest batch the
-   server could form (clients x images). The server runs as `python -m service` in a subprocess with --threads
-   torch threads; client and server share the machine, as they would on one host.
+   scored over the wall time of all requests. The raw rate is `one_pass_scores` and the model's OOD score's
+   `ood_statistics` (what the server's pool runs) in this process on the same decoded batches, one batch of
+   --images at a time, and on the largest batch the server could form (clients x images). The server runs as
+   `python -m service` in a subprocess with --threads torch threads; client and server share the machine, as
+   they would on one host.
 2. A CNF (`--cnf`, default cnf_mnist): bits/dim of the first --cnf-images images of evaluate's own test subset
    (seed 0), by `cnf_bits_per_dim` (evaluate's figure: one seeded dequantization draw) and over HTTP (each
    image's dequantization and probes seeded by its pixels), both at rtol = atol = 1e-5 with one probe: the
@@ -40,7 +41,7 @@ from PIL import Image
 from training.runtime.images import decode_exact
 from training.runtime.load import load_model
 from training.sampling.likelihood import cnf_bits_per_dim
-from training.sampling.scoring import one_pass_scores, score_family
+from training.sampling.scoring import one_pass_scores, ood_score_name, ood_statistics, score_family
 from training.train.data import load_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,14 +84,21 @@ def served_rate(base: str, model: str, bodies: list[list[bytes]]) -> float:
 
 
 def raw_rate(model_path: Path, batches: list[torch.Tensor], repeats: int = 3) -> float:
+    """Images a second of what the server's pool computes for each batch: the family's scores and the statistics
+    the model's OOD score reads (an energy's `typicality`: gradient norms at x and at three perturbations)."""
     model = load_model(model_path, torch.device("cpu"))
     family = score_family(model)
-    one_pass_scores(family, [model], batches[0], None)  # warm-up
+    ood = ood_score_name(model, family)
+
+    def scores(batch: torch.Tensor) -> None:
+        ood_statistics(ood, [model], batch, None, one_pass_scores(family, [model], batch, None))
+
+    scores(batches[0])  # warm-up
     best = math.inf
     for _ in range(repeats):
         started = time.perf_counter()
         for batch in batches:
-            one_pass_scores(family, [model], batch, None)
+            scores(batch)
         best = min(best, time.perf_counter() - started)
     return sum(len(batch) for batch in batches) / best
 
