@@ -211,7 +211,38 @@ def test_the_resize_network_with_r1_trains_saves_and_serves_its_critic(tmp_path:
 
 
 def test_unknown_networks_and_negative_r1_are_refused(tmp_path: Path) -> None:
-    for field, value, words in (("network", "unet", "unknown GAN network"), ("r1", -1.0, "at least 0")):
+    refusals = (
+        ("network", "unet", "unknown GAN network"),
+        ("r1", -1.0, "at least 0"),
+        ("autocast", "float16", "or none"),
+    )
+    for field, value, words in refusals:
         config = GANTrainConfig(out=str(tmp_path / "x.safetensors"), dataset="toy2d:moons", **{field: value})
         with pytest.raises(ValueError, match=words):
             train_gan(config)
+
+
+def test_a_clipped_wgan_trains_its_batch_norm_critic_in_bfloat16_and_saves_float32(
+    tmp_path: Path, idx_dir: Path
+) -> None:
+    """--autocast bfloat16 runs the forward passes in bfloat16 (the weights move differently than in float32)
+    while the checkpoint keeps float32 weights; the clipped critic has batch norm (Arjovsky et al.'s critic),
+    and clipping holds for every parameter, batch norm's included."""
+    weights = {}
+    for autocast in ("none", "bfloat16"):
+        out = tmp_path / f"{autocast}.safetensors"
+        flags = ["--loss", "wgan", "--network", "resize", "--width", "8", "--latent-dim", "16", "--max-batches", "4"]
+        command = ["gan", "--data-dir", str(idx_dir), "--epochs", "1", "--out", str(out), "--device", "cpu"]
+        main([*command, *flags, "--critic-steps", "2", "--autocast", autocast])
+        checkpoint = load_checkpoint(out)
+        assert checkpoint.config.arch["critic"]["kwargs"]["batch_norm"] is True
+        assert any("running_mean" in key for key in checkpoint.extras["critic"])
+        parameters = [tensor for key, tensor in checkpoint.extras["critic"].items() if "running" not in key]
+        assert all(tensor.abs().max() <= 0.01 + 1e-7 for tensor in parameters if tensor.is_floating_point())
+        weights[autocast] = checkpoint.weights
+        assert all(
+            tensor.dtype == torch.float32 for tensor in checkpoint.weights.values() if tensor.is_floating_point()
+        )
+        assert sample_generator(load_model(out), torch.arange(3), steps=2).isfinite().all()
+    moved = [not torch.equal(weights["none"][key], weights["bfloat16"][key]) for key in weights["none"]]
+    assert any(moved)

@@ -25,7 +25,7 @@ from training.train.ema import ema_update, warmed_up_decay
 from training.train.lifecycle import EpochHooks, EpochSave, TrainingRun
 from training.train.losses import energy_gap, equilibrium_matching
 from training.train.progress import progress
-from training.train.run import fixed_noise_loss, scheduled_learning_rate, set_learning_rate
+from training.train.run import fixed_noise_loss, scheduled_learning_rate, set_learning_rate, training_autocast
 
 
 def eqm_arch(dataset: ImageDataset, config: EBMTrainConfig) -> dict[str, Any]:
@@ -70,12 +70,6 @@ def learning_rate(config: EBMTrainConfig, update: int, total: int) -> float:
     )
 
 
-def autocast(config: EBMTrainConfig, device: torch.device) -> torch.autocast:
-    if config.autocast not in ("bfloat16", "none"):
-        raise ValueError(f"--autocast must be bfloat16 or none, not {config.autocast!r}")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.autocast == "bfloat16")
-
-
 def eqm_loss(
     model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor | None, config: EBMTrainConfig
 ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -112,7 +106,7 @@ def fill_buffer(
         count = min(config.batch_size, capacity - first)
         labels = (torch.arange(first, first + count) % classes).to(device) if classes else None
         start = (torch.randn(count, *shape, generator=generator) * config.prior_std).to(device)
-        with autocast(config, device):
+        with training_autocast(config.autocast, device):
             x = sample_langevin(frozen_energy(model, labels), start, eqm_sampler(config), (-1.0, 1.0), generator)
         buffer.write_back(torch.full((count,), -1), x, labels)
     return buffer
@@ -124,7 +118,7 @@ def draw_negatives(
     """Advance `cd_chains` persistent chains by one short visit under the current weights, and store them back."""
     start, slots = buffer.draw(config.cd_chains)
     labels = buffer.labels[slots.clamp(min=0)].to(device) if classes else None
-    with autocast(config, device):
+    with training_autocast(config.autocast, device):
         fake = sample_langevin(frozen_energy(model, labels), start.to(device), negative_sampler(config), (-1.0, 1.0))
     buffer.write_back(slots, fake)
     return fake, labels
@@ -165,7 +159,7 @@ def eqm_update(
     """One Equilibrium Matching update (plus the bridge's CD term when given negatives): the loss under
     autocast, gradient-norm clipping, one Adam step."""
     set_learning_rate(optimizer, lr)
-    with autocast(config, x.device):
+    with training_autocast(config.autocast, x.device):
         loss, parts = eqm_loss(model, x, labels, config)
         if negatives is not None:
             term, bridge_parts = bridge_term(model, x, labels, negatives, loss, config)

@@ -27,7 +27,13 @@ from training.train.data import ImageDataset
 from training.train.ema import ema_update, warmed_up_decay
 from training.train.lifecycle import EpochHooks, EpochSave, TrainingRun
 from training.train.losses import flow_matching, optimal_transport_pairing
-from training.train.run import RunConfig, fixed_noise_loss, scheduled_learning_rate, set_learning_rate
+from training.train.run import (
+    RunConfig,
+    fixed_noise_loss,
+    scheduled_learning_rate,
+    set_learning_rate,
+    training_autocast,
+)
 
 # What each architecture uses when a flag is left unset: hidden width, base distribution, and the
 # sampling temperature stored in the checkpoint (NICE's paper samples at 0.8, Glow's at 0.7).
@@ -151,13 +157,6 @@ def dataset_bits_per_dim(
 # --- The continuous normalizing flow's pieces (--arch cnf) ----------------------------------------
 
 
-def cnf_autocast(config: FlowTrainConfig, device: torch.device) -> torch.autocast:
-    """bfloat16 autocast of the field's network, as the EqM energies train (training/train/ebm_eqm.py)."""
-    if config.autocast not in ("bfloat16", "none"):
-        raise ValueError(f"--autocast must be bfloat16 or none, not {config.autocast!r}")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.autocast == "bfloat16")
-
-
 def flow_sampler(config: FlowTrainConfig) -> FlowSampler:
     """What the checkpoint tells every client to run by default: the inverse pass, or for a CNF the ODE from
     the Gaussian prior at std `temperature` with the run's solver, steps and guidance."""
@@ -197,7 +196,7 @@ def validate_cnf(
     across epochs)."""
 
     def loss(images: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        with cnf_autocast(config, device):
+        with training_autocast(config.autocast, device):
             return cnf_loss(model, training_points(images).to(device), labels, False)[0]
 
     batches = config.validate_batches
@@ -288,7 +287,7 @@ def train_flow(config: FlowTrainConfig) -> Path:
                 if classes:  # classifier-free training: a share of the labels is the null label
                     labels = train.labels[index].to(device)
                     labels = torch.where(torch.rand(len(index), device=device) < config.label_dropout, -1, labels)
-                with cnf_autocast(config, device):
+                with training_autocast(config.autocast, device):
                     loss, _ = cnf_loss(model, data, labels, config.ot_pairing)
             else:
                 loss = bits_per_dim(cast(Flow, model).log_prob(data), dim).mean()

@@ -30,7 +30,7 @@ from training.train.losses import (
     wasserstein_critic_loss,
     wasserstein_generator_loss,
 )
-from training.train.run import RunConfig
+from training.train.run import RunConfig, training_autocast
 
 LOSSES = ("dcgan", "wgan", "wgan-gp")
 NETWORKS = ("transposed", "resize")
@@ -68,6 +68,7 @@ class GANTrainConfig(RunConfig):
     instance_noise: float = 0.0  # std of noise on real and fake critic inputs, annealed to 0 over training
     feature_matching: float = 0.0  # weight of the feature-matching term in the generator loss
     ema_decay: float = 0.999  # the shipped generator is this exponential moving average
+    autocast: str = "none"  # bfloat16: forward passes in bfloat16 (~1.8x on avx512_bf16 CPUs); none: float32
 
 
 def _architectures(dataset: ImageDataset, config: GANTrainConfig) -> tuple[dict, dict]:
@@ -83,8 +84,9 @@ def _architectures(dataset: ImageDataset, config: GANTrainConfig) -> tuple[dict,
         "kwargs": {"latent_dim": config.latent_dim, "width": config.width, "channels": channels, "image_size": size},
     }
     critic_kwargs = {"width": config.width, "channels": channels, "image_size": size}
-    # Batch norm couples a batch's samples, which R1's and WGAN-GP's per-sample gradients must not see.
-    critic_kwargs["batch_norm"] = config.loss == "dcgan" and not config.r1
+    # Batch norm couples a batch's samples, which R1's and WGAN-GP's per-sample gradients must not see; the
+    # clipped WGAN keeps it, as in Arjovsky et al.'s critic: without it clipped layers shrink every activation.
+    critic_kwargs["batch_norm"] = config.loss == "wgan" or (config.loss == "dcgan" and not config.r1)
     if resize:
         critic_kwargs["depth"] = 3
     critic = {"name": "conv_critic", "kwargs": critic_kwargs}
@@ -105,6 +107,7 @@ def train_gan(config: GANTrainConfig) -> Path:
         raise ValueError(f"unknown GAN loss {config.loss!r}; expected one of {', '.join(LOSSES)}")
     if config.network not in NETWORKS:
         raise ValueError(f"unknown GAN network {config.network!r}; expected one of {', '.join(NETWORKS)}")
+    training_autocast(config.autocast, torch.device("cpu"))  # a bad --autocast stops before the run begins
     if config.r1 < 0:
         raise ValueError(f"--r1 is a penalty weight, at least 0, not {config.r1}")
     run = TrainingRun.begin(config, "gan", with_test=False)
@@ -170,18 +173,19 @@ def train_gan(config: GANTrainConfig) -> Path:
 
             real = train.images[batch].to(device)
             latents = torch.randn(len(real), config.latent_dim, device=device)
-            fake = generator(latents)
-            real_scores, fake_scores = critic(perturb(real)), critic(perturb(fake.detach()))
-            if config.loss == "dcgan":
-                critic_loss = discriminator_loss(real_scores, fake_scores, config.label_smoothing)
-                if config.r1:
-                    critic_loss = critic_loss + r1_penalty(critic, perturb(real), config.r1)
-            else:
-                critic_loss = wasserstein_critic_loss(real_scores, fake_scores)
-                if config.loss == "wgan-gp":  # on the same (noised) inputs the critic sees
-                    critic_loss = critic_loss + gradient_penalty(
-                        critic, perturb(real), perturb(fake.detach()), config.gp_weight
-                    )
+            with training_autocast(config.autocast, device):
+                fake = generator(latents)
+                real_scores, fake_scores = critic(perturb(real)).float(), critic(perturb(fake.detach())).float()
+                if config.loss == "dcgan":
+                    critic_loss = discriminator_loss(real_scores, fake_scores, config.label_smoothing)
+                    if config.r1:
+                        critic_loss = critic_loss + r1_penalty(critic, perturb(real), config.r1)
+                else:
+                    critic_loss = wasserstein_critic_loss(real_scores, fake_scores)
+                    if config.loss == "wgan-gp":  # on the same (noised) inputs the critic sees
+                        critic_loss = critic_loss + gradient_penalty(
+                            critic, perturb(real), perturb(fake.detach()), config.gp_weight
+                        )
             critic_optimizer.zero_grad(set_to_none=True)
             critic_loss.backward()
             critic_optimizer.step()
@@ -194,15 +198,16 @@ def train_gan(config: GANTrainConfig) -> Path:
             critic_updates += 1
             if critic_updates % critic_steps:
                 continue
-            fake_scores = critic(perturb(fake))
-            if config.loss == "dcgan":
-                generator_loss = non_saturating_generator_loss(fake_scores)
-            else:
-                generator_loss = wasserstein_generator_loss(fake_scores)
-            if config.feature_matching:
-                generator_loss = generator_loss + config.feature_matching * feature_matching_loss(
-                    critic.features(perturb(real)), critic.features(perturb(fake))
-                )
+            with training_autocast(config.autocast, device):
+                fake_scores = critic(perturb(fake)).float()
+                if config.loss == "dcgan":
+                    generator_loss = non_saturating_generator_loss(fake_scores)
+                else:
+                    generator_loss = wasserstein_generator_loss(fake_scores)
+                if config.feature_matching:
+                    generator_loss = generator_loss + config.feature_matching * feature_matching_loss(
+                        critic.features(perturb(real)).float(), critic.features(perturb(fake)).float()
+                    )
             generator_optimizer.zero_grad(set_to_none=True)
             generator_loss.backward()
             generator_optimizer.step()
