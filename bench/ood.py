@@ -8,7 +8,10 @@ Candidates (higher = more out of distribution), from each model's own numbers:
   a lossless compressor's (PNG at level 9); for an energy, which has no unit, the residual of the energy after
   the least-squares line through (PNG bits, energy) of the reference images;
 - `typicality`: |s - mean| / std of a base score s over the reference images (Nalisnick et al. 2019, one
-  image at a time): inputs *more* likely than the data are flagged too, the hard direction's failure.
+  image at a time): inputs *more* likely than the data are flagged too, the hard direction's failure;
+- with `--background B` (an energy trained on perturbed images of the same data, Ren et al. 2019's background
+  model): `likelihood_ratio`, E(x) - E_B(x), the energy less what the background explains (pixel statistics
+  such as how much of the image is empty), and the Mahalanobis distances with E_B beside the other statistics.
 Reference statistics (means, the complexity line) use the held-out second half of the in-distribution test set
 (`--reference-n` images from index 5000); AUROC uses the first `--n` images of each test set: no image is in both.
 
@@ -111,13 +114,23 @@ def derived_scores(
 ) -> dict[str, torch.Tensor]:
     """Each base score, its typicality and its complexity correction (the reference gives their constants)."""
     out = dict(scores)
+    if "background_energy" in scores:
+        out["likelihood_ratio"] = scores["energy"] - scores["background_energy"]
+        pair = ["energy", "background_energy"]
+        out["mahalanobis(energy, background_energy)"] = mahalanobis(
+            stack(scores, pair, None), stack(reference, pair, None)
+        )
     for name, values in scores.items():
         mean, std = reference[name].mean(), reference[name].std().clamp(min=1e-12)
         out[f"typicality({name})"] = ((values - mean) / std).abs()
     if "bits_per_dim" in scores:
         dim_bits = scores["bits_per_dim"] * 784  # bits of the image under the flow
         out["complexity(bits_per_dim)"] = dim_bits - complexity
-    vector = [name for name in scores if name.startswith("grad_norm") or name in ("energy", "bits_per_dim")]
+    vector = [
+        name
+        for name in scores
+        if name.startswith("grad_norm") or name in ("energy", "bits_per_dim", "background_energy")
+    ]
     out["mahalanobis(" + ", ".join(vector) + ", png)"] = mahalanobis(
         stack(scores, vector, complexity), stack(reference, vector, ref_png)
     )
@@ -156,11 +169,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument(
+        "--background", type=Path, default=None, help="an energy trained on perturbed images: the likelihood ratio"
+    )
+    parser.add_argument(
         "--recorded-only", action="store_true", help="only the OOD score the checkpoint records, by the server's code"
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = load_model(args.checkpoint, torch.device("cpu"))
+    background = load_model(args.background, torch.device("cpu")) if args.background else None
     dataset = args.dataset or model.config.data.get("dataset", "mnist")
     inside = load_dataset(dataset, args.data_dir, "test").images
     outside = load_dataset(args.ood_dataset, args.ood_data_dir, "test").images[: args.n]
@@ -173,7 +190,10 @@ def main() -> None:
     sets = {}
     for name, images in (("reference", reference), ("in", inside), ("out", outside)):
         print(f"ood: scoring {len(images)} {name} images", file=sys.stderr, flush=True)
-        sets[name] = (base_scores(model, images, args.rtol, args.seed), png_bits(images))
+        scores = base_scores(model, images, args.rtol, args.seed)
+        if background is not None:
+            scores["background_energy"] = energy_scores(background, images)["energy"]
+        sets[name] = (scores, png_bits(images))
     ref_scores, ref_png = sets["reference"]
     in_all = derived_scores(*sets["in"], ref_scores, ref_png)
     out_all = derived_scores(*sets["out"], ref_scores, ref_png)

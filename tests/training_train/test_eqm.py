@@ -13,6 +13,7 @@ from training.models.energy_unet import UNetEnergy
 from training.runtime.checkpoint import load_checkpoint
 from training.runtime.load import load_model
 from training.sampling.noise import chain_seeds
+from training.train.ebm_eqm import perturbed
 
 CENTERS = torch.stack([torch.cos(torch.arange(8) * math.pi / 4), torch.sin(torch.arange(8) * math.pi / 4)], 1) * 0.75
 
@@ -183,3 +184,19 @@ def test_the_bridge_resumes_exactly_with_its_buffer(toy_energy: Path, tmp_path: 
     for name, tensor in whole.weights.items():
         torch.testing.assert_close(parts.weights[name], tensor)
     torch.testing.assert_close(parts.extras["replay_buffer"]["samples"], whole.extras["replay_buffer"]["samples"])
+
+
+def test_perturbed_training_images_replace_the_asked_share_of_pixels_by_uniform_noise(tmp_path: Path, capsys) -> None:
+    """--perturb (Ren et al.'s background model): that share of values replaced by uniforms in [-1, 1], none at 0;
+    a share outside [0, 1) is refused before the run starts."""
+    images = torch.full((64, 1, 28, 28), 0.25)
+    torch.manual_seed(0)
+    noisy = perturbed(images, 0.2)
+    changed = noisy != images
+    assert 0.18 < changed.float().mean() < 0.22
+    assert noisy.min() >= -1 and noisy.max() <= 1 and noisy[changed].std() > 0.5  # uniform over the range
+    assert perturbed(images, 0.0) is images
+    with pytest.raises(SystemExit):
+        train_toy(tmp_path, "--perturb", "1.0", epochs=1)
+    assert "--perturb is a share of pixels, in [0, 1), not 1.0" in capsys.readouterr().err
+    assert not (tmp_path / "eqm.run").exists()

@@ -70,6 +70,7 @@ class EBMTrainConfig(RunConfig):
     cd_weight: float = 0.0  # eqm: weight of a contrastive-divergence term on replay-buffer negatives (0: plain EqM)
     cd_noise: float = 0.01  # eqm bridge: noise std of the negatives' Langevin steps (step size: --step-size)
     cd_chains: int = 64  # eqm bridge: negatives drawn from the replay buffer per update
+    perturb: float = 0.0  # eqm: share of pixels replaced by uniform noise (a background model, Ren et al. 2019)
 
     def setting(self, name: str) -> Any:
         """A flag's value, or the objective's default when it was left unset."""

@@ -94,6 +94,16 @@ def negative_sampler(config: EBMTrainConfig) -> EBMSampler:
     )
 
 
+def perturbed(x: torch.Tensor, share: float) -> torch.Tensor:
+    """Images [B, *shape] with each value replaced, with probability `share`, by one uniform in [-1, 1]: the
+    training data of Ren et al. 2019's background model, which learns the images' low-level statistics but
+    not their content (the likelihood-ratio OOD score compares the two models)."""
+    if share == 0:
+        return x
+    replaced = torch.rand_like(x) < share
+    return torch.where(replaced, torch.rand_like(x) * 2 - 1, x)
+
+
 def fill_buffer(
     model: torch.nn.Module, config: EBMTrainConfig, shape: tuple[int, ...], classes: int, device: torch.device
 ) -> ReplayBuffer:
@@ -196,6 +206,8 @@ def preview(model: torch.nn.Module, config: EBMTrainConfig, shape: tuple[int, ..
 
 def train_eqm(config: EBMTrainConfig) -> Path:
     """Train, writing the checkpoint (averaged weights) and the resume state after every epoch."""
+    if not 0 <= config.perturb < 1:
+        raise ValueError(f"--perturb is a share of pixels, in [0, 1), not {config.perturb}")
     run = TrainingRun.begin(config, "ebm")
     if run is None:
         return Path(config.out)
@@ -251,7 +263,7 @@ def train_eqm(config: EBMTrainConfig) -> Path:
         bar = run.batches(epoch, "ebm eqm")
         totals: dict[str, float] = {}
         for index in bar:
-            x = train.images[index].to(device)
+            x = perturbed(train.images[index].to(device), config.perturb)
             labels = None
             if classes:
                 labels = train.labels[index].to(device)
