@@ -344,6 +344,10 @@ class ChainScheduler:
         what its chains add to the step's cost (so a short request's steps cost at most that much more on
         average, the long ones taking turns), and the credit never grows past what the dearest waiting companion
         costs. Until the cost is known: as many chains as the urgent ones."""
+        if not others:  # what the loop below ends with: no companion, and no credit kept once the cost is known
+            if len(self.cost.points()) >= 2:
+                self.credit = 0.0
+            return []
         cost = self.cost.seconds
         alone = cost(urgent_chains)
         if alone is None:

@@ -45,7 +45,20 @@ def draws_noise(noise: Setting, x: torch.Tensor) -> bool:
     chains the counter-based draw costs more than a small energy's whole step."""
     if bool(noise.any()) if isinstance(noise, torch.Tensor) else noise != 0:
         return True
-    return bool(((x == 0) & x.signbit()).any())
+    width = _SAME_WIDTH.get(x.dtype)
+    if width is None or x.numel() == 0:
+        return bool(((x == 0) & x.signbit()).any())
+    # -0.0 is the sign bit alone: read as an integer of its width it is that integer's minimum, and no other value
+    # is (one reduction, where the comparisons and their `and` cost several operators a step).
+    return int(x.view(width).min()) == torch.iinfo(width).min
+
+
+_SAME_WIDTH = {
+    torch.float32: torch.int32,
+    torch.float64: torch.int64,
+    torch.bfloat16: torch.int16,
+    torch.float16: torch.int16,
+}
 
 
 def langevin_step(
