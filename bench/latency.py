@@ -17,13 +17,17 @@ shared machine falls on both alike:
    served and in-process (`draw_samples`), median of --repeats; the difference is what the engine adds a step
    (scheduling, the per-chain stop's bookkeeping, per-chain settings, the worker's round). Printed at each of
    --chains, with the fixed part (a 1-step request served, less in-process: HTTP, the order, the worker's
-   wake-up, starting the chains, the answer, the PNG) beside it.
+   wake-up, starting the chains, the answer, the PNG) beside it. The last column is the same difference in CPU
+   time (the server's threads from /proc's schedstat, this process's own): on a core shared with other jobs the
+   wall-clock figures follow the load, the CPU time far less.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import math
 import platform
 import shutil
 import statistics
@@ -86,6 +90,23 @@ def timed(action: Callable[..., bytes], *args: Any) -> tuple[float, bytes]:
     return time.perf_counter() - started, body
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time every thread of process `pid` has run so far, in seconds, from /proc's schedstat (nanoseconds: the
+    tick-based clocks are too coarse for a step's share); NaN where there is no /proc."""
+    try:
+        threads = Path(f"/proc/{pid}/task").iterdir()
+        return sum(int((thread / "schedstat").read_text().split()[0]) for thread in threads) / 1e9
+    except (OSError, ValueError):
+        return math.nan
+
+
+def clocked(cpu: Callable[[], float], action: Callable[..., bytes], *args: Any) -> tuple[float, float, bytes]:
+    """Wall seconds and `cpu` seconds `action(*args)` took, and what it returned."""
+    cpu_before, started = cpu(), time.perf_counter()
+    body = action(*args)
+    return time.perf_counter() - started, cpu() - cpu_before, body
+
+
 def same(served_png: bytes, local_png: bytes, which: str, device: str) -> None:
     """Stop when a served PNG is not the in-process one: on a CPU seeded chains are bit for bit the same; on a GPU
     kernels may pick other algorithms in another process, so a difference is only reported."""
@@ -134,21 +155,34 @@ def one_request(
 
 
 def step_cost(
-    session: httpx.Client, base: str, linear: LoadedModel, dtype: torch.dtype, args: argparse.Namespace
+    session: httpx.Client,
+    base: str,
+    server_pid: int,
+    linear: LoadedModel,
+    dtype: torch.dtype,
+    args: argparse.Namespace,
 ) -> None:
     """Figure 2: the engine's cost per step on the linear energy, at each chain count."""
     long, extra = args.long_steps, args.long_steps - 1
     print(f"engine cost per step, a linear energy on [1, 28, 28] ({long} steps less 1, median of {args.repeats}):")
-    print("| chains | served ms/step | in-process ms/step | engine ms/step | 1-step request served / in-process ms |")
-    print("| --- | --- | --- | --- | --- |")
+    print(
+        "| chains | served ms/step | in-process ms/step | engine ms/step | 1-step request served / in-process ms "
+        "| engine CPU ms/step |"
+    )
+    print("| --- | --- | --- | --- | --- | --- |")
+    server_cpu = functools.partial(cpu_seconds, server_pid)
     for chains in [int(count) for count in args.chains.split(",")]:
-        rows: dict[str, list[float]] = {"served": [], "local": [], "engine": [], "fixed_served": [], "fixed_local": []}
+        rows: dict[str, list[float]] = {
+            "served": [], "local": [], "engine": [], "fixed_served": [], "fixed_local": [], "engine_cpu": []
+        }  # fmt: skip
         for repeat in range(args.repeats + 1):  # repeat 0 warms both
             body = {"model": LINEAR, "n": chains, "seed": repeat, "init": "noise"}
-            short_s, _ = timed(served, session, base, {**body, "steps": 1})
-            long_s, png = timed(served, session, base, {**body, "steps": long})
-            short_local, _ = timed(in_process, linear, dtype, chains, repeat, 1)
-            long_local, local_png = timed(in_process, linear, dtype, chains, repeat, long)
+            short_s, short_cpu, _ = clocked(server_cpu, served, session, base, {**body, "steps": 1})
+            long_s, long_cpu, png = clocked(server_cpu, served, session, base, {**body, "steps": long})
+            short_local, short_local_cpu, _ = clocked(time.process_time, in_process, linear, dtype, chains, repeat, 1)
+            long_local, long_local_cpu, local_png = clocked(
+                time.process_time, in_process, linear, dtype, chains, repeat, long
+            )
             same(png, local_png, f"{chains} chains, seed {repeat}", args.device)
             if repeat:
                 server_step, local_step = (long_s - short_s) / extra, (long_local - short_local) / extra
@@ -157,10 +191,11 @@ def step_cost(
                 rows["engine"].append(server_step - local_step)
                 rows["fixed_served"].append(short_s)
                 rows["fixed_local"].append(short_local)
+                rows["engine_cpu"].append(((long_cpu - short_cpu) - (long_local_cpu - short_local_cpu)) / extra)
         ms = {name: 1000 * statistics.median(values) for name, values in rows.items()}
         print(
             f"| {chains} | {ms['served']:.3f} | {ms['local']:.3f} | {ms['engine']:.3f} | "
-            f"{ms['fixed_served']:.1f} / {ms['fixed_local']:.1f} |",
+            f"{ms['fixed_served']:.1f} / {ms['fixed_local']:.1f} | {ms['engine_cpu']:.3f} |",
             flush=True,
         )
 
@@ -198,7 +233,7 @@ def main() -> None:
             model, linear = load_model(checkpoint, device), load_model(linear_path, device)
             with httpx.Client(timeout=600) as session:
                 one_request(session, base, model, dtype, args)
-                step_cost(session, base, linear, dtype, args)
+                step_cost(session, base, process.pid, linear, dtype, args)
         finally:
             process.terminate()
             process.wait(timeout=120)

@@ -83,6 +83,7 @@ class Metrics:
         )
         self._shown: set[tuple[str, str]] = set()  # (model, version) label pairs model_loaded holds now
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}  # what a step sets, by labels: none is removed
+        self._running: dict[str, int] = {}  # the running chains shown, by pool
 
     def observe_step(self, pool: str, chains: int) -> None:
         self._child(self.langevin_steps, pool).inc()
@@ -96,7 +97,10 @@ class Metrics:
             histogram.observe(taken)
 
     def show_running(self, pool: str, chains: int) -> None:
-        self._child(self.running_chains, pool).set(chains)
+        """The chains a pool holds, set when they changed (the worker shows them after every step)."""
+        if self._running.get(pool) != chains:
+            self._child(self.running_chains, pool).set(chains)
+            self._running[pool] = chains
 
     def show_step_cost(self, pool: str, table: dict[str, float]) -> None:
         for chains, per_chain in table.items():

@@ -26,7 +26,6 @@ decides, and tests drive it with a fake clock.
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections import deque
 from collections.abc import Callable
@@ -89,6 +88,19 @@ def bucket_of(chains: int) -> int:
     return chains.bit_length() - 1
 
 
+def _bucket_name(level: int) -> str:
+    """A bucket named by its chain counts: "1", "2-3", "4-7", ..."""
+    return f"{2**level}-{2 ** (level + 1) - 1}" if level else "1"
+
+
+def _median(values: list[float]) -> float:
+    """statistics.median's value (the middle one, or the mean of the two middle ones), without its checks: a step
+    reads two of a few values each."""
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
 class StepCost:
     """What a step costs by the chains it advances, measured: a table of the pool's recent timed steps in buckets
     of chain counts a factor of 2 apart ([1], [2, 3], [4, 7], ...), each read as the median of its last
@@ -103,16 +115,25 @@ class StepCost:
         self._points: dict[int, tuple[float, float]] = {}  # each bucket's point, updated as its steps come in
         self._table: list[tuple[float, float]] = []  # points(), kept as the buckets change (read several times a step)
 
-    def observe(self, chains: int, seconds: float) -> None:
-        """One timed step; a zero or negative interval (a fake clock, a coarse timer) says nothing and is ignored."""
+    def observe(self, chains: int, seconds: float) -> dict[str, float]:
+        """One timed step; a zero or negative interval (a fake clock, a coarse timer) says nothing and is ignored.
+        Returns what changed in `by_bucket` (its bucket's entry, or nothing), for /metrics."""
         if seconds <= 0 or chains <= 0:
-            return
+            return {}
         level = bucket_of(chains)
-        steps = self.buckets.setdefault(level, deque(maxlen=RECENT_STEPS))
+        steps = self.buckets.get(level)
+        if steps is None:
+            steps = self.buckets[level] = deque(maxlen=RECENT_STEPS)
         steps.append((chains, seconds))
-        middle = statistics.median(count for count, _ in steps)
-        self._points[level] = (middle, statistics.median(taken for _, taken in steps) / middle)
-        self._table = [self._points[level] for level in sorted(self._points)]
+        middle = _median([count for count, _ in steps])
+        per_chain = _median([taken for _, taken in steps]) / middle
+        fresh = level not in self._points
+        self._points[level] = (middle, per_chain)
+        if fresh:
+            self._table = [self._points[level] for level in sorted(self._points)]
+        else:  # the same buckets, in the same order: one point moved
+            self._table[sorted(self._points).index(level)] = (middle, per_chain)
+        return {_bucket_name(level): per_chain}
 
     def points(self) -> list[tuple[float, float]]:
         """(chains, seconds per chain) of each bucket measured, fewest chains first: the median chain count of its
@@ -122,7 +143,7 @@ class StepCost:
 
     def by_bucket(self) -> dict[str, float]:
         """Each measured bucket's median cost per chain, named by its chain counts ("1", "2-3", "4-7"): /metrics."""
-        names = [f"{2**level}-{2 ** (level + 1) - 1}" if level else "1" for level in sorted(self.buckets)]
+        names = [_bucket_name(level) for level in sorted(self.buckets)]
         return {name: per_chain for name, (_, per_chain) in zip(names, self.points(), strict=True)}
 
     def seconds(self, chains: float) -> float | None:
@@ -212,18 +233,16 @@ class ChainScheduler:
         """Drop what is cancelled or late, admit waiting jobs first come first served, choose who steps."""
         now = self.clock()
         plan = StepPlan()
-        kept: list[list[Job]] = []
         for queue in (self.waiting, self.running):
-            kept.append([])
             for job in queue:
                 reason = self._drop_reason(job, now)
                 if reason:
                     self.device.release(id(job))
                     plan.dropped.append((job, reason))
-                else:
-                    kept[-1].append(job)
-        # Swapped in whole, so another thread reading len(waiting) never sees a half-filtered queue.
-        self.waiting, self.running = deque(kept[0]), kept[1]
+        if plan.dropped:  # swapped in whole, so another thread reading len(waiting) never sees a half-filtered queue
+            leaving = {id(job) for job, _ in plan.dropped}
+            self.waiting = deque(job for job in self.waiting if id(job) not in leaving)
+            self.running = [job for job in self.running if id(job) not in leaving]
         used = self.running_chains
         while self.waiting and used + self.waiting[0].n <= self.chain_budget:
             if not self.device.admits(self.waiting[0].held_bytes, self.step_bytes):
@@ -325,6 +344,10 @@ class ChainScheduler:
         what its chains add to the step's cost (so a short request's steps cost at most that much more on
         average, the long ones taking turns), and the credit never grows past what the dearest waiting companion
         costs. Until the cost is known: as many chains as the urgent ones."""
+        if not others:  # what the loop below ends with: no companion, and no credit kept once the cost is known
+            if len(self.cost.points()) >= 2:
+                self.credit = 0.0
+            return []
         cost = self.cost.seconds
         alone = cost(urgent_chains)
         if alone is None:
@@ -369,6 +392,8 @@ class ChainScheduler:
 
     def finish(self, jobs: list[Job]) -> None:
         """Stop running these jobs (done, or failed in the pool)."""
+        if not jobs:
+            return
         leaving = set(map(id, jobs))
         for job in jobs:
             self.device.release(id(job))

@@ -103,6 +103,7 @@ class Worker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.last_save = clock()
+        self._shown_depth = -1  # the queue depth /metrics shows (-1: none yet)
 
     @property
     def pools(self) -> dict[str, SamplerPool]:
@@ -340,7 +341,10 @@ class Worker:
             busy = self._step(pool) or busy
         if self._pools.retired:
             self._attempt("dropping replaced versions", self._drop_finished_pools)
-        self.metrics.queue_depth.set(self.queue_depth())
+        depth = self.queue_depth()
+        if depth != self._shown_depth:  # a gauge set takes a lock: only when the depth changed
+            self.metrics.queue_depth.set(depth)
+            self._shown_depth = depth
         if busy and self.buffer_keeper.written_since_figures(self.langevin_pools):
             self._attempt("publishing the buffer figures", self._publish_buffers)
         self.buffer_keeper.collect()

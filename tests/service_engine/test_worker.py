@@ -147,6 +147,38 @@ def test_seeded_ddls_chains_are_the_same_alone_and_in_a_shared_batch_and_as_the_
     assert bench.worker.pools["gan"].stats["steps"] == 1
 
 
+def test_a_zero_noise_chain_is_served_the_same_bytes_without_its_draws_as_with_them_and_as_the_cli(
+    bench: Bench, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.engine.pools import langevin
+    from training.families import draw_samples
+    from training.sampling.noise import chain_seeds
+
+    request = {"model": "digits", "n": 3, "steps": 6, "seed": 99, "label": 4}  # its sampler's noise is 0
+
+    def served() -> torch.Tensor:
+        answers = bench.submit(**request)
+        while not answers:
+            bench.worker.run_once()
+        return bench.result(answers).samples
+
+    skipped = served()
+    drew: list[float] = []
+
+    def always(noise: float, x: torch.Tensor) -> bool:  # as before the skip: every step draws
+        drew.append(noise)
+        return True
+
+    with monkeypatch.context() as patch:
+        patch.setattr(langevin, "draws_noise", always)
+        drawn = served()
+    assert drew == [0.0] * 6
+    assert skipped.numpy().tobytes() == drawn.numpy().tobytes()
+    member = bench.registry.models["digits"].members[0]
+    cli = draw_samples(member, chain_seeds(99, 3), 6, "noise", labels=torch.full((3,), 4))
+    assert skipped.numpy().tobytes() == cli.clamp(*member.data_range).numpy().tobytes()
+
+
 def test_a_labelled_chain_is_the_same_alone_and_beside_other_labels_and_settings(bench: Bench) -> None:
     pool = bench.worker.pools["digits"]
     request = {"model": "digits", "n": 2, "steps": 5, "seed": 99, "label": 3}

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from training.models import build_model
-from training.sampling.langevin import frozen_energy, langevin_step, sample_langevin
+from training.sampling import langevin
+from training.sampling.langevin import draws_noise, frozen_energy, langevin_step, sample_langevin
 from training.sampling.noise import chain_gaussian, chain_gaussian_start, chain_uniform
 from training.sampling.replay_buffer import ReplayBuffer
 from training.sampling.sampler_config import EBMSampler
@@ -98,6 +99,50 @@ def test_no_noise_is_plain_gradient_descent() -> None:
     x = torch.full((2, 3), 0.5)
     moved = langevin_step(quadratic_energy(), x, torch.randn(2, 3), 0.1, 0.0, grad_clip=None).x
     assert torch.equal(moved, x - 0.1 * x)
+
+
+def test_a_noise_free_step_skips_the_draw_and_moves_chains_to_the_same_bits() -> None:
+    torch.manual_seed(0)
+    energy = frozen_energy(build_model({"name": "conv_energy", "kwargs": {"width": 4}}))
+    x = torch.rand(3, 1, 28, 28) * 2 - 1
+    x[0, 0, 0, :4] = 0.0  # +0.0: x + 0 * eps keeps it whatever eps's sign
+    before, eps = x.clone(), torch.randn(3, 1, 28, 28)
+    for clamp, momentum in [(True, 0.0), (False, 0.0), (True, 0.5)]:
+        drawn = langevin_step(energy, x, eps, 10.0, 0.0, momentum=momentum, clamp=clamp)
+        skipped = langevin_step(energy, x, None, 10.0, 0.0, momentum=momentum, clamp=clamp)
+        assert skipped.x.numpy().tobytes() == drawn.x.numpy().tobytes()
+        assert skipped.energy.numpy().tobytes() == drawn.energy.numpy().tobytes()
+        assert (skipped.velocity is None) == (momentum == 0)  # at momentum 0 a chain keeps no velocity
+        if skipped.velocity is not None and drawn.velocity is not None:
+            assert skipped.velocity.numpy().tobytes() == drawn.velocity.numpy().tobytes()
+    assert torch.equal(x, before)  # the skipped draw's clamp is not done in place on the caller's states
+    assert not draws_noise(0.0, x) and not draws_noise(torch.zeros(3), x)
+    assert draws_noise(0.005, x) and draws_noise(torch.tensor([0.0, 0.0, 0.1]), x)
+    # Why -0.0 draws: 0 * eps has eps's sign, and -0.0 + +0.0 is +0.0, so skipping would keep a sign the draw drops.
+    signed = torch.tensor([[-0.0, 0.5]])
+    assert not (signed + 0.0 * torch.ones(1, 2))[0, 0].signbit() and draws_noise(0.0, signed)
+
+
+def test_a_zero_noise_chain_gives_the_same_bytes_without_its_draws(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(1)
+    energy = frozen_energy(build_model({"name": "conv_energy", "kwargs": {"width": 4}}))
+    seeds = torch.arange(4)
+    start = chain_uniform(seeds, (1, 28, 28), -1.0, 1.0)
+    drawn_steps: list[int] = []
+
+    def noise(step: int, x: torch.Tensor) -> torch.Tensor:  # counter-based, as the CLI's and the server's
+        drawn_steps.append(step)
+        return chain_gaussian(seeds, torch.full_like(seeds, step), (1, 28, 28))
+
+    for settings in (EBMSampler(steps=6, noise=0.0), EBMSampler(steps=6, noise=0.0, momentum=0.5, clamp=False)):
+        skipped = sample_langevin(energy, start, settings, (-1.0, 1.0), noise)
+        assert drawn_steps == []
+        with monkeypatch.context() as patch:
+            patch.setattr(langevin, "draws_noise", lambda *_: True)  # as before: every step draws
+            drawn = sample_langevin(energy, start, settings, (-1.0, 1.0), noise)
+        assert drawn_steps == list(range(6))
+        assert skipped.numpy().tobytes() == drawn.numpy().tobytes()
+        drawn_steps.clear()
 
 
 def test_without_clipping_or_clamping_the_full_gradient_moves_chains_out_of_range() -> None:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from training.sampling.langevin import LangevinStep, Setting, langevin_step
+from training.sampling.langevin import LangevinStep, Setting, draws_noise, langevin_step
 from training.sampling.noise import chain_gaussian, latent_gaussian
 
 LatentCallback = Callable[[int, torch.Tensor, torch.Tensor], None]  # (step, z [B, latent], energy [B])
@@ -52,7 +52,7 @@ def latent_step(
 
     Step s draws its noise at counter s + 1: counter 0 is the one the starting latent was drawn at.
     """
-    eps = chain_gaussian(seeds, done_steps + 1, tuple(z.shape[1:])).to(z.device)
+    eps = chain_gaussian(seeds, done_steps + 1, tuple(z.shape[1:])).to(z.device) if draws_noise(noise, z) else None
     return langevin_step(
         energy, z, eps, step_size=step_size, noise=noise, grad_clip=None, temperature=temperature, clamp=False
     )

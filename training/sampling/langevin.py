@@ -28,7 +28,7 @@ class LangevinStep:
 
     x: torch.Tensor  # [B, *shape]
     energy: torch.Tensor  # [B] where the gradient was taken: the noised state (with nesterov, its look-ahead)
-    velocity: torch.Tensor  # [B, *shape]; feed it back as `velocity` for the chain's next step
+    velocity: torch.Tensor | None  # [B, *shape]; feed it back as `velocity` for the chain's next step (None: at rest)
 
 
 def _per_chain(value: Setting, x: torch.Tensor) -> Setting:
@@ -38,10 +38,33 @@ def _per_chain(value: Setting, x: torch.Tensor) -> Setting:
     return value
 
 
+def draws_noise(noise: Setting, x: torch.Tensor) -> bool:
+    """Whether a step at `noise` needs its noise drawn: False (pass eps None) when every chain's noise is 0 and x
+    [B, *shape] holds no -0.0, where x + 0 * eps is x bit for bit (0 * eps is +0.0 or -0.0 with eps's sign, and
+    only -0.0 + +0.0 comes out other than it went in). Equilibrium Matching samples at noise 0; at 64 MNIST
+    chains the counter-based draw costs more than a small energy's whole step."""
+    if bool(noise.any()) if isinstance(noise, torch.Tensor) else noise != 0:
+        return True
+    width = _SAME_WIDTH.get(x.dtype)
+    if width is None or x.numel() == 0:
+        return bool(((x == 0) & x.signbit()).any())
+    # -0.0 is the sign bit alone: read as an integer of its width it is that integer's minimum, and no other value
+    # is (one reduction, where the comparisons and their `and` cost several operators a step).
+    return int(x.view(width).min()) == torch.iinfo(width).min
+
+
+_SAME_WIDTH = {
+    torch.float32: torch.int32,
+    torch.float64: torch.int64,
+    torch.bfloat16: torch.int16,
+    torch.float16: torch.int16,
+}
+
+
 def langevin_step(
     energy_fn: EnergyFn,
     x: torch.Tensor,  # [B, *shape]
-    eps: torch.Tensor,  # [B, *shape] standard normal
+    eps: torch.Tensor | None,  # [B, *shape] standard normal; None: a noise-free step (see `draws_noise`)
     step_size: Setting,
     noise: Setting,
     grad_clip: float | None = 0.03,
@@ -60,11 +83,18 @@ def langevin_step(
     `clamp=False` chains may leave the data range (the caller clamps what it returns). With `nesterov` the
     gradient is taken at the look-ahead x' + momentum * v instead of x' (Nesterov 1983, in the form of Sutskever
     et al. 2013; Equilibrium Matching samples with it); at rest, or at momentum 0, it is the plain step.
+
+    Settings a step does not use cost it nothing, with the same bits out: no noise term when `eps` is None (the
+    caller checked `draws_noise`), no division at temperature 1, and at momentum 0 from rest no velocity is kept
+    (`velocity` comes back None: the chain is at rest again) and x' - push is x' + (-push) to the bit.
     """
     low, high = data_range
-    noised = x + _per_chain(noise, x) * eps
-    if clamp:
-        noised = noised.clamp_(low, high)
+    if eps is None:  # x + 0 * eps is x, bit for bit, where x holds no -0.0 (draws_noise)
+        noised = x.clamp(low, high) if clamp else x
+    else:
+        noised = x + _per_chain(noise, x) * eps
+        if clamp:
+            noised = noised.clamp_(low, high)
     noised = noised.detach()
     probe = noised if not nesterov or velocity is None else noised + _per_chain(momentum, x) * velocity
     probe = probe.detach().requires_grad_(True)  # a leaf of its own: `noised` stays out of the graph
@@ -74,14 +104,22 @@ def langevin_step(
         # (its bfloat16 samples are the same bit for bit), while an exported program, run in its traced float32,
         # is differentiated in float32 too (autocast re-casts the matrix products of a backward run inside it:
         # an exported dcgan_mnist's DDLS samples were 0.03 from its checkpoint's float32 ones at 20 steps).
-        with torch.autocast(probe.device.type, enabled=False):
+        if torch.is_autocast_enabled(probe.device.type):
+            with torch.autocast(probe.device.type, enabled=False):
+                (grad,) = torch.autograd.grad(energy.sum(), probe)
+        else:  # nothing to turn off (float32 steps): autocast's context costs more than a small step's gradient
             (grad,) = torch.autograd.grad(energy.sum(), probe)
-    grad = grad / _per_chain(temperature, x)
+    if isinstance(temperature, torch.Tensor) or temperature != 1.0:
+        grad = grad / _per_chain(temperature, x)
     if grad_clip is not None:
         grad = grad.clamp(-grad_clip, grad_clip)
     push = _per_chain(step_size, x) * grad
-    velocity = -push if velocity is None else _per_chain(momentum, x) * velocity - push
-    moved = noised + velocity
+    if velocity is None:
+        moved = noised - push  # noised + (-push): IEEE subtraction is the addition of the negation
+        velocity = None if isinstance(momentum, float | int) and momentum == 0 else -push
+    else:
+        velocity = _per_chain(momentum, x) * velocity - push
+        moved = noised + velocity
     if clamp:
         moved = moved.clamp_(low, high)
     return LangevinStep(moved, energy.detach().to(x.dtype), velocity)  # under autocast the energy may be bfloat16
@@ -153,8 +191,9 @@ def sample_langevin(
     taken = torch.zeros(x.shape[0], dtype=torch.int64)
     energy = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
     for step in range(settings.steps if steps is None else steps):
-        if callable(noise):
-            eps = noise(step, x)
+        eps: torch.Tensor | None
+        if callable(noise):  # counter-based: a noise-free step may skip the draw (a generator's stream may not)
+            eps = noise(step, x) if draws_noise(settings.noise, x) else None
         else:
             source_device = noise.device if noise is not None else x.device
             eps = torch.randn(x.shape, generator=noise, device=source_device, dtype=x.dtype).to(x.device)
@@ -165,7 +204,7 @@ def sample_langevin(
         moved = langevin_step(
             step_energy,
             before,
-            eps if chosen is None else eps[chosen],
+            eps if chosen is None or eps is None else eps[chosen],
             scheduled_step_size(settings.step_size, settings.step_decay, step),
             settings.noise,
             settings.grad_clip,
@@ -184,7 +223,7 @@ def sample_langevin(
             previous = before[part]
             x, energy = x.clone(), energy.clone()
             x[running], energy[running] = moved.x[part], moved.energy[part]
-            if settings.momentum and velocity is not None:
+            if velocity is not None and moved.velocity is not None:  # momentum: both carry the chains' velocities
                 velocity = velocity.clone()
                 velocity[running] = moved.velocity[part]
             taken[running.cpu()] += 1

@@ -176,8 +176,8 @@ class ChainPool(SamplerPool):
         for module_index, jobs in by_module.items():
             stepped.extend(self._execute(module_index, jobs))
         advanced = sum(chains[id(job)] for job in stepped)
-        self.scheduler.cost.observe(advanced, self.clock() - started)  # what the scheduler weighs companions by
-        self.metrics.show_step_cost(self.name, self.scheduler.cost.by_bucket())
+        changed = self.scheduler.cost.observe(advanced, self.clock() - started)  # what weighs companions
+        self.metrics.show_step_cost(self.name, changed)
         self._record_step(len(stepped), advanced)
         for job in self.scheduler.update_from_output(stepped):
             self._finish(job)
@@ -206,11 +206,6 @@ class ChainPool(SamplerPool):
         arrived (`arrived`, at the order's tolerance; never with `exact_steps`); end the jobs whose chains went
         non-finite."""
         sizes = [state_of(job).stepping for job in jobs]
-        # Each chain's values summed in float64 [B]: finite exactly when all of them are (NaN and inf carry through
-        # a sum, and float32 values cannot overflow a float64 one), at a fraction of what isfinite costs.
-        sums = moved.x.flatten(1).sum(1, dtype=torch.float64)
-        if moved.velocity is not None:
-            sums += moved.velocity.flatten(1).sum(1, dtype=torch.float64)
         parts = zip(jobs, _split(moved.x, sizes), _rows(moved.energy, sizes), _rows(moved.velocity, sizes), strict=True)
         stopping = not self.exact_steps and any(state_of(job).order.tolerance > 0 for job in jobs)
         placed, stops = [], []
@@ -222,16 +217,23 @@ class ChainPool(SamplerPool):
             if stopping:  # else no chain can arrive: nothing to compute
                 stops.append(arrived(state.running(state.x), x_part, state.order.tolerance, state.free))
             placed.append((x_part, energy_part, velocity_part))
-        # One device sync a batch: [the chains' sums, whether each arrived (when any may)].
-        flags = torch.stack([sums, torch.cat(stops).to(sums.dtype)]).tolist() if stopping else [sums.tolist()]
+        # One device sync a batch: [the chains' sums, whether each arrived (when any may)]; with no stop to read, the
+        # batch's one sum, and the chains' only when it is not finite.
+        sums: list[float] | None = None  # [B] each chain's; None: every chain is finite
+        arrivals: list[float] = []  # [B] 1.0 where a chain arrived
+        if stopping:
+            chain_sums = _chain_sums(moved)
+            sums, arrivals = torch.stack([chain_sums, torch.cat(stops).to(chain_sums.dtype)]).tolist()
+        elif not _finite(moved):
+            sums = _chain_sums(moved).tolist()
         stepped, diverged = [], []
         ends = itertools.accumulate(sizes)
         for job, (x_part, energy_part, velocity_part), end, size in zip(jobs, placed, ends, sizes, strict=True):
-            if not all(map(math.isfinite, flags[0][end - size : end])):
+            if sums is not None and not all(map(math.isfinite, sums[end - size : end])):
                 diverged.append(job)
                 continue
             stepped.append(job)
-            stop = [flag > 0 for flag in flags[1][end - size : end]] if stopping else []
+            stop = [flag > 0 for flag in arrivals[end - size : end]] if stopping else []
             self._place(job, x_part, energy_part, velocity_part, stop if any(stop) else None)
             state, step = state_of(job), job.done_steps + 1
             every, whole = state.order.trajectory_every, job.window is None or job.window[1] >= job.n
@@ -292,6 +294,24 @@ class ChainPool(SamplerPool):
             f"momentum {order.momentum:g}; try values nearer {self.name}'s defaults (step_size "
             f"{sampler.step_size:g}, noise {sampler.noise:g}, temperature {sampler.temperature:g})"
         )
+
+
+def _chain_sums(moved: ChainMove) -> torch.Tensor:
+    """Each chain's state (and velocity) values summed in float64 [B]: finite exactly when all of them are (NaN and inf
+    carry through a sum, and float32 values cannot overflow a float64 one), at a fraction of what isfinite costs."""
+    sums = moved.x.flatten(1).sum(1, dtype=torch.float64)
+    if moved.velocity is not None:
+        sums += moved.velocity.flatten(1).sum(1, dtype=torch.float64)
+    return sums
+
+
+def _finite(moved: ChainMove) -> bool:
+    """Whether every chain of a step is finite, from one sum of the batch in its own dtype: a finite sum has no NaN or
+    inf in it; one that is not may be finite values that overflowed (then `_chain_sums` decides, chain by chain)."""
+    total = moved.x.sum()
+    if moved.velocity is not None:
+        total = total + moved.velocity.sum()
+    return math.isfinite(total.item())
 
 
 def _split(values: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:

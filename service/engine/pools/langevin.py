@@ -15,7 +15,13 @@ from service.engine.pools.chain import ChainPool, probed_step_bytes
 from service.engine.scheduler import Job
 from service.metrics import Metrics
 from training.runtime.draw import chain_labels
-from training.sampling.langevin import LangevinStep, conditioned_energy, langevin_step, scheduled_step_size
+from training.sampling.langevin import (
+    LangevinStep,
+    conditioned_energy,
+    draws_noise,
+    langevin_step,
+    scheduled_step_size,
+)
 from training.sampling.noise import chain_gaussian, chain_seeds, chain_start
 from training.sampling.replay_buffer import ReplayBuffer
 from training.sampling.sampler_config import EBMSampler
@@ -106,14 +112,6 @@ class LangevinPool(ChainPool):
             return values[0] if len(values) == 1 else torch.cat(values)
 
         x = batched([state.running(state.x) for state in states if state.x is not None])  # [B, *shape]
-        seeds = batched([state.running(state.seeds) for state in states if state.seeds is not None])  # [B]
-        # A running chain has taken exactly its job's done steps, so its noise counter is its own.
-        steps = batched(
-            [
-                torch.full((size,), job.done_steps, dtype=torch.int64, device=self.device)
-                for job, size in zip(jobs, sizes, strict=True)
-            ]
-        )
 
         def per_chain(value: Callable[[SampleOrder, int], float]) -> float | torch.Tensor:
             """A setting per chain [B], from its request's order and the steps its chains took; one float when
@@ -133,12 +131,23 @@ class LangevinPool(ChainPool):
         decay = self.sampler.step_decay
         labels = batched([state.running(state.labels) for state in states if state.labels is not None])  # [B]
         noise = per_chain(lambda order, _: order.noise)
+        eps = None  # [B, *shape] drawn unless every chain's noise is 0 (draws_noise: the same bits without it)
+        if draws_noise(noise, x):
+            seeds = batched([state.running(state.seeds) for state in states if state.seeds is not None])  # [B]
+            # A running chain has taken exactly its job's done steps, so its noise counter is its own.
+            steps = batched(
+                [
+                    torch.full((size,), job.done_steps, dtype=torch.int64, device=self.device)
+                    for job, size in zip(jobs, sizes, strict=True)
+                ]
+            )
+            eps = chain_gaussian(seeds, steps, self.shape).to(self.device)
         moved = langevin_step(
             conditioned_energy(
                 self.modules[module_index], labels, per_chain(lambda order, _: order.guidance)
             ),  # served modules are frozen, in eval mode
             x,
-            chain_gaussian(seeds, steps, self.shape).to(self.device),
+            eps,
             step_size=per_chain(lambda order, done: scheduled_step_size(order.step_size, decay, done)),
             noise=noise,
             grad_clip=self.sampler.grad_clip,
