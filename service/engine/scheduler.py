@@ -314,8 +314,8 @@ class ChainScheduler:
         chain is within NEAR_LEAST of the least measured (a batch grows only while that buys a real fall in the cost
         per chain: on a flat stretch it stays at its bottom, where a step's working memory is least; a request wider
         than what is left is sliced to it), or of the bucket above while it is the largest measured (so a batch
-        grows a bucket a step while the cost per chain falls: a GPU's, a line's with a large fixed part, to the
-        cap). Some steps measure a neighbouring bucket instead: the one below and the one above until each one's
+        grows a bucket every few steps while the cost per chain falls: a GPU's, a line's with a large fixed part,
+        to the cap). Some steps measure a neighbouring bucket instead: the one below and the one above until each one's
         median rests on TRUSTED_STEPS steps (one step's cost may carry what the steps before it left, a first
         step's allocations), and every REFRESH_STEPS steps the one below again (costs change with load; a step
         there costs less memory, not more). A step below is taken only if `first`, the job that steps whatever the
