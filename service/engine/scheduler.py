@@ -5,8 +5,8 @@ As vLLM schedules tokens, this schedules Langevin steps: waiting requests join t
 next step while the pool's chain budget (the chains it holds) allows, first come first served; a request
 leaves as soon as its own step count is done, or all its chains stopped (a stopped chain's place goes to
 waiting work at once). Which running requests advance in a step is a separate
-choice, under the step's batch (the most chains one step advances: where the pool's measured cost per chain is
-least, below the `--step-budget` cap; `_batch`), in priority order:
+choice, under the step's batch (the most chains one step advances: the fewest whose measured cost per chain is
+within NEAR_LEAST of the least, below the `--step-budget` cap; `_batch`), in priority order:
 fewest steps left first, each step a request sits out counting as `aging` steps fewer. On a device whose
 step cost grows with its chains (a CPU), a short request stepped beside long ones pays for all their chains
 every step; so a request is *urgent* when its steps left are within `urgent_ratio` of the length of the
@@ -79,8 +79,9 @@ URGENT_RATIO = 4.0  # urgent: steps left within this many times the most urgent 
 AGING = 16.0  # steps left a running request is credited with for each step it sits out
 MAX_SLOWDOWN = 1.25  # a step's cost with the chains that are not urgent, over its cost without them
 RECENT_STEPS = 8  # a bucket of the step cost table reads as the median of its last this many timed steps
-NEAR_LEAST = 1.05  # a batch within this factor of the least measured cost per chain counts as the least
-REFRESH_STEPS = 64  # every this many steps, one step measures the bucket above the chosen batch again
+NEAR_LEAST = 1.1  # a batch within this factor of the least measured cost per chain counts as the least: fewest first
+TRUSTED_STEPS = 3  # a bucket beside the chosen batch is measured until its median rests on this many steps
+REFRESH_STEPS = 64  # every this many steps, one step measures the bucket below the chosen batch again
 
 
 def bucket_of(chains: int) -> int:
@@ -114,13 +115,22 @@ class StepCost:
         self.buckets: dict[int, deque[tuple[int, float]]] = {}  # floor(log2 chains) -> recent (chains, seconds)
         self._points: dict[int, tuple[float, float]] = {}  # each bucket's point, updated as its steps come in
         self._table: list[tuple[float, float]] = []  # points(), kept as the buckets change (read several times a step)
+        self.last_level: int | None = None  # the bucket of the latest timed step
+        self.run = 0  # timed steps in a row in that bucket
 
     def observe(self, chains: int, seconds: float) -> dict[str, float]:
-        """One timed step; a zero or negative interval (a fake clock, a coarse timer) says nothing and is ignored.
-        Returns what changed in `by_bucket` (its bucket's entry, or nothing), for /metrics."""
+        """One timed step; a zero or negative interval (a fake clock, a coarse timer) says nothing and is ignored, and
+        so is the first step in a bucket after a run of steps in another: its time carries what the step before left
+        (that step's frames still being encoded and sent beside it, its freed blocks), which steps of one size in a
+        row share out evenly and a lone step of another size does not. (Steps that alternate every step share it
+        out too: none of them is set aside.) Returns what changed in `by_bucket` (its bucket's entry, or nothing),
+        for /metrics."""
         if seconds <= 0 or chains <= 0:
             return {}
-        level = bucket_of(chains)
+        level, previous, run = bucket_of(chains), self.last_level, self.run
+        self.last_level, self.run = level, run + 1 if level == previous else 1
+        if previous is not None and level != previous and run >= 2:
+            return {}
         steps = self.buckets.get(level)
         if steps is None:
             steps = self.buckets[level] = deque(maxlen=RECENT_STEPS)
@@ -171,7 +181,8 @@ class ChainScheduler:
         self.chain_budget = chain_budget  # chains running at once (their state held on the device)
         self.step_budget = step_budget or chain_budget  # the most chains one step advances (--step-budget)
         self.batch = self.step_budget  # what the measured cost chose for the latest step (at most step_budget)
-        self.planned = 0  # steps planned: every REFRESH_STEPS-th measures the bucket above the chosen batch
+        self.planned = 0  # steps planned: every REFRESH_STEPS-th (and the next) measure the bucket below the batch
+        self.probing = False  # the latest batch measures a neighbouring bucket: companions fill it, not past it
         self.urgent_ratio = urgent_ratio
         self.aging = aging
         self.max_slowdown = max_slowdown
@@ -282,7 +293,8 @@ class ChainScheduler:
             elif room is not None and used < budget:  # its next chains fill the step (`_slice`)
                 urgent.append(job)
                 used = budget
-        picked = urgent + self._companions(used, others, budget)
+        ride = budget if self.probing else self._flat_top() if room is None else min(room, self._flat_top())
+        picked = urgent + self._companions(used, others, max(budget, ride))
         if room is not None:  # the first may pass the measured batch, as a job never sliced does, not the bytes
             picked = self._slice(picked, max(budget, min(picked[0].running_chains, room)))
         elif any(job.cursor for job in picked):  # a pass begun under a bound that is gone: it ends first
@@ -317,26 +329,45 @@ class ChainScheduler:
 
     def _batch(self, first: Job) -> int:
         """The most chains this step advances, from the measured step cost: every running chain to the cap
-        (`step_budget`) until a step is measured; the top of the bucket whose cost per chain is least (the largest
-        within NEAR_LEAST of it: a flat stretch is taken whole), or of the bucket above it while it is the largest
-        measured (so a batch grows a bucket a step while the cost per chain falls: a GPU's, a line's with a fixed
-        part, up to the cap). Some steps measure a neighbouring bucket instead: the one below while the least is at
-        the fewest chains measured (if `first`, the job that steps whatever the budget, fits it: else no step
-        could), the one above while it was never measured, and every REFRESH_STEPS steps the one above again
-        (costs change with load; this keeps the table current at a small price)."""
+        (`step_budget`) until a step is measured; then the fewest chains of the fewest chains' bucket whose cost per
+        chain is within NEAR_LEAST of the least measured (a batch grows only while that buys a real fall in the cost
+        per chain: on a flat stretch it stays at its bottom, where a step's working memory is least; a request wider
+        than what is left is sliced to it), or of the bucket above while it is the largest measured (so a batch
+        grows a bucket every few steps while the cost per chain falls: a GPU's, a line's with a large fixed part,
+        to the cap). Some steps measure a neighbouring bucket instead: the one below and the one above until each one's
+        median rests on TRUSTED_STEPS steps (one step's cost may carry what the steps before it left, a first
+        step's allocations), and every REFRESH_STEPS steps the one below again (costs change with load; a step
+        there costs less memory, not more). A step below is taken only if `first`, the job that steps whatever the
+        budget, fits it (else no step could)."""
         self.planned += 1
+        self.probing = False
         table = self.cost.points()
         if not table:
             return self.step_budget
         least = min(per_chain for _, per_chain in table)
-        best = max(range(len(table)), key=lambda index: (table[index][1] <= NEAR_LEAST * least, index))
+        best = next(index for index, (_, per_chain) in enumerate(table) if per_chain <= NEAR_LEAST * least)
         level = bucket_of(int(table[best][0]))
-        if best == 0 and level > 0 and first.running_chains < 2**level:
-            return 2**level - 1
-        above_unmeasured = best == len(table) - 1 or bucket_of(int(table[best + 1][0])) > level + 1
-        if above_unmeasured or self.planned % REFRESH_STEPS == 0:
-            return min(self.step_budget, 2 ** (level + 2) - 1)
-        return min(self.step_budget, 2 ** (level + 1) - 1)
+        if level > 0 and first.running_chains <= 2 ** (level - 1):
+            below = len(self.cost.buckets.get(level - 1, ()))
+            if below < TRUSTED_STEPS or self.planned % REFRESH_STEPS < 2:  # two steps: `observe` sets the first aside
+                self.probing = True
+                return 2 ** (level - 1)
+        above = len(self.cost.buckets.get(level + 1, ()))
+        if best == len(table) - 1 or above < TRUSTED_STEPS:
+            self.probing = best < len(table) - 1
+            return min(self.step_budget, 2 ** (level + 1))
+        return min(self.step_budget, 2**level)
+
+    def _flat_top(self) -> int:
+        """The most chains companions may fill a step to: the top of the most chains' bucket whose cost per chain is
+        within NEAR_LEAST of the least (to the cap), where a chain rides along for no more than the least; the
+        step's batch (`_batch`) stops at the flat stretch's bottom, which is what the urgent chains fill."""
+        table = self.cost.points()
+        if not table:
+            return self.step_budget
+        least = min(per_chain for _, per_chain in table)
+        widest = max(at for at, per_chain in table if per_chain <= NEAR_LEAST * least)
+        return min(self.step_budget, 2 ** (bucket_of(int(widest)) + 1) - 1)
 
     def _companions(self, urgent_chains: int, others: list[Job], budget: int) -> list[Job]:
         """The jobs that are not urgent to step beside `urgent_chains`, best ranked first, within `budget` chains:

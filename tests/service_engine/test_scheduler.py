@@ -6,7 +6,7 @@ import pytest
 from engine_bench import FakeClock
 
 from service.engine.messages import Handle
-from service.engine.scheduler import AGING, MAX_SLOWDOWN, REFRESH_STEPS, ChainScheduler, Job, StepCost
+from service.engine.scheduler import AGING, MAX_SLOWDOWN, NEAR_LEAST, REFRESH_STEPS, ChainScheduler, Job, StepCost
 
 
 def job(n: int, steps: int, clock: FakeClock, timeout: float = 100.0) -> Job:
@@ -202,6 +202,8 @@ def test_the_step_cost_is_a_table_of_recent_steps_joined_by_lines_read_once_two_
         cost.observe(64, 0.01 + 0.002 * 64)
         cost.observe(64, 0.0)  # a fake clock's step says nothing
     assert cost.seconds(8) is None  # one bucket: no slope to read
+    cost.observe(8, 3.0)  # the first step of 8 after steps of 64 carries what they left: set aside
+    assert cost.seconds(8) is None and list(cost.by_bucket()) == ["64-127"]
     cost.observe(8, 0.01 + 0.002 * 8)
     cost.observe(12, 0.01 + 0.002 * 12)  # the same bucket as 8 (8 to 15 chains): its point is their median
     assert cost.points()[0][0] == 10 and [round(at) for at, _ in cost.points()] == [10, 64]
@@ -252,9 +254,14 @@ def test_a_short_request_beside_long_ones_pays_at_most_the_slowdown_the_measured
         turns = [each.done_steps - 1 for each in longs]
         assert max(turns) - min(turns) <= 1  # evenly
     else:
-        assert companions[1:] == [15] * 59  # the short one and 15 long ones fill the step budget of 64
-    running, _ = run_timed(scheduler, seconds)
-    assert running == longs  # the short one gone: every long one advances again
+        assert companions[1:4] == [7] * 3  # three steps of 32 chains measure the bucket below the cap's, then
+        assert companions[4:] == [15] * 56  # the short one and 15 long ones fill the step budget of 64
+    if device == "cpu":  # the short one gone: the long ones step in the fewest chains within NEAR_LEAST a chain
+        later = [sum(each.n for each in run_timed(scheduler, seconds)[0]) for _ in range(12)]
+        assert later[-4:] == [4] * 4 and max(later) <= 8 and scheduler.batch == 4  # 4.7 % dearer a chain than 64
+    else:
+        running, _ = run_timed(scheduler, seconds)
+        assert running == longs  # the short one gone: every long one advances again
 
 
 def rising(chains: int) -> float:
@@ -284,34 +291,61 @@ def test_a_pool_whose_cost_per_chain_rises_with_the_batch_settles_on_the_least_a
     while scheduler.running or scheduler.waiting:
         running, _ = run_timed(scheduler, rising)
         batches.append(sum(each.n for each in running))
-    assert batches[:4] == [32, 28, 12, 4]  # all, then probes below: 16 to 31 chains, 8 to 15, 4 to 7
-    assert scheduler.batch == 15  # settled: the bucket of 8 to 15 chains costs least a chain
-    settled = batches[4:-20]  # (the last steps run what is left)
-    refreshes = [batch for batch in settled if batch > 15]
-    assert settled.count(12) >= len(settled) - len(refreshes) and 0 < len(refreshes) <= len(settled) / REFRESH_STEPS + 1
+    assert batches[:6] == [32, 16, 8, 4, 4, 4]  # all, then probes below (8 to 15, 4 to 7: 3 steps to trust)
+    assert scheduler.batch == 8  # settled: the bucket of 8 to 15 chains costs least a chain
+    settled = batches[12:-20]  # (the last steps run what is left)
+    refreshes = [batch for batch in settled if batch != 8]  # the bucket below, measured again now and then
+    assert set(refreshes) == {4} and len(refreshes) <= 2 * (len(settled) / REFRESH_STEPS + 1)
     together = chain_steps_per_second(
         ChainScheduler(1024, clock, step_budget=64), [job(4, 200, clock) for _ in range(8)], rising
     )
-    assert together >= 1.1 * alone  # 8 at once: 12 chains a step at 0.058 s each, against 4 at 0.069
+    assert together >= 1.1 * alone  # 8 at once: 8 chains a step at 0.058 s each, against 4 at 0.069
     assert 32 / rising(32) < 0.9 * alone  # all 32 in every step, as the fixed budget of 64 did, lost 14 %
 
 
 @pytest.mark.parametrize(
-    "seconds",
-    [lambda chains: 0.002 + 0.01 * chains, lambda chains: 0.02 + 1e-6 * chains],  # a CPU's line, a GPU's flat cost
-    ids=["line", "flat"],
+    ("seconds", "settled"),
+    [
+        (lambda chains: 0.01 * chains, 4),  # flat a chain: the fewest chains a step (one request), at the same rate
+        (lambda chains: 0.002 + 0.01 * chains, 4),  # a CPU's line: 4.7 % dearer a chain at 4 than at 64
+        (lambda chains: 0.02 + 1e-6 * chains, 64),  # a GPU's nearly fixed cost, falling a chain: grows to the cap
+    ],
+    ids=["flat", "line", "falling"],
 )
-def test_a_cost_per_chain_that_falls_or_stays_keeps_every_running_chain_in_a_step_to_the_cap(
-    seconds: Callable[[int], float],
+def test_a_step_grows_only_while_its_cost_per_chain_falls_beyond_near_least(
+    seconds: Callable[[int], float], settled: int
 ) -> None:
     clock = FakeClock()
     scheduler = ChainScheduler(1024, clock, step_budget=64)
-    jobs = [job(4, 100, clock) for _ in range(24)]  # 96 chains running, all urgent: each step fills the cap
+    jobs = [job(4, 100, clock) for _ in range(24)]  # 96 chains running, all urgent: the cap could be filled
     for each in jobs:
         scheduler.add(each)
-    batches = [sum(each.n for each in run_timed(scheduler, seconds)[0]) for _ in range(150)]
-    assert batches[:3] == [64, 60, 64]  # the cap; one probe below (32 to 63 chains) shows nothing better
-    assert set(batches[3:]) == {64} and scheduler.batch == 64
+    steps = [run_timed(scheduler, seconds) for _ in range(150)]
+    batches = [sum(each.n for each in running) for running, _ in steps]
+    assert batches[:2] == [64, 32]  # the cap, then a probe below (32 to 63 chains)
+    later = batches[12:]  # probes done: settled, but for the bucket below measured again now and then
+    assert later.count(settled) >= len(later) - 4 and max(later) <= 64 and scheduler.batch == settled
+    rate = sum(later) / sum(took for _, took in steps[12:])
+    assert rate >= 64 / seconds(64) / NEAR_LEAST  # chain-steps per second within NEAR_LEAST of every step full
+
+
+def test_a_batch_grows_a_bucket_a_step_while_the_cost_per_chain_falls() -> None:
+    clock = FakeClock()
+    scheduler = ChainScheduler(1024, clock, step_budget=1024)
+
+    def seconds(chains: int) -> float:  # a GPU's: a fixed cost that a chain barely adds to
+        return 0.02 + 1e-5 * chains
+
+    alone = job(4, 5, clock)
+    scheduler.add(alone)
+    while not alone.finished:
+        run_timed(scheduler, seconds)  # the cost table knows 4 chains a step only
+    for each in [job(4, 100, clock) for _ in range(60)]:  # 240 chains arrive
+        scheduler.add(each)
+    batches = [sum(each.n for each in run_timed(scheduler, seconds)[0]) for _ in range(60)]
+    grown = batches.index(240)  # a bucket every few steps: each measured twice, the one below it three times
+    assert grown <= 30 and set(batches[:grown]) == {8, 16, 32, 64, 128}
+    assert batches[grown:].count(240) >= len(batches[grown:]) - 2  # but for the bucket below, measured again
 
 
 def test_a_probe_of_fewer_chains_waits_for_a_request_that_fits_it() -> None:
@@ -324,6 +358,6 @@ def test_a_probe_of_fewer_chains_waits_for_a_request_that_fits_it() -> None:
     small = job(4, 40, clock)
     scheduler.add(small)
     running, _ = run_timed(scheduler, rising)
-    assert running == [small] and scheduler.batch == 31  # now one fits a probe: 4 chains cost less each than 32
-    running, _ = run_timed(scheduler, rising)
-    assert running == [wide] and scheduler.batch == 15  # its turn (it sat out): it steps whole, beyond the batch
+    assert running == [small] and scheduler.batch == 16  # now one fits a probe: 4 chains cost less each than 32
+    batches = [[each.n for each in run_timed(scheduler, rising)[0]] for _ in range(4)]
+    assert [32] in batches and scheduler.batch == 8  # settled on 8: the wide one steps whole in its turns
