@@ -7,7 +7,9 @@ against `evaluate`'s.
    `ood_statistics` (what the server's pool runs) in this process on the same decoded batches, one batch of
    --images at a time, and on the largest batch the server could form (clients x images). The server runs as
    `python -m service` in a subprocess with --threads torch threads; client and server share the machine, as
-   they would on one host.
+   they would on one host. Beside each rate per wall second, the rate per CPU second (the server process's CPU
+   time while it served; the raw loop's own): what other load on a shared core does not change, where the
+   wall rates of two phases run minutes apart carry it.
 2. A CNF (`--cnf`, default cnf_mnist): bits/dim of the first --cnf-images images of evaluate's own test subset
    (seed 0), by `cnf_bits_per_dim` (evaluate's figure: one seeded dequantization draw) and over HTTP (each
    image's dequantization and probes seeded by its pixels), both at rtol = atol = 1e-5 with one probe: the
@@ -37,6 +39,7 @@ import launch  # bench/launch.py, beside this script
 import numpy as np
 import torch
 from PIL import Image
+from serve import cpu_seconds, per_cpu_second  # bench/serve.py, beside this script
 
 from training.runtime.images import decode_exact
 from training.runtime.load import load_model
@@ -59,8 +62,9 @@ def start_server(models: Path, threads: int) -> tuple[subprocess.Popen, str]:
     return launch.start_server([*flags, "--threads", str(threads), "--score-timeout-s", "3000"], threads)
 
 
-def served_rate(base: str, model: str, bodies: list[list[bytes]]) -> float:
-    """Images scored a second with one thread per client, each sending its requests one after another."""
+def served_rate(base: str, model: str, bodies: list[list[bytes]], server: subprocess.Popen) -> tuple[float, float]:
+    """Images scored a second with one thread per client, each sending its requests one after another; and a
+    CPU second of the server's."""
     failures: list[str] = []
 
     def client(requests: list[bytes]) -> None:
@@ -71,21 +75,24 @@ def served_rate(base: str, model: str, bodies: list[list[bytes]]) -> float:
                     failures.append(answer.text[:200])
 
     threads = [threading.Thread(target=client, args=(requests,)) for requests in bodies]
+    cpu_started = cpu_seconds(server)
     started = time.perf_counter()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     seconds = time.perf_counter() - started
+    cpu_used = cpu_seconds(server) - cpu_started
     if failures:
         raise RuntimeError(f"{len(failures)} requests failed: {failures[0]}")
     images = sum(len(json.loads(body)["images"]) for requests in bodies for body in requests)
-    return images / seconds
+    return images / seconds, per_cpu_second(images, cpu_used)
 
 
-def raw_rate(model_path: Path, batches: list[torch.Tensor], repeats: int = 3) -> float:
+def raw_rate(model_path: Path, batches: list[torch.Tensor], repeats: int = 3) -> tuple[float, float]:
     """Images a second of what the server's pool computes for each batch: the family's scores and the statistics
-    the model's OOD score reads (an energy's `typicality`: gradient norms at x and at three perturbations)."""
+    the model's OOD score reads (an energy's `typicality`: gradient norms at x and at three perturbations); and a
+    CPU second (the best repeat of each)."""
     model = load_model(model_path, torch.device("cpu"))
     family = score_family(model)
     ood = ood_score_name(model, family)
@@ -94,13 +101,15 @@ def raw_rate(model_path: Path, batches: list[torch.Tensor], repeats: int = 3) ->
         ood_statistics(ood, [model], batch, None, one_pass_scores(family, [model], batch, None))
 
     scores(batches[0])  # warm-up
-    best = math.inf
+    best = best_cpu = math.inf
     for _ in range(repeats):
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         for batch in batches:
             scores(batch)
         best = min(best, time.perf_counter() - started)
-    return sum(len(batch) for batch in batches) / best
+        best_cpu = min(best_cpu, time.process_time() - cpu_started)
+    images = sum(len(batch) for batch in batches)
+    return images / best, per_cpu_second(images, best_cpu)
 
 
 def main() -> None:
@@ -153,16 +162,21 @@ def main() -> None:
                     ]
                     for client in range(args.clients)
                 ]  # fmt: skip
-                served_rate(base, name, [requests[:1] for requests in bodies])  # warm-up
-                served = served_rate(base, name, bodies)
-                raw = raw_rate(models / f"{name}.safetensors", batches)
-                raw_largest = raw_rate(models / f"{name}.safetensors", list(decoded.split(args.clients * args.images)))
+                served_rate(base, name, [requests[:1] for requests in bodies], server)  # warm-up
+                served, served_cpu = served_rate(base, name, bodies, server)
+                raw, raw_cpu = raw_rate(models / f"{name}.safetensors", batches)
+                largest = list(decoded.split(args.clients * args.images))
+                raw_largest, raw_largest_cpu = raw_rate(models / f"{name}.safetensors", largest)
                 report[name] = {
                     "served_images_per_s": round(served, 1),
                     "raw_images_per_s": round(raw, 1),
                     "raw_images_per_s_largest_batch": round(raw_largest, 1),
                     "served_over_raw": round(served / raw, 3),
                     "served_over_raw_largest_batch": round(served / raw_largest, 3),
+                    "served_images_per_server_cpu_s": round(served_cpu, 1),
+                    "raw_images_per_cpu_s": round(raw_cpu, 1),
+                    "raw_images_per_cpu_s_largest_batch": round(raw_largest_cpu, 1),
+                    "served_over_raw_cpu": round(served_cpu / raw_cpu, 3),
                 }
                 print(json.dumps({name: report[name]}), file=sys.stderr, flush=True)
             if args.cnf and args.cnf_images:

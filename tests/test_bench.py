@@ -11,16 +11,17 @@ from conftest import write_tiny_ebm, write_tiny_eqm, write_tiny_flow, write_tiny
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def bench_lines(script: str, *args: str, timeout: float) -> list[str]:
+    """The lines bench/`script` prints to stdout when run with `args` (it must exit 0 within `timeout` seconds)."""
+    command = [sys.executable, str(ROOT / "bench" / script), *args]
+    return subprocess.run(command, capture_output=True, text=True, check=True, timeout=timeout).stdout.splitlines()
+
+
 def test_models_table_prints_one_row_per_recorded_evaluation_and_each_ensemble_once(tmp_path: Path) -> None:
     for seed in (1, 2):
         write_tiny_ebm(tmp_path / f"pair_{seed}.safetensors", seed=seed, ensemble="pair")
     write_tiny_flow(tmp_path / "glow.safetensors", arch_name="glow")
-    table = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "models_table.py"), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.splitlines()
+    table = bench_lines("models_table.py", str(tmp_path), timeout=120)
     assert table[0].startswith("| model |") and len(table) == 2 + 4  # header, rule, 2 members, ensemble, glow
     ensemble = [line for line in table if line.startswith("| ensemble `pair`")]
     assert len(ensemble) == 1
@@ -36,13 +37,8 @@ def test_ddls_sweep_prints_a_row_per_setting_and_its_zero_step_row_matches_evalu
 
     gan = write_tiny_gan(tmp_path / "gan.safetensors")
     common = ["--data-dir", str(idx_dir), "--n", "64"]
-    sweep = [sys.executable, str(ROOT / "bench" / "ddls_sweep.py"), str(gan), *common]
-    printed = subprocess.run(
-        [*sweep, "--steps", "0,3", "--step-sizes", "0.01,0.1", "--threads", "1"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.splitlines()
+    sweep = [str(gan), *common, "--steps", "0,3", "--step-sizes", "0.01,0.1", "--threads", "1"]
+    printed = bench_lines("ddls_sweep.py", *sweep, timeout=240)
     rows = [line for line in printed if line.startswith("| ") and not line.startswith("| steps")]
     assert [row.split(" | ")[:3] for row in rows] == [
         ["| 0", "", ""],
@@ -56,28 +52,12 @@ def test_ddls_sweep_prints_a_row_per_setting_and_its_zero_step_row_matches_evalu
 
 def test_serving_bench_drives_a_flow_and_prints_its_table(tmp_path: Path) -> None:
     write_tiny_flow(tmp_path / "nice.safetensors")
-    printed = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "serve.py"),
-            "--models-dir",
-            str(tmp_path),
-            "--model",
-            "nice",
-            "--n",
-            "2",
-            "--levels",
-            "1,2",
-            "--requests",
-            "2",
-            "--device",
-            "cpu",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
+    printed = bench_lines(
+        "serve.py",
+        *("--models-dir", str(tmp_path), "--model", "nice", "--n", "2", "--levels", "1,2", "--requests", "2"),
+        *("--device", "cpu"),
         timeout=240,
-    ).stdout.splitlines()
+    )
     rows = [line for line in printed if line.startswith("| 1 |") or line.startswith("| 2 |")]
     assert "images/s served" in printed[1] and len(rows) == 2
     cells = [cell.strip() for cell in rows[1].split("|")]
@@ -89,19 +69,13 @@ def test_serving_bench_drives_a_flow_and_prints_its_table(tmp_path: Path) -> Non
 
 def test_serving_bench_times_a_short_request_alone_and_beside_long_ones(tmp_path: Path) -> None:
     write_tiny_ebm(tmp_path / "tiny.safetensors")
-    printed = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "serve.py"),
-            *("--models-dir", str(tmp_path), "--model", "tiny", "--device", "cpu", "--threads", "1"),
-            *("--steps", "3", "--n", "1", "--levels", "2", "--requests", "2"),
-            *("--beside-long", "2", "--long-steps", "40", "--sweep", "2,8"),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
+    printed = bench_lines(
+        "serve.py",
+        *("--models-dir", str(tmp_path), "--model", "tiny", "--device", "cpu", "--threads", "1"),
+        *("--steps", "3", "--n", "1", "--levels", "2", "--requests", "2"),
+        *("--beside-long", "2", "--long-steps", "40", "--sweep", "2,8"),
         timeout=240,
-    ).stdout.splitlines()
+    )
     assert "| step budget |" in printed[1] and "beside/alone" in printed[1]
     rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]] for line in printed[3:]}
     assert sorted(rows) == ["2", "8"]
@@ -114,16 +88,11 @@ def test_serving_bench_times_a_short_request_alone_and_beside_long_ones(tmp_path
 
 def test_latency_bench_serves_the_same_pngs_as_the_raw_loop_and_prints_both_figures(tmp_path: Path) -> None:
     eqm = write_tiny_eqm(tmp_path / "tiny_eqm.safetensors")
-    printed = subprocess.run(
-        [
-            *(sys.executable, str(ROOT / "bench" / "latency.py"), "--checkpoint", str(eqm)),
-            *("--requests", "2", "--repeats", "1", "--chains", "1,3", "--long-steps", "4"),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,  # the script stops when a served PNG differs from the in-process one
+    printed = bench_lines(  # the script exits non-zero when a served PNG differs from the in-process one
+        "latency.py",
+        *("--checkpoint", str(eqm), "--requests", "2", "--repeats", "1", "--chains", "1,3", "--long-steps", "4"),
         timeout=240,
-    ).stdout.splitlines()
+    )
     request = printed[printed.index(next(line for line in printed if line.startswith("| served s |"))) + 2]
     served, local, ratio = (float(cell.strip().rstrip("x")) for cell in request.split("|")[1:4])
     assert served > 0 and local > 0 and ratio == pytest.approx(served / local, abs=0.01)
@@ -135,13 +104,7 @@ def test_latency_bench_serves_the_same_pngs_as_the_raw_loop_and_prints_both_figu
 
 
 def test_training_speed_bench_times_an_eqm_update_in_a_fresh_process() -> None:
-    printed = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "train_speed.py"), "--rows", "eqm-bf16-t1-batch64", "--updates", "1"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=240,
-    ).stdout.splitlines()
+    printed = bench_lines("train_speed.py", "--rows", "eqm-bf16-t1-batch64", "--updates", "1", timeout=240)
     row = next(line for line in printed if line.startswith("| eqm-bf16-t1-batch64 |"))
     updates_per_s, images_per_s = (float(cell) for cell in row.split("|")[2:4])
     assert updates_per_s > 0 and images_per_s == pytest.approx(64 * updates_per_s, rel=0.01)
@@ -153,16 +116,9 @@ def test_export_parity_serves_each_checkpoint_beside_its_export_and_finds_them_e
     gan = write_tiny_gan(tmp_path / "gan.safetensors")
     main(["set-sampler", str(gan), "steps=3", "step_size=0.01"])  # DDLS by default: the exported critic drives it
     write_tiny_ebm(tmp_path / "ebm.safetensors")
-    printed = subprocess.run(
-        [
-            *(sys.executable, str(ROOT / "bench" / "export_parity.py"), str(tmp_path)),
-            *("--dtypes", "float32,bfloat16", "--n", "2", "--threads", "1"),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=300,
-    ).stdout.splitlines()
+    printed = bench_lines(
+        "export_parity.py", str(tmp_path), *("--dtypes", "float32,bfloat16", "--n", "2", "--threads", "1"), timeout=300
+    )
     rows = {
         (cells[0], cells[2]): cells
         for line in printed
@@ -177,13 +133,7 @@ def test_export_parity_serves_each_checkpoint_beside_its_export_and_finds_them_e
 
 
 def test_gif_speed_bench_prints_a_row_per_encoder_and_the_grey_gif_is_exact() -> None:
-    printed = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "gif_speed.py"), "--rows", "1x8:4:3", "3x8:4:3", "--before"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
-    ).stdout.splitlines()
+    printed = bench_lines("gif_speed.py", "--rows", "1x8:4:3", "3x8:4:3", "--before", timeout=120)
     rows = [line.split(" | ") for line in printed if line.startswith("| ") and "x 4 chains" in line]
     assert [row[2] for row in rows] == ["gif_bytes", "Pillow per frame (before)"] * 2
     grey = [row for row in rows if "(L " in row[1]]

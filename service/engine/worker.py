@@ -23,6 +23,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from types import MappingProxyType
 from typing import Any, TypeVar
 
@@ -72,7 +73,9 @@ class Worker:
         likelihood: LikelihoodSettings | None = None,  # a CNF's likelihood solves for POST /score
         device_budget: DeviceBudget | None = None,  # bytes for the chain pools' chains; None: no limit
         on_idle: Callable[[], None] | None = None,  # called once each time the work runs out (the app's malloc trim)
+        score_memory: Callable[[], AbstractContextManager[None]] | None = None,  # one-pass score passes run in it
     ) -> None:
+        self.score_memory = score_memory
         self.device_budget = device_budget or DeviceBudget(None)
         self.on_idle, self._worked = on_idle or (lambda: None), False  # _worked: a pool stepped since it last ran
         self.likelihood = likelihood or LikelihoodSettings()
@@ -166,7 +169,9 @@ class Worker:
         common = (self.chain_budget, self.device, self.metrics, self.clock)
         if score_family(model.members[0]).one_pass:
             passes = self.step_budget or (SCORE_PASS_IMAGES if self.device.type == "cpu" else None)
-            return OnePassScorePool(model, *common, window_s=self.batch_window_s, pass_images=passes)
+            return OnePassScorePool(
+                model, *common, window_s=self.batch_window_s, pass_images=passes, memory=self.score_memory
+            )
         return LikelihoodPool(model, self.likelihood, *common)
 
     def _langevin_pool(self, group: BufferGroup) -> LangevinPool:

@@ -30,7 +30,7 @@ from service.catalogue.served_models import ServedModels
 from service.engine.messages import CancelledByClient
 from service.engine.worker import Worker
 from service.http.bridge import record, response_for, sample_result, stream
-from service.http.memory import map_large_blocks, return_freed_memory
+from service.http.memory import heap_blocks, map_large_blocks, return_freed_memory
 from service.http.middleware import BearerKey, BodyLimits
 from service.http.model_info import ServedModelInfo, model_info
 from service.http.orders import check_applicable, check_gif_pixels, gif_frames, make_order
@@ -201,6 +201,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             likelihood=LikelihoodSettings(settings.score_rtol, settings.score_atol),
             device_budget=budgets.device,
             on_idle=return_freed_memory,  # once the chains run out, what their steps freed goes back to the OS
+            score_memory=heap_blocks,  # a score pass's blocks from the heap: no page faults on fresh mappings
         )
         published(served.registry)  # the worker's: models whose pools could not be built are refused there
         worker.start()

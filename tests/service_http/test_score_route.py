@@ -5,6 +5,7 @@ a recorded reference, and `python -m training score` giving the server's numbers
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import threading
@@ -289,6 +290,47 @@ def test_a_cancelled_likelihood_job_frees_its_chains_at_the_next_step(tmp_path: 
     worker.run_once()
     assert isinstance(answers[0], CancelledByClient)
     assert [job.n for job in pool.scheduler.running] == [4]  # the waiting request took the freed places
+
+
+def test_one_pass_scores_run_inside_the_workers_score_memory_and_give_the_same_numbers(
+    tmp_path: Path, idx_dir: Path
+) -> None:
+    """The app hands the worker `heap_blocks` (service/http/memory.py): a score pass's blocks come from the heap,
+    not fresh mappings; where they come from changes no number (an energy's typicality gradient norms included)."""
+    from service.http.memory import heap_blocks, map_large_blocks
+
+    models = tmp_path / "models"
+    models.mkdir()
+    eqm = write_tiny_eqm(models / "digits.safetensors")
+    reference = ["--data-dir", str(idx_dir), "--dataset", "mnist", "--reference-n", "32", "--ood-score", "typicality"]
+    main(["score", str(eqm), "--record-reference", *reference])
+    registry = load_registry(models, torch.device("cpu"))
+    model = registry.models["digits"]
+    images = torch.tensor(np.stack(digits(6, seed=3)), dtype=torch.float32)[:, None] / 127.5 - 1
+    entered: list[int] = []
+
+    @contextlib.contextmanager
+    def recorded() -> Iterator[None]:
+        entered.append(len(entered))
+        with heap_blocks():
+            yield
+
+    map_large_blocks()  # as the app does first
+    scores = []
+    for memory in (None, recorded):
+        clock = FakeClock()
+        worker = Worker(
+            registry, BufferStore(tmp_path / "state"), torch.device("cpu"), Metrics(), 8, 16, 1e9, 0.0, clock=clock,
+            score_memory=memory,
+        )  # fmt: skip
+        answers: list = []
+        worker.submit(ScoreOrder(model, images), answers.append, clock.now + 60)
+        worker.run_once()
+        scores.append(answers[0].scores)
+    assert entered == [0]  # one pass of 6 images, inside it
+    assert "log_grad_norm@0.6" in scores[0]
+    for name, values in scores[0].items():
+        torch.testing.assert_close(scores[1][name], values, rtol=1e-6, atol=1e-6)
 
 
 def test_evaluate_reports_how_the_ood_score_tells_the_models_data_from_another_set(

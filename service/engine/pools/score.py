@@ -11,9 +11,11 @@ dequantization noise and Hutchinson probes are seeded by its own pixels: a score
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
@@ -128,9 +130,11 @@ class OnePassScorePool(ScorePool):
         clock: Callable[[], float],
         window_s: float,
         pass_images: int | None = None,  # images per forward pass (--step-budget); None: all at once
+        memory: Callable[[], AbstractContextManager[None]] | None = None,  # where the passes' blocks come from
     ) -> None:
         super().__init__(model, chain_budget, device, metrics, clock, window_s)
         self.pass_images = pass_images or chain_budget
+        self.memory = memory or contextlib.nullcontext  # the app's: the heap (service/http/memory.py heap_blocks)
 
     def step(self) -> None:
         plan = self.scheduler.schedule()
@@ -143,12 +147,13 @@ class OnePassScorePool(ScorePool):
         images = torch.cat([order.images for order in orders]).to(self.device)  # [B, *shape]
         labels = self._labels(jobs)
         parts = []
-        for chunk, rows in zip(
-            images.split(self.pass_images), torch.arange(len(images)).split(self.pass_images), strict=True
-        ):  # a CPU scores fastest in passes of its step budget (64), not of all the batch's images at once
-            chunk_labels = None if labels is None else labels[rows]
-            part = one_pass_scores(self.family, self.model.members, chunk, chunk_labels)
-            parts.append(part | ood_statistics(self.ood, self.model.members, chunk, chunk_labels, part))
+        with self.memory():  # a pass's blocks reused, not mapped and faulted in afresh (service/http/memory.py)
+            for chunk, rows in zip(
+                images.split(self.pass_images), torch.arange(len(images)).split(self.pass_images), strict=True
+            ):  # a CPU scores fastest in passes of its step budget (64), not of all the batch's images at once
+                chunk_labels = None if labels is None else labels[rows]
+                part = one_pass_scores(self.family, self.model.members, chunk, chunk_labels)
+                parts.append(part | ood_statistics(self.ood, self.model.members, chunk, chunk_labels, part))
         scores = {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
         self._record_step(len(jobs), len(images))
         sizes = [order.n for order in orders]
