@@ -138,3 +138,10 @@ def test_gif_speed_bench_prints_a_row_per_encoder_and_the_grey_gif_is_exact() ->
     assert [row[2] for row in rows] == ["gif_bytes", "Pillow per frame (before)"] * 2
     grey = [row for row in rows if "(L " in row[1]]
     assert len(grey) == 2 and grey[0][4] == grey[1][4] and all(row[5] == "0.00" for row in grey)  # the same bytes
+
+
+def test_gan_step_speed_bench_times_a_step_in_each_precision() -> None:
+    lines = bench_lines("gan_step_speed.py", "--repeats", "1", "--width", "4", timeout=120)
+    timed = [line for line in lines if line.startswith("--autocast")]
+    assert [line.split(":")[0] for line in timed] == ["--autocast none", "--autocast bfloat16"]
+    assert all(float(line.split()[-4]) > 0 for line in timed)
