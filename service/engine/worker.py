@@ -42,7 +42,14 @@ from service.engine.pools.langevin import LangevinPool
 from service.engine.pools.latent import LatentPool, pool_name
 from service.engine.pools.ode import OdePool
 from service.engine.pools.pool_set import PoolPlan, PoolSet
-from service.engine.pools.score import SCORE_PASS_IMAGES, LikelihoodPool, OnePassScorePool, ScorePool, score_pool_name
+from service.engine.pools.score import (
+    SCORE_PASS_IMAGES,
+    LikelihoodPool,
+    OnePassScorePool,
+    ScorePool,
+    score_pool_name,
+    scores_inputs,
+)
 from service.engine.scheduler import IDLE_SECONDS, Job
 from service.metrics import Metrics
 from training.sampling.scoring import LikelihoodSettings, score_family
@@ -79,16 +86,10 @@ class Worker:
         self.device_budget = device_budget or DeviceBudget(None)
         self.on_idle, self._worked = on_idle or (lambda: None), False  # _worked: a pool stepped since it last ran
         self.likelihood = likelihood or LikelihoodSettings()
-        self.store = store
-        self.device = device
-        self.metrics = metrics
-        self.chain_budget = chain_budget
-        self.max_queue = max_queue
-        self.save_interval_s = save_interval_s
-        self.batch_window_s = batch_window_s
-        self.clock = clock
-        self.step_budget = step_budget  # each step's batch is chosen below it from the measured cost
-        self.sampling_dtype = sampling_dtype
+        self.store, self.device, self.metrics, self.clock = store, device, metrics, clock
+        self.chain_budget, self.max_queue = chain_budget, max_queue
+        self.save_interval_s, self.batch_window_s = save_interval_s, batch_window_s
+        self.step_budget, self.sampling_dtype = step_budget, sampling_dtype  # batches are chosen below the budget
         self.failures = FailureLog()
         self.buffer_keeper = BufferKeeper(store, buffer_budget, self.failures)
         self.stopped_by: BaseException | None = None  # what ended the worker thread past every guard
@@ -102,8 +103,7 @@ class Worker:
         self._publish_buffers()
         self._inbox: list[tuple[SamplerPool, Job]] = []
         self._inbox_lock = threading.Lock()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
+        self._wake, self._stop = threading.Event(), threading.Event()
         self._thread: threading.Thread | None = None
         self.last_save = clock()
         self._shown_depth = -1  # the queue depth /metrics shows (-1: none yet)
@@ -127,14 +127,14 @@ class Worker:
             for kind in model.kind.pools(model.members[0]):  # "langevin": its buffer group's pool, above
                 if kind in builders:
                     wanted[pool_name(model, kind)] = (model.pool_key, functools.partial(builders[kind], model))
-            if self._scores(model):  # POST /score: its inputs' energies, likelihoods or critic values
+            if scores_inputs(model):  # POST /score: its inputs' energies, likelihoods or critic values
                 wanted[score_pool_name(model)] = (model.pool_key, functools.partial(self._score_pool, model))
         return wanted
 
     def _pools_of(self, model: ServedModel) -> set[str]:
         """The names of the pools `model`'s requests run in (_wanted_pools)."""
         pools = {pool_name(model, kind) for kind in model.kind.pools(model.members[0])}
-        return pools | ({score_pool_name(model)} if self._scores(model) else set())
+        return pools | ({score_pool_name(model)} if scores_inputs(model) else set())
 
     def _build(self, registry: Registry) -> tuple[Registry, dict[str, PoolPlan], dict[str, SamplerPool]]:
         """The pools `registry` needs, built (or kept); a pool that cannot be built fails only the models that run
@@ -156,14 +156,6 @@ class Worker:
         registry = Registry(models, groups, refused)
         wanted = self._wanted_pools(registry)  # a subset of what was planned, under the same keys
         return registry, wanted, {name: pools[name] for name in wanted}
-
-    @staticmethod
-    def _scores(model: ServedModel) -> bool:
-        try:
-            score_family(model.members[0])
-        except ValueError:  # a GAN without its critic, a model of 2-D points: POST /score says why
-            return False
-        return True
 
     def _score_pool(self, model: ServedModel) -> ScorePool:
         common = (self.chain_budget, self.device, self.metrics, self.clock)

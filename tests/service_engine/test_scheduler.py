@@ -6,7 +6,8 @@ import pytest
 from engine_bench import FakeClock
 
 from service.engine.messages import Handle
-from service.engine.scheduler import AGING, MAX_SLOWDOWN, NEAR_LEAST, REFRESH_STEPS, ChainScheduler, Job, StepCost
+from service.engine.scheduler import AGING, MAX_SLOWDOWN, NEAR_LEAST, REFRESH_STEPS, ChainScheduler, Job
+from service.engine.step_cost import StepCost
 
 
 def job(n: int, steps: int, clock: FakeClock, timeout: float = 100.0) -> Job:

@@ -47,6 +47,16 @@ def score_pool_name(model: ServedModel) -> str:
     return f"{model.name}:score"
 
 
+def scores_inputs(model: ServedModel) -> bool:
+    """Whether a served model gets a score pool: not a GAN without its critic, nor a model of 2-D points (POST
+    /score then says why)."""
+    try:
+        score_family(model.members[0])
+    except ValueError:
+        return False
+    return True
+
+
 @dataclass(eq=False)
 class ScoreState:
     """A score job's order, where its answer goes, and (a CNF's) its images' solves."""
