@@ -46,7 +46,7 @@ EPILOGS = {
   bash scripts/train_zoo.sh --only glow_mnist,nice_mnist             # the same as python -m training zoo
 """,
     "set-sampler": """examples:
-  python -m training set-sampler checkpoints/dcgan_mnist.safetensors steps=50 step_size=0.003 noise=0.0775
+  python -m training set-sampler checkpoints/dcgan_mnist.safetensors steps=50 step_size=0.001 noise=0.0447
   python -m training set-sampler checkpoints/glow_mnist.safetensors temperature=0.6
   python -m training set-sampler checkpoints/ebm_mnist_seed0.safetensors steps=100 init=buffer
 """,
