@@ -95,7 +95,9 @@ def test_latency_bench_serves_the_same_pngs_as_the_raw_loop_and_prints_both_figu
     )
     request = printed[printed.index(next(line for line in printed if line.startswith("| served s |"))) + 2]
     served, local, ratio = (float(cell.strip().rstrip("x")) for cell in request.split("|")[1:4])
-    assert served > 0 and local > 0 and ratio == pytest.approx(served / local, abs=0.01)
+    assert served > 0 and local > 0
+    # The ratio is of the unrounded seconds, printed to 3 decimals: at tens of milliseconds that rounding moves it.
+    assert (served - 5e-4) / (local + 5e-4) - 1e-3 <= ratio <= (served + 5e-4) / (local - 5e-4) + 1e-3
     rows = [line.split("|")[1:-1] for line in printed if line.startswith(("| 1 |", "| 3 |"))]
     assert [int(cells[0]) for cells in rows] == [1, 3]
     for cells in rows:
