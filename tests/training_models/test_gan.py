@@ -153,6 +153,22 @@ def test_resume_continues_a_gan_run(tmp_path: Path) -> None:
         assert torch.allclose(tensor, resumed.weights[name], atol=1e-5), name
 
 
+def test_a_clipped_wgan_on_adam_with_a_cosine_schedule_ends_at_its_floor(tmp_path: Path) -> None:
+    """--optimizer adam on the clipped WGAN takes WGAN-GP's betas; --lr-schedule cosine decays from --lr to
+    --min-lr-ratio of it by the run's last update; bad values stop the run before it starts."""
+    flags = dict(loss="wgan", optimizer="adam", lr=1e-3, lr_schedule="cosine", min_lr_ratio=0.1, max_batches=10)
+    train_gan(toy_config(tmp_path / "a", epochs=2, **flags))
+    training = load_checkpoint(tmp_path / "a" / "toy.run" / "resume.safetensors").config.training
+    critic = training["optimizer_param_groups"]["critic"][0]
+    assert tuple(critic["betas"]) == (0.5, 0.9)
+    assert 1e-4 < critic["lr"] < 1.1e-4  # the 20th of 20 critic steps: just above the floor
+    assert training["schedule_start"] == 0
+    with pytest.raises(ValueError, match="adam or rmsprop"):
+        train_gan(toy_config(tmp_path / "c", loss="wgan", optimizer="sgd"))
+    with pytest.raises(ValueError, match="cosine or constant"):
+        train_gan(toy_config(tmp_path / "c", loss="wgan", lr_schedule="linear"))
+
+
 def test_ema_warm_up_follows_the_model_early_and_the_decay_later() -> None:
     from training.train.ema import warmed_up_decay
 

@@ -30,7 +30,7 @@ from training.train.losses import (
     wasserstein_critic_loss,
     wasserstein_generator_loss,
 )
-from training.train.run import RunConfig, training_autocast
+from training.train.run import RunConfig, scheduled_learning_rate, set_learning_rate, training_autocast
 
 LOSSES = ("dcgan", "wgan", "wgan-gp")
 NETWORKS = ("transposed", "resize")
@@ -60,6 +60,9 @@ class GANTrainConfig(RunConfig):
     width: int = 64  # channels of the generator's last and the critic's first convolution (doubled in between)
     network: str = "transposed"  # transposed (2 transposed convs, 2-conv critic) | resize (resize+3x3, 3-conv critic)
     lr: float | None = None  # learning rate (default: per loss, LOSS_DEFAULTS)
+    optimizer: str | None = None  # adam (betas 0.5, 0.9 where the loss's are RMSprop's) | rmsprop; default per loss
+    lr_schedule: str = "constant"  # constant | cosine: to min_lr_ratio of --lr by --epochs, from this run's start
+    min_lr_ratio: float = 0.05  # cosine: the last update's learning rate over the peak
     critic_steps: int | None = None  # critic updates per generator update; default per loss
     clip: float = 0.01  # WGAN weight clipping range [-clip, clip]
     gp_weight: float = 10.0  # WGAN-GP lambda
@@ -93,12 +96,17 @@ def _architectures(dataset: ImageDataset, config: GANTrainConfig) -> tuple[dict,
     return generator, critic
 
 
+def _peak_lr(config: GANTrainConfig) -> float:
+    return config.lr if config.lr is not None else LOSS_DEFAULTS[config.loss]["lr"]
+
+
 def _optimizer(parameters: Iterable[torch.nn.Parameter], config: GANTrainConfig) -> torch.optim.Optimizer:
     defaults = LOSS_DEFAULTS[config.loss]
-    lr = config.lr if config.lr is not None else defaults["lr"]
-    if defaults["optimizer"] == "rmsprop":
-        return torch.optim.RMSprop(parameters, lr=lr)
-    return torch.optim.Adam(parameters, lr=lr, betas=defaults["betas"])
+    kind = config.optimizer or defaults["optimizer"]
+    if kind == "rmsprop":
+        return torch.optim.RMSprop(parameters, lr=_peak_lr(config))
+    betas = defaults["betas"] if defaults["optimizer"] == "adam" else LOSS_DEFAULTS["wgan-gp"]["betas"]
+    return torch.optim.Adam(parameters, lr=_peak_lr(config), betas=betas)
 
 
 def train_gan(config: GANTrainConfig) -> Path:
@@ -110,6 +118,9 @@ def train_gan(config: GANTrainConfig) -> Path:
     training_autocast(config.autocast, torch.device("cpu"))  # a bad --autocast stops before the run begins
     if config.r1 < 0:
         raise ValueError(f"--r1 is a penalty weight, at least 0, not {config.r1}")
+    if config.optimizer not in (None, "adam", "rmsprop"):
+        raise ValueError(f"--optimizer must be adam or rmsprop, not {config.optimizer!r}")
+    scheduled_learning_rate(1.0, 0, 1, 0, config.lr_schedule, config.min_lr_ratio)  # a bad --lr-schedule stops here
     run = TrainingRun.begin(config, "gan", with_test=False)
     if run is None:
         return Path(config.out)
@@ -140,14 +151,17 @@ def train_gan(config: GANTrainConfig) -> Path:
             f"after {critic_steps} critic steps; train longer"
         )
     noise_batches = per_epoch * config.epochs
+    schedule_start = critic_updates  # the learning-rate schedule spans this run, a warm start's included
     if origin is not None and origin.resumed:
         noise_batches = origin.count("noise_batches")
+        schedule_start = int(origin.training.get("schedule_start", 0))  # runs from before schedules: 0
+    schedule_end = max(per_epoch * config.epochs, schedule_start + 1)
 
     def save(epoch: int, seconds: float, record: dict[str, float]) -> EpochSave:
         """The generator ships with its EMA (what is sampled) and the critic; the resume state holds the same."""
         metrics = {key: round(value, 5) for key, value in record.items() if key.endswith("_loss")}
         counted: dict[str, Any] = {key: int(record[key]) for key in ("generator_updates", "critic_updates")}
-        counted |= {"noise_batches": noise_batches, "loss": config.loss}
+        counted |= {"noise_batches": noise_batches, "schedule_start": schedule_start, "loss": config.loss}
         model_config = config.model_config("gan", train, arch, sampler, device, seconds, epoch, metrics, counted)
         extras = {"ema": average.state_dict(), "critic": critic.state_dict()}
         return EpochSave(Checkpoint(model_config, generator.state_dict(), extras), generator.state_dict(), extras)
@@ -170,6 +184,17 @@ def train_gan(config: GANTrainConfig) -> Path:
 
             def perturb(x: torch.Tensor, std: float = noise_std) -> torch.Tensor:
                 return x + std * torch.randn_like(x) if std > 0 else x
+
+            lr = scheduled_learning_rate(
+                _peak_lr(config),
+                critic_updates - schedule_start,
+                schedule_end - schedule_start,
+                0,
+                config.lr_schedule,
+                config.min_lr_ratio,
+            )
+            for optimizer in (critic_optimizer, generator_optimizer):
+                set_learning_rate(optimizer, lr)
 
             real = train.images[batch].to(device)
             latents = torch.randn(len(real), config.latent_dim, device=device)
