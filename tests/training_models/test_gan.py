@@ -232,9 +232,12 @@ def test_unknown_networks_and_negative_r1_are_refused(tmp_path: Path) -> None:
         ("network", "unet", "unknown GAN network"),
         ("r1", -1.0, "at least 0"),
         ("autocast", "float16", "or none"),
+        ("critic_batch_norm", True, "no --critic-batch-norm with it"),
     )
     for field, value, words in refusals:
-        config = GANTrainConfig(out=str(tmp_path / "x.safetensors"), dataset="toy2d:moons", **{field: value})
+        config = GANTrainConfig(
+            out=str(tmp_path / "x.safetensors"), dataset="toy2d:moons", loss="wgan-gp", **{field: value}
+        )
         with pytest.raises(ValueError, match=words):
             train_gan(config)
 
@@ -295,3 +298,12 @@ def test_a_batch_norm_critic_normalizes_real_and_fake_images_as_one_batch(
     out = tmp_path / "wgan.safetensors"
     main(["gan", "--data-dir", str(idx_dir), "--epochs", "1", "--out", str(out), "--device", "cpu", *flags])
     assert seen and set(seen) == {32}
+
+
+def test_the_clipped_wgan_critic_can_drop_batch_norm_and_the_command_records_it(tmp_path: Path, idx_dir: Path) -> None:
+    out = tmp_path / "plain.safetensors"
+    flags = ["--loss", "wgan", "--no-critic-batch-norm", "--width", "8", "--latent-dim", "16", "--max-batches", "2"]
+    main(["gan", "--data-dir", str(idx_dir), "--epochs", "1", "--out", str(out), "--critic-steps", "2", *flags])
+    config = load_checkpoint(out).config
+    assert config.arch["critic"]["kwargs"]["batch_norm"] is False
+    assert "--no-critic-batch-norm" in config.training["command"]

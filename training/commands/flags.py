@@ -52,7 +52,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, config_type: type, 
         default = item.default
         kind = str(item.type)
         text = comments.get(item.name, "").replace("%", "%%")
-        if kind == "bool":
+        if kind in ("bool", "bool | None"):  # None: the default is decided later (per loss, per family)
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
         elif "int" in kind and "float" not in kind and "str" not in kind:  # a `str` one takes words too (auto)
             parser.add_argument(flag, type=int, default=default, help=text)

@@ -65,6 +65,7 @@ class GANTrainConfig(RunConfig):
     min_lr_ratio: float = 0.05  # cosine: the last update's learning rate over the peak
     critic_steps: int | None = None  # critic updates per generator update; default per loss
     clip: float = 0.01  # WGAN weight clipping range [-clip, clip]
+    critic_batch_norm: bool | None = None  # default: the clipped WGAN's and a DCGAN's without R1 (not with a penalty)
     gp_weight: float = 10.0  # WGAN-GP lambda
     label_smoothing: float = 0.0  # DCGAN one-sided: real targets 1 - s
     r1: float = 0.0  # DCGAN: gamma of the R1 penalty on real data, gamma/2 E||grad D||^2 (0: off)
@@ -89,7 +90,10 @@ def _architectures(dataset: ImageDataset, config: GANTrainConfig) -> tuple[dict,
     critic_kwargs = {"width": config.width, "channels": channels, "image_size": size}
     # Batch norm couples a batch's samples, which R1's and WGAN-GP's per-sample gradients must not see; the
     # clipped WGAN keeps it, as in Arjovsky et al.'s critic: without it clipped layers shrink every activation.
-    critic_kwargs["batch_norm"] = config.loss == "wgan" or (config.loss == "dcgan" and not config.r1)
+    batch_norm = config.loss == "wgan" or (config.loss == "dcgan" and not config.r1)
+    if config.critic_batch_norm is not None:
+        batch_norm = config.critic_batch_norm
+    critic_kwargs["batch_norm"] = batch_norm
     if resize:
         critic_kwargs["depth"] = 3
     critic = {"name": "conv_critic", "kwargs": critic_kwargs}
@@ -116,6 +120,8 @@ def train_gan(config: GANTrainConfig) -> Path:
     if config.network not in NETWORKS:
         raise ValueError(f"unknown GAN network {config.network!r}; expected one of {', '.join(NETWORKS)}")
     training_autocast(config.autocast, torch.device("cpu"))  # a bad --autocast stops before the run begins
+    if config.critic_batch_norm and (config.r1 or config.loss == "wgan-gp"):
+        raise ValueError("a gradient penalty is per image, which batch norm couples: no --critic-batch-norm with it")
     if config.r1 < 0:
         raise ValueError(f"--r1 is a penalty weight, at least 0, not {config.r1}")
     if config.optimizer not in (None, "adam", "rmsprop"):
