@@ -300,10 +300,14 @@ def test_a_batch_norm_critic_normalizes_real_and_fake_images_as_one_batch(
     assert seen and set(seen) == {32}
 
 
-def test_the_clipped_wgan_critic_can_drop_batch_norm_and_the_command_records_it(tmp_path: Path, idx_dir: Path) -> None:
+def test_the_clipped_wgan_critic_can_drop_batch_norm_widen_and_the_command_records_it(
+    tmp_path: Path, idx_dir: Path
+) -> None:
     out = tmp_path / "plain.safetensors"
-    flags = ["--loss", "wgan", "--no-critic-batch-norm", "--width", "8", "--latent-dim", "16", "--max-batches", "2"]
+    flags = ["--loss", "wgan", "--no-critic-batch-norm", "--width", "8", "--critic-width", "12", "--max-batches", "2"]
     main(["gan", "--data-dir", str(idx_dir), "--epochs", "1", "--out", str(out), "--critic-steps", "2", *flags])
     config = load_checkpoint(out).config
     assert config.arch["critic"]["kwargs"]["batch_norm"] is False
+    assert config.arch["critic"]["kwargs"]["width"] == 12 and config.arch["kwargs"]["width"] == 8
     assert "--no-critic-batch-norm" in config.training["command"]
+    assert load_model(out).critic is not None

@@ -65,6 +65,7 @@ class GANTrainConfig(RunConfig):
     min_lr_ratio: float = 0.05  # cosine: the last update's learning rate over the peak
     critic_steps: int | None = None  # critic updates per generator update; default per loss
     clip: float = 0.01  # WGAN weight clipping range [-clip, clip]
+    critic_width: int | None = None  # the critic's first convolution's channels (default: --width)
     critic_batch_norm: bool | None = None  # default: the clipped WGAN's and a DCGAN's without R1 (not with a penalty)
     gp_weight: float = 10.0  # WGAN-GP lambda
     label_smoothing: float = 0.0  # DCGAN one-sided: real targets 1 - s
@@ -87,7 +88,7 @@ def _architectures(dataset: ImageDataset, config: GANTrainConfig) -> tuple[dict,
         "name": "resize_generator" if resize else "conv_generator",
         "kwargs": {"latent_dim": config.latent_dim, "width": config.width, "channels": channels, "image_size": size},
     }
-    critic_kwargs = {"width": config.width, "channels": channels, "image_size": size}
+    critic_kwargs = {"width": config.critic_width or config.width, "channels": channels, "image_size": size}
     # Batch norm couples a batch's samples, which R1's and WGAN-GP's per-sample gradients must not see; the
     # clipped WGAN keeps it, as in Arjovsky et al.'s critic: without it clipped layers shrink every activation.
     batch_norm = config.loss == "wgan" or (config.loss == "dcgan" and not config.r1)
