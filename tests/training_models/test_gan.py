@@ -7,7 +7,6 @@ from torch import nn
 
 from training.commands.cli import main
 from training.models import build_model
-from training.models.gan import ConvCritic
 from training.runtime.checkpoint import load_checkpoint
 from training.runtime.draw import sample_generator
 from training.runtime.load import load_model
@@ -266,38 +265,6 @@ def test_a_clipped_wgan_trains_its_batch_norm_critic_in_bfloat16_and_saves_float
         assert sample_generator(load_model(out), torch.arange(3), steps=2).isfinite().all()
     moved = [not torch.equal(weights["none"][key], weights["bfloat16"][key]) for key in weights["none"]]
     assert any(moved)
-
-
-def test_a_batch_norm_critic_normalizes_real_and_fake_images_as_one_batch(
-    tmp_path: Path, idx_dir: Path, monkeypatch
-) -> None:
-    """Batch norm over the real batch alone and the fake batch alone would make the critic two functions, each
-    blind to how its batch's statistics differ from the other's: every training-mode pass sees both halves."""
-    seen: list[int] = []
-    forward = ConvCritic.forward
-
-    def record(self, x):
-        seen.append(len(x))
-        return forward(self, x)
-
-    monkeypatch.setattr(ConvCritic, "forward", record)
-    flags = [
-        "--loss",
-        "wgan",
-        "--width",
-        "8",
-        "--latent-dim",
-        "16",
-        "--max-batches",
-        "4",
-        "--batch-size",
-        "16",
-        "--critic-steps",
-        "2",
-    ]
-    out = tmp_path / "wgan.safetensors"
-    main(["gan", "--data-dir", str(idx_dir), "--epochs", "1", "--out", str(out), "--device", "cpu", *flags])
-    assert seen and set(seen) == {32}
 
 
 def test_the_clipped_wgan_critic_can_drop_batch_norm_widen_and_the_command_records_it(

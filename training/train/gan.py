@@ -140,7 +140,6 @@ def train_gan(config: GANTrainConfig) -> Path:
     generator_optimizer = _optimizer(generator.parameters(), config)
     critic_optimizer = _optimizer(critic.parameters(), config)
     critic_steps = config.critic_steps or LOSS_DEFAULTS[config.loss]["critic_steps"]
-    batch_norm = bool(critic_arch.get("kwargs", {}).get("batch_norm"))
     arch = {**generator_arch, "critic": critic_arch}
     origin = run.restore(arch, {"generator": generator_optimizer, "critic": critic_optimizer})
     generator_updates, critic_updates = 0, 0
@@ -208,10 +207,7 @@ def train_gan(config: GANTrainConfig) -> Path:
             latents = torch.randn(len(real), config.latent_dim, device=device)
             with training_autocast(config.autocast, device):
                 fake = generator(latents)
-                # One batch of both: a batch-norm critic is then one function of its input, not one normalized by
-                # the real batch's statistics and another by the fake batch's (which hides their difference).
-                scores = critic(torch.cat([perturb(real), perturb(fake.detach())])).float()
-                real_scores, fake_scores = scores[: len(real)], scores[len(real) :]
+                real_scores, fake_scores = critic(perturb(real)).float(), critic(perturb(fake.detach())).float()
                 if config.loss == "dcgan":
                     critic_loss = discriminator_loss(real_scores, fake_scores, config.label_smoothing)
                     if config.r1:
@@ -235,10 +231,7 @@ def train_gan(config: GANTrainConfig) -> Path:
             if critic_updates % critic_steps:
                 continue
             with training_autocast(config.autocast, device):
-                if batch_norm:  # normalized by the same mixed batch as the critic's step
-                    fake_scores = critic(torch.cat([perturb(real), perturb(fake)])).float()[len(real) :]
-                else:
-                    fake_scores = critic(perturb(fake)).float()
+                fake_scores = critic(perturb(fake)).float()
                 if config.loss == "dcgan":
                     generator_loss = non_saturating_generator_loss(fake_scores)
                 else:
