@@ -121,10 +121,10 @@ class StepTally:
 
 class StepMetrics:
     """The pools' step metrics, a Prometheus collector over their tallies: a step adds to plain numbers, and /metrics
-    turns them into samples when it is scraped. Prometheus's own metric objects take a lock on every update; the four a
-    step made (two counters, a histogram, a gauge) cost about 15 µs, a tenth of the engine's whole cost a step at 4
-    chains (docs/buffers-and-scale.md). A scrape on another thread reads numbers the worker thread may be adding to:
-    each is read whole (the GIL), and a step's may show in one and not yet in another."""
+    turns them into samples when it is scraped. Prometheus's own metric objects take a lock on every update; the four
+    a step made (two counters, a histogram, a gauge) cost 15 to 20 µs on a shared core, a tenth of the engine's own
+    cost a step at 4 chains (docs/buffers-and-scale.md). A scrape on another thread reads numbers the worker thread
+    may be adding to: each is read whole (the GIL), and a step's may show in one and not yet in another."""
 
     def __init__(self) -> None:
         self.tallies: dict[str, StepTally] = {}  # by pool name (a replaced version's steps go on its name's)
