@@ -200,9 +200,7 @@ class Worker:
     def _swap_in_pending(self) -> None:
         """Swap in the newest registry handed over: build its new pools, retire replaced ones, then publish."""
         with self._inbox_lock:
-            pending, self._pending = self._pending, []
-        if not pending:
-            return
+            pending, self._pending = self._pending, []  # not empty: run_once calls this when it is not
         registry, wanted, pools = self._build(pending[-1][0])  # may read saved buffers: outside the lock
         with self._inbox_lock:  # submit looks pools up under this lock
             retired = self._pools.swap(wanted, pools)
@@ -285,6 +283,8 @@ class Worker:
             self._shut_down()
 
     def _drain_inbox(self) -> None:
+        if not self._inbox:  # read without the lock: an order queued after this is taken at the next round
+            return
         with self._inbox_lock:  # moved under the lock, so queue_depth() never misses a job in transit
             arrivals, self._inbox = self._inbox, []
             refused = []
@@ -324,11 +324,10 @@ class Worker:
         return True
 
     def run_once(self) -> bool:
-        """One round: take in new orders, step every pool that has work, save buffers when due.
-
-        Returns whether any pool stepped. The worker thread loops over this; tests call it directly.
-        """
-        self._attempt("swapping in the models handed over", self._swap_in_pending)
+        """One round: take in new orders, step every pool that has work, save buffers when due; whether any pool
+        stepped. The worker thread loops over this; tests call it directly."""
+        if self._pending:  # read without the lock: one handed over after this is swapped in at the next round
+            self._attempt("swapping in the models handed over", self._swap_in_pending)
         self._drain_inbox()
         busy = False
         pools = self._pools.all()  # a CNF's likelihood solves (long) step only in rounds no other pool has work
@@ -345,9 +344,9 @@ class Worker:
         if busy and self.buffer_keeper.written_since_figures(self.langevin_pools):
             self._attempt("publishing the buffer figures", self._publish_buffers)
         self.buffer_keeper.collect()
-        if self._worked and not busy and not self.queue_depth():  # no chains left: memory the steps freed goes back
+        if self._worked and not busy and not depth:  # no chains left: memory the steps freed goes back
             self._attempt("returning freed memory", self.on_idle)
-        self._worked = busy or (self._worked and self.queue_depth() > 0)
+        self._worked = busy or (self._worked and depth > 0)
         if self.clock() - self.last_save >= self.save_interval_s:
             self.save_buffers()
         return busy

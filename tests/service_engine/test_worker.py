@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -13,7 +15,8 @@ from engine_bench import Bench, FakeClock
 
 from service.catalogue.buffer_store import BufferStore
 from service.catalogue.registry import load_registry
-from service.engine.messages import SampleResult
+from service.engine.messages import ChainDiverged, Frame, SampleResult
+from service.engine.pools.chain import FINITE_CHECK_STEPS
 from service.engine.worker import Worker
 from service.http.orders import make_order
 from service.http.schemas import SampleRequest
@@ -227,6 +230,39 @@ def test_cancelled_and_late_requests_are_answered_and_give_back_their_slots(benc
     bench.worker.run_once()
     assert isinstance(late[0], TimeoutError)
     assert not bench.worker.langevin_pools["solo"].buffer.in_use.any()
+
+
+def test_chains_that_go_non_finite_between_checks_end_before_any_answer_or_frame_of_theirs(bench: Bench) -> None:
+    """The finite check runs every FINITE_CHECK_STEPS steps and on every step whose states go out: chains that turn NaN
+    at their second step end with ChainDiverged (a 422) at the next check, never answered or streamed."""
+    pool = bench.worker.pools["solo"]
+    healthy = pool.modules[0]
+    batches = 0
+
+    def nan_from_the_second_step(x: torch.Tensor) -> torch.Tensor:  # [B]
+        nonlocal batches
+        batches += 1
+        return healthy(x) * (float("nan") if batches >= 2 else 1.0)
+
+    def answer(on_frame: Callable[[Frame], None] | None = None, **fields: Any) -> SampleResult | BaseException:
+        nonlocal batches
+        batches = 0
+        answers = bench.submit(on_frame=on_frame, model="solo", n=3, seed=1, init="noise", **fields)
+        while not answers:
+            bench.worker.run_once()
+        return answers[0]
+
+    pool.modules[0] = nan_from_the_second_step
+    steps = pool.stats["steps"]
+    long = answer(steps=3 * FINITE_CHECK_STEPS)
+    assert isinstance(long, ChainDiverged) and f"by step {FINITE_CHECK_STEPS} of" in str(long)
+    assert pool.stats["steps"] - steps == FINITE_CHECK_STEPS  # it stepped on to the next check, no further
+    short = answer(steps=FINITE_CHECK_STEPS - 3)  # no check on the way: its last step is one
+    assert isinstance(short, ChainDiverged) and f"by step {FINITE_CHECK_STEPS - 3} of" in str(short)
+    frames: list[Frame] = []
+    streamed = answer(frames.append, steps=3 * FINITE_CHECK_STEPS, trajectory_every=3)  # a frame's step is a check
+    assert isinstance(streamed, ChainDiverged) and "by step 3 of" in str(streamed)
+    assert [frame.step for frame in frames] == [0] and frames[0].x.isfinite().all()
 
 
 class TimedEnergy(torch.nn.Module):

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 
 STEP_STATE_COPIES = 8  # states a step makes besides the network's: noise, noised, probe, gradient, push; solver stages
+FINITE_CHECK_STEPS = 8  # steps between the checks that a job's chains are finite (a sum and a device sync: _commit)
 BACKWARD_FACTOR = 1.5  # what backward adds to the tensors autograd keeps: the gradients of one layer's at a time
 
 
@@ -176,8 +177,7 @@ class ChainPool(SamplerPool):
         for module_index, jobs in by_module.items():
             stepped.extend(self._execute(module_index, jobs))
         advanced = sum(chains[id(job)] for job in stepped)
-        changed = self.scheduler.cost.observe(advanced, self.clock() - started)  # what weighs companions
-        self.metrics.show_step_cost(self.name, changed)
+        self.tally.cost.update(self.scheduler.cost.observe(advanced, self.clock() - started))  # weighs companions
         self._record_step(len(stepped), advanced)
         for job in self.scheduler.update_from_output(stepped):
             self._finish(job)
@@ -218,13 +218,13 @@ class ChainPool(SamplerPool):
                 stops.append(arrived(state.running(state.x), x_part, state.order.tolerance, state.free))
             placed.append((x_part, energy_part, velocity_part))
         # One device sync a batch: [the chains' sums, whether each arrived (when any may)]; with no stop to read, the
-        # batch's one sum, and the chains' only when it is not finite.
-        sums: list[float] | None = None  # [B] each chain's; None: every chain is finite
+        # batch's one sum on the steps a job checks (`_checks_finite`), and the chains' only when it is not finite.
+        sums: list[float] | None = None  # [B] each chain's; None: every chain is finite, or none checked
         arrivals: list[float] = []  # [B] 1.0 where a chain arrived
         if stopping:
             chain_sums = _chain_sums(moved)
             sums, arrivals = torch.stack([chain_sums, torch.cat(stops).to(chain_sums.dtype)]).tolist()
-        elif not _finite(moved):
+        elif any(map(_checks_finite, jobs)) and not _finite(moved):
             sums = _chain_sums(moved).tolist()
         stepped, diverged = [], []
         ends = itertools.accumulate(sizes)
@@ -235,15 +235,9 @@ class ChainPool(SamplerPool):
             stepped.append(job)
             stop = [flag > 0 for flag in arrivals[end - size : end]] if stopping else []
             self._place(job, x_part, energy_part, velocity_part, stop if any(stop) else None)
-            state, step = state_of(job), job.done_steps + 1
-            every, whole = state.order.trajectory_every, job.window is None or job.window[1] >= job.n
-            if (
-                every
-                and whole
-                and state.x is not None
-                and (step % every == 0 or step == job.steps or job.stopped == job.n)
-            ):
-                state.keep_frame(step, job.steps, self._image(state.x), state.energy)
+            state, whole = state_of(job), job.window is None or job.window[1] >= job.n
+            if whole and state.x is not None and _keeps_frame(job):
+                state.keep_frame(job.done_steps + 1, job.steps, self._image(state.x), state.energy)
         for job in diverged:
             self.end([job], self._diverged(job))
         return stepped
@@ -262,12 +256,9 @@ class ChainPool(SamplerPool):
         always did)."""
         state = state_of(job)
         assert state.x is not None
-        if state.chain_steps is None:
-            state.chain_steps = torch.zeros(job.n, dtype=torch.int64)
         if state.rows is None:
             state.x, state.energy = x, energy
             state.velocity = velocity if state.order.momentum else None
-            state.chain_steps += 1
         else:
             rows = state.rows
             state.x = state.x.index_copy(0, rows, x)
@@ -277,6 +268,8 @@ class ChainPool(SamplerPool):
             if state.order.momentum and velocity is not None:
                 whole = torch.zeros_like(state.x)
                 state.velocity = (whole if state.velocity is None else state.velocity).index_copy(0, rows, velocity)
+            if state.chain_steps is None:  # counted from here: so far every chain took every step
+                state.chain_steps = torch.full((job.n,), job.done_steps, dtype=torch.int64)
             state.chain_steps[rows.cpu()] += 1
         if stop is not None:
             moving = torch.arange(job.n, device=x.device) if state.moving is None else state.moving
@@ -289,11 +282,28 @@ class ChainPool(SamplerPool):
         order, sampler = state_of(job).order, self.sampler
         assert not isinstance(sampler, FlowSampler)
         return ChainDiverged(
-            f"the chains diverged at step {job.done_steps + 1} of {job.steps}: their states are no longer finite "
+            f"the chains diverged by step {job.done_steps + 1} of {job.steps}: their states are no longer finite "
             f"under step_size {order.step_size:g}, noise {order.noise:g}, temperature {order.temperature:g}, "
             f"momentum {order.momentum:g}; try values nearer {self.name}'s defaults (step_size "
             f"{sampler.step_size:g}, noise {sampler.noise:g}, temperature {sampler.temperature:g})"
         )
+
+
+def _keeps_frame(job: Job) -> bool:
+    """Whether the step a job's chains take now ends at one of its trajectory frames (streamed or kept). A sliced
+    job's frame is kept once its last slice took the step, and shows the chains of every slice."""
+    every, step = state_of(job).order.trajectory_every, job.done_steps + 1
+    if not every:
+        return False
+    return step % every == 0 or step == job.steps or job.stopped == job.n
+
+
+def _checks_finite(job: Job) -> bool:
+    """Whether the step a job's chains take now checks that they are finite: every FINITE_CHECK_STEPS steps, and
+    always before their states go out (its last step, a frame's step), so no answer, frame or buffer slot is ever
+    non-finite. Chains that diverged in between end at the next check (NaN and inf carry through the later steps)."""
+    step = job.done_steps + 1
+    return step % FINITE_CHECK_STEPS == 0 or step >= job.steps or _keeps_frame(job)
 
 
 def _chain_sums(moved: ChainMove) -> torch.Tensor:

@@ -116,6 +116,8 @@ class LangevinPool(ChainPool):
         def per_chain(value: Callable[[SampleOrder, int], float]) -> float | torch.Tensor:
             """A setting per chain [B], from its request's order and the steps its chains took; one float when
             every chain's is the same (the step multiplies by a scalar: the same values, fewer and cheaper ops)."""
+            if len(jobs) == 1:
+                return value(states[0].order, jobs[0].done_steps)
             values = [value(state.order, job.done_steps) for job, state in zip(jobs, states, strict=True)]
             if all(each == values[0] for each in values):
                 return values[0]
@@ -133,15 +135,10 @@ class LangevinPool(ChainPool):
         noise = per_chain(lambda order, _: order.noise)
         eps = None  # [B, *shape] drawn unless every chain's noise is 0 (draws_noise: the same bits without it)
         if draws_noise(noise, x):
-            seeds = batched([state.running(state.seeds) for state in states if state.seeds is not None])  # [B]
+            seeds = [state.running(state.seeds) for state in states if state.seeds is not None]  # [S] each job's
             # A running chain has taken exactly its job's done steps, so its noise counter is its own.
-            steps = batched(
-                [
-                    torch.full((size,), job.done_steps, dtype=torch.int64, device=self.device)
-                    for job, size in zip(jobs, sizes, strict=True)
-                ]
-            )
-            eps = chain_gaussian(seeds, steps, self.shape).to(self.device)
+            steps = [torch.full_like(part, job.done_steps) for job, part in zip(jobs, seeds, strict=True)]
+            eps = chain_gaussian(batched(seeds), batched(steps), self.shape).to(self.device)
         moved = langevin_step(
             conditioned_energy(
                 self.modules[module_index], labels, per_chain(lambda order, _: order.guidance)
@@ -193,4 +190,4 @@ class LangevinPool(ChainPool):
         else:
             self.buffer.release(state.slots)
         energy = None if state.energy is None else state.energy.cpu()
-        self._deliver(job, samples, job.done_steps, energy=energy, chain_steps=state.chain_steps)
+        self._deliver(job, samples, job.done_steps, energy=energy, chain_steps=state.steps_ran(job.done_steps))

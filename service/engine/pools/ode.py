@@ -126,12 +126,12 @@ class OdePool(ChainPool):
         state = state_of(job)
         assert state.x is not None
         samples = state.x.detach().clamp(*self.data_range).cpu()
-        self._deliver(job, samples, job.done_steps, chain_steps=state.chain_steps)
+        self._deliver(job, samples, job.done_steps, chain_steps=state.steps_ran(job.done_steps))
 
     def _diverged(self, job: Job) -> ChainDiverged:
         order, sampler = state_of(job).order, self.sampler
         return ChainDiverged(
-            f"the chains of {self.name} left the finite numbers at {self.solver} step {job.done_steps + 1} of "
+            f"the chains of {self.name} left the finite numbers by {self.solver} step {job.done_steps + 1} of "
             f"{job.steps} (temperature {order.temperature:g}, guidance {order.guidance:g}); try values nearer its "
             f"defaults (steps {sampler.steps}, temperature {sampler.temperature:g}, guidance {sampler.guidance:g})"
         )
