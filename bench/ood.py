@@ -9,11 +9,17 @@ Candidates (higher = more out of distribution), from each model's own numbers:
   the least-squares line through (PNG bits, energy) of the reference images;
 - `typicality`: |s - mean| / std of a base score s over the reference images (Nalisnick et al. 2019, one
   image at a time): inputs *more* likely than the data are flagged too, the hard direction's failure;
+- `reconstruction` (energies; the served score of that name, training/sampling/energy_ood.py): the Mahalanobis
+  distance of log mean |x^_s - x| for x^_s one step down the energy from x noised along the Equilibrium Matching
+  path at each noise share s, and of the image's PNG bits, from their Gaussian fit on the reference;
 - with `--background B` (an energy trained on perturbed images of the same data, Ren et al. 2019's background
   model): `likelihood_ratio`, E(x) - E_B(x), the energy less what the background explains (pixel statistics
   such as how much of the image is empty), and the Mahalanobis distances with E_B beside the other statistics.
 Reference statistics (means, the complexity line) use the held-out second half of the in-distribution test set
 (`--reference-n` images from index 5000); AUROC uses the first `--n` images of each test set: no image is in both.
+`--selection` reads the training sets instead, for choosing a score without the test sets: in = the first `--n`
+training images, out = the other set's first `--n` training images, reference = the `--reference-n` training
+images after the in images.
 
     python bench/ood.py checkpoints/eqm_mnist.safetensors --data-dir ../shared/data/mnist \
         --ood-dataset fashion-mnist --ood-data-dir /usr/share/datasets/fashion-mnist --n 1000 --threads 1
@@ -36,10 +42,11 @@ from training.commands.ood_figures import recorded_figures, roc_figures
 from training.models.flows import Flow, bits_per_dim, dequantize
 from training.runtime.load import load_model
 from training.runtime.loaded import LoadedModel
+from training.sampling.energy_ood import GaussianFit, reconstruction_statistics
+from training.sampling.energy_ood import png_bits as served_png_bits
 from training.sampling.likelihood import cnf_bits_per_dim
 from training.sampling.sampler_config import FlowSampler
-from training.sampling.scoring import GaussianFit, pixel_levels
-from training.sampling.scoring import png_bits as served_png_bits
+from training.sampling.scoring import image_seeds, pixel_levels
 from training.train.data import load_dataset
 
 REFERENCE_START = 5000  # the test set's second half: reference statistics only
@@ -82,6 +89,11 @@ def energy_scores(model: LoadedModel, images: torch.Tensor, batch: int = 250) ->
             free.append(-torch.logsumexp(-per_class.double(), dim=1))
     scores = {"energy": torch.cat(energy), "grad_norm": torch.cat(grad)}
     scores |= {f"grad_norm@{sigma}": torch.cat(norms) for sigma, norms in scales.items()}
+    errors = [
+        reconstruction_statistics([model], chunk, None, image_seeds(pixel_levels(chunk, model.data_range))[0])
+        for chunk in torch.split(images, batch)
+    ]
+    scores |= {name: torch.cat([part[name] for part in errors]).double() for name in errors[0]}
     if classes:
         scores["free_energy"] = torch.cat(free)
     return scores
@@ -121,11 +133,19 @@ def derived_scores(
             stack(scores, pair, None), stack(reference, pair, None)
         )
     for name, values in scores.items():
+        if name.startswith("log_denoising_error"):
+            continue  # read together in `reconstruction`
         mean, std = reference[name].mean(), reference[name].std().clamp(min=1e-12)
         out[f"typicality({name})"] = ((values - mean) / std).abs()
     if "bits_per_dim" in scores:
         dim_bits = scores["bits_per_dim"] * 784  # bits of the image under the flow
         out["complexity(bits_per_dim)"] = dim_bits - complexity
+    errors = [name for name in scores if name.startswith("log_denoising_error")]
+    if errors:  # the served `reconstruction`, and its errors without the PNG bits
+        out["reconstruction"] = mahalanobis(stack(scores, errors, complexity), stack(reference, errors, ref_png))
+        out["mahalanobis(log denoising errors)"] = mahalanobis(
+            stack(scores, errors, None), stack(reference, errors, None)
+        )
     vector = [
         name
         for name in scores
@@ -172,6 +192,11 @@ def main() -> None:
         "--background", type=Path, default=None, help="an energy trained on perturbed images: the likelihood ratio"
     )
     parser.add_argument(
+        "--selection",
+        action="store_true",
+        help="choose, don't report: in, out and reference images from the training sets (module docstring)",
+    )
+    parser.add_argument(
         "--recorded-only", action="store_true", help="only the OOD score the checkpoint records, by the server's code"
     )
     args = parser.parse_args()
@@ -179,9 +204,11 @@ def main() -> None:
     model = load_model(args.checkpoint, torch.device("cpu"))
     background = load_model(args.background, torch.device("cpu")) if args.background else None
     dataset = args.dataset or model.config.data.get("dataset", "mnist")
-    inside = load_dataset(dataset, args.data_dir, "test").images
-    outside = load_dataset(args.ood_dataset, args.ood_data_dir, "test").images[: args.n]
-    reference, inside = inside[REFERENCE_START : REFERENCE_START + args.reference_n], inside[: args.n]
+    split = "train" if args.selection else "test"
+    inside = load_dataset(dataset, args.data_dir, split).images
+    outside = load_dataset(args.ood_dataset, args.ood_data_dir, split).images[: args.n]
+    start = args.n if args.selection else REFERENCE_START
+    reference, inside = inside[start : start + args.reference_n], inside[: args.n]
     started = time.perf_counter()
     recorded = recorded_figures([model], inside, outside, torch.device("cpu"), args.rtol)
     print(f"recorded OOD score: {recorded}", flush=True)
@@ -202,6 +229,7 @@ def main() -> None:
     report = {
         "model": model.name,
         "in": dataset,
+        "split": split,
         "out": args.ood_dataset,
         "n": args.n,
         "reference_n": args.reference_n,

@@ -62,6 +62,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, idx_dir: Path) -> Iterator[
     models.mkdir()
     write_tiny_ebm(models / "solo.safetensors")
     write_tiny_eqm(models / "digits.safetensors")
+    write_tiny_eqm(models / "denoise.safetensors", seed=1)  # its OOD score: reconstruction
     write_tiny_gan(models / "gan.safetensors")
     write_tiny_flow(models / "nice.safetensors")
     write_tiny_cnf(models / "cnf.safetensors")
@@ -73,7 +74,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, idx_dir: Path) -> Iterator[
     train_flow(config)
     main(["score", str(trained), "--record-reference", "--data-dir", str(idx_dir), "--reference-n", "128"])
     write_tiny_flow(models / "nice_png.safetensors")  # the same flow's OOD score corrected by PNG's bits
-    for name, ood in (("digits", "typicality"), ("nice_png", "complexity_bits")):
+    for name, ood in (("digits", "typicality"), ("denoise", "reconstruction"), ("nice_png", "complexity_bits")):
         reference = ["--data-dir", str(idx_dir), "--dataset", "mnist", "--reference-n", "128", "--ood-score", ood]
         main(
             ["score", str(models / f"{name}.safetensors"), "--record-reference", "--data-dir", str(idx_dir), *reference]
@@ -103,7 +104,13 @@ def results(response: httpx.Response) -> list[dict]:
     return response.json()["results"]
 
 
-FAMILIES = {"solo": ["energy"], "digits": ["energy"], "gan": ["critic"], "nice": ["log_prob", "bits_per_dim"]}
+FAMILIES = {
+    "solo": ["energy"],
+    "digits": ["energy"],
+    "denoise": ["energy"],
+    "gan": ["critic"],
+    "nice": ["log_prob", "bits_per_dim"],
+}
 
 
 @pytest.mark.parametrize("model", [*FAMILIES, "cnf"])
@@ -126,9 +133,9 @@ def test_an_image_scores_the_same_alone_and_in_a_batch_beside_other_requests(ser
     for batched in (results(answers[0])[1], results(answers[1])[1]):
         assert batched.keys() == alone.keys()
         fields = FAMILIES.get(model, ["log_prob", "bits_per_dim", "evaluations"])
-        recorded = model == "digits"  # its typicality reference; the others record none
+        recorded = model in ("digits", "denoise")  # their typicality and reconstruction references; others none
         assert set(alone) == {"ood", "ood_p", *fields} and (alone["ood_p"] is None) != recorded
-        for name in [*fields, "ood"]:  # typicality's gradient norms at seeded perturbations too
+        for name in [*fields, "ood"]:  # typicality's gradient norms and reconstruction's errors at seeded noise too
             assert batched[name] == pytest.approx(alone[name], rel=1e-5, abs=1e-5), name
     body = score(base, model, images[:2]).json()
     assert body["model"] == model and len(body["model_version"]) == 12 and len(body["results"]) == 2
@@ -212,6 +219,7 @@ def test_the_recorded_ood_scores_typicality_and_complexity_bits_are_what_they_sa
     listed = {model["name"]: model["limits"]["score"] for model in httpx.get(f"{base}/models").json()}
     assert listed["digits"]["ood_score"] == "typicality" and listed["digits"]["ood_reference"]["n"] == 128
     assert listed["nice_png"]["ood_score"] == "complexity_bits"
+    assert listed["denoise"]["ood_score"] == "reconstruction" and listed["denoise"]["ood_reference"]["n"] == 128
     typical = results(score(base, "digits", [png_b64(image) for image in images]))
     assert all(row["ood"] >= 0 and 0 <= row["ood_p"] <= 1 for row in typical)
     corrected = results(score(base, "nice_png", [png_b64(image) for image in images]))
@@ -243,7 +251,7 @@ def test_the_python_client_scores_as_the_http_api_answers(served) -> None:
             client.score("digits", [images[0]], label=99)
 
 
-@pytest.mark.parametrize("model", ["digits", "trained", "cnf"])
+@pytest.mark.parametrize("model", ["digits", "denoise", "trained", "cnf"])
 def test_the_cli_gives_the_servers_numbers(served, model: str, tmp_path: Path, capsys) -> None:
     base, models = served
     side = 16 if model == "cnf" else 28
@@ -253,10 +261,11 @@ def test_the_cli_gives_the_servers_numbers(served, model: str, tmp_path: Path, c
     for index, image in enumerate(digits(3, seed=11, side=side)):
         encoded.append(png_b64(image))
         (folder / f"{index}.png").write_bytes(base64.b64decode(encoded[-1]))
-    server = score(base, model, encoded, **({"label": 2} if model == "digits" else {})).json()
+    labelled = model in ("digits", "denoise")  # E(x, y): the OOD statistics under the label too
+    server = score(base, model, encoded, **({"label": 2} if labelled else {})).json()
     capsys.readouterr()
     tolerance = ["--ode-rtol", str(TOLERANCE), "--ode-atol", str(TOLERANCE)] if model == "cnf" else []
-    label = ["--label", "2"] if model == "digits" else []
+    label = ["--label", "2"] if labelled else []
     main(["score", str(models / f"{model}.safetensors"), str(folder), "--json", *tolerance, *label])
     cli = json.loads(capsys.readouterr().out)
     assert cli["model_version"] == server["model_version"] and cli["ood_score"] == server["ood_score"]

@@ -20,14 +20,13 @@ from training.runtime.device import pick_device, use_threads
 from training.runtime.images import ImageDecodeError, decode_exact
 from training.runtime.load import load_model
 from training.runtime.loaded import LoadedModel
+from training.sampling.energy_ood import FITTED_STATISTICS, GaussianFit, fitted_statistics
 from training.sampling.likelihood import DEFAULT_ATOL, DEFAULT_RTOL, HUTCHINSON_BATCH, cnf_log_likelihood
 from training.sampling.scoring import (
     MAX_REFERENCE,
     OOD_FAMILIES,
     OOD_METRIC,
     OOD_SCORES,
-    TYPICALITY_STATISTICS,
-    GaussianFit,
     LikelihoodSettings,
     Scores,
     cnf_scores,
@@ -38,7 +37,6 @@ from training.sampling.scoring import (
     ood_statistics,
     result_rows,
     score_family,
-    typicality_statistics,
 )
 from training.train.data import IDX_IMAGES_MAGIC, IMAGE_EXTENSIONS, _read_idx, load_dataset
 from training.train.progress import progress
@@ -109,7 +107,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=sorted(OOD_SCORES),
         default=None,
         help="--record-reference: the OOD score recorded, which becomes the model's `ood` (default: its "
-        "family's: energy, bits_per_dim or negative_critic)",
+        "family's: energy, bits_per_dim or negative_critic; energies also typicality or reconstruction)",
     )
     parser.add_argument(
         "--ode-rtol", type=float, default=DEFAULT_RTOL, help="a CNF's likelihood solve: dopri5's relative tolerance"
@@ -254,7 +252,8 @@ def record_reference(args: argparse.Namespace, model: LoadedModel, device: torch
         raise ValueError(f"--ood-score {score_name}: a {family.name} model gives {family.default_ood} or {known}")
     what = f"reference scores of {model.name}"
     scores = compute_scores([model], images, None, device, what, likelihood, score_name)
-    fit = GaussianFit.of(typicality_statistics(scores)) if score_name == "typicality" else None
+    fitted = score_name in FITTED_STATISTICS  # typicality, reconstruction: a Gaussian of the reference's statistics
+    fit = GaussianFit.of(fitted_statistics(score_name, scores)) if fitted else None
     try:
         values = OOD_SCORES[score_name](scores, fit)
     except KeyError as error:
@@ -273,7 +272,7 @@ def record_reference(args: argparse.Namespace, model: LoadedModel, device: torch
     if not family.one_pass:
         record["likelihood"] = likelihood.report()
     if fit is not None:
-        record["fit"] = fit.record() | {"statistics": list(TYPICALITY_STATISTICS)}
+        record["fit"] = fit.record() | {"statistics": list(FITTED_STATISTICS[score_name])}
     checkpoint = load_checkpoint(args.checkpoint)
     checkpoint.config.metrics[OOD_METRIC] = record
     save_checkpoint(args.checkpoint, checkpoint)

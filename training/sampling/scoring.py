@@ -22,29 +22,36 @@ model's `ood` is chosen by measurement (bench/ood.py) and recorded with the refe
 bits/dim and critic there are two that hold where a model gives foreign inputs *higher* likelihood:
 - `complexity_bits` (flows; Serra et al. 2020): the image's bits under the model minus a lossless
   compressor's (PNG at level 9) bits of the same 8-bit image;
-- `typicality` (energies; a typicality test of several statistics, as MSMA, Mahadevan et al. 2021, does of
-  score norms): the Mahalanobis distance of (E(x), log ||dE/dx|| at x and at x + sigma eps for each sigma of
-  NOISE_SCALES) from their Gaussian fit on the reference images, eps counter-based noise seeded by the image.
+- `typicality` and `reconstruction` (energies): the Mahalanobis distance of several statistics of the image
+  (gradient norms at seeded perturbations; one-step denoising errors along the Equilibrium Matching path and the
+  image's PNG bits) from their Gaussian fit on the reference images, training/sampling/energy_ood.py.
 """
 
 from __future__ import annotations
 
 import bisect
 import hashlib
-import io
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from PIL import Image
 
 from training.families import family_of
 from training.models.flows import bits_per_dim
 from training.runtime.exported_modules import ExportedFlow
 from training.runtime.loaded import LoadedModel
 from training.sampling.dequantization import variational_log_prob
+from training.sampling.energy_ood import (
+    FITTED_STATISTICS,
+    GaussianFit,
+    fitted_statistics,
+    gaussian_fit,
+    png_bits,
+    reconstruction_statistics,
+    typicality_statistics,
+)
 from training.sampling.langevin import frozen_energy
 from training.sampling.likelihood import (
     DEFAULT_ATOL,
@@ -53,7 +60,7 @@ from training.sampling.likelihood import (
     HUTCHINSON_BATCH,
     rademacher_probes,
 )
-from training.sampling.noise import chain_gaussian, chain_uniform
+from training.sampling.noise import chain_uniform
 
 OOD_METRIC = "ood"  # checkpoint metrics key: {"score", "reference": sorted floats, "split", "n", ...}
 MAX_REFERENCE = 4096  # reference scores a checkpoint may record (a p-value's resolution is 1 / n)
@@ -78,40 +85,16 @@ SCORE_FAMILIES = {
     "critic": ScoreFamily("critic", ("critic",), "negative_critic", True, False),
 }
 
-NOISE_SCALES = (0.1, 0.3, 0.6)  # typicality's perturbations, in units of the data range's half width
-TYPICALITY_STATISTICS = ("energy", "log_grad_norm", *(f"log_grad_norm@{sigma}" for sigma in NOISE_SCALES))
 
+def _fitted(score_name: str) -> Callable[[Mapping[str, torch.Tensor], GaussianFit | None], torch.Tensor]:
+    """The OOD score that is the distance of `score_name`'s statistics from the reference's Gaussian fit."""
 
-@dataclass(frozen=True)
-class GaussianFit:
-    """The reference images' statistics as a Gaussian: what `typicality` measures distances from."""
+    def distance(scores: Mapping[str, torch.Tensor], fit: GaussianFit | None) -> torch.Tensor:
+        if fit is None:
+            raise ValueError(f"the {score_name} score needs the Gaussian fit its reference records")
+        return fit.distance(fitted_statistics(score_name, scores))
 
-    mean: torch.Tensor  # [K] float64
-    precision: torch.Tensor  # [K, K] float64, the inverse covariance
-
-    @classmethod
-    def of(cls, statistics: torch.Tensor) -> GaussianFit:  # statistics [N, K]
-        data = statistics.double()
-        covariance = torch.cov(data.T) + 1e-9 * torch.eye(data.shape[1], dtype=torch.float64)
-        return cls(data.mean(0), torch.linalg.inv(covariance))
-
-    def distance(self, statistics: torch.Tensor) -> torch.Tensor:  # [N, K] -> [N]
-        centred = statistics.double() - self.mean
-        return (centred @ self.precision * centred).sum(1).clamp(min=0).sqrt().float()
-
-    def record(self) -> dict[str, list]:
-        return {"mean": self.mean.tolist(), "precision": self.precision.tolist()}
-
-
-def typicality_statistics(scores: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """[B, K] the statistics `typicality` reads, in TYPICALITY_STATISTICS order."""
-    return torch.stack([scores[name].double() for name in TYPICALITY_STATISTICS], dim=1)
-
-
-def _typicality(scores: Mapping[str, torch.Tensor], fit: GaussianFit | None) -> torch.Tensor:
-    if fit is None:
-        raise ValueError("the typicality score needs the Gaussian fit its reference records")
-    return fit.distance(typicality_statistics(scores))
+    return distance
 
 
 # Each OOD score from a result's scores (and the reference's fit, where it has one), higher = more out.
@@ -119,10 +102,12 @@ OOD_SCORES: dict[str, Callable[[Mapping[str, torch.Tensor], GaussianFit | None],
     "energy": lambda scores, fit: scores["energy"],
     "bits_per_dim": lambda scores, fit: scores["bits_per_dim"],
     "complexity_bits": lambda scores, fit: scores["complexity_bits"],
-    "typicality": _typicality,
+    "typicality": _fitted("typicality"),
+    "reconstruction": _fitted("reconstruction"),
     "negative_critic": lambda scores, fit: -scores["critic"],
 }
-OOD_FAMILIES = {"complexity_bits": ("flow", "cnf"), "typicality": ("energy",)}  # scores some families give
+# The scores only some families give (the others: any family whose scores they read).
+OOD_FAMILIES = {"complexity_bits": ("flow", "cnf"), "typicality": ("energy",), "reconstruction": ("energy",)}
 
 
 @dataclass(frozen=True)
@@ -264,43 +249,23 @@ def one_pass_scores(
     raise ValueError(f"{model.name} scores by an ODE solve, not one pass")
 
 
-def png_bits(levels: torch.Tensor) -> torch.Tensor:
-    """[B] bits of each 8-bit image [B, C, H, W] as a PNG at compression level 9: Serra et al.'s L(x)."""
-    sizes = []
-    for image in levels.cpu().numpy():
-        pixels = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
-        if pixels.ndim == 3 and pixels.shape[2] not in (3, 4):
-            pixels = pixels.reshape(pixels.shape[0], -1)  # 2 channels: side by side, still lossless
-        buffer = io.BytesIO()
-        Image.fromarray(pixels).save(buffer, format="PNG", compress_level=9)
-        sizes.append(8 * buffer.tell())
-    return torch.tensor(sizes, dtype=torch.float32)
-
-
 def ood_statistics(
     score_name: str, members: list[LoadedModel], x: torch.Tensor, labels: torch.Tensor | None, scores: Scores
 ) -> Scores:
     """What the OOD score `score_name` reads beyond the family's scores, for images x [B, *shape] in the data
-    range: a flow's complexity-corrected bits, or an energy's gradient norms at x and at seeded perturbations."""
+    range: a flow's complexity-corrected bits, an energy's gradient norms at x and at seeded perturbations
+    (typicality), or its denoising errors and the images' PNG bits (reconstruction)."""
     model = members[0]
     levels = pixel_levels(x, model.data_range)
     if score_name == "complexity_bits":
         bits = scores["bits_per_dim"].double() * math.prod(model.shape)
         return {"complexity_bits": (bits - png_bits(levels)).float()}
-    if score_name != "typicality":
-        return {}
     seeds, _ = image_seeds(levels)
-    half_width = (model.data_range[1] - model.data_range[0]) / 2
-    extra: Scores = {}
-    for index, sigma in enumerate((0.0, *NOISE_SCALES)):
-        noise = chain_gaussian(seeds, torch.full_like(seeds, index), tuple(model.shape)).to(x.device)
-        point = (x + sigma * half_width * noise).detach().requires_grad_(True)
-        with torch.enable_grad():
-            energy = torch.stack([frozen_energy(member.module, labels)(point) for member in members]).mean(0)
-            (gradient,) = torch.autograd.grad(energy.sum(), point)
-        name = "log_grad_norm" if sigma == 0 else f"log_grad_norm@{sigma}"
-        extra[name] = gradient.flatten(1).norm(dim=1).clamp(min=1e-12).log().float().cpu()
-    return extra
+    if score_name == "typicality":
+        return typicality_statistics(members, x, labels, seeds)
+    if score_name == "reconstruction":
+        return reconstruction_statistics(members, x, labels, seeds) | {"png_bits": png_bits(levels)}
+    return {}
 
 
 @dataclass(frozen=True)
@@ -310,7 +275,7 @@ class OodReference:
     score: str  # a key of OOD_SCORES
     reference: list[float]  # sorted ascending
     split: str
-    fit: GaussianFit | None = None  # typicality's Gaussian of the reference statistics
+    fit: GaussianFit | None = None  # typicality's or reconstruction's Gaussian of the reference statistics
 
     def p_value(self, value: float) -> float:
         """The fraction of reference scores at least as high as `value`."""
@@ -328,26 +293,10 @@ def ood_reference(metrics: Mapping[str, Any]) -> OodReference | None:
         return None
     if not all(isinstance(value, int | float) and math.isfinite(value) for value in reference):
         return None
-    fit = _gaussian_fit(record.get("fit")) if score == "typicality" else None
-    if score == "typicality" and fit is None:
+    fit = gaussian_fit(score, record.get("fit")) if score in FITTED_STATISTICS else None
+    if score in FITTED_STATISTICS and fit is None:
         return None
     return OodReference(str(score), sorted(float(value) for value in reference), str(split), fit)
-
-
-def _gaussian_fit(record: object) -> GaussianFit | None:
-    """A recorded fit of TYPICALITY_STATISTICS' size with finite numbers, else None."""
-    size = len(TYPICALITY_STATISTICS)
-    if not isinstance(record, Mapping):
-        return None
-    mean, precision = record.get("mean"), record.get("precision")
-    if not (isinstance(mean, list) and isinstance(precision, list) and len(precision) == size):
-        return None
-    rows: list[Any] = [mean, *precision]
-    if not all(isinstance(row, list) and len(row) == size for row in rows):
-        return None
-    if not all(isinstance(value, int | float) and math.isfinite(value) for row in rows for value in row):
-        return None
-    return GaussianFit(torch.tensor(mean, dtype=torch.float64), torch.tensor(precision, dtype=torch.float64))
 
 
 def ood_score_name(model: LoadedModel, family: ScoreFamily) -> str:

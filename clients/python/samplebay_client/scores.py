@@ -50,7 +50,7 @@ class Scores:
 
     model: str
     model_version: str
-    ood_score: str  # which score `ood` is (energy, bits_per_dim, complexity_bits, typicality, negative_critic)
+    ood_score: str  # `ood`'s score: energy, bits_per_dim, complexity_bits, typicality, reconstruction, negative_critic
     results: list[ScoreResult]
 
     @classmethod
