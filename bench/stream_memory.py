@@ -93,6 +93,15 @@ def steps_by_chains(base: str) -> list[int]:
     return counts
 
 
+def cost_table(base: str) -> str:
+    """The pool's step cost table as /metrics shows it: ms a chain by bucket of chains a step."""
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    line = r'^samplebay_step_cost_per_chain_seconds\{chains="([^"]+)",pool="big"\} (\S+)$'
+    return ", ".join(
+        f"{chains}: {float(seconds) * 1e3:.1f}" for chains, seconds in re.findall(line, text, re.MULTILINE)
+    )
+
+
 def wide_steps(before: list[int], after: list[int]) -> str:
     """The steps between two `steps_by_chains`: how many, and how many of them advanced 65-128 chains and more."""
     up_to_64, up_to_128, steps = (later - earlier for earlier, later in zip(before, after, strict=True))
@@ -138,13 +147,13 @@ def main() -> None:
             time.sleep(10)
             after_read = resident(pid)
 
-            before_unread = steps_by_chains(base)
+            before_unread, read_costs = steps_by_chains(base), cost_table(base)
             done = chain_steps(base) + args.streams * 64 * args.steps
             with PeakWatch(pid) as unread:
                 clients = [never_read(port, json.dumps(request).encode()) for _ in range(args.streams)]
                 while chain_steps(base) < done:
                     time.sleep(0.1)
-            after_unread_steps = steps_by_chains(base)
+            after_unread_steps, unread_costs = steps_by_chains(base), cost_table(base)
             for client in clients:
                 client.close()
             left = time.monotonic()
@@ -162,6 +171,7 @@ def main() -> None:
     print(f"peak, streams never read         {unread.peak / MB:7.0f} MB  (+{(unread.peak - idle) / MB:.0f} MB)")
     print(f"steps while read                 {wide_steps(before_read, before_unread)}")
     print(f"steps while never read           {wide_steps(before_unread, after_unread_steps)}")
+    print(f"ms a chain by chains a step      after the read streams {read_costs}; after the others {unread_costs}")
     print(f"10 s after their clients left    {after_unread / MB:7.0f} MB  (+{(after_unread - idle) / MB:.0f} MB)")
 
 

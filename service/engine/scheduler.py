@@ -269,7 +269,7 @@ class ChainScheduler:
         at, per_chain = next((at, per_chain) for at, per_chain in table if per_chain <= NEAR_LEAST * least)
         level = bucket_of(int(at))
         if level > 0 and first.running_chains <= 2 ** (level - 1):
-            below = len(self.cost.buckets.get(level - 1, ()))
+            below = self.cost.timed.get(level - 1, 0)  # once trusted, a refresh's step is its figure (stale: alone)
             if below < TRUSTED_STEPS or self.planned % REFRESH_STEPS < 2:  # two steps: `observe` sets the first aside
                 self.probing = True
                 return 2 ** (level - 1)

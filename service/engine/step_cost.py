@@ -44,6 +44,7 @@ class StepCost:
         self.run = 0  # timed steps in a row in that bucket
         self.recorded = 0  # timed steps the table holds or held (those set aside not counted)
         self.latest: dict[int, int] = {}  # bucket -> `recorded` at its latest step
+        self.timed: dict[int, int] = {}  # bucket -> its steps in the table since it was first measured (or forgotten)
 
     def observe(self, chains: int, seconds: float) -> dict[str, float]:
         """One timed step; a zero or negative interval (a fake clock, a coarse timer) says nothing and is ignored, and
@@ -61,7 +62,10 @@ class StepCost:
         steps = self.buckets.get(level)
         if steps is None:
             steps = self.buckets[level] = deque(maxlen=RECENT_STEPS)
+        elif self.stale(level) is not None:  # its steps were of another load: this one starts its figure afresh
+            steps.clear()
         steps.append((chains, seconds))
+        self.timed[level] = self.timed.get(level, 0) + 1
         self.recorded += 1
         self.latest[level] = self.recorded
         middle = _median([count for count, _ in steps])
@@ -98,6 +102,7 @@ class StepCost:
         """Drop a bucket's steps, so that it is measured afresh (its next steps its only ones)."""
         self.buckets.pop(level, None)
         self.latest.pop(level, None)
+        self.timed.pop(level, None)
         if self._points.pop(level, None) is not None:
             self._table = [self._points[level] for level in sorted(self._points)]
 

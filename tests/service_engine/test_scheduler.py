@@ -422,3 +422,15 @@ def test_a_bucket_measured_afresh_grows_the_batch_only_on_a_median_of_trusted_st
     # chain, 30 % cheaper than 64's 6.9: one step's figure. Two more at 8.1 bring its median back, and the batch
     # to 64; on that one step the batch grew to all 192 chains.
     assert len(lull) == 2 and max(batches[100:]) == 128 and set(batches[-150:]) == {64} and scheduler.batch == 64
+
+
+def test_a_batch_grown_while_the_smaller_one_read_dear_comes_back_once_that_one_is_measured_again() -> None:
+    def seconds(step: int, chains: int) -> float:  # a chain costs as much at 192 as at 128; 64 in a burst at first
+        return (1.5 if step < 10 and chains <= 64 else 1.0) * chains * (0.004 + 0.0009 * min(chains, 128) / 64)
+
+    batches, scheduler = three_streams(seconds)
+    grown = batches.index(192, 1)  # 64 chains a step read 7.4 ms a chain in the burst, 128 read 5.8: all 192
+    assert grown < 10 and set(batches[grown : REFRESH_STEPS - 1]) == {192}
+    # The refresh every REFRESH_STEPS steps measures 64 again: its steps, stale, are dropped and the new one (4.9 ms)
+    # is its figure. Mixed into the burst's, it read dear for two refreshes more and the batch went back to 192.
+    assert set(batches[REFRESH_STEPS - 1 :]) == {64} and scheduler.batch == 64
