@@ -249,16 +249,16 @@ class ChainScheduler:
         (`step_budget`) until a step is measured; then the fewest chains of the fewest chains' bucket whose cost per
         chain is within NEAR_LEAST of the least measured (a batch grows only while that buys a real fall in the cost
         per chain: on a flat stretch it stays at its bottom, where a step's working memory is least; a request wider
-        than what is left is sliced to it), or of the bucket above while it is the largest measured and its median
-        rests on TRUSTED_STEPS steps (so a batch grows a bucket every four steps while the cost per chain falls: a
-        GPU's, a line's with a large fixed part, to the cap; never on one step's figure). Some steps measure a
-        neighbouring bucket instead: the one below and the one above until each one's median rests on TRUSTED_STEPS
-        steps (one step's cost may carry what the steps before it left, a first step's allocations), and every
-        REFRESH_STEPS steps the one below again (costs change with load; a step there costs less memory, not more).
-        A step below is taken only if `first`, the job that steps whatever the budget, fits it (else no step could).
-        Only figures of one load are compared (`StepCost.fresh`, measured in the table's last STALE_STEPS steps):
-        the bucket above, once stale, is believed no more if it reads cheaper, but forgotten and measured afresh as
-        one never measured, so a batch never grows on an old figure, nor by more than a bucket (twice its chains)
+        than what is left is sliced to it), or of the bucket above while it is the largest measured (so a batch
+        grows a bucket every few steps while the cost per chain falls: a GPU's, a line's with a large fixed part,
+        to the cap). Some steps measure a neighbouring bucket instead: the one below and the one above until each
+        one's median rests on TRUSTED_STEPS steps (one step's cost may carry what the steps before it left, a first
+        step's allocations), and every REFRESH_STEPS steps the one below again (costs change with load; a step
+        there costs less memory, not more; that one step is its figure if its others are stale). A step below is
+        taken only if `first`, the job that steps whatever the budget, fits it (else no step could). Only figures
+        of one load are compared (`StepCost.fresh`, measured in the table's last STALE_STEPS steps): the bucket
+        above, once stale, is believed no more if it reads cheaper, but forgotten and measured afresh as one never
+        measured, so a batch never grows on an old figure, nor by more than a bucket (twice its chains)
         before the new figures say it should."""
         self.planned += 1
         self.probing = False
@@ -277,8 +277,6 @@ class ChainScheduler:
         if stale is not None and per_chain > NEAR_LEAST * stale[1]:  # it would grow the batch: measured again first
             self.cost.forget(level + 1)
         top = bucket_of(int(self.cost.points()[-1][0]))
-        if level == top and len(self.cost.buckets[level]) < TRUSTED_STEPS:
-            return min(self.step_budget, 2**level)
         if level == top or len(self.cost.buckets.get(level + 1, ())) < TRUSTED_STEPS:
             self.probing = level < top
             return min(self.step_budget, 2 ** (level + 1))

@@ -51,8 +51,9 @@ class StepCost:
         so is the first step in a bucket after a run of steps in another: its time carries what the step before left
         (that step's frames still being encoded and sent beside it, its freed blocks), which steps of one size in a
         row share out evenly and a lone step of another size does not. (Steps that alternate every step share it
-        out too: none of them is set aside.) Returns what changed in `by_bucket` (its bucket's entry, or nothing),
-        for /metrics."""
+        out too: none of them is set aside.) A step timed into a stale bucket (`stale`) starts its figure afresh: its
+        old steps were of another load. Returns what changed in `by_bucket` (its bucket's entry, or nothing), for
+        /metrics."""
         if seconds <= 0 or chains <= 0:
             return {}
         level, previous, run = bucket_of(chains), self.last_level, self.run
