@@ -5,7 +5,9 @@ Starts `python -m service` on an untrained conv energy on [1, 128, 128] images (
 float32), and prints its resident set (VmRSS): idle after a warm-up request, the peak while --streams streams
 of n 64 and --steps steps (a frame every step) are read, the peak while the same streams are never read (a
 4 KiB receive window; their chains run to the end), and the resident set 10 s after those clients leave;
-also how long the read streams took (what mapping large blocks costs).
+also how long the read streams took (what mapping large blocks costs), and how many of each phase's steps
+advanced more than one request's 64 chains (the step batch the pool's measured cost chose: a step's working memory
+grows with it).
 
     python bench/stream_memory.py
     python bench/stream_memory.py --steps 16 --streams 3
@@ -81,6 +83,31 @@ def chain_steps(base: str) -> float:
     return float(found.group(1)) if found else 0.0
 
 
+def steps_by_chains(base: str) -> list[int]:
+    """Steps so far of at most 64 chains, of at most 128, of any (the pool's chains-per-step histogram)."""
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    counts = []
+    for bound in ("64.0", "128.0", "+Inf"):
+        line = rf'^samplebay_chains_per_step_bucket\{{le="{re.escape(bound)}",pool="big"\}} (\S+)$'
+        counts.append(int(float(re.search(line, text, re.MULTILINE).group(1))))  # type: ignore[union-attr]
+    return counts
+
+
+def cost_table(base: str) -> str:
+    """The pool's step cost table as /metrics shows it: ms a chain by bucket of chains a step."""
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    line = r'^samplebay_step_cost_per_chain_seconds\{chains="([^"]+)",pool="big"\} (\S+)$'
+    return ", ".join(
+        f"{chains}: {float(seconds) * 1e3:.1f}" for chains, seconds in re.findall(line, text, re.MULTILINE)
+    )
+
+
+def wide_steps(before: list[int], after: list[int]) -> str:
+    """The steps between two `steps_by_chains`: how many, and how many of them advanced 65-128 chains and more."""
+    up_to_64, up_to_128, steps = (later - earlier for earlier, later in zip(before, after, strict=True))
+    return f"{steps} steps: {up_to_128 - up_to_64} of 65-128 chains, {steps - up_to_128} of more"
+
+
 def never_read(port: int, body: bytes) -> socket.socket:
     connection = socket.socket()
     connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: the window stays small
@@ -110,7 +137,7 @@ def main() -> None:
             time.sleep(2)
             idle = resident(pid)
 
-            started = time.monotonic()
+            before_read, started = steps_by_chains(base), time.monotonic()
             with PeakWatch(pid) as read, ThreadPoolExecutor(args.streams) as pool:
                 post = lambda _: httpx.post(f"{base}/sample", json=request, timeout=600)  # noqa: E731
                 answers = list(pool.map(post, range(args.streams)))
@@ -120,11 +147,13 @@ def main() -> None:
             time.sleep(10)
             after_read = resident(pid)
 
+            before_unread, read_costs = steps_by_chains(base), cost_table(base)
             done = chain_steps(base) + args.streams * 64 * args.steps
             with PeakWatch(pid) as unread:
                 clients = [never_read(port, json.dumps(request).encode()) for _ in range(args.streams)]
                 while chain_steps(base) < done:
                     time.sleep(0.1)
+            after_unread_steps, unread_costs = steps_by_chains(base), cost_table(base)
             for client in clients:
                 client.close()
             left = time.monotonic()
@@ -140,6 +169,9 @@ def main() -> None:
     print(f"peak, streams read               {read.peak / MB:7.0f} MB  (+{read_extra:.0f} MB), in {read_s:.1f} s")
     print(f"10 s after the read streams      {after_read / MB:7.0f} MB  (+{(after_read - idle) / MB:.0f} MB)")
     print(f"peak, streams never read         {unread.peak / MB:7.0f} MB  (+{(unread.peak - idle) / MB:.0f} MB)")
+    print(f"steps while read                 {wide_steps(before_read, before_unread)}")
+    print(f"steps while never read           {wide_steps(before_unread, after_unread_steps)}")
+    print(f"ms a chain by chains a step      after the read streams {read_costs}; after the others {unread_costs}")
     print(f"10 s after their clients left    {after_unread / MB:7.0f} MB  (+{(after_unread - idle) / MB:.0f} MB)")
 
 

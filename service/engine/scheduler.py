@@ -5,8 +5,8 @@ As vLLM schedules tokens, this schedules Langevin steps: waiting requests join t
 next step while the pool's chain budget (the chains it holds) allows, first come first served; a request
 leaves as soon as its own step count is done, or all its chains stopped (a stopped chain's place goes to
 waiting work at once). Which running requests advance in a step is a separate
-choice, under the step's batch (the most chains one step advances: the fewest whose measured cost per chain is
-within NEAR_LEAST of the least, below the `--step-budget` cap; `_batch`), in priority order:
+choice, under the step's batch (the most chains one step advances: the fewest whose cost per chain, measured
+lately, under one load, is within NEAR_LEAST of the least, below the `--step-budget` cap; `_batch`), in priority order:
 fewest steps left first, each step a request sits out counting as `aging` steps fewer. On a device whose
 step cost grows with its chains (a CPU), a short request stepped beside long ones pays for all their chains
 every step; so a request is *urgent* when its steps left are within `urgent_ratio` of the length of the
@@ -251,27 +251,34 @@ class ChainScheduler:
         per chain: on a flat stretch it stays at its bottom, where a step's working memory is least; a request wider
         than what is left is sliced to it), or of the bucket above while it is the largest measured (so a batch
         grows a bucket every few steps while the cost per chain falls: a GPU's, a line's with a large fixed part,
-        to the cap). Some steps measure a neighbouring bucket instead: the one below and the one above until each one's
-        median rests on TRUSTED_STEPS steps (one step's cost may carry what the steps before it left, a first
+        to the cap). Some steps measure a neighbouring bucket instead: the one below and the one above until each
+        one's median rests on TRUSTED_STEPS steps (one step's cost may carry what the steps before it left, a first
         step's allocations), and every REFRESH_STEPS steps the one below again (costs change with load; a step
-        there costs less memory, not more). A step below is taken only if `first`, the job that steps whatever the
-        budget, fits it (else no step could)."""
+        there costs less memory, not more; that one step is its figure if its others are stale). A step below is
+        taken only if `first`, the job that steps whatever the budget, fits it (else no step could). Only figures
+        of one load are compared (`StepCost.fresh`, measured in the table's last STALE_STEPS steps): the bucket
+        above, once stale, is believed no more if it reads cheaper, but forgotten and measured afresh as one never
+        measured, so a batch never grows on an old figure, nor by more than a bucket (twice its chains)
+        before the new figures say it should."""
         self.planned += 1
         self.probing = False
-        table = self.cost.points()
+        table = self.cost.fresh()
         if not table:
             return self.step_budget
         least = min(per_chain for _, per_chain in table)
-        best = next(index for index, (_, per_chain) in enumerate(table) if per_chain <= NEAR_LEAST * least)
-        level = bucket_of(int(table[best][0]))
+        at, per_chain = next((at, per_chain) for at, per_chain in table if per_chain <= NEAR_LEAST * least)
+        level = bucket_of(int(at))
         if level > 0 and first.running_chains <= 2 ** (level - 1):
-            below = len(self.cost.buckets.get(level - 1, ()))
+            below = self.cost.timed.get(level - 1, 0)  # once trusted, a refresh's step is its figure (stale: alone)
             if below < TRUSTED_STEPS or self.planned % REFRESH_STEPS < 2:  # two steps: `observe` sets the first aside
                 self.probing = True
                 return 2 ** (level - 1)
-        above = len(self.cost.buckets.get(level + 1, ()))
-        if best == len(table) - 1 or above < TRUSTED_STEPS:
-            self.probing = best < len(table) - 1
+        stale = self.cost.stale(level + 1)
+        if stale is not None and per_chain > NEAR_LEAST * stale[1]:  # it would grow the batch: measured again first
+            self.cost.forget(level + 1)
+        top = bucket_of(int(self.cost.points()[-1][0]))
+        if level == top or len(self.cost.buckets.get(level + 1, ())) < TRUSTED_STEPS:
+            self.probing = level < top
             return min(self.step_budget, 2 ** (level + 1))
         return min(self.step_budget, 2**level)
 
@@ -279,7 +286,7 @@ class ChainScheduler:
         """The most chains companions may fill a step to: the top of the most chains' bucket whose cost per chain is
         within NEAR_LEAST of the least (to the cap), where a chain rides along for no more than the least; the
         step's batch (`_batch`) stops at the flat stretch's bottom, which is what the urgent chains fill."""
-        table = self.cost.points()
+        table = self.cost.fresh()
         if not table:
             return self.step_budget
         least = min(per_chain for _, per_chain in table)

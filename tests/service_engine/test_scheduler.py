@@ -6,7 +6,15 @@ import pytest
 from engine_bench import FakeClock
 
 from service.engine.messages import Handle
-from service.engine.scheduler import AGING, MAX_SLOWDOWN, NEAR_LEAST, REFRESH_STEPS, ChainScheduler, Job
+from service.engine.scheduler import (
+    AGING,
+    MAX_SLOWDOWN,
+    NEAR_LEAST,
+    REFRESH_STEPS,
+    TRUSTED_STEPS,
+    ChainScheduler,
+    Job,
+)
 from service.engine.step_cost import StepCost
 
 
@@ -362,3 +370,51 @@ def test_a_probe_of_fewer_chains_waits_for_a_request_that_fits_it() -> None:
     assert running == [small] and scheduler.batch == 16  # now one fits a probe: 4 chains cost less each than 32
     batches = [[each.n for each in run_timed(scheduler, rising)[0]] for _ in range(4)]
     assert [32] in batches and scheduler.batch == 8  # settled on 8: the wide one steps whole in its turns
+
+
+def streams(chains: int) -> float:
+    """Issue 37's conv energy on [1, 128, 128] on one CPU core: 4.9 ms a chain at 64 chains, 5.8 at 128."""
+    return chains * (0.004 + 0.0009 * chains / 64)
+
+
+def three_streams(seconds: Callable[[int, int], float]) -> tuple[list[int], ChainScheduler]:
+    """Issue 37's three streams of n 64 at the default step budget (the chain budget) for 300 steps, each timed by
+    `seconds(step, chains)`; the chains each step advanced."""
+    clock = FakeClock()
+    scheduler = ChainScheduler(1024, clock)
+    for each in [job(64, 400, clock) for _ in range(3)]:
+        scheduler.add(each)
+    batches = []
+    for step in range(300):
+        running, _ = run_timed(scheduler, lambda chains, step=step: seconds(step, chains))
+        batches.append(sum(each.n for each in running))
+    return batches, scheduler
+
+
+def load_rises(step: int, chains: int) -> float:
+    """At step 100 other work comes to the shared core: every step 40 % dearer from there."""
+    return (1.0 if step < 100 else 1.4) * streams(chains)
+
+
+def test_a_load_that_rises_midway_never_grows_the_batch_on_a_stale_figure_past_twice_what_it_settled_on() -> None:
+    batches, scheduler = three_streams(load_rises)
+    settled = batches[99]
+    assert batches[:2] == [192, 64] and settled == 64 and set(batches[10:100]) == {64}  # one request a step
+    # 64 chains a step now read 6.9 ms a chain, more than 10 % dearer than 128's 5.8 measured ninety steps ago
+    # under the lighter load; the 128 bucket is measured again (128 chains a step) before it is believed: at
+    # 8.1 ms a chain it is dearer, and the batch stays at 64. The stale figure grew it to all 192 chains before.
+    assert max(batches[100:]) <= 2 * settled
+    assert batches[100:].count(128) <= TRUSTED_STEPS + 1 and set(batches[-150:]) == {64}
+    assert scheduler.cost.by_bucket()["128-255"] == pytest.approx(1.4 * streams(128) / 128)  # its new figure only
+
+
+def test_a_batch_grown_while_the_smaller_one_read_dear_comes_back_once_that_one_is_measured_again() -> None:
+    def seconds(step: int, chains: int) -> float:  # a chain costs as much at 192 as at 128; 64 in a burst at first
+        return (1.5 if step < 10 and chains <= 64 else 1.0) * chains * (0.004 + 0.0009 * min(chains, 128) / 64)
+
+    batches, scheduler = three_streams(seconds)
+    grown = batches.index(192, 1)  # 64 chains a step read 7.4 ms a chain in the burst, 128 read 5.8: all 192
+    assert grown < 10 and set(batches[grown : REFRESH_STEPS - 1]) == {192}
+    # The refresh every REFRESH_STEPS steps measures 64 again: its steps, stale, are dropped and the new one (4.9 ms)
+    # is its figure. Mixed into the burst's, it read dear for two refreshes more and the batch went back to 192.
+    assert set(batches[REFRESH_STEPS - 1 :]) == {64} and scheduler.batch == 64
