@@ -10,6 +10,7 @@ import binascii
 import time
 from typing import Any
 
+import numpy as np
 import torch
 from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.params import Depends as DependsParam
@@ -23,7 +24,7 @@ from service.http.bridge import record, worker_answer
 from service.http.schemas import ErrorBody, ScoreItem, ScoreRequest, ScoreResponse, Timings
 from service.metrics import Metrics
 from service.settings import Settings
-from training.runtime.images import ImageDecodeError, decode_exact
+from training.runtime.images import ImageDecodeError, exact_pixels, pixels_in_range
 from training.sampling.scoring import (
     LikelihoodSettings,
     OodReference,
@@ -92,17 +93,27 @@ def score_limits(settings: Settings, model: ServedModel) -> dict[str, Any]:
     return limits
 
 
-def _decode(index: int, text: str, model: ServedModel) -> torch.Tensor:
-    """images[index] -> [*shape] in the model's data range, exactly as sent; 422 naming what is wrong."""
+def _pixels(index: int, text: str, shape: tuple[int, ...]) -> np.ndarray:
+    """images[index] -> its 8-bit levels [H, W, C], exactly as sent; 422 naming what is wrong."""
     encoded = text.partition(",")[2] if text.startswith("data:") else text
-    member = model.members[0]
     try:
         payload = base64.b64decode("".join(encoded.split()), validate=True)
-        return decode_exact(payload, member.shape, member.data_range)
+        return exact_pixels(payload, shape)
     except binascii.Error as error:
         raise HTTPException(422, detail=f"images[{index}] is not base64: {error}") from error
     except ImageDecodeError as error:
         raise HTTPException(422, detail=f"images[{index}]: {error}") from error
+
+
+def decode_images(texts: list[str], model: ServedModel) -> torch.Tensor:
+    """The request's images -> [N, *shape] in the model's data range: each image's levels into one uint8 array,
+    then one conversion of all of them (decode_exact's numbers, a third of its time an image)."""
+    member = model.members[0]
+    channels, height, width = member.shape
+    levels = np.empty((len(texts), height, width, channels), dtype=np.uint8)
+    for index, text in enumerate(texts):
+        levels[index] = _pixels(index, text, member.shape)
+    return pixels_in_range(torch.from_numpy(levels), member.data_range)
 
 
 def _family(model: ServedModel) -> ScoreFamily:
@@ -131,10 +142,7 @@ async def make_score_order(body: ScoreRequest, model: ServedModel, settings: Set
             )
         labels = torch.full((len(body.images),), body.label)
 
-    def decode_all() -> torch.Tensor:
-        return torch.stack([_decode(index, text, model) for index, text in enumerate(body.images)])
-
-    return ScoreOrder(model, await asyncio.to_thread(decode_all), labels)
+    return ScoreOrder(model, await asyncio.to_thread(decode_images, body.images, model), labels)
 
 
 def score_response(result: ScoreResult, order: ScoreOrder, started: float) -> ScoreResponse:
