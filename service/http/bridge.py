@@ -91,8 +91,8 @@ async def client_gone(request: Request) -> None:
     """Returns once the client has gone away: the ASGI server answers `receive` with http.disconnect when the
     connection is lost (uvicorn at once, on the event that the body's bytes also set). Waiting on it costs nothing
     while the worker runs; asking every POLL_SECONDS (Request.is_disconnected: a cancelled task each time) cost the
-    event loop about 0.05 ms an image of a 64-image score request on one busy shared core, where such a request
-    waited seconds in the queue behind 15 others."""
+    event loop 0.12-0.15 ms of CPU an image of a 64-image score request on one busy shared core, where such a
+    request waited seconds in the queue behind 15 others (docs/scoring.md)."""
     while True:
         message = await request.receive()
         if message["type"] == "http.disconnect":

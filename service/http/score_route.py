@@ -109,7 +109,7 @@ def _pixels(index: int, text: str, shape: tuple[int, ...]) -> np.ndarray:
 
 def decode_images(texts: list[str], model: ServedModel) -> torch.Tensor:
     """The request's images -> [N, *shape] in the model's data range: each image's levels into one uint8 array,
-    then one conversion of all of them (decode_exact's numbers, a third of its time an image)."""
+    then one conversion of all of them (decode_exact's numbers in about half its time: 32 µs an image, not 58)."""
     member = model.members[0]
     channels, height, width = member.shape
     levels = np.empty((len(texts), height, width, channels), dtype=np.uint8)
