@@ -41,6 +41,7 @@ import torch
 from PIL import Image
 from serve import cpu_seconds, per_cpu_second  # bench/serve.py, beside this script
 
+from service.http.memory import heap_blocks, map_large_blocks
 from training.runtime.images import decode_exact
 from training.runtime.load import load_model
 from training.sampling.likelihood import cnf_bits_per_dim
@@ -62,27 +63,35 @@ def start_server(models: Path, threads: int) -> tuple[subprocess.Popen, str]:
     return launch.start_server([*flags, "--threads", str(threads), "--score-timeout-s", "3000"], threads)
 
 
-def served_rate(base: str, model: str, bodies: list[list[bytes]], server: subprocess.Popen) -> tuple[float, float]:
-    """Images scored a second with one thread per client, each sending its requests one after another; and a
-    CPU second of the server's."""
+def served_rate(base: str, bodies: list[list[bytes]], server: subprocess.Popen) -> tuple[float, float]:
+    """Images scored a second with one thread per client, each sending its requests (bodies encoded beforehand)
+    one after another on a connection of its own; and a CPU second of the server's. The clients' sessions are
+    made and connected before the clock starts: an httpx.Client's TLS context alone took 25 ms of CPU, which the
+    16 clients spent on the server's core inside the timed run (0.4 ms an image at one request a client)."""
     failures: list[str] = []
+    sessions = [httpx.Client(base_url=base, timeout=600) for _ in bodies]
+    for session in sessions:
+        session.get("/healthz")  # connected: the timed requests open no connection
 
-    def client(requests: list[bytes]) -> None:
-        with httpx.Client(timeout=600) as session:
-            for body in requests:
-                answer = session.post(f"{base}/score", content=body, headers={"content-type": "application/json"})
-                if answer.status_code != 200:
-                    failures.append(answer.text[:200])
+    def client(session: httpx.Client, requests: list[bytes]) -> None:
+        for body in requests:
+            answer = session.post("/score", content=body, headers={"content-type": "application/json"})
+            if answer.status_code != 200:
+                failures.append(answer.text[:200])
 
-    threads = [threading.Thread(target=client, args=(requests,)) for requests in bodies]
-    cpu_started = cpu_seconds(server)
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    seconds = time.perf_counter() - started
-    cpu_used = cpu_seconds(server) - cpu_started
+    threads = [threading.Thread(target=client, args=pair) for pair in zip(sessions, bodies, strict=True)]
+    try:
+        cpu_started = cpu_seconds(server)
+        started = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        seconds = time.perf_counter() - started
+        cpu_used = cpu_seconds(server) - cpu_started
+    finally:
+        for session in sessions:
+            session.close()
     if failures:
         raise RuntimeError(f"{len(failures)} requests failed: {failures[0]}")
     images = sum(len(json.loads(body)["images"]) for requests in bodies for body in requests)
@@ -92,13 +101,17 @@ def served_rate(base: str, model: str, bodies: list[list[bytes]], server: subpro
 def raw_rate(model_path: Path, batches: list[torch.Tensor], repeats: int = 3) -> tuple[float, float]:
     """Images a second of what the server's pool computes for each batch: the family's scores and the statistics
     the model's OOD score reads (an energy's `typicality`: gradient norms at x and at three perturbations); and a
-    CPU second (the best repeat of each)."""
+    CPU second (the best repeat of each). In the server's memory regime (`map_large_blocks`, each pass inside
+    `heap_blocks`): in a plain process glow_mnist's pass took 3.1 ms of CPU an image on some runs and 1.5-1.9 on
+    others (as glibc's own threshold happened to move), so the raw rate was sometimes half the server's own."""
+    map_large_blocks()
     model = load_model(model_path, torch.device("cpu"))
     family = score_family(model)
     ood = ood_score_name(model, family)
 
     def scores(batch: torch.Tensor) -> None:
-        ood_statistics(ood, [model], batch, None, one_pass_scores(family, [model], batch, None))
+        with heap_blocks():  # as the server's pool runs each pass (service/http/memory.py)
+            ood_statistics(ood, [model], batch, None, one_pass_scores(family, [model], batch, None))
 
     scores(batches[0])  # warm-up
     best = best_cpu = math.inf
@@ -162,8 +175,8 @@ def main() -> None:
                     ]
                     for client in range(args.clients)
                 ]  # fmt: skip
-                served_rate(base, name, [requests[:1] for requests in bodies], server)  # warm-up
-                served, served_cpu = served_rate(base, name, bodies, server)
+                served_rate(base, [requests[:1] for requests in bodies], server)  # warm-up
+                served, served_cpu = served_rate(base, bodies, server)
                 raw, raw_cpu = raw_rate(models / f"{name}.safetensors", batches)
                 largest = list(decoded.split(args.clients * args.images))
                 raw_largest, raw_largest_cpu = raw_rate(models / f"{name}.safetensors", largest)

@@ -8,8 +8,11 @@ import asyncio
 import base64
 import binascii
 import time
+import weakref
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.params import Depends as DependsParam
@@ -20,10 +23,10 @@ from service.catalogue.served_models import ServedModels
 from service.engine.messages import CancelledByClient, ScoreOrder, ScoreResult
 from service.engine.worker import Worker
 from service.http.bridge import record, worker_answer
-from service.http.schemas import ErrorBody, ScoreItem, ScoreRequest, ScoreResponse, Timings
+from service.http.schemas import ErrorBody, ScoreRequest, ScoreResponse
 from service.metrics import Metrics
 from service.settings import Settings
-from training.runtime.images import ImageDecodeError, decode_exact
+from training.runtime.images import ImageDecodeError, exact_pixels, pixels_in_range
 from training.sampling.scoring import (
     LikelihoodSettings,
     OodReference,
@@ -92,17 +95,27 @@ def score_limits(settings: Settings, model: ServedModel) -> dict[str, Any]:
     return limits
 
 
-def _decode(index: int, text: str, model: ServedModel) -> torch.Tensor:
-    """images[index] -> [*shape] in the model's data range, exactly as sent; 422 naming what is wrong."""
+def _pixels(index: int, text: str, shape: tuple[int, ...]) -> np.ndarray:
+    """images[index] -> its 8-bit levels [H, W, C], exactly as sent; 422 naming what is wrong."""
     encoded = text.partition(",")[2] if text.startswith("data:") else text
-    member = model.members[0]
     try:
         payload = base64.b64decode("".join(encoded.split()), validate=True)
-        return decode_exact(payload, member.shape, member.data_range)
+        return exact_pixels(payload, shape)
     except binascii.Error as error:
         raise HTTPException(422, detail=f"images[{index}] is not base64: {error}") from error
     except ImageDecodeError as error:
         raise HTTPException(422, detail=f"images[{index}]: {error}") from error
+
+
+def decode_images(texts: list[str], model: ServedModel) -> torch.Tensor:
+    """The request's images -> [N, *shape] in the model's data range: each image's levels into one uint8 array,
+    then one conversion of all of them (decode_exact's numbers in about half its time: 32 µs an image, not 58)."""
+    member = model.members[0]
+    channels, height, width = member.shape
+    levels = np.empty((len(texts), height, width, channels), dtype=np.uint8)
+    for index, text in enumerate(texts):
+        levels[index] = _pixels(index, text, member.shape)
+    return pixels_in_range(torch.from_numpy(levels), member.data_range)
 
 
 def _family(model: ServedModel) -> ScoreFamily:
@@ -131,39 +144,63 @@ async def make_score_order(body: ScoreRequest, model: ServedModel, settings: Set
             )
         labels = torch.full((len(body.images),), body.label)
 
-    def decode_all() -> torch.Tensor:
-        return torch.stack([_decode(index, text, model) for index, text in enumerate(body.images)])
-
-    return ScoreOrder(model, await asyncio.to_thread(decode_all), labels)
+    return ScoreOrder(model, await asyncio.to_thread(decode_images, body.images, model), labels)
 
 
-def score_response(result: ScoreResult, order: ScoreOrder, started: float) -> ScoreResponse:
-    """The worker's scores with each image's OOD verdict against the checkpoint's reference."""
-    member = order.model.members[0]
-    family = score_family(member)
-    score_name = ood_score_name(member, family)
-    rows = result_rows(result.scores, family, score_name, served_reference(order.model))
-    results = [ScoreItem.model_validate(row) for row in rows]
-    total = time.perf_counter() - started
-    return ScoreResponse(
-        model=order.model.name,
-        model_version=order.model.version,
-        ood_score=score_name,
-        likelihood=result.likelihood,
-        results=results,
-        timings=Timings(
-            queue_ms=round(result.queue_seconds * 1000, 2),
-            run_ms=round(result.run_seconds * 1000, 2),
-            total_ms=round(total * 1000, 2),
-        ),
-    )
+@dataclass(frozen=True)
+class Scoring:
+    """What a served model's answers read that does not change while it is served: its family, which score `ood`
+    is, and the reference `ood_p` is read against (checking and sorting a checkpoint's 1,000 recorded scores takes
+    0.15 ms; it was done twice a request)."""
+
+    family: ScoreFamily
+    score_name: str
+    reference: OodReference | None
 
 
-def score_body(response: ScoreResponse) -> dict[str, Any]:
-    """The JSON body: every result has `ood` and `ood_p` (null where unknown) and only its family's scores."""
-    body = response.model_dump(exclude_none=True)
-    for item, result in zip(body["results"], response.results, strict=True):
-        item["ood"], item["ood_p"] = result.ood, result.ood_p
+_scorings: dict[int, Scoring] = {}  # id(ServedModel) -> its Scoring, dropped with the model (weakref.finalize)
+
+
+def scoring_of(model: ServedModel) -> Scoring:
+    """The model's Scoring, worked out once for each ServedModel (a reload makes a new one)."""
+    known = _scorings.get(id(model))
+    if known is None:
+        member = model.members[0]
+        family = score_family(member)
+        known = Scoring(family, ood_score_name(member, family), served_reference(model))
+        _scorings[id(model)] = known
+        weakref.finalize(model, _scorings.pop, id(model), None)
+    return known
+
+
+ALWAYS_SENT = ("ood", "ood_p")  # in every result, null where unknown; a family's scores only where finite
+
+
+def score_body(result: ScoreResult, order: ScoreOrder, started: float) -> dict[str, Any]:
+    """The JSON body, ScoreResponse's fields in its order, built as plain data (validating and dumping a
+    ScoreItem an image cost more than the rest of the answer): every result has `ood` and `ood_p` (null where
+    unknown) and only its family's scores."""
+    scoring = scoring_of(order.model)
+    rows = result_rows(result.scores, scoring.family, scoring.score_name, scoring.reference)
+    body: dict[str, Any] = {
+        "model": order.model.name,
+        "model_version": order.model.version,
+        "ood_score": scoring.score_name,
+    }
+    if result.likelihood is not None:
+        body["likelihood"] = result.likelihood
+    results: list[dict[str, float | int | None]] = [
+        {name: value for name, value in row.items() if value is not None} for row in rows
+    ]
+    for result_row in results:  # after the others where null, as ScoreResponse's dump then setting them put them
+        for name in ALWAYS_SENT:
+            result_row.setdefault(name, None)
+    body["results"] = results
+    body["timings"] = {
+        "queue_ms": round(result.queue_seconds * 1000, 2),
+        "run_ms": round(result.run_seconds * 1000, 2),
+        "total_ms": round((time.perf_counter() - started) * 1000, 2),
+    }
     return body
 
 
@@ -191,7 +228,7 @@ def add_score_route(app: FastAPI, settings: Settings, metrics: Metrics, json_bod
                 result = await worker_answer(worker, order, settings, request, settings.score_timeout_s)
                 assert isinstance(result, ScoreResult)
                 status = 200
-                body_out = score_body(score_response(result, order, started))
+                body_out = score_body(result, order, started)
                 return JSONResponse(body_out, headers={MODEL_VERSION_HEADER: model.version})
             except HTTPException as error:
                 status = error.status_code

@@ -200,6 +200,12 @@ def decode_exact(payload: bytes, shape: tuple[int, ...], data_range: tuple[float
     unless the image already has the model's size and channels: a score is of the image sent, so nothing is
     resized or converted (grey is 'L', or 'LA'/'P' without colour; RGB is 'RGB', or 'RGBA'/'P' with opaque
     alpha ignored). An alpha channel is dropped only where every pixel is opaque."""
+    return pixels_in_range(torch.from_numpy(exact_pixels(payload, shape).copy()), data_range)
+
+
+def exact_pixels(payload: bytes, shape: tuple[int, ...]) -> np.ndarray:
+    """`decode_exact`'s image as its 8-bit levels [H, W, C] (uint8, read-only): what a batch of images is stacked
+    from before `pixels_in_range` turns all of them into the model's range at once (POST /score)."""
     channels, height, width = shape
     try:
         with Image.open(io.BytesIO(payload)) as image:
@@ -209,12 +215,24 @@ def decode_exact(payload: bytes, shape: tuple[int, ...], data_range: tuple[float
                     f"{width}x{height} images with {channels} channel{'s' if channels > 1 else ''} (no resizing)"
                 )
             image.load()
-            pixels = _exact_channels(image, channels, width, height)
+            pixels = np.asarray(_exact_channels(image, channels, width, height))
     except ImageDecodeError:
         raise
     except Exception as error:  # Pillow raises many types for broken input
         raise ImageDecodeError(f"not a readable image ({type(error).__name__})") from error
-    return _in_range(pixels, shape, data_range)
+    return pixels.reshape(height, width, channels)
+
+
+def pixels_in_range(pixels: torch.Tensor, data_range: tuple[float, float]) -> torch.Tensor:
+    """8-bit levels [..., H, W, C] (uint8) -> floats [..., C, H, W] in data_range, with a stacked batch's strides:
+    the same numbers for an image alone as in a batch (elementwise), so a batch costs the few tensor operations one
+    image does. (`movedim(...).contiguous()` would keep a grey batch's strides [H W, 1, W, 1], which are also
+    channels-last ones: a convolution then took its channels-last path, and scores moved by 1e-5.)"""
+    low, high = data_range
+    *batch, height, width, channels = pixels.shape
+    levels = torch.empty((*batch, channels, height, width), dtype=torch.float32)
+    levels.copy_(pixels.movedim(-1, -3))
+    return levels / 255.0 * (high - low) + low
 
 
 def _in_range(image: Image.Image, shape: tuple[int, ...], data_range: tuple[float, float]) -> torch.Tensor:
@@ -226,11 +244,16 @@ def _in_range(image: Image.Image, shape: tuple[int, ...], data_range: tuple[floa
     return pixels * (high - low) + low
 
 
+EIGHT_BIT_MODES = ("1", "L", "LA", "P", "RGB", "RGBA")  # what decode_exact reads as 8-bit levels, losing nothing
+
+
 def _exact_channels(image: Image.Image, channels: int, width: int, height: int) -> Image.Image:
     """The image in mode L (channels 1) or RGB (3) when that loses nothing; else ImageDecodeError."""
     wanted = "L" if channels == 1 else "RGB"
     if image.mode == wanted:
         return image
+    if image.mode not in EIGHT_BIT_MODES:  # 16-bit grey would be clipped at 255, CMYK converted: not exact
+        raise ImageDecodeError(f"image has {image.mode} pixels, not 8-bit levels; send an 8-bit {wanted} image")
     rgba = image.convert("RGBA")
     if rgba.getchannel("A").getextrema() != (255, 255):
         raise ImageDecodeError(f"image has transparent pixels ({image.mode}); send an opaque {wanted} image")
