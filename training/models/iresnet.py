@@ -22,6 +22,7 @@ from torch.nn import functional
 
 from training.models.flows import ActNorm, Flow, FlowLayer, LogitTransform, Squeeze, can_squeeze
 from training.models.glow import as_image_shape
+from training.sampling.noise import chain_gaussian
 
 EXACT_LOG_DET_MAX_DIM = 16  # "auto" computes the full Jacobian up to this many dimensions
 # Series terms `evaluate` uses for test bits/dim unless told otherwise. On the shipped MNIST i-ResNet (||J_g|| up
@@ -158,6 +159,14 @@ class LipschitzConv(nn.Module):
         return functional.conv2d(x, self.weight * scale, self.bias, padding=self.padding)
 
 
+def content_seeds(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit seed [B] per sample that is a pure function of its bits (any floating dtype): the same for a sample in
+    any batch and on every run (int64 sums wrap, in any order)."""
+    bits = x.detach().contiguous().flatten(1).view(torch.int16).to(torch.int64)
+    weights = (torch.arange(bits.shape[1], dtype=torch.int64, device=x.device) * 2654435761 + 1) & 0xFFFFFFFF
+    return (bits * weights).sum(1) & 0xFFFFFFFF
+
+
 class ResidualBlock(FlowLayer):
     """x -> x + g(x), g = conv -> ELU -> conv(1x1) -> ELU -> conv, each conv Lipschitz <= `coefficient`.
 
@@ -196,6 +205,9 @@ class ResidualBlock(FlowLayer):
         self.tolerance = tolerance
         self.max_iterations = max_iterations
         self.last_convergence: InverseConvergence | None = None  # the latest inverse's, per sample
+        # While a flow scores: the seeds of its input images and this block's counter, so that a block's probe does
+        # not hang on the last bits of its own input, which the batch's size moves.
+        self.probe_seeds: tuple[torch.Tensor, int] | None = None
 
     @property
     def last_iterations(self) -> torch.Tensor:
@@ -221,7 +233,11 @@ class ResidualBlock(FlowLayer):
             jacobian = torch.stack(rows, 1)  # [B, D, D]
             eye = torch.eye(self.dim, device=x.device, dtype=x.dtype)
             return torch.linalg.slogdet(eye + jacobian)[1]
-        probe = torch.randn_like(x)
+        if keep_graph:  # training: a fresh probe each time
+            probe = torch.randn_like(x)
+        else:  # scoring: counter-based noise seeded by the scored input's bits (a flow's, set by IResNet.forward)
+            seeds, counter = self.probe_seeds if self.probe_seeds is not None else (content_seeds(x), 0)
+            probe = chain_gaussian(seeds, torch.full_like(seeds, counter), tuple(x.shape[1:])).to(x.dtype)
         power = probe
         total = torch.zeros(batch, device=x.device, dtype=x.dtype)
         for term in range(1, self.series_terms + 1):
@@ -332,6 +348,22 @@ class IResNet(Flow):
                 )
         super().__init__(layers, tuple(shape), base, layer_shape)
         self._series_terms = series_terms
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The flow's pass; when scoring (no gradient kept), every block's Hutchinson probe is seeded by the input
+        image's bits and the block's index, so an image's log-det estimate is the same alone, in any batch, on
+        every run (a fresh random probe moved a served bits/dim between two identical requests)."""
+        if torch.is_grad_enabled():
+            return super().forward(x)
+        blocks = [layer for layer in self.layers if isinstance(layer, ResidualBlock)]
+        seeds = content_seeds(x)
+        for index, block in enumerate(blocks):
+            block.probe_seeds = (seeds, 2 * index)
+        try:
+            return super().forward(x)
+        finally:
+            for block in blocks:
+                block.probe_seeds = None
 
     @property
     def series_terms(self) -> int:
