@@ -91,10 +91,8 @@ def _architectures(dataset: ImageDataset, config: GANTrainConfig) -> tuple[dict,
     critic_kwargs = {"width": config.critic_width or config.width, "channels": channels, "image_size": size}
     # Batch norm couples a batch's samples, which R1's and WGAN-GP's per-sample gradients must not see; the
     # clipped WGAN keeps it, as in Arjovsky et al.'s critic: without it clipped layers shrink every activation.
-    batch_norm = config.loss == "wgan" or (config.loss == "dcgan" and not config.r1)
-    if config.critic_batch_norm is not None:
-        batch_norm = config.critic_batch_norm
-    critic_kwargs["batch_norm"] = batch_norm
+    default = config.loss == "wgan" or (config.loss == "dcgan" and not config.r1)
+    critic_kwargs["batch_norm"] = default if config.critic_batch_norm is None else config.critic_batch_norm
     if resize:
         critic_kwargs["depth"] = 3
     critic = {"name": "conv_critic", "kwargs": critic_kwargs}
