@@ -84,6 +84,46 @@ def test_weight_clipping_holds_after_every_critic_step(tmp_path: Path, monkeypat
     assert max(seen) > 0.01  # without clipping the weights do leave the box
 
 
+def test_fan_in_clipping_bounds_each_layer_by_its_fan_in_and_the_command_records_it(
+    tmp_path: Path, idx_dir: Path
+) -> None:
+    """--clip-rule fan-in holds a layer of fan-in n to clip/sqrt(n) (weight and bias) and batch norm's scale and
+    shift to clip: a large learning rate drives each to its own bound, and no further."""
+    out = tmp_path / "fan.safetensors"
+    flags = ["--loss", "wgan", "--network", "resize", "--width", "4", "--latent-dim", "8", "--max-batches", "6"]
+    rule = ["--clip-rule", "fan-in", "--clip", "2", "--lr", "0.05", "--critic-steps", "2"]
+    main(["gan", "--data-dir", str(idx_dir), "--epochs", "1", "--out", str(out), "--device", "cpu", *flags, *rule])
+    checkpoint = load_checkpoint(out)
+    assert "--clip-rule" in checkpoint.config.training["command"]
+    critic = checkpoint.extras["critic"]
+    fan_in = {"body.0": 1 * 4 * 4, "body.2": 4 * 4 * 4, "body.5": 8 * 3 * 3, "head": 16 * 7 * 7}
+    for layer, n in fan_in.items():
+        largest = max(critic[f"{layer}.weight"].abs().max(), critic[f"{layer}.bias"].abs().max())
+        assert 0.9 * 2 / n**0.5 < largest <= 2 / n**0.5 + 1e-6, layer  # at its own bound: not 2, not 2/sqrt(16)
+    assert critic["body.3.weight"].abs().max() <= 2 + 1e-6  # batch norm's scale: clip itself
+    with pytest.raises(ValueError, match="--clip-rule must be one of constant, fan-in"):
+        train_gan(GANTrainConfig(loss="wgan", clip_rule="layer", dataset="toy2d:checkerboard"))
+
+
+def test_a_deep_batch_norm_critic_normalizes_its_third_conv_and_loads_back(tmp_path: Path, idx_dir: Path) -> None:
+    """--critic-deep-batch-norm puts batch norm after the resize critic's third conv (its own running statistics
+    in the checkpoint); the served model keeps its critic; it is refused where there is no third conv or no batch
+    norm, before the run begins."""
+    out = tmp_path / "deep.safetensors"
+    flags = ["--loss", "wgan", "--network", "resize", "--width", "4", "--latent-dim", "8", "--max-batches", "2"]
+    command = ["gan", "--data-dir", str(idx_dir), "--epochs", "1", "--out", str(out), "--critic-steps", "1"]
+    main([*command, "--critic-deep-batch-norm", *flags])
+    checkpoint = load_checkpoint(out)
+    assert checkpoint.config.arch["critic"]["kwargs"]["deep_batch_norm"] is True
+    assert checkpoint.extras["critic"]["body.6.running_var"].shape == (16,)  # 4 x width channels
+    assert load_model(out).critic is not None
+    for refused in (dict(network="transposed"), dict(network="resize", critic_batch_norm=False)):
+        config = toy_config(tmp_path / "no", loss="wgan", critic_deep_batch_norm=True, **refused)
+        with pytest.raises(ValueError, match="needs --network resize and a batch-norm critic"):
+            train_gan(config)
+        assert not (tmp_path / "no").exists()
+
+
 def test_gan_checkpoint_round_trips_with_ema_and_critic(tmp_path: Path, idx_dir: Path) -> None:
     out = tmp_path / "dcgan.safetensors"
     main(

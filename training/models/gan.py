@@ -74,16 +74,28 @@ class ConvCritic(nn.Module):
     """
 
     def __init__(
-        self, width: int = 64, channels: int = 1, image_size: int = 28, batch_norm: bool = False, depth: int = 2
+        self,
+        width: int = 64,
+        channels: int = 1,
+        image_size: int = 28,
+        batch_norm: bool = False,
+        depth: int = 2,
+        deep_batch_norm: bool = False,
     ) -> None:
         super().__init__()
         if depth not in (2, 3):
             raise ValueError(f"a conv critic has 2 or 3 convolutions, not {depth}")
+        if deep_batch_norm and not (batch_norm and depth == 3):
+            raise ValueError(
+                "deep_batch_norm adds batch norm after the third convolution: it needs batch_norm and depth 3"
+            )
         norm = nn.BatchNorm2d(2 * width) if batch_norm else nn.Identity()
-        # depth 3 adds a 3x3 conv at S/4 (after the two strided ones, so earlier checkpoints keep their keys).
+        # depth 3 adds a 3x3 conv at S/4 (after the two strided ones, so earlier checkpoints keep their keys);
+        # deep_batch_norm normalizes it too, so its units stay centred on their ReLU's bend whatever the clipping does.
         third: list[nn.Module] = []
         if depth == 3:
-            third = [nn.Conv2d(2 * width, 4 * width, 3, padding=1), nn.LeakyReLU(0.2)]
+            deep_norm = [nn.BatchNorm2d(4 * width)] if deep_batch_norm else []
+            third = [nn.Conv2d(2 * width, 4 * width, 3, padding=1), *deep_norm, nn.LeakyReLU(0.2)]
         self.body = nn.Sequential(
             nn.Conv2d(channels, width, 4, stride=2, padding=1),
             nn.LeakyReLU(0.2),  # S -> S/2 (28 -> 14 on MNIST)

@@ -33,6 +33,7 @@ from training.train.losses import (
 from training.train.run import RunConfig, scheduled_learning_rate, set_learning_rate, training_autocast
 
 LOSSES = ("dcgan", "wgan", "wgan-gp")
+CLIP_RULES = ("constant", "fan-in")
 NETWORKS = ("transposed", "resize")
 
 
@@ -64,9 +65,13 @@ class GANTrainConfig(RunConfig):
     lr_schedule: str = "constant"  # constant | cosine: to min_lr_ratio of --lr by --epochs, from this run's start
     min_lr_ratio: float = 0.05  # cosine: the last update's learning rate over the peak
     critic_steps: int | None = None  # critic updates per generator update; default per loss
-    clip: float = 0.01  # WGAN weight clipping range [-clip, clip]
+    clip: float = 0.01  # WGAN weight clipping range [-clip, clip] (with --clip-rule fan-in: see there)
+    clip_rule: str = (
+        "constant"  # constant: every critic parameter in [-clip, clip]; fan-in: a layer's in clip/sqrt(fan-in)
+    )
     critic_width: int | None = None  # the critic's first convolution's channels (default: --width)
     critic_batch_norm: bool | None = None  # default: the clipped WGAN's and a DCGAN's without R1 (not with a penalty)
+    critic_deep_batch_norm: bool = False  # resize network, batch-norm critic: batch norm after its third conv too
     gp_weight: float = 10.0  # WGAN-GP lambda
     label_smoothing: float = 0.0  # DCGAN one-sided: real targets 1 - s
     r1: float = 0.0  # DCGAN: gamma of the R1 penalty on real data, gamma/2 E||grad D||^2 (0: off)
@@ -89,14 +94,43 @@ def _architectures(dataset: ImageDataset, config: GANTrainConfig) -> tuple[dict,
         "kwargs": {"latent_dim": config.latent_dim, "width": config.width, "channels": channels, "image_size": size},
     }
     critic_kwargs = {"width": config.critic_width or config.width, "channels": channels, "image_size": size}
-    # Batch norm couples a batch's samples, which R1's and WGAN-GP's per-sample gradients must not see; the
-    # clipped WGAN keeps it, as in Arjovsky et al.'s critic: without it clipped layers shrink every activation.
-    default = config.loss == "wgan" or (config.loss == "dcgan" and not config.r1)
-    critic_kwargs["batch_norm"] = default if config.critic_batch_norm is None else config.critic_batch_norm
+    critic_kwargs["batch_norm"] = _critic_batch_norm(config)
     if resize:
         critic_kwargs["depth"] = 3
+    if config.critic_deep_batch_norm:
+        critic_kwargs["deep_batch_norm"] = True
     critic = {"name": "conv_critic", "kwargs": critic_kwargs}
     return generator, critic
+
+
+def _critic_batch_norm(config: GANTrainConfig) -> bool:
+    """--critic-batch-norm where given, else the loss's default: batch norm couples a batch's samples, which R1's
+    and WGAN-GP's per-sample gradients must not see; the clipped WGAN keeps it, as in Arjovsky et al.'s critic:
+    without it clipped layers shrink every activation."""
+    if config.critic_batch_norm is not None:
+        return config.critic_batch_norm
+    return config.loss == "wgan" or (config.loss == "dcgan" and not config.r1)
+
+
+def clip_bounds(critic: torch.nn.Module, clip: float, rule: str) -> list[tuple[torch.nn.Parameter, float]]:
+    """Each critic parameter with the bound weight clipping holds it to.
+
+    constant (Arjovsky et al.): every parameter in [-clip, clip]. At clip 0.01 a layer of fan-in n shrinks its
+    input by about 0.01 sqrt(n), so deep activations fall to the size of the clipped biases, which then hold
+    every unit on one side of its ReLU (a trained MNIST critic's third layer was linear). fan-in: a layer's
+    weight and bias in [-clip/sqrt(n), clip/sqrt(n)], so at clip ~1 a layer keeps its input's scale; batch
+    norm's scale and shift in [-clip, clip]. Either way every weight is bounded, so the critic is K-Lipschitz.
+    """
+    if rule == "constant":
+        return [(parameter, clip) for parameter in critic.parameters()]
+    bounds = []
+    for module in critic.modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.nn.Parameter):
+            continue
+        bound = clip / weight[0].numel() ** 0.5 if weight.dim() > 1 else clip
+        bounds += [(parameter, bound) for parameter in module.parameters(recurse=False)]
+    return bounds
 
 
 def _peak_lr(config: GANTrainConfig) -> float:
@@ -121,8 +155,15 @@ def train_gan(config: GANTrainConfig) -> Path:
     training_autocast(config.autocast, torch.device("cpu"))  # a bad --autocast stops before the run begins
     if config.critic_batch_norm and (config.r1 or config.loss == "wgan-gp"):
         raise ValueError("a gradient penalty is per image, which batch norm couples: no --critic-batch-norm with it")
+    if config.critic_deep_batch_norm and (config.network != "resize" or not _critic_batch_norm(config)):
+        raise ValueError(
+            "--critic-deep-batch-norm normalizes the resize critic's third conv: it needs --network "
+            "resize and a batch-norm critic"
+        )
     if config.r1 < 0:
         raise ValueError(f"--r1 is a penalty weight, at least 0, not {config.r1}")
+    if config.clip_rule not in CLIP_RULES:
+        raise ValueError(f"--clip-rule must be one of {', '.join(CLIP_RULES)}, not {config.clip_rule!r}")
     if config.optimizer not in (None, "adam", "rmsprop"):
         raise ValueError(f"--optimizer must be adam or rmsprop, not {config.optimizer!r}")
     scheduled_learning_rate(1.0, 0, 1, 0, config.lr_schedule, config.min_lr_ratio)  # a bad --lr-schedule stops here
@@ -138,6 +179,7 @@ def train_gan(config: GANTrainConfig) -> Path:
     generator_optimizer = _optimizer(generator.parameters(), config)
     critic_optimizer = _optimizer(critic.parameters(), config)
     critic_steps = config.critic_steps or LOSS_DEFAULTS[config.loss]["critic_steps"]
+    clipped = clip_bounds(critic, config.clip, config.clip_rule) if config.loss == "wgan" else []
     arch = {**generator_arch, "critic": critic_arch}
     origin = run.restore(arch, {"generator": generator_optimizer, "critic": critic_optimizer})
     generator_updates, critic_updates = 0, 0
@@ -219,10 +261,9 @@ def train_gan(config: GANTrainConfig) -> Path:
             critic_optimizer.zero_grad(set_to_none=True)
             critic_loss.backward()
             critic_optimizer.step()
-            if config.loss == "wgan":
-                with torch.no_grad():
-                    for parameter in critic.parameters():
-                        parameter.clamp_(-config.clip, config.clip)
+            with torch.no_grad():
+                for parameter, bound in clipped:
+                    parameter.clamp_(-bound, bound)
             totals["critic_loss"] += critic_loss.item()
             counts["critic_loss"] += 1
             critic_updates += 1
