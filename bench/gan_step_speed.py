@@ -24,7 +24,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    generator, critic = ResizeGenerator(128, args.width), ConvCritic(args.width, depth=3, batch_norm=True)
+    generator, critic = ResizeGenerator(128, args.width), ConvCritic(args.width, depth=3, norm="batch")
     generator_optimizer = torch.optim.RMSprop(generator.parameters(), 5e-5)
     critic_optimizer = torch.optim.RMSprop(critic.parameters(), 5e-5)
     real, device = torch.randn(64, 1, 28, 28), torch.device("cpu")

@@ -105,21 +105,21 @@ def test_fan_in_clipping_bounds_each_layer_by_its_fan_in_and_the_command_records
         train_gan(GANTrainConfig(loss="wgan", clip_rule="layer", dataset="toy2d:checkerboard"))
 
 
-def test_a_deep_batch_norm_critic_normalizes_its_third_conv_and_loads_back(tmp_path: Path, idx_dir: Path) -> None:
-    """--critic-deep-batch-norm puts batch norm after the resize critic's third conv (its own running statistics
-    in the checkpoint); the served model keeps its critic; it is refused where there is no third conv or no batch
-    norm, before the run begins."""
+def test_a_deep_norm_critic_normalizes_its_third_conv_and_loads_back(tmp_path: Path, idx_dir: Path) -> None:
+    """--critic-deep-norm normalizes the resize critic's third conv too (batch norm: its own running statistics in
+    the checkpoint); the served model keeps its critic; it is refused where there is no third conv or no norm,
+    before the run begins."""
     out = tmp_path / "deep.safetensors"
     flags = ["--loss", "wgan", "--network", "resize", "--width", "4", "--latent-dim", "8", "--max-batches", "2"]
     command = ["gan", "--data-dir", str(idx_dir), "--epochs", "1", "--out", str(out), "--critic-steps", "1"]
-    main([*command, "--critic-deep-batch-norm", *flags])
+    main([*command, "--critic-deep-norm", *flags])
     checkpoint = load_checkpoint(out)
-    assert checkpoint.config.arch["critic"]["kwargs"]["deep_batch_norm"] is True
+    assert checkpoint.config.arch["critic"]["kwargs"]["deep_norm"] is True
     assert checkpoint.extras["critic"]["body.6.running_var"].shape == (16,)  # 4 x width channels
     assert load_model(out).critic is not None
-    for refused in (dict(network="transposed"), dict(network="resize", critic_batch_norm=False)):
-        config = toy_config(tmp_path / "no", loss="wgan", critic_deep_batch_norm=True, **refused)
-        with pytest.raises(ValueError, match="needs --network resize and a batch-norm critic"):
+    for refused in (dict(network="transposed"), dict(network="resize", critic_norm="none")):
+        config = toy_config(tmp_path / "no", loss="wgan", critic_deep_norm=True, **refused)
+        with pytest.raises(ValueError, match="needs --network resize and a --critic-norm"):
             train_gan(config)
         assert not (tmp_path / "no").exists()
 
@@ -259,7 +259,7 @@ def test_the_resize_network_with_r1_trains_saves_and_serves_its_critic(tmp_path:
     config = load_checkpoint(out).config
     assert config.arch["name"] == "resize_generator" and config.training["args"]["r1"] == 0.2
     assert config.arch["critic"]["kwargs"] == {
-        "width": 8, "channels": 1, "image_size": 28, "batch_norm": False, "depth": 3
+        "width": 8, "channels": 1, "image_size": 28, "norm": "none", "depth": 3
     }  # fmt: skip
     model = load_model(out)
     assert model.critic is not None
@@ -271,7 +271,8 @@ def test_unknown_networks_and_negative_r1_are_refused(tmp_path: Path) -> None:
         ("network", "unet", "unknown GAN network"),
         ("r1", -1.0, "at least 0"),
         ("autocast", "float16", "or none"),
-        ("critic_batch_norm", True, "no --critic-batch-norm with it"),
+        ("critic_norm", "batch", "--critic-norm layer \\(per image\\) or none"),
+        ("critic_norm", "group", "--critic-norm must be one of none, batch, layer"),
     )
     for field, value, words in refusals:
         config = GANTrainConfig(
@@ -294,7 +295,7 @@ def test_a_clipped_wgan_trains_its_batch_norm_critic_in_bfloat16_and_saves_float
         command = ["gan", "--data-dir", str(idx_dir), "--epochs", "1", "--out", str(out), "--device", "cpu"]
         main([*command, *flags, "--critic-steps", "2", "--autocast", autocast])
         checkpoint = load_checkpoint(out)
-        assert checkpoint.config.arch["critic"]["kwargs"]["batch_norm"] is True
+        assert checkpoint.config.arch["critic"]["kwargs"]["norm"] == "batch"
         assert any("running_mean" in key for key in checkpoint.extras["critic"])
         parameters = [tensor for key, tensor in checkpoint.extras["critic"].items() if "running" not in key]
         assert all(tensor.abs().max() <= 0.01 + 1e-7 for tensor in parameters if tensor.is_floating_point())
@@ -307,14 +308,43 @@ def test_a_clipped_wgan_trains_its_batch_norm_critic_in_bfloat16_and_saves_float
     assert any(moved)
 
 
-def test_the_clipped_wgan_critic_can_drop_batch_norm_widen_and_the_command_records_it(
+def test_the_clipped_wgan_critic_can_drop_its_norm_widen_and_the_command_records_it(
     tmp_path: Path, idx_dir: Path
 ) -> None:
     out = tmp_path / "plain.safetensors"
-    flags = ["--loss", "wgan", "--no-critic-batch-norm", "--width", "8", "--critic-width", "12", "--max-batches", "2"]
+    flags = ["--loss", "wgan", "--critic-norm", "none", "--width", "8", "--critic-width", "12", "--max-batches", "2"]
     main(["gan", "--data-dir", str(idx_dir), "--epochs", "1", "--out", str(out), "--critic-steps", "2", *flags])
     config = load_checkpoint(out).config
-    assert config.arch["critic"]["kwargs"]["batch_norm"] is False
+    assert config.arch["critic"]["kwargs"]["norm"] == "none"
     assert config.arch["critic"]["kwargs"]["width"] == 12 and config.arch["kwargs"]["width"] == 8
-    assert "--no-critic-batch-norm" in config.training["command"]
+    assert "--critic-norm" in config.training["command"]
     assert load_model(out).critic is not None
+
+
+def test_a_layer_norm_critic_scores_each_image_on_its_own(tmp_path: Path, idx_dir: Path) -> None:
+    """--critic-norm layer normalizes each image alone: its score is the same alone, in a batch, in training and
+    in eval mode (so DDLS refines under the very function trained), and a gradient penalty may use it."""
+    out = tmp_path / "layer.safetensors"
+    flags = ["--loss", "wgan-gp", "--network", "resize", "--critic-norm", "layer", "--critic-deep-norm"]
+    small = ["--width", "4", "--latent-dim", "8", "--max-batches", "2", "--critic-steps", "1"]
+    main(["gan", "--data-dir", str(idx_dir), "--epochs", "1", "--out", str(out), *flags, *small])
+    checkpoint = load_checkpoint(out)
+    assert checkpoint.config.arch["critic"]["kwargs"]["norm"] == "layer"
+    assert not any("running" in key for key in checkpoint.extras["critic"])
+    critic = load_model(out).critic
+    assert critic is not None
+    images = torch.rand(5, 1, 28, 28) * 2 - 1
+    with torch.no_grad():
+        batched = critic(images)
+        alone = torch.cat([critic(image[None]) for image in images])
+        critic.train()
+        training = critic(images)
+    assert torch.allclose(batched, alone, atol=1e-5) and torch.allclose(batched, training, atol=1e-5)
+
+
+def test_a_critic_from_a_file_written_before_norm_was_named_builds_the_same_layers() -> None:
+    """Files from before `norm` say batch_norm: True; they build the batch-norm critic with the same keys."""
+    old = build_model({"name": "conv_critic", "kwargs": {"width": 4, "batch_norm": True, "depth": 3}})
+    new = build_model({"name": "conv_critic", "kwargs": {"width": 4, "norm": "batch", "depth": 3}})
+    assert list(old.state_dict()) == list(new.state_dict())
+    assert isinstance(old.body[3], nn.BatchNorm2d)

@@ -66,11 +66,26 @@ class ResizeGenerator(nn.Module):
         return self.upsample(hidden.view(z.shape[0], -1, self.base, self.base))
 
 
+CRITIC_NORMS = ("none", "batch", "layer")
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    """batch: statistics over the batch (couples its images); layer: over each image's channels and positions
+    alone (GroupNorm with one group, a scale and shift per channel); none: nothing."""
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "layer":
+        return nn.GroupNorm(1, channels)
+    return nn.Identity()
+
+
 class ConvCritic(nn.Module):
     """Image -> one score (a logit for DCGAN, a Wasserstein critic value for WGAN).
 
-    No batch norm by default: WGAN-GP's penalty is per sample, and batch norm couples the samples.
-    `features` exposes the penultimate layer for feature matching (Salimans et al. 2016).
+    No normalization by default: WGAN-GP's penalty is per sample, and batch norm couples the samples.
+    `norm` normalizes the second convolution (and the third too with `deep_norm`); `batch_norm=True` is how
+    files from before `norm` say "batch". `features` exposes the penultimate layer for feature matching
+    (Salimans et al. 2016).
     """
 
     def __init__(
@@ -80,27 +95,28 @@ class ConvCritic(nn.Module):
         image_size: int = 28,
         batch_norm: bool = False,
         depth: int = 2,
-        deep_batch_norm: bool = False,
+        norm: str | None = None,
+        deep_norm: bool = False,
     ) -> None:
         super().__init__()
         if depth not in (2, 3):
             raise ValueError(f"a conv critic has 2 or 3 convolutions, not {depth}")
-        if deep_batch_norm and not (batch_norm and depth == 3):
-            raise ValueError(
-                "deep_batch_norm adds batch norm after the third convolution: it needs batch_norm and depth 3"
-            )
-        norm = nn.BatchNorm2d(2 * width) if batch_norm else nn.Identity()
+        kind = norm if norm is not None else "batch" if batch_norm else "none"
+        if kind not in CRITIC_NORMS:
+            raise ValueError(f"a conv critic's norm is one of {', '.join(CRITIC_NORMS)}, not {kind!r}")
+        if deep_norm and (kind == "none" or depth != 3):
+            raise ValueError("deep_norm normalizes the third convolution too: it needs a norm and depth 3")
         # depth 3 adds a 3x3 conv at S/4 (after the two strided ones, so earlier checkpoints keep their keys);
-        # deep_batch_norm normalizes it too, so its units stay centred on their ReLU's bend whatever the clipping does.
+        # deep_norm normalizes it too, so its units stay centred on their ReLU's bend whatever clipping does.
         third: list[nn.Module] = []
         if depth == 3:
-            deep_norm = [nn.BatchNorm2d(4 * width)] if deep_batch_norm else []
-            third = [nn.Conv2d(2 * width, 4 * width, 3, padding=1), *deep_norm, nn.LeakyReLU(0.2)]
+            deep = [_norm(kind, 4 * width)] if deep_norm else []
+            third = [nn.Conv2d(2 * width, 4 * width, 3, padding=1), *deep, nn.LeakyReLU(0.2)]
         self.body = nn.Sequential(
             nn.Conv2d(channels, width, 4, stride=2, padding=1),
             nn.LeakyReLU(0.2),  # S -> S/2 (28 -> 14 on MNIST)
             nn.Conv2d(width, 2 * width, 4, stride=2, padding=1),
-            norm,
+            _norm(kind, 2 * width),
             nn.LeakyReLU(0.2),  # S/2 -> S/4
             *third,
             nn.Flatten(),

@@ -15,7 +15,7 @@ from typing import Any, TypedDict, cast
 import torch
 
 from training.models import build_model
-from training.models.gan import ConvCritic, MLPCritic
+from training.models.gan import CRITIC_NORMS, ConvCritic, MLPCritic
 from training.runtime.checkpoint import Checkpoint
 from training.sampling.sampler_config import GANSampler, from_dict
 from training.train.data import ImageDataset
@@ -70,8 +70,8 @@ class GANTrainConfig(RunConfig):
         "constant"  # constant: every critic parameter in [-clip, clip]; fan-in: a layer's in clip/sqrt(fan-in)
     )
     critic_width: int | None = None  # the critic's first convolution's channels (default: --width)
-    critic_batch_norm: bool | None = None  # default: the clipped WGAN's and a DCGAN's without R1 (not with a penalty)
-    critic_deep_batch_norm: bool = False  # resize network, batch-norm critic: batch norm after its third conv too
+    critic_norm: str | None = None  # batch | layer | none; default batch for wgan and a DCGAN without R1, else none
+    critic_deep_norm: bool = False  # resize network, a critic with a norm: normalize its third conv too
     gp_weight: float = 10.0  # WGAN-GP lambda
     label_smoothing: float = 0.0  # DCGAN one-sided: real targets 1 - s
     r1: float = 0.0  # DCGAN: gamma of the R1 penalty on real data, gamma/2 E||grad D||^2 (0: off)
@@ -93,23 +93,27 @@ def _architectures(dataset: ImageDataset, config: GANTrainConfig) -> tuple[dict,
         "name": "resize_generator" if resize else "conv_generator",
         "kwargs": {"latent_dim": config.latent_dim, "width": config.width, "channels": channels, "image_size": size},
     }
-    critic_kwargs = {"width": config.critic_width or config.width, "channels": channels, "image_size": size}
-    critic_kwargs["batch_norm"] = _critic_batch_norm(config)
+    critic_kwargs: dict[str, Any] = {
+        "width": config.critic_width or config.width,
+        "channels": channels,
+        "image_size": size,
+    }
+    critic_kwargs["norm"] = _critic_norm(config)
     if resize:
         critic_kwargs["depth"] = 3
-    if config.critic_deep_batch_norm:
-        critic_kwargs["deep_batch_norm"] = True
+    if config.critic_deep_norm:
+        critic_kwargs["deep_norm"] = True
     critic = {"name": "conv_critic", "kwargs": critic_kwargs}
     return generator, critic
 
 
-def _critic_batch_norm(config: GANTrainConfig) -> bool:
-    """--critic-batch-norm where given, else the loss's default: batch norm couples a batch's samples, which R1's
-    and WGAN-GP's per-sample gradients must not see; the clipped WGAN keeps it, as in Arjovsky et al.'s critic:
-    without it clipped layers shrink every activation."""
-    if config.critic_batch_norm is not None:
-        return config.critic_batch_norm
-    return config.loss == "wgan" or (config.loss == "dcgan" and not config.r1)
+def _critic_norm(config: GANTrainConfig) -> str:
+    """--critic-norm where given, else the loss's default: batch norm couples a batch's samples, which R1's and
+    WGAN-GP's per-sample gradients must not see; the clipped WGAN keeps it, as in Arjovsky et al.'s critic:
+    without a norm clipped layers shrink every activation."""
+    if config.critic_norm is not None:
+        return config.critic_norm
+    return "batch" if config.loss == "wgan" or (config.loss == "dcgan" and not config.r1) else "none"
 
 
 def clip_bounds(critic: torch.nn.Module, clip: float, rule: str) -> list[tuple[torch.nn.Parameter, float]]:
@@ -153,12 +157,16 @@ def train_gan(config: GANTrainConfig) -> Path:
     if config.network not in NETWORKS:
         raise ValueError(f"unknown GAN network {config.network!r}; expected one of {', '.join(NETWORKS)}")
     training_autocast(config.autocast, torch.device("cpu"))  # a bad --autocast stops before the run begins
-    if config.critic_batch_norm and (config.r1 or config.loss == "wgan-gp"):
-        raise ValueError("a gradient penalty is per image, which batch norm couples: no --critic-batch-norm with it")
-    if config.critic_deep_batch_norm and (config.network != "resize" or not _critic_batch_norm(config)):
+    if config.critic_norm not in (None, *CRITIC_NORMS):
+        raise ValueError(f"--critic-norm must be one of {', '.join(CRITIC_NORMS)}, not {config.critic_norm!r}")
+    if config.critic_norm == "batch" and (config.r1 or config.loss == "wgan-gp"):
         raise ValueError(
-            "--critic-deep-batch-norm normalizes the resize critic's third conv: it needs --network "
-            "resize and a batch-norm critic"
+            "a gradient penalty is per image, which batch norm couples: --critic-norm layer (per image) or none"
+        )
+    if config.critic_deep_norm and (config.network != "resize" or _critic_norm(config) == "none"):
+        raise ValueError(
+            "--critic-deep-norm normalizes the resize critic's third conv: it needs --network resize and a "
+            "--critic-norm"
         )
     if config.r1 < 0:
         raise ValueError(f"--r1 is a penalty weight, at least 0, not {config.r1}")
