@@ -31,7 +31,7 @@ def numbers(text: str, kind: type) -> list:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", type=Path, help="a GAN checkpoint that holds its critic")
     parser.add_argument("--data-dir", default=None, help="MNIST IDX files (default: $SAMPLEBAY_DATA_DIR)")
     parser.add_argument("--n", type=int, default=2000, help="samples and reference images per row")

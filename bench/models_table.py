@@ -157,7 +157,7 @@ def table(models_dir: Path) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("models_dir", type=Path, nargs="?", default=Path("checkpoints"))
     args = parser.parse_args()
     print("| model | family, arch | params | training | sampler | FD | coverage | precision | recall | test bits/dim |")
