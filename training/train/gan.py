@@ -66,9 +66,7 @@ class GANTrainConfig(RunConfig):
     min_lr_ratio: float = 0.05  # cosine: the last update's learning rate over the peak
     critic_steps: int | None = None  # critic updates per generator update; default per loss
     clip: float = 0.01  # WGAN weight clipping range [-clip, clip] (with --clip-rule fan-in: see there)
-    clip_rule: str = (
-        "constant"  # constant: every critic parameter in [-clip, clip]; fan-in: a layer's in clip/sqrt(fan-in)
-    )
+    clip_rule: str = "constant"  # constant: all in [-clip, clip]; fan-in: a layer of fan-in n in clip/sqrt(n)
     critic_width: int | None = None  # the critic's first convolution's channels (default: --width)
     critic_norm: str | None = None  # batch | layer | none; default batch for wgan and a DCGAN without R1, else none
     critic_deep_norm: bool = False  # resize network, a critic with a norm: normalize its third conv too
