@@ -95,8 +95,8 @@ def _architectures(dataset: ImageDataset, config: GANTrainConfig) -> tuple[dict,
         "width": config.critic_width or config.width,
         "channels": channels,
         "image_size": size,
+        "norm": _critic_norm(config),
     }
-    critic_kwargs["norm"] = _critic_norm(config)
     if resize:
         critic_kwargs["depth"] = 3
     if config.critic_deep_norm:
@@ -120,8 +120,9 @@ def clip_bounds(critic: torch.nn.Module, clip: float, rule: str) -> list[tuple[t
     constant (Arjovsky et al.): every parameter in [-clip, clip]. At clip 0.01 a layer of fan-in n shrinks its
     input by about 0.01 sqrt(n), so deep activations fall to the size of the clipped biases, which then hold
     every unit on one side of its ReLU (a trained MNIST critic's third layer was linear). fan-in: a layer's
-    weight and bias in [-clip/sqrt(n), clip/sqrt(n)], so at clip ~1 a layer keeps its input's scale; batch
-    norm's scale and shift in [-clip, clip]. Either way every weight is bounded, so the critic is K-Lipschitz.
+    weight and bias in [-clip/sqrt(n), clip/sqrt(n)], so at clip ~1 a layer keeps its input's scale; a norm's
+    scale and shift in [-clip, clip]. Either way every convolution and linear layer is K-Lipschitz; a norm layer,
+    which divides by its input's spread, is not bounded by clipping (nor was the paper's batch norm).
     """
     if rule == "constant":
         return [(parameter, clip) for parameter in critic.parameters()]
