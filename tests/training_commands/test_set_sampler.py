@@ -64,6 +64,42 @@ def test_a_changed_default_a_record_depends_on_drops_it_and_names_it(
     assert not load_checkpoint(ebm).config.metrics.keys() & records.keys()
 
 
+def test_a_record_measured_at_the_new_defaults_becomes_the_default_record(tmp_path: Path) -> None:
+    """The sweep's winner, recorded with explicit --steps 50 --step-size --noise, is what the defaults now draw."""
+    swept = {"frechet_distance": 25.4, "n": 8, "steps": 50, "step_size": 0.0001, "noise": 0.0141}
+    other = {**swept, "step_size": 0.001, "frechet_distance": 26.0}
+    gan = with_records(
+        write_tiny_gan(tmp_path / "gan.safetensors"),
+        {"evaluate": PLAIN, "evaluate_steps_50_noise_0.0141": swept, "evaluate_steps_50_step_size_0.001": other},
+    )
+    main(["set-sampler", str(gan), "steps=50", "step_size=0.0001", "noise=0.0141"])
+    metrics = load_checkpoint(gan).config.metrics
+    assert metrics["evaluate"] == swept and metrics["evaluate_steps_0"] == PLAIN
+    assert metrics["evaluate_step_size_0.001"] == other  # its key names its own step size: still true
+    assert "evaluate_noise_0.0141" not in metrics
+
+    measured_elsewhere = {**swept, "step_size": 0.01}  # under the default key, at the old default step size
+    gan = with_records(write_tiny_gan(tmp_path / "again.safetensors"), {"evaluate_steps_50": measured_elsewhere})
+    main(["set-sampler", str(gan), "steps=50", "step_size=0.0001", "noise=0.0141"])
+    assert not any(key.startswith("evaluate") for key in load_checkpoint(gan).config.metrics)
+
+
+def test_an_ebm_init_called_noise_is_not_a_noise_override(tmp_path: Path) -> None:
+    records = {
+        "evaluate_noise_label_all": {"frechet_distance": 1.0, "noise": 0.005},
+        "evaluate_noise_noise_0.02": {"frechet_distance": 2.0, "noise": 0.02},
+    }
+    ebm = with_records(write_tiny_ebm(tmp_path / "ebm.safetensors"), records)
+    main(["set-sampler", str(ebm), "noise=0.03"])
+    assert set(load_checkpoint(ebm).config.metrics) & set(records) == {"evaluate_noise_noise_0.02"}
+    ebm = with_records(write_tiny_ebm(tmp_path / "again.safetensors"), records)
+    main(["set-sampler", str(ebm), "noise=0.02"])  # the long-run check is now the default sampling
+    metrics = load_checkpoint(ebm).config.metrics
+    assert (
+        metrics["evaluate_noise"] == records["evaluate_noise_noise_0.02"] and "evaluate_noise_label_all" not in metrics
+    )
+
+
 @pytest.mark.parametrize(
     ("setting", "said"),
     [

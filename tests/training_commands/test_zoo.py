@@ -177,9 +177,14 @@ def test_a_gans_ddls_figures_are_renewed_at_the_steps_they_were_measured_with(tm
 
     path = write_tiny_gan(tmp_path / "gan.safetensors")
     checkpoint = load_checkpoint(path)
-    checkpoint.config.metrics.update(evaluate={"n": 2000, "steps": 0}, evaluate_steps_100={"n": 2000, "steps": 100})
+    checkpoint.config.metrics.update(
+        evaluate={"n": 2000, "steps": 0},
+        evaluate_steps_100={"n": 2000, "steps": 100},
+        **{"evaluate_steps_50_step_size_0.001_noise_0.02": {"n": 2000, "steps": 50}},
+    )
     save_checkpoint(path, checkpoint)
     assert evaluations(tmp_path, [path], {path: checkpoint.config.metrics}) == [
         [str(path), "--record"],
         [str(path), "--record", "--steps", "100"],
+        [str(path), "--record", "--steps", "50", "--step-size", "0.001", "--noise", "0.02"],
     ]

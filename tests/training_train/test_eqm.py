@@ -142,7 +142,12 @@ def test_evaluate_reports_how_often_the_classifier_reads_the_drawn_class(tmp_pat
     ])  # fmt: skip
     classifier = tmp_path / "classifier.safetensors"
     main(["classifier", "--data-dir", str(idx_dir), "--epochs", "1", "--out", str(classifier), "--device", "cpu"])
-    for flags, key in (([], "evaluate_noise"), (["--label", "all", "--guidance", "1.5"], "evaluate_noise_label_all")):
+    default_noise = str(load_checkpoint(checkpoint).config.sampler["noise"])
+    for flags, key in (
+        (["--noise", default_noise, "--step-size", "0.125"], "evaluate_noise_step_size_0.125"),  # the default noise
+        ([], "evaluate_noise"),
+        (["--label", "all", "--guidance", "1.5"], "evaluate_noise_label_all"),
+    ):
         capsys.readouterr()
         main([
             "evaluate", str(checkpoint), "--data-dir", str(idx_dir), "--n", "40", "--steps", "2",

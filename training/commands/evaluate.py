@@ -20,6 +20,7 @@ from training.commands.quality import (
     quality_figures,
     real_data_floor,
 )
+from training.commands.record_key import overrides_suffix
 from training.commands.sample import draw_with_progress, labels_for
 from training.families import Family, family_of
 from training.models.flows import Flow
@@ -128,6 +129,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
     test = load_dataset(dataset, args.data_dir, "test")
     train = load_dataset(dataset, args.data_dir, "train")
     generator = torch.Generator().manual_seed(args.seed)
+    defaults = model.sampler
     family.override_sampler(members, args)
     seeds = chain_seeds(args.seed, args.n)
     # The labels chains are drawn with (asked for, or each chain's seeded class): label accuracy is reported.
@@ -230,8 +232,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
         key = family.evaluate_key(args.init)
         if args.label is not None:
             key += f"_label_{args.label}"
-        if args.noise is not None:  # a noisier (long-run) check never overwrites the default figures
-            key += f"_noise_{args.noise}"
+        key += overrides_suffix(args, defaults)
         if len(members) > 1:
             key = f"evaluate_ensemble_{args.init}"  # the same figures go into every member
         key = family.record_key(key, model, args, sampler_report)  # its steps or guidance, where not the defaults

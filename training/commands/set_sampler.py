@@ -14,6 +14,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from training.commands.record_key import named_overrides
 from training.families import family_named
 from training.runtime.checkpoint import load_checkpoint, save_checkpoint
 from training.sampling.sampler_config import SAMPLERS, VERSION_KEY, SamplerConfig, sampler_for, to_dict
@@ -66,9 +67,19 @@ def parse_assignments(family: str, words: list[str]) -> dict[str, Any]:
     return values
 
 
-def _pinned(key: str, family: str, record: dict[str, Any]) -> set[str]:
-    """The sampler fields a record does not depend on the defaults for, whatever they say."""
-    return family_named(family).pinned(key, record) | ({"noise"} if "_noise_" in key else set())
+def _pinned(key: str, family: str, record: dict[str, Any], new: SamplerConfig) -> set[str]:
+    """The sampler fields a record does not depend on the defaults for, whatever they say, and those it states
+    it was measured at with the new default's value."""
+    stated = {name for name, value in record.items() if hasattr(new, name) and value == getattr(new, name)}
+    return family_named(family).pinned(key, record) | set(named_overrides(key)) | stated
+
+
+def _unnamed(key: str, new: SamplerConfig) -> str:
+    """`key` without the overrides it names that are now the defaults: the record is then of the defaults."""
+    for name, (suffix, value) in named_overrides(key).items():
+        if getattr(new, name) == value:
+            key = key.replace(suffix, "", 1)
+    return key
 
 
 def carry_records(
@@ -81,11 +92,15 @@ def carry_records(
         if not key.startswith("evaluate") or not isinstance(value, dict):
             kept[key] = value
             continue
-        if changed - _pinned(key, family, value):
+        if changed - _pinned(key, family, value, new):
             dropped.append(key)
             continue
         kept[family_named(family).rekeyed(key, value, new, changed)] = value
-    return kept, dropped
+    # A record whose named noise or step size became the default takes the default's key, unless one is kept there.
+    carried: dict[str, Any] = {}
+    for key, value in kept.items():
+        carried[key if _unnamed(key, new) in kept or _unnamed(key, new) in carried else _unnamed(key, new)] = value
+    return carried, dropped
 
 
 def set_sampler(path: Path, words: list[str]) -> tuple[dict[str, tuple[Any, Any]], list[str]]:

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from training.commands.flags import TRAINER_CONFIGS, trainer_parser
+from training.commands.record_key import override_words
 from training.commands.ship_paths import portable_record
 from training.families import family_named
 from training.runtime.checkpoint import (
@@ -250,9 +251,9 @@ def evaluations(checkpoints: Path, shipped: list[Path], old_metrics: dict[Path, 
                     for p in sorted(checkpoints.glob("*.safetensors"))
                     if read_config(p).ensemble == config.ensemble
                 ]
-            words = [*files, "--record", *family.evaluation_words(key, figures)]
+            words = [*files, "--record", *family.evaluation_words(key, figures), *override_words(key)]
             if "_label_" in key:
-                words += ["--label", key.partition("_label_")[2]]
+                words += ["--label", key.partition("_label_")[2].split("_")[0]]
             if figures.get("n") and figures["n"] != 2000:
                 words += ["--n", str(figures["n"])]
             commands.append(words)

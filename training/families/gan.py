@@ -316,7 +316,8 @@ class Gan(Family):
         return key
 
     def evaluation_words(self, key: str, figures: dict[str, Any]) -> list[str]:
-        return ["--steps", key.partition("_steps_")[2]] if "_steps_" in key else []  # DDLS at other steps
+        named = STEPS_SUFFIX.search(key)
+        return ["--steps", named.group(0).removeprefix("_steps_")] if named else []  # DDLS at other steps
 
 
 GAN = Gan()
