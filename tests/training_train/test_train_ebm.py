@@ -160,29 +160,16 @@ def test_cli_trains_samples_and_evaluates_on_idx_data(tmp_path: Path, idx_dir: P
     assert report["real_data_floor"]["frechet_distance"] < report["model"]["frechet_distance"]
 
     members = [write_tiny_ebm(tmp_path / f"pair_{seed}.safetensors", seed=seed, ensemble="pair") for seed in (1, 2)]
-    main(
-        [
-            "evaluate",
-            *map(str, members),
-            "--data-dir",
-            str(idx_dir),
-            "--n",
-            "32",
-            "--init",
-            "buffer",
-            "--classifier",
-            str(classifier),
-            "--device",
-            "cpu",
-            "--record",
-        ]
-    )
-    report = json.loads(capsys.readouterr().out)
-    for member in members:  # an ensemble's figures are recorded in every member
-        assert (
-            load_checkpoint(member).config.metrics["evaluate_ensemble_buffer"]["frechet_distance"]
-            == report["model"]["frechet_distance"]
-        )
+    ensemble = [*map(str, members), "--data-dir", str(idx_dir), "--n", "32", "--init", "buffer"]
+    ensemble += ["--classifier", str(classifier), "--device", "cpu", "--record"]
+    for flags, key in (([], "evaluate_ensemble_buffer"), (["--noise", "0.02"], "evaluate_ensemble_buffer_noise_0.02")):
+        main(["evaluate", *ensemble, *flags])
+        report = json.loads(capsys.readouterr().out)
+        for member in members:  # an ensemble's figures are recorded in every member, a noisier check apart
+            recorded = load_checkpoint(member).config.metrics[key]
+            assert recorded["frechet_distance"] == report["model"]["frechet_distance"]
+    metrics = load_checkpoint(members[0]).config.metrics
+    assert metrics["evaluate_ensemble_buffer"]["noise"] == 0.005 and metrics[key]["noise"] == 0.02
     with pytest.raises(SystemExit):  # a lone EBM and an ensemble member are not one ensemble
         main(
             [

@@ -229,12 +229,11 @@ def run_evaluate(args: argparse.Namespace) -> None:
         model_figures["ood"] = report["ood"] = ood_against(members, test.images, args.ood_data, args.ood_n, device)
     print(json.dumps(report, indent=2))
     if args.record:
-        key = family.evaluate_key(args.init)
+        # An ensemble's figures go into every member, under a key of their own.
+        key = f"evaluate_ensemble_{args.init}" if len(members) > 1 else family.evaluate_key(args.init)
         if args.label is not None:
             key += f"_label_{args.label}"
         key += overrides_suffix(args, defaults)
-        if len(members) > 1:
-            key = f"evaluate_ensemble_{args.init}"  # the same figures go into every member
         key = family.record_key(key, model, args, sampler_report)  # its steps or guidance, where not the defaults
         for path in args.checkpoint:
             checkpoint = load_checkpoint(path)

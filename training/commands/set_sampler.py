@@ -99,7 +99,8 @@ def carry_records(
     # A record whose named noise or step size became the default takes the default's key, unless one is kept there.
     carried: dict[str, Any] = {}
     for key, value in kept.items():
-        carried[key if _unnamed(key, new) in kept or _unnamed(key, new) in carried else _unnamed(key, new)] = value
+        default_key = _unnamed(key, new) if key.startswith("evaluate") else key
+        carried[key if default_key in kept or default_key in carried else default_key] = value
     return carried, dropped
 
 
