@@ -64,7 +64,9 @@ def test_a_changed_default_a_record_depends_on_drops_it_and_names_it(
     assert not load_checkpoint(ebm).config.metrics.keys() & records.keys()
 
 
-def test_a_record_measured_at_the_new_defaults_becomes_the_default_record(tmp_path: Path) -> None:
+def test_a_record_measured_at_the_new_defaults_becomes_the_default_record(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """The sweep's winner, recorded with explicit --steps 50 --step-size --noise, is what the defaults now draw."""
     swept = {"frechet_distance": 25.4, "n": 8, "steps": 50, "step_size": 0.0001, "noise": 0.0141}
     other = {**swept, "step_size": 0.001, "frechet_distance": 26.0}
@@ -80,8 +82,11 @@ def test_a_record_measured_at_the_new_defaults_becomes_the_default_record(tmp_pa
 
     measured_elsewhere = {**swept, "step_size": 0.01}  # under the default key, at the old default step size
     gan = with_records(write_tiny_gan(tmp_path / "again.safetensors"), {"evaluate_steps_50": measured_elsewhere})
+    capsys.readouterr()
     main(["set-sampler", str(gan), "steps=50", "step_size=0.0001", "noise=0.0141"])
     assert not any(key.startswith("evaluate") for key in load_checkpoint(gan).config.metrics)
+    said = capsys.readouterr().err  # the command that measures it again, at its steps and its sample count
+    assert f"again with: python -m training evaluate {gan} --record --steps 50 --n 8 --data-dir D" in said
 
 
 def test_an_ebm_init_called_noise_is_not_a_noise_override(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +28,7 @@ from training.commands.sample import run_sample
 from training.commands.score import add_command as add_score_command
 from training.commands.set_sampler import set_sampler
 from training.commands.zoo import add_arguments as add_zoo_arguments
+from training.commands.zoo import evaluations
 from training.commands.zoo import main as zoo_main
 from training.models.classifier import CLASSIFIER_ARCHITECTURES
 from training.models.iresnet import EVALUATION_SERIES_TERMS
@@ -93,9 +95,14 @@ def _cmd_set_sampler(args: argparse.Namespace) -> None:
     if not changes:
         print(f"{args.checkpoint}: already declares these settings; unchanged")
     if dropped:
+        path = Path(args.checkpoint)
+        again = [
+            shlex.join(["python", "-m", "training", "evaluate", *words, "--data-dir", "D"])
+            for words in evaluations(path.parent, [path], {path: dropped})
+        ]
         print(
             f"dropped the recorded figures {', '.join(dropped)} (measured under the old defaults); measure them "
-            f"again with: python -m training evaluate {args.checkpoint} --data-dir D --record",
+            f"again with: {'; '.join(again)}",
             file=sys.stderr,
         )
 

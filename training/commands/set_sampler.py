@@ -84,16 +84,16 @@ def _unnamed(key: str, new: SamplerConfig) -> str:
 
 def carry_records(
     metrics: dict[str, Any], family: str, changed: set[str], new: SamplerConfig
-) -> tuple[dict[str, Any], list[str]]:
-    """The metrics with evaluate's records kept, re-keyed or dropped for the changed defaults; the dropped keys."""
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The metrics with evaluate's records kept, re-keyed or dropped for the changed defaults; the dropped records."""
     kept: dict[str, Any] = {}
-    dropped = []
+    dropped: dict[str, Any] = {}
     for key, value in metrics.items():
         if not key.startswith("evaluate") or not isinstance(value, dict):
             kept[key] = value
             continue
         if changed - _pinned(key, family, value, new):
-            dropped.append(key)
+            dropped[key] = value
             continue
         kept[family_named(family).rekeyed(key, value, new, changed)] = value
     # A record whose named noise or step size became the default takes the default's key, unless one is kept there.
@@ -104,7 +104,7 @@ def carry_records(
     return carried, dropped
 
 
-def set_sampler(path: Path, words: list[str]) -> tuple[dict[str, tuple[Any, Any]], list[str]]:
+def set_sampler(path: Path, words: list[str]) -> tuple[dict[str, tuple[Any, Any]], dict[str, Any]]:
     """Write the new defaults into the checkpoint at `path` (atomically, its tensors untouched).
     Returns {field: (old, new)} for the fields that changed and the evaluate records dropped."""
     checkpoint = load_checkpoint(path)
