@@ -95,7 +95,7 @@ def _cmd_set_sampler(args: argparse.Namespace) -> None:
     if not changes:
         print(f"{args.checkpoint}: already declares these settings; unchanged")
     if dropped:
-        path = Path(args.checkpoint)
+        path = args.checkpoint  # a Path (argparse type)
         again = [
             shlex.join(["python", "-m", "training", "evaluate", *words, "--data-dir", "D"])
             for words in evaluations(path.parent, [path], {path: dropped})
